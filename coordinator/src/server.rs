@@ -1,0 +1,443 @@
+//! The coordinator's shell: it owns the sockets, the log file and the clock, and drives the
+//! sans-IO `Core` in one Ready loop. The gRPC handlers only read the state machine or send
+//! proposals to the loop through a bounded channel.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use protobuf::Message as _;
+use raft::eraftpb::Message as RaftMessage;
+use shoal_proto::coordinator_server::{Coordinator, CoordinatorServer};
+use shoal_proto::raft_transport_client::RaftTransportClient;
+use shoal_proto::raft_transport_server::{RaftTransport, RaftTransportServer};
+use shoal_proto::*;
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Request, Response, Status};
+
+use crate::client::MAX_MESSAGE;
+use crate::node::{Core, Reply, TICK};
+use crate::state::{ApplyOutput, ApplyResult, StateMachine};
+use crate::storage::LogFile;
+use crate::CoordError;
+
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    pub id: u64,
+    /// Every voter's id and address, this replica's included.
+    pub peers: BTreeMap<u64, String>,
+    pub data_dir: PathBuf,
+    pub store_dir: PathBuf,
+    /// A worker that sends no heartbeat for this long is declared lost.
+    pub lease: Duration,
+}
+
+enum Input {
+    Propose(Command, Reply),
+    Raft(RaftMessage),
+}
+
+#[derive(Default)]
+struct RaftView {
+    role: &'static str,
+    term: u64,
+    commit: u64,
+    leader_id: u64,
+}
+
+/// Leader-only bookkeeping that is not replicated: rebuilt (with a grace period) by each new
+/// leader.
+#[derive(Default)]
+struct Volatile {
+    last_seen: HashMap<String, Instant>,
+    /// Latest progress report per job: (generation, progress, when it was last replicated).
+    progress: HashMap<u64, (u64, JobProgress, Option<Instant>)>,
+}
+
+struct Shared {
+    cfg: CoordinatorConfig,
+    address: String,
+    state: Arc<RwLock<StateMachine>>,
+    view: RwLock<RaftView>,
+    volatile: Mutex<Volatile>,
+    inbox: mpsc::Sender<Input>,
+}
+
+const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(10);
+const PROGRESS_FLUSH: Duration = Duration::from_secs(2);
+const INBOX: usize = 4096;
+
+/// Runs one coordinator replica on `listener` until `shutdown` resolves.
+pub async fn serve(
+    cfg: CoordinatorConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordError> {
+    if !cfg.peers.contains_key(&cfg.id) {
+        return Err(CoordError::Config(format!("peer list {:?} does not include this replica's id {}", cfg.peers.keys(), cfg.id)));
+    }
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| CoordError::Io(format!("{}: {e}", cfg.data_dir.display())))?;
+    std::fs::create_dir_all(&cfg.store_dir).map_err(|e| CoordError::Io(format!("{}: {e}", cfg.store_dir.display())))?;
+    let lock_path = cfg.data_dir.join("LOCK");
+    let lock = std::fs::File::create(&lock_path).map_err(|e| CoordError::Io(format!("{}: {e}", lock_path.display())))?;
+    if lock.try_lock().is_err() {
+        return Err(CoordError::Locked(cfg.data_dir.display().to_string()));
+    }
+    let voters: Vec<u64> = cfg.peers.keys().copied().collect();
+    let (log, recovered) = LogFile::open(&cfg.data_dir, &voters)?;
+    tracing::info!(entries = recovered.entries, fresh = recovered.fresh, truncated = recovered.truncated_bytes, "raft log opened");
+    let state = Arc::new(RwLock::new(StateMachine::default()));
+    let mut core = Core::new(cfg.id, recovered.storage, state.clone())?;
+    core.campaign_if_alone();
+
+    let address = listener.local_addr().map_err(|e| CoordError::Io(e.to_string()))?.to_string();
+    let (tx, rx) = mpsc::channel(INBOX);
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        address,
+        state,
+        view: RwLock::new(RaftView::default()),
+        volatile: Mutex::new(Volatile::default()),
+        inbox: tx,
+    });
+    let peers = spawn_peer_senders(&cfg);
+    let driver = tokio::spawn(drive(core, log, rx, peers, shared.clone()));
+
+    let svc = CoordinatorServer::new(Api(shared.clone())).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
+    let raft_svc = RaftTransportServer::new(Api(shared.clone())).max_decoding_message_size(MAX_MESSAGE);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let result = tonic::transport::Server::builder()
+        .add_service(svc)
+        .add_service(raft_svc)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(|e| CoordError::Transport(e.to_string()));
+    driver.abort();
+    drop(lock);
+    result
+}
+
+/// One sender task per remote peer, each with a bounded queue: a slow peer drops messages
+/// (Raft retransmits) instead of blocking the loop.
+fn spawn_peer_senders(cfg: &CoordinatorConfig) -> HashMap<u64, mpsc::Sender<RaftMessage>> {
+    let mut out = HashMap::new();
+    for (&id, addr) in &cfg.peers {
+        if id == cfg.id {
+            continue;
+        }
+        let (tx, mut rx) = mpsc::channel::<RaftMessage>(1024);
+        let url = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
+        let Ok(ep) = tonic::transport::Endpoint::from_shared(url) else {
+            tracing::error!(peer = id, %addr, "bad peer address");
+            continue;
+        };
+        let channel = ep.connect_timeout(Duration::from_secs(1)).timeout(Duration::from_secs(2)).connect_lazy();
+        tokio::spawn(async move {
+            let mut client = RaftTransportClient::new(channel).max_encoding_message_size(MAX_MESSAGE);
+            while let Some(m) = rx.recv().await {
+                let Ok(bytes) = m.write_to_bytes() else { continue };
+                if let Err(e) = client.send(RaftEnvelope { message: bytes }).await {
+                    tracing::debug!(peer = id, error = %e.message(), "raft send failed");
+                }
+            }
+        });
+        out.insert(id, tx);
+    }
+    out
+}
+
+/// The Ready loop: the only place the core is touched.
+async fn drive(
+    mut core: Core,
+    mut log: LogFile,
+    mut rx: mpsc::Receiver<Input>,
+    peers: HashMap<u64, mpsc::Sender<RaftMessage>>,
+    shared: Arc<Shared>,
+) {
+    let mut ticker = tokio::time::interval(TICK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was_leader = false;
+    let mut recent: HashMap<String, Instant> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                core.tick();
+                core.sweep_pending();
+                if core.is_leader() {
+                    leader_duties(&mut core, &shared, !was_leader, &mut recent);
+                }
+                was_leader = core.is_leader();
+            }
+            input = rx.recv() => match input {
+                Some(Input::Propose(cmd, reply)) => {
+                    if !core.is_leader() {
+                        let _ = reply.send(Err(not_leader_text(&shared, &CoordError::NotLeader(core.leader_id()))));
+                    } else if let Err(e) = core.propose(cmd, Some(reply)) {
+                        tracing::warn!(error = %e, "proposal dropped");
+                    }
+                }
+                Some(Input::Raft(m)) => core.step(m),
+                None => return,
+            },
+        }
+        match core.on_ready(&mut log) {
+            Ok(msgs) => {
+                for m in msgs {
+                    if let Some(p) = peers.get(&m.to) {
+                        let _ = p.try_send(m);
+                    }
+                }
+            }
+            Err(e) => {
+                // A replica that cannot persist must stop: acknowledging unpersisted entries
+                // would break Raft's guarantees.
+                tracing::error!(error = %e, "cannot persist the raft log; stopping this replica");
+                std::process::exit(70);
+            }
+        }
+        let mut v = shared.view.write().expect("view lock");
+        v.role = core.role();
+        v.term = core.term();
+        v.commit = core.commit_index();
+        v.leader_id = core.leader_id();
+    }
+}
+
+fn not_leader_text(shared: &Shared, e: &CoordError) -> String {
+    match e {
+        CoordError::NotLeader(id) => match shared.cfg.peers.get(id) {
+            Some(addr) => format!("not the leader; leader is {id} at {addr}"),
+            None => "not the leader; no leader known yet".into(),
+        },
+        other => other.to_string(),
+    }
+}
+
+/// Leases, scheduling and progress flushing: decisions the leader makes and replicates.
+fn leader_duties(core: &mut Core, shared: &Shared, new_leader: bool, recent: &mut HashMap<String, Instant>) {
+    let now = Instant::now();
+    let lease = shared.cfg.lease;
+    let mut proposals = Vec::new();
+    {
+        let state = shared.state.read().expect("state lock");
+        let mut vol = shared.volatile.lock().expect("volatile lock");
+        if new_leader {
+            // Grace period: every worker gets a full lease from the moment this leader starts.
+            vol.last_seen.clear();
+        }
+        for w in state.workers().filter(|w| w.state() != WorkerState::Lost) {
+            let seen = *vol.last_seen.entry(w.id.clone()).or_insert(now);
+            if now.duration_since(seen) > lease {
+                proposals.push((format!("lost/{}", w.id), command::Kind::WorkerLost(WorkerLost { worker_id: w.id.clone() })));
+            }
+        }
+        if let Some((job_id, generation, workers)) = state.next_placement() {
+            proposals.push((format!("place/{job_id}/{generation}"), command::Kind::JobAssigned(JobAssigned { job_id, generation, workers })));
+        }
+        for (job_id, (generation, progress, flushed)) in vol.progress.iter_mut() {
+            let due = flushed.map(|t| now.duration_since(t) >= PROGRESS_FLUSH).unwrap_or(true);
+            let running = state.job(*job_id).map(|j| j.state() == JobState::Running && j.generation == *generation).unwrap_or(false);
+            if due && running {
+                *flushed = Some(now);
+                proposals.push((
+                    format!("progress/{job_id}/{}", progress.step),
+                    command::Kind::UpdateProgress(UpdateProgress { job_id: *job_id, generation: *generation, progress: Some(progress.clone()) }),
+                ));
+            }
+        }
+        vol.progress.retain(|id, _| state.job(*id).map(|j| !j.state().is_terminal()).unwrap_or(false));
+    }
+    // The same decision is not proposed again while its first proposal is in flight.
+    recent.retain(|_, t| now.duration_since(*t) < Duration::from_secs(2));
+    for (key, kind) in proposals {
+        if recent.contains_key(&key) {
+            continue;
+        }
+        recent.insert(key, now);
+        let _ = core.propose(Command { proposal_id: 0, kind: Some(kind) }, None);
+    }
+}
+
+#[derive(Clone)]
+struct Api(Arc<Shared>);
+
+fn final_status(code: tonic::Code, msg: impl Into<String>) -> Status {
+    let mut s = Status::new(code, msg);
+    // Tells clients not to retry this one on another replica.
+    s.metadata_mut().insert("shoal-final", "1".parse().expect("ascii"));
+    s
+}
+
+impl Api {
+    async fn propose(&self, kind: command::Kind) -> Result<ApplyOutput, Status> {
+        let (tx, rx) = oneshot::channel::<ApplyResult>();
+        self.0
+            .inbox
+            .try_send(Input::Propose(Command { proposal_id: 0, kind: Some(kind) }, tx))
+            .map_err(|_| Status::resource_exhausted("coordinator is overloaded; retry"))?;
+        match tokio::time::timeout(PROPOSAL_TIMEOUT, rx).await {
+            Err(_) => Err(Status::deadline_exceeded("the proposal did not commit in time")),
+            Ok(Err(_)) => Err(Status::unavailable("the proposal was dropped; retry")),
+            Ok(Ok(Err(msg))) if msg.starts_with("not the leader") || msg.starts_with("leadership changed") => {
+                Err(Status::unavailable(msg))
+            }
+            Ok(Ok(Err(msg))) => Err(final_status(tonic::Code::FailedPrecondition, msg)),
+            Ok(Ok(Ok(out))) => Ok(out),
+        }
+    }
+
+    fn require_leader(&self) -> Result<(), Status> {
+        let v = self.0.view.read().expect("view lock");
+        if v.role == "leader" {
+            return Ok(());
+        }
+        Err(Status::unavailable(match self.0.cfg.peers.get(&v.leader_id) {
+            Some(a) if v.leader_id != 0 => format!("not the leader; leader is {} at {a}", v.leader_id),
+            _ => "not the leader; no leader known yet".into(),
+        }))
+    }
+
+    fn job_view(&self, job: &JobInfo) -> JobInfo {
+        let mut job = job.clone();
+        let vol = self.0.volatile.lock().expect("volatile lock");
+        if let Some((generation, p, _)) = vol.progress.get(&job.id) {
+            let newer = job.progress.as_ref().map(|q| p.step >= q.step).unwrap_or(true);
+            if *generation == job.generation && job.state() == JobState::Running && newer {
+                job.progress = Some(p.clone());
+            }
+        }
+        job
+    }
+}
+
+fn expect_job(out: ApplyOutput) -> Result<JobInfo, Status> {
+    match out {
+        ApplyOutput::Job(j) => Ok(j),
+        other => Err(Status::internal(format!("unexpected apply output {other:?}"))),
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinator for Api {
+    async fn get_status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let v = self.0.view.read().expect("view lock");
+        let state = self.0.state.read().expect("state lock");
+        let node = CoordinatorStatus {
+            id: self.0.cfg.id,
+            address: self.0.address.clone(),
+            role: v.role.to_string(),
+            term: v.term,
+            commit_index: v.commit,
+            applied_index: state.applied_index,
+            pid: std::process::id(),
+            leader_id: v.leader_id,
+            store_dir: self.0.cfg.store_dir.display().to_string(),
+        };
+        let peers = self.0.cfg.peers.iter().map(|(id, a)| PeerInfo { id: *id, address: a.clone() }).collect();
+        let workers = state.workers().cloned().collect();
+        Ok(Response::new(StatusResponse { node: Some(node), peers, workers }))
+    }
+
+    async fn register_dataset(&self, r: Request<RegisterDatasetRequest>) -> Result<Response<DatasetInfo>, Status> {
+        let ds = r.into_inner().dataset.ok_or_else(|| final_status(tonic::Code::InvalidArgument, "no dataset in request"))?;
+        match self.propose(command::Kind::RegisterDataset(ds)).await? {
+            ApplyOutput::Dataset(d) => Ok(Response::new(d)),
+            other => Err(Status::internal(format!("unexpected apply output {other:?}"))),
+        }
+    }
+
+    async fn list_datasets(&self, _: Request<ListDatasetsRequest>) -> Result<Response<ListDatasetsResponse>, Status> {
+        let state = self.0.state.read().expect("state lock");
+        Ok(Response::new(ListDatasetsResponse { datasets: state.datasets().cloned().collect() }))
+    }
+
+    async fn get_dataset(&self, r: Request<GetDatasetRequest>) -> Result<Response<DatasetInfo>, Status> {
+        let r = r.into_inner();
+        let state = self.0.state.read().expect("state lock");
+        match state.dataset(&r.name, r.version) {
+            Some(d) => Ok(Response::new(d.clone())),
+            None if r.version == 0 => Err(final_status(tonic::Code::NotFound, format!("dataset {:?} does not exist", r.name))),
+            None => Err(final_status(tonic::Code::NotFound, format!("dataset {:?} has no version {}", r.name, r.version))),
+        }
+    }
+
+    async fn submit_job(&self, r: Request<SubmitJobRequest>) -> Result<Response<JobInfo>, Status> {
+        let toml = r.into_inner().spec_toml;
+        // Check here first for a fast, clear error; apply checks again against the state
+        // at its index.
+        if let Err(e) = self.0.state.read().expect("state lock").check_submission(&toml) {
+            return Err(final_status(tonic::Code::InvalidArgument, e));
+        }
+        Ok(Response::new(expect_job(self.propose(command::Kind::SubmitJob(toml)).await?)?))
+    }
+
+    async fn get_job(&self, r: Request<GetJobRequest>) -> Result<Response<JobInfo>, Status> {
+        let id = r.into_inner().id;
+        let job = self.0.state.read().expect("state lock").job(id).cloned();
+        match job {
+            Some(j) => Ok(Response::new(self.job_view(&j))),
+            None => Err(final_status(tonic::Code::NotFound, format!("job {id} does not exist"))),
+        }
+    }
+
+    async fn list_jobs(&self, _: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+        let jobs: Vec<JobInfo> = self.0.state.read().expect("state lock").jobs().cloned().collect();
+        Ok(Response::new(ListJobsResponse { jobs: jobs.iter().map(|j| self.job_view(j)).collect() }))
+    }
+
+    async fn cancel_job(&self, r: Request<CancelJobRequest>) -> Result<Response<JobInfo>, Status> {
+        let id = r.into_inner().id;
+        Ok(Response::new(expect_job(self.propose(command::Kind::CancelJob(id)).await?)?))
+    }
+
+    async fn register_worker(&self, r: Request<RegisterWorkerRequest>) -> Result<Response<RegisterWorkerResponse>, Status> {
+        let req = r.into_inner();
+        match self.propose(command::Kind::RegisterWorker(req)).await? {
+            ApplyOutput::WorkerId(id) => {
+                self.0.volatile.lock().expect("volatile lock").last_seen.insert(id.clone(), Instant::now());
+                Ok(Response::new(RegisterWorkerResponse { worker_id: id, lease_ms: self.0.cfg.lease.as_millis() as u64 }))
+            }
+            other => Err(Status::internal(format!("unexpected apply output {other:?}"))),
+        }
+    }
+
+    async fn heartbeat(&self, r: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        self.require_leader()?;
+        let id = r.into_inner().worker_id;
+        let state = self.0.state.read().expect("state lock");
+        match state.worker(&id) {
+            Some(w) if w.state() != WorkerState::Lost => {
+                self.0.volatile.lock().expect("volatile lock").last_seen.insert(id.clone(), Instant::now());
+                Ok(Response::new(HeartbeatResponse { assignment: state.assignment(&id), unknown_worker: false }))
+            }
+            _ => Ok(Response::new(HeartbeatResponse { assignment: None, unknown_worker: true })),
+        }
+    }
+
+    async fn report_progress(&self, r: Request<ProgressReport>) -> Result<Response<Ack>, Status> {
+        self.require_leader()?;
+        let r = r.into_inner();
+        if let Some(p) = r.progress {
+            let mut vol = self.0.volatile.lock().expect("volatile lock");
+            let flushed = vol.progress.get(&r.job_id).and_then(|(g, _, f)| if *g == r.generation { *f } else { None });
+            vol.progress.insert(r.job_id, (r.generation, p, flushed));
+        }
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn report_outcome(&self, r: Request<OutcomeReport>) -> Result<Response<Ack>, Status> {
+        self.propose(command::Kind::RankOutcome(r.into_inner())).await?;
+        Ok(Response::new(Ack {}))
+    }
+}
+
+#[tonic::async_trait]
+impl RaftTransport for Api {
+    async fn send(&self, r: Request<RaftEnvelope>) -> Result<Response<Ack>, Status> {
+        let m = RaftMessage::parse_from_bytes(&r.into_inner().message).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // A full inbox drops the message; Raft retransmits.
+        let _ = self.0.inbox.try_send(Input::Raft(m));
+        Ok(Response::new(Ack {}))
+    }
+}

@@ -1,0 +1,237 @@
+//! Datasets in the store: `datasets/<name>/v<version>/shard-NNNNN.safetensors`, each shard a
+//! safetensors file with `x` (features, u8 or f32, shape [n, ...]) and `y` (labels, i64, [n]),
+//! plus `manifest.pb` (a protobuf `DatasetManifest`). Shards are hashed with blake3.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, TensorView};
+use shoal_proto::{DatasetInfo, DatasetManifest, Message, ShardInfo};
+
+use crate::fsutil::write_atomic;
+use crate::idx::{IdxArray, IdxData};
+use crate::{CoreError, Result};
+
+pub const DEFAULT_RECORDS_PER_SHARD: usize = 2048;
+
+/// Checks a dataset name: it becomes a folder name in the store.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(CoreError::Dataset(format!("name {name:?} must be 1-128 of [A-Za-z0-9._-] and not start with '.'")))
+    }
+}
+
+/// Features and labels in memory, ready to be sharded.
+#[derive(Clone, Debug)]
+pub struct Records {
+    pub features: IdxData,
+    /// Shape of one record's features, e.g. [28, 28].
+    pub feature_shape: Vec<usize>,
+    pub labels: Vec<i64>,
+}
+
+impl Records {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Pairs IDX arrays: the one with 2+ dimensions is the features, the 1-dimensional one the
+    /// labels. `names` are the files they came from, for error messages.
+    pub fn from_idx(arrays: Vec<(String, IdxArray)>) -> Result<Records> {
+        let (mut feats, mut labels) = (Vec::new(), Vec::new());
+        for (name, a) in arrays {
+            if a.dims.len() >= 2 {
+                feats.push((name, a));
+            } else {
+                labels.push((name, a));
+            }
+        }
+        if feats.len() != 1 || labels.len() != 1 {
+            return Err(CoreError::Dataset(format!(
+                "need exactly one features file (2+ dimensions) and one labels file (1 dimension); got {} and {}",
+                feats.len(),
+                labels.len()
+            )));
+        }
+        let (fname, f) = feats.pop().unwrap();
+        let (lname, l) = labels.pop().unwrap();
+        if f.len() != l.len() {
+            return Err(CoreError::Dataset(format!("{fname} has {} records but {lname} has {}", f.len(), l.len())));
+        }
+        if f.is_empty() {
+            return Err(CoreError::Dataset(format!("{fname} has no records")));
+        }
+        let labels: Vec<i64> = match l.data {
+            IdxData::U8(v) => v.into_iter().map(i64::from).collect(),
+            IdxData::F32(v) => {
+                let mut out = Vec::with_capacity(v.len());
+                for (i, x) in v.into_iter().enumerate() {
+                    if x < 0.0 || x.fract() != 0.0 || x > 1e6 {
+                        return Err(CoreError::Dataset(format!("{lname}: label {i} is {x}, not a class index")));
+                    }
+                    out.push(x as i64);
+                }
+                out
+            }
+        };
+        Ok(Records { features: f.data, feature_shape: f.dims[1..].to_vec(), labels })
+    }
+
+    pub fn classes(&self) -> u32 {
+        self.labels.iter().copied().max().map(|m| m as u32 + 1).unwrap_or(0)
+    }
+}
+
+/// The folder of one dataset version, relative to the store root.
+pub fn version_dir(name: &str, version: u64) -> PathBuf {
+    PathBuf::from("datasets").join(name).join(format!("v{version}"))
+}
+
+/// Writes `records` as shards of dataset `name` version `version` under `store` and returns
+/// the manifest to register. Each file is written atomically.
+pub fn write_shards(store: &Path, name: &str, version: u64, records: &Records, per_shard: usize) -> Result<DatasetInfo> {
+    validate_name(name)?;
+    let per_shard = per_shard.max(1);
+    let rel_dir = version_dir(name, version);
+    let dir = store.join(&rel_dir);
+    std::fs::create_dir_all(&dir).map_err(|e| CoreError::io(&dir, e))?;
+    let feat_len: usize = records.feature_shape.iter().product();
+    let mut shards = Vec::new();
+    let n = records.len();
+    for (i, start) in (0..n).step_by(per_shard).enumerate() {
+        let end = (start + per_shard).min(n);
+        let count = end - start;
+        let (x_bytes, x_dtype): (Vec<u8>, Dtype) = match &records.features {
+            IdxData::U8(v) => (v[start * feat_len..end * feat_len].to_vec(), Dtype::U8),
+            IdxData::F32(v) => (v[start * feat_len..end * feat_len].iter().flat_map(|f| f.to_le_bytes()).collect(), Dtype::F32),
+        };
+        let y_bytes: Vec<u8> = records.labels[start..end].iter().flat_map(|l| l.to_le_bytes()).collect();
+        let mut x_shape = vec![count];
+        x_shape.extend_from_slice(&records.feature_shape);
+        let tensors = [
+            ("x", TensorView::new(x_dtype, x_shape, &x_bytes).map_err(|e| CoreError::Dataset(e.to_string()))?),
+            ("y", TensorView::new(Dtype::I64, vec![count], &y_bytes).map_err(|e| CoreError::Dataset(e.to_string()))?),
+        ];
+        let bytes = safetensors::serialize(tensors, None).map_err(|e| CoreError::Dataset(e.to_string()))?;
+        let rel = rel_dir.join(format!("shard-{i:05}.safetensors"));
+        write_atomic(&store.join(&rel), &bytes)?;
+        shards.push(ShardInfo {
+            path: rel.to_string_lossy().into_owned(),
+            records: count as u64,
+            blake3: blake3::hash(&bytes).to_hex().to_string(),
+            bytes: bytes.len() as u64,
+        });
+    }
+    let info = DatasetInfo {
+        name: name.to_string(),
+        version,
+        records: n as u64,
+        feature_shape: records.feature_shape.iter().map(|&d| d as u64).collect(),
+        classes: records.classes(),
+        shards,
+        created_index: 0,
+    };
+    let manifest = DatasetManifest { dataset: Some(info.clone()) };
+    write_atomic(&dir.join("manifest.pb"), &manifest.encode_to_vec())?;
+    Ok(info)
+}
+
+/// A parsed shard over borrowed bytes (for example a memory map).
+pub struct ShardView<'a> {
+    pub records: usize,
+    pub x: &'a [u8],
+    pub x_dtype: Dtype,
+    pub y: &'a [u8],
+    pub feature_len: usize,
+}
+
+/// Parses and checks a shard file's bytes against what the manifest says of it.
+pub fn parse_shard<'a>(path: &str, bytes: &'a [u8], info: &ShardInfo, feature_shape: &[u64]) -> Result<ShardView<'a>> {
+    let bad = |reason: String| CoreError::CorruptShard { path: path.to_string(), reason };
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+    let tensors: HashMap<String, TensorView<'a>> = st.tensors().into_iter().collect();
+    let x = tensors.get("x").ok_or_else(|| bad("no tensor `x`".into()))?;
+    let y = tensors.get("y").ok_or_else(|| bad("no tensor `y`".into()))?;
+    let n = info.records as usize;
+    let feature_len: usize = feature_shape.iter().product::<u64>() as usize;
+    let mut want_x = vec![n];
+    want_x.extend(feature_shape.iter().map(|&d| d as usize));
+    if x.shape() != want_x.as_slice() {
+        return Err(bad(format!("x has shape {:?}, manifest says {want_x:?}", x.shape())));
+    }
+    if !matches!(x.dtype(), Dtype::U8 | Dtype::F32) {
+        return Err(bad(format!("x has dtype {:?}; u8 or f32 expected", x.dtype())));
+    }
+    if y.shape() != [n] || y.dtype() != Dtype::I64 {
+        return Err(bad(format!("y has shape {:?} and dtype {:?}; [{n}] i64 expected", y.shape(), y.dtype())));
+    }
+    Ok(ShardView { records: n, x: x.data(), x_dtype: x.dtype(), y: y.data(), feature_len })
+}
+
+impl ShardView<'_> {
+    /// Record `i`'s features as f32 (u8 features are scaled to [0, 1]) appended to `out`.
+    pub fn push_features(&self, i: usize, out: &mut Vec<f32>) {
+        let f = self.feature_len;
+        match self.x_dtype {
+            Dtype::U8 => out.extend(self.x[i * f..(i + 1) * f].iter().map(|&b| b as f32 * (1.0 / 255.0))),
+            _ => out.extend(self.x[i * f * 4..(i + 1) * f * 4].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()))),
+        }
+    }
+
+    pub fn label(&self, i: usize) -> i64 {
+        i64::from_le_bytes(self.y[i * 8..i * 8 + 8].try_into().unwrap())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> Records {
+        Records { features: IdxData::U8((0..50u8).collect()), feature_shape: vec![5], labels: (0..10).map(|i| i % 3).collect() }
+    }
+
+    #[test]
+    fn shards_roundtrip_with_hashes() {
+        let dir = tempfile::tempdir().unwrap();
+        let info = write_shards(dir.path(), "tiny", 1, &tiny(), 4).unwrap();
+        assert_eq!(info.shards.len(), 3);
+        assert_eq!(info.records, 10);
+        assert_eq!(info.classes, 3);
+        let s = &info.shards[2];
+        let bytes = std::fs::read(dir.path().join(&s.path)).unwrap();
+        assert_eq!(blake3::hash(&bytes).to_hex().to_string(), s.blake3);
+        let view = parse_shard(&s.path, &bytes, s, &info.feature_shape).unwrap();
+        assert_eq!(view.records, 2);
+        assert_eq!(view.label(1), 9 % 3);
+        let mut f = Vec::new();
+        view.push_features(0, &mut f);
+        assert_eq!(f, (40..45).map(|b| b as f32 / 255.0).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn rejects_bad_names() {
+        for n in ["", "../x", "a/b", ".hidden"] {
+            assert!(validate_name(n).is_err(), "{n}");
+        }
+        validate_name("mnist-v2_ok.1").unwrap();
+    }
+
+    #[test]
+    fn mismatched_counts_are_an_error() {
+        let f = IdxArray { dims: vec![3, 2], data: IdxData::U8(vec![0; 6]) };
+        let l = IdxArray { dims: vec![4], data: IdxData::U8(vec![0; 4]) };
+        let e = Records::from_idx(vec![("f".into(), f), ("l".into(), l)]).unwrap_err().to_string();
+        assert!(e.contains("3 records") && e.contains("has 4"), "{e}");
+    }
+}

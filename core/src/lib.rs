@@ -1,0 +1,34 @@
+//! Domain types shared by every shoal crate: the job spec (TOML), dataset formats (IDX import,
+//! safetensors shards and their manifest), the deterministic RNG, and atomic file writes.
+//! No network IO lives here.
+
+pub mod dataset;
+pub mod fsutil;
+pub mod idx;
+pub mod rng;
+pub mod spec;
+
+pub use spec::JobSpec;
+
+/// Errors of the core formats. Each names the file, key or value that is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{path}: not an IDX file: {reason}")]
+    NotIdx { path: String, reason: String },
+    #[error("invalid job spec: {0}")]
+    Spec(String),
+    #[error("invalid dataset: {0}")]
+    Dataset(String),
+    #[error("{path}: corrupt shard: {reason}")]
+    CorruptShard { path: String, reason: String },
+}
+
+impl CoreError {
+    pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
+        CoreError::Io { path: path.as_ref().display().to_string(), source }
+    }
+}
+
+pub type Result<T, E = CoreError> = std::result::Result<T, E>;

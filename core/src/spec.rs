@@ -1,0 +1,337 @@
+//! The job spec: a TOML file that names the model, the dataset and its record ranges, the
+//! training settings and the number of workers. Unknown keys and invalid values are rejected
+//! with an error that names the key.
+
+use serde::Deserialize;
+
+use crate::{CoreError, Result};
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    pub name: String,
+    pub model: ModelSpec,
+    pub dataset: DatasetRef,
+    pub training: TrainingSpec,
+    #[serde(default)]
+    pub cluster: ClusterSpec,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelKind {
+    Mlp,
+    Cnn,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// `mlp` or `cnn`.
+    pub kind: String,
+    /// Hidden dense layer sizes (both kinds). Default: [512, 256] for mlp, [128] for cnn.
+    pub hidden: Option<Vec<usize>>,
+    /// Output channels of the two conv + pool blocks (cnn only). Default: [32, 64].
+    pub channels: Option<Vec<usize>>,
+}
+
+impl ModelSpec {
+    pub fn model_kind(&self) -> ModelKind {
+        match self.kind.as_str() {
+            "cnn" => ModelKind::Cnn,
+            _ => ModelKind::Mlp,
+        }
+    }
+
+    pub fn hidden_sizes(&self) -> Vec<usize> {
+        match (&self.hidden, self.model_kind()) {
+            (Some(h), _) => h.clone(),
+            (None, ModelKind::Mlp) => vec![512, 256],
+            (None, ModelKind::Cnn) => vec![128],
+        }
+    }
+
+    pub fn conv_channels(&self) -> [usize; 2] {
+        match &self.channels {
+            Some(c) if c.len() == 2 => [c[0], c[1]],
+            _ => [32, 64],
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetRef {
+    pub name: String,
+    /// Dataset version; absent means the latest at submission.
+    pub version: Option<u64>,
+    /// Training records, as a half-open range `[start, end)` of record indices.
+    pub train: [u64; 2],
+    /// Test records, `[start, end)`; evaluated at the end of each epoch.
+    pub test: Option<[u64; 2]>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingSpec {
+    pub epochs: u32,
+    /// Global batch size: every step consumes this many records, split evenly over workers.
+    pub batch_size: u32,
+    #[serde(default)]
+    pub seed: u64,
+    pub optimizer: OptimizerSpec,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerSpec {
+    /// `sgd` (with optional momentum) or `adamw`.
+    pub kind: String,
+    pub lr: f64,
+    pub momentum: Option<f64>,
+    pub weight_decay: Option<f64>,
+    pub beta1: Option<f64>,
+    pub beta2: Option<f64>,
+    pub eps: Option<f64>,
+}
+
+/// The optimizer with every default filled in.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Optimizer {
+    Sgd { lr: f32, momentum: f32, weight_decay: f32 },
+    AdamW { lr: f32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32 },
+}
+
+impl OptimizerSpec {
+    pub fn resolve(&self) -> Optimizer {
+        let lr = self.lr as f32;
+        if self.kind == "adamw" {
+            Optimizer::AdamW {
+                lr,
+                beta1: self.beta1.unwrap_or(0.9) as f32,
+                beta2: self.beta2.unwrap_or(0.999) as f32,
+                eps: self.eps.unwrap_or(1e-8) as f32,
+                weight_decay: self.weight_decay.unwrap_or(0.01) as f32,
+            }
+        } else {
+            Optimizer::Sgd {
+                lr,
+                momentum: self.momentum.unwrap_or(0.0) as f32,
+                weight_decay: self.weight_decay.unwrap_or(0.0) as f32,
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSpec {
+    pub workers: u32,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        ClusterSpec { workers: 1 }
+    }
+}
+
+fn bad(key: &str, msg: impl std::fmt::Display) -> CoreError {
+    CoreError::Spec(format!("{key}: {msg}"))
+}
+
+fn check_positive(key: &str, v: f64) -> Result<()> {
+    if v.is_finite() && v > 0.0 {
+        Ok(())
+    } else {
+        Err(bad(key, format!("must be a positive number, got {v}")))
+    }
+}
+
+fn check_range(key: &str, v: Option<f64>, lo: f64, hi: f64, hi_inclusive: bool) -> Result<()> {
+    if let Some(v) = v {
+        let ok = v.is_finite() && v >= lo && if hi_inclusive { v <= hi } else { v < hi };
+        if !ok {
+            let close = if hi_inclusive { ']' } else { ')' };
+            return Err(bad(key, format!("must be in [{lo}, {hi}{close}, got {v}")));
+        }
+    }
+    Ok(())
+}
+
+impl JobSpec {
+    /// Parses and validates a spec. The error names the offending key.
+    pub fn parse(text: &str) -> Result<JobSpec> {
+        let spec: JobSpec = toml::from_str(text).map_err(|e| CoreError::Spec(e.to_string().trim().to_string()))?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.name.trim().is_empty() {
+            return Err(bad("name", "must not be empty"));
+        }
+        match self.model.kind.as_str() {
+            "mlp" | "cnn" => {}
+            other => return Err(bad("model.kind", format!("unknown model kind {other:?} (expected \"mlp\" or \"cnn\")"))),
+        }
+        if let Some(h) = &self.model.hidden {
+            if h.contains(&0) {
+                return Err(bad("model.hidden", "layer sizes must be at least 1"));
+            }
+        }
+        if let Some(c) = &self.model.channels {
+            if self.model.model_kind() != ModelKind::Cnn {
+                return Err(bad("model.channels", "applies to kind = \"cnn\" only"));
+            }
+            if c.len() != 2 || c.contains(&0) {
+                return Err(bad("model.channels", format!("must be two positive channel counts, got {c:?}")));
+            }
+        }
+        if self.dataset.name.trim().is_empty() {
+            return Err(bad("dataset.name", "must not be empty"));
+        }
+        if self.dataset.version == Some(0) {
+            return Err(bad("dataset.version", "versions start at 1"));
+        }
+        let [a, b] = self.dataset.train;
+        if a >= b {
+            return Err(bad("dataset.train", format!("range [{a}, {b}) is empty")));
+        }
+        if let Some([a, b]) = self.dataset.test {
+            if a >= b {
+                return Err(bad("dataset.test", format!("range [{a}, {b}) is empty")));
+            }
+        }
+        let t = &self.training;
+        if t.epochs == 0 {
+            return Err(bad("training.epochs", "must be at least 1"));
+        }
+        let workers = self.cluster.workers;
+        if workers == 0 {
+            return Err(bad("cluster.workers", "must be at least 1"));
+        }
+        if workers > 1024 {
+            return Err(bad("cluster.workers", format!("{workers} is more than the 1024 supported")));
+        }
+        if t.batch_size == 0 || t.batch_size % workers != 0 {
+            return Err(bad(
+                "training.batch_size",
+                format!("must be a positive multiple of cluster.workers ({workers}), got {}", t.batch_size),
+            ));
+        }
+        if t.batch_size as u64 > b - a {
+            return Err(bad("training.batch_size", format!("{} is larger than the training range ({} records)", t.batch_size, b - a)));
+        }
+        let o = &t.optimizer;
+        check_positive("training.optimizer.lr", o.lr)?;
+        check_range("training.optimizer.weight_decay", o.weight_decay, 0.0, 1.0, false)?;
+        match o.kind.as_str() {
+            "sgd" => {
+                check_range("training.optimizer.momentum", o.momentum, 0.0, 1.0, false)?;
+                for (k, v) in [("beta1", o.beta1), ("beta2", o.beta2), ("eps", o.eps)] {
+                    if v.is_some() {
+                        return Err(bad(&format!("training.optimizer.{k}"), "applies to kind = \"adamw\" only"));
+                    }
+                }
+            }
+            "adamw" => {
+                if o.momentum.is_some() {
+                    return Err(bad("training.optimizer.momentum", "applies to kind = \"sgd\" only (adamw uses beta1)"));
+                }
+                check_range("training.optimizer.beta1", o.beta1, 0.0, 1.0, false)?;
+                check_range("training.optimizer.beta2", o.beta2, 0.0, 1.0, false)?;
+                if let Some(eps) = o.eps {
+                    check_positive("training.optimizer.eps", eps)?;
+                }
+            }
+            other => {
+                return Err(bad("training.optimizer.kind", format!("unknown optimizer {other:?} (expected \"sgd\" or \"adamw\")")))
+            }
+        }
+        Ok(())
+    }
+
+    /// Optimizer steps per epoch: full global batches only (the remainder is dropped; the
+    /// permutation changes every epoch, so every record is still seen).
+    pub fn steps_per_epoch(&self) -> u64 {
+        let [a, b] = self.dataset.train;
+        (b - a) / self.training.batch_size as u64
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        self.steps_per_epoch() * self.training.epochs as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "t"
+[model]
+kind = "mlp"
+hidden = [32]
+[dataset]
+name = "mnist"
+train = [0, 1000]
+test = [1000, 1200]
+[training]
+epochs = 2
+batch_size = 64
+seed = 1
+[training.optimizer]
+kind = "sgd"
+lr = 0.05
+momentum = 0.9
+[cluster]
+workers = 2
+"#;
+
+    #[test]
+    fn parses_good_spec_with_defaults() {
+        let s = JobSpec::parse(GOOD).unwrap();
+        assert_eq!(s.model.hidden_sizes(), vec![32]);
+        assert_eq!(s.steps_per_epoch(), 15);
+        assert_eq!(s.training.optimizer.resolve(), Optimizer::Sgd { lr: 0.05, momentum: 0.9, weight_decay: 0.0 });
+    }
+
+    fn err_of(text: &str) -> String {
+        JobSpec::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn rejects_unknown_key_naming_it() {
+        let e = err_of(&GOOD.replace("seed = 1", "seed = 1\nwarmup = 3"));
+        assert!(e.contains("warmup"), "{e}");
+    }
+
+    #[test]
+    fn rejects_unknown_model_kind() {
+        let e = err_of(&GOOD.replace("kind = \"mlp\"", "kind = \"transformer\""));
+        assert!(e.contains("model.kind") && e.contains("transformer"), "{e}");
+    }
+
+    #[test]
+    fn rejects_negative_lr() {
+        let e = err_of(&GOOD.replace("lr = 0.05", "lr = -0.05"));
+        assert!(e.contains("training.optimizer.lr"), "{e}");
+    }
+
+    #[test]
+    fn rejects_batch_not_multiple_of_workers() {
+        let e = err_of(&GOOD.replace("batch_size = 64", "batch_size = 65"));
+        assert!(e.contains("training.batch_size"), "{e}");
+    }
+
+    #[test]
+    fn rejects_momentum_with_adamw() {
+        let e = err_of(&GOOD.replace("kind = \"sgd\"", "kind = \"adamw\""));
+        assert!(e.contains("training.optimizer.momentum"), "{e}");
+    }
+
+    #[test]
+    fn rejects_wrong_type_naming_key() {
+        let e = err_of(&GOOD.replace("epochs = 2", "epochs = \"two\""));
+        assert!(e.contains("epochs"), "{e}");
+    }
+}

@@ -1,0 +1,180 @@
+//! Numeric hot paths that candle does not give: element-wise reductions for collectives and
+//! fused optimizer updates over flat f32 buffers. CPU code uses rayon over fixed-size chunks,
+//! and every operation is element-wise, so results do not depend on the thread count: that is
+//! what keeps workers bitwise identical. CUDA is behind the `cuda` feature.
+
+use rayon::prelude::*;
+
+/// Elements per rayon task: large enough to amortise scheduling, small enough to spread.
+const CHUNK: usize = 1 << 15;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("buffer lengths differ: {0} vs {1}")]
+    LengthMismatch(usize, usize),
+    #[error("device {0:?} is not available: this build has no CUDA support (rebuild with `--features cuda`)")]
+    NoCuda(String),
+    #[error("unknown device {0:?} (expected \"cpu\" or \"cuda[:N]\")")]
+    UnknownDevice(String),
+}
+
+/// Where tensors live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl Device {
+    /// Parses `cpu`, `cuda` or `cuda:N`; CUDA on a build without it is a typed error.
+    pub fn parse(s: &str) -> Result<Device, KernelError> {
+        let dev = match s {
+            "cpu" => return Ok(Device::Cpu),
+            "cuda" => Device::Cuda(0),
+            _ => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+                Some(n) => Device::Cuda(n),
+                None => return Err(KernelError::UnknownDevice(s.to_string())),
+            },
+        };
+        if cfg!(feature = "cuda") {
+            Ok(dev)
+        } else {
+            Err(KernelError::NoCuda(s.to_string()))
+        }
+    }
+}
+
+fn same_len(a: usize, b: usize) -> Result<(), KernelError> {
+    if a == b {
+        Ok(())
+    } else {
+        Err(KernelError::LengthMismatch(a, b))
+    }
+}
+
+/// `dst[i] += src[i]`.
+pub fn add_assign(dst: &mut [f32], src: &[f32]) -> Result<(), KernelError> {
+    same_len(dst.len(), src.len())?;
+    dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| {
+        for (d, s) in d.iter_mut().zip(s) {
+            *d += *s;
+        }
+    });
+    Ok(())
+}
+
+/// `dst[i] *= s`.
+pub fn scale(dst: &mut [f32], s: f32) {
+    dst.par_chunks_mut(CHUNK).for_each(|d| d.iter_mut().for_each(|x| *x *= s));
+}
+
+/// SGD with momentum and (coupled) weight decay, PyTorch semantics:
+/// `g += wd * p; v = mu * v + g; p -= lr * v` (plain SGD when `momentum == 0`).
+pub fn sgd_momentum(
+    params: &mut [f32],
+    grads: &[f32],
+    velocity: &mut [f32],
+    lr: f32,
+    momentum: f32,
+    weight_decay: f32,
+) -> Result<(), KernelError> {
+    same_len(params.len(), grads.len())?;
+    same_len(params.len(), velocity.len())?;
+    params
+        .par_chunks_mut(CHUNK)
+        .zip(grads.par_chunks(CHUNK))
+        .zip(velocity.par_chunks_mut(CHUNK))
+        .for_each(|((p, g), v)| {
+            for ((p, g), v) in p.iter_mut().zip(g).zip(v.iter_mut()) {
+                let g = *g + weight_decay * *p;
+                *v = momentum * *v + g;
+                *p -= lr * *v;
+            }
+        });
+    Ok(())
+}
+
+/// AdamW (decoupled weight decay), PyTorch semantics; `step` counts from 1.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw(
+    params: &mut [f32],
+    grads: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    step: u64,
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    weight_decay: f32,
+) -> Result<(), KernelError> {
+    same_len(params.len(), grads.len())?;
+    same_len(params.len(), m.len())?;
+    same_len(params.len(), v.len())?;
+    let t = step.max(1) as i32;
+    let bias1 = 1.0 - beta1.powi(t);
+    let bias2_sqrt = (1.0 - beta2.powi(t)).sqrt();
+    let step_size = lr / bias1;
+    let decay = 1.0 - lr * weight_decay;
+    params
+        .par_chunks_mut(CHUNK)
+        .zip(grads.par_chunks(CHUNK))
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .for_each(|(((p, g), m), v)| {
+            for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                *p *= decay;
+                *m = beta1 * *m + (1.0 - beta1) * *g;
+                *v = beta2 * *v + (1.0 - beta2) * *g * *g;
+                let denom = v.sqrt() / bias2_sqrt + eps;
+                *p -= step_size * *m / denom;
+            }
+        });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_and_scale() {
+        let mut a: Vec<f32> = (0..100_000).map(|i| i as f32).collect();
+        let b = vec![1.0f32; 100_000];
+        add_assign(&mut a, &b).unwrap();
+        scale(&mut a, 0.5);
+        assert_eq!(a[0], 0.5);
+        assert_eq!(a[99_999], 50_000.0);
+        assert!(add_assign(&mut a, &b[..10]).is_err());
+    }
+
+    #[test]
+    fn sgd_momentum_matches_reference() {
+        let mut p = vec![1.0f32, -2.0];
+        let mut v = vec![0.0f32; 2];
+        let g = [0.5f32, 0.25];
+        sgd_momentum(&mut p, &g, &mut v, 0.1, 0.9, 0.0).unwrap();
+        assert_eq!(p, vec![1.0 - 0.05, -2.0 - 0.025]);
+        sgd_momentum(&mut p, &g, &mut v, 0.1, 0.9, 0.0).unwrap();
+        // v = 0.9 * 0.5 + 0.5 = 0.95
+        assert!((p[0] - (0.95 - 0.095)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn adamw_first_step_moves_by_lr() {
+        // On step 1, m_hat = g and v_hat = g^2, so the update is lr * sign(g) (eps aside).
+        let mut p = vec![1.0f32, 1.0];
+        let (mut m, mut v) = (vec![0.0; 2], vec![0.0; 2]);
+        adamw(&mut p, &[3.0, -0.2], &mut m, &mut v, 1, 0.01, 0.9, 0.999, 1e-8, 0.0).unwrap();
+        assert!((p[0] - 0.99).abs() < 1e-6 && (p[1] - 1.01).abs() < 1e-6, "{p:?}");
+    }
+
+    #[test]
+    fn cuda_without_feature_is_a_typed_error() {
+        assert_eq!(Device::parse("cpu").unwrap(), Device::Cpu);
+        assert!(matches!(Device::parse("tpu"), Err(KernelError::UnknownDevice(_))));
+        if !cfg!(feature = "cuda") {
+            assert!(matches!(Device::parse("cuda:0"), Err(KernelError::NoCuda(_))));
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! The models, as flat f32 parameter buffers plus a candle forward pass. Parameters live in one
+//! contiguous buffer so that gradients can be all-reduced and optimizer updates fused over it;
+//! each step wraps slices of it in candle `Var`s for autograd.
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use shoal_core::rng::SplitMix64;
+use shoal_core::spec::{ModelKind, ModelSpec};
+
+use crate::WorkerError;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub offset: usize,
+    /// Fan-in for the default init bound 1/sqrt(fan_in) (PyTorch's default for both kinds).
+    pub fan_in: usize,
+}
+
+impl ParamSpec {
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub kind: ModelKind,
+    pub params: Vec<ParamSpec>,
+    pub input_shape: Vec<usize>,
+    pub classes: usize,
+    /// Number of dense layers (the last one is the classifier).
+    dense_layers: usize,
+}
+
+impl Model {
+    /// Lays out the parameters for `spec` on inputs of `input_shape` (e.g. [28, 28]).
+    pub fn new(spec: &ModelSpec, input_shape: &[usize], classes: usize) -> Result<Model, WorkerError> {
+        if classes < 2 {
+            return Err(WorkerError::Model(format!("a classifier needs at least 2 classes, dataset has {classes}")));
+        }
+        let mut params = Vec::new();
+        let mut offset = 0;
+        let mut push = |name: String, shape: Vec<usize>, fan_in: usize| {
+            let p = ParamSpec { name, shape, offset, fan_in };
+            offset += p.len();
+            params.push(p);
+        };
+        let kind = spec.model_kind();
+        let mut features: usize = input_shape.iter().product();
+        if kind == ModelKind::Cnn {
+            let [h, w] = match input_shape {
+                [h, w] => [*h, *w],
+                _ => return Err(WorkerError::Model(format!("cnn needs 2-d inputs, got shape {input_shape:?}"))),
+            };
+            if h < 4 || w < 4 {
+                return Err(WorkerError::Model(format!("cnn inputs must be at least 4x4, got {h}x{w}")));
+            }
+            let [c1, c2] = spec.conv_channels();
+            push("conv1.weight".into(), vec![c1, 1, 3, 3], 9);
+            push("conv1.bias".into(), vec![c1], 9);
+            push("conv2.weight".into(), vec![c2, c1, 3, 3], c1 * 9);
+            push("conv2.bias".into(), vec![c2], c1 * 9);
+            features = c2 * (h / 2 / 2) * (w / 2 / 2);
+        }
+        let mut sizes = spec.hidden_sizes();
+        sizes.push(classes);
+        for (i, &out) in sizes.iter().enumerate() {
+            push(format!("fc{i}.weight"), vec![out, features], features);
+            push(format!("fc{i}.bias"), vec![out], features);
+            features = out;
+        }
+        Ok(Model { kind, params, input_shape: input_shape.to_vec(), classes, dense_layers: sizes.len() })
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.params.last().map(|p| p.offset + p.len()).unwrap_or(0)
+    }
+
+    /// Initial parameters, fixed by `seed`: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), each tensor
+    /// from its own stream so adding a layer does not shift the others.
+    pub fn init(&self, seed: u64) -> Vec<f32> {
+        let mut out = vec![0.0f32; self.num_params()];
+        for (i, p) in self.params.iter().enumerate() {
+            let mut rng = SplitMix64::derive(seed, 0x1417_0000 + i as u64);
+            let bound = 1.0 / (p.fan_in as f32).sqrt();
+            for x in &mut out[p.offset..p.offset + p.len()] {
+                *x = (rng.next_f32() * 2.0 - 1.0) * bound;
+            }
+        }
+        out
+    }
+
+    /// Wraps the flat buffer in trainable variables.
+    pub fn vars(&self, flat: &[f32], dev: &Device) -> Result<Vec<Var>, WorkerError> {
+        self.params.iter().map(|p| Ok(Var::from_slice(&flat[p.offset..p.offset + p.len()], p.shape.as_slice(), dev)?)).collect()
+    }
+
+    /// Wraps the flat buffer in constant tensors (evaluation).
+    pub fn tensors(&self, flat: &[f32], dev: &Device) -> Result<Vec<Tensor>, WorkerError> {
+        self.params.iter().map(|p| Ok(Tensor::from_slice(&flat[p.offset..p.offset + p.len()], p.shape.as_slice(), dev)?)).collect()
+    }
+
+    /// Logits for a batch `x` of shape [batch, features...] (flattened features are fine).
+    pub fn forward(&self, params: &[&Tensor], x: &Tensor) -> Result<Tensor, WorkerError> {
+        let batch = x.dim(0)?;
+        let mut i = 0;
+        let mut h = if self.kind == ModelKind::Cnn {
+            let (hh, ww) = (self.input_shape[0], self.input_shape[1]);
+            let mut t = x.reshape((batch, 1, hh, ww))?;
+            for _ in 0..2 {
+                let (w, b) = (params[i], params[i + 1]);
+                i += 2;
+                let c = w.dim(0)?;
+                t = t.conv2d(w, 1, 1, 1, 1)?.broadcast_add(&b.reshape((1, c, 1, 1))?)?.relu()?.max_pool2d(2)?;
+            }
+            t.flatten_from(1)?
+        } else {
+            x.reshape((batch, ()))?
+        };
+        for layer in 0..self.dense_layers {
+            let (w, b) = (params[i], params[i + 1]);
+            i += 2;
+            h = h.matmul(&w.t()?)?.broadcast_add(b)?;
+            if layer + 1 < self.dense_layers {
+                h = h.relu()?;
+            }
+        }
+        Ok(h)
+    }
+
+    /// Mean softmax cross-entropy of `logits` against `labels` (u32 class indices).
+    pub fn loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor, WorkerError> {
+        Ok(candle_nn::loss::cross_entropy(logits, labels)?)
+    }
+
+    /// (correct predictions, summed loss) over a batch.
+    pub fn evaluate(logits: &Tensor, labels: &Tensor) -> Result<(u64, f64), WorkerError> {
+        let pred = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?;
+        let correct = pred.eq(labels)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as u64;
+        let n = labels.dim(0)? as f64;
+        let loss = Self::loss(logits, labels)?.to_scalar::<f32>()? as f64 * n;
+        Ok((correct, loss))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mlp() -> ModelSpec {
+        ModelSpec { kind: "mlp".into(), hidden: Some(vec![8]), channels: None }
+    }
+
+    #[test]
+    fn layout_and_init_are_deterministic() {
+        let m = Model::new(&mlp(), &[2, 3], 4).unwrap();
+        assert_eq!(m.num_params(), 6 * 8 + 8 + 8 * 4 + 4);
+        assert_eq!(m.init(1), m.init(1));
+        assert_ne!(m.init(1), m.init(2));
+        let bound = 1.0 / 6f32.sqrt();
+        assert!(m.init(3)[..48].iter().all(|x| x.abs() <= bound));
+    }
+
+    #[test]
+    fn gradients_flow_through_both_kinds() {
+        let dev = Device::Cpu;
+        for spec in [mlp(), ModelSpec { kind: "cnn".into(), hidden: Some(vec![6]), channels: Some(vec![2, 3]) }] {
+            let m = Model::new(&spec, &[8, 8], 3).unwrap();
+            let flat = m.init(7);
+            let vars = m.vars(&flat, &dev).unwrap();
+            let x = Tensor::from_slice(&(0..2 * 64).map(|i| (i % 7) as f32 / 7.0).collect::<Vec<_>>(), (2, 8, 8), &dev).unwrap();
+            let y = Tensor::from_slice(&[0u32, 2], 2, &dev).unwrap();
+            let ts: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+            let logits = m.forward(&ts, &x).unwrap();
+            assert_eq!(logits.dims(), &[2, 3]);
+            let loss = Model::loss(&logits, &y).unwrap();
+            let grads = loss.backward().unwrap();
+            for (v, p) in vars.iter().zip(&m.params) {
+                let g = grads.get(v).unwrap_or_else(|| panic!("no grad for {}", p.name));
+                assert_eq!(g.dims(), p.shape.as_slice());
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_cnn_on_flat_inputs() {
+        let spec = ModelSpec { kind: "cnn".into(), hidden: None, channels: None };
+        assert!(Model::new(&spec, &[784], 10).is_err());
+        assert!(Model::new(&mlp(), &[784], 1).is_err());
+    }
+}
