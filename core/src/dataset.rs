@@ -183,7 +183,7 @@ impl ShardView<'_> {
     pub fn push_features(&self, i: usize, out: &mut Vec<f32>) {
         let f = self.feature_len;
         match self.x_dtype {
-            Dtype::U8 => out.extend(self.x[i * f..(i + 1) * f].iter().map(|&b| b as f32 * (1.0 / 255.0))),
+            Dtype::U8 => out.extend(self.x[i * f..(i + 1) * f].iter().map(|&b| b as f32 / 255.0)),
             _ => out.extend(self.x[i * f * 4..(i + 1) * f * 4].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()))),
         }
     }

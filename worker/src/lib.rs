@@ -1,1 +1,35 @@
+//! The shoal worker: it registers with the coordinator, heartbeats, and runs its assignment:
+//! memory-mapped shards (`data`), candle models (`model`), the training loop (`train`) and
+//! ring all-reduce with its peers over the data plane (`collective`).
 
+pub mod collective;
+pub mod data;
+pub mod model;
+pub mod runner;
+pub mod train;
+
+pub use runner::{run_worker, WorkerConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("invalid job spec: {0}")]
+    Spec(String),
+    #[error("data: {0}")]
+    Data(String),
+    #[error("model: {0}")]
+    Model(String),
+    #[error("tensor: {0}")]
+    Tensor(#[from] candle_core::Error),
+    #[error("collective: {0}")]
+    Collective(String),
+    #[error("coordinator: {0}")]
+    Coordinator(String),
+    #[error("io: {0}")]
+    Io(String),
+    #[error(transparent)]
+    Device(#[from] shoal_kernels::KernelError),
+    #[error("training diverged: the loss is not finite at step {0}")]
+    Diverged(u64),
+    #[error("cancelled")]
+    Cancelled,
+}

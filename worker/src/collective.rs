@@ -1,0 +1,282 @@
+//! Worker-to-worker collectives over the data plane. Each worker runs a `DataPlane` gRPC
+//! service whose handler drops incoming chunks into a bounded mailbox; a ring all-reduce
+//! sends to the next rank and takes from the mailbox what the previous rank sent.
+//!
+//! The summation order of every element is fixed by the ring (for a given world size), and
+//! the all-gather phase hands every rank the very same reduced bytes, so all ranks end with
+//! bitwise-identical buffers, run after run.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use shoal_proto::data_plane_client::DataPlaneClient;
+use shoal_proto::data_plane_server::DataPlane;
+use shoal_proto::{Ack, Chunk};
+use tokio::sync::Notify;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::WorkerError;
+
+/// Chunks held at once; the ring never needs more than a few per peer.
+const MAILBOX_CAPACITY: usize = 256;
+pub const MAX_CHUNK_MESSAGE: usize = 512 << 20;
+
+type Key = (u64, u64, u64, u32);
+
+#[derive(Default)]
+pub struct Mailbox {
+    chunks: Mutex<HashMap<Key, Bytes>>,
+    arrived: Notify,
+}
+
+impl Mailbox {
+    fn put(&self, c: Chunk) -> Result<(), Status> {
+        let mut map = self.chunks.lock().expect("mailbox lock");
+        if map.len() >= MAILBOX_CAPACITY {
+            return Err(Status::resource_exhausted("data-plane mailbox is full"));
+        }
+        map.insert((c.job_id, c.generation, c.seq, c.hop), c.data);
+        drop(map);
+        self.arrived.notify_waiters();
+        Ok(())
+    }
+
+    /// Waits for one chunk, up to `timeout`, giving up early when `cancel` is set.
+    async fn take(&self, key: Key, timeout: Duration, cancel: &AtomicBool) -> Result<Bytes, WorkerError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.arrived.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(b) = self.chunks.lock().expect("mailbox lock").remove(&key) {
+                return Ok(b);
+            }
+            if cancel.load(Ordering::Relaxed) {
+                return Err(WorkerError::Cancelled);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(WorkerError::Collective(format!(
+                    "timed out after {timeout:?} waiting for the previous rank (collective {}, hop {})",
+                    key.2, key.3
+                )));
+            }
+            let _ = tokio::time::timeout((deadline - now).min(Duration::from_millis(200)), notified).await;
+        }
+    }
+
+    /// Forgets everything of a job generation (it ended).
+    pub fn purge(&self, job: u64, generation: u64) {
+        self.chunks.lock().expect("mailbox lock").retain(|k, _| !(k.0 == job && k.1 == generation));
+    }
+}
+
+/// The gRPC face of the mailbox.
+#[derive(Clone)]
+pub struct DataPlaneService(pub Arc<Mailbox>);
+
+#[tonic::async_trait]
+impl DataPlane for DataPlaneService {
+    async fn push_chunk(&self, r: Request<Chunk>) -> Result<Response<Ack>, Status> {
+        self.0.put(r.into_inner())?;
+        Ok(Response::new(Ack {}))
+    }
+}
+
+/// One rank's view of a ring of `world` workers.
+pub struct Ring {
+    pub rank: usize,
+    pub world: usize,
+    job: u64,
+    generation: u64,
+    seq: u64,
+    next: Option<DataPlaneClient<Channel>>,
+    mailbox: Arc<Mailbox>,
+    timeout: Duration,
+    cancel: Arc<AtomicBool>,
+}
+
+fn to_bytes(xs: &[f32]) -> Bytes {
+    let mut v = Vec::with_capacity(xs.len() * 4);
+    for x in xs {
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    Bytes::from(v)
+}
+
+fn check_len(b: &Bytes, want: usize) -> Result<(), WorkerError> {
+    if b.len() != want * 4 {
+        return Err(WorkerError::Collective(format!("chunk of {} bytes, expected {}", b.len(), want * 4)));
+    }
+    Ok(())
+}
+
+impl Ring {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        rank: usize,
+        peers: &[String],
+        job: u64,
+        generation: u64,
+        mailbox: Arc<Mailbox>,
+        timeout: Duration,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<Ring, WorkerError> {
+        let world = peers.len();
+        if rank >= world {
+            return Err(WorkerError::Collective(format!("rank {rank} outside a world of {world}")));
+        }
+        let next = if world > 1 {
+            let addr = &peers[(rank + 1) % world];
+            let url = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
+            let ep = tonic::transport::Endpoint::from_shared(url).map_err(|e| WorkerError::Collective(format!("peer {addr}: {e}")))?;
+            let ch = ep.connect_timeout(Duration::from_secs(2)).timeout(timeout).tcp_nodelay(true).connect_lazy();
+            Some(DataPlaneClient::new(ch).max_encoding_message_size(MAX_CHUNK_MESSAGE))
+        } else {
+            None
+        };
+        Ok(Ring { rank, world, job, generation, seq: 0, next, mailbox, timeout, cancel })
+    }
+
+    async fn send(&self, hop: u32, data: Bytes) -> Result<(), WorkerError> {
+        let Some(client) = &self.next else { return Ok(()) };
+        let deadline = Instant::now() + self.timeout;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let chunk = Chunk { job_id: self.job, generation: self.generation, seq: self.seq, hop, from_rank: self.rank as u32, data: data.clone() };
+            match client.clone().push_chunk(chunk).await {
+                Ok(_) => return Ok(()),
+                Err(s) if Instant::now() < deadline && !self.cancel.load(Ordering::Relaxed) => {
+                    tracing::debug!(error = %s.message(), "push to next rank failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                Err(_) if self.cancel.load(Ordering::Relaxed) => return Err(WorkerError::Cancelled),
+                Err(s) => return Err(WorkerError::Collective(format!("next rank unreachable: {}", s.message()))),
+            }
+        }
+    }
+
+    /// In-place sum over all ranks.
+    pub async fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), WorkerError> {
+        let n = self.world;
+        if n == 1 {
+            return Ok(());
+        }
+        self.seq += 1;
+        let len = buf.len();
+        let bounds = |c: usize| (c * len / n)..((c + 1) * len / n);
+        let r = self.rank;
+        // Reduce-scatter: after n-1 hops rank r holds the full sum of chunk (r+1) % n.
+        for s in 0..n - 1 {
+            let send_c = (r + n - s) % n;
+            let recv_c = (r + 2 * n - s - 1) % n;
+            let key = (self.job, self.generation, self.seq, s as u32);
+            let (sent, got) =
+                tokio::join!(self.send(s as u32, to_bytes(&buf[bounds(send_c)])), self.mailbox.take(key, self.timeout, &self.cancel));
+            sent?;
+            let got = got?;
+            let dst = &mut buf[bounds(recv_c)];
+            check_len(&got, dst.len())?;
+            for (d, c) in dst.iter_mut().zip(got.chunks_exact(4)) {
+                *d += f32::from_le_bytes(c.try_into().expect("4 bytes"));
+            }
+        }
+        // All-gather: pass the reduced chunks around unchanged.
+        for s in 0..n - 1 {
+            let hop = (n - 1 + s) as u32;
+            let send_c = (r + 1 + n - s) % n;
+            let recv_c = (r + n - s) % n;
+            let key = (self.job, self.generation, self.seq, hop);
+            let (sent, got) = tokio::join!(self.send(hop, to_bytes(&buf[bounds(send_c)])), self.mailbox.take(key, self.timeout, &self.cancel));
+            sent?;
+            let got = got?;
+            let dst = &mut buf[bounds(recv_c)];
+            check_len(&got, dst.len())?;
+            for (d, c) in dst.iter_mut().zip(got.chunks_exact(4)) {
+                *d = f32::from_le_bytes(c.try_into().expect("4 bytes"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_proto::data_plane_server::DataPlaneServer;
+
+    async fn start_server() -> (String, Arc<Mailbox>) {
+        let mailbox = Arc::new(Mailbox::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let svc = DataPlaneServer::new(DataPlaneService(mailbox.clone())).max_decoding_message_size(MAX_CHUNK_MESSAGE);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (addr, mailbox)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ring_all_reduce_sums_identically_on_every_rank() {
+        for world in [2usize, 3, 4] {
+            let mut addrs = Vec::new();
+            let mut boxes = Vec::new();
+            for _ in 0..world {
+                let (a, m) = start_server().await;
+                addrs.push(a);
+                boxes.push(m);
+            }
+            let len = 1001;
+            let mut tasks = Vec::new();
+            for r in 0..world {
+                let peers = addrs.clone();
+                let mb = boxes[r].clone();
+                tasks.push(tokio::spawn(async move {
+                    let cancel = Arc::new(AtomicBool::new(false));
+                    let mut ring = Ring::new(r, &peers, 1, 1, mb, Duration::from_secs(10), cancel).unwrap();
+                    let mut out = Vec::new();
+                    for round in 0..3 {
+                        let mut buf: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37 + r as f32 * 1.1 + round as f32).sin()).collect();
+                        ring.all_reduce_sum(&mut buf).await.unwrap();
+                        out.push(buf);
+                    }
+                    out
+                }));
+            }
+            let mut results = Vec::new();
+            for t in tasks {
+                results.push(t.await.unwrap());
+            }
+            for round in 0..3 {
+                let expect: Vec<f32> = (0..len)
+                    .map(|i| (0..world).map(|r| (i as f32 * 0.37 + r as f32 * 1.1 + round as f32).sin()).sum::<f32>())
+                    .collect();
+                for r in 0..world {
+                    let got = &results[r][round];
+                    assert_eq!(got, &results[0][round], "rank {r} differs bitwise (world {world})");
+                    for (g, e) in got.iter().zip(&expect) {
+                        assert!((g - e).abs() < 1e-4, "world {world}: {g} vs {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_times_out_with_a_clear_error() {
+        let (own, mb) = start_server().await;
+        let (silent, _) = start_server().await;
+        let peers = vec![own, silent];
+        let mut ring = Ring::new(0, &peers, 1, 1, mb, Duration::from_millis(300), Arc::new(AtomicBool::new(false))).unwrap();
+        let mut buf = vec![1.0f32; 10];
+        let e = ring.all_reduce_sum(&mut buf).await.unwrap_err().to_string();
+        assert!(e.contains("timed out"), "{e}");
+    }
+}

@@ -1,0 +1,193 @@
+//! The worker process: registers with the coordinator, heartbeats, and runs whatever its
+//! assignment says (one training task at a time), reporting progress and the outcome.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_coordinator::{Client, ClientError};
+use shoal_proto::data_plane_server::DataPlaneServer;
+use shoal_proto::{Assignment, HeartbeatRequest, OutcomeReport, ProgressReport, RankResult, RegisterWorkerRequest};
+
+use crate::collective::{DataPlaneService, Mailbox, MAX_CHUNK_MESSAGE};
+use crate::train::{train, TrainTask};
+use crate::WorkerError;
+
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub endpoints: Vec<String>,
+    pub store_dir: PathBuf,
+    pub device: String,
+    pub heartbeat: Duration,
+    pub collective_timeout: Duration,
+}
+
+struct Running {
+    job: u64,
+    generation: u64,
+    cancel: Arc<AtomicBool>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+/// Runs a worker until `shutdown` resolves. `listener` is its data-plane socket.
+pub async fn run_worker(
+    cfg: WorkerConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkerError> {
+    shoal_kernels::Device::parse(&cfg.device)?;
+    let address = listener.local_addr().map_err(|e| WorkerError::Io(e.to_string()))?.to_string();
+    let mailbox = Arc::new(Mailbox::default());
+    let svc = DataPlaneServer::new(DataPlaneService(mailbox.clone())).max_decoding_message_size(MAX_CHUNK_MESSAGE);
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let mut server_stop = stop_rx.clone();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(svc)
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+                let _ = server_stop.changed().await;
+            }),
+    );
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+
+    let client = Arc::new(Client::new(&cfg.endpoints).map_err(|e| WorkerError::Coordinator(e.to_string()))?);
+    let mut worker_id: Option<String> = None;
+    let mut running: Option<Running> = None;
+    let mut ticker = tokio::time::interval(cfg.heartbeat);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop_rx.changed() => break,
+        }
+        let id = match &worker_id {
+            Some(id) => id.clone(),
+            None => {
+                let req = RegisterWorkerRequest { address: address.clone(), pid: std::process::id(), device: cfg.device.clone() };
+                match client.call(|mut c| { let req = req.clone(); async move { c.register_worker(req).await } }).await {
+                    Ok(r) => {
+                        tracing::info!(worker = %r.worker_id, %address, "registered");
+                        worker_id = Some(r.worker_id.clone());
+                        r.worker_id
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "registration failed; retrying");
+                        continue;
+                    }
+                }
+            }
+        };
+        let hb = client.call(|mut c| { let worker_id = id.clone(); async move { c.heartbeat(HeartbeatRequest { worker_id }).await } }).await;
+        let hb = match hb {
+            Ok(hb) => hb,
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat failed");
+                continue;
+            }
+        };
+        if hb.unknown_worker {
+            tracing::warn!(worker = %id, "the coordinator no longer knows this worker; registering again");
+            worker_id = None;
+        }
+        let want = hb.assignment.filter(|_| !hb.unknown_worker);
+        let keep = matches!((&running, &want), (Some(r), Some(a)) if r.job == a.job_id && r.generation == a.generation);
+        if !keep {
+            if let Some(r) = running.take() {
+                tracing::info!(job = r.job, generation = r.generation, "assignment ended; stopping its task");
+                r.cancel.store(true, Ordering::Relaxed);
+                let _ = r.handle.await;
+                mailbox.purge(r.job, r.generation);
+            }
+            if let Some(a) = want {
+                running = Some(start_task(&cfg, &id, a, mailbox.clone(), client.clone()));
+            }
+        }
+    }
+    if let Some(r) = running.take() {
+        r.cancel.store(true, Ordering::Relaxed);
+        let _ = r.handle.await;
+    }
+    let _ = server.await;
+    Ok(())
+}
+
+fn start_task(cfg: &WorkerConfig, worker_id: &str, a: Assignment, mailbox: Arc<Mailbox>, client: Arc<Client>) -> Running {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (job, generation, rank) = (a.job_id, a.generation, a.rank);
+    tracing::info!(job, generation, rank, world = a.world_size, "starting task");
+    let rt = tokio::runtime::Handle::current();
+    let progress_client = client.clone();
+    let progress_rt = rt.clone();
+    let wid = worker_id.to_string();
+    let pid = wid.clone();
+    let task = TrainTask {
+        store: cfg.store_dir.clone(),
+        assignment: a,
+        mailbox,
+        cancel: cancel.clone(),
+        collective_timeout: cfg.collective_timeout,
+        report_every: Duration::from_millis(250),
+        on_progress: Box::new(move |p| {
+            let (c, report) = (progress_client.clone(), ProgressReport { worker_id: pid.clone(), job_id: job, generation, progress: Some(p.clone()) });
+            // Progress is best effort: a lost report is replaced by the next one.
+            progress_rt.spawn(async move {
+                let _ = c.call(|mut c| { let r = report.clone(); async move { c.report_progress(r).await } }).await;
+            });
+        }),
+    };
+    let cancel_flag = cancel.clone();
+    let handle = tokio::task::spawn_blocking(move || {
+        let outcome = train(task, &rt);
+        let report = match outcome {
+            Err(WorkerError::Cancelled) => return,
+            Err(e) if cancel_flag.load(Ordering::Relaxed) => {
+                tracing::info!(error = %e, "task stopped after cancellation");
+                return;
+            }
+            Ok(o) => {
+                tracing::info!(job, rank, hash = %o.param_blake3, "task finished");
+                OutcomeReport {
+                    worker_id: wid.clone(),
+                    job_id: job,
+                    generation,
+                    ok: true,
+                    error: String::new(),
+                    result: Some(RankResult { rank, worker_id: wid.clone(), param_blake3: o.param_blake3, model_path: o.model_path }),
+                    progress: Some(o.progress),
+                }
+            }
+            Err(e) => {
+                tracing::error!(job, rank, error = %e, "task failed");
+                OutcomeReport { worker_id: wid.clone(), job_id: job, generation, ok: false, error: e.to_string(), result: None, progress: None }
+            }
+        };
+        rt.block_on(report_outcome(&client, report, &cancel_flag));
+    });
+    Running { job, generation, cancel, handle }
+}
+
+/// Delivers an outcome, retrying through coordinator failovers until it is accepted or
+/// rejected for good.
+async fn report_outcome(client: &Client, report: OutcomeReport, cancel: &AtomicBool) {
+    for attempt in 0..20 {
+        if cancel.load(Ordering::Relaxed) {
+            return;
+        }
+        match client.call(|mut c| { let r = report.clone(); async move { c.report_outcome(r).await } }).await {
+            Ok(_) => return,
+            Err(ClientError::Rpc(s)) if s.code() == tonic::Code::FailedPrecondition => {
+                tracing::warn!(error = %s.message(), "outcome rejected");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, "outcome report failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
