@@ -1,1 +1,568 @@
-fn main() {}
+//! `shoal`: the command line. A thin clap layer: every command calls the client library
+//! (`ops`, `shoal_coordinator::Client`), the supervisor (`shoal_cluster`), or runs one server
+//! process (`serve`).
+
+mod ops;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use shoal_cluster::{Layout, UpOptions};
+use shoal_coordinator::{Client, CoordinatorConfig};
+use shoal_proto::*;
+
+#[derive(Parser)]
+#[command(name = "shoal", version, about = "Distributed training and batch processing: a Raft-replicated coordinator and data-parallel workers")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a local cluster (1 coordinator, 2 workers) in a temporary folder, import the
+    /// bundled MNIST, train examples/mnist-mlp.toml with a live progress bar, and stop.
+    Demo(DemoArgs),
+    /// Start a local cluster in the background and return once it is ready.
+    Up(UpArgs),
+    /// Stop the local cluster recorded in --dir.
+    Down(DirArg),
+    /// List coordinators (id, address, role, term, commit index, pid) and workers.
+    Status {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Datasets: import, list, show.
+    #[command(subcommand)]
+    Data(DataCmd),
+    /// Jobs: submit, status, list, cancel.
+    #[command(subcommand)]
+    Job(JobCmd),
+    /// Run one server process in the foreground (what `shoal up` spawns).
+    #[command(subcommand)]
+    Serve(ServeCmd),
+}
+
+/// Where the cluster is: `--endpoints` (coordinator addresses) or the folder `shoal up` used.
+#[derive(Args, Clone)]
+struct Conn {
+    /// Cluster folder (as given to `shoal up`).
+    #[arg(long, env = "SHOAL_DIR")]
+    dir: Option<PathBuf>,
+    /// Coordinator addresses, comma-separated (host:port); overrides --dir.
+    #[arg(long, value_delimiter = ',')]
+    endpoints: Vec<String>,
+}
+
+fn default_dir() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".")).join(".shoal")
+}
+
+impl Conn {
+    fn client(&self) -> Result<Client> {
+        let endpoints = if self.endpoints.is_empty() {
+            let dir = self.dir.clone().unwrap_or_else(default_dir);
+            Layout::new(dir).endpoints()?
+        } else {
+            self.endpoints.clone()
+        };
+        Ok(Client::new(&endpoints)?)
+    }
+}
+
+#[derive(Args)]
+struct DirArg {
+    /// Cluster folder.
+    #[arg(long, env = "SHOAL_DIR")]
+    dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// Number of coordinator replicas (1, 3 or 5 for a quorum that tolerates failures).
+    #[arg(long, default_value_t = 1)]
+    coordinators: u64,
+    /// Number of workers.
+    #[arg(long, default_value_t = 2)]
+    workers: u64,
+    /// Cluster folder: logs, Raft logs and the store.
+    #[arg(long, env = "SHOAL_DIR")]
+    dir: Option<PathBuf>,
+    /// Worker lease in milliseconds: a worker silent this long is declared lost.
+    #[arg(long, default_value_t = 5000)]
+    lease_ms: u64,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Number of workers.
+    #[arg(long, default_value_t = 2)]
+    workers: u64,
+    /// Train this spec instead of the bundled examples/mnist-mlp.toml.
+    #[arg(long)]
+    spec: Option<PathBuf>,
+    /// Keep the temporary cluster folder (its path is printed).
+    #[arg(long)]
+    keep: bool,
+}
+
+#[derive(Subcommand)]
+enum DataCmd {
+    /// Import IDX files (gzip or not; one features file, one labels file) as the next version
+    /// of dataset NAME: safetensors shards in the store, registered in the coordinator.
+    Import {
+        name: String,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Records per shard file.
+        #[arg(long, default_value_t = ops::default_per_shard())]
+        records_per_shard: usize,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List datasets (every version).
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dataset version with its shards.
+    Show {
+        name: String,
+        /// Version (default: the latest).
+        #[arg(long, default_value_t = 0)]
+        version: u64,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobCmd {
+    /// Submit a job spec (TOML).
+    Submit {
+        spec: PathBuf,
+        /// Follow the job with a progress bar until it ends.
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one job.
+    Status {
+        id: u64,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List jobs.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a queued or running job.
+    Cancel {
+        id: u64,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServeCmd {
+    /// One coordinator replica.
+    Coordinator {
+        /// This replica's id (must appear in --peers).
+        #[arg(long, default_value_t = 1)]
+        id: u64,
+        /// Address to listen on (loopback by default; port 0 picks one).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+        /// Every replica as ID=HOST:PORT, comma-separated (default: this one alone).
+        #[arg(long, value_delimiter = ',')]
+        peers: Vec<String>,
+        /// Folder for this replica's Raft log.
+        #[arg(long)]
+        data: PathBuf,
+        /// The cluster's store (datasets, checkpoints, models).
+        #[arg(long)]
+        store: PathBuf,
+        /// Worker lease in milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        lease_ms: u64,
+        /// Write the bound address to this file once listening.
+        #[arg(long)]
+        addr_file: Option<PathBuf>,
+    },
+    /// One worker.
+    Worker {
+        /// Coordinator addresses, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        endpoints: Vec<String>,
+        /// The cluster's store.
+        #[arg(long)]
+        store: PathBuf,
+        /// Data-plane address to listen on.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+        /// cpu, or cuda[:N] on a build with `--features cuda`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Compute threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(long, default_value_t = 300)]
+        heartbeat_ms: u64,
+        /// Seconds to wait for a peer inside a collective before failing the task.
+        #[arg(long, default_value_t = 60)]
+        collective_timeout_s: u64,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if let Cmd::Serve(ServeCmd::Worker { threads: Some(t), .. }) = &cli.cmd {
+        // Read by rayon and candle when their pools start; set before any thread exists.
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("json"));
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Demo(a) => demo(a).await,
+        Cmd::Up(a) => {
+            let layout = Layout::new(a.dir.unwrap_or_else(default_dir));
+            let exe = std::env::current_exe().context("finding the shoal executable")?;
+            let opts = UpOptions { coordinators: a.coordinators, workers: a.workers, lease: Duration::from_millis(a.lease_ms), exe };
+            let file = shoal_cluster::up(&layout, &opts).await?;
+            let endpoints: Vec<String> = file.coordinators.iter().map(|c| c.address.clone()).collect();
+            if a.json {
+                print_json(&json!({"dir": layout.dir, "endpoints": endpoints, "store": file.store_dir,
+                    "coordinator_pids": file.coordinators.iter().map(|c| c.pid).collect::<Vec<_>>(),
+                    "worker_pids": file.workers.iter().map(|w| w.pid).collect::<Vec<_>>()}));
+            } else {
+                println!("cluster up in {}: {} coordinator(s) at {}, {} worker(s)", layout.dir.display(), file.coordinators.len(), endpoints.join(","), file.workers.len());
+            }
+            Ok(())
+        }
+        Cmd::Down(a) => {
+            let layout = Layout::new(a.dir.unwrap_or_else(default_dir));
+            let stopped = shoal_cluster::down(&layout)?;
+            println!("cluster in {} stopped ({} processes)", layout.dir.display(), stopped.len());
+            Ok(())
+        }
+        Cmd::Status { conn, json } => status(conn, json).await,
+        Cmd::Data(d) => data(d).await,
+        Cmd::Job(j) => job(j).await,
+        Cmd::Serve(s) => serve(s).await,
+    }
+}
+
+async fn status(conn: Conn, as_json: bool) -> Result<()> {
+    let client = conn.client()?;
+    let mut coords = Vec::new();
+    let mut workers = Vec::new();
+    for (i, ep) in client.endpoints().iter().enumerate() {
+        match client.single(i).get_status(StatusRequest {}).await {
+            Ok(s) => {
+                let s = s.into_inner();
+                let n = s.node.unwrap_or_default();
+                coords.push(json!({"id": n.id, "address": n.address, "role": n.role, "term": n.term, "commit_index": n.commit_index,
+                    "applied_index": n.applied_index, "leader_id": n.leader_id, "pid": n.pid, "reachable": true}));
+                if n.role == "leader" || workers.is_empty() {
+                    workers = s.workers;
+                }
+            }
+            Err(e) => coords.push(json!({"address": ep.trim_start_matches("http://"), "reachable": false, "error": e.message()})),
+        }
+    }
+    let workers: Vec<_> = workers
+        .iter()
+        .map(|w| json!({"id": w.id, "address": w.address, "state": w.state().label(), "job": if w.job_id == 0 { serde_json::Value::Null } else { json!(w.job_id) }, "pid": w.pid, "device": w.device}))
+        .collect();
+    if as_json {
+        print_json(&json!({"coordinators": coords, "workers": workers}));
+        return Ok(());
+    }
+    println!("COORDINATOR  ADDRESS               ROLE         TERM  COMMIT  PID");
+    for c in &coords {
+        if c["reachable"] == true {
+            println!("{:<12} {:<21} {:<12} {:>4}  {:>6}  {}", c["id"], c["address"].as_str().unwrap_or(""), c["role"].as_str().unwrap_or(""), c["term"], c["commit_index"], c["pid"]);
+        } else {
+            println!("{:<12} {:<21} unreachable ({})", "?", c["address"].as_str().unwrap_or(""), c["error"].as_str().unwrap_or(""));
+        }
+    }
+    println!("\nWORKER  ADDRESS               STATE  JOB   PID");
+    for w in &workers {
+        let job = if w["job"].is_null() { "-".to_string() } else { w["job"].to_string() };
+        println!("{:<7} {:<21} {:<6} {:<5} {}", w["id"].as_str().unwrap_or(""), w["address"].as_str().unwrap_or(""), w["state"].as_str().unwrap_or(""), job, w["pid"]);
+    }
+    Ok(())
+}
+
+async fn data(cmd: DataCmd) -> Result<()> {
+    match cmd {
+        DataCmd::Import { name, files, records_per_shard, conn, json } => {
+            let client = conn.client()?;
+            let d = ops::import_idx(&client, &name, &files, records_per_shard).await?;
+            if json {
+                print_json(&ops::dataset_json(&d));
+            } else {
+                println!("imported {} v{}: {} records, features {:?}, {} classes, {} shards", d.name, d.version, d.records, d.feature_shape, d.classes, d.shards.len());
+            }
+        }
+        DataCmd::List { conn, json } => {
+            let client = conn.client()?;
+            let l = client.call(|mut c| async move { c.list_datasets(ListDatasetsRequest {}).await }).await?;
+            if json {
+                print_json(&serde_json::Value::Array(l.datasets.iter().map(ops::dataset_json).collect()));
+            } else {
+                println!("NAME                 VERSION  RECORDS  FEATURES      CLASSES  SHARDS");
+                for d in &l.datasets {
+                    println!("{:<20} {:>7}  {:>7}  {:<12}  {:>7}  {:>6}", d.name, d.version, d.records, format!("{:?}", d.feature_shape), d.classes, d.shards.len());
+                }
+            }
+        }
+        DataCmd::Show { name, version, conn, json } => {
+            let client = conn.client()?;
+            let d = client.call(|mut c| { let name = name.clone(); async move { c.get_dataset(GetDatasetRequest { name, version }).await } }).await?;
+            if json {
+                print_json(&ops::dataset_json(&d));
+            } else {
+                println!("{} v{}: {} records, features {:?}, {} classes", d.name, d.version, d.records, d.feature_shape, d.classes);
+                for s in &d.shards {
+                    println!("  {}  {} records  {} bytes  blake3 {}", s.path, s.records, s.bytes, s.blake3);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_job(j: &JobInfo) {
+    let v = ops::job_json(j);
+    println!("job {} ({})", j.id, j.name);
+    for k in ["state", "generation", "step", "total_steps", "epoch", "loss", "test_accuracy", "samples_per_s", "workers", "error"] {
+        if !v[k].is_null() {
+            println!("  {k}: {}", v[k]);
+        }
+    }
+    for r in &j.results {
+        println!("  rank {} on {}: model {} (blake3 {})", r.rank, r.worker_id, r.model_path, r.param_blake3);
+    }
+}
+
+async fn job(cmd: JobCmd) -> Result<()> {
+    match cmd {
+        JobCmd::Submit { spec, follow, conn, json } => {
+            let client = conn.client()?;
+            let j = ops::submit(&client, &spec).await?;
+            if !follow {
+                if json {
+                    print_json(&ops::job_json(&j));
+                } else {
+                    println!("job {} submitted ({})", j.id, j.state().label());
+                }
+                return Ok(());
+            }
+            let j = ops::follow(&client, j.id, !json).await?;
+            if json {
+                print_json(&ops::job_json(&j));
+            } else {
+                print_job(&j);
+            }
+            if j.state() != JobState::Succeeded {
+                bail!("job {} ended {}{}", j.id, j.state().label(), if j.error.is_empty() { String::new() } else { format!(": {}", j.error) });
+            }
+        }
+        JobCmd::Status { id, conn, json } => {
+            let j = ops::get_job(&conn.client()?, id).await?;
+            if json {
+                print_json(&ops::job_json(&j));
+            } else {
+                print_job(&j);
+            }
+        }
+        JobCmd::List { conn, json } => {
+            let client = conn.client()?;
+            let l = client.call(|mut c| async move { c.list_jobs(ListJobsRequest {}).await }).await?;
+            if json {
+                print_json(&serde_json::Value::Array(l.jobs.iter().map(ops::job_json).collect()));
+            } else {
+                println!("ID    NAME                 STATE      STEP/TOTAL      TEST_ACC");
+                for j in &l.jobs {
+                    let p = j.progress.clone().unwrap_or_default();
+                    let acc = if p.test_accuracy >= 0.0 { format!("{:.4}", p.test_accuracy) } else { "-".into() };
+                    println!("{:<5} {:<20} {:<10} {:>6}/{:<7}  {acc}", j.id, j.name, j.state().label(), p.step, p.total_steps);
+                }
+            }
+        }
+        JobCmd::Cancel { id, conn, json } => {
+            let client = conn.client()?;
+            let j = client.call(|mut c| async move { c.cancel_job(CancelJobRequest { id }).await }).await?;
+            if json {
+                print_json(&ops::job_json(&j));
+            } else {
+                println!("job {} {}", j.id, j.state().label());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_peers(id: u64, listen: &str, peers: &[String]) -> Result<BTreeMap<u64, String>> {
+    let mut out = BTreeMap::new();
+    for p in peers {
+        let (i, a) = p.split_once('=').with_context(|| format!("--peers entry {p:?} is not ID=HOST:PORT"))?;
+        let i: u64 = i.trim().parse().with_context(|| format!("--peers entry {p:?}: bad id"))?;
+        if i == 0 {
+            bail!("--peers entry {p:?}: ids start at 1");
+        }
+        out.insert(i, a.trim().to_string());
+    }
+    if out.is_empty() {
+        out.insert(id, listen.to_string());
+    }
+    Ok(out)
+}
+
+async fn serve(cmd: ServeCmd) -> Result<()> {
+    init_logs();
+    match cmd {
+        ServeCmd::Coordinator { id, listen, peers, data, store, lease_ms, addr_file } => {
+            let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
+            let addr = listener.local_addr()?.to_string();
+            let mut peers = parse_peers(id, &listen, &peers)?;
+            if peers.get(&id).map(|a| a.ends_with(":0")).unwrap_or(false) {
+                peers.insert(id, addr.clone());
+            }
+            if let Some(f) = addr_file {
+                shoal_core::fsutil::write_atomic(&f, addr.as_bytes())?;
+            }
+            tracing::info!(id, %addr, "coordinator listening");
+            let cfg = CoordinatorConfig { id, peers, data_dir: data, store_dir: store, lease: Duration::from_millis(lease_ms) };
+            shoal_coordinator::serve(cfg, listener, shutdown_signal()).await?;
+        }
+        ServeCmd::Worker { endpoints, store, listen, device, threads: _, heartbeat_ms, collective_timeout_s } => {
+            let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "worker listening");
+            let cfg = shoal_worker::WorkerConfig {
+                endpoints,
+                store_dir: store,
+                device,
+                heartbeat: Duration::from_millis(heartbeat_ms.max(10)),
+                collective_timeout: Duration::from_secs(collective_timeout_s.max(1)),
+            };
+            shoal_worker::run_worker(cfg, listener, shutdown_signal()).await?;
+        }
+    }
+    Ok(())
+}
+
+const MNIST_IMAGES: &[u8] = include_bytes!("../../data/mnist/mnist10k-images-idx3-ubyte.gz");
+const MNIST_LABELS: &[u8] = include_bytes!("../../data/mnist/mnist10k-labels-idx1-ubyte.gz");
+const MNIST_MLP: &str = include_str!("../../examples/mnist-mlp.toml");
+
+async fn demo(a: DemoArgs) -> Result<()> {
+    let started = Instant::now();
+    let tmp = tempfile::Builder::new().prefix("shoal-demo-").tempdir().context("creating a temporary folder")?;
+    let root = tmp.path().to_path_buf();
+    let spec_text = match &a.spec {
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        None => MNIST_MLP.replace("workers = 2", &format!("workers = {}", a.workers)),
+    };
+    let spec = shoal_core::JobSpec::parse(&spec_text)?;
+    let files = [root.join("mnist10k-images-idx3-ubyte.gz"), root.join("mnist10k-labels-idx1-ubyte.gz")];
+    std::fs::write(&files[0], MNIST_IMAGES)?;
+    std::fs::write(&files[1], MNIST_LABELS)?;
+    let layout = Layout::new(root.join("cluster"));
+    let exe = std::env::current_exe().context("finding the shoal executable")?;
+    let opts = UpOptions { coordinators: 1, workers: a.workers.max(spec.cluster.workers as u64), lease: Duration::from_secs(5), exe };
+    eprintln!("demo: starting 1 coordinator and {} workers in {}", opts.workers, layout.dir.display());
+    let up = shoal_cluster::up(&layout, &opts).await;
+    let result = async {
+        up?;
+        let client = Client::new(&layout.endpoints()?)?;
+        let d = ops::import_idx(&client, &spec.dataset.name, &files, ops::default_per_shard()).await?;
+        eprintln!("demo: imported {} v{} ({} records, {} shards)", d.name, d.version, d.records, d.shards.len());
+        let j = ops::submit_text(&client, &spec_text).await?;
+        eprintln!("demo: job {} submitted ({}, {} workers)", j.id, spec.name, spec.cluster.workers);
+        let j = ops::follow(&client, j.id, true).await?;
+        if j.state() != JobState::Succeeded {
+            bail!("job {} ended {}: {}", j.id, j.state().label(), j.error);
+        }
+        anyhow::Ok(j)
+    }
+    .await;
+    let _ = shoal_cluster::down(&layout);
+    if a.keep {
+        eprintln!("demo: cluster folder kept at {}", tmp.keep().display());
+    }
+    let j = result?;
+    let p = j.progress.unwrap_or_default();
+    println!(
+        "demo: model={} workers={} epochs={} test_accuracy={:.4} samples_per_s={:.0} wall_s={:.1}",
+        spec.model.kind,
+        j.world_size,
+        p.epoch,
+        p.test_accuracy,
+        p.samples_per_s,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

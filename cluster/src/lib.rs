@@ -1,1 +1,256 @@
+//! Bringing a local cluster up and down: the supervisor behind `shoal up`, `shoal down` and
+//! `shoal demo`. It spawns `shoal serve coordinator|worker` processes (logs in their folders),
+//! waits until a leader is elected and every worker has registered, and records what it
+//! started in `DIR/cluster.pb` so `down` and the other commands can find it.
 
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use shoal_coordinator::Client;
+use shoal_proto::{ClusterFile, ClusterProcess, Message, StatusRequest};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("a cluster is already running in {dir} (pids {pids:?}); run `shoal down --dir {dir}` first")]
+    AlreadyRunning { dir: String, pids: Vec<u32> },
+    #[error("no cluster is recorded in {0} (no cluster.pb); start one with `shoal up`")]
+    NotFound(String),
+    #[error("{0}")]
+    Io(String),
+    #[error("the cluster did not come up: {0}")]
+    Startup(String),
+    #[error("{path}: corrupt cluster file: {reason}")]
+    Corrupt { path: String, reason: String },
+}
+
+/// How a local cluster is laid out in its folder.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub dir: PathBuf,
+}
+
+impl Layout {
+    pub fn new(dir: impl Into<PathBuf>) -> Layout {
+        Layout { dir: dir.into() }
+    }
+    pub fn cluster_file(&self) -> PathBuf {
+        self.dir.join("cluster.pb")
+    }
+    pub fn store(&self) -> PathBuf {
+        self.dir.join("store")
+    }
+    pub fn coordinator_dir(&self, id: u64) -> PathBuf {
+        self.dir.join("coordinators").join(id.to_string())
+    }
+    pub fn worker_dir(&self, n: u64) -> PathBuf {
+        self.dir.join("workers").join(n.to_string())
+    }
+
+    pub fn read(&self) -> Result<ClusterFile, ClusterError> {
+        let path = self.cluster_file();
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ClusterError::NotFound(self.dir.display().to_string())),
+            Err(e) => return Err(ClusterError::Io(format!("{}: {e}", path.display()))),
+        };
+        ClusterFile::decode(&bytes[..]).map_err(|e| ClusterError::Corrupt { path: path.display().to_string(), reason: e.to_string() })
+    }
+
+    /// Coordinator endpoints of the recorded cluster.
+    pub fn endpoints(&self) -> Result<Vec<String>, ClusterError> {
+        Ok(self.read()?.coordinators.into_iter().map(|c| c.address).collect())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct UpOptions {
+    pub coordinators: u64,
+    pub workers: u64,
+    /// Worker lease: a worker silent this long is declared lost.
+    pub lease: Duration,
+    /// The `shoal` executable to spawn.
+    pub exe: PathBuf,
+}
+
+pub fn pid_alive(pid: u32) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    // Reap it first if it is our own exited child, so a zombie does not count as alive.
+    // SAFETY: plain libc calls on a pid; WNOHANG never blocks.
+    unsafe {
+        let mut status = 0;
+        libc::waitpid(pid as i32, &mut status, libc::WNOHANG);
+        libc::kill(pid as i32, 0) == 0
+    }
+}
+
+fn free_port() -> Result<u16, ClusterError> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| ClusterError::Io(format!("bind 127.0.0.1:0: {e}")))?;
+    Ok(l.local_addr().map_err(|e| ClusterError::Io(e.to_string()))?.port())
+}
+
+fn spawn(exe: &Path, args: &[String], log_dir: &Path, envs: &[(&str, String)]) -> Result<u32, ClusterError> {
+    std::fs::create_dir_all(log_dir).map_err(|e| ClusterError::Io(format!("{}: {e}", log_dir.display())))?;
+    let log_path = log_dir.join("log");
+    let log = File::create(&log_path).map_err(|e| ClusterError::Io(format!("{}: {e}", log_path.display())))?;
+    let err = log.try_clone().map_err(|e| ClusterError::Io(e.to_string()))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args).stdin(Stdio::null()).stdout(log).stderr(err);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    // New session: the processes outlive the terminal of `shoal up`.
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid is async-signal-safe and touches nothing of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| ClusterError::Io(format!("spawn {}: {e}", exe.display())))?;
+    Ok(child.id())
+}
+
+fn check_not_running(layout: &Layout) -> Result<(), ClusterError> {
+    match layout.read() {
+        Ok(f) => {
+            let pids: Vec<u32> = f.coordinators.iter().chain(&f.workers).map(|p| p.pid).filter(|&p| pid_alive(p)).collect();
+            if !pids.is_empty() {
+                return Err(ClusterError::AlreadyRunning { dir: layout.dir.display().to_string(), pids });
+            }
+            Ok(())
+        }
+        Err(ClusterError::NotFound(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Starts a cluster in `layout.dir` and returns once it is ready.
+pub async fn up(layout: &Layout, opts: &UpOptions) -> Result<ClusterFile, ClusterError> {
+    if opts.coordinators == 0 || opts.workers > 256 || opts.coordinators > 7 {
+        return Err(ClusterError::Startup(format!("--coordinators must be 1 to 7 and --workers at most 256 (got {} and {})", opts.coordinators, opts.workers)));
+    }
+    std::fs::create_dir_all(&layout.dir).map_err(|e| ClusterError::Io(format!("{}: {e}", layout.dir.display())))?;
+    // One `up` at a time per folder, and never over a live cluster.
+    let lock_path = layout.dir.join("up.lock");
+    let lock = File::create(&lock_path).map_err(|e| ClusterError::Io(format!("{}: {e}", lock_path.display())))?;
+    if lock.try_lock().is_err() {
+        return Err(ClusterError::AlreadyRunning { dir: layout.dir.display().to_string(), pids: vec![] });
+    }
+    check_not_running(layout)?;
+
+    let mut file = ClusterFile { store_dir: layout.store().display().to_string(), ..Default::default() };
+    let ids: Vec<u64> = (1..=opts.coordinators).collect();
+    let mut peers = Vec::new();
+    for &id in &ids {
+        peers.push((id, format!("127.0.0.1:{}", free_port()?)));
+    }
+    let peer_arg = peers.iter().map(|(id, a)| format!("{id}={a}")).collect::<Vec<_>>().join(",");
+    let lease_ms = opts.lease.as_millis().to_string();
+    for (id, addr) in &peers {
+        let dir = layout.coordinator_dir(*id);
+        let args = vec![
+            "serve".into(), "coordinator".into(),
+            "--id".into(), id.to_string(),
+            "--listen".into(), addr.clone(),
+            "--peers".into(), peer_arg.clone(),
+            "--data".into(), dir.display().to_string(),
+            "--store".into(), layout.store().display().to_string(),
+            "--lease-ms".into(), lease_ms.clone(),
+        ];
+        let pid = spawn(&opts.exe, &args, &dir, &[])?;
+        file.coordinators.push(ClusterProcess { id: *id, address: addr.clone(), pid, dir: dir.display().to_string() });
+    }
+    // Record it now, so `down` can clean up even if the rest of start-up fails.
+    write_file(layout, &file)?;
+    let endpoints: Vec<String> = peers.iter().map(|(_, a)| a.clone()).collect();
+    let threads = (std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as u64 / opts.workers.max(1)).max(1);
+    for n in 1..=opts.workers {
+        let dir = layout.worker_dir(n);
+        let args = vec![
+            "serve".into(), "worker".into(),
+            "--endpoints".into(), endpoints.join(","),
+            "--store".into(), layout.store().display().to_string(),
+            "--listen".into(), "127.0.0.1:0".into(),
+            "--threads".into(), threads.to_string(),
+        ];
+        let pid = spawn(&opts.exe, &args, &dir, &[])?;
+        file.workers.push(ClusterProcess { id: n, address: String::new(), pid, dir: dir.display().to_string() });
+    }
+    write_file(layout, &file)?;
+    wait_ready(layout, &file, &endpoints, opts.workers as usize).await?;
+    drop(lock);
+    Ok(file)
+}
+
+fn write_file(layout: &Layout, file: &ClusterFile) -> Result<(), ClusterError> {
+    shoal_core::fsutil::write_atomic(&layout.cluster_file(), &file.encode_to_vec()).map_err(|e| ClusterError::Io(e.to_string()))
+}
+
+async fn wait_ready(layout: &Layout, file: &ClusterFile, endpoints: &[String], workers: usize) -> Result<(), ClusterError> {
+    let client = Client::new(endpoints).map_err(|e| ClusterError::Startup(e.to_string()))?.with_deadline(Duration::from_secs(1));
+    let start = Instant::now();
+    let mut last = String::from("no answer yet");
+    while start.elapsed() < Duration::from_secs(60) {
+        for p in file.coordinators.iter().chain(&file.workers) {
+            if !pid_alive(p.pid) {
+                let log = std::fs::read_to_string(Path::new(&p.dir).join("log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                return Err(ClusterError::Startup(format!(
+                    "process {} exited during start-up; its log ({}/log) ends with:\n{}",
+                    p.pid,
+                    p.dir,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )));
+            }
+        }
+        match client.call(|mut c| async move { c.get_status(StatusRequest {}).await }).await {
+            Ok(s) => {
+                let node = s.node.unwrap_or_default();
+                let live = s.workers.iter().filter(|w| w.state() != shoal_proto::WorkerState::Lost).count();
+                if node.leader_id != 0 && live >= workers {
+                    return Ok(());
+                }
+                last = format!("leader {}, {live} of {workers} workers registered", node.leader_id);
+            }
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = layout;
+    Err(ClusterError::Startup(format!("not ready after 60 s: {last}")))
+}
+
+/// Stops every process of the recorded cluster (workers first), then forgets it.
+pub fn down(layout: &Layout) -> Result<Vec<u32>, ClusterError> {
+    let file = layout.read()?;
+    let mut stopped = Vec::new();
+    for group in [&file.workers, &file.coordinators] {
+        let pids: Vec<u32> = group.iter().map(|p| p.pid).filter(|&p| pid_alive(p)).collect();
+        for &pid in &pids {
+            // SAFETY: signalling a pid we started.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pids.iter().any(|&p| pid_alive(p)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for &pid in &pids {
+            if pid_alive(pid) {
+                // SAFETY: as above.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while pid_alive(pid) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        stopped.extend(pids);
+    }
+    std::fs::remove_file(layout.cluster_file()).map_err(|e| ClusterError::Io(format!("{}: {e}", layout.cluster_file().display())))?;
+    Ok(stopped)
+}

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use shoal_proto::coordinator_client::CoordinatorClient;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Status};
+pub use tonic::{Code, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

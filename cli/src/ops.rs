@@ -1,0 +1,137 @@
+//! The operations behind the CLI commands, over the coordinator client: importing datasets,
+//! submitting and following jobs, and their JSON views.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use shoal_coordinator::{Client, ClientError};
+use shoal_core::dataset::{version_dir, write_shards, Records, DEFAULT_RECORDS_PER_SHARD};
+use shoal_core::idx::read_idx_file;
+use shoal_proto::*;
+
+pub async fn store_dir(client: &Client) -> Result<PathBuf> {
+    let s = client.call(|mut c| async move { c.get_status(StatusRequest {}).await }).await?;
+    Ok(PathBuf::from(s.node.unwrap_or_default().store_dir))
+}
+
+/// Reads IDX files, writes them as the next version of dataset `name` into the cluster's
+/// store, and registers it. On any failure nothing stays behind.
+pub async fn import_idx(client: &Client, name: &str, files: &[PathBuf], per_shard: usize) -> Result<DatasetInfo> {
+    shoal_core::dataset::validate_name(name)?;
+    if files.is_empty() {
+        bail!("no files given: pass a features file and a labels file (IDX, gzip or not)");
+    }
+    let mut arrays = Vec::new();
+    for f in files {
+        arrays.push((f.display().to_string(), read_idx_file(f)?));
+    }
+    let records = Records::from_idx(arrays)?;
+    let store = store_dir(client).await?;
+    let n = name.to_string();
+    let latest = match client.call(|mut c| { let name = n.clone(); async move { c.get_dataset(GetDatasetRequest { name, version: 0 }).await } }).await {
+        Ok(d) => d.version,
+        Err(ClientError::Rpc(s)) if s.code() == shoal_coordinator::client::Code::NotFound => 0,
+        Err(e) => return Err(e.into()),
+    };
+    let version = latest + 1;
+    let dir = store.join(version_dir(name, version));
+    if dir.exists() {
+        // Left by an import that failed before registering: it holds nothing registered.
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing stale {}", dir.display()))?;
+    }
+    let result = async {
+        let info = write_shards(&store, name, version, &records, per_shard.max(1))?;
+        let registered = client
+            .call(|mut c| { let dataset = Some(info.clone()); async move { c.register_dataset(RegisterDatasetRequest { dataset }).await } })
+            .await?;
+        anyhow::Ok(registered)
+    }
+    .await;
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+pub fn default_per_shard() -> usize {
+    DEFAULT_RECORDS_PER_SHARD
+}
+
+pub fn dataset_json(d: &DatasetInfo) -> Value {
+    json!({
+        "name": d.name,
+        "version": d.version,
+        "records": d.records,
+        "feature_shape": d.feature_shape,
+        "classes": d.classes,
+        "shards": d.shards.iter().map(|s| json!({"path": s.path, "records": s.records, "blake3": s.blake3, "bytes": s.bytes})).collect::<Vec<_>>(),
+    })
+}
+
+pub fn job_json(j: &JobInfo) -> Value {
+    let p = j.progress.clone().unwrap_or_default();
+    json!({
+        "id": j.id,
+        "name": j.name,
+        "state": j.state().label(),
+        "generation": j.generation,
+        "step": p.step,
+        "total_steps": p.total_steps,
+        "epoch": p.epoch,
+        "loss": p.loss,
+        "test_accuracy": if p.test_accuracy >= 0.0 { json!(p.test_accuracy) } else { Value::Null },
+        "samples_per_s": p.samples_per_s,
+        "train_seconds": p.train_seconds,
+        "workers": j.workers,
+        "world_size": j.world_size,
+        "dataset_version": j.dataset_version,
+        "error": if j.error.is_empty() { Value::Null } else { json!(j.error) },
+        "results": j.results.iter().map(|r| json!({"rank": r.rank, "worker_id": r.worker_id, "param_blake3": r.param_blake3, "model_path": r.model_path})).collect::<Vec<_>>(),
+    })
+}
+
+pub async fn get_job(client: &Client, id: u64) -> Result<JobInfo> {
+    Ok(client.call(|mut c| async move { c.get_job(GetJobRequest { id }).await }).await?)
+}
+
+pub async fn submit(client: &Client, spec_path: &Path) -> Result<JobInfo> {
+    let text = std::fs::read_to_string(spec_path).with_context(|| format!("reading {}", spec_path.display()))?;
+    submit_text(client, &text).await.with_context(|| format!("{}", spec_path.display()))
+}
+
+pub async fn submit_text(client: &Client, text: &str) -> Result<JobInfo> {
+    // Validate locally first: the same check the coordinator makes, without a round trip.
+    shoal_core::JobSpec::parse(text)?;
+    let t = text.to_string();
+    Ok(client.call(|mut c| { let spec_toml = t.clone(); async move { c.submit_job(SubmitJobRequest { spec_toml }).await } }).await?)
+}
+
+/// Polls a job until it ends, drawing a progress bar (epoch, step, loss, samples/s).
+pub async fn follow(client: &Client, id: u64, show: bool) -> Result<JobInfo> {
+    let bar = indicatif::ProgressBar::new(0);
+    if !show {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    loop {
+        let j = get_job(client, id).await?;
+        let p = j.progress.clone().unwrap_or_default();
+        let epochs = shoal_core::JobSpec::parse(&j.spec_toml).map(|s| s.training.epochs).unwrap_or(0);
+        bar.set_length(p.total_steps);
+        bar.set_position(p.step);
+        bar.set_prefix(format!("job {} {}", j.id, j.state().label()));
+        let acc = if p.test_accuracy >= 0.0 { format!(" test_acc {:.4}", p.test_accuracy) } else { String::new() };
+        bar.set_message(format!("epoch {}/{epochs} loss {:.4}{acc} {:.0} samples/s", (p.epoch + 1).min(epochs.max(1)), p.loss, p.samples_per_s));
+        if j.state().is_terminal() {
+            bar.finish();
+            return Ok(j);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
