@@ -1,0 +1,266 @@
+//! End-to-end benchmark: `shoal demo` against its PyTorch DDP peer (benches/peer/ddp_mnist.py)
+//! on the same workload (MNIST MLP 784-512-256-10, 2 workers with 1 compute thread each, global
+//! batch 128, SGD momentum, 5 epochs), in one invocation, runs alternating.
+//!
+//!     cargo run --release -p shoal-benches --bin e2e -- [--runs N] [--python PATH] [--json PATH] [--no-build]
+//!
+//! It builds `shoal` (`cargo build --release -p shoal` in the workspace), runs `shoal demo` and
+//! the peer N times each (default 3), and prints per-run numbers, then the medians of the
+//! training throughput (samples/s, evaluation excluded on both sides), the test accuracies and
+//! the ratio shoal / PyTorch (> 1: shoal is faster). The peer's Python defaults to
+//! benches/.venv/bin/python (made by benches/peer/setup.sh); without it only shoal runs.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+struct Args {
+    runs: usize,
+    python: Option<PathBuf>,
+    json: Option<PathBuf>,
+    build: bool,
+}
+
+const USAGE: &str = "usage: e2e [--runs N] [--python PATH] [--json PATH] [--no-build]\n\
+  --runs N       runs of each side (default 3)\n\
+  --python PATH  Python with torch for the peer (default benches/.venv/bin/python)\n\
+  --json PATH    also write the results as JSON\n\
+  --no-build     use target/release/shoal as it is";
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args { runs: 3, python: None, json: None, build: true };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value\n{USAGE}"));
+        match arg.as_str() {
+            "--runs" => a.runs = value("--runs")?.parse().context("--runs takes a positive number")?,
+            "--python" => a.python = Some(value("--python")?.into()),
+            "--json" => a.json = Some(value("--json")?.into()),
+            "--no-build" => a.build = false,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    if a.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    Ok(a)
+}
+
+/// One measured run of either side.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    samples_per_s: f64,
+    test_accuracy: f64,
+    /// Whole-process wall time, start-up and evaluation included.
+    wall_s: f64,
+}
+
+/// `key=value` fields of the last line of `out` that starts with `prefix`.
+fn parse_line(out: &str, prefix: &str) -> Option<(f64, f64)> {
+    let line = out.lines().rev().find(|l| l.starts_with(prefix))?;
+    let field = |key: &str| {
+        line.split_whitespace().find_map(|t| t.strip_prefix(key).and_then(|v| v.strip_prefix('='))).and_then(|v| v.parse::<f64>().ok())
+    };
+    Some((field("samples_per_s")?, field("test_accuracy")?))
+}
+
+fn tail(s: &str, lines: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Runs `cmd` to completion and parses its final result line.
+fn measure(mut cmd: Command, prefix: &str, what: &str) -> Result<Run> {
+    let t0 = Instant::now();
+    let out = cmd.output().with_context(|| format!("starting {what}"))?;
+    let wall_s = t0.elapsed().as_secs_f64();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!("{what} failed ({}):\n{}\n{}", out.status, tail(&stdout, 10), tail(&stderr, 30));
+    }
+    let (samples_per_s, test_accuracy) = parse_line(&stdout, prefix)
+        .with_context(|| format!("{what} printed no `{prefix} ... test_accuracy=... samples_per_s=...` line:\n{}", tail(&stdout, 10)))?;
+    Ok(Run { samples_per_s, test_accuracy, wall_s })
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn loadavg() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
+}
+
+fn torch_version(python: &Path) -> Option<String> {
+    let out = Command::new(python).args(["-c", "import torch; print(torch.__version__)"]).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn summary(name: &str, runs: &[Run]) -> serde_json::Value {
+    serde_json::json!({
+        "name": name,
+        "runs": runs.iter().map(|r| serde_json::json!({
+            "samples_per_s": r.samples_per_s, "test_accuracy": r.test_accuracy, "wall_s": r.wall_s,
+        })).collect::<Vec<_>>(),
+        "median_samples_per_s": median(&runs.iter().map(|r| r.samples_per_s).collect::<Vec<_>>()),
+        "median_test_accuracy": median(&runs.iter().map(|r| r.test_accuracy).collect::<Vec<_>>()),
+    })
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().context("finding the workspace root")?;
+
+    if args.build {
+        eprintln!("e2e: cargo build --release -p shoal");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let st = Command::new(cargo).args(["build", "--release", "-p", "shoal"]).current_dir(&root).status().context("running cargo")?;
+        if !st.success() {
+            bail!("cargo build --release -p shoal failed ({st})");
+        }
+    }
+    // This binary sits next to `shoal` in the same profile folder, whatever the target dir is.
+    let beside = std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join("shoal")));
+    let shoal = match beside.filter(|p| p.is_file()) {
+        Some(p) => p,
+        None => root.join("target/release/shoal"),
+    };
+    if !shoal.is_file() {
+        bail!("{} not found: build it with `cargo build --release -p shoal`", shoal.display());
+    }
+
+    let python = args.python.clone().unwrap_or_else(|| root.join("benches/.venv/bin/python"));
+    let script = root.join("benches/peer/ddp_mnist.py");
+    let torch = if python.is_file() || args.python.is_some() { torch_version(&python) } else { None };
+    if torch.is_none() {
+        eprintln!(
+            "e2e: no usable PyTorch at {}: run benches/peer/setup.sh (or pass --python PATH to a Python with torch); \
+             measuring shoal only",
+            python.display()
+        );
+    }
+
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    eprintln!("e2e: {} runs each; shoal {}; {cores} cores", args.runs, shoal.display());
+    if let Some(t) = &torch {
+        eprintln!("e2e: peer {} {} (torch {t})", python.display(), script.display());
+    }
+    if let Some(l) = loadavg() {
+        if l > 0.5 {
+            eprintln!("e2e: warning: load average {l:.2} before starting; other work may skew the numbers");
+        }
+    }
+
+    let (mut shoal_runs, mut torch_runs) = (Vec::new(), Vec::new());
+    let mut torch_error = None;
+    for i in 0..args.runs {
+        // Alternate which side goes first, so that neither always runs on a cooler machine.
+        let order: &[bool] = if i % 2 == 0 { &[true, false] } else { &[false, true] };
+        for &is_shoal in order {
+            if is_shoal {
+                let mut cmd = Command::new(&shoal);
+                cmd.arg("demo").current_dir(&root);
+                let r = measure(cmd, "demo:", "shoal demo")?;
+                eprintln!(
+                    "e2e: run {}/{}  shoal        samples/s {:>8.0}  test accuracy {:.4}  wall {:>5.1} s",
+                    i + 1,
+                    args.runs,
+                    r.samples_per_s,
+                    r.test_accuracy,
+                    r.wall_s
+                );
+                shoal_runs.push(r);
+            } else if torch.is_some() && torch_error.is_none() {
+                let mut cmd = Command::new(&python);
+                cmd.arg(&script).args(["--epochs", "5", "--workers", "2"]).current_dir(&root);
+                match measure(cmd, "pytorch_ddp:", "the PyTorch DDP peer") {
+                    Ok(r) => {
+                        eprintln!(
+                            "e2e: run {}/{}  pytorch DDP  samples/s {:>8.0}  test accuracy {:.4}  wall {:>5.1} s",
+                            i + 1,
+                            args.runs,
+                            r.samples_per_s,
+                            r.test_accuracy,
+                            r.wall_s
+                        );
+                        torch_runs.push(r);
+                    }
+                    Err(e) => {
+                        eprintln!("e2e: {e:#}\ne2e: skipping the remaining PyTorch runs");
+                        torch_error = Some(format!("{e:#}"));
+                    }
+                }
+            }
+        }
+    }
+
+    let sps = |rs: &[Run]| median(&rs.iter().map(|r| r.samples_per_s).collect::<Vec<_>>());
+    let acc = |rs: &[Run]| median(&rs.iter().map(|r| r.test_accuracy).collect::<Vec<_>>());
+    let wall = |rs: &[Run]| median(&rs.iter().map(|r| r.wall_s).collect::<Vec<_>>());
+    println!();
+    println!("MNIST MLP 784-512-256-10, 2 workers x 1 thread, global batch 128, 5 epochs; medians of {} runs", args.runs);
+    println!("{:<14} {:>14} {:>15} {:>12}", "", "samples/s", "test accuracy", "wall s");
+    println!("{:<14} {:>14.0} {:>15.4} {:>12.1}", "shoal", sps(&shoal_runs), acc(&shoal_runs), wall(&shoal_runs));
+    let ratio = if torch_runs.is_empty() {
+        println!("{:<14} {:>14} {:>15} {:>12}", "pytorch DDP", "-", "-", "-");
+        println!("ratio shoal/pytorch: - (no PyTorch runs{})", if torch.is_none() { "; run benches/peer/setup.sh" } else { "" });
+        None
+    } else {
+        println!("{:<14} {:>14.0} {:>15.4} {:>12.1}", "pytorch DDP", sps(&torch_runs), acc(&torch_runs), wall(&torch_runs));
+        let r = sps(&shoal_runs) / sps(&torch_runs);
+        println!("ratio shoal/pytorch (samples/s): {r:.2} ({})", if r >= 1.0 { "shoal faster" } else { "shoal slower" });
+        Some(r)
+    };
+    println!("(samples/s: training time only, per-epoch evaluation excluded; wall s: whole process, start-up included)");
+
+    if let Some(path) = &args.json {
+        let doc = serde_json::json!({
+            "runs": args.runs,
+            "cores": cores,
+            "torch": torch,
+            "shoal": summary("shoal", &shoal_runs),
+            "pytorch_ddp": summary("pytorch_ddp", &torch_runs),
+            "ratio_shoal_over_pytorch": ratio,
+            "pytorch_error": torch_error,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_both_result_lines() {
+        let shoal = "noise\ndemo: model=mlp workers=2 epochs=5 test_accuracy=0.9615 samples_per_s=5123 wall_s=12.3\n";
+        assert_eq!(parse_line(shoal, "demo:"), Some((5123.0, 0.9615)));
+        let torch = "pytorch_ddp: workers=2 epochs=5 test_accuracy=0.9600 samples_per_s=7000 train_s=5.7\n";
+        assert_eq!(parse_line(torch, "pytorch_ddp:"), Some((7000.0, 0.96)));
+        assert_eq!(parse_line("demo: starting 1 coordinator", "demo:"), None);
+    }
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+}

@@ -1,0 +1,156 @@
+//! Helpers for the integration tests: real `shoal` processes on loopback, each test in its
+//! own temporary folder, every process stopped and reaped when the test ends (pass or fail).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn shoal() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_shoal"));
+    c.env_remove("SHOAL_DIR").env("RUST_LOG", "info");
+    c
+}
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn mnist_files() -> [PathBuf; 2] {
+    let d = repo().join("data/mnist");
+    [d.join("mnist10k-images-idx3-ubyte.gz"), d.join("mnist10k-labels-idx1-ubyte.gz")]
+}
+
+/// Runs a command to completion and returns its output.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null()).output().expect("running shoal")
+}
+
+pub fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(out.status.success(), "command failed: {:?}\nstdout: {}\nstderr: {}", cmd, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a command that must fail; returns its stderr.
+pub fn fails(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(!out.status.success(), "command unexpectedly succeeded: {:?}\nstdout: {}", cmd, String::from_utf8_lossy(&out.stdout));
+    String::from_utf8(out.stderr).unwrap()
+}
+
+pub fn json(cmd: &mut Command) -> serde_json::Value {
+    let s = ok(cmd);
+    serde_json::from_str(&s).unwrap_or_else(|e| panic!("bad json ({e}): {s}"))
+}
+
+/// A cluster started with `shoal up` in a temporary folder; `shoal down` on drop.
+pub struct UpCluster {
+    pub tmp: tempfile::TempDir,
+}
+
+impl UpCluster {
+    pub fn start(workers: u32) -> UpCluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = UpCluster { tmp };
+        ok(shoal().args(["up", "--workers", &workers.to_string(), "--dir"]).arg(c.dir()));
+        c
+    }
+
+    pub fn dir(&self) -> PathBuf {
+        self.tmp.path().join("cluster")
+    }
+
+    pub fn store(&self) -> PathBuf {
+        self.dir().join("store")
+    }
+
+    /// `shoal ARGS... --dir DIR`.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = shoal();
+        c.args(args).arg("--dir").arg(self.dir());
+        c
+    }
+
+    pub fn import_mnist(&self, name: &str) -> serde_json::Value {
+        let [x, y] = mnist_files();
+        json(self.cmd(&["data", "import", name, "--json"]).arg(x).arg(y))
+    }
+
+    pub fn write_spec(&self, file: &str, text: &str) -> PathBuf {
+        let p = self.tmp.path().join(file);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    pub fn submit_follow(&self, spec: &Path) -> serde_json::Value {
+        json(self.cmd(&["job", "submit", "--follow", "--json"]).arg(spec))
+    }
+}
+
+impl Drop for UpCluster {
+    fn drop(&mut self) {
+        let _ = run(shoal().arg("down").arg("--dir").arg(self.dir()));
+    }
+}
+
+/// A child process killed and reaped on drop.
+pub struct Proc(pub Option<Child>);
+
+impl Proc {
+    pub fn spawn(cmd: &mut Command, log: &Path) -> Proc {
+        let f = std::fs::File::create(log).unwrap();
+        let child = cmd.stdin(Stdio::null()).stdout(f.try_clone().unwrap()).stderr(f).spawn().expect("spawn");
+        Proc(Some(child))
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits until `f` returns Some, or panics after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A spec over the bundled MNIST.
+pub fn mnist_spec(dataset: &str, epochs: u32, train_end: u64, seed: u64, hidden: &str) -> String {
+    format!(
+        r#"name = "test-mlp"
+[model]
+kind = "mlp"
+hidden = {hidden}
+[dataset]
+name = "{dataset}"
+train = [0, {train_end}]
+test = [8000, 10000]
+[training]
+epochs = {epochs}
+batch_size = 128
+seed = {seed}
+[training.optimizer]
+kind = "sgd"
+lr = 0.05
+momentum = 0.9
+[cluster]
+workers = 2
+"#
+    )
+}
