@@ -344,7 +344,15 @@ async fn status(conn: Conn, as_json: bool) -> Result<()> {
     println!("COORDINATOR  ADDRESS               ROLE         TERM  COMMIT  PID");
     for c in &coords {
         if c["reachable"] == true {
-            println!("{:<12} {:<21} {:<12} {:>4}  {:>6}  {}", c["id"], c["address"].as_str().unwrap_or(""), c["role"].as_str().unwrap_or(""), c["term"], c["commit_index"], c["pid"]);
+            println!(
+                "{:<12} {:<21} {:<12} {:>4}  {:>6}  {}",
+                c["id"].to_string(),
+                c["address"].as_str().unwrap_or(""),
+                c["role"].as_str().unwrap_or(""),
+                c["term"].to_string(),
+                c["commit_index"].to_string(),
+                c["pid"]
+            );
         } else {
             println!("{:<12} {:<21} unreachable ({})", "?", c["address"].as_str().unwrap_or(""), c["error"].as_str().unwrap_or(""));
         }
