@@ -225,6 +225,10 @@ enum ServeCmd {
         /// Data-plane address to listen on.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: String,
+        /// Address peers should dial (default: the bound address; set it when listening on
+        /// 0.0.0.0).
+        #[arg(long)]
+        advertise: Option<String>,
         /// cpu, or cuda[:N] on a build with `--features cuda`.
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -456,7 +460,7 @@ async fn job(cmd: JobCmd) -> Result<()> {
             } else {
                 println!("ID    NAME                 STATE      STEP/TOTAL      TEST_ACC");
                 for j in &l.jobs {
-                    let p = j.progress.clone().unwrap_or_default();
+                    let p = j.progress.unwrap_or_default();
                     let acc = if p.test_accuracy >= 0.0 { format!("{:.4}", p.test_accuracy) } else { "-".into() };
                     println!("{:<5} {:<20} {:<10} {:>6}/{:<7}  {acc}", j.id, j.name, j.state().label(), p.step, p.total_steps);
                 }
@@ -508,11 +512,12 @@ async fn serve(cmd: ServeCmd) -> Result<()> {
             let cfg = CoordinatorConfig { id, peers, data_dir: data, store_dir: store, lease: Duration::from_millis(lease_ms) };
             shoal_coordinator::serve(cfg, listener, shutdown_signal()).await?;
         }
-        ServeCmd::Worker { endpoints, store, listen, device, threads: _, heartbeat_ms, collective_timeout_s } => {
+        ServeCmd::Worker { endpoints, store, listen, advertise, device, threads: _, heartbeat_ms, collective_timeout_s } => {
             let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
             tracing::info!(addr = %listener.local_addr()?, "worker listening");
             let cfg = shoal_worker::WorkerConfig {
                 endpoints,
+                advertise,
                 store_dir: store,
                 device,
                 heartbeat: Duration::from_millis(heartbeat_ms.max(10)),

@@ -71,7 +71,7 @@ pub fn dataset_json(d: &DatasetInfo) -> Value {
 }
 
 pub fn job_json(j: &JobInfo) -> Value {
-    let p = j.progress.clone().unwrap_or_default();
+    let p = j.progress.unwrap_or_default();
     json!({
         "id": j.id,
         "name": j.name,
@@ -121,7 +121,7 @@ pub async fn follow(client: &Client, id: u64, show: bool) -> Result<JobInfo> {
     );
     loop {
         let j = get_job(client, id).await?;
-        let p = j.progress.clone().unwrap_or_default();
+        let p = j.progress.unwrap_or_default();
         let epochs = shoal_core::JobSpec::parse(&j.spec_toml).map(|s| s.training.epochs).unwrap_or(0);
         bar.set_length(p.total_steps);
         bar.set_position(p.step);

@@ -103,19 +103,19 @@ fn bad_input_is_rejected_clearly_and_changes_nothing() {
     let c = UpCluster::start(0);
     let tmp = c.tmp.path();
     let files = write_tiny_idx(tmp);
-    ok(&mut c.cmd(&["data", "import", "tiny"]).args(&files));
+    ok(c.cmd(&["data", "import", "tiny"]).args(&files));
 
     // A file that is not IDX.
     let notes = tmp.join("notes.txt");
     std::fs::write(&notes, "these are not the digits you are looking for").unwrap();
-    let e = fails(&mut c.cmd(&["data", "import", "other"]).arg(&notes).arg(&files[1]));
+    let e = fails(c.cmd(&["data", "import", "other"]).arg(&notes).arg(&files[1]));
     assert!(e.contains("notes.txt") && e.contains("not an IDX file"), "{e}");
     assert!(!c.store().join("datasets/other").exists(), "a failed import left files behind");
 
     // Specs with an unknown model kind, a negative learning rate, a missing dataset.
     let submit = |text: String| {
         let p = c.write_spec("bad.toml", &text);
-        fails(&mut c.cmd(&["job", "submit"]).arg(p))
+        fails(c.cmd(&["job", "submit"]).arg(p))
     };
     let e = submit(TINY_SPEC.replace("kind = \"mlp\"", "kind = \"transformer\""));
     assert!(e.contains("model.kind") && e.contains("transformer"), "{e}");
@@ -144,10 +144,10 @@ fn bad_input_is_rejected_clearly_and_changes_nothing() {
 fn a_cancelled_job_stops_and_frees_its_workers() {
     let c = UpCluster::start(1);
     let files = write_tiny_idx(c.tmp.path());
-    ok(&mut c.cmd(&["data", "import", "tiny"]).args(&files));
+    ok(c.cmd(&["data", "import", "tiny"]).args(&files));
     // Long enough that it is still running when cancelled.
     let spec = c.write_spec("long.toml", &TINY_SPEC.replace("epochs = 2", "epochs = 100000"));
-    let job = json(&mut c.cmd(&["job", "submit", "--json"]).arg(&spec));
+    let job = json(c.cmd(&["job", "submit", "--json"]).arg(&spec));
     let id = job["id"].to_string();
     wait_for("the job to run", Duration::from_secs(30), || {
         let j = json(&mut c.cmd(&["job", "status", &id, "--json"]));
@@ -162,6 +162,35 @@ fn a_cancelled_job_stops_and_frees_its_workers() {
         (s["workers"][0]["state"] == "idle").then_some(())
     });
     // The worker took the next job after the cancelled one.
-    let next = json(&mut c.cmd(&["job", "submit", "--follow", "--json"]).arg(c.write_spec("short.toml", TINY_SPEC)));
+    let next = json(c.cmd(&["job", "submit", "--follow", "--json"]).arg(c.write_spec("short.toml", TINY_SPEC)));
     assert_eq!(next["state"], "succeeded", "{next}");
+}
+
+#[test]
+fn a_worker_that_stops_heartbeating_is_declared_lost_and_fails_its_job() {
+    let c = UpCluster::start_with(&["--workers", "2", "--lease-ms", "1000"]);
+    let files = write_tiny_idx(c.tmp.path());
+    ok(c.cmd(&["data", "import", "tiny"]).args(&files));
+    let spec = TINY_SPEC.replace("epochs = 2", "epochs = 100000").replace("workers = 1", "workers = 2");
+    let job = json(c.cmd(&["job", "submit", "--json"]).arg(c.write_spec("two.toml", &spec)));
+    let id = job["id"].to_string();
+    wait_for("the job to run", Duration::from_secs(30), || {
+        let j = json(&mut c.cmd(&["job", "status", &id, "--json"]));
+        (j["state"] == "running" && j["step"].as_u64().unwrap_or(0) > 0).then_some(())
+    });
+    let status = json(&mut c.cmd(&["status", "--json"]));
+    let victim = status["workers"][1].clone();
+    let pid = victim["pid"].as_i64().unwrap() as i32;
+    // SIGKILL: no goodbye, just silence.
+    // SAFETY: signalling a process this test's cluster started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let failed = wait_for("the job to fail", Duration::from_secs(30), || {
+        let j = json(&mut c.cmd(&["job", "status", &id, "--json"]));
+        (j["state"] == "failed").then_some(j)
+    });
+    let err = failed["error"].as_str().unwrap();
+    assert!(err.contains(victim["id"].as_str().unwrap()) && err.contains("lost"), "{failed}");
+    let status = json(&mut c.cmd(&["status", "--json"]));
+    let states: Vec<&str> = status["workers"].as_array().unwrap().iter().map(|w| w["state"].as_str().unwrap()).collect();
+    assert_eq!(states, vec!["idle", "lost"], "{status}");
 }

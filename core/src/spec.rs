@@ -212,7 +212,7 @@ impl JobSpec {
         if workers > 1024 {
             return Err(bad("cluster.workers", format!("{workers} is more than the 1024 supported")));
         }
-        if t.batch_size == 0 || t.batch_size % workers != 0 {
+        if t.batch_size == 0 || !t.batch_size.is_multiple_of(workers) {
             return Err(bad(
                 "training.batch_size",
                 format!("must be a positive multiple of cluster.workers ({workers}), got {}", t.batch_size),

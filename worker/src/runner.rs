@@ -17,6 +17,8 @@ use crate::WorkerError;
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
     pub endpoints: Vec<String>,
+    /// The data-plane address peers dial; None: the listener's own address.
+    pub advertise: Option<String>,
     pub store_dir: PathBuf,
     pub device: String,
     pub heartbeat: Duration,
@@ -37,7 +39,8 @@ pub async fn run_worker(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError> {
     shoal_kernels::Device::parse(&cfg.device)?;
-    let address = listener.local_addr().map_err(|e| WorkerError::Io(e.to_string()))?.to_string();
+    let bound = listener.local_addr().map_err(|e| WorkerError::Io(e.to_string()))?.to_string();
+    let address = cfg.advertise.clone().unwrap_or(bound);
     let mailbox = Arc::new(Mailbox::default());
     let svc = DataPlaneServer::new(DataPlaneService(mailbox.clone())).max_decoding_message_size(MAX_CHUNK_MESSAGE);
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
@@ -133,7 +136,7 @@ fn start_task(cfg: &WorkerConfig, worker_id: &str, a: Assignment, mailbox: Arc<M
         collective_timeout: cfg.collective_timeout,
         report_every: Duration::from_millis(250),
         on_progress: Box::new(move |p| {
-            let (c, report) = (progress_client.clone(), ProgressReport { worker_id: pid.clone(), job_id: job, generation, progress: Some(p.clone()) });
+            let (c, report) = (progress_client.clone(), ProgressReport { worker_id: pid.clone(), job_id: job, generation, progress: Some(*p) });
             // Progress is best effort: a lost report is replaced by the next one.
             progress_rt.spawn(async move {
                 let _ = c.call(|mut c| { let r = report.clone(); async move { c.report_progress(r).await } }).await;

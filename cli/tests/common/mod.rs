@@ -51,9 +51,14 @@ pub struct UpCluster {
 
 impl UpCluster {
     pub fn start(workers: u32) -> UpCluster {
+        Self::start_with(&["--workers", &workers.to_string()])
+    }
+
+    /// `shoal up ARGS... --dir DIR`.
+    pub fn start_with(args: &[&str]) -> UpCluster {
         let tmp = tempfile::tempdir().unwrap();
         let c = UpCluster { tmp };
-        ok(shoal().args(["up", "--workers", &workers.to_string(), "--dir"]).arg(c.dir()));
+        ok(shoal().arg("up").args(args).arg("--dir").arg(c.dir()));
         c
     }
 
