@@ -24,6 +24,13 @@ use crate::WorkerError;
 /// Chunks held at once; the ring never needs more than a few per peer.
 const MAILBOX_CAPACITY: usize = 256;
 pub const MAX_CHUNK_MESSAGE: usize = 512 << 20;
+/// HTTP/2 flow-control windows for the data plane. The default (64 KiB) makes a 1 MiB chunk
+/// wait on a dozen window updates; collectives move megabytes per step.
+pub const STREAM_WINDOW: u32 = 16 << 20;
+pub const CONNECTION_WINDOW: u32 = 32 << 20;
+/// The largest HTTP/2 frame the data-plane server accepts (the protocol's maximum): fewer,
+/// larger frames per chunk.
+pub const MAX_FRAME: u32 = (1 << 24) - 1;
 
 type Key = (u64, u64, u64, u32);
 
@@ -100,12 +107,15 @@ pub struct Ring {
     cancel: Arc<AtomicBool>,
 }
 
+/// The wire format is little-endian f32; on little-endian hosts that is one memcpy.
+#[cfg(target_endian = "little")]
 fn to_bytes(xs: &[f32]) -> Bytes {
-    let mut v = Vec::with_capacity(xs.len() * 4);
-    for x in xs {
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    Bytes::from(v)
+    Bytes::copy_from_slice(bytemuck::cast_slice(xs))
+}
+
+#[cfg(not(target_endian = "little"))]
+fn to_bytes(xs: &[f32]) -> Bytes {
+    Bytes::from(xs.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
 }
 
 fn check_len(b: &Bytes, want: usize) -> Result<(), WorkerError> {
@@ -134,7 +144,13 @@ impl Ring {
             let addr = &peers[(rank + 1) % world];
             let url = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
             let ep = tonic::transport::Endpoint::from_shared(url).map_err(|e| WorkerError::Collective(format!("peer {addr}: {e}")))?;
-            let ch = ep.connect_timeout(Duration::from_secs(2)).timeout(timeout).tcp_nodelay(true).connect_lazy();
+            let ch = ep
+                .connect_timeout(Duration::from_secs(2))
+                .timeout(timeout)
+                .tcp_nodelay(true)
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .connect_lazy();
             Some(DataPlaneClient::new(ch).max_encoding_message_size(MAX_CHUNK_MESSAGE))
         } else {
             None
@@ -217,6 +233,9 @@ mod tests {
         let svc = DataPlaneServer::new(DataPlaneService(mailbox.clone())).max_decoding_message_size(MAX_CHUNK_MESSAGE);
         tokio::spawn(
             tonic::transport::Server::builder()
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .max_frame_size(MAX_FRAME)
                 .add_service(svc)
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );

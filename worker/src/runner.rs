@@ -10,7 +10,7 @@ use shoal_coordinator::{Client, ClientError};
 use shoal_proto::data_plane_server::DataPlaneServer;
 use shoal_proto::{Assignment, HeartbeatRequest, OutcomeReport, ProgressReport, RankResult, RegisterWorkerRequest};
 
-use crate::collective::{DataPlaneService, Mailbox, MAX_CHUNK_MESSAGE};
+use crate::collective::{DataPlaneService, Mailbox, CONNECTION_WINDOW, MAX_CHUNK_MESSAGE, MAX_FRAME, STREAM_WINDOW};
 use crate::train::{train, TrainTask};
 use crate::WorkerError;
 
@@ -48,6 +48,9 @@ pub async fn run_worker(
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
             .add_service(svc)
             .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
                 let _ = server_stop.changed().await;
