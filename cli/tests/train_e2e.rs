@@ -70,3 +70,41 @@ fn same_spec_and_seed_give_bitwise_identical_parameters() {
     let third = model(&c.submit_follow(&other_seed));
     assert!(first != third, "a different seed gave the same parameters: the check above proves nothing");
 }
+
+#[test]
+fn a_cnn_trains_with_adamw_across_two_workers() {
+    let c = UpCluster::start(2);
+    c.import_mnist("digits");
+    let spec = c.write_spec(
+        "cnn.toml",
+        r#"name = "test-cnn"
+[model]
+kind = "cnn"
+channels = [4, 8]
+hidden = [32]
+[dataset]
+name = "digits"
+train = [0, 4096]
+test = [8000, 9000]
+[training]
+epochs = 2
+batch_size = 64
+seed = 3
+[training.optimizer]
+kind = "adamw"
+lr = 0.005
+[cluster]
+workers = 2
+"#,
+    );
+    let job = c.submit_follow(&spec);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let acc = job["test_accuracy"].as_f64().unwrap();
+    assert!(acc >= 0.85, "cnn test accuracy {acc}: {job}");
+    let a = std::fs::read(c.store().join(job["results"][0]["model_path"].as_str().unwrap())).unwrap();
+    let b = std::fs::read(c.store().join(job["results"][1]["model_path"].as_str().unwrap())).unwrap();
+    assert!(a == b, "cnn ranks diverged");
+    let st = safetensors::SafeTensors::deserialize(&a).unwrap();
+    assert_eq!(st.tensor("conv1.weight").unwrap().shape(), &[4, 1, 3, 3]);
+    assert_eq!(st.tensor("fc0.weight").unwrap().shape(), &[32, 8 * 7 * 7]);
+}
