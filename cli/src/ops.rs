@@ -123,11 +123,12 @@ pub async fn follow(client: &Client, id: u64, show: bool) -> Result<JobInfo> {
         let j = get_job(client, id).await?;
         let p = j.progress.unwrap_or_default();
         let epochs = shoal_core::JobSpec::parse(&j.spec_toml).map(|s| s.training.epochs).unwrap_or(0);
-        bar.set_length(p.total_steps);
-        bar.set_position(p.step);
+        // Text first: moving the position may redraw at once.
         bar.set_prefix(format!("job {} {}", j.id, j.state().label()));
         let acc = if p.test_accuracy >= 0.0 { format!(" test_acc {:.4}", p.test_accuracy) } else { String::new() };
         bar.set_message(format!("epoch {}/{epochs} loss {:.4}{acc} {:.0} samples/s", (p.epoch + 1).min(epochs.max(1)), p.loss, p.samples_per_s));
+        bar.set_length(p.total_steps);
+        bar.set_position(p.step);
         if j.state().is_terminal() {
             bar.finish();
             return Ok(j);

@@ -44,6 +44,11 @@ impl Mailbox {
     fn put(&self, c: Chunk) -> Result<(), Status> {
         let mut map = self.chunks.lock().expect("mailbox lock");
         if map.len() >= MAILBOX_CAPACITY {
+            // A worker runs one task at a time, so chunks of any other job generation are
+            // leftovers of an aborted one: drop them before refusing.
+            map.retain(|k, _| (k.0, k.1) == (c.job_id, c.generation));
+        }
+        if map.len() >= MAILBOX_CAPACITY {
             return Err(Status::resource_exhausted("data-plane mailbox is full"));
         }
         map.insert((c.job_id, c.generation, c.seq, c.hop), c.data);
@@ -286,6 +291,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_full_mailbox_evicts_stale_generations_first() {
+        let mb = Mailbox::default();
+        let chunk = |generation: u64, hop: u32| Chunk { job_id: 1, generation, seq: 1, hop, from_rank: 0, data: Bytes::new() };
+        for hop in 0..MAILBOX_CAPACITY as u32 {
+            mb.put(chunk(1, hop)).unwrap();
+        }
+        // Same generation: full means full.
+        assert!(mb.put(chunk(1, 9999)).is_err());
+        // A newer generation pushes the stale ones out.
+        mb.put(chunk(2, 0)).unwrap();
+        assert_eq!(mb.chunks.lock().unwrap().len(), 1);
     }
 
     #[tokio::test]
