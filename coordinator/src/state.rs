@@ -67,6 +67,18 @@ impl StateMachine {
                 if info.shards.is_empty() || info.records == 0 {
                     return Err(format!("dataset {} has no records", info.name));
                 }
+                if info.feature_shape.is_empty() || info.feature_shape.contains(&0) || info.classes == 0 {
+                    return Err(format!("dataset {}: feature shape {:?} and {} classes are not usable", info.name, info.feature_shape, info.classes));
+                }
+                // Shards must live in this version's folder of the store: no `..`, no absolute paths.
+                let dir = dataset::version_dir(&info.name, info.version);
+                for shard in &info.shards {
+                    let p = std::path::Path::new(&shard.path);
+                    let inside = p.starts_with(&dir) && p.components().all(|c| matches!(c, std::path::Component::Normal(_)));
+                    if !inside {
+                        return Err(format!("dataset {}: shard path {:?} is outside {}", info.name, shard.path, dir.display()));
+                    }
+                }
                 let sum: u64 = info.shards.iter().map(|s| s.records).sum();
                 if sum != info.records {
                     return Err(format!("dataset {}: shards hold {sum} records, manifest says {}", info.name, info.records));
@@ -307,7 +319,7 @@ mod tests {
             records: 100,
             feature_shape: vec![4],
             classes: 2,
-            shards: vec![ShardInfo { path: "p".into(), records: 100, blake3: "h".into(), bytes: 1 }],
+            shards: vec![ShardInfo { path: "datasets/d/v1/shard-00000.safetensors".into(), records: 100, blake3: "h".into(), bytes: 1 }],
             created_index: 0,
         };
         sm.apply(1, cmd(command::Kind::RegisterDataset(ds))).unwrap();
@@ -369,6 +381,11 @@ mod tests {
         ds.version = 3;
         assert!(sm.apply(9, cmd(command::Kind::RegisterDataset(ds.clone()))).is_err());
         ds.version = 2;
+        let mut escaping = ds.clone();
+        escaping.shards[0].path = "datasets/d/v2/../../../../etc/passwd".into();
+        let e = sm.apply(9, cmd(command::Kind::RegisterDataset(escaping))).unwrap_err();
+        assert!(e.contains("outside"), "{e}");
+        ds.shards[0].path = "datasets/d/v2/shard-00000.safetensors".into();
         sm.apply(9, cmd(command::Kind::RegisterDataset(ds))).unwrap();
         assert_eq!(sm.dataset("d", 0).unwrap().version, 2);
         assert_eq!(sm.dataset("d", 1).unwrap().version, 1);

@@ -134,6 +134,9 @@ impl Default for ClusterSpec {
     }
 }
 
+/// Widest dense layer a spec may ask for (guards against absurd allocations).
+const MAX_LAYER: usize = 1 << 16;
+
 fn bad(key: &str, msg: impl std::fmt::Display) -> CoreError {
     CoreError::Spec(format!("{key}: {msg}"))
 }
@@ -174,16 +177,19 @@ impl JobSpec {
             other => return Err(bad("model.kind", format!("unknown model kind {other:?} (expected \"mlp\" or \"cnn\")"))),
         }
         if let Some(h) = &self.model.hidden {
-            if h.contains(&0) {
-                return Err(bad("model.hidden", "layer sizes must be at least 1"));
+            if h.iter().any(|&n| n == 0 || n > MAX_LAYER) {
+                return Err(bad("model.hidden", format!("layer sizes must be 1 to {MAX_LAYER}, got {h:?}")));
+            }
+            if h.len() > 64 {
+                return Err(bad("model.hidden", format!("{} layers is more than the 64 supported", h.len())));
             }
         }
         if let Some(c) = &self.model.channels {
             if self.model.model_kind() != ModelKind::Cnn {
                 return Err(bad("model.channels", "applies to kind = \"cnn\" only"));
             }
-            if c.len() != 2 || c.contains(&0) {
-                return Err(bad("model.channels", format!("must be two positive channel counts, got {c:?}")));
+            if c.len() != 2 || c.iter().any(|&n| n == 0 || n > 4096) {
+                return Err(bad("model.channels", format!("must be two channel counts of 1 to 4096, got {c:?}")));
             }
         }
         if self.dataset.name.trim().is_empty() {

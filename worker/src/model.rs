@@ -8,6 +8,9 @@ use shoal_core::spec::{ModelKind, ModelSpec};
 
 use crate::WorkerError;
 
+/// Largest model (in f32 parameters) a worker accepts: 4 GiB of parameters.
+pub const MAX_PARAMS: usize = 1 << 30;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct ParamSpec {
     pub name: String,
@@ -74,7 +77,12 @@ impl Model {
             push(format!("fc{i}.bias"), vec![out], features);
             features = out;
         }
-        Ok(Model { kind, params, input_shape: input_shape.to_vec(), classes, dense_layers: sizes.len() })
+        let model = Model { kind, params, input_shape: input_shape.to_vec(), classes, dense_layers: sizes.len() };
+        // Checked before any buffer is allocated: a typo in a spec must not abort the worker.
+        if model.num_params() > MAX_PARAMS {
+            return Err(WorkerError::Model(format!("{} parameters is more than the {MAX_PARAMS} supported", model.num_params())));
+        }
+        Ok(model)
     }
 
     pub fn num_params(&self) -> usize {
@@ -192,5 +200,7 @@ mod tests {
         let spec = ModelSpec { kind: "cnn".into(), hidden: None, channels: None };
         assert!(Model::new(&spec, &[784], 10).is_err());
         assert!(Model::new(&mlp(), &[784], 1).is_err());
+        let huge = ModelSpec { kind: "mlp".into(), hidden: Some(vec![65536, 65536]), channels: None };
+        assert!(Model::new(&huge, &[784], 10).unwrap_err().to_string().contains("parameters"));
     }
 }
