@@ -468,7 +468,13 @@ async fn job(cmd: JobCmd) -> Result<()> {
         }
         JobCmd::Cancel { id, conn, json } => {
             let client = conn.client()?;
-            let j = client.call(|mut c| async move { c.cancel_job(CancelJobRequest { id }).await }).await?;
+            let request_id = shoal_coordinator::client::new_request_id();
+            let j = client
+                .call(|mut c| {
+                    let req = CancelJobRequest { id, request_id: request_id.clone() };
+                    async move { c.cancel_job(req).await }
+                })
+                .await?;
             if json {
                 print_json(&ops::job_json(&j));
             } else {

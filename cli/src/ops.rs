@@ -43,8 +43,12 @@ pub async fn import_idx(client: &Client, name: &str, files: &[PathBuf], per_shar
     }
     let result = async {
         let info = write_shards(&store, name, version, &records, per_shard.max(1))?;
+        let request_id = shoal_coordinator::client::new_request_id();
         let registered = client
-            .call(|mut c| { let dataset = Some(info.clone()); async move { c.register_dataset(RegisterDatasetRequest { dataset }).await } })
+            .call(|mut c| {
+                let req = RegisterDatasetRequest { dataset: Some(info.clone()), request_id: request_id.clone() };
+                async move { c.register_dataset(req).await }
+            })
             .await?;
         anyhow::Ok(registered)
     }
@@ -105,7 +109,13 @@ pub async fn submit_text(client: &Client, text: &str) -> Result<JobInfo> {
     // Validate locally first: the same check the coordinator makes, without a round trip.
     shoal_core::JobSpec::parse(text)?;
     let t = text.to_string();
-    Ok(client.call(|mut c| { let spec_toml = t.clone(); async move { c.submit_job(SubmitJobRequest { spec_toml }).await } }).await?)
+    let request_id = shoal_coordinator::client::new_request_id();
+    Ok(client
+        .call(|mut c| {
+            let req = SubmitJobRequest { spec_toml: t.clone(), request_id: request_id.clone() };
+            async move { c.submit_job(req).await }
+        })
+        .await?)
 }
 
 /// Polls a job until it ends, drawing a progress bar (epoch, step, loss, samples/s).

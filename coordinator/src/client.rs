@@ -28,6 +28,14 @@ impl ClientError {
     }
 }
 
+/// A fresh idempotency key for one logical write (reused by all its retries).
+pub fn new_request_id() -> String {
+    use std::sync::atomic::AtomicU64;
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{}-{}-{nanos:x}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
 /// Largest gRPC message either side accepts (job specs and dataset manifests are small; this
 /// guards against garbage).
 pub const MAX_MESSAGE: usize = 64 << 20;

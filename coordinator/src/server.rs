@@ -255,7 +255,7 @@ fn leader_duties(core: &mut Core, shared: &Shared, new_leader: bool, recent: &mu
             continue;
         }
         recent.insert(key, now);
-        let _ = core.propose(Command { proposal_id: 0, kind: Some(kind) }, None);
+        let _ = core.propose(Command { proposal_id: 0, request_id: String::new(), kind: Some(kind) }, None);
     }
 }
 
@@ -270,11 +270,13 @@ fn final_status(code: tonic::Code, msg: impl Into<String>) -> Status {
 }
 
 impl Api {
-    async fn propose(&self, kind: command::Kind) -> Result<ApplyOutput, Status> {
+    /// Proposes a command and waits for its outcome. `request_id` (may be empty) makes a
+    /// client's retries idempotent.
+    async fn propose(&self, kind: command::Kind, request_id: String) -> Result<ApplyOutput, Status> {
         let (tx, rx) = oneshot::channel::<ApplyResult>();
         self.0
             .inbox
-            .try_send(Input::Propose(Command { proposal_id: 0, kind: Some(kind) }, tx))
+            .try_send(Input::Propose(Command { proposal_id: 0, request_id, kind: Some(kind) }, tx))
             .map_err(|_| Status::resource_exhausted("coordinator is overloaded; retry"))?;
         match tokio::time::timeout(PROPOSAL_TIMEOUT, rx).await {
             Err(_) => Err(Status::deadline_exceeded("the proposal did not commit in time")),
@@ -340,8 +342,9 @@ impl Coordinator for Api {
     }
 
     async fn register_dataset(&self, r: Request<RegisterDatasetRequest>) -> Result<Response<DatasetInfo>, Status> {
-        let ds = r.into_inner().dataset.ok_or_else(|| final_status(tonic::Code::InvalidArgument, "no dataset in request"))?;
-        match self.propose(command::Kind::RegisterDataset(ds)).await? {
+        let r = r.into_inner();
+        let ds = r.dataset.ok_or_else(|| final_status(tonic::Code::InvalidArgument, "no dataset in request"))?;
+        match self.propose(command::Kind::RegisterDataset(ds), r.request_id).await? {
             ApplyOutput::Dataset(d) => Ok(Response::new(d)),
             other => Err(Status::internal(format!("unexpected apply output {other:?}"))),
         }
@@ -363,13 +366,13 @@ impl Coordinator for Api {
     }
 
     async fn submit_job(&self, r: Request<SubmitJobRequest>) -> Result<Response<JobInfo>, Status> {
-        let toml = r.into_inner().spec_toml;
+        let SubmitJobRequest { spec_toml, request_id } = r.into_inner();
         // Check here first for a fast, clear error; apply checks again against the state
         // at its index.
-        if let Err(e) = self.0.state.read().expect("state lock").check_submission(&toml) {
+        if let Err(e) = self.0.state.read().expect("state lock").check_submission(&spec_toml) {
             return Err(final_status(tonic::Code::InvalidArgument, e));
         }
-        Ok(Response::new(expect_job(self.propose(command::Kind::SubmitJob(toml)).await?)?))
+        Ok(Response::new(expect_job(self.propose(command::Kind::SubmitJob(spec_toml), request_id).await?)?))
     }
 
     async fn get_job(&self, r: Request<GetJobRequest>) -> Result<Response<JobInfo>, Status> {
@@ -387,13 +390,14 @@ impl Coordinator for Api {
     }
 
     async fn cancel_job(&self, r: Request<CancelJobRequest>) -> Result<Response<JobInfo>, Status> {
-        let id = r.into_inner().id;
-        Ok(Response::new(expect_job(self.propose(command::Kind::CancelJob(id)).await?)?))
+        let CancelJobRequest { id, request_id } = r.into_inner();
+        Ok(Response::new(expect_job(self.propose(command::Kind::CancelJob(id), request_id).await?)?))
     }
 
     async fn register_worker(&self, r: Request<RegisterWorkerRequest>) -> Result<Response<RegisterWorkerResponse>, Status> {
         let req = r.into_inner();
-        match self.propose(command::Kind::RegisterWorker(req)).await? {
+        let request_id = req.request_id.clone();
+        match self.propose(command::Kind::RegisterWorker(req), request_id).await? {
             ApplyOutput::WorkerId(id) => {
                 self.0.volatile.lock().expect("volatile lock").last_seen.insert(id.clone(), Instant::now());
                 Ok(Response::new(RegisterWorkerResponse { worker_id: id, lease_ms: self.0.cfg.lease.as_millis() as u64 }))
@@ -427,7 +431,8 @@ impl Coordinator for Api {
     }
 
     async fn report_outcome(&self, r: Request<OutcomeReport>) -> Result<Response<Ack>, Status> {
-        self.propose(command::Kind::RankOutcome(r.into_inner())).await?;
+        // Outcomes are idempotent by (job, generation, rank) already.
+        self.propose(command::Kind::RankOutcome(r.into_inner()), String::new()).await?;
         Ok(Response::new(Ack {}))
     }
 }

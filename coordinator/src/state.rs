@@ -2,7 +2,7 @@
 //! applying the same log reaches the same state. Commands are validated here again, so a stale
 //! or duplicated proposal is rejected deterministically instead of corrupting state.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use shoal_core::{dataset, JobSpec};
 use shoal_proto::{command, Assignment, Command, DatasetInfo, JobInfo, JobProgress, JobState, RankResult, WorkerInfo, WorkerState};
@@ -18,9 +18,24 @@ pub enum ApplyOutput {
 
 pub type ApplyResult = Result<ApplyOutput, String>;
 
+/// What a write with a request id produced, enough to answer its retries.
+#[derive(Clone, Debug, PartialEq)]
+enum Recorded {
+    Worker(String),
+    Dataset(String, u64),
+    Job(u64),
+    Nothing,
+}
+
+/// Request ids remembered for idempotent retries (oldest forgotten first).
+const REMEMBERED_REQUESTS: usize = 100_000;
+
 #[derive(Clone, Debug, Default)]
 pub struct StateMachine {
     pub applied_index: u64,
+    /// Outcomes of writes by client request id, and their order for eviction.
+    requests: BTreeMap<String, Recorded>,
+    request_order: VecDeque<String>,
     workers: BTreeMap<String, WorkerInfo>,
     next_worker: u64,
     /// Every version of each dataset, ascending.
@@ -30,9 +45,45 @@ pub struct StateMachine {
 }
 
 impl StateMachine {
-    /// Applies the command of the Raft entry at `index`.
+    /// Applies the command of the Raft entry at `index`. A command whose request id was
+    /// already applied returns the first outcome and changes nothing.
     pub fn apply(&mut self, index: u64, cmd: Command) -> ApplyResult {
         self.applied_index = index;
+        let request_id = cmd.request_id.clone();
+        if !request_id.is_empty() {
+            if let Some(rec) = self.requests.get(&request_id) {
+                return Ok(self.replay(rec));
+            }
+        }
+        let out = self.apply_new(index, cmd)?;
+        if !request_id.is_empty() {
+            let rec = match &out {
+                ApplyOutput::WorkerId(id) => Recorded::Worker(id.clone()),
+                ApplyOutput::Dataset(d) => Recorded::Dataset(d.name.clone(), d.version),
+                ApplyOutput::Job(j) => Recorded::Job(j.id),
+                ApplyOutput::None => Recorded::Nothing,
+            };
+            self.requests.insert(request_id.clone(), rec);
+            self.request_order.push_back(request_id);
+            while self.request_order.len() > REMEMBERED_REQUESTS {
+                if let Some(old) = self.request_order.pop_front() {
+                    self.requests.remove(&old);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn replay(&self, rec: &Recorded) -> ApplyOutput {
+        match rec {
+            Recorded::Worker(id) => ApplyOutput::WorkerId(id.clone()),
+            Recorded::Dataset(name, v) => self.dataset(name, *v).cloned().map(ApplyOutput::Dataset).unwrap_or(ApplyOutput::None),
+            Recorded::Job(id) => self.jobs.get(id).cloned().map(ApplyOutput::Job).unwrap_or(ApplyOutput::None),
+            Recorded::Nothing => ApplyOutput::None,
+        }
+    }
+
+    fn apply_new(&mut self, index: u64, cmd: Command) -> ApplyResult {
         let Some(kind) = cmd.kind else { return Err("empty command".into()) };
         match kind {
             command::Kind::RegisterWorker(req) => {
@@ -301,7 +352,20 @@ mod tests {
     use shoal_proto::{JobAssigned, OutcomeReport, RegisterWorkerRequest, ShardInfo, WorkerLost};
 
     fn cmd(kind: command::Kind) -> Command {
-        Command { proposal_id: 0, kind: Some(kind) }
+        Command { proposal_id: 0, request_id: String::new(), kind: Some(kind) }
+    }
+
+    #[test]
+    fn a_retried_request_applies_once() {
+        let mut sm = with_dataset();
+        let submit = |id: &str| Command { proposal_id: 0, request_id: id.into(), kind: Some(command::Kind::SubmitJob(spec(2))) };
+        let ApplyOutput::Job(a) = sm.apply(5, submit("req-1")).unwrap() else { panic!() };
+        let ApplyOutput::Job(b) = sm.apply(6, submit("req-1")).unwrap() else { panic!() };
+        assert_eq!(a.id, b.id);
+        assert_eq!(sm.jobs().count(), 1);
+        let ApplyOutput::Job(c) = sm.apply(7, submit("req-2")).unwrap() else { panic!() };
+        assert_ne!(a.id, c.id);
+        assert_eq!(sm.jobs().count(), 2);
     }
 
     fn spec(workers: u32) -> String {
@@ -324,7 +388,7 @@ mod tests {
         };
         sm.apply(1, cmd(command::Kind::RegisterDataset(ds))).unwrap();
         for i in 0..2 {
-            let r = RegisterWorkerRequest { address: format!("127.0.0.1:{}", 9000 + i), pid: 1, device: "cpu".into() };
+            let r = RegisterWorkerRequest { address: format!("127.0.0.1:{}", 9000 + i), pid: 1, device: "cpu".into(), request_id: String::new() };
             sm.apply(2 + i, cmd(command::Kind::RegisterWorker(r))).unwrap();
         }
         sm

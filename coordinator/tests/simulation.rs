@@ -133,8 +133,8 @@ fn simulate(seed: u64, n: u64) {
                 // Proposals stop well before the end so the last ones can reach everyone.
                 if round < fault_rounds + 500 && rng.below(5) == 0 {
                     proposed += 1;
-                    let req = RegisterWorkerRequest { address: format!("sim-{proposed}"), pid: 0, device: "cpu".into() };
-                    core.propose(Command { proposal_id: 0, kind: Some(command::Kind::RegisterWorker(req)) }, None).unwrap();
+                    let req = RegisterWorkerRequest { address: format!("sim-{proposed}"), pid: 0, device: "cpu".into(), request_id: String::new() };
+                    core.propose(Command { proposal_id: 0, request_id: String::new(), kind: Some(command::Kind::RegisterWorker(req)) }, None).unwrap();
                 }
             }
             for m in core.on_ready(&mut r.log).unwrap() {

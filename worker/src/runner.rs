@@ -74,7 +74,12 @@ pub async fn run_worker(
         let id = match &worker_id {
             Some(id) => id.clone(),
             None => {
-                let req = RegisterWorkerRequest { address: address.clone(), pid: std::process::id(), device: cfg.device.clone() };
+                let req = RegisterWorkerRequest {
+                    address: address.clone(),
+                    pid: std::process::id(),
+                    device: cfg.device.clone(),
+                    request_id: shoal_coordinator::client::new_request_id(),
+                };
                 match client.call(|mut c| { let req = req.clone(); async move { c.register_worker(req).await } }).await {
                     Ok(r) => {
                         tracing::info!(worker = %r.worker_id, %address, "registered");
