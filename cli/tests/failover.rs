@@ -28,8 +28,12 @@ fn killing_the_leader_mid_job_loses_nothing() {
         (j["state"] != "running" && j["state"] != "queued").then_some(j)
     });
     assert_eq!(done["state"], "succeeded", "{done}");
-    let status = json(&mut c.cmd(&["status", "--json"]));
-    let new_leader = status["coordinators"].as_array().unwrap().iter().find(|c| c["role"] == "leader").expect("a new leader").clone();
+    // An election may be under way at any instant on a loaded machine: wait for a leader.
+    let (status, new_leader) = wait_for("a leader among the survivors", Duration::from_secs(20), || {
+        let status = json(&mut c.cmd(&["status", "--json"]));
+        let leader = status["coordinators"].as_array().unwrap().iter().find(|c| c["role"] == "leader").cloned();
+        leader.map(|l| (status, l))
+    });
     assert_ne!(new_leader["id"], leader["id"]);
     assert!(new_leader["term"].as_u64() > leader["term"].as_u64());
     assert_eq!(status["workers"].as_array().unwrap().iter().filter(|w| w["state"] == "idle").count(), 2, "{status}");
