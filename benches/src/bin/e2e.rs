@@ -23,10 +23,10 @@ struct Args {
     build: bool,
 }
 
-const USAGE: &str = "usage: e2e [--runs N] [--python PATH] [--json PATH] [--no-build]\n\
-  --runs N       runs of each side (default 3)\n\
-  --python PATH  Python with torch for the peer (default benches/.venv/bin/python)\n\
-  --json PATH    also write the results as JSON\n\
+const USAGE: &str = "usage: e2e [--runs N] [--python PATH] [--json PATH] [--no-build]
+  --runs N       runs of each side (default 3)
+  --python PATH  Python with torch for the peer (default benches/.venv/bin/python)
+  --json PATH    also write the results as JSON
   --no-build     use target/release/shoal as it is";
 
 fn parse_args() -> Result<Args> {
@@ -103,8 +103,22 @@ fn median(xs: &[f64]) -> f64 {
     }
 }
 
-fn loadavg() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
+/// (busy, total) jiffies of all cores, from /proc/stat (Linux only).
+fn cpu_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// Share of all cores that were busy over the next second: the load that other work puts on
+/// the machine just before measuring (the load average would still count our own build).
+fn cpu_busy_now() -> Option<f64> {
+    let (b0, t0) = cpu_jiffies()?;
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let (b1, t1) = cpu_jiffies()?;
+    (t1 > t0).then(|| (b1 - b0) as f64 / (t1 - t0) as f64)
 }
 
 fn torch_version(python: &Path) -> Option<String> {
@@ -161,9 +175,9 @@ fn main() -> Result<()> {
     if let Some(t) = &torch {
         eprintln!("e2e: peer {} {} (torch {t})", python.display(), script.display());
     }
-    if let Some(l) = loadavg() {
-        if l > 0.5 {
-            eprintln!("e2e: warning: load average {l:.2} before starting; other work may skew the numbers");
+    if let Some(busy) = cpu_busy_now() {
+        if busy > 0.25 {
+            eprintln!("e2e: warning: the CPUs were {:.0}% busy just before starting; other work may skew the numbers", busy * 100.0);
         }
     }
 
