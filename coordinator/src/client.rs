@@ -28,6 +28,15 @@ impl ClientError {
     }
 }
 
+/// `host:port` as a gRPC URL (a full URL is kept as it is).
+pub fn endpoint_url(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
 /// A fresh idempotency key for one logical write (reused by all its retries).
 pub fn new_request_id() -> String {
     use std::sync::atomic::AtomicU64;
@@ -56,7 +65,7 @@ impl Client {
         let mut channels = Vec::new();
         let mut norm = Vec::new();
         for e in endpoints {
-            let url = if e.contains("://") { e.clone() } else { format!("http://{e}") };
+            let url = endpoint_url(e);
             let ep = Endpoint::from_shared(url.clone()).map_err(|err| ClientError::BadEndpoint(e.clone(), err.to_string()))?;
             channels.push(ep.connect_timeout(Duration::from_secs(2)).timeout(Duration::from_secs(30)).connect_lazy());
             norm.push(url);

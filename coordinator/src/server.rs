@@ -127,8 +127,7 @@ fn spawn_peer_senders(cfg: &CoordinatorConfig) -> HashMap<u64, mpsc::Sender<Raft
             continue;
         }
         let (tx, mut rx) = mpsc::channel::<RaftMessage>(1024);
-        let url = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
-        let Ok(ep) = tonic::transport::Endpoint::from_shared(url) else {
+        let Ok(ep) = tonic::transport::Endpoint::from_shared(crate::client::endpoint_url(addr)) else {
             tracing::error!(peer = id, %addr, "bad peer address");
             continue;
         };

@@ -112,15 +112,18 @@ pub struct Ring {
     cancel: Arc<AtomicBool>,
 }
 
-/// The wire format is little-endian f32; on little-endian hosts that is one memcpy.
-#[cfg(target_endian = "little")]
 fn to_bytes(xs: &[f32]) -> Bytes {
-    Bytes::copy_from_slice(bytemuck::cast_slice(xs))
+    Bytes::from(f32_le_bytes(xs))
 }
 
-#[cfg(not(target_endian = "little"))]
-fn to_bytes(xs: &[f32]) -> Bytes {
-    Bytes::from(xs.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
+/// Little-endian f32 bytes (the data plane's and safetensors' format); on little-endian hosts
+/// that is one memcpy.
+pub fn f32_le_bytes(xs: &[f32]) -> Vec<u8> {
+    if cfg!(target_endian = "little") {
+        bytemuck::cast_slice(xs).to_vec()
+    } else {
+        xs.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
 }
 
 fn check_len(b: &Bytes, want: usize) -> Result<(), WorkerError> {
@@ -147,8 +150,7 @@ impl Ring {
         }
         let next = if world > 1 {
             let addr = &peers[(rank + 1) % world];
-            let url = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
-            let ep = tonic::transport::Endpoint::from_shared(url).map_err(|e| WorkerError::Collective(format!("peer {addr}: {e}")))?;
+            let ep = tonic::transport::Endpoint::from_shared(shoal_coordinator::client::endpoint_url(addr)).map_err(|e| WorkerError::Collective(format!("peer {addr}: {e}")))?;
             let ch = ep
                 .connect_timeout(Duration::from_secs(2))
                 .timeout(timeout)

@@ -204,18 +204,10 @@ fn evaluate(
     Ok(counts[0] as f64 / counts[1].max(1.0) as f64)
 }
 
-fn param_bytes(params: &[f32]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(params.len() * 4);
-    for x in params {
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v
-}
-
 /// Saves the parameters as safetensors (one tensor per parameter, by name) and returns the
 /// blake3 of the raw parameter bytes.
 pub fn save_params(store: &Path, rel: &str, model: &Model, params: &[f32]) -> Result<String, WorkerError> {
-    let bytes = param_bytes(params);
+    let bytes = crate::collective::f32_le_bytes(params);
     let views = model
         .params
         .iter()
