@@ -141,6 +141,55 @@ impl Model {
         Ok(h)
     }
 
+    /// Mean cross-entropy loss of an MLP on a batch, with its gradients written into `grads`
+    /// (laid out like the parameters). Backpropagation is written out by hand with candle's
+    /// matmuls: with weights stored [out, in], dW = dZ^T A and dA = dZ W need no transposed
+    /// copies, and no gradient is accumulated into zeros, which makes the step about twice as
+    /// fast as autograd for the same result (checked against autograd in the tests).
+    pub fn mlp_loss_and_grads(&self, flat: &[f32], x: &Tensor, labels: &Tensor, grads: &mut [f32]) -> Result<f32, WorkerError> {
+        if self.kind != ModelKind::Mlp {
+            return Err(WorkerError::Model("the hand-written backward pass is for mlp models".into()));
+        }
+        let dev = x.device();
+        let batch = x.dim(0)?;
+        let params = self.tensors(flat, dev)?;
+        let layers = self.dense_layers;
+        // Inputs of each dense layer (post-ReLU activations), kept for the backward pass.
+        let mut inputs = vec![x.reshape((batch, ()))?];
+        let mut logits = None;
+        for l in 0..layers {
+            let (w, b) = (&params[2 * l], &params[2 * l + 1]);
+            let z = inputs[l].matmul(&w.t()?)?.broadcast_add(b)?;
+            if l + 1 < layers {
+                inputs.push(z.relu()?);
+            } else {
+                logits = Some(z);
+            }
+        }
+        let logits = logits.expect("at least the classifier layer");
+        let loss = Self::loss(&logits, labels)?.to_scalar::<f32>()?;
+        // d(mean CE)/d(logits) = (softmax - onehot) / batch.
+        let ys = labels.to_vec1::<u32>()?;
+        let mut onehot = vec![0f32; batch * self.classes];
+        for (i, &y) in ys.iter().enumerate() {
+            onehot[i * self.classes + y as usize] = 1.0;
+        }
+        let onehot = Tensor::from_vec(onehot, (batch, self.classes), dev)?;
+        let mut dz = ((candle_nn::ops::softmax_last_dim(&logits)? - onehot)? / batch as f64)?;
+        for l in (0..layers).rev() {
+            let (w, wspec, bspec) = (&params[2 * l], &self.params[2 * l], &self.params[2 * l + 1]);
+            let dw = dz.t()?.matmul(&inputs[l])?;
+            let db = dz.sum(0)?;
+            grads[wspec.offset..wspec.offset + wspec.len()].copy_from_slice(&dw.flatten_all()?.to_vec1::<f32>()?);
+            grads[bspec.offset..bspec.offset + bspec.len()].copy_from_slice(&db.to_vec1::<f32>()?);
+            if l > 0 {
+                let mask = inputs[l].gt(0f32)?.to_dtype(DType::F32)?;
+                dz = dz.matmul(w)?.mul(&mask)?;
+            }
+        }
+        Ok(loss)
+    }
+
     /// Mean softmax cross-entropy of `logits` against `labels` (u32 class indices).
     pub fn loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor, WorkerError> {
         Ok(candle_nn::loss::cross_entropy(logits, labels)?)
@@ -191,6 +240,32 @@ mod tests {
             for (v, p) in vars.iter().zip(&m.params) {
                 let g = grads.get(v).unwrap_or_else(|| panic!("no grad for {}", p.name));
                 assert_eq!(g.dims(), p.shape.as_slice());
+            }
+        }
+    }
+
+    #[test]
+    fn hand_written_mlp_backward_matches_autograd() {
+        let dev = Device::Cpu;
+        let spec = ModelSpec { kind: "mlp".into(), hidden: Some(vec![16, 8]), channels: None };
+        let m = Model::new(&spec, &[3, 4], 5).unwrap();
+        let flat = m.init(11);
+        let xs: Vec<f32> = (0..6 * 12).map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0).collect();
+        let x = Tensor::from_slice(&xs, (6, 3, 4), &dev).unwrap();
+        let y = Tensor::from_slice(&[0u32, 4, 2, 2, 1, 3], 6, &dev).unwrap();
+
+        let vars = m.vars(&flat, &dev).unwrap();
+        let ts: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+        let loss = Model::loss(&m.forward(&ts, &x).unwrap(), &y).unwrap();
+        let auto = loss.backward().unwrap();
+        let mut manual = vec![0f32; m.num_params()];
+        let manual_loss = m.mlp_loss_and_grads(&flat, &x, &y, &mut manual).unwrap();
+        assert!((manual_loss - loss.to_scalar::<f32>().unwrap()).abs() < 1e-6);
+        for (v, p) in vars.iter().zip(&m.params) {
+            let a = auto.get(v).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = &manual[p.offset..p.offset + p.len()];
+            for (i, (a, b)) in a.iter().zip(b).enumerate() {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{}[{i}]: autograd {a}, manual {b}", p.name);
             }
         }
     }

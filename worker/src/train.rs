@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor};
 use safetensors::tensor::{Dtype, TensorView};
 use shoal_core::rng::epoch_permutation;
-use shoal_core::spec::Optimizer;
+use shoal_core::spec::{ModelKind, Optimizer};
 use shoal_core::JobSpec;
 use shoal_proto::{Assignment, JobProgress};
 
@@ -125,18 +125,23 @@ pub fn train(mut task: TrainTask, rt: &tokio::runtime::Handle) -> Result<TrainOu
             let first = step * global_batch + rank * local_batch;
             let idx = order[first..first + local_batch].iter().map(|&i| train_start + i as u64);
             let (x, y) = batch_tensors(&ds, idx, &dev)?;
-            let vars = model.vars(&params, &dev)?;
-            let ts: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
-            let loss = Model::loss(&model.forward(&ts, &x)?, &y)?;
-            let grads = loss.backward()?;
-            for (v, p) in vars.iter().zip(&model.params) {
-                let dst = &mut buf[p.offset..p.offset + p.len()];
-                match grads.get(v) {
-                    Some(g) => dst.copy_from_slice(&g.flatten_all()?.to_vec1::<f32>()?),
-                    None => dst.fill(0.0),
+            buf[np] = match model.kind {
+                ModelKind::Mlp => model.mlp_loss_and_grads(&params, &x, &y, &mut buf[..np])?,
+                ModelKind::Cnn => {
+                    let vars = model.vars(&params, &dev)?;
+                    let ts: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+                    let loss = Model::loss(&model.forward(&ts, &x)?, &y)?;
+                    let grads = loss.backward()?;
+                    for (v, p) in vars.iter().zip(&model.params) {
+                        let dst = &mut buf[p.offset..p.offset + p.len()];
+                        match grads.get(v) {
+                            Some(g) => dst.copy_from_slice(&g.flatten_all()?.to_vec1::<f32>()?),
+                            None => dst.fill(0.0),
+                        }
+                    }
+                    loss.to_scalar::<f32>()?
                 }
-            }
-            buf[np] = loss.to_scalar::<f32>()?;
+            };
             rt.block_on(ring.all_reduce_sum(&mut buf))?;
             shoal_kernels::scale(&mut buf, inv_world);
             opt.apply(&mut params, &buf[..np])?;
