@@ -74,8 +74,11 @@ pub struct UpOptions {
     pub exe: PathBuf,
 }
 
+/// Whether `pid` is a live `shoal serve` process. A pid that now belongs to some other
+/// program (reused after a crash or reboot) does not count, and is never signalled.
 pub fn pid_alive(pid: u32) -> bool {
-    if pid == 0 {
+    // 0 and values that turn negative as pid_t would address process groups or everyone.
+    if pid == 0 || pid > i32::MAX as u32 {
         return false;
     }
     // Reap it first if it is our own exited child, so a zombie does not count as alive.
@@ -83,7 +86,21 @@ pub fn pid_alive(pid: u32) -> bool {
     unsafe {
         let mut status = 0;
         libc::waitpid(pid as i32, &mut status, libc::WNOHANG);
-        libc::kill(pid as i32, 0) == 0
+        if libc::kill(pid as i32, 0) != 0 {
+            return false;
+        }
+    }
+    is_shoal_server(pid)
+}
+
+fn is_shoal_server(pid: u32) -> bool {
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(cmd) => {
+            let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+            args.len() > 1 && args[1] == b"serve"
+        }
+        // Without /proc (not Linux) the pid check above is all there is.
+        Err(_) => !std::path::Path::new("/proc/self").exists(),
     }
 }
 
@@ -180,8 +197,9 @@ pub async fn up(layout: &Layout, opts: &UpOptions) -> Result<ClusterFile, Cluste
         ];
         let pid = spawn(&opts.exe, &args, &dir, &[])?;
         file.workers.push(ClusterProcess { id: n, address: String::new(), pid, dir: dir.display().to_string() });
+        // Recorded as soon as it runs, so `down` finds it whatever fails next.
+        write_file(layout, &file)?;
     }
-    write_file(layout, &file)?;
     wait_ready(layout, &file, &endpoints, opts.workers as usize).await?;
     drop(lock);
     Ok(file)
@@ -253,4 +271,29 @@ pub fn down(layout: &Layout) -> Result<Vec<u32>, ClusterError> {
     }
     std::fs::remove_file(layout.cluster_file()).map_err(|e| ClusterError::Io(format!("{}: {e}", layout.cluster_file().display())))?;
     Ok(stopped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_live_shoal_servers_count_as_alive() {
+        // This test process is alive but is not `shoal serve`: never ours to signal.
+        assert!(!pid_alive(std::process::id()));
+        // Values that would address process groups, or every process, as a pid_t.
+        for pid in [0, u32::MAX, 1 << 31] {
+            assert!(!pid_alive(pid));
+        }
+    }
+
+    #[test]
+    fn a_missing_or_corrupt_cluster_file_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        assert!(matches!(layout.read(), Err(ClusterError::NotFound(_))));
+        std::fs::write(layout.cluster_file(), b"\xff\xff\xff garbage").unwrap();
+        assert!(matches!(layout.read(), Err(ClusterError::Corrupt { .. })));
+        assert!(down(&layout).is_err());
+    }
 }

@@ -27,6 +27,9 @@ enum Recorded {
     Nothing,
 }
 
+/// Most features one record may have (guards workers against absurd manifests).
+const MAX_FEATURES: u64 = 1 << 28;
+
 /// Request ids remembered for idempotent retries (oldest forgotten first).
 const REMEMBERED_REQUESTS: usize = 100_000;
 
@@ -110,15 +113,15 @@ impl StateMachine {
             }
             command::Kind::RegisterDataset(mut info) => {
                 dataset::validate_name(&info.name).map_err(|e| e.to_string())?;
-                let versions = self.datasets.entry(info.name.clone()).or_default();
-                let next = versions.last().map(|d| d.version).unwrap_or(0) + 1;
+                let next = self.dataset(&info.name, 0).map(|d| d.version).unwrap_or(0) + 1;
                 if info.version != next {
                     return Err(format!("dataset {} version {} cannot be registered: the next version is {next}", info.name, info.version));
                 }
                 if info.shards.is_empty() || info.records == 0 {
                     return Err(format!("dataset {} has no records", info.name));
                 }
-                if info.feature_shape.is_empty() || info.feature_shape.contains(&0) || info.classes == 0 {
+                let feature_len = info.feature_shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+                if info.feature_shape.is_empty() || info.feature_shape.contains(&0) || info.classes == 0 || feature_len.is_none_or(|n| n > MAX_FEATURES) {
                     return Err(format!("dataset {}: feature shape {:?} and {} classes are not usable", info.name, info.feature_shape, info.classes));
                 }
                 // Shards must live in this version's folder of the store: no `..`, no absolute paths.
@@ -130,12 +133,12 @@ impl StateMachine {
                         return Err(format!("dataset {}: shard path {:?} is outside {}", info.name, shard.path, dir.display()));
                     }
                 }
-                let sum: u64 = info.shards.iter().map(|s| s.records).sum();
-                if sum != info.records {
-                    return Err(format!("dataset {}: shards hold {sum} records, manifest says {}", info.name, info.records));
+                let sum = info.shards.iter().try_fold(0u64, |a, s| a.checked_add(s.records));
+                if sum != Some(info.records) {
+                    return Err(format!("dataset {}: shards hold {sum:?} records, manifest says {}", info.name, info.records));
                 }
                 info.created_index = index;
-                versions.push(info.clone());
+                self.datasets.entry(info.name.clone()).or_default().push(info.clone());
                 Ok(ApplyOutput::Dataset(info))
             }
             command::Kind::SubmitJob(toml) => {
@@ -445,6 +448,18 @@ mod tests {
         ds.version = 3;
         assert!(sm.apply(9, cmd(command::Kind::RegisterDataset(ds.clone()))).is_err());
         ds.version = 2;
+        let mut overflowing = ds.clone();
+        overflowing.shards.push(overflowing.shards[0].clone());
+        overflowing.shards[0].records = u64::MAX;
+        assert!(sm.apply(9, cmd(command::Kind::RegisterDataset(overflowing))).is_err());
+        let mut huge = ds.clone();
+        huge.feature_shape = vec![1 << 32, 1 << 32];
+        assert!(sm.apply(9, cmd(command::Kind::RegisterDataset(huge))).is_err());
+        let mut fresh = ds.clone();
+        fresh.name = "other".into();
+        fresh.version = 5;
+        assert!(sm.apply(9, cmd(command::Kind::RegisterDataset(fresh))).is_err());
+        assert!(!sm.datasets.contains_key("other"), "a rejected registration left a trace");
         let mut escaping = ds.clone();
         escaping.shards[0].path = "datasets/d/v2/../../../../etc/passwd".into();
         let e = sm.apply(9, cmd(command::Kind::RegisterDataset(escaping))).unwrap_err();

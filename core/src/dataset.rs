@@ -163,7 +163,11 @@ pub fn parse_shard<'a>(path: &str, bytes: &'a [u8], info: &ShardInfo, feature_sh
     let x = tensors.get("x").ok_or_else(|| bad("no tensor `x`".into()))?;
     let y = tensors.get("y").ok_or_else(|| bad("no tensor `y`".into()))?;
     let n = info.records as usize;
-    let feature_len: usize = feature_shape.iter().product::<u64>() as usize;
+    let feature_len = feature_shape
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d))
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| bad(format!("feature shape {feature_shape:?} is too large")))?;
     let mut want_x = vec![n];
     want_x.extend(feature_shape.iter().map(|&d| d as usize));
     if x.shape() != want_x.as_slice() {

@@ -37,16 +37,24 @@ type Key = (u64, u64, u64, u32);
 #[derive(Default)]
 pub struct Mailbox {
     chunks: Mutex<HashMap<Key, Bytes>>,
+    /// The (job, generation) of the task this worker runs now.
+    active: Mutex<Option<(u64, u64)>>,
     arrived: Notify,
 }
 
 impl Mailbox {
+    /// Marks (job, generation) as the one this worker runs; chunks of others are leftovers.
+    pub fn activate(&self, job: u64, generation: u64) {
+        *self.active.lock().expect("mailbox lock") = Some((job, generation));
+    }
+
     fn put(&self, c: Chunk) -> Result<(), Status> {
+        let active = *self.active.lock().expect("mailbox lock");
         let mut map = self.chunks.lock().expect("mailbox lock");
         if map.len() >= MAILBOX_CAPACITY {
-            // A worker runs one task at a time, so chunks of any other job generation are
-            // leftovers of an aborted one: drop them before refusing.
-            map.retain(|k, _| (k.0, k.1) == (c.job_id, c.generation));
+            // A worker runs one task at a time: drop chunks of any other job generation (an
+            // aborted one's leftovers) before refusing.
+            map.retain(|k, _| Some((k.0, k.1)) == active);
         }
         if map.len() >= MAILBOX_CAPACITY {
             return Err(Status::resource_exhausted("data-plane mailbox is full"));
@@ -162,6 +170,7 @@ impl Ring {
         } else {
             None
         };
+        mailbox.activate(job, generation);
         Ok(Ring { rank, world, job, generation, seq: 0, next, mailbox, timeout, cancel })
     }
 
@@ -299,12 +308,15 @@ mod tests {
     fn a_full_mailbox_evicts_stale_generations_first() {
         let mb = Mailbox::default();
         let chunk = |generation: u64, hop: u32| Chunk { job_id: 1, generation, seq: 1, hop, from_rank: 0, data: Bytes::new() };
+        mb.activate(1, 1);
         for hop in 0..MAILBOX_CAPACITY as u32 {
             mb.put(chunk(1, hop)).unwrap();
         }
-        // Same generation: full means full.
+        // The active generation's chunks are never evicted: full means full.
         assert!(mb.put(chunk(1, 9999)).is_err());
-        // A newer generation pushes the stale ones out.
+        assert!(mb.put(chunk(0, 0)).is_err(), "a stale chunk must not push out live ones");
+        // Once a newer generation is active, the stale chunks make room.
+        mb.activate(1, 2);
         mb.put(chunk(2, 0)).unwrap();
         assert_eq!(mb.chunks.lock().unwrap().len(), 1);
     }

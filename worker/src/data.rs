@@ -37,6 +37,9 @@ fn range_in(map: &[u8], part: &[u8]) -> Range<usize> {
 
 impl ShardedDataset {
     pub fn open(store: &Path, info: &DatasetInfo) -> Result<ShardedDataset, WorkerError> {
+        if info.shards.is_empty() {
+            return Err(WorkerError::Data(format!("dataset {} v{} has no shards", info.name, info.version)));
+        }
         let mut shards = Vec::new();
         let mut starts = Vec::new();
         let mut next = 0u64;
@@ -54,7 +57,8 @@ impl ShardedDataset {
             shards,
             starts,
             records: next,
-            feature_len: info.feature_shape.iter().product::<u64>() as usize,
+            // Checked by parse_shard for every shard opened above.
+            feature_len: info.feature_shape.iter().map(|&d| d as usize).product(),
             feature_shape: info.feature_shape.iter().map(|&d| d as usize).collect(),
             classes: info.classes as usize,
         })

@@ -30,6 +30,8 @@ pub enum WorkerError {
     Device(#[from] shoal_kernels::KernelError),
     #[error("training diverged: the loss is not finite at step {0}")]
     Diverged(u64),
+    #[error("internal error (a bug; please report it): {0}")]
+    Panicked(String),
     #[error("cancelled")]
     Cancelled,
 }

@@ -153,7 +153,11 @@ fn start_task(cfg: &WorkerConfig, worker_id: &str, a: Assignment, mailbox: Arc<M
     };
     let cancel_flag = cancel.clone();
     let handle = tokio::task::spawn_blocking(move || {
-        let outcome = train(task, &rt);
+        // A bug must fail the job (and say so), not leave it running with a dead thread.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| train(task, &rt))).unwrap_or_else(|panic| {
+            let what = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+            Err(WorkerError::Panicked(what.unwrap_or_else(|| "unknown panic".into())))
+        });
         let report = match outcome {
             Err(WorkerError::Cancelled) => return,
             Err(e) if cancel_flag.load(Ordering::Relaxed) => {
