@@ -90,6 +90,7 @@ pub fn job_json(j: &JobInfo) -> Value {
         "train_seconds": p.train_seconds,
         "workers": j.workers,
         "world_size": j.world_size,
+        "dataset": j.dataset_name,
         "dataset_version": j.dataset_version,
         "error": if j.error.is_empty() { Value::Null } else { json!(j.error) },
         "results": j.results.iter().map(|r| json!({"rank": r.rank, "worker_id": r.worker_id, "param_blake3": r.param_blake3, "model_path": r.model_path})).collect::<Vec<_>>(),

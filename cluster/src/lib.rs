@@ -200,7 +200,7 @@ pub async fn up(layout: &Layout, opts: &UpOptions) -> Result<ClusterFile, Cluste
         // Recorded as soon as it runs, so `down` finds it whatever fails next.
         write_file(layout, &file)?;
     }
-    wait_ready(layout, &file, &endpoints, opts.workers as usize).await?;
+    wait_ready(&file, &endpoints, opts.workers as usize).await?;
     drop(lock);
     Ok(file)
 }
@@ -209,7 +209,7 @@ fn write_file(layout: &Layout, file: &ClusterFile) -> Result<(), ClusterError> {
     shoal_core::fsutil::write_atomic(&layout.cluster_file(), &file.encode_to_vec()).map_err(|e| ClusterError::Io(e.to_string()))
 }
 
-async fn wait_ready(layout: &Layout, file: &ClusterFile, endpoints: &[String], workers: usize) -> Result<(), ClusterError> {
+async fn wait_ready(file: &ClusterFile, endpoints: &[String], workers: usize) -> Result<(), ClusterError> {
     let client = Client::new(endpoints).map_err(|e| ClusterError::Startup(e.to_string()))?.with_deadline(Duration::from_secs(1));
     let start = Instant::now();
     let mut last = String::from("no answer yet");
@@ -239,7 +239,6 @@ async fn wait_ready(layout: &Layout, file: &ClusterFile, endpoints: &[String], w
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let _ = layout;
     Err(ClusterError::Startup(format!("not ready after 60 s: {last}")))
 }
 

@@ -19,15 +19,6 @@ pub enum ClientError {
     BadEndpoint(String, String),
 }
 
-impl ClientError {
-    pub fn code(&self) -> Code {
-        match self {
-            ClientError::Rpc(s) => s.code(),
-            _ => Code::Unavailable,
-        }
-    }
-}
-
 /// `host:port` as a gRPC URL (a full URL is kept as it is).
 pub fn endpoint_url(addr: &str) -> String {
     if addr.contains("://") {

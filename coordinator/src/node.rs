@@ -83,10 +83,6 @@ impl Core {
         }
     }
 
-    pub fn id(&self) -> u64 {
-        self.raw.raft.id
-    }
-
     pub fn tick(&mut self) {
         self.raw.tick();
     }
@@ -119,12 +115,6 @@ impl Core {
 
     pub fn commit_index(&self) -> u64 {
         self.raw.raft.raft_log.committed
-    }
-
-    pub fn voters(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self.raw.raft.prs().conf().voters().ids().iter().collect();
-        v.sort();
-        v
     }
 
     /// Proposes `cmd`; `reply` (if any) gets the apply result. Fails at once when this

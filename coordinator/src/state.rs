@@ -157,6 +157,7 @@ impl StateMachine {
                     results: vec![],
                     dataset_version,
                     world_size: spec.cluster.workers,
+                    dataset_name: spec.dataset.name.clone(),
                 };
                 self.jobs.insert(job.id, job.clone());
                 Ok(ApplyOutput::Job(job))
@@ -331,7 +332,7 @@ impl StateMachine {
             world_size: job.workers.len() as u32,
             peers,
             spec_toml: job.spec_toml.clone(),
-            dataset: self.dataset(&JobSpec::parse(&job.spec_toml).ok()?.dataset.name, job.dataset_version).cloned(),
+            dataset: self.dataset(&job.dataset_name, job.dataset_version).cloned(),
         })
     }
 

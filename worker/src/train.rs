@@ -200,7 +200,7 @@ fn evaluate(
     while i < hi {
         let j = (i + 512).min(hi);
         let (x, y) = batch_tensors(ds, i..j, dev)?;
-        correct += Model::evaluate(&model.forward(&ts, &x)?, &y)?.0;
+        correct += Model::correct(&model.forward(&ts, &x)?, &y)?;
         i = j;
     }
     // Counts stay exact in f32 below 2^24 records per rank.
