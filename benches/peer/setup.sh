@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates benches/.venv with PyTorch (CPU is all we use) and numpy for the PyTorch DDP peer
-# (benches/peer/ddp_mnist.py) that `cargo run --release -p shoal-benches --bin e2e` compares
+# (benches/peer/ddp_mnist.py) that `cargo run --release -p shoal-benches --example e2e` compares
 # shoal against. Not used by CI.
 #
 # Prefers the CPU-only wheel index (a ~200 MB download); where that index cannot be reached,

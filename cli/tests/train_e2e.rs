@@ -20,10 +20,12 @@ fn two_workers_train_mnist_to_accuracy_with_identical_parameters() {
         assert_eq!(blake3::hash(&bytes).to_hex().to_string(), s["blake3"].as_str().unwrap());
     }
 
-    let spec = c.write_spec("mlp.toml", &mnist_spec("mnist", 2, 8000, 42, "[512, 256]"));
+    // Three epochs: about 0.92 here, a margin over the 0.90 bar that holds on other CPUs, whose
+    // gemm kernels round differently (bits and accuracy move a little).
+    let spec = c.write_spec("mlp.toml", &mnist_spec("mnist", 3, 8000, 42, "[512, 256]"));
     let job = c.submit_follow(&spec);
     assert_eq!(job["state"], "succeeded", "{job}");
-    assert_eq!(job["epoch"], 2);
+    assert_eq!(job["epoch"], 3);
     assert_eq!(job["step"], job["total_steps"]);
     let acc = job["test_accuracy"].as_f64().unwrap();
     assert!(acc >= 0.90, "test accuracy {acc} < 0.90: {job}");

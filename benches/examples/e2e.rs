@@ -2,7 +2,7 @@
 //! on the same workload (MNIST MLP 784-512-256-10, 2 workers with 1 compute thread each, global
 //! batch 128, SGD momentum, 5 epochs), in one invocation, runs alternating.
 //!
-//!     cargo run --release -p shoal-benches --bin e2e -- [--runs N] [--python PATH] [--json PATH] [--no-build]
+//!     cargo run --release -p shoal-benches --example e2e -- [--runs N] [--python PATH] [--json PATH] [--no-build]
 //!
 //! It builds `shoal` (`cargo build --release -p shoal` in the workspace), runs `shoal demo` and
 //! the peer N times each (default 3), and prints per-run numbers, then the medians of the
@@ -149,8 +149,9 @@ fn main() -> Result<()> {
             bail!("cargo build --release -p shoal failed ({st})");
         }
     }
-    // This binary sits next to `shoal` in the same profile folder, whatever the target dir is.
-    let beside = std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join("shoal")));
+    // This example sits in `examples/` of the profile folder that holds `shoal`, whatever the
+    // target dir is.
+    let beside = std::env::current_exe().ok().and_then(|p| p.parent()?.parent().map(|d| d.join("shoal")));
     let shoal = match beside.filter(|p| p.is_file()) {
         Some(p) => p,
         None => root.join("target/release/shoal"),
