@@ -41,9 +41,12 @@ enum Cmd {
     /// Datasets: import, list, show.
     #[command(subcommand)]
     Data(DataCmd),
-    /// Jobs: submit, status, list, cancel.
+    /// Jobs: submit, status, list, cancel, resume.
     #[command(subcommand)]
     Job(JobCmd),
+    /// Checkpoints of a job: list, show, export (for PyTorch).
+    #[command(subcommand)]
+    Checkpoint(CheckpointCmd),
     /// Run one server process in the foreground (what `shoal up` spawns).
     #[command(subcommand)]
     Serve(ServeCmd),
@@ -186,6 +189,54 @@ enum JobCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Put a failed or cancelled job back in the queue: it continues from its last committed
+    /// checkpoint (from step 0 if it has none).
+    Resume {
+        id: u64,
+        /// Continue on this many workers (the same global batches, split over them).
+        #[arg(long)]
+        workers: Option<u32>,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CheckpointCmd {
+    /// The committed checkpoints of a job: step, epoch, world size, bytes, committed time,
+    /// files with their blake3.
+    List {
+        job: u64,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One committed checkpoint (default: the latest) with its whole manifest.
+    Show {
+        job: u64,
+        step: Option<u64>,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a checkpoint's parameters as one safetensors file with PyTorch's names and
+    /// layout (see README), checking every file against the manifest first.
+    Export {
+        job: u64,
+        /// The file to write.
+        out: PathBuf,
+        /// The checkpoint's step (default: the latest).
+        #[arg(long)]
+        step: Option<u64>,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -315,6 +366,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Status { conn, json } => status(conn, json).await,
         Cmd::Data(d) => data(d).await,
         Cmd::Job(j) => job(j).await,
+        Cmd::Checkpoint(c) => checkpoint(c).await,
         Cmd::Serve(s) => serve(s).await,
     }
 }
@@ -411,13 +463,30 @@ async fn data(cmd: DataCmd) -> Result<()> {
 fn print_job(j: &JobInfo) {
     let v = ops::job_json(j);
     println!("job {} ({})", j.id, j.name);
-    for k in ["state", "generation", "step", "total_steps", "epoch", "loss", "test_accuracy", "samples_per_s", "workers", "error"] {
+    for k in [
+        "state",
+        "generation",
+        "step",
+        "total_steps",
+        "epoch",
+        "loss",
+        "test_accuracy",
+        "samples_per_s",
+        "workers",
+        "checkpoint",
+        "resumed_from",
+        "restarts",
+        "restart_cause",
+        "checkpoint_error",
+        "model",
+        "error",
+    ] {
         if !v[k].is_null() {
             println!("  {k}: {}", v[k]);
         }
     }
     for r in &j.results {
-        println!("  rank {} on {}: model {} (blake3 {})", r.rank, r.worker_id, r.model_path, r.param_blake3);
+        println!("  rank {} on {}: parameters blake3 {}", r.rank, r.worker_id, r.param_blake3);
     }
 }
 
@@ -466,6 +535,21 @@ async fn job(cmd: JobCmd) -> Result<()> {
                 }
             }
         }
+        JobCmd::Resume { id, workers, conn, json } => {
+            let client = conn.client()?;
+            let request_id = shoal_coordinator::client::new_request_id();
+            let j = client
+                .call(|mut c| {
+                    let req = ResumeJobRequest { id, workers: workers.unwrap_or(0), request_id: request_id.clone() };
+                    async move { c.resume_job(req).await }
+                })
+                .await?;
+            if json {
+                print_json(&ops::job_json(&j));
+            } else {
+                println!("job {} {} ({})", j.id, j.state().label(), j.restart_cause);
+            }
+        }
         JobCmd::Cancel { id, conn, json } => {
             let client = conn.client()?;
             let request_id = shoal_coordinator::client::new_request_id();
@@ -479,6 +563,54 @@ async fn job(cmd: JobCmd) -> Result<()> {
                 print_json(&ops::job_json(&j));
             } else {
                 println!("job {} {}", j.id, j.state().label());
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn checkpoint(cmd: CheckpointCmd) -> Result<()> {
+    match cmd {
+        CheckpointCmd::List { job, conn, json } => {
+            let j = ops::get_job(&conn.client()?, job).await?;
+            if json {
+                print_json(&serde_json::Value::Array(j.checkpoints.iter().map(ops::checkpoint_json).collect()));
+                return Ok(());
+            }
+            println!("STEP      EPOCH  WORLD  BYTES        COMMITTED                 FILES");
+            for m in &j.checkpoints {
+                let bytes: u64 = m.files.iter().map(|f| f.bytes).sum();
+                let files: Vec<String> = m.files.iter().map(|f| format!("{} {}", f.name, &f.blake3[..16.min(f.blake3.len())])).collect();
+                println!("{:<9} {:>5}  {:>5}  {:>11}  {:<24}  {}", m.step, m.epoch, m.world_size, bytes, ops::utc(m.committed_unix_ms), files.join(", "));
+            }
+        }
+        CheckpointCmd::Show { job, step, conn, json } => {
+            let j = ops::get_job(&conn.client()?, job).await?;
+            let m = ops::pick_checkpoint(&j, step)?;
+            let v = ops::checkpoint_json(m);
+            if json {
+                print_json(&v);
+            } else {
+                println!("checkpoint of job {} at step {} ({})", m.job_id, m.step, m.dir);
+                for k in ["epoch", "position", "world_size", "generation", "seed", "model_kind", "optimizer_kind", "optimizer_step", "num_params", "test_accuracy", "bytes", "committed"] {
+                    println!("  {k}: {}", v[k]);
+                }
+                for f in &m.files {
+                    println!("  {}  {} bytes  rank {}  blake3 {}", f.name, f.bytes, f.rank, f.blake3);
+                }
+            }
+        }
+        CheckpointCmd::Export { job, out, step, conn, json } => {
+            let client = conn.client()?;
+            let j = ops::get_job(&client, job).await?;
+            let m = ops::pick_checkpoint(&j, step)?;
+            let store = ops::store_dir(&client).await?;
+            let tensors = shoal_worker::checkpoint::export_pytorch(&store, m, &out).with_context(|| format!("exporting checkpoint step {} of job {job}", m.step))?;
+            if json {
+                print_json(&json!({"job": job, "step": m.step, "model_kind": m.model_kind, "path": out,
+                    "tensors": tensors.iter().map(|(n, s)| json!({"name": n, "shape": s, "dtype": "F32"})).collect::<Vec<_>>()}));
+            } else {
+                println!("exported {} model of job {job} at step {} to {} ({} tensors)", m.model_kind, m.step, out.display(), tensors.len());
             }
         }
     }

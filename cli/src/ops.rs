@@ -76,6 +76,8 @@ pub fn dataset_json(d: &DatasetInfo) -> Value {
 
 pub fn job_json(j: &JobInfo) -> Value {
     let p = j.progress.unwrap_or_default();
+    let last = j.checkpoints.last();
+    let nonempty = |s: &str| if s.is_empty() { Value::Null } else { json!(s) };
     json!({
         "id": j.id,
         "name": j.name,
@@ -92,9 +94,73 @@ pub fn job_json(j: &JobInfo) -> Value {
         "world_size": j.world_size,
         "dataset": j.dataset_name,
         "dataset_version": j.dataset_version,
-        "error": if j.error.is_empty() { Value::Null } else { json!(j.error) },
+        "error": nonempty(&j.error),
+        "checkpoint": last.map(|m| json!(m.step)).unwrap_or(Value::Null),
+        "resumed_from": p.resumed_from.map(|s| json!(s)).unwrap_or(Value::Null),
+        "checkpoints_skipped": p.checkpoints_skipped,
+        "checkpoint_error": nonempty(&j.checkpoint_error),
+        "restarts": j.restarts,
+        "restart_cause": nonempty(&j.restart_cause),
+        // The job's model: its final checkpoint, once it succeeded.
+        "model": match last {
+            Some(m) if j.state() == JobState::Succeeded => json!(m.dir),
+            _ => Value::Null,
+        },
         "results": j.results.iter().map(|r| json!({"rank": r.rank, "worker_id": r.worker_id, "param_blake3": r.param_blake3, "model_path": r.model_path})).collect::<Vec<_>>(),
     })
+}
+
+pub fn checkpoint_json(m: &CheckpointManifest) -> Value {
+    json!({
+        "job": m.job_id,
+        "step": m.step,
+        "epoch": m.epoch,
+        "position": m.position,
+        "world_size": m.world_size,
+        "generation": m.generation,
+        "seed": m.seed,
+        "model_kind": m.model_kind,
+        "optimizer_kind": m.optimizer_kind,
+        "optimizer_step": m.optimizer_step,
+        "num_params": m.num_params,
+        "test_accuracy": if m.test_accuracy >= 0.0 { json!(m.test_accuracy) } else { Value::Null },
+        "bytes": m.files.iter().map(|f| f.bytes).sum::<u64>(),
+        "committed_unix_ms": m.committed_unix_ms,
+        "committed": utc(m.committed_unix_ms),
+        "dir": m.dir,
+        "files": m.files.iter().map(|f| json!({"name": f.name, "bytes": f.bytes, "blake3": f.blake3, "rank": f.rank})).collect::<Vec<_>>(),
+    })
+}
+
+/// The committed checkpoint at `step`, or the latest; an error that says what exists.
+pub fn pick_checkpoint(j: &JobInfo, step: Option<u64>) -> Result<&CheckpointManifest> {
+    let Some(last) = j.checkpoints.last() else {
+        bail!("job {} has no committed checkpoint (its state: {})", j.id, j.state().label());
+    };
+    match step {
+        None => Ok(last),
+        Some(s) => j.checkpoints.iter().find(|m| m.step == s).with_context(|| {
+            let have: Vec<String> = j.checkpoints.iter().map(|m| m.step.to_string()).collect();
+            format!("job {} has no committed checkpoint at step {s} (committed: {})", j.id, have.join(", "))
+        }),
+    }
+}
+
+/// Milliseconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC).
+pub fn utc(ms: u64) -> String {
+    let (secs, ms) = (ms / 1000, ms % 1000);
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + (month <= 2) as i64;
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{ms:03}Z", rem / 3600, rem / 60 % 60, rem % 60)
 }
 
 pub async fn get_job(client: &Client, id: u64) -> Result<JobInfo> {
@@ -137,7 +203,12 @@ pub async fn follow(client: &Client, id: u64, show: bool) -> Result<JobInfo> {
         // Text first: moving the position may redraw at once.
         bar.set_prefix(format!("job {} {}", j.id, j.state().label()));
         let acc = if p.test_accuracy >= 0.0 { format!(" test_acc {:.4}", p.test_accuracy) } else { String::new() };
-        bar.set_message(format!("epoch {}/{epochs} loss {:.4}{acc} {:.0} samples/s", (p.epoch + 1).min(epochs.max(1)), p.loss, p.samples_per_s));
+        let resumed = match (p.resumed_from, j.restarts) {
+            (Some(s), _) => format!(" (resumed from step {s})"),
+            (None, 0) => String::new(),
+            (None, n) => format!(" ({n} restarts)"),
+        };
+        bar.set_message(format!("epoch {}/{epochs} loss {:.4}{acc} {:.0} samples/s{resumed}", (p.epoch + 1).min(epochs.max(1)), p.loss, p.samples_per_s));
         bar.set_length(p.total_steps);
         bar.set_position(p.step);
         if j.state().is_terminal() {
@@ -145,5 +216,15 @@ pub async fn follow(client: &Client, id: u64, show: bool) -> Result<JobInfo> {
             return Ok(j);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_formats_civil_time() {
+        assert_eq!(super::utc(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(super::utc(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(super::utc(1_795_984_496_789), "2026-11-29T20:34:56.789Z");
     }
 }

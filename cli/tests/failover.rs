@@ -12,7 +12,7 @@ fn killing_the_leader_mid_job_loses_nothing() {
     let c = UpCluster::start_with(&["--coordinators", "3", "--workers", "2"]);
     c.import_mnist("mnist");
     let spec = c.write_spec("mlp.toml", &mnist_spec("mnist", 3, 4096, 11, "[64]"));
-    let job = json(&mut c.cmd(&["job", "submit", "--json"]).arg(&spec));
+    let job = json(c.cmd(&["job", "submit", "--json"]).arg(&spec));
     let id = job["id"].to_string();
     wait_for("the job to make progress", Duration::from_secs(60), || {
         let j = json(&mut c.cmd(&["job", "status", &id, "--json"]));

@@ -167,7 +167,7 @@ fn a_cancelled_job_stops_and_frees_its_workers() {
 }
 
 #[test]
-fn a_worker_that_stops_heartbeating_is_declared_lost_and_fails_its_job() {
+fn a_worker_that_stops_heartbeating_is_declared_lost_and_its_job_waits_for_workers() {
     let c = UpCluster::start_with(&["--workers", "2", "--lease-ms", "1000"]);
     let files = write_tiny_idx(c.tmp.path());
     ok(c.cmd(&["data", "import", "tiny"]).args(&files));
@@ -184,13 +184,19 @@ fn a_worker_that_stops_heartbeating_is_declared_lost_and_fails_its_job() {
     // SIGKILL: no goodbye, just silence.
     // SAFETY: signalling a process this test's cluster started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-    let failed = wait_for("the job to fail", Duration::from_secs(30), || {
+    // The job goes back to the queue (to resume from its checkpoint), and waits there: one
+    // worker is not enough for it.
+    let queued = wait_for("the job to be requeued", Duration::from_secs(30), || {
         let j = json(&mut c.cmd(&["job", "status", &id, "--json"]));
-        (j["state"] == "failed").then_some(j)
+        (j["state"] == "queued").then_some(j)
     });
-    let err = failed["error"].as_str().unwrap();
-    assert!(err.contains(victim["id"].as_str().unwrap()) && err.contains("lost"), "{failed}");
+    let cause = queued["restart_cause"].as_str().unwrap();
+    assert!(cause.contains(victim["id"].as_str().unwrap()) && cause.contains("lost"), "{queued}");
+    assert_eq!(queued["restarts"], 1, "{queued}");
     let status = json(&mut c.cmd(&["status", "--json"]));
     let states: Vec<&str> = status["workers"].as_array().unwrap().iter().map(|w| w["state"].as_str().unwrap()).collect();
     assert_eq!(states, vec!["idle", "lost"], "{status}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(json(&mut c.cmd(&["job", "status", &id, "--json"]))["state"], "queued");
+    ok(&mut c.cmd(&["job", "cancel", &id]));
 }

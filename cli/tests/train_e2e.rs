@@ -31,22 +31,27 @@ fn two_workers_train_mnist_to_accuracy_with_identical_parameters() {
     assert!(acc >= 0.90, "test accuracy {acc} < 0.90: {job}");
     assert!(job["samples_per_s"].as_f64().unwrap() > 0.0);
 
-    // Both ranks saved their final parameters: the files must be bitwise identical.
+    // Both ranks hold the same final parameters, and the job has one model: its final
+    // checkpoint, committed at the last step.
     let results = job["results"].as_array().unwrap();
     assert_eq!(results.len(), 2, "{job}");
-    let a = std::fs::read(c.store().join(results[0]["model_path"].as_str().unwrap())).unwrap();
-    let b = std::fs::read(c.store().join(results[1]["model_path"].as_str().unwrap())).unwrap();
     assert_eq!(results[0]["rank"], 0);
     assert_eq!(results[1]["rank"], 1);
-    assert_ne!(results[0]["model_path"], results[1]["model_path"]);
-    assert!(a.len() > 2_000_000, "model file too small: {}", a.len());
-    assert!(a == b, "rank 0 and rank 1 hold different parameters");
     assert_eq!(results[0]["param_blake3"], results[1]["param_blake3"]);
+    assert_eq!(job["checkpoint"], job["total_steps"], "{job}");
+    let model = job["model"].as_str().unwrap();
+    assert_eq!(model, format!("jobs/1/checkpoints/step-{}", job["total_steps"]));
+    assert_eq!(results[0]["model_path"], model);
+    assert!(!c.store().join("jobs/1/gen-1").exists(), "per-rank copies of the parameters are gone");
 
-    // The saved model is real safetensors with the MLP's layers.
+    // The model exports as real safetensors with the MLP's layers, in PyTorch's names.
+    let out = c.tmp.path().join("mlp.safetensors");
+    ok(c.cmd(&["checkpoint", "export", "1"]).arg(&out));
+    let a = std::fs::read(&out).unwrap();
+    assert!(a.len() > 2_000_000, "model file too small: {}", a.len());
     let st = safetensors::SafeTensors::deserialize(&a).unwrap();
-    assert_eq!(st.tensor("fc0.weight").unwrap().shape(), &[512, 784]);
-    assert_eq!(st.tensor("fc2.weight").unwrap().shape(), &[10, 256]);
+    assert_eq!(st.tensor("0.weight").unwrap().shape(), &[512, 784]);
+    assert_eq!(st.tensor("4.weight").unwrap().shape(), &[10, 256]);
 
     let status = json(&mut c.cmd(&["job", "status", "1", "--json"]));
     for key in ["id", "state", "step", "epoch", "loss", "test_accuracy", "samples_per_s", "workers"] {
@@ -64,7 +69,7 @@ fn same_spec_and_seed_give_bitwise_identical_parameters() {
     let other_seed = c.write_spec("seed8.toml", &mnist_spec("mnist", 1, 2048, 8, "[64]"));
     let model = |job: &serde_json::Value| {
         assert_eq!(job["state"], "succeeded", "{job}");
-        std::fs::read(c.store().join(job["results"][0]["model_path"].as_str().unwrap())).unwrap()
+        job["results"][0]["param_blake3"].as_str().unwrap().to_string()
     };
     let first = model(&c.submit_follow(&spec));
     let second = model(&c.submit_follow(&spec));
@@ -103,10 +108,14 @@ workers = 2
     assert_eq!(job["state"], "succeeded", "{job}");
     let acc = job["test_accuracy"].as_f64().unwrap();
     assert!(acc >= 0.85, "cnn test accuracy {acc}: {job}");
-    let a = std::fs::read(c.store().join(job["results"][0]["model_path"].as_str().unwrap())).unwrap();
-    let b = std::fs::read(c.store().join(job["results"][1]["model_path"].as_str().unwrap())).unwrap();
-    assert!(a == b, "cnn ranks diverged");
-    let st = safetensors::SafeTensors::deserialize(&a).unwrap();
-    assert_eq!(st.tensor("conv1.weight").unwrap().shape(), &[4, 1, 3, 3]);
-    assert_eq!(st.tensor("fc0.weight").unwrap().shape(), &[32, 8 * 7 * 7]);
+    assert_eq!(job["results"][0]["param_blake3"], job["results"][1]["param_blake3"], "cnn ranks diverged");
+    let out = c.tmp.path().join("cnn.safetensors");
+    ok(c.cmd(&["checkpoint", "export", &job["id"].to_string()]).arg(&out));
+    let bytes = std::fs::read(&out).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    // PyTorch's nn.Sequential(Conv2d, ReLU, MaxPool2d, Conv2d, ReLU, MaxPool2d, Flatten, Linear, ReLU, Linear).
+    assert_eq!(st.tensor("0.weight").unwrap().shape(), &[4, 1, 3, 3]);
+    assert_eq!(st.tensor("3.weight").unwrap().shape(), &[8, 4, 3, 3]);
+    assert_eq!(st.tensor("7.weight").unwrap().shape(), &[32, 8 * 7 * 7]);
+    assert_eq!(st.tensor("9.bias").unwrap().shape(), &[10]);
 }

@@ -2,7 +2,7 @@
 //! sans-IO `Core` in one Ready loop. The gRPC handlers only read the state machine or send
 //! proposals to the loop through a bounded channel.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -51,6 +51,9 @@ struct RaftView {
 #[derive(Default)]
 struct Volatile {
     last_seen: HashMap<String, Instant>,
+    /// Workers that registered or heartbeated since this replica became leader: the only
+    /// ones placed (a worker known from the log may be long dead).
+    heard: HashSet<String>,
     /// Latest progress report per job: (generation, progress, when it was last replicated).
     progress: HashMap<u64, (u64, JobProgress, Option<Instant>)>,
 }
@@ -224,14 +227,18 @@ fn leader_duties(core: &mut Core, shared: &Shared, new_leader: bool, recent: &mu
         if new_leader {
             // Grace period: every worker gets a full lease from the moment this leader starts.
             vol.last_seen.clear();
+            vol.heard.clear();
         }
         for w in state.workers().filter(|w| w.state() != WorkerState::Lost) {
             let seen = *vol.last_seen.entry(w.id.clone()).or_insert(now);
             if now.duration_since(seen) > lease {
-                proposals.push((format!("lost/{}", w.id), command::Kind::WorkerLost(WorkerLost { worker_id: w.id.clone() })));
+                proposals.push((format!("lost/{}", w.id), command::Kind::WorkerLost(WorkerLost { worker_id: w.id.clone(), cause: String::new() })));
             }
         }
-        if let Some((job_id, generation, workers)) = state.next_placement() {
+        // Placed only: workers heard from under this leader, with a heartbeat in the last half
+        // lease (a dead one is not handed a job while its lease runs out).
+        let fresh = |id: &str| vol.heard.contains(id) && vol.last_seen.get(id).is_some_and(|t| now.duration_since(*t) <= lease / 2);
+        if let Some((job_id, generation, workers)) = state.next_placement(fresh) {
             proposals.push((format!("place/{job_id}/{generation}"), command::Kind::JobAssigned(JobAssigned { job_id, generation, workers })));
         }
         for (job_id, (generation, progress, flushed)) in vol.progress.iter_mut() {
@@ -314,7 +321,7 @@ impl Api {
 
 fn expect_job(out: ApplyOutput) -> Result<JobInfo, Status> {
     match out {
-        ApplyOutput::Job(j) => Ok(j),
+        ApplyOutput::Job(j) => Ok(*j),
         other => Err(Status::internal(format!("unexpected apply output {other:?}"))),
     }
 }
@@ -398,7 +405,10 @@ impl Coordinator for Api {
         let request_id = req.request_id.clone();
         match self.propose(command::Kind::RegisterWorker(req), request_id).await? {
             ApplyOutput::WorkerId(id) => {
-                self.0.volatile.lock().expect("volatile lock").last_seen.insert(id.clone(), Instant::now());
+                let mut vol = self.0.volatile.lock().expect("volatile lock");
+                vol.last_seen.insert(id.clone(), Instant::now());
+                vol.heard.insert(id.clone());
+                drop(vol);
                 Ok(Response::new(RegisterWorkerResponse { worker_id: id, lease_ms: self.0.cfg.lease.as_millis() as u64 }))
             }
             other => Err(Status::internal(format!("unexpected apply output {other:?}"))),
@@ -411,7 +421,10 @@ impl Coordinator for Api {
         let state = self.0.state.read().expect("state lock");
         match state.worker(&id) {
             Some(w) if w.state() != WorkerState::Lost => {
-                self.0.volatile.lock().expect("volatile lock").last_seen.insert(id.clone(), Instant::now());
+                let mut vol = self.0.volatile.lock().expect("volatile lock");
+                vol.last_seen.insert(id.clone(), Instant::now());
+                vol.heard.insert(id.clone());
+                drop(vol);
                 Ok(Response::new(HeartbeatResponse { assignment: state.assignment(&id), unknown_worker: false }))
             }
             _ => Ok(Response::new(HeartbeatResponse { assignment: None, unknown_worker: true })),
@@ -432,6 +445,38 @@ impl Coordinator for Api {
     async fn report_outcome(&self, r: Request<OutcomeReport>) -> Result<Response<Ack>, Status> {
         // Outcomes are idempotent by (job, generation, rank) already.
         self.propose(command::Kind::RankOutcome(r.into_inner()), String::new()).await?;
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn resume_job(&self, r: Request<ResumeJobRequest>) -> Result<Response<JobInfo>, Status> {
+        let r = r.into_inner();
+        let request_id = r.request_id.clone();
+        Ok(Response::new(expect_job(self.propose(command::Kind::ResumeJob(r), request_id).await?)?))
+    }
+
+    async fn deregister(&self, r: Request<DeregisterRequest>) -> Result<Response<Ack>, Status> {
+        let worker_id = r.into_inner().worker_id;
+        let lost = WorkerLost { worker_id, cause: "stopped (shut down on purpose)".into() };
+        match self.propose(command::Kind::WorkerLost(lost), String::new()).await {
+            Ok(_) => Ok(Response::new(Ack {})),
+            // Already lost (a retry, or its lease ran out first): the same end state.
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => Ok(Response::new(Ack {})),
+            Err(s) => Err(s),
+        }
+    }
+
+    async fn commit_checkpoint(&self, r: Request<CheckpointCommit>) -> Result<Response<CheckpointCommitReply>, Status> {
+        let mut c = r.into_inner();
+        // The leader stamps the time into the entry, so every replica applies the same value.
+        if let Some(m) = c.manifest.as_mut() {
+            m.committed_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        }
+        let job = expect_job(self.propose(command::Kind::CheckpointCommitted(c), String::new()).await?)?;
+        Ok(Response::new(CheckpointCommitReply { kept_steps: job.checkpoints.iter().map(|m| m.step).collect() }))
+    }
+
+    async fn report_checkpoint_error(&self, r: Request<CheckpointError>) -> Result<Response<Ack>, Status> {
+        self.propose(command::Kind::CheckpointFailed(r.into_inner()), String::new()).await?;
         Ok(Response::new(Ack {}))
     }
 }

@@ -13,7 +13,7 @@ pub enum ApplyOutput {
     None,
     WorkerId(String),
     Dataset(DatasetInfo),
-    Job(JobInfo),
+    Job(Box<JobInfo>),
 }
 
 pub type ApplyResult = Result<ApplyOutput, String>;
@@ -81,7 +81,7 @@ impl StateMachine {
         match rec {
             Recorded::Worker(id) => ApplyOutput::WorkerId(id.clone()),
             Recorded::Dataset(name, v) => self.dataset(name, *v).cloned().map(ApplyOutput::Dataset).unwrap_or(ApplyOutput::None),
-            Recorded::Job(id) => self.jobs.get(id).cloned().map(ApplyOutput::Job).unwrap_or(ApplyOutput::None),
+            Recorded::Job(id) => self.jobs.get(id).map(|j| ApplyOutput::Job(Box::new(j.clone()))).unwrap_or(ApplyOutput::None),
             Recorded::Nothing => ApplyOutput::None,
         }
     }
@@ -107,7 +107,8 @@ impl StateMachine {
                 w.state = WorkerState::Lost as i32;
                 w.job_id = 0;
                 if job != 0 {
-                    self.finish_job(job, JobState::Failed, format!("worker {} was lost (missed heartbeats)", lost.worker_id));
+                    let how = if lost.cause.is_empty() { "was lost (missed heartbeats)".to_string() } else { lost.cause.clone() };
+                    self.requeue(job, format!("worker {} {how}", lost.worker_id));
                 }
                 Ok(ApplyOutput::None)
             }
@@ -158,9 +159,10 @@ impl StateMachine {
                     dataset_version,
                     world_size: spec.cluster.workers,
                     dataset_name: spec.dataset.name.clone(),
+                    ..Default::default()
                 };
                 self.jobs.insert(job.id, job.clone());
-                Ok(ApplyOutput::Job(job))
+                Ok(ApplyOutput::Job(Box::new(job)))
             }
             command::Kind::JobAssigned(a) => {
                 let job = self.jobs.get(&a.job_id).ok_or_else(|| format!("unknown job {}", a.job_id))?;
@@ -188,7 +190,14 @@ impl StateMachine {
                 job.state = JobState::Running as i32;
                 job.generation = a.generation;
                 job.workers = a.workers;
-                Ok(ApplyOutput::Job(job.clone()))
+                // The new generation starts from the resume point (its rank 0 reports which
+                // checkpoint it actually loaded).
+                let start = job.checkpoints.last().map(|c| c.step).unwrap_or(0);
+                if let Some(p) = job.progress.as_mut() {
+                    p.step = start;
+                    p.resumed_from = None;
+                }
+                Ok(ApplyOutput::Job(Box::new(job.clone())))
             }
             command::Kind::UpdateProgress(u) => {
                 let job = self.running_job(u.job_id, u.generation)?;
@@ -221,7 +230,11 @@ impl StateMachine {
                 job.results.push(result);
                 job.results.sort_by_key(|x: &RankResult| x.rank);
                 if job.results.len() == job.workers.len() {
-                    self.finish_job(r.job_id, JobState::Succeeded, String::new());
+                    let (id, verdict) = (job.id, Self::verdict(job));
+                    match verdict {
+                        Ok(()) => self.finish_job(id, JobState::Succeeded, String::new()),
+                        Err(e) => self.finish_job(id, JobState::Failed, e),
+                    }
                 }
                 Ok(ApplyOutput::None)
             }
@@ -231,9 +244,92 @@ impl StateMachine {
                     return Err(format!("job {id} already {}", job.state().label()));
                 }
                 self.finish_job(id, JobState::Cancelled, String::new());
-                Ok(ApplyOutput::Job(self.jobs[&id].clone()))
+                Ok(ApplyOutput::Job(Box::new(self.jobs[&id].clone())))
+            }
+            command::Kind::ResumeJob(r) => {
+                let job = self.jobs.get_mut(&r.id).ok_or_else(|| format!("job {} does not exist", r.id))?;
+                match job.state() {
+                    JobState::Failed | JobState::Cancelled => {}
+                    JobState::Succeeded => return Err(format!("job {} already succeeded: there is nothing to resume", r.id)),
+                    other => return Err(format!("job {} is {}: only a failed or cancelled job can be resumed", r.id, other.label())),
+                }
+                if r.workers != 0 {
+                    let spec = JobSpec::parse(&job.spec_toml).map_err(|e| e.to_string())?;
+                    spec.check_world_size(r.workers).map_err(|e| format!("--workers {}: {e}", r.workers))?;
+                    job.world_size = r.workers;
+                }
+                job.state = JobState::Queued as i32;
+                job.error.clear();
+                job.results.clear();
+                job.workers.clear();
+                job.restarts += 1;
+                job.restart_cause = match job.checkpoints.last() {
+                    Some(c) => format!("resumed by request from checkpoint step {}", c.step),
+                    None => "resumed by request; no checkpoint, so from step 0".into(),
+                };
+                Ok(ApplyOutput::Job(Box::new(job.clone())))
+            }
+            command::Kind::CheckpointCommitted(c) => {
+                let manifest = c.manifest.ok_or("checkpoint commit without a manifest")?;
+                let job = self.running_job(c.job_id, c.generation)?;
+                shoal_core::checkpoint::validate_manifest(&manifest, c.job_id)?;
+                let spec = JobSpec::parse(&job.spec_toml).map_err(|e| e.to_string())?;
+                if manifest.step == 0 || manifest.step > spec.total_steps() {
+                    return Err(format!("checkpoint step {} is outside job {}'s 1..={} steps", manifest.step, c.job_id, spec.total_steps()));
+                }
+                job.checkpoints.retain(|m| m.step != manifest.step);
+                let at = job.checkpoints.partition_point(|m| m.step < manifest.step);
+                job.checkpoints.insert(at, manifest);
+                let keep = spec.checkpoint.keep.max(1) as usize;
+                if job.checkpoints.len() > keep {
+                    let extra = job.checkpoints.len() - keep;
+                    job.checkpoints.drain(..extra);
+                }
+                Ok(ApplyOutput::Job(Box::new(job.clone())))
+            }
+            command::Kind::CheckpointFailed(f) => {
+                let job = self.running_job(f.job_id, f.generation)?;
+                job.checkpoint_error = format!("checkpoint step {}: {}", f.step, f.message);
+                if f.corrupt {
+                    job.checkpoints.retain(|m| m.step != f.step);
+                }
+                Ok(ApplyOutput::None)
             }
         }
+    }
+
+    /// Whether a job whose ranks all reported success really succeeded: they hold the same
+    /// parameters, and its final checkpoint (its model) is committed.
+    fn verdict(job: &JobInfo) -> Result<(), String> {
+        if let Some(odd) = job.results.iter().find(|r| r.param_blake3 != job.results[0].param_blake3) {
+            return Err(format!(
+                "ranks hold different parameters: rank 0 has blake3 {}, rank {} has {}",
+                job.results[0].param_blake3, odd.rank, odd.param_blake3
+            ));
+        }
+        let total = JobSpec::parse(&job.spec_toml).map(|s| s.total_steps()).map_err(|e| e.to_string())?;
+        match job.checkpoints.last() {
+            Some(c) if c.step == total => Ok(()),
+            _ => Err(format!("the final checkpoint (step {total}) was not committed")),
+        }
+    }
+
+    /// Puts a running job back in the queue; it continues from its last committed
+    /// checkpoint in its next generation. Its other workers go back to idle.
+    fn requeue(&mut self, id: u64, cause: String) {
+        let Some(job) = self.jobs.get_mut(&id) else { return };
+        if job.state() != JobState::Running {
+            return;
+        }
+        job.state = JobState::Queued as i32;
+        job.restarts += 1;
+        job.restart_cause = match job.checkpoints.last() {
+            Some(c) => format!("{cause}; resuming from checkpoint step {}", c.step),
+            None => format!("{cause}; no checkpoint yet, restarting from step 0"),
+        };
+        job.results.clear();
+        let workers = std::mem::take(&mut job.workers);
+        self.release_workers(id, &workers);
     }
 
     /// Parses a spec and checks it against the registered datasets.
@@ -274,9 +370,14 @@ impl StateMachine {
         let Some(job) = self.jobs.get_mut(&id) else { return };
         job.state = state as i32;
         job.error = error;
-        for w in &job.workers {
+        let workers = job.workers.clone();
+        self.release_workers(id, &workers);
+    }
+
+    fn release_workers(&mut self, job: u64, workers: &[String]) {
+        for w in workers {
             if let Some(info) = self.workers.get_mut(w) {
-                if info.job_id == id && info.state() == WorkerState::Busy {
+                if info.job_id == job && info.state() == WorkerState::Busy {
                     info.state = WorkerState::Idle as i32;
                     info.job_id = 0;
                 }
@@ -333,13 +434,15 @@ impl StateMachine {
             peers,
             spec_toml: job.spec_toml.clone(),
             dataset: self.dataset(&job.dataset_name, job.dataset_version).cloned(),
+            checkpoints: job.checkpoints.iter().rev().cloned().collect(),
         })
     }
 
     /// The scheduler's next decision: the oldest queued job that the idle workers can hold,
-    /// and which workers (lowest ids first, so every leader decides alike).
-    pub fn next_placement(&self) -> Option<(u64, u64, Vec<String>)> {
-        let mut idle: Vec<&WorkerInfo> = self.workers.values().filter(|w| w.state() == WorkerState::Idle).collect();
+    /// and which workers (lowest ids first, so every leader decides alike). Only workers for
+    /// which `eligible` says yes (the leader's: heard from lately) are placed.
+    pub fn next_placement(&self, eligible: impl Fn(&str) -> bool) -> Option<(u64, u64, Vec<String>)> {
+        let mut idle: Vec<&WorkerInfo> = self.workers.values().filter(|w| w.state() == WorkerState::Idle && eligible(&w.id)).collect();
         idle.sort_by_key(|w| (w.id.len(), w.id.clone()));
         let job = self.jobs.values().find(|j| j.state() == JobState::Queued)?;
         if idle.len() < job.world_size as usize {
@@ -353,7 +456,10 @@ impl StateMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_proto::{JobAssigned, OutcomeReport, RegisterWorkerRequest, ShardInfo, WorkerLost};
+    use shoal_proto::{
+        CheckpointCommit, CheckpointError, CheckpointFile, CheckpointManifest, JobAssigned, OutcomeReport, RegisterWorkerRequest, ResumeJobRequest,
+        ShardInfo, WorkerLost,
+    };
 
     fn cmd(kind: command::Kind) -> Command {
         Command { proposal_id: 0, request_id: String::new(), kind: Some(kind) }
@@ -398,20 +504,49 @@ mod tests {
         sm
     }
 
+    fn manifest(job: u64, step: u64) -> CheckpointManifest {
+        CheckpointManifest {
+            job_id: job,
+            step,
+            world_size: 2,
+            dir: shoal_core::checkpoint::checkpoint_dir(job, step),
+            files: vec![CheckpointFile { name: "part-0.safetensors".into(), bytes: 8, blake3: "0".repeat(64), rank: 0 }],
+            ..Default::default()
+        }
+    }
+
+    fn commit(sm: &mut StateMachine, index: u64, job: u64, generation: u64, step: u64) -> ApplyResult {
+        let c = CheckpointCommit { worker_id: "w1".into(), job_id: job, generation, manifest: Some(manifest(job, step)) };
+        sm.apply(index, cmd(command::Kind::CheckpointCommitted(c)))
+    }
+
+    fn outcome(sm: &mut StateMachine, index: u64, job: u64, generation: u64, worker: &str, hash: &str) {
+        let result = RankResult { param_blake3: hash.into(), ..Default::default() };
+        let r = OutcomeReport { worker_id: worker.into(), job_id: job, generation, ok: true, result: Some(result), ..Default::default() };
+        sm.apply(index, cmd(command::Kind::RankOutcome(r))).unwrap();
+    }
+
+    /// Submits spec(2) (10 steps) and places it on w1, w2.
+    fn running_job(sm: &mut StateMachine) -> (u64, u64) {
+        let ApplyOutput::Job(job) = sm.apply(5, cmd(command::Kind::SubmitJob(spec(2)))).unwrap() else { panic!() };
+        let (id, gen, workers) = sm.next_placement(|_| true).unwrap();
+        assert_eq!((id, gen), (job.id, 1));
+        sm.apply(6, cmd(command::Kind::JobAssigned(JobAssigned { job_id: id, generation: gen, workers }))).unwrap();
+        (id, gen)
+    }
+
     #[test]
     fn job_lifecycle_to_success() {
         let mut sm = with_dataset();
-        let ApplyOutput::Job(job) = sm.apply(5, cmd(command::Kind::SubmitJob(spec(2)))).unwrap() else { panic!() };
-        let (id, gen, workers) = sm.next_placement().unwrap();
-        assert_eq!((id, gen), (job.id, 1));
-        sm.apply(6, cmd(command::Kind::JobAssigned(JobAssigned { job_id: id, generation: gen, workers: workers.clone() }))).unwrap();
+        let (id, gen) = running_job(&mut sm);
+        let workers = sm.job(id).unwrap().workers.clone();
         // A duplicate of the same decision is rejected, not applied twice.
         assert!(sm.apply(7, cmd(command::Kind::JobAssigned(JobAssigned { job_id: id, generation: gen, workers: workers.clone() }))).is_err());
         let a = sm.assignment("w2").unwrap();
         assert_eq!((a.rank, a.world_size, a.peers.len()), (1, 2, 2));
+        commit(&mut sm, 8, id, gen, 10).unwrap();
         for w in &workers {
-            let r = OutcomeReport { worker_id: w.clone(), job_id: id, generation: gen, ok: true, ..Default::default() };
-            sm.apply(8, cmd(command::Kind::RankOutcome(r))).unwrap();
+            outcome(&mut sm, 9, id, gen, w, "same");
         }
         assert_eq!(sm.job(id).unwrap().state(), JobState::Succeeded);
         assert!(sm.workers().all(|w| w.state() == WorkerState::Idle));
@@ -419,16 +554,96 @@ mod tests {
     }
 
     #[test]
-    fn lost_worker_fails_its_job_and_frees_the_others() {
+    fn success_needs_agreeing_ranks_and_the_final_checkpoint() {
         let mut sm = with_dataset();
-        sm.apply(5, cmd(command::Kind::SubmitJob(spec(2)))).unwrap();
-        let (id, gen, workers) = sm.next_placement().unwrap();
-        sm.apply(6, cmd(command::Kind::JobAssigned(JobAssigned { job_id: id, generation: gen, workers }))).unwrap();
-        sm.apply(7, cmd(command::Kind::WorkerLost(WorkerLost { worker_id: "w1".into() }))).unwrap();
+        let (id, gen) = running_job(&mut sm);
+        commit(&mut sm, 7, id, gen, 10).unwrap();
+        outcome(&mut sm, 8, id, gen, "w1", "aaa");
+        outcome(&mut sm, 9, id, gen, "w2", "bbb");
         let job = sm.job(id).unwrap();
         assert_eq!(job.state(), JobState::Failed);
-        assert!(job.error.contains("w1"));
+        assert!(job.error.contains("different parameters"), "{}", job.error);
+
+        let (id, gen) = {
+            let ApplyOutput::Job(j) = sm.apply(10, cmd(command::Kind::SubmitJob(spec(2)))).unwrap() else { panic!() };
+            let (_, gen, workers) = sm.next_placement(|_| true).unwrap();
+            sm.apply(11, cmd(command::Kind::JobAssigned(JobAssigned { job_id: j.id, generation: gen, workers }))).unwrap();
+            (j.id, gen)
+        };
+        commit(&mut sm, 12, id, gen, 5).unwrap();
+        outcome(&mut sm, 13, id, gen, "w1", "h");
+        outcome(&mut sm, 14, id, gen, "w2", "h");
+        let job = sm.job(id).unwrap();
+        assert_eq!(job.state(), JobState::Failed);
+        assert!(job.error.contains("final checkpoint (step 10)"), "{}", job.error);
+    }
+
+    #[test]
+    fn checkpoints_commit_in_step_order_and_keep_the_newest() {
+        let mut sm = with_dataset();
+        let (id, gen) = running_job(&mut sm);
+        for (i, step) in [2u64, 4, 6, 8].into_iter().enumerate() {
+            commit(&mut sm, 7 + i as u64, id, gen, step).unwrap();
+        }
+        // keep defaults to 3: the oldest went.
+        let steps = |sm: &StateMachine| sm.job(id).unwrap().checkpoints.iter().map(|m| m.step).collect::<Vec<_>>();
+        assert_eq!(steps(&sm), vec![4, 6, 8]);
+        // The assignment lists them newest first.
+        let a = sm.assignment("w1").unwrap();
+        assert_eq!(a.checkpoints.iter().map(|m| m.step).collect::<Vec<_>>(), vec![8, 6, 4]);
+        // Bad commits change nothing: another generation, a step past the end, a bad manifest.
+        assert!(commit(&mut sm, 20, id, gen + 1, 9).is_err());
+        assert!(commit(&mut sm, 21, id, gen, 11).is_err());
+        let mut bad = manifest(id, 9);
+        bad.files[0].name = "../x".into();
+        let c = CheckpointCommit { worker_id: "w1".into(), job_id: id, generation: gen, manifest: Some(bad) };
+        assert!(sm.apply(22, cmd(command::Kind::CheckpointCommitted(c))).is_err());
+        assert_eq!(steps(&sm), vec![4, 6, 8]);
+        // A checkpoint found corrupt stops being a resume point.
+        let f = CheckpointError { worker_id: "w1".into(), job_id: id, generation: gen, step: 8, message: "part-1: blake3 mismatch".into(), corrupt: true };
+        sm.apply(23, cmd(command::Kind::CheckpointFailed(f))).unwrap();
+        assert_eq!(steps(&sm), vec![4, 6]);
+        assert!(sm.job(id).unwrap().checkpoint_error.contains("step 8"));
+    }
+
+    #[test]
+    fn a_lost_worker_requeues_its_job_to_resume_from_its_checkpoint() {
+        let mut sm = with_dataset();
+        let (id, gen) = running_job(&mut sm);
+        commit(&mut sm, 7, id, gen, 4).unwrap();
+        sm.apply(8, cmd(command::Kind::WorkerLost(WorkerLost { worker_id: "w1".into(), cause: String::new() }))).unwrap();
+        let job = sm.job(id).unwrap();
+        assert_eq!(job.state(), JobState::Queued);
+        assert_eq!(job.restarts, 1);
+        assert!(job.restart_cause.contains("w1") && job.restart_cause.contains("step 4"), "{}", job.restart_cause);
         assert_eq!(sm.worker("w2").unwrap().state(), WorkerState::Idle);
+        assert!(sm.assignment("w2").is_none());
+        // Placed again (generation 2) once two workers are there; it starts from step 4.
+        let r = RegisterWorkerRequest { address: "127.0.0.1:9100".into(), pid: 1, device: "cpu".into(), request_id: String::new() };
+        sm.apply(9, cmd(command::Kind::RegisterWorker(r))).unwrap();
+        assert_eq!(sm.next_placement(|w| w != "w3"), None, "an ineligible worker is not placed");
+        let (_, gen2, workers) = sm.next_placement(|_| true).unwrap();
+        assert_eq!((gen2, workers.clone()), (2, vec!["w2".to_string(), "w3".to_string()]));
+        sm.apply(10, cmd(command::Kind::JobAssigned(JobAssigned { job_id: id, generation: gen2, workers }))).unwrap();
+        assert_eq!(sm.job(id).unwrap().progress.unwrap().step, 4);
+        assert_eq!(sm.assignment("w3").unwrap().checkpoints[0].step, 4);
+    }
+
+    #[test]
+    fn only_failed_or_cancelled_jobs_resume() {
+        let mut sm = with_dataset();
+        let (id, _) = running_job(&mut sm);
+        let resume = |workers| cmd(command::Kind::ResumeJob(ResumeJobRequest { id, workers, request_id: String::new() }));
+        let e = sm.apply(7, resume(0)).unwrap_err();
+        assert!(e.contains("running") && e.contains("failed or cancelled"), "{e}");
+        sm.apply(8, cmd(command::Kind::CancelJob(id))).unwrap();
+        let e = sm.apply(9, resume(9)).unwrap_err();
+        assert!(e.contains("--workers 9") && e.contains("training.batch_size"), "{e}");
+        assert_eq!(sm.job(id).unwrap().state(), JobState::Cancelled, "a rejected resume changes nothing");
+        let ApplyOutput::Job(j) = sm.apply(10, resume(3)).unwrap() else { panic!() };
+        assert_eq!((j.state(), j.world_size), (JobState::Queued, 3));
+        let e = sm.apply(11, cmd(command::Kind::ResumeJob(ResumeJobRequest { id: 99, workers: 0, request_id: String::new() }))).unwrap_err();
+        assert!(e.contains("does not exist"), "{e}");
     }
 
     #[test]

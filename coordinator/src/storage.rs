@@ -141,6 +141,8 @@ fn parse_record(bytes: &[u8]) -> Option<(usize, LogRecord)> {
 }
 
 #[cfg(test)]
+// raft-rs's protobuf types are built by assigning fields.
+#[allow(clippy::field_reassign_with_default)]
 mod tests {
     use super::*;
     use raft::Storage;

@@ -1,8 +1,11 @@
 //! Domain types shared by every shoal crate: the job spec (TOML), dataset formats (IDX import,
-//! safetensors shards and their manifest), the deterministic RNG, and atomic file writes.
+//! safetensors shards and their manifest), checkpoint paths and manifest checks, the deterministic
+//! RNG, atomic file writes and test fault points.
 //! No network IO lives here.
 
+pub mod checkpoint;
 pub mod dataset;
+pub mod failpoint;
 pub mod fsutil;
 pub mod idx;
 pub mod rng;

@@ -15,6 +15,8 @@ pub struct JobSpec {
     pub training: TrainingSpec,
     #[serde(default)]
     pub cluster: ClusterSpec,
+    #[serde(default)]
+    pub checkpoint: CheckpointSpec,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,7 +76,8 @@ pub struct DatasetRef {
 #[serde(deny_unknown_fields)]
 pub struct TrainingSpec {
     pub epochs: u32,
-    /// Global batch size: every step consumes this many records, split evenly over workers.
+    /// Global batch size: every step consumes this many records, split over the workers as
+    /// evenly as it goes.
     pub batch_size: u32,
     #[serde(default)]
     pub seed: u64,
@@ -132,6 +135,38 @@ impl Default for ClusterSpec {
     fn default() -> Self {
         ClusterSpec { workers: 1 }
     }
+}
+
+/// When to write checkpoints besides the final one every job writes (which is its model).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSpec {
+    /// Every this many optimizer steps.
+    pub every_steps: Option<u64>,
+    /// Every this many seconds of training (rank 0's clock; all ranks agree on the step).
+    pub every_seconds: Option<f64>,
+    /// Committed checkpoints kept; older ones are deleted once a newer one is committed.
+    #[serde(default = "default_keep")]
+    pub keep: u32,
+}
+
+fn default_keep() -> u32 {
+    3
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        CheckpointSpec { every_steps: None, every_seconds: None, keep: default_keep() }
+    }
+}
+
+/// The global batch is split over the ranks as evenly as it goes (rank r takes records
+/// [r*B/W, (r+1)*B/W) of it), so every rank needs at least one record.
+fn check_batch_split(batch: u32, workers: u32) -> Result<()> {
+    if batch < workers {
+        return Err(bad("training.batch_size", format!("must be at least the number of workers ({workers}), got {batch}")));
+    }
+    Ok(())
 }
 
 /// Widest dense layer a spec may ask for (guards against absurd allocations).
@@ -218,12 +253,7 @@ impl JobSpec {
         if workers > 1024 {
             return Err(bad("cluster.workers", format!("{workers} is more than the 1024 supported")));
         }
-        if t.batch_size == 0 || !t.batch_size.is_multiple_of(workers) {
-            return Err(bad(
-                "training.batch_size",
-                format!("must be a positive multiple of cluster.workers ({workers}), got {}", t.batch_size),
-            ));
-        }
+        check_batch_split(t.batch_size, workers)?;
         if t.batch_size as u64 > b - a {
             return Err(bad("training.batch_size", format!("{} is larger than the training range ({} records)", t.batch_size, b - a)));
         }
@@ -253,7 +283,29 @@ impl JobSpec {
                 return Err(bad("training.optimizer.kind", format!("unknown optimizer {other:?} (expected \"sgd\" or \"adamw\")")))
             }
         }
+        let c = &self.checkpoint;
+        if c.keep == 0 {
+            return Err(bad("checkpoint.keep", "must be at least 1 (the last checkpoint is the job's model)"));
+        }
+        if c.keep > 1000 {
+            return Err(bad("checkpoint.keep", format!("{} is more than the 1000 supported", c.keep)));
+        }
+        if c.every_steps == Some(0) {
+            return Err(bad("checkpoint.every_steps", "must be at least 1"));
+        }
+        if let Some(s) = c.every_seconds {
+            check_positive("checkpoint.every_seconds", s)?;
+        }
         Ok(())
+    }
+
+    /// Checks that `workers` ranks can split this spec's global batch (for `job resume
+    /// --workers`, which changes the world size of a submitted job).
+    pub fn check_world_size(&self, workers: u32) -> Result<()> {
+        if workers == 0 || workers > 1024 {
+            return Err(bad("workers", format!("must be 1 to 1024, got {workers}")));
+        }
+        check_batch_split(self.training.batch_size, workers)
     }
 
     /// Optimizer steps per epoch: full global batches only (the remainder is dropped; the
@@ -324,9 +376,31 @@ workers = 2
     }
 
     #[test]
-    fn rejects_batch_not_multiple_of_workers() {
-        let e = err_of(&GOOD.replace("batch_size = 64", "batch_size = 65"));
+    fn rejects_batch_smaller_than_workers() {
+        let e = err_of(&GOOD.replace("batch_size = 64", "batch_size = 1"));
         assert!(e.contains("training.batch_size"), "{e}");
+        // An uneven split is fine: 65 records over 2 ranks are 32 + 33.
+        assert!(JobSpec::parse(&GOOD.replace("batch_size = 64", "batch_size = 65")).is_ok());
+        let s = JobSpec::parse(GOOD).unwrap();
+        assert!(s.check_world_size(3).is_ok());
+        assert!(s.check_world_size(65).unwrap_err().to_string().contains("training.batch_size"));
+        assert!(s.check_world_size(0).is_err());
+    }
+
+    #[test]
+    fn checkpoint_settings_default_and_validate() {
+        let s = JobSpec::parse(GOOD).unwrap();
+        assert_eq!(s.checkpoint, CheckpointSpec { every_steps: None, every_seconds: None, keep: 3 });
+        let s = JobSpec::parse(&format!("{GOOD}[checkpoint]\nevery_steps = 10\nevery_seconds = 2.5\nkeep = 2\n")).unwrap();
+        assert_eq!(s.checkpoint, CheckpointSpec { every_steps: Some(10), every_seconds: Some(2.5), keep: 2 });
+        let e = err_of(&format!("{GOOD}[checkpoint]\nkeep = 0\n"));
+        assert!(e.contains("checkpoint.keep") && e.contains("at least 1"), "{e}");
+        let e = err_of(&format!("{GOOD}[checkpoint]\nevery_steps = 0\n"));
+        assert!(e.contains("checkpoint.every_steps"), "{e}");
+        let e = err_of(&format!("{GOOD}[checkpoint]\nevery_seconds = -1\n"));
+        assert!(e.contains("checkpoint.every_seconds"), "{e}");
+        let e = err_of(&format!("{GOOD}[checkpoint]\nevery_step = 3\n"));
+        assert!(e.contains("every_step"), "{e}");
     }
 
     #[test]

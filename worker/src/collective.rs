@@ -193,6 +193,28 @@ impl Ring {
         }
     }
 
+    /// Every rank's `mine`, indexed by rank, on every rank (small payloads: checkpoint file
+    /// records, agreement checks). Each hop passes on the block received in the hop before.
+    pub async fn all_gather_bytes(&mut self, mine: Vec<u8>) -> Result<Vec<Vec<u8>>, WorkerError> {
+        let n = self.world;
+        let r = self.rank;
+        let mut out = vec![Vec::new(); n];
+        out[r] = mine;
+        if n == 1 {
+            return Ok(out);
+        }
+        self.seq += 1;
+        for s in 0..n - 1 {
+            let send_b = (r + n - s) % n;
+            let recv_b = (r + 2 * n - s - 1) % n;
+            let key = (self.job, self.generation, self.seq, s as u32);
+            let (sent, got) = tokio::join!(self.send(s as u32, Bytes::from(out[send_b].clone())), self.mailbox.take(key, self.timeout, &self.cancel));
+            sent?;
+            out[recv_b] = got?.to_vec();
+        }
+        Ok(out)
+    }
+
     /// In-place sum over all ranks.
     pub async fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), WorkerError> {
         let n = self.world;
@@ -270,9 +292,8 @@ mod tests {
             }
             let len = 1001;
             let mut tasks = Vec::new();
-            for r in 0..world {
+            for (r, mb) in boxes.iter().cloned().enumerate() {
                 let peers = addrs.clone();
-                let mb = boxes[r].clone();
                 tasks.push(tokio::spawn(async move {
                     let cancel = Arc::new(AtomicBool::new(false));
                     let mut ring = Ring::new(r, &peers, 1, 1, mb, Duration::from_secs(10), cancel).unwrap();
@@ -282,19 +303,26 @@ mod tests {
                         ring.all_reduce_sum(&mut buf).await.unwrap();
                         out.push(buf);
                     }
-                    out
+                    let gathered = ring.all_gather_bytes(vec![r as u8; r + 1]).await.unwrap();
+                    (out, gathered)
                 }));
             }
             let mut results = Vec::new();
             for t in tasks {
                 results.push(t.await.unwrap());
             }
+            let gathered: Vec<_> = results.iter().map(|(_, g)| g.clone()).collect();
+            let results: Vec<_> = results.into_iter().map(|(r, _)| r).collect();
+            for g in &gathered {
+                let want: Vec<Vec<u8>> = (0..world).map(|r| vec![r as u8; r + 1]).collect();
+                assert_eq!(g, &want, "all-gather (world {world})");
+            }
             for round in 0..3 {
                 let expect: Vec<f32> = (0..len)
                     .map(|i| (0..world).map(|r| (i as f32 * 0.37 + r as f32 * 1.1 + round as f32).sin()).sum::<f32>())
                     .collect();
-                for r in 0..world {
-                    let got = &results[r][round];
+                for (r, rounds) in results.iter().enumerate() {
+                    let got = &rounds[round];
                     assert_eq!(got, &results[0][round], "rank {r} differs bitwise (world {world})");
                     for (g, e) in got.iter().zip(&expect) {
                         assert!((g - e).abs() < 1e-4, "world {world}: {g} vs {e}");

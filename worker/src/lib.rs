@@ -1,10 +1,13 @@
 //! The shoal worker: it registers with the coordinator, heartbeats, and runs its assignment:
-//! memory-mapped shards (`data`), candle models (`model`), the training loop (`train`) and
-//! ring all-reduce with its peers over the data plane (`collective`).
+//! memory-mapped shards (`data`), candle models (`model`), the optimizer (`optim`), the
+//! training loop (`train`), checkpoints (`checkpoint`) and ring all-reduce with its peers over
+//! the data plane (`collective`).
 
+pub mod checkpoint;
 pub mod collective;
 pub mod data;
 pub mod model;
+pub mod optim;
 pub mod runner;
 pub mod train;
 
@@ -28,6 +31,8 @@ pub enum WorkerError {
     Io(String),
     #[error(transparent)]
     Device(#[from] shoal_kernels::KernelError),
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
     #[error("training diverged: the loss is not finite at step {0}")]
     Diverged(u64),
     #[error("internal error (a bug; please report it): {0}")]

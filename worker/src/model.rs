@@ -30,6 +30,27 @@ impl ParamSpec {
     }
 }
 
+/// The PyTorch module name of parameter `name` of a `kind` model (README documents the
+/// modules): the MLP is `nn.Sequential(Linear, ReLU, ..., Linear)` over flattened inputs, so
+/// dense layer i is module 2i; the CNN is `nn.Sequential(Conv2d, ReLU, MaxPool2d, Conv2d,
+/// ReLU, MaxPool2d, Flatten, Linear, ReLU, ..., Linear)`, so its convolutions are modules 0
+/// and 3 and dense layer i is module 7 + 2i. Weights keep shoal's layout, which is PyTorch's
+/// ([out, in] and [out, in, kh, kw]).
+pub fn pytorch_name(kind: &str, name: &str) -> Option<String> {
+    let (module, field) = name.split_once('.')?;
+    let dense_base = match kind {
+        "mlp" => 0,
+        "cnn" => 7,
+        _ => return None,
+    };
+    let index = match (kind, module) {
+        ("cnn", "conv1") => 0,
+        ("cnn", "conv2") => 3,
+        (_, fc) => dense_base + 2 * fc.strip_prefix("fc")?.parse::<usize>().ok()?,
+    };
+    Some(format!("{index}.{field}"))
+}
+
 #[derive(Clone, Debug)]
 pub struct Model {
     pub kind: ModelKind,
@@ -141,12 +162,51 @@ impl Model {
         Ok(h)
     }
 
-    /// Mean cross-entropy loss of an MLP on a batch, with its gradients written into `grads`
-    /// (laid out like the parameters). Backpropagation is written out by hand with candle's
+    /// The loss of a batch and its gradients, written into `grads` (laid out like the
+    /// parameters), both multiplied by `scale`. A rank's batch that is the fraction f of the
+    /// global batch passes `scale = f`: summing every rank's result then gives the mean loss
+    /// and gradient over the global batch, however unevenly it was split.
+    pub fn loss_and_grads(&self, flat: &[f32], x: &Tensor, labels: &Tensor, scale: f32, grads: &mut [f32]) -> Result<f32, WorkerError> {
+        match self.kind {
+            ModelKind::Mlp => self.mlp_loss_and_grads(flat, x, labels, scale, grads),
+            ModelKind::Cnn => {
+                let dev = x.device();
+                let vars = self.vars(flat, dev)?;
+                let ts: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+                let loss = (Self::loss(&self.forward(&ts, x)?, labels)? * scale as f64)?;
+                let g = loss.backward()?;
+                for (v, p) in vars.iter().zip(&self.params) {
+                    let dst = &mut grads[p.offset..p.offset + p.len()];
+                    match g.get(v) {
+                        Some(g) => dst.copy_from_slice(&g.flatten_all()?.to_vec1::<f32>()?),
+                        None => dst.fill(0.0),
+                    }
+                }
+                Ok(loss.to_scalar::<f32>()?)
+            }
+        }
+    }
+
+    /// `mlp` or `cnn`, as in the spec.
+    pub fn kind_name(&self) -> &'static str {
+        match self.kind {
+            ModelKind::Mlp => "mlp",
+            ModelKind::Cnn => "cnn",
+        }
+    }
+
+    /// The PyTorch names of the parameters, in the layout that `checkpoint export` writes
+    /// (see `pytorch_name`).
+    pub fn pytorch_names(&self) -> Vec<String> {
+        self.params.iter().map(|p| pytorch_name(self.kind_name(), &p.name).expect("every parameter has a PyTorch name")).collect()
+    }
+
+    /// Mean cross-entropy loss of an MLP on a batch, times `scale`, with its gradients (times
+    /// `scale`) written into `grads`. Backpropagation is written out by hand with candle's
     /// matmuls: with weights stored [out, in], dW = dZ^T A and dA = dZ W need no transposed
     /// copies, and no gradient is accumulated into zeros, which makes the step about twice as
     /// fast as autograd for the same result (checked against autograd in the tests).
-    pub fn mlp_loss_and_grads(&self, flat: &[f32], x: &Tensor, labels: &Tensor, grads: &mut [f32]) -> Result<f32, WorkerError> {
+    fn mlp_loss_and_grads(&self, flat: &[f32], x: &Tensor, labels: &Tensor, scale: f32, grads: &mut [f32]) -> Result<f32, WorkerError> {
         if self.kind != ModelKind::Mlp {
             return Err(WorkerError::Model("the hand-written backward pass is for mlp models".into()));
         }
@@ -167,15 +227,15 @@ impl Model {
             }
         }
         let logits = logits.expect("at least the classifier layer");
-        let loss = Self::loss(&logits, labels)?.to_scalar::<f32>()?;
-        // d(mean CE)/d(logits) = (softmax - onehot) / batch.
+        let loss = Self::loss(&logits, labels)?.to_scalar::<f32>()? * scale;
+        // d(scale * mean CE)/d(logits) = (softmax - onehot) * scale / batch.
         let ys = labels.to_vec1::<u32>()?;
         let mut onehot = vec![0f32; batch * self.classes];
         for (i, &y) in ys.iter().enumerate() {
             onehot[i * self.classes + y as usize] = 1.0;
         }
         let onehot = Tensor::from_vec(onehot, (batch, self.classes), dev)?;
-        let mut dz = ((candle_nn::ops::softmax_last_dim(&logits)? - onehot)? / batch as f64)?;
+        let mut dz = ((candle_nn::ops::softmax_last_dim(&logits)? - onehot)? * (scale as f64 / batch as f64))?;
         for l in (0..layers).rev() {
             let (w, wspec, bspec) = (&params[2 * l], &self.params[2 * l], &self.params[2 * l + 1]);
             let dw = dz.t()?.matmul(&inputs[l])?;
@@ -255,16 +315,26 @@ mod tests {
         let ts: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
         let loss = Model::loss(&m.forward(&ts, &x).unwrap(), &y).unwrap();
         let auto = loss.backward().unwrap();
+        // A rank holding a quarter of the global batch scales both by 1/4.
         let mut manual = vec![0f32; m.num_params()];
-        let manual_loss = m.mlp_loss_and_grads(&flat, &x, &y, &mut manual).unwrap();
-        assert!((manual_loss - loss.to_scalar::<f32>().unwrap()).abs() < 1e-6);
+        let manual_loss = m.loss_and_grads(&flat, &x, &y, 0.25, &mut manual).unwrap();
+        assert!((manual_loss - 0.25 * loss.to_scalar::<f32>().unwrap()).abs() < 1e-6);
         for (v, p) in vars.iter().zip(&m.params) {
             let a = auto.get(v).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let b = &manual[p.offset..p.offset + p.len()];
             for (i, (a, b)) in a.iter().zip(b).enumerate() {
+                let a = 0.25 * a;
                 assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{}[{i}]: autograd {a}, manual {b}", p.name);
             }
         }
+    }
+
+    #[test]
+    fn pytorch_names_follow_the_sequential_layouts() {
+        let m = Model::new(&ModelSpec { kind: "mlp".into(), hidden: Some(vec![8, 4]), channels: None }, &[2, 3], 3).unwrap();
+        assert_eq!(m.pytorch_names(), ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]);
+        let c = Model::new(&ModelSpec { kind: "cnn".into(), hidden: Some(vec![6]), channels: Some(vec![2, 3]) }, &[8, 8], 3).unwrap();
+        assert_eq!(c.pytorch_names(), ["0.weight", "0.bias", "3.weight", "3.bias", "7.weight", "7.bias", "9.weight", "9.bias"]);
     }
 
     #[test]

@@ -8,8 +8,12 @@ use std::time::Duration;
 
 use shoal_coordinator::{Client, ClientError};
 use shoal_proto::data_plane_server::DataPlaneServer;
-use shoal_proto::{Assignment, HeartbeatRequest, OutcomeReport, ProgressReport, RankResult, RegisterWorkerRequest};
+use shoal_proto::{
+    Assignment, CheckpointCommit, CheckpointError, CheckpointManifest, DeregisterRequest, HeartbeatRequest, JobProgress, OutcomeReport,
+    ProgressReport, RankResult, RegisterWorkerRequest,
+};
 
+use crate::checkpoint::JobLink;
 use crate::collective::{DataPlaneService, Mailbox, CONNECTION_WINDOW, MAX_CHUNK_MESSAGE, MAX_FRAME, STREAM_WINDOW};
 use crate::train::{train, TrainTask};
 use crate::WorkerError;
@@ -63,6 +67,9 @@ pub async fn run_worker(
 
     let client = Arc::new(Client::new(&cfg.endpoints).map_err(|e| WorkerError::Coordinator(e.to_string()))?);
     let mut worker_id: Option<String> = None;
+    // One request id for every attempt of one registration: a retry after a lost reply gets
+    // the same worker id back instead of leaving a ghost worker behind.
+    let mut registration = shoal_coordinator::client::new_request_id();
     let mut running: Option<Running> = None;
     let mut ticker = tokio::time::interval(cfg.heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -78,7 +85,7 @@ pub async fn run_worker(
                     address: address.clone(),
                     pid: std::process::id(),
                     device: cfg.device.clone(),
-                    request_id: shoal_coordinator::client::new_request_id(),
+                    request_id: registration.clone(),
                 };
                 match client.call(|mut c| { let req = req.clone(); async move { c.register_worker(req).await } }).await {
                     Ok(r) => {
@@ -104,6 +111,7 @@ pub async fn run_worker(
         if hb.unknown_worker {
             tracing::warn!(worker = %id, "the coordinator no longer knows this worker; registering again");
             worker_id = None;
+            registration = shoal_coordinator::client::new_request_id();
         }
         let want = hb.assignment.filter(|_| !hb.unknown_worker);
         let keep = matches!((&running, &want), (Some(r), Some(a)) if r.job == a.job_id && r.generation == a.generation);
@@ -119,12 +127,59 @@ pub async fn run_worker(
             }
         }
     }
-    if let Some(r) = running.take() {
+    if let Some(r) = running.as_ref() {
         r.cancel.store(true, Ordering::Relaxed);
+    }
+    if let Some(id) = worker_id {
+        // Leaving on purpose: say so, so the job is requeued now rather than after the lease.
+        let bye = client.call(|mut c| { let worker_id = id.clone(); async move { c.deregister(DeregisterRequest { worker_id }).await } });
+        match tokio::time::timeout(Duration::from_secs(2), bye).await {
+            Ok(Ok(_)) => tracing::info!(worker = %id, "deregistered"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not deregister"),
+            Err(_) => tracing::warn!("could not deregister in time"),
+        }
+    }
+    if let Some(r) = running.take() {
         let _ = r.handle.await;
     }
     let _ = server.await;
     Ok(())
+}
+
+/// The training task's line to the coordinator, for one job generation.
+struct CoordinatorLink {
+    client: Arc<Client>,
+    rt: tokio::runtime::Handle,
+    worker_id: String,
+    job: u64,
+    generation: u64,
+}
+
+impl JobLink for CoordinatorLink {
+    fn progress(&self, p: &JobProgress) {
+        let report = ProgressReport { worker_id: self.worker_id.clone(), job_id: self.job, generation: self.generation, progress: Some(*p) };
+        let c = self.client.clone();
+        // Progress is best effort: a lost report is replaced by the next one.
+        self.rt.spawn(async move {
+            let _ = c.call(|mut c| { let r = report.clone(); async move { c.report_progress(r).await } }).await;
+        });
+    }
+
+    fn commit_checkpoint(&self, manifest: CheckpointManifest) -> Result<Vec<u64>, String> {
+        let req = CheckpointCommit { worker_id: self.worker_id.clone(), job_id: self.job, generation: self.generation, manifest: Some(manifest) };
+        let reply = self.rt.block_on(self.client.call(|mut c| { let r = req.clone(); async move { c.commit_checkpoint(r).await } }));
+        reply.map(|r| r.kept_steps).map_err(|e| e.to_string())
+    }
+
+    fn checkpoint_failed(&self, step: u64, message: String, corrupt: bool) {
+        let report = CheckpointError { worker_id: self.worker_id.clone(), job_id: self.job, generation: self.generation, step, message, corrupt };
+        let c = self.client.clone();
+        self.rt.spawn(async move {
+            if let Err(e) = c.call(|mut c| { let r = report.clone(); async move { c.report_checkpoint_error(r).await } }).await {
+                tracing::warn!(error = %e, "could not report a checkpoint error");
+            }
+        });
+    }
 }
 
 fn start_task(cfg: &WorkerConfig, worker_id: &str, a: Assignment, mailbox: Arc<Mailbox>, client: Arc<Client>) -> Running {
@@ -132,24 +187,16 @@ fn start_task(cfg: &WorkerConfig, worker_id: &str, a: Assignment, mailbox: Arc<M
     let (job, generation, rank) = (a.job_id, a.generation, a.rank);
     tracing::info!(job, generation, rank, world = a.world_size, "starting task");
     let rt = tokio::runtime::Handle::current();
-    let progress_client = client.clone();
-    let progress_rt = rt.clone();
     let wid = worker_id.to_string();
-    let pid = wid.clone();
+    let link = Arc::new(CoordinatorLink { client: client.clone(), rt: rt.clone(), worker_id: wid.clone(), job, generation });
     let task = TrainTask {
         store: cfg.store_dir.clone(),
         assignment: a,
         mailbox,
         cancel: cancel.clone(),
         collective_timeout: cfg.collective_timeout,
+        link,
         report_every: Duration::from_millis(250),
-        on_progress: Box::new(move |p| {
-            let (c, report) = (progress_client.clone(), ProgressReport { worker_id: pid.clone(), job_id: job, generation, progress: Some(*p) });
-            // Progress is best effort: a lost report is replaced by the next one.
-            progress_rt.spawn(async move {
-                let _ = c.call(|mut c| { let r = report.clone(); async move { c.report_progress(r).await } }).await;
-            });
-        }),
     };
     let cancel_flag = cancel.clone();
     let handle = tokio::task::spawn_blocking(move || {

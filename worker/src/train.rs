@@ -1,23 +1,36 @@
-//! The data-parallel training loop of one rank. Every rank starts from the same seeded
-//! parameters, reads its slice of each global batch (the order comes from (seed, epoch)),
-//! computes gradients with candle, all-reduces them over the ring, and applies the same fused
-//! optimizer update: so all ranks hold bitwise-identical parameters after every step.
+//! The data-parallel training loop of one rank. Every rank starts from the same state (seeded
+//! parameters, or the newest committed checkpoint that passes its hashes), reads its share of
+//! each global batch (the order comes from (seed, epoch)), computes gradients with candle,
+//! all-reduces them over the ring, and applies the same fused optimizer update: so all ranks
+//! hold bitwise-identical parameters after every step.
+//!
+//! Global step s is the batch at position s % steps_per_epoch of epoch s / steps_per_epoch's
+//! permutation, whatever the world size and wherever the run was resumed: a resumed run is the
+//! run that was interrupted. The global batch is split over the ranks as evenly as it goes,
+//! and each rank weighs its gradients by its share, so the sum is the global mean.
+//!
+//! Checkpoints ride on the step's all-reduce: three control slots after the gradients carry
+//! rank 0's "a checkpoint is due by the clock" vote and how many ranks have finished (or
+//! failed) writing their part of the checkpoint in flight. Every rank sees the same sums after
+//! the same step, so all agree, without another round trip, on when a checkpoint starts and
+//! when it is complete.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
-use safetensors::tensor::{Dtype, TensorView};
+use shoal_core::checkpoint::checkpoint_dir;
 use shoal_core::rng::epoch_permutation;
-use shoal_core::spec::{ModelKind, Optimizer};
 use shoal_core::JobSpec;
-use shoal_proto::{Assignment, JobProgress};
+use shoal_proto::{Assignment, CheckpointFile, CheckpointManifest, JobProgress, Message};
 
+use crate::checkpoint::{self, JobLink, PartSnapshot, StateTensor, WriteDone, Writer};
 use crate::collective::{Mailbox, Ring};
 use crate::data::ShardedDataset;
 use crate::model::Model;
+use crate::optim::Opt;
 use crate::WorkerError;
 
 pub struct TrainTask {
@@ -26,51 +39,40 @@ pub struct TrainTask {
     pub mailbox: Arc<Mailbox>,
     pub cancel: Arc<AtomicBool>,
     pub collective_timeout: Duration,
-    /// Called (on rank 0) with fresh progress, at most every `report_every`.
-    pub on_progress: Box<dyn FnMut(&JobProgress) + Send>,
+    /// Progress and checkpoint commits go to the coordinator through this.
+    pub link: Arc<dyn JobLink>,
+    /// Rank 0 reports progress at most this often.
     pub report_every: Duration,
 }
 
 pub struct TrainOutcome {
-    pub params: Vec<f32>,
     pub progress: JobProgress,
-    /// Where this rank saved its final parameters, relative to the store.
+    /// The job's model: its final checkpoint folder, relative to the store.
     pub model_path: String,
+    /// blake3 of the final parameters (f32 little-endian), the same on every rank.
     pub param_blake3: String,
 }
 
-enum OptState {
-    Sgd { velocity: Vec<f32> },
-    AdamW { m: Vec<f32>, v: Vec<f32> },
-}
+/// Slots after the gradients in the all-reduce buffer.
+const SLOT_LOSS: usize = 0;
+const SLOT_DUE: usize = 1;
+const SLOT_DONE: usize = 2;
+const SLOT_FAILED: usize = 3;
+const SLOTS: usize = 4;
 
-struct Opt {
-    cfg: Optimizer,
-    state: OptState,
+/// Everything that a checkpoint holds and a step changes.
+struct TrainState {
+    params: Vec<f32>,
+    opt: Opt,
+    /// Optimizer steps done.
     step: u64,
 }
 
-impl Opt {
-    fn new(cfg: Optimizer, n: usize) -> Opt {
-        let state = match cfg {
-            Optimizer::Sgd { .. } => OptState::Sgd { velocity: vec![0.0; n] },
-            Optimizer::AdamW { .. } => OptState::AdamW { m: vec![0.0; n], v: vec![0.0; n] },
-        };
-        Opt { cfg, state, step: 0 }
-    }
-
-    fn apply(&mut self, params: &mut [f32], grads: &[f32]) -> Result<(), WorkerError> {
-        self.step += 1;
-        match (&mut self.state, self.cfg) {
-            (OptState::Sgd { velocity }, Optimizer::Sgd { lr, momentum, weight_decay }) => {
-                shoal_kernels::sgd_momentum(params, grads, velocity, lr, momentum, weight_decay)?
-            }
-            (OptState::AdamW { m, v }, Optimizer::AdamW { lr, beta1, beta2, eps, weight_decay }) => {
-                shoal_kernels::adamw(params, grads, m, v, self.step, lr, beta1, beta2, eps, weight_decay)?
-            }
-            _ => unreachable!("optimizer state matches its config by construction"),
-        }
-        Ok(())
+impl TrainState {
+    fn fresh(model: &Model, spec: &JobSpec) -> TrainState {
+        let params = model.init(spec.training.seed);
+        let opt = Opt::new(spec.training.optimizer.resolve(), params.len());
+        TrainState { params, opt, step: 0 }
     }
 }
 
@@ -85,9 +87,9 @@ fn batch_tensors(ds: &ShardedDataset, indices: impl Iterator<Item = u64>, dev: &
     Ok((Tensor::from_vec(x, shape.as_slice(), dev)?, Tensor::from_vec(y, n, dev)?))
 }
 
-/// Runs the whole job on this rank. Blocking: call it from a blocking thread; `rt` runs the
-/// collectives.
-pub fn train(mut task: TrainTask, rt: &tokio::runtime::Handle) -> Result<TrainOutcome, WorkerError> {
+/// Runs the job on this rank until its last step and final checkpoint. Blocking: call it from
+/// a blocking thread; `rt` runs the collectives.
+pub fn train(task: TrainTask, rt: &tokio::runtime::Handle) -> Result<TrainOutcome, WorkerError> {
     let a = &task.assignment;
     let spec = JobSpec::parse(&a.spec_toml).map_err(|e| WorkerError::Spec(e.to_string()))?;
     let info = a.dataset.as_ref().ok_or_else(|| WorkerError::Data("the assignment carries no dataset".into()))?;
@@ -95,86 +97,352 @@ pub fn train(mut task: TrainTask, rt: &tokio::runtime::Handle) -> Result<TrainOu
     let model = Model::new(&spec.model, &ds.feature_shape, ds.classes)?;
     let dev = Device::Cpu;
     let (rank, world) = (a.rank as usize, a.world_size as usize);
-    if world as u32 != spec.cluster.workers || a.peers.len() != world {
-        return Err(WorkerError::Spec(format!("assignment for {world} ranks, spec asks for {}", spec.cluster.workers)));
+    if a.peers.len() != world || rank >= world {
+        return Err(WorkerError::Spec(format!("assignment for rank {rank} of {world} lists {} peers", a.peers.len())));
     }
+    spec.check_world_size(world as u32).map_err(|e| WorkerError::Spec(e.to_string()))?;
     let mut ring = Ring::new(rank, &a.peers, a.job_id, a.generation, task.mailbox.clone(), task.collective_timeout, task.cancel.clone())?;
 
-    let mut params = model.init(spec.training.seed);
-    let np = params.len();
-    let mut opt = Opt::new(spec.training.optimizer.resolve(), np);
+    let (mut state, resumed) = resume_point(&task, &spec, &model, rank)?;
+    // Every rank must continue from the same step (they read the same files, but a file can
+    // change between two reads).
+    let start = state.step;
+    let starts = rt.block_on(ring.all_gather_bytes(start.to_le_bytes().to_vec()))?;
+    if let Some(r) = starts.iter().position(|b| b[..] != start.to_le_bytes()) {
+        return Err(WorkerError::Checkpoint(format!("rank {rank} resumes from step {start}, rank {r} from another step")));
+    }
+
+    let total = spec.total_steps();
+    let steps_per_epoch = spec.steps_per_epoch();
     let global_batch = spec.training.batch_size as usize;
-    let local_batch = global_batch / world;
+    let (lo, hi) = (rank * global_batch / world, (rank + 1) * global_batch / world);
+    let share = (hi - lo) as f32 / global_batch as f32;
     let [train_start, train_end] = spec.dataset.train;
     let train_len = (train_end - train_start) as usize;
-    let steps_per_epoch = spec.steps_per_epoch();
-    let mut progress = JobProgress { total_steps: spec.total_steps(), test_accuracy: -1.0, ..Default::default() };
-    // Gradients plus one slot for the loss, so the mean loss rides along for free.
-    let mut buf = vec![0.0f32; np + 1];
-    let mut train_time = Duration::ZERO;
+    let np = model.num_params();
+    let mut progress = JobProgress {
+        step: start,
+        total_steps: total,
+        epoch: (start / steps_per_epoch) as u32,
+        test_accuracy: resumed.as_ref().map(|m| m.test_accuracy).unwrap_or(-1.0),
+        resumed_from: resumed.as_ref().map(|m| m.step),
+        ..Default::default()
+    };
+    if let Some(m) = &resumed {
+        tracing::info!(job = a.job_id, step = m.step, "resumed from checkpoint");
+    }
+    let mut ckpt = Checkpointer::new(&task, &spec, &model, &state.opt, rank, world)?;
+    let mut buf = vec![0.0f32; np + SLOTS];
+    let mut order: Option<(u64, Vec<u32>)> = None;
+    let started = Instant::now();
     let mut last_report = Instant::now();
-    let inv_world = 1.0 / world as f32;
+    // Tests slow steps down to interrupt a job mid-epoch.
+    let step_delay = shoal_core::failpoint::value("step-delay-ms").map(Duration::from_millis);
 
-    for epoch in 0..spec.training.epochs as u64 {
-        let order = epoch_permutation(train_len, spec.training.seed, epoch);
-        let t0 = Instant::now();
-        for step in 0..steps_per_epoch as usize {
-            if task.cancel.load(Ordering::Relaxed) {
-                return Err(WorkerError::Cancelled);
-            }
-            let first = step * global_batch + rank * local_batch;
-            let idx = order[first..first + local_batch].iter().map(|&i| train_start + i as u64);
-            let (x, y) = batch_tensors(&ds, idx, &dev)?;
-            buf[np] = match model.kind {
-                ModelKind::Mlp => model.mlp_loss_and_grads(&params, &x, &y, &mut buf[..np])?,
-                ModelKind::Cnn => {
-                    let vars = model.vars(&params, &dev)?;
-                    let ts: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
-                    let loss = Model::loss(&model.forward(&ts, &x)?, &y)?;
-                    let grads = loss.backward()?;
-                    for (v, p) in vars.iter().zip(&model.params) {
-                        let dst = &mut buf[p.offset..p.offset + p.len()];
-                        match grads.get(v) {
-                            Some(g) => dst.copy_from_slice(&g.flatten_all()?.to_vec1::<f32>()?),
-                            None => dst.fill(0.0),
-                        }
-                    }
-                    loss.to_scalar::<f32>()?
-                }
-            };
-            rt.block_on(ring.all_reduce_sum(&mut buf))?;
-            shoal_kernels::scale(&mut buf, inv_world);
-            opt.apply(&mut params, &buf[..np])?;
-            progress.step += 1;
-            progress.loss = buf[np] as f64;
-            if !progress.loss.is_finite() {
-                return Err(WorkerError::Diverged(progress.step));
-            }
-            if rank == 0 && last_report.elapsed() >= task.report_every {
-                let elapsed = train_time + t0.elapsed();
-                progress.samples_per_s = (progress.step * global_batch as u64) as f64 / elapsed.as_secs_f64().max(1e-9);
-                progress.train_seconds = elapsed.as_secs_f64();
-                (task.on_progress)(&progress);
-                last_report = Instant::now();
+    for step in start..total {
+        if task.cancel.load(Ordering::Relaxed) {
+            return Err(WorkerError::Cancelled);
+        }
+        if let Some(d) = step_delay {
+            std::thread::sleep(d);
+        }
+        let epoch = step / steps_per_epoch;
+        if order.as_ref().map(|(e, _)| *e) != Some(epoch) {
+            order = Some((epoch, epoch_permutation(train_len, spec.training.seed, epoch)));
+        }
+        let perm = &order.as_ref().expect("set above").1;
+        let first = (step % steps_per_epoch) as usize * global_batch;
+        let idx = perm[first + lo..first + hi].iter().map(|&i| train_start + i as u64);
+        let (x, y) = batch_tensors(&ds, idx, &dev)?;
+        buf[np + SLOT_LOSS] = model.loss_and_grads(&state.params, &x, &y, share, &mut buf[..np])?;
+        ckpt.vote(&mut buf[np..]);
+        rt.block_on(ring.all_reduce_sum(&mut buf))?;
+        state.opt.apply(&mut state.params, &buf[..np])?;
+        state.step = step + 1;
+        progress.step = state.step;
+        progress.loss = buf[np + SLOT_LOSS] as f64;
+        if !progress.loss.is_finite() {
+            return Err(WorkerError::Diverged(progress.step));
+        }
+        ckpt.after_step(&buf[np..], &state, progress.test_accuracy, &mut ring, rt)?;
+        progress.checkpoints_skipped = ckpt.skipped;
+        let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+        progress.samples_per_s = ((state.step - start) * global_batch as u64) as f64 / elapsed;
+        progress.train_seconds = elapsed;
+        if state.step % steps_per_epoch == 0 {
+            progress.epoch = (state.step / steps_per_epoch) as u32;
+            if let Some(test) = spec.dataset.test {
+                progress.test_accuracy = evaluate(&model, &state.params, &ds, test, rank, world, &mut ring, rt, &dev)?;
+                tracing::info!(epoch = progress.epoch, accuracy = progress.test_accuracy, loss = progress.loss, "epoch done");
             }
         }
-        train_time += t0.elapsed();
-        progress.epoch = epoch as u32 + 1;
-        progress.samples_per_s = (progress.step * global_batch as u64) as f64 / train_time.as_secs_f64().max(1e-9);
-        progress.train_seconds = train_time.as_secs_f64();
-        if let Some(test) = spec.dataset.test {
-            progress.test_accuracy = evaluate(&model, &params, &ds, test, rank, world, &mut ring, rt, &dev)?;
-            tracing::info!(epoch = progress.epoch, accuracy = progress.test_accuracy, loss = progress.loss, "epoch done");
-        }
-        if rank == 0 {
-            (task.on_progress)(&progress);
+        if rank == 0 && (state.step % steps_per_epoch == 0 || last_report.elapsed() >= task.report_every) {
+            task.link.progress(&progress);
             last_report = Instant::now();
         }
     }
 
-    let rel = format!("jobs/{}/gen-{}/rank-{}.safetensors", a.job_id, a.generation, rank);
-    let param_blake3 = save_params(&task.store, &rel, &model, &params)?;
-    Ok(TrainOutcome { params, progress, model_path: rel, param_blake3 })
+    let model_path = ckpt.finish(&state, progress.test_accuracy, &mut ring, rt)?;
+    let param_blake3 = blake3::hash(&crate::collective::f32_le_bytes(&state.params)).to_hex().to_string();
+    Ok(TrainOutcome { progress, model_path, param_blake3 })
+}
+
+/// The state to start from: the newest committed checkpoint that loads, else a fresh one.
+/// Rank 0 reports each checkpoint that fails its hashes, so it stops being a resume point. A
+/// checkpoint that does not fit the model is an error: resuming past it would silently drop
+/// training the user asked to keep.
+fn resume_point(task: &TrainTask, spec: &JobSpec, model: &Model, rank: usize) -> Result<(TrainState, Option<CheckpointManifest>), WorkerError> {
+    for m in &task.assignment.checkpoints {
+        let mut s = TrainState::fresh(model, spec);
+        match checkpoint::restore(&task.store, m, model, &mut s.params, &mut s.opt) {
+            Ok(()) => {
+                s.step = m.step;
+                return Ok((s, Some(m.clone())));
+            }
+            Err(e) if e.is_damage() => {
+                tracing::error!(step = m.step, error = %e, "checkpoint is damaged; trying the one before");
+                if rank == 0 {
+                    task.link.checkpoint_failed(m.step, format!("not loaded: {e}"), true);
+                }
+            }
+            Err(e) => return Err(WorkerError::Checkpoint(e.to_string())),
+        }
+    }
+    Ok((TrainState::fresh(model, spec), None))
+}
+
+/// A checkpoint being written: this rank's part, and what the manifest needs from the moment
+/// it was taken.
+struct InFlight {
+    step: u64,
+    optimizer_step: u64,
+    test_accuracy: f64,
+    /// This rank's part, once its write ended.
+    mine: Option<Result<CheckpointFile, String>>,
+}
+
+/// The checkpoint side of the step loop: when to take one, the snapshot, the background
+/// writer, agreement on completion, and the manifest.
+struct Checkpointer {
+    writer: Writer,
+    link: Arc<dyn JobLink>,
+    store: PathBuf,
+    every_steps: Option<u64>,
+    every: Option<Duration>,
+    last_start: Instant,
+    in_flight: Option<InFlight>,
+    /// The snapshot buffer, back from the writer for reuse.
+    spare: Vec<f32>,
+    /// Checkpoints that came due while one was in flight.
+    skipped: u64,
+    tensors: Vec<StateTensor>,
+    mine: Vec<usize>,
+    rank: usize,
+    world: usize,
+    total: u64,
+    steps_per_epoch: u64,
+    /// Every manifest field that does not change from one checkpoint to the next.
+    base: CheckpointManifest,
+}
+
+impl Checkpointer {
+    fn new(task: &TrainTask, spec: &JobSpec, model: &Model, opt: &Opt, rank: usize, world: usize) -> Result<Checkpointer, WorkerError> {
+        let a = &task.assignment;
+        let tensors = checkpoint::state_tensors(model, opt);
+        let mine = checkpoint::assign_parts(&tensors, world).swap_remove(rank);
+        Ok(Checkpointer {
+            writer: Writer::spawn(task.store.clone(), task.link.clone())?,
+            link: task.link.clone(),
+            store: task.store.clone(),
+            every_steps: spec.checkpoint.every_steps,
+            every: spec.checkpoint.every_seconds.map(Duration::from_secs_f64),
+            last_start: Instant::now(),
+            in_flight: None,
+            spare: Vec::new(),
+            skipped: 0,
+            tensors,
+            mine,
+            rank,
+            world,
+            total: spec.total_steps(),
+            steps_per_epoch: spec.steps_per_epoch(),
+            base: CheckpointManifest {
+                job_id: a.job_id,
+                seed: spec.training.seed,
+                world_size: world as u32,
+                model_kind: model.kind_name().into(),
+                optimizer_kind: opt.kind().into(),
+                num_params: model.num_params() as u64,
+                spec_toml: a.spec_toml.clone(),
+                generation: a.generation,
+                ..Default::default()
+            },
+        })
+    }
+
+    /// Takes in what the writer finished: this rank's part of the checkpoint in flight, and
+    /// (rank 0) the outcome of commits.
+    fn absorb(&mut self, done: WriteDone) {
+        match done {
+            WriteDone::Part { step, result, buffer } => {
+                self.spare = buffer;
+                match &mut self.in_flight {
+                    Some(f) if f.step == step => f.mine = Some(result),
+                    // The part of an abandoned checkpoint: nobody waits for it.
+                    _ => {}
+                }
+            }
+            WriteDone::Finalized { step, result: Err(e) } => {
+                tracing::warn!(step, error = %e, "checkpoint was not committed");
+                self.link.checkpoint_failed(step, format!("not committed: {e}"), false);
+            }
+            WriteDone::Finalized { step, result: Ok(kept) } => tracing::info!(step, ?kept, "checkpoint committed"),
+        }
+    }
+
+    /// Fills this rank's control slots for the coming all-reduce.
+    fn vote(&mut self, slots: &mut [f32]) {
+        while let Some(d) = self.writer.try_done() {
+            self.absorb(d);
+        }
+        let due_by_clock = self.rank == 0 && self.every.is_some_and(|d| self.last_start.elapsed() >= d);
+        let mine = self.in_flight.as_ref().and_then(|f| f.mine.as_ref());
+        slots[SLOT_DUE] = due_by_clock as u8 as f32;
+        slots[SLOT_DONE] = matches!(mine, Some(Ok(_))) as u8 as f32;
+        slots[SLOT_FAILED] = matches!(mine, Some(Err(_))) as u8 as f32;
+    }
+
+    /// After a step's update, with the summed control slots: settles the checkpoint in flight
+    /// and starts the next one if it is due.
+    fn after_step(&mut self, sums: &[f32], state: &TrainState, test_accuracy: f64, ring: &mut Ring, rt: &tokio::runtime::Handle) -> Result<(), WorkerError> {
+        self.settle(sums, ring, rt)?;
+        let due = self.every_steps.is_some_and(|n| state.step.is_multiple_of(n)) || sums[SLOT_DUE] > 0.0;
+        // The last step's checkpoint is the final one, which `finish` writes.
+        if due && state.step < self.total {
+            self.last_start = Instant::now();
+            if self.in_flight.is_some() {
+                self.skipped += 1;
+                tracing::info!(step = state.step, "checkpoint due while the previous one is being written; skipped");
+            } else {
+                self.start(state, test_accuracy);
+            }
+        }
+        Ok(())
+    }
+
+    /// What every rank concludes from the same sums: any failure abandons the checkpoint in
+    /// flight; all parts written completes it.
+    fn settle(&mut self, sums: &[f32], ring: &mut Ring, rt: &tokio::runtime::Handle) -> Result<(), WorkerError> {
+        let Some(f) = &self.in_flight else { return Ok(()) };
+        if sums[SLOT_FAILED] > 0.0 {
+            let f = self.in_flight.take().expect("checked above");
+            // Each rank whose own write failed says why; the job keeps its previous
+            // checkpoint and keeps training.
+            if let Some(Err(e)) = f.mine {
+                tracing::error!(step = f.step, error = %e, "checkpoint write failed");
+                self.link.checkpoint_failed(f.step, format!("write failed: {e}"), false);
+            }
+        } else if sums[SLOT_DONE] as usize == self.world && f.mine.is_some() {
+            self.complete(ring, rt)?;
+        }
+        Ok(())
+    }
+
+    fn start(&mut self, state: &TrainState, test_accuracy: f64) {
+        let dir = self.store.join(checkpoint_dir(self.base.job_id, state.step));
+        let snapshot = PartSnapshot::take(
+            state.step,
+            self.rank as u32,
+            self.base.generation,
+            dir,
+            &self.tensors,
+            &self.mine,
+            &state.params,
+            &state.opt,
+            std::mem::take(&mut self.spare),
+        );
+        self.writer.write_part(snapshot);
+        self.in_flight = Some(InFlight { step: state.step, optimizer_step: state.opt.step, test_accuracy, mine: None });
+    }
+
+    /// Every part is written: gather the parts' records; rank 0 writes the manifest and
+    /// commits it in the background.
+    fn complete(&mut self, ring: &mut Ring, rt: &tokio::runtime::Handle) -> Result<(), WorkerError> {
+        let f = self.in_flight.take().expect("a checkpoint in flight");
+        let Some(Ok(file)) = f.mine else { unreachable!("complete only after this rank's part was written") };
+        let records = rt.block_on(ring.all_gather_bytes(file.encode_to_vec()))?;
+        if self.rank == 0 {
+            let files = records
+                .iter()
+                .map(|b| CheckpointFile::decode(&b[..]))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| WorkerError::Collective(format!("a peer sent a bad checkpoint record: {e}")))?;
+            let manifest = CheckpointManifest {
+                step: f.step,
+                epoch: (f.step / self.steps_per_epoch) as u32,
+                position: f.step % self.steps_per_epoch,
+                optimizer_step: f.optimizer_step,
+                test_accuracy: f.test_accuracy,
+                dir: checkpoint_dir(self.base.job_id, f.step),
+                files,
+                ..self.base.clone()
+            };
+            self.writer.finalize(manifest);
+        }
+        Ok(())
+    }
+
+    /// Blocks until this rank's part of the checkpoint in flight is written (or failed).
+    fn wait_mine(&mut self) -> Result<(), WorkerError> {
+        while self.in_flight.as_ref().is_some_and(|f| f.mine.is_none()) {
+            let done = self.writer.wait_done().ok_or_else(|| WorkerError::Checkpoint("the checkpoint writer stopped".into()))?;
+            self.absorb(done);
+        }
+        Ok(())
+    }
+
+    /// One all-reduce of the control slots alone, when there is no step to carry them.
+    fn sync(&mut self, ring: &mut Ring, rt: &tokio::runtime::Handle) -> Result<[f32; SLOTS], WorkerError> {
+        self.wait_mine()?;
+        let mut slots = [0.0f32; SLOTS];
+        self.vote(&mut slots);
+        slots[SLOT_DUE] = 0.0;
+        rt.block_on(ring.all_reduce_sum(&mut slots))?;
+        Ok(slots)
+    }
+
+    /// After the last step: lets the checkpoint in flight land, then writes and commits the
+    /// final one (the job's model) and waits for its commit. Returns its folder.
+    fn finish(&mut self, state: &TrainState, test_accuracy: f64, ring: &mut Ring, rt: &tokio::runtime::Handle) -> Result<String, WorkerError> {
+        if self.in_flight.is_some() {
+            let sums = self.sync(ring, rt)?;
+            self.settle(&sums, ring, rt)?;
+        }
+        self.start(state, test_accuracy);
+        let sums = self.sync(ring, rt)?;
+        if sums[SLOT_FAILED] > 0.0 {
+            let why = match self.in_flight.take().and_then(|f| f.mine) {
+                Some(Err(e)) => e,
+                _ => "a write failed on another rank".into(),
+            };
+            return Err(WorkerError::Checkpoint(format!("the final checkpoint (step {}) could not be written: {why}", state.step)));
+        }
+        self.complete(ring, rt)?;
+        if self.rank == 0 {
+            // Rank 0 reports success only once the model is committed.
+            loop {
+                match self.writer.wait_done() {
+                    Some(WriteDone::Finalized { step, result }) if step == state.step => {
+                        result.map_err(|e| WorkerError::Checkpoint(format!("the final checkpoint (step {step}) was not committed: {e}")))?;
+                        break;
+                    }
+                    Some(other) => self.absorb(other),
+                    None => return Err(WorkerError::Checkpoint("the checkpoint writer stopped".into())),
+                }
+            }
+        }
+        Ok(checkpoint_dir(self.base.job_id, state.step))
+    }
 }
 
 /// Accuracy on the test range; each rank scores its share, then the counts are summed.
@@ -207,19 +475,4 @@ fn evaluate(
     let mut counts = [correct as f32, (hi - lo) as f32];
     rt.block_on(ring.all_reduce_sum(&mut counts))?;
     Ok(counts[0] as f64 / counts[1].max(1.0) as f64)
-}
-
-/// Saves the parameters as safetensors (one tensor per parameter, by name) and returns the
-/// blake3 of the raw parameter bytes.
-pub fn save_params(store: &Path, rel: &str, model: &Model, params: &[f32]) -> Result<String, WorkerError> {
-    let bytes = crate::collective::f32_le_bytes(params);
-    let views = model
-        .params
-        .iter()
-        .map(|p| Ok((p.name.clone(), TensorView::new(Dtype::F32, p.shape.clone(), &bytes[p.offset * 4..(p.offset + p.len()) * 4])?)))
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
-        .map_err(|e| WorkerError::Io(e.to_string()))?;
-    let out = safetensors::serialize(views, None).map_err(|e| WorkerError::Io(e.to_string()))?;
-    shoal_core::fsutil::write_atomic(&store.join(rel), &out).map_err(|e| WorkerError::Io(e.to_string()))?;
-    Ok(blake3::hash(&bytes).to_hex().to_string())
 }

@@ -56,10 +56,55 @@ impl UpCluster {
 
     /// `shoal up ARGS... --dir DIR`.
     pub fn start_with(args: &[&str]) -> UpCluster {
+        Self::start_env(args, &[])
+    }
+
+    /// `shoal up ARGS... --dir DIR` with `envs` set for it and every process it starts.
+    pub fn start_env(args: &[&str], envs: &[(&str, &str)]) -> UpCluster {
         let tmp = tempfile::tempdir().unwrap();
         let c = UpCluster { tmp };
-        ok(shoal().arg("up").args(args).arg("--dir").arg(c.dir()));
+        ok(shoal().arg("up").args(args).arg("--dir").arg(c.dir()).envs(envs.iter().copied()));
         c
+    }
+
+    /// The coordinators' addresses, comma-separated.
+    pub fn endpoints(&self) -> String {
+        let s = json(&mut self.cmd(&["status", "--json"]));
+        let eps: Vec<&str> = s["coordinators"].as_array().unwrap().iter().filter_map(|c| c["address"].as_str()).collect();
+        eps.join(",")
+    }
+
+    /// Starts `n` more workers (one compute thread each, so runs compare bitwise whatever the
+    /// machine) with `envs`, and waits until the cluster has registered them.
+    pub fn spawn_workers(&self, n: usize, envs: &[(&str, &str)]) -> Vec<Proc> {
+        // Every registration adds a worker id (lost ones stay listed), so the count only grows.
+        let registered = |c: &UpCluster| json(&mut c.cmd(&["status", "--json"]))["workers"].as_array().unwrap().len();
+        let before = registered(self);
+        let eps = self.endpoints();
+        let procs: Vec<Proc> = (0..n)
+            .map(|_| {
+                let i = NEXT_WORKER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut cmd = shoal();
+                cmd.args(["serve", "worker", "--threads", "1", "--endpoints", &eps, "--store"]).arg(self.store()).envs(envs.iter().copied());
+                Proc::spawn(&mut cmd, &self.tmp.path().join(format!("worker-{i}.log")))
+            })
+            .collect();
+        wait_for("the new workers to register", Duration::from_secs(30), || (registered(self) >= before + n).then_some(()));
+        procs
+    }
+
+    pub fn job(&self, id: &str) -> serde_json::Value {
+        json(&mut self.cmd(&["job", "status", id, "--json"]))
+    }
+
+    /// Waits until job `id`'s status satisfies `pred` and returns it.
+    pub fn wait_job(&self, id: &str, what: &str, timeout: Duration, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        wait_for(what, timeout, || Some(self.job(id)).filter(|j| pred(j)))
+    }
+
+    /// Waits until job `id` ends (any terminal state) and returns its status.
+    pub fn wait_end(&self, id: &str) -> serde_json::Value {
+        self.wait_job(id, "the job to end", Duration::from_secs(180), |j| ["succeeded", "failed", "cancelled"].contains(&j["state"].as_str().unwrap_or("")))
     }
 
     pub fn dir(&self) -> PathBuf {
@@ -99,6 +144,8 @@ impl Drop for UpCluster {
     }
 }
 
+static NEXT_WORKER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// A child process killed and reaped on drop.
 pub struct Proc(pub Option<Child>);
 
@@ -114,6 +161,11 @@ impl Proc {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Whether it has exited (reaping it if so).
+    pub fn exited(&mut self) -> bool {
+        matches!(self.0.as_mut().map(|c| c.try_wait()), Some(Ok(Some(_))) | None)
     }
 }
 
