@@ -536,6 +536,9 @@ async fn job(cmd: JobCmd) -> Result<()> {
             }
         }
         JobCmd::Resume { id, workers, conn, json } => {
+            if workers == Some(0) {
+                bail!("--workers must be at least 1");
+            }
             let client = conn.client()?;
             let request_id = shoal_coordinator::client::new_request_id();
             let j = client

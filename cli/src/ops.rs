@@ -98,6 +98,13 @@ pub fn job_json(j: &JobInfo) -> Value {
         "checkpoint": last.map(|m| json!(m.step)).unwrap_or(Value::Null),
         "resumed_from": p.resumed_from.map(|s| json!(s)).unwrap_or(Value::Null),
         "checkpoints_skipped": p.checkpoints_skipped,
+        "phase_ms": {
+            "data": p.phase_data_ms,
+            "forward_backward": p.phase_compute_ms,
+            "collective": p.phase_collective_ms,
+            "optimizer": p.phase_optimizer_ms,
+            "checkpoint": p.phase_checkpoint_ms,
+        },
         "checkpoint_error": nonempty(&j.checkpoint_error),
         "restarts": j.restarts,
         "restart_cause": nonempty(&j.restart_cause),

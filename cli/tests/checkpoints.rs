@@ -318,3 +318,17 @@ fn checkpoints_list_show_and_export_for_pytorch() {
     ok(&mut c.cmd(&["job", "cancel", &waiting]));
     assert_eq!(c.job(&id)["state"], "succeeded");
 }
+
+#[test]
+fn checkpoints_come_due_by_the_clock_too() {
+    let c = UpCluster::start_env(&["--workers", "2"], &[SLOW]);
+    c.import_mnist("mnist");
+    // No step interval: only rank 0's clock (every 0.4 s of ~3 s of training) and the end.
+    let text = spec(SGD, 100).replace("every_steps = 10\n", "every_seconds = 0.4\n");
+    let job = c.submit_follow(&c.write_spec("clock.toml", &text));
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let steps = checkpoint_steps(&c, &job["id"].to_string());
+    assert!(steps.len() >= 4, "expected several timed checkpoints: {steps:?}");
+    assert_eq!(steps.last(), Some(&96));
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
+}

@@ -19,7 +19,6 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 
-use memmap2::{Advice, Mmap};
 use shoal_core::checkpoint::{job_checkpoints_dir, parse_step_dir, validate_manifest, MANIFEST_FILE};
 use shoal_core::failpoint;
 use shoal_core::fsutil::{sync_dir, write_atomic};
@@ -193,7 +192,7 @@ fn f32_bytes(xs: &[f32]) -> std::borrow::Cow<'_, [u8]> {
 /// fsynced, hashing on a second thread while the first writes. Returns (bytes, blake3 hex).
 /// `step` arms the fault points of checkpoint writes (None: an export, no fault points).
 fn write_file(dir: &Path, name: &str, tag: &str, pieces: &[&[u8]], step: Option<u64>) -> Result<(u64, String), CheckpointError> {
-    std::fs::create_dir_all(dir).map_err(|e| CheckpointError::io(dir, e))?;
+    shoal_core::fsutil::create_dirs_durably(dir).map_err(|e| CheckpointError::io(dir, e))?;
     let tmp = dir.join(format!(".{name}.tmp.{tag}"));
     let (written, hash) = std::thread::scope(|s| {
         let hasher = s.spawn(|| {
@@ -241,13 +240,112 @@ pub fn write_part(s: &PartSnapshot) -> Result<CheckpointFile, CheckpointError> {
     Ok(CheckpointFile { name, bytes, blake3, rank: s.rank })
 }
 
-/// Reads every file of a checkpoint, checks it against the manifest (size, then blake3, then
-/// safetensors structure), and hands each tensor (name, shape, little-endian f32 bytes) to
-/// `each`. The first bad file is the error, by name; nothing is handed out of a bad file.
+/// Bytes read, hashed and handed out at a time, and how many such buffers a read keeps in
+/// flight: a reader thread keeps the disk busy while the caller's thread hashes and copies.
+const PIECE: usize = 4 << 20;
+const PIECES_IN_FLIGHT: usize = 4;
+/// Largest safetensors header accepted (a checkpoint's is a few KB).
+const MAX_HEADER: u64 = 64 << 20;
+
+/// Reads `file` (`len` bytes) front to back in pieces on a second thread and hands each piece,
+/// with its offset, to `consume` on this one. An error of either side ends both.
+fn read_pieces(
+    path: &Path,
+    file: File,
+    len: u64,
+    mut consume: impl FnMut(u64, &[u8]) -> Result<(), CheckpointError>,
+) -> Result<(), CheckpointError> {
+    use std::io::Read as _;
+    std::thread::scope(|s| {
+        let (full_tx, full_rx) = mpsc::sync_channel::<std::io::Result<Vec<u8>>>(PIECES_IN_FLIGHT);
+        let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+        for _ in 0..PIECES_IN_FLIGHT {
+            let _ = empty_tx.send(Vec::new());
+        }
+        s.spawn(move || {
+            let mut file = file;
+            let mut left = len;
+            while left > 0 {
+                // Ends when the consumer is gone (it stopped on an error).
+                let Ok(mut buf) = empty_rx.recv() else { return };
+                let n = left.min(PIECE as u64) as usize;
+                buf.resize(n, 0);
+                let read = file.read_exact(&mut buf).map(|_| buf);
+                let failed = read.is_err();
+                if full_tx.send(read).is_err() || failed {
+                    return;
+                }
+                left -= n as u64;
+            }
+        });
+        let mut pos = 0u64;
+        while pos < len {
+            let piece = full_rx
+                .recv()
+                .map_err(|_| CheckpointError::io(path, std::io::Error::other("the reader thread stopped")))?
+                .map_err(|e| CheckpointError::io(path, e))?;
+            consume(pos, &piece)?;
+            pos += piece.len() as u64;
+            let _ = empty_tx.send(piece);
+        }
+        Ok(())
+    })
+}
+
+/// One tensor of a safetensors file: its byte range in the file, name and shape.
+#[derive(Debug)]
+struct Span {
+    start: u64,
+    end: u64,
+    name: String,
+    shape: Vec<usize>,
+}
+
+/// Parses a safetensors header of f32 tensors (the JSON after the length prefix) and checks
+/// that the tensors tile the `data_len` bytes after it exactly. Spans come in file order.
+fn parse_header(json: &[u8], data_start: u64, data_len: u64) -> Result<Vec<Span>, String> {
+    let v: serde_json::Value = serde_json::from_slice(json).map_err(|e| format!("header is not JSON: {e}"))?;
+    let obj = v.as_object().ok_or("header is not a JSON object")?;
+    let mut spans = Vec::new();
+    for (name, t) in obj.iter().filter(|(k, _)| *k != "__metadata__") {
+        let bad = |what: &str| format!("tensor {name}: {what}");
+        if t["dtype"] != "F32" {
+            return Err(bad(&format!("dtype {} is not F32", t["dtype"])));
+        }
+        let shape: Vec<usize> = t["shape"].as_array().ok_or_else(|| bad("no shape"))?.iter().map(|d| d.as_u64().map(|d| d as usize)).collect::<Option<_>>().ok_or_else(|| bad("bad shape"))?;
+        let offsets = t["data_offsets"].as_array().filter(|o| o.len() == 2).ok_or_else(|| bad("no data_offsets"))?;
+        let (Some(a), Some(b)) = (offsets[0].as_u64(), offsets[1].as_u64()) else { return Err(bad("bad data_offsets")) };
+        let elems = shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64)).ok_or_else(|| bad("shape overflows"))?;
+        if b < a || b - a != elems.saturating_mul(4) {
+            return Err(bad(&format!("data_offsets [{a}, {b}) do not hold {elems} f32 values")));
+        }
+        spans.push(Span { start: data_start + a, end: data_start + b, name: name.clone(), shape });
+    }
+    spans.sort_by_key(|s| s.start);
+    let mut at = data_start;
+    for s in &spans {
+        if s.start != at {
+            return Err(format!("tensor {} starts at byte {}, expected {at} (a gap or an overlap)", s.name, s.start));
+        }
+        at = s.end;
+    }
+    if at != data_start + data_len {
+        return Err(format!("tensors end at byte {at}, the file at {}", data_start + data_len));
+    }
+    Ok(spans)
+}
+
+/// Reads every file of a checkpoint and checks it against the manifest: its size, its
+/// safetensors structure and its blake3. Each tensor is handed to `each` in pieces, as
+/// `(name, shape, offset of the piece in the tensor's bytes, piece)` (little-endian f32), in
+/// the same pass that hashes the file, while a second thread keeps reading ahead: a restore
+/// reads every byte once, at about the disk's speed. The first bad file is the error, by name;
+/// it can come after some of that file's pieces were handed out, so callers drop what they
+/// built on error.
 pub fn read_tensors(
     store: &Path,
     m: &CheckpointManifest,
-    mut each: impl FnMut(&str, &[usize], &[u8]) -> Result<(), CheckpointError>,
+    mut each: impl FnMut(&str, &[usize], usize, &[u8]) -> Result<(), CheckpointError>,
 ) -> Result<(), CheckpointError> {
     validate_manifest(m, m.job_id).map_err(CheckpointError::Mismatch)?;
     let dir = store.join(&m.dir);
@@ -258,20 +356,62 @@ pub fn read_tensors(
         if len != f.bytes {
             return Err(CheckpointError::corrupt(&path, format!("{len} bytes, the manifest says {} (truncated or torn)", f.bytes)));
         }
-        // SAFETY: checkpoint files are written once under a temporary name and renamed into
-        // place; nothing writes them in place afterwards.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| CheckpointError::io(&path, e))?;
-        let _ = map.advise(Advice::Sequential);
-        let hash = blake3::hash(&map).to_hex().to_string();
+        let mut hasher = blake3::Hasher::new();
+        let mut head = Vec::new();
+        let mut spans: Option<Vec<Span>> = None;
+        // A structural problem is reported after hashing, as a hash mismatch when it is one.
+        let mut broken: Option<String> = None;
+        let mut next = 0usize;
+        read_pieces(&path, file, len, |pos, piece| {
+            hasher.update(piece);
+            if broken.is_some() {
+                return Ok(());
+            }
+            if spans.is_none() {
+                head.extend_from_slice(piece);
+                if head.len() < 8 {
+                    return Ok(());
+                }
+                let n = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+                if n > MAX_HEADER || n > len - 8 {
+                    broken = Some(format!("header length {n} does not fit a {len}-byte file"));
+                    return Ok(());
+                }
+                if (head.len() as u64) < 8 + n {
+                    return Ok(());
+                }
+                match parse_header(&head[8..8 + n as usize], 8 + n, len - 8 - n) {
+                    Ok(s) => spans = Some(s),
+                    Err(e) => {
+                        broken = Some(e);
+                        return Ok(());
+                    }
+                }
+                head = Vec::new();
+            }
+            let spans = spans.as_ref().expect("parsed above");
+            let end = pos + piece.len() as u64;
+            while let Some(s) = spans.get(next) {
+                if s.start >= end {
+                    break;
+                }
+                let (lo, hi) = (s.start.max(pos), s.end.min(end));
+                if lo < hi {
+                    each(&s.name, &s.shape, (lo - s.start) as usize, &piece[(lo - pos) as usize..(hi - pos) as usize])?;
+                }
+                if s.end > end {
+                    break;
+                }
+                next += 1;
+            }
+            Ok(())
+        })?;
+        let hash = hasher.finalize().to_hex().to_string();
         if hash != f.blake3 {
             return Err(CheckpointError::corrupt(&path, format!("blake3 {hash} does not match the manifest's {}", f.blake3)));
         }
-        let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| CheckpointError::corrupt(&path, e.to_string()))?;
-        for (name, view) in st.iter() {
-            if view.dtype() != safetensors::Dtype::F32 {
-                return Err(CheckpointError::corrupt(&path, format!("tensor {name} is {:?}, not F32", view.dtype())));
-            }
-            each(name, view.shape(), view.data())?;
+        if let Some(why) = broken.or_else(|| spans.is_none().then(|| "no complete safetensors header".to_string())) {
+            return Err(CheckpointError::corrupt(&path, why));
         }
     }
     Ok(())
@@ -302,17 +442,18 @@ pub fn restore(store: &Path, m: &CheckpointManifest, model: &Model, params: &mut
     let tensors = state_tensors(model, opt);
     let index: HashMap<&str, usize> = tensors.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
     let mut seen = vec![false; tensors.len()];
-    read_tensors(store, m, |name, shape, data| {
+    read_tensors(store, m, |name, shape, at, piece| {
         let i = *index.get(name).ok_or_else(|| CheckpointError::Mismatch(format!("{what}: tensor {name} belongs to no parameter of this model")))?;
         let t = &tensors[i];
         if shape != t.shape.as_slice() {
             return Err(CheckpointError::Mismatch(format!("{what}: tensor {name} has shape {shape:?}, this model's is {:?}", t.shape)));
         }
-        if std::mem::replace(&mut seen[i], true) {
+        if at == 0 && std::mem::replace(&mut seen[i], true) {
             return Err(CheckpointError::Mismatch(format!("{what}: tensor {name} appears twice")));
         }
         let dst = if t.buffer == 0 { &mut params[..] } else { &mut opt.buffers[t.buffer - 1][..] };
-        copy_le(&mut dst[t.offset..t.offset + t.len()], data);
+        let from = t.offset + at / 4;
+        copy_le(&mut dst[from..from + piece.len() / 4], piece);
         Ok(())
     })?;
     if let Some(i) = seen.iter().position(|s| !s) {
@@ -327,12 +468,16 @@ pub fn restore(store: &Path, m: &CheckpointManifest, model: &Model, params: &mut
 /// `load_state_dict`. Returns the tensors written (name, shape), in module order.
 pub fn export_pytorch(store: &Path, m: &CheckpointManifest, out: &Path) -> Result<Vec<(String, Vec<usize>)>, CheckpointError> {
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    read_tensors(store, m, |name, shape, data| {
-        if !name.starts_with("optimizer.") {
+    read_tensors(store, m, |name, shape, at, piece| {
+        if name.starts_with("optimizer.") {
+            return Ok(());
+        }
+        if at == 0 {
             let renamed = pytorch_name(&m.model_kind, name)
                 .ok_or_else(|| CheckpointError::Mismatch(format!("tensor {name} of a {} checkpoint has no PyTorch name", m.model_kind)))?;
-            tensors.push((renamed, shape.to_vec(), data.to_vec()));
+            tensors.push((renamed, shape.to_vec(), Vec::new()));
         }
+        tensors.last_mut().expect("a tensor's first piece comes first").2.extend_from_slice(piece);
         Ok(())
     })?;
     // Module order: by module index, weight before bias.
@@ -595,6 +740,49 @@ mod tests {
         let mut got = vec![0f32; fc1.len()];
         copy_le(&mut got, w.data());
         assert_eq!(got, p[fc1.offset..fc1.offset + fc1.len()]);
+    }
+
+    #[test]
+    fn tensors_larger_than_a_read_piece_restore_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = Model::new(&ModelSpec { kind: "mlp".into(), hidden: Some(vec![1500]), channels: None }, &[28, 28], 10).unwrap();
+        assert!(big.params[0].len() * 4 > PIECE, "fc0.weight must span read pieces");
+        let mut opt = Opt::new(Optimizer::Sgd { lr: 0.1, momentum: 0.9, weight_decay: 0.0 }, big.num_params());
+        let mut p = big.init(5);
+        let g = vec![0.5; p.len()];
+        opt.apply(&mut p, &g).unwrap();
+        let tensors = state_tensors(&big, &opt);
+        let rel = shoal_core::checkpoint::checkpoint_dir(7, 1);
+        let mine: Vec<usize> = (0..tensors.len()).collect();
+        let s = PartSnapshot::take(1, 0, 1, dir.path().join(&rel), &tensors, &mine, &p, &opt, Vec::new());
+        let file = write_part(&s).unwrap();
+        let m = CheckpointManifest {
+            job_id: 7,
+            step: 1,
+            world_size: 1,
+            model_kind: "mlp".into(),
+            optimizer_kind: "sgd".into(),
+            optimizer_step: 1,
+            num_params: big.num_params() as u64,
+            files: vec![file],
+            dir: rel,
+            ..Default::default()
+        };
+        let (mut q, mut o) = (big.init(0), Opt::new(opt.cfg, big.num_params()));
+        restore(dir.path(), &m, &big, &mut q, &mut o).unwrap();
+        assert!(q == p && o.buffers == opt.buffers);
+    }
+
+    #[test]
+    fn headers_must_tile_the_data_exactly() {
+        let t = |name: &str, a: u64, b: u64| format!("\"{name}\":{{\"dtype\":\"F32\",\"shape\":[{}],\"data_offsets\":[{a},{b}]}}", (b - a) / 4);
+        let ok = format!("{{{},{}}}", t("a", 0, 8), t("b", 8, 16));
+        assert_eq!(parse_header(ok.as_bytes(), 100, 16).unwrap().iter().map(|s| (s.start, s.end)).collect::<Vec<_>>(), vec![(100, 108), (108, 116)]);
+        let gap = format!("{{{},{}}}", t("a", 0, 8), t("b", 12, 20));
+        assert!(parse_header(gap.as_bytes(), 100, 20).unwrap_err().contains("gap"));
+        assert!(parse_header(ok.as_bytes(), 100, 24).unwrap_err().contains("end"));
+        assert!(parse_header(b"{\"a\":{\"dtype\":\"I64\"}}", 0, 0).unwrap_err().contains("F32"));
+        assert!(parse_header(b"not json", 0, 0).is_err());
     }
 
     #[test]

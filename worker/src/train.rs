@@ -60,6 +60,36 @@ const SLOT_DONE: usize = 2;
 const SLOT_FAILED: usize = 3;
 const SLOTS: usize = 4;
 
+/// Time spent per phase of a step, summed over a window of steps.
+#[derive(Default)]
+struct Phases {
+    steps: u32,
+    data: Duration,
+    compute: Duration,
+    collective: Duration,
+    optimizer: Duration,
+    checkpoint: Duration,
+}
+
+impl Phases {
+    /// Writes the mean milliseconds per step into `p`.
+    fn report(&self, p: &mut JobProgress) {
+        let per = |d: Duration| d.as_secs_f64() * 1e3 / self.steps.max(1) as f64;
+        p.phase_data_ms = per(self.data);
+        p.phase_compute_ms = per(self.compute);
+        p.phase_collective_ms = per(self.collective);
+        p.phase_optimizer_ms = per(self.optimizer);
+        p.phase_checkpoint_ms = per(self.checkpoint);
+    }
+}
+
+/// Adds the time since `*mark` to `total` and moves the mark to now.
+fn lap(mark: &mut Instant, total: &mut Duration) {
+    let now = Instant::now();
+    *total += now - *mark;
+    *mark = now;
+}
+
 /// Everything that a checkpoint holds and a step changes.
 struct TrainState {
     params: Vec<f32>,
@@ -135,9 +165,13 @@ pub fn train(task: TrainTask, rt: &tokio::runtime::Handle) -> Result<TrainOutcom
     let mut buf = vec![0.0f32; np + SLOTS];
     let mut order: Option<(u64, Vec<u32>)> = None;
     let started = Instant::now();
+    // Evaluation is not training: samples/s counts the steps' time alone.
+    let mut eval_time = Duration::ZERO;
     let mut last_report = Instant::now();
     // Tests slow steps down to interrupt a job mid-epoch.
     let step_delay = shoal_core::failpoint::value("step-delay-ms").map(Duration::from_millis);
+    let mut phases = Phases::default();
+    let mut finished_an_epoch = false;
 
     for step in start..total {
         if task.cancel.load(Ordering::Relaxed) {
@@ -146,6 +180,7 @@ pub fn train(task: TrainTask, rt: &tokio::runtime::Handle) -> Result<TrainOutcom
         if let Some(d) = step_delay {
             std::thread::sleep(d);
         }
+        let mut mark = Instant::now();
         let epoch = step / steps_per_epoch;
         if order.as_ref().map(|(e, _)| *e) != Some(epoch) {
             order = Some((epoch, epoch_permutation(train_len, spec.training.seed, epoch)));
@@ -154,25 +189,41 @@ pub fn train(task: TrainTask, rt: &tokio::runtime::Handle) -> Result<TrainOutcom
         let first = (step % steps_per_epoch) as usize * global_batch;
         let idx = perm[first + lo..first + hi].iter().map(|&i| train_start + i as u64);
         let (x, y) = batch_tensors(&ds, idx, &dev)?;
+        lap(&mut mark, &mut phases.data);
         buf[np + SLOT_LOSS] = model.loss_and_grads(&state.params, &x, &y, share, &mut buf[..np])?;
+        lap(&mut mark, &mut phases.compute);
         ckpt.vote(&mut buf[np..]);
+        lap(&mut mark, &mut phases.checkpoint);
         rt.block_on(ring.all_reduce_sum(&mut buf))?;
+        lap(&mut mark, &mut phases.collective);
         state.opt.apply(&mut state.params, &buf[..np])?;
         state.step = step + 1;
+        lap(&mut mark, &mut phases.optimizer);
         progress.step = state.step;
         progress.loss = buf[np + SLOT_LOSS] as f64;
         if !progress.loss.is_finite() {
             return Err(WorkerError::Diverged(progress.step));
         }
         ckpt.after_step(&buf[np..], &state, progress.test_accuracy, &mut ring, rt)?;
+        lap(&mut mark, &mut phases.checkpoint);
+        phases.steps += 1;
         progress.checkpoints_skipped = ckpt.skipped;
-        let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+        let elapsed = (started.elapsed() - eval_time).as_secs_f64().max(1e-9);
         progress.samples_per_s = ((state.step - start) * global_batch as u64) as f64 / elapsed;
         progress.train_seconds = elapsed;
+        if !finished_an_epoch {
+            // Until an epoch ends, the running window is all there is.
+            phases.report(&mut progress);
+        }
         if state.step % steps_per_epoch == 0 {
             progress.epoch = (state.step / steps_per_epoch) as u32;
+            phases.report(&mut progress);
+            phases = Phases::default();
+            finished_an_epoch = true;
             if let Some(test) = spec.dataset.test {
+                let t = Instant::now();
                 progress.test_accuracy = evaluate(&model, &state.params, &ds, test, rank, world, &mut ring, rt, &dev)?;
+                eval_time += t.elapsed();
                 tracing::info!(epoch = progress.epoch, accuracy = progress.test_accuracy, loss = progress.loss, "epoch done");
             }
         }
