@@ -52,6 +52,16 @@ fn hash(job: &serde_json::Value) -> &str {
     job["results"][0]["param_blake3"].as_str().unwrap_or_else(|| panic!("no results: {job}"))
 }
 
+/// Submits `spec`, cancels it once a checkpoint at `min_step` or later is committed, and
+/// returns its id and committed steps.
+fn run_then_cancel(c: &UpCluster, spec: &Path, min_step: u64) -> (String, Vec<u64>) {
+    let id = submit(c, spec);
+    c.wait_job(&id, "a committed checkpoint", Duration::from_secs(60), |j| j["checkpoint"].as_u64().is_some_and(|s| s >= min_step));
+    ok(&mut c.cmd(&["job", "cancel", &id]));
+    let steps = checkpoint_steps(c, &id);
+    (id, steps)
+}
+
 fn checkpoint_steps(c: &UpCluster, id: &str) -> Vec<u64> {
     let l = json(&mut c.cmd(&["checkpoint", "list", id, "--json"]));
     l.as_array().unwrap().iter().map(|m| m["step"].as_u64().unwrap()).collect()
@@ -153,10 +163,7 @@ fn a_corrupted_checkpoint_is_named_and_the_one_before_it_loads() {
     let _workers = c.spawn_workers(2, &[SLOW]);
     let spec = c.write_spec("sgd.toml", &spec(SGD, 10));
     let reference = c.submit_follow(&spec);
-    let id = submit(&c, &spec);
-    c.wait_job(&id, "two committed checkpoints", Duration::from_secs(60), |j| j["checkpoint"].as_u64().is_some_and(|s| s >= 30));
-    ok(&mut c.cmd(&["job", "cancel", &id]));
-    let steps = checkpoint_steps(&c, &id);
+    let (id, steps) = run_then_cancel(&c, &spec, 30);
     let (latest, previous) = (steps[steps.len() - 1], steps[steps.len() - 2]);
     let victim = c.store().join(format!("jobs/{id}/checkpoints/step-{latest}/part-1.safetensors"));
     let mut bytes = std::fs::read(&victim).unwrap();
@@ -206,10 +213,7 @@ fn a_two_worker_checkpoint_resumes_on_three_workers() {
     let _workers = c.spawn_workers(3, &[SLOW]);
     let spec = c.write_spec("sgd.toml", &spec(SGD, 20));
     let reference = c.submit_follow(&spec);
-    let id = submit(&c, &spec);
-    c.wait_job(&id, "a committed checkpoint", Duration::from_secs(60), |j| j["checkpoint"].as_u64().is_some_and(|s| s >= 20));
-    ok(&mut c.cmd(&["job", "cancel", &id]));
-    let before = checkpoint_steps(&c, &id);
+    let (id, before) = run_then_cancel(&c, &spec, 20);
     let resumed = json(&mut c.cmd(&["job", "resume", &id, "--workers", "3", "--json"]));
     assert_eq!((resumed["state"].as_str(), resumed["world_size"].as_u64()), (Some("queued"), Some(3)), "{resumed}");
     let done = c.wait_end(&id);

@@ -526,7 +526,7 @@ mod tests {
         sm.apply(index, cmd(command::Kind::RankOutcome(r))).unwrap();
     }
 
-    /// Submits spec(2) (10 steps) and places it on w1, w2.
+    /// Submits spec(2) (10 steps) and places it on the idle workers; returns (job, generation).
     fn running_job(sm: &mut StateMachine) -> (u64, u64) {
         let ApplyOutput::Job(job) = sm.apply(5, cmd(command::Kind::SubmitJob(spec(2)))).unwrap() else { panic!() };
         let (id, gen, workers) = sm.next_placement(|_| true).unwrap();
@@ -564,12 +564,7 @@ mod tests {
         assert_eq!(job.state(), JobState::Failed);
         assert!(job.error.contains("different parameters"), "{}", job.error);
 
-        let (id, gen) = {
-            let ApplyOutput::Job(j) = sm.apply(10, cmd(command::Kind::SubmitJob(spec(2)))).unwrap() else { panic!() };
-            let (_, gen, workers) = sm.next_placement(|_| true).unwrap();
-            sm.apply(11, cmd(command::Kind::JobAssigned(JobAssigned { job_id: j.id, generation: gen, workers }))).unwrap();
-            (j.id, gen)
-        };
+        let (id, gen) = running_job(&mut sm);
         commit(&mut sm, 12, id, gen, 5).unwrap();
         outcome(&mut sm, 13, id, gen, "w1", "h");
         outcome(&mut sm, 14, id, gen, "w2", "h");
