@@ -264,6 +264,14 @@ enum ServeCmd {
         /// Write the bound address to this file once listening.
         #[arg(long)]
         addr_file: Option<PathBuf>,
+        /// The cluster's id (recorded in the data folder; a mismatch is refused). Default: the
+        /// one the folder records, or one derived from --peers for a new folder.
+        #[arg(long)]
+        cluster_id: Option<String>,
+        /// `new`: a new folder starts a new replica. `existing`: the cluster exists, so the
+        /// folder must hold this replica's state (an empty one is refused).
+        #[arg(long, default_value = "new", value_parser = ["new", "existing"])]
+        initial_state: String,
     },
     /// One worker.
     Worker {
@@ -639,7 +647,7 @@ fn parse_peers(id: u64, listen: &str, peers: &[String]) -> Result<BTreeMap<u64, 
 async fn serve(cmd: ServeCmd) -> Result<()> {
     init_logs();
     match cmd {
-        ServeCmd::Coordinator { id, listen, peers, data, store, lease_ms, addr_file } => {
+        ServeCmd::Coordinator { id, listen, peers, data, store, lease_ms, addr_file, cluster_id, initial_state } => {
             let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
             let addr = listener.local_addr()?.to_string();
             let mut peers = parse_peers(id, &listen, &peers)?;
@@ -650,7 +658,15 @@ async fn serve(cmd: ServeCmd) -> Result<()> {
                 shoal_core::fsutil::write_atomic(&f, addr.as_bytes())?;
             }
             tracing::info!(id, %addr, "coordinator listening");
-            let cfg = CoordinatorConfig { id, peers, data_dir: data, store_dir: store, lease: Duration::from_millis(lease_ms) };
+            let cfg = CoordinatorConfig {
+                id,
+                peers,
+                data_dir: data,
+                store_dir: store,
+                lease: Duration::from_millis(lease_ms),
+                cluster_id,
+                existing: initial_state == "existing",
+            };
             shoal_coordinator::serve(cfg, listener, shutdown_signal()).await?;
         }
         ServeCmd::Worker { endpoints, store, listen, advertise, device, threads: _, heartbeat_ms, collective_timeout_s } => {

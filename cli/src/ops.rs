@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
+use shoal_coordinator::client::Code;
 use shoal_coordinator::{Client, ClientError};
-use shoal_core::dataset::{version_dir, write_shards, Records, DEFAULT_RECORDS_PER_SHARD};
+use shoal_core::dataset::{import_dir, write_manifest, write_shards, Records, DEFAULT_RECORDS_PER_SHARD};
 use shoal_core::idx::read_idx_file;
 use shoal_proto::*;
 
@@ -16,8 +17,11 @@ pub async fn store_dir(client: &Client) -> Result<PathBuf> {
     Ok(PathBuf::from(s.node.unwrap_or_default().store_dir))
 }
 
-/// Reads IDX files, writes them as the next version of dataset `name` into the cluster's
-/// store, and registers it. On any failure nothing stays behind.
+/// Reads IDX files, writes them into a folder of the cluster's store that is this import's
+/// alone, and registers them as the next version of dataset `name` (the coordinator picks the
+/// number). A registration that was refused leaves nothing behind; one whose outcome is
+/// unknown (no coordinator answered) keeps its files and says so, since they may be
+/// registered.
 pub async fn import_idx(client: &Client, name: &str, files: &[PathBuf], per_shard: usize) -> Result<DatasetInfo> {
     shoal_core::dataset::validate_name(name)?;
     if files.is_empty() {
@@ -29,34 +33,38 @@ pub async fn import_idx(client: &Client, name: &str, files: &[PathBuf], per_shar
     }
     let records = Records::from_idx(arrays)?;
     let store = store_dir(client).await?;
-    let n = name.to_string();
-    let latest = match client.call(|mut c| { let name = n.clone(); async move { c.get_dataset(GetDatasetRequest { name, version: 0 }).await } }).await {
-        Ok(d) => d.version,
-        Err(ClientError::Rpc(s)) if s.code() == shoal_coordinator::client::Code::NotFound => 0,
-        Err(e) => return Err(e.into()),
+    let request_id = shoal_coordinator::client::new_request_id();
+    let folder = import_dir(name, &request_id)?;
+    let info = match write_shards(&store, name, &folder, &records, per_shard.max(1)) {
+        Ok(info) => info,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(store.join(&folder));
+            return Err(e.into());
+        }
     };
-    let version = latest + 1;
-    let dir = store.join(version_dir(name, version));
-    if dir.exists() {
-        // Left by an import that failed before registering: it holds nothing registered.
-        std::fs::remove_dir_all(&dir).with_context(|| format!("removing stale {}", dir.display()))?;
+    let registered = client
+        .call(|mut c| {
+            let req = RegisterDatasetRequest { dataset: Some(info.clone()), request_id: request_id.clone() };
+            async move { c.register_dataset(req).await }
+        })
+        .await;
+    match registered {
+        Ok(d) => {
+            if let Err(e) = write_manifest(&store, &d) {
+                tracing::warn!(error = %e, "could not write the dataset manifest beside its shards");
+            }
+            Ok(d)
+        }
+        Err(ClientError::Rpc(s)) if matches!(s.code(), Code::FailedPrecondition | Code::InvalidArgument) => {
+            // Refused by the state machine: nothing refers to this import's folder.
+            let _ = std::fs::remove_dir_all(store.join(&folder));
+            Err(ClientError::Rpc(s).into())
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!(
+            "registering dataset {name}: the outcome is unknown, so its shards in {} were kept (they may be registered)",
+            store.join(&folder).display()
+        ))),
     }
-    let result = async {
-        let info = write_shards(&store, name, version, &records, per_shard.max(1))?;
-        let request_id = shoal_coordinator::client::new_request_id();
-        let registered = client
-            .call(|mut c| {
-                let req = RegisterDatasetRequest { dataset: Some(info.clone()), request_id: request_id.clone() };
-                async move { c.register_dataset(req).await }
-            })
-            .await?;
-        anyhow::Ok(registered)
-    }
-    .await;
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    result
 }
 
 pub fn default_per_shard() -> usize {

@@ -6,26 +6,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// A tiny learnable dataset: 4x4 images, the label is whether the top half is brighter.
-fn write_tiny_idx(dir: &std::path::Path) -> [std::path::PathBuf; 2] {
-    let n = 512;
-    let mut rng = shoal_core::rng::SplitMix64::new(3);
-    let mut x = Vec::new();
-    let mut y = Vec::new();
-    for _ in 0..n {
-        let img: Vec<u8> = (0..16).map(|_| (rng.next_u64() % 256) as u8).collect();
-        let top: u32 = img[..8].iter().map(|&b| b as u32).sum();
-        let bottom: u32 = img[8..].iter().map(|&b| b as u32).sum();
-        y.push((top > bottom) as u8);
-        x.extend(img);
-    }
-    let xp = dir.join("tiny-images.idx");
-    let yp = dir.join("tiny-labels.idx");
-    std::fs::write(&xp, shoal_core::idx::encode_idx_u8(&[n, 4, 4], &x)).unwrap();
-    std::fs::write(&yp, shoal_core::idx::encode_idx_u8(&[n], &y)).unwrap();
-    [xp, yp]
-}
-
 const TINY_SPEC: &str = r#"
 name = "tiny"
 [model]

@@ -47,6 +47,10 @@ impl Layout {
     pub fn worker_dir(&self, n: u64) -> PathBuf {
         self.dir.join("workers").join(n.to_string())
     }
+    /// The cluster's id, kept across `down` and `up`: its presence says the cluster exists.
+    pub fn cluster_id_file(&self) -> PathBuf {
+        self.dir.join("cluster-id")
+    }
 
     pub fn read(&self) -> Result<ClusterFile, ClusterError> {
         let path = self.cluster_file();
@@ -160,6 +164,17 @@ pub async fn up(layout: &Layout, opts: &UpOptions) -> Result<ClusterFile, Cluste
     }
     check_not_running(layout)?;
 
+    // A folder that ran a cluster before brings its replicas back with their state: each must
+    // find it (an emptied replica folder is refused rather than rejoining as if it never voted).
+    let (cluster_id, existing) = match std::fs::read_to_string(layout.cluster_id_file()) {
+        Ok(id) => (id.trim().to_string(), true),
+        Err(_) => {
+            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+            let id = blake3::hash(format!("{nanos}-{}", std::process::id()).as_bytes()).to_hex()[..16].to_string();
+            shoal_core::fsutil::write_atomic(&layout.cluster_id_file(), id.as_bytes()).map_err(|e| ClusterError::Io(e.to_string()))?;
+            (id, false)
+        }
+    };
     let mut file = ClusterFile { store_dir: layout.store().display().to_string(), ..Default::default() };
     let ids: Vec<u64> = (1..=opts.coordinators).collect();
     let mut peers = Vec::new();
@@ -178,6 +193,8 @@ pub async fn up(layout: &Layout, opts: &UpOptions) -> Result<ClusterFile, Cluste
             "--data".into(), dir.display().to_string(),
             "--store".into(), layout.store().display().to_string(),
             "--lease-ms".into(), lease_ms.clone(),
+            "--cluster-id".into(), cluster_id.clone(),
+            "--initial-state".into(), if existing { "existing" } else { "new" }.into(),
         ];
         let pid = spawn(&opts.exe, &args, &dir, &[])?;
         file.coordinators.push(ClusterProcess { id: *id, address: addr.clone(), pid, dir: dir.display().to_string() });

@@ -2,7 +2,9 @@
 //! answered; when that one is unreachable or not the leader, the call moves on to the next,
 //! until a deadline.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use shoal_proto::coordinator_client::CoordinatorClient;
@@ -45,6 +47,22 @@ pub struct Client {
     channels: Vec<Channel>,
     preferred: AtomicUsize,
     deadline: Duration,
+    /// Channels to leaders learned from hints that are not among `endpoints`.
+    hinted: Mutex<HashMap<String, Channel>>,
+}
+
+/// How long one attempt may take before the call moves to another replica: well under a
+/// worker's lease (5 s by default), so a hung replica cannot cost a worker its lease.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn channel(url: &str) -> Result<Channel, ClientError> {
+    let ep = Endpoint::from_shared(url.to_string()).map_err(|err| ClientError::BadEndpoint(url.to_string(), err.to_string()))?;
+    Ok(ep.connect_timeout(Duration::from_secs(2)).timeout(Duration::from_secs(10)).connect_lazy())
+}
+
+/// Errors another replica, or the same one a moment later, may answer differently.
+fn retryable(s: &Status) -> bool {
+    matches!(s.code(), Code::Unavailable | Code::Unknown | Code::DeadlineExceeded) && s.metadata().get("shoal-final").is_none()
 }
 
 impl Client {
@@ -53,15 +71,9 @@ impl Client {
         if endpoints.is_empty() {
             return Err(ClientError::BadEndpoint(String::new(), "no coordinator endpoints given".into()));
         }
-        let mut channels = Vec::new();
-        let mut norm = Vec::new();
-        for e in endpoints {
-            let url = endpoint_url(e);
-            let ep = Endpoint::from_shared(url.clone()).map_err(|err| ClientError::BadEndpoint(e.clone(), err.to_string()))?;
-            channels.push(ep.connect_timeout(Duration::from_secs(2)).timeout(Duration::from_secs(30)).connect_lazy());
-            norm.push(url);
-        }
-        Ok(Client { endpoints: norm, channels, preferred: AtomicUsize::new(0), deadline: Duration::from_secs(15) })
+        let norm: Vec<String> = endpoints.iter().map(|e| endpoint_url(e)).collect();
+        let channels = norm.iter().map(|u| channel(u)).collect::<Result<_, _>>()?;
+        Ok(Client { endpoints: norm, channels, preferred: AtomicUsize::new(0), deadline: Duration::from_secs(15), hinted: Mutex::default() })
     }
 
     /// How long a call keeps trying other replicas before giving up.
@@ -76,10 +88,16 @@ impl Client {
 
     /// A client for one specific replica (for per-replica status).
     pub fn single(&self, i: usize) -> CoordinatorClient<Channel> {
-        CoordinatorClient::new(self.channels[i].clone()).max_decoding_message_size(MAX_MESSAGE)
+        Self::client(self.channels[i].clone())
     }
 
-    /// Runs `f` against a replica, failing over on `Unavailable` (unreachable or not leader).
+    fn client(ch: Channel) -> CoordinatorClient<Channel> {
+        CoordinatorClient::new(ch).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    /// Runs `f` against a replica. Every error that another replica (or a later try) may
+    /// answer differently moves it on: unreachable, not the leader (straight to the leader a
+    /// follower names), timed out. Writes carry request ids, so a retry is applied once.
     pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, ClientError>
     where
         F: Fn(CoordinatorClient<Channel>) -> Fut,
@@ -88,25 +106,59 @@ impl Client {
         let start = Instant::now();
         let n = self.channels.len();
         let mut i = self.preferred.load(Ordering::Relaxed) % n;
+        let mut hint: Option<Channel> = None;
+        let mut hops = 0;
         let mut backoff = Duration::from_millis(50);
+        let mut last = String::from("no attempt finished");
         loop {
-            match f(self.single(i)).await {
-                Ok(r) => {
-                    self.preferred.store(i, Ordering::Relaxed);
+            let remaining = self.deadline.saturating_sub(start.elapsed());
+            if remaining.is_zero() {
+                return Err(ClientError::Unreachable { endpoints: self.endpoints.join(","), last });
+            }
+            let (target, hinted) = match hint.take() {
+                Some(ch) => (Self::client(ch), true),
+                None => (self.single(i), false),
+            };
+            let error = match tokio::time::timeout(ATTEMPT_TIMEOUT.min(remaining), f(target)).await {
+                Ok(Ok(r)) => {
+                    if !hinted {
+                        self.preferred.store(i, Ordering::Relaxed);
+                    }
                     return Ok(r.into_inner());
                 }
-                Err(s) if matches!(s.code(), Code::Unavailable | Code::Unknown) && s.metadata().get("shoal-final").is_none() => {
-                    if start.elapsed() >= self.deadline {
-                        return Err(ClientError::Unreachable { endpoints: self.endpoints.join(","), last: s.message().to_string() });
-                    }
-                    i = (i + 1) % n;
-                    if i == self.preferred.load(Ordering::Relaxed) % n {
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_millis(500));
-                    }
+                Ok(Err(s)) if retryable(&s) => s,
+                Ok(Err(s)) => return Err(ClientError::Rpc(s)),
+                Err(_) => Status::deadline_exceeded(format!("no answer within {:?}", ATTEMPT_TIMEOUT.min(remaining))),
+            };
+            last = error.message().to_string();
+            let leader = error.metadata().get("shoal-leader").and_then(|v| v.to_str().ok()).map(endpoint_url);
+            // Follow a hint at once, a few times; after that, pause between rounds.
+            if let Some(url) = leader.filter(|_| hops < 3) {
+                hops += 1;
+                match self.endpoints.iter().position(|e| *e == url) {
+                    Some(j) => i = j,
+                    None => hint = Some(self.hinted_channel(&url)?),
                 }
-                Err(s) => return Err(ClientError::Rpc(s)),
+                continue;
+            }
+            hops = 0;
+            i = (i + 1) % n;
+            if i == self.preferred.load(Ordering::Relaxed) % n || n == 1 {
+                tokio::time::sleep(backoff.min(remaining)).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
             }
         }
+    }
+
+    fn hinted_channel(&self, url: &str) -> Result<Channel, ClientError> {
+        let mut map = self.hinted.lock().expect("hint lock");
+        if let Some(ch) = map.get(url) {
+            return Ok(ch.clone());
+        }
+        let ch = channel(url)?;
+        if map.len() < 16 {
+            map.insert(url.to_string(), ch.clone());
+        }
+        Ok(ch)
     }
 }

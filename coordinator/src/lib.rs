@@ -21,12 +21,18 @@ pub use server::{serve, CoordinatorConfig};
 pub enum CoordError {
     #[error("io: {0}")]
     Io(String),
+    #[error("{path}: corrupt record at offset {offset}: {reason}; refusing to start (a replica with a damaged log must be restored or replaced, not trusted)")]
+    CorruptLog { path: String, offset: u64, reason: String },
     #[error("raft: {0}")]
     Raft(String),
+    #[error("the request is {0} bytes; one coordinator write takes at most {max} bytes", max = crate::node::MAX_COMMAND)]
+    TooLarge(usize),
     #[error("not the leader (leader id {0}, 0 if unknown)")]
     NotLeader(u64),
     #[error("{0}")]
     Config(String),
+    #[error("{0}")]
+    Identity(String),
     #[error("{0} is in use by another coordinator process")]
     Locked(String),
     #[error("grpc server: {0}")]

@@ -46,6 +46,11 @@ pub struct Core {
     next_proposal: u64,
 }
 
+/// The largest command one Raft entry may carry, checked before it is proposed: the log's
+/// frame limit is 64 MiB, and an entry that was acknowledged must never be too large to
+/// replay.
+pub const MAX_COMMAND: usize = 16 << 20;
+
 /// Raft timing in ticks; the shell ticks every `TICK`.
 pub const TICK: std::time::Duration = std::time::Duration::from_millis(100);
 const ELECTION_TICKS: usize = 10;
@@ -120,16 +125,30 @@ impl Core {
     /// Proposes `cmd`; `reply` (if any) gets the apply result. Fails at once when this
     /// replica is not the leader.
     pub fn propose(&mut self, mut cmd: Command, reply: Option<Reply>) -> Result<(), CoordError> {
-        if !self.is_leader() {
-            return Err(CoordError::NotLeader(self.leader_id()));
-        }
         self.next_proposal = self.next_proposal.wrapping_add(1);
         cmd.proposal_id = self.next_proposal;
-        self.raw.propose(vec![], cmd.encode_to_vec()).map_err(|e| CoordError::Raft(e.to_string()))?;
-        if let Some(r) = reply {
-            self.pending.insert(cmd.proposal_id, r);
+        let bytes = cmd.encode_to_vec();
+        let proposed = if !self.is_leader() {
+            Err(CoordError::NotLeader(self.leader_id()))
+        } else if bytes.len() > MAX_COMMAND {
+            Err(CoordError::TooLarge(bytes.len()))
+        } else {
+            self.raw.propose(vec![], bytes).map_err(|e| CoordError::Raft(e.to_string()))
+        };
+        match (proposed, reply) {
+            (Ok(()), Some(r)) => {
+                self.pending.insert(cmd.proposal_id, r);
+                Ok(())
+            }
+            (Ok(()), None) => Ok(()),
+            (Err(e), r) => {
+                // The caller hears why at once instead of waiting for a reply that never comes.
+                if let Some(r) = r {
+                    let _ = r.send(Err(e.to_string()));
+                }
+                Err(e)
+            }
         }
-        Ok(())
     }
 
     /// Drops waiting proposals whose caller gave up, and fails all of them after losing the
@@ -220,5 +239,41 @@ impl Core {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::eraftpb::ConfState;
+    use shoal_proto::{command, DatasetInfo};
+
+    struct NoDisk;
+
+    impl Persist for NoDisk {
+        fn append_entries(&mut self, _: &[Entry]) -> Result<(), CoordError> {
+            Ok(())
+        }
+        fn set_hard_state(&mut self, _: &HardState) -> Result<(), CoordError> {
+            Ok(())
+        }
+        fn sync(&mut self) -> Result<(), CoordError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_command_too_large_to_replay_is_refused_before_it_is_proposed() {
+        let storage = MemStorage::new_with_conf_state(ConfState::from((vec![1], vec![])));
+        let mut core = Core::new(1, storage, Arc::default()).unwrap();
+        core.campaign_if_alone();
+        while !core.is_leader() {
+            core.on_ready(&mut NoDisk).unwrap();
+        }
+        let huge = DatasetInfo { name: "x".repeat(MAX_COMMAND + 1), ..Default::default() };
+        let cmd = Command { proposal_id: 0, request_id: String::new(), kind: Some(command::Kind::RegisterDataset(huge)) };
+        let e = core.propose(cmd, None).unwrap_err();
+        assert!(matches!(e, CoordError::TooLarge(n) if n > MAX_COMMAND), "{e}");
+        assert!(e.to_string().contains("16777216"), "{e}");
     }
 }

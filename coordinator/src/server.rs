@@ -31,6 +31,49 @@ pub struct CoordinatorConfig {
     pub store_dir: PathBuf,
     /// A worker that sends no heartbeat for this long is declared lost.
     pub lease: Duration,
+    /// The cluster this replica belongs to. None: the one its data folder records, or (a new
+    /// folder) one derived from the peer list, so replicas started alike agree.
+    pub cluster_id: Option<String>,
+    /// The cluster exists already: this replica's data folder must hold its state.
+    pub existing: bool,
+}
+
+/// Reads, checks or (new folder) writes the data folder's identity; returns the cluster id.
+fn check_identity(cfg: &CoordinatorConfig) -> Result<String, CoordError> {
+    let path = cfg.data_dir.join("identity.pb");
+    let shown = cfg.data_dir.display();
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let id = ReplicaIdentity::decode(&bytes[..]).map_err(|e| CoordError::Identity(format!("{}: corrupt: {e}", path.display())))?;
+            if id.node_id != cfg.id {
+                return Err(CoordError::Identity(format!(
+                    "{shown} holds the state of replica {} of cluster {}; refusing to run it as replica {}",
+                    id.node_id, id.cluster_id, cfg.id
+                )));
+            }
+            if let Some(c) = cfg.cluster_id.as_ref().filter(|c| **c != id.cluster_id) {
+                return Err(CoordError::Identity(format!("{shown} belongs to cluster {}, not {c}", id.cluster_id)));
+            }
+            Ok(id.cluster_id)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if cfg.existing && !cfg.data_dir.join("raft.log").exists() {
+                return Err(CoordError::Identity(format!(
+                    "{shown} holds no state, but replica {} belongs to an existing cluster: its log and votes are gone (a wiped or wrong folder). \
+                     Rejoining as if it never voted could elect two leaders; remove the replica from the group and add a new one instead",
+                    cfg.id
+                )));
+            }
+            let cluster_id = cfg.cluster_id.clone().unwrap_or_else(|| {
+                let peers: Vec<String> = cfg.peers.iter().map(|(id, a)| format!("{id}={a}")).collect();
+                blake3::hash(peers.join(",").as_bytes()).to_hex()[..16].to_string()
+            });
+            let id = ReplicaIdentity { cluster_id: cluster_id.clone(), node_id: cfg.id };
+            shoal_core::fsutil::write_atomic(&path, &id.encode_to_vec()).map_err(|e| CoordError::Io(e.to_string()))?;
+            Ok(cluster_id)
+        }
+        Err(e) => Err(CoordError::Io(format!("{}: {e}", path.display()))),
+    }
 }
 
 enum Input {
@@ -60,6 +103,9 @@ struct Volatile {
 
 struct Shared {
     cfg: CoordinatorConfig,
+    cluster_id: String,
+    /// Raft messages refused (see `RaftTransport::send`).
+    dropped: std::sync::atomic::AtomicU64,
     address: String,
     state: Arc<RwLock<StateMachine>>,
     view: RwLock<RaftView>,
@@ -80,13 +126,15 @@ pub async fn serve(
     if !cfg.peers.contains_key(&cfg.id) {
         return Err(CoordError::Config(format!("peer list {:?} does not include this replica's id {}", cfg.peers.keys(), cfg.id)));
     }
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| CoordError::Io(format!("{}: {e}", cfg.data_dir.display())))?;
-    std::fs::create_dir_all(&cfg.store_dir).map_err(|e| CoordError::Io(format!("{}: {e}", cfg.store_dir.display())))?;
+    for dir in [&cfg.data_dir, &cfg.store_dir] {
+        shoal_core::fsutil::create_dirs_durably(dir).map_err(|e| CoordError::Io(format!("{}: {e}", dir.display())))?;
+    }
     let lock_path = cfg.data_dir.join("LOCK");
     let lock = std::fs::File::create(&lock_path).map_err(|e| CoordError::Io(format!("{}: {e}", lock_path.display())))?;
     if lock.try_lock().is_err() {
         return Err(CoordError::Locked(cfg.data_dir.display().to_string()));
     }
+    let cluster_id = check_identity(&cfg)?;
     let voters: Vec<u64> = cfg.peers.keys().copied().collect();
     let (log, recovered) = LogFile::open(&cfg.data_dir, &voters)?;
     tracing::info!(entries = recovered.entries, fresh = recovered.fresh, truncated = recovered.truncated_bytes, "raft log opened");
@@ -98,32 +146,51 @@ pub async fn serve(
     let (tx, rx) = mpsc::channel(INBOX);
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
+        cluster_id: cluster_id.clone(),
+        dropped: Default::default(),
         address,
         state,
         view: RwLock::new(RaftView::default()),
         volatile: Mutex::new(Volatile::default()),
         inbox: tx,
     });
-    let peers = spawn_peer_senders(&cfg);
-    let driver = tokio::spawn(drive(core, log, rx, peers, shared.clone()));
+    let peers = spawn_peer_senders(&cfg, &cluster_id);
+    let mut driver = tokio::spawn(drive(core, log, rx, peers, shared.clone()));
 
     let svc = CoordinatorServer::new(Api(shared.clone())).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
     let raft_svc = RaftTransportServer::new(Api(shared.clone())).max_decoding_message_size(MAX_MESSAGE);
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let result = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .add_service(svc)
         .add_service(raft_svc)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .map_err(|e| CoordError::Transport(e.to_string()));
-    driver.abort();
+        .serve_with_incoming_shutdown(incoming, shutdown);
+    let result = tokio::select! {
+        r = server => {
+            driver.abort();
+            r.map_err(|e| CoordError::Transport(e.to_string()))
+        }
+        // The Ready loop ended: it panicked, or could not persist. Stop serving at once: a
+        // replica without its Raft loop would answer from a frozen view that may still say
+        // "leader".
+        ended = &mut driver => Err(match ended {
+            Ok(Err(e)) => e,
+            Ok(Ok(())) => CoordError::Raft("the raft loop stopped".into()),
+            Err(e) => {
+                let what = e.try_into_panic().ok().and_then(|p| p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())));
+                CoordError::Raft(format!("the raft loop panicked: {}", what.unwrap_or_else(|| "unknown panic".into())))
+            }
+        }),
+    };
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "coordinator replica stopping");
+    }
     drop(lock);
     result
 }
 
 /// One sender task per remote peer, each with a bounded queue: a slow peer drops messages
 /// (Raft retransmits) instead of blocking the loop.
-fn spawn_peer_senders(cfg: &CoordinatorConfig) -> HashMap<u64, mpsc::Sender<RaftMessage>> {
+fn spawn_peer_senders(cfg: &CoordinatorConfig, cluster_id: &str) -> HashMap<u64, mpsc::Sender<RaftMessage>> {
     let mut out = HashMap::new();
     for (&id, addr) in &cfg.peers {
         if id == cfg.id {
@@ -135,11 +202,12 @@ fn spawn_peer_senders(cfg: &CoordinatorConfig) -> HashMap<u64, mpsc::Sender<Raft
             continue;
         };
         let channel = ep.connect_timeout(Duration::from_secs(1)).timeout(Duration::from_secs(2)).connect_lazy();
+        let cluster_id = cluster_id.to_string();
         tokio::spawn(async move {
             let mut client = RaftTransportClient::new(channel).max_encoding_message_size(MAX_MESSAGE);
             while let Some(m) = rx.recv().await {
                 let Ok(bytes) = m.write_to_bytes() else { continue };
-                if let Err(e) = client.send(RaftEnvelope { message: bytes }).await {
+                if let Err(e) = client.send(RaftEnvelope { message: bytes, cluster_id: cluster_id.clone() }).await {
                     tracing::debug!(peer = id, error = %e.message(), "raft send failed");
                 }
             }
@@ -156,14 +224,19 @@ async fn drive(
     mut rx: mpsc::Receiver<Input>,
     peers: HashMap<u64, mpsc::Sender<RaftMessage>>,
     shared: Arc<Shared>,
-) {
+) -> Result<(), CoordError> {
     let mut ticker = tokio::time::interval(TICK);
+    let mut ticks = 0u64;
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut was_leader = false;
     let mut recent: HashMap<String, Instant> = HashMap::new();
     loop {
         tokio::select! {
             _ = ticker.tick() => {
+                ticks += 1;
+                if shoal_core::failpoint::hit("raft-loop-panic", ticks) {
+                    panic!("failpoint raft-loop-panic at tick {ticks}");
+                }
                 core.tick();
                 core.sweep_pending();
                 if core.is_leader() {
@@ -180,7 +253,7 @@ async fn drive(
                     }
                 }
                 Some(Input::Raft(m)) => core.step(m),
-                None => return,
+                None => return Ok(()),
             },
         }
         match core.on_ready(&mut log) {
@@ -191,12 +264,9 @@ async fn drive(
                     }
                 }
             }
-            Err(e) => {
-                // A replica that cannot persist must stop: acknowledging unpersisted entries
-                // would break Raft's guarantees.
-                tracing::error!(error = %e, "cannot persist the raft log; stopping this replica");
-                std::process::exit(70);
-            }
+            // A replica that cannot persist must stop: acknowledging unpersisted entries would
+            // break Raft's guarantees.
+            Err(e) => return Err(e),
         }
         let mut v = shared.view.write().expect("view lock");
         v.role = core.role();
@@ -279,31 +349,49 @@ impl Api {
     /// Proposes a command and waits for its outcome. `request_id` (may be empty) makes a
     /// client's retries idempotent.
     async fn propose(&self, kind: command::Kind, request_id: String) -> Result<ApplyOutput, Status> {
+        let cmd = Command { proposal_id: 0, request_id, kind: Some(kind) };
+        // Checked here too (the core checks again), so the caller gets a final answer.
+        if cmd.encoded_len() > crate::node::MAX_COMMAND {
+            return Err(final_status(tonic::Code::InvalidArgument, CoordError::TooLarge(cmd.encoded_len()).to_string()));
+        }
         let (tx, rx) = oneshot::channel::<ApplyResult>();
         self.0
             .inbox
-            .try_send(Input::Propose(Command { proposal_id: 0, request_id, kind: Some(kind) }, tx))
+            .try_send(Input::Propose(cmd, tx))
             .map_err(|_| Status::resource_exhausted("coordinator is overloaded; retry"))?;
         match tokio::time::timeout(PROPOSAL_TIMEOUT, rx).await {
             Err(_) => Err(Status::deadline_exceeded("the proposal did not commit in time")),
             Ok(Err(_)) => Err(Status::unavailable("the proposal was dropped; retry")),
-            Ok(Ok(Err(msg))) if msg.starts_with("not the leader") || msg.starts_with("leadership changed") => {
-                Err(Status::unavailable(msg))
-            }
+            Ok(Ok(Err(msg))) if msg.starts_with("not the leader") => Err(self.not_leader()),
+            // Raft dropped it (a leader transfer under way, say): another try may take.
+            Ok(Ok(Err(msg))) if msg.starts_with("leadership changed") || msg.starts_with("raft:") => Err(Status::unavailable(msg)),
+            Ok(Ok(Err(msg))) if msg.starts_with("the request is") => Err(final_status(tonic::Code::InvalidArgument, msg)),
             Ok(Ok(Err(msg))) => Err(final_status(tonic::Code::FailedPrecondition, msg)),
             Ok(Ok(Ok(out))) => Ok(out),
         }
     }
 
     fn require_leader(&self) -> Result<(), Status> {
-        let v = self.0.view.read().expect("view lock");
-        if v.role == "leader" {
+        if self.0.view.read().expect("view lock").role == "leader" {
             return Ok(());
         }
-        Err(Status::unavailable(match self.0.cfg.peers.get(&v.leader_id) {
-            Some(a) if v.leader_id != 0 => format!("not the leader; leader is {} at {a}", v.leader_id),
-            _ => "not the leader; no leader known yet".into(),
-        }))
+        Err(self.not_leader())
+    }
+
+    /// `Unavailable`, with the leader's address (when known) in the `shoal-leader` metadata,
+    /// so a client goes there next in one round trip.
+    fn not_leader(&self) -> Status {
+        let leader = self.0.view.read().expect("view lock").leader_id;
+        match self.0.cfg.peers.get(&leader).filter(|_| leader != 0) {
+            Some(addr) => {
+                let mut s = Status::unavailable(format!("not the leader; leader is {leader} at {addr}"));
+                if let Ok(v) = addr.parse() {
+                    s.metadata_mut().insert("shoal-leader", v);
+                }
+                s
+            }
+            None => Status::unavailable("not the leader; no leader known yet"),
+        }
     }
 
     fn job_view(&self, job: &JobInfo) -> JobInfo {
@@ -341,6 +429,8 @@ impl Coordinator for Api {
             pid: std::process::id(),
             leader_id: v.leader_id,
             store_dir: self.0.cfg.store_dir.display().to_string(),
+            cluster_id: self.0.cluster_id.clone(),
+            dropped_raft_messages: self.0.dropped.load(std::sync::atomic::Ordering::Relaxed),
         };
         let peers = self.0.cfg.peers.iter().map(|(id, a)| PeerInfo { id: *id, address: a.clone() }).collect();
         let workers = state.workers().cloned().collect();
@@ -373,6 +463,8 @@ impl Coordinator for Api {
 
     async fn submit_job(&self, r: Request<SubmitJobRequest>) -> Result<Response<JobInfo>, Status> {
         let SubmitJobRequest { spec_toml, request_id } = r.into_inner();
+        // Only the leader pre-checks: a lagging follower could call a fresh dataset missing.
+        self.require_leader()?;
         // Check here first for a fast, clear error; apply checks again against the state
         // at its index.
         if let Err(e) = self.0.state.read().expect("state lock").check_submission(&spec_toml) {
@@ -484,7 +576,26 @@ impl Coordinator for Api {
 #[tonic::async_trait]
 impl RaftTransport for Api {
     async fn send(&self, r: Request<RaftEnvelope>) -> Result<Response<Ack>, Status> {
-        let m = RaftMessage::parse_from_bytes(&r.into_inner().message).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let env = r.into_inner();
+        let me = self.0.cfg.id;
+        let refuse = |why: String| {
+            self.0.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(%why, "raft message dropped");
+            Err(Status::invalid_argument(why))
+        };
+        if env.cluster_id != self.0.cluster_id {
+            return refuse(format!("raft message of cluster {:?}; this is cluster {}", env.cluster_id, self.0.cluster_id));
+        }
+        let m = match RaftMessage::parse_from_bytes(&env.message) {
+            Ok(m) => m,
+            Err(e) => return refuse(format!("not a raft message: {e}")),
+        };
+        if m.to != me {
+            return refuse(format!("raft message for node {}; this is node {me}", m.to));
+        }
+        if m.from == me || !self.0.cfg.peers.contains_key(&m.from) {
+            return refuse(format!("raft message from node {}, which is no member of this group", m.from));
+        }
         // A full inbox drops the message; Raft retransmits.
         let _ = self.0.inbox.try_send(Input::Raft(m));
         Ok(Response::new(Ack {}))

@@ -115,7 +115,11 @@ impl StateMachine {
             command::Kind::RegisterDataset(mut info) => {
                 dataset::validate_name(&info.name).map_err(|e| e.to_string())?;
                 let next = self.dataset(&info.name, 0).map(|d| d.version).unwrap_or(0) + 1;
-                if info.version != next {
+                // Version 0 asks for the next one: the version is decided here, in log order,
+                // not by an importer that read "the latest" from some replica.
+                if info.version == 0 {
+                    info.version = next;
+                } else if info.version != next {
                     return Err(format!("dataset {} version {} cannot be registered: the next version is {next}", info.name, info.version));
                 }
                 if info.shards.is_empty() || info.records == 0 {
@@ -125,14 +129,20 @@ impl StateMachine {
                 if info.feature_shape.is_empty() || info.feature_shape.contains(&0) || info.classes == 0 || feature_len.is_none_or(|n| n > MAX_FEATURES) {
                     return Err(format!("dataset {}: feature shape {:?} and {} classes are not usable", info.name, info.feature_shape, info.classes));
                 }
-                // Shards must live in this version's folder of the store: no `..`, no absolute paths.
-                let dir = dataset::version_dir(&info.name, info.version);
+                // Shards must live in one folder of their own under datasets/<name>/ (no `..`, no
+                // absolute paths), a folder that no other version uses: an import can only ever
+                // touch its own files.
+                let root = std::path::Path::new("datasets").join(&info.name);
                 for shard in &info.shards {
                     let p = std::path::Path::new(&shard.path);
-                    let inside = p.starts_with(&dir) && p.components().all(|c| matches!(c, std::path::Component::Normal(_)));
-                    if !inside {
-                        return Err(format!("dataset {}: shard path {:?} is outside {}", info.name, shard.path, dir.display()));
+                    let plain = p.components().all(|c| matches!(c, std::path::Component::Normal(_)));
+                    if !(plain && p.starts_with(&root) && p.components().count() == 4) {
+                        return Err(format!("dataset {}: shard path {:?} is not a file in a folder of {}", info.name, shard.path, root.display()));
                     }
+                }
+                let folder = dataset::shard_folder(&info).ok_or_else(|| format!("dataset {}: shards must all be in one folder", info.name))?;
+                if let Some(other) = self.datasets.get(&info.name).into_iter().flatten().find(|d| dataset::shard_folder(d) == Some(folder)) {
+                    return Err(format!("dataset {}: folder {} already holds version {}", info.name, folder.display(), other.version));
                 }
                 let sum = info.shards.iter().try_fold(0u64, |a, s| a.checked_add(s.records));
                 if sum != Some(info.records) {
@@ -439,15 +449,13 @@ impl StateMachine {
     }
 
     /// The scheduler's next decision: the oldest queued job that the idle workers can hold,
-    /// and which workers (lowest ids first, so every leader decides alike). Only workers for
-    /// which `eligible` says yes (the leader's: heard from lately) are placed.
+    /// and which workers (lowest ids first, so every leader decides alike). A job that needs
+    /// more workers than are idle does not hold back the smaller ones queued after it. Only
+    /// workers for which `eligible` says yes (the leader's: heard from lately) are placed.
     pub fn next_placement(&self, eligible: impl Fn(&str) -> bool) -> Option<(u64, u64, Vec<String>)> {
         let mut idle: Vec<&WorkerInfo> = self.workers.values().filter(|w| w.state() == WorkerState::Idle && eligible(&w.id)).collect();
         idle.sort_by_key(|w| (w.id.len(), w.id.clone()));
-        let job = self.jobs.values().find(|j| j.state() == JobState::Queued)?;
-        if idle.len() < job.world_size as usize {
-            return None;
-        }
+        let job = self.jobs.values().find(|j| j.state() == JobState::Queued && j.world_size as usize <= idle.len())?;
         let chosen = idle[..job.world_size as usize].iter().map(|w| w.id.clone()).collect();
         Some((job.id, job.generation + 1, chosen))
     }
@@ -493,7 +501,7 @@ mod tests {
             records: 100,
             feature_shape: vec![4],
             classes: 2,
-            shards: vec![ShardInfo { path: "datasets/d/v1/shard-00000.safetensors".into(), records: 100, blake3: "h".into(), bytes: 1 }],
+            shards: vec![ShardInfo { path: "datasets/d/import-1/shard-00000.safetensors".into(), records: 100, blake3: "h".into(), bytes: 1 }],
             created_index: 0,
         };
         sm.apply(1, cmd(command::Kind::RegisterDataset(ds))).unwrap();
@@ -625,6 +633,16 @@ mod tests {
     }
 
     #[test]
+    fn a_job_too_big_for_the_pool_does_not_block_smaller_ones() {
+        let mut sm = with_dataset();
+        let ApplyOutput::Job(big) = sm.apply(5, cmd(command::Kind::SubmitJob(spec(3)))).unwrap() else { panic!() };
+        let ApplyOutput::Job(small) = sm.apply(6, cmd(command::Kind::SubmitJob(spec(2)))).unwrap() else { panic!() };
+        let (id, _, workers) = sm.next_placement(|_| true).unwrap();
+        assert_eq!((id, workers.len()), (small.id, 2), "the 2-worker job goes first on 2 workers");
+        assert_ne!(id, big.id);
+    }
+
+    #[test]
     fn only_failed_or_cancelled_jobs_resume() {
         let mut sm = with_dataset();
         let (id, _) = running_job(&mut sm);
@@ -672,11 +690,16 @@ mod tests {
         assert!(sm.apply(9, cmd(command::Kind::RegisterDataset(fresh))).is_err());
         assert!(!sm.datasets.contains_key("other"), "a rejected registration left a trace");
         let mut escaping = ds.clone();
-        escaping.shards[0].path = "datasets/d/v2/../../../../etc/passwd".into();
+        escaping.shards[0].path = "datasets/d/import-2/../../../../etc/passwd".into();
         let e = sm.apply(9, cmd(command::Kind::RegisterDataset(escaping))).unwrap_err();
-        assert!(e.contains("outside"), "{e}");
-        ds.shards[0].path = "datasets/d/v2/shard-00000.safetensors".into();
-        sm.apply(9, cmd(command::Kind::RegisterDataset(ds))).unwrap();
+        assert!(e.contains("not a file in a folder of datasets/d"), "{e}");
+        let e = sm.apply(9, cmd(command::Kind::RegisterDataset(ds.clone()))).unwrap_err();
+        assert!(e.contains("already holds version 1"), "{e}");
+        ds.shards[0].path = "datasets/d/import-2/shard-00000.safetensors".into();
+        // Version 0: the next one, whatever it is by then.
+        ds.version = 0;
+        let ApplyOutput::Dataset(d) = sm.apply(9, cmd(command::Kind::RegisterDataset(ds))).unwrap() else { panic!() };
+        assert_eq!(d.version, 2);
         assert_eq!(sm.dataset("d", 0).unwrap().version, 2);
         assert_eq!(sm.dataset("d", 1).unwrap().version, 1);
     }

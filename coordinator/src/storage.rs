@@ -1,7 +1,9 @@
 //! The coordinator's durable Raft log: one append-only file of framed records
 //! (`len u32 LE | crc32 u32 LE | LogRecord protobuf`), fsynced once per Ready. On start the
-//! file is replayed into raft-rs's in-memory storage; a torn or corrupt tail (a crash mid-write)
-//! is detected by its checksum, reported, and cut off, never loaded.
+//! file is replayed into raft-rs's in-memory storage. A torn tail (a crash mid-write: a bad
+//! record with nothing valid after it) is reported and cut off, never loaded. A bad record
+//! with valid records after it is corruption, not a torn write: opening fails with the file
+//! and offset, and nothing is cut, because cutting would drop committed entries and votes.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
@@ -15,6 +17,9 @@ use shoal_proto::{log_record, ConfStateRecord, LogRecord, Message};
 use crate::CoordError;
 
 const MAX_RECORD: usize = 64 << 20;
+/// The most a torn write can leave behind: one Ready's worth of records. A bad stretch longer
+/// than this at the end of the file is corruption, whatever follows it.
+const MAX_TORN: usize = 2 * MAX_RECORD;
 
 pub struct LogFile {
     path: PathBuf,
@@ -51,23 +56,37 @@ impl LogFile {
         let (mut entries, mut have_conf) = (0u64, false);
         let mut hard_state: Option<HardState> = None;
         while off < bytes.len() {
-            let Some(rec) = parse_record(&bytes[off..]) else { break };
-            let (len, rec) = rec;
-            match rec.kind {
-                Some(log_record::Kind::Entry(b)) => {
-                    let Ok(e) = Entry::parse_from_bytes(&b) else { break };
-                    storage.wl().append(&[e]).map_err(|e| CoordError::Io(format!("{}: replay: {e}", path.display())))?;
-                    entries += 1;
-                }
-                Some(log_record::Kind::HardState(b)) => {
-                    let Ok(hs) = HardState::parse_from_bytes(&b) else { break };
-                    hard_state = Some(hs);
-                }
+            // An empty record is what a zero-filled tail parses as.
+            let Some((len, rec)) = parse_record(&bytes[off..]).filter(|(_, r)| r.kind.is_some()) else {
+                check_torn(&path, &bytes, off)?;
+                break;
+            };
+            let applied = match rec.kind {
+                Some(log_record::Kind::Entry(b)) => match Entry::parse_from_bytes(&b) {
+                    Ok(e) => {
+                        storage.wl().append(&[e]).map_err(|e| CoordError::Io(format!("{}: replay: {e}", path.display())))?;
+                        entries += 1;
+                        true
+                    }
+                    Err(_) => false,
+                },
+                Some(log_record::Kind::HardState(b)) => match HardState::parse_from_bytes(&b) {
+                    Ok(hs) => {
+                        hard_state = Some(hs);
+                        true
+                    }
+                    Err(_) => false,
+                },
                 Some(log_record::Kind::ConfState(cs)) => {
                     storage.wl().set_conf_state(ConfState::from((cs.voters, vec![])));
                     have_conf = true;
+                    true
                 }
-                None => break,
+                None => unreachable!("filtered above"),
+            };
+            if !applied {
+                // A checksummed record that does not decode was written so: not a torn write.
+                return Err(CoordError::CorruptLog { path: path.display().to_string(), offset: off as u64, reason: "a record with a valid checksum does not decode".into() });
             }
             off += len;
         }
@@ -75,7 +94,12 @@ impl LogFile {
             storage.wl().set_hardstate(hs);
         }
         let truncated = (bytes.len() - off) as u64;
+        let existed = path.exists();
         let mut file = OpenOptions::new().create(true).read(true).write(true).truncate(false).open(&path).map_err(io)?;
+        if !existed {
+            // The new file's name must survive a crash as well as its records.
+            shoal_core::fsutil::sync_dir(dir).map_err(|e| CoordError::Io(format!("{}: {e}", dir.display())))?;
+        }
         if truncated > 0 {
             tracing::warn!(path = %path.display(), truncated, "cutting a torn or corrupt tail off the Raft log");
             file.set_len(off as u64).map_err(io)?;
@@ -121,6 +145,20 @@ impl LogFile {
         self.buf.clear();
         Ok(())
     }
+}
+
+/// Whether the bad record at `off` is a torn tail (nothing valid after it, within what one
+/// write can leave) or corruption, which is an error naming the file and offset.
+fn check_torn(path: &Path, bytes: &[u8], off: usize) -> Result<(), CoordError> {
+    let rest = &bytes[off..];
+    let corrupt = |reason: String| CoordError::CorruptLog { path: path.display().to_string(), offset: off as u64, reason };
+    if rest.len() > MAX_TORN {
+        return Err(corrupt(format!("a bad record with {} bytes after it, more than one write leaves", rest.len())));
+    }
+    if let Some(at) = (1..rest.len()).find(|&i| parse_record(&rest[i..]).is_some_and(|(_, r)| r.kind.is_some())) {
+        return Err(corrupt(format!("a bad record followed by a valid one at offset {}", off + at)));
+    }
+    Ok(())
 }
 
 /// One framed record at the start of `bytes`, with its total length; None if torn or corrupt.
@@ -175,6 +213,52 @@ mod tests {
         assert_eq!(st.hard_state.commit, 2);
         assert_eq!(st.conf_state.voters, vec![1], "membership comes from the log, not the flag");
         assert_eq!(rec.storage.last_index().unwrap(), 2);
+    }
+
+    fn three_records(dir: &Path) -> (PathBuf, Vec<u64>) {
+        let (mut log, _) = LogFile::open(dir, &[1]).unwrap();
+        let path = dir.join("raft.log");
+        let mut ends = vec![std::fs::metadata(&path).unwrap().len()];
+        for i in 1..=3 {
+            log.append_entries(&[entry(i, 1, &[i as u8; 40])]).unwrap();
+            log.sync().unwrap();
+            ends.push(std::fs::metadata(&path).unwrap().len());
+        }
+        (path, ends)
+    }
+
+    #[test]
+    fn corruption_before_the_last_record_stops_the_replica_and_cuts_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, ends) = three_records(dir.path());
+        let mut bytes = std::fs::read(&path).unwrap();
+        // One flipped byte inside entry 1's payload; entries 2 and 3 follow intact.
+        bytes[ends[0] as usize + 20] ^= 0x10;
+        std::fs::write(&path, &bytes).unwrap();
+        let e = LogFile::open(dir.path(), &[1]).err().expect("a corrupt log must not open").to_string();
+        assert!(e.contains("raft.log") && e.contains(&format!("offset {}", ends[0])), "{e}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), ends[3], "nothing was cut");
+
+        // A garbage length in the middle record is corruption too, not a torn tail.
+        let dir = tempfile::tempdir().unwrap();
+        let (path, ends) = three_records(dir.path());
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[ends[1] as usize..ends[1] as usize + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let e = LogFile::open(dir.path(), &[1]).err().expect("a corrupt log must not open").to_string();
+        assert!(e.contains(&format!("offset {}", ends[1])), "{e}");
+    }
+
+    #[test]
+    fn a_zero_filled_tail_is_torn() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, ends) = three_records(dir.path());
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&[0u8; 4096]).unwrap();
+        drop(f);
+        let (_log, rec) = LogFile::open(dir.path(), &[1]).unwrap();
+        assert_eq!((rec.entries, rec.truncated_bytes), (3, 4096));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), ends[3]);
     }
 
     #[test]

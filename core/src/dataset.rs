@@ -1,6 +1,10 @@
-//! Datasets in the store: `datasets/<name>/v<version>/shard-NNNNN.safetensors`, each shard a
+//! Datasets in the store: `datasets/<name>/import-<id>/shard-NNNNN.safetensors`, each shard a
 //! safetensors file with `x` (features, u8 or f32, shape [n, ...]) and `y` (labels, i64, [n]),
 //! plus `manifest.pb` (a protobuf `DatasetManifest`). Shards are hashed with blake3.
+//!
+//! Every import writes into a folder of its own, named by its request id, and the coordinator
+//! gives it the next version number when it registers it: so no import ever writes, or cleans
+//! up, a folder that a registered version uses, however many run at once.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -92,19 +96,24 @@ impl Records {
     }
 }
 
-/// The folder of one dataset version, relative to the store root.
-pub fn version_dir(name: &str, version: u64) -> PathBuf {
-    PathBuf::from("datasets").join(name).join(format!("v{version}"))
+/// The folder of one import of dataset `name`, relative to the store root: `import_id` (the
+/// import's request id) makes it that import's alone.
+pub fn import_dir(name: &str, import_id: &str) -> Result<PathBuf> {
+    validate_name(name)?;
+    if import_id.is_empty() || import_id.len() > 64 || !import_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        return Err(CoreError::Dataset(format!("import id {import_id:?} must be 1-64 of [A-Za-z0-9-]")));
+    }
+    Ok(PathBuf::from("datasets").join(name).join(format!("import-{import_id}")))
 }
 
-/// Writes `records` as shards of dataset `name` version `version` under `store` and returns
-/// the manifest to register. Each file is written atomically.
-pub fn write_shards(store: &Path, name: &str, version: u64, records: &Records, per_shard: usize) -> Result<DatasetInfo> {
+/// Writes `records` as shards of dataset `name` into `rel_dir` (from `import_dir`) under
+/// `store` and returns the manifest to register, with version 0: the coordinator assigns the
+/// next version on registration. Each file is written atomically.
+pub fn write_shards(store: &Path, name: &str, rel_dir: &Path, records: &Records, per_shard: usize) -> Result<DatasetInfo> {
     validate_name(name)?;
     let per_shard = per_shard.max(1);
-    let rel_dir = version_dir(name, version);
-    let dir = store.join(&rel_dir);
-    std::fs::create_dir_all(&dir).map_err(|e| CoreError::io(&dir, e))?;
+    let dir = store.join(rel_dir);
+    crate::fsutil::create_dirs_durably(&dir).map_err(|e| CoreError::io(&dir, e))?;
     let feat_len: usize = records.feature_shape.iter().product();
     let mut shards = Vec::new();
     let n = records.len();
@@ -132,18 +141,28 @@ pub fn write_shards(store: &Path, name: &str, version: u64, records: &Records, p
             bytes: bytes.len() as u64,
         });
     }
-    let info = DatasetInfo {
+    Ok(DatasetInfo {
         name: name.to_string(),
-        version,
+        version: 0,
         records: n as u64,
         feature_shape: records.feature_shape.iter().map(|&d| d as u64).collect(),
         classes: records.classes(),
         shards,
         created_index: 0,
-    };
+    })
+}
+
+/// The one folder that holds all of a dataset version's shards, relative to the store.
+pub fn shard_folder(info: &DatasetInfo) -> Option<&Path> {
+    let first = Path::new(&info.shards.first()?.path).parent()?;
+    info.shards.iter().all(|s| Path::new(&s.path).parent() == Some(first)).then_some(first)
+}
+
+/// Writes the registered manifest (with its version) beside its shards.
+pub fn write_manifest(store: &Path, info: &DatasetInfo) -> Result<()> {
+    let dir = shard_folder(info).ok_or_else(|| CoreError::Dataset(format!("dataset {} v{} has no single shard folder", info.name, info.version)))?;
     let manifest = DatasetManifest { dataset: Some(info.clone()) };
-    write_atomic(&dir.join("manifest.pb"), &manifest.encode_to_vec())?;
-    Ok(info)
+    write_atomic(&store.join(dir).join("manifest.pb"), &manifest.encode_to_vec())
 }
 
 /// A parsed shard over borrowed bytes (for example a memory map).
@@ -208,7 +227,10 @@ mod tests {
     #[test]
     fn shards_roundtrip_with_hashes() {
         let dir = tempfile::tempdir().unwrap();
-        let info = write_shards(dir.path(), "tiny", 1, &tiny(), 4).unwrap();
+        let folder = import_dir("tiny", "abc-1").unwrap();
+        let info = write_shards(dir.path(), "tiny", &folder, &tiny(), 4).unwrap();
+        assert_eq!(shard_folder(&info), Some(folder.as_path()));
+        assert!(import_dir("tiny", "../x").is_err());
         assert_eq!(info.shards.len(), 3);
         assert_eq!(info.records, 10);
         assert_eq!(info.classes, 3);

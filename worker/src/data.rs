@@ -114,7 +114,8 @@ mod tests {
     fn reads_records_across_shards_and_detects_tampering() {
         let dir = tempfile::tempdir().unwrap();
         let recs = Records { features: IdxData::U8((0..40u8).collect()), feature_shape: vec![4], labels: (0..10).map(|i| i % 2).collect() };
-        let info = write_shards(dir.path(), "d", 1, &recs, 3).unwrap();
+        let folder = shoal_core::dataset::import_dir("d", "t").unwrap();
+        let info = write_shards(dir.path(), "d", &folder, &recs, 3).unwrap();
         let ds = ShardedDataset::open(dir.path(), &info).unwrap();
         let (mut x, mut y) = (Vec::new(), Vec::new());
         ds.push_record(7, &mut x, &mut y).unwrap();

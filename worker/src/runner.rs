@@ -236,7 +236,11 @@ fn start_task(cfg: &WorkerConfig, worker_id: &str, a: Assignment, mailbox: Arc<M
 /// Delivers an outcome, retrying through coordinator failovers until it is accepted or
 /// rejected for good.
 async fn report_outcome(client: &Client, report: OutcomeReport, cancel: &AtomicBool) {
-    for attempt in 0..20 {
+    // No attempt limit: a job waits for this report, so giving up would leave it running
+    // forever. It ends when the report lands or is refused, or when the heartbeat sees the
+    // assignment gone (the job moved on without it) and sets `cancel`.
+    let mut pause = Duration::from_millis(200);
+    for attempt in 0u64.. {
         if cancel.load(Ordering::Relaxed) {
             return;
         }
@@ -248,7 +252,8 @@ async fn report_outcome(client: &Client, report: OutcomeReport, cancel: &AtomicB
             }
             Err(e) => {
                 tracing::warn!(attempt, error = %e, "outcome report failed; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
             }
         }
     }

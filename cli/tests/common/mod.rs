@@ -163,6 +163,20 @@ impl Proc {
         }
     }
 
+    /// Waits up to `timeout` for it to exit; its status, or None if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.0.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                return Some(s);
+            }
+            if start.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Whether it has exited (reaping it if so).
     pub fn exited(&mut self) -> bool {
         matches!(self.0.as_mut().map(|c| c.try_wait()), Some(Ok(Some(_))) | None)
@@ -185,6 +199,26 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         assert!(start.elapsed() < timeout, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A tiny learnable dataset: 4x4 images, the label is whether the top half is brighter.
+pub fn write_tiny_idx(dir: &std::path::Path) -> [std::path::PathBuf; 2] {
+    let n = 512;
+    let mut rng = shoal_core::rng::SplitMix64::new(3);
+    let mut x = Vec::new();
+    let mut y = Vec::new();
+    for _ in 0..n {
+        let img: Vec<u8> = (0..16).map(|_| (rng.next_u64() % 256) as u8).collect();
+        let top: u32 = img[..8].iter().map(|&b| b as u32).sum();
+        let bottom: u32 = img[8..].iter().map(|&b| b as u32).sum();
+        y.push((top > bottom) as u8);
+        x.extend(img);
+    }
+    let xp = dir.join("tiny-images.idx");
+    let yp = dir.join("tiny-labels.idx");
+    std::fs::write(&xp, shoal_core::idx::encode_idx_u8(&[n, 4, 4], &x)).unwrap();
+    std::fs::write(&yp, shoal_core::idx::encode_idx_u8(&[n], &y)).unwrap();
+    [xp, yp]
 }
 
 /// A spec over the bundled MNIST.
