@@ -100,6 +100,9 @@ struct UpArgs {
     /// Worker lease in milliseconds: a worker silent this long is declared lost.
     #[arg(long, default_value_t = 5000)]
     lease_ms: u64,
+    /// Coordinators snapshot their state and compact their logs every this many entries.
+    #[arg(long, default_value_t = shoal_coordinator::server::SNAPSHOT_EVERY)]
+    snapshot_every: u64,
     #[arg(long)]
     json: bool,
 }
@@ -272,6 +275,9 @@ enum ServeCmd {
         /// folder must hold this replica's state (an empty one is refused).
         #[arg(long, default_value = "new", value_parser = ["new", "existing"])]
         initial_state: String,
+        /// Snapshot the state and compact the log every this many applied entries.
+        #[arg(long, default_value_t = shoal_coordinator::server::SNAPSHOT_EVERY)]
+        snapshot_every: u64,
     },
     /// One worker.
     Worker {
@@ -353,7 +359,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Up(a) => {
             let layout = Layout::new(a.dir.unwrap_or_else(default_dir));
             let exe = std::env::current_exe().context("finding the shoal executable")?;
-            let opts = UpOptions { coordinators: a.coordinators, workers: a.workers, lease: Duration::from_millis(a.lease_ms), exe };
+            let opts = UpOptions { coordinators: a.coordinators, workers: a.workers, lease: Duration::from_millis(a.lease_ms), snapshot_every: a.snapshot_every, exe };
             let file = shoal_cluster::up(&layout, &opts).await?;
             let endpoints: Vec<String> = file.coordinators.iter().map(|c| c.address.clone()).collect();
             if a.json {
@@ -389,7 +395,8 @@ async fn status(conn: Conn, as_json: bool) -> Result<()> {
                 let s = s.into_inner();
                 let n = s.node.unwrap_or_default();
                 coords.push(json!({"id": n.id, "address": n.address, "role": n.role, "term": n.term, "commit_index": n.commit_index,
-                    "applied_index": n.applied_index, "leader_id": n.leader_id, "pid": n.pid, "reachable": true}));
+                    "applied_index": n.applied_index, "snapshot_index": n.snapshot_index, "state_hash": n.state_hash, "leader_id": n.leader_id,
+                    "cluster_id": n.cluster_id, "dropped_raft_messages": n.dropped_raft_messages, "pid": n.pid, "reachable": true}));
                 if n.role == "leader" || workers.is_empty() {
                     workers = s.workers;
                 }
@@ -647,7 +654,7 @@ fn parse_peers(id: u64, listen: &str, peers: &[String]) -> Result<BTreeMap<u64, 
 async fn serve(cmd: ServeCmd) -> Result<()> {
     init_logs();
     match cmd {
-        ServeCmd::Coordinator { id, listen, peers, data, store, lease_ms, addr_file, cluster_id, initial_state } => {
+        ServeCmd::Coordinator { id, listen, peers, data, store, lease_ms, addr_file, cluster_id, initial_state, snapshot_every } => {
             let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
             let addr = listener.local_addr()?.to_string();
             let mut peers = parse_peers(id, &listen, &peers)?;
@@ -666,6 +673,7 @@ async fn serve(cmd: ServeCmd) -> Result<()> {
                 lease: Duration::from_millis(lease_ms),
                 cluster_id,
                 existing: initial_state == "existing",
+                snapshot_every,
             };
             shoal_coordinator::serve(cfg, listener, shutdown_signal()).await?;
         }
@@ -704,7 +712,13 @@ async fn demo(a: DemoArgs) -> Result<()> {
     std::fs::write(&files[1], MNIST_LABELS)?;
     let layout = Layout::new(root.join("cluster"));
     let exe = std::env::current_exe().context("finding the shoal executable")?;
-    let opts = UpOptions { coordinators: 1, workers: a.workers.max(spec.cluster.workers as u64), lease: Duration::from_secs(5), exe };
+    let opts = UpOptions {
+        coordinators: 1,
+        workers: a.workers.max(spec.cluster.workers as u64),
+        lease: Duration::from_secs(5),
+        snapshot_every: shoal_coordinator::server::SNAPSHOT_EVERY,
+        exe,
+    };
     eprintln!("demo: starting 1 coordinator and {} workers in {}", opts.workers, layout.dir.display());
     let up = shoal_cluster::up(&layout, &opts).await;
     let result = async {

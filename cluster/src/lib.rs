@@ -74,6 +74,8 @@ pub struct UpOptions {
     pub workers: u64,
     /// Worker lease: a worker silent this long is declared lost.
     pub lease: Duration,
+    /// Coordinators snapshot and compact every this many applied entries.
+    pub snapshot_every: u64,
     /// The `shoal` executable to spawn.
     pub exe: PathBuf,
 }
@@ -194,6 +196,7 @@ pub async fn up(layout: &Layout, opts: &UpOptions) -> Result<ClusterFile, Cluste
             "--store".into(), layout.store().display().to_string(),
             "--lease-ms".into(), lease_ms.clone(),
             "--cluster-id".into(), cluster_id.clone(),
+            "--snapshot-every".into(), opts.snapshot_every.to_string(),
             "--initial-state".into(), if existing { "existing" } else { "new" }.into(),
         ];
         let pid = spawn(&opts.exe, &args, &dir, &[])?;

@@ -7,10 +7,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType, HardState, Message};
+use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType, HardState, Message, Snapshot};
 use raft::storage::MemStorage;
-use raft::{Config, RawNode, StateRole};
-use shoal_proto::{Command, Message as _};
+use raft::{Config, GetEntriesContext, RaftState, RawNode, StateRole, Storage};
+use shoal_proto::{Command, Message as _, StateSnapshot};
 use tokio::sync::oneshot;
 
 use crate::state::{ApplyResult, StateMachine};
@@ -22,6 +22,9 @@ pub trait Persist {
     fn set_hard_state(&mut self, hs: &HardState) -> Result<(), CoordError>;
     /// Makes everything above durable.
     fn sync(&mut self) -> Result<(), CoordError>;
+    /// Makes `snap` the base of the log, keeping only `keep` (the entries after it) and `hs`;
+    /// durable on return.
+    fn save_snapshot(&mut self, snap: &Snapshot, keep: &[Entry], hs: &HardState) -> Result<(), CoordError>;
 }
 
 impl Persist for crate::storage::LogFile {
@@ -34,17 +37,95 @@ impl Persist for crate::storage::LogFile {
     fn sync(&mut self) -> Result<(), CoordError> {
         crate::storage::LogFile::sync(self)
     }
+    fn save_snapshot(&mut self, snap: &Snapshot, keep: &[Entry], hs: &HardState) -> Result<(), CoordError> {
+        crate::storage::LogFile::save_snapshot(self, snap, keep, hs)
+    }
+}
+
+/// raft-rs's in-memory log plus the latest snapshot of the state machine. raft asks it for a
+/// snapshot to send a follower that is too far behind for the log alone.
+#[derive(Clone)]
+pub struct RaftStore {
+    pub mem: MemStorage,
+    snapshot: Arc<RwLock<Snapshot>>,
+}
+
+impl RaftStore {
+    pub fn new(mem: MemStorage, snapshot: Option<Snapshot>) -> RaftStore {
+        RaftStore { mem, snapshot: Arc::new(RwLock::new(snapshot.unwrap_or_default())) }
+    }
+
+    /// The index of the latest snapshot (0: none).
+    pub fn snapshot_index(&self) -> u64 {
+        self.snapshot.read().expect("snapshot lock").get_metadata().index
+    }
+
+    fn set_snapshot(&self, s: Snapshot) {
+        *self.snapshot.write().expect("snapshot lock") = s;
+    }
+}
+
+impl Storage for RaftStore {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        self.mem.initial_state()
+    }
+
+    fn entries(&self, low: u64, high: u64, max_size: impl Into<Option<u64>>, context: GetEntriesContext) -> raft::Result<Vec<Entry>> {
+        self.mem.entries(low, high, max_size, context)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        let snap = self.snapshot.read().expect("snapshot lock");
+        if idx != 0 && idx == snap.get_metadata().index {
+            return Ok(snap.get_metadata().term);
+        }
+        drop(snap);
+        self.mem.term(idx)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        self.mem.first_index()
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        self.mem.last_index()
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let snap = self.snapshot.read().expect("snapshot lock");
+        let index = snap.get_metadata().index;
+        if index == 0 || index < request_index {
+            // raft asks again later; a new snapshot comes with enough applied entries.
+            return Err(raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable));
+        }
+        Ok(snap.clone())
+    }
 }
 
 pub type Reply = oneshot::Sender<ApplyResult>;
 
+/// The state machine a snapshot holds.
+fn restore_state(snap: &Snapshot) -> Result<StateMachine, CoordError> {
+    let data = StateSnapshot::decode(snap.get_data()).map_err(|e| CoordError::Raft(format!("snapshot {}: bad state: {e}", snap.get_metadata().index)))?;
+    StateMachine::from_snapshot(data).map_err(|e| CoordError::Raft(format!("snapshot {}: {e}", snap.get_metadata().index)))
+}
+
 pub struct Core {
-    raw: RawNode<MemStorage>,
+    raw: RawNode<RaftStore>,
+    store: RaftStore,
     state: Arc<RwLock<StateMachine>>,
     /// Proposals made here that wait for their entry to apply, by proposal id.
     pending: HashMap<u64, Reply>,
     next_proposal: u64,
+    /// Linearizable reads waiting for their read index (from the leader, through raft's
+    /// ReadIndex), then for this replica to apply up to it.
+    reads: HashMap<u64, (Option<u64>, ReadReply)>,
+    next_read: u64,
 }
+
+/// Answers a read once this replica's state is at least as new as every write committed before
+/// the read began; or says why not (no leader, leadership lost).
+pub type ReadReply = oneshot::Sender<Result<(), String>>;
 
 /// The largest command one Raft entry may carry, checked before it is proposed: the log's
 /// frame limit is 64 MiB, and an entry that was acknowledged must never be too large to
@@ -57,7 +138,14 @@ const ELECTION_TICKS: usize = 10;
 const HEARTBEAT_TICKS: usize = 2;
 
 impl Core {
-    pub fn new(id: u64, storage: MemStorage, state: Arc<RwLock<StateMachine>>) -> Result<Core, CoordError> {
+    /// A core over `store`. If it holds a snapshot, `state` is replaced by the snapshot's state
+    /// machine and only the entries after it are applied again.
+    pub fn new(id: u64, store: RaftStore, state: Arc<RwLock<StateMachine>>) -> Result<Core, CoordError> {
+        let snapshot = store.snapshot.read().expect("snapshot lock").clone();
+        let applied = snapshot.get_metadata().index;
+        if applied != 0 {
+            *state.write().expect("state lock") = restore_state(&snapshot)?;
+        }
         let cfg = Config {
             id,
             election_tick: ELECTION_TICKS,
@@ -66,18 +154,68 @@ impl Core {
             check_quorum: true,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
-            // Applied index 0: every committed entry is re-applied on start, which rebuilds
-            // the state machine from the log.
-            applied: 0,
+            // Every committed entry after the snapshot (all of them, without one) is applied
+            // again on start, which rebuilds the state machine.
+            applied,
             ..Default::default()
         };
         cfg.validate().map_err(|e| CoordError::Raft(e.to_string()))?;
         let logger = slog::Logger::root(slog::Discard, slog::o!());
-        let raw = RawNode::new(&cfg, storage, &logger).map_err(|e| CoordError::Raft(e.to_string()))?;
+        let raw = RawNode::new(&cfg, store.clone(), &logger).map_err(|e| CoordError::Raft(e.to_string()))?;
         // A proposal id must not repeat across restarts of this replica: start from the
         // current time's nanos, tagged with the replica id.
         let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
-        Ok(Core { raw, state, pending: HashMap::new(), next_proposal: seed ^ (id << 56) })
+        Ok(Core { raw, store, state, pending: HashMap::new(), next_proposal: seed ^ (id << 56), reads: HashMap::new(), next_read: 0 })
+    }
+
+    /// The index of the latest snapshot this replica holds.
+    pub fn snapshot_index(&self) -> u64 {
+        self.store.snapshot_index()
+    }
+
+    /// The index of the last entry applied to the state machine.
+    pub fn applied_index(&self) -> u64 {
+        self.raw.raft.raft_log.applied
+    }
+
+    /// Once `every` entries were applied since the last snapshot: snapshots the state machine,
+    /// makes the snapshot the base of the persisted log, and drops the entries it covers from
+    /// memory. Returns whether it did.
+    pub fn maybe_snapshot(&mut self, log: &mut dyn Persist, every: u64) -> Result<bool, CoordError> {
+        let applied = self.applied_index();
+        if applied < self.snapshot_index() + every.max(1) {
+            return Ok(false);
+        }
+        let mut data = self.state.read().expect("state lock").to_snapshot();
+        data.applied_index = applied;
+        let mut snap = Snapshot::default();
+        snap.set_data(data.encode_to_vec().into());
+        let meta = snap.mut_metadata();
+        meta.index = applied;
+        meta.term = self.store.term(applied).map_err(|e| CoordError::Raft(e.to_string()))?;
+        meta.set_conf_state(self.raw.raft.prs().conf().to_conf_state());
+        let last = self.store.mem.last_index().map_err(|e| CoordError::Raft(e.to_string()))?;
+        let keep = self.store.mem.entries(applied + 1, last + 1, None, GetEntriesContext::empty(false)).map_err(|e| CoordError::Raft(e.to_string()))?;
+        let hs = self.store.mem.rl().hard_state().clone();
+        log.save_snapshot(&snap, &keep, &hs)?;
+        self.store.set_snapshot(snap);
+        // Keeps entry `applied` itself, so its term stays known to the log.
+        self.store.mem.wl().compact(applied).map_err(|e| CoordError::Raft(e.to_string()))?;
+        Ok(true)
+    }
+
+    /// A snapshot from the leader replaces this replica's log and state machine.
+    fn install_snapshot(&mut self, snap: Snapshot, log: &mut dyn Persist) -> Result<(), CoordError> {
+        let sm = restore_state(&snap)?;
+        let meta = snap.get_metadata();
+        let mut hs = self.raw.raft.hard_state();
+        hs.commit = hs.commit.max(meta.index);
+        hs.term = hs.term.max(meta.term);
+        log.save_snapshot(&snap, &[], &hs)?;
+        self.store.mem.wl().apply_snapshot(snap.clone()).map_err(|e| CoordError::Raft(e.to_string()))?;
+        self.store.set_snapshot(snap);
+        *self.state.write().expect("state lock") = sm;
+        Ok(())
     }
 
     /// A sole voter elects itself at once instead of waiting out an election timeout.
@@ -90,6 +228,13 @@ impl Core {
 
     pub fn tick(&mut self) {
         self.raw.tick();
+    }
+
+    /// What the transport learned of a snapshot it carried to `to`: raft holds back a
+    /// follower's log until it hears, and sends a new snapshot after a failure.
+    pub fn report_snapshot(&mut self, to: u64, delivered: bool) {
+        let status = if delivered { raft::SnapshotStatus::Finish } else { raft::SnapshotStatus::Failure };
+        self.raw.report_snapshot(to, status);
     }
 
     pub fn step(&mut self, msg: Message) {
@@ -161,6 +306,31 @@ impl Core {
         } else {
             self.pending.retain(|_, r| !r.is_closed());
         }
+        self.reads.retain(|_, (_, r)| !r.is_closed());
+    }
+
+    /// Starts a linearizable read (raft's ReadIndex: the leader confirms with a quorum that it
+    /// still leads, and its commit index becomes the read index; a follower asks the leader).
+    /// `reply` hears once this replica has applied up to that index.
+    pub fn read_index(&mut self, reply: ReadReply) {
+        if self.leader_id() == 0 {
+            let _ = reply.send(Err("no leader known yet; retry".into()));
+            return;
+        }
+        self.next_read += 1;
+        self.raw.read_index(self.next_read.to_le_bytes().to_vec());
+        self.reads.insert(self.next_read, (None, reply));
+    }
+
+    /// Answers the reads whose index this replica has applied.
+    fn release_reads(&mut self) {
+        let applied = self.applied_index();
+        let done: Vec<u64> = self.reads.iter().filter(|(_, (at, _))| at.is_some_and(|i| i <= applied)).map(|(k, _)| *k).collect();
+        for k in done {
+            if let Some((_, r)) = self.reads.remove(&k) {
+                let _ = r.send(Ok(()));
+            }
+        }
     }
 
     /// Processes one Ready: persists, applies, and returns the messages to send.
@@ -171,32 +341,38 @@ impl Core {
         }
         let mut rd = self.raw.ready();
         out.extend(rd.take_messages());
+        for rs in rd.read_states() {
+            let key = rs.request_ctx.as_slice().try_into().map(u64::from_le_bytes).ok();
+            if let Some((at, _)) = key.and_then(|k| self.reads.get_mut(&k)) {
+                *at = Some(rs.index);
+            }
+        }
         if !rd.snapshot().is_empty() {
-            // Snapshots are not produced yet (the log is never compacted).
-            return Err(CoordError::Raft("received a snapshot; snapshots are not supported yet".into()));
+            self.install_snapshot(rd.snapshot().clone(), log)?;
         }
         self.apply(rd.take_committed_entries())?;
         if !rd.entries().is_empty() {
             log.append_entries(rd.entries())?;
-            self.raw.store().wl().append(rd.entries()).map_err(|e| CoordError::Raft(e.to_string()))?;
+            self.store.mem.wl().append(rd.entries()).map_err(|e| CoordError::Raft(e.to_string()))?;
         }
         if let Some(hs) = rd.hs() {
             log.set_hard_state(hs)?;
-            self.raw.store().wl().set_hardstate(hs.clone());
+            self.store.mem.wl().set_hardstate(hs.clone());
         }
         log.sync()?;
         out.extend(rd.take_persisted_messages());
         let mut light = self.raw.advance(rd);
         if let Some(commit) = light.commit_index() {
-            let mut hs = self.raw.store().rl().hard_state().clone();
+            let mut hs = self.store.mem.rl().hard_state().clone();
             hs.commit = commit;
             log.set_hard_state(&hs)?;
             log.sync()?;
-            self.raw.store().wl().set_hardstate(hs);
+            self.store.mem.wl().set_hardstate(hs);
         }
         out.extend(light.take_messages());
         self.apply(light.take_committed_entries())?;
         self.raw.advance_apply();
+        self.release_reads();
         Ok(out)
     }
 
@@ -229,12 +405,12 @@ impl Core {
                 EntryType::EntryConfChange => {
                     let cc = ConfChange::parse_from_bytes(&e.data).map_err(|e| CoordError::Raft(e.to_string()))?;
                     let cs = self.raw.apply_conf_change(&cc).map_err(|e| CoordError::Raft(e.to_string()))?;
-                    self.raw.store().wl().set_conf_state(cs);
+                    self.store.mem.wl().set_conf_state(cs);
                 }
                 EntryType::EntryConfChangeV2 => {
                     let cc = ConfChangeV2::parse_from_bytes(&e.data).map_err(|e| CoordError::Raft(e.to_string()))?;
                     let cs = self.raw.apply_conf_change(&cc).map_err(|e| CoordError::Raft(e.to_string()))?;
-                    self.raw.store().wl().set_conf_state(cs);
+                    self.store.mem.wl().set_conf_state(cs);
                 }
             }
         }
@@ -260,12 +436,15 @@ mod tests {
         fn sync(&mut self) -> Result<(), CoordError> {
             Ok(())
         }
+        fn save_snapshot(&mut self, _: &Snapshot, _: &[Entry], _: &HardState) -> Result<(), CoordError> {
+            Ok(())
+        }
     }
 
     #[test]
     fn a_command_too_large_to_replay_is_refused_before_it_is_proposed() {
         let storage = MemStorage::new_with_conf_state(ConfState::from((vec![1], vec![])));
-        let mut core = Core::new(1, storage, Arc::default()).unwrap();
+        let mut core = Core::new(1, RaftStore::new(storage, None), Arc::default()).unwrap();
         core.campaign_if_alone();
         while !core.is_leader() {
             core.on_ready(&mut NoDisk).unwrap();

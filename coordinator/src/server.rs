@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
 use crate::client::MAX_MESSAGE;
-use crate::node::{Core, Reply, TICK};
+use crate::node::{Core, RaftStore, ReadReply, Reply, TICK};
 use crate::state::{ApplyOutput, ApplyResult, StateMachine};
 use crate::storage::LogFile;
 use crate::CoordError;
@@ -36,7 +36,12 @@ pub struct CoordinatorConfig {
     pub cluster_id: Option<String>,
     /// The cluster exists already: this replica's data folder must hold its state.
     pub existing: bool,
+    /// Snapshot the state machine and compact the log every this many applied entries.
+    pub snapshot_every: u64,
 }
+
+/// The default of `CoordinatorConfig::snapshot_every`.
+pub const SNAPSHOT_EVERY: u64 = 10_000;
 
 /// Reads, checks or (new folder) writes the data folder's identity; returns the cluster id.
 fn check_identity(cfg: &CoordinatorConfig) -> Result<String, CoordError> {
@@ -79,7 +84,19 @@ fn check_identity(cfg: &CoordinatorConfig) -> Result<String, CoordError> {
 enum Input {
     Propose(Command, Reply),
     Raft(RaftMessage),
+    /// Whether a snapshot reached a follower.
+    SnapshotSent { to: u64, delivered: bool },
+    /// A linearizable read waiting for its read index.
+    Read(ReadReply),
 }
+
+/// How long a read waits for its read index: under a client's attempt timeout, so the client
+/// hears "retry" rather than its own timeout.
+const READ_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Snapshots go to followers in pieces of this size; one may total at most `MAX_SNAPSHOT`.
+const SNAPSHOT_PIECE: usize = 1 << 20;
+const MAX_SNAPSHOT: usize = 1 << 30;
 
 #[derive(Default)]
 struct RaftView {
@@ -87,6 +104,7 @@ struct RaftView {
     term: u64,
     commit: u64,
     leader_id: u64,
+    snapshot_index: u64,
 }
 
 /// Leader-only bookkeeping that is not replicated: rebuilt (with a grace period) by each new
@@ -139,7 +157,7 @@ pub async fn serve(
     let (log, recovered) = LogFile::open(&cfg.data_dir, &voters)?;
     tracing::info!(entries = recovered.entries, fresh = recovered.fresh, truncated = recovered.truncated_bytes, "raft log opened");
     let state = Arc::new(RwLock::new(StateMachine::default()));
-    let mut core = Core::new(cfg.id, recovered.storage, state.clone())?;
+    let mut core = Core::new(cfg.id, RaftStore::new(recovered.storage, recovered.snapshot), state.clone())?;
     core.campaign_if_alone();
 
     let address = listener.local_addr().map_err(|e| CoordError::Io(e.to_string()))?.to_string();
@@ -154,7 +172,7 @@ pub async fn serve(
         volatile: Mutex::new(Volatile::default()),
         inbox: tx,
     });
-    let peers = spawn_peer_senders(&cfg, &cluster_id);
+    let peers = spawn_peer_senders(&cfg, &cluster_id, shared.inbox.clone());
     let mut driver = tokio::spawn(drive(core, log, rx, peers, shared.clone()));
 
     let svc = CoordinatorServer::new(Api(shared.clone())).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
@@ -190,7 +208,7 @@ pub async fn serve(
 
 /// One sender task per remote peer, each with a bounded queue: a slow peer drops messages
 /// (Raft retransmits) instead of blocking the loop.
-fn spawn_peer_senders(cfg: &CoordinatorConfig, cluster_id: &str) -> HashMap<u64, mpsc::Sender<RaftMessage>> {
+fn spawn_peer_senders(cfg: &CoordinatorConfig, cluster_id: &str, inbox: mpsc::Sender<Input>) -> HashMap<u64, mpsc::Sender<RaftMessage>> {
     let mut out = HashMap::new();
     for (&id, addr) in &cfg.peers {
         if id == cfg.id {
@@ -201,13 +219,28 @@ fn spawn_peer_senders(cfg: &CoordinatorConfig, cluster_id: &str) -> HashMap<u64,
             tracing::error!(peer = id, %addr, "bad peer address");
             continue;
         };
-        let channel = ep.connect_timeout(Duration::from_secs(1)).timeout(Duration::from_secs(2)).connect_lazy();
+        let channel = ep.connect_timeout(Duration::from_secs(1)).connect_lazy();
         let cluster_id = cluster_id.to_string();
+        let inbox = inbox.clone();
         tokio::spawn(async move {
             let mut client = RaftTransportClient::new(channel).max_encoding_message_size(MAX_MESSAGE);
             while let Some(m) = rx.recv().await {
                 let Ok(bytes) = m.write_to_bytes() else { continue };
-                if let Err(e) = client.send(RaftEnvelope { message: bytes, cluster_id: cluster_id.clone() }).await {
+                if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+                    // Streamed in pieces (no message size limit, no 2 s cap on a big
+                    // transfer); raft hears how it went, and sends another after a failure.
+                    let chunks: Vec<RaftChunk> =
+                        bytes.chunks(SNAPSHOT_PIECE).map(|c| RaftChunk { cluster_id: cluster_id.clone(), data: c.to_vec() }).collect();
+                    let sent = tokio::time::timeout(Duration::from_secs(120), client.send_stream(tokio_stream::iter(chunks))).await;
+                    let delivered = matches!(sent, Ok(Ok(_)));
+                    if !delivered {
+                        tracing::warn!(peer = id, bytes = bytes.len(), "snapshot transfer failed");
+                    }
+                    let _ = inbox.send(Input::SnapshotSent { to: id, delivered }).await;
+                    continue;
+                }
+                let sent = tokio::time::timeout(Duration::from_secs(2), client.send(RaftEnvelope { message: bytes, cluster_id: cluster_id.clone() })).await;
+                if let Ok(Err(e)) = sent {
                     tracing::debug!(peer = id, error = %e.message(), "raft send failed");
                 }
             }
@@ -253,10 +286,12 @@ async fn drive(
                     }
                 }
                 Some(Input::Raft(m)) => core.step(m),
+                Some(Input::SnapshotSent { to, delivered }) => core.report_snapshot(to, delivered),
+                Some(Input::Read(reply)) => core.read_index(reply),
                 None => return Ok(()),
             },
         }
-        match core.on_ready(&mut log) {
+        match core.on_ready(&mut log).and_then(|msgs| core.maybe_snapshot(&mut log, shared.cfg.snapshot_every).map(|_| msgs)) {
             Ok(msgs) => {
                 for m in msgs {
                     if let Some(p) = peers.get(&m.to) {
@@ -273,6 +308,7 @@ async fn drive(
         v.term = core.term();
         v.commit = core.commit_index();
         v.leader_id = core.leader_id();
+        v.snapshot_index = core.snapshot_index();
     }
 }
 
@@ -371,6 +407,19 @@ impl Api {
         }
     }
 
+    /// Waits until this replica's state holds every write committed before the call (raft's
+    /// ReadIndex), so what a read returns next is never stale, on a follower or on a leader
+    /// that was deposed without knowing it yet.
+    async fn linearize(&self) -> Result<(), Status> {
+        let (tx, rx) = oneshot::channel();
+        self.0.inbox.try_send(Input::Read(tx)).map_err(|_| Status::resource_exhausted("coordinator is overloaded; retry"))?;
+        match tokio::time::timeout(READ_TIMEOUT, rx).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(msg))) => Err(Status::unavailable(msg)),
+            _ => Err(Status::unavailable("the read could not be confirmed by a quorum in time; retry")),
+        }
+    }
+
     fn require_leader(&self) -> Result<(), Status> {
         if self.0.view.read().expect("view lock").role == "leader" {
             return Ok(());
@@ -431,6 +480,8 @@ impl Coordinator for Api {
             store_dir: self.0.cfg.store_dir.display().to_string(),
             cluster_id: self.0.cluster_id.clone(),
             dropped_raft_messages: self.0.dropped.load(std::sync::atomic::Ordering::Relaxed),
+            snapshot_index: v.snapshot_index,
+            state_hash: state.state_hash(),
         };
         let peers = self.0.cfg.peers.iter().map(|(id, a)| PeerInfo { id: *id, address: a.clone() }).collect();
         let workers = state.workers().cloned().collect();
@@ -447,12 +498,14 @@ impl Coordinator for Api {
     }
 
     async fn list_datasets(&self, _: Request<ListDatasetsRequest>) -> Result<Response<ListDatasetsResponse>, Status> {
+        self.linearize().await?;
         let state = self.0.state.read().expect("state lock");
         Ok(Response::new(ListDatasetsResponse { datasets: state.datasets().cloned().collect() }))
     }
 
     async fn get_dataset(&self, r: Request<GetDatasetRequest>) -> Result<Response<DatasetInfo>, Status> {
         let r = r.into_inner();
+        self.linearize().await?;
         let state = self.0.state.read().expect("state lock");
         match state.dataset(&r.name, r.version) {
             Some(d) => Ok(Response::new(d.clone())),
@@ -463,8 +516,10 @@ impl Coordinator for Api {
 
     async fn submit_job(&self, r: Request<SubmitJobRequest>) -> Result<Response<JobInfo>, Status> {
         let SubmitJobRequest { spec_toml, request_id } = r.into_inner();
-        // Only the leader pre-checks: a lagging follower could call a fresh dataset missing.
+        // Only the leader pre-checks, on a state that holds every committed write: a lagging
+        // replica could call a fresh dataset missing.
         self.require_leader()?;
+        self.linearize().await?;
         // Check here first for a fast, clear error; apply checks again against the state
         // at its index.
         if let Err(e) = self.0.state.read().expect("state lock").check_submission(&spec_toml) {
@@ -475,6 +530,7 @@ impl Coordinator for Api {
 
     async fn get_job(&self, r: Request<GetJobRequest>) -> Result<Response<JobInfo>, Status> {
         let id = r.into_inner().id;
+        self.linearize().await?;
         let job = self.0.state.read().expect("state lock").job(id).cloned();
         match job {
             Some(j) => Ok(Response::new(self.job_view(&j))),
@@ -483,6 +539,7 @@ impl Coordinator for Api {
     }
 
     async fn list_jobs(&self, _: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+        self.linearize().await?;
         let jobs: Vec<JobInfo> = self.0.state.read().expect("state lock").jobs().cloned().collect();
         Ok(Response::new(ListJobsResponse { jobs: jobs.iter().map(|j| self.job_view(j)).collect() }))
     }
@@ -509,6 +566,8 @@ impl Coordinator for Api {
 
     async fn heartbeat(&self, r: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
         self.require_leader()?;
+        // A deposed leader that has not noticed yet must not hand out a stale assignment.
+        self.linearize().await?;
         let id = r.into_inner().worker_id;
         let state = self.0.state.read().expect("state lock");
         match state.worker(&id) {
@@ -573,10 +632,10 @@ impl Coordinator for Api {
     }
 }
 
-#[tonic::async_trait]
-impl RaftTransport for Api {
-    async fn send(&self, r: Request<RaftEnvelope>) -> Result<Response<Ack>, Status> {
-        let env = r.into_inner();
+impl Api {
+    /// Checks a Raft message from a peer and hands it to the Ready loop; anything that is not
+    /// a message of this cluster, from a member, for this node, is refused and counted.
+    fn accept(&self, env: RaftEnvelope) -> Result<Response<Ack>, Status> {
         let me = self.0.cfg.id;
         let refuse = |why: String| {
             self.0.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -599,5 +658,26 @@ impl RaftTransport for Api {
         // A full inbox drops the message; Raft retransmits.
         let _ = self.0.inbox.try_send(Input::Raft(m));
         Ok(Response::new(Ack {}))
+    }
+}
+
+#[tonic::async_trait]
+impl RaftTransport for Api {
+    async fn send(&self, r: Request<RaftEnvelope>) -> Result<Response<Ack>, Status> {
+        self.accept(r.into_inner())
+    }
+
+    async fn send_stream(&self, r: Request<tonic::Streaming<RaftChunk>>) -> Result<Response<Ack>, Status> {
+        let mut stream = r.into_inner();
+        let mut env = RaftEnvelope::default();
+        while let Some(chunk) = stream.message().await? {
+            if env.message.len() + chunk.data.len() > MAX_SNAPSHOT {
+                self.0.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Err(Status::invalid_argument(format!("a streamed raft message over {MAX_SNAPSHOT} bytes")));
+            }
+            env.cluster_id = chunk.cluster_id;
+            env.message.extend_from_slice(&chunk.data);
+        }
+        self.accept(env)
     }
 }

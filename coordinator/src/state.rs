@@ -5,7 +5,10 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use shoal_core::{dataset, JobSpec};
-use shoal_proto::{command, Assignment, Command, DatasetInfo, JobInfo, JobProgress, JobState, RankResult, WorkerInfo, WorkerState};
+use shoal_proto::{
+    command, request_record, Assignment, Command, DatasetInfo, DatasetVersion, JobInfo, JobProgress, JobState, RankResult, RequestRecord, StateSnapshot,
+    WorkerInfo, WorkerState,
+};
 
 /// What applying a command produced, handed back to whoever proposed it.
 #[derive(Clone, Debug, PartialEq)]
@@ -48,6 +51,58 @@ pub struct StateMachine {
 }
 
 impl StateMachine {
+    /// The whole state, for a Raft snapshot. `from_snapshot` of it gives back an equal state.
+    pub fn to_snapshot(&self) -> StateSnapshot {
+        let requests = self
+            .request_order
+            .iter()
+            .filter_map(|id| {
+                let outcome = match self.requests.get(id)? {
+                    Recorded::Worker(w) => request_record::Outcome::WorkerId(w.clone()),
+                    Recorded::Dataset(name, version) => request_record::Outcome::Dataset(DatasetVersion { name: name.clone(), version: *version }),
+                    Recorded::Job(j) => request_record::Outcome::JobId(*j),
+                    Recorded::Nothing => request_record::Outcome::Nothing(true),
+                };
+                Some(RequestRecord { request_id: id.clone(), outcome: Some(outcome) })
+            })
+            .collect();
+        StateSnapshot {
+            applied_index: self.applied_index,
+            requests,
+            workers: self.workers.values().cloned().collect(),
+            next_worker: self.next_worker,
+            datasets: self.datasets.values().flatten().cloned().collect(),
+            jobs: self.jobs.values().cloned().collect(),
+            next_job: self.next_job,
+        }
+    }
+
+    pub fn from_snapshot(s: StateSnapshot) -> Result<StateMachine, String> {
+        let mut sm = StateMachine { applied_index: s.applied_index, next_worker: s.next_worker, next_job: s.next_job, ..Default::default() };
+        for r in s.requests {
+            let rec = match r.outcome.ok_or_else(|| format!("request {} has no outcome", r.request_id))? {
+                request_record::Outcome::WorkerId(w) => Recorded::Worker(w),
+                request_record::Outcome::Dataset(d) => Recorded::Dataset(d.name, d.version),
+                request_record::Outcome::JobId(j) => Recorded::Job(j),
+                request_record::Outcome::Nothing(_) => Recorded::Nothing,
+            };
+            sm.request_order.push_back(r.request_id.clone());
+            sm.requests.insert(r.request_id, rec);
+        }
+        sm.workers = s.workers.into_iter().map(|w| (w.id.clone(), w)).collect();
+        for d in s.datasets {
+            sm.datasets.entry(d.name.clone()).or_default().push(d);
+        }
+        sm.jobs = s.jobs.into_iter().map(|j| (j.id, j)).collect();
+        Ok(sm)
+    }
+
+    /// A digest of the whole state: replicas that applied the same log agree on it.
+    pub fn state_hash(&self) -> String {
+        use shoal_proto::Message;
+        blake3::hash(&self.to_snapshot().encode_to_vec()).to_hex().to_string()
+    }
+
     /// Applies the command of the Raft entry at `index`. A command whose request id was
     /// already applied returns the first outcome and changes nothing.
     pub fn apply(&mut self, index: u64, cmd: Command) -> ApplyResult {
@@ -630,6 +685,24 @@ mod tests {
         sm.apply(10, cmd(command::Kind::JobAssigned(JobAssigned { job_id: id, generation: gen2, workers }))).unwrap();
         assert_eq!(sm.job(id).unwrap().progress.unwrap().step, 4);
         assert_eq!(sm.assignment("w3").unwrap().checkpoints[0].step, 4);
+    }
+
+    #[test]
+    fn a_snapshot_restores_an_equal_state() {
+        let mut sm = with_dataset();
+        let (id, gen) = running_job(&mut sm);
+        commit(&mut sm, 7, id, gen, 4).unwrap();
+        let submit = Command { proposal_id: 0, request_id: "req-9".into(), kind: Some(command::Kind::SubmitJob(spec(2))) };
+        sm.apply(8, submit.clone()).unwrap();
+        let copy = StateMachine::from_snapshot(sm.to_snapshot()).unwrap();
+        assert_eq!(copy.state_hash(), sm.state_hash());
+        assert_eq!(copy.to_snapshot(), sm.to_snapshot());
+        // It remembers request ids: a retry after the snapshot still applies once.
+        let mut copy = copy;
+        let before = copy.jobs().count();
+        copy.apply(9, submit).unwrap();
+        assert_eq!(copy.jobs().count(), before);
+        assert_eq!(copy.assignment("w1").unwrap().checkpoints[0].step, 4);
     }
 
     #[test]

@@ -10,9 +10,9 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use protobuf::Message as _;
-use raft::eraftpb::{ConfState, Entry, HardState};
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::storage::MemStorage;
-use shoal_proto::{log_record, ConfStateRecord, LogRecord, Message};
+use shoal_proto::{log_record, ConfStateRecord, LogRecord, Message, SnapshotFile};
 
 use crate::CoordError;
 
@@ -27,9 +27,13 @@ pub struct LogFile {
     buf: Vec<u8>,
 }
 
+pub const SNAPSHOT_FILE: &str = "snapshot.pb";
+
 /// What replaying a log file found.
 pub struct Recovered {
     pub storage: MemStorage,
+    /// The snapshot the log starts from (its data is the state machine at its index).
+    pub snapshot: Option<Snapshot>,
     /// Raft log entries recovered (0 on a fresh start).
     pub entries: u64,
     /// Bytes cut off the end because they were torn or corrupt.
@@ -52,6 +56,11 @@ impl LogFile {
         let io = |e| CoordError::Io(format!("{}: {e}", path.display()));
         let bytes = if path.exists() { std::fs::read(&path).map_err(io)? } else { Vec::new() };
         let storage = MemStorage::new();
+        let snapshot = read_snapshot(dir)?;
+        let base = snapshot.as_ref().map(|s| s.get_metadata().index).unwrap_or(0);
+        if let Some(s) = &snapshot {
+            storage.wl().apply_snapshot(s.clone()).map_err(|e| CoordError::Raft(e.to_string()))?;
+        }
         let mut off = 0usize;
         let (mut entries, mut have_conf) = (0u64, false);
         let mut hard_state: Option<HardState> = None;
@@ -63,6 +72,9 @@ impl LogFile {
             };
             let applied = match rec.kind {
                 Some(log_record::Kind::Entry(b)) => match Entry::parse_from_bytes(&b) {
+                    // Entries the snapshot covers (a crash came between writing the snapshot
+                    // and compacting the log) are skipped.
+                    Ok(e) if e.index <= base => true,
                     Ok(e) => {
                         storage.wl().append(&[e]).map_err(|e| CoordError::Io(format!("{}: replay: {e}", path.display())))?;
                         entries += 1;
@@ -90,7 +102,9 @@ impl LogFile {
             }
             off += len;
         }
-        if let Some(hs) = hard_state {
+        if let Some(mut hs) = hard_state {
+            // The snapshot's entries are committed, whatever an older record says.
+            hs.commit = hs.commit.max(base);
             storage.wl().set_hardstate(hs);
         }
         let truncated = (bytes.len() - off) as u64;
@@ -107,15 +121,59 @@ impl LogFile {
         }
         file.seek(SeekFrom::End(0)).map_err(io)?;
         let mut log = LogFile { path, file, buf: Vec::new() };
-        let fresh = !have_conf;
+        let fresh = !have_conf && snapshot.is_none();
         if fresh {
             storage.wl().set_conf_state(ConfState::from((voters.to_vec(), vec![])));
             log.push(LogRecord { kind: Some(log_record::Kind::ConfState(ConfStateRecord { voters: voters.to_vec() })) });
             log.sync()?;
         }
-        Ok((log, Recovered { storage, entries, truncated_bytes: truncated, fresh }))
+        Ok((log, Recovered { storage, snapshot, entries, truncated_bytes: truncated, fresh }))
     }
 
+    /// Makes `snap` the base of the log: writes `snapshot.pb`, then replaces `raft.log` with
+    /// the hard state and `keep` (the entries after the snapshot). Each file is written
+    /// atomically and durably, in that order, so a crash between them leaves the new snapshot
+    /// and the old log, whose covered entries replay skips.
+    pub fn save_snapshot(&mut self, snap: &Snapshot, keep: &[Entry], hs: &HardState) -> Result<(), CoordError> {
+        let dir = self.path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let bytes = snap.write_to_bytes().map_err(|e| CoordError::Io(e.to_string()))?;
+        let file = SnapshotFile { blake3: blake3::hash(&bytes).to_hex().to_string(), snapshot: bytes };
+        shoal_core::fsutil::write_atomic(&dir.join(SNAPSHOT_FILE), &file.encode_to_vec()).map_err(|e| CoordError::Io(e.to_string()))?;
+        // What was pushed but not synced is in `keep` and `hs` already.
+        self.buf.clear();
+        self.set_hard_state(hs)?;
+        self.append_entries(keep)?;
+        let tmp = dir.join(".raft.log.tmp");
+        let io = |e: std::io::Error| CoordError::Io(format!("{}: {e}", tmp.display()));
+        let mut f = File::create(&tmp).map_err(io)?;
+        f.write_all(&self.buf).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &self.path).map_err(io)?;
+        shoal_core::fsutil::sync_dir(&dir).map_err(|e| CoordError::Io(format!("{}: {e}", dir.display())))?;
+        self.buf.clear();
+        self.file = OpenOptions::new().append(true).open(&self.path).map_err(|e| CoordError::Io(format!("{}: {e}", self.path.display())))?;
+        Ok(())
+    }
+}
+
+/// The snapshot in `dir`, checked against its blake3; None if there is none.
+fn read_snapshot(dir: &Path) -> Result<Option<Snapshot>, CoordError> {
+    let path = dir.join(SNAPSHOT_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(CoordError::Io(format!("{}: {e}", path.display()))),
+    };
+    let corrupt = |reason: String| CoordError::CorruptLog { path: path.display().to_string(), offset: 0, reason };
+    let file = SnapshotFile::decode(&bytes[..]).map_err(|e| corrupt(format!("not a snapshot file: {e}")))?;
+    if blake3::hash(&file.snapshot).to_hex().to_string() != file.blake3 {
+        return Err(corrupt("blake3 does not match".into()));
+    }
+    let snap = Snapshot::parse_from_bytes(&file.snapshot).map_err(|e| corrupt(format!("not a raft snapshot: {e}")))?;
+    Ok(Some(snap))
+}
+
+impl LogFile {
     fn push(&mut self, rec: LogRecord) {
         frame(&mut self.buf, &rec);
     }

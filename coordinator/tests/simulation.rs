@@ -6,9 +6,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
-use raft::eraftpb::{ConfState, Entry, HardState, Message};
+use raft::eraftpb::{ConfState, Entry, HardState, Message, MessageType, Snapshot};
 use raft::storage::MemStorage;
-use shoal_coordinator::node::{Core, Persist};
+use shoal_coordinator::node::{Core, Persist, RaftStore};
 use shoal_coordinator::state::StateMachine;
 use shoal_coordinator::CoordError;
 use shoal_core::rng::SplitMix64;
@@ -21,6 +21,8 @@ struct MemLog {
     hard_state: HardState,
     synced_entries: Vec<Entry>,
     synced_hs: HardState,
+    /// The base of the log (saved durably at once, as `LogFile::save_snapshot` does).
+    snapshot: Option<Snapshot>,
 }
 
 impl Persist for MemLog {
@@ -40,7 +42,19 @@ impl Persist for MemLog {
         self.synced_hs = self.hard_state.clone();
         Ok(())
     }
+    fn save_snapshot(&mut self, snap: &Snapshot, keep: &[Entry], hs: &HardState) -> Result<(), CoordError> {
+        self.snapshot = Some(snap.clone());
+        self.entries = keep.to_vec();
+        self.synced_entries = keep.to_vec();
+        self.hard_state = hs.clone();
+        self.synced_hs = hs.clone();
+        Ok(())
+    }
 }
+
+/// Snapshots (and log compaction) come this often, so crashed or partitioned replicas often
+/// need one from the leader to catch up.
+const SNAPSHOT_EVERY: u64 = 25;
 
 struct Replica {
     core: Option<Core>,
@@ -50,10 +64,17 @@ struct Replica {
 
 fn boot(id: u64, voters: &[u64], log: &MemLog) -> (Core, Arc<RwLock<StateMachine>>) {
     let storage = MemStorage::new_with_conf_state(ConfState::from((voters.to_vec(), vec![])));
-    storage.wl().append(&log.synced_entries).unwrap();
-    storage.wl().set_hardstate(log.synced_hs.clone());
+    let base = log.snapshot.as_ref().map(|s| s.get_metadata().index).unwrap_or(0);
+    if let Some(s) = &log.snapshot {
+        storage.wl().apply_snapshot(s.clone()).unwrap();
+    }
+    let after: Vec<Entry> = log.synced_entries.iter().filter(|e| e.index > base).cloned().collect();
+    storage.wl().append(&after).unwrap();
+    let mut hs = log.synced_hs.clone();
+    hs.commit = hs.commit.max(base);
+    storage.wl().set_hardstate(hs);
     let state = Arc::new(RwLock::new(StateMachine::default()));
-    let mut core = Core::new(id, storage, state.clone()).unwrap();
+    let mut core = Core::new(id, RaftStore::new(storage, log.snapshot.clone()), state.clone()).unwrap();
     core.campaign_if_alone();
     (core, state)
 }
@@ -71,7 +92,8 @@ fn simulate(seed: u64, n: u64) {
         let (core, state) = boot(id, &voters, &MemLog::default());
         replicas.insert(id, Replica { core: Some(core), state, log: MemLog::default() });
     }
-    let mut in_flight: Vec<(u64, Message)> = Vec::new();
+    // (delivery round, message, lost on the way)
+    let mut in_flight: Vec<(u64, Message, bool)> = Vec::new();
     let mut leaders_by_term: HashMap<u64, u64> = HashMap::new();
     let mut proposed = 0u64;
     let mut partition: Option<Vec<u64>> = None;
@@ -105,16 +127,23 @@ fn simulate(seed: u64, n: u64) {
         }
         // Deliver what is due; random delays make a random order.
         let mut due = Vec::new();
-        in_flight.retain(|(at, m)| {
+        in_flight.retain(|(at, m, dropped)| {
             if *at <= round {
-                due.push(m.clone());
+                due.push((m.clone(), *dropped));
                 false
             } else {
                 true
             }
         });
-        for m in due {
-            let cut = partition.as_ref().map(|p| p.contains(&m.from) != p.contains(&m.to)).unwrap_or(false);
+        for (m, dropped) in due {
+            let cut = dropped || partition.as_ref().map(|p| p.contains(&m.from) != p.contains(&m.to)).unwrap_or(false);
+            let receiver_up = replicas[&m.to].core.is_some();
+            // The transport tells a sender whether a snapshot arrived (a gRPC call's outcome).
+            if m.get_msg_type() == MessageType::MsgSnapshot {
+                if let Some(core) = replicas.get_mut(&m.from).unwrap().core.as_mut() {
+                    core.report_snapshot(m.to, !cut && receiver_up);
+                }
+            }
             if cut {
                 continue;
             }
@@ -137,12 +166,12 @@ fn simulate(seed: u64, n: u64) {
                     core.propose(Command { proposal_id: 0, request_id: String::new(), kind: Some(command::Kind::RegisterWorker(req)) }, None).unwrap();
                 }
             }
-            for m in core.on_ready(&mut r.log).unwrap() {
-                if faults && rng.below(10) == 0 {
-                    continue; // dropped
-                }
+            let msgs = core.on_ready(&mut r.log).unwrap();
+            core.maybe_snapshot(&mut r.log, SNAPSHOT_EVERY).unwrap();
+            for m in msgs {
+                let dropped = faults && rng.below(10) == 0;
                 let delay = if faults { rng.below(4) } else { rng.below(2) };
-                in_flight.push((round + 1 + delay, m));
+                in_flight.push((round + 1 + delay, m, dropped));
             }
         }
         // State machine safety: replicas agree on every entry they have both applied.
@@ -162,7 +191,17 @@ fn simulate(seed: u64, n: u64) {
     }
     // Liveness: once the faults stop, every replica converges and the group made progress.
     let views: Vec<BTreeMap<String, String>> = replicas.values().map(|r| applied(&r.state)).collect();
+    if !views.iter().all(|v| *v == views[0]) {
+        for (id, r) in &replicas {
+            let c = r.core.as_ref().unwrap();
+            eprintln!("replica {id}: role {} term {} commit {} applied {} snapshot {} state applied {} workers {}", c.role(), c.term(), c.commit_index(), c.applied_index(), c.snapshot_index(), r.state.read().unwrap().applied_index, applied(&r.state).len());
+        }
+    }
     assert!(views.iter().all(|v| *v == views[0]), "seed {seed}: replicas did not converge");
+    let hashes: BTreeSet<String> = replicas.values().map(|r| r.state.read().unwrap().state_hash()).collect();
+    assert_eq!(hashes.len(), 1, "seed {seed}: replicas hold different states");
+    let snapshots: Vec<u64> = replicas.values().map(|r| r.core.as_ref().unwrap().snapshot_index()).collect();
+    assert!(snapshots.iter().all(|&s| s > 0), "seed {seed}: no snapshots were taken: {snapshots:?}");
     assert!(views[0].len() > 50, "seed {seed}: only {} of {proposed} proposals committed", views[0].len());
     // Ids are dense: nothing was applied twice or skipped.
     let ids: BTreeSet<u64> = views[0].keys().map(|k| k[1..].parse().unwrap()).collect();

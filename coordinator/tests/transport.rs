@@ -25,6 +25,7 @@ async fn stray_raft_messages_are_refused_counted_and_change_nothing() {
         lease: Duration::from_secs(5),
         cluster_id: Some("c1".into()),
         existing: false,
+        snapshot_every: 100,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve(cfg, listener, async move {

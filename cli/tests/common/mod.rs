@@ -141,6 +141,13 @@ impl UpCluster {
 impl Drop for UpCluster {
     fn drop(&mut self) {
         let _ = run(shoal().arg("down").arg("--dir").arg(self.dir()));
+        if std::thread::panicking() {
+            // Keep the logs of a failed test for a look.
+            if let Ok(fresh) = tempfile::tempdir() {
+                let kept = std::mem::replace(&mut self.tmp, fresh).keep();
+                eprintln!("test folder kept at {}", kept.display());
+            }
+        }
     }
 }
 
