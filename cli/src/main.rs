@@ -47,6 +47,9 @@ enum Cmd {
     /// Checkpoints of a job: list, show, export (for PyTorch).
     #[command(subcommand)]
     Checkpoint(CheckpointCmd),
+    /// The coordinator group, while it serves: add, remove, transfer-leader.
+    #[command(subcommand)]
+    Coordinator(CoordinatorCmd),
     /// Run one server process in the foreground (what `shoal up` spawns).
     #[command(subcommand)]
     Serve(ServeCmd),
@@ -207,6 +210,37 @@ enum JobCmd {
 }
 
 #[derive(Subcommand)]
+enum CoordinatorCmd {
+    /// Add a replica listening at ADDR (HOST:PORT). It joins as a learner and becomes a voter
+    /// once it has caught up. With --dir (a local cluster) its process is started too; with
+    /// --endpoints, the command to start it is printed.
+    Add {
+        addr: String,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove replica ID from the group (the leader hands its role on first); on a local
+    /// cluster its process stops.
+    Remove {
+        id: u64,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make replica ID the leader.
+    TransferLeader {
+        id: u64,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum CheckpointCmd {
     /// The committed checkpoints of a job: step, epoch, world size, bytes, committed time,
     /// files with their blake3.
@@ -272,8 +306,9 @@ enum ServeCmd {
         #[arg(long)]
         cluster_id: Option<String>,
         /// `new`: a new folder starts a new replica. `existing`: the cluster exists, so the
-        /// folder must hold this replica's state (an empty one is refused).
-        #[arg(long, default_value = "new", value_parser = ["new", "existing"])]
+        /// folder must hold this replica's state (an empty one is refused). `join`: a replica
+        /// that `shoal coordinator add` made a learner of a running group.
+        #[arg(long, default_value = "new", value_parser = ["new", "existing", "join"])]
         initial_state: String,
         /// Snapshot the state and compact the log every this many applied entries.
         #[arg(long, default_value_t = shoal_coordinator::server::SNAPSHOT_EVERY)]
@@ -381,6 +416,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Data(d) => data(d).await,
         Cmd::Job(j) => job(j).await,
         Cmd::Checkpoint(c) => checkpoint(c).await,
+        Cmd::Coordinator(c) => coordinator(c).await,
         Cmd::Serve(s) => serve(s).await,
     }
 }
@@ -587,6 +623,75 @@ async fn job(cmd: JobCmd) -> Result<()> {
     Ok(())
 }
 
+async fn coordinator(cmd: CoordinatorCmd) -> Result<()> {
+    let members = |client: &Client| {
+        let client = client.endpoints();
+        async move {
+            let c = Client::new(&client)?;
+            let s = c.call(|mut c| async move { c.get_status(StatusRequest {}).await }).await?;
+            anyhow::Ok(s.peers)
+        }
+    };
+    let show = |peers: &[PeerInfo], json_out: bool, what: String| {
+        if json_out {
+            print_json(&json!({"result": what, "members": peers.iter().map(|p| json!({"id": p.id, "address": p.address, "role": if p.learner { "learner" } else { "voter" }})).collect::<Vec<_>>()}));
+        } else {
+            println!("{what}");
+            for p in peers {
+                println!("  {} {} {}", p.id, p.address, if p.learner { "learner" } else { "voter" });
+            }
+        }
+    };
+    match cmd {
+        CoordinatorCmd::Add { addr, conn, json } => {
+            if conn.endpoints.is_empty() {
+                let layout = Layout::new(conn.dir.clone().unwrap_or_else(default_dir));
+                let exe = std::env::current_exe().context("finding the shoal executable")?;
+                let id = shoal_cluster::add_coordinator(&layout, &exe, &addr).await?;
+                let peers = members(&conn.client()?).await?;
+                show(&peers, json, format!("replica {id} added at {addr} (a learner until it has caught up); its process runs from {}", layout.coordinator_dir(id).display()));
+            } else {
+                let client = conn.client()?;
+                let request_id = shoal_coordinator::client::new_request_id();
+                let r = client
+                    .call(|mut c| {
+                        let req = AddCoordinatorRequest { address: addr.clone(), request_id: request_id.clone() };
+                        async move { c.add_coordinator(req).await }
+                    })
+                    .await?;
+                let peers = r.peers.iter().map(|p| format!("{}={}", p.id, p.address)).collect::<Vec<_>>().join(",");
+                show(&r.peers, json, format!(
+                    "replica {} added at {addr}; start it with:\n  shoal serve coordinator --id {} --listen {addr} --peers {peers} --cluster-id {} --initial-state join --data DIR --store STORE",
+                    r.id, r.id, r.cluster_id
+                ));
+            }
+        }
+        CoordinatorCmd::Remove { id, conn, json } => {
+            if conn.endpoints.is_empty() {
+                let layout = Layout::new(conn.dir.clone().unwrap_or_else(default_dir));
+                shoal_cluster::remove_coordinator(&layout, id).await?;
+            } else {
+                let client = conn.client()?.with_deadline(Duration::from_secs(30));
+                let request_id = shoal_coordinator::client::new_request_id();
+                client
+                    .call(|mut c| {
+                        let req = RemoveCoordinatorRequest { id, request_id: request_id.clone() };
+                        async move { c.remove_coordinator(req).await }
+                    })
+                    .await?;
+            }
+            let peers = members(&conn.client()?).await?;
+            show(&peers, json, format!("replica {id} removed"));
+        }
+        CoordinatorCmd::TransferLeader { id, conn, json } => {
+            let client = conn.client()?;
+            let r = client.call(|mut c| async move { c.transfer_leader(TransferLeaderRequest { id }).await }).await?;
+            show(&r.peers, json, format!("replica {id} leads the group"));
+        }
+    }
+    Ok(())
+}
+
 async fn checkpoint(cmd: CheckpointCmd) -> Result<()> {
     match cmd {
         CheckpointCmd::List { job, conn, json } => {
@@ -672,7 +777,11 @@ async fn serve(cmd: ServeCmd) -> Result<()> {
                 store_dir: store,
                 lease: Duration::from_millis(lease_ms),
                 cluster_id,
-                existing: initial_state == "existing",
+                initial: match initial_state.as_str() {
+                    "existing" => shoal_coordinator::InitialState::Existing,
+                    "join" => shoal_coordinator::InitialState::Join,
+                    _ => shoal_coordinator::InitialState::New,
+                },
                 snapshot_every,
             };
             shoal_coordinator::serve(cfg, listener, shutdown_signal()).await?;

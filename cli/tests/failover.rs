@@ -78,3 +78,53 @@ fn killing_the_leader_mid_job_loses_nothing() {
     assert_eq!(back["role"], "follower");
     assert!(back["snapshot_index"].as_u64().unwrap() > leader["applied_index"].as_u64().unwrap(), "it caught up from a snapshot: {back} vs {lead}");
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn the_group_grows_to_five_and_shrinks_to_three_while_a_job_runs() {
+    let c = UpCluster::start_env(&["--coordinators", "3", "--workers", "2"], &[("SHOAL_FAILPOINTS", "step-delay-ms=30")]);
+    c.import_mnist("mnist");
+    let spec = c.write_spec("mlp.toml", &mnist_spec("mnist", 6, 4096, 3, "[64]"));
+    let id = json(c.cmd(&["job", "submit", "--json"]).arg(&spec))["id"].to_string();
+    c.wait_job(&id, "the job to run", Duration::from_secs(60), |j| j["state"] == "running");
+    let members = |c: &UpCluster| {
+        let s = json(&mut c.cmd(&["status", "--json"]));
+        let mut roles: Vec<(u64, String)> = s["coordinators"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["reachable"] == true)
+            .map(|r| (r["id"].as_u64().unwrap(), r["role"].as_str().unwrap().to_string()))
+            .collect();
+        roles.sort();
+        roles
+    };
+    for _ in 0..2 {
+        let added = json(&mut c.cmd(&["coordinator", "add", &format!("127.0.0.1:{}", free_port()), "--json"]));
+        assert!(added["result"].as_str().unwrap().contains("added"), "{added}");
+    }
+    let grown = wait_for("five voters", Duration::from_secs(60), || {
+        let m = members(&c);
+        (m.len() == 5 && m.iter().all(|(_, r)| r == "leader" || r == "follower")).then_some(m)
+    });
+    assert_eq!(grown.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+    for gone in ["1", "2"] {
+        ok(&mut c.cmd(&["coordinator", "remove", gone]));
+    }
+    let shrunk = wait_for("three voters", Duration::from_secs(60), || {
+        let m = members(&c);
+        (m.len() == 3 && m.iter().filter(|(_, r)| r == "leader").count() == 1).then_some(m)
+    });
+    assert_eq!(shrunk.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![3, 4, 5]);
+    let done = c.wait_end(&id);
+    assert_eq!(done["state"], "succeeded", "{done}");
+    // The replicas that joined hold the same state as the one that was there from the start.
+    wait_for("one state on every replica", Duration::from_secs(30), || {
+        let s = json(&mut c.cmd(&["status", "--json"]));
+        let hashes: std::collections::BTreeSet<String> = s["coordinators"].as_array().unwrap().iter().map(|r| format!("{}/{}", r["applied_index"], r["state_hash"])).collect();
+        (hashes.len() == 1).then_some(())
+    });
+}

@@ -47,6 +47,18 @@ impl Layout {
     pub fn worker_dir(&self, n: u64) -> PathBuf {
         self.dir.join("workers").join(n.to_string())
     }
+    /// The ids of the replica folders under `coordinators/` (removed replicas' are set aside).
+    pub fn replica_ids(&self) -> Result<Vec<u64>, ClusterError> {
+        let root = self.dir.join("coordinators");
+        let mut ids: Vec<u64> = match std::fs::read_dir(&root) {
+            Ok(entries) => entries.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(ClusterError::Io(format!("{}: {e}", root.display()))),
+        };
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
     /// The cluster's id, kept across `down` and `up`: its presence says the cluster exists.
     pub fn cluster_id_file(&self) -> PathBuf {
         self.dir.join("cluster-id")
@@ -177,30 +189,27 @@ pub async fn up(layout: &Layout, opts: &UpOptions) -> Result<ClusterFile, Cluste
             (id, false)
         }
     };
-    let mut file = ClusterFile { store_dir: layout.store().display().to_string(), ..Default::default() };
-    let ids: Vec<u64> = (1..=opts.coordinators).collect();
+    let mut file = ClusterFile {
+        store_dir: layout.store().display().to_string(),
+        cluster_id: cluster_id.clone(),
+        lease_ms: opts.lease.as_millis() as u64,
+        snapshot_every: opts.snapshot_every,
+        ..Default::default()
+    };
+    // An existing cluster comes back as the group it is now (replicas may have been added or
+    // removed since it started), whatever --coordinators says.
+    let ids: Vec<u64> = if existing { layout.replica_ids()? } else { (1..=opts.coordinators).collect() };
+    if ids.is_empty() {
+        return Err(ClusterError::Startup(format!("{} ran a cluster but holds no coordinator folders", layout.dir.display())));
+    }
     let mut peers = Vec::new();
     for &id in &ids {
         peers.push((id, format!("127.0.0.1:{}", free_port()?)));
     }
     let peer_arg = peers.iter().map(|(id, a)| format!("{id}={a}")).collect::<Vec<_>>().join(",");
-    let lease_ms = opts.lease.as_millis().to_string();
     for (id, addr) in &peers {
-        let dir = layout.coordinator_dir(*id);
-        let args = vec![
-            "serve".into(), "coordinator".into(),
-            "--id".into(), id.to_string(),
-            "--listen".into(), addr.clone(),
-            "--peers".into(), peer_arg.clone(),
-            "--data".into(), dir.display().to_string(),
-            "--store".into(), layout.store().display().to_string(),
-            "--lease-ms".into(), lease_ms.clone(),
-            "--cluster-id".into(), cluster_id.clone(),
-            "--snapshot-every".into(), opts.snapshot_every.to_string(),
-            "--initial-state".into(), if existing { "existing" } else { "new" }.into(),
-        ];
-        let pid = spawn(&opts.exe, &args, &dir, &[])?;
-        file.coordinators.push(ClusterProcess { id: *id, address: addr.clone(), pid, dir: dir.display().to_string() });
+        let initial = if existing { "existing" } else { "new" };
+        file.coordinators.push(spawn_coordinator(layout, &opts.exe, &file, *id, addr, &peer_arg, initial)?);
     }
     // Record it now, so `down` can clean up even if the rest of start-up fails.
     write_file(layout, &file)?;
@@ -223,6 +232,76 @@ pub async fn up(layout: &Layout, opts: &UpOptions) -> Result<ClusterFile, Cluste
     wait_ready(&file, &endpoints, opts.workers as usize).await?;
     drop(lock);
     Ok(file)
+}
+
+/// Starts one coordinator replica of the recorded cluster (`initial`: new, existing or join).
+fn spawn_coordinator(layout: &Layout, exe: &Path, file: &ClusterFile, id: u64, addr: &str, peers: &str, initial: &str) -> Result<ClusterProcess, ClusterError> {
+    let dir = layout.coordinator_dir(id);
+    let args = vec![
+        "serve".into(), "coordinator".into(),
+        "--id".into(), id.to_string(),
+        "--listen".into(), addr.to_string(),
+        "--peers".into(), peers.to_string(),
+        "--data".into(), dir.display().to_string(),
+        "--store".into(), layout.store().display().to_string(),
+        "--lease-ms".into(), file.lease_ms.to_string(),
+        "--cluster-id".into(), file.cluster_id.clone(),
+        "--snapshot-every".into(), file.snapshot_every.to_string(),
+        "--initial-state".into(), initial.to_string(),
+    ];
+    let pid = spawn(exe, &args, &dir, &[])?;
+    Ok(ClusterProcess { id, address: addr.to_string(), pid, dir: dir.display().to_string() })
+}
+
+/// Adds a coordinator replica at `addr` to the running local cluster: the group takes it as a
+/// learner (and promotes it to voter once it has caught up), then its process is started,
+/// with an empty folder, to join. Returns its id.
+pub async fn add_coordinator(layout: &Layout, exe: &Path, addr: &str) -> Result<u64, ClusterError> {
+    let mut file = layout.read()?;
+    let client = Client::new(&layout.endpoints()?).map_err(|e| ClusterError::Startup(e.to_string()))?;
+    let request_id = shoal_coordinator::client::new_request_id();
+    let reply = client
+        .call(|mut c| {
+            let req = shoal_proto::AddCoordinatorRequest { address: addr.to_string(), request_id: request_id.clone() };
+            async move { c.add_coordinator(req).await }
+        })
+        .await
+        .map_err(|e| ClusterError::Startup(format!("adding a coordinator at {addr}: {e}")))?;
+    let peers = reply.peers.iter().map(|p| format!("{}={}", p.id, p.address)).collect::<Vec<_>>().join(",");
+    let process = spawn_coordinator(layout, exe, &file, reply.id, addr, &peers, "join")?;
+    file.coordinators.push(process);
+    write_file(layout, &file)?;
+    Ok(reply.id)
+}
+
+/// Removes coordinator replica `id` from the running local cluster; the replica stops once it
+/// applies its removal (it is stopped here if it has not after 10 s), and its folder is set
+/// aside as `coordinators/removed-<id>`.
+pub async fn remove_coordinator(layout: &Layout, id: u64) -> Result<(), ClusterError> {
+    let mut file = layout.read()?;
+    let client = Client::new(&layout.endpoints()?).map_err(|e| ClusterError::Startup(e.to_string()))?.with_deadline(Duration::from_secs(30));
+    let request_id = shoal_coordinator::client::new_request_id();
+    client
+        .call(|mut c| {
+            let req = shoal_proto::RemoveCoordinatorRequest { id, request_id: request_id.clone() };
+            async move { c.remove_coordinator(req).await }
+        })
+        .await
+        .map_err(|e| ClusterError::Startup(format!("removing coordinator {id}: {e}")))?;
+    if let Some(p) = file.coordinators.iter().find(|p| p.id == id) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pid_alive(p.pid) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop(&[p.pid]);
+    }
+    file.coordinators.retain(|p| p.id != id);
+    write_file(layout, &file)?;
+    let dir = layout.coordinator_dir(id);
+    if dir.exists() {
+        std::fs::rename(&dir, dir.with_file_name(format!("removed-{id}"))).map_err(|e| ClusterError::Io(format!("{}: {e}", dir.display())))?;
+    }
+    Ok(())
 }
 
 fn write_file(layout: &Layout, file: &ClusterFile) -> Result<(), ClusterError> {
@@ -262,31 +341,38 @@ async fn wait_ready(file: &ClusterFile, endpoints: &[String], workers: usize) ->
     Err(ClusterError::Startup(format!("not ready after 60 s: {last}")))
 }
 
+/// Stops the live `shoal serve` processes among `pids`: SIGTERM, then SIGKILL after 5 s.
+/// Returns the ones it stopped.
+fn stop(pids: &[u32]) -> Vec<u32> {
+    let pids: Vec<u32> = pids.iter().copied().filter(|&p| pid_alive(p)).collect();
+    for &pid in &pids {
+        // SAFETY: signalling a pid we started (checked to be a live `shoal serve`).
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pids.iter().any(|&p| pid_alive(p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for &pid in &pids {
+        if pid_alive(pid) {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while pid_alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    pids
+}
+
 /// Stops every process of the recorded cluster (workers first), then forgets it.
 pub fn down(layout: &Layout) -> Result<Vec<u32>, ClusterError> {
     let file = layout.read()?;
     let mut stopped = Vec::new();
     for group in [&file.workers, &file.coordinators] {
-        let pids: Vec<u32> = group.iter().map(|p| p.pid).filter(|&p| pid_alive(p)).collect();
-        for &pid in &pids {
-            // SAFETY: signalling a pid we started.
-            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while pids.iter().any(|&p| pid_alive(p)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        for &pid in &pids {
-            if pid_alive(pid) {
-                // SAFETY: as above.
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while pid_alive(pid) && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
-        stopped.extend(pids);
+        let pids: Vec<u32> = group.iter().map(|p| p.pid).collect();
+        stopped.extend(stop(&pids));
     }
     std::fs::remove_file(layout.cluster_file()).map_err(|e| ClusterError::Io(format!("{}: {e}", layout.cluster_file().display())))?;
     Ok(stopped)

@@ -43,8 +43,8 @@ pub fn new_request_id() -> String {
 pub const MAX_MESSAGE: usize = 64 << 20;
 
 pub struct Client {
-    endpoints: Vec<String>,
-    channels: Vec<Channel>,
+    /// The replicas it knows (given, then learned), as URLs and channels, index for index.
+    targets: std::sync::RwLock<(Vec<String>, Vec<Channel>)>,
     preferred: AtomicUsize,
     deadline: Duration,
     /// Channels to leaders learned from hints that are not among `endpoints`.
@@ -73,7 +73,12 @@ impl Client {
         }
         let norm: Vec<String> = endpoints.iter().map(|e| endpoint_url(e)).collect();
         let channels = norm.iter().map(|u| channel(u)).collect::<Result<_, _>>()?;
-        Ok(Client { endpoints: norm, channels, preferred: AtomicUsize::new(0), deadline: Duration::from_secs(15), hinted: Mutex::default() })
+        Ok(Client {
+            targets: std::sync::RwLock::new((norm, channels)),
+            preferred: AtomicUsize::new(0),
+            deadline: Duration::from_secs(15),
+            hinted: Mutex::default(),
+        })
     }
 
     /// How long a call keeps trying other replicas before giving up.
@@ -82,13 +87,29 @@ impl Client {
         self
     }
 
-    pub fn endpoints(&self) -> &[String] {
-        &self.endpoints
+    pub fn endpoints(&self) -> Vec<String> {
+        self.targets.read().expect("targets lock").0.clone()
+    }
+
+    /// Adds replicas it did not know (`host:port`), so calls reach a group whose members
+    /// changed since this client was made.
+    pub fn learn(&self, addrs: impl IntoIterator<Item = String>) {
+        let mut t = self.targets.write().expect("targets lock");
+        for a in addrs {
+            let url = endpoint_url(&a);
+            if !t.0.contains(&url) {
+                if let Ok(ch) = channel(&url) {
+                    t.0.push(url);
+                    t.1.push(ch);
+                }
+            }
+        }
     }
 
     /// A client for one specific replica (for per-replica status).
     pub fn single(&self, i: usize) -> CoordinatorClient<Channel> {
-        Self::client(self.channels[i].clone())
+        let t = self.targets.read().expect("targets lock");
+        Self::client(t.1[i % t.1.len()].clone())
     }
 
     fn client(ch: Channel) -> CoordinatorClient<Channel> {
@@ -104,7 +125,7 @@ impl Client {
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let start = Instant::now();
-        let n = self.channels.len();
+        let n = self.targets.read().expect("targets lock").1.len();
         let mut i = self.preferred.load(Ordering::Relaxed) % n;
         let mut hint: Option<Channel> = None;
         let mut hops = 0;
@@ -113,7 +134,7 @@ impl Client {
         loop {
             let remaining = self.deadline.saturating_sub(start.elapsed());
             if remaining.is_zero() {
-                return Err(ClientError::Unreachable { endpoints: self.endpoints.join(","), last });
+                return Err(ClientError::Unreachable { endpoints: self.endpoints().join(","), last });
             }
             let (target, hinted) = match hint.take() {
                 Some(ch) => (Self::client(ch), true),
@@ -135,7 +156,7 @@ impl Client {
             // Follow a hint at once, a few times; after that, pause between rounds.
             if let Some(url) = leader.filter(|_| hops < 3) {
                 hops += 1;
-                match self.endpoints.iter().position(|e| *e == url) {
+                match self.endpoints().iter().position(|e| *e == url) {
                     Some(j) => i = j,
                     None => hint = Some(self.hinted_channel(&url)?),
                 }

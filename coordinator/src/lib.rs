@@ -15,7 +15,7 @@ pub mod state;
 pub mod storage;
 
 pub use client::{Client, ClientError};
-pub use server::{serve, CoordinatorConfig};
+pub use server::{serve, CoordinatorConfig, InitialState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordError {

@@ -7,13 +7,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType, HardState, Message, Snapshot};
+use raft::eraftpb::{ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, HardState, Message, Snapshot};
 use raft::storage::MemStorage;
 use raft::{Config, GetEntriesContext, RaftState, RawNode, StateRole, Storage};
-use shoal_proto::{Command, Message as _, StateSnapshot};
+use shoal_proto::{Command, MemberChange, Message as _, StateSnapshot};
 use tokio::sync::oneshot;
 
-use crate::state::{ApplyResult, StateMachine};
+use crate::state::{ApplyOutput, ApplyResult, MemberOp, StateMachine};
 use crate::CoordError;
 
 /// Where the core's log goes. The real one is `storage::LogFile`; tests may keep it in memory.
@@ -121,6 +121,8 @@ pub struct Core {
     /// ReadIndex), then for this replica to apply up to it.
     reads: HashMap<u64, (Option<u64>, ReadReply)>,
     next_read: u64,
+    /// A membership change was applied since the last snapshot.
+    conf_changed: bool,
 }
 
 /// Answers a read once this replica's state is at least as new as every write committed before
@@ -165,7 +167,7 @@ impl Core {
         // A proposal id must not repeat across restarts of this replica: start from the
         // current time's nanos, tagged with the replica id.
         let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
-        Ok(Core { raw, store, state, pending: HashMap::new(), next_proposal: seed ^ (id << 56), reads: HashMap::new(), next_read: 0 })
+        Ok(Core { raw, store, state, pending: HashMap::new(), next_proposal: seed ^ (id << 56), reads: HashMap::new(), next_read: 0, conf_changed: false })
     }
 
     /// The index of the latest snapshot this replica holds.
@@ -178,14 +180,20 @@ impl Core {
         self.raw.raft.raft_log.applied
     }
 
-    /// Once `every` entries were applied since the last snapshot: snapshots the state machine,
-    /// makes the snapshot the base of the persisted log, and drops the entries it covers from
-    /// memory. Returns whether it did.
+    /// Once `every` entries were applied since the last snapshot, or a membership change
+    /// was: snapshots the state machine, makes the snapshot the base of the persisted log, and
+    /// drops the entries it covers from memory. Returns whether it did.
+    ///
+    /// After a membership change every replica's log starts at that change, so whoever leads
+    /// sends a joining replica a snapshot (with the group in it) rather than the log from its
+    /// first entry, which would replay conf changes from an empty group.
     pub fn maybe_snapshot(&mut self, log: &mut dyn Persist, every: u64) -> Result<bool, CoordError> {
         let applied = self.applied_index();
-        if applied < self.snapshot_index() + every.max(1) {
+        let due = applied >= self.snapshot_index() + every.max(1) || (self.conf_changed && applied > self.snapshot_index());
+        if !due {
             return Ok(false);
         }
+        self.conf_changed = false;
         let mut data = self.state.read().expect("state lock").to_snapshot();
         data.applied_index = applied;
         let mut snap = Snapshot::default();
@@ -228,6 +236,65 @@ impl Core {
 
     pub fn tick(&mut self) {
         self.raw.tick();
+    }
+
+    /// Proposes a change of the coordinator group (a raft conf change whose context records
+    /// the member's address and the request). One change at a time: raft would silently
+    /// drop a second one proposed while the first is pending.
+    pub fn propose_member(&mut self, op: MemberOp, id: u64, address: String, request_id: String, reply: Option<Reply>) {
+        let refused = if !self.is_leader() {
+            Some(CoordError::NotLeader(self.leader_id()).to_string())
+        } else if self.raw.raft.has_pending_conf() {
+            Some("leadership changed: a membership change is still in progress; retry".to_string())
+        } else {
+            None
+        };
+        if let Some(why) = refused {
+            if let Some(r) = reply {
+                let _ = r.send(Err(why));
+            }
+            return;
+        }
+        self.next_proposal = self.next_proposal.wrapping_add(1);
+        let context = MemberChange { proposal_id: self.next_proposal, id, address, request_id }.encode_to_vec();
+        let mut single = ConfChangeSingle::default();
+        single.set_change_type(match op {
+            MemberOp::AddLearner => ConfChangeType::AddLearnerNode,
+            MemberOp::Promote => ConfChangeType::AddNode,
+            MemberOp::Remove => ConfChangeType::RemoveNode,
+        });
+        single.node_id = id;
+        let mut cc = ConfChangeV2::default();
+        cc.set_changes(vec![single].into());
+        match (self.raw.propose_conf_change(context, cc), reply) {
+            (Ok(()), Some(r)) => {
+                self.pending.insert(self.next_proposal, r);
+            }
+            (Err(e), Some(r)) => {
+                let _ = r.send(Err(format!("raft: {e}")));
+            }
+            (_, None) => {}
+        }
+    }
+
+    /// Asks the leader to hand its role to `id` (raft's leadership transfer).
+    pub fn transfer_leader(&mut self, id: u64) {
+        self.raw.transfer_leader(id);
+    }
+
+    /// Voters and learners as raft sees them now.
+    pub fn conf(&self) -> (Vec<u64>, Vec<u64>) {
+        let cs = self.raw.raft.prs().conf().to_conf_state();
+        (cs.voters.clone(), cs.learners.clone())
+    }
+
+    /// How far `id`'s log matches the leader's (on the leader).
+    pub fn matched(&self, id: u64) -> Option<u64> {
+        self.raw.raft.prs().get(id).map(|p| p.matched)
+    }
+
+    pub fn has_pending_conf(&self) -> bool {
+        self.raw.raft.has_pending_conf()
     }
 
     /// What the transport learned of a snapshot it carried to `to`: raft holds back a
@@ -411,6 +478,21 @@ impl Core {
                     let cc = ConfChangeV2::parse_from_bytes(&e.data).map_err(|e| CoordError::Raft(e.to_string()))?;
                     let cs = self.raw.apply_conf_change(&cc).map_err(|e| CoordError::Raft(e.to_string()))?;
                     self.store.mem.wl().set_conf_state(cs);
+                    self.conf_changed = true;
+                    // The state machine keeps who the members are and where (the entry's context).
+                    let change = MemberChange::decode(&e.context[..]).unwrap_or_default();
+                    let mut result = Ok(ApplyOutput::None);
+                    for single in cc.get_changes() {
+                        let op = match single.get_change_type() {
+                            ConfChangeType::AddLearnerNode => MemberOp::AddLearner,
+                            ConfChangeType::AddNode => MemberOp::Promote,
+                            ConfChangeType::RemoveNode => MemberOp::Remove,
+                        };
+                        result = self.state.write().expect("state lock").apply_member_change(e.index, op, single.node_id, &change.address, &change.request_id);
+                    }
+                    if let Some(reply) = self.pending.remove(&change.proposal_id) {
+                        let _ = reply.send(result);
+                    }
                 }
             }
         }

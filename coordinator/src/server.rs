@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 
 use crate::client::MAX_MESSAGE;
 use crate::node::{Core, RaftStore, ReadReply, Reply, TICK};
-use crate::state::{ApplyOutput, ApplyResult, StateMachine};
+use crate::state::{ApplyOutput, ApplyResult, MemberOp, StateMachine};
 use crate::storage::LogFile;
 use crate::CoordError;
 
@@ -34,10 +34,21 @@ pub struct CoordinatorConfig {
     /// The cluster this replica belongs to. None: the one its data folder records, or (a new
     /// folder) one derived from the peer list, so replicas started alike agree.
     pub cluster_id: Option<String>,
-    /// The cluster exists already: this replica's data folder must hold its state.
-    pub existing: bool,
+    /// How this replica comes to its group.
+    pub initial: InitialState,
     /// Snapshot the state machine and compact the log every this many applied entries.
     pub snapshot_every: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InitialState {
+    /// A new group (or a restart): a new folder starts with the given peers as voters.
+    New,
+    /// The group exists already: this replica's data folder must hold its state.
+    Existing,
+    /// Joining a running group (after `AddCoordinator`): starts with no voters and waits for
+    /// the leader's snapshot.
+    Join,
 }
 
 /// The default of `CoordinatorConfig::snapshot_every`.
@@ -62,7 +73,7 @@ fn check_identity(cfg: &CoordinatorConfig) -> Result<String, CoordError> {
             Ok(id.cluster_id)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if cfg.existing && !cfg.data_dir.join("raft.log").exists() {
+            if cfg.initial == InitialState::Existing && !cfg.data_dir.join("raft.log").exists() {
                 return Err(CoordError::Identity(format!(
                     "{shown} holds no state, but replica {} belongs to an existing cluster: its log and votes are gone (a wiped or wrong folder). \
                      Rejoining as if it never voted could elect two leaders; remove the replica from the group and add a new one instead",
@@ -88,7 +99,13 @@ enum Input {
     SnapshotSent { to: u64, delivered: bool },
     /// A linearizable read waiting for its read index.
     Read(ReadReply),
+    /// A change of the coordinator group.
+    Member { op: MemberOp, id: u64, address: String, request_id: String, reply: Reply },
+    TransferLeader(u64),
 }
+
+/// A learner whose log is within this many entries of the leader's commit is promoted.
+const PROMOTE_LAG: u64 = 16;
 
 /// How long a read waits for its read index: under a client's attempt timeout, so the client
 /// hears "retry" rather than its own timeout.
@@ -105,6 +122,7 @@ struct RaftView {
     commit: u64,
     leader_id: u64,
     snapshot_index: u64,
+    learners: Vec<u64>,
 }
 
 /// Leader-only bookkeeping that is not replicated: rebuilt (with a grace period) by each new
@@ -124,6 +142,10 @@ struct Shared {
     cluster_id: String,
     /// Raft messages refused (see `RaftTransport::send`).
     dropped: std::sync::atomic::AtomicU64,
+    /// Every member's address: the group the log records (the addresses given on the
+    /// command line win, so a cluster restarted on new ports finds itself), or, until the
+    /// log records one, the command line's.
+    addresses: RwLock<BTreeMap<u64, String>>,
     address: String,
     state: Arc<RwLock<StateMachine>>,
     view: RwLock<RaftView>,
@@ -153,7 +175,8 @@ pub async fn serve(
         return Err(CoordError::Locked(cfg.data_dir.display().to_string()));
     }
     let cluster_id = check_identity(&cfg)?;
-    let voters: Vec<u64> = cfg.peers.keys().copied().collect();
+    // A joining replica knows no voters: the group's snapshot tells it.
+    let voters: Vec<u64> = if cfg.initial == InitialState::Join { vec![] } else { cfg.peers.keys().copied().collect() };
     let (log, recovered) = LogFile::open(&cfg.data_dir, &voters)?;
     tracing::info!(entries = recovered.entries, fresh = recovered.fresh, truncated = recovered.truncated_bytes, "raft log opened");
     let state = Arc::new(RwLock::new(StateMachine::default()));
@@ -166,14 +189,14 @@ pub async fn serve(
         cfg: cfg.clone(),
         cluster_id: cluster_id.clone(),
         dropped: Default::default(),
+        addresses: RwLock::new(cfg.peers.clone()),
         address,
         state,
         view: RwLock::new(RaftView::default()),
         volatile: Mutex::new(Volatile::default()),
         inbox: tx,
     });
-    let peers = spawn_peer_senders(&cfg, &cluster_id, shared.inbox.clone());
-    let mut driver = tokio::spawn(drive(core, log, rx, peers, shared.clone()));
+    let mut driver = tokio::spawn(drive(core, log, rx, shared.clone()));
 
     let svc = CoordinatorServer::new(Api(shared.clone())).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
     let raft_svc = RaftTransportServer::new(Api(shared.clone())).max_decoding_message_size(MAX_MESSAGE);
@@ -187,17 +210,20 @@ pub async fn serve(
             driver.abort();
             r.map_err(|e| CoordError::Transport(e.to_string()))
         }
-        // The Ready loop ended: it panicked, or could not persist. Stop serving at once: a
-        // replica without its Raft loop would answer from a frozen view that may still say
-        // "leader".
-        ended = &mut driver => Err(match ended {
-            Ok(Err(e)) => e,
-            Ok(Ok(())) => CoordError::Raft("the raft loop stopped".into()),
+        // The Ready loop ended: this replica was removed from the group, or the loop
+        // panicked or could not persist. Stop serving at once: a replica without its Raft
+        // loop would answer from a frozen view that may still say "leader".
+        ended = &mut driver => match ended {
+            Ok(Ok(())) => {
+                tracing::info!("removed from the coordinator group; stopping");
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
             Err(e) => {
                 let what = e.try_into_panic().ok().and_then(|p| p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())));
-                CoordError::Raft(format!("the raft loop panicked: {}", what.unwrap_or_else(|| "unknown panic".into())))
+                Err(CoordError::Raft(format!("the raft loop panicked: {}", what.unwrap_or_else(|| "unknown panic".into()))))
             }
-        }),
+        },
     };
     if let Err(e) = &result {
         tracing::error!(error = %e, "coordinator replica stopping");
@@ -206,58 +232,90 @@ pub async fn serve(
     result
 }
 
-/// One sender task per remote peer, each with a bounded queue: a slow peer drops messages
-/// (Raft retransmits) instead of blocking the loop.
-fn spawn_peer_senders(cfg: &CoordinatorConfig, cluster_id: &str, inbox: mpsc::Sender<Input>) -> HashMap<u64, mpsc::Sender<RaftMessage>> {
-    let mut out = HashMap::new();
-    for (&id, addr) in &cfg.peers {
-        if id == cfg.id {
-            continue;
-        }
-        let (tx, mut rx) = mpsc::channel::<RaftMessage>(1024);
-        let Ok(ep) = tonic::transport::Endpoint::from_shared(crate::client::endpoint_url(addr)) else {
-            tracing::error!(peer = id, %addr, "bad peer address");
-            continue;
-        };
-        let channel = ep.connect_timeout(Duration::from_secs(1)).connect_lazy();
-        let cluster_id = cluster_id.to_string();
-        let inbox = inbox.clone();
-        tokio::spawn(async move {
-            let mut client = RaftTransportClient::new(channel).max_encoding_message_size(MAX_MESSAGE);
-            while let Some(m) = rx.recv().await {
-                let Ok(bytes) = m.write_to_bytes() else { continue };
-                if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
-                    // Streamed in pieces (no message size limit, no 2 s cap on a big
-                    // transfer); raft hears how it went, and sends another after a failure.
-                    let chunks: Vec<RaftChunk> =
-                        bytes.chunks(SNAPSHOT_PIECE).map(|c| RaftChunk { cluster_id: cluster_id.clone(), data: c.to_vec() }).collect();
-                    let sent = tokio::time::timeout(Duration::from_secs(120), client.send_stream(tokio_stream::iter(chunks))).await;
-                    let delivered = matches!(sent, Ok(Ok(_)));
-                    if !delivered {
-                        tracing::warn!(peer = id, bytes = bytes.len(), "snapshot transfer failed");
-                    }
-                    let _ = inbox.send(Input::SnapshotSent { to: id, delivered }).await;
-                    continue;
+/// A sender task for one remote peer, with a bounded queue: a slow peer drops messages (Raft
+/// retransmits) instead of blocking the loop. It ends when its queue's sender is dropped.
+fn spawn_sender(id: u64, addr: &str, cluster_id: &str, inbox: mpsc::Sender<Input>) -> Option<mpsc::Sender<RaftMessage>> {
+    let (tx, mut rx) = mpsc::channel::<RaftMessage>(1024);
+    let Ok(ep) = tonic::transport::Endpoint::from_shared(crate::client::endpoint_url(addr)) else {
+        tracing::error!(peer = id, %addr, "bad peer address");
+        return None;
+    };
+    let channel = ep.connect_timeout(Duration::from_secs(1)).connect_lazy();
+    let cluster_id = cluster_id.to_string();
+    tokio::spawn(async move {
+        let mut client = RaftTransportClient::new(channel).max_encoding_message_size(MAX_MESSAGE);
+        while let Some(m) = rx.recv().await {
+            let Ok(bytes) = m.write_to_bytes() else { continue };
+            if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+                // Streamed in pieces (no message size limit, no 2 s cap on a big transfer);
+                // raft hears how it went, and sends another after a failure.
+                let chunks: Vec<RaftChunk> = bytes.chunks(SNAPSHOT_PIECE).map(|c| RaftChunk { cluster_id: cluster_id.clone(), data: c.to_vec() }).collect();
+                let sent = tokio::time::timeout(Duration::from_secs(120), client.send_stream(tokio_stream::iter(chunks))).await;
+                let delivered = matches!(sent, Ok(Ok(_)));
+                if !delivered {
+                    tracing::warn!(peer = id, bytes = bytes.len(), "snapshot transfer failed");
                 }
-                let sent = tokio::time::timeout(Duration::from_secs(2), client.send(RaftEnvelope { message: bytes, cluster_id: cluster_id.clone() })).await;
-                if let Ok(Err(e)) = sent {
-                    tracing::debug!(peer = id, error = %e.message(), "raft send failed");
+                let _ = inbox.send(Input::SnapshotSent { to: id, delivered }).await;
+                continue;
+            }
+            let sent = tokio::time::timeout(Duration::from_secs(2), client.send(RaftEnvelope { message: bytes, cluster_id: cluster_id.clone() })).await;
+            if let Ok(Err(e)) = sent {
+                tracing::debug!(peer = id, error = %e.message(), "raft send failed");
+            }
+        }
+    });
+    Some(tx)
+}
+
+/// One sender per other member, following the group as it changes.
+struct Senders(HashMap<u64, (String, mpsc::Sender<RaftMessage>)>);
+
+impl Senders {
+    fn sync(&mut self, shared: &Shared) {
+        let addresses = shared.addresses.read().expect("addresses lock").clone();
+        self.0.retain(|id, (addr, _)| addresses.get(id) == Some(addr));
+        for (id, addr) in addresses {
+            if id != shared.cfg.id && !self.0.contains_key(&id) {
+                if let Some(tx) = spawn_sender(id, &addr, &shared.cluster_id, shared.inbox.clone()) {
+                    self.0.insert(id, (addr, tx));
                 }
             }
-        });
-        out.insert(id, tx);
+        }
+    }
+
+    fn send(&self, m: RaftMessage) {
+        if let Some((_, tx)) = self.0.get(&m.to) {
+            let _ = tx.try_send(m);
+        }
+    }
+}
+
+/// The group after the state machine's latest view of it (the addresses given on the command
+/// line win), or the command line's until the log records a group.
+fn effective_members(shared: &Shared) -> Vec<PeerInfo> {
+    let state = shared.state.read().expect("state lock");
+    let mut out: Vec<PeerInfo> = state.members().cloned().collect();
+    if out.is_empty() {
+        return shared.cfg.peers.iter().map(|(id, a)| PeerInfo { id: *id, address: a.clone(), learner: false }).collect();
+    }
+    for m in out.iter_mut() {
+        if let Some(given) = shared.cfg.peers.get(&m.id) {
+            m.address.clone_from(given);
+        }
     }
     out
 }
 
+fn effective_addresses(shared: &Shared) -> BTreeMap<u64, String> {
+    effective_members(shared).into_iter().map(|m| (m.id, m.address)).collect()
+}
+
 /// The Ready loop: the only place the core is touched.
-async fn drive(
-    mut core: Core,
-    mut log: LogFile,
-    mut rx: mpsc::Receiver<Input>,
-    peers: HashMap<u64, mpsc::Sender<RaftMessage>>,
-    shared: Arc<Shared>,
-) -> Result<(), CoordError> {
+/// Returns Ok when this replica was removed from the group.
+async fn drive(mut core: Core, mut log: LogFile, mut rx: mpsc::Receiver<Input>, shared: Arc<Shared>) -> Result<(), CoordError> {
+    let mut peers = Senders(HashMap::new());
+    peers.sync(&shared);
+    let mut was_member = false;
     let mut ticker = tokio::time::interval(TICK);
     let mut ticks = 0u64;
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -288,15 +346,15 @@ async fn drive(
                 Some(Input::Raft(m)) => core.step(m),
                 Some(Input::SnapshotSent { to, delivered }) => core.report_snapshot(to, delivered),
                 Some(Input::Read(reply)) => core.read_index(reply),
-                None => return Ok(()),
+                Some(Input::Member { op, id, address, request_id, reply }) => core.propose_member(op, id, address, request_id, Some(reply)),
+                Some(Input::TransferLeader(id)) => core.transfer_leader(id),
+                None => return Err(CoordError::Raft("the request channel closed".into())),
             },
         }
         match core.on_ready(&mut log).and_then(|msgs| core.maybe_snapshot(&mut log, shared.cfg.snapshot_every).map(|_| msgs)) {
             Ok(msgs) => {
                 for m in msgs {
-                    if let Some(p) = peers.get(&m.to) {
-                        let _ = p.try_send(m);
-                    }
+                    peers.send(m);
                 }
             }
             // A replica that cannot persist must stop: acknowledging unpersisted entries would
@@ -309,12 +367,28 @@ async fn drive(
         v.commit = core.commit_index();
         v.leader_id = core.leader_id();
         v.snapshot_index = core.snapshot_index();
+        v.learners = core.conf().1;
+        drop(v);
+        let addresses = effective_addresses(&shared);
+        let recorded = shared.state.read().expect("state lock").members().next().is_some();
+        let member = addresses.contains_key(&shared.cfg.id);
+        if *shared.addresses.read().expect("addresses lock") != addresses {
+            tracing::info!(?addresses, "coordinator group changed");
+            *shared.addresses.write().expect("addresses lock") = addresses;
+            peers.sync(&shared);
+        }
+        if recorded && member {
+            was_member = true;
+        } else if recorded && was_member {
+            // Removed from the group: nothing left to serve.
+            return Ok(());
+        }
     }
 }
 
 fn not_leader_text(shared: &Shared, e: &CoordError) -> String {
     match e {
-        CoordError::NotLeader(id) => match shared.cfg.peers.get(id) {
+        CoordError::NotLeader(id) => match shared.addresses.read().expect("addresses lock").get(id) {
             Some(addr) => format!("not the leader; leader is {id} at {addr}"),
             None => "not the leader; no leader known yet".into(),
         },
@@ -327,8 +401,21 @@ fn leader_duties(core: &mut Core, shared: &Shared, new_leader: bool, recent: &mu
     let now = Instant::now();
     let lease = shared.cfg.lease;
     let mut proposals = Vec::new();
+    let mut promote = Vec::new();
     {
         let state = shared.state.read().expect("state lock");
+        if state.members().next().is_none() {
+            // A group's first leader records the group it was started with.
+            let members = shared.cfg.peers.iter().map(|(id, a)| PeerInfo { id: *id, address: a.clone(), learner: false }).collect();
+            proposals.push(("members".to_string(), command::Kind::SetMembers(MemberList { members })));
+        }
+        // A learner that has caught up becomes a voter (one that never answered has matched 0).
+        let commit = core.commit_index();
+        for id in core.conf().1 {
+            if core.matched(id).is_some_and(|m| m > 0 && m + PROMOTE_LAG >= commit) && !core.has_pending_conf() {
+                promote.push(id);
+            }
+        }
         let mut vol = shared.volatile.lock().expect("volatile lock");
         if new_leader {
             // Grace period: every worker gets a full lease from the moment this leader starts.
@@ -368,6 +455,14 @@ fn leader_duties(core: &mut Core, shared: &Shared, new_leader: bool, recent: &mu
         }
         recent.insert(key, now);
         let _ = core.propose(Command { proposal_id: 0, request_id: String::new(), kind: Some(kind) }, None);
+    }
+    if let Some(id) = promote.first() {
+        if let std::collections::hash_map::Entry::Vacant(e) = recent.entry(format!("promote/{id}")) {
+            e.insert(now);
+            tracing::info!(id, "learner caught up; promoting it to voter");
+            let address = shared.addresses.read().expect("addresses lock").get(id).cloned().unwrap_or_default();
+            core.propose_member(MemberOp::Promote, *id, address, String::new(), None);
+        }
     }
 }
 
@@ -420,6 +515,33 @@ impl Api {
         }
     }
 
+    /// The group as this replica's state machine records it: every member's id, address and
+    /// role.
+    fn peers(&self) -> Vec<PeerInfo> {
+        effective_members(&self.0)
+    }
+
+    fn member_reply(&self, id: u64) -> MemberReply {
+        MemberReply { id, cluster_id: self.0.cluster_id.clone(), peers: self.peers() }
+    }
+
+    /// Sends a member change to the Ready loop and waits until it is applied.
+    async fn change_member(&self, op: MemberOp, id: u64, address: String, request_id: String) -> Result<u64, Status> {
+        let (tx, rx) = oneshot::channel::<ApplyResult>();
+        self.0
+            .inbox
+            .try_send(Input::Member { op, id, address, request_id, reply: tx })
+            .map_err(|_| Status::resource_exhausted("coordinator is overloaded; retry"))?;
+        match tokio::time::timeout(PROPOSAL_TIMEOUT, rx).await {
+            Err(_) => Err(Status::deadline_exceeded("the membership change did not commit in time")),
+            Ok(Err(_)) => Err(Status::unavailable("the membership change was dropped; retry")),
+            Ok(Ok(Err(msg))) if msg.starts_with("not the leader") => Err(self.not_leader()),
+            Ok(Ok(Err(msg))) => Err(Status::unavailable(msg)),
+            Ok(Ok(Ok(ApplyOutput::Member(id)))) => Ok(id),
+            Ok(Ok(Ok(other))) => Err(Status::internal(format!("unexpected apply output {other:?}"))),
+        }
+    }
+
     fn require_leader(&self) -> Result<(), Status> {
         if self.0.view.read().expect("view lock").role == "leader" {
             return Ok(());
@@ -431,7 +553,7 @@ impl Api {
     /// so a client goes there next in one round trip.
     fn not_leader(&self) -> Status {
         let leader = self.0.view.read().expect("view lock").leader_id;
-        match self.0.cfg.peers.get(&leader).filter(|_| leader != 0) {
+        match self.0.addresses.read().expect("addresses lock").get(&leader).cloned().filter(|_| leader != 0) {
             Some(addr) => {
                 let mut s = Status::unavailable(format!("not the leader; leader is {leader} at {addr}"));
                 if let Ok(v) = addr.parse() {
@@ -465,13 +587,79 @@ fn expect_job(out: ApplyOutput) -> Result<JobInfo, Status> {
 
 #[tonic::async_trait]
 impl Coordinator for Api {
+    async fn add_coordinator(&self, r: Request<AddCoordinatorRequest>) -> Result<Response<MemberReply>, Status> {
+        let AddCoordinatorRequest { address, request_id } = r.into_inner();
+        self.require_leader()?;
+        self.linearize().await?;
+        if let Some(id) = self.0.state.read().expect("state lock").member_for_request(&request_id).filter(|_| !request_id.is_empty()) {
+            return Ok(Response::new(self.member_reply(id)));
+        }
+        if address.parse::<std::net::SocketAddr>().is_err() {
+            return Err(final_status(tonic::Code::InvalidArgument, format!("{address:?} is not an address (HOST:PORT with a numeric host)")));
+        }
+        let addresses = self.0.addresses.read().expect("addresses lock").clone();
+        if let Some((id, _)) = addresses.iter().find(|(_, a)| **a == address) {
+            return Err(final_status(tonic::Code::AlreadyExists, format!("replica {id} is at {address} already")));
+        }
+        let id = addresses.keys().max().copied().unwrap_or(0) + 1;
+        let id = self.change_member(MemberOp::AddLearner, id, address, request_id).await?;
+        Ok(Response::new(self.member_reply(id)))
+    }
+
+    async fn remove_coordinator(&self, r: Request<RemoveCoordinatorRequest>) -> Result<Response<MemberReply>, Status> {
+        let RemoveCoordinatorRequest { id, request_id } = r.into_inner();
+        self.require_leader()?;
+        self.linearize().await?;
+        let peers = self.peers();
+        if !peers.iter().any(|p| p.id == id) {
+            // Gone already (a retry after the change applied) or never there.
+            return match self.0.state.read().expect("state lock").member_for_request(&request_id).filter(|_| !request_id.is_empty()) {
+                Some(_) => Ok(Response::new(self.member_reply(id))),
+                None => Err(final_status(tonic::Code::NotFound, format!("replica {id} is not a member of the group"))),
+            };
+        }
+        if peers.iter().filter(|p| !p.learner && p.id != id).count() == 0 {
+            return Err(final_status(tonic::Code::FailedPrecondition, format!("replica {id} is the last voter; a group needs one")));
+        }
+        if id == self.0.cfg.id {
+            // The leader hands its role to another voter first; the client retries there.
+            let to = peers.iter().find(|p| !p.learner && p.id != id).map(|p| p.id).expect("checked above");
+            let _ = self.0.inbox.try_send(Input::TransferLeader(to));
+            return Err(Status::unavailable(format!("replica {id} leads the group; handing the lead to replica {to} first; retry")));
+        }
+        self.change_member(MemberOp::Remove, id, String::new(), request_id).await?;
+        Ok(Response::new(self.member_reply(id)))
+    }
+
+    async fn transfer_leader(&self, r: Request<TransferLeaderRequest>) -> Result<Response<MemberReply>, Status> {
+        let id = r.into_inner().id;
+        if self.0.view.read().expect("view lock").leader_id == id {
+            return Ok(Response::new(self.member_reply(id)));
+        }
+        self.require_leader()?;
+        if !self.peers().iter().any(|p| p.id == id && !p.learner) {
+            return Err(final_status(tonic::Code::FailedPrecondition, format!("replica {id} is not a voter of the group")));
+        }
+        let _ = self.0.inbox.try_send(Input::TransferLeader(id));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if self.0.view.read().expect("view lock").leader_id == id {
+                return Ok(Response::new(self.member_reply(id)));
+            }
+        }
+        Err(Status::deadline_exceeded(format!("replica {id} did not take the lead in time")))
+    }
+
     async fn get_status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        // Before the view lock below: `peers` takes it too (no lock is taken twice).
+        let peers = self.peers();
         let v = self.0.view.read().expect("view lock");
         let state = self.0.state.read().expect("state lock");
         let node = CoordinatorStatus {
             id: self.0.cfg.id,
             address: self.0.address.clone(),
-            role: v.role.to_string(),
+            role: if v.learners.contains(&self.0.cfg.id) { "learner".into() } else { v.role.to_string() },
             term: v.term,
             commit_index: v.commit,
             applied_index: state.applied_index,
@@ -483,7 +671,6 @@ impl Coordinator for Api {
             snapshot_index: v.snapshot_index,
             state_hash: state.state_hash(),
         };
-        let peers = self.0.cfg.peers.iter().map(|(id, a)| PeerInfo { id: *id, address: a.clone() }).collect();
         let workers = state.workers().cloned().collect();
         Ok(Response::new(StatusResponse { node: Some(node), peers, workers }))
     }
@@ -652,7 +839,7 @@ impl Api {
         if m.to != me {
             return refuse(format!("raft message for node {}; this is node {me}", m.to));
         }
-        if m.from == me || !self.0.cfg.peers.contains_key(&m.from) {
+        if m.from == me || !self.0.addresses.read().expect("addresses lock").contains_key(&m.from) {
             return refuse(format!("raft message from node {}, which is no member of this group", m.from));
         }
         // A full inbox drops the message; Raft retransmits.

@@ -6,14 +6,16 @@ use std::collections::{BTreeMap, VecDeque};
 
 use shoal_core::{dataset, JobSpec};
 use shoal_proto::{
-    command, request_record, Assignment, Command, DatasetInfo, DatasetVersion, JobInfo, JobProgress, JobState, RankResult, RequestRecord, StateSnapshot,
-    WorkerInfo, WorkerState,
+    command, request_record, Assignment, Command, DatasetInfo, DatasetVersion, JobInfo, JobProgress, JobState, PeerInfo, RankResult, RequestRecord,
+    StateSnapshot, WorkerInfo, WorkerState,
 };
 
 /// What applying a command produced, handed back to whoever proposed it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ApplyOutput {
     None,
+    /// A coordinator replica joined, changed role or left.
+    Member(u64),
     WorkerId(String),
     Dataset(DatasetInfo),
     Job(Box<JobInfo>),
@@ -27,7 +29,16 @@ enum Recorded {
     Worker(String),
     Dataset(String, u64),
     Job(u64),
+    Member(u64),
     Nothing,
+}
+
+/// A change of the coordinator group, as a raft conf change applies it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberOp {
+    AddLearner,
+    Promote,
+    Remove,
 }
 
 /// Most features one record may have (guards workers against absurd manifests).
@@ -48,6 +59,8 @@ pub struct StateMachine {
     datasets: BTreeMap<String, Vec<DatasetInfo>>,
     jobs: BTreeMap<u64, JobInfo>,
     next_job: u64,
+    /// The coordinator group: every replica's id, address and role.
+    members: BTreeMap<u64, PeerInfo>,
 }
 
 impl StateMachine {
@@ -61,6 +74,7 @@ impl StateMachine {
                     Recorded::Worker(w) => request_record::Outcome::WorkerId(w.clone()),
                     Recorded::Dataset(name, version) => request_record::Outcome::Dataset(DatasetVersion { name: name.clone(), version: *version }),
                     Recorded::Job(j) => request_record::Outcome::JobId(*j),
+                    Recorded::Member(m) => request_record::Outcome::MemberId(*m),
                     Recorded::Nothing => request_record::Outcome::Nothing(true),
                 };
                 Some(RequestRecord { request_id: id.clone(), outcome: Some(outcome) })
@@ -74,6 +88,7 @@ impl StateMachine {
             datasets: self.datasets.values().flatten().cloned().collect(),
             jobs: self.jobs.values().cloned().collect(),
             next_job: self.next_job,
+            members: self.members.values().cloned().collect(),
         }
     }
 
@@ -84,6 +99,7 @@ impl StateMachine {
                 request_record::Outcome::WorkerId(w) => Recorded::Worker(w),
                 request_record::Outcome::Dataset(d) => Recorded::Dataset(d.name, d.version),
                 request_record::Outcome::JobId(j) => Recorded::Job(j),
+                request_record::Outcome::MemberId(m) => Recorded::Member(m),
                 request_record::Outcome::Nothing(_) => Recorded::Nothing,
             };
             sm.request_order.push_back(r.request_id.clone());
@@ -94,7 +110,47 @@ impl StateMachine {
             sm.datasets.entry(d.name.clone()).or_default().push(d);
         }
         sm.jobs = s.jobs.into_iter().map(|j| (j.id, j)).collect();
+        sm.members = s.members.into_iter().map(|m| (m.id, m)).collect();
         Ok(sm)
+    }
+
+    /// Applies a change of the coordinator group (the raft conf change at `index`), keeping
+    /// the members' addresses and roles beside raft's own view of the group.
+    pub fn apply_member_change(&mut self, index: u64, op: MemberOp, id: u64, address: &str, request_id: &str) -> ApplyResult {
+        self.applied_index = index;
+        match op {
+            MemberOp::AddLearner => {
+                let m = self.members.entry(id).or_insert_with(|| PeerInfo { id, address: address.to_string(), learner: true });
+                m.learner = true;
+                if !address.is_empty() {
+                    m.address = address.to_string();
+                }
+            }
+            MemberOp::Promote => {
+                let m = self.members.entry(id).or_insert_with(|| PeerInfo { id, address: address.to_string(), learner: false });
+                m.learner = false;
+            }
+            MemberOp::Remove => {
+                self.members.remove(&id);
+            }
+        }
+        if !request_id.is_empty() {
+            self.remember(request_id.to_string(), Recorded::Member(id));
+        }
+        Ok(ApplyOutput::Member(id))
+    }
+
+    /// The id that the member change with `request_id` already got, if it was applied.
+    pub fn member_for_request(&self, request_id: &str) -> Option<u64> {
+        match self.requests.get(request_id) {
+            Some(Recorded::Member(id)) => Some(*id),
+            _ => None,
+        }
+    }
+
+    /// The coordinator group as recorded by the log (empty until its first leader records it).
+    pub fn members(&self) -> impl Iterator<Item = &PeerInfo> {
+        self.members.values()
     }
 
     /// A digest of the whole state: replicas that applied the same log agree on it.
@@ -119,17 +175,22 @@ impl StateMachine {
                 ApplyOutput::WorkerId(id) => Recorded::Worker(id.clone()),
                 ApplyOutput::Dataset(d) => Recorded::Dataset(d.name.clone(), d.version),
                 ApplyOutput::Job(j) => Recorded::Job(j.id),
+                ApplyOutput::Member(m) => Recorded::Member(*m),
                 ApplyOutput::None => Recorded::Nothing,
             };
-            self.requests.insert(request_id.clone(), rec);
-            self.request_order.push_back(request_id);
-            while self.request_order.len() > REMEMBERED_REQUESTS {
-                if let Some(old) = self.request_order.pop_front() {
-                    self.requests.remove(&old);
-                }
-            }
+            self.remember(request_id, rec);
         }
         Ok(out)
+    }
+
+    fn remember(&mut self, request_id: String, rec: Recorded) {
+        self.requests.insert(request_id.clone(), rec);
+        self.request_order.push_back(request_id);
+        while self.request_order.len() > REMEMBERED_REQUESTS {
+            if let Some(old) = self.request_order.pop_front() {
+                self.requests.remove(&old);
+            }
+        }
     }
 
     fn replay(&self, rec: &Recorded) -> ApplyOutput {
@@ -137,6 +198,7 @@ impl StateMachine {
             Recorded::Worker(id) => ApplyOutput::WorkerId(id.clone()),
             Recorded::Dataset(name, v) => self.dataset(name, *v).cloned().map(ApplyOutput::Dataset).unwrap_or(ApplyOutput::None),
             Recorded::Job(id) => self.jobs.get(id).map(|j| ApplyOutput::Job(Box::new(j.clone()))).unwrap_or(ApplyOutput::None),
+            Recorded::Member(id) => ApplyOutput::Member(*id),
             Recorded::Nothing => ApplyOutput::None,
         }
     }
@@ -144,6 +206,13 @@ impl StateMachine {
     fn apply_new(&mut self, index: u64, cmd: Command) -> ApplyResult {
         let Some(kind) = cmd.kind else { return Err("empty command".into()) };
         match kind {
+            command::Kind::SetMembers(list) => {
+                if !self.members.is_empty() {
+                    return Err("the coordinator group is recorded already".into());
+                }
+                self.members = list.members.into_iter().map(|m| (m.id, m)).collect();
+                Ok(ApplyOutput::None)
+            }
             command::Kind::RegisterWorker(req) => {
                 self.next_worker += 1;
                 let id = format!("w{}", self.next_worker);

@@ -24,7 +24,7 @@ async fn stray_raft_messages_are_refused_counted_and_change_nothing() {
         store_dir: tmp.path().join("store"),
         lease: Duration::from_secs(5),
         cluster_id: Some("c1".into()),
-        existing: false,
+        initial: shoal_coordinator::InitialState::New,
         snapshot_every: 100,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

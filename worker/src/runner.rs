@@ -73,10 +73,21 @@ pub async fn run_worker(
     let mut running: Option<Running> = None;
     let mut ticker = tokio::time::interval(cfg.heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_learned = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = stop_rx.changed() => break,
+        }
+        if last_learned.elapsed() >= Duration::from_secs(5) {
+            // The coordinator group can change while this worker runs: keep up with it.
+            last_learned = std::time::Instant::now();
+            let learner = client.clone();
+            tokio::spawn(async move {
+                if let Ok(s) = learner.call(|mut c| async move { c.get_status(shoal_proto::StatusRequest {}).await }).await {
+                    learner.learn(s.peers.into_iter().map(|p| p.address));
+                }
+            });
         }
         let id = match &worker_id {
             Some(id) => id.clone(),
