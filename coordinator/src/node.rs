@@ -120,6 +120,8 @@ pub struct Core {
     /// Linearizable reads waiting for their read index (from the leader, through raft's
     /// ReadIndex), then for this replica to apply up to it.
     reads: HashMap<u64, (Option<u64>, ReadReply)>,
+    /// The next read's context: unique across restarts too, so a late answer to a read of an
+    /// earlier run of this replica never releases a read of this one.
     next_read: u64,
     /// A membership change was applied since the last snapshot.
     conf_changed: bool,
@@ -143,6 +145,20 @@ impl Core {
     /// A core over `store`. If it holds a snapshot, `state` is replaced by the snapshot's state
     /// machine and only the entries after it are applied again.
     pub fn new(id: u64, store: RaftStore, state: Arc<RwLock<StateMachine>>) -> Result<Core, CoordError> {
+        // A proposal id must not repeat across restarts of this replica: start from the
+        // current time's nanos, tagged with the replica id.
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+        Self::build(id, store, state, seed ^ (id << 56), true)
+    }
+
+    /// A core for a deterministic simulation: election timeouts are fixed (raft-rs draws them
+    /// from an unseeded RNG otherwise; the simulation desynchronizes replicas itself), and
+    /// proposal ids start from `seed`.
+    pub fn new_simulated(id: u64, store: RaftStore, state: Arc<RwLock<StateMachine>>, seed: u64) -> Result<Core, CoordError> {
+        Self::build(id, store, state, seed, false)
+    }
+
+    fn build(id: u64, store: RaftStore, state: Arc<RwLock<StateMachine>>, proposal_seed: u64, randomized: bool) -> Result<Core, CoordError> {
         let snapshot = store.snapshot.read().expect("snapshot lock").clone();
         let applied = snapshot.get_metadata().index;
         if applied != 0 {
@@ -159,15 +175,14 @@ impl Core {
             // Every committed entry after the snapshot (all of them, without one) is applied
             // again on start, which rebuilds the state machine.
             applied,
+            // raft draws a timeout in [min, max); one value makes it deterministic.
+            max_election_tick: if randomized { 2 * ELECTION_TICKS } else { ELECTION_TICKS + 1 },
             ..Default::default()
         };
         cfg.validate().map_err(|e| CoordError::Raft(e.to_string()))?;
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let raw = RawNode::new(&cfg, store.clone(), &logger).map_err(|e| CoordError::Raft(e.to_string()))?;
-        // A proposal id must not repeat across restarts of this replica: start from the
-        // current time's nanos, tagged with the replica id.
-        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
-        Ok(Core { raw, store, state, pending: HashMap::new(), next_proposal: seed ^ (id << 56), reads: HashMap::new(), next_read: 0, conf_changed: false })
+        Ok(Core { raw, store, state, pending: HashMap::new(), next_proposal: proposal_seed, reads: HashMap::new(), next_read: proposal_seed.rotate_left(32), conf_changed: false })
     }
 
     /// The index of the latest snapshot this replica holds.
@@ -417,7 +432,9 @@ impl Core {
         if !rd.snapshot().is_empty() {
             self.install_snapshot(rd.snapshot().clone(), log)?;
         }
-        self.apply(rd.take_committed_entries())?;
+        // Applied after raft has taken the Ready back (below): applying a change that removes
+        // this replica while it leads makes it step down, which must not happen inside one.
+        let committed = rd.take_committed_entries();
         if !rd.entries().is_empty() {
             log.append_entries(rd.entries())?;
             self.store.mem.wl().append(rd.entries()).map_err(|e| CoordError::Raft(e.to_string()))?;
@@ -428,7 +445,7 @@ impl Core {
         }
         log.sync()?;
         out.extend(rd.take_persisted_messages());
-        let mut light = self.raw.advance(rd);
+        let mut light = self.raw.advance_append(rd);
         if let Some(commit) = light.commit_index() {
             let mut hs = self.store.mem.rl().hard_state().clone();
             hs.commit = commit;
@@ -437,6 +454,7 @@ impl Core {
             self.store.mem.wl().set_hardstate(hs);
         }
         out.extend(light.take_messages());
+        self.apply(committed)?;
         self.apply(light.take_committed_entries())?;
         self.raw.advance_apply();
         self.release_reads();
@@ -445,6 +463,7 @@ impl Core {
 
     fn apply(&mut self, entries: Vec<Entry>) -> Result<(), CoordError> {
         for e in entries {
+            self.state.write().expect("state lock").note_entry(e.index, &e.data);
             match e.get_entry_type() {
                 EntryType::EntryNormal => {
                     if e.data.is_empty() {
@@ -477,8 +496,16 @@ impl Core {
                 EntryType::EntryConfChangeV2 => {
                     let cc = ConfChangeV2::parse_from_bytes(&e.data).map_err(|e| CoordError::Raft(e.to_string()))?;
                     let cs = self.raw.apply_conf_change(&cc).map_err(|e| CoordError::Raft(e.to_string()))?;
+                    let removed_leader = self.is_leader() && !cs.voters.contains(&self.raw.raft.id);
                     self.store.mem.wl().set_conf_state(cs);
                     self.conf_changed = true;
+                    if removed_leader {
+                        // A leader that applies its own removal (leadership moved back to it
+                        // while the change was in flight) steps down into the next term:
+                        // raft-rs would otherwise go on leading without itself in the group.
+                        let term = self.raw.raft.term;
+                        self.raw.raft.become_follower(term + 1, raft::INVALID_ID);
+                    }
                     // The state machine keeps who the members are and where (the entry's context).
                     let change = MemberChange::decode(&e.context[..]).unwrap_or_default();
                     let mut result = Ok(ApplyOutput::None);

@@ -311,6 +311,26 @@ fn effective_addresses(shared: &Shared) -> BTreeMap<u64, String> {
 }
 
 /// The Ready loop: the only place the core is touched.
+/// Inputs taken into one Ready at most.
+const BATCH: usize = 1024;
+
+fn handle(core: &mut Core, shared: &Shared, input: Input) {
+    match input {
+        Input::Propose(cmd, reply) => {
+            if !core.is_leader() {
+                let _ = reply.send(Err(not_leader_text(shared, &CoordError::NotLeader(core.leader_id()))));
+            } else if let Err(e) = core.propose(cmd, Some(reply)) {
+                tracing::warn!(error = %e, "proposal dropped");
+            }
+        }
+        Input::Raft(m) => core.step(m),
+        Input::SnapshotSent { to, delivered } => core.report_snapshot(to, delivered),
+        Input::Read(reply) => core.read_index(reply),
+        Input::Member { op, id, address, request_id, reply } => core.propose_member(op, id, address, request_id, Some(reply)),
+        Input::TransferLeader(id) => core.transfer_leader(id),
+    }
+}
+
 /// Returns Ok when this replica was removed from the group.
 async fn drive(mut core: Core, mut log: LogFile, mut rx: mpsc::Receiver<Input>, shared: Arc<Shared>) -> Result<(), CoordError> {
     let mut peers = Senders(HashMap::new());
@@ -335,21 +355,18 @@ async fn drive(mut core: Core, mut log: LogFile, mut rx: mpsc::Receiver<Input>, 
                 }
                 was_leader = core.is_leader();
             }
-            input = rx.recv() => match input {
-                Some(Input::Propose(cmd, reply)) => {
-                    if !core.is_leader() {
-                        let _ = reply.send(Err(not_leader_text(&shared, &CoordError::NotLeader(core.leader_id()))));
-                    } else if let Err(e) = core.propose(cmd, Some(reply)) {
-                        tracing::warn!(error = %e, "proposal dropped");
+            input = rx.recv() => {
+                let Some(input) = input else { return Err(CoordError::Raft("the request channel closed".into())) };
+                handle(&mut core, &shared, input);
+                // Everything else already waiting goes into the same Ready: one fsync and one
+                // round of messages for a batch of writes, not one each.
+                for _ in 0..BATCH {
+                    match rx.try_recv() {
+                        Ok(input) => handle(&mut core, &shared, input),
+                        Err(_) => break,
                     }
                 }
-                Some(Input::Raft(m)) => core.step(m),
-                Some(Input::SnapshotSent { to, delivered }) => core.report_snapshot(to, delivered),
-                Some(Input::Read(reply)) => core.read_index(reply),
-                Some(Input::Member { op, id, address, request_id, reply }) => core.propose_member(op, id, address, request_id, Some(reply)),
-                Some(Input::TransferLeader(id)) => core.transfer_leader(id),
-                None => return Err(CoordError::Raft("the request channel closed".into())),
-            },
+            }
         }
         match core.on_ready(&mut log).and_then(|msgs| core.maybe_snapshot(&mut log, shared.cfg.snapshot_every).map(|_| msgs)) {
             Ok(msgs) => {

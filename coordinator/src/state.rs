@@ -61,6 +61,8 @@ pub struct StateMachine {
     next_job: u64,
     /// The coordinator group: every replica's id, address and role.
     members: BTreeMap<u64, PeerInfo>,
+    /// blake3 chained over every entry applied (see `note_entry`).
+    apply_digest: Vec<u8>,
 }
 
 impl StateMachine {
@@ -89,7 +91,23 @@ impl StateMachine {
             jobs: self.jobs.values().cloned().collect(),
             next_job: self.next_job,
             members: self.members.values().cloned().collect(),
+            apply_digest: self.apply_digest.clone(),
         }
+    }
+
+    /// Chains the entry at `index` into the apply digest. The core calls it for every entry
+    /// it applies (commands, a new leader's empty entry, membership changes).
+    pub fn note_entry(&mut self, index: u64, bytes: &[u8]) {
+        let mut h = blake3::Hasher::new();
+        h.update(&self.apply_digest);
+        h.update(&index.to_le_bytes());
+        h.update(bytes);
+        self.apply_digest = h.finalize().as_bytes().to_vec();
+    }
+
+    /// The apply digest: equal on replicas that applied the same entries up to `applied_index`.
+    pub fn apply_digest(&self) -> &[u8] {
+        &self.apply_digest
     }
 
     pub fn from_snapshot(s: StateSnapshot) -> Result<StateMachine, String> {
@@ -111,6 +129,7 @@ impl StateMachine {
         }
         sm.jobs = s.jobs.into_iter().map(|j| (j.id, j)).collect();
         sm.members = s.members.into_iter().map(|m| (m.id, m)).collect();
+        sm.apply_digest = s.apply_digest;
         Ok(sm)
     }
 

@@ -5,8 +5,9 @@
 //! with valid records after it is corruption, not a torn write: opening fails with the file
 //! and offset, and nothing is cut, because cutting would drop committed entries and votes.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use protobuf::Message as _;
@@ -21,13 +22,91 @@ const MAX_RECORD: usize = 64 << 20;
 /// than this at the end of the file is corruption, whatever follows it.
 const MAX_TORN: usize = 2 * MAX_RECORD;
 
-pub struct LogFile {
-    path: PathBuf,
-    file: File,
-    buf: Vec<u8>,
+pub const LOG_FILE: &str = "raft.log";
+pub const SNAPSHOT_FILE: &str = "snapshot.pb";
+
+/// Where the log's files live: `FsDisk` is a folder; the simulation's disk loses what was not
+/// synced, tears the last write, or fails an fsync, under the same log code.
+pub trait Disk: Send {
+    /// The current content of `name` (None: no such file).
+    fn read(&mut self, name: &str) -> std::io::Result<Option<Vec<u8>>>;
+    /// Appends to `name`, creating it if missing; durable only after `sync`.
+    fn append(&mut self, name: &str, bytes: &[u8]) -> std::io::Result<()>;
+    /// Makes `name`'s content, and its existence, durable.
+    fn sync(&mut self, name: &str) -> std::io::Result<()>;
+    /// Cuts `name` to `len` bytes, durably.
+    fn truncate(&mut self, name: &str, len: u64) -> std::io::Result<()>;
+    /// Replaces `name` with `bytes` atomically and durably: a crash leaves the old or the new.
+    fn replace(&mut self, name: &str, bytes: &[u8]) -> std::io::Result<()>;
+    /// How `name` is shown in messages.
+    fn describe(&self, name: &str) -> String;
 }
 
-pub const SNAPSHOT_FILE: &str = "snapshot.pb";
+/// A folder of the real file system.
+pub struct FsDisk {
+    dir: PathBuf,
+    appending: HashMap<String, File>,
+}
+
+impl FsDisk {
+    pub fn new(dir: &Path) -> FsDisk {
+        FsDisk { dir: dir.to_path_buf(), appending: HashMap::new() }
+    }
+}
+
+impl Disk for FsDisk {
+    fn read(&mut self, name: &str) -> std::io::Result<Option<Vec<u8>>> {
+        match std::fs::read(self.dir.join(name)) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn append(&mut self, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+        if !self.appending.contains_key(name) {
+            let path = self.dir.join(name);
+            let existed = path.exists();
+            let f = OpenOptions::new().create(true).append(true).open(&path)?;
+            if !existed {
+                // The new file's name must survive a crash as well as its records.
+                shoal_core::fsutil::sync_dir(&self.dir)?;
+            }
+            self.appending.insert(name.to_string(), f);
+        }
+        self.appending.get_mut(name).expect("opened above").write_all(bytes)
+    }
+
+    fn sync(&mut self, name: &str) -> std::io::Result<()> {
+        match self.appending.get(name) {
+            Some(f) => f.sync_data(),
+            None => File::open(self.dir.join(name))?.sync_all(),
+        }
+    }
+
+    fn truncate(&mut self, name: &str, len: u64) -> std::io::Result<()> {
+        let f = OpenOptions::new().write(true).open(self.dir.join(name))?;
+        f.set_len(len)?;
+        f.sync_all()
+    }
+
+    fn replace(&mut self, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+        self.appending.remove(name);
+        shoal_core::fsutil::write_atomic(&self.dir.join(name), bytes).map_err(|e| match e {
+            shoal_core::CoreError::Io { source, .. } => source,
+            other => std::io::Error::other(other.to_string()),
+        })
+    }
+
+    fn describe(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+}
+
+pub struct LogFile {
+    disk: Box<dyn Disk>,
+    buf: Vec<u8>,
+}
 
 /// What replaying a log file found.
 pub struct Recovered {
@@ -49,14 +128,19 @@ fn frame(buf: &mut Vec<u8>, rec: &LogRecord) {
 }
 
 impl LogFile {
-    /// Opens (or creates) the log in `dir` and replays it. `voters` seeds a fresh log's
-    /// membership; an existing log keeps its own.
+    /// Opens (or creates) the log in folder `dir` and replays it (see `open_on`).
     pub fn open(dir: &Path, voters: &[u64]) -> Result<(LogFile, Recovered), CoordError> {
-        let path = dir.join("raft.log");
-        let io = |e| CoordError::Io(format!("{}: {e}", path.display()));
-        let bytes = if path.exists() { std::fs::read(&path).map_err(io)? } else { Vec::new() };
+        Self::open_on(Box::new(FsDisk::new(dir)), voters)
+    }
+
+    /// Opens (or creates) the log on `disk` and replays it. `voters` seeds a fresh log's
+    /// membership; an existing log keeps its own.
+    pub fn open_on(mut disk: Box<dyn Disk>, voters: &[u64]) -> Result<(LogFile, Recovered), CoordError> {
+        let path = disk.describe(LOG_FILE);
+        let io = |e: std::io::Error| CoordError::Io(format!("{path}: {e}"));
+        let bytes = disk.read(LOG_FILE).map_err(io)?.unwrap_or_default();
         let storage = MemStorage::new();
-        let snapshot = read_snapshot(dir)?;
+        let snapshot = read_snapshot(disk.as_mut())?;
         let base = snapshot.as_ref().map(|s| s.get_metadata().index).unwrap_or(0);
         if let Some(s) = &snapshot {
             storage.wl().apply_snapshot(s.clone()).map_err(|e| CoordError::Raft(e.to_string()))?;
@@ -76,7 +160,7 @@ impl LogFile {
                     // and compacting the log) are skipped.
                     Ok(e) if e.index <= base => true,
                     Ok(e) => {
-                        storage.wl().append(&[e]).map_err(|e| CoordError::Io(format!("{}: replay: {e}", path.display())))?;
+                        storage.wl().append(&[e]).map_err(|e| CoordError::Io(format!("{path}: replay: {e}")))?;
                         entries += 1;
                         true
                     }
@@ -98,7 +182,7 @@ impl LogFile {
             };
             if !applied {
                 // A checksummed record that does not decode was written so: not a torn write.
-                return Err(CoordError::CorruptLog { path: path.display().to_string(), offset: off as u64, reason: "a record with a valid checksum does not decode".into() });
+                return Err(CoordError::CorruptLog { path: path.clone(), offset: off as u64, reason: "a record with a valid checksum does not decode".into() });
             }
             off += len;
         }
@@ -108,19 +192,11 @@ impl LogFile {
             storage.wl().set_hardstate(hs);
         }
         let truncated = (bytes.len() - off) as u64;
-        let existed = path.exists();
-        let mut file = OpenOptions::new().create(true).read(true).write(true).truncate(false).open(&path).map_err(io)?;
-        if !existed {
-            // The new file's name must survive a crash as well as its records.
-            shoal_core::fsutil::sync_dir(dir).map_err(|e| CoordError::Io(format!("{}: {e}", dir.display())))?;
-        }
         if truncated > 0 {
-            tracing::warn!(path = %path.display(), truncated, "cutting a torn or corrupt tail off the Raft log");
-            file.set_len(off as u64).map_err(io)?;
-            file.sync_all().map_err(io)?;
+            tracing::warn!(%path, truncated, "cutting a torn tail off the Raft log");
+            disk.truncate(LOG_FILE, off as u64).map_err(io)?;
         }
-        file.seek(SeekFrom::End(0)).map_err(io)?;
-        let mut log = LogFile { path, file, buf: Vec::new() };
+        let mut log = LogFile { disk, buf: Vec::new() };
         let fresh = !have_conf && snapshot.is_none();
         if fresh {
             storage.wl().set_conf_state(ConfState::from((voters.to_vec(), vec![])));
@@ -131,40 +207,30 @@ impl LogFile {
     }
 
     /// Makes `snap` the base of the log: writes `snapshot.pb`, then replaces `raft.log` with
-    /// the hard state and `keep` (the entries after the snapshot). Each file is written
+    /// the hard state and `keep` (the entries after the snapshot). Each file is replaced
     /// atomically and durably, in that order, so a crash between them leaves the new snapshot
     /// and the old log, whose covered entries replay skips.
     pub fn save_snapshot(&mut self, snap: &Snapshot, keep: &[Entry], hs: &HardState) -> Result<(), CoordError> {
-        let dir = self.path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let bytes = snap.write_to_bytes().map_err(|e| CoordError::Io(e.to_string()))?;
         let file = SnapshotFile { blake3: blake3::hash(&bytes).to_hex().to_string(), snapshot: bytes };
-        shoal_core::fsutil::write_atomic(&dir.join(SNAPSHOT_FILE), &file.encode_to_vec()).map_err(|e| CoordError::Io(e.to_string()))?;
+        let snap_path = self.disk.describe(SNAPSHOT_FILE);
+        self.disk.replace(SNAPSHOT_FILE, &file.encode_to_vec()).map_err(|e| CoordError::Io(format!("{snap_path}: {e}")))?;
         // What was pushed but not synced is in `keep` and `hs` already.
         self.buf.clear();
         self.set_hard_state(hs)?;
         self.append_entries(keep)?;
-        let tmp = dir.join(".raft.log.tmp");
-        let io = |e: std::io::Error| CoordError::Io(format!("{}: {e}", tmp.display()));
-        let mut f = File::create(&tmp).map_err(io)?;
-        f.write_all(&self.buf).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &self.path).map_err(io)?;
-        shoal_core::fsutil::sync_dir(&dir).map_err(|e| CoordError::Io(format!("{}: {e}", dir.display())))?;
+        let log_path = self.disk.describe(LOG_FILE);
+        self.disk.replace(LOG_FILE, &self.buf).map_err(|e| CoordError::Io(format!("{log_path}: {e}")))?;
         self.buf.clear();
-        self.file = OpenOptions::new().append(true).open(&self.path).map_err(|e| CoordError::Io(format!("{}: {e}", self.path.display())))?;
         Ok(())
     }
 }
 
-/// The snapshot in `dir`, checked against its blake3; None if there is none.
-fn read_snapshot(dir: &Path) -> Result<Option<Snapshot>, CoordError> {
-    let path = dir.join(SNAPSHOT_FILE);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(CoordError::Io(format!("{}: {e}", path.display()))),
-    };
-    let corrupt = |reason: String| CoordError::CorruptLog { path: path.display().to_string(), offset: 0, reason };
+/// The snapshot on `disk`, checked against its blake3; None if there is none.
+fn read_snapshot(disk: &mut dyn Disk) -> Result<Option<Snapshot>, CoordError> {
+    let path = disk.describe(SNAPSHOT_FILE);
+    let Some(bytes) = disk.read(SNAPSHOT_FILE).map_err(|e| CoordError::Io(format!("{path}: {e}")))? else { return Ok(None) };
+    let corrupt = |reason: String| CoordError::CorruptLog { path: path.clone(), offset: 0, reason };
     let file = SnapshotFile::decode(&bytes[..]).map_err(|e| corrupt(format!("not a snapshot file: {e}")))?;
     if blake3::hash(&file.snapshot).to_hex().to_string() != file.blake3 {
         return Err(corrupt("blake3 does not match".into()));
@@ -197,9 +263,10 @@ impl LogFile {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let io = |e| CoordError::Io(format!("{}: {e}", self.path.display()));
-        self.file.write_all(&self.buf).map_err(io)?;
-        self.file.sync_data().map_err(io)?;
+        let path = self.disk.describe(LOG_FILE);
+        let io = |e: std::io::Error| CoordError::Io(format!("{path}: {e}"));
+        self.disk.append(LOG_FILE, &self.buf).map_err(io)?;
+        self.disk.sync(LOG_FILE).map_err(io)?;
         self.buf.clear();
         Ok(())
     }
@@ -207,9 +274,9 @@ impl LogFile {
 
 /// Whether the bad record at `off` is a torn tail (nothing valid after it, within what one
 /// write can leave) or corruption, which is an error naming the file and offset.
-fn check_torn(path: &Path, bytes: &[u8], off: usize) -> Result<(), CoordError> {
+fn check_torn(path: &str, bytes: &[u8], off: usize) -> Result<(), CoordError> {
     let rest = &bytes[off..];
-    let corrupt = |reason: String| CoordError::CorruptLog { path: path.display().to_string(), offset: off as u64, reason };
+    let corrupt = |reason: String| CoordError::CorruptLog { path: path.to_string(), offset: off as u64, reason };
     if rest.len() > MAX_TORN {
         return Err(corrupt(format!("a bad record with {} bytes after it, more than one write leaves", rest.len())));
     }
