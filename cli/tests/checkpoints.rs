@@ -134,7 +134,8 @@ fn a_crash_at_each_point_of_a_write_keeps_the_previous_checkpoint() {
         ("checkpoint-after-rename", 2, "part-0.safetensors"),
         ("checkpoint-before-commit", 1, "manifest.pb"),
     ] {
-        let armed = format!("{point}@20");
+        // Slow steps: a fast run would skip checkpoint 20 while 10 is still being written.
+        let armed = format!("step-delay-ms=30,{point}@20");
         let mut workers = c.spawn_workers(2, &[("SHOAL_FAILPOINTS", &armed)]);
         let id = submit(&c, &spec);
         wait_for(&format!("{crashes} worker(s) to crash at {point}"), Duration::from_secs(60), || {
@@ -185,7 +186,7 @@ fn a_failed_write_is_reported_and_training_goes_on() {
     c.import_mnist("mnist");
     let spec = c.write_spec("sgd.toml", &spec(SGD, 20));
     let full = {
-        let _w = c.spawn_workers(2, &[("SHOAL_FAILPOINTS", "checkpoint-enospc@20")]);
+        let _w = c.spawn_workers(2, &[("SHOAL_FAILPOINTS", "step-delay-ms=30,checkpoint-enospc@20")]);
         c.submit_follow(&spec)
     };
     assert_eq!(full["state"], "succeeded", "{full}");
