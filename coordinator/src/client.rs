@@ -166,7 +166,7 @@ impl Client {
             i = (i + 1) % n;
             if i == self.preferred.load(Ordering::Relaxed) % n || n == 1 {
                 tokio::time::sleep(backoff.min(remaining)).await;
-                backoff = (backoff * 2).min(Duration::from_millis(500));
+                backoff = (backoff * 2).min(Duration::from_millis(200));
             }
         }
     }

@@ -136,10 +136,13 @@ pub type ReadReply = oneshot::Sender<Result<(), String>>;
 /// replay.
 pub const MAX_COMMAND: usize = 16 << 20;
 
-/// Raft timing in ticks; the shell ticks every `TICK`.
+/// Raft timing in ticks; the shell ticks every `TICK`: heartbeats every 100 ms, and a
+/// follower that hears nothing for 500 to 1000 ms (drawn anew each time) stands for election,
+/// so a lost leader costs well under a second. Pre-vote and check-quorum keep a slow or
+/// partitioned replica from disturbing a healthy leader.
 pub const TICK: std::time::Duration = std::time::Duration::from_millis(100);
-const ELECTION_TICKS: usize = 10;
-const HEARTBEAT_TICKS: usize = 2;
+const ELECTION_TICKS: usize = 5;
+const HEARTBEAT_TICKS: usize = 1;
 
 impl Core {
     /// A core over `store`. If it holds a snapshot, `state` is replaced by the snapshot's state
@@ -415,14 +418,17 @@ impl Core {
         }
     }
 
-    /// Processes one Ready: persists, applies, and returns the messages to send.
-    pub fn on_ready(&mut self, log: &mut dyn Persist) -> Result<Vec<Message>, CoordError> {
-        let mut out = Vec::new();
+    /// Processes one Ready: persists, sends, applies.
+    ///
+    /// Messages go to `send` as soon as they may: a leader's appends before it persists the
+    /// same entries (its followers' fsyncs then run alongside its own), everything that
+    /// depends on what this Ready persists after it is durable.
+    pub fn on_ready(&mut self, log: &mut dyn Persist, send: &mut dyn FnMut(Vec<Message>)) -> Result<(), CoordError> {
         if !self.raw.has_ready() {
-            return Ok(out);
+            return Ok(());
         }
         let mut rd = self.raw.ready();
-        out.extend(rd.take_messages());
+        send(rd.take_messages());
         for rs in rd.read_states() {
             let key = rs.request_ctx.as_slice().try_into().map(u64::from_le_bytes).ok();
             if let Some((at, _)) = key.and_then(|k| self.reads.get_mut(&k)) {
@@ -439,26 +445,35 @@ impl Core {
             log.append_entries(rd.entries())?;
             self.store.mem.wl().append(rd.entries()).map_err(|e| CoordError::Raft(e.to_string()))?;
         }
+        // Entries, a term and a vote must be durable before the messages that rely on them go
+        // out; a commit index alone need not (it comes back from the quorum), so a Ready
+        // that only moves it costs no fsync: its record goes with the next one.
+        let mut must_sync = !rd.entries().is_empty();
         if let Some(hs) = rd.hs() {
             log.set_hard_state(hs)?;
+            let before = self.store.mem.rl().hard_state().clone();
+            must_sync |= hs.term != before.term || hs.vote != before.vote;
             self.store.mem.wl().set_hardstate(hs.clone());
         }
-        log.sync()?;
-        out.extend(rd.take_persisted_messages());
+        if must_sync {
+            log.sync()?;
+        }
+        send(rd.take_persisted_messages());
         let mut light = self.raw.advance_append(rd);
         if let Some(commit) = light.commit_index() {
+            // Recorded with the next sync, not synced now: a commit index that is lost comes
+            // back from the quorum, and applying needs only that the entries are durable.
             let mut hs = self.store.mem.rl().hard_state().clone();
             hs.commit = commit;
             log.set_hard_state(&hs)?;
-            log.sync()?;
             self.store.mem.wl().set_hardstate(hs);
         }
-        out.extend(light.take_messages());
+        send(light.take_messages());
         self.apply(committed)?;
         self.apply(light.take_committed_entries())?;
         self.raw.advance_apply();
         self.release_reads();
-        Ok(out)
+        Ok(())
     }
 
     fn apply(&mut self, entries: Vec<Entry>) -> Result<(), CoordError> {
@@ -556,7 +571,7 @@ mod tests {
         let mut core = Core::new(1, RaftStore::new(storage, None), Arc::default()).unwrap();
         core.campaign_if_alone();
         while !core.is_leader() {
-            core.on_ready(&mut NoDisk).unwrap();
+            core.on_ready(&mut NoDisk, &mut |_| {}).unwrap();
         }
         let huge = DatasetInfo { name: "x".repeat(MAX_COMMAND + 1), ..Default::default() };
         let cmd = Command { proposal_id: 0, request_id: String::new(), kind: Some(command::Kind::RegisterDataset(huge)) };

@@ -51,8 +51,8 @@ pub enum InitialState {
     Join,
 }
 
-/// The default of `CoordinatorConfig::snapshot_every`.
-pub const SNAPSHOT_EVERY: u64 = 10_000;
+/// The default of `CoordinatorConfig::snapshot_every` (etcd's default snapshot count too).
+pub const SNAPSHOT_EVERY: u64 = 100_000;
 
 /// Reads, checks or (new folder) writes the data folder's identity; returns the cluster id.
 fn check_identity(cfg: &CoordinatorConfig) -> Result<String, CoordError> {
@@ -110,6 +110,9 @@ const PROMOTE_LAG: u64 = 16;
 /// How long a read waits for its read index: under a client's attempt timeout, so the client
 /// hears "retry" rather than its own timeout.
 const READ_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Raft messages sent to a peer in one batch at most.
+const RAFT_BATCH: usize = 256;
 
 /// Snapshots go to followers in pieces of this size; one may total at most `MAX_SNAPSHOT`.
 const SNAPSHOT_PIECE: usize = 1 << 20;
@@ -200,7 +203,9 @@ pub async fn serve(
 
     let svc = CoordinatorServer::new(Api(shared.clone())).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
     let raft_svc = RaftTransportServer::new(Api(shared.clone())).max_decoding_message_size(MAX_MESSAGE);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // No Nagle: small replies (acks, proposals' answers) otherwise wait on delayed ACKs, 40 ms
+    // at a time.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tonic::transport::Server::builder()
         .add_service(svc)
         .add_service(raft_svc)
@@ -244,23 +249,62 @@ fn spawn_sender(id: u64, addr: &str, cluster_id: &str, inbox: mpsc::Sender<Input
     let cluster_id = cluster_id.to_string();
     tokio::spawn(async move {
         let mut client = RaftTransportClient::new(channel).max_encoding_message_size(MAX_MESSAGE);
-        while let Some(m) = rx.recv().await {
-            let Ok(bytes) = m.write_to_bytes() else { continue };
-            if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
-                // Streamed in pieces (no message size limit, no 2 s cap on a big transfer);
-                // raft hears how it went, and sends another after a failure.
-                let chunks: Vec<RaftChunk> = bytes.chunks(SNAPSHOT_PIECE).map(|c| RaftChunk { cluster_id: cluster_id.clone(), data: c.to_vec() }).collect();
-                let sent = tokio::time::timeout(Duration::from_secs(120), client.send_stream(tokio_stream::iter(chunks))).await;
-                let delivered = matches!(sent, Ok(Ok(_)));
-                if !delivered {
-                    tracing::warn!(peer = id, bytes = bytes.len(), "snapshot transfer failed");
+        // The open stream to the peer: batches go in here; None until (re)opened.
+        let mut stream: Option<mpsc::Sender<RaftBatch>> = None;
+        let mut last_open = Instant::now() - Duration::from_secs(1);
+        while let Some(first) = rx.recv().await {
+            // Everything queued for this peer goes as one batch.
+            let mut batch = vec![first];
+            while batch.len() < RAFT_BATCH {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
                 }
-                let _ = inbox.send(Input::SnapshotSent { to: id, delivered }).await;
+            }
+            let mut messages = Vec::with_capacity(batch.len());
+            for m in batch {
+                let Ok(bytes) = m.write_to_bytes() else { continue };
+                if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+                    // Streamed in pieces on a call of its own (no message size limit); raft
+                    // hears how it went, and sends another after a failure.
+                    let chunks: Vec<RaftChunk> = bytes.chunks(SNAPSHOT_PIECE).map(|c| RaftChunk { cluster_id: cluster_id.clone(), data: c.to_vec() }).collect();
+                    let sent = tokio::time::timeout(Duration::from_secs(120), client.send_stream(tokio_stream::iter(chunks))).await;
+                    let delivered = matches!(sent, Ok(Ok(_)));
+                    if !delivered {
+                        tracing::warn!(peer = id, bytes = bytes.len(), "snapshot transfer failed");
+                    }
+                    let _ = inbox.send(Input::SnapshotSent { to: id, delivered }).await;
+                } else {
+                    messages.push(bytes);
+                }
+            }
+            if messages.is_empty() {
                 continue;
             }
-            let sent = tokio::time::timeout(Duration::from_secs(2), client.send(RaftEnvelope { message: bytes, cluster_id: cluster_id.clone() })).await;
-            if let Ok(Err(e)) = sent {
-                tracing::debug!(peer = id, error = %e.message(), "raft send failed");
+            if stream.as_ref().is_none_or(|s| s.is_closed()) {
+                // (Re)open at most every 100 ms; meanwhile messages are dropped: raft resends.
+                if last_open.elapsed() < Duration::from_millis(100) {
+                    continue;
+                }
+                last_open = Instant::now();
+                let (tx, rx) = mpsc::channel::<RaftBatch>(256);
+                let mut c = client.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = c.stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
+                        tracing::debug!(peer = id, error = %e.message(), "raft stream ended");
+                    }
+                });
+                stream = Some(tx);
+            }
+            let batch = RaftBatch { cluster_id: cluster_id.clone(), messages };
+            // A peer that falls behind slows this task (the Ready loop never waits: its queue
+            // to here drops when full); a broken stream is reopened, and raft resends.
+            let sent = match stream.as_ref() {
+                Some(s) => tokio::time::timeout(Duration::from_secs(1), s.send(batch)).await,
+                None => continue,
+            };
+            if !matches!(sent, Ok(Ok(()))) {
+                stream = None;
             }
         }
     });
@@ -368,16 +412,10 @@ async fn drive(mut core: Core, mut log: LogFile, mut rx: mpsc::Receiver<Input>, 
                 }
             }
         }
-        match core.on_ready(&mut log).and_then(|msgs| core.maybe_snapshot(&mut log, shared.cfg.snapshot_every).map(|_| msgs)) {
-            Ok(msgs) => {
-                for m in msgs {
-                    peers.send(m);
-                }
-            }
-            // A replica that cannot persist must stop: acknowledging unpersisted entries would
-            // break Raft's guarantees.
-            Err(e) => return Err(e),
-        }
+        // A replica that cannot persist must stop: acknowledging unpersisted entries would
+        // break Raft's guarantees.
+        core.on_ready(&mut log, &mut |msgs| msgs.into_iter().for_each(|m| peers.send(m)))?;
+        core.maybe_snapshot(&mut log, shared.cfg.snapshot_every)?;
         let mut v = shared.view.write().expect("view lock");
         v.role = core.role();
         v.term = core.term();
@@ -869,6 +907,17 @@ impl Api {
 impl RaftTransport for Api {
     async fn send(&self, r: Request<RaftEnvelope>) -> Result<Response<Ack>, Status> {
         self.accept(r.into_inner())
+    }
+
+    async fn stream(&self, r: Request<tonic::Streaming<RaftBatch>>) -> Result<Response<Ack>, Status> {
+        let mut stream = r.into_inner();
+        while let Some(batch) = stream.message().await? {
+            for message in batch.messages {
+                // A bad message is refused and counted; the stream goes on.
+                let _ = self.accept(RaftEnvelope { message, cluster_id: batch.cluster_id.clone() });
+            }
+        }
+        Ok(Response::new(Ack {}))
     }
 
     async fn send_stream(&self, r: Request<tonic::Streaming<RaftChunk>>) -> Result<Response<Ack>, Status> {

@@ -465,9 +465,10 @@ fn simulate(seed: u64, n: u64) {
             if faults && rng.below(800) == 0 {
                 r.disk.0.lock().unwrap().fail_next_sync = true;
             }
-            let ready = core.on_ready(log).and_then(|msgs| core.maybe_snapshot(log, SNAPSHOT_EVERY).map(|_| msgs));
-            let mut msgs = match ready {
-                Ok(msgs) => msgs,
+            let mut msgs = Vec::new();
+            let ready = core.on_ready(log, &mut |m| msgs.extend(m)).and_then(|_| core.maybe_snapshot(log, SNAPSHOT_EVERY));
+            match ready {
+                Ok(_) => {}
                 Err(_) => {
                     // A replica that cannot persist stops (the real one exits).
                     crash(r, &mut rng);

@@ -6,6 +6,12 @@ pub mod v1 {
     tonic::include_proto!("shoal.v1");
 }
 
+/// The slice of etcd's v3 API that `benches` drives to compare the coordinator with etcd.
+#[allow(clippy::all, missing_docs)]
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}
+
 pub use prost::Message;
 pub use v1::*;
 

@@ -56,7 +56,8 @@ pub async fn run_worker(
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
             .add_service(svc)
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+            // The builder's tcp_nodelay does not reach a listener of our own: set it here.
+            .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), async move {
                 let _ = server_stop.changed().await;
             }),
     );
