@@ -241,7 +241,10 @@ impl Drop for Shoal {
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             }
         }
-        let _ = self.dir.path();
+        if std::env::var_os("SHOAL_BENCH_KEEP").is_some() {
+            let kept = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")).keep();
+            eprintln!("shoal's folder kept at {}", kept.display());
+        }
     }
 }
 
@@ -369,8 +372,11 @@ async fn load<G: Group>(g: &Arc<G>, clients: u64, conns: usize, seconds: f64) ->
     let failed = Arc::new(AtomicU64::new(0));
     let lat = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
+    // Client ids unique across calls: every write names a fresh key or dataset.
+    static NEXT_CLIENT: AtomicU64 = AtomicU64::new(0);
+    let base = NEXT_CLIENT.fetch_add(clients, Ordering::Relaxed);
     let start = Instant::now();
-    for c in 0..clients {
+    for c in base..base + clients {
         let (g, ch, stop, done, lat, failed) = (g.clone(), chans[c as usize % chans.len()].clone(), stop.clone(), done.clone(), lat.clone(), failed.clone());
         tasks.push(tokio::spawn(async move {
             let mut mine = Vec::new();
@@ -378,11 +384,16 @@ async fn load<G: Group>(g: &Arc<G>, clients: u64, conns: usize, seconds: f64) ->
             while !stop.load(Ordering::Relaxed) {
                 seq += 1;
                 let t = Instant::now();
-                if g.write(ch.clone(), c, seq).await.is_ok() {
-                    mine.push(t.elapsed().as_secs_f64() * 1e3);
-                    done.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    failed.fetch_add(1, Ordering::Relaxed);
+                match g.write(ch.clone(), c, seq).await {
+                    Ok(()) => {
+                        mine.push(t.elapsed().as_secs_f64() * 1e3);
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        if failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                            println!("  first failure: {e:#}");
+                        }
+                    }
                 }
             }
             lat.lock().unwrap().extend(mine);

@@ -125,6 +125,29 @@ pub struct Core {
     next_read: u64,
     /// A membership change was applied since the last snapshot.
     conf_changed: bool,
+    /// A snapshot is being built (at most one at a time).
+    snapshot_building: bool,
+}
+
+/// A snapshot of one applied index: the state, encoded, and raft's metadata for it.
+struct SnapshotJob {
+    data: Vec<u8>,
+    index: u64,
+    term: u64,
+    conf_state: raft::eraftpb::ConfState,
+}
+
+impl SnapshotJob {
+    /// The raft snapshot.
+    fn build(self) -> Snapshot {
+        let mut snap = Snapshot::default();
+        snap.set_data(self.data.into());
+        let meta = snap.mut_metadata();
+        meta.index = self.index;
+        meta.term = self.term;
+        meta.set_conf_state(self.conf_state);
+        snap
+    }
 }
 
 /// Answers a read once this replica's state is at least as new as every write committed before
@@ -185,7 +208,7 @@ impl Core {
         cfg.validate().map_err(|e| CoordError::Raft(e.to_string()))?;
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let raw = RawNode::new(&cfg, store.clone(), &logger).map_err(|e| CoordError::Raft(e.to_string()))?;
-        Ok(Core { raw, store, state, pending: HashMap::new(), next_proposal: proposal_seed, reads: HashMap::new(), next_read: proposal_seed.rotate_left(32), conf_changed: false })
+        Ok(Core { raw, store, state, pending: HashMap::new(), next_proposal: proposal_seed, reads: HashMap::new(), next_read: proposal_seed.rotate_left(32), conf_changed: false, snapshot_building: false })
     }
 
     /// The index of the latest snapshot this replica holds.
@@ -199,35 +222,60 @@ impl Core {
     }
 
     /// Once `every` entries were applied since the last snapshot, or a membership change
-    /// was: snapshots the state machine, makes the snapshot the base of the persisted log, and
-    /// drops the entries it covers from memory. Returns whether it did.
+    /// was: the state encoded as of now, straight from its maps (the pause of the Ready loop
+    /// is the encoding, proportional to the state, not a copy of it).
     ///
     /// After a membership change every replica's log starts at that change, so whoever leads
     /// sends a joining replica a snapshot (with the group in it) rather than the log from its
     /// first entry, which would replay conf changes from an empty group.
-    pub fn maybe_snapshot(&mut self, log: &mut dyn Persist, every: u64) -> Result<bool, CoordError> {
+    fn snapshot_due(&mut self, every: u64) -> Result<Option<SnapshotJob>, CoordError> {
         let applied = self.applied_index();
         let due = applied >= self.snapshot_index() + every.max(1) || (self.conf_changed && applied > self.snapshot_index());
-        if !due {
-            return Ok(false);
+        if !due || self.snapshot_building {
+            return Ok(None);
         }
         self.conf_changed = false;
-        let mut data = self.state.read().expect("state lock").to_snapshot();
-        data.applied_index = applied;
-        let mut snap = Snapshot::default();
-        snap.set_data(data.encode_to_vec().into());
-        let meta = snap.mut_metadata();
-        meta.index = applied;
-        meta.term = self.store.term(applied).map_err(|e| CoordError::Raft(e.to_string()))?;
-        meta.set_conf_state(self.raw.raft.prs().conf().to_conf_state());
+        self.snapshot_building = true;
+        let started = std::time::Instant::now();
+        let data = self.state.read().expect("state lock").encode_snapshot(applied);
+        tracing::info!(index = applied, bytes = data.len(), took_ms = started.elapsed().as_millis() as u64, "state encoded for a snapshot");
+        Ok(Some(SnapshotJob {
+            data,
+            index: applied,
+            term: self.store.term(applied).map_err(|e| CoordError::Raft(e.to_string()))?,
+            conf_state: self.raw.raft.prs().conf().to_conf_state(),
+        }))
+    }
+
+    /// A built snapshot becomes the base of the persisted log (only what follows it stays)
+    /// and of the in-memory one. A snapshot older than the one this replica holds by now (a
+    /// leader's arrived meanwhile) is dropped.
+    fn snapshot_built(&mut self, snap: Snapshot, log: &mut dyn Persist) -> Result<(), CoordError> {
+        self.snapshot_building = false;
+        let index = snap.get_metadata().index;
+        if index <= self.snapshot_index() {
+            return Ok(());
+        }
         let last = self.store.mem.last_index().map_err(|e| CoordError::Raft(e.to_string()))?;
-        let keep = self.store.mem.entries(applied + 1, last + 1, None, GetEntriesContext::empty(false)).map_err(|e| CoordError::Raft(e.to_string()))?;
+        let keep = self.store.mem.entries(index + 1, last + 1, None, GetEntriesContext::empty(false)).map_err(|e| CoordError::Raft(e.to_string()))?;
         let hs = self.store.mem.rl().hard_state().clone();
         log.save_snapshot(&snap, &keep, &hs)?;
         self.store.set_snapshot(snap);
-        // Keeps entry `applied` itself, so its term stays known to the log.
-        self.store.mem.wl().compact(applied).map_err(|e| CoordError::Raft(e.to_string()))?;
-        Ok(true)
+        // Keeps entry `index` itself, so its term stays known to the log.
+        self.store.mem.wl().compact(index).map_err(|e| CoordError::Raft(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Takes a snapshot if one is due (`snapshot_due`) and makes it the base of the log
+    /// (`snapshot_built`). Returns whether it did.
+    pub fn maybe_snapshot(&mut self, log: &mut dyn Persist, every: u64) -> Result<bool, CoordError> {
+        match self.snapshot_due(every)? {
+            Some(job) => {
+                self.snapshot_built(job.build(), log)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// A snapshot from the leader replaces this replica's log and state machine.

@@ -544,7 +544,7 @@ impl Api {
         self.0
             .inbox
             .try_send(Input::Propose(cmd, tx))
-            .map_err(|_| Status::resource_exhausted("coordinator is overloaded; retry"))?;
+            .map_err(|_| Status::unavailable("coordinator is overloaded; retry"))?;
         match tokio::time::timeout(PROPOSAL_TIMEOUT, rx).await {
             Err(_) => Err(Status::deadline_exceeded("the proposal did not commit in time")),
             Ok(Err(_)) => Err(Status::unavailable("the proposal was dropped; retry")),
@@ -562,7 +562,7 @@ impl Api {
     /// that was deposed without knowing it yet.
     async fn linearize(&self) -> Result<(), Status> {
         let (tx, rx) = oneshot::channel();
-        self.0.inbox.try_send(Input::Read(tx)).map_err(|_| Status::resource_exhausted("coordinator is overloaded; retry"))?;
+        self.0.inbox.try_send(Input::Read(tx)).map_err(|_| Status::unavailable("coordinator is overloaded; retry"))?;
         match tokio::time::timeout(READ_TIMEOUT, rx).await {
             Ok(Ok(Ok(()))) => Ok(()),
             Ok(Ok(Err(msg))) => Err(Status::unavailable(msg)),
@@ -586,7 +586,7 @@ impl Api {
         self.0
             .inbox
             .try_send(Input::Member { op, id, address, request_id, reply: tx })
-            .map_err(|_| Status::resource_exhausted("coordinator is overloaded; retry"))?;
+            .map_err(|_| Status::unavailable("coordinator is overloaded; retry"))?;
         match tokio::time::timeout(PROPOSAL_TIMEOUT, rx).await {
             Err(_) => Err(Status::deadline_exceeded("the membership change did not commit in time")),
             Ok(Err(_)) => Err(Status::unavailable("the membership change was dropped; retry")),
