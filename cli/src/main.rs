@@ -444,20 +444,24 @@ async fn status(conn: Conn, as_json: bool) -> Result<()> {
         .iter()
         .map(|w| json!({"id": w.id, "address": w.address, "state": w.state().label(), "job": if w.job_id == 0 { serde_json::Value::Null } else { json!(w.job_id) }, "pid": w.pid, "device": w.device}))
         .collect();
+    let leader = coords.iter().find(|c| c["role"] == "leader").map(|c| c["id"].clone()).unwrap_or(serde_json::Value::Null);
     if as_json {
-        print_json(&json!({"coordinators": coords, "workers": workers}));
+        print_json(&json!({"leader": leader, "coordinators": coords, "workers": workers}));
         return Ok(());
     }
-    println!("COORDINATOR  ADDRESS               ROLE         TERM  COMMIT  PID");
+    println!("leader: {leader}");
+    println!("COORDINATOR  ADDRESS               ROLE         TERM  COMMIT  APPLIED  SNAPSHOT  PID");
     for c in &coords {
         if c["reachable"] == true {
             println!(
-                "{:<12} {:<21} {:<12} {:>4}  {:>6}  {}",
+                "{:<12} {:<21} {:<12} {:>4}  {:>6}  {:>7}  {:>8}  {}",
                 c["id"].to_string(),
                 c["address"].as_str().unwrap_or(""),
                 c["role"].as_str().unwrap_or(""),
                 c["term"].to_string(),
                 c["commit_index"].to_string(),
+                c["applied_index"].to_string(),
+                c["snapshot_index"].to_string(),
                 c["pid"]
             );
         } else {

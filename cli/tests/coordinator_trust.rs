@@ -108,9 +108,28 @@ fn a_stopped_leader_costs_clients_an_election_not_their_deadline() {
     let list = json(&mut c.cmd(&["data", "list", "--json"]));
     assert_eq!(list.as_array().unwrap().len(), 2);
     let took = started.elapsed();
+    // A write sent to the paused leader alone: it cannot answer while paused; once it runs
+    // again it finds itself deposed and the write goes through the new leader, once.
+    let paused_endpoint = leader["address"].as_str().unwrap().to_string();
+    let late = shoal()
+        .args(["data", "import", "tiny", "--json", "--endpoints", &paused_endpoint])
+        .args(&files)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     assert!(took < Duration::from_secs(12), "a hung replica held the client for {took:?}");
+    let late = late.wait_with_output().unwrap();
+    assert!(late.status.success(), "{}", String::from_utf8_lossy(&late.stderr));
+    let late: serde_json::Value = serde_json::from_slice(&late.stdout).unwrap();
+    assert_eq!(late["version"], 3, "{late}");
+    // A read through the replica that was paused is not stale: it sees every version.
+    let seen = json(&mut shoal().args(["data", "list", "--json", "--endpoints", &paused_endpoint]));
+    assert_eq!(seen.as_array().unwrap().len(), 3, "a stale read from the deposed leader: {seen}");
     // Back, it steps down: one leader, in a newer term, and it is not the paused one.
     let (_, now) = wait_for("a single leader", Duration::from_secs(20), || {
         let s = json(&mut c.cmd(&["status", "--json"]));
@@ -119,4 +138,28 @@ fn a_stopped_leader_costs_clients_an_election_not_their_deadline() {
     });
     assert_ne!(now["id"], leader["id"]);
     assert!(now["term"].as_u64() > leader["term"].as_u64());
+}
+
+#[test]
+fn garbage_on_every_port_changes_nothing() {
+    use std::io::{Read, Write};
+    let c = UpCluster::start_with(&["--workers", "1"]);
+    let files = write_tiny_idx(c.tmp.path());
+    ok(c.cmd(&["data", "import", "tiny"]).args(&files));
+    let before = json(&mut c.cmd(&["status", "--json"]));
+    let coordinator = before["coordinators"][0]["address"].as_str().unwrap().to_string();
+    let worker = before["workers"][0]["address"].as_str().unwrap().to_string();
+    for addr in [&coordinator, &worker] {
+        // Not HTTP/2 at all: the connection is dropped, the server goes on.
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(&[0xde, 0xad, 0xbe, 0xef].repeat(4096));
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    }
+    let after = json(&mut c.cmd(&["status", "--json"]));
+    assert_eq!(after["coordinators"][0]["state_hash"], before["coordinators"][0]["state_hash"], "garbage changed the state");
+    assert_eq!(after["coordinators"][0]["role"], "leader");
+    assert_eq!(after["workers"][0]["state"], "idle");
+    assert_eq!(json(&mut c.cmd(&["data", "list", "--json"])).as_array().unwrap().len(), 1);
 }

@@ -375,6 +375,34 @@ mod tests {
     }
 
     #[test]
+    fn a_crash_between_the_snapshot_and_the_compaction_replays_only_the_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = LogFile::open(dir.path(), &[1]).unwrap();
+        let entries: Vec<Entry> = (1..=10).map(|i| entry(i, 1, &[i as u8])).collect();
+        log.append_entries(&entries).unwrap();
+        let mut hs = HardState::default();
+        hs.term = 1;
+        hs.commit = 10;
+        log.set_hard_state(&hs).unwrap();
+        log.sync().unwrap();
+        let full_log = std::fs::read(dir.path().join(LOG_FILE)).unwrap();
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 6;
+        snap.mut_metadata().term = 1;
+        snap.mut_metadata().mut_conf_state().voters = vec![1];
+        log.save_snapshot(&snap, &entries[6..], &hs).unwrap();
+        drop(log);
+        // The crash came after the snapshot file, before the log was rewritten.
+        std::fs::write(dir.path().join(LOG_FILE), &full_log).unwrap();
+        let (_log, rec) = LogFile::open(dir.path(), &[1]).unwrap();
+        assert_eq!(rec.snapshot.unwrap().get_metadata().index, 6);
+        assert_eq!(rec.entries, 4, "entries 7..=10 after the snapshot, nothing it covers");
+        assert_eq!(rec.storage.first_index().unwrap(), 7);
+        assert_eq!(rec.storage.last_index().unwrap(), 10);
+        assert_eq!(rec.storage.initial_state().unwrap().hard_state.commit, 10);
+    }
+
+    #[test]
     fn a_zero_filled_tail_is_torn() {
         let dir = tempfile::tempdir().unwrap();
         let (path, ends) = three_records(dir.path());

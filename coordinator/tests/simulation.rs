@@ -233,7 +233,9 @@ impl Net {
     }
 }
 
-fn simulate(seed: u64, n: u64) {
+/// Runs one seed; returns a fingerprint of how it went (the leader's final state and the
+/// whole client history), equal for equal seeds.
+fn simulate(seed: u64, n: u64) -> String {
     let voters: Vec<u64> = (1..=n).collect();
     // Two spare ids join and leave the group while the faults run (groups of 3 or more).
     let spares: Vec<u64> = if n >= 3 { vec![n + 1, n + 2] } else { vec![] };
@@ -586,6 +588,7 @@ fn simulate(seed: u64, n: u64) {
         let possible = history.iter().filter(|o| matches!(o.kind, Kind::Submit) && o.invoked <= r.done).count() as u64;
         assert!(seen <= possible, "seed {seed}: a read saw job {seen} before it could exist");
     }
+    format!("{}/{:?}", state.state_hash(), history.iter().map(|o| (o.invoked, o.done, format!("{:?}", o.outcome))).collect::<Vec<_>>())
 }
 
 fn seeds(default: std::ops::Range<u64>) -> Vec<u64> {
@@ -615,6 +618,14 @@ fn three_replicas_stay_safe_and_converge_under_faults() {
 #[test]
 fn five_replicas_stay_safe_and_converge_under_faults() {
     run(5, 1000..1070);
+}
+
+#[test]
+fn a_seed_replays_exactly() {
+    for seed in [7, 1007] {
+        let n = if seed > 1000 { 5 } else { 3 };
+        assert_eq!(simulate(seed, n), simulate(seed, n), "seed {seed} ran differently twice");
+    }
 }
 
 #[test]

@@ -78,9 +78,19 @@ async fn stray_raft_messages_are_refused_counted_and_change_nothing() {
     let e = raft.clone().max_encoding_message_size(usize::MAX).send(huge).await.expect_err("oversized");
     assert!(matches!(e.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted | tonic::Code::Unknown | tonic::Code::Internal), "{e:?}");
 
+    // An oversized client request is refused too (over the coordinator port's 64 MiB limit),
+    // and a merely large one (over one Raft command's 16 MiB) with an error that says so.
+    let mut client = CoordinatorClient::connect(url.clone()).await.unwrap().max_encoding_message_size(usize::MAX);
+    let big = |n: usize| shoal_proto::RegisterDatasetRequest { dataset: Some(shoal_proto::DatasetInfo { name: "x".repeat(n), ..Default::default() }), request_id: String::new() };
+    let e = client.register_dataset(big(65 << 20)).await.expect_err("oversized");
+    assert!(matches!(e.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted | tonic::Code::Internal | tonic::Code::Unknown), "{e:?}");
+    let e = client.register_dataset(big(20 << 20)).await.expect_err("too large for one command");
+    assert!(e.message().contains("at most 16777216 bytes"), "{}", e.message());
+
     let after = status.get_status(StatusRequest {}).await.unwrap().into_inner().node.unwrap();
     assert_eq!(after.dropped_raft_messages, 4);
     assert_eq!((after.role.as_str(), after.term), ("leader", before.term), "a forged higher term must not unseat the leader");
+    assert_eq!(after.state_hash, before.state_hash, "refused input changed the state");
     let _ = stop.send(());
     server.await.unwrap().unwrap();
 }
