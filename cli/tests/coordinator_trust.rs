@@ -128,7 +128,7 @@ fn a_stopped_leader_costs_clients_an_election_not_their_deadline() {
     let late: serde_json::Value = serde_json::from_slice(&late.stdout).unwrap();
     assert_eq!(late["version"], 3, "{late}");
     // A read through the replica that was paused is not stale: it sees every version.
-    let seen = json(&mut shoal().args(["data", "list", "--json", "--endpoints", &paused_endpoint]));
+    let seen = json(shoal().args(["data", "list", "--json", "--endpoints", &paused_endpoint]));
     assert_eq!(seen.as_array().unwrap().len(), 3, "a stale read from the deposed leader: {seen}");
     // Back, it steps down: one leader, in a newer term, and it is not the paused one.
     let (_, now) = wait_for("a single leader", Duration::from_secs(20), || {
