@@ -3,6 +3,8 @@
 //! and every operation is element-wise, so results do not depend on the thread count: that is
 //! what keeps workers bitwise identical. CUDA is behind the `cuda` feature.
 
+pub mod nn;
+
 use rayon::prelude::*;
 
 /// Elements per rayon task: large enough to amortise scheduling, small enough to spread.
@@ -16,6 +18,8 @@ pub enum KernelError {
     NoCuda(String),
     #[error("unknown device {0:?} (expected \"cpu\" or \"cuda[:N]\")")]
     UnknownDevice(String),
+    #[error("{0}")]
+    Shape(String),
 }
 
 /// Where tensors live.

@@ -1,8 +1,9 @@
-//! The models, as flat f32 parameter buffers plus a candle forward pass. Parameters live in one
-//! contiguous buffer so that gradients can be all-reduced and optimizer updates fused over it;
-//! each step wraps slices of it in candle `Var`s for autograd.
+//! The models' layouts: every parameter tensor's name, shape and place in one flat f32 buffer
+//! (so gradients are all-reduced and optimizer updates fused over it), their seeded
+//! initialization, their PyTorch names, and their reference definition in candle. The passes
+//! that train and evaluate are in `net`.
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{Device, Tensor};
 use shoal_core::rng::SplitMix64;
 use shoal_core::spec::{ModelKind, ModelSpec};
 
@@ -124,17 +125,15 @@ impl Model {
         out
     }
 
-    /// Wraps the flat buffer in trainable variables.
-    pub fn vars(&self, flat: &[f32], dev: &Device) -> Result<Vec<Var>, WorkerError> {
-        self.params.iter().map(|p| Ok(Var::from_slice(&flat[p.offset..p.offset + p.len()], p.shape.as_slice(), dev)?)).collect()
-    }
-
-    /// Wraps the flat buffer in constant tensors (evaluation).
+    /// Wraps the flat buffer in candle tensors, for `forward`.
     pub fn tensors(&self, flat: &[f32], dev: &Device) -> Result<Vec<Tensor>, WorkerError> {
         self.params.iter().map(|p| Ok(Tensor::from_slice(&flat[p.offset..p.offset + p.len()], p.shape.as_slice(), dev)?)).collect()
     }
 
-    /// Logits for a batch `x` of shape [batch, features...] (flattened features are fine).
+    /// Logits for a batch `x` of shape [batch, features...], in candle: the models'
+    /// reference definition (the same function as the PyTorch modules `checkpoint export`
+    /// targets), which `net`'s kernels are checked against. Training and evaluation run
+    /// `net`.
     pub fn forward(&self, params: &[&Tensor], x: &Tensor) -> Result<Tensor, WorkerError> {
         let batch = x.dim(0)?;
         let mut i = 0;
@@ -162,31 +161,6 @@ impl Model {
         Ok(h)
     }
 
-    /// The loss of a batch and its gradients, written into `grads` (laid out like the
-    /// parameters), both multiplied by `scale`. A rank's batch that is the fraction f of the
-    /// global batch passes `scale = f`: summing every rank's result then gives the mean loss
-    /// and gradient over the global batch, however unevenly it was split.
-    pub fn loss_and_grads(&self, flat: &[f32], x: &Tensor, labels: &Tensor, scale: f32, grads: &mut [f32]) -> Result<f32, WorkerError> {
-        match self.kind {
-            ModelKind::Mlp => self.mlp_loss_and_grads(flat, x, labels, scale, grads),
-            ModelKind::Cnn => {
-                let dev = x.device();
-                let vars = self.vars(flat, dev)?;
-                let ts: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
-                let loss = (Self::loss(&self.forward(&ts, x)?, labels)? * scale as f64)?;
-                let g = loss.backward()?;
-                for (v, p) in vars.iter().zip(&self.params) {
-                    let dst = &mut grads[p.offset..p.offset + p.len()];
-                    match g.get(v) {
-                        Some(g) => dst.copy_from_slice(&g.flatten_all()?.to_vec1::<f32>()?),
-                        None => dst.fill(0.0),
-                    }
-                }
-                Ok(loss.to_scalar::<f32>()?)
-            }
-        }
-    }
-
     /// `mlp` or `cnn`, as in the spec.
     pub fn kind_name(&self) -> &'static str {
         match self.kind {
@@ -199,66 +173,6 @@ impl Model {
     /// (see `pytorch_name`).
     pub fn pytorch_names(&self) -> Vec<String> {
         self.params.iter().map(|p| pytorch_name(self.kind_name(), &p.name).expect("every parameter has a PyTorch name")).collect()
-    }
-
-    /// Mean cross-entropy loss of an MLP on a batch, times `scale`, with its gradients (times
-    /// `scale`) written into `grads`. Backpropagation is written out by hand with candle's
-    /// matmuls: with weights stored [out, in], dW = dZ^T A and dA = dZ W need no transposed
-    /// copies, and no gradient is accumulated into zeros, which makes the step about twice as
-    /// fast as autograd for the same result (checked against autograd in the tests).
-    fn mlp_loss_and_grads(&self, flat: &[f32], x: &Tensor, labels: &Tensor, scale: f32, grads: &mut [f32]) -> Result<f32, WorkerError> {
-        if self.kind != ModelKind::Mlp {
-            return Err(WorkerError::Model("the hand-written backward pass is for mlp models".into()));
-        }
-        let dev = x.device();
-        let batch = x.dim(0)?;
-        let params = self.tensors(flat, dev)?;
-        let layers = self.dense_layers;
-        // Inputs of each dense layer (post-ReLU activations), kept for the backward pass.
-        let mut inputs = vec![x.reshape((batch, ()))?];
-        let mut logits = None;
-        for l in 0..layers {
-            let (w, b) = (&params[2 * l], &params[2 * l + 1]);
-            let z = inputs[l].matmul(&w.t()?)?.broadcast_add(b)?;
-            if l + 1 < layers {
-                inputs.push(z.relu()?);
-            } else {
-                logits = Some(z);
-            }
-        }
-        let logits = logits.expect("at least the classifier layer");
-        let loss = Self::loss(&logits, labels)?.to_scalar::<f32>()? * scale;
-        // d(scale * mean CE)/d(logits) = (softmax - onehot) * scale / batch.
-        let ys = labels.to_vec1::<u32>()?;
-        let mut onehot = vec![0f32; batch * self.classes];
-        for (i, &y) in ys.iter().enumerate() {
-            onehot[i * self.classes + y as usize] = 1.0;
-        }
-        let onehot = Tensor::from_vec(onehot, (batch, self.classes), dev)?;
-        let mut dz = ((candle_nn::ops::softmax_last_dim(&logits)? - onehot)? * (scale as f64 / batch as f64))?;
-        for l in (0..layers).rev() {
-            let (w, wspec, bspec) = (&params[2 * l], &self.params[2 * l], &self.params[2 * l + 1]);
-            let dw = dz.t()?.matmul(&inputs[l])?;
-            let db = dz.sum(0)?;
-            grads[wspec.offset..wspec.offset + wspec.len()].copy_from_slice(&dw.flatten_all()?.to_vec1::<f32>()?);
-            grads[bspec.offset..bspec.offset + bspec.len()].copy_from_slice(&db.to_vec1::<f32>()?);
-            if l > 0 {
-                let mask = inputs[l].gt(0f32)?.to_dtype(DType::F32)?;
-                dz = dz.matmul(w)?.mul(&mask)?;
-            }
-        }
-        Ok(loss)
-    }
-
-    /// Mean softmax cross-entropy of `logits` against `labels` (u32 class indices).
-    pub fn loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor, WorkerError> {
-        Ok(candle_nn::loss::cross_entropy(logits, labels)?)
-    }
-
-    /// Correct predictions in a batch.
-    pub fn correct(logits: &Tensor, labels: &Tensor) -> Result<u64, WorkerError> {
-        let pred = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?;
-        Ok(pred.eq(labels)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as u64)
     }
 }
 
@@ -278,55 +192,6 @@ mod tests {
         assert_ne!(m.init(1), m.init(2));
         let bound = 1.0 / 6f32.sqrt();
         assert!(m.init(3)[..48].iter().all(|x| x.abs() <= bound));
-    }
-
-    #[test]
-    fn gradients_flow_through_both_kinds() {
-        let dev = Device::Cpu;
-        for spec in [mlp(), ModelSpec { kind: "cnn".into(), hidden: Some(vec![6]), channels: Some(vec![2, 3]) }] {
-            let m = Model::new(&spec, &[8, 8], 3).unwrap();
-            let flat = m.init(7);
-            let vars = m.vars(&flat, &dev).unwrap();
-            let x = Tensor::from_slice(&(0..2 * 64).map(|i| (i % 7) as f32 / 7.0).collect::<Vec<_>>(), (2, 8, 8), &dev).unwrap();
-            let y = Tensor::from_slice(&[0u32, 2], 2, &dev).unwrap();
-            let ts: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
-            let logits = m.forward(&ts, &x).unwrap();
-            assert_eq!(logits.dims(), &[2, 3]);
-            let loss = Model::loss(&logits, &y).unwrap();
-            let grads = loss.backward().unwrap();
-            for (v, p) in vars.iter().zip(&m.params) {
-                let g = grads.get(v).unwrap_or_else(|| panic!("no grad for {}", p.name));
-                assert_eq!(g.dims(), p.shape.as_slice());
-            }
-        }
-    }
-
-    #[test]
-    fn hand_written_mlp_backward_matches_autograd() {
-        let dev = Device::Cpu;
-        let spec = ModelSpec { kind: "mlp".into(), hidden: Some(vec![16, 8]), channels: None };
-        let m = Model::new(&spec, &[3, 4], 5).unwrap();
-        let flat = m.init(11);
-        let xs: Vec<f32> = (0..6 * 12).map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0).collect();
-        let x = Tensor::from_slice(&xs, (6, 3, 4), &dev).unwrap();
-        let y = Tensor::from_slice(&[0u32, 4, 2, 2, 1, 3], 6, &dev).unwrap();
-
-        let vars = m.vars(&flat, &dev).unwrap();
-        let ts: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
-        let loss = Model::loss(&m.forward(&ts, &x).unwrap(), &y).unwrap();
-        let auto = loss.backward().unwrap();
-        // A rank holding a quarter of the global batch scales both by 1/4.
-        let mut manual = vec![0f32; m.num_params()];
-        let manual_loss = m.loss_and_grads(&flat, &x, &y, 0.25, &mut manual).unwrap();
-        assert!((manual_loss - 0.25 * loss.to_scalar::<f32>().unwrap()).abs() < 1e-6);
-        for (v, p) in vars.iter().zip(&m.params) {
-            let a = auto.get(v).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let b = &manual[p.offset..p.offset + p.len()];
-            for (i, (a, b)) in a.iter().zip(b).enumerate() {
-                let a = 0.25 * a;
-                assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{}[{i}]: autograd {a}, manual {b}", p.name);
-            }
-        }
     }
 
     #[test]

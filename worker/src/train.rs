@@ -1,13 +1,14 @@
 //! The data-parallel training loop of one rank. Every rank starts from the same state (seeded
 //! parameters, or the newest committed checkpoint that passes its hashes), reads its share of
-//! each global batch (the order comes from (seed, epoch)), computes gradients with candle,
+//! each global batch (the order comes from (seed, epoch)), computes its gradients,
 //! all-reduces them over the ring, and applies the same fused optimizer update: so all ranks
 //! hold bitwise-identical parameters after every step.
 //!
 //! Global step s is the batch at position s % steps_per_epoch of epoch s / steps_per_epoch's
 //! permutation, whatever the world size and wherever the run was resumed: a resumed run is the
 //! run that was interrupted. The global batch is split over the ranks as evenly as it goes,
-//! and each rank weighs its gradients by its share, so the sum is the global mean.
+//! and each rank weighs its gradients by its share, so the sum is the global mean. Forward and
+//! backward run on shoal's kernels (`net`), into the all-reduce buffer directly.
 //!
 //! Checkpoints ride on the step's all-reduce: three control slots after the gradients carry
 //! rank 0's "a checkpoint is due by the clock" vote and how many ranks have finished (or
@@ -20,7 +21,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Tensor};
 use shoal_core::checkpoint::checkpoint_dir;
 use shoal_core::rng::epoch_permutation;
 use shoal_core::JobSpec;
@@ -30,6 +30,7 @@ use crate::checkpoint::{self, JobLink, PartSnapshot, StateTensor, WriteDone, Wri
 use crate::collective::{Mailbox, Ring};
 use crate::data::ShardedDataset;
 use crate::model::Model;
+use crate::net::Net;
 use crate::optim::Opt;
 use crate::WorkerError;
 
@@ -106,15 +107,15 @@ impl TrainState {
     }
 }
 
-fn batch_tensors(ds: &ShardedDataset, indices: impl Iterator<Item = u64>, dev: &Device) -> Result<(Tensor, Tensor), WorkerError> {
-    let (mut x, mut y) = (Vec::new(), Vec::new());
+/// Reads records `indices` into `x` (features, f32, record after record) and `y` (labels),
+/// reusing their memory.
+fn read_batch(ds: &ShardedDataset, indices: impl Iterator<Item = u64>, x: &mut Vec<f32>, y: &mut Vec<u32>) -> Result<(), WorkerError> {
+    x.clear();
+    y.clear();
     for i in indices {
-        ds.push_record(i, &mut x, &mut y)?;
+        ds.push_record(i, x, y)?;
     }
-    let n = y.len();
-    let mut shape = vec![n];
-    shape.extend_from_slice(&ds.feature_shape);
-    Ok((Tensor::from_vec(x, shape.as_slice(), dev)?, Tensor::from_vec(y, n, dev)?))
+    Ok(())
 }
 
 /// Runs the job on this rank until its last step and final checkpoint. Blocking: call it from
@@ -125,7 +126,7 @@ pub fn train(task: TrainTask, rt: &tokio::runtime::Handle) -> Result<TrainOutcom
     let info = a.dataset.as_ref().ok_or_else(|| WorkerError::Data("the assignment carries no dataset".into()))?;
     let ds = ShardedDataset::open(&task.store, info)?;
     let model = Model::new(&spec.model, &ds.feature_shape, ds.classes)?;
-    let dev = Device::Cpu;
+    let mut net = Net::new(&model);
     let (rank, world) = (a.rank as usize, a.world_size as usize);
     if a.peers.len() != world || rank >= world {
         return Err(WorkerError::Spec(format!("assignment for rank {rank} of {world} lists {} peers", a.peers.len())));
@@ -163,6 +164,7 @@ pub fn train(task: TrainTask, rt: &tokio::runtime::Handle) -> Result<TrainOutcom
     }
     let mut ckpt = Checkpointer::new(&task, &spec, &model, &state.opt, rank, world)?;
     let mut buf = vec![0.0f32; np + SLOTS];
+    let (mut xs, mut ys) = (Vec::new(), Vec::new());
     let mut order: Option<(u64, Vec<u32>)> = None;
     let started = Instant::now();
     // Evaluation is not training: samples/s counts the steps' time alone.
@@ -188,9 +190,9 @@ pub fn train(task: TrainTask, rt: &tokio::runtime::Handle) -> Result<TrainOutcom
         let perm = &order.as_ref().expect("set above").1;
         let first = (step % steps_per_epoch) as usize * global_batch;
         let idx = perm[first + lo..first + hi].iter().map(|&i| train_start + i as u64);
-        let (x, y) = batch_tensors(&ds, idx, &dev)?;
+        read_batch(&ds, idx, &mut xs, &mut ys)?;
         lap(&mut mark, &mut phases.data);
-        buf[np + SLOT_LOSS] = model.loss_and_grads(&state.params, &x, &y, share, &mut buf[..np])?;
+        buf[np + SLOT_LOSS] = net.loss_and_grads(&state.params, &xs, &ys, share, &mut buf[..np])?;
         lap(&mut mark, &mut phases.compute);
         ckpt.vote(&mut buf[np..]);
         lap(&mut mark, &mut phases.checkpoint);
@@ -222,7 +224,7 @@ pub fn train(task: TrainTask, rt: &tokio::runtime::Handle) -> Result<TrainOutcom
             finished_an_epoch = true;
             if let Some(test) = spec.dataset.test {
                 let t = Instant::now();
-                progress.test_accuracy = evaluate(&model, &state.params, &ds, test, rank, world, &mut ring, rt, &dev)?;
+                progress.test_accuracy = evaluate(&mut net, &state.params, &ds, test, rank, world, &mut ring, rt)?;
                 eval_time += t.elapsed();
                 tracing::info!(epoch = progress.epoch, accuracy = progress.test_accuracy, loss = progress.loss, "epoch done");
             }
@@ -499,7 +501,7 @@ impl Checkpointer {
 /// Accuracy on the test range; each rank scores its share, then the counts are summed.
 #[allow(clippy::too_many_arguments)]
 fn evaluate(
-    model: &Model,
+    net: &mut Net,
     params: &[f32],
     ds: &ShardedDataset,
     [start, end]: [u64; 2],
@@ -507,19 +509,17 @@ fn evaluate(
     world: usize,
     ring: &mut Ring,
     rt: &tokio::runtime::Handle,
-    dev: &Device,
 ) -> Result<f64, WorkerError> {
     let len = end - start;
     let lo = start + len * rank as u64 / world as u64;
     let hi = start + len * (rank as u64 + 1) / world as u64;
-    let tensors = model.tensors(params, dev)?;
-    let ts: Vec<&Tensor> = tensors.iter().collect();
+    let (mut x, mut y) = (Vec::new(), Vec::new());
     let mut correct = 0u64;
     let mut i = lo;
     while i < hi {
         let j = (i + 512).min(hi);
-        let (x, y) = batch_tensors(ds, i..j, dev)?;
-        correct += Model::correct(&model.forward(&ts, &x)?, &y)?;
+        read_batch(ds, i..j, &mut x, &mut y)?;
+        correct += net.correct(params, &x, &y)?;
         i = j;
     }
     // Counts stay exact in f32 below 2^24 records per rank.
