@@ -274,7 +274,16 @@ impl StateMachine {
                 let id = format!("w{}", self.next_worker);
                 self.workers.insert(
                     id.clone(),
-                    WorkerInfo { id: id.clone(), address: req.address, state: WorkerState::Idle as i32, job_id: 0, pid: req.pid, device: req.device },
+                    WorkerInfo {
+                        id: id.clone(),
+                        address: req.address,
+                        state: WorkerState::Idle as i32,
+                        job_id: 0,
+                        pid: req.pid,
+                        device: req.device,
+                        ring_address: req.ring_address,
+                        host_id: req.host_id,
+                    },
                 );
                 Ok(ApplyOutput::WorkerId(id))
             }
@@ -615,7 +624,8 @@ impl StateMachine {
             return None;
         }
         let rank = job.workers.iter().position(|x| x == worker)?;
-        let peers = job.workers.iter().map(|id| self.workers.get(id).map(|w| w.address.clone()).unwrap_or_default()).collect();
+        let field = |f: fn(&WorkerInfo) -> &String| job.workers.iter().map(|id| self.workers.get(id).map(|w| f(w).clone()).unwrap_or_default()).collect();
+        let (peers, ring_peers, hosts) = (field(|w| &w.address), field(|w| &w.ring_address), field(|w| &w.host_id));
         Some(Assignment {
             job_id: job.id,
             generation: job.generation,
@@ -625,6 +635,8 @@ impl StateMachine {
             spec_toml: job.spec_toml.clone(),
             dataset: self.dataset(&job.dataset_name, job.dataset_version).cloned(),
             checkpoints: job.checkpoints.iter().rev().cloned().collect(),
+            ring_peers,
+            hosts,
         })
     }
 
@@ -687,7 +699,7 @@ mod tests {
         };
         sm.apply(1, cmd(command::Kind::RegisterDataset(ds))).unwrap();
         for i in 0..2 {
-            let r = RegisterWorkerRequest { address: format!("127.0.0.1:{}", 9000 + i), pid: 1, device: "cpu".into(), request_id: String::new() };
+            let r = RegisterWorkerRequest { address: format!("127.0.0.1:{}", 9000 + i), pid: 1, device: "cpu".into(), request_id: String::new(), ..Default::default() };
             sm.apply(2 + i, cmd(command::Kind::RegisterWorker(r))).unwrap();
         }
         sm
@@ -803,7 +815,7 @@ mod tests {
         assert_eq!(sm.worker("w2").unwrap().state(), WorkerState::Idle);
         assert!(sm.assignment("w2").is_none());
         // Placed again (generation 2) once two workers are there; it starts from step 4.
-        let r = RegisterWorkerRequest { address: "127.0.0.1:9100".into(), pid: 1, device: "cpu".into(), request_id: String::new() };
+        let r = RegisterWorkerRequest { address: "127.0.0.1:9100".into(), pid: 1, device: "cpu".into(), request_id: String::new(), ..Default::default() };
         sm.apply(9, cmd(command::Kind::RegisterWorker(r))).unwrap();
         assert_eq!(sm.next_placement(|w| w != "w3"), None, "an ineligible worker is not placed");
         let (_, gen2, workers) = sm.next_placement(|_| true).unwrap();
@@ -857,7 +869,7 @@ mod tests {
     fn only_failed_or_cancelled_jobs_resume() {
         let mut sm = with_dataset();
         let (id, _) = running_job(&mut sm);
-        let resume = |workers| cmd(command::Kind::ResumeJob(ResumeJobRequest { id, workers, request_id: String::new() }));
+        let resume = |workers| cmd(command::Kind::ResumeJob(ResumeJobRequest { id, workers, request_id: String::new(), ..Default::default() }));
         let e = sm.apply(7, resume(0)).unwrap_err();
         assert!(e.contains("running") && e.contains("failed or cancelled"), "{e}");
         sm.apply(8, cmd(command::Kind::CancelJob(id))).unwrap();
@@ -866,7 +878,7 @@ mod tests {
         assert_eq!(sm.job(id).unwrap().state(), JobState::Cancelled, "a rejected resume changes nothing");
         let ApplyOutput::Job(j) = sm.apply(10, resume(3)).unwrap() else { panic!() };
         assert_eq!((j.state(), j.world_size), (JobState::Queued, 3));
-        let e = sm.apply(11, cmd(command::Kind::ResumeJob(ResumeJobRequest { id: 99, workers: 0, request_id: String::new() }))).unwrap_err();
+        let e = sm.apply(11, cmd(command::Kind::ResumeJob(ResumeJobRequest { id: 99, workers: 0, request_id: String::new(), ..Default::default() }))).unwrap_err();
         assert!(e.contains("does not exist"), "{e}");
     }
 

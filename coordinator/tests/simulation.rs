@@ -191,7 +191,7 @@ fn spec(name: &str) -> String {
 
 fn command_for(op: &Op) -> Option<command::Kind> {
     Some(match op.kind {
-        Kind::Worker => command::Kind::RegisterWorker(RegisterWorkerRequest { address: op.request_id.clone(), pid: 0, device: "cpu".into(), request_id: String::new() }),
+        Kind::Worker => command::Kind::RegisterWorker(RegisterWorkerRequest { address: op.request_id.clone(), pid: 0, device: "cpu".into(), request_id: String::new(), ..Default::default() }),
         Kind::Dataset => command::Kind::RegisterDataset(DatasetInfo {
             name: "d".into(),
             version: 0,

@@ -17,6 +17,8 @@ pub struct JobSpec {
     pub cluster: ClusterSpec,
     #[serde(default)]
     pub checkpoint: CheckpointSpec,
+    #[serde(default)]
+    pub aggregation: AggregationSpec,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,6 +162,43 @@ impl Default for CheckpointSpec {
     }
 }
 
+/// How the ranks sum their gradients.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregationSpec {
+    /// `auto` (shared memory when every rank is on one host, else raw TCP), `shm`, `tcp` or
+    /// `grpc` (the ring over the data-plane service; slower, kept for comparison).
+    #[serde(default = "default_transport")]
+    pub transport: String,
+    /// `f32`, or `bf16`: cast when sending over the network, added in f32 (tcp only; shared
+    /// memory moves no bytes over a wire).
+    #[serde(default = "default_wire")]
+    pub wire: String,
+    /// Gradient bucket size in MiB: a bucket is all-reduced (and its parameters updated) as
+    /// soon as its layers' backward is done, while earlier layers' backward runs. 0: one
+    /// bucket after the whole backward.
+    #[serde(default = "default_bucket_mb")]
+    pub bucket_mb: f64,
+}
+
+fn default_transport() -> String {
+    "auto".into()
+}
+
+fn default_wire() -> String {
+    "f32".into()
+}
+
+fn default_bucket_mb() -> f64 {
+    4.0
+}
+
+impl Default for AggregationSpec {
+    fn default() -> Self {
+        AggregationSpec { transport: default_transport(), wire: default_wire(), bucket_mb: default_bucket_mb() }
+    }
+}
+
 /// The global batch is split over the ranks as evenly as it goes (rank r takes records
 /// [r*B/W, (r+1)*B/W) of it), so every rank needs at least one record.
 fn check_batch_split(batch: u32, workers: u32) -> Result<()> {
@@ -296,6 +335,19 @@ impl JobSpec {
         if let Some(s) = c.every_seconds {
             check_positive("checkpoint.every_seconds", s)?;
         }
+        let g = &self.aggregation;
+        if !matches!(g.transport.as_str(), "auto" | "shm" | "tcp" | "grpc") {
+            return Err(bad("aggregation.transport", format!("unknown transport {:?} (expected \"auto\", \"shm\", \"tcp\" or \"grpc\")", g.transport)));
+        }
+        match g.wire.as_str() {
+            "f32" => {}
+            "bf16" if matches!(g.transport.as_str(), "auto" | "tcp") => {}
+            "bf16" => return Err(bad("aggregation.wire", format!("bf16 applies to the tcp transport only, not {:?}", g.transport))),
+            other => return Err(bad("aggregation.wire", format!("unknown wire format {other:?} (expected \"f32\" or \"bf16\")"))),
+        }
+        if !(g.bucket_mb.is_finite() && (0.0..=1024.0).contains(&g.bucket_mb)) {
+            return Err(bad("aggregation.bucket_mb", format!("must be 0 to 1024, got {}", g.bucket_mb)));
+        }
         Ok(())
     }
 
@@ -401,6 +453,23 @@ workers = 2
         assert!(e.contains("checkpoint.every_seconds"), "{e}");
         let e = err_of(&format!("{GOOD}[checkpoint]\nevery_step = 3\n"));
         assert!(e.contains("every_step"), "{e}");
+    }
+
+    #[test]
+    fn aggregation_settings_default_and_validate() {
+        let s = JobSpec::parse(GOOD).unwrap();
+        assert_eq!(s.aggregation, AggregationSpec { transport: "auto".into(), wire: "f32".into(), bucket_mb: 4.0 });
+        let s = JobSpec::parse(&format!("{GOOD}[aggregation]\ntransport = \"tcp\"\nwire = \"bf16\"\nbucket_mb = 0\n")).unwrap();
+        assert_eq!((s.aggregation.transport.as_str(), s.aggregation.wire.as_str(), s.aggregation.bucket_mb), ("tcp", "bf16", 0.0));
+        for (extra, key) in [
+            ("transport = \"udp\"", "aggregation.transport"),
+            ("wire = \"fp8\"", "aggregation.wire"),
+            ("transport = \"shm\"\nwire = \"bf16\"", "aggregation.wire"),
+            ("bucket_mb = -1", "aggregation.bucket_mb"),
+        ] {
+            let e = err_of(&format!("{GOOD}[aggregation]\n{extra}\n"));
+            assert!(e.contains(key), "{extra}: {e}");
+        }
     }
 
     #[test]

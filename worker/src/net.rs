@@ -150,11 +150,60 @@ impl Net {
     /// The loss of a batch, and its gradients written into `grads` (laid out like the
     /// parameters), both multiplied by `scale` (a rank's share of the global batch).
     pub fn loss_and_grads(&mut self, params: &[f32], x: &[f32], labels: &[u32], scale: f32, grads: &mut [f32]) -> Result<f32, WorkerError> {
+        let mut params = params.to_vec();
+        self.loss_and_grads_in_buckets(&mut params, x, labels, scale, grads, &[0], &mut |_, _| {})
+    }
+
+    /// The parameter offsets at which a layer starts, last layer first: where the backward
+    /// pass can hand over a finished tail of the buffers.
+    pub fn layer_starts(&self) -> Vec<usize> {
+        let first = self.dense_first();
+        let layers = self.widths.len() - 1;
+        let mut starts: Vec<usize> = (0..layers).rev().map(|l| self.offsets[first + 2 * l]).collect();
+        if self.kind == ModelKind::Cnn {
+            starts.extend([self.offsets[2], self.offsets[0]]);
+        }
+        starts
+    }
+
+    /// `loss_and_grads`, handing over the buffers' tails as the backward pass finishes them.
+    /// `cuts` are layer starts (from `layer_starts`), descending, ending with 0. When the
+    /// backward pass is past the layer starting at `cut`, it calls `ready(params[cut..end],
+    /// grads[cut..end])` (`end`: the previous cut, or the buffers' end): those gradients are
+    /// final and those parameters are not read again by this pass, so the caller may reduce
+    /// the one and update the other while the earlier layers' backward runs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss_and_grads_in_buckets<'a>(
+        &mut self,
+        params: &'a mut [f32],
+        x: &[f32],
+        labels: &[u32],
+        scale: f32,
+        grads: &'a mut [f32],
+        cuts: &[usize],
+        ready: &mut dyn FnMut(&'a mut [f32], &'a mut [f32]),
+    ) -> Result<f32, WorkerError> {
+        let starts = self.layer_starts();
+        if cuts.last() != Some(&0) || cuts.windows(2).any(|w| w[0] <= w[1]) || cuts.iter().any(|c| !starts.contains(c)) {
+            return Err(WorkerError::Model(format!("bucket cuts {cuts:?} are not descending layer starts ending at 0")));
+        }
         let n = labels.len();
         self.forward(params, x, n)?;
         let layers = self.widths.len() - 1;
         let first = self.dense_first();
         let classes = self.classes;
+        // What is not handed over yet: a prefix of each buffer.
+        let (mut p_rest, mut g_rest) = (params, grads);
+        let mut cuts = cuts.iter().copied().peekable();
+        let mut hand_over = |at: usize, p_rest: &mut &'a mut [f32], g_rest: &mut &'a mut [f32]| {
+            if cuts.peek() == Some(&at) {
+                cuts.next();
+                let (p_head, p_tail) = std::mem::take(p_rest).split_at_mut(at);
+                let (g_head, g_tail) = std::mem::take(g_rest).split_at_mut(at);
+                (*p_rest, *g_rest) = (p_head, g_head);
+                ready(p_tail, g_tail);
+            }
+        };
         let b = &mut self.bufs;
         let (loss, _) = nn::softmax_xent(&b.acts[layers][..n * classes], labels, classes, scale, &mut b.dz)?;
         // Dense layers, last to first. The CNN also needs the gradient of the first dense
@@ -162,15 +211,16 @@ impl Net {
         for l in (0..layers).rev() {
             let (din, dout) = (self.widths[l], self.widths[l + 1]);
             let (w, bias) = (self.offsets[first + 2 * l], self.offsets[first + 2 * l + 1]);
-            nn::matmul(&mut grads[w..w + dout * din], &b.dz, &b.acts[l], dout, n, din, true, false, false)?;
-            nn::column_sums(&mut grads[bias..bias + dout], &b.dz[..n * dout], false);
+            nn::matmul(&mut g_rest[w..w + dout * din], &b.dz, &b.acts[l], dout, n, din, true, false, false)?;
+            nn::column_sums(&mut g_rest[bias..bias + dout], &b.dz[..n * dout], false);
             if l > 0 || self.kind == ModelKind::Cnn {
-                nn::matmul(&mut b.da, &b.dz, &params[w..w + dout * din], n, dout, din, false, false, false)?;
+                nn::matmul(&mut b.da, &b.dz, &p_rest[w..w + dout * din], n, dout, din, false, false, false)?;
                 if l > 0 {
                     nn::relu_backward(&mut b.da[..n * din], &b.acts[l][..n * din]);
                 }
                 std::mem::swap(&mut b.dz, &mut b.da);
             }
+            hand_over(w, &mut p_rest, &mut g_rest);
         }
         if self.kind == ModelKind::Cnn {
             let (h, w) = self.image;
@@ -188,17 +238,19 @@ impl Net {
             let plane2 = n * h2 * w2;
             nn::maxpool2_backward(&b.da, &b.arg[1], c2 * n, h2, w2, &mut b.dpool)?;
             nn::relu_backward(&mut b.dpool[..c2 * plane2], &b.z[1][..c2 * plane2]);
-            nn::matmul(&mut grads[o[2]..o[2] + c2 * c1 * 9], &b.dpool, &b.cols[1], c2, plane2, c1 * 9, false, true, false)?;
-            nn::plane_sums(&mut grads[o[3]..o[3] + c2], &b.dpool[..c2 * plane2], plane2);
-            nn::matmul(&mut b.dcols, &params[o[2]..], &b.dpool, c1 * 9, c2, plane2, true, false, false)?;
+            nn::matmul(&mut g_rest[o[2]..o[2] + c2 * c1 * 9], &b.dpool, &b.cols[1], c2, plane2, c1 * 9, false, true, false)?;
+            nn::plane_sums(&mut g_rest[o[3]..o[3] + c2], &b.dpool[..c2 * plane2], plane2);
+            nn::matmul(&mut b.dcols, &p_rest[o[2]..o[2] + c2 * c1 * 9], &b.dpool, c1 * 9, c2, plane2, true, false, false)?;
+            hand_over(o[2], &mut p_rest, &mut g_rest);
             b.da[..c1 * plane2].fill(0.0);
             nn::col2im3_add(&b.dcols, c1, n, h2, w2, &mut b.da)?;
             // Block 1: no gradient for the images themselves.
             let plane1 = n * h * w;
             nn::maxpool2_backward(&b.da, &b.arg[0], c1 * n, h, w, &mut b.dpool)?;
             nn::relu_backward(&mut b.dpool[..c1 * plane1], &b.z[0][..c1 * plane1]);
-            nn::matmul(&mut grads[o[0]..o[0] + c1 * 9], &b.dpool, &b.cols[0], c1, plane1, 9, false, true, false)?;
-            nn::plane_sums(&mut grads[o[1]..o[1] + c1], &b.dpool[..c1 * plane1], plane1);
+            nn::matmul(&mut g_rest[o[0]..o[0] + c1 * 9], &b.dpool, &b.cols[0], c1, plane1, 9, false, true, false)?;
+            nn::plane_sums(&mut g_rest[o[1]..o[1] + c1], &b.dpool[..c1 * plane1], plane1);
+            hand_over(o[0], &mut p_rest, &mut g_rest);
         }
         Ok(loss)
     }
@@ -320,6 +372,50 @@ mod tests {
         let l2 = net.loss_and_grads(&params, &x, &labels, 0.5, &mut half).unwrap();
         assert!((l2 - 0.5 * loss).abs() < 1e-6);
         assert!(half.iter().zip(&grads).all(|(h, g)| (h - 0.5 * g).abs() <= 1e-6 * (1.0 + g.abs())));
+    }
+
+    /// Every split of the backward pass into buckets gives the same gradients, hands over
+    /// tails that tile the buffers from the end, each only once its layers are done.
+    fn check_buckets(spec: ModelSpec, input: &[usize], n: usize) {
+        let model = Model::new(&spec, input, 4).unwrap();
+        let params = model.init(5);
+        let x: Vec<f32> = (0..n * input.iter().product::<usize>()).map(|i| (i % 13) as f32 / 13.0).collect();
+        let labels: Vec<u32> = (0..n as u32).map(|i| i % 4).collect();
+        let mut net = Net::new(&model);
+        let mut whole = vec![0.0f32; params.len()];
+        net.loss_and_grads(&params, &x, &labels, 1.0, &mut whole).unwrap();
+        let starts = net.layer_starts();
+        assert_eq!(*starts.last().unwrap(), 0);
+        for k in 0..starts.len() {
+            // Cut at every start from the k-th on (and always at 0).
+            let cuts: Vec<usize> = starts[k..].to_vec();
+            let (mut p, mut g) = (params.clone(), vec![f32::NAN; params.len()]);
+            let mut tails = Vec::new();
+            net.loss_and_grads_in_buckets(&mut p, &x, &labels, 1.0, &mut g, &cuts, &mut |pt, gt| {
+                assert_eq!(pt.len(), gt.len());
+                assert!(gt.iter().all(|v| v.is_finite()), "a tail is handed over before its gradients are written");
+                // Poison the parameters handed over: the rest of the pass must not read them.
+                pt.fill(f32::NAN);
+                tails.push((gt.len(), gt.to_vec()));
+            })
+            .unwrap();
+            let got: Vec<f32> = tails.iter().rev().flat_map(|(_, t)| t.clone()).collect();
+            assert_eq!(got.len(), params.len(), "cuts {cuts:?}: the tails tile the buffer");
+            assert!(got.iter().zip(&whole).all(|(a, b)| a.to_bits() == b.to_bits()), "cuts {cuts:?}: same gradients");
+            assert_eq!(tails.len(), cuts.len());
+        }
+        let e = net.loss_and_grads_in_buckets(&mut params.clone(), &x, &labels, 1.0, &mut whole, &[3, 0], &mut |_, _| {}).unwrap_err();
+        assert!(e.to_string().contains("bucket cuts"), "{e}");
+    }
+
+    #[test]
+    fn mlp_buckets_give_the_same_gradients() {
+        check_buckets(ModelSpec { kind: "mlp".into(), hidden: Some(vec![6, 5]), channels: None }, &[3, 4], 5);
+    }
+
+    #[test]
+    fn cnn_buckets_give_the_same_gradients() {
+        check_buckets(ModelSpec { kind: "cnn".into(), hidden: Some(vec![5]), channels: Some(vec![2, 3]) }, &[8, 8], 3);
     }
 
     #[test]

@@ -43,13 +43,29 @@ impl Opt {
     }
 
     pub fn apply(&mut self, params: &mut [f32], grads: &[f32]) -> Result<(), WorkerError> {
+        self.begin_step();
+        self.apply_part(0, params, grads)
+    }
+
+    /// Counts one update; `apply_part` then updates the parameters piece by piece.
+    pub fn begin_step(&mut self) {
         self.step += 1;
+    }
+
+    /// Updates `params` (the parameters from `offset` on) with their gradients `grads`, as
+    /// part of the step counted by the last `begin_step`. Element-wise, so doing a step in
+    /// parts gives the same bits as doing it at once.
+    pub fn apply_part(&mut self, offset: usize, params: &mut [f32], grads: &[f32]) -> Result<(), WorkerError> {
+        let range = offset..offset + params.len();
+        if grads.len() != params.len() || range.end > self.buffers.first().map_or(0, Vec::len) {
+            return Err(WorkerError::Model(format!("optimizer update of {range:?} with {} gradients does not fit its state", grads.len())));
+        }
         match (self.cfg, self.buffers.as_mut_slice()) {
             (Optimizer::Sgd { lr, momentum, weight_decay }, [velocity]) => {
-                shoal_kernels::sgd_momentum(params, grads, velocity, lr, momentum, weight_decay)?
+                shoal_kernels::sgd_momentum(params, grads, &mut velocity[range], lr, momentum, weight_decay)?
             }
             (Optimizer::AdamW { lr, beta1, beta2, eps, weight_decay }, [m, v]) => {
-                shoal_kernels::adamw(params, grads, m, v, self.step, lr, beta1, beta2, eps, weight_decay)?
+                shoal_kernels::adamw(params, grads, &mut m[range.clone()], &mut v[range], self.step, lr, beta1, beta2, eps, weight_decay)?
             }
             _ => unreachable!("optimizer buffers match its config by construction"),
         }
@@ -71,5 +87,27 @@ mod tests {
         adam.apply(&mut p, &[1.0; 5]).unwrap();
         assert_eq!(adam.step, 1);
         assert!(adam.buffers[0].iter().all(|&m| m > 0.0) && p.iter().all(|&x| x < 1.0));
+    }
+
+    #[test]
+    fn a_step_in_parts_is_the_step_at_once() {
+        for cfg in [
+            Optimizer::Sgd { lr: 0.1, momentum: 0.9, weight_decay: 0.01 },
+            Optimizer::AdamW { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 },
+        ] {
+            let grads: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin()).collect();
+            let (mut whole, mut parts) = (Opt::new(cfg, 37), Opt::new(cfg, 37));
+            let (mut p1, mut p2) = (vec![0.5f32; 37], vec![0.5f32; 37]);
+            for _ in 0..3 {
+                whole.apply(&mut p1, &grads).unwrap();
+                parts.begin_step();
+                for (lo, hi) in [(20, 37), (3, 20), (0, 3)] {
+                    parts.apply_part(lo, &mut p2[lo..hi], &grads[lo..hi]).unwrap();
+                }
+            }
+            assert_eq!(p1.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), p2.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+            assert_eq!(whole.buffers, parts.buffers);
+            assert!(parts.apply_part(30, &mut p2[..10], &grads[..10]).is_err(), "past the state's end");
+        }
     }
 }

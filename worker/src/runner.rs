@@ -14,7 +14,7 @@ use shoal_proto::{
 };
 
 use crate::checkpoint::JobLink;
-use crate::collective::{DataPlaneService, Mailbox, CONNECTION_WINDOW, MAX_CHUNK_MESSAGE, MAX_FRAME, STREAM_WINDOW};
+use crate::collective::{host_id, DataPlaneService, Incoming, Mailbox, CONNECTION_WINDOW, MAX_CHUNK_MESSAGE, MAX_FRAME, STREAM_WINDOW};
 use crate::train::{train, TrainTask};
 use crate::WorkerError;
 
@@ -45,6 +45,16 @@ pub async fn run_worker(
     shoal_kernels::Device::parse(&cfg.device)?;
     let bound = listener.local_addr().map_err(|e| WorkerError::Io(e.to_string()))?.to_string();
     let address = cfg.advertise.clone().unwrap_or(bound);
+    // The raw-TCP ring listens beside the data plane, on the same interface.
+    let ring_listener = std::net::TcpListener::bind((listener.local_addr().map_err(|e| WorkerError::Io(e.to_string()))?.ip(), 0))
+        .map_err(|e| WorkerError::Io(format!("binding the ring listener: {e}")))?;
+    let incoming = Incoming::start(ring_listener).map_err(|e| WorkerError::Io(format!("ring listener: {e}")))?;
+    let ring_port = incoming.address().rsplit(':').next().unwrap_or_default().to_string();
+    let ring_address = match address.rsplit_once(':') {
+        Some((host, _)) => format!("{host}:{ring_port}"),
+        None => incoming.address().to_string(),
+    };
+    let host = host_id();
     let mailbox = Arc::new(Mailbox::default());
     let svc = DataPlaneServer::new(DataPlaneService(mailbox.clone())).max_decoding_message_size(MAX_CHUNK_MESSAGE);
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
@@ -98,6 +108,8 @@ pub async fn run_worker(
                     pid: std::process::id(),
                     device: cfg.device.clone(),
                     request_id: registration.clone(),
+                    ring_address: ring_address.clone(),
+                    host_id: host.clone(),
                 };
                 match client.call(|mut c| { let req = req.clone(); async move { c.register_worker(req).await } }).await {
                     Ok(r) => {
@@ -135,7 +147,7 @@ pub async fn run_worker(
                 mailbox.purge(r.job, r.generation);
             }
             if let Some(a) = want {
-                running = Some(start_task(&cfg, &id, a, mailbox.clone(), client.clone()));
+                running = Some(start_task(&cfg, &id, a, mailbox.clone(), incoming.clone(), client.clone()));
             }
         }
     }
@@ -194,7 +206,7 @@ impl JobLink for CoordinatorLink {
     }
 }
 
-fn start_task(cfg: &WorkerConfig, worker_id: &str, a: Assignment, mailbox: Arc<Mailbox>, client: Arc<Client>) -> Running {
+fn start_task(cfg: &WorkerConfig, worker_id: &str, a: Assignment, mailbox: Arc<Mailbox>, incoming: Arc<Incoming>, client: Arc<Client>) -> Running {
     let cancel = Arc::new(AtomicBool::new(false));
     let (job, generation, rank) = (a.job_id, a.generation, a.rank);
     tracing::info!(job, generation, rank, world = a.world_size, "starting task");
@@ -205,6 +217,7 @@ fn start_task(cfg: &WorkerConfig, worker_id: &str, a: Assignment, mailbox: Arc<M
         store: cfg.store_dir.clone(),
         assignment: a,
         mailbox,
+        incoming: Some(incoming),
         cancel: cancel.clone(),
         collective_timeout: cfg.collective_timeout,
         link,

@@ -27,7 +27,7 @@ use shoal_core::JobSpec;
 use shoal_proto::{Assignment, CheckpointFile, CheckpointManifest, JobProgress, Message};
 
 use crate::checkpoint::{self, JobLink, PartSnapshot, StateTensor, WriteDone, Writer};
-use crate::collective::{Mailbox, Ring};
+use crate::collective::{Collective, Incoming, Mailbox, Rendezvous, Wire};
 use crate::data::ShardedDataset;
 use crate::model::Model;
 use crate::net::Net;
@@ -38,6 +38,8 @@ pub struct TrainTask {
     pub store: PathBuf,
     pub assignment: Assignment,
     pub mailbox: Arc<Mailbox>,
+    /// This worker's raw-TCP ring listener (None: the tcp transport is not offered).
+    pub incoming: Option<Arc<Incoming>>,
     pub cancel: Arc<AtomicBool>,
     pub collective_timeout: Duration,
     /// Progress and checkpoint commits go to the coordinator through this.
@@ -132,13 +134,32 @@ pub fn train(task: TrainTask, rt: &tokio::runtime::Handle) -> Result<TrainOutcom
         return Err(WorkerError::Spec(format!("assignment for rank {rank} of {world} lists {} peers", a.peers.len())));
     }
     spec.check_world_size(world as u32).map_err(|e| WorkerError::Spec(e.to_string()))?;
-    let mut ring = Ring::new(rank, &a.peers, a.job_id, a.generation, task.mailbox.clone(), task.collective_timeout, task.cancel.clone())?;
+    let np = model.num_params();
+    let mut ring = Rendezvous {
+        rank,
+        job: a.job_id,
+        generation: a.generation,
+        transport: &spec.aggregation.transport,
+        wire: if spec.aggregation.wire == "bf16" { Wire::Bf16 } else { Wire::F32 },
+        peers: &a.peers,
+        ring_peers: &a.ring_peers,
+        hosts: &a.hosts,
+        max_floats: np + SLOTS,
+        timeout: task.collective_timeout,
+        cancel: task.cancel.clone(),
+        incoming: task.incoming.as_deref(),
+        mailbox: task.mailbox.clone(),
+        rt: rt.clone(),
+    }
+    .join()?;
+    let ring = &mut *ring;
+    tracing::info!(job = a.job_id, generation = a.generation, rank, world, transport = ring.name(), "joined the collective");
 
     let (mut state, resumed) = resume_point(&task, &spec, &model, rank)?;
     // Every rank must continue from the same step (they read the same files, but a file can
     // change between two reads).
     let start = state.step;
-    let starts = rt.block_on(ring.all_gather_bytes(start.to_le_bytes().to_vec()))?;
+    let starts = ring.all_gather_bytes(start.to_le_bytes().to_vec())?;
     if let Some(r) = starts.iter().position(|b| b[..] != start.to_le_bytes()) {
         return Err(WorkerError::Checkpoint(format!("rank {rank} resumes from step {start}, rank {r} from another step")));
     }
@@ -150,7 +171,6 @@ pub fn train(task: TrainTask, rt: &tokio::runtime::Handle) -> Result<TrainOutcom
     let share = (hi - lo) as f32 / global_batch as f32;
     let [train_start, train_end] = spec.dataset.train;
     let train_len = (train_end - train_start) as usize;
-    let np = model.num_params();
     let mut progress = JobProgress {
         step: start,
         total_steps: total,
@@ -164,6 +184,7 @@ pub fn train(task: TrainTask, rt: &tokio::runtime::Handle) -> Result<TrainOutcom
     }
     let mut ckpt = Checkpointer::new(&task, &spec, &model, &state.opt, rank, world)?;
     let mut buf = vec![0.0f32; np + SLOTS];
+    let cuts = bucket_cuts(&net.layer_starts(), np, (spec.aggregation.bucket_mb * (1 << 20) as f64 / 4.0) as usize);
     let (mut xs, mut ys) = (Vec::new(), Vec::new());
     let mut order: Option<(u64, Vec<u32>)> = None;
     let started = Instant::now();
@@ -192,21 +213,20 @@ pub fn train(task: TrainTask, rt: &tokio::runtime::Handle) -> Result<TrainOutcom
         let idx = perm[first + lo..first + hi].iter().map(|&i| train_start + i as u64);
         read_batch(&ds, idx, &mut xs, &mut ys)?;
         lap(&mut mark, &mut phases.data);
-        buf[np + SLOT_LOSS] = net.loss_and_grads(&state.params, &xs, &ys, share, &mut buf[..np])?;
-        lap(&mut mark, &mut phases.compute);
-        ckpt.vote(&mut buf[np..]);
-        lap(&mut mark, &mut phases.checkpoint);
-        rt.block_on(ring.all_reduce_sum(&mut buf))?;
-        lap(&mut mark, &mut phases.collective);
-        state.opt.apply(&mut state.params, &buf[..np])?;
+        let (grads, slots) = buf.split_at_mut(np);
+        let pass = step_in_buckets(&mut net, &mut state, &xs, &ys, share, grads, slots, &cuts, &mut ckpt, ring)?;
+        phases.compute += pass.backward_done - mark;
+        phases.collective += pass.collective;
+        phases.optimizer += pass.optimizer;
+        mark = Instant::now();
+        phases.checkpoint += pass.vote;
         state.step = step + 1;
-        lap(&mut mark, &mut phases.optimizer);
         progress.step = state.step;
         progress.loss = buf[np + SLOT_LOSS] as f64;
         if !progress.loss.is_finite() {
             return Err(WorkerError::Diverged(progress.step));
         }
-        ckpt.after_step(&buf[np..], &state, progress.test_accuracy, &mut ring, rt)?;
+        ckpt.after_step(&buf[np..], &state, progress.test_accuracy, ring)?;
         lap(&mut mark, &mut phases.checkpoint);
         phases.steps += 1;
         progress.checkpoints_skipped = ckpt.skipped;
@@ -224,7 +244,7 @@ pub fn train(task: TrainTask, rt: &tokio::runtime::Handle) -> Result<TrainOutcom
             finished_an_epoch = true;
             if let Some(test) = spec.dataset.test {
                 let t = Instant::now();
-                progress.test_accuracy = evaluate(&mut net, &state.params, &ds, test, rank, world, &mut ring, rt)?;
+                progress.test_accuracy = evaluate(&mut net, &state.params, &ds, test, rank, world, ring)?;
                 eval_time += t.elapsed();
                 tracing::info!(epoch = progress.epoch, accuracy = progress.test_accuracy, loss = progress.loss, "epoch done");
             }
@@ -235,9 +255,106 @@ pub fn train(task: TrainTask, rt: &tokio::runtime::Handle) -> Result<TrainOutcom
         }
     }
 
-    let model_path = ckpt.finish(&state, progress.test_accuracy, &mut ring, rt)?;
+    let model_path = ckpt.finish(&state, progress.test_accuracy, ring)?;
     let param_blake3 = blake3::hash(&crate::collective::f32_le_bytes(&state.params)).to_hex().to_string();
     Ok(TrainOutcome { progress, model_path, param_blake3 })
+}
+
+/// Where a step's gradient buffer is cut into buckets: walking the layers from the last, a
+/// bucket closes at the first layer start that makes it at least `bucket_floats` long; the
+/// first layer's start (0) closes the last. Fixed by the model and the spec, so every rank
+/// reduces the same buckets in the same order, run after run.
+fn bucket_cuts(layer_starts: &[usize], np: usize, bucket_floats: usize) -> Vec<usize> {
+    let mut cuts = Vec::new();
+    let mut end = np;
+    for &s in layer_starts {
+        if s != 0 && bucket_floats > 0 && end - s >= bucket_floats {
+            cuts.push(s);
+            end = s;
+        }
+    }
+    cuts.push(0);
+    cuts
+}
+
+/// Where a bucketed step's time went.
+struct StepTimes {
+    /// When the backward pass ended (the step's start is the caller's).
+    backward_done: Instant,
+    /// After the backward pass: waiting for the last buckets' all-reduce, and their updates.
+    collective: Duration,
+    optimizer: Duration,
+    /// The checkpoint vote.
+    vote: Duration,
+}
+
+/// A bucket for the communication thread: a finished tail of the parameters and gradients, or
+/// the control slots (last).
+enum Bucket<'a> {
+    Grads(&'a mut [f32], &'a mut [f32]),
+    Slots(&'a mut [f32]),
+}
+
+/// One optimizer step, bucketed: a communication thread all-reduces each bucket of gradients
+/// as soon as the backward pass hands it over and applies the optimizer to its parameters,
+/// while the backward pass goes on with the earlier layers; then the control slots (the loss
+/// and the checkpoint votes, filled in once the backward pass is done) are reduced last.
+#[allow(clippy::too_many_arguments)]
+fn step_in_buckets(
+    net: &mut Net,
+    state: &mut TrainState,
+    xs: &[f32],
+    ys: &[u32],
+    share: f32,
+    grads: &mut [f32],
+    slots: &mut [f32],
+    cuts: &[usize],
+    ckpt: &mut Checkpointer,
+    ring: &mut dyn Collective,
+) -> Result<StepTimes, WorkerError> {
+    let np = grads.len();
+    let TrainState { params, opt, .. } = state;
+    opt.begin_step();
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::channel::<Bucket>();
+        let comm = scope.spawn(move || -> Result<Vec<(Instant, Instant)>, WorkerError> {
+            // The optimizer's busy intervals, to tell the caller which part of its wait was
+            // the optimizer.
+            let mut updates = Vec::new();
+            let mut end = np;
+            for bucket in rx {
+                match bucket {
+                    Bucket::Grads(p, g) => {
+                        ring.all_reduce(g)?;
+                        let t = Instant::now();
+                        end -= g.len();
+                        opt.apply_part(end, p, g)?;
+                        updates.push((t, Instant::now()));
+                    }
+                    Bucket::Slots(s) => ring.all_reduce(s)?,
+                }
+            }
+            Ok(updates)
+        });
+        let pass = net.loss_and_grads_in_buckets(params, xs, ys, share, grads, cuts, &mut |p, g| {
+            // A send fails only when the thread has stopped on an error, which join reports.
+            let _ = tx.send(Bucket::Grads(p, g));
+        });
+        let backward_done = Instant::now();
+        let vote_started = Instant::now();
+        if let Ok(loss) = pass {
+            ckpt.vote(slots);
+            slots[SLOT_LOSS] = loss;
+            let _ = tx.send(Bucket::Slots(slots));
+        }
+        let vote = vote_started.elapsed();
+        drop(tx);
+        let updates = comm.join().unwrap_or_else(|_| Err(WorkerError::Panicked("the communication thread panicked".into())));
+        let waited = backward_done.elapsed().saturating_sub(vote);
+        pass?;
+        let optimizer: Duration = updates?.iter().map(|&(a, b)| b.saturating_duration_since(a.max(backward_done))).sum();
+        Ok(StepTimes { backward_done, collective: waited.saturating_sub(optimizer), optimizer, vote })
+    })
 }
 
 /// The state to start from: the newest committed checkpoint that loads, else a fresh one.
@@ -367,8 +484,8 @@ impl Checkpointer {
 
     /// After a step's update, with the summed control slots: settles the checkpoint in flight
     /// and starts the next one if it is due.
-    fn after_step(&mut self, sums: &[f32], state: &TrainState, test_accuracy: f64, ring: &mut Ring, rt: &tokio::runtime::Handle) -> Result<(), WorkerError> {
-        self.settle(sums, ring, rt)?;
+    fn after_step(&mut self, sums: &[f32], state: &TrainState, test_accuracy: f64, ring: &mut dyn Collective) -> Result<(), WorkerError> {
+        self.settle(sums, ring)?;
         let due = self.every_steps.is_some_and(|n| state.step.is_multiple_of(n)) || sums[SLOT_DUE] > 0.0;
         // The last step's checkpoint is the final one, which `finish` writes.
         if due && state.step < self.total {
@@ -385,7 +502,7 @@ impl Checkpointer {
 
     /// What every rank concludes from the same sums: any failure abandons the checkpoint in
     /// flight; all parts written completes it.
-    fn settle(&mut self, sums: &[f32], ring: &mut Ring, rt: &tokio::runtime::Handle) -> Result<(), WorkerError> {
+    fn settle(&mut self, sums: &[f32], ring: &mut dyn Collective) -> Result<(), WorkerError> {
         let Some(f) = &self.in_flight else { return Ok(()) };
         if sums[SLOT_FAILED] > 0.0 {
             let f = self.in_flight.take().expect("checked above");
@@ -396,7 +513,7 @@ impl Checkpointer {
                 self.link.checkpoint_failed(f.step, format!("write failed: {e}"), false);
             }
         } else if sums[SLOT_DONE] as usize == self.world && f.mine.is_some() {
-            self.complete(ring, rt)?;
+            self.complete(ring)?;
         }
         Ok(())
     }
@@ -420,10 +537,10 @@ impl Checkpointer {
 
     /// Every part is written: gather the parts' records; rank 0 writes the manifest and
     /// commits it in the background.
-    fn complete(&mut self, ring: &mut Ring, rt: &tokio::runtime::Handle) -> Result<(), WorkerError> {
+    fn complete(&mut self, ring: &mut dyn Collective) -> Result<(), WorkerError> {
         let f = self.in_flight.take().expect("a checkpoint in flight");
         let Some(Ok(file)) = f.mine else { unreachable!("complete only after this rank's part was written") };
-        let records = rt.block_on(ring.all_gather_bytes(file.encode_to_vec()))?;
+        let records = ring.all_gather_bytes(file.encode_to_vec())?;
         if self.rank == 0 {
             let files = records
                 .iter()
@@ -455,24 +572,24 @@ impl Checkpointer {
     }
 
     /// One all-reduce of the control slots alone, when there is no step to carry them.
-    fn sync(&mut self, ring: &mut Ring, rt: &tokio::runtime::Handle) -> Result<[f32; SLOTS], WorkerError> {
+    fn sync(&mut self, ring: &mut dyn Collective) -> Result<[f32; SLOTS], WorkerError> {
         self.wait_mine()?;
         let mut slots = [0.0f32; SLOTS];
         self.vote(&mut slots);
         slots[SLOT_DUE] = 0.0;
-        rt.block_on(ring.all_reduce_sum(&mut slots))?;
+        ring.all_reduce(&mut slots)?;
         Ok(slots)
     }
 
     /// After the last step: lets the checkpoint in flight land, then writes and commits the
     /// final one (the job's model) and waits for its commit. Returns its folder.
-    fn finish(&mut self, state: &TrainState, test_accuracy: f64, ring: &mut Ring, rt: &tokio::runtime::Handle) -> Result<String, WorkerError> {
+    fn finish(&mut self, state: &TrainState, test_accuracy: f64, ring: &mut dyn Collective) -> Result<String, WorkerError> {
         if self.in_flight.is_some() {
-            let sums = self.sync(ring, rt)?;
-            self.settle(&sums, ring, rt)?;
+            let sums = self.sync(ring)?;
+            self.settle(&sums, ring)?;
         }
         self.start(state, test_accuracy);
-        let sums = self.sync(ring, rt)?;
+        let sums = self.sync(ring)?;
         if sums[SLOT_FAILED] > 0.0 {
             let why = match self.in_flight.take().and_then(|f| f.mine) {
                 Some(Err(e)) => e,
@@ -480,7 +597,7 @@ impl Checkpointer {
             };
             return Err(WorkerError::Checkpoint(format!("the final checkpoint (step {}) could not be written: {why}", state.step)));
         }
-        self.complete(ring, rt)?;
+        self.complete(ring)?;
         if self.rank == 0 {
             // Rank 0 reports success only once the model is committed.
             loop {
@@ -507,8 +624,7 @@ fn evaluate(
     [start, end]: [u64; 2],
     rank: usize,
     world: usize,
-    ring: &mut Ring,
-    rt: &tokio::runtime::Handle,
+    ring: &mut dyn Collective,
 ) -> Result<f64, WorkerError> {
     let len = end - start;
     let lo = start + len * rank as u64 / world as u64;
@@ -524,6 +640,23 @@ fn evaluate(
     }
     // Counts stay exact in f32 below 2^24 records per rank.
     let mut counts = [correct as f32, (hi - lo) as f32];
-    rt.block_on(ring.all_reduce_sum(&mut counts))?;
+    ring.all_reduce(&mut counts)?;
     Ok(counts[0] as f64 / counts[1].max(1.0) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_close_at_layer_starts_once_big_enough() {
+        // Layers start at 0, 100, 130, 135; 140 parameters.
+        let starts = [135, 130, 100, 0];
+        assert_eq!(bucket_cuts(&starts, 140, 0), vec![0], "0: one bucket");
+        assert_eq!(bucket_cuts(&starts, 140, 1), vec![135, 130, 100, 0]);
+        assert_eq!(bucket_cuts(&starts, 140, 10), vec![130, 100, 0]);
+        assert_eq!(bucket_cuts(&starts, 140, 41), vec![0], "the rest is too small to close a bucket before 0");
+        assert_eq!(bucket_cuts(&starts, 140, 40), vec![100, 0]);
+        assert_eq!(bucket_cuts(&starts, 140, 1000), vec![0]);
+    }
 }

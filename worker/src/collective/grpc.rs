@@ -259,6 +259,41 @@ impl Ring {
     }
 }
 
+/// The gRPC ring behind the blocking `Collective` interface: each call runs on the worker's
+/// runtime.
+pub struct GrpcCollective {
+    ring: Ring,
+    rt: tokio::runtime::Handle,
+}
+
+impl GrpcCollective {
+    pub fn new(ring: Ring, rt: tokio::runtime::Handle) -> GrpcCollective {
+        GrpcCollective { ring, rt }
+    }
+}
+
+impl super::Collective for GrpcCollective {
+    fn rank(&self) -> usize {
+        self.ring.rank
+    }
+
+    fn world(&self) -> usize {
+        self.ring.world
+    }
+
+    fn name(&self) -> &'static str {
+        "grpc"
+    }
+
+    fn all_reduce(&mut self, buf: &mut [f32]) -> Result<(), WorkerError> {
+        self.rt.block_on(self.ring.all_reduce_sum(buf))
+    }
+
+    fn all_gather_bytes(&mut self, mine: Vec<u8>) -> Result<Vec<Vec<u8>>, WorkerError> {
+        self.rt.block_on(self.ring.all_gather_bytes(mine))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

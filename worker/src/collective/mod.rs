@@ -20,7 +20,13 @@ pub mod tcp;
 
 use std::ops::Range;
 
-pub use grpc::{f32_le_bytes, DataPlaneService, Mailbox, Ring, CONNECTION_WINDOW, MAX_CHUNK_MESSAGE, MAX_FRAME, STREAM_WINDOW};
+pub use grpc::{f32_le_bytes, DataPlaneService, GrpcCollective, Mailbox, Ring, CONNECTION_WINDOW, MAX_CHUNK_MESSAGE, MAX_FRAME, STREAM_WINDOW};
+pub use shm::ShmRing;
+pub use tcp::{Incoming, TcpRing};
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
 
 use crate::WorkerError;
 
@@ -91,6 +97,86 @@ pub fn to_bf16(x: f32) -> u16 {
 
 pub fn from_bf16(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
+}
+
+/// An id equal on processes that can share memory: the kernel's boot id and the device and
+/// inode of /dev/shm (containers with their own /dev/shm differ). `SHOAL_HOST_ID` overrides
+/// it (tests use it to stand for several hosts on one machine). Empty when /dev/shm is missing:
+/// such a worker never takes the shared-memory transport.
+pub fn host_id() -> String {
+    if let Ok(id) = std::env::var("SHOAL_HOST_ID") {
+        return id;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let Ok(shm) = std::fs::metadata("/dev/shm") else { return String::new() };
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    format!("{}/{}/{}", boot.trim(), shm.dev(), shm.ino())
+}
+
+/// Everything a rank needs to join its generation's collective.
+pub struct Rendezvous<'a> {
+    pub rank: usize,
+    pub job: u64,
+    pub generation: u64,
+    /// `auto`, `shm`, `tcp` or `grpc` (the spec's `[aggregation] transport`).
+    pub transport: &'a str,
+    pub wire: Wire,
+    /// Data-plane (gRPC) addresses, raw-TCP ring addresses and host ids, index = rank.
+    pub peers: &'a [String],
+    pub ring_peers: &'a [String],
+    pub hosts: &'a [String],
+    /// The largest buffer the job will all-reduce, in floats (sizes the shared segment).
+    pub max_floats: usize,
+    pub timeout: Duration,
+    pub cancel: Arc<AtomicBool>,
+    pub incoming: Option<&'a Incoming>,
+    pub mailbox: Arc<Mailbox>,
+    pub rt: tokio::runtime::Handle,
+}
+
+impl Rendezvous<'_> {
+    /// Which transport `auto` (or the spec) picks for these ranks: shared memory when every
+    /// rank reported the same host, raw TCP when every rank has a ring listener, else gRPC.
+    pub fn choose(&self) -> Result<&'static str, WorkerError> {
+        let world = self.peers.len();
+        let one_host = self.hosts.len() == world && !self.hosts[0].is_empty() && self.hosts.iter().all(|h| *h == self.hosts[0]);
+        let all_tcp = self.ring_peers.len() == world && self.ring_peers.iter().all(|a| !a.is_empty()) && self.incoming.is_some();
+        match self.transport {
+            "shm" if one_host => Ok("shm"),
+            "shm" => Err(WorkerError::Collective("transport \"shm\" needs every rank on one host; these ranks are not".into())),
+            "tcp" if all_tcp => Ok("tcp"),
+            "tcp" => Err(WorkerError::Collective("transport \"tcp\": not every rank has a ring listener (an older worker?)".into())),
+            "grpc" => Ok("grpc"),
+            _ if one_host && self.wire == Wire::F32 => Ok("shm"),
+            _ if all_tcp => Ok("tcp"),
+            _ => Ok("grpc"),
+        }
+    }
+
+    /// Joins the generation's collective over the chosen transport.
+    pub fn join(self) -> Result<Box<dyn Collective>, WorkerError> {
+        let world = self.peers.len();
+        Ok(match self.choose()? {
+            "shm" => {
+                // Every rank derives the same name; the peers' addresses keep two clusters on
+                // one host (job ids restart at 1 in each) apart.
+                let h = blake3::hash(format!("{:?}{:?}", self.peers, self.hosts).as_bytes()).to_hex();
+                let name = format!("shoal-{}-{}-{}", self.job, self.generation, &h[..16]);
+                Box::new(ShmRing::open(self.rank, world, &name, self.max_floats, self.timeout, self.cancel)?)
+            }
+            "tcp" => Box::new(TcpRing::connect(
+                self.rank,
+                self.ring_peers,
+                self.job,
+                self.generation,
+                self.incoming.expect("checked by choose"),
+                self.timeout,
+                self.wire,
+                self.cancel,
+            )?),
+            _ => Box::new(GrpcCollective::new(Ring::new(self.rank, self.peers, self.job, self.generation, self.mailbox, self.timeout, self.cancel)?, self.rt)),
+        })
+    }
 }
 
 #[cfg(test)]
