@@ -869,7 +869,7 @@ mod tests {
     fn only_failed_or_cancelled_jobs_resume() {
         let mut sm = with_dataset();
         let (id, _) = running_job(&mut sm);
-        let resume = |workers| cmd(command::Kind::ResumeJob(ResumeJobRequest { id, workers, request_id: String::new(), ..Default::default() }));
+        let resume = |workers| cmd(command::Kind::ResumeJob(ResumeJobRequest { id, workers, request_id: String::new() }));
         let e = sm.apply(7, resume(0)).unwrap_err();
         assert!(e.contains("running") && e.contains("failed or cancelled"), "{e}");
         sm.apply(8, cmd(command::Kind::CancelJob(id))).unwrap();
@@ -878,7 +878,7 @@ mod tests {
         assert_eq!(sm.job(id).unwrap().state(), JobState::Cancelled, "a rejected resume changes nothing");
         let ApplyOutput::Job(j) = sm.apply(10, resume(3)).unwrap() else { panic!() };
         assert_eq!((j.state(), j.world_size), (JobState::Queued, 3));
-        let e = sm.apply(11, cmd(command::Kind::ResumeJob(ResumeJobRequest { id: 99, workers: 0, request_id: String::new(), ..Default::default() }))).unwrap_err();
+        let e = sm.apply(11, cmd(command::Kind::ResumeJob(ResumeJobRequest { id: 99, workers: 0, request_id: String::new() }))).unwrap_err();
         assert!(e.contains("does not exist"), "{e}");
     }
 
