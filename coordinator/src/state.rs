@@ -554,6 +554,7 @@ impl StateMachine {
         if spec.model.model_kind() == shoal_core::spec::ModelKind::Cnn && ds.feature_shape.len() != 2 {
             return Err(format!("model.kind: cnn needs 2-d features (images); {} has shape {:?}", ds.name, ds.feature_shape));
         }
+        shoal_core::limits::check_job(&spec, &ds.feature_shape, ds.classes as u64)?;
         Ok((spec, ds))
     }
 
@@ -890,6 +891,9 @@ mod tests {
         assert!(e.contains("does not exist"), "{e}");
         let e = sm.apply(6, cmd(command::Kind::SubmitJob(spec(2).replace("[80, 100]", "[80, 200]")))).unwrap_err();
         assert!(e.contains("dataset.test"), "{e}");
+        // A model past the collective's limit is refused at submission, naming the limit.
+        let e = sm.apply(7, cmd(command::Kind::SubmitJob(spec(2).replace("kind = \"mlp\"", "kind = \"mlp\"\nhidden = [60000, 60000]")))).unwrap_err();
+        assert!(e.starts_with("model:") && e.contains("parameters"), "{e}");
         assert_eq!(sm.jobs().count(), before);
     }
 

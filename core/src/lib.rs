@@ -8,6 +8,7 @@ pub mod dataset;
 pub mod failpoint;
 pub mod fsutil;
 pub mod idx;
+pub mod limits;
 pub mod rng;
 pub mod spec;
 

@@ -10,7 +10,7 @@ use shoal_core::spec::{ModelKind, ModelSpec};
 use crate::WorkerError;
 
 /// Largest model (in f32 parameters) a worker accepts: 4 GiB of parameters.
-pub const MAX_PARAMS: usize = 1 << 30;
+pub const MAX_PARAMS: usize = shoal_core::limits::MAX_MODEL_PARAMS as usize;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ParamSpec {

@@ -21,9 +21,9 @@ use tonic::{Request, Response, Status};
 
 use crate::WorkerError;
 
-/// Chunks held at once; the ring never needs more than a few per peer.
-const MAILBOX_CAPACITY: usize = 256;
-pub const MAX_CHUNK_MESSAGE: usize = 512 << 20;
+/// Chunk bytes held at once (the ring needs one or two chunks per peer).
+const MAILBOX_BYTES: usize = shoal_core::limits::MAILBOX_BYTES;
+pub const MAX_CHUNK_MESSAGE: usize = shoal_core::limits::MAX_MESSAGE_BYTES;
 /// HTTP/2 flow-control windows for the data plane. The default (64 KiB) makes a 1 MiB chunk
 /// wait on a dozen window updates; collectives move megabytes per step.
 pub const STREAM_WINDOW: u32 = 16 << 20;
@@ -34,15 +34,26 @@ pub const MAX_FRAME: u32 = (1 << 24) - 1;
 
 type Key = (u64, u64, u64, u32);
 
-#[derive(Default)]
 pub struct Mailbox {
+    /// Bytes held at most.
+    capacity: usize,
     chunks: Mutex<HashMap<Key, Bytes>>,
     /// The (job, generation) of the task this worker runs now.
     active: Mutex<Option<(u64, u64)>>,
     arrived: Notify,
 }
 
+impl Default for Mailbox {
+    fn default() -> Self {
+        Mailbox::with_capacity(MAILBOX_BYTES)
+    }
+}
+
 impl Mailbox {
+    pub fn with_capacity(bytes: usize) -> Mailbox {
+        Mailbox { capacity: bytes, chunks: Mutex::default(), active: Mutex::default(), arrived: Notify::new() }
+    }
+
     /// Marks (job, generation) as the one this worker runs; chunks of others are leftovers.
     pub fn activate(&self, job: u64, generation: u64) {
         *self.active.lock().expect("mailbox lock") = Some((job, generation));
@@ -51,13 +62,14 @@ impl Mailbox {
     fn put(&self, c: Chunk) -> Result<(), Status> {
         let active = *self.active.lock().expect("mailbox lock");
         let mut map = self.chunks.lock().expect("mailbox lock");
-        if map.len() >= MAILBOX_CAPACITY {
+        let held = |m: &HashMap<Key, Bytes>| m.values().map(Bytes::len).sum::<usize>();
+        if held(&map) + c.data.len() > self.capacity {
             // A worker runs one task at a time: drop chunks of any other job generation (an
             // aborted one's leftovers) before refusing.
             map.retain(|k, _| Some((k.0, k.1)) == active);
         }
-        if map.len() >= MAILBOX_CAPACITY {
-            return Err(Status::resource_exhausted("data-plane mailbox is full"));
+        if held(&map) + c.data.len() > self.capacity {
+            return Err(Status::resource_exhausted(format!("data-plane mailbox is full ({} bytes)", self.capacity)));
         }
         map.insert((c.job_id, c.generation, c.seq, c.hop), c.data);
         drop(map);
@@ -369,10 +381,10 @@ mod tests {
 
     #[test]
     fn a_full_mailbox_evicts_stale_generations_first() {
-        let mb = Mailbox::default();
-        let chunk = |generation: u64, hop: u32| Chunk { job_id: 1, generation, seq: 1, hop, from_rank: 0, data: Bytes::new() };
+        let mb = Mailbox::with_capacity(1000);
+        let chunk = |generation: u64, hop: u32| Chunk { job_id: 1, generation, seq: 1, hop, from_rank: 0, data: Bytes::from(vec![0u8; 100]) };
         mb.activate(1, 1);
-        for hop in 0..MAILBOX_CAPACITY as u32 {
+        for hop in 0..10 {
             mb.put(chunk(1, hop)).unwrap();
         }
         // The active generation's chunks are never evicted: full means full.
