@@ -2,6 +2,7 @@
 //! (`ops`, `shoal_coordinator::Client`), the supervisor (`shoal_cluster`), or runs one server
 //! process (`serve`).
 
+mod bench;
 mod ops;
 
 use std::collections::BTreeMap;
@@ -53,6 +54,77 @@ enum Cmd {
     /// Run one server process in the foreground (what `shoal up` spawns).
     #[command(subcommand)]
     Serve(ServeCmd),
+    /// Benchmarks: the all-reduce on its own (allreduce), a training job (train).
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Time all-reduces of one f32 buffer over WORLD local processes: prints time_ms (median
+    /// over --iters after warm-up) and algbw_GBps (the buffer's bytes over that time).
+    Allreduce {
+        #[command(flatten)]
+        a: AllReduceOpts,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One rank of `bench allreduce` (started by it).
+    #[command(hide = true)]
+    AllreduceRank {
+        #[command(flatten)]
+        a: AllReduceOpts,
+        #[arg(long)]
+        rank: usize,
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Train SPEC on a local cluster (the bundled MNIST under the spec's dataset name) and
+    /// print samples_per_s, test_accuracy and phase_ms.
+    Train {
+        spec: PathBuf,
+        /// Workers (default: the spec's cluster.workers).
+        #[arg(long)]
+        workers: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Clone)]
+struct AllReduceOpts {
+    /// Buffer size in bytes (a multiple of 4; K, M and G suffixes are powers of 1024).
+    #[arg(long, value_parser = bench::parse_bytes)]
+    bytes: u64,
+    #[arg(long, default_value_t = 2)]
+    world: usize,
+    /// tcp, shm or grpc.
+    #[arg(long, default_value = "tcp")]
+    transport: String,
+    /// f32 or bf16 (tcp only).
+    #[arg(long, default_value = "f32")]
+    wire: String,
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Seconds a rank waits for a peer before failing.
+    #[arg(long, default_value_t = 30)]
+    timeout_s: u64,
+}
+
+impl AllReduceOpts {
+    fn args(&self) -> bench::AllReduceArgs {
+        bench::AllReduceArgs {
+            bytes: self.bytes,
+            world: self.world,
+            transport: self.transport.clone(),
+            wire: self.wire.clone(),
+            iters: self.iters,
+            warmup: self.warmup,
+            timeout: Duration::from_secs(self.timeout_s),
+        }
+    }
 }
 
 /// Where the cluster is: `--endpoints` (coordinator addresses) or the folder `shoal up` used.
@@ -112,9 +184,9 @@ struct UpArgs {
 
 #[derive(Args)]
 struct DemoArgs {
-    /// Number of workers.
-    #[arg(long, default_value_t = 2)]
-    workers: u64,
+    /// Number of workers (default: the spec's cluster.workers; 2 for the bundled spec).
+    #[arg(long)]
+    workers: Option<u64>,
     /// Train this spec instead of the bundled examples/mnist-mlp.toml.
     #[arg(long)]
     spec: Option<PathBuf>,
@@ -418,6 +490,49 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Checkpoint(c) => checkpoint(c).await,
         Cmd::Coordinator(c) => coordinator(c).await,
         Cmd::Serve(s) => serve(s).await,
+        Cmd::Bench(b) => bench_cmd(b).await,
+    }
+}
+
+async fn bench_cmd(cmd: BenchCmd) -> Result<()> {
+    match cmd {
+        BenchCmd::Allreduce { a, json } => {
+            let args = a.args();
+            let exe = std::env::current_exe().context("finding the shoal executable")?;
+            let r = bench::allreduce(&exe, &args).await?;
+            let ms = r.median_ms();
+            let gbps = args.bytes as f64 / (ms / 1e3) / 1e9;
+            if json {
+                print_json(&json!({"transport": args.transport, "wire": args.wire, "world": args.world, "bytes": args.bytes,
+                    "iters": args.iters, "time_ms": ms, "algbw_GBps": gbps, "times_ms": r.times_ms}));
+            } else {
+                println!(
+                    "allreduce: transport={} wire={} world={} bytes={} iters={} time_ms={ms:.3} algbw_GBps={gbps:.3}",
+                    args.transport, args.wire, args.world, args.bytes, args.iters
+                );
+            }
+            Ok(())
+        }
+        BenchCmd::AllreduceRank { a, rank, dir } => bench::allreduce_rank(a.args(), rank, dir).await,
+        BenchCmd::Train { spec, workers, json } => {
+            let text = std::fs::read_to_string(&spec).with_context(|| format!("reading {}", spec.display()))?;
+            let run = run_local(text, workers, false, false).await?;
+            let p = run.job.progress.unwrap_or_default();
+            let phases = json!({"data": p.phase_data_ms, "forward_backward": p.phase_compute_ms, "collective": p.phase_collective_ms,
+                "optimizer": p.phase_optimizer_ms, "checkpoint": p.phase_checkpoint_ms});
+            if json {
+                print_json(&json!({"model": run.spec.model.kind, "workers": run.job.world_size, "epochs": p.epoch,
+                    "transport": run.spec.aggregation.transport, "wire": run.spec.aggregation.wire,
+                    "samples_per_s": p.samples_per_s, "test_accuracy": p.test_accuracy, "phase_ms": phases, "wall_s": run.wall_s}));
+            } else {
+                println!(
+                    "bench train: model={} workers={} epochs={} samples_per_s={:.0} test_accuracy={:.4} phase_ms data={:.3} forward_backward={:.3} collective={:.3} optimizer={:.3} checkpoint={:.3}",
+                    run.spec.model.kind, run.job.world_size, p.epoch, p.samples_per_s, p.test_accuracy,
+                    p.phase_data_ms, p.phase_compute_ms, p.phase_collective_ms, p.phase_optimizer_ms, p.phase_checkpoint_ms
+                );
+            }
+            Ok(())
+        }
     }
 }
 
@@ -812,14 +927,40 @@ const MNIST_LABELS: &[u8] = include_bytes!("../../data/mnist/mnist10k-labels-idx
 const MNIST_MLP: &str = include_str!("../../examples/mnist-mlp.toml");
 
 async fn demo(a: DemoArgs) -> Result<()> {
+    let spec_text = match &a.spec {
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        None => MNIST_MLP.to_string(),
+    };
+    let run = run_local(spec_text, a.workers, a.keep, true).await?;
+    let p = run.job.progress.unwrap_or_default();
+    println!(
+        "demo: model={} workers={} epochs={} test_accuracy={:.4} samples_per_s={:.0} wall_s={:.1}",
+        run.spec.model.kind, run.job.world_size, p.epoch, p.test_accuracy, p.samples_per_s, run.wall_s
+    );
+    Ok(())
+}
+
+/// A job run on a throwaway local cluster.
+struct LocalRun {
+    spec: shoal_core::JobSpec,
+    job: JobInfo,
+    wall_s: f64,
+}
+
+/// Starts a local cluster (1 coordinator, the spec's workers or `workers`, whichever is more)
+/// in a temporary folder, imports the bundled MNIST under the spec's dataset name, trains the
+/// spec to its end and stops the cluster.
+async fn run_local(spec_text: String, workers: Option<u64>, keep: bool, show: bool) -> Result<LocalRun> {
     let started = Instant::now();
     let tmp = tempfile::Builder::new().prefix("shoal-demo-").tempdir().context("creating a temporary folder")?;
     let root = tmp.path().to_path_buf();
-    let spec_text = match &a.spec {
-        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
-        None => MNIST_MLP.replace("workers = 2", &format!("workers = {}", a.workers)),
-    };
-    let spec = shoal_core::JobSpec::parse(&spec_text)?;
+    let mut spec = shoal_core::JobSpec::parse(&spec_text)?;
+    let mut spec_text = spec_text;
+    if let Some(w) = workers.filter(|&w| w != spec.cluster.workers as u64) {
+        spec.check_world_size(w.min(u32::MAX as u64) as u32)?;
+        spec_text = set_workers(&spec_text, w)?;
+        spec = shoal_core::JobSpec::parse(&spec_text)?;
+    }
     let files = [root.join("mnist10k-images-idx3-ubyte.gz"), root.join("mnist10k-labels-idx1-ubyte.gz")];
     std::fs::write(&files[0], MNIST_IMAGES)?;
     std::fs::write(&files[1], MNIST_LABELS)?;
@@ -827,21 +968,27 @@ async fn demo(a: DemoArgs) -> Result<()> {
     let exe = std::env::current_exe().context("finding the shoal executable")?;
     let opts = UpOptions {
         coordinators: 1,
-        workers: a.workers.max(spec.cluster.workers as u64),
+        workers: spec.cluster.workers as u64,
         lease: Duration::from_secs(5),
         snapshot_every: shoal_coordinator::server::SNAPSHOT_EVERY,
         exe,
     };
-    eprintln!("demo: starting 1 coordinator and {} workers in {}", opts.workers, layout.dir.display());
+    if show {
+        eprintln!("demo: starting 1 coordinator and {} workers in {}", opts.workers, layout.dir.display());
+    }
     let up = shoal_cluster::up(&layout, &opts).await;
     let result = async {
         up?;
         let client = Client::new(&layout.endpoints()?)?;
         let d = ops::import_idx(&client, &spec.dataset.name, &files, ops::default_per_shard()).await?;
-        eprintln!("demo: imported {} v{} ({} records, {} shards)", d.name, d.version, d.records, d.shards.len());
+        if show {
+            eprintln!("demo: imported {} v{} ({} records, {} shards)", d.name, d.version, d.records, d.shards.len());
+        }
         let j = ops::submit_text(&client, &spec_text).await?;
-        eprintln!("demo: job {} submitted ({}, {} workers)", j.id, spec.name, spec.cluster.workers);
-        let j = ops::follow(&client, j.id, true).await?;
+        if show {
+            eprintln!("demo: job {} submitted ({}, {} workers)", j.id, spec.name, spec.cluster.workers);
+        }
+        let j = ops::follow(&client, j.id, show).await?;
         if j.state() != JobState::Succeeded {
             bail!("job {} ended {}: {}", j.id, j.state().label(), j.error);
         }
@@ -849,19 +996,17 @@ async fn demo(a: DemoArgs) -> Result<()> {
     }
     .await;
     let _ = shoal_cluster::down(&layout);
-    if a.keep {
+    if keep {
         eprintln!("demo: cluster folder kept at {}", tmp.keep().display());
     }
-    let j = result?;
-    let p = j.progress.unwrap_or_default();
-    println!(
-        "demo: model={} workers={} epochs={} test_accuracy={:.4} samples_per_s={:.0} wall_s={:.1}",
-        spec.model.kind,
-        j.world_size,
-        p.epoch,
-        p.test_accuracy,
-        p.samples_per_s,
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
+    Ok(LocalRun { spec, job: result?, wall_s: started.elapsed().as_secs_f64() })
+}
+
+/// The spec text with `[cluster] workers` set to `w` (added if absent).
+fn set_workers(text: &str, w: u64) -> Result<String> {
+    let mut doc: toml::Table = text.parse().context("parsing the spec")?;
+    let cluster = doc.entry("cluster").or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let toml::Value::Table(cluster) = cluster else { bail!("cluster: must be a table") };
+    cluster.insert("workers".into(), toml::Value::Integer(w as i64));
+    Ok(doc.to_string())
 }
