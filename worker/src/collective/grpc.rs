@@ -127,9 +127,24 @@ pub struct Ring {
     generation: u64,
     seq: u64,
     next: Option<DataPlaneClient<Channel>>,
+    /// Data-plane addresses of the next and previous ranks, probed when an exchange stalls.
+    next_addr: String,
+    prev_addr: String,
     mailbox: Arc<Mailbox>,
     timeout: Duration,
     cancel: Arc<AtomicBool>,
+}
+
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// Whether nothing listens at `addr` any more: the connection is refused (a process that is
+/// gone). A probe that times out proves nothing (a busy or distant host) and says no.
+async fn peer_gone(addr: &str) -> bool {
+    let addr = addr.strip_prefix("http://").unwrap_or(addr);
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
 }
 
 fn to_bytes(xs: &[f32]) -> Bytes {
@@ -183,7 +198,9 @@ impl Ring {
             None
         };
         mailbox.activate(job, generation);
-        Ok(Ring { rank, world, job, generation, seq: 0, next, mailbox, timeout, cancel })
+        let next_addr = peers[(rank + 1) % world].clone();
+        let prev_addr = peers[(rank + world - 1) % world].clone();
+        Ok(Ring { rank, world, job, generation, seq: 0, next, next_addr, prev_addr, mailbox, timeout, cancel })
     }
 
     async fn send(&self, hop: u32, data: Bytes) -> Result<(), WorkerError> {
@@ -194,6 +211,10 @@ impl Ring {
             let chunk = Chunk { job_id: self.job, generation: self.generation, seq: self.seq, hop, from_rank: self.rank as u32, data: data.clone() };
             match client.clone().push_chunk(chunk).await {
                 Ok(_) => return Ok(()),
+                Err(s) if s.code() != tonic::Code::ResourceExhausted && peer_gone(&self.next_addr).await => {
+                    let next = (self.rank + 1) % self.world;
+                    return Err(WorkerError::Collective(format!("next rank {next} at {} is gone ({})", self.next_addr, s.message())));
+                }
                 Err(s) if Instant::now() < deadline && !self.cancel.load(Ordering::Relaxed) => {
                     tracing::debug!(error = %s.message(), "push to next rank failed; retrying");
                     tokio::time::sleep(backoff).await;
@@ -201,6 +222,26 @@ impl Ring {
                 }
                 Err(_) if self.cancel.load(Ordering::Relaxed) => return Err(WorkerError::Cancelled),
                 Err(s) => return Err(WorkerError::Collective(format!("next rank unreachable: {}", s.message()))),
+            }
+        }
+    }
+
+    /// Takes what the previous rank sent for `key`. While waiting, the previous rank is probed
+    /// every second: a refused connection means its process is gone, which fails the exchange
+    /// at once instead of after the whole timeout.
+    async fn recv(&self, key: Key) -> Result<Bytes, WorkerError> {
+        let take = self.mailbox.take(key, self.timeout, &self.cancel);
+        tokio::pin!(take);
+        let mut probe = tokio::time::interval_at(tokio::time::Instant::now() + PROBE_EVERY, PROBE_EVERY);
+        loop {
+            tokio::select! {
+                got = &mut take => return got,
+                _ = probe.tick() => {
+                    if peer_gone(&self.prev_addr).await {
+                        let prev = (self.rank + self.world - 1) % self.world;
+                        return Err(WorkerError::Collective(format!("previous rank {prev} at {} is gone (connection refused)", self.prev_addr)));
+                    }
+                }
             }
         }
     }
@@ -220,9 +261,8 @@ impl Ring {
             let send_b = (r + n - s) % n;
             let recv_b = (r + 2 * n - s - 1) % n;
             let key = (self.job, self.generation, self.seq, s as u32);
-            let (sent, got) = tokio::join!(self.send(s as u32, Bytes::from(out[send_b].clone())), self.mailbox.take(key, self.timeout, &self.cancel));
-            sent?;
-            out[recv_b] = got?.to_vec();
+            let ((), got) = tokio::try_join!(self.send(s as u32, Bytes::from(out[send_b].clone())), self.recv(key))?;
+            out[recv_b] = got.to_vec();
         }
         Ok(out)
     }
@@ -242,10 +282,7 @@ impl Ring {
             let send_c = (r + n - s) % n;
             let recv_c = (r + 2 * n - s - 1) % n;
             let key = (self.job, self.generation, self.seq, s as u32);
-            let (sent, got) =
-                tokio::join!(self.send(s as u32, to_bytes(&buf[bounds(send_c)])), self.mailbox.take(key, self.timeout, &self.cancel));
-            sent?;
-            let got = got?;
+            let ((), got) = tokio::try_join!(self.send(s as u32, to_bytes(&buf[bounds(send_c)])), self.recv(key))?;
             let dst = &mut buf[bounds(recv_c)];
             check_len(&got, dst.len())?;
             for (d, c) in dst.iter_mut().zip(got.chunks_exact(4)) {
@@ -258,9 +295,7 @@ impl Ring {
             let send_c = (r + 1 + n - s) % n;
             let recv_c = (r + n - s) % n;
             let key = (self.job, self.generation, self.seq, hop);
-            let (sent, got) = tokio::join!(self.send(hop, to_bytes(&buf[bounds(send_c)])), self.mailbox.take(key, self.timeout, &self.cancel));
-            sent?;
-            let got = got?;
+            let ((), got) = tokio::try_join!(self.send(hop, to_bytes(&buf[bounds(send_c)])), self.recv(key))?;
             let dst = &mut buf[bounds(recv_c)];
             check_len(&got, dst.len())?;
             for (d, c) in dst.iter_mut().zip(got.chunks_exact(4)) {
@@ -405,5 +440,18 @@ mod tests {
         let mut buf = vec![1.0f32; 10];
         let e = ring.all_reduce_sum(&mut buf).await.unwrap_err().to_string();
         assert!(e.contains("timed out"), "{e}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_that_is_gone_fails_the_exchange_long_before_the_timeout() {
+        let (own, mb) = start_server().await;
+        // An address where nothing listens: a port that was bound, then released.
+        let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+        let peers = vec![own, gone];
+        let mut ring = Ring::new(0, &peers, 1, 1, mb, Duration::from_secs(30), Arc::new(AtomicBool::new(false))).unwrap();
+        let started = Instant::now();
+        let e = ring.all_reduce_sum(&mut [1.0f32; 10]).await.unwrap_err().to_string();
+        assert!(e.contains("rank 1") && e.contains("gone"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
     }
 }

@@ -108,7 +108,7 @@ impl ShmRing {
                     std::hint::spin_loop();
                     continue;
                 }
-                if spins % 64 != 0 {
+                if !spins.is_multiple_of(64) {
                     // More ranks than cores: let the one we wait for run.
                     std::thread::yield_now();
                     continue;
