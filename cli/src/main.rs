@@ -522,12 +522,12 @@ async fn bench_cmd(cmd: BenchCmd) -> Result<()> {
                 "optimizer": p.phase_optimizer_ms, "checkpoint": p.phase_checkpoint_ms});
             if json {
                 print_json(&json!({"model": run.spec.model.kind, "workers": run.job.world_size, "epochs": p.epoch,
-                    "transport": run.spec.aggregation.transport, "wire": run.spec.aggregation.wire,
+                    "transport": p.transport, "wire": run.spec.aggregation.wire,
                     "samples_per_s": p.samples_per_s, "test_accuracy": p.test_accuracy, "phase_ms": phases, "wall_s": run.wall_s}));
             } else {
                 println!(
-                    "bench train: model={} workers={} epochs={} samples_per_s={:.0} test_accuracy={:.4} phase_ms data={:.3} forward_backward={:.3} collective={:.3} optimizer={:.3} checkpoint={:.3}",
-                    run.spec.model.kind, run.job.world_size, p.epoch, p.samples_per_s, p.test_accuracy,
+                    "bench train: model={} workers={} transport={} epochs={} samples_per_s={:.0} test_accuracy={:.4} phase_ms data={:.3} forward_backward={:.3} collective={:.3} optimizer={:.3} checkpoint={:.3}",
+                    run.spec.model.kind, run.job.world_size, p.transport, p.epoch, p.samples_per_s, p.test_accuracy,
                     p.phase_data_ms, p.phase_compute_ms, p.phase_collective_ms, p.phase_optimizer_ms, p.phase_checkpoint_ms
                 );
             }
@@ -699,7 +699,7 @@ async fn job(cmd: JobCmd) -> Result<()> {
             } else {
                 println!("ID    NAME                 STATE      STEP/TOTAL      TEST_ACC");
                 for j in &l.jobs {
-                    let p = j.progress.unwrap_or_default();
+                    let p = j.progress.clone().unwrap_or_default();
                     let acc = if p.test_accuracy >= 0.0 { format!("{:.4}", p.test_accuracy) } else { "-".into() };
                     println!("{:<5} {:<20} {:<10} {:>6}/{:<7}  {acc}", j.id, j.name, j.state().label(), p.step, p.total_steps);
                 }

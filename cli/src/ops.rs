@@ -83,7 +83,7 @@ pub fn dataset_json(d: &DatasetInfo) -> Value {
 }
 
 pub fn job_json(j: &JobInfo) -> Value {
-    let p = j.progress.unwrap_or_default();
+    let p = j.progress.clone().unwrap_or_default();
     let last = j.checkpoints.last();
     let nonempty = |s: &str| if s.is_empty() { Value::Null } else { json!(s) };
     json!({
@@ -106,6 +106,7 @@ pub fn job_json(j: &JobInfo) -> Value {
         "checkpoint": last.map(|m| json!(m.step)).unwrap_or(Value::Null),
         "resumed_from": p.resumed_from.map(|s| json!(s)).unwrap_or(Value::Null),
         "checkpoints_skipped": p.checkpoints_skipped,
+        "transport": nonempty(&p.transport),
         "phase_ms": {
             "data": p.phase_data_ms,
             "forward_backward": p.phase_compute_ms,
@@ -213,7 +214,7 @@ pub async fn follow(client: &Client, id: u64, show: bool) -> Result<JobInfo> {
     );
     loop {
         let j = get_job(client, id).await?;
-        let p = j.progress.unwrap_or_default();
+        let p = j.progress.clone().unwrap_or_default();
         let epochs = shoal_core::JobSpec::parse(&j.spec_toml).map(|s| s.training.epochs).unwrap_or(0);
         // Text first: moving the position may redraw at once.
         bar.set_prefix(format!("job {} {}", j.id, j.state().label()));

@@ -496,7 +496,7 @@ fn leader_duties(core: &mut Core, shared: &Shared, new_leader: bool, recent: &mu
                 *flushed = Some(now);
                 proposals.push((
                     format!("progress/{job_id}/{}", progress.step),
-                    command::Kind::UpdateProgress(UpdateProgress { job_id: *job_id, generation: *generation, progress: Some(*progress) }),
+                    command::Kind::UpdateProgress(UpdateProgress { job_id: *job_id, generation: *generation, progress: Some(progress.clone()) }),
                 ));
             }
         }
@@ -626,7 +626,7 @@ impl Api {
         if let Some((generation, p, _)) = vol.progress.get(&job.id) {
             let newer = job.progress.as_ref().map(|q| p.step >= q.step).unwrap_or(true);
             if *generation == job.generation && job.state() == JobState::Running && newer {
-                job.progress = Some(*p);
+                job.progress = Some(p.clone());
             }
         }
         job

@@ -822,7 +822,7 @@ mod tests {
         let (_, gen2, workers) = sm.next_placement(|_| true).unwrap();
         assert_eq!((gen2, workers.clone()), (2, vec!["w2".to_string(), "w3".to_string()]));
         sm.apply(10, cmd(command::Kind::JobAssigned(JobAssigned { job_id: id, generation: gen2, workers }))).unwrap();
-        assert_eq!(sm.job(id).unwrap().progress.unwrap().step, 4);
+        assert_eq!(sm.job(id).unwrap().progress.as_ref().unwrap().step, 4);
         assert_eq!(sm.assignment("w3").unwrap().checkpoints[0].step, 4);
     }
 

@@ -181,7 +181,7 @@ struct CoordinatorLink {
 
 impl JobLink for CoordinatorLink {
     fn progress(&self, p: &JobProgress) {
-        let report = ProgressReport { worker_id: self.worker_id.clone(), job_id: self.job, generation: self.generation, progress: Some(*p) };
+        let report = ProgressReport { worker_id: self.worker_id.clone(), job_id: self.job, generation: self.generation, progress: Some(p.clone()) };
         let c = self.client.clone();
         // Progress is best effort: a lost report is replaced by the next one.
         self.rt.spawn(async move {

@@ -177,6 +177,7 @@ pub fn train(task: TrainTask, rt: &tokio::runtime::Handle) -> Result<TrainOutcom
         epoch: (start / steps_per_epoch) as u32,
         test_accuracy: resumed.as_ref().map(|m| m.test_accuracy).unwrap_or(-1.0),
         resumed_from: resumed.as_ref().map(|m| m.step),
+        transport: ring.name().to_string(),
         ..Default::default()
     };
     if let Some(m) = &resumed {
