@@ -86,17 +86,64 @@ pub enum Wire {
 }
 
 /// f32 to bfloat16, rounding to nearest even (NaN stays NaN).
+#[inline(always)]
 pub fn to_bf16(x: f32) -> u16 {
+    // Branch-free, so that loops over it vectorize: NaN stays a (quiet) NaN, everything else
+    // rounds to nearest, ties to even.
     let b = x.to_bits();
-    if x.is_nan() {
-        return ((b >> 16) | 0x40) as u16;
-    }
-    let round = 0x7fff + ((b >> 16) & 1);
-    (b.wrapping_add(round) >> 16) as u16
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    let nan = (b >> 16) | 0x40;
+    (if x.is_nan() { nan } else { rounded }) as u16
 }
 
+#[inline(always)]
 pub fn from_bf16(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
+}
+
+/// The element-wise loops of the transports, compiled twice: for the baseline target and, on
+/// x86-64, for AVX2, picked at run time. Each element's result is one IEEE operation, the same
+/// in every version, so the choice never changes a bit.
+macro_rules! elementwise {
+    ($(#[$doc:meta])* $name:ident($dst:ident: $dt:ty, $src:ident: $st:ty) $body:block) => {
+        $(#[$doc])*
+        pub fn $name($dst: $dt, $src: $st) {
+            #[inline(always)]
+            fn body($dst: $dt, $src: $st) $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2")]
+            fn avx2($dst: $dt, $src: $st) {
+                body($dst, $src)
+            }
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2 (checked just above).
+                return unsafe { avx2($dst, $src) };
+            }
+            body($dst, $src)
+        }
+    };
+}
+
+elementwise! {
+    /// `dst[i] += src[i]`.
+    add_f32(dst: &mut [f32], src: &[f32]) { dst.iter_mut().zip(src).for_each(|(d, s)| *d += *s) }
+}
+elementwise! {
+    /// `dst[i] += src[i]` for bfloat16 `src`.
+    add_bf16(dst: &mut [f32], src: &[u16]) { dst.iter_mut().zip(src).for_each(|(d, &h)| *d += from_bf16(h)) }
+}
+elementwise! {
+    /// `dst[i] = src[i]` for bfloat16 `src`.
+    store_bf16(dst: &mut [f32], src: &[u16]) { dst.iter_mut().zip(src).for_each(|(d, &h)| *d = from_bf16(h)) }
+}
+elementwise! {
+    /// `dst[i] = bf16(src[i])`.
+    encode_bf16(dst: &mut [u16], src: &[f32]) { dst.iter_mut().zip(src).for_each(|(h, &x)| *h = to_bf16(x)) }
+}
+elementwise! {
+    /// Rounds `xs[i]` to the nearest bfloat16 (`src` unused; one shape for the macro).
+    round_bf16(xs: &mut [f32], _unused: &[f32]) { xs.iter_mut().for_each(|x| *x = from_bf16(to_bf16(*x))) }
 }
 
 /// An id equal on processes that can share memory: the kernel's boot id and the device and
@@ -212,5 +259,32 @@ mod tests {
         assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
         let x = 1.234_567_f32;
         assert!((from_bf16(to_bf16(x)) - x).abs() < x / 128.0);
+    }
+
+    #[test]
+    fn the_elementwise_loops_match_the_scalar_operations_bit_for_bit() {
+        // Odd lengths (vector tails), NaN, infinities, ties and denormals; whichever version
+        // (baseline or AVX2) this CPU runs.
+        let mut rng = shoal_core::rng::SplitMix64::new(5);
+        let mut xs: Vec<f32> = (0..1037).map(|_| f32::from_bits(rng.next_u64() as u32)).collect();
+        xs.extend([f32::NAN, f32::INFINITY, -0.0, 1.0 + 1.0 / 256.0, f32::MIN_POSITIVE / 3.0]);
+        let ys: Vec<f32> = (0..xs.len()).map(|i| (i as f32 - 500.0) * 0.37).collect();
+        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()));
+
+        let mut h = vec![0u16; xs.len()];
+        encode_bf16(&mut h, &xs);
+        assert!(h.iter().zip(&xs).all(|(&h, &x)| h == to_bf16(x)));
+        let mut d = ys.clone();
+        add_f32(&mut d, &xs);
+        assert!(same(&d, &ys.iter().zip(&xs).map(|(y, x)| y + x).collect::<Vec<_>>()));
+        let mut d = ys.clone();
+        add_bf16(&mut d, &h);
+        assert!(same(&d, &ys.iter().zip(&h).map(|(y, &h)| y + from_bf16(h)).collect::<Vec<_>>()));
+        let mut d = ys.clone();
+        store_bf16(&mut d, &h);
+        assert!(same(&d, &h.iter().map(|&h| from_bf16(h)).collect::<Vec<_>>()));
+        let mut d = xs.clone();
+        round_bf16(&mut d, &[]);
+        assert!(same(&d, &xs.iter().map(|&x| from_bf16(to_bf16(x))).collect::<Vec<_>>()));
     }
 }

@@ -208,7 +208,7 @@ impl Collective for ShmRing {
                 // SAFETY: piece k of rank q's slot is final (WRITTEN) and not rewritten
                 // before this rank says DONE.
                 let src = unsafe { std::slice::from_raw_parts(self.slot_ptr(q).add(mine.start), mine.len()) };
-                buf[mine.clone()].iter_mut().zip(src).for_each(|(d, s)| *d += *s);
+                super::add_f32(&mut buf[mine.clone()], src);
             }
             // SAFETY: this rank's own chunk in its slot is written by it alone, read by the
             // others only after REDUCED says so.
