@@ -1,14 +1,19 @@
-//! End-to-end benchmark: `shoal demo` against its PyTorch DDP peer (benches/peer/ddp_mnist.py)
-//! on the same workload (MNIST MLP 784-512-256-10, 2 workers with 1 compute thread each, global
-//! batch 128, SGD momentum, 5 epochs), in one invocation, runs alternating.
+//! End-to-end benchmark: shoal against its PyTorch DDP peer (benches/peer/ddp_mnist.py) on the
+//! same workloads, 2 workers with 1 compute thread each, in one invocation, runs alternating:
 //!
-//!     cargo run --release -p shoal-benches --example e2e -- [--runs N] [--python PATH] [--json PATH] [--no-build]
+//! - `mlp`: the demo's job (examples/mnist-mlp.toml: MLP 784-512-256-10, global batch 128,
+//!   SGD momentum, 5 epochs);
+//! - `cnn`: the CNN example's model and optimizer (examples/mnist-cnn.toml: two conv + pool
+//!   blocks, AdamW, 2 epochs) at 64 per worker (global batch 128).
 //!
-//! It builds `shoal` (`cargo build --release -p shoal` in the workspace), runs `shoal demo` and
-//! the peer N times each (default 3), and prints per-run numbers, then the medians of the
-//! training throughput (samples/s, evaluation excluded on both sides), the test accuracies and
-//! the ratio shoal / PyTorch (> 1: shoal is faster). The peer's Python defaults to
-//! benches/.venv/bin/python (made by benches/peer/setup.sh); without it only shoal runs.
+//!     cargo run --release -p shoal-benches --example e2e -- [--model mlp|cnn|both] [--runs N] [--python PATH] [--json PATH] [--no-build]
+//!
+//! It builds `shoal` (`cargo build --release -p shoal` in the workspace), runs `shoal bench
+//! train` and the peer N times each (default 5), and prints per-run numbers (shoal's with
+//! `phase_ms`), then the medians of the training throughput (samples/s, evaluation excluded on
+//! both sides), the test accuracies and the ratio shoal / PyTorch (> 1: shoal is faster). The
+//! peer's Python defaults to benches/.venv/bin/python (made by benches/peer/setup.sh); without
+//! it only shoal runs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,24 +22,33 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 struct Args {
+    models: Vec<String>,
     runs: usize,
     python: Option<PathBuf>,
     json: Option<PathBuf>,
     build: bool,
 }
 
-const USAGE: &str = "usage: e2e [--runs N] [--python PATH] [--json PATH] [--no-build]
-  --runs N       runs of each side (default 3)
+const USAGE: &str = "usage: e2e [--model mlp|cnn|both] [--runs N] [--python PATH] [--json PATH] [--no-build]
+  --model M      the workload (default both)
+  --runs N       runs of each side (default 5)
   --python PATH  Python with torch for the peer (default benches/.venv/bin/python)
   --json PATH    also write the results as JSON
   --no-build     use target/release/shoal as it is";
 
 fn parse_args() -> Result<Args> {
-    let mut a = Args { runs: 3, python: None, json: None, build: true };
+    let mut a = Args { models: vec!["mlp".into(), "cnn".into()], runs: 5, python: None, json: None, build: true };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value\n{USAGE}"));
         match arg.as_str() {
+            "--model" => {
+                a.models = match value("--model")?.as_str() {
+                    "both" => vec!["mlp".into(), "cnn".into()],
+                    m @ ("mlp" | "cnn") => vec![m.to_string()],
+                    m => bail!("--model must be mlp, cnn or both, not {m:?}"),
+                }
+            }
             "--runs" => a.runs = value("--runs")?.parse().context("--runs takes a positive number")?,
             "--python" => a.python = Some(value("--python")?.into()),
             "--json" => a.json = Some(value("--json")?.into()),
@@ -53,12 +67,14 @@ fn parse_args() -> Result<Args> {
 }
 
 /// One measured run of either side.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Run {
     samples_per_s: f64,
     test_accuracy: f64,
     /// Whole-process wall time, start-up and evaluation included.
     wall_s: f64,
+    /// shoal's `phase_ms` fields as printed (`data=... forward_backward=...`); empty for the peer.
+    phases: String,
 }
 
 /// `key=value` fields of the last line of `out` that starts with `prefix`.
@@ -87,7 +103,14 @@ fn measure(mut cmd: Command, prefix: &str, what: &str) -> Result<Run> {
     }
     let (samples_per_s, test_accuracy) = parse_line(&stdout, prefix)
         .with_context(|| format!("{what} printed no `{prefix} ... test_accuracy=... samples_per_s=...` line:\n{}", tail(&stdout, 10)))?;
-    Ok(Run { samples_per_s, test_accuracy, wall_s })
+    let phases = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.split_once("phase_ms "))
+        .map(|(_, p)| p.trim().to_string())
+        .unwrap_or_default();
+    Ok(Run { samples_per_s, test_accuracy, wall_s, phases })
 }
 
 fn median(xs: &[f64]) -> f64 {
@@ -130,7 +153,7 @@ fn summary(name: &str, runs: &[Run]) -> serde_json::Value {
     serde_json::json!({
         "name": name,
         "runs": runs.iter().map(|r| serde_json::json!({
-            "samples_per_s": r.samples_per_s, "test_accuracy": r.test_accuracy, "wall_s": r.wall_s,
+            "samples_per_s": r.samples_per_s, "test_accuracy": r.test_accuracy, "wall_s": r.wall_s, "phase_ms": r.phases,
         })).collect::<Vec<_>>(),
         "median_samples_per_s": median(&runs.iter().map(|r| r.samples_per_s).collect::<Vec<_>>()),
         "median_test_accuracy": median(&runs.iter().map(|r| r.test_accuracy).collect::<Vec<_>>()),
@@ -182,6 +205,82 @@ fn main() -> Result<()> {
         }
     }
 
+    let tmp = tempfile::tempdir().context("creating a temporary folder")?;
+    let mut docs = Vec::new();
+    for model in &args.models {
+        let w = workload(model, &root, tmp.path())?;
+        let (shoal_runs, torch_runs, torch_error) = compare(&args, &w, &shoal, &python, &script, torch.is_some(), &root)?;
+        let sps = |rs: &[Run]| median(&rs.iter().map(|r| r.samples_per_s).collect::<Vec<_>>());
+        let acc = |rs: &[Run]| median(&rs.iter().map(|r| r.test_accuracy).collect::<Vec<_>>());
+        let wall = |rs: &[Run]| median(&rs.iter().map(|r| r.wall_s).collect::<Vec<_>>());
+        println!();
+        println!("{}; medians of {} runs", w.title, args.runs);
+        println!("{:<14} {:>14} {:>15} {:>12}", "", "samples/s", "test accuracy", "wall s");
+        println!("{:<14} {:>14.0} {:>15.4} {:>12.1}", "shoal", sps(&shoal_runs), acc(&shoal_runs), wall(&shoal_runs));
+        let ratio = if torch_runs.is_empty() {
+            println!("{:<14} {:>14} {:>15} {:>12}", "pytorch DDP", "-", "-", "-");
+            println!("ratio shoal/pytorch: - (no PyTorch runs{})", if torch.is_none() { "; run benches/peer/setup.sh" } else { "" });
+            None
+        } else {
+            println!("{:<14} {:>14.0} {:>15.4} {:>12.1}", "pytorch DDP", sps(&torch_runs), acc(&torch_runs), wall(&torch_runs));
+            let r = sps(&shoal_runs) / sps(&torch_runs);
+            println!("ratio shoal/pytorch (samples/s): {r:.2} ({})", if r >= 1.0 { "shoal faster" } else { "shoal slower" });
+            Some(r)
+        };
+        println!("(samples/s: training time only, per-epoch evaluation excluded; wall s: whole process, start-up included)");
+        docs.push(serde_json::json!({
+            "model": model,
+            "shoal": summary("shoal", &shoal_runs),
+            "pytorch_ddp": summary("pytorch_ddp", &torch_runs),
+            "ratio_shoal_over_pytorch": ratio,
+            "pytorch_error": torch_error,
+        }));
+    }
+
+    if let Some(path) = &args.json {
+        let doc = serde_json::json!({ "runs": args.runs, "cores": cores, "torch": torch, "workloads": docs });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// One workload, as both sides run it.
+struct Workload {
+    title: &'static str,
+    /// The job spec `shoal bench train` runs.
+    spec: PathBuf,
+    peer_args: Vec<&'static str>,
+}
+
+fn workload(model: &str, root: &Path, tmp: &Path) -> Result<Workload> {
+    let example = |name: &str| std::fs::read_to_string(root.join("examples").join(name)).with_context(|| format!("reading examples/{name}"));
+    let (title, text, peer_args) = match model {
+        "mlp" => (
+            "MNIST MLP 784-512-256-10 (the demo), 2 workers x 1 thread, global batch 128, SGD momentum, 5 epochs",
+            example("mnist-mlp.toml")?,
+            vec!["--model", "mlp", "--epochs", "5", "--batch-size", "128", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--seed", "42"],
+        ),
+        _ => {
+            let text = example("mnist-cnn.toml")?;
+            // The example trains at 32 per worker; the comparison is at 64 per worker.
+            let text = text.replace("batch_size = 64", "batch_size = 128");
+            if !text.contains("batch_size = 128") {
+                bail!("examples/mnist-cnn.toml changed: its batch_size line is not `batch_size = 64`");
+            }
+            (
+                "MNIST CNN conv16-pool-conv32-pool-128-10 (the CNN example), 2 workers x 1 thread, 64 per worker, AdamW, 2 epochs",
+                text,
+                vec!["--model", "cnn", "--epochs", "2", "--batch-size", "128", "--optimizer", "adamw", "--lr", "0.001", "--weight-decay", "0.01", "--seed", "7"],
+            )
+        }
+    };
+    let spec = tmp.join(format!("{model}.toml"));
+    std::fs::write(&spec, text)?;
+    Ok(Workload { title, spec, peer_args })
+}
+
+/// Runs both sides `args.runs` times, alternating which goes first.
+fn compare(args: &Args, w: &Workload, shoal: &Path, python: &Path, script: &Path, have_torch: bool, root: &Path) -> Result<(Vec<Run>, Vec<Run>, Option<String>)> {
     let (mut shoal_runs, mut torch_runs) = (Vec::new(), Vec::new());
     let mut torch_error = None;
     for i in 0..args.runs {
@@ -189,21 +288,22 @@ fn main() -> Result<()> {
         let order: &[bool] = if i % 2 == 0 { &[true, false] } else { &[false, true] };
         for &is_shoal in order {
             if is_shoal {
-                let mut cmd = Command::new(&shoal);
-                cmd.arg("demo").current_dir(&root);
-                let r = measure(cmd, "demo:", "shoal demo")?;
+                let mut cmd = Command::new(shoal);
+                cmd.args(["bench", "train"]).arg(&w.spec).args(["--workers", "2"]).current_dir(root);
+                let r = measure(cmd, "bench train:", "shoal bench train")?;
                 eprintln!(
-                    "e2e: run {}/{}  shoal        samples/s {:>8.0}  test accuracy {:.4}  wall {:>5.1} s",
+                    "e2e: run {}/{}  shoal        samples/s {:>8.0}  test accuracy {:.4}  wall {:>5.1} s  phase_ms {}",
                     i + 1,
                     args.runs,
                     r.samples_per_s,
                     r.test_accuracy,
-                    r.wall_s
+                    r.wall_s,
+                    r.phases
                 );
                 shoal_runs.push(r);
-            } else if torch.is_some() && torch_error.is_none() {
-                let mut cmd = Command::new(&python);
-                cmd.arg(&script).args(["--epochs", "5", "--workers", "2"]).current_dir(&root);
+            } else if have_torch && torch_error.is_none() {
+                let mut cmd = Command::new(python);
+                cmd.arg(script).args(&w.peer_args).args(["--workers", "2"]).current_dir(root);
                 match measure(cmd, "pytorch_ddp:", "the PyTorch DDP peer") {
                     Ok(r) => {
                         eprintln!(
@@ -224,39 +324,7 @@ fn main() -> Result<()> {
             }
         }
     }
-
-    let sps = |rs: &[Run]| median(&rs.iter().map(|r| r.samples_per_s).collect::<Vec<_>>());
-    let acc = |rs: &[Run]| median(&rs.iter().map(|r| r.test_accuracy).collect::<Vec<_>>());
-    let wall = |rs: &[Run]| median(&rs.iter().map(|r| r.wall_s).collect::<Vec<_>>());
-    println!();
-    println!("MNIST MLP 784-512-256-10, 2 workers x 1 thread, global batch 128, 5 epochs; medians of {} runs", args.runs);
-    println!("{:<14} {:>14} {:>15} {:>12}", "", "samples/s", "test accuracy", "wall s");
-    println!("{:<14} {:>14.0} {:>15.4} {:>12.1}", "shoal", sps(&shoal_runs), acc(&shoal_runs), wall(&shoal_runs));
-    let ratio = if torch_runs.is_empty() {
-        println!("{:<14} {:>14} {:>15} {:>12}", "pytorch DDP", "-", "-", "-");
-        println!("ratio shoal/pytorch: - (no PyTorch runs{})", if torch.is_none() { "; run benches/peer/setup.sh" } else { "" });
-        None
-    } else {
-        println!("{:<14} {:>14.0} {:>15.4} {:>12.1}", "pytorch DDP", sps(&torch_runs), acc(&torch_runs), wall(&torch_runs));
-        let r = sps(&shoal_runs) / sps(&torch_runs);
-        println!("ratio shoal/pytorch (samples/s): {r:.2} ({})", if r >= 1.0 { "shoal faster" } else { "shoal slower" });
-        Some(r)
-    };
-    println!("(samples/s: training time only, per-epoch evaluation excluded; wall s: whole process, start-up included)");
-
-    if let Some(path) = &args.json {
-        let doc = serde_json::json!({
-            "runs": args.runs,
-            "cores": cores,
-            "torch": torch,
-            "shoal": summary("shoal", &shoal_runs),
-            "pytorch_ddp": summary("pytorch_ddp", &torch_runs),
-            "ratio_shoal_over_pytorch": ratio,
-            "pytorch_error": torch_error,
-        });
-        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n").with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(())
+    Ok((shoal_runs, torch_runs, torch_error))
 }
 
 #[cfg(test)]
@@ -265,11 +333,11 @@ mod tests {
 
     #[test]
     fn parses_both_result_lines() {
-        let shoal = "noise\ndemo: model=mlp workers=2 epochs=5 test_accuracy=0.9615 samples_per_s=5123 wall_s=12.3\n";
-        assert_eq!(parse_line(shoal, "demo:"), Some((5123.0, 0.9615)));
+        let shoal = "noise\nbench train: model=mlp workers=2 transport=shm epochs=5 samples_per_s=5123 test_accuracy=0.9615 phase_ms data=0.1\n";
+        assert_eq!(parse_line(shoal, "bench train:"), Some((5123.0, 0.9615)));
         let torch = "pytorch_ddp: workers=2 epochs=5 test_accuracy=0.9600 samples_per_s=7000 train_s=5.7\n";
         assert_eq!(parse_line(torch, "pytorch_ddp:"), Some((7000.0, 0.96)));
-        assert_eq!(parse_line("demo: starting 1 coordinator", "demo:"), None);
+        assert_eq!(parse_line("bench train: starting", "bench train:"), None);
     }
 
     #[test]

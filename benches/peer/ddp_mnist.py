@@ -1,6 +1,11 @@
 #!/usr/bin/env python3
 """PyTorch DDP peer of `shoal demo`: the same workload, for the end-to-end comparison.
 
+With `--model cnn --optimizer adamw --lr 0.001 --weight-decay 0.01 --epochs 2 --seed 7` it is
+the peer of examples/mnist-cnn.toml instead: Conv2d(1,16,3,pad 1), ReLU, MaxPool2d(2),
+Conv2d(16,32,3,pad 1), ReLU, MaxPool2d(2), Flatten, Linear(1568,128), ReLU, Linear(128,10),
+the layers shoal's CNN has (and exports under the same names).
+
 The workload, as in examples/mnist-mlp.toml: an MLP 784-512-256-10 (ReLU, PyTorch's default init)
 on the bundled 10,000-digit MNIST (data/mnist, pixels / 255, nothing else), records 0..8000 to
 train and 8000..10000 to test; cross-entropy, SGD lr 0.05 momentum 0.9, global batch 128 split
@@ -63,9 +68,22 @@ def load_mnist(data_dir):
     return x, y
 
 
-def build_model():
+def build_model(kind="mlp"):
     import torch.nn as nn
 
+    if kind == "cnn":
+        return nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 7 * 7, 128),
+            nn.ReLU(),
+            nn.Linear(128, 10),
+        )
     return nn.Sequential(
         nn.Linear(784, 512),
         nn.ReLU(),
@@ -108,13 +126,18 @@ def worker(rank, args, port, queue):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         x, y = load_mnist(args.data)
+        if args.model == "cnn":
+            x = x.reshape(-1, 1, 28, 28)
         train_x, train_y = x[: args.train_end], y[: args.train_end]
         test_x, test_y = x[args.train_end :], y[args.train_end :]
 
         torch.manual_seed(args.seed)
-        model = DDP(build_model())  # broadcasts rank 0's parameters
+        model = DDP(build_model(args.model))  # broadcasts rank 0's parameters
         loss_fn = nn.CrossEntropyLoss()
-        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+        if args.optimizer == "adamw":
+            opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        else:
+            opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
 
         global_batch = args.batch_size
         local_batch = global_batch // world
@@ -163,6 +186,9 @@ def free_port():
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=128, help="global batch, split evenly over the workers")
@@ -189,7 +215,7 @@ def main():
     mp.spawn(worker, args=(args, free_port(), queue), nprocs=args.workers, join=True)
     accuracy, samples, train_s = queue.get()
     print(
-        f"pytorch_ddp: workers={args.workers} epochs={args.epochs} test_accuracy={accuracy:.4f} "
+        f"pytorch_ddp: model={args.model} workers={args.workers} epochs={args.epochs} test_accuracy={accuracy:.4f} "
         f"samples_per_s={samples / max(train_s, 1e-9):.0f} train_s={train_s:.1f}",
         flush=True,
     )

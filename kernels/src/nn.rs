@@ -92,10 +92,9 @@ pub fn bias_act_planes(z: &mut [f32], bias: &[f32], plane: usize, relu: bool) {
 
 /// `g[i] = 0` where the layer's ReLU output `a[i]` was 0 (its input was not positive).
 pub fn relu_backward(g: &mut [f32], a: &[f32]) {
+    // A select, not a branch: the signs are random, and the loop vectorizes.
     for (g, a) in g.iter_mut().zip(a) {
-        if *a <= 0.0 {
-            *g = 0.0;
-        }
+        *g = if *a > 0.0 { *g } else { 0.0 };
     }
 }
 
@@ -113,8 +112,22 @@ pub fn column_sums(out: &mut [f32], g: &[f32], accumulate: bool) {
 
 /// Per-channel sums of `g[C][plane]` into `out[C]`: a convolution's bias gradient.
 pub fn plane_sums(out: &mut [f32], g: &[f32], plane: usize) {
+    // Sixteen running sums, combined in a fixed order: the loop vectorizes and the result is
+    // the same on every run (a strictly sequential sum does not vectorize).
+    const LANES: usize = 16;
     for (o, row) in out.iter_mut().zip(g.chunks_exact(plane)) {
-        *o = row.iter().sum();
+        let mut acc = [0.0f32; LANES];
+        let mut blocks = row.chunks_exact(LANES);
+        for b in &mut blocks {
+            for (a, v) in acc.iter_mut().zip(b) {
+                *a += *v;
+            }
+        }
+        let mut total = acc.iter().sum::<f32>();
+        for v in blocks.remainder() {
+            total += *v;
+        }
+        *o = total;
     }
 }
 
@@ -239,17 +252,19 @@ pub fn maxpool2(x: &[f32], planes: usize, h: usize, w: usize, y: &mut [f32], arg
     for p in 0..planes {
         let src = &x[p * h * w..(p + 1) * h * w];
         for oy in 0..oh {
+            let (top, bottom) = (&src[2 * oy * w..2 * oy * w + w], &src[(2 * oy + 1) * w..(2 * oy + 2) * w]);
+            let o = p * oh * ow + oy * ow;
+            let (y_row, arg_row) = (&mut y[o..o + ow], &mut arg[o..o + ow]);
             for ox in 0..ow {
-                let base = 2 * oy * w + 2 * ox;
-                let mut best = base;
-                for off in [base + 1, base + w, base + w + 1] {
-                    if src[off] > src[best] {
-                        best = off;
-                    }
-                }
-                let o = p * oh * ow + oy * ow + ox;
-                y[o] = src[best];
-                arg[o] = best as u32;
+                // The first maximum in the order top-left, top-right, bottom-left, bottom-right,
+                // found by selects rather than branches (the comparisons are unpredictable).
+                let base = (2 * oy * w + 2 * ox) as u32;
+                let (a, b, c, d) = (top[2 * ox], top[2 * ox + 1], bottom[2 * ox], bottom[2 * ox + 1]);
+                let (m1, i1) = if b > a { (b, base + 1) } else { (a, base) };
+                let (m2, i2) = if d > c { (d, base + w as u32 + 1) } else { (c, base + w as u32) };
+                let (m, i) = if m2 > m1 { (m2, i2) } else { (m1, i1) };
+                y_row[ox] = m;
+                arg_row[ox] = i;
             }
         }
     }
@@ -340,5 +355,47 @@ mod tests {
         let ones: Vec<usize> = (0..16).filter(|&i| dx[i] == 1.0).collect();
         assert_eq!(ones, vec![1, 6, 8, 15]);
         assert_eq!(dx.iter().sum::<f32>(), 4.0, "1 at each maximum (candle 0.11 gives 0.25)");
+    }
+
+    #[test]
+    fn maxpool_picks_the_first_maximum_like_the_scalar_reference() {
+        // Few distinct values, so ties are everywhere; odd sizes drop the last row and column.
+        let (planes, h, w) = (3, 7, 9);
+        let x: Vec<f32> = (0..planes * h * w).map(|i| ((i * 7 + i / 5) % 4) as f32).collect();
+        let (oh, ow) = (h / 2, w / 2);
+        let (mut y, mut arg) = (vec![0.0; planes * oh * ow], vec![0u32; planes * oh * ow]);
+        maxpool2(&x, planes, h, w, &mut y, &mut arg).unwrap();
+        for p in 0..planes {
+            let src = &x[p * h * w..];
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let base = 2 * oy * w + 2 * ox;
+                    let mut best = base;
+                    for off in [base + 1, base + w, base + w + 1] {
+                        if src[off] > src[best] {
+                            best = off;
+                        }
+                    }
+                    let o = p * oh * ow + oy * ow + ox;
+                    assert_eq!((y[o], arg[o]), (src[best], best as u32), "plane {p}, window ({oy}, {ox})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn plane_sums_and_relu_backward_match_the_reference() {
+        let plane = 197; // not a multiple of the lanes
+        let g: Vec<f32> = (0..3 * plane).map(|i| ((i * 37 % 101) as f32 - 50.0) / 8.0).collect();
+        let mut out = [0.0f32; 3];
+        plane_sums(&mut out, &g, plane);
+        for (o, row) in out.iter().zip(g.chunks_exact(plane)) {
+            let want: f64 = row.iter().map(|&v| v as f64).sum();
+            assert!((*o as f64 - want).abs() < 1e-3, "{o} vs {want}");
+        }
+        let a: Vec<f32> = g.iter().map(|v| v - 1.0).collect();
+        let mut d = g.clone();
+        relu_backward(&mut d, &a);
+        assert!(d.iter().zip(&g).zip(&a).all(|((d, g), a)| *d == if *a > 0.0 { *g } else { 0.0 }));
     }
 }
