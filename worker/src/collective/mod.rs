@@ -101,8 +101,8 @@ pub fn from_bf16(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
 }
 
-/// The element-wise loops of the transports, compiled twice: for the baseline target and, on
-/// x86-64, for AVX2, picked at run time. Each element's result is one IEEE operation, the same
+/// The element-wise loops of the transports, compiled for the baseline target and, on x86-64,
+/// for AVX2 and AVX-512, picked at run time. Each element's result is one IEEE operation, the same
 /// in every version, so the choice never changes a bit.
 macro_rules! elementwise {
     ($(#[$doc:meta])* $name:ident($dst:ident: $dt:ty, $src:ident: $st:ty) $body:block) => {
@@ -114,6 +114,16 @@ macro_rules! elementwise {
             #[target_feature(enable = "avx2")]
             fn avx2($dst: $dt, $src: $st) {
                 body($dst, $src)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512bw")]
+            fn avx512($dst: $dt, $src: $st) {
+                body($dst, $src)
+            }
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
+                // SAFETY: the CPU has AVX-512 F and BW (checked just above).
+                return unsafe { avx512($dst, $src) };
             }
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx2") {
@@ -130,6 +140,17 @@ elementwise! {
     add_f32(dst: &mut [f32], src: &[f32]) { dst.iter_mut().zip(src).for_each(|(d, s)| *d += *s) }
 }
 elementwise! {
+    /// `dst[i] += src[i]`, and the sum also into `copy[i]` (`io` is `(copy, src)`): one pass
+    /// where an add and then a copy would read `dst` twice.
+    add_f32_and_copy(dst: &mut [f32], io: (&mut [f32], &[f32])) {
+        let (copy, src) = io;
+        dst.iter_mut().zip(copy.iter_mut()).zip(src).for_each(|((d, c), s)| {
+            *d += *s;
+            *c = *d;
+        })
+    }
+}
+elementwise! {
     /// `dst[i] += src[i]` for bfloat16 `src`.
     add_bf16(dst: &mut [f32], src: &[u16]) { dst.iter_mut().zip(src).for_each(|(d, &h)| *d += from_bf16(h)) }
 }
@@ -142,8 +163,13 @@ elementwise! {
     encode_bf16(dst: &mut [u16], src: &[f32]) { dst.iter_mut().zip(src).for_each(|(h, &x)| *h = to_bf16(x)) }
 }
 elementwise! {
-    /// Rounds `xs[i]` to the nearest bfloat16 (`src` unused; one shape for the macro).
-    round_bf16(xs: &mut [f32], _unused: &[f32]) { xs.iter_mut().for_each(|x| *x = from_bf16(to_bf16(*x))) }
+    /// `dst[i] = bf16(src[i])`, and `src[i]` becomes the value `dst[i]` stands for.
+    encode_bf16_keep(dst: &mut [u16], src: &mut [f32]) {
+        dst.iter_mut().zip(src).for_each(|(h, x)| {
+            *h = to_bf16(*x);
+            *x = from_bf16(*h);
+        })
+    }
 }
 
 /// An id equal on processes that can share memory: the kernel's boot id and the device and
@@ -277,14 +303,18 @@ mod tests {
         let mut d = ys.clone();
         add_f32(&mut d, &xs);
         assert!(same(&d, &ys.iter().zip(&xs).map(|(y, x)| y + x).collect::<Vec<_>>()));
+        let (mut d2, mut copy) = (ys.clone(), vec![0.0; ys.len()]);
+        add_f32_and_copy(&mut d2, (&mut copy, &xs));
+        assert!(same(&d2, &d) && same(&copy, &d));
         let mut d = ys.clone();
         add_bf16(&mut d, &h);
         assert!(same(&d, &ys.iter().zip(&h).map(|(y, &h)| y + from_bf16(h)).collect::<Vec<_>>()));
         let mut d = ys.clone();
         store_bf16(&mut d, &h);
         assert!(same(&d, &h.iter().map(|&h| from_bf16(h)).collect::<Vec<_>>()));
-        let mut d = xs.clone();
-        round_bf16(&mut d, &[]);
+        let (mut d, mut h2) = (xs.clone(), vec![0u16; xs.len()]);
+        encode_bf16_keep(&mut h2, &mut d);
+        assert_eq!(h2, h);
         assert!(same(&d, &xs.iter().map(|&x| from_bf16(to_bf16(x))).collect::<Vec<_>>()));
     }
 }

@@ -208,11 +208,16 @@ impl Collective for ShmRing {
                 // SAFETY: piece k of rank q's slot is final (WRITTEN) and not rewritten
                 // before this rank says DONE.
                 let src = unsafe { std::slice::from_raw_parts(self.slot_ptr(q).add(mine.start), mine.len()) };
-                super::add_f32(&mut buf[mine.clone()], src);
+                if j + 1 < n {
+                    super::add_f32(&mut buf[mine.clone()], src);
+                } else {
+                    // The last term: the sum goes into the buffer and, in the same pass, into
+                    // this rank's slot for the others. SAFETY: this rank's own chunk in its
+                    // slot is written by it alone, read by the others only after REDUCED.
+                    let publish = unsafe { std::slice::from_raw_parts_mut(self.slot_ptr(r).add(mine.start), mine.len()) };
+                    super::add_f32_and_copy(&mut buf[mine.clone()], (publish, src));
+                }
             }
-            // SAFETY: this rank's own chunk in its slot is written by it alone, read by the
-            // others only after REDUCED says so.
-            unsafe { std::slice::from_raw_parts_mut(self.slot_ptr(r).add(mine.start), mine.len()) }.copy_from_slice(&buf[mine]);
             self.flag(r, REDUCED).store(tick, Ordering::Release);
             // The owners' sums of piece k of the other chunks.
             for j in 1..n {

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{add_bf16, add_f32, chunk, encode_bf16, round_bf16, store_bf16, Collective, Wire};
+use super::{add_bf16, add_f32, chunk, encode_bf16, encode_bf16_keep, store_bf16, Collective, Wire};
 use crate::WorkerError;
 
 const HELLO_MAGIC: &[u8; 8] = b"SHOALRNG";
@@ -174,14 +174,14 @@ fn f32_bytes(xs: &[f32]) -> &[u8] {
 }
 
 /// Splits `buf` into the two disjoint ranges `a` (shared) and `b` (mutable).
-fn two(buf: &mut [f32], a: std::ops::Range<usize>, b: std::ops::Range<usize>) -> (&[f32], &mut [f32]) {
+fn two(buf: &mut [f32], a: std::ops::Range<usize>, b: std::ops::Range<usize>) -> (&mut [f32], &mut [f32]) {
     if a.end <= b.start {
         let (lo, hi) = buf.split_at_mut(b.start);
-        (&lo[a], &mut hi[..b.end - b.start])
+        (&mut lo[a], &mut hi[..b.end - b.start])
     } else {
         debug_assert!(b.end <= a.start, "overlapping chunks");
         let (lo, hi) = buf.split_at_mut(a.start);
-        (&hi[..a.end - a.start], &mut lo[b])
+        (&mut hi[..a.end - a.start], &mut lo[b])
     }
 }
 
@@ -250,7 +250,9 @@ impl TcpRing {
 
     /// One reduce-scatter or all-gather step: sends `send` to the next rank on a second
     /// thread while receiving the previous rank's chunk into `recv`, added (`add`) or stored.
-    fn step(&mut self, send: &[f32], recv: &mut [f32], add: bool) -> Result<(), WorkerError> {
+    /// With bf16 and `keep_sent`, `send` is also overwritten with the rounded values it sends
+    /// (the owner of a reduced chunk keeps what the others receive).
+    fn step(&mut self, send: &mut [f32], recv: &mut [f32], add: bool, keep_sent: bool) -> Result<(), WorkerError> {
         let deadline = Instant::now() + self.timeout;
         let (next_rank, prev_rank) = self.peers();
         let (seq, wire, cancel) = (self.seq, self.wire, &*self.cancel);
@@ -263,9 +265,13 @@ impl TcpRing {
                 match wire {
                     Wire::F32 => write_all(next, f32_bytes(send), next_rank, deadline, cancel),
                     Wire::Bf16 => {
-                        for piece in send.chunks(PIECE / 2) {
+                        for piece in send.chunks_mut(PIECE / 2) {
                             send_scratch.resize(piece.len(), 0);
-                            encode_bf16(send_scratch, piece);
+                            if keep_sent {
+                                encode_bf16_keep(send_scratch, piece);
+                            } else {
+                                encode_bf16(send_scratch, piece);
+                            }
                             write_all(next, bytemuck::cast_slice(send_scratch), next_rank, deadline, cancel)?;
                         }
                         Ok(())
@@ -341,16 +347,14 @@ impl Collective for TcpRing {
         for s in 0..n - 1 {
             let (send_c, recv_c) = ((r + n - s) % n, (r + 2 * n - s - 1) % n);
             let (send, recv) = two(buf, chunk(len, n, send_c), chunk(len, n, recv_c));
-            self.step(send, recv, true)?;
-        }
-        if self.wire == Wire::Bf16 {
-            // The owner keeps what it sends: every rank ends with the same bits.
-            round_bf16(&mut buf[chunk(len, n, (r + 1) % n)], &[]);
+            self.step(send, recv, true, false)?;
         }
         for s in 0..n - 1 {
             let (send_c, recv_c) = ((r + 1 + n - s) % n, (r + n - s) % n);
             let (send, recv) = two(buf, chunk(len, n, send_c), chunk(len, n, recv_c));
-            self.step(send, recv, false)?;
+            // The first all-gather step sends this rank's reduced chunk: with bf16 it keeps the
+            // rounded values it sends, so every rank ends with the same bits.
+            self.step(send, recv, false, s == 0)?;
         }
         Ok(())
     }
