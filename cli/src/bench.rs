@@ -219,7 +219,7 @@ pub async fn allreduce_rank(a: AllReduceArgs, rank: usize, dir: PathBuf) -> Resu
         let mut coll: Box<dyn Collective> = match a.transport.as_str() {
             "shm" => {
                 let name = format!("shoal-bench-{}", &blake3::hash(dir.display().to_string().as_bytes()).to_hex()[..16]);
-                Box::new(ShmRing::open(rank, a.world, &name, floats, a.timeout, cancel)?)
+                Box::new(ShmRing::open(rank, a.world, &name, a.timeout, cancel)?)
             }
             "tcp" => Box::new(TcpRing::connect(rank, &ring_peers, 1, 1, &incoming, a.timeout, a.wire(), cancel)?),
             _ => Box::new(GrpcCollective::new(Ring::new(rank, &grpc_peers, 1, 1, mailbox, a.timeout, cancel)?, rt)),

@@ -144,7 +144,6 @@ pub fn train(task: TrainTask, rt: &tokio::runtime::Handle) -> Result<TrainOutcom
         peers: &a.peers,
         ring_peers: &a.ring_peers,
         hosts: &a.hosts,
-        max_floats: np + SLOTS,
         timeout: task.collective_timeout,
         cancel: task.cancel.clone(),
         incoming: task.incoming.as_deref(),

@@ -198,8 +198,6 @@ pub struct Rendezvous<'a> {
     pub peers: &'a [String],
     pub ring_peers: &'a [String],
     pub hosts: &'a [String],
-    /// The largest buffer the job will all-reduce, in floats (sizes the shared segment).
-    pub max_floats: usize,
     pub timeout: Duration,
     pub cancel: Arc<AtomicBool>,
     pub incoming: Option<&'a Incoming>,
@@ -235,7 +233,7 @@ impl Rendezvous<'_> {
                 // one host (job ids restart at 1 in each) apart.
                 let h = blake3::hash(format!("{:?}{:?}", self.peers, self.hosts).as_bytes()).to_hex();
                 let name = format!("shoal-{}-{}-{}", self.job, self.generation, &h[..16]);
-                Box::new(ShmRing::open(self.rank, world, &name, self.max_floats, self.timeout, self.cancel)?)
+                Box::new(ShmRing::open(self.rank, world, &name, self.timeout, self.cancel)?)
             }
             "tcp" => Box::new(TcpRing::connect(
                 self.rank,

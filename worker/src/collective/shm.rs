@@ -1,15 +1,18 @@
 //! The ring's sums through shared memory, for ranks on one host. Rank c owns chunk c of the
 //! buffer (the documented order: it sums rank c's values, then c+1's, ...). The chunks are
 //! cut into pieces, and the ranks walk the pieces in step: for piece k each rank copies its
-//! values of piece k of the chunks it does not own into its slot of a segment in /dev/shm,
-//! adds the other slots' piece k of its own chunk into its buffer, publishes the sum in its
-//! slot, and copies the owners' sums of piece k of the other chunks. A piece of every chunk is
-//! small enough to stay in the CPU's cache between the rank that writes it and the one that
-//! reads it, so the buffer itself is read and written about once.
+//! values of piece k of the chunks it does not own into its staging area in a segment in
+//! /dev/shm, adds the others' staged piece k of its own chunk into its buffer while
+//! publishing the sum in its staging area, and copies the owners' sums of piece k of the other
+//! chunks. The staging area is a ring of `DEPTH` piece positions, not a copy of the buffer: it
+//! stays in the CPU's caches, so the buffer itself is read and written about once and staged
+//! data never goes to memory (with a slot as large as the buffer, every staged byte was a
+//! write-back to DRAM: 8.6 ms for 64 MB over 2 ranks, against 4.5 ms now).
 //!
-//! Counters per rank order the phases: pieces written and pieces reduced (counted over the
-//! segment's life), and operations finished (a slot is reused only when every rank finished
-//! the operation before). A rank waits by spinning briefly, then sleeping, and checks that
+//! Counters per rank order the phases: pieces written, reduced and copied out (counted over
+//! the segment's life; a staging position is rewritten only when every rank has copied out
+//! the piece it held), and operations finished (the all-gather area is reused only when every
+//! rank finished the operation before). A rank waits by spinning briefly, then sleeping, and checks that
 //! the ranks it waits for are still alive (their pids are in the segment), so a dead peer is
 //! an error at once rather than at the timeout.
 
@@ -24,26 +27,32 @@ use memmap2::MmapMut;
 use super::{chunk, Collective};
 use crate::WorkerError;
 
-/// Per rank: pid, and the operation it has written, reduced and finished copying.
+/// Per rank: pid, the pieces it has written, reduced and copied out, and the operations it
+/// has finished.
 const RANK_HEADER: usize = 64;
 const PID: usize = 0;
 const WRITTEN: usize = 8;
 const REDUCED: usize = 16;
 const DONE: usize = 24;
+const COPIED: usize = 32;
+/// Piece positions in each rank's staging ring: a rank may run this many pieces ahead of the
+/// slowest reader of its staging area.
+const DEPTH: usize = 8;
 /// Bytes each rank can put in one all-gather.
 const GATHER_SLOT: usize = 1 << 20;
-/// Floats of each chunk handled per step (512 KiB): a piece of every chunk of every rank stays
-/// in the last-level cache, and a step is long enough that more ranks than cores do not spend
-/// it switching (measured with `shoal bench allreduce`: 32K to 512K floats, 2 and 4 ranks).
-const PIECE: usize = 128 << 10;
+/// Floats of each chunk handled per step (128 KiB). Measured with `shoal bench allreduce`,
+/// 64 MB, on 2 cores, (piece, depth): (32K, 8) 4.5 ms at 2 ranks and 23 ms at 4; (16K, 8)
+/// 4.3 and 26.5 (more ranks than cores switch per piece); (128K, 4) 8.2 and 19; (32K, 4) and
+/// (64K, 2) 8.5 at 2 ranks: the staging ring must not be too shallow.
+const PIECE: usize = 32 << 10;
 
 pub struct ShmRing {
     rank: usize,
     world: usize,
     map: MmapMut,
     path: PathBuf,
-    /// f32 elements per rank slot.
-    capacity: usize,
+    /// f32 elements per rank slot: the staging ring, or the all-gather area if larger.
+    slot_floats: usize,
     seq: u64,
     /// Pieces this rank has written (and reduced) over the segment's life: what its WRITTEN
     /// and REDUCED counters reach at the end of the current operation.
@@ -53,14 +62,15 @@ pub struct ShmRing {
 }
 
 impl ShmRing {
-    /// Maps (creating if need be) the segment `name` in /dev/shm for `world` ranks and buffers
-    /// of up to `capacity` floats. Every rank of the generation passes the same name.
-    pub fn open(rank: usize, world: usize, name: &str, capacity: usize, timeout: Duration, cancel: Arc<AtomicBool>) -> Result<ShmRing, WorkerError> {
+    /// Maps (creating if need be) the segment `name` in /dev/shm for `world` ranks. Every rank
+    /// of the generation passes the same name. Buffers of any length go through it.
+    pub fn open(rank: usize, world: usize, name: &str, timeout: Duration, cancel: Arc<AtomicBool>) -> Result<ShmRing, WorkerError> {
         if rank >= world {
             return Err(WorkerError::Collective(format!("rank {rank} outside a world of {world}")));
         }
         let path = PathBuf::from("/dev/shm").join(name);
-        let size = world * (RANK_HEADER + capacity.max(GATHER_SLOT / 4) * 4);
+        let slot_floats = (DEPTH * world * PIECE).max(GATHER_SLOT / 4);
+        let size = world * (RANK_HEADER + slot_floats * 4);
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(|e| WorkerError::Collective(format!("{}: {e}", path.display())))?;
         let len = file.metadata().map_err(|e| WorkerError::Collective(e.to_string()))?.len();
         if len != size as u64 {
@@ -72,7 +82,7 @@ impl ShmRing {
         // SAFETY: the segment is shared only with the other ranks of this generation, which
         // follow the same protocol: every cross-rank access goes through the atomic flags.
         let map = unsafe { MmapMut::map_mut(&file) }.map_err(|e| WorkerError::Collective(format!("{}: {e}", path.display())))?;
-        let ring = ShmRing { rank, world, map, path, capacity: capacity.max(GATHER_SLOT / 4), seq: 0, ticks: 0, timeout, cancel };
+        let ring = ShmRing { rank, world, map, path, slot_floats, seq: 0, ticks: 0, timeout, cancel };
         ring.flag(rank, PID).store(std::process::id() as u64, Ordering::Release);
         Ok(ring)
     }
@@ -84,7 +94,7 @@ impl ShmRing {
     }
 
     fn slot_ptr(&self, rank: usize) -> *mut f32 {
-        let off = self.world * RANK_HEADER + rank * self.capacity * 4;
+        let off = self.world * RANK_HEADER + rank * self.slot_floats * 4;
         // SAFETY: in bounds by construction; f32-aligned.
         unsafe { self.map.as_ptr().add(off) as *mut f32 }
     }
@@ -135,8 +145,8 @@ impl ShmRing {
 
     /// The shared phases of one operation over the first `len` floats of every slot.
     fn exchange(&mut self, len: usize, write: impl FnOnce(&mut [f32]), read: impl FnOnce(&ShmRing)) -> Result<(), WorkerError> {
-        if len > self.capacity {
-            return Err(WorkerError::Collective(format!("{len} floats is more than the {} this segment holds", self.capacity)));
+        if len > self.slot_floats {
+            return Err(WorkerError::Collective(format!("{len} floats is more than the {} this segment holds", self.slot_floats)));
         }
         self.seq += 1;
         self.ticks += 1;
@@ -177,11 +187,8 @@ impl Collective for ShmRing {
         if n == 1 {
             return Ok(());
         }
-        if len > self.capacity {
-            return Err(WorkerError::Collective(format!("{len} floats is more than the {} this segment holds", self.capacity)));
-        }
         self.seq += 1;
-        // Nobody may still be reading the last operation's slots.
+        // Nobody may still be reading the all-gather area, which overlaps the staging ring.
         self.wait_all(DONE, self.seq - 1)?;
         let chunks: Vec<std::ops::Range<usize>> = (0..n).map(|c| chunk(len, n, c)).collect();
         let pieces = chunks.iter().map(|c| c.len().div_ceil(PIECE)).max().unwrap_or(0);
@@ -189,15 +196,22 @@ impl Collective for ShmRing {
             let ch = &chunks[c];
             (ch.start + k * PIECE).min(ch.end)..(ch.start + (k + 1) * PIECE).min(ch.end)
         };
+        // Where piece k of chunk c is staged, in any rank's slot.
+        let stage = |k: usize, c: usize| ((k % DEPTH) * n + c) * PIECE;
         let base = self.ticks;
         for k in 0..pieces {
             let tick = base + k as u64 + 1;
+            if k >= DEPTH {
+                // The position of piece k - DEPTH is free once every rank has copied it out.
+                self.wait_all(COPIED, tick - DEPTH as u64)?;
+            }
             // This rank's values of piece k of the chunks others own.
             for c in (0..n).filter(|&c| c != r) {
                 let p = piece(c, k);
-                // SAFETY: this rank's slot outside its own chunk is written by it alone, and
-                // read by the owners only after WRITTEN says so (and before DONE).
-                unsafe { std::slice::from_raw_parts_mut(self.slot_ptr(r).add(p.start), p.len()) }.copy_from_slice(&buf[p]);
+                // SAFETY: this rank's staging area is written by it alone; the owner reads
+                // this position only after WRITTEN says so, and every rank is done with the
+                // piece it held before (COPIED, just above).
+                unsafe { std::slice::from_raw_parts_mut(self.slot_ptr(r).add(stage(k, c)), p.len()) }.copy_from_slice(&buf[p]);
             }
             self.flag(r, WRITTEN).store(tick, Ordering::Release);
             // Sum piece k of this rank's chunk in the documented order, and publish it.
@@ -205,16 +219,16 @@ impl Collective for ShmRing {
             for j in 1..n {
                 let q = (r + j) % n;
                 self.wait(q, WRITTEN, tick)?;
-                // SAFETY: piece k of rank q's slot is final (WRITTEN) and not rewritten
-                // before this rank says DONE.
-                let src = unsafe { std::slice::from_raw_parts(self.slot_ptr(q).add(mine.start), mine.len()) };
+                // SAFETY: rank q staged piece k (WRITTEN) and rewrites the position only
+                // after this rank says COPIED for it.
+                let src = unsafe { std::slice::from_raw_parts(self.slot_ptr(q).add(stage(k, r)), mine.len()) };
                 if j + 1 < n {
                     super::add_f32(&mut buf[mine.clone()], src);
                 } else {
                     // The last term: the sum goes into the buffer and, in the same pass, into
-                    // this rank's slot for the others. SAFETY: this rank's own chunk in its
-                    // slot is written by it alone, read by the others only after REDUCED.
-                    let publish = unsafe { std::slice::from_raw_parts_mut(self.slot_ptr(r).add(mine.start), mine.len()) };
+                    // this rank's staging area for the others. SAFETY: written by this rank
+                    // alone, read by the others only after REDUCED.
+                    let publish = unsafe { std::slice::from_raw_parts_mut(self.slot_ptr(r).add(stage(k, r)), mine.len()) };
                     super::add_f32_and_copy(&mut buf[mine.clone()], (publish, src));
                 }
             }
@@ -224,9 +238,11 @@ impl Collective for ShmRing {
                 let q = (r + j) % n;
                 self.wait(q, REDUCED, tick)?;
                 let p = piece(q, k);
-                // SAFETY: piece k of chunk q in rank q's slot is final (REDUCED).
-                buf[p.clone()].copy_from_slice(unsafe { std::slice::from_raw_parts(self.slot_ptr(q).add(p.start), p.len()) });
+                // SAFETY: rank q's sum of piece k is final (REDUCED) and stays until this
+                // rank says COPIED.
+                buf[p.clone()].copy_from_slice(unsafe { std::slice::from_raw_parts(self.slot_ptr(q).add(stage(k, q)), p.len()) });
             }
+            self.flag(r, COPIED).store(tick, Ordering::Release);
         }
         self.ticks = base + pieces as u64;
         self.flag(r, DONE).store(self.seq, Ordering::Release);
@@ -260,6 +276,7 @@ impl Collective for ShmRing {
             },
         )?;
         self.flag(r, REDUCED).store(self.ticks, Ordering::Release);
+        self.flag(r, COPIED).store(self.ticks, Ordering::Release);
         self.flag(r, DONE).store(self.seq, Ordering::Release);
         Ok(out)
     }
@@ -278,7 +295,7 @@ mod tests {
                 .map(|r| {
                     let (d, name) = (data[r].clone(), name.clone());
                     s.spawn(move || {
-                        let mut ring = ShmRing::open(r, world, &name, len, Duration::from_secs(10), Arc::new(AtomicBool::new(false))).unwrap();
+                        let mut ring = ShmRing::open(r, world, &name, Duration::from_secs(10), Arc::new(AtomicBool::new(false))).unwrap();
                         let mut buf = d;
                         for _ in 0..3 {
                             let mut again = buf.clone();
@@ -313,7 +330,7 @@ mod tests {
     #[test]
     fn a_rank_that_never_comes_is_a_timeout() {
         let name = format!("shoal-test-timeout-{}", std::process::id());
-        let mut ring = ShmRing::open(0, 2, &name, 16, Duration::from_millis(300), Arc::new(AtomicBool::new(false))).unwrap();
+        let mut ring = ShmRing::open(0, 2, &name, Duration::from_millis(300), Arc::new(AtomicBool::new(false))).unwrap();
         let e = ring.all_reduce(&mut [1.0; 16]).unwrap_err().to_string();
         assert!(e.contains("timed out") && e.contains("rank 1"), "{e}");
     }
