@@ -51,6 +51,9 @@ enum Cmd {
     /// The coordinator group, while it serves: add, remove, transfer-leader.
     #[command(subcommand)]
     Coordinator(CoordinatorCmd),
+    /// The worker pool: list, add (on a local cluster).
+    #[command(subcommand)]
+    Worker(WorkerCmd),
     /// Run one server process in the foreground (what `shoal up` spawns).
     #[command(subcommand)]
     Serve(ServeCmd),
@@ -282,6 +285,27 @@ enum JobCmd {
 }
 
 #[derive(Subcommand)]
+enum WorkerCmd {
+    /// The workers the coordinator knows: id, address, state, job, pid, device.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start more workers for the local cluster in --dir; returns once they have registered.
+    Add {
+        /// How many.
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        #[command(flatten)]
+        dir: DirArg,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum CoordinatorCmd {
     /// Add a replica listening at ADDR (HOST:PORT). It joins as a learner and becomes a voter
     /// once it has caught up. With --dir (a local cluster) its process is started too; with
@@ -489,6 +513,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Job(j) => job(j).await,
         Cmd::Checkpoint(c) => checkpoint(c).await,
         Cmd::Coordinator(c) => coordinator(c).await,
+        Cmd::Worker(c) => worker(c).await,
         Cmd::Serve(s) => serve(s).await,
         Cmd::Bench(b) => bench_cmd(b).await,
     }
@@ -536,7 +561,43 @@ async fn bench_cmd(cmd: BenchCmd) -> Result<()> {
     }
 }
 
-async fn status(conn: Conn, as_json: bool) -> Result<()> {
+async fn worker(cmd: WorkerCmd) -> Result<()> {
+    match cmd {
+        WorkerCmd::List { conn, json } => {
+            let (_, workers) = cluster_status(&conn).await?;
+            if json {
+                print_json(&json!(workers));
+            } else {
+                print_workers(&workers);
+            }
+        }
+        WorkerCmd::Add { count, dir, json } => {
+            let layout = Layout::new(dir.dir.unwrap_or_else(default_dir));
+            let exe = std::env::current_exe().context("finding the shoal executable")?;
+            let added = shoal_cluster::add_workers(&layout, &exe, count).await?;
+            if json {
+                print_json(&json!({"added": added.iter().map(|p| json!({"process": p.id, "pid": p.pid, "dir": p.dir})).collect::<Vec<_>>()}));
+            } else {
+                for p in &added {
+                    println!("worker process {} started (pid {}, log in {}/log)", p.id, p.pid, p.dir);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_workers(workers: &[serde_json::Value]) {
+    println!("WORKER  ADDRESS               STATE  JOB   PID");
+    for w in workers {
+        let job = if w["job"].is_null() { "-".to_string() } else { w["job"].to_string() };
+        println!("{:<7} {:<21} {:<6} {:<5} {}", w["id"].as_str().unwrap_or(""), w["address"].as_str().unwrap_or(""), w["state"].as_str().unwrap_or(""), job, w["pid"]);
+    }
+}
+
+/// Every replica's view of itself, and the workers as the leader (or else any replica) sees
+/// them, as JSON values.
+async fn cluster_status(conn: &Conn) -> Result<(Vec<serde_json::Value>, Vec<serde_json::Value>)> {
     let client = conn.client()?;
     let mut coords = Vec::new();
     let mut workers = Vec::new();
@@ -559,6 +620,11 @@ async fn status(conn: Conn, as_json: bool) -> Result<()> {
         .iter()
         .map(|w| json!({"id": w.id, "address": w.address, "state": w.state().label(), "job": if w.job_id == 0 { serde_json::Value::Null } else { json!(w.job_id) }, "pid": w.pid, "device": w.device}))
         .collect();
+    Ok((coords, workers))
+}
+
+async fn status(conn: Conn, as_json: bool) -> Result<()> {
+    let (coords, workers) = cluster_status(&conn).await?;
     let leader = coords.iter().find(|c| c["role"] == "leader").map(|c| c["id"].clone()).unwrap_or(serde_json::Value::Null);
     if as_json {
         print_json(&json!({"leader": leader, "coordinators": coords, "workers": workers}));
@@ -583,11 +649,8 @@ async fn status(conn: Conn, as_json: bool) -> Result<()> {
             println!("{:<12} {:<21} unreachable ({})", "?", c["address"].as_str().unwrap_or(""), c["error"].as_str().unwrap_or(""));
         }
     }
-    println!("\nWORKER  ADDRESS               STATE  JOB   PID");
-    for w in &workers {
-        let job = if w["job"].is_null() { "-".to_string() } else { w["job"].to_string() };
-        println!("{:<7} {:<21} {:<6} {:<5} {}", w["id"].as_str().unwrap_or(""), w["address"].as_str().unwrap_or(""), w["state"].as_str().unwrap_or(""), job, w["pid"]);
-    }
+    println!();
+    print_workers(&workers);
     Ok(())
 }
 

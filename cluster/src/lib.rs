@@ -214,24 +214,68 @@ pub async fn up(layout: &Layout, opts: &UpOptions) -> Result<ClusterFile, Cluste
     // Record it now, so `down` can clean up even if the rest of start-up fails.
     write_file(layout, &file)?;
     let endpoints: Vec<String> = peers.iter().map(|(_, a)| a.clone()).collect();
-    let threads = (std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as u64 / opts.workers.max(1)).max(1);
+    let threads = threads_per_worker(opts.workers);
     for n in 1..=opts.workers {
-        let dir = layout.worker_dir(n);
-        let args = vec![
-            "serve".into(), "worker".into(),
-            "--endpoints".into(), endpoints.join(","),
-            "--store".into(), layout.store().display().to_string(),
-            "--listen".into(), "127.0.0.1:0".into(),
-            "--threads".into(), threads.to_string(),
-        ];
-        let pid = spawn(&opts.exe, &args, &dir, &[])?;
-        file.workers.push(ClusterProcess { id: n, address: String::new(), pid, dir: dir.display().to_string() });
+        let process = spawn_worker(layout, &opts.exe, &endpoints, n, threads)?;
+        file.workers.push(process);
         // Recorded as soon as it runs, so `down` finds it whatever fails next.
         write_file(layout, &file)?;
     }
     wait_ready(&file, &endpoints, opts.workers as usize).await?;
     drop(lock);
     Ok(file)
+}
+
+/// Compute threads for each of `workers` workers sharing this machine's cores.
+fn threads_per_worker(workers: u64) -> u64 {
+    (std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as u64 / workers.max(1)).max(1)
+}
+
+/// Starts worker process number `n` of the local cluster.
+fn spawn_worker(layout: &Layout, exe: &Path, endpoints: &[String], n: u64, threads: u64) -> Result<ClusterProcess, ClusterError> {
+    let dir = layout.worker_dir(n);
+    let args = vec![
+        "serve".into(), "worker".into(),
+        "--endpoints".into(), endpoints.join(","),
+        "--store".into(), layout.store().display().to_string(),
+        "--listen".into(), "127.0.0.1:0".into(),
+        "--threads".into(), threads.to_string(),
+    ];
+    let pid = spawn(exe, &args, &dir, &[])?;
+    Ok(ClusterProcess { id: n, address: String::new(), pid, dir: dir.display().to_string() })
+}
+
+/// Starts `count` more workers for the running local cluster and returns once the coordinator
+/// has them all (every recorded worker that is alive, registered). Returns the new processes.
+pub async fn add_workers(layout: &Layout, exe: &Path, count: u64) -> Result<Vec<ClusterProcess>, ClusterError> {
+    if !(1..=256).contains(&count) {
+        return Err(ClusterError::Startup(format!("--count must be 1 to 256, got {count}")));
+    }
+    // Not while `up` runs on this folder.
+    let lock_path = layout.dir.join("up.lock");
+    let lock = File::create(&lock_path).map_err(|e| ClusterError::Io(format!("{}: {e}", lock_path.display())))?;
+    if lock.try_lock().is_err() {
+        return Err(ClusterError::Startup(format!("`shoal up` is running on {}; try again when it is done", layout.dir.display())));
+    }
+    let mut file = layout.read()?;
+    file.workers.retain(|w| pid_alive(w.pid));
+    if file.workers.len() as u64 + count > 256 {
+        return Err(ClusterError::Startup(format!("a local cluster has at most 256 workers ({} running, {count} asked for)", file.workers.len())));
+    }
+    let endpoints = layout.endpoints()?;
+    let first = file.workers.iter().map(|w| w.id).max().unwrap_or(0) + 1;
+    let threads = threads_per_worker(file.workers.len() as u64 + count);
+    let mut added = Vec::new();
+    for n in first..first + count {
+        // A folder left by a worker of an earlier run is reused: it only holds its log.
+        let process = spawn_worker(layout, exe, &endpoints, n, threads)?;
+        file.workers.push(process.clone());
+        write_file(layout, &file)?;
+        added.push(process);
+    }
+    wait_ready(&file, &endpoints, file.workers.len()).await?;
+    drop(lock);
+    Ok(added)
 }
 
 /// Starts one coordinator replica of the recorded cluster (`initial`: new, existing or join).

@@ -82,6 +82,13 @@ pub async fn run_worker(
     // the same worker id back instead of leaving a ghost worker behind.
     let mut registration = shoal_coordinator::client::new_request_id();
     let mut running: Option<Running> = None;
+    // Tasks told to stop and not yet stopped: the heartbeats go on meanwhile, and the next
+    // task starts only when they are gone (they may hold the ring's listener claims).
+    let mut stopping: Vec<Running> = Vec::new();
+    // The coordinator's lease for this worker (it says so at registration), and when a
+    // coordinator last answered a heartbeat.
+    let mut lease = Duration::from_secs(5);
+    let mut last_contact = std::time::Instant::now();
     let mut ticker = tokio::time::interval(cfg.heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_learned = std::time::Instant::now();
@@ -90,6 +97,10 @@ pub async fn run_worker(
             _ = ticker.tick() => {}
             _ = stop_rx.changed() => break,
         }
+        for r in stopping.iter().filter(|r| r.handle.is_finished()) {
+            mailbox.purge(r.job, r.generation);
+        }
+        stopping.retain(|r| !r.handle.is_finished());
         if last_learned.elapsed() >= Duration::from_secs(5) {
             // The coordinator group can change while this worker runs: keep up with it.
             last_learned = std::time::Instant::now();
@@ -114,6 +125,10 @@ pub async fn run_worker(
                 match client.call(|mut c| { let req = req.clone(); async move { c.register_worker(req).await } }).await {
                     Ok(r) => {
                         tracing::info!(worker = %r.worker_id, %address, "registered");
+                        if r.lease_ms > 0 {
+                            lease = Duration::from_millis(r.lease_ms);
+                        }
+                        last_contact = std::time::Instant::now();
                         worker_id = Some(r.worker_id.clone());
                         r.worker_id
                     }
@@ -124,11 +139,36 @@ pub async fn run_worker(
                 }
             }
         };
-        let hb = client.call(|mut c| { let worker_id = id.clone(); async move { c.heartbeat(HeartbeatRequest { worker_id }).await } }).await;
+        // Bounded by the lease: a coordinator that hangs (rather than refusing) must not hold
+        // this loop past the moment the task has to stop.
+        let hb = client.call(|mut c| { let worker_id = id.clone(); async move { c.heartbeat(HeartbeatRequest { worker_id }).await } });
+        let hb = match tokio::time::timeout(lease, hb).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer in {lease:?}")),
+        };
         let hb = match hb {
-            Ok(hb) => hb,
+            Ok(hb) => {
+                last_contact = std::time::Instant::now();
+                hb
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "heartbeat failed");
+                if last_contact.elapsed() >= lease {
+                    // Every coordinator has been silent for a whole lease: they will declare
+                    // this worker lost, and its job moves on without it. Training on would
+                    // be training a generation that is over.
+                    if let Some(r) = running.take() {
+                        tracing::warn!(job = r.job, generation = r.generation, silent_for = ?last_contact.elapsed(),
+                            "no coordinator answered for a whole lease; stopping the task");
+                        r.cancel.store(true, Ordering::Relaxed);
+                        stopping.push(r);
+                    }
+                    if worker_id.is_some() {
+                        // The old id is lost by now (or will be); come back as a new worker.
+                        worker_id = None;
+                        registration = shoal_coordinator::client::new_request_id();
+                    }
+                }
                 continue;
             }
         };
@@ -143,15 +183,17 @@ pub async fn run_worker(
             if let Some(r) = running.take() {
                 tracing::info!(job = r.job, generation = r.generation, "assignment ended; stopping its task");
                 r.cancel.store(true, Ordering::Relaxed);
-                let _ = r.handle.await;
-                mailbox.purge(r.job, r.generation);
+                stopping.push(r);
             }
-            if let Some(a) = want {
-                running = Some(start_task(&cfg, &id, a, mailbox.clone(), incoming.clone(), client.clone()));
+            match want {
+                Some(a) if stopping.is_empty() => running = Some(start_task(&cfg, &id, a, mailbox.clone(), incoming.clone(), client.clone())),
+                // Started on a later tick, once the stopped tasks are gone.
+                Some(a) => tracing::debug!(job = a.job_id, generation = a.generation, "waiting for the previous task to stop"),
+                None => {}
             }
         }
     }
-    if let Some(r) = running.as_ref() {
+    for r in running.iter().chain(&stopping) {
         r.cancel.store(true, Ordering::Relaxed);
     }
     if let Some(id) = worker_id {
@@ -163,7 +205,7 @@ pub async fn run_worker(
             Err(_) => tracing::warn!("could not deregister in time"),
         }
     }
-    if let Some(r) = running.take() {
+    for r in running.into_iter().chain(stopping) {
         let _ = r.handle.await;
     }
     let _ = server.await;

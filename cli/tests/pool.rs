@@ -1,0 +1,67 @@
+//! The worker pool of a local cluster: `shoal worker list` and `add`, and a worker that loses
+//! every coordinator for a whole lease stopping its task (and coming back as a new worker).
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+fn pids_alive(pids: &[i64]) -> usize {
+    pids.iter().filter(|&&p| unsafe { libc::kill(p as i32, 0) } == 0).count()
+}
+
+#[test]
+fn worker_add_grows_the_pool_and_down_stops_every_worker() {
+    let c = UpCluster::start(2);
+    let list = json(&mut c.cmd(&["worker", "list", "--json"]));
+    let workers = list.as_array().unwrap();
+    assert_eq!(workers.len(), 2, "{list}");
+    assert!(workers.iter().all(|w| w["state"] == "idle" && w["id"].is_string() && w["pid"].as_i64().unwrap() > 0), "{list}");
+
+    let added = json(&mut c.cmd(&["worker", "add", "--count", "2", "--json"]));
+    assert_eq!(added["added"].as_array().unwrap().len(), 2, "{added}");
+    let list = json(&mut c.cmd(&["worker", "list", "--json"]));
+    let live: Vec<i64> = list.as_array().unwrap().iter().filter(|w| w["state"] == "idle").map(|w| w["pid"].as_i64().unwrap()).collect();
+    assert_eq!(live.len(), 4, "{list}");
+    for a in added["added"].as_array().unwrap() {
+        assert!(live.contains(&a["pid"].as_i64().unwrap()), "added worker {a} is not registered: {list}");
+    }
+
+    // The added workers take jobs like the others: a 4-worker job runs on them.
+    c.import_mnist("mnist");
+    let spec = mnist_spec("mnist", 1, 2048, 5, "[64]").replace("workers = 2", "workers = 4");
+    let job = c.submit_follow(&c.write_spec("four.toml", &spec));
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["results"].as_array().unwrap().len(), 4, "{job}");
+
+    let e = fails(&mut c.cmd(&["worker", "add", "--count", "0"]));
+    assert!(e.contains("--count"), "{e}");
+    ok(&mut c.cmd(&["down"]));
+    wait_for("every worker to stop", Duration::from_secs(15), || (pids_alive(&live) == 0).then_some(()));
+}
+
+#[test]
+fn a_worker_cut_off_from_the_coordinators_stops_its_task_and_the_job_recovers() {
+    let c = UpCluster::start_with(&["--workers", "2", "--lease-ms", "1000"]);
+    c.import_mnist("mnist");
+    let spec = c.write_spec("long.toml", &mnist_spec("mnist", 12, 8000, 3, "[256]"));
+    let id = json(c.cmd(&["job", "submit", "--json"]).arg(&spec))["id"].to_string();
+    c.wait_job(&id, "training to be under way", Duration::from_secs(60), |j| j["state"] == "running" && j["step"].as_u64().unwrap_or(0) > 5);
+
+    // Freeze the only coordinator for three leases: no worker can reach any coordinator.
+    let status = json(&mut c.cmd(&["status", "--json"]));
+    let pid = status["coordinators"][0]["pid"].as_i64().unwrap() as i32;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    std::thread::sleep(Duration::from_millis(3000));
+    let logs: Vec<String> = (1..=2).map(|n| std::fs::read_to_string(c.dir().join(format!("workers/{n}/log"))).unwrap_or_default()).collect();
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    for (n, log) in logs.iter().enumerate() {
+        assert!(log.contains("no coordinator answered for a whole lease"), "worker {} kept training: {log}", n + 1);
+    }
+
+    // The coordinator declares the silent ids lost, the workers come back as new ones, and the
+    // job continues (from its last checkpoint, or the start) to the end.
+    let job = c.wait_end(&id);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert!(job["restarts"].as_u64().unwrap() >= 1, "{job}");
+    assert!(job["test_accuracy"].as_f64().unwrap() > 0.85, "{job}");
+}
