@@ -65,3 +65,37 @@ fn a_worker_cut_off_from_the_coordinators_stops_its_task_and_the_job_recovers() 
     assert!(job["restarts"].as_u64().unwrap() >= 1, "{job}");
     assert!(job["test_accuracy"].as_f64().unwrap() > 0.85, "{job}");
 }
+
+#[test]
+fn a_job_goes_on_with_fewer_workers_and_waits_below_its_minimum() {
+    let c = UpCluster::start_with(&["--workers", "3", "--lease-ms", "1000"]);
+    c.import_mnist("mnist");
+    let spec = mnist_spec("mnist", 40, 8000, 3, "[256]").replace("workers = 2", "workers = 2\nmin_workers = 2\nmax_workers = 3")
+        + "[checkpoint]\nevery_steps = 25\n";
+    let id = json(c.cmd(&["job", "submit", "--json"]).arg(c.write_spec("pool.toml", &spec)))["id"].to_string();
+    let job = c.wait_job(&id, "the job on all three workers", Duration::from_secs(60), |j| j["state"] == "running" && j["step"].as_u64().unwrap_or(0) > 30);
+    assert_eq!(job["world_size"], 3, "max_workers free: it takes them: {job}");
+
+    let pid_of = |worker: &serde_json::Value| {
+        let list = json(&mut c.cmd(&["worker", "list", "--json"]));
+        list.as_array().unwrap().iter().find(|w| w["id"] == *worker).unwrap()["pid"].as_i64().unwrap() as i32
+    };
+    // Lose one: the job goes on, from its last checkpoint, on the two that are left.
+    let victim = pid_of(&job["workers"][2]);
+    assert_eq!(unsafe { libc::kill(victim, libc::SIGKILL) }, 0);
+    let job = c.wait_job(&id, "the job on two workers", Duration::from_secs(60), |j| j["state"] == "running" && j["world_size"] == 2);
+    assert!(job["restarts"].as_u64().unwrap() >= 1, "{job}");
+
+    // Lose another: one is fewer than min_workers, so the job waits in the queue...
+    let victim = pid_of(&job["workers"][1]);
+    assert_eq!(unsafe { libc::kill(victim, libc::SIGKILL) }, 0);
+    c.wait_job(&id, "the job to wait for workers", Duration::from_secs(30), |j| j["state"] == "queued");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(c.job(&id)["state"], "queued", "it must not start below min_workers");
+    // ...until a worker is added.
+    ok(&mut c.cmd(&["worker", "add"]));
+    let job = c.wait_end(&id);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["world_size"], 2, "{job}");
+    assert!(job["test_accuracy"].as_f64().unwrap() > 0.85, "{job}");
+}

@@ -358,6 +358,8 @@ impl StateMachine {
                     dataset_version,
                     world_size: spec.cluster.workers,
                     dataset_name: spec.dataset.name.clone(),
+                    min_workers: spec.cluster.min(),
+                    max_workers: spec.cluster.max(),
                     ..Default::default()
                 };
                 self.jobs.insert(job.id, job.clone());
@@ -368,7 +370,8 @@ impl StateMachine {
                 if job.state() != JobState::Queued {
                     return Err(format!("job {} is {}, not queued", a.job_id, job.state().label()));
                 }
-                if a.generation != job.generation + 1 || a.workers.len() != job.world_size as usize {
+                let (min, max) = pool_range(job);
+                if a.generation != job.generation + 1 || !(min as usize..=max as usize).contains(&a.workers.len()) {
                     return Err(format!("stale assignment for job {}", a.job_id));
                 }
                 for (i, w) in a.workers.iter().enumerate() {
@@ -388,6 +391,7 @@ impl StateMachine {
                 let job = self.jobs.get_mut(&a.job_id).expect("checked above");
                 job.state = JobState::Running as i32;
                 job.generation = a.generation;
+                job.world_size = a.workers.len() as u32;
                 job.workers = a.workers;
                 // The new generation starts from the resume point (its rank 0 reports which
                 // checkpoint it actually loaded).
@@ -455,7 +459,10 @@ impl StateMachine {
                 if r.workers != 0 {
                     let spec = JobSpec::parse(&job.spec_toml).map_err(|e| e.to_string())?;
                     spec.check_world_size(r.workers).map_err(|e| format!("--workers {}: {e}", r.workers))?;
+                    // Asked for by name: this many, no range.
                     job.world_size = r.workers;
+                    job.min_workers = r.workers;
+                    job.max_workers = r.workers;
                 }
                 job.state = JobState::Queued as i32;
                 job.error.clear();
@@ -648,9 +655,21 @@ impl StateMachine {
     pub fn next_placement(&self, eligible: impl Fn(&str) -> bool) -> Option<(u64, u64, Vec<String>)> {
         let mut idle: Vec<&WorkerInfo> = self.workers.values().filter(|w| w.state() == WorkerState::Idle && eligible(&w.id)).collect();
         idle.sort_by_key(|w| (w.id.len(), w.id.clone()));
-        let job = self.jobs.values().find(|j| j.state() == JobState::Queued && j.world_size as usize <= idle.len())?;
-        let chosen = idle[..job.world_size as usize].iter().map(|w| w.id.clone()).collect();
+        let job = self.jobs.values().find(|j| j.state() == JobState::Queued && pool_range(j).0 as usize <= idle.len())?;
+        // As many as are idle, up to the job's maximum.
+        let n = idle.len().min(pool_range(job).1 as usize);
+        let chosen = idle[..n].iter().map(|w| w.id.clone()).collect();
         Some((job.id, job.generation + 1, chosen))
+    }
+}
+
+/// The sizes a job's next generation may have: `[cluster] min_workers ..= max_workers`
+/// (jobs from before the range existed: exactly their world size).
+fn pool_range(job: &JobInfo) -> (u32, u32) {
+    if job.min_workers == 0 {
+        (job.world_size, job.world_size)
+    } else {
+        (job.min_workers, job.max_workers.max(job.min_workers))
     }
 }
 
@@ -801,6 +820,28 @@ mod tests {
         sm.apply(23, cmd(command::Kind::CheckpointFailed(f))).unwrap();
         assert_eq!(steps(&sm), vec![4, 6]);
         assert!(sm.job(id).unwrap().checkpoint_error.contains("step 8"));
+    }
+
+    #[test]
+    fn a_job_with_a_pool_range_runs_on_as_many_idle_workers_as_its_maximum_allows() {
+        let mut sm = with_dataset(); // workers w1 and w2
+        for i in 2..4 {
+            let r = RegisterWorkerRequest { address: format!("127.0.0.1:{}", 9000 + i), pid: 1, device: "cpu".into(), ..Default::default() };
+            sm.apply(10 + i, cmd(command::Kind::RegisterWorker(r))).unwrap();
+        }
+        let text = spec(2).replace("workers = 2", "workers = 2\nmin_workers = 2\nmax_workers = 3");
+        let ApplyOutput::Job(job) = sm.apply(20, cmd(command::Kind::SubmitJob(text))).unwrap() else { panic!() };
+        assert_eq!((job.min_workers, job.max_workers), (2, 3));
+        assert_eq!(sm.next_placement(|w| w == "w1"), None, "one free worker is fewer than min_workers");
+        let (_, _, two) = sm.next_placement(|w| w == "w1" || w == "w4").unwrap();
+        assert_eq!(two, vec!["w1".to_string(), "w4".to_string()], "two is enough to start");
+        let (_, g, three) = sm.next_placement(|_| true).unwrap();
+        assert_eq!(three.len(), 3, "never more than max_workers");
+        // An assignment outside the range is refused when applied; one inside sets the world size.
+        let four: Vec<String> = ["w1", "w2", "w3", "w4"].map(String::from).to_vec();
+        assert!(sm.apply(21, cmd(command::Kind::JobAssigned(JobAssigned { job_id: job.id, generation: g, workers: four }))).is_err());
+        sm.apply(22, cmd(command::Kind::JobAssigned(JobAssigned { job_id: job.id, generation: g, workers: three }))).unwrap();
+        assert_eq!(sm.job(job.id).unwrap().world_size, 3);
     }
 
     #[test]

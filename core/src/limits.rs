@@ -61,7 +61,8 @@ pub fn check_job(spec: &JobSpec, input: &[u64], classes: u64) -> Result<(), Stri
             MAX_MESSAGE_BYTES >> 20
         ));
     }
-    let share = (spec.training.batch_size as u64).div_ceil(spec.cluster.workers.max(1) as u64);
+    // The largest share: the smallest generation the job may run as.
+    let share = (spec.training.batch_size as u64).div_ceil(spec.cluster.min().max(1) as u64);
     let floats = share.saturating_mul(activation_floats(&spec.model, input, classes));
     if floats > MAX_BATCH_FLOATS {
         return Err(format!(

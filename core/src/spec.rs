@@ -130,12 +130,28 @@ impl OptimizerSpec {
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSpec {
+    /// The target.
     pub workers: u32,
+    /// The job starts (or goes on after losing workers) once this many are free; default
+    /// `workers`.
+    pub min_workers: Option<u32>,
+    /// A generation uses up to this many free workers; default `workers`.
+    pub max_workers: Option<u32>,
 }
 
 impl Default for ClusterSpec {
     fn default() -> Self {
-        ClusterSpec { workers: 1 }
+        ClusterSpec { workers: 1, min_workers: None, max_workers: None }
+    }
+}
+
+impl ClusterSpec {
+    pub fn min(&self) -> u32 {
+        self.min_workers.unwrap_or(self.workers)
+    }
+
+    pub fn max(&self) -> u32 {
+        self.max_workers.unwrap_or(self.workers)
     }
 }
 
@@ -293,6 +309,17 @@ impl JobSpec {
             return Err(bad("cluster.workers", format!("{workers} is more than the 1024 supported")));
         }
         check_batch_split(t.batch_size, workers)?;
+        let (min, max) = (self.cluster.min(), self.cluster.max());
+        if min == 0 || min > workers {
+            return Err(bad("cluster.min_workers", format!("must be 1 to cluster.workers ({workers}), got {min}")));
+        }
+        if max < workers || max > 1024 {
+            return Err(bad("cluster.max_workers", format!("must be cluster.workers ({workers}) to 1024, got {max}")));
+        }
+        if t.batch_size < max {
+            // Every generation, whatever its size, splits the global batch.
+            return Err(bad("cluster.max_workers", format!("{max} is more than training.batch_size ({}): every worker needs a share of each batch", t.batch_size)));
+        }
         if t.batch_size as u64 > b - a {
             return Err(bad("training.batch_size", format!("{} is larger than the training range ({} records)", t.batch_size, b - a)));
         }
@@ -407,6 +434,18 @@ workers = 2
 
     fn err_of(text: &str) -> String {
         JobSpec::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_pool_range_defaults_to_the_target_and_is_checked() {
+        let s = JobSpec::parse(GOOD).unwrap();
+        assert_eq!((s.cluster.min(), s.cluster.max()), (2, 2));
+        let s = JobSpec::parse(&GOOD.replace("workers = 2", "workers = 2\nmin_workers = 1\nmax_workers = 4")).unwrap();
+        assert_eq!((s.cluster.min(), s.cluster.workers, s.cluster.max()), (1, 2, 4));
+        for (extra, key) in [("min_workers = 3", "cluster.min_workers"), ("min_workers = 0", "cluster.min_workers"), ("max_workers = 1", "cluster.max_workers"), ("max_workers = 65", "cluster.max_workers")] {
+            let e = err_of(&GOOD.replace("workers = 2", &format!("workers = 2\n{extra}")));
+            assert!(e.contains(key), "{extra}: {e}");
+        }
     }
 
     #[test]
