@@ -51,7 +51,7 @@ enum Cmd {
     /// The coordinator group, while it serves: add, remove, transfer-leader.
     #[command(subcommand)]
     Coordinator(CoordinatorCmd),
-    /// The worker pool: list, add (on a local cluster).
+    /// The worker pool: list, add and remove (on a local cluster).
     #[command(subcommand)]
     Worker(WorkerCmd),
     /// Run one server process in the foreground (what `shoal up` spawns).
@@ -290,6 +290,15 @@ enum WorkerCmd {
     List {
         #[command(flatten)]
         conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop worker ID of the local cluster in --dir: it leaves its job (which goes on without
+    /// it, from its last checkpoint, if it still has min_workers) and exits.
+    Remove {
+        id: String,
+        #[command(flatten)]
+        dir: DirArg,
         #[arg(long)]
         json: bool,
     },
@@ -569,6 +578,15 @@ async fn worker(cmd: WorkerCmd) -> Result<()> {
                 print_json(&json!(workers));
             } else {
                 print_workers(&workers);
+            }
+        }
+        WorkerCmd::Remove { id, dir, json } => {
+            let layout = Layout::new(dir.dir.unwrap_or_else(default_dir));
+            let pid = shoal_cluster::remove_worker(&layout, &id).await?;
+            if json {
+                print_json(&json!({"removed": id, "pid": pid}));
+            } else {
+                println!("worker {id} stopped (pid {pid})");
             }
         }
         WorkerCmd::Add { count, dir, json } => {

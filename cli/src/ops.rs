@@ -116,6 +116,7 @@ pub fn job_json(j: &JobInfo) -> Value {
         },
         "checkpoint_error": nonempty(&j.checkpoint_error),
         "restarts": j.restarts,
+        "membership": j.membership.iter().map(|m| json!({"generation": m.generation, "step": m.step, "workers": m.workers, "cause": m.cause, "detail": nonempty(&m.detail)})).collect::<Vec<_>>(),
         "restart_cause": nonempty(&j.restart_cause),
         // The job's model: its final checkpoint, once it succeeded.
         "model": match last {
@@ -201,6 +202,12 @@ pub async fn submit_text(client: &Client, text: &str) -> Result<JobInfo> {
         .await?)
 }
 
+/// One membership change in words: generation, cause, workers, step.
+pub fn membership_line(m: &shoal_proto::MembershipChange) -> String {
+    let why = if m.detail.is_empty() { String::new() } else { format!(" ({})", m.detail) };
+    format!("generation {} [{}] on {} worker(s) {} from step {}{why}", m.generation, m.cause, m.workers.len(), m.workers.join(","), m.step)
+}
+
 /// Polls a job until it ends, drawing a progress bar (epoch, step, loss, samples/s).
 pub async fn follow(client: &Client, id: u64, show: bool) -> Result<JobInfo> {
     let bar = indicatif::ProgressBar::new(0);
@@ -212,8 +219,16 @@ pub async fn follow(client: &Client, id: u64, show: bool) -> Result<JobInfo> {
             .expect("static template")
             .progress_chars("=> "),
     );
+    let mut changes_shown = 0;
     loop {
         let j = get_job(client, id).await?;
+        for m in j.membership.iter().skip(changes_shown) {
+            // The first generation is the start, not a change.
+            if m.generation > 1 || m.cause != "start" {
+                bar.println(format!("job {}: {}", j.id, membership_line(m)));
+            }
+        }
+        changes_shown = j.membership.len();
         let p = j.progress.clone().unwrap_or_default();
         let epochs = shoal_core::JobSpec::parse(&j.spec_toml).map(|s| s.training.epochs).unwrap_or(0);
         // Text first: moving the position may redraw at once.

@@ -5,8 +5,13 @@ mod common;
 use common::*;
 use std::time::Duration;
 
+/// A live process (a zombie waiting to be reaped by init has no command line).
+fn running(pid: i64) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+}
+
 fn pids_alive(pids: &[i64]) -> usize {
-    pids.iter().filter(|&&p| unsafe { libc::kill(p as i32, 0) } == 0).count()
+    pids.iter().filter(|&&p| running(p)).count()
 }
 
 #[test]
@@ -80,13 +85,20 @@ fn a_job_goes_on_with_fewer_workers_and_waits_below_its_minimum() {
         let list = json(&mut c.cmd(&["worker", "list", "--json"]));
         list.as_array().unwrap().iter().find(|w| w["id"] == *worker).unwrap()["pid"].as_i64().unwrap() as i32
     };
-    // Lose one: the job goes on, from its last checkpoint, on the two that are left.
+    // Remove a busy one: it exits, and the job goes on, from its last checkpoint, on the two
+    // that are left.
+    let removed = job["workers"][2].as_str().unwrap().to_string();
     let victim = pid_of(&job["workers"][2]);
-    assert_eq!(unsafe { libc::kill(victim, libc::SIGKILL) }, 0);
+    let out = json(&mut c.cmd(&["worker", "remove", &removed, "--json"]));
+    assert_eq!(out["pid"], victim, "{out}");
+    assert!(!running(victim as i64), "the removed worker still runs");
     let job = c.wait_job(&id, "the job on two workers", Duration::from_secs(60), |j| j["state"] == "running" && j["world_size"] == 2);
     assert!(job["restarts"].as_u64().unwrap() >= 1, "{job}");
+    assert!(!job["workers"].as_array().unwrap().iter().any(|w| *w == removed.as_str()), "{job}");
+    let e = fails(&mut c.cmd(&["worker", "remove", "w999"]));
+    assert!(e.contains("no worker w999"), "{e}");
 
-    // Lose another: one is fewer than min_workers, so the job waits in the queue...
+    // Lose another (SIGKILL): one is fewer than min_workers, so the job waits in the queue...
     let victim = pid_of(&job["workers"][1]);
     assert_eq!(unsafe { libc::kill(victim, libc::SIGKILL) }, 0);
     c.wait_job(&id, "the job to wait for workers", Duration::from_secs(30), |j| j["state"] == "queued");
@@ -98,4 +110,12 @@ fn a_job_goes_on_with_fewer_workers_and_waits_below_its_minimum() {
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(job["world_size"], 2, "{job}");
     assert!(job["test_accuracy"].as_f64().unwrap() > 0.85, "{job}");
+    // Every generation is on record: why it began, on whom, from which step.
+    let m = job["membership"].as_array().unwrap();
+    let causes: Vec<&str> = m.iter().map(|c| c["cause"].as_str().unwrap()).collect();
+    assert_eq!(causes, ["start", "removed", "lost"], "{job}");
+    let sizes: Vec<usize> = m.iter().map(|c| c["workers"].as_array().unwrap().len()).collect();
+    assert_eq!(sizes, [3, 2, 2], "{job}");
+    assert!(m.windows(2).all(|w| w[0]["generation"].as_u64() < w[1]["generation"].as_u64() && w[0]["step"].as_u64() <= w[1]["step"].as_u64()), "{job}");
+    assert!(m[1]["step"].as_u64().unwrap() > 0, "the second generation starts from a checkpoint: {job}");
 }

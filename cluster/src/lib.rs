@@ -410,6 +410,34 @@ fn stop(pids: &[u32]) -> Vec<u32> {
     pids
 }
 
+/// Stops worker `worker_id` (the coordinator's id) of the local cluster: SIGTERM, on which it
+/// leaves its job (which goes on without it, from its last checkpoint) and deregisters, then
+/// exits. Returns its pid.
+pub async fn remove_worker(layout: &Layout, worker_id: &str) -> Result<u32, ClusterError> {
+    let mut file = layout.read()?;
+    let client = Client::new(&layout.endpoints()?).map_err(|e| ClusterError::Startup(e.to_string()))?;
+    let status = client
+        .call(|mut c| async move { c.get_status(shoal_proto::StatusRequest {}).await })
+        .await
+        .map_err(|e| ClusterError::Startup(format!("asking the coordinator for its workers: {e}")))?;
+    let w = status.workers.iter().find(|w| w.id == worker_id).ok_or_else(|| ClusterError::Startup(format!("there is no worker {worker_id} (see `shoal worker list`)")))?;
+    if w.state() == shoal_proto::WorkerState::Lost {
+        return Err(ClusterError::Startup(format!("worker {worker_id} is already lost")));
+    }
+    if !file.workers.iter().any(|p| p.pid == w.pid) || !pid_alive(w.pid) {
+        return Err(ClusterError::Startup(format!(
+            "worker {worker_id} (pid {}) is not a running process of the cluster in {}: stop it where it runs",
+            w.pid,
+            layout.dir.display()
+        )));
+    }
+    let pid = w.pid;
+    tokio::task::spawn_blocking(move || stop(&[pid])).await.map_err(|e| ClusterError::Startup(e.to_string()))?;
+    file.workers.retain(|p| p.pid != pid);
+    write_file(layout, &file)?;
+    Ok(pid)
+}
+
 /// Stops every process of the recorded cluster (workers first), then forgets it.
 pub fn down(layout: &Layout) -> Result<Vec<u32>, ClusterError> {
     let file = layout.read()?;

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use shoal_core::{dataset, JobSpec};
 use shoal_proto::{
-    command, request_record, Assignment, Command, DatasetInfo, DatasetVersion, JobInfo, JobProgress, JobState, PeerInfo, RankResult, RequestRecord,
+    command, request_record, Assignment, Command, DatasetInfo, DatasetVersion, JobInfo, JobProgress, JobState, MembershipChange, PeerInfo, RankResult, RequestRecord,
     StateSnapshot, WorkerInfo, WorkerState,
 };
 
@@ -297,7 +297,8 @@ impl StateMachine {
                 w.job_id = 0;
                 if job != 0 {
                     let how = if lost.cause.is_empty() { "was lost (missed heartbeats)".to_string() } else { lost.cause.clone() };
-                    self.requeue(job, format!("worker {} {how}", lost.worker_id));
+                    let kind = if lost.cause.is_empty() { "lost" } else { "removed" };
+                    self.requeue(job, format!("worker {} {how}", lost.worker_id), kind);
                 }
                 Ok(ApplyOutput::None)
             }
@@ -400,6 +401,18 @@ impl StateMachine {
                     p.step = start;
                     p.resumed_from = None;
                 }
+                let cause = std::mem::take(&mut job.next_cause);
+                // Bounded: a job that restarts forever keeps its latest changes.
+                if job.membership.len() >= 256 {
+                    job.membership.remove(0);
+                }
+                job.membership.push(MembershipChange {
+                    generation: a.generation,
+                    step: start,
+                    workers: job.workers.clone(),
+                    cause: if cause.is_empty() { "start".into() } else { cause },
+                    detail: if job.restarts == 0 { String::new() } else { job.restart_cause.clone() },
+                });
                 Ok(ApplyOutput::Job(Box::new(job.clone())))
             }
             command::Kind::UpdateProgress(u) => {
@@ -469,6 +482,7 @@ impl StateMachine {
                 job.results.clear();
                 job.workers.clear();
                 job.restarts += 1;
+                job.next_cause = "resumed".into();
                 job.restart_cause = match job.checkpoints.last() {
                     Some(c) => format!("resumed by request from checkpoint step {}", c.step),
                     None => "resumed by request; no checkpoint, so from step 0".into(),
@@ -522,12 +536,13 @@ impl StateMachine {
 
     /// Puts a running job back in the queue; it continues from its last committed
     /// checkpoint in its next generation. Its other workers go back to idle.
-    fn requeue(&mut self, id: u64, cause: String) {
+    fn requeue(&mut self, id: u64, cause: String, kind: &str) {
         let Some(job) = self.jobs.get_mut(&id) else { return };
         if job.state() != JobState::Running {
             return;
         }
         job.state = JobState::Queued as i32;
+        job.next_cause = kind.to_string();
         job.restarts += 1;
         job.restart_cause = match job.checkpoints.last() {
             Some(c) => format!("{cause}; resuming from checkpoint step {}", c.step),
@@ -865,6 +880,9 @@ mod tests {
         sm.apply(10, cmd(command::Kind::JobAssigned(JobAssigned { job_id: id, generation: gen2, workers }))).unwrap();
         assert_eq!(sm.job(id).unwrap().progress.as_ref().unwrap().step, 4);
         assert_eq!(sm.assignment("w3").unwrap().checkpoints[0].step, 4);
+        let m = &sm.job(id).unwrap().membership;
+        assert_eq!(m.iter().map(|c| (c.generation, c.step, c.cause.as_str())).collect::<Vec<_>>(), vec![(1, 0, "start"), (2, 4, "lost")]);
+        assert_eq!(m[1].workers, vec!["w2".to_string(), "w3".to_string()]);
     }
 
     #[test]
