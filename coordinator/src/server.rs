@@ -837,7 +837,15 @@ impl Coordinator for Api {
 
     async fn report_outcome(&self, r: Request<OutcomeReport>) -> Result<Response<Ack>, Status> {
         // Outcomes are idempotent by (job, generation, rank) already.
-        self.propose(command::Kind::RankOutcome(r.into_inner()), String::new()).await?;
+        let r = r.into_inner();
+        let (job, generation, reporter, peer_failure) = (r.job_id, r.generation, r.worker_id.clone(), r.peer_failure);
+        self.propose(command::Kind::RankOutcome(r), String::new()).await?;
+        if peer_failure {
+            // A rank lost a peer: find out, without waiting for a lease, which of the job's
+            // workers is gone.
+            let api = self.clone();
+            tokio::spawn(async move { api.probe_job_workers(job, generation, &reporter).await });
+        }
         Ok(Response::new(Ack {}))
     }
 
@@ -875,6 +883,39 @@ impl Coordinator for Api {
 }
 
 impl Api {
+    /// Probes the data-plane address of every worker of (job, generation) but `reporter`,
+    /// three times 250 ms apart; one that refuses the connection every time (its process is
+    /// gone) is declared lost, which requeues the job without it. One that times out proves
+    /// nothing (a busy or distant host): its lease decides.
+    async fn probe_job_workers(&self, job: u64, generation: u64, reporter: &str) {
+        let targets: Vec<(String, String)> = {
+            let state = self.0.state.read().expect("state lock");
+            let Some(j) = state.job(job).filter(|j| j.generation == generation && j.state() == JobState::Running) else { return };
+            j.workers.iter().filter(|w| *w != reporter).filter_map(|w| state.worker(w).map(|i| (w.clone(), i.address.clone()))).collect()
+        };
+        for (worker, address) in targets {
+            let mut refused = 0;
+            for attempt in 0..3 {
+                if attempt > 0 {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                let addr = address.trim_start_matches("http://").to_string();
+                if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(&addr)).await {
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                        refused += 1;
+                    }
+                }
+            }
+            if refused == 3 {
+                tracing::warn!(job, generation, %worker, %address, "a peer reported this worker gone and it refuses connections: declaring it lost");
+                let lost = WorkerLost { worker_id: worker.clone(), cause: format!("was lost (its peers lost it; nothing answers at {address})") };
+                if let Err(e) = self.propose(command::Kind::WorkerLost(lost), String::new()).await {
+                    tracing::debug!(%worker, error = %e.message(), "declaring the worker lost");
+                }
+            }
+        }
+    }
+
     /// Checks a Raft message from a peer and hands it to the Ready loop; anything that is not
     /// a message of this cluster, from a member, for this node, is refused and counted.
     fn accept(&self, env: RaftEnvelope) -> Result<Response<Ack>, Status> {

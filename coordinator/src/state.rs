@@ -297,7 +297,8 @@ impl StateMachine {
                 w.job_id = 0;
                 if job != 0 {
                     let how = if lost.cause.is_empty() { "was lost (missed heartbeats)".to_string() } else { lost.cause.clone() };
-                    let kind = if lost.cause.is_empty() { "lost" } else { "removed" };
+                    // A worker that deregistered says "stopped ..."; anything else was lost.
+                    let kind = if lost.cause.starts_with("stopped") { "removed" } else { "lost" };
                     self.requeue(job, format!("worker {} {how}", lost.worker_id), kind);
                 }
                 Ok(ApplyOutput::None)
@@ -393,6 +394,7 @@ impl StateMachine {
                 job.state = JobState::Running as i32;
                 job.generation = a.generation;
                 job.world_size = a.workers.len() as u32;
+                job.peer_failures.clear();
                 job.workers = a.workers;
                 // The new generation starts from the resume point (its rank 0 reports which
                 // checkpoint it actually loaded).
@@ -427,6 +429,25 @@ impl StateMachine {
                 let Some(rank) = job.workers.iter().position(|w| *w == r.worker_id) else {
                     return Err(format!("worker {} is not part of job {}", r.worker_id, r.job_id));
                 };
+                if !r.ok && r.peer_failure {
+                    // Not this rank's failure: a peer is gone. The leader probes the job's
+                    // workers and declares the dead ones lost (which requeues the job). If every
+                    // rank says so, nobody can tell who died: back to the last checkpoint.
+                    let rank = rank as u32;
+                    if !job.peer_failures.contains(&rank) {
+                        job.peer_failures.push(rank);
+                    }
+                    if job.peer_failures.len() == job.workers.len() {
+                        let id = job.id;
+                        if job.restarts >= MAX_RESTARTS {
+                            let msg = format!("every worker lost its peers, and the job has restarted {} times: giving up ({})", job.restarts, r.error);
+                            self.finish_job(id, JobState::Failed, msg);
+                        } else {
+                            self.requeue(id, format!("every worker lost its peers ({})", r.error), "lost");
+                        }
+                    }
+                    return Ok(ApplyOutput::None);
+                }
                 if !r.ok {
                     let msg = format!("rank {rank} ({}) failed: {}", r.worker_id, r.error);
                     self.finish_job(r.job_id, JobState::Failed, msg);
@@ -543,6 +564,7 @@ impl StateMachine {
         }
         job.state = JobState::Queued as i32;
         job.next_cause = kind.to_string();
+        job.peer_failures.clear();
         job.restarts += 1;
         job.restart_cause = match job.checkpoints.last() {
             Some(c) => format!("{cause}; resuming from checkpoint step {}", c.step),
@@ -678,6 +700,9 @@ impl StateMachine {
     }
 }
 
+/// Restarts after which a job whose workers keep losing each other fails instead.
+const MAX_RESTARTS: u32 = 16;
+
 /// The sizes a job's next generation may have: `[cluster] min_workers ..= max_workers`
 /// (jobs from before the range existed: exactly their world size).
 fn pool_range(job: &JobInfo) -> (u32, u32) {
@@ -769,6 +794,22 @@ mod tests {
         assert_eq!((id, gen), (job.id, 1));
         sm.apply(6, cmd(command::Kind::JobAssigned(JobAssigned { job_id: id, generation: gen, workers }))).unwrap();
         (id, gen)
+    }
+
+    #[test]
+    fn a_peer_failure_waits_for_the_leader_unless_every_rank_reports_one() {
+        let mut sm = with_dataset();
+        let (id, gen) = running_job(&mut sm);
+        let lost_peer = |w: &str| OutcomeReport { worker_id: w.into(), job_id: id, generation: gen, ok: false, error: "rank 1 is gone".into(), peer_failure: true, ..Default::default() };
+        sm.apply(7, cmd(command::Kind::RankOutcome(lost_peer("w1")))).unwrap();
+        sm.apply(8, cmd(command::Kind::RankOutcome(lost_peer("w1")))).unwrap();
+        let job = sm.job(id).unwrap();
+        assert_eq!((job.state(), job.peer_failures.clone()), (JobState::Running, vec![0]), "one report neither fails nor moves the job");
+        sm.apply(9, cmd(command::Kind::RankOutcome(lost_peer("w2")))).unwrap();
+        let job = sm.job(id).unwrap();
+        assert_eq!((job.state(), job.restarts), (JobState::Queued, 1), "every rank lost its peers: back to the checkpoint");
+        assert!(job.restart_cause.contains("every worker lost its peers"), "{}", job.restart_cause);
+        assert!(job.peer_failures.is_empty());
     }
 
     #[test]

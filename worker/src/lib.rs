@@ -26,6 +26,10 @@ pub enum WorkerError {
     Tensor(#[from] candle_core::Error),
     #[error("collective: {0}")]
     Collective(String),
+    /// A peer's process or connection is gone (end of stream, reset, refused, exited): the
+    /// coordinator decides what happens to the job, not this rank.
+    #[error("collective: {0}")]
+    PeerGone(String),
     #[error("coordinator: {0}")]
     Coordinator(String),
     #[error("io: {0}")]

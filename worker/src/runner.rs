@@ -288,11 +288,17 @@ fn start_task(cfg: &WorkerConfig, worker_id: &str, a: Assignment, mailbox: Arc<M
                     error: String::new(),
                     result: Some(RankResult { rank, worker_id: wid.clone(), param_blake3: o.param_blake3, model_path: o.model_path }),
                     progress: Some(o.progress),
+                    peer_failure: false,
                 }
             }
             Err(e) => {
-                tracing::error!(job, rank, error = %e, "task failed");
-                OutcomeReport { worker_id: wid.clone(), job_id: job, generation, ok: false, error: e.to_string(), result: None, progress: None }
+                let peer_failure = matches!(e, WorkerError::PeerGone(_));
+                if peer_failure {
+                    tracing::warn!(job, rank, error = %e, "a peer is gone; telling the coordinator");
+                } else {
+                    tracing::error!(job, rank, error = %e, "task failed");
+                }
+                OutcomeReport { worker_id: wid.clone(), job_id: job, generation, ok: false, error: e.to_string(), result: None, progress: None, peer_failure }
             }
         };
         rt.block_on(report_outcome(&client, report, &cancel_flag));

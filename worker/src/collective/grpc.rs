@@ -213,7 +213,7 @@ impl Ring {
                 Ok(_) => return Ok(()),
                 Err(s) if s.code() != tonic::Code::ResourceExhausted && peer_gone(&self.next_addr).await => {
                     let next = (self.rank + 1) % self.world;
-                    return Err(WorkerError::Collective(format!("next rank {next} at {} is gone ({})", self.next_addr, s.message())));
+                    return Err(WorkerError::PeerGone(format!("next rank {next} at {} is gone ({})", self.next_addr, s.message())));
                 }
                 Err(s) if Instant::now() < deadline && !self.cancel.load(Ordering::Relaxed) => {
                     tracing::debug!(error = %s.message(), "push to next rank failed; retrying");
@@ -239,7 +239,7 @@ impl Ring {
                 _ = probe.tick() => {
                     if peer_gone(&self.prev_addr).await {
                         let prev = (self.rank + self.world - 1) % self.world;
-                        return Err(WorkerError::Collective(format!("previous rank {prev} at {} is gone (connection refused)", self.prev_addr)));
+                        return Err(WorkerError::PeerGone(format!("previous rank {prev} at {} is gone (connection refused)", self.prev_addr)));
                     }
                 }
             }

@@ -129,7 +129,7 @@ impl ShmRing {
                 let pid = self.flag(q, PID).load(Ordering::Acquire);
                 // SAFETY: signal 0 only checks that the process exists.
                 if pid != 0 && unsafe { libc::kill(pid as i32, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
-                    return Err(WorkerError::Collective(format!("rank {q} is gone (process {pid} exited)")));
+                    return Err(WorkerError::PeerGone(format!("rank {q} is gone (process {pid} exited)")));
                 }
                 if Instant::now() >= deadline {
                     return Err(WorkerError::Collective(format!("timed out after {:?} waiting for rank {q}", self.timeout)));

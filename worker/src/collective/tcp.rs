@@ -114,7 +114,7 @@ pub struct TcpRing {
 fn io_err(what: &str, peer: usize, e: std::io::Error) -> WorkerError {
     match e.kind() {
         ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted => {
-            WorkerError::Collective(format!("rank {peer} is gone ({what}: {e})"))
+            WorkerError::PeerGone(format!("rank {peer} is gone ({what}: {e})"))
         }
         _ => WorkerError::Collective(format!("{what} rank {peer}: {e}")),
     }
