@@ -882,11 +882,16 @@ impl Coordinator for Api {
     }
 }
 
+/// Connection attempts, 100 ms apart, to a worker a peer reported gone.
+const PROBES: u32 = 10;
+
 impl Api {
-    /// Probes the data-plane address of every worker of (job, generation) but `reporter`,
-    /// three times 250 ms apart; one that refuses the connection every time (its process is
-    /// gone) is declared lost, which requeues the job without it. One that times out proves
-    /// nothing (a busy or distant host): its lease decides.
+    /// Probes the data-plane address of every worker of (job, generation) but `reporter`, up
+    /// to `PROBES` times 100 ms apart. A live worker always listens there, so a refused
+    /// connection means its process is gone: it is declared lost, which requeues the job
+    /// without it. (A killed process closes its sockets only when its last thread has exited,
+    /// which can be after its main thread shows as a zombie: hence more than one try.) A
+    /// worker that accepts, or times out, proves nothing here: its lease decides.
     async fn probe_job_workers(&self, job: u64, generation: u64, reporter: &str) {
         let targets: Vec<(String, String)> = {
             let state = self.0.state.read().expect("state lock");
@@ -894,23 +899,22 @@ impl Api {
             j.workers.iter().filter(|w| *w != reporter).filter_map(|w| state.worker(w).map(|i| (w.clone(), i.address.clone()))).collect()
         };
         for (worker, address) in targets {
-            let mut refused = 0;
-            for attempt in 0..3 {
+            let addr = address.trim_start_matches("http://").to_string();
+            for attempt in 0..PROBES {
                 if attempt > 0 {
-                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                let addr = address.trim_start_matches("http://").to_string();
-                if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(&addr)).await {
-                    if e.kind() == std::io::ErrorKind::ConnectionRefused {
-                        refused += 1;
+                let refused = matches!(
+                    tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(&addr)).await,
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
+                );
+                if refused {
+                    tracing::warn!(job, generation, %worker, %address, "a peer reported this worker gone and it refuses connections: declaring it lost");
+                    let lost = WorkerLost { worker_id: worker.clone(), cause: format!("was lost (its peers lost it; nothing answers at {address})") };
+                    if let Err(e) = self.propose(command::Kind::WorkerLost(lost), String::new()).await {
+                        tracing::debug!(%worker, error = %e.message(), "declaring the worker lost");
                     }
-                }
-            }
-            if refused == 3 {
-                tracing::warn!(job, generation, %worker, %address, "a peer reported this worker gone and it refuses connections: declaring it lost");
-                let lost = WorkerLost { worker_id: worker.clone(), cause: format!("was lost (its peers lost it; nothing answers at {address})") };
-                if let Err(e) = self.propose(command::Kind::WorkerLost(lost), String::new()).await {
-                    tracing::debug!(%worker, error = %e.message(), "declaring the worker lost");
+                    break;
                 }
             }
         }

@@ -127,8 +127,7 @@ impl ShmRing {
                     return Err(WorkerError::Cancelled);
                 }
                 let pid = self.flag(q, PID).load(Ordering::Acquire);
-                // SAFETY: signal 0 only checks that the process exists.
-                if pid != 0 && unsafe { libc::kill(pid as i32, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+                if pid != 0 && spins.is_multiple_of(1024) && process_gone(pid as i32) {
                     return Err(WorkerError::PeerGone(format!("rank {q} is gone (process {pid} exited)")));
                 }
                 if Instant::now() >= deadline {
@@ -160,6 +159,17 @@ impl ShmRing {
         read(self);
         Ok(())
     }
+}
+
+/// Whether process `pid` has exited: no such process, or a zombie (killed, not yet reaped by
+/// its parent, which for a worker started by `shoal up` is init and may take a second).
+fn process_gone(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    if unsafe { libc::kill(pid, 0) } != 0 {
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+    }
+    // /proc/<pid>/stat: "pid (comm) S ...": the state follows the last ')'.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])))
 }
 
 impl Drop for ShmRing {
