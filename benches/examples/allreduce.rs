@@ -20,6 +20,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use shoal_benches::median;
 
 const USAGE: &str = "usage: allreduce [--sizes 1K,64K,1M,16M,64M,256M] [--worlds 2,4] [--python PATH] [--no-build]";
 
@@ -50,28 +51,12 @@ fn parse_args() -> Result<Args> {
             "--worlds" => a.worlds = value("--worlds")?.split(',').map(|w| w.parse().context("--worlds takes numbers")).collect::<Result<_>>()?,
             "--python" => a.python = Some(value("--python")?.into()),
             "--no-build" => a.build = false,
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other:?}\n{USAGE}"),
+            other => return Err(shoal_benches::other_argument(other, USAGE)),
         }
     }
     Ok(a)
 }
 
-fn median(xs: &[f64]) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
 
 fn iters_for(bytes: u64) -> usize {
     match bytes {

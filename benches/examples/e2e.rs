@@ -20,6 +20,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use shoal_benches::median;
 
 struct Args {
     models: Vec<String>,
@@ -53,11 +54,7 @@ fn parse_args() -> Result<Args> {
             "--python" => a.python = Some(value("--python")?.into()),
             "--json" => a.json = Some(value("--json")?.into()),
             "--no-build" => a.build = false,
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other:?}\n{USAGE}"),
+            other => return Err(shoal_benches::other_argument(other, USAGE)),
         }
     }
     if a.runs == 0 {
@@ -113,18 +110,6 @@ fn measure(mut cmd: Command, prefix: &str, what: &str) -> Result<Run> {
     Ok(Run { samples_per_s, test_accuracy, wall_s, phases })
 }
 
-fn median(xs: &[f64]) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
 
 /// (busy, total) jiffies of all cores, from /proc/stat (Linux only).
 fn cpu_jiffies() -> Option<(u64, u64)> {
@@ -338,12 +323,5 @@ mod tests {
         let torch = "pytorch_ddp: workers=2 epochs=5 test_accuracy=0.9600 samples_per_s=7000 train_s=5.7\n";
         assert_eq!(parse_line(torch, "pytorch_ddp:"), Some((7000.0, 0.96)));
         assert_eq!(parse_line("bench train: starting", "bench train:"), None);
-    }
-
-    #[test]
-    fn median_of_odd_and_even() {
-        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
-        assert!(median(&[]).is_nan());
     }
 }
