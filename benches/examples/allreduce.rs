@@ -184,8 +184,7 @@ fn main() -> Result<()> {
             bail!("cargo build --release -p shoal failed");
         }
     }
-    let beside = std::env::current_exe().ok().and_then(|p| p.parent()?.parent().map(|d| d.join("shoal")));
-    let shoal = beside.filter(|p| p.is_file()).unwrap_or_else(|| root.join("target/release/shoal"));
+    let shoal = shoal_benches::shoal_exe(&root)?;
     let python = args.python.clone().unwrap_or_else(|| root.join("benches/.venv/bin/python"));
     let script = root.join("benches/peer/gloo_allreduce.py");
     let have_torch = python.is_file();

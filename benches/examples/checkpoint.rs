@@ -34,12 +34,7 @@ fn flag(args: &[String], name: &str) -> Option<String> {
 }
 
 fn shoal_exe() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let p = exe.parent().and_then(|d| d.parent()).map(|d| d.join("shoal")).context("locating shoal")?;
-    if !p.is_file() {
-        bail!("{} not found: build it with `cargo build --release -p shoal`", p.display());
-    }
-    Ok(p)
+    shoal_benches::shoal_exe(&Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
 }
 
 fn spec(hidden: &str, epochs: u32, every: Option<u64>) -> String {

@@ -52,12 +52,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn shoal_exe() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let p = exe.parent().and_then(|d| d.parent()).map(|d| d.join("shoal")).context("locating shoal")?;
-    if !p.is_file() {
-        bail!("{} not found: build it with `cargo build --release -p shoal`", p.display());
-    }
-    Ok(p)
+    shoal_benches::shoal_exe(&Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
 }
 
 // ------------------------------------------------------------------------------------------

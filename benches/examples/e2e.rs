@@ -157,16 +157,7 @@ fn main() -> Result<()> {
             bail!("cargo build --release -p shoal failed ({st})");
         }
     }
-    // This example sits in `examples/` of the profile folder that holds `shoal`, whatever the
-    // target dir is.
-    let beside = std::env::current_exe().ok().and_then(|p| p.parent()?.parent().map(|d| d.join("shoal")));
-    let shoal = match beside.filter(|p| p.is_file()) {
-        Some(p) => p,
-        None => root.join("target/release/shoal"),
-    };
-    if !shoal.is_file() {
-        bail!("{} not found: build it with `cargo build --release -p shoal`", shoal.display());
-    }
+    let shoal = shoal_benches::shoal_exe(&root)?;
 
     let python = args.python.clone().unwrap_or_else(|| root.join("benches/.venv/bin/python"));
     let script = root.join("benches/peer/ddp_mnist.py");

@@ -9,7 +9,7 @@
 //! step past the checkpoint it resumed from; then `shoal worker add` restores the spare. Rank 0
 //! reports progress at most every 250 ms, so a time can read up to 0.25 s long.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -56,8 +56,7 @@ fn main() -> Result<()> {
             bail!("cargo build --release -p shoal failed");
         }
     }
-    let beside = std::env::current_exe().ok().and_then(|p| p.parent()?.parent().map(|d| d.join("shoal")));
-    let shoal: PathBuf = beside.filter(|p| p.is_file()).unwrap_or_else(|| root.join("target/release/shoal"));
+    let shoal = shoal_benches::shoal_exe(&root)?;
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().join("cluster");
     run(&shoal, &["up", "--workers", "3"], &dir)?;

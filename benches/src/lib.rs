@@ -1,5 +1,19 @@
 //! What the benchmark runners in `examples/` share.
 
+use std::path::{Path, PathBuf};
+
+/// The `shoal` binary to benchmark: the one in the profile folder this example runs from
+/// (examples sit in its `examples/`, whatever the target dir is), else
+/// `root/target/release/shoal`.
+pub fn shoal_exe(root: &Path) -> anyhow::Result<PathBuf> {
+    let beside = std::env::current_exe().ok().and_then(|p| p.parent()?.parent().map(|d| d.join("shoal")));
+    let shoal = beside.filter(|p| p.is_file()).unwrap_or_else(|| root.join("target/release/shoal"));
+    if !shoal.is_file() {
+        anyhow::bail!("{} not found: build it with `cargo build --release -p shoal`", shoal.display());
+    }
+    Ok(shoal)
+}
+
 /// The median of `xs` (NaN when empty).
 pub fn median(xs: &[f64]) -> f64 {
     let mut v = xs.to_vec();
