@@ -46,7 +46,7 @@ fn main() -> Result<()> {
         match a.as_str() {
             "--trials" => trials = it.next().context("--trials needs a number")?.parse()?,
             "--no-build" => build = false,
-            other => bail!("unknown argument {other:?}; usage: recovery [--trials N] [--no-build]"),
+            other => return Err(shoal_benches::other_argument(other, "usage: recovery [--trials N] [--no-build]")),
         }
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize()?;
