@@ -142,3 +142,22 @@ fn a_killed_worker_is_found_by_its_peers_and_the_job_goes_on_without_it() {
     let causes: Vec<&str> = job["membership"].as_array().unwrap().iter().map(|m| m["cause"].as_str().unwrap()).collect();
     assert_eq!(causes, ["start", "lost"], "{job}");
 }
+
+#[test]
+fn a_job_grows_toward_max_workers_when_a_worker_is_added() {
+    let c = UpCluster::start(2);
+    c.import_mnist("mnist");
+    let spec = mnist_spec("mnist", 40, 8000, 3, "[256]").replace("workers = 2", "workers = 2\nmax_workers = 3") + "[checkpoint]\nevery_steps = 25\n";
+    let id = json(c.cmd(&["job", "submit", "--json"]).arg(c.write_spec("grow.toml", &spec)))["id"].to_string();
+    c.wait_job(&id, "training on two workers", Duration::from_secs(60), |j| j["state"] == "running" && j["step"].as_u64().unwrap_or(0) > 30);
+    ok(&mut c.cmd(&["worker", "add"]));
+    c.wait_job(&id, "the job on three workers", Duration::from_secs(60), |j| j["state"] == "running" && j["world_size"] == 3);
+    let job = c.wait_end(&id);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["world_size"], 3, "{job}");
+    let m = job["membership"].as_array().unwrap();
+    let causes: Vec<&str> = m.iter().map(|c| c["cause"].as_str().unwrap()).collect();
+    assert_eq!(causes, ["start", "joined"], "{job}");
+    assert!(m[1]["step"].as_u64().unwrap() > 0 && m[1]["step"].as_u64().unwrap().is_multiple_of(25), "it joins at a checkpoint: {job}");
+    assert!(job["test_accuracy"].as_f64().unwrap() > 0.85, "{job}");
+}

@@ -526,7 +526,17 @@ impl StateMachine {
                     let extra = job.checkpoints.len() - keep;
                     job.checkpoints.drain(..extra);
                 }
-                Ok(ApplyOutput::Job(Box::new(job.clone())))
+                let out = job.clone();
+                let step = job.checkpoints.last().map(|m| m.step).unwrap_or(0);
+                let (id, size, max) = (job.id, job.workers.len(), pool_range(job).1 as usize);
+                // Grow toward max_workers at a checkpoint (nothing to redo), when a worker is
+                // idle and no queued job is waiting for one.
+                let idle = self.workers.values().any(|w| w.state() == WorkerState::Idle);
+                let waiting = self.jobs.values().any(|j| j.state() == JobState::Queued);
+                if size < max && step < spec.total_steps() && idle && !waiting {
+                    self.requeue(id, format!("a free worker can join the {size} running"), "joined");
+                }
+                Ok(ApplyOutput::Job(Box::new(out)))
             }
             command::Kind::CheckpointFailed(f) => {
                 let job = self.running_job(f.job_id, f.generation)?;
@@ -794,6 +804,29 @@ mod tests {
         assert_eq!((id, gen), (job.id, 1));
         sm.apply(6, cmd(command::Kind::JobAssigned(JobAssigned { job_id: id, generation: gen, workers }))).unwrap();
         (id, gen)
+    }
+
+    #[test]
+    fn a_job_below_its_maximum_grows_at_a_checkpoint_when_a_worker_is_idle() {
+        let mut sm = with_dataset(); // w1, w2
+        let text = spec(2).replace("workers = 2", "workers = 2\nmax_workers = 3");
+        let ApplyOutput::Job(job) = sm.apply(5, cmd(command::Kind::SubmitJob(text))).unwrap() else { panic!() };
+        let (id, gen, two) = sm.next_placement(|_| true).unwrap();
+        sm.apply(6, cmd(command::Kind::JobAssigned(JobAssigned { job_id: id, generation: gen, workers: two }))).unwrap();
+        commit(&mut sm, 7, id, gen, 2).unwrap();
+        assert_eq!(sm.job(id).unwrap().state(), JobState::Running, "no idle worker: nothing to grow into");
+        let r = RegisterWorkerRequest { address: "127.0.0.1:9100".into(), pid: 1, device: "cpu".into(), ..Default::default() };
+        sm.apply(8, cmd(command::Kind::RegisterWorker(r))).unwrap();
+        commit(&mut sm, 9, id, gen, 4).unwrap();
+        let j = sm.job(id).unwrap();
+        assert_eq!((j.state(), j.next_cause.as_str()), (JobState::Queued, "joined"));
+        let (_, gen2, three) = sm.next_placement(|_| true).unwrap();
+        sm.apply(10, cmd(command::Kind::JobAssigned(JobAssigned { job_id: job.id, generation: gen2, workers: three }))).unwrap();
+        let j = sm.job(id).unwrap();
+        assert_eq!((j.world_size, j.membership.last().unwrap().cause.as_str(), j.membership.last().unwrap().step), (3, "joined", 4));
+        // At its maximum it stays put.
+        commit(&mut sm, 11, id, gen2, 6).unwrap();
+        assert_eq!(sm.job(id).unwrap().state(), JobState::Running);
     }
 
     #[test]
