@@ -21,6 +21,17 @@ pub enum ClientError {
     BadEndpoint(String, String),
 }
 
+/// Whether nothing listens at `addr` (`host:port`, or a URL) any more: the connection is
+/// refused, so a process that served there is gone. A connect that times out proves nothing
+/// (a busy or distant host) and says no.
+pub async fn refuses_connections(addr: &str) -> bool {
+    let addr = addr.strip_prefix("http://").unwrap_or(addr);
+    matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
+}
+
 /// `host:port` as a gRPC URL (a full URL is kept as it is).
 pub fn endpoint_url(addr: &str) -> String {
     if addr.contains("://") {

@@ -899,16 +899,11 @@ impl Api {
             j.workers.iter().filter(|w| *w != reporter).filter_map(|w| state.worker(w).map(|i| (w.clone(), i.address.clone()))).collect()
         };
         for (worker, address) in targets {
-            let addr = address.trim_start_matches("http://").to_string();
             for attempt in 0..PROBES {
                 if attempt > 0 {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                let refused = matches!(
-                    tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(&addr)).await,
-                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
-                );
-                if refused {
+                if crate::client::refuses_connections(&address).await {
                     tracing::warn!(job, generation, %worker, %address, "a peer reported this worker gone and it refuses connections: declaring it lost");
                     let lost = WorkerLost { worker_id: worker.clone(), cause: format!("was lost (its peers lost it; nothing answers at {address})") };
                     if let Err(e) = self.propose(command::Kind::WorkerLost(lost), String::new()).await {

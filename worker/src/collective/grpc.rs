@@ -17,6 +17,7 @@ use shoal_proto::data_plane_server::DataPlane;
 use shoal_proto::{Ack, Chunk};
 use tokio::sync::Notify;
 use tonic::transport::Channel;
+use shoal_coordinator::client::refuses_connections;
 use tonic::{Request, Response, Status};
 
 use crate::WorkerError;
@@ -137,16 +138,6 @@ pub struct Ring {
 
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 
-/// Whether nothing listens at `addr` any more: the connection is refused (a process that is
-/// gone). A probe that times out proves nothing (a busy or distant host) and says no.
-async fn peer_gone(addr: &str) -> bool {
-    let addr = addr.strip_prefix("http://").unwrap_or(addr);
-    matches!(
-        tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await,
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
-    )
-}
-
 fn to_bytes(xs: &[f32]) -> Bytes {
     Bytes::from(f32_le_bytes(xs))
 }
@@ -211,7 +202,7 @@ impl Ring {
             let chunk = Chunk { job_id: self.job, generation: self.generation, seq: self.seq, hop, from_rank: self.rank as u32, data: data.clone() };
             match client.clone().push_chunk(chunk).await {
                 Ok(_) => return Ok(()),
-                Err(s) if s.code() != tonic::Code::ResourceExhausted && peer_gone(&self.next_addr).await => {
+                Err(s) if s.code() != tonic::Code::ResourceExhausted && refuses_connections(&self.next_addr).await => {
                     let next = (self.rank + 1) % self.world;
                     return Err(WorkerError::PeerGone(format!("next rank {next} at {} is gone ({})", self.next_addr, s.message())));
                 }
@@ -237,7 +228,7 @@ impl Ring {
             tokio::select! {
                 got = &mut take => return got,
                 _ = probe.tick() => {
-                    if peer_gone(&self.prev_addr).await {
+                    if refuses_connections(&self.prev_addr).await {
                         let prev = (self.rank + self.world - 1) % self.world;
                         return Err(WorkerError::PeerGone(format!("previous rank {prev} at {} is gone (connection refused)", self.prev_addr)));
                     }
