@@ -105,6 +105,11 @@ pub fn job_json(j: &JobInfo) -> Value {
         "error": nonempty(&j.error),
         "checkpoint": last.map(|m| json!(m.step)).unwrap_or(Value::Null),
         "resumed_from": p.resumed_from.map(|s| json!(s)).unwrap_or(Value::Null),
+        "continued_from": p.continued_from.map(|s| json!(s)).unwrap_or(Value::Null),
+        // Per epoch: the training records that went into applied steps, and their digest
+        // (shoal_core::rng::RecordDigest, packed).
+        "epoch_records": p.epoch_records.iter().zip(&p.epoch_digests).enumerate()
+            .map(|(e, (n, d))| json!({"epoch": e, "records": n, "digest": d})).collect::<Vec<_>>(),
         "checkpoints_skipped": p.checkpoints_skipped,
         "transport": nonempty(&p.transport),
         "phase_ms": {
@@ -235,6 +240,7 @@ pub async fn follow(client: &Client, id: u64, show: bool) -> Result<JobInfo> {
         bar.set_prefix(format!("job {} {}", j.id, j.state().label()));
         let acc = if p.test_accuracy >= 0.0 { format!(" test_acc {:.4}", p.test_accuracy) } else { String::new() };
         let resumed = match (p.resumed_from, j.restarts) {
+            _ if p.continued_from.is_some() => format!(" (continued from step {})", p.continued_from.unwrap_or_default()),
             (Some(s), _) => format!(" (resumed from step {s})"),
             (None, 0) => String::new(),
             (None, n) => format!(" ({n} restarts)"),

@@ -411,7 +411,7 @@ fn stop(pids: &[u32]) -> Vec<u32> {
 }
 
 /// Stops worker `worker_id` (the coordinator's id) of the local cluster: SIGTERM, on which it
-/// leaves its job (which goes on without it, from its last checkpoint) and deregisters, then
+/// leaves its job (which goes on without it, from the state the others hold) and deregisters, then
 /// exits. Returns its pid.
 pub async fn remove_worker(layout: &Layout, worker_id: &str) -> Result<u32, ClusterError> {
     let mut file = layout.read()?;

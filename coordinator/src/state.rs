@@ -285,6 +285,13 @@ impl StateMachine {
                         host_id: req.host_id,
                     },
                 );
+                // A new worker can join a running job below its maximum right away (its state
+                // comes from a peer), unless a queued job is waiting for a worker.
+                let waiting = self.jobs.values().any(|j| j.state() == JobState::Queued);
+                let grow = self.jobs.values().find(|j| j.state() == JobState::Running && (j.workers.len() as u32) < pool_range(j).1).map(|j| (j.id, j.workers.len()));
+                if let (false, Some((job, size))) = (waiting, grow) {
+                    self.requeue(job, format!("worker {id} can join the {size} running"), "joined");
+                }
                 Ok(ApplyOutput::WorkerId(id))
             }
             command::Kind::WorkerLost(lost) => {
@@ -390,20 +397,27 @@ impl StateMachine {
                     info.state = WorkerState::Busy as i32;
                     info.job_id = a.job_id;
                 }
+                let last_step = a.last_step;
                 let job = self.jobs.get_mut(&a.job_id).expect("checked above");
                 job.state = JobState::Running as i32;
                 job.generation = a.generation;
                 job.world_size = a.workers.len() as u32;
                 job.peer_failures.clear();
                 job.workers = a.workers;
-                // The new generation starts from the resume point (its rank 0 reports which
-                // checkpoint it actually loaded).
-                let start = job.checkpoints.last().map(|c| c.step).unwrap_or(0);
+                let cause = std::mem::take(&mut job.next_cause);
+                // Where the new generation starts, until its rank 0 says: after a change of
+                // workers, where the last one got to (the workers carry the state over);
+                // otherwise the newest checkpoint.
+                let checkpoint = job.checkpoints.last().map(|c| c.step).unwrap_or(0);
+                let start = match (&job.progress, carries_state(&cause)) {
+                    (Some(p), true) => p.step.max(last_step).max(checkpoint),
+                    _ => checkpoint,
+                };
                 if let Some(p) = job.progress.as_mut() {
                     p.step = start;
                     p.resumed_from = None;
+                    p.continued_from = None;
                 }
-                let cause = std::mem::take(&mut job.next_cause);
                 // Bounded: a job that restarts forever keeps its latest changes.
                 if job.membership.len() >= 256 {
                     job.membership.remove(0);
@@ -420,6 +434,20 @@ impl StateMachine {
             command::Kind::UpdateProgress(u) => {
                 let job = self.running_job(u.job_id, u.generation)?;
                 if let Some(p) = u.progress {
+                    let current = job.progress.as_ref().map(|c| c.step).unwrap_or(0);
+                    if job.progress_generation == u.generation && p.step < current {
+                        // An older report that arrived late.
+                        return Ok(ApplyOutput::None);
+                    }
+                    // Rank 0 says where this generation really started: in memory or from a
+                    // checkpoint (the assignment could only guess).
+                    let started = p.continued_from.or(p.resumed_from);
+                    if let (Some(step), Some(m)) = (started, job.membership.last_mut()) {
+                        if m.generation == u.generation {
+                            m.step = step;
+                        }
+                    }
+                    job.progress_generation = u.generation;
                     job.progress = Some(p);
                 }
                 Ok(ApplyOutput::None)
@@ -576,9 +604,11 @@ impl StateMachine {
         job.next_cause = kind.to_string();
         job.peer_failures.clear();
         job.restarts += 1;
+        // Survivors of a change of workers carry the state in memory; the checkpoint is the
+        // fallback when none of the next generation's ranks holds it.
         job.restart_cause = match job.checkpoints.last() {
-            Some(c) => format!("{cause}; resuming from checkpoint step {}", c.step),
-            None => format!("{cause}; no checkpoint yet, restarting from step 0"),
+            Some(c) => format!("{cause}; continuing from the workers' memory, else from checkpoint step {}", c.step),
+            None => format!("{cause}; continuing from the workers' memory, else from step 0 (no checkpoint yet)"),
         };
         job.results.clear();
         let workers = std::mem::take(&mut job.workers);
@@ -692,6 +722,7 @@ impl StateMachine {
             checkpoints: job.checkpoints.iter().rev().cloned().collect(),
             ring_peers,
             hosts,
+            carry_state: job.membership.last().is_some_and(|m| carries_state(&m.cause)),
         })
     }
 
@@ -708,6 +739,12 @@ impl StateMachine {
         let chosen = idle[..n].iter().map(|w| w.id.clone()).collect();
         Some((job.id, job.generation + 1, chosen))
     }
+}
+
+/// Whether a generation begun for `cause` continues from the state its workers hold in
+/// memory (a change of workers), rather than from a checkpoint (a start or a resume).
+fn carries_state(cause: &str) -> bool {
+    matches!(cause, "lost" | "removed" | "joined")
 }
 
 /// Restarts after which a job whose workers keep losing each other fails instead.
@@ -728,8 +765,8 @@ mod tests {
     use super::*;
     use shoal_proto::Message;
     use shoal_proto::{
-        CheckpointCommit, CheckpointError, CheckpointFile, CheckpointManifest, JobAssigned, OutcomeReport, RegisterWorkerRequest, ResumeJobRequest,
-        ShardInfo, WorkerLost,
+        CheckpointCommit, CheckpointError, CheckpointFile, CheckpointManifest, JobAssigned, JobProgress, OutcomeReport, RegisterWorkerRequest,
+        ResumeJobRequest, ShardInfo, UpdateProgress, WorkerLost,
     };
 
     fn cmd(kind: command::Kind) -> Command {
@@ -802,31 +839,68 @@ mod tests {
         let ApplyOutput::Job(job) = sm.apply(5, cmd(command::Kind::SubmitJob(spec(2)))).unwrap() else { panic!() };
         let (id, gen, workers) = sm.next_placement(|_| true).unwrap();
         assert_eq!((id, gen), (job.id, 1));
-        sm.apply(6, cmd(command::Kind::JobAssigned(JobAssigned { job_id: id, generation: gen, workers }))).unwrap();
+        sm.apply(6, cmd(command::Kind::JobAssigned(JobAssigned { job_id: id, generation: gen, workers, last_step: 0 }))).unwrap();
         (id, gen)
+    }
+
+    #[test]
+    fn a_job_below_its_maximum_grows_when_a_worker_registers() {
+        let mut sm = with_dataset(); // w1, w2
+        let text = spec(2).replace("workers = 2", "workers = 2\nmax_workers = 3");
+        let ApplyOutput::Job(job) = sm.apply(5, cmd(command::Kind::SubmitJob(text))).unwrap() else { panic!() };
+        let (id, gen, two) = sm.next_placement(|_| true).unwrap();
+        sm.apply(6, cmd(command::Kind::JobAssigned(JobAssigned { job_id: id, generation: gen, workers: two, last_step: 0 }))).unwrap();
+        commit(&mut sm, 7, id, gen, 2).unwrap();
+        assert_eq!(sm.job(id).unwrap().state(), JobState::Running, "no idle worker: nothing to grow into");
+        let p = JobProgress { step: 7, ..Default::default() };
+        sm.apply(8, cmd(command::Kind::UpdateProgress(UpdateProgress { job_id: id, generation: gen, progress: Some(p) }))).unwrap();
+        let r = RegisterWorkerRequest { address: "127.0.0.1:9100".into(), pid: 1, device: "cpu".into(), ..Default::default() };
+        sm.apply(9, cmd(command::Kind::RegisterWorker(r))).unwrap();
+        let j = sm.job(id).unwrap();
+        assert_eq!((j.state(), j.next_cause.as_str()), (JobState::Queued, "joined"), "a new worker joins at once");
+        let (_, gen2, three) = sm.next_placement(|_| true).unwrap();
+        sm.apply(10, cmd(command::Kind::JobAssigned(JobAssigned { job_id: job.id, generation: gen2, workers: three, last_step: 0 }))).unwrap();
+        let j = sm.job(id).unwrap();
+        // Where the last generation got to, not the checkpoint (step 2): the state is in memory.
+        assert_eq!((j.world_size, j.membership.last().unwrap().cause.as_str(), j.membership.last().unwrap().step), (3, "joined", 7));
+        assert!(sm.assignment("w3").unwrap().carry_state, "a change of workers carries the state in memory");
+        // Rank 0 reports where the generation really started (in memory, past the checkpoint).
+        let p = JobProgress { step: 5, continued_from: Some(5), ..Default::default() };
+        let u = UpdateProgress { job_id: id, generation: gen2, progress: Some(p) };
+        sm.apply(11, cmd(command::Kind::UpdateProgress(u))).unwrap();
+        assert_eq!(sm.job(id).unwrap().membership.last().unwrap().step, 5);
+        // Reports can arrive out of order: an older one does not move progress back.
+        let late = JobProgress { step: 4, continued_from: Some(4), ..Default::default() };
+        sm.apply(12, cmd(command::Kind::UpdateProgress(UpdateProgress { job_id: id, generation: gen2, progress: Some(late) }))).unwrap();
+        let j = sm.job(id).unwrap();
+        assert_eq!((j.progress.as_ref().unwrap().step, j.membership.last().unwrap().step), (5, 5));
     }
 
     #[test]
     fn a_job_below_its_maximum_grows_at_a_checkpoint_when_a_worker_is_idle() {
         let mut sm = with_dataset(); // w1, w2
+        let r = RegisterWorkerRequest { address: "127.0.0.1:9100".into(), pid: 1, device: "cpu".into(), ..Default::default() };
+        sm.apply(3, cmd(command::Kind::RegisterWorker(r))).unwrap();
+        let ApplyOutput::Job(small) = sm.apply(4, cmd(command::Kind::SubmitJob(spec(1)))).unwrap() else { panic!() };
         let text = spec(2).replace("workers = 2", "workers = 2\nmax_workers = 3");
         let ApplyOutput::Job(job) = sm.apply(5, cmd(command::Kind::SubmitJob(text))).unwrap() else { panic!() };
+        let (s, sgen, one) = sm.next_placement(|_| true).unwrap();
+        assert_eq!((s, one.len()), (small.id, 1));
+        sm.apply(6, cmd(command::Kind::JobAssigned(JobAssigned { job_id: s, generation: sgen, workers: one.clone(), last_step: 0 }))).unwrap();
         let (id, gen, two) = sm.next_placement(|_| true).unwrap();
-        sm.apply(6, cmd(command::Kind::JobAssigned(JobAssigned { job_id: id, generation: gen, workers: two }))).unwrap();
-        commit(&mut sm, 7, id, gen, 2).unwrap();
-        assert_eq!(sm.job(id).unwrap().state(), JobState::Running, "no idle worker: nothing to grow into");
-        let r = RegisterWorkerRequest { address: "127.0.0.1:9100".into(), pid: 1, device: "cpu".into(), ..Default::default() };
-        sm.apply(8, cmd(command::Kind::RegisterWorker(r))).unwrap();
-        commit(&mut sm, 9, id, gen, 4).unwrap();
+        assert_eq!((id, two.len()), (job.id, 2));
+        sm.apply(7, cmd(command::Kind::JobAssigned(JobAssigned { job_id: id, generation: gen, workers: two, last_step: 0 }))).unwrap();
+        commit(&mut sm, 8, s, sgen, 10).unwrap();
+        outcome(&mut sm, 9, s, sgen, &one[0], "h");
+        assert_eq!(sm.job(s).unwrap().state(), JobState::Succeeded);
+        assert_eq!(sm.job(id).unwrap().state(), JobState::Running);
+        commit(&mut sm, 10, id, gen, 4).unwrap();
         let j = sm.job(id).unwrap();
-        assert_eq!((j.state(), j.next_cause.as_str()), (JobState::Queued, "joined"));
+        assert_eq!((j.state(), j.next_cause.as_str()), (JobState::Queued, "joined"), "the freed worker joins at the checkpoint");
         let (_, gen2, three) = sm.next_placement(|_| true).unwrap();
-        sm.apply(10, cmd(command::Kind::JobAssigned(JobAssigned { job_id: job.id, generation: gen2, workers: three }))).unwrap();
+        sm.apply(11, cmd(command::Kind::JobAssigned(JobAssigned { job_id: id, generation: gen2, workers: three, last_step: 0 }))).unwrap();
         let j = sm.job(id).unwrap();
         assert_eq!((j.world_size, j.membership.last().unwrap().cause.as_str(), j.membership.last().unwrap().step), (3, "joined", 4));
-        // At its maximum it stays put.
-        commit(&mut sm, 11, id, gen2, 6).unwrap();
-        assert_eq!(sm.job(id).unwrap().state(), JobState::Running);
     }
 
     #[test]
@@ -851,7 +925,7 @@ mod tests {
         let (id, gen) = running_job(&mut sm);
         let workers = sm.job(id).unwrap().workers.clone();
         // A duplicate of the same decision is rejected, not applied twice.
-        assert!(sm.apply(7, cmd(command::Kind::JobAssigned(JobAssigned { job_id: id, generation: gen, workers: workers.clone() }))).is_err());
+        assert!(sm.apply(7, cmd(command::Kind::JobAssigned(JobAssigned { job_id: id, generation: gen, workers: workers.clone(), last_step: 0 }))).is_err());
         let a = sm.assignment("w2").unwrap();
         assert_eq!((a.rank, a.world_size, a.peers.len()), (1, 2, 2));
         commit(&mut sm, 8, id, gen, 10).unwrap();
@@ -928,8 +1002,8 @@ mod tests {
         assert_eq!(three.len(), 3, "never more than max_workers");
         // An assignment outside the range is refused when applied; one inside sets the world size.
         let four: Vec<String> = ["w1", "w2", "w3", "w4"].map(String::from).to_vec();
-        assert!(sm.apply(21, cmd(command::Kind::JobAssigned(JobAssigned { job_id: job.id, generation: g, workers: four }))).is_err());
-        sm.apply(22, cmd(command::Kind::JobAssigned(JobAssigned { job_id: job.id, generation: g, workers: three }))).unwrap();
+        assert!(sm.apply(21, cmd(command::Kind::JobAssigned(JobAssigned { job_id: job.id, generation: g, workers: four, last_step: 0 }))).is_err());
+        sm.apply(22, cmd(command::Kind::JobAssigned(JobAssigned { job_id: job.id, generation: g, workers: three, last_step: 0 }))).unwrap();
         assert_eq!(sm.job(job.id).unwrap().world_size, 3);
     }
 
@@ -951,7 +1025,7 @@ mod tests {
         assert_eq!(sm.next_placement(|w| w != "w3"), None, "an ineligible worker is not placed");
         let (_, gen2, workers) = sm.next_placement(|_| true).unwrap();
         assert_eq!((gen2, workers.clone()), (2, vec!["w2".to_string(), "w3".to_string()]));
-        sm.apply(10, cmd(command::Kind::JobAssigned(JobAssigned { job_id: id, generation: gen2, workers }))).unwrap();
+        sm.apply(10, cmd(command::Kind::JobAssigned(JobAssigned { job_id: id, generation: gen2, workers, last_step: 0 }))).unwrap();
         assert_eq!(sm.job(id).unwrap().progress.as_ref().unwrap().step, 4);
         assert_eq!(sm.assignment("w3").unwrap().checkpoints[0].step, 4);
         let m = &sm.job(id).unwrap().membership;

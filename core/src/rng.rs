@@ -38,6 +38,47 @@ impl SplitMix64 {
     }
 }
 
+/// A 24-bit digest of a multiset of record indices, kept as two 12-bit sums modulo 4096 so
+/// that the ranks' parts add up exactly in an f32 all-reduce (up to 4096 ranks). Training
+/// counts, per epoch, the records that went into applied steps with it: a record trained
+/// twice and another skipped keep the count but change the digest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecordDigest {
+    pub lo: u32,
+    pub hi: u32,
+}
+
+impl RecordDigest {
+    pub fn add(&mut self, index: u64) {
+        let h = SplitMix64::new(index).next_u64();
+        self.lo = (self.lo + (h & 0xFFF) as u32) & 0xFFF;
+        self.hi = (self.hi + ((h >> 12) & 0xFFF) as u32) & 0xFFF;
+    }
+
+    /// Adds other digests' halves, summed (e.g. over the ranks).
+    pub fn add_sums(&mut self, lo: u64, hi: u64) {
+        self.lo = ((self.lo as u64 + lo) & 0xFFF) as u32;
+        self.hi = ((self.hi as u64 + hi) & 0xFFF) as u32;
+    }
+
+    pub fn packed(self) -> u32 {
+        self.hi << 12 | self.lo
+    }
+
+    pub fn from_packed(p: u32) -> RecordDigest {
+        RecordDigest { lo: p & 0xFFF, hi: (p >> 12) & 0xFFF }
+    }
+
+    /// The digest of `indices`.
+    pub fn of(indices: impl IntoIterator<Item = u64>) -> RecordDigest {
+        let mut d = RecordDigest::default();
+        for i in indices {
+            d.add(i);
+        }
+        d
+    }
+}
+
 /// The training order of `n` records for one epoch: a permutation fixed by (seed, epoch).
 pub fn epoch_permutation(n: usize, seed: u64, epoch: u64) -> Vec<u32> {
     let mut order: Vec<u32> = (0..n as u32).collect();
@@ -71,5 +112,18 @@ mod tests {
         assert!(xs.iter().all(|x| (0.0..1.0).contains(x)));
         let mean = xs.iter().sum::<f32>() / xs.len() as f32;
         assert!((mean - 0.5).abs() < 0.02, "mean {mean}");
+    }
+
+    #[test]
+    fn record_digests_add_up_in_any_split_and_tell_a_duplicate_from_a_skip() {
+        let whole = RecordDigest::of(0..1000);
+        let (a, b) = (RecordDigest::of(0..400), RecordDigest::of(400..1000));
+        let mut sum = RecordDigest::default();
+        sum.add_sums(a.lo as u64 + b.lo as u64, a.hi as u64 + b.hi as u64);
+        assert_eq!(sum, whole);
+        assert_eq!(RecordDigest::from_packed(whole.packed()), whole);
+        // 5 twice and 6 never: same count, another digest.
+        let twisted = RecordDigest::of((0..1000).map(|i| if i == 6 { 5 } else { i }));
+        assert_ne!(twisted, whole);
     }
 }

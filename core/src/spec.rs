@@ -84,6 +84,11 @@ pub struct TrainingSpec {
     #[serde(default)]
     pub seed: u64,
     pub optimizer: OptimizerSpec,
+    /// Cut the global batch into this many fixed lanes, combined by one fixed reduction tree
+    /// over lane ids: the parameters then come out bitwise the same whatever the number of
+    /// workers (and however it changed during the run). Absent: the fast path, whose
+    /// results depend on the world size.
+    pub lanes: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -320,6 +325,17 @@ impl JobSpec {
             // Every generation, whatever its size, splits the global batch.
             return Err(bad("cluster.max_workers", format!("{max} is more than training.batch_size ({}): every worker needs a share of each batch", t.batch_size)));
         }
+        if let Some(k) = t.lanes {
+            if k == 0 || k > 1024 {
+                return Err(bad("training.lanes", format!("must be 1 to 1024, got {k}")));
+            }
+            if !t.batch_size.is_multiple_of(k) {
+                return Err(bad("training.lanes", format!("{k} does not divide training.batch_size ({})", t.batch_size)));
+            }
+            if max > k {
+                return Err(bad("cluster.max_workers", format!("{max} is more than training.lanes ({k}): every worker needs a lane")));
+            }
+        }
         if t.batch_size as u64 > b - a {
             return Err(bad("training.batch_size", format!("{} is larger than the training range ({} records)", t.batch_size, b - a)));
         }
@@ -372,6 +388,10 @@ impl JobSpec {
             "bf16" => return Err(bad("aggregation.wire", format!("bf16 applies to the tcp transport only, not {:?}", g.transport))),
             other => return Err(bad("aggregation.wire", format!("unknown wire format {other:?} (expected \"f32\" or \"bf16\")"))),
         }
+        if t.lanes.is_some() && g.wire != "f32" {
+            // Rounding on the wire depends on who holds which sum: no fixed tree survives it.
+            return Err(bad("aggregation.wire", format!("{:?} cannot carry lanes exactly; use \"f32\" with training.lanes", g.wire)));
+        }
         if !(g.bucket_mb.is_finite() && (0.0..=1024.0).contains(&g.bucket_mb)) {
             return Err(bad("aggregation.bucket_mb", format!("must be 0 to 1024, got {}", g.bucket_mb)));
         }
@@ -384,7 +404,11 @@ impl JobSpec {
         if workers == 0 || workers > 1024 {
             return Err(bad("workers", format!("must be 1 to 1024, got {workers}")));
         }
-        check_batch_split(self.training.batch_size, workers)
+        check_batch_split(self.training.batch_size, workers)?;
+        match self.training.lanes {
+            Some(k) if workers > k => Err(bad("training.lanes", format!("{workers} workers is more than the {k} lanes: every worker needs a lane"))),
+            _ => Ok(()),
+        }
     }
 
     /// Optimizer steps per epoch: full global batches only (the remainder is dropped; the
@@ -464,6 +488,23 @@ workers = 2
     fn rejects_negative_lr() {
         let e = err_of(&GOOD.replace("lr = 0.05", "lr = -0.05"));
         assert!(e.contains("training.optimizer.lr"), "{e}");
+    }
+
+    #[test]
+    fn lanes_must_divide_the_batch_and_cover_every_worker() {
+        let with = |lanes: &str| GOOD.replace("seed = 1", &format!("seed = 1\n{lanes}"));
+        let s = JobSpec::parse(&with("lanes = 8")).unwrap();
+        assert_eq!(s.training.lanes, Some(8));
+        assert!(s.check_world_size(8).is_ok());
+        assert!(s.check_world_size(9).unwrap_err().to_string().contains("training.lanes"));
+        for (bad, key) in [("lanes = 0", "training.lanes"), ("lanes = 5", "training.lanes"), ("lanes = 2048", "training.lanes")] {
+            let e = err_of(&with(bad));
+            assert!(e.contains(key), "{bad}: {e}");
+        }
+        let e = err_of(&with("lanes = 2").replace("workers = 2", "workers = 2\nmax_workers = 4"));
+        assert!(e.contains("cluster.max_workers") && e.contains("training.lanes"), "{e}");
+        let e = err_of(&(with("lanes = 8") + "[aggregation]\ntransport = \"tcp\"\nwire = \"bf16\"\n"));
+        assert!(e.contains("aggregation.wire") && e.contains("lanes"), "{e}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use shoal_proto::{
 
 use crate::checkpoint::JobLink;
 use crate::collective::{host_id, DataPlaneService, Incoming, Mailbox, CONNECTION_WINDOW, MAX_CHUNK_MESSAGE, MAX_FRAME, STREAM_WINDOW};
-use crate::train::{train, TrainTask};
+use crate::train::{train, StateSlot, TrainTask};
 use crate::WorkerError;
 
 #[derive(Clone, Debug)]
@@ -82,6 +82,8 @@ pub async fn run_worker(
     // the same worker id back instead of leaving a ghost worker behind.
     let mut registration = shoal_coordinator::client::new_request_id();
     let mut running: Option<Running> = None;
+    // A job's state kept across its generations (see TrainTask::retained).
+    let retained = StateSlot::default();
     // Tasks told to stop and not yet stopped: the heartbeats go on meanwhile, and the next
     // task starts only when they are gone (they may hold the ring's listener claims).
     let mut stopping: Vec<Running> = Vec::new();
@@ -186,7 +188,9 @@ pub async fn run_worker(
                 stopping.push(r);
             }
             match want {
-                Some(a) if stopping.is_empty() => running = Some(start_task(&cfg, &id, a, mailbox.clone(), incoming.clone(), client.clone())),
+                Some(a) if stopping.is_empty() => {
+                    running = Some(start_task(&cfg, &id, a, mailbox.clone(), incoming.clone(), client.clone(), retained.clone()))
+                }
                 // Started on a later tick, once the stopped tasks are gone.
                 Some(a) => tracing::debug!(job = a.job_id, generation = a.generation, "waiting for the previous task to stop"),
                 None => {}
@@ -248,7 +252,15 @@ impl JobLink for CoordinatorLink {
     }
 }
 
-fn start_task(cfg: &WorkerConfig, worker_id: &str, a: Assignment, mailbox: Arc<Mailbox>, incoming: Arc<Incoming>, client: Arc<Client>) -> Running {
+fn start_task(
+    cfg: &WorkerConfig,
+    worker_id: &str,
+    a: Assignment,
+    mailbox: Arc<Mailbox>,
+    incoming: Arc<Incoming>,
+    client: Arc<Client>,
+    retained: StateSlot,
+) -> Running {
     let cancel = Arc::new(AtomicBool::new(false));
     let (job, generation, rank) = (a.job_id, a.generation, a.rank);
     tracing::info!(job, generation, rank, world = a.world_size, "starting task");
@@ -264,6 +276,7 @@ fn start_task(cfg: &WorkerConfig, worker_id: &str, a: Assignment, mailbox: Arc<M
         collective_timeout: cfg.collective_timeout,
         link,
         report_every: Duration::from_millis(250),
+        retained,
     };
     let cancel_flag = cancel.clone();
     let handle = tokio::task::spawn_blocking(move || {

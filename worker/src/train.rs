@@ -16,13 +16,14 @@
 //! the same step, so all agree, without another round trip, on when a checkpoint starts and
 //! when it is complete.
 
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shoal_core::checkpoint::checkpoint_dir;
-use shoal_core::rng::epoch_permutation;
+use shoal_core::rng::{epoch_permutation, RecordDigest};
 use shoal_core::JobSpec;
 use shoal_proto::{Assignment, CheckpointFile, CheckpointManifest, JobProgress, Message};
 
@@ -46,6 +47,19 @@ pub struct TrainTask {
     pub link: Arc<dyn JobLink>,
     /// Rank 0 reports progress at most this often.
     pub report_every: Duration,
+    /// The state a task of this worker left behind when its generation ended early: the next
+    /// generation of the same job continues from it (or from a peer's) instead of a
+    /// checkpoint. Outlives the task; every task takes what is there.
+    pub retained: StateSlot,
+}
+
+/// Where a worker keeps the state of a task that ended before its job did.
+pub type StateSlot = Arc<Mutex<Option<Retained>>>;
+
+/// A job's state, kept in memory across generations.
+pub struct Retained {
+    job: u64,
+    state: TrainState,
 }
 
 pub struct TrainOutcome {
@@ -61,7 +75,11 @@ const SLOT_LOSS: usize = 0;
 const SLOT_DUE: usize = 1;
 const SLOT_DONE: usize = 2;
 const SLOT_FAILED: usize = 3;
-const SLOTS: usize = 4;
+/// Records this rank trained in the step, and their RecordDigest halves.
+const SLOT_RECORDS: usize = 4;
+const SLOT_DIGEST_LO: usize = 5;
+const SLOT_DIGEST_HI: usize = 6;
+const SLOTS: usize = 7;
 
 /// Time spent per phase of a step, summed over a window of steps.
 #[derive(Default)]
@@ -93,19 +111,89 @@ fn lap(mark: &mut Instant, total: &mut Duration) {
     *mark = now;
 }
 
-/// Everything that a checkpoint holds and a step changes.
-struct TrainState {
+/// Everything that a checkpoint holds and a step changes. Consistent between steps: a step
+/// changes it only after all of its collectives succeeded, so a failed step leaves it as the
+/// step before left it.
+pub struct TrainState {
     params: Vec<f32>,
     opt: Opt,
     /// Optimizer steps done.
     step: u64,
+    /// Per epoch: the records that went into applied steps (summed over the ranks), and
+    /// their digest.
+    epoch_records: Vec<u64>,
+    epoch_digests: Vec<RecordDigest>,
+    /// The latest test accuracy (< 0: none yet), and the step it was measured after.
+    test_accuracy: f64,
+    evaluated_at: u64,
 }
 
 impl TrainState {
     fn fresh(model: &Model, spec: &JobSpec) -> TrainState {
         let params = model.init(spec.training.seed);
         let opt = Opt::new(spec.training.optimizer.resolve(), params.len());
-        TrainState { params, opt, step: 0 }
+        TrainState { params, opt, step: 0, epoch_records: Vec::new(), epoch_digests: Vec::new(), test_accuracy: -1.0, evaluated_at: 0 }
+    }
+
+    /// A state to receive a peer's into.
+    fn blank(model: &Model, spec: &JobSpec) -> TrainState {
+        let n = model.num_params();
+        let opt = Opt::new(spec.training.optimizer.resolve(), n);
+        TrainState { params: vec![0.0; n], opt, step: 0, epoch_records: Vec::new(), epoch_digests: Vec::new(), test_accuracy: -1.0, evaluated_at: 0 }
+    }
+
+    /// Adds a step's records (the summed slots) to the epoch `step` belongs to.
+    fn count_records(&mut self, epoch: usize, slots: &[f32]) {
+        if self.epoch_records.len() <= epoch {
+            self.epoch_records.resize(epoch + 1, 0);
+            self.epoch_digests.resize(epoch + 1, RecordDigest::default());
+        }
+        self.epoch_records[epoch] += slots[SLOT_RECORDS] as u64;
+        self.epoch_digests[epoch].add_sums(slots[SLOT_DIGEST_LO] as u64, slots[SLOT_DIGEST_HI] as u64);
+    }
+
+    /// Everything but the big buffers, for a transfer to a peer.
+    fn header(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        for v in [self.step, self.opt.step, self.test_accuracy.to_bits(), self.evaluated_at, self.epoch_records.len() as u64] {
+            b.extend(v.to_le_bytes());
+        }
+        for (r, d) in self.epoch_records.iter().zip(&self.epoch_digests) {
+            b.extend(r.to_le_bytes());
+            b.extend(d.packed().to_le_bytes());
+        }
+        b
+    }
+
+    fn set_header(&mut self, b: &[u8]) -> Result<(), WorkerError> {
+        let bad = || WorkerError::Collective(format!("a peer sent a state header of {} bytes that does not parse", b.len()));
+        let word = |i: usize| b.get(i * 8..i * 8 + 8).map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes"))).ok_or_else(bad);
+        let epochs = word(4)? as usize;
+        if b.len() != 40 + epochs * 12 {
+            return Err(bad());
+        }
+        self.step = word(0)?;
+        self.opt.step = word(1)?;
+        self.test_accuracy = f64::from_bits(word(2)?);
+        self.evaluated_at = word(3)?;
+        self.epoch_records.clear();
+        self.epoch_digests.clear();
+        for e in b[40..].chunks_exact(12) {
+            self.epoch_records.push(u64::from_le_bytes(e[..8].try_into().expect("8 bytes")));
+            self.epoch_digests.push(RecordDigest::from_packed(u32::from_le_bytes(e[8..].try_into().expect("4 bytes"))));
+        }
+        Ok(())
+    }
+
+    /// blake3 of everything: two ranks with the same fingerprint hold the same state.
+    fn fingerprint(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        h.update(&self.header());
+        h.update(bytemuck::cast_slice(&self.params));
+        for b in &self.opt.buffers {
+            h.update(bytemuck::cast_slice(b));
+        }
+        *h.finalize().as_bytes()
     }
 }
 
@@ -121,8 +209,33 @@ fn read_batch(ds: &ShardedDataset, indices: impl Iterator<Item = u64>, x: &mut V
 }
 
 /// Runs the job on this rank until its last step and final checkpoint. Blocking: call it from
-/// a blocking thread; `rt` runs the collectives.
+/// a blocking thread; `rt` runs the collectives. A task that ends early (a peer gone, its
+/// generation over) leaves its state in `task.retained` for the job's next generation.
 pub fn train(task: TrainTask, rt: &tokio::runtime::Handle) -> Result<TrainOutcome, WorkerError> {
+    let job = task.assignment.job_id;
+    let held = task.retained.lock().unwrap_or_else(|e| e.into_inner()).take();
+    // Only a change of workers carries state over; a resume by request starts from the
+    // checkpoint it names.
+    let mut slot = held.filter(|r| r.job == job && task.assignment.carry_state).map(|r| r.state);
+    let outcome = run(&task, rt, &mut slot);
+    if outcome.is_err() {
+        if let Some(state) = slot {
+            tracing::info!(job, step = state.step, "keeping the job's state for its next generation");
+            *task.retained.lock().unwrap_or_else(|e| e.into_inner()) = Some(Retained { job, state });
+        }
+    }
+    outcome
+}
+
+/// Where a generation's state came from.
+enum Origin {
+    /// Carried over in memory from the previous generation (this rank's or a peer's).
+    Continued(u64),
+    Resumed(Box<CheckpointManifest>),
+    Fresh,
+}
+
+fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainState>) -> Result<TrainOutcome, WorkerError> {
     let a = &task.assignment;
     let spec = JobSpec::parse(&a.spec_toml).map_err(|e| WorkerError::Spec(e.to_string()))?;
     let info = a.dataset.as_ref().ok_or_else(|| WorkerError::Data("the assignment carries no dataset".into()))?;
@@ -135,6 +248,9 @@ pub fn train(task: TrainTask, rt: &tokio::runtime::Handle) -> Result<TrainOutcom
     }
     spec.check_world_size(world as u32).map_err(|e| WorkerError::Spec(e.to_string()))?;
     let np = model.num_params();
+    if slot.as_ref().is_some_and(|s| s.params.len() != np || s.opt.cfg != spec.training.optimizer.resolve()) {
+        *slot = None;
+    }
     let mut ring = Rendezvous {
         rank,
         job: a.job_id,
@@ -154,35 +270,48 @@ pub fn train(task: TrainTask, rt: &tokio::runtime::Handle) -> Result<TrainOutcom
     let ring = &mut *ring;
     tracing::info!(job = a.job_id, generation = a.generation, rank, world, transport = ring.name(), "joined the collective");
 
-    let (mut state, resumed) = resume_point(&task, &spec, &model, rank)?;
-    // Every rank must continue from the same step (they read the same files, but a file can
-    // change between two reads).
+    let origin = start_state(task, &spec, &model, ring, slot)?;
+    let state = slot.as_mut().expect("start_state leaves a state");
     let start = state.step;
-    let starts = ring.all_gather_bytes(start.to_le_bytes().to_vec())?;
-    if let Some(r) = starts.iter().position(|b| b[..] != start.to_le_bytes()) {
-        return Err(WorkerError::Checkpoint(format!("rank {rank} resumes from step {start}, rank {r} from another step")));
-    }
 
     let total = spec.total_steps();
     let steps_per_epoch = spec.steps_per_epoch();
     let global_batch = spec.training.batch_size as usize;
     let (lo, hi) = (rank * global_batch / world, (rank + 1) * global_batch / world);
     let share = (hi - lo) as f32 / global_batch as f32;
+    let mut lanes = spec.training.lanes.map(|k| Lanes::new(k as usize, rank, world, np));
     let [train_start, train_end] = spec.dataset.train;
     let train_len = (train_end - train_start) as usize;
     let mut progress = JobProgress {
         step: start,
         total_steps: total,
         epoch: (start / steps_per_epoch) as u32,
-        test_accuracy: resumed.as_ref().map(|m| m.test_accuracy).unwrap_or(-1.0),
-        resumed_from: resumed.as_ref().map(|m| m.step),
         transport: ring.name().to_string(),
         ..Default::default()
     };
-    if let Some(m) = &resumed {
-        tracing::info!(job = a.job_id, step = m.step, "resumed from checkpoint");
+    match &origin {
+        Origin::Continued(step) => {
+            tracing::info!(job = a.job_id, step, "continuing in memory from the previous generation");
+            progress.continued_from = Some(*step);
+        }
+        Origin::Resumed(m) => {
+            tracing::info!(job = a.job_id, step = m.step, "resumed from checkpoint");
+            progress.resumed_from = Some(m.step);
+        }
+        Origin::Fresh => {}
     }
-    let mut ckpt = Checkpointer::new(&task, &spec, &model, &state.opt, rank, world)?;
+    if let (Some(test), true) = (spec.dataset.test, start > 0 && start.is_multiple_of(steps_per_epoch) && state.evaluated_at != start) {
+        // The previous generation ended between an epoch's last step and its evaluation.
+        state.test_accuracy = evaluate(&mut net, &state.params, &ds, test, rank, world, ring)?;
+        state.evaluated_at = start;
+    }
+    progress.test_accuracy = state.test_accuracy;
+    if rank == 0 {
+        // Says at once where this generation starts (its membership record shows it).
+        fill_counters(&mut progress, state);
+        task.link.progress(&progress);
+    }
+    let mut ckpt = Checkpointer::new(task, &spec, &model, &state.opt, rank, world)?;
     let mut buf = vec![0.0f32; np + SLOTS];
     let cuts = bucket_cuts(&net.layer_starts(), np, (spec.aggregation.bucket_mb * (1 << 20) as f64 / 4.0) as usize);
     let (mut xs, mut ys) = (Vec::new(), Vec::new());
@@ -210,23 +339,31 @@ pub fn train(task: TrainTask, rt: &tokio::runtime::Handle) -> Result<TrainOutcom
         }
         let perm = &order.as_ref().expect("set above").1;
         let first = (step % steps_per_epoch) as usize * global_batch;
-        let idx = perm[first + lo..first + hi].iter().map(|&i| train_start + i as u64);
-        read_batch(&ds, idx, &mut xs, &mut ys)?;
-        lap(&mut mark, &mut phases.data);
+        let batch: Vec<u64> = perm[first..first + global_batch].iter().map(|&i| train_start + i as u64).collect();
         let (grads, slots) = buf.split_at_mut(np);
-        let pass = step_in_buckets(&mut net, &mut state, &xs, &ys, share, grads, slots, &cuts, &mut ckpt, ring)?;
-        phases.compute += pass.backward_done - mark;
+        slots.fill(0.0);
+        let pass = match &mut lanes {
+            Some(l) => l.step(&mut net, state, &ds, &batch, grads, slots, &mut ckpt, ring)?,
+            None => {
+                read_batch(&ds, batch[lo..hi].iter().copied(), &mut xs, &mut ys)?;
+                count_into(slots, &batch[lo..hi]);
+                lap(&mut mark, &mut phases.data);
+                step_in_buckets(&mut net, state, &xs, &ys, share, grads, slots, &cuts, &mut ckpt, ring)?
+            }
+        };
+        phases.compute += pass.backward_done.saturating_duration_since(mark);
         phases.collective += pass.collective;
         phases.optimizer += pass.optimizer;
         mark = Instant::now();
         phases.checkpoint += pass.vote;
         state.step = step + 1;
+        state.count_records(epoch as usize, &buf[np..]);
         progress.step = state.step;
         progress.loss = buf[np + SLOT_LOSS] as f64;
         if !progress.loss.is_finite() {
             return Err(WorkerError::Diverged(progress.step));
         }
-        ckpt.after_step(&buf[np..], &state, progress.test_accuracy, ring)?;
+        ckpt.after_step(&buf[np..], state, ring)?;
         lap(&mut mark, &mut phases.checkpoint);
         phases.steps += 1;
         progress.checkpoints_skipped = ckpt.skipped;
@@ -237,27 +374,113 @@ pub fn train(task: TrainTask, rt: &tokio::runtime::Handle) -> Result<TrainOutcom
             // Until an epoch ends, the running window is all there is.
             phases.report(&mut progress);
         }
-        if state.step % steps_per_epoch == 0 {
+        if state.step.is_multiple_of(steps_per_epoch) {
             progress.epoch = (state.step / steps_per_epoch) as u32;
             phases.report(&mut progress);
             phases = Phases::default();
             finished_an_epoch = true;
             if let Some(test) = spec.dataset.test {
                 let t = Instant::now();
-                progress.test_accuracy = evaluate(&mut net, &state.params, &ds, test, rank, world, ring)?;
+                state.test_accuracy = evaluate(&mut net, &state.params, &ds, test, rank, world, ring)?;
+                state.evaluated_at = state.step;
+                progress.test_accuracy = state.test_accuracy;
                 eval_time += t.elapsed();
                 tracing::info!(epoch = progress.epoch, accuracy = progress.test_accuracy, loss = progress.loss, "epoch done");
             }
         }
-        if rank == 0 && (state.step % steps_per_epoch == 0 || last_report.elapsed() >= task.report_every) {
+        if rank == 0 && (state.step.is_multiple_of(steps_per_epoch) || last_report.elapsed() >= task.report_every) {
+            fill_counters(&mut progress, state);
             task.link.progress(&progress);
             last_report = Instant::now();
         }
     }
 
-    let model_path = ckpt.finish(&state, progress.test_accuracy, ring)?;
+    let model_path = ckpt.finish(state, ring)?;
+    fill_counters(&mut progress, state);
     let param_blake3 = blake3::hash(&crate::collective::f32_le_bytes(&state.params)).to_hex().to_string();
     Ok(TrainOutcome { progress, model_path, param_blake3 })
+}
+
+fn fill_counters(p: &mut JobProgress, state: &TrainState) {
+    p.epoch_records = state.epoch_records.clone();
+    p.epoch_digests = state.epoch_digests.iter().map(|d| d.packed()).collect();
+}
+
+/// Adds the count and digest of `records` (this rank's part of a step) to its slots.
+fn count_into(slots: &mut [f32], records: &[u64]) {
+    let d = RecordDigest::of(records.iter().copied());
+    slots[SLOT_RECORDS] += records.len() as f32;
+    slots[SLOT_DIGEST_LO] = ((slots[SLOT_DIGEST_LO] as u32 + d.lo) & 0xFFF) as f32;
+    slots[SLOT_DIGEST_HI] = ((slots[SLOT_DIGEST_HI] as u32 + d.hi) & 0xFFF) as f32;
+}
+
+/// Settles the generation's starting state. Ranks that kept the job's state from the previous
+/// generation say which step they hold; the newest wins (every survivor completed the step
+/// before it, and some completed this one: nothing done is dropped), and the lowest rank
+/// holding it sends it to every rank that holds something else or nothing (a joining
+/// worker) over the data plane. Without a state held in memory (or only one older than the
+/// newest checkpoint), every rank loads the newest checkpoint that passes its hashes.
+fn start_state(task: &TrainTask, spec: &JobSpec, model: &Model, ring: &mut dyn Collective, slot: &mut Option<TrainState>) -> Result<Origin, WorkerError> {
+    let rank = ring.rank();
+    let claim = slot.as_ref().map(|s| [&s.step.to_le_bytes()[..], &s.fingerprint()[..]].concat()).unwrap_or_default();
+    let claims = ring.all_gather_bytes(claim)?;
+    let mut held = Vec::new();
+    for (r, c) in claims.iter().enumerate() {
+        match c.len() {
+            0 => {}
+            40 => held.push((u64::from_le_bytes(c[..8].try_into().expect("8 bytes")), r, &c[8..])),
+            n => return Err(WorkerError::Collective(format!("rank {r} sent a state claim of {n} bytes"))),
+        }
+    }
+    let newest_checkpoint = task.assignment.checkpoints.iter().map(|m| m.step).max();
+    // The newest step, then the lowest rank.
+    let best = held.iter().max_by_key(|(step, r, _)| (*step, std::cmp::Reverse(*r))).copied();
+    if let Some((step, source, fingerprint)) = best.filter(|(step, _, _)| newest_checkpoint.is_none_or(|c| *step >= c)) {
+        let everyone_has_it = held.len() == claims.len() && held.iter().all(|(s, _, f)| *s == step && *f == fingerprint);
+        if !everyone_has_it {
+            transfer_state(ring, slot, source, model, spec)?;
+        }
+        return Ok(Origin::Continued(step));
+    }
+    *slot = None;
+    let (state, resumed) = resume_point(task, spec, model, rank)?;
+    // Every rank must continue from the same step (they read the same files, but a file can
+    // change between two reads).
+    let start = state.step;
+    *slot = Some(state);
+    let starts = ring.all_gather_bytes(start.to_le_bytes().to_vec())?;
+    if let Some(r) = starts.iter().position(|b| b[..] != start.to_le_bytes()) {
+        return Err(WorkerError::Checkpoint(format!("rank {rank} resumes from step {start}, rank {r} from another step")));
+    }
+    Ok(resumed.map(|m| Origin::Resumed(Box::new(m))).unwrap_or(Origin::Fresh))
+}
+
+/// Rank `source`'s state on every rank, bit for bit.
+fn transfer_state(ring: &mut dyn Collective, slot: &mut Option<TrainState>, source: usize, model: &Model, spec: &JobSpec) -> Result<(), WorkerError> {
+    if ring.rank() == source {
+        let s = slot.as_mut().expect("the source holds the state");
+        let mut header = s.header();
+        ring.broadcast(&mut header, source)?;
+        ring.broadcast_floats(&mut s.params, source)?;
+        for b in &mut s.opt.buffers {
+            ring.broadcast_floats(b, source)?;
+        }
+        return Ok(());
+    }
+    // What this rank held is replaced piece by piece: a transfer that fails midway leaves
+    // nothing worth keeping.
+    *slot = None;
+    let mut s = TrainState::blank(model, spec);
+    let mut header = Vec::new();
+    ring.broadcast(&mut header, source)?;
+    s.set_header(&header)?;
+    ring.broadcast_floats(&mut s.params, source)?;
+    for b in &mut s.opt.buffers {
+        ring.broadcast_floats(b, source)?;
+    }
+    tracing::info!(step = s.step, source, "received the job's state from a peer");
+    *slot = Some(s);
+    Ok(())
 }
 
 /// Where a step's gradient buffer is cut into buckets: walking the layers from the last, a
@@ -314,27 +537,37 @@ fn step_in_buckets(
 ) -> Result<StepTimes, WorkerError> {
     let np = grads.len();
     let TrainState { params, opt, .. } = state;
-    opt.begin_step();
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::channel::<Bucket>();
-        let comm = scope.spawn(move || -> Result<Vec<(Instant, Instant)>, WorkerError> {
-            // The optimizer's busy intervals, to tell the caller which part of its wait was
-            // the optimizer.
-            let mut updates = Vec::new();
+        let comm = scope.spawn(move || -> Result<Option<(Instant, Instant)>, WorkerError> {
+            let mut reduced = Vec::new();
             let mut end = np;
+            let mut complete = false;
             for bucket in rx {
                 match bucket {
                     Bucket::Grads(p, g) => {
                         ring.all_reduce(g)?;
-                        let t = Instant::now();
                         end -= g.len();
-                        opt.apply_part(end, p, g)?;
-                        updates.push((t, Instant::now()));
+                        reduced.push((end, p, g));
                     }
-                    Bucket::Slots(s) => ring.all_reduce(s)?,
+                    Bucket::Slots(s) => {
+                        ring.all_reduce(s)?;
+                        complete = true;
+                    }
                 }
             }
-            Ok(updates)
+            if !complete {
+                return Ok(None);
+            }
+            // Only now, with every collective of the step done, does the state change: a
+            // step that fails anywhere before leaves the state of the step before, which the
+            // next generation can continue from.
+            let t = Instant::now();
+            opt.begin_step();
+            for (offset, p, g) in reduced {
+                opt.apply_part(offset, p, g)?;
+            }
+            Ok(Some((t, Instant::now())))
         });
         let pass = net.loss_and_grads_in_buckets(params, xs, ys, share, grads, cuts, &mut |p, g| {
             // A send fails only when the thread has stopped on an error, which join reports.
@@ -349,12 +582,184 @@ fn step_in_buckets(
         }
         let vote = vote_started.elapsed();
         drop(tx);
-        let updates = comm.join().unwrap_or_else(|_| Err(WorkerError::Panicked("the communication thread panicked".into())));
+        let update = comm.join().unwrap_or_else(|_| Err(WorkerError::Panicked("the communication thread panicked".into())));
         let waited = backward_done.elapsed().saturating_sub(vote);
         pass?;
-        let optimizer: Duration = updates?.iter().map(|&(a, b)| b.saturating_duration_since(a.max(backward_done))).sum();
+        let optimizer = match update? {
+            Some((a, b)) => b.saturating_duration_since(a),
+            None => return Err(WorkerError::Collective("the step's control slots were not reduced".into())),
+        };
         Ok(StepTimes { backward_done, collective: waited.saturating_sub(optimizer), optimizer, vote })
     })
+}
+
+/// `[training] lanes`: the global batch cut into `k` fixed lanes, this rank computing the
+/// gradients of its run of lanes, combined by one fixed binary tree over lane ids (a node
+/// over lanes [lo, hi) is node [lo, mid) + node [mid, hi), mid = (lo + hi) / 2). A rank sums
+/// the largest subtrees that lie within its lanes; the ranks then exchange those nodes
+/// exactly and every rank finishes the tree alike. Each lane is always computed alone, at
+/// the same batch size, so its gradients are the same bits on any rank: the sum is the
+/// same bits for any number of workers.
+struct Lanes {
+    k: usize,
+    /// Every rank's subtree nodes, rank after rank; this rank's are `my_nodes`.
+    nodes: Vec<Range<usize>>,
+    my_nodes: Range<usize>,
+    /// The exchange buffer (one slot per node) and spare node buffers.
+    exchange: Vec<f32>,
+    spare: Vec<Vec<f32>>,
+    xs: Vec<f32>,
+    ys: Vec<u32>,
+}
+
+/// Lanes of rank `r` of `world`: rank r holds [ceil(r k / world), ceil((r + 1) k / world)),
+/// so 8 lanes over 3 ranks split 3, 3, 2.
+fn lanes_of(k: usize, r: usize, world: usize) -> Range<usize> {
+    (r * k).div_ceil(world)..((r + 1) * k).div_ceil(world)
+}
+
+/// The largest subtrees of the lane tree over `lo..hi` that lie within `within`, left to right.
+fn subtrees(lo: usize, hi: usize, within: &Range<usize>, out: &mut Vec<Range<usize>>) {
+    if hi <= within.start || lo >= within.end {
+        return;
+    }
+    if within.start <= lo && hi <= within.end {
+        out.push(lo..hi);
+        return;
+    }
+    let mid = (lo + hi) / 2;
+    subtrees(lo, mid, within, out);
+    subtrees(mid, hi, within, out);
+}
+
+fn add_into(acc: &mut [f32], other: &[f32]) {
+    for (a, b) in acc.iter_mut().zip(other) {
+        *a += *b;
+    }
+}
+
+impl Lanes {
+    fn new(k: usize, rank: usize, world: usize, np: usize) -> Lanes {
+        let mut nodes = Vec::new();
+        let mut my_nodes = 0..0;
+        for r in 0..world {
+            let first = nodes.len();
+            subtrees(0, k, &lanes_of(k, r, world), &mut nodes);
+            if r == rank {
+                my_nodes = first..nodes.len();
+            }
+        }
+        // Two ranks holding one half each: the root is their sum, which a plain all-reduce
+        // computes exactly (a + b == b + a). Otherwise every node travels.
+        let exchange = if world > 1 && !(world == 2 && nodes.len() == 2) { vec![0.0; nodes.len() * np] } else { Vec::new() };
+        Lanes { k, nodes, my_nodes, exchange, spare: Vec::new(), xs: Vec::new(), ys: Vec::new() }
+    }
+
+    /// Computes the tree node over lanes [lo, hi) into `out`; returns the lanes' loss.
+    #[allow(clippy::too_many_arguments)]
+    fn node(&mut self, lo: usize, hi: usize, net: &mut Net, params: &mut [f32], ds: &ShardedDataset, batch: &[u64], out: &mut [f32], slots: &mut [f32]) -> Result<f32, WorkerError> {
+        if hi - lo == 1 {
+            let per = batch.len() / self.k;
+            let records = &batch[lo * per..(lo + 1) * per];
+            read_batch(ds, records.iter().copied(), &mut self.xs, &mut self.ys)?;
+            count_into(slots, records);
+            return net.loss_and_grads_in_buckets(params, &self.xs, &self.ys, per as f32 / batch.len() as f32, out, &[0], &mut |_, _| {});
+        }
+        let mid = (lo + hi) / 2;
+        let left = self.node(lo, mid, net, params, ds, batch, out, slots)?;
+        let mut right_buf = self.spare.pop().unwrap_or_else(|| vec![0.0; out.len()]);
+        let right = self.node(mid, hi, net, params, ds, batch, &mut right_buf, slots);
+        add_into(out, &right_buf);
+        self.spare.push(right_buf);
+        Ok(left + right?)
+    }
+
+    /// Finishes the tree over [lo, hi) from the exchanged nodes into `out`.
+    fn combine(&mut self, lo: usize, hi: usize, out: &mut [f32]) {
+        let np = out.len();
+        if let Some(i) = self.nodes.iter().position(|n| *n == (lo..hi)) {
+            out.copy_from_slice(&self.exchange[i * np..(i + 1) * np]);
+            return;
+        }
+        let mid = (lo + hi) / 2;
+        self.combine(lo, mid, out);
+        let mut right = self.spare.pop().unwrap_or_else(|| vec![0.0; np]);
+        self.combine(mid, hi, &mut right);
+        add_into(out, &right);
+        self.spare.push(right);
+    }
+
+    /// The global batch's gradient (the tree's root) into `grads`, the same bits on every
+    /// rank: this rank's nodes, then the exchange. Returns this rank's lanes' loss and when
+    /// the exchange began.
+    #[allow(clippy::too_many_arguments)]
+    fn gradients(
+        &mut self,
+        net: &mut Net,
+        params: &mut [f32],
+        ds: &ShardedDataset,
+        batch: &[u64],
+        grads: &mut [f32],
+        slots: &mut [f32],
+        ring: &mut dyn Collective,
+    ) -> Result<(f32, Instant), WorkerError> {
+        let np = grads.len();
+        let mut loss = 0.0;
+        let my_nodes = self.nodes[self.my_nodes.clone()].to_vec();
+        if self.exchange.is_empty() {
+            // One rank (the whole tree) or two halves (one node each).
+            let n = &my_nodes[0];
+            loss += self.node(n.start, n.end, net, params, ds, batch, grads, slots)?;
+            let exchange_started = Instant::now();
+            ring.all_reduce(grads)?;
+            return Ok((loss, exchange_started));
+        }
+        // -0.0 is the identity of IEEE addition (x + -0.0 == x, even for x = +0.0): the
+        // all-reduce sums each node with zeros only, so every node arrives exact.
+        let mut exchange = std::mem::take(&mut self.exchange);
+        exchange.fill(-0.0);
+        let mut computed = Ok(());
+        for (i, n) in self.my_nodes.clone().zip(&my_nodes) {
+            match self.node(n.start, n.end, net, params, ds, batch, &mut exchange[i * np..(i + 1) * np], slots) {
+                Ok(l) => loss += l,
+                Err(e) => {
+                    computed = Err(e);
+                    break;
+                }
+            }
+        }
+        let exchange_started = Instant::now();
+        let reduced = computed.and_then(|()| ring.all_reduce(&mut exchange));
+        self.exchange = exchange;
+        reduced?;
+        self.combine(0, self.k, grads);
+        Ok((loss, exchange_started))
+    }
+
+    /// One optimizer step with lanes: the gradients, the control slots, then the update
+    /// (only once every collective succeeded).
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &mut self,
+        net: &mut Net,
+        state: &mut TrainState,
+        ds: &ShardedDataset,
+        batch: &[u64],
+        grads: &mut [f32],
+        slots: &mut [f32],
+        ckpt: &mut Checkpointer,
+        ring: &mut dyn Collective,
+    ) -> Result<StepTimes, WorkerError> {
+        let (loss, backward_done) = self.gradients(net, &mut state.params, ds, batch, grads, slots, ring)?;
+        let vote_started = Instant::now();
+        ckpt.vote(slots);
+        slots[SLOT_LOSS] = loss;
+        let vote = vote_started.elapsed();
+        ring.all_reduce(slots)?;
+        let u = Instant::now();
+        state.opt.apply(&mut state.params, grads)?;
+        Ok(StepTimes { backward_done, collective: u.duration_since(backward_done).saturating_sub(vote), optimizer: u.elapsed(), vote })
+    }
 }
 
 /// The state to start from: the newest committed checkpoint that loads, else a fresh one.
@@ -367,6 +772,11 @@ fn resume_point(task: &TrainTask, spec: &JobSpec, model: &Model, rank: usize) ->
         match checkpoint::restore(&task.store, m, model, &mut s.params, &mut s.opt) {
             Ok(()) => {
                 s.step = m.step;
+                s.test_accuracy = m.test_accuracy;
+                // The checkpoint was taken before that step's evaluation, if it had one.
+                s.evaluated_at = m.step;
+                s.epoch_records = m.epoch_records.clone();
+                s.epoch_digests = m.epoch_digests.iter().map(|&d| RecordDigest::from_packed(d)).collect();
                 return Ok((s, Some(m.clone())));
             }
             Err(e) if e.is_damage() => {
@@ -387,6 +797,8 @@ struct InFlight {
     step: u64,
     optimizer_step: u64,
     test_accuracy: f64,
+    epoch_records: Vec<u64>,
+    epoch_digests: Vec<u32>,
     /// This rank's part, once its write ended.
     mine: Option<Result<CheckpointFile, String>>,
 }
@@ -484,7 +896,7 @@ impl Checkpointer {
 
     /// After a step's update, with the summed control slots: settles the checkpoint in flight
     /// and starts the next one if it is due.
-    fn after_step(&mut self, sums: &[f32], state: &TrainState, test_accuracy: f64, ring: &mut dyn Collective) -> Result<(), WorkerError> {
+    fn after_step(&mut self, sums: &[f32], state: &TrainState, ring: &mut dyn Collective) -> Result<(), WorkerError> {
         self.settle(sums, ring)?;
         let due = self.every_steps.is_some_and(|n| state.step.is_multiple_of(n)) || sums[SLOT_DUE] > 0.0;
         // The last step's checkpoint is the final one, which `finish` writes.
@@ -494,7 +906,7 @@ impl Checkpointer {
                 self.skipped += 1;
                 tracing::info!(step = state.step, "checkpoint due while the previous one is being written; skipped");
             } else {
-                self.start(state, test_accuracy);
+                self.start(state);
             }
         }
         Ok(())
@@ -518,7 +930,7 @@ impl Checkpointer {
         Ok(())
     }
 
-    fn start(&mut self, state: &TrainState, test_accuracy: f64) {
+    fn start(&mut self, state: &TrainState) {
         let dir = self.store.join(checkpoint_dir(self.base.job_id, state.step));
         let snapshot = PartSnapshot::take(
             state.step,
@@ -532,7 +944,14 @@ impl Checkpointer {
             std::mem::take(&mut self.spare),
         );
         self.writer.write_part(snapshot);
-        self.in_flight = Some(InFlight { step: state.step, optimizer_step: state.opt.step, test_accuracy, mine: None });
+        self.in_flight = Some(InFlight {
+            step: state.step,
+            optimizer_step: state.opt.step,
+            test_accuracy: state.test_accuracy,
+            epoch_records: state.epoch_records.clone(),
+            epoch_digests: state.epoch_digests.iter().map(|d| d.packed()).collect(),
+            mine: None,
+        });
     }
 
     /// Every part is written: gather the parts' records; rank 0 writes the manifest and
@@ -554,6 +973,8 @@ impl Checkpointer {
                 optimizer_step: f.optimizer_step,
                 test_accuracy: f.test_accuracy,
                 dir: checkpoint_dir(self.base.job_id, f.step),
+                epoch_records: f.epoch_records,
+                epoch_digests: f.epoch_digests,
                 files,
                 ..self.base.clone()
             };
@@ -583,12 +1004,12 @@ impl Checkpointer {
 
     /// After the last step: lets the checkpoint in flight land, then writes and commits the
     /// final one (the job's model) and waits for its commit. Returns its folder.
-    fn finish(&mut self, state: &TrainState, test_accuracy: f64, ring: &mut dyn Collective) -> Result<String, WorkerError> {
+    fn finish(&mut self, state: &TrainState, ring: &mut dyn Collective) -> Result<String, WorkerError> {
         if self.in_flight.is_some() {
             let sums = self.sync(ring)?;
             self.settle(&sums, ring)?;
         }
-        self.start(state, test_accuracy);
+        self.start(state);
         let sums = self.sync(ring)?;
         if sums[SLOT_FAILED] > 0.0 {
             let why = match self.in_flight.take().and_then(|f| f.mine) {
@@ -647,6 +1068,79 @@ fn evaluate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::collective::testing::tcp_rings;
+    use shoal_core::dataset::{write_shards, Records};
+    use shoal_core::idx::IdxData;
+
+    #[test]
+    fn lanes_split_like_the_issue_says_and_decompose_into_whole_subtrees() {
+        let split: Vec<usize> = (0..3).map(|r| lanes_of(8, r, 3).len()).collect();
+        assert_eq!(split, [3, 3, 2]);
+        let mut out = Vec::new();
+        subtrees(0, 8, &(0..3), &mut out);
+        assert_eq!(out, [0..2, 2..3]);
+        out.clear();
+        subtrees(0, 8, &(3..6), &mut out);
+        assert_eq!(out, [3..4, 4..6]);
+        out.clear();
+        subtrees(0, 8, &(0..8), &mut out);
+        assert_eq!((out.len(), out[0].clone()), (1, 0..8));
+    }
+
+    /// The root gradient of the lane tree, computed on `world` ranks of a real TCP ring.
+    fn lane_gradients(k: usize, world: usize, ds: &ShardedDataset, model: &Model, params: &[f32], batch: &[u64]) -> Vec<Vec<f32>> {
+        let rings = tcp_rings(world, Wire::F32, Duration::from_secs(20));
+        std::thread::scope(|s| {
+            let hs: Vec<_> = rings
+                .into_iter()
+                .enumerate()
+                .map(|(r, mut ring)| {
+                    s.spawn(move || {
+                        let np = model.num_params();
+                        let mut lanes = Lanes::new(k, r, world, np);
+                        let (mut net, mut p, mut g, mut slots) = (Net::new(model), params.to_vec(), vec![0.0; np], vec![0.0; SLOTS]);
+                        lanes.gradients(&mut net, &mut p, ds, batch, &mut g, &mut slots, &mut ring).unwrap();
+                        g
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn lanes_give_the_same_gradient_bits_on_any_number_of_ranks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = shoal_core::rng::SplitMix64::new(3);
+        let recs = Records { features: IdxData::U8((0..64 * 6).map(|_| rng.below(256) as u8).collect()), feature_shape: vec![6], labels: (0..64).map(|i| i % 3).collect() };
+        let folder = shoal_core::dataset::import_dir("d", "t").unwrap();
+        let info = write_shards(dir.path(), "d", &folder, &recs, 2).unwrap();
+        let ds = ShardedDataset::open(dir.path(), &info).unwrap();
+        let spec = JobSpec::parse(
+            "name = \"t\"\n[model]\nkind = \"mlp\"\nhidden = [7]\n[dataset]\nname = \"d\"\ntrain = [0, 64]\n\
+             [training]\nepochs = 1\nbatch_size = 24\n[training.optimizer]\nkind = \"sgd\"\nlr = 0.1\n",
+        )
+        .unwrap();
+        let model = Model::new(&spec.model, &[6], 3).unwrap();
+        let params = model.init(1);
+        let batch: Vec<u64> = (0..24).map(|i| (i * 7) % 64).collect();
+        for k in [8, 6] {
+            let want = lane_gradients(k, 1, &ds, &model, &params, &batch).remove(0);
+            for world in 2..=k {
+                for (r, got) in lane_gradients(k, world, &ds, &model, &params, &batch).iter().enumerate() {
+                    let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{k} lanes on {world} ranks: rank {r} differs");
+                }
+            }
+        }
+        // Without the fixed tree the bits do depend on the split: the test can see a change.
+        let mut whole = vec![0.0; model.num_params()];
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        read_batch(&ds, batch.iter().copied(), &mut x, &mut y).unwrap();
+        Net::new(&model).loss_and_grads(&params, &x, &y, 1.0, &mut whole).unwrap();
+        let want = lane_gradients(8, 1, &ds, &model, &params, &batch).remove(0);
+        assert!(whole.iter().zip(&want).any(|(a, b)| a.to_bits() != b.to_bits()), "one pass over the batch happens to give the tree's bits");
+    }
 
     #[test]
     fn buckets_close_at_layer_starts_once_big_enough() {

@@ -51,6 +51,22 @@ pub trait Collective: Send {
         *buf = std::mem::take(&mut all[root]);
         Ok(())
     }
+    /// Rank `root`'s `buf` on every rank, bit for bit (buffers of any size: sent in pieces
+    /// that every transport's all-gather carries).
+    fn broadcast_floats(&mut self, buf: &mut [f32], root: usize) -> Result<(), WorkerError> {
+        const PIECE: usize = 128 << 10;
+        for piece in buf.chunks_mut(PIECE) {
+            let mut bytes = if self.rank() == root { f32_le_bytes(piece) } else { Vec::new() };
+            self.broadcast(&mut bytes, root)?;
+            if bytes.len() != piece.len() * 4 {
+                return Err(WorkerError::Collective(format!("rank {root} broadcast {} bytes where {} were expected", bytes.len(), piece.len() * 4)));
+            }
+            for (x, b) in piece.iter_mut().zip(bytes.chunks_exact(4)) {
+                *x = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Chunk `c` of a buffer of `len` elements cut into `world` chunks.
@@ -252,6 +268,27 @@ impl Rendezvous<'_> {
 
 #[cfg(test)]
 pub(crate) mod testing {
+    #[cfg(test)]
+    use super::{Incoming, TcpRing, Wire};
+    #[cfg(test)]
+    use std::sync::{atomic::AtomicBool, Arc};
+
+    /// `world` ranks of a raw-TCP ring on loopback, in this process (for tests).
+    #[cfg(test)]
+    pub fn tcp_rings(world: usize, wire: Wire, timeout: std::time::Duration) -> Vec<TcpRing> {
+        let incomings: Vec<Arc<Incoming>> = (0..world).map(|_| Incoming::start(std::net::TcpListener::bind("127.0.0.1:0").unwrap()).unwrap()).collect();
+        let peers: Vec<String> = incomings.iter().map(|i| i.address().to_string()).collect();
+        std::thread::scope(|s| {
+            let hs: Vec<_> = (0..world)
+                .map(|r| {
+                    let (peers, inc) = (peers.clone(), incomings[r].clone());
+                    s.spawn(move || TcpRing::connect(r, &peers, 1, 1, &inc, timeout, wire, Arc::new(AtomicBool::new(false))).unwrap())
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
     /// Buffers of `len` pseudo-random values, one per rank, with a mix of magnitudes so the
     /// order of summation shows in the bits.
     pub fn inputs(world: usize, len: usize, seed: u64) -> Vec<Vec<f32>> {

@@ -405,19 +405,7 @@ mod tests {
     use super::super::{reference_sum, testing::inputs};
     use super::*;
 
-    fn rings(world: usize, wire: Wire, timeout: Duration) -> Vec<TcpRing> {
-        let incomings: Vec<Arc<Incoming>> = (0..world).map(|_| Incoming::start(TcpListener::bind("127.0.0.1:0").unwrap()).unwrap()).collect();
-        let peers: Vec<String> = incomings.iter().map(|i| i.address().to_string()).collect();
-        std::thread::scope(|s| {
-            let hs: Vec<_> = (0..world)
-                .map(|r| {
-                    let (peers, inc) = (peers.clone(), incomings[r].clone());
-                    s.spawn(move || TcpRing::connect(r, &peers, 1, 1, &inc, timeout, wire, Arc::new(AtomicBool::new(false))).unwrap())
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        })
-    }
+    use super::super::testing::tcp_rings as rings;
 
     fn reduce_all(rings: Vec<TcpRing>, data: &[Vec<f32>]) -> Vec<Vec<f32>> {
         std::thread::scope(|s| {
