@@ -17,10 +17,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use shoal_benches::median;
+use shoal_benches::{measure, median, Run};
 
 struct Args {
     models: Vec<String>,
@@ -62,54 +61,6 @@ fn parse_args() -> Result<Args> {
     }
     Ok(a)
 }
-
-/// One measured run of either side.
-#[derive(Clone, Debug)]
-struct Run {
-    samples_per_s: f64,
-    test_accuracy: f64,
-    /// Whole-process wall time, start-up and evaluation included.
-    wall_s: f64,
-    /// shoal's `phase_ms` fields as printed (`data=... forward_backward=...`); empty for the peer.
-    phases: String,
-}
-
-/// `key=value` fields of the last line of `out` that starts with `prefix`.
-fn parse_line(out: &str, prefix: &str) -> Option<(f64, f64)> {
-    let line = out.lines().rev().find(|l| l.starts_with(prefix))?;
-    let field = |key: &str| {
-        line.split_whitespace().find_map(|t| t.strip_prefix(key).and_then(|v| v.strip_prefix('='))).and_then(|v| v.parse::<f64>().ok())
-    };
-    Some((field("samples_per_s")?, field("test_accuracy")?))
-}
-
-fn tail(s: &str, lines: usize) -> String {
-    let v: Vec<&str> = s.lines().collect();
-    v[v.len().saturating_sub(lines)..].join("\n")
-}
-
-/// Runs `cmd` to completion and parses its final result line.
-fn measure(mut cmd: Command, prefix: &str, what: &str) -> Result<Run> {
-    let t0 = Instant::now();
-    let out = cmd.output().with_context(|| format!("starting {what}"))?;
-    let wall_s = t0.elapsed().as_secs_f64();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() {
-        bail!("{what} failed ({}):\n{}\n{}", out.status, tail(&stdout, 10), tail(&stderr, 30));
-    }
-    let (samples_per_s, test_accuracy) = parse_line(&stdout, prefix)
-        .with_context(|| format!("{what} printed no `{prefix} ... test_accuracy=... samples_per_s=...` line:\n{}", tail(&stdout, 10)))?;
-    let phases = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.split_once("phase_ms "))
-        .map(|(_, p)| p.trim().to_string())
-        .unwrap_or_default();
-    Ok(Run { samples_per_s, test_accuracy, wall_s, phases })
-}
-
 
 /// (busy, total) jiffies of all cores, from /proc/stat (Linux only).
 fn cpu_jiffies() -> Option<(u64, u64)> {
@@ -305,7 +256,7 @@ fn compare(args: &Args, w: &Workload, shoal: &Path, python: &Path, script: &Path
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use shoal_benches::parse_line;
 
     #[test]
     fn parses_both_result_lines() {

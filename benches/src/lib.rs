@@ -1,6 +1,10 @@
 //! What the benchmark runners in `examples/` share.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
 
 /// The `shoal` binary to benchmark: the one in the profile folder this example runs from
 /// (examples sit in its `examples/`, whatever the target dir is), else
@@ -37,6 +41,54 @@ pub fn other_argument(arg: &str, usage: &str) -> anyhow::Error {
     }
     anyhow::anyhow!("unknown argument {arg:?}\n{usage}")
 }
+
+/// One measured run of a training benchmark (shoal's `bench train` or a peer).
+#[derive(Clone, Debug)]
+pub struct Run {
+    pub samples_per_s: f64,
+    pub test_accuracy: f64,
+    /// Whole-process wall time, start-up and evaluation included.
+    pub wall_s: f64,
+    /// shoal's `phase_ms` fields as printed (`data=... forward_backward=...`); empty for the peer.
+    pub phases: String,
+}
+
+/// `key=value` fields of the last line of `out` that starts with `prefix`.
+pub fn parse_line(out: &str, prefix: &str) -> Option<(f64, f64)> {
+    let line = out.lines().rev().find(|l| l.starts_with(prefix))?;
+    let field = |key: &str| {
+        line.split_whitespace().find_map(|t| t.strip_prefix(key).and_then(|v| v.strip_prefix('='))).and_then(|v| v.parse::<f64>().ok())
+    };
+    Some((field("samples_per_s")?, field("test_accuracy")?))
+}
+
+pub fn tail(s: &str, lines: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Runs `cmd` to completion and parses its final result line.
+pub fn measure(mut cmd: Command, prefix: &str, what: &str) -> Result<Run> {
+    let t0 = Instant::now();
+    let out = cmd.output().with_context(|| format!("starting {what}"))?;
+    let wall_s = t0.elapsed().as_secs_f64();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!("{what} failed ({}):\n{}\n{}", out.status, tail(&stdout, 10), tail(&stderr, 30));
+    }
+    let (samples_per_s, test_accuracy) = parse_line(&stdout, prefix)
+        .with_context(|| format!("{what} printed no `{prefix} ... test_accuracy=... samples_per_s=...` line:\n{}", tail(&stdout, 10)))?;
+    let phases = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.split_once("phase_ms "))
+        .map(|(_, p)| p.trim().to_string())
+        .unwrap_or_default();
+    Ok(Run { samples_per_s, test_accuracy, wall_s, phases })
+}
+
 
 #[cfg(test)]
 mod tests {

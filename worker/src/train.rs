@@ -537,6 +537,22 @@ fn step_in_buckets(
 ) -> Result<StepTimes, WorkerError> {
     let np = grads.len();
     let TrainState { params, opt, .. } = state;
+    if cuts.len() == 1 {
+        // One bucket: it is ready only when the backward pass ends, so a communication
+        // thread would overlap nothing (and costs a thread per step).
+        let loss = net.loss_and_grads_in_buckets(params, xs, ys, share, grads, cuts, &mut |_, _| {})?;
+        let backward_done = Instant::now();
+        ring.all_reduce(grads)?;
+        let vote_started = Instant::now();
+        ckpt.vote(slots);
+        slots[SLOT_LOSS] = loss;
+        let vote = vote_started.elapsed();
+        ring.all_reduce(slots)?;
+        let u = Instant::now();
+        opt.begin_step();
+        opt.apply_part(0, params, grads)?;
+        return Ok(StepTimes { backward_done, collective: u.duration_since(backward_done).saturating_sub(vote), optimizer: u.elapsed(), vote });
+    }
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::channel::<Bucket>();
         let comm = scope.spawn(move || -> Result<Option<(Instant, Instant)>, WorkerError> {
