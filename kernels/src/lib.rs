@@ -3,6 +3,7 @@
 //! and every operation is element-wise, so results do not depend on the thread count: that is
 //! what keeps workers bitwise identical. CUDA is behind the `cuda` feature.
 
+pub mod lanes;
 pub mod nn;
 
 use rayon::prelude::*;

@@ -5,7 +5,7 @@
 //! channel-major layout (a batch is one GEMM per layer), then dense layers.
 
 use shoal_core::spec::ModelKind;
-use shoal_kernels::nn;
+use shoal_kernels::{lanes, nn};
 
 use crate::model::Model;
 use crate::WorkerError;
@@ -28,6 +28,8 @@ struct Buffers {
     pooled: [Vec<f32>; 2],
     dpool: Vec<f32>,
     dcols: Vec<f32>,
+    /// Lanes: transposes of a layer's input and output.
+    lanes_scratch: Vec<f32>,
 }
 
 fn grow(v: &mut Vec<f32>, n: usize) {
@@ -251,6 +253,67 @@ impl Net {
             nn::matmul(&mut g_rest[o[0]..o[0] + c1 * 9], &b.dpool, &b.cols[0], c1, plane1, 9, false, true, false)?;
             nn::plane_sums(&mut g_rest[o[1]..o[1] + c1], &b.dpool[..c1 * plane1], plane1);
             hand_over(o[0], &mut p_rest, &mut g_rest);
+        }
+        Ok(loss)
+    }
+
+    pub fn is_mlp(&self) -> bool {
+        self.kind == ModelKind::Mlp
+    }
+
+    /// `[training] lanes` for the MLP, on `shoal_kernels::lanes` (whose row results do not
+    /// depend on the row count): the forward and backward passes of the consecutive lanes
+    /// from lane `first`, `per` records each (`x`, `labels`: their records in lane order), each
+    /// lane's loss and gradient scaled by `scale` (its share of the global batch), and for
+    /// each lane-tree node in `nodes` (global lane ids among those lanes) its gradient,
+    /// written into the matching buffer of `outs` (laid out like the parameters). Returns the
+    /// lanes' summed loss.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mlp_lanes(
+        &mut self,
+        params: &[f32],
+        x: &[f32],
+        labels: &[u32],
+        per: usize,
+        scale: f32,
+        first: usize,
+        nodes: &[std::ops::Range<usize>],
+        outs: &mut [&mut [f32]],
+    ) -> Result<f32, WorkerError> {
+        let n = labels.len();
+        if self.kind != ModelKind::Mlp || per == 0 || !n.is_multiple_of(per) || nodes.len() != outs.len() {
+            return Err(WorkerError::Model(format!("lanes pass of {n} records in lanes of {per} for {} nodes does not fit", nodes.len())));
+        }
+        self.prepare(n);
+        let layers = self.widths.len() - 1;
+        let classes = self.classes;
+        let b = &mut self.bufs;
+        b.acts[0][..x.len()].copy_from_slice(x);
+        for l in 0..layers {
+            let (din, dout) = (self.widths[l], self.widths[l + 1]);
+            let (w, bias) = (self.offsets[2 * l], self.offsets[2 * l + 1]);
+            let (inputs, outputs) = b.acts.split_at_mut(l + 1);
+            lanes::dense_forward(&mut outputs[0][..n * dout], &inputs[l][..n * din], &params[w..w + dout * din], &mut b.lanes_scratch, n, din, dout)?;
+            nn::bias_act(&mut outputs[0][..n * dout], &params[bias..bias + dout], l + 1 < layers);
+        }
+        let mut loss = 0.0;
+        for rows in (0..n).step_by(per) {
+            let span = rows * classes..(rows + per) * classes;
+            let (l, _) = nn::softmax_xent(&b.acts[layers][span.clone()], &labels[rows..rows + per], classes, scale, &mut b.dz[span])?;
+            loss += l;
+        }
+        for l in (0..layers).rev() {
+            let (din, dout) = (self.widths[l], self.widths[l + 1]);
+            let (w, bias) = (self.offsets[2 * l], self.offsets[2 * l + 1]);
+            for (node, out) in nodes.iter().zip(outs.iter_mut()) {
+                let (head, tail) = out.split_at_mut(bias);
+                lanes::lane_tree_grads(&mut head[w..w + dout * din], &mut tail[..dout], &b.dz[..n * dout], &b.acts[l][..n * din], per, first, node.start, node.end, dout, din)?;
+            }
+            if l > 0 {
+                lanes::dense_input_grad(&mut b.da[..n * din], &b.dz[..n * dout], &params[w..w + dout * din], n, dout, din)?;
+                nn::relu_backward(&mut b.da[..n * din], &b.acts[l][..n * din]);
+                std::mem::swap(&mut b.dz, &mut b.da);
+            }
         }
         Ok(loss)
     }

@@ -618,6 +618,8 @@ fn step_in_buckets(
 /// same bits for any number of workers.
 struct Lanes {
     k: usize,
+    /// This rank's lanes.
+    mine: Range<usize>,
     /// Every rank's subtree nodes, rank after rank; this rank's are `my_nodes`.
     nodes: Vec<Range<usize>>,
     my_nodes: Range<usize>,
@@ -668,7 +670,7 @@ impl Lanes {
         // Two ranks holding one half each: the root is their sum, which a plain all-reduce
         // computes exactly (a + b == b + a). Otherwise every node travels.
         let exchange = if world > 1 && !(world == 2 && nodes.len() == 2) { vec![0.0; nodes.len() * np] } else { Vec::new() };
-        Lanes { k, nodes, my_nodes, exchange, spare: Vec::new(), xs: Vec::new(), ys: Vec::new() }
+        Lanes { k, mine: lanes_of(k, rank, world), nodes, my_nodes, exchange, spare: Vec::new(), xs: Vec::new(), ys: Vec::new() }
     }
 
     /// Computes the tree node over lanes [lo, hi) into `out`; returns the lanes' loss.
@@ -720,8 +722,32 @@ impl Lanes {
         ring: &mut dyn Collective,
     ) -> Result<(f32, Instant), WorkerError> {
         let np = grads.len();
-        let mut loss = 0.0;
         let my_nodes = self.nodes[self.my_nodes.clone()].to_vec();
+        if net.is_mlp() {
+            // One pass over all of this rank's lanes, on kernels whose lanes do not interact.
+            let per = batch.len() / self.k;
+            let records = &batch[self.mine.start * per..self.mine.end * per];
+            read_batch(ds, records.iter().copied(), &mut self.xs, &mut self.ys)?;
+            count_into(slots, records);
+            let scale = per as f32 / batch.len() as f32;
+            let mut exchange = std::mem::take(&mut self.exchange);
+            let computed = if exchange.is_empty() {
+                net.mlp_lanes(params, &self.xs, &self.ys, per, scale, self.mine.start, &my_nodes, &mut [&mut *grads])
+            } else {
+                exchange.fill(-0.0);
+                let mut outs: Vec<&mut [f32]> = exchange[self.my_nodes.start * np..self.my_nodes.end * np].chunks_mut(np).collect();
+                net.mlp_lanes(params, &self.xs, &self.ys, per, scale, self.mine.start, &my_nodes, &mut outs)
+            };
+            let exchange_started = Instant::now();
+            let reduced = computed.and_then(|loss| if exchange.is_empty() { ring.all_reduce(grads) } else { ring.all_reduce(&mut exchange) }.map(|()| loss));
+            self.exchange = exchange;
+            let loss = reduced?;
+            if !self.exchange.is_empty() {
+                self.combine(0, self.k, grads);
+            }
+            return Ok((loss, exchange_started));
+        }
+        let mut loss = 0.0;
         if self.exchange.is_empty() {
             // One rank (the whole tree) or two halves (one node each).
             let n = &my_nodes[0];
