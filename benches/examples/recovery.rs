@@ -6,8 +6,10 @@
 //!
 //! Each trial waits until the job has made progress in its current generation, kills one of
 //! its workers, then polls `shoal job status` until a later generation runs and has completed a
-//! step past the checkpoint it resumed from; then `shoal worker add` restores the spare. Rank 0
-//! reports progress at most every 250 ms, so a time can read up to 0.25 s long.
+//! step past the one it started from (`continued_from`: the survivor's state in memory, which
+//! the spare gets from it; or `resumed_from`, a checkpoint); then `shoal worker add` restores
+//! the spare. Rank 0 reports progress at most every 250 ms, so a time can read up to 0.25 s
+//! long.
 
 use std::path::Path;
 use std::process::Command;
@@ -25,6 +27,11 @@ fn run(shoal: &Path, args: &[&str], dir: &Path) -> Result<String> {
 
 fn job(shoal: &Path, dir: &Path) -> Result<serde_json::Value> {
     Ok(serde_json::from_str(&run(shoal, &["job", "status", "1", "--json"], dir)?)?)
+}
+
+/// The step the job's current generation started from, once its rank 0 has said.
+fn started_from(j: &serde_json::Value) -> Option<u64> {
+    j["continued_from"].as_u64().or(j["resumed_from"].as_u64())
 }
 
 fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
@@ -76,7 +83,7 @@ fn main() -> Result<()> {
             wait("the job to be training", Duration::from_secs(60), || {
                 let j = job(&shoal, &dir)?;
                 gen = j["generation"].as_u64().unwrap_or(0);
-                let from = j["resumed_from"].as_u64().unwrap_or(0);
+                let from = started_from(&j).unwrap_or(0);
                 Ok(j["state"] == "running" && j["step"].as_u64().unwrap_or(0) > from + 30)
             })?;
             let j = job(&shoal, &dir)?;
@@ -88,7 +95,7 @@ fn main() -> Result<()> {
             unsafe { libc::kill(pid, libc::SIGKILL) };
             wait("the job's next step after the kill", Duration::from_secs(60), || {
                 let j = job(&shoal, &dir)?;
-                let from = j["resumed_from"].as_u64();
+                let from = started_from(&j);
                 Ok(j["state"] == "running" && j["generation"].as_u64().unwrap_or(0) > gen && from.is_some_and(|f| j["step"].as_u64().unwrap_or(0) > f))
             })?;
             let t = killed.elapsed().as_secs_f64();
