@@ -294,7 +294,7 @@ impl Group for Shoal {
             feature_shape: vec![28, 28],
             classes: 10,
             shards: vec![ShardInfo { path: format!("datasets/{name}/import-{client}-{seq}/shard-00000.safetensors"), records: 1000, blake3: "0".repeat(64), bytes: 800_000 }],
-            created_index: 0,
+            ..Default::default()
         };
         let req = RegisterDatasetRequest { dataset: Some(dataset), request_id: format!("bench-{client}-{seq}") };
         CoordinatorClient::new(ch).register_dataset(req).await?;

@@ -200,8 +200,9 @@ struct DemoArgs {
 
 #[derive(Subcommand)]
 enum DataCmd {
-    /// Import IDX files (gzip or not; one features file, one labels file) as the next version
-    /// of dataset NAME: safetensors shards in the store, registered in the coordinator.
+    /// Import IDX files (gzip or not; one features file, one labels file) as a new dataset
+    /// NAME (version 1): safetensors shards in the store, registered in the coordinator. An
+    /// existing NAME is an error: `append` adds to it.
     Import {
         name: String,
         #[arg(required = true)]
@@ -209,6 +210,27 @@ enum DataCmd {
         /// Records per shard file.
         #[arg(long, default_value_t = ops::default_per_shard())]
         records_per_shard: usize,
+        /// Only records START:END (from START, before END) of the files.
+        #[arg(long, value_parser = parse_record_range)]
+        records: Option<(usize, usize)>,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add IDX files to dataset NAME as a new slice: version v+1 is version v plus these
+    /// records (which come after its own). The slice must match the dataset's schema (feature
+    /// shape, dtype, labels), else nothing is added.
+    Append {
+        name: String,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Records per shard file.
+        #[arg(long, default_value_t = ops::default_per_shard())]
+        records_per_shard: usize,
+        /// Only records START:END (from START, before END) of the files.
+        #[arg(long, value_parser = parse_record_range)]
+        records: Option<(usize, usize)>,
         #[command(flatten)]
         conn: Conn,
         #[arg(long)]
@@ -674,13 +696,23 @@ async fn status(conn: Conn, as_json: bool) -> Result<()> {
 
 async fn data(cmd: DataCmd) -> Result<()> {
     match cmd {
-        DataCmd::Import { name, files, records_per_shard, conn, json } => {
+        DataCmd::Import { name, files, records_per_shard, records, conn, json } => {
             let client = conn.client()?;
-            let d = ops::import_idx(&client, &name, &files, records_per_shard).await?;
+            let d = ops::import_idx(&client, &name, &files, records_per_shard, false, records).await?;
             if json {
                 print_json(&ops::dataset_json(&d));
             } else {
                 println!("imported {} v{}: {} records, features {:?}, {} classes, {} shards", d.name, d.version, d.records, d.feature_shape, d.classes, d.shards.len());
+            }
+        }
+        DataCmd::Append { name, files, records_per_shard, records, conn, json } => {
+            let client = conn.client()?;
+            let d = ops::import_idx(&client, &name, &files, records_per_shard, true, records).await?;
+            if json {
+                print_json(&ops::dataset_json(&d));
+            } else {
+                let s = d.slices.last().cloned().unwrap_or_default();
+                println!("appended to {} v{}: records {}..{} added ({} in all, {} slices)", d.name, d.version, s.first, s.first + s.records, d.records, d.slices.len());
             }
         }
         DataCmd::List { conn, json } => {
@@ -701,7 +733,11 @@ async fn data(cmd: DataCmd) -> Result<()> {
             if json {
                 print_json(&ops::dataset_json(&d));
             } else {
-                println!("{} v{}: {} records, features {:?}, {} classes", d.name, d.version, d.records, d.feature_shape, d.classes);
+                println!("{} v{}: {} records, features {:?} {}, {} classes", d.name, d.version, d.records, d.feature_shape, d.feature_dtype, d.classes);
+                for s in &d.slices {
+                    let when = if s.imported_unix_ms > 0 { ops::utc(s.imported_unix_ms) } else { "-".into() };
+                    println!("  slice records {}..{}  from {} [{}..{}]  imported {when}  blake3 {}", s.first, s.first + s.records, s.sources.join(", "), s.source_start, s.source_end, s.blake3);
+                }
                 for s in &d.shards {
                     println!("  {}  {} records  {} bytes  blake3 {}", s.path, s.records, s.bytes, s.blake3);
                 }
@@ -709,6 +745,16 @@ async fn data(cmd: DataCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `START:END` for `--records`.
+fn parse_record_range(s: &str) -> Result<(usize, usize), String> {
+    let (a, b) = s.split_once(':').ok_or_else(|| format!("{s:?} is not START:END"))?;
+    let (a, b) = (a.trim().parse::<usize>().map_err(|e| format!("start {a:?}: {e}"))?, b.trim().parse::<usize>().map_err(|e| format!("end {b:?}: {e}"))?);
+    if a >= b {
+        return Err(format!("records {a}:{b} is empty (START must be below END)"));
+    }
+    Ok((a, b))
 }
 
 fn print_job(j: &JobInfo) {
@@ -1061,7 +1107,7 @@ async fn run_local(spec_text: String, workers: Option<u64>, keep: bool, show: bo
     let result = async {
         up?;
         let client = Client::new(&layout.endpoints()?)?;
-        let d = ops::import_idx(&client, &spec.dataset.name, &files, ops::default_per_shard()).await?;
+        let d = ops::import_idx(&client, &spec.dataset.name, &files, ops::default_per_shard(), false, None).await?;
         if show {
             eprintln!("demo: imported {} v{} ({} records, {} shards)", d.name, d.version, d.records, d.shards.len());
         }

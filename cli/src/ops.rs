@@ -22,7 +22,9 @@ pub async fn store_dir(client: &Client) -> Result<PathBuf> {
 /// number). A registration that was refused leaves nothing behind; one whose outcome is
 /// unknown (no coordinator answered) keeps its files and says so, since they may be
 /// registered.
-pub async fn import_idx(client: &Client, name: &str, files: &[PathBuf], per_shard: usize) -> Result<DatasetInfo> {
+/// Imports IDX files as dataset `name` (version 1; `append`: a new slice on its latest
+/// version), records [start, end) of the files only when `range` says so.
+pub async fn import_idx(client: &Client, name: &str, files: &[PathBuf], per_shard: usize, append: bool, range: Option<(usize, usize)>) -> Result<DatasetInfo> {
     shoal_core::dataset::validate_name(name)?;
     if files.is_empty() {
         bail!("no files given: pass a features file and a labels file (IDX, gzip or not)");
@@ -31,12 +33,23 @@ pub async fn import_idx(client: &Client, name: &str, files: &[PathBuf], per_shar
     for f in files {
         arrays.push((f.display().to_string(), read_idx_file(f)?));
     }
-    let records = Records::from_idx(arrays)?;
+    let mut records = Records::from_idx(arrays)?;
+    let read = records.len();
+    let (start, end) = range.unwrap_or((0, read));
+    if range.is_some() {
+        records = records.select(start, end)?;
+    }
     let store = store_dir(client).await?;
     let request_id = shoal_coordinator::client::new_request_id();
     let folder = import_dir(name, &request_id)?;
     let info = match write_shards(&store, name, &folder, &records, per_shard.max(1)) {
-        Ok(info) => info,
+        Ok(mut info) => {
+            info.append = append;
+            let imported_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+            let sources = files.iter().map(|f| f.display().to_string()).collect();
+            info.slices = vec![DatasetSlice { sources, imported_unix_ms, source_start: start as u64, source_end: end as u64, ..Default::default() }];
+            info
+        }
         Err(e) => {
             let _ = std::fs::remove_dir_all(store.join(&folder));
             return Err(e.into());
@@ -78,6 +91,12 @@ pub fn dataset_json(d: &DatasetInfo) -> Value {
         "records": d.records,
         "feature_shape": d.feature_shape,
         "classes": d.classes,
+        "feature_dtype": d.feature_dtype,
+        "slices": d.slices.iter().map(|s| json!({
+            "index_range": [s.first, s.first + s.records], "records": s.records, "sources": s.sources,
+            "source_records": [s.source_start, s.source_end], "blake3": s.blake3, "folder": s.folder,
+            "imported": if s.imported_unix_ms > 0 { json!(utc(s.imported_unix_ms)) } else { Value::Null },
+        })).collect::<Vec<_>>(),
         "shards": d.shards.iter().map(|s| json!({"path": s.path, "records": s.records, "blake3": s.blake3, "bytes": s.bytes})).collect::<Vec<_>>(),
     })
 }

@@ -12,12 +12,13 @@ fn concurrent_imports_of_one_name_never_touch_a_registered_version() {
     let c = UpCluster::start_with(&["--coordinators", "3", "--workers", "0"]);
     let files = write_tiny_idx(c.tmp.path());
     let replicas: Vec<String> = c.endpoints().split(',').map(String::from).collect();
-    // Six imports of the same name at once, each through a different replica (some of which
-    // are followers that may lag the leader).
+    // One import, then six appends to the same name at once, each through a different replica
+    // (some of which are followers that may lag the leader).
+    ok(c.cmd(&["data", "import", "tiny", "--records-per-shard", "100"]).args(&files));
     let children: Vec<_> = (0..6)
         .map(|i| {
             shoal()
-                .args(["data", "import", "tiny", "--json", "--records-per-shard", "100", "--endpoints", &replicas[i % replicas.len()]])
+                .args(["data", "append", "tiny", "--json", "--records-per-shard", "100", "--endpoints", &replicas[i % replicas.len()]])
                 .args(&files)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
@@ -32,7 +33,11 @@ fn concurrent_imports_of_one_name_never_touch_a_registered_version() {
     }
     let list = json(&mut c.cmd(&["data", "list", "--json"]));
     let versions: Vec<u64> = list.as_array().unwrap().iter().map(|d| d["version"].as_u64().unwrap()).collect();
-    assert_eq!(versions, (1..=6).collect::<Vec<_>>());
+    assert_eq!(versions, (1..=7).collect::<Vec<_>>());
+    for (k, d) in list.as_array().unwrap().iter().enumerate() {
+        assert_eq!(d["slices"].as_array().unwrap().len(), k + 1, "version {} holds its own slice and every one before: {d}", k + 1);
+        assert_eq!(d["records"].as_u64().unwrap(), 512 * (k as u64 + 1), "{d}");
+    }
     let mut folders = std::collections::BTreeSet::new();
     for d in list.as_array().unwrap() {
         for s in d["shards"].as_array().unwrap() {
@@ -42,7 +47,7 @@ fn concurrent_imports_of_one_name_never_touch_a_registered_version() {
             folders.insert(path.parent().unwrap().to_path_buf());
         }
     }
-    assert_eq!(folders.len(), 6, "every version has a folder of its own");
+    assert_eq!(folders.len(), 7, "every slice has a folder of its own");
 }
 
 fn coordinator(tmp: &std::path::Path, name: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
@@ -103,7 +108,7 @@ fn a_stopped_leader_costs_clients_an_election_not_their_deadline() {
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
     let started = std::time::Instant::now();
     // A write and a read, through every replica (the stopped one first in line, perhaps).
-    let v2 = json(c.cmd(&["data", "import", "tiny", "--json"]).args(&files));
+    let v2 = json(c.cmd(&["data", "append", "tiny", "--json"]).args(&files));
     assert_eq!(v2["version"], 2);
     let list = json(&mut c.cmd(&["data", "list", "--json"]));
     assert_eq!(list.as_array().unwrap().len(), 2);
@@ -112,7 +117,7 @@ fn a_stopped_leader_costs_clients_an_election_not_their_deadline() {
     // again it finds itself deposed and the write goes through the new leader, once.
     let paused_endpoint = leader["address"].as_str().unwrap().to_string();
     let late = shoal()
-        .args(["data", "import", "tiny", "--json", "--endpoints", &paused_endpoint])
+        .args(["data", "append", "tiny", "--json", "--endpoints", &paused_endpoint])
         .args(&files)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -52,8 +52,10 @@ fn killing_the_leader_mid_job_loses_nothing() {
         let s = json(&mut c.cmd(&["status", "--json"]));
         s["coordinators"].as_array().unwrap().iter().find(|r| r["role"] == "leader").cloned()
     };
+    let mut verb = "import";
     while leader_now().and_then(|l| l["snapshot_index"].as_u64()).unwrap_or(0) <= leader["applied_index"].as_u64().unwrap() + 1 {
-        ok(c.cmd(&["data", "import", "tiny"]).args(&files));
+        ok(c.cmd(&["data", verb, "tiny"]).args(&files));
+        verb = "append";
     }
     let id = leader["id"].as_u64().unwrap();
     let addr = leader["address"].as_str().unwrap();

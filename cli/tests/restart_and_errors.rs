@@ -73,8 +73,8 @@ fn coordinator_restart_keeps_datasets_and_finished_jobs() {
     for key in ["state", "step", "epoch", "loss", "test_accuracy", "results", "workers"] {
         assert_eq!(again[key], job[key], "{key} changed across the restart");
     }
-    // And it still takes writes: the next import is version 2.
-    let v2 = json(shoal().args(["data", "import", "tiny", "--json"]).args(&files).args(ep(&addr2)));
+    // And it still takes writes: the next slice is version 2.
+    let v2 = json(shoal().args(["data", "append", "tiny", "--json"]).args(&files).args(ep(&addr2)));
     assert_eq!(v2["version"], 2);
 }
 

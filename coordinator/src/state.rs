@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use shoal_core::{dataset, JobSpec};
 use shoal_proto::{
-    command, request_record, Assignment, Command, DatasetInfo, DatasetVersion, JobInfo, JobProgress, JobState, MembershipChange, PeerInfo, RankResult, RequestRecord,
+    command, request_record, Assignment, Command, DatasetInfo, DatasetSlice, DatasetVersion, JobInfo, JobProgress, JobState, MembershipChange, PeerInfo, RankResult, RequestRecord,
     StateSnapshot, WorkerInfo, WorkerState,
 };
 
@@ -312,13 +312,25 @@ impl StateMachine {
             }
             command::Kind::RegisterDataset(mut info) => {
                 dataset::validate_name(&info.name).map_err(|e| e.to_string())?;
-                let next = self.dataset(&info.name, 0).map(|d| d.version).unwrap_or(0) + 1;
-                // Version 0 asks for the next one: the version is decided here, in log order,
-                // not by an importer that read "the latest" from some replica.
+                let latest = self.dataset(&info.name, 0);
+                let next = latest.map(|d| d.version).unwrap_or(0) + 1;
+                // Version 0 asks for the next one: the version, and whether the name exists,
+                // are decided here, in log order, not by an importer that read "the latest"
+                // from some replica.
                 if info.version == 0 {
                     info.version = next;
                 } else if info.version != next {
                     return Err(format!("dataset {} version {} cannot be registered: the next version is {next}", info.name, info.version));
+                }
+                match (info.append, latest) {
+                    (false, Some(d)) => {
+                        return Err(format!(
+                            "dataset {} exists (version {}): add records to it as a new slice with `shoal data append {} FILES...`",
+                            info.name, d.version, info.name
+                        ))
+                    }
+                    (true, None) => return Err(format!("dataset {} does not exist: create it with `shoal data import {} FILES...`", info.name, info.name)),
+                    _ => {}
                 }
                 if info.shards.is_empty() || info.records == 0 {
                     return Err(format!("dataset {} has no records", info.name));
@@ -327,9 +339,9 @@ impl StateMachine {
                 if info.feature_shape.is_empty() || info.feature_shape.contains(&0) || info.classes == 0 || feature_len.is_none_or(|n| n > MAX_FEATURES) {
                     return Err(format!("dataset {}: feature shape {:?} and {} classes are not usable", info.name, info.feature_shape, info.classes));
                 }
-                // Shards must live in one folder of their own under datasets/<name>/ (no `..`, no
-                // absolute paths), a folder that no other version uses: an import can only ever
-                // touch its own files.
+                // The new shards must live in one folder of their own under datasets/<name>/ (no
+                // `..`, no absolute paths), a folder no other slice uses: an import or append can
+                // only ever touch its own files.
                 let root = std::path::Path::new("datasets").join(&info.name);
                 for shard in &info.shards {
                     let p = std::path::Path::new(&shard.path);
@@ -338,17 +350,72 @@ impl StateMachine {
                         return Err(format!("dataset {}: shard path {:?} is not a file in a folder of {}", info.name, shard.path, root.display()));
                     }
                 }
-                let folder = dataset::shard_folder(&info).ok_or_else(|| format!("dataset {}: shards must all be in one folder", info.name))?;
-                if let Some(other) = self.datasets.get(&info.name).into_iter().flatten().find(|d| dataset::shard_folder(d) == Some(folder)) {
+                let folder = dataset::shard_folder(&info).ok_or_else(|| format!("dataset {}: shards must all be in one folder", info.name))?.to_path_buf();
+                let used = self.datasets.get(&info.name).into_iter().flatten().find(|d| d.shards.iter().any(|s| std::path::Path::new(&s.path).parent() == Some(&*folder)));
+                if let Some(other) = used {
                     return Err(format!("dataset {}: folder {} already holds version {}", info.name, folder.display(), other.version));
                 }
                 let sum = info.shards.iter().try_fold(0u64, |a, s| a.checked_add(s.records));
                 if sum != Some(info.records) {
                     return Err(format!("dataset {}: shards hold {sum:?} records, manifest says {}", info.name, info.records));
                 }
-                info.created_index = index;
-                self.datasets.entry(info.name.clone()).or_default().push(info.clone());
-                Ok(ApplyOutput::Dataset(info))
+                let mut slice = info.slices.pop().unwrap_or_default();
+                slice.records = info.records;
+                slice.folder = folder.to_string_lossy().into_owned();
+                slice.blake3 = dataset::slice_digest(&info.shards);
+                let stored = match latest {
+                    None => {
+                        slice.first = 0;
+                        DatasetInfo { slices: vec![slice], append: false, created_index: index, ..info }
+                    }
+                    Some(base) => {
+                        // The schema: what every slice must match.
+                        if info.feature_shape != base.feature_shape {
+                            return Err(format!("dataset {}: the slice's features have shape {:?}; the dataset's are {:?}", info.name, info.feature_shape, base.feature_shape));
+                        }
+                        if !base.feature_dtype.is_empty() && info.feature_dtype != base.feature_dtype {
+                            return Err(format!("dataset {}: the slice's features are {}; the dataset's are {}", info.name, info.feature_dtype, base.feature_dtype));
+                        }
+                        if info.classes > base.classes {
+                            return Err(format!(
+                                "dataset {}: the slice has label {}, unknown to the dataset (classes 0..{})",
+                                info.name,
+                                info.classes - 1,
+                                base.classes
+                            ));
+                        }
+                        let records = base.records.checked_add(info.records).ok_or_else(|| format!("dataset {}: too many records", info.name))?;
+                        let mut slices = base.slices.clone();
+                        if slices.is_empty() {
+                            // A version from before slices: it is one.
+                            slices.push(DatasetSlice {
+                                first: 0,
+                                records: base.records,
+                                blake3: dataset::slice_digest(&base.shards),
+                                folder: dataset::shard_folder(base).map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+                                ..Default::default()
+                            });
+                        }
+                        slice.first = base.records;
+                        slices.push(slice);
+                        let mut shards = base.shards.clone();
+                        shards.extend(info.shards);
+                        DatasetInfo {
+                            name: info.name,
+                            version: info.version,
+                            records,
+                            feature_shape: base.feature_shape.clone(),
+                            classes: base.classes,
+                            shards,
+                            created_index: index,
+                            slices,
+                            feature_dtype: base.feature_dtype.clone(),
+                            append: false,
+                        }
+                    }
+                };
+                self.datasets.entry(stored.name.clone()).or_default().push(stored.clone());
+                Ok(ApplyOutput::Dataset(stored))
             }
             command::Kind::SubmitJob(toml) => {
                 let (spec, ds) = self.check_submission(&toml)?;
@@ -765,7 +832,7 @@ mod tests {
     use super::*;
     use shoal_proto::Message;
     use shoal_proto::{
-        CheckpointCommit, CheckpointError, CheckpointFile, CheckpointManifest, JobAssigned, JobProgress, OutcomeReport, RegisterWorkerRequest,
+        CheckpointCommit, CheckpointError, CheckpointFile, CheckpointManifest, DatasetSlice, JobAssigned, JobProgress, OutcomeReport, RegisterWorkerRequest,
         ResumeJobRequest, ShardInfo, UpdateProgress, WorkerLost,
     };
 
@@ -802,7 +869,7 @@ mod tests {
             feature_shape: vec![4],
             classes: 2,
             shards: vec![ShardInfo { path: "datasets/d/import-1/shard-00000.safetensors".into(), records: 100, blake3: "h".into(), bytes: 1 }],
-            created_index: 0,
+            ..Default::default()
         };
         sm.apply(1, cmd(command::Kind::RegisterDataset(ds))).unwrap();
         for i in 0..2 {
@@ -841,6 +908,49 @@ mod tests {
         assert_eq!((id, gen), (job.id, 1));
         sm.apply(6, cmd(command::Kind::JobAssigned(JobAssigned { job_id: id, generation: gen, workers, last_step: 0 }))).unwrap();
         (id, gen)
+    }
+
+    #[test]
+    fn a_dataset_grows_by_slices_that_match_its_schema() {
+        let mut sm = StateMachine::default();
+        let slice = |folder: &str, records: u64, shape: Vec<u64>, dtype: &str, classes: u32, append: bool| {
+            let shards = vec![ShardInfo { path: format!("datasets/d/{folder}/shard-00000.safetensors"), records, blake3: format!("h-{folder}"), bytes: 1 }];
+            let src = DatasetSlice { sources: vec![format!("{folder}.idx")], ..Default::default() };
+            cmd(command::Kind::RegisterDataset(DatasetInfo {
+                name: "d".into(),
+                records,
+                feature_shape: shape,
+                classes,
+                shards,
+                slices: vec![src],
+                feature_dtype: dtype.into(),
+                append,
+                ..Default::default()
+            }))
+        };
+        let e = sm.apply(1, slice("a", 40, vec![4], "u8", 10, true)).unwrap_err();
+        assert!(e.contains("does not exist") && e.contains("data import"), "{e}");
+        let ApplyOutput::Dataset(v1) = sm.apply(2, slice("a", 40, vec![4], "u8", 10, false)).unwrap() else { panic!() };
+        assert_eq!((v1.version, v1.slices.len(), v1.slices[0].first, v1.slices[0].records, v1.append), (1, 1, 0, 40, false));
+        let e = sm.apply(3, slice("b", 10, vec![4], "u8", 10, false)).unwrap_err();
+        assert!(e.contains("exists") && e.contains("shoal data append d"), "{e}");
+        // Slices that do not fit the schema: nothing is added.
+        for (bad, what) in [
+            (slice("b", 10, vec![5], "u8", 10, true), "shape"),
+            (slice("b", 10, vec![4], "f32", 10, true), "f32"),
+            (slice("b", 10, vec![4], "u8", 11, true), "label 10"),
+            (slice("a", 10, vec![4], "u8", 10, true), "already holds"),
+        ] {
+            let e = sm.apply(4, bad).unwrap_err();
+            assert!(e.contains(what), "{what}: {e}");
+        }
+        assert_eq!(sm.dataset("d", 0).unwrap().version, 1);
+        // A slice with fewer classes than the dataset is fine: its labels are known ones.
+        let ApplyOutput::Dataset(v2) = sm.apply(5, slice("b", 10, vec![4], "u8", 2, true)).unwrap() else { panic!() };
+        assert_eq!((v2.version, v2.records, v2.classes, v2.shards.len()), (2, 50, 10, 2));
+        assert_eq!((v2.slices[1].first, v2.slices[1].records, v2.slices[1].folder.as_str()), (40, 10, "datasets/d/b"));
+        assert_eq!(v2.shards[0], v1.shards[0], "the old records keep their indices");
+        assert_eq!(sm.dataset("d", 1).unwrap().records, 40, "versions are immutable");
     }
 
     #[test]
@@ -1108,6 +1218,8 @@ mod tests {
     fn dataset_versions_must_be_consecutive() {
         let mut sm = with_dataset();
         let mut ds = sm.dataset("d", 0).unwrap().clone();
+        ds.append = true;
+        ds.slices.clear();
         ds.version = 3;
         assert!(sm.apply(9, cmd(command::Kind::RegisterDataset(ds.clone()))).is_err());
         ds.version = 2;

@@ -142,7 +142,8 @@ fn crash(r: &mut Replica, rng: &mut SplitMix64) {
 #[derive(Clone, Debug)]
 enum Kind {
     Worker,
-    Dataset,
+    /// Registers a slice of dataset "d": a new dataset (false) or an append (true).
+    Dataset(bool),
     Submit,
     Cancel(u64),
     Read,
@@ -192,14 +193,15 @@ fn spec(name: &str) -> String {
 fn command_for(op: &Op) -> Option<command::Kind> {
     Some(match op.kind {
         Kind::Worker => command::Kind::RegisterWorker(RegisterWorkerRequest { address: op.request_id.clone(), pid: 0, device: "cpu".into(), request_id: String::new(), ..Default::default() }),
-        Kind::Dataset => command::Kind::RegisterDataset(DatasetInfo {
+        Kind::Dataset(append) => command::Kind::RegisterDataset(DatasetInfo {
             name: "d".into(),
             version: 0,
             records: 100,
             feature_shape: vec![4],
             classes: 2,
             shards: vec![ShardInfo { path: format!("datasets/d/import-{}/shard-0.safetensors", op.request_id), records: 100, blake3: "h".into(), bytes: 1 }],
-            created_index: 0,
+            append,
+            ..Default::default()
         }),
         Kind::Submit => command::Kind::SubmitJob(spec(&op.request_id)),
         Kind::Cancel(id) => command::Kind::CancelJob(id),
@@ -426,7 +428,9 @@ fn simulate(seed: u64, n: u64) -> String {
                         .collect();
                     let kind = match rng.below(10) {
                         0..=1 => Kind::Worker,
-                        2 => Kind::Dataset,
+                        // An append once an earlier registration is known to have taken
+                        // effect, else the import (refused once one has).
+                        2 => Kind::Dataset(history.iter().any(|o| matches!(o.kind, Kind::Dataset(_)) && matches!(o.outcome, Outcome::Ok(_)))),
                         3..=5 => Kind::Submit,
                         6 if !jobs.is_empty() => Kind::Cancel(jobs[rng.below(jobs.len() as u64) as usize]),
                         _ => Kind::Read,
@@ -549,13 +553,13 @@ fn simulate(seed: u64, n: u64) -> String {
     let jobs: BTreeMap<String, u64> = state.jobs().map(|j| (j.name.clone(), j.id)).collect();
     assert_eq!(jobs.len(), state.jobs().count(), "seed {seed}: a job was submitted twice");
     let versions: BTreeMap<String, u64> =
-        state.datasets().map(|d| (d.shards[0].path.split('/').nth(2).unwrap().trim_start_matches("import-").to_string(), d.version)).collect();
+        state.datasets().map(|d| (d.shards.last().unwrap().path.split('/').nth(2).unwrap().trim_start_matches("import-").to_string(), d.version)).collect();
     for o in &history {
         let Outcome::Ok(got) = o.outcome else { continue };
         let found = match o.kind {
             Kind::Worker => workers.get(&o.request_id).copied(),
             Kind::Submit => jobs.get(&o.request_id).copied(),
-            Kind::Dataset => versions.get(&o.request_id).copied(),
+            Kind::Dataset(_) => versions.get(&o.request_id).copied(),
             Kind::Cancel(id) => Some(id).filter(|id| state.job(*id).is_some_and(|j| j.state() == shoal_proto::JobState::Cancelled)),
             Kind::Read => continue,
         };
@@ -565,7 +569,7 @@ fn simulate(seed: u64, n: u64) -> String {
     // Linearizability: ids follow log order, so an op acknowledged before another began has
     // the smaller id; a read sees every job acknowledged before it began.
     for kind in [0u8, 1, 2] {
-        let of = |o: &&Op| matches!((kind, &o.kind), (0, Kind::Worker) | (1, Kind::Dataset) | (2, Kind::Submit));
+        let of = |o: &&Op| matches!((kind, &o.kind), (0, Kind::Worker) | (1, Kind::Dataset(_)) | (2, Kind::Submit));
         let done: Vec<(u64, u64, u64)> = history.iter().filter(of).filter_map(|o| match o.outcome {
             Outcome::Ok(id) => Some((o.invoked, o.done, id)),
             _ => None,

@@ -94,6 +94,36 @@ impl Records {
     pub fn classes(&self) -> u32 {
         self.labels.iter().copied().max().map(|m| m as u32 + 1).unwrap_or(0)
     }
+
+    /// The features' dtype as the schema names it: `u8` or `f32`.
+    pub fn dtype(&self) -> &'static str {
+        match self.features {
+            IdxData::U8(_) => "u8",
+            IdxData::F32(_) => "f32",
+        }
+    }
+
+    /// Records [start, end) only.
+    pub fn select(self, start: usize, end: usize) -> Result<Records> {
+        if start >= end || end > self.len() {
+            return Err(CoreError::Dataset(format!("records [{start}, {end}) are not within the {} records read", self.len())));
+        }
+        let f: usize = self.feature_shape.iter().product();
+        let features = match self.features {
+            IdxData::U8(v) => IdxData::U8(v[start * f..end * f].to_vec()),
+            IdxData::F32(v) => IdxData::F32(v[start * f..end * f].to_vec()),
+        };
+        Ok(Records { features, feature_shape: self.feature_shape, labels: self.labels[start..end].to_vec() })
+    }
+}
+
+/// A slice's digest: blake3 over its shards' blake3 hashes, in order.
+pub fn slice_digest(shards: &[ShardInfo]) -> String {
+    let mut h = blake3::Hasher::new();
+    for s in shards {
+        h.update(s.blake3.as_bytes());
+    }
+    h.finalize().to_hex().to_string()
 }
 
 /// The folder of one import of dataset `name`, relative to the store root: `import_id` (the
@@ -148,7 +178,8 @@ pub fn write_shards(store: &Path, name: &str, rel_dir: &Path, records: &Records,
         feature_shape: records.feature_shape.iter().map(|&d| d as u64).collect(),
         classes: records.classes(),
         shards,
-        created_index: 0,
+        feature_dtype: records.dtype().into(),
+        ..Default::default()
     })
 }
 
@@ -158,9 +189,10 @@ pub fn shard_folder(info: &DatasetInfo) -> Option<&Path> {
     info.shards.iter().all(|s| Path::new(&s.path).parent() == Some(first)).then_some(first)
 }
 
-/// Writes the registered manifest (with its version) beside its shards.
+/// Writes the registered manifest (with its version) beside its newest slice's shards.
 pub fn write_manifest(store: &Path, info: &DatasetInfo) -> Result<()> {
-    let dir = shard_folder(info).ok_or_else(|| CoreError::Dataset(format!("dataset {} v{} has no single shard folder", info.name, info.version)))?;
+    let last = info.shards.last().and_then(|s| Path::new(&s.path).parent());
+    let dir = last.ok_or_else(|| CoreError::Dataset(format!("dataset {} v{} has no shards", info.name, info.version)))?;
     let manifest = DatasetManifest { dataset: Some(info.clone()) };
     write_atomic(&store.join(dir).join("manifest.pb"), &manifest.encode_to_vec())
 }

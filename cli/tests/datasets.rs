@@ -1,0 +1,81 @@
+//! Datasets made of slices: `data import` creates version 1 (and refuses an existing name),
+//! `data append` adds a slice as the next version (records keep their indices), a slice that
+//! does not fit the schema is refused and changes nothing, and training reads across slices.
+
+mod common;
+use common::*;
+
+/// IDX with `n` records of 28x28 features (u8, or f32 when `float`) and the given labels.
+fn write_idx(dir: &std::path::Path, name: &str, n: usize, float: bool, labels: &[u8]) -> [std::path::PathBuf; 2] {
+    let x = dir.join(format!("{name}-images.idx"));
+    let y = dir.join(format!("{name}-labels.idx"));
+    if float {
+        let mut bytes = vec![0, 0, 0x0D, 3];
+        for d in [n, 28, 28] {
+            bytes.extend_from_slice(&(d as u32).to_be_bytes());
+        }
+        for i in 0..n * 784 {
+            bytes.extend_from_slice(&((i % 7) as f32 / 7.0).to_be_bytes());
+        }
+        std::fs::write(&x, bytes).unwrap();
+    } else {
+        std::fs::write(&x, shoal_core::idx::encode_idx_u8(&[n, 28, 28], &vec![7u8; n * 784])).unwrap();
+    }
+    let ys: Vec<u8> = (0..n).map(|i| labels[i % labels.len()]).collect();
+    std::fs::write(&y, shoal_core::idx::encode_idx_u8(&[n], &ys)).unwrap();
+    [x, y]
+}
+
+fn folders(c: &UpCluster, name: &str) -> usize {
+    std::fs::read_dir(c.store().join("datasets").join(name)).map(|d| d.count()).unwrap_or(0)
+}
+
+#[test]
+fn a_dataset_grows_by_validated_slices_and_trains_across_them() {
+    let c = UpCluster::start(2);
+    let [x, y] = mnist_files();
+    let v1 = json(c.cmd(&["data", "import", "digits", "--records", "0:4000", "--json"]).arg(&x).arg(&y));
+    assert_eq!((v1["version"].as_u64(), v1["records"].as_u64(), v1["feature_dtype"].as_str()), (Some(1), Some(4000), Some("u8")), "{v1}");
+    let s = &v1["slices"][0];
+    assert_eq!((s["index_range"].clone(), s["source_records"].clone()), (serde_json::json!([0, 4000]), serde_json::json!([0, 4000])), "{v1}");
+    assert!(s["sources"][0].as_str().unwrap().ends_with("mnist10k-images-idx3-ubyte.gz") && s["imported"].is_string(), "{v1}");
+
+    // The name exists: import says to append.
+    let e = fails(c.cmd(&["data", "import", "digits", "--records", "4000:8000"]).arg(&x).arg(&y));
+    assert!(e.contains("exists") && e.contains("shoal data append digits"), "{e}");
+    let e = fails(c.cmd(&["data", "append", "nothing-here"]).arg(&x).arg(&y));
+    assert!(e.contains("does not exist") && e.contains("data import"), "{e}");
+
+    let v2 = json(c.cmd(&["data", "append", "digits", "--records", "4000:8000", "--json"]).arg(&x).arg(&y));
+    assert_eq!((v2["version"].as_u64(), v2["records"].as_u64()), (Some(2), Some(8000)), "{v2}");
+    let ranges: Vec<_> = v2["slices"].as_array().unwrap().iter().map(|s| s["index_range"].clone()).collect();
+    assert_eq!(ranges, [serde_json::json!([0, 4000]), serde_json::json!([4000, 8000])], "{v2}");
+    assert_eq!(v2["slices"][1]["source_records"], serde_json::json!([4000, 8000]));
+    // Versions are immutable, and the old records keep their shards.
+    let old = json(&mut c.cmd(&["data", "show", "digits", "--version", "1", "--json"]));
+    assert_eq!(old, v1, "version 1 changed");
+    assert_eq!(v2["shards"].as_array().unwrap()[..v1["shards"].as_array().unwrap().len()], v1["shards"].as_array().unwrap()[..]);
+    let text = ok(&mut c.cmd(&["data", "show", "digits"]));
+    assert!(text.contains("slice records 4000..8000"), "{text}");
+
+    // Slices that do not fit: another feature shape, another dtype, an unknown label.
+    let tiny = write_tiny_idx(c.tmp.path());
+    let e = fails(c.cmd(&["data", "append", "digits"]).args(&tiny));
+    assert!(e.contains("shape [4, 4]") && e.contains("[28, 28]"), "{e}");
+    let float = write_idx(c.tmp.path(), "float", 20, true, &[1, 2]);
+    let e = fails(c.cmd(&["data", "append", "digits"]).args(&float));
+    assert!(e.contains("f32") && e.contains("u8"), "{e}");
+    let label = write_idx(c.tmp.path(), "label", 20, false, &[3, 12]);
+    let e = fails(c.cmd(&["data", "append", "digits"]).args(&label));
+    assert!(e.contains("label 12") && e.contains("unknown"), "{e}");
+    let after = json(&mut c.cmd(&["data", "show", "digits", "--json"]));
+    assert_eq!(after["version"], 2, "a refused slice made a version: {after}");
+    assert_eq!(folders(&c, "digits"), 2, "a refused slice left its shards behind");
+
+    // Training reads across the slices.
+    let job = c.submit_follow(&c.write_spec("digits.toml", &mnist_spec("digits", 1, 8000, 4, "[64]").replace("test = [8000, 10000]", "test = [7000, 8000]")));
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["dataset_version"], 2, "{job}");
+    assert_eq!(job["epoch_records"][0]["records"], 7936, "62 batches of 128 from both slices: {job}");
+    assert!(job["test_accuracy"].as_f64().unwrap() > 0.8, "{job}");
+}
