@@ -236,6 +236,23 @@ enum DataCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Drift thresholds for the dataset's next appends: a slice whose label or binned feature
+    /// histograms diverge more (Jensen-Shannon, base 2, 0 to 1) is reported, or with `reject`
+    /// not added.
+    Set {
+        name: String,
+        #[arg(long)]
+        max_label_js: Option<f64>,
+        #[arg(long)]
+        max_feature_js: Option<f64>,
+        /// warn (add the slice, record its drift) or reject (do not add it).
+        #[arg(long)]
+        on_drift: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
     /// List datasets (every version).
     List {
         #[command(flatten)]
@@ -713,6 +730,21 @@ async fn data(cmd: DataCmd) -> Result<()> {
             } else {
                 let s = d.slices.last().cloned().unwrap_or_default();
                 println!("appended to {} v{}: records {}..{} added ({} in all, {} slices)", d.name, d.version, s.first, s.first + s.records, d.records, d.slices.len());
+                println!("  divergence from v{}: labels {:.4}, features {:.4} (feature {})", d.version - 1, s.label_js, s.feature_js, s.feature_js_at);
+                if !s.drift.is_empty() {
+                    println!("  warning: {}", s.drift);
+                }
+            }
+        }
+        DataCmd::Set { name, max_label_js, max_feature_js, on_drift, conn, json } => {
+            let client = conn.client()?;
+            let req = shoal_proto::DatasetSettingsRequest { name, max_label_js, max_feature_js, on_drift, request_id: shoal_coordinator::client::new_request_id() };
+            let d = client.call(|mut c| { let req = req.clone(); async move { c.set_dataset_settings(req).await } }).await?;
+            let v = ops::dataset_json(&d);
+            if json {
+                print_json(&v["settings"]);
+            } else {
+                println!("{}: max_label_js {} max_feature_js {} on_drift {}", d.name, v["settings"]["max_label_js"], v["settings"]["max_feature_js"], v["settings"]["on_drift"]);
             }
         }
         DataCmd::List { conn, json } => {
@@ -737,6 +769,16 @@ async fn data(cmd: DataCmd) -> Result<()> {
                 for s in &d.slices {
                     let when = if s.imported_unix_ms > 0 { ops::utc(s.imported_unix_ms) } else { "-".into() };
                     println!("  slice records {}..{}  from {} [{}..{}]  imported {when}  blake3 {}", s.first, s.first + s.records, s.sources.join(", "), s.source_start, s.source_end, s.blake3);
+                    if let Some(st) = &s.stats {
+                        println!("    labels {:?}  divergence labels {:.4} features {:.4}{}", st.label_counts, s.label_js, s.feature_js, if s.drift.is_empty() { String::new() } else { format!("  {}", s.drift) });
+                    }
+                }
+                if let Some(st) = ops::version_stats(&d) {
+                    let means: Vec<f64> = st.features.iter().map(|f| shoal_core::stats::mean_std(f).0).collect();
+                    let missing: u64 = st.features.iter().map(|f| f.missing).sum();
+                    let lo = st.features.iter().map(|f| f.min).fold(f64::INFINITY, f64::min);
+                    let hi = st.features.iter().map(|f| f.max).fold(f64::NEG_INFINITY, f64::max);
+                    println!("  version: labels {:?}; {} features, values {lo}..{hi}, mean of means {:.3}, {missing} missing (per feature: --json)", st.label_counts, means.len(), means.iter().sum::<f64>() / means.len().max(1) as f64);
                 }
                 for s in &d.shards {
                     println!("  {}  {} records  {} bytes  blake3 {}", s.path, s.records, s.bytes, s.blake3);

@@ -39,6 +39,22 @@ pub async fn import_idx(client: &Client, name: &str, files: &[PathBuf], per_shar
     if range.is_some() {
         records = records.select(start, end)?;
     }
+    // Statistics, binned like the dataset's first slice (the bins must match for the drift
+    // check; the coordinator checks again when it applies the append).
+    let stats = if append {
+        let base = client
+            .call(|mut c| { let name = name.to_string(); async move { c.get_dataset(GetDatasetRequest { name, version: 0 }).await } })
+            .await
+            .map_err(|e| match e {
+                ClientError::Rpc(s) if s.code() == Code::NotFound => anyhow::anyhow!("dataset {name} does not exist: create it with `shoal data import {name} FILES...`"),
+                e => anyhow::anyhow!("reading dataset {name} to append to it: {e}"),
+            })?;
+        let ranges = base.slices.first().and_then(|s| s.stats.as_ref()).map(shoal_core::stats::ranges);
+        let fits = ranges.as_ref().is_none_or(|r| r.len() == records.feature_shape.iter().product::<usize>());
+        shoal_core::stats::slice_stats(&records, ranges.as_deref().filter(|_| fits), base.classes as usize)
+    } else {
+        shoal_core::stats::slice_stats(&records, None, records.classes() as usize)
+    };
     let store = store_dir(client).await?;
     let request_id = shoal_coordinator::client::new_request_id();
     let folder = import_dir(name, &request_id)?;
@@ -47,7 +63,7 @@ pub async fn import_idx(client: &Client, name: &str, files: &[PathBuf], per_shar
             info.append = append;
             let imported_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
             let sources = files.iter().map(|f| f.display().to_string()).collect();
-            info.slices = vec![DatasetSlice { sources, imported_unix_ms, source_start: start as u64, source_end: end as u64, ..Default::default() }];
+            info.slices = vec![DatasetSlice { sources, imported_unix_ms, source_start: start as u64, source_end: end as u64, stats: Some(stats), ..Default::default() }];
             info
         }
         Err(e) => {
@@ -84,8 +100,31 @@ pub fn default_per_shard() -> usize {
     DEFAULT_RECORDS_PER_SHARD
 }
 
-pub fn dataset_json(d: &DatasetInfo) -> Value {
+/// Per-feature statistics (mean, std, min, max, missing) and the label histogram.
+fn stats_json(s: &SliceStats) -> Value {
     json!({
+        "features": s.features.iter().map(|f| {
+            let (mean, std) = shoal_core::stats::mean_std(f);
+            json!({"mean": mean, "std": std, "min": f.min, "max": f.max, "missing": f.missing})
+        }).collect::<Vec<_>>(),
+        "labels": s.label_counts,
+    })
+}
+
+/// A version's statistics: the sum of its slices' (null if a slice has none).
+pub fn version_stats(d: &DatasetInfo) -> Option<SliceStats> {
+    let mut all = SliceStats::default();
+    for s in &d.slices {
+        shoal_core::stats::add(&mut all, s.stats.as_ref()?);
+    }
+    (!d.slices.is_empty()).then_some(all)
+}
+
+pub fn dataset_json(d: &DatasetInfo) -> Value {
+    let settings = d.settings.clone().unwrap_or(DatasetSettings { max_label_js: 0.1, max_feature_js: 0.1, on_drift: "warn".into() });
+    json!({
+        "stats": version_stats(d).map(|s| stats_json(&s)).unwrap_or(Value::Null),
+        "settings": {"max_label_js": settings.max_label_js, "max_feature_js": settings.max_feature_js, "on_drift": settings.on_drift},
         "name": d.name,
         "version": d.version,
         "records": d.records,
@@ -96,6 +135,9 @@ pub fn dataset_json(d: &DatasetInfo) -> Value {
             "index_range": [s.first, s.first + s.records], "records": s.records, "sources": s.sources,
             "source_records": [s.source_start, s.source_end], "blake3": s.blake3, "folder": s.folder,
             "imported": if s.imported_unix_ms > 0 { json!(utc(s.imported_unix_ms)) } else { Value::Null },
+            "stats": s.stats.as_ref().map(stats_json).unwrap_or(Value::Null),
+            "label_js": s.label_js, "feature_js": s.feature_js, "feature_js_at": s.feature_js_at,
+            "drift": if s.drift.is_empty() { Value::Null } else { json!(s.drift) },
         })).collect::<Vec<_>>(),
         "shards": d.shards.iter().map(|s| json!({"path": s.path, "records": s.records, "blake3": s.blake3, "bytes": s.bytes})).collect::<Vec<_>>(),
     })

@@ -72,10 +72,41 @@ fn a_dataset_grows_by_validated_slices_and_trains_across_them() {
     assert_eq!(after["version"], 2, "a refused slice made a version: {after}");
     assert_eq!(folders(&c, "digits"), 2, "a refused slice left its shards behind");
 
+    // Statistics: per slice and for the version; the second slice is like the first.
+    let s1 = &after["slices"][1];
+    assert!(s1["label_js"].as_f64().unwrap() < 0.01 && s1["drift"].is_null(), "{s1}");
+    let labels: u64 = after["stats"]["labels"].as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).sum();
+    assert_eq!(labels, 8000);
+    let f = &after["stats"]["features"][14 * 28 + 14];
+    assert!(f["max"].as_f64().unwrap() == 255.0 && f["mean"].as_f64().unwrap() > 50.0 && f["missing"] == 0, "{f}");
+
+    // A slice of zeros and ones only: drift, reported with its divergence (warn, the default)...
+    let [images, labels] = [shoal_core::idx::read_idx_file(&x).unwrap(), shoal_core::idx::read_idx_file(&y).unwrap()];
+    let (shoal_core::idx::IdxData::U8(px), shoal_core::idx::IdxData::U8(ys)) = (&images.data, &labels.data) else { panic!("MNIST is u8") };
+    let keep: Vec<usize> = (8000..10000).filter(|&i| ys[i] <= 1).collect();
+    let (kx, ky): (Vec<u8>, Vec<u8>) = (keep.iter().flat_map(|&i| px[i * 784..(i + 1) * 784].to_vec()).collect(), keep.iter().map(|&i| ys[i]).collect());
+    let binary = [c.tmp.path().join("01-images.idx"), c.tmp.path().join("01-labels.idx")];
+    std::fs::write(&binary[0], shoal_core::idx::encode_idx_u8(&[keep.len(), 28, 28], &kx)).unwrap();
+    std::fs::write(&binary[1], shoal_core::idx::encode_idx_u8(&[keep.len()], &ky)).unwrap();
+    let v3 = json(c.cmd(&["data", "append", "digits", "--json"]).args(&binary));
+    let s2 = &v3["slices"][2];
+    let js = s2["label_js"].as_f64().unwrap();
+    assert!(js > 0.3, "{s2}");
+    assert!(s2["drift"].as_str().unwrap().contains(&format!("label divergence {js:.4}")), "{s2}");
+    // ...and refused once the dataset rejects drift.
+    let set = json(&mut c.cmd(&["data", "set", "digits", "--on-drift", "reject", "--json"]));
+    assert_eq!(set["on_drift"], "reject", "{set}");
+    let e = fails(c.cmd(&["data", "append", "digits"]).args(&binary));
+    // (against version 3, which holds the first such slice: a smaller divergence, still over)
+    assert!(e.contains("not added") && e.contains("label divergence 0.") && e.contains("> 0.1"), "{e}");
+    assert_eq!(json(&mut c.cmd(&["data", "show", "digits", "--json"]))["version"], 3);
+    let e = fails(&mut c.cmd(&["data", "set", "digits", "--on-drift", "maybe"]));
+    assert!(e.contains("--on-drift"), "{e}");
+
     // Training reads across the slices.
     let job = c.submit_follow(&c.write_spec("digits.toml", &mnist_spec("digits", 1, 8000, 4, "[64]").replace("test = [8000, 10000]", "test = [7000, 8000]")));
     assert_eq!(job["state"], "succeeded", "{job}");
-    assert_eq!(job["dataset_version"], 2, "{job}");
+    assert_eq!(job["dataset_version"], 3, "{job}");
     assert_eq!(job["epoch_records"][0]["records"], 7936, "62 batches of 128 from both slices: {job}");
     assert!(job["test_accuracy"].as_f64().unwrap() > 0.8, "{job}");
 }

@@ -742,6 +742,15 @@ impl Coordinator for Api {
         }
     }
 
+    async fn set_dataset_settings(&self, r: Request<shoal_proto::DatasetSettingsRequest>) -> Result<Response<DatasetInfo>, Status> {
+        let r = r.into_inner();
+        let request_id = r.request_id.clone();
+        match self.propose(command::Kind::SetDatasetSettings(r), request_id).await? {
+            ApplyOutput::Dataset(d) => Ok(Response::new(d)),
+            other => Err(Status::internal(format!("unexpected apply output {other:?}"))),
+        }
+    }
+
     async fn list_datasets(&self, _: Request<ListDatasetsRequest>) -> Result<Response<ListDatasetsResponse>, Status> {
         self.linearize().await?;
         let state = self.0.state.read().expect("state lock");

@@ -384,6 +384,7 @@ impl StateMachine {
                                 base.classes
                             ));
                         }
+                        Self::check_drift(&info.name, base, &mut slice)?;
                         let records = base.records.checked_add(info.records).ok_or_else(|| format!("dataset {}: too many records", info.name))?;
                         let mut slices = base.slices.clone();
                         if slices.is_empty() {
@@ -411,11 +412,33 @@ impl StateMachine {
                             slices,
                             feature_dtype: base.feature_dtype.clone(),
                             append: false,
+                            settings: base.settings.clone(),
                         }
                     }
                 };
                 self.datasets.entry(stored.name.clone()).or_default().push(stored.clone());
                 Ok(ApplyOutput::Dataset(stored))
+            }
+            command::Kind::SetDatasetSettings(r) => {
+                let latest = self.datasets.get_mut(&r.name).and_then(|v| v.last_mut()).ok_or_else(|| format!("dataset {} does not exist", r.name))?;
+                let mut settings = latest.settings.clone().unwrap_or_else(default_dataset_settings);
+                for (key, v) in [("--max-label-js", r.max_label_js), ("--max-feature-js", r.max_feature_js)] {
+                    if v.is_some_and(|v| !(0.0..=1.0).contains(&v)) {
+                        return Err(format!("{key} must be 0 to 1 (a Jensen-Shannon divergence, base 2), got {}", v.unwrap_or_default()));
+                    }
+                }
+                settings.max_label_js = r.max_label_js.unwrap_or(settings.max_label_js);
+                settings.max_feature_js = r.max_feature_js.unwrap_or(settings.max_feature_js);
+                if let Some(on) = r.on_drift {
+                    if on != "warn" && on != "reject" {
+                        return Err(format!("--on-drift must be warn or reject, not {on:?}"));
+                    }
+                    settings.on_drift = on;
+                }
+                // Settings are not data: they change on the latest version in place, and the
+                // versions appended after it inherit them.
+                latest.settings = Some(settings);
+                Ok(ApplyOutput::Dataset(latest.clone()))
             }
             command::Kind::SubmitJob(toml) => {
                 let (spec, ds) = self.check_submission(&toml)?;
@@ -709,6 +732,43 @@ impl StateMachine {
         Ok((spec, ds))
     }
 
+    /// Checks an appended slice's statistics against `base` (the version it is appended to):
+    /// its histograms must use the first slice's bins; its drift is recorded in it, and a
+    /// drift beyond the dataset's thresholds is refused (`on_drift = "reject"`) or noted.
+    fn check_drift(name: &str, base: &DatasetInfo, slice: &mut DatasetSlice) -> Result<(), String> {
+        let (Some(new), Some(first)) = (slice.stats.as_ref(), base.slices.first().and_then(|s| s.stats.as_ref())) else { return Ok(()) };
+        if base.slices.iter().any(|s| s.stats.is_none()) {
+            return Ok(());
+        }
+        let same_bins = new.features.len() == first.features.len() && new.features.iter().zip(&first.features).all(|(a, b)| a.lo == b.lo && a.hi == b.hi);
+        if !same_bins {
+            return Err(format!("dataset {name}: the slice's statistics are binned over other ranges than the dataset's first slice (append again)"));
+        }
+        let mut all = shoal_proto::SliceStats::default();
+        for s in &base.slices {
+            shoal_core::stats::add(&mut all, s.stats.as_ref().expect("checked above"));
+        }
+        let (label, feature, at) = shoal_core::stats::drift(&all, new);
+        (slice.label_js, slice.feature_js, slice.feature_js_at) = (label, feature, at as u64);
+        let settings = base.settings.clone().unwrap_or_else(default_dataset_settings);
+        let mut over = Vec::new();
+        if label > settings.max_label_js {
+            over.push(format!("label divergence {label:.4} > {}", settings.max_label_js));
+        }
+        if feature > settings.max_feature_js {
+            over.push(format!("feature {at} divergence {feature:.4} > {}", settings.max_feature_js));
+        }
+        if over.is_empty() {
+            return Ok(());
+        }
+        let drift = format!("drift: {} (Jensen-Shannon, base 2)", over.join(", "));
+        if settings.on_drift == "reject" {
+            return Err(format!("dataset {name}: the slice was not added: {drift}; the dataset rejects drift (`shoal data set {name} --on-drift warn` accepts it)"));
+        }
+        slice.drift = drift;
+        Ok(())
+    }
+
     fn running_job(&mut self, id: u64, generation: u64) -> Result<&mut JobInfo, String> {
         let job = self.jobs.get_mut(&id).ok_or_else(|| format!("unknown job {id}"))?;
         if job.state() != JobState::Running || job.generation != generation {
@@ -806,6 +866,11 @@ impl StateMachine {
         let chosen = idle[..n].iter().map(|w| w.id.clone()).collect();
         Some((job.id, job.generation + 1, chosen))
     }
+}
+
+/// Drift thresholds of a dataset that has not set its own.
+fn default_dataset_settings() -> shoal_proto::DatasetSettings {
+    shoal_proto::DatasetSettings { max_label_js: 0.1, max_feature_js: 0.1, on_drift: "warn".into() }
 }
 
 /// Whether a generation begun for `cause` continues from the state its workers hold in

@@ -11,6 +11,7 @@ pub mod idx;
 pub mod limits;
 pub mod rng;
 pub mod spec;
+pub mod stats;
 
 pub use spec::JobSpec;
 

@@ -1,0 +1,201 @@
+//! Dataset statistics and drift: per-feature moments, ranges, missing values and binned
+//! histograms, label histograms, and the Jensen-Shannon divergence between a new slice and the
+//! version it is appended to. The coordinator checks drift when it applies an append, so
+//! every number here is computed from basic IEEE operations only (no platform `ln`): every
+//! replica gets the same bits.
+
+use shoal_proto::{FeatureStats, SliceStats};
+
+use crate::dataset::Records;
+use crate::idx::IdxData;
+
+/// Bins of a feature's histogram.
+pub const BINS: usize = 10;
+
+/// The bin of `v` among `BINS` equal bins over [lo, hi] (outside: the end bins).
+fn bin(v: f64, lo: f64, hi: f64) -> usize {
+    if hi <= lo || v <= lo {
+        return 0;
+    }
+    (((v - lo) / (hi - lo) * BINS as f64) as usize).min(BINS - 1)
+}
+
+/// Statistics of `records`. Feature histograms use `ranges` (per feature: the dataset's first
+/// slice's [lo, hi]) or, for a first slice, its own.
+pub fn slice_stats(records: &Records, ranges: Option<&[(f64, f64)]>, classes: usize) -> SliceStats {
+    let f: usize = records.feature_shape.iter().product();
+    let n = records.len();
+    let value = |r: usize, j: usize| -> f64 {
+        match &records.features {
+            IdxData::U8(v) => v[r * f + j] as f64,
+            IdxData::F32(v) => v[r * f + j] as f64,
+        }
+    };
+    let mut features = Vec::with_capacity(f);
+    for j in 0..f {
+        let mut s = FeatureStats { min: f64::INFINITY, max: f64::NEG_INFINITY, ..Default::default() };
+        for r in 0..n {
+            let v = value(r, j);
+            if v.is_nan() {
+                s.missing += 1;
+                continue;
+            }
+            s.count += 1;
+            s.sum += v;
+            s.sum_sq += v * v;
+            s.min = s.min.min(v);
+            s.max = s.max.max(v);
+        }
+        if s.count == 0 {
+            (s.min, s.max) = (0.0, 0.0);
+        }
+        (s.lo, s.hi) = match ranges {
+            Some(r) => r[j],
+            None => (s.min, s.max),
+        };
+        s.bins = vec![0; BINS];
+        for r in 0..n {
+            let v = value(r, j);
+            if !v.is_nan() {
+                s.bins[bin(v, s.lo, s.hi)] += 1;
+            }
+        }
+        features.push(s);
+    }
+    let mut label_counts = vec![0u64; classes.max(records.classes() as usize)];
+    for &y in &records.labels {
+        label_counts[y as usize] += 1;
+    }
+    SliceStats { features, label_counts }
+}
+
+/// Per-feature bin ranges of a first slice.
+pub fn ranges(first: &SliceStats) -> Vec<(f64, f64)> {
+    first.features.iter().map(|s| (s.lo, s.hi)).collect()
+}
+
+/// Adds `s` to `acc` (stats are additive when their bins share ranges).
+pub fn add(acc: &mut SliceStats, s: &SliceStats) {
+    if acc.features.is_empty() {
+        *acc = s.clone();
+        return;
+    }
+    for (a, b) in acc.features.iter_mut().zip(&s.features) {
+        a.count += b.count;
+        a.sum += b.sum;
+        a.sum_sq += b.sum_sq;
+        a.min = a.min.min(b.min);
+        a.max = a.max.max(b.max);
+        a.missing += b.missing;
+        for (x, y) in a.bins.iter_mut().zip(&b.bins) {
+            *x += y;
+        }
+    }
+    if acc.label_counts.len() < s.label_counts.len() {
+        acc.label_counts.resize(s.label_counts.len(), 0);
+    }
+    for (x, y) in acc.label_counts.iter_mut().zip(&s.label_counts) {
+        *x += y;
+    }
+}
+
+/// Mean and standard deviation (population) of a feature's values.
+pub fn mean_std(s: &FeatureStats) -> (f64, f64) {
+    if s.count == 0 {
+        return (0.0, 0.0);
+    }
+    let n = s.count as f64;
+    let mean = s.sum / n;
+    (mean, (s.sum_sq / n - mean * mean).max(0.0).sqrt())
+}
+
+/// ln(x) for x > 0 from basic IEEE operations alone: x = m 2^e with m in [1, 2), and
+/// ln m = 2 atanh((m - 1) / (m + 1)) by its series (|z| <= 1/3; 24 terms is far below f64's
+/// rounding).
+fn ln(x: f64) -> f64 {
+    let bits = x.to_bits();
+    let e = ((bits >> 52) & 0x7ff) as i64 - 1023;
+    let m = f64::from_bits((bits & ((1u64 << 52) - 1)) | (1023u64 << 52));
+    let z = (m - 1.0) / (m + 1.0);
+    let z2 = z * z;
+    let (mut term, mut sum) = (z, 0.0);
+    for k in 0..24 {
+        sum += term / (2 * k + 1) as f64;
+        term *= z2;
+    }
+    e as f64 * std::f64::consts::LN_2 + 2.0 * sum
+}
+
+/// Jensen-Shannon divergence (base 2: 0 for equal distributions, 1 for disjoint ones) of two
+/// histograms given as counts (a shorter one is padded with zeros; an empty one gives 0).
+pub fn js_divergence(p: &[u64], q: &[u64]) -> f64 {
+    let (sp, sq) = (p.iter().sum::<u64>() as f64, q.iter().sum::<u64>() as f64);
+    if sp == 0.0 || sq == 0.0 {
+        return 0.0;
+    }
+    let mut js = 0.0;
+    for i in 0..p.len().max(q.len()) {
+        let a = p.get(i).copied().unwrap_or(0) as f64 / sp;
+        let b = q.get(i).copied().unwrap_or(0) as f64 / sq;
+        let m = (a + b) / 2.0;
+        if a > 0.0 {
+            js += 0.5 * a * ln(a / m);
+        }
+        if b > 0.0 {
+            js += 0.5 * b * ln(b / m);
+        }
+    }
+    (js / std::f64::consts::LN_2).clamp(0.0, 1.0)
+}
+
+/// Drift of `slice` against `base`: the label histograms' JS divergence, and the largest JS
+/// divergence of a feature's binned histogram with that feature's index.
+pub fn drift(base: &SliceStats, slice: &SliceStats) -> (f64, f64, usize) {
+    let label = js_divergence(&base.label_counts, &slice.label_counts);
+    let mut worst = (0.0, 0);
+    for (j, (a, b)) in base.features.iter().zip(&slice.features).enumerate() {
+        let d = js_divergence(&a.bins, &b.bins);
+        if d > worst.0 {
+            worst = (d, j);
+        }
+    }
+    (label, worst.0, worst.1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ln_matches_the_platform_closely() {
+        for x in [1e-12, 0.001, 0.3, 0.5, 1.0, 1.5, 2.0, 7.0, 1e6] {
+            assert!((ln(x) - x.ln()).abs() < 1e-12 * x.ln().abs().max(1.0), "{x}: {} vs {}", ln(x), x.ln());
+        }
+    }
+
+    #[test]
+    fn divergence_is_zero_for_equal_shapes_and_one_for_disjoint_ones() {
+        assert_eq!(js_divergence(&[10, 20, 30], &[1, 2, 3]), 0.0);
+        assert!((js_divergence(&[5, 0], &[0, 7]) - 1.0).abs() < 1e-12);
+        let d = js_divergence(&[50, 50, 0], &[50, 40, 10]);
+        assert!(d > 0.0 && d < 0.2, "{d}");
+    }
+
+    #[test]
+    fn stats_add_up_over_slices_and_show_drift() {
+        let recs = |labels: Vec<i64>, px: Vec<u8>| Records { features: IdxData::U8(px), feature_shape: vec![2], labels };
+        let a = recs(vec![0, 1, 2, 3], vec![0, 10, 50, 20, 100, 30, 200, 40]);
+        let first = slice_stats(&a, None, 4);
+        assert_eq!((first.features[0].min, first.features[0].max, first.features[0].count), (0.0, 200.0, 4));
+        assert_eq!(mean_std(&first.features[1]), (25.0, 125f64.sqrt()));
+        let b = recs(vec![0, 0, 0, 0], vec![0, 10, 0, 10, 0, 10, 250, 99]);
+        let second = slice_stats(&b, Some(&ranges(&first)), 4);
+        assert_eq!(second.features[0].bins.iter().sum::<u64>(), 4);
+        assert_eq!(second.features[0].bins[BINS - 1], 1, "250 is past the first slice's range: the last bin");
+        let (label, feature, at) = drift(&first, &second);
+        assert!(label > 0.3 && feature > 0.0 && at < 2, "{label} {feature} {at}");
+        let mut all = first.clone();
+        add(&mut all, &second);
+        assert_eq!((all.label_counts.clone(), all.features[0].count, all.features[0].max), (vec![5, 1, 1, 1], 8, 250.0));
+    }
+}
