@@ -200,9 +200,10 @@ struct DemoArgs {
 
 #[derive(Subcommand)]
 enum DataCmd {
-    /// Import IDX files (gzip or not; one features file, one labels file) as a new dataset
-    /// NAME (version 1): safetensors shards in the store, registered in the coordinator. An
-    /// existing NAME is an error: `append` adds to it.
+    /// Import IDX files (gzip or not; one features file, one labels file) or one CSV file (a
+    /// header row, numeric feature columns, the label column named by --label) as a new
+    /// dataset NAME (version 1): safetensors shards in the store, registered in the
+    /// coordinator. An existing NAME is an error: `append` adds to it.
     Import {
         name: String,
         #[arg(required = true)]
@@ -213,6 +214,12 @@ enum DataCmd {
         /// Only records START:END (from START, before END) of the files.
         #[arg(long, value_parser = parse_record_range)]
         records: Option<(usize, usize)>,
+        /// idx or csv (default: csv for a .csv file, else idx).
+        #[arg(long)]
+        format: Option<String>,
+        /// CSV: the label column (integer class ids, or names mapped to class ids).
+        #[arg(long)]
+        label: Option<String>,
         #[command(flatten)]
         conn: Conn,
         #[arg(long)]
@@ -231,6 +238,12 @@ enum DataCmd {
         /// Only records START:END (from START, before END) of the files.
         #[arg(long, value_parser = parse_record_range)]
         records: Option<(usize, usize)>,
+        /// idx or csv (default: csv for a .csv file, else idx).
+        #[arg(long)]
+        format: Option<String>,
+        /// CSV: the label column (integer class ids, or names mapped to class ids).
+        #[arg(long)]
+        label: Option<String>,
         #[command(flatten)]
         conn: Conn,
         #[arg(long)]
@@ -713,18 +726,20 @@ async fn status(conn: Conn, as_json: bool) -> Result<()> {
 
 async fn data(cmd: DataCmd) -> Result<()> {
     match cmd {
-        DataCmd::Import { name, files, records_per_shard, records, conn, json } => {
+        DataCmd::Import { name, files, records_per_shard, records, format, label, conn, json } => {
             let client = conn.client()?;
-            let d = ops::import_idx(&client, &name, &files, records_per_shard, false, records).await?;
+            let src = ops::Source { files: &files, format: format.as_deref(), label: label.as_deref(), range: records };
+            let d = ops::import_idx(&client, &name, &src, records_per_shard, false).await?;
             if json {
                 print_json(&ops::dataset_json(&d));
             } else {
                 println!("imported {} v{}: {} records, features {:?}, {} classes, {} shards", d.name, d.version, d.records, d.feature_shape, d.classes, d.shards.len());
             }
         }
-        DataCmd::Append { name, files, records_per_shard, records, conn, json } => {
+        DataCmd::Append { name, files, records_per_shard, records, format, label, conn, json } => {
             let client = conn.client()?;
-            let d = ops::import_idx(&client, &name, &files, records_per_shard, true, records).await?;
+            let src = ops::Source { files: &files, format: format.as_deref(), label: label.as_deref(), range: records };
+            let d = ops::import_idx(&client, &name, &src, records_per_shard, true).await?;
             if json {
                 print_json(&ops::dataset_json(&d));
             } else {
@@ -1149,7 +1164,8 @@ async fn run_local(spec_text: String, workers: Option<u64>, keep: bool, show: bo
     let result = async {
         up?;
         let client = Client::new(&layout.endpoints()?)?;
-        let d = ops::import_idx(&client, &spec.dataset.name, &files, ops::default_per_shard(), false, None).await?;
+        let src = ops::Source { files: &files, format: None, label: None, range: None };
+        let d = ops::import_idx(&client, &spec.dataset.name, &src, ops::default_per_shard(), false).await?;
         if show {
             eprintln!("demo: imported {} v{} ({} records, {} shards)", d.name, d.version, d.records, d.shards.len());
         }

@@ -22,26 +22,27 @@ pub async fn store_dir(client: &Client) -> Result<PathBuf> {
 /// number). A registration that was refused leaves nothing behind; one whose outcome is
 /// unknown (no coordinator answered) keeps its files and says so, since they may be
 /// registered.
-/// Imports IDX files as dataset `name` (version 1; `append`: a new slice on its latest
-/// version), records [start, end) of the files only when `range` says so.
-pub async fn import_idx(client: &Client, name: &str, files: &[PathBuf], per_shard: usize, append: bool, range: Option<(usize, usize)>) -> Result<DatasetInfo> {
+/// How `data import` and `data append` read their files.
+pub struct Source<'a> {
+    pub files: &'a [PathBuf],
+    /// `idx` or `csv`; None: by extension (`.csv` is CSV, anything else IDX).
+    pub format: Option<&'a str>,
+    /// CSV: the label column.
+    pub label: Option<&'a str>,
+    /// Only records [start, end) of the files.
+    pub range: Option<(usize, usize)>,
+}
+
+/// Imports files as dataset `name` (version 1; `append`: a new slice on its latest version).
+pub async fn import_idx(client: &Client, name: &str, src: &Source<'_>, per_shard: usize, append: bool) -> Result<DatasetInfo> {
     shoal_core::dataset::validate_name(name)?;
+    let files = src.files;
     if files.is_empty() {
-        bail!("no files given: pass a features file and a labels file (IDX, gzip or not)");
+        bail!("no files given: pass a features file and a labels file (IDX, gzip or not), or one CSV file");
     }
-    let mut arrays = Vec::new();
-    for f in files {
-        arrays.push((f.display().to_string(), read_idx_file(f)?));
-    }
-    let mut records = Records::from_idx(arrays)?;
-    let read = records.len();
-    let (start, end) = range.unwrap_or((0, read));
-    if range.is_some() {
-        records = records.select(start, end)?;
-    }
-    // Statistics, binned like the dataset's first slice (the bins must match for the drift
-    // check; the coordinator checks again when it applies the append).
-    let stats = if append {
+    // The version an append adds to: its classes, and its first slice's bins (the stats must
+    // use them for the drift check; the coordinator checks again when it applies the append).
+    let base = if append {
         let base = client
             .call(|mut c| { let name = name.to_string(); async move { c.get_dataset(GetDatasetRequest { name, version: 0 }).await } })
             .await
@@ -49,11 +50,45 @@ pub async fn import_idx(client: &Client, name: &str, files: &[PathBuf], per_shar
                 ClientError::Rpc(s) if s.code() == Code::NotFound => anyhow::anyhow!("dataset {name} does not exist: create it with `shoal data import {name} FILES...`"),
                 e => anyhow::anyhow!("reading dataset {name} to append to it: {e}"),
             })?;
-        let ranges = base.slices.first().and_then(|s| s.stats.as_ref()).map(shoal_core::stats::ranges);
-        let fits = ranges.as_ref().is_none_or(|r| r.len() == records.feature_shape.iter().product::<usize>());
-        shoal_core::stats::slice_stats(&records, ranges.as_deref().filter(|_| fits), base.classes as usize)
+        Some(base)
     } else {
-        shoal_core::stats::slice_stats(&records, None, records.classes() as usize)
+        None
+    };
+    let csv = match src.format {
+        Some("csv") => true,
+        Some("idx") => false,
+        Some(other) => bail!("--format must be idx or csv, not {other:?}"),
+        None => files.iter().all(|f| f.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv"))),
+    };
+    let (mut records, class_names) = if csv {
+        let [file] = files else { bail!("CSV: pass one file (it holds the features and the label column)") };
+        let label = src.label.context("CSV: name the label column with --label COL")?;
+        let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let known = base.as_ref().map(|b| b.class_names.clone()).unwrap_or_default();
+        shoal_core::dataset::records_from_csv(&file.display().to_string(), &text, label, &known)?
+    } else {
+        if src.label.is_some() {
+            bail!("--label applies to CSV files; IDX labels come from their own file");
+        }
+        let mut arrays = Vec::new();
+        for f in files {
+            arrays.push((f.display().to_string(), read_idx_file(f)?));
+        }
+        (Records::from_idx(arrays)?, Vec::new())
+    };
+    let read = records.len();
+    let (start, end) = src.range.unwrap_or((0, read));
+    if src.range.is_some() {
+        records = records.select(start, end)?;
+    }
+    let classes = (records.classes() as usize).max(class_names.len());
+    let stats = match &base {
+        Some(base) => {
+            let ranges = base.slices.first().and_then(|s| s.stats.as_ref()).map(shoal_core::stats::ranges);
+            let fits = ranges.as_ref().is_none_or(|r| r.len() == records.feature_shape.iter().product::<usize>());
+            shoal_core::stats::slice_stats(&records, ranges.as_deref().filter(|_| fits), (base.classes as usize).max(classes))
+        }
+        None => shoal_core::stats::slice_stats(&records, None, classes),
     };
     let store = store_dir(client).await?;
     let request_id = shoal_coordinator::client::new_request_id();
@@ -61,6 +96,10 @@ pub async fn import_idx(client: &Client, name: &str, files: &[PathBuf], per_shar
     let info = match write_shards(&store, name, &folder, &records, per_shard.max(1)) {
         Ok(mut info) => {
             info.append = append;
+            if !class_names.is_empty() {
+                info.classes = info.classes.max(class_names.len() as u32);
+                info.class_names = class_names;
+            }
             let imported_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
             let sources = files.iter().map(|f| f.display().to_string()).collect();
             info.slices = vec![DatasetSlice { sources, imported_unix_ms, source_start: start as u64, source_end: end as u64, stats: Some(stats), ..Default::default() }];
@@ -130,6 +169,7 @@ pub fn dataset_json(d: &DatasetInfo) -> Value {
         "records": d.records,
         "feature_shape": d.feature_shape,
         "classes": d.classes,
+        "class_names": d.class_names,
         "feature_dtype": d.feature_dtype,
         "slices": d.slices.iter().map(|s| json!({
             "index_range": [s.first, s.first + s.records], "records": s.records, "sources": s.sources,

@@ -110,3 +110,53 @@ fn a_dataset_grows_by_validated_slices_and_trains_across_them() {
     assert_eq!(job["epoch_records"][0]["records"], 7936, "62 batches of 128 from both slices: {job}");
     assert!(job["test_accuracy"].as_f64().unwrap() > 0.8, "{job}");
 }
+
+/// What logistic regression (scikit-learn 1.9.1, `LogisticRegression(max_iter=1000)`) scores on
+/// records 120-149 of data/iris/iris.csv after fitting records 0-119: 28 of 30.
+const IRIS_LOGISTIC_REGRESSION: f64 = 0.9333;
+
+#[test]
+fn a_csv_table_with_named_classes_imports_and_trains() {
+    let c = UpCluster::start(2);
+    let iris = repo().join("data/iris/iris.csv");
+    let d = json(c.cmd(&["data", "import", "iris", "--label", "species", "--json"]).arg(&iris));
+    assert_eq!((d["records"].as_u64(), d["feature_shape"].clone(), d["feature_dtype"].as_str()), (Some(150), serde_json::json!([4]), Some("f32")), "{d}");
+    assert_eq!(d["class_names"], serde_json::json!(["setosa", "versicolor", "virginica"]), "{d}");
+    assert_eq!(d["stats"]["labels"], serde_json::json!([50, 50, 50]), "{d}");
+    let petal = &d["stats"]["features"][2];
+    assert_eq!((petal["min"].as_f64(), petal["max"].as_f64()), (Some(1.0), Some(6.9f32 as f64)), "{petal}");
+
+    // A slice with a species the dataset does not know is refused; a missing label column too.
+    let other = c.tmp.path().join("more.csv");
+    std::fs::write(&other, "sepal_length,sepal_width,petal_length,petal_width,species\n5.0,3.0,1.5,0.2,setosa\n6.0,3.0,4.5,1.5,iris-nova\n").unwrap();
+    let e = fails(c.cmd(&["data", "append", "iris", "--label", "species"]).arg(&other));
+    assert!(e.contains("\"iris-nova\"") && e.contains("unknown"), "{e}");
+    let e = fails(c.cmd(&["data", "append", "iris", "--label", "kind"]).arg(&other));
+    assert!(e.contains("no column \"kind\""), "{e}");
+    assert_eq!(json(&mut c.cmd(&["data", "show", "iris", "--json"]))["version"], 1);
+
+    let spec = r#"name = "iris-mlp"
+[model]
+kind = "mlp"
+hidden = [16]
+[dataset]
+name = "iris"
+train = [0, 120]
+test = [120, 150]
+[training]
+epochs = 150
+batch_size = 30
+seed = 1
+[training.optimizer]
+kind = "adamw"
+lr = 0.01
+[cluster]
+workers = 2
+"#;
+    let job = c.submit_follow(&c.write_spec("iris.toml", spec));
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let acc = job["test_accuracy"].as_f64().unwrap();
+    eprintln!("iris: MLP test accuracy {acc}, logistic regression {IRIS_LOGISTIC_REGRESSION}");
+    // Within two flowers of the reference.
+    assert!(acc >= IRIS_LOGISTIC_REGRESSION - 0.067, "the MLP scores {acc} on iris; logistic regression {IRIS_LOGISTIC_REGRESSION}");
+}

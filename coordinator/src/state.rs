@@ -376,6 +376,17 @@ impl StateMachine {
                         if !base.feature_dtype.is_empty() && info.feature_dtype != base.feature_dtype {
                             return Err(format!("dataset {}: the slice's features are {}; the dataset's are {}", info.name, info.feature_dtype, base.feature_dtype));
                         }
+                        if info.class_names.len() > base.class_names.len() && info.class_names.starts_with(&base.class_names) && !base.class_names.is_empty() {
+                            return Err(format!(
+                                "dataset {}: the slice has label {:?}, unknown to the dataset (classes: {})",
+                                info.name,
+                                info.class_names[base.class_names.len()],
+                                base.class_names.join(", ")
+                            ));
+                        }
+                        if !info.class_names.starts_with(&base.class_names) || (base.class_names.is_empty() && !info.class_names.is_empty()) {
+                            return Err(format!("dataset {}: the slice's labels are {}; the dataset's are {}", info.name, label_kind(&info.class_names), label_kind(&base.class_names)));
+                        }
                         if info.classes > base.classes {
                             return Err(format!(
                                 "dataset {}: the slice has label {}, unknown to the dataset (classes 0..{})",
@@ -413,6 +424,7 @@ impl StateMachine {
                             feature_dtype: base.feature_dtype.clone(),
                             append: false,
                             settings: base.settings.clone(),
+                            class_names: base.class_names.clone(),
                         }
                     }
                 };
@@ -865,6 +877,15 @@ impl StateMachine {
         let n = idle.len().min(pool_range(job).1 as usize);
         let chosen = idle[..n].iter().map(|w| w.id.clone()).collect();
         Some((job.id, job.generation + 1, chosen))
+    }
+}
+
+/// How a dataset's labels are given, for messages.
+fn label_kind(names: &[String]) -> String {
+    if names.is_empty() {
+        "integer class ids".into()
+    } else {
+        format!("the names {}", names.join(", "))
     }
 }
 

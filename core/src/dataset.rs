@@ -117,6 +117,57 @@ impl Records {
     }
 }
 
+/// Reads a CSV table (`name` for messages): a header row, the label column `label` (integer
+/// class ids, or strings mapped to class ids), every other column a numeric feature (an empty
+/// cell is missing: NaN). String labels take their ids from `known` (the dataset's classes)
+/// and, for names not in it, after them in sorted order. Returns the records (f32 features of
+/// shape [columns - 1]) and the class names (empty for integer labels).
+pub fn records_from_csv(name: &str, text: &str, label: &str, known: &[String]) -> Result<(Records, Vec<String>)> {
+    let bad = |msg: String| CoreError::Dataset(format!("{name}: {msg}"));
+    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+    let (_, header) = lines.next().ok_or_else(|| bad("no header row".into()))?;
+    let columns: Vec<&str> = header.split(',').map(|c| c.trim().trim_matches('"')).collect();
+    let at = columns.iter().position(|c| *c == label).ok_or_else(|| bad(format!("no column {label:?} for the label (columns: {})", columns.join(", "))))?;
+    if columns.len() < 2 {
+        return Err(bad("needs a label column and at least one feature column".into()));
+    }
+    let (mut features, mut raw_labels) = (Vec::new(), Vec::new());
+    for (i, line) in lines {
+        let cells: Vec<&str> = line.split(',').map(|c| c.trim().trim_matches('"')).collect();
+        if cells.len() != columns.len() {
+            return Err(bad(format!("line {}: {} cells, the header has {}", i + 1, cells.len(), columns.len())));
+        }
+        for (j, cell) in cells.iter().enumerate() {
+            if j == at {
+                raw_labels.push(cell.to_string());
+            } else if cell.is_empty() {
+                features.push(f32::NAN);
+            } else {
+                let v: f32 = cell.parse().map_err(|_| bad(format!("line {}: column {:?} holds {cell:?}, not a number", i + 1, columns[j])))?;
+                features.push(v);
+            }
+        }
+    }
+    if raw_labels.is_empty() {
+        return Err(bad("no records".into()));
+    }
+    let integers: Option<Vec<i64>> = raw_labels.iter().map(|l| l.parse::<i64>().ok().filter(|&v| (0..1_000_000).contains(&v))).collect();
+    let (labels, names) = match integers {
+        Some(ids) if known.is_empty() => (ids, Vec::new()),
+        _ => {
+            let mut names: Vec<String> = known.to_vec();
+            let mut new: Vec<&String> = raw_labels.iter().filter(|l| !known.contains(l)).collect();
+            new.sort();
+            new.dedup();
+            names.extend(new.into_iter().cloned());
+            let ids = raw_labels.iter().map(|l| names.iter().position(|n| n == l).expect("every name is listed") as i64).collect();
+            (ids, names)
+        }
+    };
+    let records = Records { features: IdxData::F32(features), feature_shape: vec![columns.len() - 1], labels };
+    Ok((records, names))
+}
+
 /// A slice's digest: blake3 over its shards' blake3 hashes, in order.
 pub fn slice_digest(shards: &[ShardInfo]) -> String {
     let mut h = blake3::Hasher::new();
@@ -291,5 +342,24 @@ mod tests {
         let l = IdxArray { dims: vec![4], data: IdxData::U8(vec![0; 4]) };
         let e = Records::from_idx(vec![("f".into(), f), ("l".into(), l)]).unwrap_err().to_string();
         assert!(e.contains("3 records") && e.contains("has 4"), "{e}");
+    }
+
+    #[test]
+    fn csv_reads_numbers_and_maps_string_labels() {
+        let text = "a,species,b\n1.5,virginica,2\n0.5,setosa,\n3,virginica,4\n";
+        let (r, names) = records_from_csv("t.csv", text, "species", &[]).unwrap();
+        assert_eq!(names, ["setosa", "virginica"]);
+        assert_eq!((r.labels.clone(), r.feature_shape.clone(), r.dtype()), (vec![1, 0, 1], vec![2], "f32"));
+        let IdxData::F32(f) = &r.features else { panic!() };
+        assert_eq!((f[0], f[1], f[2], f[3].is_nan()), (1.5, 2.0, 0.5, true));
+        // Appended with the dataset's names: a new one comes after them.
+        let (r, names) = records_from_csv("u.csv", "a,species,b\n1,iris-x,2\n1,setosa,2\n", "species", &["setosa".into(), "virginica".into()]).unwrap();
+        assert_eq!((names.len(), r.labels.clone()), (3, vec![2, 0]));
+        let (r, names) = records_from_csv("i.csv", "x,y\n1,0\n2,3\n", "y", &[]).unwrap();
+        assert_eq!((names.len(), r.labels.clone()), (0, vec![0, 3]));
+        for (text, want) in [("a,b\n1,2\n", "no column \"species\""), ("a,species\n1,x,3\n", "3 cells"), ("a,species\nfoo,x\n", "\"foo\", not a number")] {
+            let e = records_from_csv("bad.csv", text, "species", &[]).unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains("bad.csv"), "{e}");
+        }
     }
 }
