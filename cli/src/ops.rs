@@ -224,6 +224,10 @@ pub fn job_json(j: &JobInfo) -> Value {
         "restarts": j.restarts,
         "membership": j.membership.iter().map(|m| json!({"generation": m.generation, "step": m.step, "workers": m.workers, "cause": m.cause, "detail": nonempty(&m.detail)})).collect::<Vec<_>>(),
         "restart_cause": nonempty(&j.restart_cause),
+        // `[init]`: the checkpoint the parameters started from; with slices = "new", the
+        // first record index it had not seen.
+        "init": j.init.as_ref().map(|m| json!({"job": m.job_id, "step": m.step, "dir": m.dir})).unwrap_or(Value::Null),
+        "new_from": j.new_from.map(|n| json!(n)).unwrap_or(Value::Null),
         // The job's model: its final checkpoint, once it succeeded.
         "model": match last {
             Some(m) if j.state() == JobState::Succeeded => json!(m.dir),

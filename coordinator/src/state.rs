@@ -455,6 +455,15 @@ impl StateMachine {
             command::Kind::SubmitJob(toml) => {
                 let (spec, ds) = self.check_submission(&toml)?;
                 let dataset_version = ds.version;
+                let (init, new_from) = self.warm_start(&spec)?;
+                let total_steps = spec.total_steps_from(new_from);
+                if total_steps == 0 {
+                    return Err(format!(
+                        "dataset.slices: the {} records to train are fewer than one batch ({})",
+                        spec.train_len(new_from),
+                        spec.training.batch_size
+                    ));
+                }
                 self.next_job += 1;
                 let job = JobInfo {
                     id: self.next_job,
@@ -463,7 +472,7 @@ impl StateMachine {
                     state: JobState::Queued as i32,
                     generation: 0,
                     workers: vec![],
-                    progress: Some(JobProgress { total_steps: spec.total_steps(), test_accuracy: -1.0, ..Default::default() }),
+                    progress: Some(JobProgress { total_steps, test_accuracy: -1.0, ..Default::default() }),
                     error: String::new(),
                     results: vec![],
                     dataset_version,
@@ -471,6 +480,8 @@ impl StateMachine {
                     dataset_name: spec.dataset.name.clone(),
                     min_workers: spec.cluster.min(),
                     max_workers: spec.cluster.max(),
+                    init,
+                    new_from,
                     ..Default::default()
                 };
                 self.jobs.insert(job.id, job.clone());
@@ -645,8 +656,9 @@ impl StateMachine {
                 let job = self.running_job(c.job_id, c.generation)?;
                 shoal_core::checkpoint::validate_manifest(&manifest, c.job_id)?;
                 let spec = JobSpec::parse(&job.spec_toml).map_err(|e| e.to_string())?;
-                if manifest.step == 0 || manifest.step > spec.total_steps() {
-                    return Err(format!("checkpoint step {} is outside job {}'s 1..={} steps", manifest.step, c.job_id, spec.total_steps()));
+                let total = spec.total_steps_from(job.new_from);
+                if manifest.step == 0 || manifest.step > total {
+                    return Err(format!("checkpoint step {} is outside job {}'s 1..={total} steps", manifest.step, c.job_id));
                 }
                 job.checkpoints.retain(|m| m.step != manifest.step);
                 let at = job.checkpoints.partition_point(|m| m.step < manifest.step);
@@ -663,7 +675,7 @@ impl StateMachine {
                 // idle and no queued job is waiting for one.
                 let idle = self.workers.values().any(|w| w.state() == WorkerState::Idle);
                 let waiting = self.jobs.values().any(|j| j.state() == JobState::Queued);
-                if size < max && step < spec.total_steps() && idle && !waiting {
+                if size < max && step < total && idle && !waiting {
                     self.requeue(id, format!("a free worker can join the {size} running"), "joined");
                 }
                 Ok(ApplyOutput::Job(Box::new(out)))
@@ -688,7 +700,7 @@ impl StateMachine {
                 job.results[0].param_blake3, odd.rank, odd.param_blake3
             ));
         }
-        let total = JobSpec::parse(&job.spec_toml).map(|s| s.total_steps()).map_err(|e| e.to_string())?;
+        let total = JobSpec::parse(&job.spec_toml).map(|s| s.total_steps_from(job.new_from)).map_err(|e| e.to_string())?;
         match job.checkpoints.last() {
             Some(c) if c.step == total => Ok(()),
             _ => Err(format!("the final checkpoint (step {total}) was not committed")),
@@ -781,6 +793,34 @@ impl StateMachine {
         Ok(())
     }
 
+    /// `[init]`: the checkpoint to start from (a job that succeeded: its final checkpoint, or
+    /// the committed one at the step named), and with `slices = "new"` the first record the
+    /// model did not see (the record count of the dataset version it trained on, which must
+    /// be a version of this job's dataset).
+    fn warm_start(&self, spec: &JobSpec) -> Result<(Option<shoal_proto::CheckpointManifest>, Option<u64>), String> {
+        let Some((id, step)) = spec.init_checkpoint().map_err(|e| e.to_string())? else { return Ok((None, None)) };
+        let from = self.jobs.get(&id).ok_or_else(|| format!("init.checkpoint: there is no job {id}"))?;
+        if from.state() != JobState::Succeeded {
+            return Err(format!("init.checkpoint: job {id} is {}; warm starts come from jobs that succeeded", from.state().label()));
+        }
+        let m = match step {
+            None => from.checkpoints.last(),
+            Some(s) => from.checkpoints.iter().find(|c| c.step == s),
+        };
+        let kept: Vec<u64> = from.checkpoints.iter().map(|c| c.step).collect();
+        let m = m.ok_or_else(|| format!("init.checkpoint: job {id} keeps no checkpoint at step {} (it keeps {kept:?})", step.unwrap_or_default()))?;
+        let new_from = if spec.dataset.slices.as_deref() == Some("new") {
+            if from.dataset_name != spec.dataset.name {
+                return Err(format!("dataset.slices: \"new\" counts from the version job {id} trained on, but it trained on {:?}, not {:?}", from.dataset_name, spec.dataset.name));
+            }
+            let seen = self.dataset(&from.dataset_name, from.dataset_version).ok_or_else(|| format!("dataset {} v{} is gone", from.dataset_name, from.dataset_version))?;
+            Some(seen.records)
+        } else {
+            None
+        };
+        Ok((Some(m.clone()), new_from))
+    }
+
     fn running_job(&mut self, id: u64, generation: u64) -> Result<&mut JobInfo, String> {
         let job = self.jobs.get_mut(&id).ok_or_else(|| format!("unknown job {id}"))?;
         if job.state() != JobState::Running || job.generation != generation {
@@ -862,6 +902,8 @@ impl StateMachine {
             ring_peers,
             hosts,
             carry_state: job.membership.last().is_some_and(|m| carries_state(&m.cause)),
+            init: job.init.clone(),
+            new_from: job.new_from,
         })
     }
 

@@ -19,7 +19,23 @@ pub struct JobSpec {
     pub checkpoint: CheckpointSpec,
     #[serde(default)]
     pub aggregation: AggregationSpec,
+    /// Warm start: the parameters to begin from.
+    pub init: Option<InitSpec>,
 }
+
+/// `[init]`: where a job's parameters start (its optimizer starts fresh).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitSpec {
+    /// `"JOB"` (that job's model: its final checkpoint) or `"JOB@STEP"` (a committed checkpoint
+    /// of a job that succeeded).
+    pub checkpoint: Option<String>,
+    /// `"NAME@VERSION"` or `"NAME@ALIAS"` of the model registry (not there yet).
+    pub model: Option<String>,
+}
+
+/// Salt of the replay sample's permutation (epochs, numbered below 2^32, use their own numbers).
+const REPLAY_TAG: u64 = 1 << 48;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ModelKind {
@@ -72,6 +88,12 @@ pub struct DatasetRef {
     pub train: [u64; 2],
     /// Test records, `[start, end)`; evaluated at the end of each epoch.
     pub test: Option<[u64; 2]>,
+    /// `"all"` (default): every record of `train`. `"new"`: only those added since the
+    /// dataset version the `[init]` model was trained on (within `train`), plus `replay`.
+    pub slices: Option<String>,
+    /// With `slices = "new"`: add this fraction (of the new records' count) of records drawn
+    /// by the seed from the older ones (within `train`), against forgetting.
+    pub replay: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -336,6 +358,26 @@ impl JobSpec {
                 return Err(bad("cluster.max_workers", format!("{max} is more than training.lanes ({k}): every worker needs a lane")));
             }
         }
+        match (self.dataset.slices.as_deref(), &self.init) {
+            (None | Some("all"), _) => {
+                if self.dataset.replay.is_some() {
+                    return Err(bad("dataset.replay", "applies to slices = \"new\" only"));
+                }
+            }
+            (Some("new"), Some(_)) => {}
+            (Some("new"), None) => return Err(bad("dataset.slices", "\"new\" needs an [init] model: new since the dataset version it was trained on")),
+            (Some(other), _) => return Err(bad("dataset.slices", format!("must be \"all\" or \"new\", not {other:?}"))),
+        }
+        check_range("dataset.replay", self.dataset.replay, 0.0, 1.0, true)?;
+        if let Some(init) = &self.init {
+            match (&init.checkpoint, &init.model) {
+                (Some(_), None) => {
+                    self.init_checkpoint()?;
+                }
+                (None, Some(_)) => return Err(bad("init.model", "the model registry is not there yet: use checkpoint = \"JOB\" (a job's model)")),
+                _ => return Err(bad("init", "give one of checkpoint = \"JOB[@STEP]\" or model = \"NAME@VERSION\"")),
+            }
+        }
         if t.batch_size as u64 > b - a {
             return Err(bad("training.batch_size", format!("{} is larger than the training range ({} records)", t.batch_size, b - a)));
         }
@@ -411,15 +453,66 @@ impl JobSpec {
         }
     }
 
-    /// Optimizer steps per epoch: full global batches only (the remainder is dropped; the
-    /// permutation changes every epoch, so every record is still seen).
-    pub fn steps_per_epoch(&self) -> u64 {
+    /// `[init] checkpoint`: (job, step), the step None for the job's final checkpoint.
+    pub fn init_checkpoint(&self) -> Result<Option<(u64, Option<u64>)>> {
+        let Some(text) = self.init.as_ref().and_then(|i| i.checkpoint.as_deref()) else { return Ok(None) };
+        let parse = |s: &str| s.trim().parse::<u64>().map_err(|_| bad("init.checkpoint", format!("{text:?} is not JOB or JOB@STEP")));
+        Ok(Some(match text.split_once('@') {
+            Some((job, step)) => (parse(job)?, Some(parse(step)?)),
+            None => (parse(text)?, None),
+        }))
+    }
+
+    fn only_new(&self) -> bool {
+        self.dataset.slices.as_deref() == Some("new")
+    }
+
+    /// The training records, in a fixed order: `train`'s range, or with `slices = "new"` the
+    /// records from `new_from` (the first index the `[init]` model did not see) plus the
+    /// replay sample of the older ones.
+    pub fn train_indices(&self, new_from: Option<u64>) -> Vec<u64> {
         let [a, b] = self.dataset.train;
-        (b - a) / self.training.batch_size as u64
+        match new_from.filter(|_| self.only_new()) {
+            Some(n) => {
+                let (new, old) = (n.max(a)..b, a..n.min(b));
+                let old_len = old.end.saturating_sub(old.start);
+                let replay = ((self.dataset.replay.unwrap_or(0.0) * new.end.saturating_sub(new.start) as f64).round() as u64).min(old_len);
+                let pick = crate::rng::epoch_permutation(old_len as usize, self.training.seed, REPLAY_TAG);
+                new.chain(pick[..replay as usize].iter().map(|&i| old.start + i as u64)).collect()
+            }
+            None => (a..b).collect(),
+        }
+    }
+
+    /// How many records `train_indices` holds (without building it).
+    pub fn train_len(&self, new_from: Option<u64>) -> u64 {
+        let [a, b] = self.dataset.train;
+        match new_from.filter(|_| self.only_new()) {
+            Some(n) => {
+                let (new, old) = (b.saturating_sub(n.max(a)), n.min(b).saturating_sub(a));
+                new + ((self.dataset.replay.unwrap_or(0.0) * new as f64).round() as u64).min(old)
+            }
+            None => b - a,
+        }
+    }
+
+    /// Optimizer steps per epoch: full global batches only (the remainder is dropped; the
+    /// permutation changes every epoch, so every record is still seen). `new_from`: see
+    /// `train_indices`.
+    pub fn steps_per_epoch_from(&self, new_from: Option<u64>) -> u64 {
+        self.train_len(new_from) / self.training.batch_size as u64
+    }
+
+    pub fn total_steps_from(&self, new_from: Option<u64>) -> u64 {
+        self.steps_per_epoch_from(new_from) * self.training.epochs as u64
+    }
+
+    pub fn steps_per_epoch(&self) -> u64 {
+        self.steps_per_epoch_from(None)
     }
 
     pub fn total_steps(&self) -> u64 {
-        self.steps_per_epoch() * self.training.epochs as u64
+        self.total_steps_from(None)
     }
 }
 
@@ -488,6 +581,30 @@ workers = 2
     fn rejects_negative_lr() {
         let e = err_of(&GOOD.replace("lr = 0.05", "lr = -0.05"));
         assert!(e.contains("training.optimizer.lr"), "{e}");
+    }
+
+    #[test]
+    fn new_slices_with_replay_train_the_new_records_and_a_fixed_sample_of_the_old() {
+        let warm = GOOD.replace("test = [1000, 1200]", "test = [1000, 1200]\nslices = \"new\"\nreplay = 0.25") + "[init]\ncheckpoint = \"3@40\"\n";
+        let s = JobSpec::parse(&warm).unwrap();
+        assert_eq!(s.init_checkpoint().unwrap(), Some((3, Some(40))));
+        // train = [0, 1000), the model saw [0, 600): 400 new, 100 replayed.
+        let idx = s.train_indices(Some(600));
+        assert_eq!((idx.len() as u64, s.train_len(Some(600))), (500, 500));
+        assert!(idx[..400].iter().copied().eq(600..1000) && idx[400..].iter().all(|&i| i < 600));
+        assert_eq!(idx, s.train_indices(Some(600)), "the sample is fixed by the seed");
+        assert_eq!(s.steps_per_epoch_from(Some(600)), 500 / 64);
+        assert_eq!(s.train_indices(None).len(), 1000, "no base: every record");
+        for (bad, key) in [
+            (GOOD.replace("test = [1000, 1200]", "test = [1000, 1200]\nslices = \"new\""), "dataset.slices"),
+            (GOOD.replace("test = [1000, 1200]", "test = [1000, 1200]\nreplay = 0.5"), "dataset.replay"),
+            (warm.replace("replay = 0.25", "replay = 1.5"), "dataset.replay"),
+            (warm.replace("checkpoint = \"3@40\"", "checkpoint = \"three\""), "init.checkpoint"),
+            (warm.replace("checkpoint = \"3@40\"", "model = \"m@1\""), "init.model"),
+        ] {
+            let e = err_of(&bad);
+            assert!(e.contains(key), "{key}: {e}");
+        }
     }
 
     #[test]

@@ -463,6 +463,18 @@ pub fn restore(store: &Path, m: &CheckpointManifest, model: &Model, params: &mut
     Ok(())
 }
 
+/// Reads only the parameters of checkpoint `m` into `params` (a warm start: the optimizer
+/// state it holds, of whatever kind, is read and dropped).
+pub fn warm_start(store: &Path, m: &CheckpointManifest, model: &Model, params: &mut [f32]) -> Result<(), CheckpointError> {
+    let cfg = match m.optimizer_kind.as_str() {
+        "sgd" => shoal_core::spec::Optimizer::Sgd { lr: 0.0, momentum: 0.0, weight_decay: 0.0 },
+        "adamw" => shoal_core::spec::Optimizer::AdamW { lr: 0.0, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
+        other => return Err(CheckpointError::Mismatch(format!("checkpoint step {} of job {} holds an unknown optimizer {other:?}", m.step, m.job_id))),
+    };
+    let mut theirs = Opt::new(cfg, model.num_params());
+    restore(store, m, model, params, &mut theirs)
+}
+
 /// Writes the parameters of a checkpoint as one safetensors file with PyTorch's module names
 /// and layout (see `Model::pytorch_names`), for `safetensors.torch.load_file` and
 /// `load_state_dict`. Returns the tensors written (name, shape), in module order.

@@ -274,14 +274,15 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
     let state = slot.as_mut().expect("start_state leaves a state");
     let start = state.step;
 
-    let total = spec.total_steps();
-    let steps_per_epoch = spec.steps_per_epoch();
+    let total = spec.total_steps_from(a.new_from);
+    let steps_per_epoch = spec.steps_per_epoch_from(a.new_from);
     let global_batch = spec.training.batch_size as usize;
     let (lo, hi) = (rank * global_batch / world, (rank + 1) * global_batch / world);
     let share = (hi - lo) as f32 / global_batch as f32;
     let mut lanes = spec.training.lanes.map(|k| Lanes::new(k as usize, rank, world, np));
-    let [train_start, train_end] = spec.dataset.train;
-    let train_len = (train_end - train_start) as usize;
+    // The training records in a fixed order; each epoch permutes positions in this list.
+    let train_indices = spec.train_indices(a.new_from);
+    let train_len = train_indices.len();
     let mut progress = JobProgress {
         step: start,
         total_steps: total,
@@ -339,7 +340,7 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
         }
         let perm = &order.as_ref().expect("set above").1;
         let first = (step % steps_per_epoch) as usize * global_batch;
-        let batch: Vec<u64> = perm[first..first + global_batch].iter().map(|&i| train_start + i as u64).collect();
+        let batch: Vec<u64> = perm[first..first + global_batch].iter().map(|&i| train_indices[i as usize]).collect();
         let (grads, slots) = buf.split_at_mut(np);
         slots.fill(0.0);
         let pass = match &mut lanes {
@@ -830,7 +831,14 @@ fn resume_point(task: &TrainTask, spec: &JobSpec, model: &Model, rank: usize) ->
             Err(e) => return Err(WorkerError::Checkpoint(e.to_string())),
         }
     }
-    Ok((TrainState::fresh(model, spec), None))
+    let mut state = TrainState::fresh(model, spec);
+    if let Some(init) = &task.assignment.init {
+        // A warm start: the parameters of another job's checkpoint, a fresh optimizer.
+        checkpoint::warm_start(&task.store, init, model, &mut state.params)
+            .map_err(|e| WorkerError::Checkpoint(format!("[init] checkpoint step {} of job {}: {e}", init.step, init.job_id)))?;
+        tracing::info!(job = init.job_id, step = init.step, "warm start");
+    }
+    Ok((state, None))
 }
 
 /// A checkpoint being written: this rank's part, and what the manifest needs from the moment
@@ -888,8 +896,8 @@ impl Checkpointer {
             mine,
             rank,
             world,
-            total: spec.total_steps(),
-            steps_per_epoch: spec.steps_per_epoch(),
+            total: spec.total_steps_from(a.new_from),
+            steps_per_epoch: spec.steps_per_epoch_from(a.new_from),
             base: CheckpointManifest {
                 job_id: a.job_id,
                 seed: spec.training.seed,
