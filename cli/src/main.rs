@@ -200,8 +200,9 @@ struct DemoArgs {
 
 #[derive(Subcommand)]
 enum DataCmd {
-    /// Import IDX files (gzip or not; one features file, one labels file) or one CSV file (a
-    /// header row, numeric feature columns, the label column named by --label) as a new
+    /// Import IDX files (gzip or not; one features file, one labels file), one CSV file (a
+    /// header row, numeric feature columns, the label column named by --label), two NumPy
+    /// .npy files (features, labels) or one safetensors file (tensors x and y) as a new
     /// dataset NAME (version 1): safetensors shards in the store, registered in the
     /// coordinator. An existing NAME is an error: `append` adds to it.
     Import {
@@ -214,7 +215,7 @@ enum DataCmd {
         /// Only records START:END (from START, before END) of the files.
         #[arg(long, value_parser = parse_record_range)]
         records: Option<(usize, usize)>,
-        /// idx or csv (default: csv for a .csv file, else idx).
+        /// idx, csv, npy or safetensors (default: by the files' extension; idx otherwise).
         #[arg(long)]
         format: Option<String>,
         /// CSV: the label column (integer class ids, or names mapped to class ids).
@@ -238,7 +239,7 @@ enum DataCmd {
         /// Only records START:END (from START, before END) of the files.
         #[arg(long, value_parser = parse_record_range)]
         records: Option<(usize, usize)>,
-        /// idx or csv (default: csv for a .csv file, else idx).
+        /// idx, csv, npy or safetensors (default: by the files' extension; idx otherwise).
         #[arg(long)]
         format: Option<String>,
         /// CSV: the label column (integer class ids, or names mapped to class ids).

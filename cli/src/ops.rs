@@ -54,22 +54,32 @@ pub async fn import_idx(client: &Client, name: &str, src: &Source<'_>, per_shard
     } else {
         None
     };
-    let csv = match src.format {
-        Some("csv") => true,
-        Some("idx") => false,
-        Some(other) => bail!("--format must be idx or csv, not {other:?}"),
-        None => files.iter().all(|f| f.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv"))),
+    let all_are = |ext: &str| files.iter().all(|f| f.extension().is_some_and(|e| e.eq_ignore_ascii_case(ext)));
+    let format = match src.format {
+        Some(f @ ("idx" | "csv" | "npy" | "safetensors")) => f,
+        Some(other) => bail!("--format must be idx, csv, npy or safetensors, not {other:?}"),
+        None if all_are("csv") => "csv",
+        None if all_are("npy") => "npy",
+        None if all_are("safetensors") => "safetensors",
+        None => "idx",
     };
-    let (mut records, class_names) = if csv {
+    if src.label.is_some() && format != "csv" {
+        bail!("--label applies to CSV files; {format} labels come from their own file or tensor");
+    }
+    let read = |f: &PathBuf| std::fs::read(f).with_context(|| format!("reading {}", f.display()));
+    let (mut records, class_names) = if format == "npy" {
+        let arrays = files.iter().map(|f| read(f).map(|b| (f.display().to_string(), b))).collect::<Result<Vec<_>>>()?;
+        (shoal_core::dataset::records_from_npy(arrays)?, Vec::new())
+    } else if format == "safetensors" {
+        let [file] = files else { bail!("safetensors: pass one file (tensors x: features, y: labels)") };
+        (shoal_core::dataset::records_from_safetensors(&file.display().to_string(), &read(file)?)?, Vec::new())
+    } else if format == "csv" {
         let [file] = files else { bail!("CSV: pass one file (it holds the features and the label column)") };
         let label = src.label.context("CSV: name the label column with --label COL")?;
         let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
         let known = base.as_ref().map(|b| b.class_names.clone()).unwrap_or_default();
         shoal_core::dataset::records_from_csv(&file.display().to_string(), &text, label, &known)?
     } else {
-        if src.label.is_some() {
-            bail!("--label applies to CSV files; IDX labels come from their own file");
-        }
         let mut arrays = Vec::new();
         for f in files {
             arrays.push((f.display().to_string(), read_idx_file(f)?));

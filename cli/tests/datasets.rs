@@ -160,3 +160,41 @@ workers = 2
     // Within two flowers of the reference.
     assert!(acc >= IRIS_LOGISTIC_REGRESSION - 0.067, "the MLP scores {acc} on iris; logistic regression {IRIS_LOGISTIC_REGRESSION}");
 }
+
+#[test]
+fn npy_and_safetensors_import_the_same_records_as_idx() {
+    let c = UpCluster::start(0);
+    let [x, y] = mnist_files();
+    let (images, labels) = (shoal_core::idx::read_idx_file(&x).unwrap(), shoal_core::idx::read_idx_file(&y).unwrap());
+    let (shoal_core::idx::IdxData::U8(px), shoal_core::idx::IdxData::U8(ys)) = (&images.data, &labels.data) else { panic!("MNIST is u8") };
+    let (px, ys): (&[u8], Vec<u8>) = (&px[..500 * 784], ys[..500].iter().flat_map(|&l| (l as i64).to_le_bytes()).collect());
+    let npy = |descr: &str, shape: &str, data: &[u8]| {
+        let header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({shape}), }}");
+        let mut b = b"\x93NUMPY\x01\x00".to_vec();
+        b.extend((header.len() as u16).to_le_bytes());
+        b.extend(header.as_bytes());
+        b.extend(data);
+        b
+    };
+    let dir = c.tmp.path();
+    std::fs::write(dir.join("x.npy"), npy("|u1", "500, 28, 28", px)).unwrap();
+    std::fs::write(dir.join("y.npy"), npy("<i8", "500,", &ys)).unwrap();
+    let tensors = [
+        ("x", safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![500, 28, 28], px).unwrap()),
+        ("y", safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![500], &ys).unwrap()),
+    ];
+    std::fs::write(dir.join("d.safetensors"), safetensors::serialize(tensors, None).unwrap()).unwrap();
+
+    let idx = json(c.cmd(&["data", "import", "from-idx", "--records", "0:500", "--json"]).arg(&x).arg(&y));
+    let from_npy = json(c.cmd(&["data", "import", "from-npy", "--json"]).arg(dir.join("x.npy")).arg(dir.join("y.npy")));
+    let from_st = json(c.cmd(&["data", "import", "from-st", "--json"]).arg(dir.join("d.safetensors")));
+    let hashes = |d: &serde_json::Value| d["shards"].as_array().unwrap().iter().map(|s| s["blake3"].clone()).collect::<Vec<_>>();
+    assert_eq!(hashes(&from_npy), hashes(&idx), "npy: other shards than IDX");
+    assert_eq!(hashes(&from_st), hashes(&idx), "safetensors: other shards than IDX");
+    assert_eq!((from_npy["stats"].clone(), from_st["stats"].clone()), (idx["stats"].clone(), idx["stats"].clone()));
+    // And a .npy slice appends to the IDX dataset.
+    let v2 = json(c.cmd(&["data", "append", "from-idx", "--json"]).arg(dir.join("x.npy")).arg(dir.join("y.npy")));
+    assert_eq!((v2["version"].as_u64(), v2["records"].as_u64()), (Some(2), Some(1000)), "{v2}");
+    let e = fails(c.cmd(&["data", "import", "bad", "--format", "parquet"]).arg(dir.join("x.npy")));
+    assert!(e.contains("--format"), "{e}");
+}

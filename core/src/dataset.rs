@@ -168,6 +168,118 @@ pub fn records_from_csv(name: &str, text: &str, label: &str, known: &[String]) -
     Ok((records, names))
 }
 
+/// One NumPy `.npy` array: its shape and values (as f64, whatever the stored type), and
+/// whether the stored type was `u8`.
+struct NpyArray {
+    shape: Vec<usize>,
+    values: Vec<f64>,
+    u8: bool,
+}
+
+fn parse_npy(name: &str, bytes: &[u8]) -> Result<NpyArray> {
+    let bad = |msg: String| CoreError::Dataset(format!("{name}: {msg}"));
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err(bad("not a NumPy .npy file".into()));
+    }
+    let (len, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize, 12),
+        v => return Err(bad(format!(".npy version {v} is not supported"))),
+    };
+    let header = std::str::from_utf8(bytes.get(start..start + len).ok_or_else(|| bad("truncated header".into()))?).map_err(|_| bad("header is not text".into()))?;
+    let field = |key: &str| -> Option<&str> {
+        let at = header.find(&format!("'{key}'"))? + key.len() + 2;
+        let rest = header[at..].trim_start().strip_prefix(':')?.trim_start();
+        Some(rest)
+    };
+    let descr = field("descr").and_then(|r| r.strip_prefix('\'')).and_then(|r| r.split('\'').next()).ok_or_else(|| bad("no 'descr' in the header".into()))?;
+    if field("fortran_order").is_some_and(|r| r.starts_with("True")) {
+        return Err(bad("Fortran-ordered arrays are not supported (save with np.ascontiguousarray)".into()));
+    }
+    let shape_text = field("shape").and_then(|r| r.strip_prefix('(')).and_then(|r| r.split(')').next()).ok_or_else(|| bad("no 'shape' in the header".into()))?;
+    let shape = shape_text.split(',').map(str::trim).filter(|t| !t.is_empty()).map(|t| t.parse::<usize>()).collect::<std::result::Result<Vec<_>, _>>().map_err(|_| bad(format!("shape ({shape_text}) does not parse")))?;
+    let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| bad("shape too large".into()))?;
+    let data = &bytes[start + len..];
+    let (width, read): (usize, fn(&[u8]) -> f64) = match descr {
+        "|u1" | "<u1" => (1, |b| b[0] as f64),
+        "<f4" => (4, |b| f32::from_le_bytes(b.try_into().expect("4 bytes")) as f64),
+        "<f8" => (8, |b| f64::from_le_bytes(b.try_into().expect("8 bytes"))),
+        "<i4" => (4, |b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as f64),
+        "<i8" => (8, |b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as f64),
+        other => return Err(bad(format!("dtype {other:?} is not supported (u1, f4, f8, i4 or i8, little-endian)"))),
+    };
+    if data.len() < count * width {
+        return Err(bad(format!("holds {} bytes of data, its shape needs {}", data.len(), count * width)));
+    }
+    let values = data[..count * width].chunks_exact(width).map(read).collect();
+    Ok(NpyArray { shape, values, u8: width == 1 })
+}
+
+/// Labels as class ids (non-negative integers).
+fn class_ids(name: &str, values: &[f64]) -> Result<Vec<i64>> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            if v >= 0.0 && v.fract() == 0.0 && v < 1e6 {
+                Ok(v as i64)
+            } else {
+                Err(CoreError::Dataset(format!("{name}: label {i} is {v}, not a class index")))
+            }
+        })
+        .collect()
+}
+
+fn features(values: Vec<f64>, u8: bool) -> IdxData {
+    if u8 {
+        IdxData::U8(values.into_iter().map(|v| v as u8).collect())
+    } else {
+        IdxData::F32(values.into_iter().map(|v| v as f32).collect())
+    }
+}
+
+/// Reads two NumPy `.npy` files (given as (name, bytes)): the features (2+ dimensions, u8 or
+/// float) and the labels (1 dimension, integers).
+pub fn records_from_npy(files: Vec<(String, Vec<u8>)>) -> Result<Records> {
+    let mut arrays = files.iter().map(|(n, b)| parse_npy(n, b).map(|a| (n.clone(), a))).collect::<Result<Vec<_>>>()?;
+    let at = arrays.iter().position(|(_, a)| a.shape.len() >= 2);
+    let (Some(at), 2) = (at, arrays.len()) else {
+        return Err(CoreError::Dataset("need two .npy files: the features (2+ dimensions) and the labels (1 dimension)".into()));
+    };
+    let (fname, f) = arrays.remove(at);
+    let (lname, l) = arrays.remove(0);
+    if l.shape.len() != 1 || l.shape[0] != f.shape[0] {
+        return Err(CoreError::Dataset(format!("{lname} (shape {:?}) is not one label per record of {fname} (shape {:?})", l.shape, f.shape)));
+    }
+    Ok(Records { features: features(f.values, f.u8), feature_shape: f.shape[1..].to_vec(), labels: class_ids(&lname, &l.values)? })
+}
+
+/// Reads a safetensors file with tensors `x` (features: records first, u8 or float) and `y`
+/// (integer labels, one per record).
+pub fn records_from_safetensors(name: &str, bytes: &[u8]) -> Result<Records> {
+    let bad = |msg: String| CoreError::Dataset(format!("{name}: {msg}"));
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+    let get = |t: &str| st.tensor(t).map_err(|_| bad(format!("no tensor {t:?} (it needs x: features, y: labels)")));
+    let (x, y) = (get("x")?, get("y")?);
+    let values = |v: &safetensors::tensor::TensorView| -> Result<(Vec<f64>, bool)> {
+        let d = v.data();
+        Ok(match v.dtype() {
+            Dtype::U8 => (d.iter().map(|&b| b as f64).collect(), true),
+            Dtype::F32 => (d.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")) as f64).collect(), false),
+            Dtype::F64 => (d.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))).collect(), false),
+            Dtype::I32 => (d.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as f64).collect(), false),
+            Dtype::I64 => (d.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as f64).collect(), false),
+            other => return Err(bad(format!("dtype {other:?} is not supported (u8, f32, f64, i32 or i64)"))),
+        })
+    };
+    if x.shape().len() < 2 || y.shape() != [x.shape()[0]] {
+        return Err(bad(format!("x has shape {:?} and y {:?}: x needs records first and 1+ feature dimensions, y one label per record", x.shape(), y.shape())));
+    }
+    let (xv, u8) = values(&x)?;
+    let (yv, _) = values(&y)?;
+    Ok(Records { features: features(xv, u8), feature_shape: x.shape()[1..].to_vec(), labels: class_ids(&format!("{name}: y"), &yv)? })
+}
+
 /// A slice's digest: blake3 over its shards' blake3 hashes, in order.
 pub fn slice_digest(shards: &[ShardInfo]) -> String {
     let mut h = blake3::Hasher::new();
@@ -361,5 +473,41 @@ mod tests {
             let e = records_from_csv("bad.csv", text, "species", &[]).unwrap_err().to_string();
             assert!(e.contains(want) && e.contains("bad.csv"), "{e}");
         }
+    }
+
+    fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+        let header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({shape}), }}");
+        let mut b = b"\x93NUMPY\x01\x00".to_vec();
+        b.extend((header.len() as u16).to_le_bytes());
+        b.extend(header.as_bytes());
+        b.extend(data);
+        b
+    }
+
+    #[test]
+    fn npy_and_safetensors_read_like_idx() {
+        let x: Vec<u8> = (0..12).collect();
+        let y: Vec<u8> = [1i64, 0, 2].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let r = records_from_npy(vec![("y.npy".into(), npy("<i8", "3,", &y)), ("x.npy".into(), npy("|u1", "3, 2, 2", &x))]).unwrap();
+        assert_eq!((r.feature_shape.clone(), r.labels.clone(), r.dtype()), (vec![2, 2], vec![1, 0, 2], "u8"));
+        let xf: Vec<u8> = [0.5f32, 1.5, 2.5].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let r = records_from_npy(vec![("x.npy".into(), npy("<f4", "3, 1", &xf)), ("y.npy".into(), npy("<i8", "3,", &y))]).unwrap();
+        let IdxData::F32(f) = &r.features else { panic!() };
+        assert_eq!(f, &[0.5, 1.5, 2.5]);
+        let e = records_from_npy(vec![("x.npy".into(), npy("<c8", "3, 1", &xf)), ("y.npy".into(), npy("<i8", "3,", &y))]).err().unwrap().to_string();
+        assert!(e.contains("x.npy") && e.contains("<c8"), "{e}");
+        let e = records_from_npy(vec![("x.npy".into(), b"not numpy".to_vec())]).err().unwrap().to_string();
+        assert!(e.contains("not a NumPy"), "{e}");
+
+        let tensors = [
+            ("x", TensorView::new(Dtype::U8, vec![3, 2, 2], &x).unwrap()),
+            ("y", TensorView::new(Dtype::I64, vec![3], &y).unwrap()),
+        ];
+        let bytes = safetensors::serialize(tensors, None).unwrap();
+        let r = records_from_safetensors("d.safetensors", &bytes).unwrap();
+        assert_eq!((r.feature_shape.clone(), r.labels.clone()), (vec![2, 2], vec![1, 0, 2]));
+        let only_x = safetensors::serialize([("x", TensorView::new(Dtype::U8, vec![3, 2, 2], &x).unwrap())], None).unwrap();
+        let e = records_from_safetensors("d.safetensors", &only_x).err().unwrap().to_string();
+        assert!(e.contains("no tensor \"y\""), "{e}");
     }
 }
