@@ -257,6 +257,10 @@ pub async fn allreduce_rank(a: AllReduceArgs, rank: usize, dir: PathBuf) -> Resu
             }
         }
         coll.barrier()?;
+        // The barrier's last message reached this rank, but its acknowledgement may still be
+        // on its way back to the sender: exiting at once could cut it off and make the sender
+        // see this rank gone. Stay up a moment (ranks of a worker stay up anyway).
+        std::thread::sleep(std::time::Duration::from_millis(300));
         Ok(times)
     })
     .await

@@ -48,6 +48,9 @@ enum Cmd {
     /// Checkpoints of a job: list, show, export (for PyTorch).
     #[command(subcommand)]
     Checkpoint(CheckpointCmd),
+    /// The model registry: register, alias, list, show, lineage, export.
+    #[command(subcommand)]
+    Model(ModelCmd),
     /// The coordinator group, while it serves: add, remove, transfer-leader.
     #[command(subcommand)]
     Coordinator(CoordinatorCmd),
@@ -399,6 +402,65 @@ enum CoordinatorCmd {
 }
 
 #[derive(Subcommand)]
+enum ModelCmd {
+    /// A new version of model NAME: job ID's model (its final checkpoint), with lineage.
+    Register {
+        name: String,
+        #[arg(long)]
+        job: u64,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Point ALIAS of model NAME at VERSION (compare-and-set with --expect: only if the alias
+    /// is held by that version now; 0: by none).
+    Alias {
+        name: String,
+        version: u64,
+        alias: String,
+        #[arg(long)]
+        expect: Option<u64>,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every model, with its versions and aliases.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A model (NAME) or one version (NAME@VERSION, NAME@ALIAS) with its lineage.
+    Show {
+        reference: String,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The chain of versions NAME@X descends from (through warm starts), newest first.
+    Lineage {
+        reference: String,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write model version NAME@X as one safetensors file with PyTorch's names and layout.
+    Export {
+        reference: String,
+        out: PathBuf,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum CheckpointCmd {
     /// The committed checkpoints of a job: step, epoch, world size, bytes, committed time,
     /// files with their blake3.
@@ -574,6 +636,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Data(d) => data(d).await,
         Cmd::Job(j) => job(j).await,
         Cmd::Checkpoint(c) => checkpoint(c).await,
+        Cmd::Model(c) => model(c).await,
         Cmd::Coordinator(c) => coordinator(c).await,
         Cmd::Worker(c) => worker(c).await,
         Cmd::Serve(s) => serve(s).await,
@@ -1038,6 +1101,93 @@ async fn checkpoint(cmd: CheckpointCmd) -> Result<()> {
                     "tensors": tensors.iter().map(|(n, s)| json!({"name": n, "shape": s, "dtype": "F32"})).collect::<Vec<_>>()}));
             } else {
                 println!("exported {} model of job {job} at step {} to {} ({} tensors)", m.model_kind, m.step, out.display(), tensors.len());
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn model(cmd: ModelCmd) -> Result<()> {
+    match cmd {
+        ModelCmd::Register { name, job, conn, json } => {
+            let client = conn.client()?;
+            let req = shoal_proto::RegisterModelRequest { name, job_id: job, request_id: shoal_coordinator::client::new_request_id() };
+            let m = client.call(|mut c| { let req = req.clone(); async move { c.register_model(req).await } }).await?;
+            let v = m.versions.last().cloned().unwrap_or_default();
+            if json {
+                print_json(&ops::model_version_json(&m, &v));
+            } else {
+                println!("registered {}@{} from job {job}", m.name, v.version);
+            }
+        }
+        ModelCmd::Alias { name, version, alias, expect, conn, json } => {
+            let client = conn.client()?;
+            let req = shoal_proto::ModelAliasRequest { name, alias: alias.clone(), version, expect, request_id: shoal_coordinator::client::new_request_id() };
+            let m = client.call(|mut c| { let req = req.clone(); async move { c.set_model_alias(req).await } }).await?;
+            if json {
+                print_json(&ops::model_json(&m));
+            } else {
+                println!("{}@{alias} is version {version}", m.name);
+            }
+        }
+        ModelCmd::List { conn, json } => {
+            let client = conn.client()?;
+            let l = client.call(|mut c| async move { c.list_models(shoal_proto::ListModelsRequest {}).await }).await?;
+            if json {
+                print_json(&serde_json::Value::Array(l.models.iter().map(ops::model_json).collect()));
+            } else {
+                for m in &l.models {
+                    let aliases: Vec<String> = m.aliases.iter().map(|a| format!("{}={}", a.alias, a.version)).collect();
+                    println!("{}: {} versions, aliases {}", m.name, m.versions.len(), if aliases.is_empty() { "-".into() } else { aliases.join(" ") });
+                }
+            }
+        }
+        ModelCmd::Show { reference, conn, json } => {
+            let client = conn.client()?;
+            let (m, v) = ops::resolve_model(&client, &reference).await?;
+            let out = match &v {
+                Some(v) => ops::model_version_json(&m, v),
+                None => ops::model_json(&m),
+            };
+            if json {
+                print_json(&out);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            }
+        }
+        ModelCmd::Lineage { reference, conn, json } => {
+            let client = conn.client()?;
+            let mut chain = Vec::new();
+            let mut next = Some(reference.clone());
+            while let Some(r) = next.take() {
+                let (m, v) = ops::resolve_model(&client, &r).await?;
+                let v = v.with_context(|| format!("{r}: name a version (NAME@VERSION or NAME@ALIAS)"))?;
+                if chain.len() > 1000 {
+                    bail!("the lineage of {reference} does not end");
+                }
+                next = (!v.parent.is_empty()).then(|| v.parent.clone());
+                chain.push(ops::model_version_json(&m, &v));
+            }
+            if json {
+                print_json(&serde_json::Value::Array(chain));
+            } else {
+                for v in &chain {
+                    println!("{}@{}  job {}  dataset {} v{}  test_accuracy {}", v["name"].as_str().unwrap_or(""), v["version"], v["job"], v["dataset"].as_str().unwrap_or(""), v["dataset_version"], v["test_accuracy"]);
+                }
+            }
+        }
+        ModelCmd::Export { reference, out, conn, json } => {
+            let client = conn.client()?;
+            let (m, v) = ops::resolve_model(&client, &reference).await?;
+            let v = v.with_context(|| format!("{reference}: name a version (NAME@VERSION or NAME@ALIAS)"))?;
+            let c = v.checkpoint.as_ref().context("the model version has no checkpoint")?;
+            let store = ops::store_dir(&client).await?;
+            let tensors = shoal_worker::checkpoint::export_pytorch(&store, c, &out).with_context(|| format!("exporting {}@{}", m.name, v.version))?;
+            if json {
+                print_json(&json!({"name": m.name, "version": v.version, "model_kind": c.model_kind, "path": out,
+                    "tensors": tensors.iter().map(|(n, s)| json!({"name": n, "shape": s, "dtype": "F32"})).collect::<Vec<_>>()}));
+            } else {
+                println!("exported {}@{} ({} model of job {}) to {} ({} tensors)", m.name, v.version, c.model_kind, v.job_id, out.display(), tensors.len());
             }
         }
     }

@@ -193,6 +193,46 @@ pub fn dataset_json(d: &DatasetInfo) -> Value {
     })
 }
 
+pub fn model_version_json(m: &ModelInfo, v: &ModelVersion) -> Value {
+    let c = v.checkpoint.clone().unwrap_or_default();
+    json!({
+        "name": m.name,
+        "version": v.version,
+        "aliases": m.aliases.iter().filter(|a| a.version == v.version).map(|a| a.alias.clone()).collect::<Vec<_>>(),
+        "job": v.job_id,
+        "dataset": v.dataset_name,
+        "dataset_version": v.dataset_version,
+        "parent": if v.parent.is_empty() { Value::Null } else { json!(v.parent) },
+        "checkpoint": {"job": c.job_id, "step": c.step, "dir": c.dir},
+        "test_accuracy": if v.test_accuracy >= 0.0 { json!(v.test_accuracy) } else { Value::Null },
+        "spec": v.spec_toml,
+    })
+}
+
+pub fn model_json(m: &ModelInfo) -> Value {
+    json!({
+        "name": m.name,
+        "versions": m.versions.iter().map(|v| model_version_json(m, v)).collect::<Vec<_>>(),
+        "aliases": m.aliases.iter().map(|a| (a.alias.clone(), json!(a.version))).collect::<serde_json::Map<_, _>>(),
+    })
+}
+
+/// `NAME` (the model), or `NAME@VERSION` / `NAME@ALIAS` (the model and that version).
+pub async fn resolve_model(client: &Client, reference: &str) -> Result<(ModelInfo, Option<ModelVersion>)> {
+    let (name, x) = match reference.split_once('@') {
+        Some((n, x)) => (n.to_string(), Some(x.to_string())),
+        None => (reference.to_string(), None),
+    };
+    let m = client.call(|mut c| { let name = name.clone(); async move { c.get_model(GetModelRequest { name }).await } }).await?;
+    let Some(x) = x else { return Ok((m, None)) };
+    let version = match x.parse::<u64>() {
+        Ok(v) => v,
+        Err(_) => m.aliases.iter().find(|a| a.alias == x).map(|a| a.version).with_context(|| format!("model {name} has no alias {x}"))?,
+    };
+    let v = m.versions.iter().find(|v| v.version == version).cloned().with_context(|| format!("model {name} has no version {version}"))?;
+    Ok((m, Some(v)))
+}
+
 pub fn job_json(j: &JobInfo) -> Value {
     let p = j.progress.clone().unwrap_or_default();
     let last = j.checkpoints.last();
@@ -238,6 +278,8 @@ pub fn job_json(j: &JobInfo) -> Value {
         // first record index it had not seen.
         "init": j.init.as_ref().map(|m| json!({"job": m.job_id, "step": m.step, "dir": m.dir})).unwrap_or(Value::Null),
         "new_from": j.new_from.map(|n| json!(n)).unwrap_or(Value::Null),
+        "registered_model": nonempty(&j.registered_model),
+        "register_error": nonempty(&j.register_error),
         // The job's model: its final checkpoint, once it succeeded.
         "model": match last {
             Some(m) if j.state() == JobState::Succeeded => json!(m.dir),

@@ -636,6 +636,13 @@ impl Api {
     }
 }
 
+fn expect_model(out: ApplyOutput) -> Result<Response<shoal_proto::ModelInfo>, Status> {
+    match out {
+        ApplyOutput::Model(m) => Ok(Response::new(*m)),
+        other => Err(Status::internal(format!("unexpected apply output {other:?}"))),
+    }
+}
+
 fn expect_job(out: ApplyOutput) -> Result<JobInfo, Status> {
     match out {
         ApplyOutput::Job(j) => Ok(*j),
@@ -766,6 +773,32 @@ impl Coordinator for Api {
             None if r.version == 0 => Err(final_status(tonic::Code::NotFound, format!("dataset {:?} does not exist", r.name))),
             None => Err(final_status(tonic::Code::NotFound, format!("dataset {:?} has no version {}", r.name, r.version))),
         }
+    }
+
+    async fn register_model(&self, r: Request<shoal_proto::RegisterModelRequest>) -> Result<Response<shoal_proto::ModelInfo>, Status> {
+        let r = r.into_inner();
+        let request_id = r.request_id.clone();
+        expect_model(self.propose(command::Kind::RegisterModel(r), request_id).await?)
+    }
+
+    async fn set_model_alias(&self, r: Request<shoal_proto::ModelAliasRequest>) -> Result<Response<shoal_proto::ModelInfo>, Status> {
+        let r = r.into_inner();
+        let request_id = r.request_id.clone();
+        expect_model(self.propose(command::Kind::SetModelAlias(r), request_id).await?)
+    }
+
+    async fn get_model(&self, r: Request<shoal_proto::GetModelRequest>) -> Result<Response<shoal_proto::ModelInfo>, Status> {
+        let r = r.into_inner();
+        self.linearize().await?;
+        let state = self.0.state.read().expect("state lock");
+        let found = state.models().find(|m| m.name == r.name).cloned();
+        found.map(Response::new).ok_or_else(|| final_status(tonic::Code::NotFound, format!("there is no model {}", r.name)))
+    }
+
+    async fn list_models(&self, _: Request<shoal_proto::ListModelsRequest>) -> Result<Response<shoal_proto::ListModelsResponse>, Status> {
+        self.linearize().await?;
+        let state = self.0.state.read().expect("state lock");
+        Ok(Response::new(shoal_proto::ListModelsResponse { models: state.models().cloned().collect() }))
     }
 
     async fn submit_job(&self, r: Request<SubmitJobRequest>) -> Result<Response<JobInfo>, Status> {

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, VecDeque};
 
 use shoal_core::{dataset, JobSpec};
 use shoal_proto::{
-    command, request_record, Assignment, Command, DatasetInfo, DatasetSlice, DatasetVersion, JobInfo, JobProgress, JobState, MembershipChange, PeerInfo, RankResult, RequestRecord,
-    StateSnapshot, WorkerInfo, WorkerState,
+    command, request_record, Assignment, Command, DatasetInfo, DatasetSlice, DatasetVersion, JobInfo, JobProgress, JobState, MembershipChange, ModelAlias, ModelInfo,
+    ModelVersion, PeerInfo, RankResult, RequestRecord, StateSnapshot, WorkerInfo, WorkerState,
 };
 
 /// What applying a command produced, handed back to whoever proposed it.
@@ -19,6 +19,7 @@ pub enum ApplyOutput {
     WorkerId(String),
     Dataset(DatasetInfo),
     Job(Box<JobInfo>),
+    Model(Box<ModelInfo>),
 }
 
 pub type ApplyResult = Result<ApplyOutput, String>;
@@ -30,6 +31,7 @@ enum Recorded {
     Dataset(String, u64),
     Job(u64),
     Member(u64),
+    Model(String),
     Nothing,
 }
 
@@ -61,6 +63,8 @@ pub struct StateMachine {
     next_job: u64,
     /// The coordinator group: every replica's id, address and role.
     members: BTreeMap<u64, PeerInfo>,
+    /// The model registry, by name.
+    models: BTreeMap<String, ModelInfo>,
     /// blake3 chained over every entry applied (see `note_entry`).
     apply_digest: Vec<u8>,
 }
@@ -77,6 +81,7 @@ impl StateMachine {
                     Recorded::Dataset(name, version) => request_record::Outcome::Dataset(DatasetVersion { name: name.clone(), version: *version }),
                     Recorded::Job(j) => request_record::Outcome::JobId(*j),
                     Recorded::Member(m) => request_record::Outcome::MemberId(*m),
+                    Recorded::Model(m) => request_record::Outcome::Model(m.clone()),
                     Recorded::Nothing => request_record::Outcome::Nothing(true),
                 };
                 Some(RequestRecord { request_id: id.clone(), outcome: Some(outcome) })
@@ -92,6 +97,7 @@ impl StateMachine {
             next_job: self.next_job,
             members: self.members.values().cloned().collect(),
             apply_digest: self.apply_digest.clone(),
+            models: self.models.values().cloned().collect(),
         }
     }
 
@@ -109,6 +115,7 @@ impl StateMachine {
                     Recorded::Dataset(name, version) => request_record::Outcome::Dataset(DatasetVersion { name: name.clone(), version: *version }),
                     Recorded::Job(j) => request_record::Outcome::JobId(*j),
                     Recorded::Member(m) => request_record::Outcome::MemberId(*m),
+                    Recorded::Model(m) => request_record::Outcome::Model(m.clone()),
                     Recorded::Nothing => request_record::Outcome::Nothing(true),
                 };
                 message::encode(2, &RequestRecord { request_id: id.clone(), outcome: Some(outcome) }, &mut buf);
@@ -129,6 +136,9 @@ impl StateMachine {
             message::encode(8, m, &mut buf);
         }
         bytes::encode(9, &self.apply_digest, &mut buf);
+        for m in self.models.values() {
+            message::encode(10, m, &mut buf);
+        }
         buf
     }
 
@@ -155,6 +165,7 @@ impl StateMachine {
                 request_record::Outcome::Dataset(d) => Recorded::Dataset(d.name, d.version),
                 request_record::Outcome::JobId(j) => Recorded::Job(j),
                 request_record::Outcome::MemberId(m) => Recorded::Member(m),
+                request_record::Outcome::Model(m) => Recorded::Model(m),
                 request_record::Outcome::Nothing(_) => Recorded::Nothing,
             };
             sm.request_order.push_back(r.request_id.clone());
@@ -167,6 +178,7 @@ impl StateMachine {
         sm.jobs = s.jobs.into_iter().map(|j| (j.id, j)).collect();
         sm.members = s.members.into_iter().map(|m| (m.id, m)).collect();
         sm.apply_digest = s.apply_digest;
+        sm.models = s.models.into_iter().map(|m| (m.name.clone(), m)).collect();
         Ok(sm)
     }
 
@@ -232,6 +244,7 @@ impl StateMachine {
                 ApplyOutput::Dataset(d) => Recorded::Dataset(d.name.clone(), d.version),
                 ApplyOutput::Job(j) => Recorded::Job(j.id),
                 ApplyOutput::Member(m) => Recorded::Member(*m),
+                ApplyOutput::Model(m) => Recorded::Model(m.name.clone()),
                 ApplyOutput::None => Recorded::Nothing,
             };
             self.remember(request_id, rec);
@@ -255,6 +268,7 @@ impl StateMachine {
             Recorded::Dataset(name, v) => self.dataset(name, *v).cloned().map(ApplyOutput::Dataset).unwrap_or(ApplyOutput::None),
             Recorded::Job(id) => self.jobs.get(id).map(|j| ApplyOutput::Job(Box::new(j.clone()))).unwrap_or(ApplyOutput::None),
             Recorded::Member(id) => ApplyOutput::Member(*id),
+            Recorded::Model(name) => self.models.get(name).map(|m| ApplyOutput::Model(Box::new(m.clone()))).unwrap_or(ApplyOutput::None),
             Recorded::Nothing => ApplyOutput::None,
         }
     }
@@ -452,6 +466,32 @@ impl StateMachine {
                 latest.settings = Some(settings);
                 Ok(ApplyOutput::Dataset(latest.clone()))
             }
+            command::Kind::RegisterModel(r) => {
+                let job = self.jobs.get(&r.job_id).ok_or_else(|| format!("there is no job {}", r.job_id))?.clone();
+                let m = self.register_model(index, &r.name, &job)?;
+                Ok(ApplyOutput::Model(Box::new(m)))
+            }
+            command::Kind::SetModelAlias(r) => {
+                dataset::validate_name(&r.alias).map_err(|_| format!("alias {:?} must be 1-128 of [A-Za-z0-9._-]", r.alias))?;
+                if r.alias.parse::<u64>().is_ok() {
+                    return Err(format!("alias {:?} is a number: it would read as a version", r.alias));
+                }
+                let m = self.models.get_mut(&r.name).ok_or_else(|| format!("there is no model {}", r.name))?;
+                if !m.versions.iter().any(|v| v.version == r.version) {
+                    return Err(format!("model {} has no version {}", r.name, r.version));
+                }
+                let holder = m.aliases.iter().find(|a| a.alias == r.alias).map(|a| a.version).unwrap_or(0);
+                if let Some(expect) = r.expect {
+                    if holder != expect {
+                        let now = if holder == 0 { "no version".to_string() } else { format!("version {holder}") };
+                        return Err(format!("alias {} of model {} is held by {now}, not {}: not moved", r.alias, r.name, if expect == 0 { "no version".to_string() } else { format!("version {expect}") }));
+                    }
+                }
+                m.aliases.retain(|a| a.alias != r.alias);
+                m.aliases.push(ModelAlias { alias: r.alias, version: r.version });
+                m.aliases.sort_by(|a, b| a.alias.cmp(&b.alias));
+                Ok(ApplyOutput::Model(Box::new(m.clone())))
+            }
             command::Kind::SubmitJob(toml) => {
                 let (spec, ds) = self.check_submission(&toml)?;
                 let dataset_version = ds.version;
@@ -610,7 +650,10 @@ impl StateMachine {
                 if job.results.len() == job.workers.len() {
                     let (id, verdict) = (job.id, Self::verdict(job));
                     match verdict {
-                        Ok(()) => self.finish_job(id, JobState::Succeeded, String::new()),
+                        Ok(()) => {
+                            self.finish_job(id, JobState::Succeeded, String::new());
+                            self.register_on_success(index, id);
+                        }
                         Err(e) => self.finish_job(id, JobState::Failed, e),
                     }
                 }
@@ -793,12 +836,85 @@ impl StateMachine {
         Ok(())
     }
 
+    /// A new version of model `name`: job `job`'s model (its final checkpoint), with its
+    /// lineage (spec, dataset version, the model version it warm-started from, accuracy).
+    fn register_model(&mut self, index: u64, name: &str, job: &JobInfo) -> Result<ModelInfo, String> {
+        dataset::validate_name(name).map_err(|e| e.to_string().replace("name", "model name"))?;
+        if job.state() != JobState::Succeeded {
+            return Err(format!("job {} is {}: only a job that succeeded has a model to register", job.id, job.state().label()));
+        }
+        let checkpoint = job.checkpoints.last().cloned().ok_or_else(|| format!("job {} has no checkpoint", job.id))?;
+        let parent = job
+            .init
+            .as_ref()
+            .and_then(|i| {
+                self.models.values().find_map(|m| {
+                    let v = m.versions.iter().find(|v| v.checkpoint.as_ref().is_some_and(|c| c.job_id == i.job_id && c.step == i.step))?;
+                    Some(format!("{}@{}", m.name, v.version))
+                })
+            })
+            .unwrap_or_default();
+        let m = self.models.entry(name.to_string()).or_insert_with(|| ModelInfo { name: name.to_string(), ..Default::default() });
+        if let Some(v) = m.versions.iter().find(|v| v.job_id == job.id) {
+            return Err(format!("job {} is already version {} of model {name}", job.id, v.version));
+        }
+        let version = m.versions.last().map(|v| v.version).unwrap_or(0) + 1;
+        m.versions.push(ModelVersion {
+            version,
+            job_id: job.id,
+            spec_toml: job.spec_toml.clone(),
+            dataset_name: job.dataset_name.clone(),
+            dataset_version: job.dataset_version,
+            parent,
+            checkpoint: Some(checkpoint),
+            test_accuracy: job.progress.as_ref().map(|p| p.test_accuracy).unwrap_or(-1.0),
+            registered_index: index,
+        });
+        Ok(m.clone())
+    }
+
+    /// `[register] name`: registers a job that just succeeded, noting the outcome in it.
+    fn register_on_success(&mut self, index: u64, id: u64) {
+        let Some(job) = self.jobs.get(&id).cloned() else { return };
+        let Some(name) = JobSpec::parse(&job.spec_toml).ok().and_then(|s| s.register).map(|r| r.name) else { return };
+        let outcome = self.register_model(index, &name, &job);
+        let Some(job) = self.jobs.get_mut(&id) else { return };
+        match outcome {
+            Ok(m) => job.registered_model = format!("{name}@{}", m.versions.last().map(|v| v.version).unwrap_or(0)),
+            Err(e) => job.register_error = e,
+        }
+    }
+
+    /// Model `name@x` (a version number or an alias).
+    pub fn model_version(&self, reference: &str) -> Result<(&ModelInfo, &ModelVersion), String> {
+        let (name, x) = reference.split_once('@').ok_or_else(|| format!("{reference:?} is not NAME@VERSION or NAME@ALIAS"))?;
+        let m = self.models.get(name).ok_or_else(|| format!("there is no model {name}"))?;
+        let version = match x.parse::<u64>() {
+            Ok(v) => v,
+            Err(_) => m.aliases.iter().find(|a| a.alias == x).map(|a| a.version).ok_or_else(|| format!("model {name} has no alias {x}"))?,
+        };
+        let v = m.versions.iter().find(|v| v.version == version).ok_or_else(|| format!("model {name} has no version {version}"))?;
+        Ok((m, v))
+    }
+
+    pub fn models(&self) -> impl Iterator<Item = &ModelInfo> {
+        self.models.values()
+    }
+
     /// `[init]`: the checkpoint to start from (a job that succeeded: its final checkpoint, or
     /// the committed one at the step named), and with `slices = "new"` the first record the
     /// model did not see (the record count of the dataset version it trained on, which must
     /// be a version of this job's dataset).
     fn warm_start(&self, spec: &JobSpec) -> Result<(Option<shoal_proto::CheckpointManifest>, Option<u64>), String> {
-        let Some((id, step)) = spec.init_checkpoint().map_err(|e| e.to_string())? else { return Ok((None, None)) };
+        let model = spec.init.as_ref().and_then(|i| i.model.clone());
+        let (id, step) = match (spec.init_checkpoint().map_err(|e| e.to_string())?, model) {
+            (Some(c), _) => c,
+            (None, Some(m)) => {
+                let (_, v) = self.model_version(&m).map_err(|e| format!("init.model: {e}"))?;
+                (v.job_id, v.checkpoint.as_ref().map(|c| c.step))
+            }
+            (None, None) => return Ok((None, None)),
+        };
         let from = self.jobs.get(&id).ok_or_else(|| format!("init.checkpoint: there is no job {id}"))?;
         if from.state() != JobState::Succeeded {
             return Err(format!("init.checkpoint: job {id} is {}; warm starts come from jobs that succeeded", from.state().label()));

@@ -215,6 +215,7 @@ fn output_id(out: &ApplyOutput) -> u64 {
         ApplyOutput::Dataset(d) => d.version,
         ApplyOutput::Job(j) => j.id,
         ApplyOutput::Member(m) => *m,
+        ApplyOutput::Model(m) => m.versions.len() as u64,
         ApplyOutput::None => 0,
     }
 }

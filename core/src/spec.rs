@@ -21,6 +21,14 @@ pub struct JobSpec {
     pub aggregation: AggregationSpec,
     /// Warm start: the parameters to begin from.
     pub init: Option<InitSpec>,
+    /// `[register] name = "NAME"`: on success the job's model becomes a new version of NAME.
+    pub register: Option<RegisterSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterSpec {
+    pub name: String,
 }
 
 /// `[init]`: where a job's parameters start (its optimizer starts fresh).
@@ -30,7 +38,7 @@ pub struct InitSpec {
     /// `"JOB"` (that job's model: its final checkpoint) or `"JOB@STEP"` (a committed checkpoint
     /// of a job that succeeded).
     pub checkpoint: Option<String>,
-    /// `"NAME@VERSION"` or `"NAME@ALIAS"` of the model registry (not there yet).
+    /// `"NAME@VERSION"` or `"NAME@ALIAS"` of the model registry.
     pub model: Option<String>,
 }
 
@@ -369,12 +377,20 @@ impl JobSpec {
             (Some(other), _) => return Err(bad("dataset.slices", format!("must be \"all\" or \"new\", not {other:?}"))),
         }
         check_range("dataset.replay", self.dataset.replay, 0.0, 1.0, true)?;
+        if let Some(r) = &self.register {
+            crate::dataset::validate_name(&r.name).map_err(|e| bad("register.name", e))?;
+        }
         if let Some(init) = &self.init {
             match (&init.checkpoint, &init.model) {
                 (Some(_), None) => {
                     self.init_checkpoint()?;
                 }
-                (None, Some(_)) => return Err(bad("init.model", "the model registry is not there yet: use checkpoint = \"JOB\" (a job's model)")),
+                (None, Some(m)) => {
+                    let ok = m.split_once('@').is_some_and(|(n, x)| crate::dataset::validate_name(n).is_ok() && !x.is_empty());
+                    if !ok {
+                        return Err(bad("init.model", format!("{m:?} is not NAME@VERSION or NAME@ALIAS")));
+                    }
+                }
                 _ => return Err(bad("init", "give one of checkpoint = \"JOB[@STEP]\" or model = \"NAME@VERSION\"")),
             }
         }
@@ -600,7 +616,8 @@ workers = 2
             (GOOD.replace("test = [1000, 1200]", "test = [1000, 1200]\nreplay = 0.5"), "dataset.replay"),
             (warm.replace("replay = 0.25", "replay = 1.5"), "dataset.replay"),
             (warm.replace("checkpoint = \"3@40\"", "checkpoint = \"three\""), "init.checkpoint"),
-            (warm.replace("checkpoint = \"3@40\"", "model = \"m@1\""), "init.model"),
+            (warm.replace("checkpoint = \"3@40\"", "model = \"m\""), "init.model"),
+            (GOOD.to_string() + "[register]\nname = \"a b\"\n", "register.name"),
         ] {
             let e = err_of(&bad);
             assert!(e.contains(key), "{key}: {e}");
