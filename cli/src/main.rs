@@ -292,6 +292,22 @@ enum DataCmd {
 
 #[derive(Subcommand)]
 enum JobCmd {
+    /// Register a job template with `[trigger] on_append = "DATASET"`: every new version of
+    /// that dataset (`data append`) starts one job from it, exactly once.
+    Schedule {
+        spec: PathBuf,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Job templates and what each new dataset version started.
+    Templates {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
     /// Submit a job spec (TOML).
     Submit {
         spec: PathBuf,
@@ -910,6 +926,39 @@ fn print_job(j: &JobInfo) {
 
 async fn job(cmd: JobCmd) -> Result<()> {
     match cmd {
+        JobCmd::Schedule { spec, conn, json } => {
+            let text = std::fs::read_to_string(&spec).with_context(|| format!("reading {}", spec.display()))?;
+            let parsed = shoal_core::JobSpec::parse(&text).with_context(|| format!("{}", spec.display()))?;
+            if parsed.trigger.is_none() {
+                bail!("{}: a template needs [trigger] on_append = \"DATASET\"", spec.display());
+            }
+            let client = conn.client()?;
+            let req = SubmitJobRequest { spec_toml: text, request_id: shoal_coordinator::client::new_request_id() };
+            let t = client.call(|mut c| { let req = req.clone(); async move { c.schedule_job(req).await } }).await?;
+            if json {
+                print_json(&ops::template_json(&t));
+            } else {
+                println!("template {} ({}): a job for every new version of {}", t.id, t.name, t.on_append);
+            }
+        }
+        JobCmd::Templates { conn, json } => {
+            let client = conn.client()?;
+            let l = client.call(|mut c| async move { c.list_templates(shoal_proto::ListTemplatesRequest {}).await }).await?;
+            if json {
+                print_json(&serde_json::Value::Array(l.templates.iter().map(ops::template_json).collect()));
+            } else {
+                for t in &l.templates {
+                    println!("template {} ({}) on {}:", t.id, t.name, t.on_append);
+                    for f in &t.firings {
+                        if f.job_id > 0 {
+                            println!("  v{}: job {}", f.dataset_version, f.job_id);
+                        } else {
+                            println!("  v{}: no job: {}", f.dataset_version, f.error);
+                        }
+                    }
+                }
+            }
+        }
         JobCmd::Submit { spec, follow, conn, json } => {
             let client = conn.client()?;
             let j = ops::submit(&client, &spec).await?;

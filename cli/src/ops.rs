@@ -233,6 +233,19 @@ pub async fn resolve_model(client: &Client, reference: &str) -> Result<(ModelInf
     Ok((m, Some(v)))
 }
 
+pub fn template_json(t: &JobTemplate) -> Value {
+    json!({
+        "id": t.id,
+        "name": t.name,
+        "on_append": t.on_append,
+        "firings": t.firings.iter().map(|f| json!({
+            "dataset_version": f.dataset_version,
+            "job": if f.job_id > 0 { json!(f.job_id) } else { Value::Null },
+            "error": if f.error.is_empty() { Value::Null } else { json!(f.error) },
+        })).collect::<Vec<_>>(),
+    })
+}
+
 pub fn job_json(j: &JobInfo) -> Value {
     let p = j.progress.clone().unwrap_or_default();
     let last = j.checkpoints.last();
@@ -279,6 +292,8 @@ pub fn job_json(j: &JobInfo) -> Value {
         "init": j.init.as_ref().map(|m| json!({"job": m.job_id, "step": m.step, "dir": m.dir})).unwrap_or(Value::Null),
         "new_from": j.new_from.map(|n| json!(n)).unwrap_or(Value::Null),
         "registered_model": nonempty(&j.registered_model),
+        "template": if j.template_id > 0 { json!(j.template_id) } else { Value::Null },
+        "trigger_version": if j.template_id > 0 { json!(j.trigger_version) } else { Value::Null },
         "register_error": nonempty(&j.register_error),
         // The job's model: its final checkpoint, once it succeeded.
         "model": match last {

@@ -815,6 +815,20 @@ impl Coordinator for Api {
         Ok(Response::new(expect_job(self.propose(command::Kind::SubmitJob(spec_toml), request_id).await?)?))
     }
 
+    async fn schedule_job(&self, r: Request<SubmitJobRequest>) -> Result<Response<shoal_proto::JobTemplate>, Status> {
+        let SubmitJobRequest { spec_toml, request_id } = r.into_inner();
+        match self.propose(command::Kind::ScheduleJob(spec_toml), request_id).await? {
+            ApplyOutput::Template(t) => Ok(Response::new(*t)),
+            other => Err(Status::internal(format!("unexpected apply output {other:?}"))),
+        }
+    }
+
+    async fn list_templates(&self, _: Request<shoal_proto::ListTemplatesRequest>) -> Result<Response<shoal_proto::ListTemplatesResponse>, Status> {
+        self.linearize().await?;
+        let templates = self.0.state.read().expect("state lock").templates().cloned().collect();
+        Ok(Response::new(shoal_proto::ListTemplatesResponse { templates }))
+    }
+
     async fn get_job(&self, r: Request<GetJobRequest>) -> Result<Response<JobInfo>, Status> {
         let id = r.into_inner().id;
         self.linearize().await?;

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, VecDeque};
 
 use shoal_core::{dataset, JobSpec};
 use shoal_proto::{
-    command, request_record, Assignment, Command, DatasetInfo, DatasetSlice, DatasetVersion, JobInfo, JobProgress, JobState, MembershipChange, ModelAlias, ModelInfo,
-    ModelVersion, PeerInfo, RankResult, RequestRecord, StateSnapshot, WorkerInfo, WorkerState,
+    command, request_record, Assignment, Command, DatasetInfo, DatasetSlice, DatasetVersion, JobInfo, JobProgress, JobState, JobTemplate, MembershipChange, ModelAlias,
+    ModelInfo, ModelVersion, PeerInfo, RankResult, RequestRecord, StateSnapshot, TemplateFiring, WorkerInfo, WorkerState,
 };
 
 /// What applying a command produced, handed back to whoever proposed it.
@@ -20,6 +20,7 @@ pub enum ApplyOutput {
     Dataset(DatasetInfo),
     Job(Box<JobInfo>),
     Model(Box<ModelInfo>),
+    Template(Box<JobTemplate>),
 }
 
 pub type ApplyResult = Result<ApplyOutput, String>;
@@ -32,6 +33,7 @@ enum Recorded {
     Job(u64),
     Member(u64),
     Model(String),
+    Template(u64),
     Nothing,
 }
 
@@ -65,6 +67,8 @@ pub struct StateMachine {
     members: BTreeMap<u64, PeerInfo>,
     /// The model registry, by name.
     models: BTreeMap<String, ModelInfo>,
+    /// Job templates fired by dataset appends, by id.
+    templates: BTreeMap<u64, JobTemplate>,
     /// blake3 chained over every entry applied (see `note_entry`).
     apply_digest: Vec<u8>,
 }
@@ -82,6 +86,7 @@ impl StateMachine {
                     Recorded::Job(j) => request_record::Outcome::JobId(*j),
                     Recorded::Member(m) => request_record::Outcome::MemberId(*m),
                     Recorded::Model(m) => request_record::Outcome::Model(m.clone()),
+                    Recorded::Template(t) => request_record::Outcome::TemplateId(*t),
                     Recorded::Nothing => request_record::Outcome::Nothing(true),
                 };
                 Some(RequestRecord { request_id: id.clone(), outcome: Some(outcome) })
@@ -98,6 +103,7 @@ impl StateMachine {
             members: self.members.values().cloned().collect(),
             apply_digest: self.apply_digest.clone(),
             models: self.models.values().cloned().collect(),
+            templates: self.templates.values().cloned().collect(),
         }
     }
 
@@ -116,6 +122,7 @@ impl StateMachine {
                     Recorded::Job(j) => request_record::Outcome::JobId(*j),
                     Recorded::Member(m) => request_record::Outcome::MemberId(*m),
                     Recorded::Model(m) => request_record::Outcome::Model(m.clone()),
+                    Recorded::Template(t) => request_record::Outcome::TemplateId(*t),
                     Recorded::Nothing => request_record::Outcome::Nothing(true),
                 };
                 message::encode(2, &RequestRecord { request_id: id.clone(), outcome: Some(outcome) }, &mut buf);
@@ -138,6 +145,9 @@ impl StateMachine {
         bytes::encode(9, &self.apply_digest, &mut buf);
         for m in self.models.values() {
             message::encode(10, m, &mut buf);
+        }
+        for t in self.templates.values() {
+            message::encode(11, t, &mut buf);
         }
         buf
     }
@@ -166,6 +176,7 @@ impl StateMachine {
                 request_record::Outcome::JobId(j) => Recorded::Job(j),
                 request_record::Outcome::MemberId(m) => Recorded::Member(m),
                 request_record::Outcome::Model(m) => Recorded::Model(m),
+                request_record::Outcome::TemplateId(t) => Recorded::Template(t),
                 request_record::Outcome::Nothing(_) => Recorded::Nothing,
             };
             sm.request_order.push_back(r.request_id.clone());
@@ -179,6 +190,7 @@ impl StateMachine {
         sm.members = s.members.into_iter().map(|m| (m.id, m)).collect();
         sm.apply_digest = s.apply_digest;
         sm.models = s.models.into_iter().map(|m| (m.name.clone(), m)).collect();
+        sm.templates = s.templates.into_iter().map(|t| (t.id, t)).collect();
         Ok(sm)
     }
 
@@ -245,6 +257,7 @@ impl StateMachine {
                 ApplyOutput::Job(j) => Recorded::Job(j.id),
                 ApplyOutput::Member(m) => Recorded::Member(*m),
                 ApplyOutput::Model(m) => Recorded::Model(m.name.clone()),
+                ApplyOutput::Template(t) => Recorded::Template(t.id),
                 ApplyOutput::None => Recorded::Nothing,
             };
             self.remember(request_id, rec);
@@ -269,6 +282,7 @@ impl StateMachine {
             Recorded::Job(id) => self.jobs.get(id).map(|j| ApplyOutput::Job(Box::new(j.clone()))).unwrap_or(ApplyOutput::None),
             Recorded::Member(id) => ApplyOutput::Member(*id),
             Recorded::Model(name) => self.models.get(name).map(|m| ApplyOutput::Model(Box::new(m.clone()))).unwrap_or(ApplyOutput::None),
+            Recorded::Template(id) => self.templates.get(id).map(|t| ApplyOutput::Template(Box::new(t.clone()))).unwrap_or(ApplyOutput::None),
             Recorded::Nothing => ApplyOutput::None,
         }
     }
@@ -443,6 +457,9 @@ impl StateMachine {
                     }
                 };
                 self.datasets.entry(stored.name.clone()).or_default().push(stored.clone());
+                if stored.version > 1 {
+                    self.fire_templates(index, &stored.name, stored.version);
+                }
                 Ok(ApplyOutput::Dataset(stored))
             }
             command::Kind::SetDatasetSettings(r) => {
@@ -492,39 +509,19 @@ impl StateMachine {
                 m.aliases.sort_by(|a, b| a.alias.cmp(&b.alias));
                 Ok(ApplyOutput::Model(Box::new(m.clone())))
             }
-            command::Kind::SubmitJob(toml) => {
-                let (spec, ds) = self.check_submission(&toml)?;
-                let dataset_version = ds.version;
-                let (init, new_from) = self.warm_start(&spec)?;
-                let total_steps = spec.total_steps_from(new_from);
-                if total_steps == 0 {
-                    return Err(format!(
-                        "dataset.slices: the {} records to train are fewer than one batch ({})",
-                        spec.train_len(new_from),
-                        spec.training.batch_size
-                    ));
+            command::Kind::ScheduleJob(toml) => {
+                let spec = JobSpec::parse(&toml).map_err(|e| e.to_string())?;
+                let on_append = spec.trigger.as_ref().map(|t| t.on_append.clone()).ok_or("a template needs [trigger] on_append = \"DATASET\"")?;
+                if on_append != spec.dataset.name {
+                    return Err(format!("trigger.on_append: {on_append:?} is not the dataset the job trains ({:?})", spec.dataset.name));
                 }
-                self.next_job += 1;
-                let job = JobInfo {
-                    id: self.next_job,
-                    name: spec.name.clone(),
-                    spec_toml: toml,
-                    state: JobState::Queued as i32,
-                    generation: 0,
-                    workers: vec![],
-                    progress: Some(JobProgress { total_steps, test_accuracy: -1.0, ..Default::default() }),
-                    error: String::new(),
-                    results: vec![],
-                    dataset_version,
-                    world_size: spec.cluster.workers,
-                    dataset_name: spec.dataset.name.clone(),
-                    min_workers: spec.cluster.min(),
-                    max_workers: spec.cluster.max(),
-                    init,
-                    new_from,
-                    ..Default::default()
-                };
-                self.jobs.insert(job.id, job.clone());
+                let id = self.templates.keys().next_back().copied().unwrap_or(0) + 1;
+                let t = JobTemplate { id, name: spec.name.clone(), spec_toml: toml, on_append, firings: Vec::new() };
+                self.templates.insert(id, t.clone());
+                Ok(ApplyOutput::Template(Box::new(t)))
+            }
+            command::Kind::SubmitJob(toml) => {
+                let job = self.submit(toml)?;
                 Ok(ApplyOutput::Job(Box::new(job)))
             }
             command::Kind::JobAssigned(a) => {
@@ -834,6 +831,66 @@ impl StateMachine {
         }
         slice.drift = drift;
         Ok(())
+    }
+
+    /// Queues a job (its spec checked against the state as it is at this index).
+    fn submit(&mut self, toml: String) -> Result<JobInfo, String> {
+        let (spec, ds) = self.check_submission(&toml)?;
+        let dataset_version = ds.version;
+        let (init, new_from) = self.warm_start(&spec)?;
+        let total_steps = spec.total_steps_from(new_from);
+        if total_steps == 0 {
+            return Err(format!(
+                "dataset.slices: the {} records to train are fewer than one batch ({})",
+                spec.train_len(new_from),
+                spec.training.batch_size
+            ));
+        }
+        self.next_job += 1;
+        let job = JobInfo {
+            id: self.next_job,
+            name: spec.name.clone(),
+            spec_toml: toml,
+            state: JobState::Queued as i32,
+            generation: 0,
+            workers: vec![],
+            progress: Some(JobProgress { total_steps, test_accuracy: -1.0, ..Default::default() }),
+            error: String::new(),
+            results: vec![],
+            dataset_version,
+            world_size: spec.cluster.workers,
+            dataset_name: spec.dataset.name.clone(),
+            min_workers: spec.cluster.min(),
+            max_workers: spec.cluster.max(),
+            init,
+            new_from,
+            ..Default::default()
+        };
+        self.jobs.insert(job.id, job.clone());
+        Ok(job)
+    }
+
+    /// Starts one job from every template that dataset `name`'s new `version` fires. Part of
+    /// the apply of the append itself, so each (template, version) fires exactly once, on
+    /// every replica alike, whatever leader proposed it or took over after.
+    fn fire_templates(&mut self, _index: u64, name: &str, version: u64) {
+        let due: Vec<u64> = self.templates.values().filter(|t| t.on_append == name).map(|t| t.id).collect();
+        for id in due {
+            let toml = self.templates[&id].spec_toml.clone();
+            let firing = match self.submit(toml) {
+                Ok(job) => {
+                    let j = self.jobs.get_mut(&job.id).expect("just submitted");
+                    (j.template_id, j.trigger_version) = (id, version);
+                    TemplateFiring { dataset_version: version, job_id: job.id, error: String::new() }
+                }
+                Err(e) => TemplateFiring { dataset_version: version, job_id: 0, error: e },
+            };
+            self.templates.get_mut(&id).expect("listed above").firings.push(firing);
+        }
+    }
+
+    pub fn templates(&self) -> impl Iterator<Item = &JobTemplate> {
+        self.templates.values()
     }
 
     /// A new version of model `name`: job `job`'s model (its final checkpoint), with its

@@ -216,6 +216,7 @@ fn output_id(out: &ApplyOutput) -> u64 {
         ApplyOutput::Job(j) => j.id,
         ApplyOutput::Member(m) => *m,
         ApplyOutput::Model(m) => m.versions.len() as u64,
+        ApplyOutput::Template(t) => t.id,
         ApplyOutput::None => 0,
     }
 }

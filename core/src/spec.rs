@@ -23,6 +23,15 @@ pub struct JobSpec {
     pub init: Option<InitSpec>,
     /// `[register] name = "NAME"`: on success the job's model becomes a new version of NAME.
     pub register: Option<RegisterSpec>,
+    /// `[trigger] on_append = "DATASET"`: for `shoal job schedule`.
+    pub trigger: Option<TriggerSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerSpec {
+    /// Every new version of this dataset starts one job from the template.
+    pub on_append: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -377,6 +386,12 @@ impl JobSpec {
             (Some(other), _) => return Err(bad("dataset.slices", format!("must be \"all\" or \"new\", not {other:?}"))),
         }
         check_range("dataset.replay", self.dataset.replay, 0.0, 1.0, true)?;
+        if let Some(t) = &self.trigger {
+            crate::dataset::validate_name(&t.on_append).map_err(|e| bad("trigger.on_append", e))?;
+            if self.dataset.version.is_some() {
+                return Err(bad("dataset.version", "a triggered job trains the version that fired it: leave the version out"));
+            }
+        }
         if let Some(r) = &self.register {
             crate::dataset::validate_name(&r.name).map_err(|e| bad("register.name", e))?;
         }

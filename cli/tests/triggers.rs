@@ -1,0 +1,99 @@
+//! Triggers: a job template (`shoal job schedule`, `[trigger] on_append`) starts exactly one
+//! job for every new version of its dataset, also when the leader dies right after the append.
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+const TEMPLATE: &str = r#"name = "retrain-digits"
+[model]
+kind = "mlp"
+hidden = [64]
+[dataset]
+name = "digits"
+train = [2000, 10000]
+test = [0, 2000]
+slices = "new"
+replay = 0.2
+[training]
+epochs = 1
+batch_size = 128
+seed = 3
+[training.optimizer]
+kind = "sgd"
+lr = 0.05
+momentum = 0.9
+[cluster]
+workers = 2
+[init]
+model = "digits-mlp@production"
+[register]
+name = "digits-mlp"
+[trigger]
+on_append = "digits"
+"#;
+
+/// Jobs started by template `t` for dataset version `v`.
+fn fired(c: &UpCluster, t: u64, v: u64) -> Vec<serde_json::Value> {
+    let jobs = json(&mut c.cmd(&["job", "list", "--json"]));
+    jobs.as_array().unwrap().iter().filter(|j| j["template"] == t && j["trigger_version"] == v).cloned().collect()
+}
+
+/// Digits with the test records first (slice 1) and MNIST 0-3999 (slice 2); model
+/// digits-mlp@1 trained on it, aliased production; the retraining template scheduled.
+fn setup(c: &UpCluster) -> u64 {
+    let [x, y] = mnist_files();
+    ok(c.cmd(&["data", "import", "digits", "--records", "8000:10000"]).arg(&x).arg(&y));
+    ok(c.cmd(&["data", "append", "digits", "--records", "0:4000"]).arg(&x).arg(&y));
+    let first = TEMPLATE.replace("slices = \"new\"\nreplay = 0.2\n", "").replace("[init]\nmodel = \"digits-mlp@production\"\n", "").replace("[trigger]\non_append = \"digits\"\n", "").replace("train = [2000, 10000]", "train = [2000, 6000]");
+    let job = c.submit_follow(&c.write_spec("first.toml", &first));
+    assert_eq!(job["registered_model"], "digits-mlp@1", "{job}");
+    ok(&mut c.cmd(&["model", "alias", "digits-mlp", "1", "production"]));
+    let t = json(c.cmd(&["job", "schedule", "--json"]).arg(c.write_spec("template.toml", TEMPLATE)));
+    t["id"].as_u64().unwrap()
+}
+
+#[test]
+fn every_append_starts_exactly_one_retraining_job_with_lineage() {
+    let c = UpCluster::start(2);
+    let t = setup(&c);
+    let [x, y] = mnist_files();
+    ok(c.cmd(&["data", "append", "digits", "--records", "4000:8000"]).arg(&x).arg(&y));
+    let jobs = fired(&c, t, 3);
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    let job = c.wait_end(&jobs[0]["id"].to_string());
+    assert_eq!((job["state"].as_str(), job["registered_model"].as_str(), job["new_from"].as_u64()), (Some("succeeded"), Some("digits-mlp@2"), Some(6000)), "{job}");
+    let v2 = json(&mut c.cmd(&["model", "show", "digits-mlp@2", "--json"]));
+    assert_eq!((v2["parent"].as_str(), v2["dataset_version"].as_u64()), (Some("digits-mlp@1"), Some(3)), "{v2}");
+
+    // The next version fires once more; nothing fires twice.
+    ok(c.cmd(&["data", "append", "digits", "--records", "9000:9500"]).arg(&x).arg(&y));
+    assert_eq!(fired(&c, t, 4).len(), 1);
+    assert_eq!(fired(&c, t, 3).len(), 1);
+    let templates = json(&mut c.cmd(&["job", "templates", "--json"]));
+    let versions: Vec<u64> = templates[0]["firings"].as_array().unwrap().iter().map(|f| f["dataset_version"].as_u64().unwrap()).collect();
+    assert_eq!(versions, [3, 4], "{templates}");
+    let e = fails(c.cmd(&["job", "schedule"]).arg(c.write_spec("plain.toml", &TEMPLATE.replace("[trigger]\non_append = \"digits\"\n", ""))));
+    assert!(e.contains("[trigger]"), "{e}");
+}
+
+#[test]
+fn a_leader_killed_right_after_the_append_fires_the_template_once() {
+    let c = UpCluster::start_with(&["--coordinators", "3", "--workers", "2"]);
+    let t = setup(&c);
+    let [x, y] = mnist_files();
+    ok(c.cmd(&["data", "append", "digits", "--records", "4000:8000"]).arg(&x).arg(&y));
+    let status = json(&mut c.cmd(&["status", "--json"]));
+    let leader = status["coordinators"].as_array().unwrap().iter().find(|r| r["role"] == "leader").unwrap().clone();
+    assert_eq!(unsafe { libc::kill(leader["pid"].as_i64().unwrap() as i32, libc::SIGKILL) }, 0);
+    wait_for("a new leader", Duration::from_secs(30), || {
+        let s = json(&mut c.cmd(&["status", "--json"]));
+        s["coordinators"].as_array().unwrap().iter().find(|r| r["role"] == "leader" && r["id"] != leader["id"]).cloned()
+    });
+    let jobs = fired(&c, t, 3);
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    let job = c.wait_end(&jobs[0]["id"].to_string());
+    assert_eq!(job["state"], "succeeded", "{job}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(fired(&c, t, 3).len(), 1, "the new leader fired it again");
+}
