@@ -205,6 +205,10 @@ pub fn model_version_json(m: &ModelInfo, v: &ModelVersion) -> Value {
         "parent": if v.parent.is_empty() { Value::Null } else { json!(v.parent) },
         "checkpoint": {"job": c.job_id, "step": c.step, "dir": c.dir},
         "test_accuracy": if v.test_accuracy >= 0.0 { json!(v.test_accuracy) } else { Value::Null },
+        "holdout_accuracy": if v.holdout_accuracy >= 0.0 { json!(v.holdout_accuracy) } else { Value::Null },
+        "holder_accuracy": if v.holder_version > 0 && v.holder_accuracy >= 0.0 { json!(v.holder_accuracy) } else { Value::Null },
+        "holder_version": if v.holder_version > 0 { json!(v.holder_version) } else { Value::Null },
+        "promotion": if v.promotion.is_empty() { Value::Null } else { json!(v.promotion) },
         "spec": v.spec_toml,
     })
 }
@@ -292,6 +296,7 @@ pub fn job_json(j: &JobInfo) -> Value {
         "init": j.init.as_ref().map(|m| json!({"job": m.job_id, "step": m.step, "dir": m.dir})).unwrap_or(Value::Null),
         "new_from": j.new_from.map(|n| json!(n)).unwrap_or(Value::Null),
         "registered_model": nonempty(&j.registered_model),
+        "promotion": nonempty(&j.promotion),
         "template": if j.template_id > 0 { json!(j.template_id) } else { Value::Null },
         "trigger_version": if j.template_id > 0 { json!(j.trigger_version) } else { Value::Null },
         "register_error": nonempty(&j.register_error),

@@ -29,6 +29,11 @@ workers = 2
 model = "digits-mlp@production"
 [register]
 name = "digits-mlp"
+[promote]
+alias = "production"
+metric = "test_accuracy"
+min_delta = 0.0
+holdout = "digits-holdout"
 [trigger]
 on_append = "digits"
 "#;
@@ -45,7 +50,8 @@ fn setup(c: &UpCluster) -> u64 {
     let [x, y] = mnist_files();
     ok(c.cmd(&["data", "import", "digits", "--records", "8000:10000"]).arg(&x).arg(&y));
     ok(c.cmd(&["data", "append", "digits", "--records", "0:4000"]).arg(&x).arg(&y));
-    let first = TEMPLATE.replace("slices = \"new\"\nreplay = 0.2\n", "").replace("[init]\nmodel = \"digits-mlp@production\"\n", "").replace("[trigger]\non_append = \"digits\"\n", "").replace("train = [2000, 10000]", "train = [2000, 6000]");
+    ok(c.cmd(&["data", "import", "digits-holdout", "--records", "8000:10000"]).arg(&x).arg(&y));
+    let first = TEMPLATE.replace("[promote]\nalias = \"production\"\nmetric = \"test_accuracy\"\nmin_delta = 0.0\nholdout = \"digits-holdout\"\n", "").replace("slices = \"new\"\nreplay = 0.2\n", "").replace("[init]\nmodel = \"digits-mlp@production\"\n", "").replace("[trigger]\non_append = \"digits\"\n", "").replace("train = [2000, 10000]", "train = [2000, 6000]");
     let job = c.submit_follow(&c.write_spec("first.toml", &first));
     assert_eq!(job["registered_model"], "digits-mlp@1", "{job}");
     ok(&mut c.cmd(&["model", "alias", "digits-mlp", "1", "production"]));
@@ -65,14 +71,34 @@ fn every_append_starts_exactly_one_retraining_job_with_lineage() {
     assert_eq!((job["state"].as_str(), job["registered_model"].as_str(), job["new_from"].as_u64()), (Some("succeeded"), Some("digits-mlp@2"), Some(6000)), "{job}");
     let v2 = json(&mut c.cmd(&["model", "show", "digits-mlp@2", "--json"]));
     assert_eq!((v2["parent"].as_str(), v2["dataset_version"].as_u64()), (Some("digits-mlp@1"), Some(3)), "{v2}");
+    // The gate: both models scored on digits-holdout, the alias moved only if v2 is not worse.
+    let (cand, held) = (v2["holdout_accuracy"].as_f64().unwrap(), v2["holder_accuracy"].as_f64().unwrap());
+    assert_eq!(v2["holder_version"], 1, "{v2}");
+    let production = json(&mut c.cmd(&["model", "show", "digits-mlp@production", "--json"]));
+    assert_eq!(production["version"].as_u64(), Some(if cand >= held { 2 } else { 1 }), "{cand} against {held}: {v2}");
+    assert!(v2["promotion"].as_str().unwrap().contains(&format!("{cand:.4}")), "{v2}");
+    assert_eq!(job["promotion"], v2["promotion"]);
+    let holder = production["version"].as_u64().unwrap();
+    // A gate no model can pass leaves the alias where it is, and says why.
+    let strict = TEMPLATE.replace("[trigger]\non_append = \"digits\"\n", "").replace("min_delta = 0.0", "min_delta = 0.5").replace("slices = \"new\"\nreplay = 0.2\n", "");
+    let strict = c.submit_follow(&c.write_spec("strict.toml", &strict));
+    assert!(strict["promotion"].as_str().unwrap().starts_with("not promoted"), "{strict}");
+    assert_eq!(json(&mut c.cmd(&["model", "show", "digits-mlp@production", "--json"]))["version"].as_u64(), Some(holder));
 
-    // The next version fires once more; nothing fires twice.
+    // The next version fires once more, and nothing fires twice. If production is version 2
+    // (it saw all 10000 records), nothing new lies in the template's train range: the firing
+    // starts no job and says why; else version 1's successor trains.
     ok(c.cmd(&["data", "append", "digits", "--records", "9000:9500"]).arg(&x).arg(&y));
-    assert_eq!(fired(&c, t, 4).len(), 1);
-    assert_eq!(fired(&c, t, 3).len(), 1);
     let templates = json(&mut c.cmd(&["job", "templates", "--json"]));
     let versions: Vec<u64> = templates[0]["firings"].as_array().unwrap().iter().map(|f| f["dataset_version"].as_u64().unwrap()).collect();
     assert_eq!(versions, [3, 4], "{templates}");
+    assert_eq!(fired(&c, t, 3).len(), 1);
+    if holder == 2 {
+        assert_eq!(fired(&c, t, 4).len(), 0);
+        assert!(templates[0]["firings"][1]["error"].as_str().unwrap().contains("fewer than one batch"), "{templates}");
+    } else {
+        assert_eq!(fired(&c, t, 4).len(), 1, "{templates}");
+    }
     let e = fails(c.cmd(&["job", "schedule"]).arg(c.write_spec("plain.toml", &TEMPLATE.replace("[trigger]\non_append = \"digits\"\n", ""))));
     assert!(e.contains("[trigger]"), "{e}");
 }

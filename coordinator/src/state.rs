@@ -837,6 +837,17 @@ impl StateMachine {
     fn submit(&mut self, toml: String) -> Result<JobInfo, String> {
         let (spec, ds) = self.check_submission(&toml)?;
         let dataset_version = ds.version;
+        let holdout_version = match &spec.promote {
+            Some(p) => {
+                let (name, version) = p.holdout_ref().map_err(|e| e.to_string())?;
+                let h = self.dataset(&name, version.unwrap_or(0)).ok_or_else(|| format!("promote.holdout: there is no dataset {}", p.holdout))?;
+                if h.feature_shape != ds.feature_shape || h.classes > ds.classes {
+                    return Err(format!("promote.holdout: {} has features {:?} and {} classes; the job's dataset {:?} and {}", p.holdout, h.feature_shape, h.classes, ds.feature_shape, ds.classes));
+                }
+                h.version
+            }
+            None => 0,
+        };
         let (init, new_from) = self.warm_start(&spec)?;
         let total_steps = spec.total_steps_from(new_from);
         if total_steps == 0 {
@@ -864,6 +875,7 @@ impl StateMachine {
             max_workers: spec.cluster.max(),
             init,
             new_from,
+            holdout_version,
             ..Default::default()
         };
         self.jobs.insert(job.id, job.clone());
@@ -926,6 +938,9 @@ impl StateMachine {
             checkpoint: Some(checkpoint),
             test_accuracy: job.progress.as_ref().map(|p| p.test_accuracy).unwrap_or(-1.0),
             registered_index: index,
+            holdout_accuracy: -1.0,
+            holder_accuracy: -1.0,
+            ..Default::default()
         });
         Ok(m.clone())
     }
@@ -935,11 +950,56 @@ impl StateMachine {
         let Some(job) = self.jobs.get(&id).cloned() else { return };
         let Some(name) = JobSpec::parse(&job.spec_toml).ok().and_then(|s| s.register).map(|r| r.name) else { return };
         let outcome = self.register_model(index, &name, &job);
+        let version = match &outcome {
+            Ok(m) => m.versions.last().map(|v| v.version).unwrap_or(0),
+            Err(_) => 0,
+        };
+        let promotion = match (&outcome, JobSpec::parse(&job.spec_toml).ok().and_then(|s| s.promote)) {
+            (Ok(_), Some(p)) => Some(self.promote(&name, version, &p, job.progress.as_ref().cloned().unwrap_or_default())),
+            _ => None,
+        };
         let Some(job) = self.jobs.get_mut(&id) else { return };
         match outcome {
-            Ok(m) => job.registered_model = format!("{name}@{}", m.versions.last().map(|v| v.version).unwrap_or(0)),
+            Ok(_) => job.registered_model = format!("{name}@{version}"),
             Err(e) => job.register_error = e,
         }
+        if let Some(p) = promotion {
+            job.promotion = p;
+        }
+    }
+
+    /// The evaluation gate: moves `p.alias` of model `name` to `version` if rank 0's scores
+    /// say the candidate is not worse than the holder it was compared with (by `min_delta`),
+    /// and that holder still holds the alias. Records both scores and the decision in the
+    /// version; returns the decision in words.
+    fn promote(&mut self, name: &str, version: u64, p: &shoal_core::spec::PromoteSpec, progress: JobProgress) -> String {
+        let Some(m) = self.models.get_mut(name) else { return "not promoted: the model is gone".into() };
+        let holder_now = m.aliases.iter().find(|a| a.alias == p.alias).map(|a| a.version).unwrap_or(0);
+        let (cand, held, against) = (progress.holdout_accuracy, progress.holder_accuracy, progress.holder_version);
+        let decision = if cand < 0.0 {
+            Err("the candidate was not scored on the holdout".to_string())
+        } else if holder_now != against {
+            Err(format!("{name}@{} moved to version {holder_now} while version {against} was being compared", p.alias))
+        } else if against == 0 {
+            Ok(format!("{name}@{} had no holder", p.alias))
+        } else if cand >= held + p.min_delta {
+            Ok(format!("holdout accuracy {cand:.4} against version {against}'s {held:.4} (min_delta {})", p.min_delta))
+        } else {
+            Err(format!("holdout accuracy {cand:.4} is below version {against}'s {held:.4} (min_delta {})", p.min_delta))
+        };
+        let text = match &decision {
+            Ok(why) => {
+                m.aliases.retain(|a| a.alias != p.alias);
+                m.aliases.push(ModelAlias { alias: p.alias.clone(), version });
+                m.aliases.sort_by(|a, b| a.alias.cmp(&b.alias));
+                format!("promoted to {name}@{}: {why}", p.alias)
+            }
+            Err(why) => format!("not promoted to {name}@{}: {why}", p.alias),
+        };
+        if let Some(v) = m.versions.iter_mut().find(|v| v.version == version) {
+            (v.holdout_accuracy, v.holder_accuracy, v.holder_version, v.promotion) = (cand, held, against, text.clone());
+        }
+        text
     }
 
     /// Model `name@x` (a version number or an alias).
@@ -1061,6 +1121,17 @@ impl StateMachine {
             return None;
         }
         let rank = job.workers.iter().position(|x| x == worker)?;
+        // `[promote]`: the holdout records, and the alias's holder now (rank 0 scores both).
+        let (mut holdout, mut holder, mut holder_version) = (None, None, 0);
+        if let (true, Some(p)) = (job.holdout_version > 0 && rank == 0, JobSpec::parse(&job.spec_toml).ok().and_then(|s| s.promote.zip(s.register))) {
+            let (promote, register) = p;
+            if let Ok((name, _)) = promote.holdout_ref() {
+                holdout = self.dataset(&name, job.holdout_version).cloned();
+            }
+            if let Ok((_, v)) = self.model_version(&format!("{}@{}", register.name, promote.alias)) {
+                (holder, holder_version) = (v.checkpoint.clone(), v.version);
+            }
+        }
         let field = |f: fn(&WorkerInfo) -> &String| job.workers.iter().map(|id| self.workers.get(id).map(|w| f(w).clone()).unwrap_or_default()).collect();
         let (peers, ring_peers, hosts) = (field(|w| &w.address), field(|w| &w.ring_address), field(|w| &w.host_id));
         Some(Assignment {
@@ -1077,6 +1148,9 @@ impl StateMachine {
             carry_state: job.membership.last().is_some_and(|m| carries_state(&m.cause)),
             init: job.init.clone(),
             new_from: job.new_from,
+            holdout,
+            holder,
+            holder_version,
         })
     }
 

@@ -25,6 +25,37 @@ pub struct JobSpec {
     pub register: Option<RegisterSpec>,
     /// `[trigger] on_append = "DATASET"`: for `shoal job schedule`.
     pub trigger: Option<TriggerSpec>,
+    /// `[promote]`: the evaluation gate of the registered model.
+    pub promote: Option<PromoteSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromoteSpec {
+    /// The alias of the `[register]` model to move to the new version if it passes.
+    pub alias: String,
+    /// `test_accuracy` (on the holdout records).
+    #[serde(default = "default_metric")]
+    pub metric: String,
+    /// The candidate must score at least the holder's plus this.
+    #[serde(default)]
+    pub min_delta: f64,
+    /// `"DATASET"` or `"DATASET@VERSION"`: its records are the holdout, scored for both.
+    pub holdout: String,
+}
+
+fn default_metric() -> String {
+    "test_accuracy".into()
+}
+
+impl PromoteSpec {
+    /// (dataset, version; None: the latest at submission).
+    pub fn holdout_ref(&self) -> Result<(String, Option<u64>)> {
+        match self.holdout.split_once('@') {
+            Some((n, v)) => Ok((n.to_string(), Some(v.parse().map_err(|_| bad("promote.holdout", format!("{:?} is not DATASET or DATASET@VERSION", self.holdout)))?))),
+            None => Ok((self.holdout.clone(), None)),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -391,6 +422,18 @@ impl JobSpec {
             if self.dataset.version.is_some() {
                 return Err(bad("dataset.version", "a triggered job trains the version that fired it: leave the version out"));
             }
+        }
+        if let Some(p) = &self.promote {
+            if self.register.is_none() {
+                return Err(bad("promote", "promotes the [register] model: add [register] name = \"NAME\""));
+            }
+            if p.metric != "test_accuracy" {
+                return Err(bad("promote.metric", format!("{:?} is not supported (test_accuracy)", p.metric)));
+            }
+            check_range("promote.min_delta", Some(p.min_delta), -1.0, 1.0, true)?;
+            let (name, _) = p.holdout_ref()?;
+            crate::dataset::validate_name(&name).map_err(|e| bad("promote.holdout", e))?;
+            crate::dataset::validate_name(&p.alias).map_err(|e| bad("promote.alias", e))?;
         }
         if let Some(r) = &self.register {
             crate::dataset::validate_name(&r.name).map_err(|e| bad("register.name", e))?;

@@ -288,6 +288,8 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
         total_steps: total,
         epoch: (start / steps_per_epoch) as u32,
         transport: ring.name().to_string(),
+        holdout_accuracy: -1.0,
+        holder_accuracy: -1.0,
         ..Default::default()
     };
     match &origin {
@@ -398,6 +400,19 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
 
     let model_path = ckpt.finish(state, ring)?;
     fill_counters(&mut progress, state);
+    if let (0, Some(holdout)) = (rank, &a.holdout) {
+        // `[promote]`: the final model and the alias's holder on the same holdout records.
+        let hd = ShardedDataset::open(&task.store, holdout)?;
+        progress.holdout_accuracy = score(&mut net, &state.params, &hd)?;
+        if let Some(h) = &a.holder {
+            let mut theirs = vec![0.0; np];
+            checkpoint::warm_start(&task.store, h, &model, &mut theirs)
+                .map_err(|e| WorkerError::Checkpoint(format!("the alias holder (version {}): {e}", a.holder_version)))?;
+            progress.holder_accuracy = score(&mut net, &theirs, &hd)?;
+            progress.holder_version = a.holder_version;
+        }
+        tracing::info!(candidate = progress.holdout_accuracy, holder = progress.holder_accuracy, "scored on the holdout");
+    }
     let param_blake3 = blake3::hash(&crate::collective::f32_le_bytes(&state.params)).to_hex().to_string();
     Ok(TrainOutcome { progress, model_path, param_blake3 })
 }
@@ -1084,6 +1099,20 @@ impl Checkpointer {
         }
         Ok(checkpoint_dir(self.base.job_id, state.step))
     }
+}
+
+/// Accuracy on every record of `ds`, on this rank alone.
+fn score(net: &mut Net, params: &[f32], ds: &ShardedDataset) -> Result<f64, WorkerError> {
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    let mut correct = 0u64;
+    let mut i = 0;
+    while i < ds.records {
+        let j = (i + 512).min(ds.records);
+        read_batch(ds, i..j, &mut x, &mut y)?;
+        correct += net.correct(params, &x, &y)?;
+        i = j;
+    }
+    Ok(correct as f64 / ds.records.max(1) as f64)
 }
 
 /// Accuracy on the test range; each rank scores its share, then the counts are summed.
