@@ -212,9 +212,10 @@ enum DataCmd {
         name: String,
         #[arg(required = true)]
         files: Vec<PathBuf>,
-        /// Records per shard file.
-        #[arg(long, default_value_t = ops::default_per_shard())]
-        records_per_shard: usize,
+        /// Records per shard file (default: 2048, more for small records, so a shard holds
+        /// at least about 1.6 MB).
+        #[arg(long)]
+        records_per_shard: Option<usize>,
         /// Only records START:END (from START, before END) of the files.
         #[arg(long, value_parser = parse_record_range)]
         records: Option<(usize, usize)>,
@@ -236,9 +237,10 @@ enum DataCmd {
         name: String,
         #[arg(required = true)]
         files: Vec<PathBuf>,
-        /// Records per shard file.
-        #[arg(long, default_value_t = ops::default_per_shard())]
-        records_per_shard: usize,
+        /// Records per shard file (default: 2048, more for small records, so a shard holds
+        /// at least about 1.6 MB).
+        #[arg(long)]
+        records_per_shard: Option<usize>,
         /// Only records START:END (from START, before END) of the files.
         #[arg(long, value_parser = parse_record_range)]
         records: Option<(usize, usize)>,
@@ -1365,7 +1367,7 @@ async fn run_local(spec_text: String, workers: Option<u64>, keep: bool, show: bo
         up?;
         let client = Client::new(&layout.endpoints()?)?;
         let src = ops::Source { files: &files, format: None, label: None, range: None };
-        let d = ops::import_idx(&client, &spec.dataset.name, &src, ops::default_per_shard(), false).await?;
+        let d = ops::import_idx(&client, &spec.dataset.name, &src, None, false).await?;
         if show {
             eprintln!("demo: imported {} v{} ({} records, {} shards)", d.name, d.version, d.records, d.shards.len());
         }

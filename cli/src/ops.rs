@@ -34,7 +34,7 @@ pub struct Source<'a> {
 }
 
 /// Imports files as dataset `name` (version 1; `append`: a new slice on its latest version).
-pub async fn import_idx(client: &Client, name: &str, src: &Source<'_>, per_shard: usize, append: bool) -> Result<DatasetInfo> {
+pub async fn import_idx(client: &Client, name: &str, src: &Source<'_>, per_shard: Option<usize>, append: bool) -> Result<DatasetInfo> {
     shoal_core::dataset::validate_name(name)?;
     let files = src.files;
     if files.is_empty() {
@@ -103,6 +103,10 @@ pub async fn import_idx(client: &Client, name: &str, src: &Source<'_>, per_shard
     let store = store_dir(client).await?;
     let request_id = shoal_coordinator::client::new_request_id();
     let folder = import_dir(name, &request_id)?;
+    // Shards of at least ~1.6 MB (2048 MNIST images): small records would otherwise make
+    // thousands of files, each written and fsynced on its own.
+    let record_bytes = records.feature_shape.iter().product::<usize>() * if records.dtype() == "u8" { 1 } else { 4 } + 8;
+    let per_shard = per_shard.unwrap_or_else(|| DEFAULT_RECORDS_PER_SHARD.max(DEFAULT_RECORDS_PER_SHARD * 784 / record_bytes.max(1)));
     let info = match write_shards(&store, name, &folder, &records, per_shard.max(1)) {
         Ok(mut info) => {
             info.append = append;
@@ -145,9 +149,6 @@ pub async fn import_idx(client: &Client, name: &str, src: &Source<'_>, per_shard
     }
 }
 
-pub fn default_per_shard() -> usize {
-    DEFAULT_RECORDS_PER_SHARD
-}
 
 /// Per-feature statistics (mean, std, min, max, missing) and the label histogram.
 fn stats_json(s: &SliceStats) -> Value {

@@ -131,22 +131,41 @@ pub fn records_from_csv(name: &str, text: &str, label: &str, known: &[String]) -
     if columns.len() < 2 {
         return Err(bad("needs a label column and at least one feature column".into()));
     }
-    let (mut features, mut raw_labels) = (Vec::new(), Vec::new());
-    for (i, line) in lines {
-        let cells: Vec<&str> = line.split(',').map(|c| c.trim().trim_matches('"')).collect();
-        if cells.len() != columns.len() {
-            return Err(bad(format!("line {}: {} cells, the header has {}", i + 1, cells.len(), columns.len())));
-        }
-        for (j, cell) in cells.iter().enumerate() {
-            if j == at {
-                raw_labels.push(cell.to_string());
-            } else if cell.is_empty() {
-                features.push(f32::NAN);
-            } else {
-                let v: f32 = cell.parse().map_err(|_| bad(format!("line {}: column {:?} holds {cell:?}, not a number", i + 1, columns[j])))?;
-                features.push(v);
+    // Lines in blocks parsed in parallel, then joined in order.
+    use rayon::prelude::*;
+    let lines: Vec<(usize, &str)> = lines.collect();
+    let blocks: Vec<(Vec<f32>, Vec<&str>)> = lines
+        .par_chunks(16 * 1024)
+        .map(|block| {
+            let (mut features, mut labels) = (Vec::with_capacity(block.len() * (columns.len() - 1)), Vec::with_capacity(block.len()));
+            for &(i, line) in block {
+                let mut cells = 0;
+                for (j, cell) in line.split(',').enumerate() {
+                    cells += 1;
+                    if j >= columns.len() {
+                        continue;
+                    }
+                    let cell = cell.trim().trim_matches('"');
+                    if j == at {
+                        labels.push(cell);
+                    } else if cell.is_empty() {
+                        features.push(f32::NAN);
+                    } else {
+                        let v: f32 = cell.parse().map_err(|_| bad(format!("line {}: column {:?} holds {cell:?}, not a number", i + 1, columns[j])))?;
+                        features.push(v);
+                    }
+                }
+                if cells != columns.len() {
+                    return Err(bad(format!("line {}: {cells} cells, the header has {}", i + 1, columns.len())));
+                }
             }
-        }
+            Ok((features, labels))
+        })
+        .collect::<Result<_>>()?;
+    let (mut features, mut raw_labels) = (Vec::with_capacity(lines.len() * (columns.len() - 1)), Vec::with_capacity(lines.len()));
+    for (f, l) in blocks {
+        features.extend(f);
+        raw_labels.extend(l);
     }
     if raw_labels.is_empty() {
         return Err(bad("no records".into()));
@@ -156,11 +175,12 @@ pub fn records_from_csv(name: &str, text: &str, label: &str, known: &[String]) -
         Some(ids) if known.is_empty() => (ids, Vec::new()),
         _ => {
             let mut names: Vec<String> = known.to_vec();
-            let mut new: Vec<&String> = raw_labels.iter().filter(|l| !known.contains(l)).collect();
-            new.sort();
+            let mut new: Vec<&str> = raw_labels.iter().copied().filter(|l| !known.iter().any(|k| k == l)).collect();
+            new.sort_unstable();
             new.dedup();
-            names.extend(new.into_iter().cloned());
-            let ids = raw_labels.iter().map(|l| names.iter().position(|n| n == l).expect("every name is listed") as i64).collect();
+            names.extend(new.into_iter().map(String::from));
+            let index: HashMap<&str, i64> = names.iter().enumerate().map(|(i, n)| (n.as_str(), i as i64)).collect();
+            let ids = raw_labels.iter().map(|l| index[l]).collect();
             (ids, names)
         }
     };
@@ -315,7 +335,11 @@ pub fn write_shards(store: &Path, name: &str, rel_dir: &Path, records: &Records,
         let count = end - start;
         let (x_bytes, x_dtype): (Vec<u8>, Dtype) = match &records.features {
             IdxData::U8(v) => (v[start * feat_len..end * feat_len].to_vec(), Dtype::U8),
-            IdxData::F32(v) => (v[start * feat_len..end * feat_len].iter().flat_map(|f| f.to_le_bytes()).collect(), Dtype::F32),
+            IdxData::F32(v) => {
+                let part = &v[start * feat_len..end * feat_len];
+                let bytes = if cfg!(target_endian = "little") { bytemuck::cast_slice(part).to_vec() } else { part.iter().flat_map(|f| f.to_le_bytes()).collect() };
+                (bytes, Dtype::F32)
+            }
         };
         let y_bytes: Vec<u8> = records.labels[start..end].iter().flat_map(|l| l.to_le_bytes()).collect();
         let mut x_shape = vec![count];

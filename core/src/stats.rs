@@ -25,27 +25,25 @@ fn bin(v: f64, lo: f64, hi: f64) -> usize {
 pub fn slice_stats(records: &Records, ranges: Option<&[(f64, f64)]>, classes: usize) -> SliceStats {
     let f: usize = records.feature_shape.iter().product();
     let n = records.len();
-    let value = |r: usize, j: usize| -> f64 {
-        match &records.features {
-            IdxData::U8(v) => v[r * f + j] as f64,
-            IdxData::F32(v) => v[r * f + j] as f64,
-        }
+    // Row by row (the records' own order, so memory is read once per pass), per feature.
+    let mut features: Vec<FeatureStats> = (0..f).map(|_| FeatureStats { min: f64::INFINITY, max: f64::NEG_INFINITY, ..Default::default() }).collect();
+    let each = |visit: &mut dyn FnMut(usize, f64)| match &records.features {
+        IdxData::U8(v) => v[..n * f].iter().enumerate().for_each(|(i, &x)| visit(i % f, x as f64)),
+        IdxData::F32(v) => v[..n * f].iter().enumerate().for_each(|(i, &x)| visit(i % f, x as f64)),
     };
-    let mut features = Vec::with_capacity(f);
-    for j in 0..f {
-        let mut s = FeatureStats { min: f64::INFINITY, max: f64::NEG_INFINITY, ..Default::default() };
-        for r in 0..n {
-            let v = value(r, j);
-            if v.is_nan() {
-                s.missing += 1;
-                continue;
-            }
-            s.count += 1;
-            s.sum += v;
-            s.sum_sq += v * v;
-            s.min = s.min.min(v);
-            s.max = s.max.max(v);
+    each(&mut |j, v| {
+        let s = &mut features[j];
+        if v.is_nan() {
+            s.missing += 1;
+            return;
         }
+        s.count += 1;
+        s.sum += v;
+        s.sum_sq += v * v;
+        s.min = s.min.min(v);
+        s.max = s.max.max(v);
+    });
+    for (j, s) in features.iter_mut().enumerate() {
         if s.count == 0 {
             (s.min, s.max) = (0.0, 0.0);
         }
@@ -54,14 +52,13 @@ pub fn slice_stats(records: &Records, ranges: Option<&[(f64, f64)]>, classes: us
             None => (s.min, s.max),
         };
         s.bins = vec![0; BINS];
-        for r in 0..n {
-            let v = value(r, j);
-            if !v.is_nan() {
-                s.bins[bin(v, s.lo, s.hi)] += 1;
-            }
-        }
-        features.push(s);
     }
+    each(&mut |j, v| {
+        if !v.is_nan() {
+            let s = &mut features[j];
+            s.bins[bin(v, s.lo, s.hi)] += 1;
+        }
+    });
     let mut label_counts = vec![0u64; classes.max(records.classes() as usize)];
     for &y in &records.labels {
         label_counts[y as usize] += 1;
