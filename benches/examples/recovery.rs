@@ -58,10 +58,7 @@ fn main() -> Result<()> {
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize()?;
     if build {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        if !Command::new(cargo).args(["build", "--release", "-p", "shoal"]).current_dir(&root).status()?.success() {
-            bail!("cargo build --release -p shoal failed");
-        }
+        shoal_benches::build_shoal(&root)?;
     }
     let shoal = shoal_benches::shoal_exe(&root)?;
     let tmp = tempfile::tempdir()?;

@@ -18,6 +18,15 @@ pub fn shoal_exe(root: &Path) -> anyhow::Result<PathBuf> {
     Ok(shoal)
 }
 
+/// `cargo build --release -p shoal` in the workspace at `root`.
+pub fn build_shoal(root: &Path) -> anyhow::Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    if !Command::new(cargo).args(["build", "--release", "-p", "shoal"]).current_dir(root).status()?.success() {
+        anyhow::bail!("cargo build --release -p shoal failed");
+    }
+    Ok(())
+}
+
 /// The median of `xs` (NaN when empty).
 pub fn median(xs: &[f64]) -> f64 {
     let mut v = xs.to_vec();

@@ -201,6 +201,32 @@ struct DemoArgs {
     keep: bool,
 }
 
+/// The files of a dataset slice and how to read them (`data import`, `data append`).
+#[derive(Args)]
+struct SliceArgs {
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// Records per shard file (default: 2048, more for small records, so a shard holds
+    /// at least about 1.6 MB).
+    #[arg(long)]
+    records_per_shard: Option<usize>,
+    /// Only records START:END (from START, before END) of the files.
+    #[arg(long, value_parser = parse_record_range)]
+    records: Option<(usize, usize)>,
+    /// idx, csv, npy or safetensors (default: by the files' extension; idx otherwise).
+    #[arg(long)]
+    format: Option<String>,
+    /// CSV: the label column (integer class ids, or names mapped to class ids).
+    #[arg(long)]
+    label: Option<String>,
+}
+
+impl SliceArgs {
+    fn source(&self) -> ops::Source<'_> {
+        ops::Source { files: &self.files, format: self.format.as_deref(), label: self.label.as_deref(), range: self.records }
+    }
+}
+
 #[derive(Subcommand)]
 enum DataCmd {
     /// Import IDX files (gzip or not; one features file, one labels file), one CSV file (a
@@ -210,46 +236,20 @@ enum DataCmd {
     /// coordinator. An existing NAME is an error: `append` adds to it.
     Import {
         name: String,
-        #[arg(required = true)]
-        files: Vec<PathBuf>,
-        /// Records per shard file (default: 2048, more for small records, so a shard holds
-        /// at least about 1.6 MB).
-        #[arg(long)]
-        records_per_shard: Option<usize>,
-        /// Only records START:END (from START, before END) of the files.
-        #[arg(long, value_parser = parse_record_range)]
-        records: Option<(usize, usize)>,
-        /// idx, csv, npy or safetensors (default: by the files' extension; idx otherwise).
-        #[arg(long)]
-        format: Option<String>,
-        /// CSV: the label column (integer class ids, or names mapped to class ids).
-        #[arg(long)]
-        label: Option<String>,
+        #[command(flatten)]
+        slice: SliceArgs,
         #[command(flatten)]
         conn: Conn,
         #[arg(long)]
         json: bool,
     },
-    /// Add IDX files to dataset NAME as a new slice: version v+1 is version v plus these
+    /// Add files (as `import` reads them) to dataset NAME as a new slice: version v+1 is version v plus these
     /// records (which come after its own). The slice must match the dataset's schema (feature
     /// shape, dtype, labels), else nothing is added.
     Append {
         name: String,
-        #[arg(required = true)]
-        files: Vec<PathBuf>,
-        /// Records per shard file (default: 2048, more for small records, so a shard holds
-        /// at least about 1.6 MB).
-        #[arg(long)]
-        records_per_shard: Option<usize>,
-        /// Only records START:END (from START, before END) of the files.
-        #[arg(long, value_parser = parse_record_range)]
-        records: Option<(usize, usize)>,
-        /// idx, csv, npy or safetensors (default: by the files' extension; idx otherwise).
-        #[arg(long)]
-        format: Option<String>,
-        /// CSV: the label column (integer class ids, or names mapped to class ids).
-        #[arg(long)]
-        label: Option<String>,
+        #[command(flatten)]
+        slice: SliceArgs,
         #[command(flatten)]
         conn: Conn,
         #[arg(long)]
@@ -808,20 +808,18 @@ async fn status(conn: Conn, as_json: bool) -> Result<()> {
 
 async fn data(cmd: DataCmd) -> Result<()> {
     match cmd {
-        DataCmd::Import { name, files, records_per_shard, records, format, label, conn, json } => {
+        DataCmd::Import { name, slice, conn, json } => {
             let client = conn.client()?;
-            let src = ops::Source { files: &files, format: format.as_deref(), label: label.as_deref(), range: records };
-            let d = ops::import_idx(&client, &name, &src, records_per_shard, false).await?;
+            let d = ops::import_idx(&client, &name, &slice.source(), slice.records_per_shard, false).await?;
             if json {
                 print_json(&ops::dataset_json(&d));
             } else {
                 println!("imported {} v{}: {} records, features {:?}, {} classes, {} shards", d.name, d.version, d.records, d.feature_shape, d.classes, d.shards.len());
             }
         }
-        DataCmd::Append { name, files, records_per_shard, records, format, label, conn, json } => {
+        DataCmd::Append { name, slice, conn, json } => {
             let client = conn.client()?;
-            let src = ops::Source { files: &files, format: format.as_deref(), label: label.as_deref(), range: records };
-            let d = ops::import_idx(&client, &name, &src, records_per_shard, true).await?;
+            let d = ops::import_idx(&client, &name, &slice.source(), slice.records_per_shard, true).await?;
             if json {
                 print_json(&ops::dataset_json(&d));
             } else {
