@@ -37,6 +37,21 @@ enum Recorded {
     Nothing,
 }
 
+impl Recorded {
+    /// As a snapshot's request record holds it.
+    fn outcome(&self) -> request_record::Outcome {
+        match self {
+            Recorded::Worker(w) => request_record::Outcome::WorkerId(w.clone()),
+            Recorded::Dataset(name, version) => request_record::Outcome::Dataset(DatasetVersion { name: name.clone(), version: *version }),
+            Recorded::Job(j) => request_record::Outcome::JobId(*j),
+            Recorded::Member(m) => request_record::Outcome::MemberId(*m),
+            Recorded::Model(m) => request_record::Outcome::Model(m.clone()),
+            Recorded::Template(t) => request_record::Outcome::TemplateId(*t),
+            Recorded::Nothing => request_record::Outcome::Nothing(true),
+        }
+    }
+}
+
 /// A change of the coordinator group, as a raft conf change applies it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MemberOp {
@@ -80,16 +95,7 @@ impl StateMachine {
             .request_order
             .iter()
             .filter_map(|id| {
-                let outcome = match self.requests.get(id)? {
-                    Recorded::Worker(w) => request_record::Outcome::WorkerId(w.clone()),
-                    Recorded::Dataset(name, version) => request_record::Outcome::Dataset(DatasetVersion { name: name.clone(), version: *version }),
-                    Recorded::Job(j) => request_record::Outcome::JobId(*j),
-                    Recorded::Member(m) => request_record::Outcome::MemberId(*m),
-                    Recorded::Model(m) => request_record::Outcome::Model(m.clone()),
-                    Recorded::Template(t) => request_record::Outcome::TemplateId(*t),
-                    Recorded::Nothing => request_record::Outcome::Nothing(true),
-                };
-                Some(RequestRecord { request_id: id.clone(), outcome: Some(outcome) })
+                Some(RequestRecord { request_id: id.clone(), outcome: Some(self.requests.get(id)?.outcome()) })
             })
             .collect();
         StateSnapshot {
@@ -116,16 +122,7 @@ impl StateMachine {
         uint64::encode(1, &applied_index, &mut buf);
         for id in &self.request_order {
             if let Some(rec) = self.requests.get(id) {
-                let outcome = match rec {
-                    Recorded::Worker(w) => request_record::Outcome::WorkerId(w.clone()),
-                    Recorded::Dataset(name, version) => request_record::Outcome::Dataset(DatasetVersion { name: name.clone(), version: *version }),
-                    Recorded::Job(j) => request_record::Outcome::JobId(*j),
-                    Recorded::Member(m) => request_record::Outcome::MemberId(*m),
-                    Recorded::Model(m) => request_record::Outcome::Model(m.clone()),
-                    Recorded::Template(t) => request_record::Outcome::TemplateId(*t),
-                    Recorded::Nothing => request_record::Outcome::Nothing(true),
-                };
-                message::encode(2, &RequestRecord { request_id: id.clone(), outcome: Some(outcome) }, &mut buf);
+                message::encode(2, &RequestRecord { request_id: id.clone(), outcome: Some(rec.outcome()) }, &mut buf);
             }
         }
         for w in self.workers.values() {

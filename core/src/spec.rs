@@ -550,12 +550,17 @@ impl JobSpec {
             Some(n) => {
                 let (new, old) = (n.max(a)..b, a..n.min(b));
                 let old_len = old.end.saturating_sub(old.start);
-                let replay = ((self.dataset.replay.unwrap_or(0.0) * new.end.saturating_sub(new.start) as f64).round() as u64).min(old_len);
+                let replay = self.replayed(new.end.saturating_sub(new.start), old_len);
                 let pick = crate::rng::epoch_permutation(old_len as usize, self.training.seed, REPLAY_TAG);
                 new.chain(pick[..replay as usize].iter().map(|&i| old.start + i as u64)).collect()
             }
             None => (a..b).collect(),
         }
+    }
+
+    /// Older records replayed beside `new` new ones, out of `old`.
+    fn replayed(&self, new: u64, old: u64) -> u64 {
+        ((self.dataset.replay.unwrap_or(0.0) * new as f64).round() as u64).min(old)
     }
 
     /// How many records `train_indices` holds (without building it).
@@ -564,7 +569,7 @@ impl JobSpec {
         match new_from.filter(|_| self.only_new()) {
             Some(n) => {
                 let (new, old) = (b.saturating_sub(n.max(a)), n.min(b).saturating_sub(a));
-                new + ((self.dataset.replay.unwrap_or(0.0) * new as f64).round() as u64).min(old)
+                new + self.replayed(new, old)
             }
             None => b - a,
         }

@@ -739,6 +739,42 @@ impl Lanes {
     ) -> Result<(f32, Instant), WorkerError> {
         let np = grads.len();
         let my_nodes = self.nodes[self.my_nodes.clone()].to_vec();
+        // One rank (the whole tree) or two halves (one node each): the node goes straight into
+        // `grads` and a plain all-reduce sums it. Otherwise every node has a place in the
+        // exchange, filled with -0.0, the identity of IEEE addition (x + -0.0 == x, even for
+        // x = +0.0): the all-reduce sums each node with zeros only, so every node arrives exact.
+        let mut exchange = std::mem::take(&mut self.exchange);
+        exchange.fill(-0.0);
+        let computed = {
+            let mut outs: Vec<&mut [f32]> = if exchange.is_empty() {
+                vec![&mut *grads]
+            } else {
+                exchange[self.my_nodes.start * np..self.my_nodes.end * np].chunks_mut(np).collect()
+            };
+            self.my_node_gradients(net, params, ds, batch, &my_nodes, &mut outs, slots)
+        };
+        let exchange_started = Instant::now();
+        let reduced = computed.and_then(|loss| if exchange.is_empty() { ring.all_reduce(grads) } else { ring.all_reduce(&mut exchange) }.map(|()| loss));
+        self.exchange = exchange;
+        let loss = reduced?;
+        if !self.exchange.is_empty() {
+            self.combine(0, self.k, grads);
+        }
+        Ok((loss, exchange_started))
+    }
+
+    /// This rank's tree nodes `nodes` into `outs`; returns its lanes' loss.
+    #[allow(clippy::too_many_arguments)]
+    fn my_node_gradients(
+        &mut self,
+        net: &mut Net,
+        params: &mut [f32],
+        ds: &ShardedDataset,
+        batch: &[u64],
+        nodes: &[Range<usize>],
+        outs: &mut [&mut [f32]],
+        slots: &mut [f32],
+    ) -> Result<f32, WorkerError> {
         if net.is_mlp() {
             // One pass over all of this rank's lanes, on kernels whose lanes do not interact.
             let per = batch.len() / self.k;
@@ -746,52 +782,14 @@ impl Lanes {
             read_batch(ds, records.iter().copied(), &mut self.xs, &mut self.ys)?;
             count_into(slots, records);
             let scale = per as f32 / batch.len() as f32;
-            let mut exchange = std::mem::take(&mut self.exchange);
-            let computed = if exchange.is_empty() {
-                net.mlp_lanes(params, &self.xs, &self.ys, per, scale, self.mine.start, &my_nodes, &mut [&mut *grads])
-            } else {
-                exchange.fill(-0.0);
-                let mut outs: Vec<&mut [f32]> = exchange[self.my_nodes.start * np..self.my_nodes.end * np].chunks_mut(np).collect();
-                net.mlp_lanes(params, &self.xs, &self.ys, per, scale, self.mine.start, &my_nodes, &mut outs)
-            };
-            let exchange_started = Instant::now();
-            let reduced = computed.and_then(|loss| if exchange.is_empty() { ring.all_reduce(grads) } else { ring.all_reduce(&mut exchange) }.map(|()| loss));
-            self.exchange = exchange;
-            let loss = reduced?;
-            if !self.exchange.is_empty() {
-                self.combine(0, self.k, grads);
-            }
-            return Ok((loss, exchange_started));
+            return net.mlp_lanes(params, &self.xs, &self.ys, per, scale, self.mine.start, nodes, outs);
         }
+        // gemm's order depends on the shapes: each lane in a call of its own.
         let mut loss = 0.0;
-        if self.exchange.is_empty() {
-            // One rank (the whole tree) or two halves (one node each).
-            let n = &my_nodes[0];
-            loss += self.node(n.start, n.end, net, params, ds, batch, grads, slots)?;
-            let exchange_started = Instant::now();
-            ring.all_reduce(grads)?;
-            return Ok((loss, exchange_started));
+        for (n, out) in nodes.iter().zip(outs.iter_mut()) {
+            loss += self.node(n.start, n.end, net, params, ds, batch, out, slots)?;
         }
-        // -0.0 is the identity of IEEE addition (x + -0.0 == x, even for x = +0.0): the
-        // all-reduce sums each node with zeros only, so every node arrives exact.
-        let mut exchange = std::mem::take(&mut self.exchange);
-        exchange.fill(-0.0);
-        let mut computed = Ok(());
-        for (i, n) in self.my_nodes.clone().zip(&my_nodes) {
-            match self.node(n.start, n.end, net, params, ds, batch, &mut exchange[i * np..(i + 1) * np], slots) {
-                Ok(l) => loss += l,
-                Err(e) => {
-                    computed = Err(e);
-                    break;
-                }
-            }
-        }
-        let exchange_started = Instant::now();
-        let reduced = computed.and_then(|()| ring.all_reduce(&mut exchange));
-        self.exchange = exchange;
-        reduced?;
-        self.combine(0, self.k, grads);
-        Ok((loss, exchange_started))
+        Ok(loss)
     }
 
     /// One optimizer step with lanes: the gradients, the control slots, then the update
