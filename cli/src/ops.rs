@@ -33,6 +33,14 @@ pub struct Source<'a> {
     pub range: Option<(usize, usize)>,
 }
 
+/// A source file mapped, not read: copying a large table costs about as much as parsing it.
+/// The file must not be truncated while it is imported.
+fn map_file(path: &PathBuf) -> Result<memmap2::Mmap> {
+    let opened = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    // SAFETY: the map is only read, and dropped before the import returns.
+    unsafe { memmap2::Mmap::map(&opened) }.with_context(|| format!("reading {}", path.display()))
+}
+
 /// Imports files as dataset `name` (version 1; `append`: a new slice on its latest version).
 pub async fn import_idx(client: &Client, name: &str, src: &Source<'_>, per_shard: Option<usize>, append: bool) -> Result<DatasetInfo> {
     shoal_core::dataset::validate_name(name)?;
@@ -68,15 +76,16 @@ pub async fn import_idx(client: &Client, name: &str, src: &Source<'_>, per_shard
     }
     let read = |f: &PathBuf| std::fs::read(f).with_context(|| format!("reading {}", f.display()));
     let (mut records, class_names) = if format == "npy" {
-        let arrays = files.iter().map(|f| read(f).map(|b| (f.display().to_string(), b))).collect::<Result<Vec<_>>>()?;
-        (shoal_core::dataset::records_from_npy(arrays)?, Vec::new())
+        let maps = files.iter().map(map_file).collect::<Result<Vec<_>>>()?;
+        let arrays: Vec<(String, &[u8])> = files.iter().zip(&maps).map(|(f, m)| (f.display().to_string(), &m[..])).collect();
+        (shoal_core::dataset::records_from_npy(&arrays)?, Vec::new())
     } else if format == "safetensors" {
         let [file] = files else { bail!("safetensors: pass one file (tensors x: features, y: labels)") };
         (shoal_core::dataset::records_from_safetensors(&file.display().to_string(), &read(file)?)?, Vec::new())
     } else if format == "csv" {
         let [file] = files else { bail!("CSV: pass one file (it holds the features and the label column)") };
         let label = src.label.context("CSV: name the label column with --label COL")?;
-        let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let text = map_file(file)?;
         let known = base.as_ref().map(|b| b.class_names.clone()).unwrap_or_default();
         shoal_core::dataset::records_from_csv(&file.display().to_string(), &text, label, &known)?
     } else {
@@ -92,14 +101,6 @@ pub async fn import_idx(client: &Client, name: &str, src: &Source<'_>, per_shard
         records = records.select(start, end)?;
     }
     let classes = (records.classes() as usize).max(class_names.len());
-    let stats = match &base {
-        Some(base) => {
-            let ranges = base.slices.first().and_then(|s| s.stats.as_ref()).map(shoal_core::stats::ranges);
-            let fits = ranges.as_ref().is_none_or(|r| r.len() == records.feature_shape.iter().product::<usize>());
-            shoal_core::stats::slice_stats(&records, ranges.as_deref().filter(|_| fits), (base.classes as usize).max(classes))
-        }
-        None => shoal_core::stats::slice_stats(&records, None, classes),
-    };
     let store = store_dir(client).await?;
     let request_id = shoal_coordinator::client::new_request_id();
     let folder = import_dir(name, &request_id)?;
@@ -107,7 +108,19 @@ pub async fn import_idx(client: &Client, name: &str, src: &Source<'_>, per_shard
     // thousands of files, each written and fsynced on its own.
     let record_bytes = records.feature_shape.iter().product::<usize>() * if records.dtype() == "u8" { 1 } else { 4 } + 8;
     let per_shard = per_shard.unwrap_or_else(|| DEFAULT_RECORDS_PER_SHARD.max(DEFAULT_RECORDS_PER_SHARD * 784 / record_bytes.max(1)));
-    let info = match write_shards(&store, name, &folder, &records, per_shard.max(1)) {
+    // The statistics are computed while the shards are written (and wait on fsync).
+    let (stats, written) = rayon::join(
+        || match &base {
+            Some(base) => {
+                let ranges = base.slices.first().and_then(|s| s.stats.as_ref()).map(shoal_core::stats::ranges);
+                let fits = ranges.as_ref().is_none_or(|r| r.len() == records.feature_shape.iter().product::<usize>());
+                shoal_core::stats::slice_stats(&records, ranges.as_deref().filter(|_| fits), (base.classes as usize).max(classes))
+            }
+            None => shoal_core::stats::slice_stats(&records, None, classes),
+        },
+        || write_shards(&store, name, &folder, &records, per_shard.max(1)),
+    );
+    let info = match written {
         Ok(mut info) => {
             info.append = append;
             if !class_names.is_empty() {

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::{Dtype, TensorView};
 use shoal_proto::{DatasetInfo, DatasetManifest, Message, ShardInfo};
 
+pub use crate::csv::records_from_csv;
 use crate::fsutil::write_atomic;
 use crate::idx::{IdxArray, IdxData};
 use crate::{CoreError, Result};
@@ -117,86 +118,15 @@ impl Records {
     }
 }
 
-/// Reads a CSV table (`name` for messages): a header row, the label column `label` (integer
-/// class ids, or strings mapped to class ids), every other column a numeric feature (an empty
-/// cell is missing: NaN). String labels take their ids from `known` (the dataset's classes)
-/// and, for names not in it, after them in sorted order. Returns the records (f32 features of
-/// shape [columns - 1]) and the class names (empty for integer labels).
-pub fn records_from_csv(name: &str, text: &str, label: &str, known: &[String]) -> Result<(Records, Vec<String>)> {
-    let bad = |msg: String| CoreError::Dataset(format!("{name}: {msg}"));
-    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
-    let (_, header) = lines.next().ok_or_else(|| bad("no header row".into()))?;
-    let columns: Vec<&str> = header.split(',').map(|c| c.trim().trim_matches('"')).collect();
-    let at = columns.iter().position(|c| *c == label).ok_or_else(|| bad(format!("no column {label:?} for the label (columns: {})", columns.join(", "))))?;
-    if columns.len() < 2 {
-        return Err(bad("needs a label column and at least one feature column".into()));
-    }
-    // Lines in blocks parsed in parallel, then joined in order.
-    use rayon::prelude::*;
-    let lines: Vec<(usize, &str)> = lines.collect();
-    let blocks: Vec<(Vec<f32>, Vec<&str>)> = lines
-        .par_chunks(16 * 1024)
-        .map(|block| {
-            let (mut features, mut labels) = (Vec::with_capacity(block.len() * (columns.len() - 1)), Vec::with_capacity(block.len()));
-            for &(i, line) in block {
-                let mut cells = 0;
-                for (j, cell) in line.split(',').enumerate() {
-                    cells += 1;
-                    if j >= columns.len() {
-                        continue;
-                    }
-                    let cell = cell.trim().trim_matches('"');
-                    if j == at {
-                        labels.push(cell);
-                    } else if cell.is_empty() {
-                        features.push(f32::NAN);
-                    } else {
-                        let v: f32 = cell.parse().map_err(|_| bad(format!("line {}: column {:?} holds {cell:?}, not a number", i + 1, columns[j])))?;
-                        features.push(v);
-                    }
-                }
-                if cells != columns.len() {
-                    return Err(bad(format!("line {}: {cells} cells, the header has {}", i + 1, columns.len())));
-                }
-            }
-            Ok((features, labels))
-        })
-        .collect::<Result<_>>()?;
-    let (mut features, mut raw_labels) = (Vec::with_capacity(lines.len() * (columns.len() - 1)), Vec::with_capacity(lines.len()));
-    for (f, l) in blocks {
-        features.extend(f);
-        raw_labels.extend(l);
-    }
-    if raw_labels.is_empty() {
-        return Err(bad("no records".into()));
-    }
-    let integers: Option<Vec<i64>> = raw_labels.iter().map(|l| l.parse::<i64>().ok().filter(|&v| (0..1_000_000).contains(&v))).collect();
-    let (labels, names) = match integers {
-        Some(ids) if known.is_empty() => (ids, Vec::new()),
-        _ => {
-            let mut names: Vec<String> = known.to_vec();
-            let mut new: Vec<&str> = raw_labels.iter().copied().filter(|l| !known.iter().any(|k| k == l)).collect();
-            new.sort_unstable();
-            new.dedup();
-            names.extend(new.into_iter().map(String::from));
-            let index: HashMap<&str, i64> = names.iter().enumerate().map(|(i, n)| (n.as_str(), i as i64)).collect();
-            let ids = raw_labels.iter().map(|l| index[l]).collect();
-            (ids, names)
-        }
-    };
-    let records = Records { features: IdxData::F32(features), feature_shape: vec![columns.len() - 1], labels };
-    Ok((records, names))
-}
-
-/// One NumPy `.npy` array: its shape and values (as f64, whatever the stored type), and
-/// whether the stored type was `u8`.
-struct NpyArray {
+/// An array read from a `.npy` or safetensors file: its shape, element type (`u1`, `f4`, `f8`,
+/// `i4` or `i8`) and little-endian data, borrowed.
+struct RawArray<'a> {
     shape: Vec<usize>,
-    values: Vec<f64>,
-    u8: bool,
+    descr: &'static str,
+    data: &'a [u8],
 }
 
-fn parse_npy(name: &str, bytes: &[u8]) -> Result<NpyArray> {
+fn parse_npy<'a>(name: &str, bytes: &'a [u8]) -> Result<RawArray<'a>> {
     let bad = |msg: String| CoreError::Dataset(format!("{name}: {msg}"));
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         return Err(bad("not a NumPy .npy file".into()));
@@ -220,47 +150,64 @@ fn parse_npy(name: &str, bytes: &[u8]) -> Result<NpyArray> {
     let shape = shape_text.split(',').map(str::trim).filter(|t| !t.is_empty()).map(|t| t.parse::<usize>()).collect::<std::result::Result<Vec<_>, _>>().map_err(|_| bad(format!("shape ({shape_text}) does not parse")))?;
     let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| bad("shape too large".into()))?;
     let data = &bytes[start + len..];
-    let (width, read): (usize, fn(&[u8]) -> f64) = match descr {
-        "|u1" | "<u1" => (1, |b| b[0] as f64),
-        "<f4" => (4, |b| f32::from_le_bytes(b.try_into().expect("4 bytes")) as f64),
-        "<f8" => (8, |b| f64::from_le_bytes(b.try_into().expect("8 bytes"))),
-        "<i4" => (4, |b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as f64),
-        "<i8" => (8, |b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as f64),
+    let (descr, width) = match descr {
+        "|u1" | "<u1" => ("u1", 1),
+        "<f4" => ("f4", 4),
+        "<f8" => ("f8", 8),
+        "<i4" => ("i4", 4),
+        "<i8" => ("i8", 8),
         other => return Err(bad(format!("dtype {other:?} is not supported (u1, f4, f8, i4 or i8, little-endian)"))),
     };
-    if data.len() < count * width {
-        return Err(bad(format!("holds {} bytes of data, its shape needs {}", data.len(), count * width)));
+    let needed = count.checked_mul(width).ok_or_else(|| bad("shape too large".into()))?;
+    if data.len() < needed {
+        return Err(bad(format!("holds {} bytes of data, its shape needs {needed}", data.len())));
     }
-    let values = data[..count * width].chunks_exact(width).map(read).collect();
-    Ok(NpyArray { shape, values, u8: width == 1 })
+    Ok(RawArray { shape, descr, data: &data[..needed] })
 }
 
-/// Labels as class ids (non-negative integers).
-fn class_ids(name: &str, values: &[f64]) -> Result<Vec<i64>> {
-    values
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| {
-            if v >= 0.0 && v.fract() == 0.0 && v < 1e6 {
-                Ok(v as i64)
-            } else {
-                Err(CoreError::Dataset(format!("{name}: label {i} is {v}, not a class index")))
-            }
-        })
-        .collect()
-}
+impl RawArray<'_> {
+    /// The values as f64 (for checks; features convert straight to their own type).
+    fn values_f64(&self) -> Vec<f64> {
+        let d = self.data;
+        match self.descr {
+            "u1" => d.iter().map(|&b| b as f64).collect(),
+            "f4" => d.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")) as f64).collect(),
+            "f8" => d.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))).collect(),
+            "i4" => d.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as f64).collect(),
+            _ => d.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as f64).collect(),
+        }
+    }
 
-fn features(values: Vec<f64>, u8: bool) -> IdxData {
-    if u8 {
-        IdxData::U8(values.into_iter().map(|v| v as u8).collect())
-    } else {
-        IdxData::F32(values.into_iter().map(|v| v as f32).collect())
+    /// Features: u8 stays u8, every other type becomes f32.
+    fn features(&self) -> IdxData {
+        let d = self.data;
+        match self.descr {
+            "u1" => IdxData::U8(d.to_vec()),
+            "f4" => IdxData::F32(d.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect()),
+            _ => IdxData::F32(self.values_f64().into_iter().map(|v| v as f32).collect()),
+        }
+    }
+
+    /// Labels as class ids (non-negative integers below a million).
+    fn class_ids(&self, name: &str) -> Result<Vec<i64>> {
+        let bad = |i: usize, v: &dyn std::fmt::Display| CoreError::Dataset(format!("{name}: label {i} is {v}, not a class index"));
+        if self.descr == "i8" {
+            return self.data.chunks_exact(8).enumerate().map(|(i, b)| {
+                let v = i64::from_le_bytes(b.try_into().expect("8 bytes"));
+                if (0..1_000_000).contains(&v) { Ok(v) } else { Err(bad(i, &v)) }
+            }).collect();
+        }
+        self.values_f64()
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| if v >= 0.0 && v.fract() == 0.0 && v < 1e6 { Ok(v as i64) } else { Err(bad(i, &v)) })
+            .collect()
     }
 }
 
 /// Reads two NumPy `.npy` files (given as (name, bytes)): the features (2+ dimensions, u8 or
 /// float) and the labels (1 dimension, integers).
-pub fn records_from_npy(files: Vec<(String, Vec<u8>)>) -> Result<Records> {
+pub fn records_from_npy(files: &[(String, &[u8])]) -> Result<Records> {
     let mut arrays = files.iter().map(|(n, b)| parse_npy(n, b).map(|a| (n.clone(), a))).collect::<Result<Vec<_>>>()?;
     let at = arrays.iter().position(|(_, a)| a.shape.len() >= 2);
     let (Some(at), 2) = (at, arrays.len()) else {
@@ -271,7 +218,7 @@ pub fn records_from_npy(files: Vec<(String, Vec<u8>)>) -> Result<Records> {
     if l.shape.len() != 1 || l.shape[0] != f.shape[0] {
         return Err(CoreError::Dataset(format!("{lname} (shape {:?}) is not one label per record of {fname} (shape {:?})", l.shape, f.shape)));
     }
-    Ok(Records { features: features(f.values, f.u8), feature_shape: f.shape[1..].to_vec(), labels: class_ids(&lname, &l.values)? })
+    Ok(Records { features: f.features(), feature_shape: f.shape[1..].to_vec(), labels: l.class_ids(&lname)? })
 }
 
 /// Reads a safetensors file with tensors `x` (features: records first, u8 or float) and `y`
@@ -281,23 +228,21 @@ pub fn records_from_safetensors(name: &str, bytes: &[u8]) -> Result<Records> {
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
     let get = |t: &str| st.tensor(t).map_err(|_| bad(format!("no tensor {t:?} (it needs x: features, y: labels)")));
     let (x, y) = (get("x")?, get("y")?);
-    let values = |v: &safetensors::tensor::TensorView| -> Result<(Vec<f64>, bool)> {
-        let d = v.data();
-        Ok(match v.dtype() {
-            Dtype::U8 => (d.iter().map(|&b| b as f64).collect(), true),
-            Dtype::F32 => (d.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")) as f64).collect(), false),
-            Dtype::F64 => (d.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))).collect(), false),
-            Dtype::I32 => (d.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as f64).collect(), false),
-            Dtype::I64 => (d.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as f64).collect(), false),
+    fn raw<'a>(v: &TensorView<'a>, bad: impl Fn(String) -> CoreError) -> Result<RawArray<'a>> {
+        let descr = match v.dtype() {
+            Dtype::U8 => "u1",
+            Dtype::F32 => "f4",
+            Dtype::F64 => "f8",
+            Dtype::I32 => "i4",
+            Dtype::I64 => "i8",
             other => return Err(bad(format!("dtype {other:?} is not supported (u8, f32, f64, i32 or i64)"))),
-        })
-    };
+        };
+        Ok(RawArray { shape: v.shape().to_vec(), descr, data: v.data() })
+    }
     if x.shape().len() < 2 || y.shape() != [x.shape()[0]] {
         return Err(bad(format!("x has shape {:?} and y {:?}: x needs records first and 1+ feature dimensions, y one label per record", x.shape(), y.shape())));
     }
-    let (xv, u8) = values(&x)?;
-    let (yv, _) = values(&y)?;
-    Ok(Records { features: features(xv, u8), feature_shape: x.shape()[1..].to_vec(), labels: class_ids(&format!("{name}: y"), &yv)? })
+    Ok(Records { features: raw(&x, bad)?.features(), feature_shape: x.shape()[1..].to_vec(), labels: raw(&y, bad)?.class_ids(&format!("{name}: y"))? })
 }
 
 /// A slice's digest: blake3 over its shards' blake3 hashes, in order.
@@ -328,36 +273,42 @@ pub fn write_shards(store: &Path, name: &str, rel_dir: &Path, records: &Records,
     let dir = store.join(rel_dir);
     crate::fsutil::create_dirs_durably(&dir).map_err(|e| CoreError::io(&dir, e))?;
     let feat_len: usize = records.feature_shape.iter().product();
-    let mut shards = Vec::new();
     let n = records.len();
-    for (i, start) in (0..n).step_by(per_shard).enumerate() {
-        let end = (start + per_shard).min(n);
-        let count = end - start;
-        let (x_bytes, x_dtype): (Vec<u8>, Dtype) = match &records.features {
-            IdxData::U8(v) => (v[start * feat_len..end * feat_len].to_vec(), Dtype::U8),
-            IdxData::F32(v) => {
-                let part = &v[start * feat_len..end * feat_len];
-                let bytes = if cfg!(target_endian = "little") { bytemuck::cast_slice(part).to_vec() } else { part.iter().flat_map(|f| f.to_le_bytes()).collect() };
-                (bytes, Dtype::F32)
-            }
-        };
-        let y_bytes: Vec<u8> = records.labels[start..end].iter().flat_map(|l| l.to_le_bytes()).collect();
-        let mut x_shape = vec![count];
-        x_shape.extend_from_slice(&records.feature_shape);
-        let tensors = [
-            ("x", TensorView::new(x_dtype, x_shape, &x_bytes).map_err(|e| CoreError::Dataset(e.to_string()))?),
-            ("y", TensorView::new(Dtype::I64, vec![count], &y_bytes).map_err(|e| CoreError::Dataset(e.to_string()))?),
-        ];
-        let bytes = safetensors::serialize(tensors, None).map_err(|e| CoreError::Dataset(e.to_string()))?;
-        let rel = rel_dir.join(format!("shard-{i:05}.safetensors"));
-        write_atomic(&store.join(&rel), &bytes)?;
-        shards.push(ShardInfo {
-            path: rel.to_string_lossy().into_owned(),
-            records: count as u64,
-            blake3: blake3::hash(&bytes).to_hex().to_string(),
-            bytes: bytes.len() as u64,
-        });
-    }
+    // Shards are serialized, hashed and written (each fsynced) in parallel: the fsyncs overlap.
+    use rayon::prelude::*;
+    let starts: Vec<usize> = (0..n).step_by(per_shard).collect();
+    let shards = starts
+        .par_iter()
+        .enumerate()
+        .map(|(i, &start)| {
+            let end = (start + per_shard).min(n);
+            let count = end - start;
+            let (x_bytes, x_dtype): (std::borrow::Cow<[u8]>, Dtype) = match &records.features {
+                IdxData::U8(v) => (v[start * feat_len..end * feat_len].into(), Dtype::U8),
+                IdxData::F32(v) => {
+                    let part = &v[start * feat_len..end * feat_len];
+                    let bytes = if cfg!(target_endian = "little") { bytemuck::cast_slice(part).into() } else { part.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>().into() };
+                    (bytes, Dtype::F32)
+                }
+            };
+            let y_bytes: Vec<u8> = records.labels[start..end].iter().flat_map(|l| l.to_le_bytes()).collect();
+            let mut x_shape = vec![count];
+            x_shape.extend_from_slice(&records.feature_shape);
+            let tensors = [
+                ("x", TensorView::new(x_dtype, x_shape, &x_bytes).map_err(|e| CoreError::Dataset(e.to_string()))?),
+                ("y", TensorView::new(Dtype::I64, vec![count], &y_bytes).map_err(|e| CoreError::Dataset(e.to_string()))?),
+            ];
+            let bytes = safetensors::serialize(tensors, None).map_err(|e| CoreError::Dataset(e.to_string()))?;
+            let rel = rel_dir.join(format!("shard-{i:05}.safetensors"));
+            write_atomic(&store.join(&rel), &bytes)?;
+            Ok(ShardInfo {
+                path: rel.to_string_lossy().into_owned(),
+                records: count as u64,
+                blake3: blake3::hash(&bytes).to_hex().to_string(),
+                bytes: bytes.len() as u64,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     Ok(DatasetInfo {
         name: name.to_string(),
         version: 0,
@@ -480,25 +431,6 @@ mod tests {
         assert!(e.contains("3 records") && e.contains("has 4"), "{e}");
     }
 
-    #[test]
-    fn csv_reads_numbers_and_maps_string_labels() {
-        let text = "a,species,b\n1.5,virginica,2\n0.5,setosa,\n3,virginica,4\n";
-        let (r, names) = records_from_csv("t.csv", text, "species", &[]).unwrap();
-        assert_eq!(names, ["setosa", "virginica"]);
-        assert_eq!((r.labels.clone(), r.feature_shape.clone(), r.dtype()), (vec![1, 0, 1], vec![2], "f32"));
-        let IdxData::F32(f) = &r.features else { panic!() };
-        assert_eq!((f[0], f[1], f[2], f[3].is_nan()), (1.5, 2.0, 0.5, true));
-        // Appended with the dataset's names: a new one comes after them.
-        let (r, names) = records_from_csv("u.csv", "a,species,b\n1,iris-x,2\n1,setosa,2\n", "species", &["setosa".into(), "virginica".into()]).unwrap();
-        assert_eq!((names.len(), r.labels.clone()), (3, vec![2, 0]));
-        let (r, names) = records_from_csv("i.csv", "x,y\n1,0\n2,3\n", "y", &[]).unwrap();
-        assert_eq!((names.len(), r.labels.clone()), (0, vec![0, 3]));
-        for (text, want) in [("a,b\n1,2\n", "no column \"species\""), ("a,species\n1,x,3\n", "3 cells"), ("a,species\nfoo,x\n", "\"foo\", not a number")] {
-            let e = records_from_csv("bad.csv", text, "species", &[]).unwrap_err().to_string();
-            assert!(e.contains(want) && e.contains("bad.csv"), "{e}");
-        }
-    }
-
     fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
         let header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({shape}), }}");
         let mut b = b"\x93NUMPY\x01\x00".to_vec();
@@ -512,15 +444,15 @@ mod tests {
     fn npy_and_safetensors_read_like_idx() {
         let x: Vec<u8> = (0..12).collect();
         let y: Vec<u8> = [1i64, 0, 2].iter().flat_map(|v| v.to_le_bytes()).collect();
-        let r = records_from_npy(vec![("y.npy".into(), npy("<i8", "3,", &y)), ("x.npy".into(), npy("|u1", "3, 2, 2", &x))]).unwrap();
+        let r = records_from_npy(&[("y.npy".into(), &npy("<i8", "3,", &y)), ("x.npy".into(), &npy("|u1", "3, 2, 2", &x))]).unwrap();
         assert_eq!((r.feature_shape.clone(), r.labels.clone(), r.dtype()), (vec![2, 2], vec![1, 0, 2], "u8"));
         let xf: Vec<u8> = [0.5f32, 1.5, 2.5].iter().flat_map(|v| v.to_le_bytes()).collect();
-        let r = records_from_npy(vec![("x.npy".into(), npy("<f4", "3, 1", &xf)), ("y.npy".into(), npy("<i8", "3,", &y))]).unwrap();
+        let r = records_from_npy(&[("x.npy".into(), &npy("<f4", "3, 1", &xf)), ("y.npy".into(), &npy("<i8", "3,", &y))]).unwrap();
         let IdxData::F32(f) = &r.features else { panic!() };
         assert_eq!(f, &[0.5, 1.5, 2.5]);
-        let e = records_from_npy(vec![("x.npy".into(), npy("<c8", "3, 1", &xf)), ("y.npy".into(), npy("<i8", "3,", &y))]).err().unwrap().to_string();
+        let e = records_from_npy(&[("x.npy".into(), &npy("<c8", "3, 1", &xf)), ("y.npy".into(), &npy("<i8", "3,", &y))]).err().unwrap().to_string();
         assert!(e.contains("x.npy") && e.contains("<c8"), "{e}");
-        let e = records_from_npy(vec![("x.npy".into(), b"not numpy".to_vec())]).err().unwrap().to_string();
+        let e = records_from_npy(&[("x.npy".into(), b"not numpy")]).err().unwrap().to_string();
         assert!(e.contains("not a NumPy"), "{e}");
 
         let tensors = [

@@ -4,6 +4,7 @@
 //! No network IO lives here.
 
 pub mod checkpoint;
+pub mod csv;
 pub mod dataset;
 pub mod failpoint;
 pub mod fsutil;

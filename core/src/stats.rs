@@ -20,29 +20,18 @@ fn bin(v: f64, lo: f64, hi: f64) -> usize {
     (((v - lo) / (hi - lo) * BINS as f64) as usize).min(BINS - 1)
 }
 
+/// Rows per parallel block of the statistics: fixed, so the sums (added block by block, in
+/// order) have the same bits on any number of threads.
+const STATS_BLOCK_ROWS: usize = 64 * 1024;
+
 /// Statistics of `records`. Feature histograms use `ranges` (per feature: the dataset's first
 /// slice's [lo, hi]) or, for a first slice, its own.
 pub fn slice_stats(records: &Records, ranges: Option<&[(f64, f64)]>, classes: usize) -> SliceStats {
     let f: usize = records.feature_shape.iter().product();
-    let n = records.len();
-    // Row by row (the records' own order, so memory is read once per pass), per feature.
-    let mut features: Vec<FeatureStats> = (0..f).map(|_| FeatureStats { min: f64::INFINITY, max: f64::NEG_INFINITY, ..Default::default() }).collect();
-    let each = |visit: &mut dyn FnMut(usize, f64)| match &records.features {
-        IdxData::U8(v) => v[..n * f].iter().enumerate().for_each(|(i, &x)| visit(i % f, x as f64)),
-        IdxData::F32(v) => v[..n * f].iter().enumerate().for_each(|(i, &x)| visit(i % f, x as f64)),
+    let mut features = match &records.features {
+        IdxData::U8(v) => moments(&v[..records.len() * f], f),
+        IdxData::F32(v) => moments(&v[..records.len() * f], f),
     };
-    each(&mut |j, v| {
-        let s = &mut features[j];
-        if v.is_nan() {
-            s.missing += 1;
-            return;
-        }
-        s.count += 1;
-        s.sum += v;
-        s.sum_sq += v * v;
-        s.min = s.min.min(v);
-        s.max = s.max.max(v);
-    });
     for (j, s) in features.iter_mut().enumerate() {
         if s.count == 0 {
             (s.min, s.max) = (0.0, 0.0);
@@ -51,19 +40,89 @@ pub fn slice_stats(records: &Records, ranges: Option<&[(f64, f64)]>, classes: us
             Some(r) => r[j],
             None => (s.min, s.max),
         };
-        s.bins = vec![0; BINS];
     }
-    each(&mut |j, v| {
-        if !v.is_nan() {
-            let s = &mut features[j];
-            s.bins[bin(v, s.lo, s.hi)] += 1;
-        }
-    });
+    let bins = match &records.features {
+        IdxData::U8(v) => histograms(&v[..records.len() * f], &features),
+        IdxData::F32(v) => histograms(&v[..records.len() * f], &features),
+    };
+    for (s, b) in features.iter_mut().zip(bins) {
+        s.bins = b;
+    }
     let mut label_counts = vec![0u64; classes.max(records.classes() as usize)];
     for &y in &records.labels {
         label_counts[y as usize] += 1;
     }
     SliceStats { features, label_counts }
+}
+
+/// Per feature of rows of `f` values: count, missing, sum, sum of squares, min and max.
+fn moments<T: Copy + Into<f64> + Sync>(values: &[T], f: usize) -> Vec<FeatureStats> {
+    use rayon::prelude::*;
+    let empty = || (0..f).map(|_| FeatureStats { min: f64::INFINITY, max: f64::NEG_INFINITY, ..Default::default() }).collect::<Vec<_>>();
+    let blocks: Vec<Vec<FeatureStats>> = values
+        .par_chunks(STATS_BLOCK_ROWS * f.max(1))
+        .map(|block| {
+            let mut acc = empty();
+            for row in block.chunks_exact(f.max(1)) {
+                for (s, &x) in acc.iter_mut().zip(row) {
+                    let v: f64 = x.into();
+                    if v.is_nan() {
+                        s.missing += 1;
+                        continue;
+                    }
+                    s.count += 1;
+                    s.sum += v;
+                    s.sum_sq += v * v;
+                    s.min = s.min.min(v);
+                    s.max = s.max.max(v);
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut total = empty();
+    for block in blocks {
+        for (a, b) in total.iter_mut().zip(block) {
+            a.count += b.count;
+            a.missing += b.missing;
+            a.sum += b.sum;
+            a.sum_sq += b.sum_sq;
+            a.min = a.min.min(b.min);
+            a.max = a.max.max(b.max);
+        }
+    }
+    total
+}
+
+/// Per feature: its `BINS` counts over the feature's [lo, hi].
+fn histograms<T: Copy + Into<f64> + Sync>(values: &[T], features: &[FeatureStats]) -> Vec<Vec<u64>> {
+    use rayon::prelude::*;
+    let f = features.len().max(1);
+    values
+        .par_chunks(STATS_BLOCK_ROWS * f)
+        .map(|block| {
+            let mut bins = vec![[0u64; BINS]; features.len()];
+            for row in block.chunks_exact(f) {
+                for ((b, s), &x) in bins.iter_mut().zip(features).zip(row) {
+                    let v: f64 = x.into();
+                    if !v.is_nan() {
+                        b[bin(v, s.lo, s.hi)] += 1;
+                    }
+                }
+            }
+            bins
+        })
+        .reduce(|| vec![[0u64; BINS]; features.len()], |mut a, b| {
+            for (x, y) in a.iter_mut().zip(b) {
+                for (p, q) in x.iter_mut().zip(y) {
+                    *p += q;
+                }
+            }
+            a
+        })
+        .into_iter()
+        .map(|b| b.to_vec())
+        .collect()
 }
 
 /// Per-feature bin ranges of a first slice.
