@@ -897,6 +897,14 @@ fn parse_record_range(s: &str) -> Result<(usize, usize), String> {
 fn print_job(j: &JobInfo) {
     let v = ops::job_json(j);
     println!("job {} ({})", j.id, j.name);
+    if j.batch.is_some() {
+        for k in ["state", "operator", "tasks_total", "tasks_done", "tasks_failed", "records_out", "attempts_failed", "accuracy", "model", "output_dataset", "output_version", "error"] {
+            if !v[k].is_null() {
+                println!("  {k}: {}", v[k]);
+            }
+        }
+        return;
+    }
     for k in [
         "state",
         "generation",

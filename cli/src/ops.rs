@@ -162,7 +162,6 @@ pub async fn import_idx(client: &Client, name: &str, src: &Source<'_>, per_shard
     }
 }
 
-
 /// Per-feature statistics (mean, std, min, max, missing) and the label histogram.
 fn stats_json(s: &SliceStats) -> Value {
     json!({
@@ -202,7 +201,10 @@ pub fn dataset_json(d: &DatasetInfo) -> Value {
             "stats": s.stats.as_ref().map(stats_json).unwrap_or(Value::Null),
             "label_js": s.label_js, "feature_js": s.feature_js, "feature_js_at": s.feature_js_at,
             "drift": if s.drift.is_empty() { Value::Null } else { json!(s.drift) },
+            // Written by a batch job: its lineage.
+            "lineage": if s.batch_job > 0 { json!({"job": s.batch_job, "operator": s.operator, "input": s.input, "model": if s.model.is_empty() { Value::Null } else { json!(s.model) }}) } else { Value::Null },
         })).collect::<Vec<_>>(),
+        "transform": d.transform.as_ref().map(transform_json).unwrap_or(Value::Null),
         "shards": d.shards.iter().map(|s| json!({"path": s.path, "records": s.records, "blake3": s.blake3, "bytes": s.bytes})).collect::<Vec<_>>(),
     })
 }
@@ -264,11 +266,63 @@ pub fn template_json(t: &JobTemplate) -> Value {
     })
 }
 
+/// A batch job's counters: (tasks in all phases, done, failed, records out, records read).
+pub fn batch_counts(b: &shoal_proto::BatchState) -> (u64, u64, u64, u64, u64) {
+    let n = b.tasks.len() as u64;
+    let phases = if b.operator == "transform" { 2 } else { 1 };
+    let done: Vec<&shoal_proto::BatchTask> = b.tasks.iter().filter(|t| t.state == "done").collect();
+    let failed = b.tasks.iter().filter(|t| t.state == "failed").count() as u64;
+    let read = done.iter().map(|t| t.end - t.start).sum::<u64>() + b.phase as u64 * b.tasks.iter().map(|t| t.end - t.start).sum::<u64>();
+    (n * phases, b.phase as u64 * n + done.len() as u64, failed, done.iter().map(|t| t.records_out).sum(), read)
+}
+
+pub fn batch_json(j: &JobInfo) -> Value {
+    let nonempty = |s: &str| if s.is_empty() { Value::Null } else { json!(s) };
+    let b = j.batch.clone().unwrap_or_default();
+    let (total, done, failed, out, _) = batch_counts(&b);
+    let stats = |s: &Option<shoal_proto::SliceStats>| s.as_ref().map(stats_json).unwrap_or(Value::Null);
+    json!({
+        "id": j.id,
+        "name": j.name,
+        "kind": "batch",
+        "state": j.state().label(),
+        "operator": b.operator,
+        "dataset": j.dataset_name,
+        "dataset_version": j.dataset_version,
+        "tasks_total": total,
+        "tasks_done": done,
+        "tasks_failed": failed,
+        "records_out": out,
+        "attempts_failed": b.attempts_failed,
+        "workers": j.workers,
+        "output_dataset": nonempty(&b.output_dataset),
+        "output_version": if b.output_version > 0 { json!(b.output_version) } else { Value::Null },
+        "accuracy": if b.accuracy >= 0.0 { json!(b.accuracy) } else { Value::Null },
+        "model": nonempty(&b.model),
+        "transform": b.transform.as_ref().map(transform_json).unwrap_or(Value::Null),
+        "stats": stats(&b.stats),
+        "error": nonempty(&j.error),
+        "tasks": b.tasks.iter().map(|t| json!({
+            "index": t.index, "records": [t.start, t.end], "state": t.state, "attempts": t.attempts,
+            "running": t.running.iter().map(|a| json!({"attempt": a.attempt, "worker": a.worker_id, "speculative": a.speculative})).collect::<Vec<_>>(),
+            "records_out": t.records_out, "elapsed_ms": t.elapsed_ms, "output": t.output.as_ref().map(|o| json!(o.path)).unwrap_or(Value::Null),
+            "error": nonempty(&t.error),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub fn transform_json(t: &shoal_proto::TransformInfo) -> Value {
+    json!({"method": t.method, "shift": t.shift, "scale": t.scale, "fitted_on": t.fitted_on})
+}
+
 pub fn job_json(j: &JobInfo) -> Value {
+    if shoal_coordinator::state::is_batch(j) {
+        return batch_json(j);
+    }
     let p = j.progress.clone().unwrap_or_default();
     let last = j.checkpoints.last();
     let nonempty = |s: &str| if s.is_empty() { Value::Null } else { json!(s) };
-    json!({
+    let mut v = json!({
         "id": j.id,
         "name": j.name,
         "state": j.state().label(),
@@ -320,7 +374,9 @@ pub fn job_json(j: &JobInfo) -> Value {
             _ => Value::Null,
         },
         "results": j.results.iter().map(|r| json!({"rank": r.rank, "worker_id": r.worker_id, "param_blake3": r.param_blake3, "model_path": r.model_path})).collect::<Vec<_>>(),
-    })
+    });
+    v["kind"] = json!("train");
+    v
 }
 
 pub fn checkpoint_json(m: &CheckpointManifest) -> Value {
@@ -387,7 +443,11 @@ pub async fn submit(client: &Client, spec_path: &Path) -> Result<JobInfo> {
 
 pub async fn submit_text(client: &Client, text: &str) -> Result<JobInfo> {
     // Validate locally first: the same check the coordinator makes, without a round trip.
-    shoal_core::JobSpec::parse(text)?;
+    if shoal_core::batch::is_batch(text)? {
+        shoal_core::batch::BatchSpec::parse(text)?;
+    } else {
+        shoal_core::JobSpec::parse(text)?;
+    }
     let t = text.to_string();
     let request_id = shoal_coordinator::client::new_request_id();
     Ok(client
@@ -416,8 +476,31 @@ pub async fn follow(client: &Client, id: u64, show: bool) -> Result<JobInfo> {
             .progress_chars("=> "),
     );
     let mut changes_shown = 0;
+    // Batch jobs: records read per second since the first task finished (this client's clock).
+    let mut rate_from: Option<(std::time::Instant, u64)> = None;
     loop {
         let j = get_job(client, id).await?;
+        if let Some(b) = j.batch.as_ref() {
+            let (total, done, failed, out, read) = batch_counts(b);
+            let rate = match rate_from {
+                Some((t, r0)) if read > r0 => (read - r0) as f64 / t.elapsed().as_secs_f64().max(1e-3),
+                _ => 0.0,
+            };
+            if rate_from.is_none() && read > 0 {
+                rate_from = Some((std::time::Instant::now(), read));
+            }
+            bar.set_prefix(format!("job {} {}", j.id, j.state().label()));
+            let failed = if failed + b.attempts_failed > 0 { format!(" ({} attempts failed)", b.attempts_failed) } else { String::new() };
+            bar.set_message(format!("tasks {done}/{total} {} {out} records out {rate:.0} records/s{failed}", b.operator));
+            bar.set_length(total);
+            bar.set_position(done);
+            if j.state().is_terminal() {
+                bar.finish();
+                return Ok(j);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
         for m in j.membership.iter().skip(changes_shown) {
             // The first generation is the start, not a change.
             if m.generation > 1 || m.cause != "start" {

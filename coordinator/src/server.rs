@@ -492,6 +492,15 @@ fn leader_duties(core: &mut Core, shared: &Shared, new_leader: bool, recent: &mu
             let last_step = vol.progress.get(&job_id).filter(|(g, _, _)| *g + 1 == generation).map(|(_, p, _)| p.step).unwrap_or(0);
             proposals.push((format!("place/{job_id}/{generation}"), command::Kind::JobAssigned(JobAssigned { job_id, generation, workers, last_step })));
         }
+        // Batch attempts on the workers still idle (not on those just placed for training).
+        let placed: Vec<String> = proposals.iter().filter_map(|(_, k)| if let command::Kind::JobAssigned(a) = k { Some(a.workers.clone()) } else { None }).flatten().collect();
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        if placed.is_empty() {
+            for t in state.next_batch_starts(fresh, now_ms) {
+                let attempts = state.job(t.job_id).and_then(|j| j.batch.as_ref()).and_then(|b| b.tasks.get(t.task as usize)).map(|x| x.attempts).unwrap_or(0);
+                proposals.push((format!("task/{}/{}/{attempts}/{}", t.job_id, t.task, t.speculative), command::Kind::TaskStarted(t)));
+            }
+        }
         for (job_id, (generation, progress, flushed)) in vol.progress.iter_mut() {
             let due = flushed.map(|t| now.duration_since(t) >= PROGRESS_FLUSH).unwrap_or(true);
             let running = state.job(*job_id).map(|j| j.state() == JobState::Running && j.generation == *generation).unwrap_or(false);
@@ -744,7 +753,7 @@ impl Coordinator for Api {
         let r = r.into_inner();
         let ds = r.dataset.ok_or_else(|| final_status(tonic::Code::InvalidArgument, "no dataset in request"))?;
         match self.propose(command::Kind::RegisterDataset(ds), r.request_id).await? {
-            ApplyOutput::Dataset(d) => Ok(Response::new(d)),
+            ApplyOutput::Dataset(d) => Ok(Response::new(*d)),
             other => Err(Status::internal(format!("unexpected apply output {other:?}"))),
         }
     }
@@ -753,7 +762,7 @@ impl Coordinator for Api {
         let r = r.into_inner();
         let request_id = r.request_id.clone();
         match self.propose(command::Kind::SetDatasetSettings(r), request_id).await? {
-            ApplyOutput::Dataset(d) => Ok(Response::new(d)),
+            ApplyOutput::Dataset(d) => Ok(Response::new(*d)),
             other => Err(Status::internal(format!("unexpected apply output {other:?}"))),
         }
     }
@@ -809,7 +818,15 @@ impl Coordinator for Api {
         self.linearize().await?;
         // Check here first for a fast, clear error; apply checks again against the state
         // at its index.
-        if let Err(e) = self.0.state.read().expect("state lock").check_submission(&spec_toml) {
+        let checked = {
+            let state = self.0.state.read().expect("state lock");
+            match shoal_core::batch::is_batch(&spec_toml) {
+                Ok(true) => state.check_batch(&spec_toml).map(|_| ()),
+                Ok(false) => state.check_submission(&spec_toml).map(|_| ()),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        if let Err(e) = checked {
             return Err(final_status(tonic::Code::InvalidArgument, e));
         }
         Ok(Response::new(expect_job(self.propose(command::Kind::SubmitJob(spec_toml), request_id).await?)?))
@@ -905,6 +922,14 @@ impl Coordinator for Api {
             let api = self.clone();
             tokio::spawn(async move { api.probe_job_workers(job, generation, &reporter).await });
         }
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn report_task(&self, r: Request<shoal_proto::TaskReport>) -> Result<Response<Ack>, Status> {
+        let mut r = r.into_inner();
+        // The leader stamps the time into the entry, so every replica applies the same value.
+        r.reported_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        self.propose(command::Kind::TaskReported(r), String::new()).await?;
         Ok(Response::new(Ack {}))
     }
 

@@ -4,6 +4,9 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+mod batch;
+pub use batch::is_batch;
+
 use shoal_core::{dataset, JobSpec};
 use shoal_proto::{
     command, request_record, Assignment, Command, DatasetInfo, DatasetSlice, DatasetVersion, JobInfo, JobProgress, JobState, JobTemplate, MembershipChange, ModelAlias,
@@ -17,7 +20,7 @@ pub enum ApplyOutput {
     /// A coordinator replica joined, changed role or left.
     Member(u64),
     WorkerId(String),
-    Dataset(DatasetInfo),
+    Dataset(Box<DatasetInfo>),
     Job(Box<JobInfo>),
     Model(Box<ModelInfo>),
     Template(Box<JobTemplate>),
@@ -275,7 +278,7 @@ impl StateMachine {
     fn replay(&self, rec: &Recorded) -> ApplyOutput {
         match rec {
             Recorded::Worker(id) => ApplyOutput::WorkerId(id.clone()),
-            Recorded::Dataset(name, v) => self.dataset(name, *v).cloned().map(ApplyOutput::Dataset).unwrap_or(ApplyOutput::None),
+            Recorded::Dataset(name, v) => self.dataset(name, *v).cloned().map(|d| ApplyOutput::Dataset(Box::new(d))).unwrap_or(ApplyOutput::None),
             Recorded::Job(id) => self.jobs.get(id).map(|j| ApplyOutput::Job(Box::new(j.clone()))).unwrap_or(ApplyOutput::None),
             Recorded::Member(id) => ApplyOutput::Member(*id),
             Recorded::Model(name) => self.models.get(name).map(|m| ApplyOutput::Model(Box::new(m.clone()))).unwrap_or(ApplyOutput::None),
@@ -312,8 +315,8 @@ impl StateMachine {
                 );
                 // A new worker can join a running job below its maximum right away (its state
                 // comes from a peer), unless a queued job is waiting for a worker.
-                let waiting = self.jobs.values().any(|j| j.state() == JobState::Queued);
-                let grow = self.jobs.values().find(|j| j.state() == JobState::Running && (j.workers.len() as u32) < pool_range(j).1).map(|j| (j.id, j.workers.len()));
+                let waiting = self.jobs.values().any(|j| j.state() == JobState::Queued && !is_batch(j));
+                let grow = self.jobs.values().find(|j| j.state() == JobState::Running && !is_batch(j) && (j.workers.len() as u32) < pool_range(j).1).map(|j| (j.id, j.workers.len()));
                 if let (false, Some((job, size))) = (waiting, grow) {
                     self.requeue(job, format!("worker {id} can join the {size} running"), "joined");
                 }
@@ -327,138 +330,17 @@ impl StateMachine {
                 let job = w.job_id;
                 w.state = WorkerState::Lost as i32;
                 w.job_id = 0;
-                if job != 0 {
-                    let how = if lost.cause.is_empty() { "was lost (missed heartbeats)".to_string() } else { lost.cause.clone() };
+                let how = if lost.cause.is_empty() { "was lost (missed heartbeats)".to_string() } else { lost.cause.clone() };
+                if self.jobs.get(&job).is_some_and(is_batch) {
+                    self.batch_worker_gone(job, &lost.worker_id, &how);
+                } else if job != 0 {
                     // A worker that deregistered says "stopped ..."; anything else was lost.
                     let kind = if lost.cause.starts_with("stopped") { "removed" } else { "lost" };
                     self.requeue(job, format!("worker {} {how}", lost.worker_id), kind);
                 }
                 Ok(ApplyOutput::None)
             }
-            command::Kind::RegisterDataset(mut info) => {
-                dataset::validate_name(&info.name).map_err(|e| e.to_string())?;
-                let latest = self.dataset(&info.name, 0);
-                let next = latest.map(|d| d.version).unwrap_or(0) + 1;
-                // Version 0 asks for the next one: the version, and whether the name exists,
-                // are decided here, in log order, not by an importer that read "the latest"
-                // from some replica.
-                if info.version == 0 {
-                    info.version = next;
-                } else if info.version != next {
-                    return Err(format!("dataset {} version {} cannot be registered: the next version is {next}", info.name, info.version));
-                }
-                match (info.append, latest) {
-                    (false, Some(d)) => {
-                        return Err(format!(
-                            "dataset {} exists (version {}): add records to it as a new slice with `shoal data append {} FILES...`",
-                            info.name, d.version, info.name
-                        ))
-                    }
-                    (true, None) => return Err(format!("dataset {} does not exist: create it with `shoal data import {} FILES...`", info.name, info.name)),
-                    _ => {}
-                }
-                if info.shards.is_empty() || info.records == 0 {
-                    return Err(format!("dataset {} has no records", info.name));
-                }
-                let feature_len = info.feature_shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
-                if info.feature_shape.is_empty() || info.feature_shape.contains(&0) || info.classes == 0 || feature_len.is_none_or(|n| n > MAX_FEATURES) {
-                    return Err(format!("dataset {}: feature shape {:?} and {} classes are not usable", info.name, info.feature_shape, info.classes));
-                }
-                // The new shards must live in one folder of their own under datasets/<name>/ (no
-                // `..`, no absolute paths), a folder no other slice uses: an import or append can
-                // only ever touch its own files.
-                let root = std::path::Path::new("datasets").join(&info.name);
-                for shard in &info.shards {
-                    let p = std::path::Path::new(&shard.path);
-                    let plain = p.components().all(|c| matches!(c, std::path::Component::Normal(_)));
-                    if !(plain && p.starts_with(&root) && p.components().count() == 4) {
-                        return Err(format!("dataset {}: shard path {:?} is not a file in a folder of {}", info.name, shard.path, root.display()));
-                    }
-                }
-                let folder = dataset::shard_folder(&info).ok_or_else(|| format!("dataset {}: shards must all be in one folder", info.name))?.to_path_buf();
-                let used = self.datasets.get(&info.name).into_iter().flatten().find(|d| d.shards.iter().any(|s| std::path::Path::new(&s.path).parent() == Some(&*folder)));
-                if let Some(other) = used {
-                    return Err(format!("dataset {}: folder {} already holds version {}", info.name, folder.display(), other.version));
-                }
-                let sum = info.shards.iter().try_fold(0u64, |a, s| a.checked_add(s.records));
-                if sum != Some(info.records) {
-                    return Err(format!("dataset {}: shards hold {sum:?} records, manifest says {}", info.name, info.records));
-                }
-                let mut slice = info.slices.pop().unwrap_or_default();
-                slice.records = info.records;
-                slice.folder = folder.to_string_lossy().into_owned();
-                slice.blake3 = dataset::slice_digest(&info.shards);
-                let stored = match latest {
-                    None => {
-                        slice.first = 0;
-                        DatasetInfo { slices: vec![slice], append: false, created_index: index, ..info }
-                    }
-                    Some(base) => {
-                        // The schema: what every slice must match.
-                        if info.feature_shape != base.feature_shape {
-                            return Err(format!("dataset {}: the slice's features have shape {:?}; the dataset's are {:?}", info.name, info.feature_shape, base.feature_shape));
-                        }
-                        if !base.feature_dtype.is_empty() && info.feature_dtype != base.feature_dtype {
-                            return Err(format!("dataset {}: the slice's features are {}; the dataset's are {}", info.name, info.feature_dtype, base.feature_dtype));
-                        }
-                        if info.class_names.len() > base.class_names.len() && info.class_names.starts_with(&base.class_names) && !base.class_names.is_empty() {
-                            return Err(format!(
-                                "dataset {}: the slice has label {:?}, unknown to the dataset (classes: {})",
-                                info.name,
-                                info.class_names[base.class_names.len()],
-                                base.class_names.join(", ")
-                            ));
-                        }
-                        if !info.class_names.starts_with(&base.class_names) || (base.class_names.is_empty() && !info.class_names.is_empty()) {
-                            return Err(format!("dataset {}: the slice's labels are {}; the dataset's are {}", info.name, label_kind(&info.class_names), label_kind(&base.class_names)));
-                        }
-                        if info.classes > base.classes {
-                            return Err(format!(
-                                "dataset {}: the slice has label {}, unknown to the dataset (classes 0..{})",
-                                info.name,
-                                info.classes - 1,
-                                base.classes
-                            ));
-                        }
-                        Self::check_drift(&info.name, base, &mut slice)?;
-                        let records = base.records.checked_add(info.records).ok_or_else(|| format!("dataset {}: too many records", info.name))?;
-                        let mut slices = base.slices.clone();
-                        if slices.is_empty() {
-                            // A version from before slices: it is one.
-                            slices.push(DatasetSlice {
-                                first: 0,
-                                records: base.records,
-                                blake3: dataset::slice_digest(&base.shards),
-                                folder: dataset::shard_folder(base).map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
-                                ..Default::default()
-                            });
-                        }
-                        slice.first = base.records;
-                        slices.push(slice);
-                        let mut shards = base.shards.clone();
-                        shards.extend(info.shards);
-                        DatasetInfo {
-                            name: info.name,
-                            version: info.version,
-                            records,
-                            feature_shape: base.feature_shape.clone(),
-                            classes: base.classes,
-                            shards,
-                            created_index: index,
-                            slices,
-                            feature_dtype: base.feature_dtype.clone(),
-                            append: false,
-                            settings: base.settings.clone(),
-                            class_names: base.class_names.clone(),
-                        }
-                    }
-                };
-                self.datasets.entry(stored.name.clone()).or_default().push(stored.clone());
-                if stored.version > 1 {
-                    self.fire_templates(index, &stored.name, stored.version);
-                }
-                Ok(ApplyOutput::Dataset(stored))
-            }
+            command::Kind::RegisterDataset(info) => Ok(ApplyOutput::Dataset(Box::new(self.register_dataset(index, info)?))),
             command::Kind::SetDatasetSettings(r) => {
                 let latest = self.datasets.get_mut(&r.name).and_then(|v| v.last_mut()).ok_or_else(|| format!("dataset {} does not exist", r.name))?;
                 let mut settings = latest.settings.clone().unwrap_or_else(default_dataset_settings);
@@ -478,7 +360,7 @@ impl StateMachine {
                 // Settings are not data: they change on the latest version in place, and the
                 // versions appended after it inherit them.
                 latest.settings = Some(settings);
-                Ok(ApplyOutput::Dataset(latest.clone()))
+                Ok(ApplyOutput::Dataset(Box::new(latest.clone())))
             }
             command::Kind::RegisterModel(r) => {
                 let job = self.jobs.get(&r.job_id).ok_or_else(|| format!("there is no job {}", r.job_id))?.clone();
@@ -517,6 +399,8 @@ impl StateMachine {
                 self.templates.insert(id, t.clone());
                 Ok(ApplyOutput::Template(Box::new(t)))
             }
+            command::Kind::TaskStarted(t) => self.task_started(t),
+            command::Kind::TaskReported(r) => self.task_reported(index, r),
             command::Kind::SubmitJob(toml) => {
                 let job = self.submit(toml)?;
                 Ok(ApplyOutput::Job(Box::new(job)))
@@ -663,6 +547,9 @@ impl StateMachine {
             }
             command::Kind::ResumeJob(r) => {
                 let job = self.jobs.get_mut(&r.id).ok_or_else(|| format!("job {} does not exist", r.id))?;
+                if is_batch(job) {
+                    return Err(format!("job {} is a batch job: submit its spec again (its committed output, if any, is in place)", r.id));
+                }
                 match job.state() {
                     JobState::Failed | JobState::Cancelled => {}
                     JobState::Succeeded => return Err(format!("job {} already succeeded: there is nothing to resume", r.id)),
@@ -711,7 +598,7 @@ impl StateMachine {
                 // Grow toward max_workers at a checkpoint (nothing to redo), when a worker is
                 // idle and no queued job is waiting for one.
                 let idle = self.workers.values().any(|w| w.state() == WorkerState::Idle);
-                let waiting = self.jobs.values().any(|j| j.state() == JobState::Queued);
+                let waiting = self.jobs.values().any(|j| j.state() == JobState::Queued && !is_batch(j));
                 if size < max && step < total && idle && !waiting {
                     self.requeue(id, format!("a free worker can join the {size} running"), "joined");
                 }
@@ -726,6 +613,135 @@ impl StateMachine {
                 Ok(ApplyOutput::None)
             }
         }
+    }
+
+    /// Adds a dataset version (`info.append`: a slice on the latest version; else a new
+    /// dataset), checked against the state in log order.
+    fn register_dataset(&mut self, index: u64, mut info: DatasetInfo) -> Result<DatasetInfo, String> {
+        dataset::validate_name(&info.name).map_err(|e| e.to_string())?;
+        let latest = self.dataset(&info.name, 0);
+        let next = latest.map(|d| d.version).unwrap_or(0) + 1;
+        // Version 0 asks for the next one: the version, and whether the name exists,
+        // are decided here, in log order, not by an importer that read "the latest"
+        // from some replica.
+        if info.version == 0 {
+            info.version = next;
+        } else if info.version != next {
+            return Err(format!("dataset {} version {} cannot be registered: the next version is {next}", info.name, info.version));
+        }
+        match (info.append, latest) {
+            (false, Some(d)) => {
+                return Err(format!(
+                    "dataset {} exists (version {}): add records to it as a new slice with `shoal data append {} FILES...`",
+                    info.name, d.version, info.name
+                ))
+            }
+            (true, None) => return Err(format!("dataset {} does not exist: create it with `shoal data import {} FILES...`", info.name, info.name)),
+            _ => {}
+        }
+        if info.shards.is_empty() || info.records == 0 {
+            return Err(format!("dataset {} has no records", info.name));
+        }
+        let feature_len = info.feature_shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+        if info.feature_shape.is_empty() || info.feature_shape.contains(&0) || info.classes == 0 || feature_len.is_none_or(|n| n > MAX_FEATURES) {
+            return Err(format!("dataset {}: feature shape {:?} and {} classes are not usable", info.name, info.feature_shape, info.classes));
+        }
+        // The new shards must live in one folder of their own under datasets/<name>/ (no
+        // `..`, no absolute paths), a folder no other slice uses: an import or append can
+        // only ever touch its own files.
+        let root = std::path::Path::new("datasets").join(&info.name);
+        for shard in &info.shards {
+            let p = std::path::Path::new(&shard.path);
+            let plain = p.components().all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !(plain && p.starts_with(&root) && p.components().count() == 4) {
+                return Err(format!("dataset {}: shard path {:?} is not a file in a folder of {}", info.name, shard.path, root.display()));
+            }
+        }
+        let folder = dataset::shard_folder(&info).ok_or_else(|| format!("dataset {}: shards must all be in one folder", info.name))?.to_path_buf();
+        let used = self.datasets.get(&info.name).into_iter().flatten().find(|d| d.shards.iter().any(|s| std::path::Path::new(&s.path).parent() == Some(&*folder)));
+        if let Some(other) = used {
+            return Err(format!("dataset {}: folder {} already holds version {}", info.name, folder.display(), other.version));
+        }
+        let sum = info.shards.iter().try_fold(0u64, |a, s| a.checked_add(s.records));
+        if sum != Some(info.records) {
+            return Err(format!("dataset {}: shards hold {sum:?} records, manifest says {}", info.name, info.records));
+        }
+        let mut slice = info.slices.pop().unwrap_or_default();
+        slice.records = info.records;
+        slice.folder = folder.to_string_lossy().into_owned();
+        slice.blake3 = dataset::slice_digest(&info.shards);
+        let stored = match latest {
+            None => {
+                slice.first = 0;
+                DatasetInfo { slices: vec![slice], append: false, created_index: index, ..info }
+            }
+            Some(base) => {
+                // The schema: what every slice must match.
+                if info.feature_shape != base.feature_shape {
+                    return Err(format!("dataset {}: the slice's features have shape {:?}; the dataset's are {:?}", info.name, info.feature_shape, base.feature_shape));
+                }
+                if !base.feature_dtype.is_empty() && info.feature_dtype != base.feature_dtype {
+                    return Err(format!("dataset {}: the slice's features are {}; the dataset's are {}", info.name, info.feature_dtype, base.feature_dtype));
+                }
+                if info.class_names.len() > base.class_names.len() && info.class_names.starts_with(&base.class_names) && !base.class_names.is_empty() {
+                    return Err(format!(
+                        "dataset {}: the slice has label {:?}, unknown to the dataset (classes: {})",
+                        info.name,
+                        info.class_names[base.class_names.len()],
+                        base.class_names.join(", ")
+                    ));
+                }
+                if !info.class_names.starts_with(&base.class_names) || (base.class_names.is_empty() && !info.class_names.is_empty()) {
+                    return Err(format!("dataset {}: the slice's labels are {}; the dataset's are {}", info.name, label_kind(&info.class_names), label_kind(&base.class_names)));
+                }
+                if info.classes > base.classes {
+                    return Err(format!(
+                        "dataset {}: the slice has label {}, unknown to the dataset (classes 0..{})",
+                        info.name,
+                        info.classes - 1,
+                        base.classes
+                    ));
+                }
+                Self::check_drift(&info.name, base, &mut slice)?;
+                let records = base.records.checked_add(info.records).ok_or_else(|| format!("dataset {}: too many records", info.name))?;
+                let mut slices = base.slices.clone();
+                if slices.is_empty() {
+                    // A version from before slices: it is one.
+                    slices.push(DatasetSlice {
+                        first: 0,
+                        records: base.records,
+                        blake3: dataset::slice_digest(&base.shards),
+                        folder: dataset::shard_folder(base).map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+                        ..Default::default()
+                    });
+                }
+                slice.first = base.records;
+                slices.push(slice);
+                let mut shards = base.shards.clone();
+                shards.extend(info.shards);
+                DatasetInfo {
+                    name: info.name,
+                    version: info.version,
+                    records,
+                    feature_shape: base.feature_shape.clone(),
+                    classes: base.classes,
+                    shards,
+                    created_index: index,
+                    slices,
+                    feature_dtype: base.feature_dtype.clone(),
+                    append: false,
+                    settings: base.settings.clone(),
+                    class_names: base.class_names.clone(),
+                    // A transform job's append brings its own fit; other slices keep the one there is.
+                    transform: info.transform.or_else(|| base.transform.clone()),
+                }
+            }
+        };
+        self.datasets.entry(stored.name.clone()).or_default().push(stored.clone());
+        if stored.version > 1 {
+            self.fire_templates(index, &stored.name, stored.version);
+        }
+        Ok(stored)
     }
 
     /// Whether a job whose ranks all reported success really succeeded: they hold the same
@@ -798,7 +814,10 @@ impl StateMachine {
     /// drift beyond the dataset's thresholds is refused (`on_drift = "reject"`) or noted.
     fn check_drift(name: &str, base: &DatasetInfo, slice: &mut DatasetSlice) -> Result<(), String> {
         let (Some(new), Some(first)) = (slice.stats.as_ref(), base.slices.first().and_then(|s| s.stats.as_ref())) else { return Ok(()) };
-        if base.slices.iter().any(|s| s.stats.is_none()) {
+        // Slices without statistics, or without histograms (batch outputs: their tasks' bins
+        // do not add up), cannot be compared.
+        let unbinned = |s: &shoal_proto::SliceStats| s.features.iter().any(|f| f.bins.is_empty());
+        if base.slices.iter().any(|s| s.stats.as_ref().is_none_or(unbinned)) || unbinned(new) {
             return Ok(());
         }
         let same_bins = new.features.len() == first.features.len() && new.features.iter().zip(&first.features).all(|(a, b)| a.lo == b.lo && a.hi == b.hi);
@@ -832,6 +851,9 @@ impl StateMachine {
 
     /// Queues a job (its spec checked against the state as it is at this index).
     fn submit(&mut self, toml: String) -> Result<JobInfo, String> {
+        if shoal_core::batch::is_batch(&toml).map_err(|e| e.to_string())? {
+            return self.submit_batch(&toml);
+        }
         let (spec, ds) = self.check_submission(&toml)?;
         let dataset_version = ds.version;
         let holdout_version = match &spec.promote {
@@ -1117,6 +1139,9 @@ impl StateMachine {
         if job.state() != JobState::Running {
             return None;
         }
+        if is_batch(job) {
+            return self.batch_assignment(job, worker);
+        }
         let rank = job.workers.iter().position(|x| x == worker)?;
         // `[promote]`: the holdout records, and the alias's holder now (rank 0 scores both).
         let (mut holdout, mut holder, mut holder_version) = (None, None, 0);
@@ -1148,6 +1173,7 @@ impl StateMachine {
             holdout,
             holder,
             holder_version,
+            ..Default::default()
         })
     }
 
@@ -1158,7 +1184,7 @@ impl StateMachine {
     pub fn next_placement(&self, eligible: impl Fn(&str) -> bool) -> Option<(u64, u64, Vec<String>)> {
         let mut idle: Vec<&WorkerInfo> = self.workers.values().filter(|w| w.state() == WorkerState::Idle && eligible(&w.id)).collect();
         idle.sort_by_key(|w| (w.id.len(), w.id.clone()));
-        let job = self.jobs.values().find(|j| j.state() == JobState::Queued && pool_range(j).0 as usize <= idle.len())?;
+        let job = self.jobs.values().find(|j| j.state() == JobState::Queued && !is_batch(j) && pool_range(j).0 as usize <= idle.len())?;
         // As many as are idle, up to the job's maximum.
         let n = idle.len().min(pool_range(job).1 as usize);
         let chosen = idle[..n].iter().map(|w| w.id.clone()).collect();

@@ -48,6 +48,11 @@ pub fn value(name: &str) -> Option<u64> {
     find(armed(), name, None).and_then(|p| p.value)
 }
 
+/// The value armed for `name@step` (or for `name` at every step), if any.
+pub fn value_at(name: &str, step: u64) -> Option<u64> {
+    find(armed(), name, Some(step)).and_then(|p| p.value)
+}
+
 /// Ends this process at once, as a power cut or SIGKILL would: no destructors, no goodbyes.
 pub fn crash_if_hit(name: &str, step: u64) {
     if hit(name, step) {

@@ -10,6 +10,8 @@ use crate::{CoreError, Result};
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
     pub name: String,
+    /// `"train"` (the default); batch jobs are `shoal_core::batch::BatchSpec`.
+    pub kind: Option<String>,
     pub model: ModelSpec,
     pub dataset: DatasetRef,
     pub training: TrainingSpec,
@@ -336,6 +338,9 @@ impl JobSpec {
     pub fn validate(&self) -> Result<()> {
         if self.name.trim().is_empty() {
             return Err(bad("name", "must not be empty"));
+        }
+        if self.kind.as_deref().is_some_and(|k| k != "train") {
+            return Err(bad("kind", format!("a training job is kind = \"train\" (batch jobs have [input], [operator] and [output]), got {:?}", self.kind.as_deref().unwrap_or_default())));
         }
         match self.model.kind.as_str() {
             "mlp" | "cnn" => {}

@@ -87,6 +87,34 @@ impl ShardedDataset {
     }
 }
 
+impl ShardedDataset {
+    /// Records [start, end) as stored (u8 features stay u8), for statistics and for handing
+    /// a shard's records to a user command.
+    pub fn raw_records(&self, start: u64, end: u64) -> Result<shoal_core::dataset::Records, WorkerError> {
+        use shoal_core::idx::IdxData;
+        if start > end || end > self.records {
+            return Err(WorkerError::Data(format!("records [{start}, {end}) are outside the {} records", self.records)));
+        }
+        let f = self.feature_len;
+        let (mut u8s, mut f32s, mut labels) = (Vec::new(), Vec::new(), Vec::with_capacity((end - start) as usize));
+        let mut i = start;
+        while i < end {
+            let shard = self.starts.partition_point(|&s| s <= i) - 1;
+            let v = self.view(shard);
+            let local = (i - self.starts[shard]) as usize;
+            let n = (v.records - local).min((end - i) as usize);
+            match v.x_dtype {
+                Dtype::U8 => u8s.extend_from_slice(&v.x[local * f..(local + n) * f]),
+                _ => f32s.extend(v.x[local * f * 4..(local + n) * f * 4].chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))),
+            }
+            labels.extend((local..local + n).map(|r| v.label(r)));
+            i += n as u64;
+        }
+        let features = if f32s.is_empty() && !u8s.is_empty() { IdxData::U8(u8s) } else { IdxData::F32(f32s) };
+        Ok(shoal_core::dataset::Records { features, feature_shape: self.feature_shape.clone(), labels })
+    }
+}
+
 fn open_shard(path: &Path, info: &ShardInfo, feature_shape: &[u64]) -> Result<MappedShard, WorkerError> {
     let file = std::fs::File::open(path).map_err(|e| WorkerError::Data(format!("{}: {e}", path.display())))?;
     // SAFETY: shards are written once (atomically) and never modified in place; the store

@@ -3,6 +3,7 @@
 //! training loop (`train`), checkpoints (`checkpoint`) and ring all-reduce with its peers over
 //! the data plane (`collective`).
 
+pub mod batch;
 pub mod checkpoint;
 pub mod collective;
 pub mod data;
@@ -42,6 +43,9 @@ pub enum WorkerError {
     Diverged(u64),
     #[error("internal error (a bug; please report it): {0}")]
     Panicked(String),
+    /// A batch task's own failure (a user command's exit code and stderr, its timeout).
+    #[error("{0}")]
+    Task(String),
     #[error("cancelled")]
     Cancelled,
 }

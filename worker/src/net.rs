@@ -318,6 +318,12 @@ impl Net {
         Ok(loss)
     }
 
+    /// The logits of `n` records (`x`: their features, flattened), `n` rows of `classes`.
+    pub fn logits(&mut self, params: &[f32], x: &[f32], n: usize) -> Result<&[f32], WorkerError> {
+        self.forward(params, x, n)?;
+        Ok(&self.bufs.acts[self.widths.len() - 1][..n * self.classes])
+    }
+
     /// How many of `labels` the model predicts (argmax of the logits, first on ties).
     pub fn correct(&mut self, params: &[f32], x: &[f32], labels: &[u32]) -> Result<u64, WorkerError> {
         let n = labels.len();

@@ -93,10 +93,15 @@ pub async fn run_worker(
     let mut last_contact = std::time::Instant::now();
     let mut ticker = tokio::time::interval(cfg.heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A batch task that reported heartbeats at once: its commit may have handed this worker
+    // the next task.
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let models = crate::batch::ModelCache::default();
     let mut last_learned = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
+            _ = wake.notified() => {}
             _ = stop_rx.changed() => break,
         }
         for r in stopping.iter().filter(|r| r.handle.is_finished()) {
@@ -188,6 +193,7 @@ pub async fn run_worker(
                 stopping.push(r);
             }
             match want {
+                Some(a) if a.task.is_some() => running = Some(start_batch_task(&cfg, &id, a, client.clone(), models.clone(), wake.clone())),
                 Some(a) if stopping.is_empty() => {
                     running = Some(start_task(&cfg, &id, a, mailbox.clone(), incoming.clone(), client.clone(), retained.clone()))
                 }
@@ -315,6 +321,55 @@ fn start_task(
             }
         };
         rt.block_on(report_outcome(&client, report, &cancel_flag));
+    });
+    Running { job, generation, cancel, handle }
+}
+
+/// Runs one attempt of a batch task and reports it; an output the coordinator refuses (the
+/// task was committed by another attempt) is removed.
+fn start_batch_task(cfg: &WorkerConfig, worker_id: &str, a: Assignment, client: Arc<Client>, models: crate::batch::ModelCache, wake: Arc<tokio::sync::Notify>) -> Running {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (job, generation) = (a.job_id, a.generation);
+    let task = a.task.as_ref().map(|t| t.index).unwrap_or_default();
+    tracing::info!(job, attempt = generation, task, "starting batch task");
+    let rt = tokio::runtime::Handle::current();
+    let (store, wid, cancel_flag) = (cfg.store_dir.clone(), worker_id.to_string(), cancel.clone());
+    let handle = tokio::task::spawn_blocking(move || {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| crate::batch::run_task(&store, &a, &models, &cancel_flag))).unwrap_or_else(|panic| {
+            let what = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+            Err(WorkerError::Panicked(what.unwrap_or_else(|| "unknown panic".into())))
+        });
+        let (report, file) = match outcome {
+            Err(_) if cancel_flag.load(Ordering::Relaxed) => return,
+            Ok(o) => (o.report, o.file),
+            Err(e) => {
+                tracing::warn!(job, attempt = generation, task, error = %e, "batch task failed");
+                (shoal_proto::TaskReport { job_id: job, attempt: generation, task, ok: false, error: e.to_string(), ..Default::default() }, None)
+            }
+        };
+        let report = shoal_proto::TaskReport { worker_id: wid, ..report };
+        let mut pause = Duration::from_millis(100);
+        loop {
+            if cancel_flag.load(Ordering::Relaxed) && file.is_none() {
+                return;
+            }
+            match rt.block_on(client.call(|mut c| { let r = report.clone(); async move { c.report_task(r).await } })) {
+                Ok(_) => break,
+                Err(ClientError::Rpc(s)) if s.code() == tonic::Code::FailedPrecondition => {
+                    tracing::info!(job, attempt = generation, task, reason = %s.message(), "output not committed; removing it");
+                    if let Some(f) = &file {
+                        let _ = std::fs::remove_file(f);
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "batch task report failed; retrying");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        wake.notify_one();
     });
     Running { job, generation, cancel, handle }
 }

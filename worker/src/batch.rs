@@ -1,0 +1,329 @@
+//! One attempt of a batch task: read the task's input records from their shard, run the
+//! operator (score, transform, stats, exec), write the output shard under the attempt's own
+//! name, and say what to commit. The coordinator decides whether it is committed (the first
+//! attempt of a task to report wins); a refused output is removed by the runner.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use safetensors::tensor::{Dtype, TensorView};
+use shoal_core::batch::{apply_transform, BatchSpec};
+use shoal_core::dataset::Records;
+use shoal_core::idx::IdxData;
+use shoal_core::JobSpec;
+use shoal_proto::{Assignment, DatasetInfo, ShardInfo, TaskReport};
+
+use crate::data::ShardedDataset;
+use crate::model::Model;
+use crate::net::Net;
+use crate::WorkerError;
+
+/// The last model a worker scored with, kept for the job's next tasks.
+#[derive(Clone, Default)]
+pub struct ModelCache(Arc<Mutex<Option<(String, Loaded)>>>);
+
+/// A model's layout and its parameters.
+type Loaded = Arc<(Model, Vec<f32>)>;
+
+impl ModelCache {
+    fn get(&self, store: &Path, a: &Assignment, input: &DatasetInfo) -> Result<Loaded, WorkerError> {
+        let m = a.init.as_ref().ok_or_else(|| WorkerError::Spec("score: the assignment names no model checkpoint".into()))?;
+        let key = format!("{}/{}", m.dir, m.step);
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((k, loaded)) = slot.as_ref() {
+            if *k == key {
+                return Ok(loaded.clone());
+            }
+        }
+        let spec = JobSpec::parse(&m.spec_toml).map_err(|e| WorkerError::Spec(format!("the model's training spec: {e}")))?;
+        let shape: Vec<usize> = input.feature_shape.iter().map(|&d| d as usize).collect();
+        let model = Model::new(&spec.model, &shape, a.model_classes as usize)?;
+        let mut params = vec![0f32; model.num_params()];
+        crate::checkpoint::warm_start(store, m, &model, &mut params).map_err(|e| WorkerError::Checkpoint(e.to_string()))?;
+        let loaded = Arc::new((model, params));
+        *slot = Some((key, loaded.clone()));
+        Ok(loaded)
+    }
+}
+
+/// What an attempt produced.
+pub struct TaskOutput {
+    pub report: TaskReport,
+    /// The output file (absolute), to remove if the commit is refused.
+    pub file: Option<PathBuf>,
+}
+
+/// Runs the attempt `a` (its generation is the attempt number).
+pub fn run_task(store: &Path, a: &Assignment, cache: &ModelCache, cancel: &AtomicBool) -> Result<TaskOutput, WorkerError> {
+    let started = Instant::now();
+    let spec = BatchSpec::parse(&a.spec_toml).map_err(|e| WorkerError::Spec(e.to_string()))?;
+    let task = a.task.as_ref().ok_or_else(|| WorkerError::Spec("a batch assignment without its task".into()))?;
+    let input = a.dataset.as_ref().ok_or_else(|| WorkerError::Spec("a batch assignment without its input dataset".into()))?;
+    let (sub, first) = shards_holding(input, task.start, task.end)?;
+    let ds = ShardedDataset::open(store, &sub)?;
+    let (lo, hi) = (task.start - first, task.end - first);
+    // Test fault points: every task slow, or one attempt (by number) a straggler.
+    if let Some(ms) = shoal_core::failpoint::value("batch_task_delay").or_else(|| shoal_core::failpoint::value_at("batch_slow_attempt", a.generation)) {
+        sleep_unless_cancelled(Duration::from_millis(ms), cancel)?;
+    }
+    let op = spec.operator.kind.as_str();
+    let mut report = TaskReport { job_id: a.job_id, attempt: a.generation, task: task.index, ok: true, ..Default::default() };
+    let records = match (op, task.phase) {
+        ("stats", _) => {
+            let raw = ds.raw_records(lo, hi)?;
+            let ranges = input.slices.first().and_then(|s| s.stats.as_ref()).map(shoal_core::stats::ranges);
+            let fits = ranges.as_ref().is_some_and(|r| r.len() == ds.feature_len);
+            report.stats = Some(shoal_core::stats::slice_stats(&raw, ranges.as_deref().filter(|_| fits), ds.classes));
+            report.records_out = raw.len() as u64;
+            None
+        }
+        ("transform", 0) => {
+            // Fitting: the statistics of the features as a model reads them.
+            let (x, y) = read_all(&ds, lo, hi, cancel)?;
+            let r = Records { features: IdxData::F32(x), feature_shape: ds.feature_shape.clone(), labels: y };
+            report.stats = Some(shoal_core::stats::slice_stats(&r, None, ds.classes));
+            report.records_out = r.len() as u64;
+            None
+        }
+        ("transform", _) => {
+            let t = a.transform.as_ref().ok_or_else(|| WorkerError::Spec("transform: the assignment holds no fitted transform".into()))?;
+            let (mut x, y) = read_all(&ds, lo, hi, cancel)?;
+            apply_transform(t, &mut x);
+            Some((Records { features: IdxData::F32(x), feature_shape: ds.feature_shape.clone(), labels: y }, None))
+        }
+        ("score", _) => {
+            let loaded = cache.get(store, a, input)?;
+            let (records, pred, correct) = score(&loaded.0, &loaded.1, &ds, lo, hi, a, spec.operator.batch_size.unwrap_or(1024) as usize, cancel)?;
+            report.correct = correct;
+            Some((records, Some(pred)))
+        }
+        ("exec", _) => {
+            let written = exec(store, a, &spec, &ds, lo, hi, cancel)?;
+            Some((written, None))
+        }
+        (other, _) => return Err(WorkerError::Spec(format!("unknown operator {other:?}"))),
+    };
+    let mut file = None;
+    if let Some((records, pred)) = records {
+        let (shard, path) = write_output(store, a, task.index, &records, pred.as_deref())?;
+        report.records_out = records.len() as u64;
+        report.feature_shape = records.feature_shape.iter().map(|&d| d as u64).collect();
+        report.feature_dtype = records.dtype().into();
+        report.classes = records.classes();
+        report.stats = Some(shoal_core::stats::slice_stats(&records, None, records.classes() as usize));
+        report.output = Some(shard);
+        file = Some(path);
+    }
+    report.elapsed_ms = started.elapsed().as_millis() as u64;
+    Ok(TaskOutput { report, file })
+}
+
+fn sleep_unless_cancelled(d: Duration, cancel: &AtomicBool) -> Result<(), WorkerError> {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(WorkerError::Cancelled);
+        }
+        std::thread::sleep(Duration::from_millis(10).min(until.saturating_duration_since(Instant::now())));
+    }
+    Ok(())
+}
+
+/// The input's shards that hold records [start, end), as a dataset of their own, and the
+/// index of its first record in the input.
+fn shards_holding(input: &DatasetInfo, start: u64, end: u64) -> Result<(DatasetInfo, u64), WorkerError> {
+    let (mut shards, mut at, mut first) = (Vec::new(), 0u64, None);
+    for s in &input.shards {
+        if at < end && at + s.records > start {
+            first.get_or_insert(at);
+            shards.push(s.clone());
+        }
+        at += s.records;
+    }
+    let first = first.ok_or_else(|| WorkerError::Data(format!("records [{start}, {end}) are outside {} v{}", input.name, input.version)))?;
+    let records = shards.iter().map(|s| s.records).sum();
+    Ok((DatasetInfo { shards, records, slices: Vec::new(), ..input.clone() }, first))
+}
+
+/// Features (as a model reads them) and labels of records [lo, hi).
+fn read_all(ds: &ShardedDataset, lo: u64, hi: u64, cancel: &AtomicBool) -> Result<(Vec<f32>, Vec<i64>), WorkerError> {
+    let (mut x, mut y) = (Vec::with_capacity((hi - lo) as usize * ds.feature_len), Vec::with_capacity((hi - lo) as usize));
+    let mut labels = Vec::new();
+    for (n, i) in (lo..hi).enumerate() {
+        if n % 4096 == 0 && cancel.load(Ordering::Relaxed) {
+            return Err(WorkerError::Cancelled);
+        }
+        ds.push_record(i, &mut x, &mut labels)?;
+    }
+    y.extend(labels.into_iter().map(i64::from));
+    Ok((x, y))
+}
+
+/// Class probabilities (softmax of the logits) and predicted classes (argmax, first on ties,
+/// as training's evaluation counts them) of records [lo, hi), in batches of `batch`.
+#[allow(clippy::too_many_arguments)]
+fn score(model: &Model, params: &[f32], ds: &ShardedDataset, lo: u64, hi: u64, a: &Assignment, batch: usize, cancel: &AtomicBool) -> Result<(Records, Vec<i64>, u64), WorkerError> {
+    let classes = model.classes;
+    let n = (hi - lo) as usize;
+    let mut net = Net::new(model);
+    let (mut probs, mut pred, mut labels) = (Vec::with_capacity(n * classes), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    let mut correct = 0;
+    let mut i = lo;
+    while i < hi {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(WorkerError::Cancelled);
+        }
+        let j = (i + batch.max(1) as u64).min(hi);
+        x.clear();
+        y.clear();
+        for r in i..j {
+            ds.push_record(r, &mut x, &mut y)?;
+        }
+        if let Some(t) = &a.transform {
+            apply_transform(t, &mut x);
+        }
+        let logits = net.logits(params, &x, (j - i) as usize)?;
+        for (row, &label) in logits.chunks_exact(classes).zip(&y) {
+            let best = (0..classes).fold(0, |b, k| if row[k] > row[b] { k } else { b });
+            let top = row[best];
+            let start = probs.len();
+            probs.extend(row.iter().map(|&l| (l - top).exp()));
+            let sum: f32 = probs[start..].iter().sum();
+            probs[start..].iter_mut().for_each(|p| *p /= sum);
+            pred.push(best as i64);
+            labels.push(i64::from(label));
+            correct += u64::from(best == label as usize);
+        }
+        i = j;
+    }
+    Ok((Records { features: IdxData::F32(probs), feature_shape: vec![classes], labels }, pred, correct))
+}
+
+/// The output shard's file for this attempt: `task-NNNNN-aA.safetensors` in the job's folder.
+fn output_path(store: &Path, a: &Assignment, task: u32) -> (String, PathBuf) {
+    let rel = format!("{}/task-{task:05}-a{}.safetensors", a.output_folder, a.generation);
+    let abs = store.join(&rel);
+    (rel, abs)
+}
+
+/// Writes the output shard (tensors `x`, `y` and, for scores, `pred`), atomically.
+fn write_output(store: &Path, a: &Assignment, task: u32, r: &Records, pred: Option<&[i64]>) -> Result<(ShardInfo, PathBuf), WorkerError> {
+    if a.output_folder.is_empty() {
+        return Err(WorkerError::Spec("the job has no output folder".into()));
+    }
+    let (rel, abs) = output_path(store, a, task);
+    let n = r.len();
+    let x_bytes: Vec<u8> = match &r.features {
+        IdxData::U8(v) => v.clone(),
+        IdxData::F32(v) => v.iter().flat_map(|f| f.to_le_bytes()).collect(),
+    };
+    let dtype = if r.dtype() == "u8" { Dtype::U8 } else { Dtype::F32 };
+    let y_bytes: Vec<u8> = r.labels.iter().flat_map(|l| l.to_le_bytes()).collect();
+    let p_bytes: Vec<u8> = pred.unwrap_or_default().iter().flat_map(|l| l.to_le_bytes()).collect();
+    let mut shape = vec![n];
+    shape.extend_from_slice(&r.feature_shape);
+    let bad = |e: safetensors::SafeTensorError| WorkerError::Data(e.to_string());
+    let mut tensors = vec![("x", TensorView::new(dtype, shape, &x_bytes).map_err(bad)?), ("y", TensorView::new(Dtype::I64, vec![n], &y_bytes).map_err(bad)?)];
+    if pred.is_some() {
+        tensors.push(("pred", TensorView::new(Dtype::I64, vec![n], &p_bytes).map_err(bad)?));
+    }
+    let bytes = safetensors::serialize(tensors, None).map_err(bad)?;
+    shoal_core::fsutil::write_atomic(&abs, &bytes).map_err(|e| WorkerError::Io(e.to_string()))?;
+    let shard = ShardInfo { path: rel, records: n as u64, blake3: blake3::hash(&bytes).to_hex().to_string(), bytes: bytes.len() as u64 };
+    Ok((shard, abs))
+}
+
+/// Most stderr kept from a user command (its tail is what a failure reports).
+const STDERR_TAIL: usize = 2048;
+
+/// Runs the user's command on records [lo, hi): `{input}` is a safetensors shard of them
+/// (the stored shard itself when the task is all of it), `{output}` the shard it must write.
+/// Returns the records it wrote.
+fn exec(store: &Path, a: &Assignment, spec: &BatchSpec, ds: &ShardedDataset, lo: u64, hi: u64, cancel: &AtomicBool) -> Result<Records, WorkerError> {
+    let task = a.task.as_ref().expect("checked by run_task");
+    let whole = lo == 0 && hi == ds.records && a.dataset.as_ref().is_some_and(|d| shards_holding(d, task.start, task.end).map(|(s, _)| s.shards.len() == 1).unwrap_or(false));
+    let scratch = std::env::temp_dir().join(format!("shoal-exec-{}-{}-{}", std::process::id(), a.job_id, a.generation));
+    std::fs::create_dir_all(&scratch).map_err(|e| WorkerError::Io(format!("{}: {e}", scratch.display())))?;
+    let result = (|| {
+        let input = if whole {
+            let (sub, _) = shards_holding(a.dataset.as_ref().expect("checked"), task.start, task.end)?;
+            store.join(&sub.shards[0].path)
+        } else {
+            let raw = ds.raw_records(lo, hi)?;
+            let path = scratch.join("input.safetensors");
+            let info = shoal_core::dataset::write_shards(&scratch, "input", Path::new("part"), &raw, raw.len().max(1)).map_err(|e| WorkerError::Io(e.to_string()))?;
+            std::fs::rename(scratch.join(&info.shards[0].path), &path).map_err(|e| WorkerError::Io(e.to_string()))?;
+            path
+        };
+        let output = scratch.join("output.safetensors");
+        let fill = |arg: &String| arg.replace("{input}", &input.display().to_string()).replace("{output}", &output.display().to_string());
+        let args: Vec<String> = spec.operator.command.as_deref().unwrap_or_default().iter().map(fill).collect();
+        run_command(&args, a, spec.timeout(), cancel)?;
+        let bytes = std::fs::read(&output).map_err(|e| WorkerError::Data(format!("the command exited 0 but wrote no output shard ({}): {e}", output.display())))?;
+        shoal_core::dataset::records_from_safetensors("the command's output shard", &bytes).map_err(|e| WorkerError::Data(e.to_string()))
+    })();
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+fn run_command(args: &[String], a: &Assignment, timeout: Duration, cancel: &AtomicBool) -> Result<(), WorkerError> {
+    use std::os::unix::process::CommandExt;
+    let mut child = std::process::Command::new(&args[0])
+        .args(&args[1..])
+        .env("SHOAL_JOB", a.job_id.to_string())
+        .env("SHOAL_TASK", a.task.as_ref().map(|t| t.index).unwrap_or_default().to_string())
+        .env("SHOAL_ATTEMPT", a.generation.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        // Its own process group, so a timeout kills whatever it started too.
+        .process_group(0)
+        .spawn()
+        .map_err(|e| WorkerError::Io(format!("starting {:?}: {e}", args[0])))?;
+    let mut stderr = child.stderr.take().expect("piped");
+    let tail = std::thread::spawn(move || {
+        let (mut kept, mut buf) = (Vec::new(), [0u8; 4096]);
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            kept.extend_from_slice(&buf[..n]);
+            if kept.len() > 2 * STDERR_TAIL {
+                kept.drain(..kept.len() - STDERR_TAIL);
+            }
+        }
+        let from = kept.len().saturating_sub(STDERR_TAIL);
+        String::from_utf8_lossy(&kept[from..]).trim().to_string()
+    });
+    let started = Instant::now();
+    let kill = |child: &mut std::process::Child| {
+        // SAFETY: kill(2) on the child's own process group (its pid, > 0, negated).
+        unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+        let _ = child.wait();
+    };
+    let status = loop {
+        match child.try_wait().map_err(|e| WorkerError::Io(e.to_string()))? {
+            Some(status) => break status,
+            None if cancel.load(Ordering::Relaxed) => {
+                kill(&mut child);
+                return Err(WorkerError::Cancelled);
+            }
+            None if started.elapsed() >= timeout => {
+                kill(&mut child);
+                let tail = tail.join().unwrap_or_default();
+                return Err(WorkerError::Task(format!("command {:?} timed out after {:.1} s and was killed; stderr: {tail}", args[0], timeout.as_secs_f64())));
+            }
+            None => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    let tail = tail.join().unwrap_or_default();
+    if !status.success() {
+        let code = status.code().map(|c| format!("exit code {c}")).unwrap_or_else(|| format!("{status}"));
+        return Err(WorkerError::Task(format!("command {:?} failed with {code}; stderr: {tail}", args[0])));
+    }
+    Ok(())
+}
