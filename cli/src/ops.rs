@@ -294,6 +294,11 @@ pub fn batch_json(j: &JobInfo) -> Value {
         "tasks_failed": failed,
         "records_out": out,
         "attempts_failed": b.attempts_failed,
+        // The leader's clock: first attempt started, last commit; and the records read per
+        // second between them.
+        "started": if b.started_unix_ms > 0 { json!(utc(b.started_unix_ms)) } else { Value::Null },
+        "finished": if b.finished_unix_ms > 0 && j.state() == JobState::Succeeded { json!(utc(b.finished_unix_ms)) } else { Value::Null },
+        "seconds": if b.finished_unix_ms > b.started_unix_ms && j.state() == JobState::Succeeded { json!((b.finished_unix_ms - b.started_unix_ms) as f64 / 1000.0) } else { Value::Null },
         "workers": j.workers,
         "output_dataset": nonempty(&b.output_dataset),
         "output_version": if b.output_version > 0 { json!(b.output_version) } else { Value::Null },
@@ -498,7 +503,8 @@ pub async fn follow(client: &Client, id: u64, show: bool) -> Result<JobInfo> {
                 bar.finish();
                 return Ok(j);
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // Batch jobs can be short: a coarse poll would be most of what a user waits.
+            tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         }
         for m in j.membership.iter().skip(changes_shown) {

@@ -925,12 +925,19 @@ impl Coordinator for Api {
         Ok(Response::new(Ack {}))
     }
 
-    async fn report_task(&self, r: Request<shoal_proto::TaskReport>) -> Result<Response<Ack>, Status> {
+    async fn report_task(&self, r: Request<shoal_proto::TaskReport>) -> Result<Response<shoal_proto::TaskReply>, Status> {
         let mut r = r.into_inner();
+        let worker = r.worker_id.clone();
         // The leader stamps the time into the entry, so every replica applies the same value.
         r.reported_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         self.propose(command::Kind::TaskReported(r), String::new()).await?;
-        Ok(Response::new(Ack {}))
+        // Applied here, so the state holds the commit: the worker's next task, if any. A report
+        // is a sign of life, like a heartbeat.
+        let state = self.0.state.read().expect("state lock");
+        let mut vol = self.0.volatile.lock().expect("volatile lock");
+        vol.last_seen.insert(worker.clone(), Instant::now());
+        vol.heard.insert(worker.clone());
+        Ok(Response::new(shoal_proto::TaskReply { next: state.assignment(&worker) }))
     }
 
     async fn resume_job(&self, r: Request<ResumeJobRequest>) -> Result<Response<JobInfo>, Status> {

@@ -186,22 +186,30 @@ fn score(model: &Model, params: &[f32], ds: &ShardedDataset, lo: u64, hi: u64, a
         if let Some(t) = &a.transform {
             apply_transform(t, &mut x);
         }
-        let logits = net.logits(params, &x, (j - i) as usize)?;
-        for (row, &label) in logits.chunks_exact(classes).zip(&y) {
-            let best = (0..classes).fold(0, |b, k| if row[k] > row[b] { k } else { b });
-            let top = row[best];
-            let start = probs.len();
-            probs.extend(row.iter().map(|&l| (l - top).exp()));
-            let sum: f32 = probs[start..].iter().sum();
-            probs[start..].iter_mut().for_each(|p| *p /= sum);
-            pred.push(best as i64);
-            labels.push(i64::from(label));
-            correct += u64::from(best == label as usize);
+        // The CNN's im2col buffers for a whole batch overflow the caches: it runs the batch in
+        // micro-batches (each image's results do not depend on its neighbours).
+        let micro = if net.is_mlp() { x.len() } else { CNN_MICRO_BATCH * model.input_shape.iter().product::<usize>() };
+        for (xs, ys) in x.chunks(micro.max(1)).zip(y.chunks(micro.max(1) / ds.feature_len.max(1))) {
+            let logits = net.logits(params, xs, ys.len())?;
+            for (row, &label) in logits.chunks_exact(classes).zip(ys) {
+                let best = (0..classes).fold(0, |b, k| if row[k] > row[b] { k } else { b });
+                let top = row[best];
+                let start = probs.len();
+                probs.extend(row.iter().map(|&l| (l - top).exp()));
+                let sum: f32 = probs[start..].iter().sum();
+                probs[start..].iter_mut().for_each(|p| *p /= sum);
+                pred.push(best as i64);
+                labels.push(i64::from(label));
+                correct += u64::from(best == label as usize);
+            }
         }
         i = j;
     }
     Ok((Records { features: IdxData::F32(probs), feature_shape: vec![classes], labels }, pred, correct))
 }
+
+/// Images per CNN forward pass when scoring (its im2col buffers then stay in L2).
+const CNN_MICRO_BATCH: usize = 32;
 
 /// The output shard's file for this attempt: `task-NNNNN-aA.safetensors` in the job's folder.
 fn output_path(store: &Path, a: &Assignment, task: u32) -> (String, PathBuf) {

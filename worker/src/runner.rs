@@ -96,12 +96,16 @@ pub async fn run_worker(
     // A batch task that reported heartbeats at once: its commit may have handed this worker
     // the next task.
     let wake = Arc::new(tokio::sync::Notify::new());
+    // ...or handed it the next task with its reply.
+    let (handed_tx, mut handed_rx) = tokio::sync::mpsc::unbounded_channel::<Assignment>();
+    let mut handed: Option<Assignment> = None;
     let models = crate::batch::ModelCache::default();
     let mut last_learned = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = wake.notified() => {}
+            Some(a) = handed_rx.recv() => handed = Some(a),
             _ = stop_rx.changed() => break,
         }
         for r in stopping.iter().filter(|r| r.handle.is_finished()) {
@@ -148,10 +152,15 @@ pub async fn run_worker(
         };
         // Bounded by the lease: a coordinator that hangs (rather than refusing) must not hold
         // this loop past the moment the task has to stop.
-        let hb = client.call(|mut c| { let worker_id = id.clone(); async move { c.heartbeat(HeartbeatRequest { worker_id }).await } });
-        let hb = match tokio::time::timeout(lease, hb).await {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(_) => Err(format!("no answer in {lease:?}")),
+        let hb = match handed.take() {
+            Some(a) => Ok(shoal_proto::HeartbeatResponse { assignment: Some(a), unknown_worker: false }),
+            None => {
+                let hb = client.call(|mut c| { let worker_id = id.clone(); async move { c.heartbeat(HeartbeatRequest { worker_id }).await } });
+                match tokio::time::timeout(lease, hb).await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!("no answer in {lease:?}")),
+                }
+            }
         };
         let hb = match hb {
             Ok(hb) => {
@@ -193,7 +202,7 @@ pub async fn run_worker(
                 stopping.push(r);
             }
             match want {
-                Some(a) if a.task.is_some() => running = Some(start_batch_task(&cfg, &id, a, client.clone(), models.clone(), wake.clone())),
+                Some(a) if a.task.is_some() => running = Some(start_batch_task(&cfg, &id, a, client.clone(), models.clone(), wake.clone(), handed_tx.clone())),
                 Some(a) if stopping.is_empty() => {
                     running = Some(start_task(&cfg, &id, a, mailbox.clone(), incoming.clone(), client.clone(), retained.clone()))
                 }
@@ -327,7 +336,15 @@ fn start_task(
 
 /// Runs one attempt of a batch task and reports it; an output the coordinator refuses (the
 /// task was committed by another attempt) is removed.
-fn start_batch_task(cfg: &WorkerConfig, worker_id: &str, a: Assignment, client: Arc<Client>, models: crate::batch::ModelCache, wake: Arc<tokio::sync::Notify>) -> Running {
+fn start_batch_task(
+    cfg: &WorkerConfig,
+    worker_id: &str,
+    a: Assignment,
+    client: Arc<Client>,
+    models: crate::batch::ModelCache,
+    wake: Arc<tokio::sync::Notify>,
+    handed: tokio::sync::mpsc::UnboundedSender<Assignment>,
+) -> Running {
     let cancel = Arc::new(AtomicBool::new(false));
     let (job, generation) = (a.job_id, a.generation);
     let task = a.task.as_ref().map(|t| t.index).unwrap_or_default();
@@ -354,13 +371,20 @@ fn start_batch_task(cfg: &WorkerConfig, worker_id: &str, a: Assignment, client: 
                 return;
             }
             match rt.block_on(client.call(|mut c| { let r = report.clone(); async move { c.report_task(r).await } })) {
-                Ok(_) => break,
+                Ok(reply) => {
+                    match reply.next {
+                        Some(next) => drop(handed.send(next)),
+                        None => wake.notify_one(),
+                    }
+                    return;
+                }
                 Err(ClientError::Rpc(s)) if s.code() == tonic::Code::FailedPrecondition => {
                     tracing::info!(job, attempt = generation, task, reason = %s.message(), "output not committed; removing it");
                     if let Some(f) = &file {
                         let _ = std::fs::remove_file(f);
                     }
-                    break;
+                    wake.notify_one();
+                    return;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "batch task report failed; retrying");
@@ -369,7 +393,6 @@ fn start_batch_task(cfg: &WorkerConfig, worker_id: &str, a: Assignment, client: 
                 }
             }
         }
-        wake.notify_one();
     });
     Running { job, generation, cancel, handle }
 }

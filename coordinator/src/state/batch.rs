@@ -148,6 +148,9 @@ impl StateMachine {
         let b = job.batch.as_mut().expect("a batch job");
         b.next_attempt += 1;
         let attempt = b.next_attempt;
+        if b.started_unix_ms == 0 {
+            b.started_unix_ms = now_ms;
+        }
         let t = &mut b.tasks[task];
         if !speculative {
             t.attempts += 1;
@@ -272,6 +275,7 @@ impl StateMachine {
         };
         let job = self.jobs.get_mut(&id).expect("a job");
         let b = job.batch.as_mut().expect("a batch job");
+        b.finished_unix_ms = now_ms;
         let stats = merge_stats(b.tasks.iter().filter_map(|t| t.stats.as_ref()));
         let range = (b.tasks.first().map(|t| t.start).unwrap_or(0), b.tasks.last().map(|t| t.end).unwrap_or(0));
         let described = format!("{}@{} [{}, {})", input.name, input.version, range.0, range.1);
