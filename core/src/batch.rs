@@ -252,6 +252,8 @@ mod tests {
         let s = BatchSpec::parse(SCORE).unwrap();
         assert_eq!((s.input.records, s.operator.model.as_deref(), s.cluster.max_attempts), (Some([8000, 10000]), Some("job:7"), 3));
         assert!(is_batch(SCORE).unwrap());
+        let example = include_str!("../../examples/score-mnist.toml");
+        assert_eq!(BatchSpec::parse(example).unwrap().operator.model.as_deref(), Some("job:1"));
         assert!(!is_batch("name = \"t\"").unwrap());
         assert!(is_batch("kind = \"other\"").unwrap_err().to_string().contains("kind"));
     }
