@@ -1004,9 +1004,19 @@ async fn job(cmd: JobCmd) -> Result<()> {
             } else {
                 println!("ID    NAME                 STATE      STEP/TOTAL      TEST_ACC");
                 for j in &l.jobs {
-                    let p = j.progress.clone().unwrap_or_default();
-                    let acc = if p.test_accuracy >= 0.0 { format!("{:.4}", p.test_accuracy) } else { "-".into() };
-                    println!("{:<5} {:<20} {:<10} {:>6}/{:<7}  {acc}", j.id, j.name, j.state().label(), p.step, p.total_steps);
+                    // Batch jobs: tasks instead of steps, and the scored accuracy.
+                    let (done, total, acc) = match &j.batch {
+                        Some(b) => {
+                            let (total, done, ..) = ops::batch_counts(b);
+                            (done, total, b.accuracy)
+                        }
+                        None => {
+                            let p = j.progress.clone().unwrap_or_default();
+                            (p.step, p.total_steps, p.test_accuracy)
+                        }
+                    };
+                    let acc = if acc >= 0.0 { format!("{acc:.4}") } else { "-".into() };
+                    println!("{:<5} {:<20} {:<10} {:>6}/{:<7}  {acc}", j.id, j.name, j.state().label(), done, total);
                 }
             }
         }

@@ -1085,6 +1085,13 @@ impl StateMachine {
         let Some(job) = self.jobs.get_mut(&id) else { return };
         job.state = state as i32;
         job.error = error;
+        // A batch job's attempts still running stop with it; their tasks never finished.
+        for t in job.batch.iter_mut().flat_map(|b| &mut b.tasks) {
+            if !t.running.is_empty() {
+                t.running.clear();
+                t.state = batch::PENDING.into();
+            }
+        }
         let workers = job.workers.clone();
         self.release_workers(id, &workers);
     }

@@ -196,6 +196,12 @@ impl StateMachine {
         if !is_batch(job) {
             return Err(format!("job {id} is not a batch job"));
         }
+        // A retry of the report that committed (its reply was lost): the same outcome. It
+        // must not read as a refusal, which would make the worker remove a committed shard.
+        let committed = job.batch.as_ref().and_then(|b| b.tasks.get(r.task as usize)).is_some_and(|t| t.state == DONE && t.committed_attempt == r.attempt && t.committed_attempt > 0);
+        if committed && r.ok {
+            return Ok(ApplyOutput::None);
+        }
         if job.state() != JobState::Running {
             return Err(format!("job {id} is {}: its tasks commit nothing more", job.state().label()));
         }
@@ -227,6 +233,7 @@ impl StateMachine {
                 }
             }
             task.state = DONE.into();
+            task.committed_attempt = r.attempt;
             task.output = r.output.filter(|_| writes);
             (task.records_out, task.correct, task.elapsed_ms, task.stats) = (r.records_out, r.correct, r.elapsed_ms, r.stats);
             (task.feature_shape, task.feature_dtype, task.classes) = (r.feature_shape, r.feature_dtype, r.classes);
@@ -493,7 +500,8 @@ mod tests {
     const COPY: &str = "name = \"c\"\nkind = \"batch\"\n[input]\ndataset = \"d\"\n[operator]\nkind = \"exec\"\ncommand = [\"cp\", \"{input}\", \"{output}\"]\n[output]\ndataset = \"out\"\n[cluster]\nworkers = 2\nmax_attempts = 2\n";
 
     fn start(sm: &mut StateMachine, index: u64, task: u32, worker: &str, speculative: bool) -> ApplyResult {
-        let t = TaskStarted { job_id: 1, task, worker_id: worker.into(), attempt: 0, started_unix_ms: 1000, speculative };
+        let job_id = sm.jobs().find(|j| is_batch(j)).unwrap().id;
+        let t = TaskStarted { job_id, task, worker_id: worker.into(), attempt: 0, started_unix_ms: 1000, speculative };
         sm.apply(index, cmd(command::Kind::TaskStarted(t)))
     }
 
@@ -501,7 +509,7 @@ mod tests {
         let output = ShardInfo { path: format!("datasets/out/batch-1/task-{task:05}-a{attempt}.safetensors"), records: 10, blake3: "o".into(), bytes: 1 };
         let r = TaskReport {
             worker_id: worker.into(),
-            job_id: 1,
+            job_id: sm.jobs().find(|j| is_batch(j)).unwrap().id,
             attempt,
             task,
             ok,
@@ -518,7 +526,8 @@ mod tests {
     }
 
     fn batch(sm: &StateMachine) -> &BatchState {
-        sm.job(1).unwrap().batch.as_ref().unwrap()
+        let id = sm.jobs().find(|j| is_batch(j)).unwrap().id;
+        sm.job(id).unwrap().batch.as_ref().unwrap()
     }
 
     #[test]
@@ -535,9 +544,9 @@ mod tests {
         // Task 0 commits; w1 takes task 2 in the same apply.
         report(&mut sm, 9, 0, 1, "w1", true).unwrap();
         assert_eq!(sm.assignment("w1").unwrap().task.unwrap().index, 2);
-        // A duplicate of an attempt already committed is refused; nothing changes.
+        // A retry of that very report (its reply lost) gets the same answer and changes nothing.
         let before = sm.job(1).cloned();
-        assert!(report(&mut sm, 10, 0, 1, "w1", true).unwrap_err().contains("committed already"));
+        report(&mut sm, 10, 0, 1, "w1", true).unwrap();
         assert_eq!(sm.job(1).cloned(), before);
         // A speculative copy of task 1 on w3; the copy commits first, the original is refused.
         start(&mut sm, 11, 1, "w3", true).unwrap_err();
@@ -546,9 +555,11 @@ mod tests {
         let copy = sm.assignment("w3").unwrap().generation;
         report(&mut sm, 14, 1, copy, "w3", true).unwrap();
         assert!(sm.assignment("w2").is_none(), "the original attempt's worker is freed");
-        assert!(report(&mut sm, 15, 1, 2, "w2", true).is_err());
+        assert!(report(&mut sm, 15, 1, 2, "w2", true).is_err(), "the other attempt is refused");
         let job = sm.job(1).unwrap();
         assert_eq!(job.state(), JobState::Succeeded, "{job:?}");
+        // Even after the job ended, the committed attempt's retried report is not refused.
+        report(&mut sm, 16, 1, copy, "w3", true).unwrap();
         let out = sm.dataset("out", 0).unwrap();
         assert_eq!((out.records, out.shards.len()), (30, 3));
         assert!(out.shards[1].path.ends_with(&format!("-a{copy}.safetensors")));
@@ -588,5 +599,20 @@ mod tests {
         // ...and the training job is placed on the freed workers.
         let (job, _, workers) = sm.next_placement(|_| true).unwrap();
         assert_eq!((job, workers.len()), (2, 2));
+    }
+
+    #[test]
+    fn a_training_job_too_big_for_the_pool_does_not_hold_batch_tasks_back() {
+        let mut sm = cluster();
+        let train = "name = \"t\"\n[model]\nkind = \"mlp\"\n[dataset]\nname = \"d\"\ntrain = [0, 20]\n[training]\nepochs = 1\nbatch_size = 8\n[training.optimizer]\nkind = \"sgd\"\nlr = 0.1\n[cluster]\nworkers = 4\n";
+        sm.apply(5, cmd(command::Kind::SubmitJob(train.into()))).unwrap();
+        sm.apply(6, cmd(command::Kind::SubmitJob(COPY.into()))).unwrap();
+        assert!(sm.next_placement(|_| true).is_none(), "4 workers wanted, 3 exist");
+        assert_eq!(sm.next_batch_starts(|_| true, 1000).len(), 2, "the batch job runs meanwhile");
+        // Cancelled mid-run: its workers are free again and nothing is left running.
+        start(&mut sm, 7, 0, "w1", false).unwrap();
+        sm.apply(8, cmd(command::Kind::CancelJob(2))).unwrap();
+        assert!(sm.workers().all(|w| w.state() == WorkerState::Idle));
+        assert!(batch(&sm).tasks.iter().all(|t| t.running.is_empty() && t.state == PENDING));
     }
 }
