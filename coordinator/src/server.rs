@@ -927,7 +927,7 @@ impl Coordinator for Api {
 
     async fn report_task(&self, r: Request<shoal_proto::TaskReport>) -> Result<Response<shoal_proto::TaskReply>, Status> {
         let mut r = r.into_inner();
-        let worker = r.worker_id.clone();
+        let (worker, job_id) = (r.worker_id.clone(), r.job_id);
         // The leader stamps the time into the entry, so every replica applies the same value.
         r.reported_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         self.propose(command::Kind::TaskReported(r), String::new()).await?;
@@ -937,7 +937,16 @@ impl Coordinator for Api {
         let mut vol = self.0.volatile.lock().expect("volatile lock");
         vol.last_seen.insert(worker.clone(), Instant::now());
         vol.heard.insert(worker.clone());
-        Ok(Response::new(shoal_proto::TaskReply { next: state.assignment(&worker) }))
+        let mut reply = shoal_proto::TaskReply { next: state.assignment(&worker), ..Default::default() };
+        if let Some(j) = state.job(job_id).filter(|j| j.state().is_terminal()) {
+            let b = j.batch.clone().unwrap_or_default();
+            reply.job_ended = true;
+            reply.output_folder = b.output_folder;
+            if j.state() == JobState::Succeeded {
+                reply.keep = b.tasks.iter().filter_map(|t| t.output.as_ref().map(|o| o.path.clone())).collect();
+            }
+        }
+        Ok(Response::new(reply))
     }
 
     async fn resume_job(&self, r: Request<ResumeJobRequest>) -> Result<Response<JobInfo>, Status> {

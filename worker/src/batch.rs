@@ -245,6 +245,26 @@ fn write_output(store: &Path, a: &Assignment, task: u32, r: &Records, pred: Opti
     Ok((shard, abs))
 }
 
+/// Removes every file in a finished batch job's output folder (relative to the store) but the
+/// committed shards `keep`, and the folder itself when nothing is kept. Best effort.
+pub fn tidy_output(store: &Path, folder: &str, keep: &[String]) {
+    let plain = !folder.is_empty() && Path::new(folder).components().all(|c| matches!(c, std::path::Component::Normal(_)));
+    if !plain || !folder.starts_with("datasets/") {
+        return;
+    }
+    let dir = store.join(folder);
+    let Ok(entries) = std::fs::read_dir(&dir) else { return };
+    for e in entries.flatten() {
+        let rel = format!("{folder}/{}", e.file_name().to_string_lossy());
+        if !keep.contains(&rel) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    if keep.is_empty() {
+        let _ = std::fs::remove_dir(&dir);
+    }
+}
+
 /// Most stderr kept from a user command (its tail is what a failure reports).
 const STDERR_TAIL: usize = 2048;
 

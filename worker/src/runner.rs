@@ -372,6 +372,9 @@ fn start_batch_task(
             }
             match rt.block_on(client.call(|mut c| { let r = report.clone(); async move { c.report_task(r).await } })) {
                 Ok(reply) => {
+                    if reply.job_ended {
+                        crate::batch::tidy_output(&store, &reply.output_folder, &reply.keep);
+                    }
                     match reply.next {
                         Some(next) => drop(handed.send(next)),
                         None => wake.notify_one(),
