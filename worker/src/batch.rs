@@ -101,7 +101,7 @@ pub fn run_task(store: &Path, a: &Assignment, cache: &ModelCache, cancel: &Atomi
             Some((records, Some(pred)))
         }
         ("exec", _) => {
-            let written = exec(store, a, &spec, &ds, lo, hi, cancel)?;
+            let written = exec(a, &spec, &ds, lo, hi, cancel)?;
             Some((written, None))
         }
         (other, _) => return Err(WorkerError::Spec(format!("unknown operator {other:?}"))),
@@ -268,25 +268,17 @@ pub fn tidy_output(store: &Path, folder: &str, keep: &[String]) {
 /// Most stderr kept from a user command (its tail is what a failure reports).
 const STDERR_TAIL: usize = 2048;
 
-/// Runs the user's command on records [lo, hi): `{input}` is a safetensors shard of them
-/// (the stored shard itself when the task is all of it), `{output}` the shard it must write.
-/// Returns the records it wrote.
-fn exec(store: &Path, a: &Assignment, spec: &BatchSpec, ds: &ShardedDataset, lo: u64, hi: u64, cancel: &AtomicBool) -> Result<Records, WorkerError> {
-    let task = a.task.as_ref().expect("checked by run_task");
-    let whole = lo == 0 && hi == ds.records && a.dataset.as_ref().is_some_and(|d| shards_holding(d, task.start, task.end).map(|(s, _)| s.shards.len() == 1).unwrap_or(false));
+/// Runs the user's command on records [lo, hi): `{input}` is a safetensors shard of them (a
+/// copy in a scratch folder, so a command cannot touch the store's shards), `{output}` the
+/// shard it must write. Returns the records it wrote.
+fn exec(a: &Assignment, spec: &BatchSpec, ds: &ShardedDataset, lo: u64, hi: u64, cancel: &AtomicBool) -> Result<Records, WorkerError> {
     let scratch = std::env::temp_dir().join(format!("shoal-exec-{}-{}-{}", std::process::id(), a.job_id, a.generation));
     std::fs::create_dir_all(&scratch).map_err(|e| WorkerError::Io(format!("{}: {e}", scratch.display())))?;
     let result = (|| {
-        let input = if whole {
-            let (sub, _) = shards_holding(a.dataset.as_ref().expect("checked"), task.start, task.end)?;
-            store.join(&sub.shards[0].path)
-        } else {
-            let raw = ds.raw_records(lo, hi)?;
-            let path = scratch.join("input.safetensors");
-            let info = shoal_core::dataset::write_shards(&scratch, "input", Path::new("part"), &raw, raw.len().max(1)).map_err(|e| WorkerError::Io(e.to_string()))?;
-            std::fs::rename(scratch.join(&info.shards[0].path), &path).map_err(|e| WorkerError::Io(e.to_string()))?;
-            path
-        };
+        let raw = ds.raw_records(lo, hi)?;
+        let input = scratch.join("input.safetensors");
+        let info = shoal_core::dataset::write_shards(&scratch, "input", Path::new("part"), &raw, raw.len().max(1)).map_err(|e| WorkerError::Io(e.to_string()))?;
+        std::fs::rename(scratch.join(&info.shards[0].path), &input).map_err(|e| WorkerError::Io(e.to_string()))?;
         let output = scratch.join("output.safetensors");
         let fill = |arg: &String| arg.replace("{input}", &input.display().to_string()).replace("{output}", &output.display().to_string());
         let args: Vec<String> = spec.operator.command.as_deref().unwrap_or_default().iter().map(fill).collect();
