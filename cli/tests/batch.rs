@@ -295,3 +295,23 @@ fn a_straggler_gets_a_speculative_copy_and_the_first_commit_wins() {
     let folder = c.store().join(format!("datasets/copied/batch-{id}"));
     assert!(!Path::new(&folder.join("task-00000-a1.safetensors")).exists());
 }
+
+#[test]
+fn a_training_job_starts_while_a_batch_job_runs_and_the_batch_job_finishes_after() {
+    let c = UpCluster::start_with(&["--workers", "0"]);
+    let [x, y] = mnist_files();
+    ok(c.cmd(&["data", "import", "mnist", "--records-per-shard", "500"]).arg(&x).arg(&y));
+    let _w = c.spawn_workers(2, &[("SHOAL_FAILPOINTS", "batch_task_delay=300")]);
+    let id = submit(&c, "stats.toml", &batch_spec("stats", "mnist", None, "kind = \"stats\"", None, "workers = 2"));
+    c.wait_job(&id, "the batch job to get going", Duration::from_secs(30), |j| j["tasks_done"].as_u64() >= Some(2));
+    // A training job that needs both workers: the batch tasks hand them over as they end.
+    let spec = mnist_spec("mnist", 1, 2000, 1, "[32]");
+    let trained = c.submit_follow(&c.write_spec("train.toml", &spec));
+    assert_eq!(trained["state"], "succeeded", "{trained}");
+    let mid = c.job(&id);
+    assert!(mid["tasks_done"].as_u64() < Some(20), "the training job did not wait for the whole batch job: {mid}");
+    let done = c.wait_end(&id);
+    assert_eq!((done["state"].as_str(), done["tasks_done"].as_u64()), (Some("succeeded"), Some(20)), "{done}");
+    let shown = json(&mut c.cmd(&["data", "show", "mnist", "--json"]))["stats"].clone();
+    assert_eq!(done["stats"]["labels"], shown["labels"]);
+}
