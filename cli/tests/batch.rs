@@ -315,3 +315,22 @@ fn a_training_job_starts_while_a_batch_job_runs_and_the_batch_job_finishes_after
     let shown = json(&mut c.cmd(&["data", "show", "mnist", "--json"]))["stats"].clone();
     assert_eq!(done["stats"]["labels"], shown["labels"]);
 }
+
+#[test]
+fn a_training_job_does_not_wait_for_long_batch_attempts() {
+    let c = UpCluster::start(2);
+    let [x, y] = mnist_files();
+    ok(c.cmd(&["data", "import", "mnist", "--records-per-shard", "4000"]).arg(&x).arg(&y));
+    // The first two attempts would take a minute; the job's later attempts are quick.
+    let slow = "kind = \"exec\"\ncommand = [\"sh\", \"-c\", \"if [ $SHOAL_ATTEMPT -le 2 ]; then sleep 60; fi; cp \\\"$0\\\" \\\"$1\\\"\", \"{input}\", \"{output}\"]";
+    let id = submit(&c, "slow.toml", &batch_spec("slow", "mnist", Some([0, 8000]), slow, Some("copied"), "workers = 2"));
+    c.wait_job(&id, "both attempts to run", Duration::from_secs(30), |j| j["workers"].as_array().is_some_and(|w| w.len() == 2));
+    let started = Instant::now();
+    let trained = c.submit_follow(&c.write_spec("train.toml", &mnist_spec("mnist", 1, 2000, 1, "[32]")));
+    assert_eq!(trained["state"], "succeeded", "{trained}");
+    assert!(started.elapsed() < Duration::from_secs(40), "the training job waited for the batch attempts");
+    // The stopped attempts were not the tasks' failures: each task committed on its next try.
+    let done = c.wait_end(&id);
+    assert_eq!((done["state"].as_str(), done["records_out"].as_u64(), done["attempts_failed"].as_u64()), (Some("succeeded"), Some(8000), Some(0)), "{done}");
+    assert!(done["tasks"].as_array().unwrap().iter().all(|t| t["attempts"] == 1), "{done}");
+}

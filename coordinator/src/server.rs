@@ -140,7 +140,14 @@ struct Volatile {
     heard: HashSet<String>,
     /// Latest progress report per job: (generation, progress, when it was last replicated).
     progress: HashMap<u64, (u64, JobProgress, Option<Instant>)>,
+    /// Queued training jobs that batch attempts keep from starting, and since when (this
+    /// leader's clock): past `PREEMPT_AFTER`, the attempts are stopped.
+    waiting_since: HashMap<u64, Instant>,
 }
+
+/// How long a training job waits for batch attempts to end on their own before they are
+/// stopped to free its workers (a shard's task usually ends well within it).
+const PREEMPT_AFTER: Duration = Duration::from_secs(2);
 
 struct Shared {
     cfg: CoordinatorConfig,
@@ -495,7 +502,16 @@ fn leader_duties(core: &mut Core, shared: &Shared, new_leader: bool, recent: &mu
         // Batch attempts on the workers still idle (not on those just placed for training).
         let placed: Vec<String> = proposals.iter().filter_map(|(_, k)| if let command::Kind::JobAssigned(a) = k { Some(a.workers.clone()) } else { None }).flatten().collect();
         let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-        if placed.is_empty() {
+        let preempt = if placed.is_empty() { state.batch_preemptions(fresh) } else { None };
+        if let Some((job, stops)) = preempt {
+            let since = *vol.waiting_since.entry(job).or_insert(now);
+            if now.duration_since(since) >= PREEMPT_AFTER {
+                for t in stops {
+                    tracing::info!(job = t.job_id, task = t.task, attempt = t.attempt, worker = %t.worker_id, training_job = job, "stopping a batch attempt for a waiting training job");
+                    proposals.push((format!("stop/{}/{}", t.job_id, t.attempt), command::Kind::TaskStopped(t)));
+                }
+            }
+        } else if placed.is_empty() {
             for t in state.next_batch_starts(fresh, now_ms) {
                 let attempts = state.job(t.job_id).and_then(|j| j.batch.as_ref()).and_then(|b| b.tasks.get(t.task as usize)).map(|x| x.attempts).unwrap_or(0);
                 proposals.push((format!("task/{}/{}/{attempts}/{}", t.job_id, t.task, t.speculative), command::Kind::TaskStarted(t)));
@@ -513,6 +529,7 @@ fn leader_duties(core: &mut Core, shared: &Shared, new_leader: bool, recent: &mu
             }
         }
         vol.progress.retain(|id, _| state.job(*id).map(|j| !j.state().is_terminal()).unwrap_or(false));
+        vol.waiting_since.retain(|id, _| state.job(*id).is_some_and(|j| j.state() == JobState::Queued));
     }
     // The same decision is not proposed again while its first proposal is in flight.
     recent.retain(|_, t| now.duration_since(*t) < Duration::from_secs(2));

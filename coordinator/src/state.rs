@@ -315,7 +315,7 @@ impl StateMachine {
                 );
                 // A new worker can join a running job below its maximum right away (its state
                 // comes from a peer), unless a queued job is waiting for a worker.
-                let waiting = self.jobs.values().any(|j| j.state() == JobState::Queued && !is_batch(j));
+                let waiting = self.jobs.values().any(|j| j.state() == JobState::Queued && !is_batch(j)) || self.batch_wants_workers();
                 let grow = self.jobs.values().find(|j| j.state() == JobState::Running && !is_batch(j) && (j.workers.len() as u32) < pool_range(j).1).map(|j| (j.id, j.workers.len()));
                 if let (false, Some((job, size))) = (waiting, grow) {
                     self.requeue(job, format!("worker {id} can join the {size} running"), "joined");
@@ -401,6 +401,7 @@ impl StateMachine {
             }
             command::Kind::TaskStarted(t) => self.task_started(t),
             command::Kind::TaskReported(r) => self.task_reported(index, r),
+            command::Kind::TaskStopped(t) => self.task_stopped(t),
             command::Kind::SubmitJob(toml) => {
                 let job = self.submit(toml)?;
                 Ok(ApplyOutput::Job(Box::new(job)))
@@ -598,7 +599,7 @@ impl StateMachine {
                 // Grow toward max_workers at a checkpoint (nothing to redo), when a worker is
                 // idle and no queued job is waiting for one.
                 let idle = self.workers.values().any(|w| w.state() == WorkerState::Idle);
-                let waiting = self.jobs.values().any(|j| j.state() == JobState::Queued && !is_batch(j));
+                let waiting = self.jobs.values().any(|j| j.state() == JobState::Queued && !is_batch(j)) || self.batch_wants_workers();
                 if size < max && step < total && idle && !waiting {
                     self.requeue(id, format!("a free worker can join the {size} running"), "joined");
                 }
@@ -1075,7 +1076,7 @@ impl StateMachine {
 
     fn running_job(&mut self, id: u64, generation: u64) -> Result<&mut JobInfo, String> {
         let job = self.jobs.get_mut(&id).ok_or_else(|| format!("unknown job {id}"))?;
-        if job.state() != JobState::Running || job.generation != generation {
+        if job.state() != JobState::Running || job.generation != generation || is_batch(job) {
             return Err(format!("job {id} generation {generation} is not running"));
         }
         Ok(job)

@@ -137,21 +137,23 @@ pub fn add(acc: &mut SliceStats, s: &SliceStats) {
         return;
     }
     for (a, b) in acc.features.iter_mut().zip(&s.features) {
-        a.count += b.count;
+        // Saturating: the counts may come from a report over the network, and an overflow
+        // must not panic a replica's apply.
+        a.count = a.count.saturating_add(b.count);
         a.sum += b.sum;
         a.sum_sq += b.sum_sq;
         a.min = a.min.min(b.min);
         a.max = a.max.max(b.max);
-        a.missing += b.missing;
+        a.missing = a.missing.saturating_add(b.missing);
         for (x, y) in a.bins.iter_mut().zip(&b.bins) {
-            *x += y;
+            *x = x.saturating_add(*y);
         }
     }
     if acc.label_counts.len() < s.label_counts.len() {
         acc.label_counts.resize(s.label_counts.len(), 0);
     }
     for (x, y) in acc.label_counts.iter_mut().zip(&s.label_counts) {
-        *x += y;
+        *x = x.saturating_add(*y);
     }
 }
 

@@ -77,7 +77,6 @@ pub fn run_task(store: &Path, a: &Assignment, cache: &ModelCache, cancel: &Atomi
             let ranges = input.slices.first().and_then(|s| s.stats.as_ref()).map(shoal_core::stats::ranges);
             let fits = ranges.as_ref().is_some_and(|r| r.len() == ds.feature_len);
             report.stats = Some(shoal_core::stats::slice_stats(&raw, ranges.as_deref().filter(|_| fits), ds.classes));
-            report.records_out = raw.len() as u64;
             None
         }
         ("transform", 0) => {
@@ -85,7 +84,6 @@ pub fn run_task(store: &Path, a: &Assignment, cache: &ModelCache, cancel: &Atomi
             let (x, y) = read_all(&ds, lo, hi, cancel)?;
             let r = Records { features: IdxData::F32(x), feature_shape: ds.feature_shape.clone(), labels: y };
             report.stats = Some(shoal_core::stats::slice_stats(&r, None, ds.classes));
-            report.records_out = r.len() as u64;
             None
         }
         ("transform", _) => {
@@ -305,7 +303,8 @@ fn run_command(args: &[String], a: &Assignment, timeout: Duration, cancel: &Atom
         .spawn()
         .map_err(|e| WorkerError::Io(format!("starting {:?}: {e}", args[0])))?;
     let mut stderr = child.stderr.take().expect("piped");
-    let tail = std::thread::spawn(move || {
+    let (tail_tx, tail_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         let (mut kept, mut buf) = (Vec::new(), [0u8; 4096]);
         while let Ok(n) = stderr.read(&mut buf) {
             if n == 0 {
@@ -317,12 +316,18 @@ fn run_command(args: &[String], a: &Assignment, timeout: Duration, cancel: &Atom
             }
         }
         let from = kept.len().saturating_sub(STDERR_TAIL);
-        String::from_utf8_lossy(&kept[from..]).trim().to_string()
+        let _ = tail_tx.send(String::from_utf8_lossy(&kept[from..]).trim().to_string());
     });
+    // The stderr tail, once the pipe closes; not waited for long (a process that left the
+    // group could hold it open).
+    let tail = move || tail_rx.recv_timeout(Duration::from_secs(2)).unwrap_or_default();
     let started = Instant::now();
+    let group = child.id() as i32;
+    // SAFETY: kill(2) on the child's own process group (its pid, > 0, negated): whatever the
+    // command started goes too, so nothing outlives the attempt or holds its stderr open.
+    let kill_group = || unsafe { libc::kill(-group, libc::SIGKILL) };
     let kill = |child: &mut std::process::Child| {
-        // SAFETY: kill(2) on the child's own process group (its pid, > 0, negated).
-        unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+        kill_group();
         let _ = child.wait();
     };
     let status = loop {
@@ -334,13 +339,14 @@ fn run_command(args: &[String], a: &Assignment, timeout: Duration, cancel: &Atom
             }
             None if started.elapsed() >= timeout => {
                 kill(&mut child);
-                let tail = tail.join().unwrap_or_default();
+                let tail = tail();
                 return Err(WorkerError::Task(format!("command {:?} timed out after {:.1} s and was killed; stderr: {tail}", args[0], timeout.as_secs_f64())));
             }
             None => std::thread::sleep(Duration::from_millis(10)),
         }
     };
-    let tail = tail.join().unwrap_or_default();
+    kill_group();
+    let tail = tail();
     if !status.success() {
         let code = status.code().map(|c| format!("exit code {c}")).unwrap_or_else(|| format!("{status}"));
         return Err(WorkerError::Task(format!("command {:?} failed with {code}; stderr: {tail}", args[0])));

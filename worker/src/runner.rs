@@ -99,6 +99,9 @@ pub async fn run_worker(
     // ...or handed it the next task with its reply.
     let (handed_tx, mut handed_rx) = tokio::sync::mpsc::unbounded_channel::<Assignment>();
     let mut handed: Option<Assignment> = None;
+    // The newest batch attempt started (job, attempt): an assignment older than it (a reply
+    // or heartbeat overtaken by a later one) must not stop it and rerun a finished attempt.
+    let mut newest_batch: Option<(u64, u64)> = None;
     let models = crate::batch::ModelCache::default();
     let mut last_learned = std::time::Instant::now();
     loop {
@@ -194,6 +197,11 @@ pub async fn run_worker(
             registration = shoal_coordinator::client::new_request_id();
         }
         let want = hb.assignment.filter(|_| !hb.unknown_worker);
+        if let (Some(a), Some((job, attempt))) = (&want, newest_batch) {
+            if a.task.is_some() && a.job_id == job && a.generation < attempt {
+                continue;
+            }
+        }
         let keep = matches!((&running, &want), (Some(r), Some(a)) if r.job == a.job_id && r.generation == a.generation);
         if !keep {
             if let Some(r) = running.take() {
@@ -202,7 +210,10 @@ pub async fn run_worker(
                 stopping.push(r);
             }
             match want {
-                Some(a) if a.task.is_some() => running = Some(start_batch_task(&cfg, &id, a, client.clone(), models.clone(), wake.clone(), handed_tx.clone())),
+                Some(a) if a.task.is_some() => {
+                    newest_batch = Some((a.job_id, a.generation));
+                    running = Some(start_batch_task(&cfg, &id, a, client.clone(), models.clone(), wake.clone(), handed_tx.clone()))
+                }
                 Some(a) if stopping.is_empty() => {
                     running = Some(start_task(&cfg, &id, a, mailbox.clone(), incoming.clone(), client.clone(), retained.clone()))
                 }
@@ -366,9 +377,15 @@ fn start_batch_task(
         };
         let report = shoal_proto::TaskReport { worker_id: wid, ..report };
         let mut pause = Duration::from_millis(100);
+        let mut tries_after_cancel = 0;
         loop {
-            if cancel_flag.load(Ordering::Relaxed) && file.is_none() {
-                return;
+            if cancel_flag.load(Ordering::Relaxed) {
+                // Stopped: a report is owed only for an output written (it may be committed
+                // yet); past a few tries the job's tidying removes it if it was not.
+                tries_after_cancel += 1;
+                if file.is_none() || tries_after_cancel > 5 {
+                    return;
+                }
             }
             match rt.block_on(client.call(|mut c| { let r = report.clone(); async move { c.report_task(r).await } })) {
                 Ok(reply) => {
@@ -381,7 +398,8 @@ fn start_batch_task(
                     }
                     return;
                 }
-                Err(ClientError::Rpc(s)) if s.code() == tonic::Code::FailedPrecondition => {
+                // Refused for good (only the attempt that committed is ever answered OK).
+                Err(ClientError::Rpc(s)) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument | tonic::Code::Unimplemented) => {
                     tracing::info!(job, attempt = generation, task, reason = %s.message(), "output not committed; removing it");
                     if let Some(f) = &file {
                         let _ = std::fs::remove_file(f);

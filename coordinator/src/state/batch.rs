@@ -5,10 +5,8 @@
 //! speculative attempt never adds records twice. When every task is done, the same apply
 //! registers the output dataset version from the committed shards, in task order.
 
-use std::path::{Component, Path};
-
 use shoal_core::batch::{fit_transform, plan_tasks, BatchSpec};
-use shoal_proto::{BatchState, BatchTask, SliceStats, TaskAttempt, TaskReport, TaskStarted};
+use shoal_proto::{BatchState, BatchTask, SliceStats, TaskAttempt, TaskReport, TaskStarted, TaskStopped};
 
 use super::*;
 
@@ -141,6 +139,15 @@ impl StateMachine {
         self.jobs.values().any(|j| j.state() == JobState::Queued && !is_batch(j) && pool_range(j).0 as usize <= usable)
     }
 
+    /// Whether a batch job has a task waiting and room for it: then a running training job
+    /// does not take free workers to grow (it would keep the batch job from starting).
+    pub(super) fn batch_wants_workers(&self) -> bool {
+        self.jobs.values().filter(|j| is_batch(j) && matches!(j.state(), JobState::Queued | JobState::Running)).any(|j| {
+            let b = j.batch.as_ref().expect("a batch job");
+            b.tasks.iter().any(|t| t.state == PENDING) && running_attempts(b) < b.workers as usize
+        })
+    }
+
     /// Starts an attempt of task `task` of batch job `id` on `worker` (checked by the caller
     /// to be idle); returns its number.
     fn start_attempt(&mut self, id: u64, task: usize, worker: &str, now_ms: u64, speculative: bool) -> u64 {
@@ -164,6 +171,44 @@ impl StateMachine {
             w.job_id = id;
         }
         attempt
+    }
+
+    pub(super) fn task_stopped(&mut self, t: TaskStopped) -> ApplyResult {
+        let job = self.jobs.get_mut(&t.job_id).filter(|j| is_batch(j) && j.state() == JobState::Running).ok_or_else(|| format!("job {} is not a running batch job", t.job_id))?;
+        let b = job.batch.as_mut().expect("a batch job");
+        let task = b.tasks.get_mut(t.task as usize).ok_or_else(|| format!("job {} has no task {}", t.job_id, t.task))?;
+        let at = task.running.iter().position(|a| a.attempt == t.attempt && a.worker_id == t.worker_id).ok_or_else(|| format!("attempt {} of task {} is not running", t.attempt, t.task))?;
+        let stopped = task.running.remove(at);
+        if !stopped.speculative {
+            // Not the task's failure: the attempt does not count.
+            task.attempts = task.attempts.saturating_sub(1);
+        }
+        if task.running.is_empty() && task.state == RUNNING {
+            task.state = PENDING.into();
+        }
+        sync_workers(job);
+        self.release_workers(t.job_id, &[stopped.worker_id]);
+        Ok(ApplyOutput::None)
+    }
+
+    /// Batch attempts to stop so that the oldest queued training job that the idle workers
+    /// cannot hold, but the idle workers plus those batch attempts hold can, starts: the most
+    /// recently started attempts first (they lose the least work). The leader proposes them
+    /// once the training job has waited a while.
+    pub fn batch_preemptions(&self, eligible: impl Fn(&str) -> bool) -> Option<(u64, Vec<TaskStopped>)> {
+        let idle = self.workers.values().filter(|w| w.state() == WorkerState::Idle && eligible(&w.id)).count();
+        let mut held: Vec<(u64, TaskStopped)> = Vec::new();
+        for j in self.jobs.values().filter(|j| is_batch(j) && j.state() == JobState::Running) {
+            for t in j.batch.iter().flat_map(|b| &b.tasks) {
+                for a in t.running.iter().filter(|a| eligible(&a.worker_id)) {
+                    held.push((a.attempt, TaskStopped { job_id: j.id, task: t.index, attempt: a.attempt, worker_id: a.worker_id.clone() }));
+                }
+            }
+        }
+        let job = self.jobs.values().find(|j| j.state() == JobState::Queued && !is_batch(j) && (pool_range(j).0 as usize) <= idle + held.len())?;
+        let need = (pool_range(job).0 as usize).checked_sub(idle).filter(|&n| n > 0)?;
+        held.sort_by_key(|(attempt, _)| std::cmp::Reverse(*attempt));
+        Some((job.id, held.into_iter().take(need).map(|(_, t)| t).collect()))
     }
 
     pub(super) fn task_started(&mut self, t: TaskStarted) -> ApplyResult {
@@ -221,17 +266,13 @@ impl StateMachine {
                 format!("attempt {} of task {} of job {id} is not running", r.attempt, r.task)
             });
         };
+        // Every check before any change: a refused report changes nothing.
+        if r.ok {
+            check_report(&r, task, &folder, &op, writes).map_err(|e| format!("task {} of job {id}: {e}", r.task))?;
+        }
         let mut freed = vec![task.running.remove(at).worker_id];
         let mut failure = None;
         if r.ok {
-            if writes {
-                let out = r.output.as_ref().ok_or_else(|| format!("task {} of job {id} reported no output shard", r.task))?;
-                let p = Path::new(&out.path);
-                let plain = p.components().all(|c| matches!(c, Component::Normal(_)));
-                if !plain || p.parent() != Some(Path::new(&folder)) || out.records != r.records_out {
-                    return Err(format!("task {} of job {id}: output {:?} ({} records) is not a shard of {folder} with the {} records reported", r.task, out.path, out.records, r.records_out));
-                }
-            }
             task.state = DONE.into();
             task.committed_attempt = r.attempt;
             task.output = r.output.filter(|_| writes);
@@ -243,6 +284,9 @@ impl StateMachine {
         } else {
             b.attempts_failed += 1;
             task.error = r.error.clone();
+            if !task.failed_on.contains(&r.worker_id) {
+                task.failed_on.push(r.worker_id.clone());
+            }
             if task.running.is_empty() {
                 if task.attempts >= max_attempts {
                     task.state = FAILED.into();
@@ -304,7 +348,10 @@ impl StateMachine {
             }
             _ => {}
         }
-        let records: u64 = b.tasks.iter().map(|t| t.records_out).sum();
+        let Some(records) = b.tasks.iter().try_fold(0u64, |a, t| a.checked_add(t.records_out)) else {
+            self.finish_job(id, JobState::Failed, "the tasks report more records than a dataset holds".into());
+            return;
+        };
         if b.operator == "score" && records > 0 {
             b.accuracy = b.tasks.iter().map(|t| t.correct).sum::<u64>() as f64 / records as f64;
         }
@@ -385,24 +432,26 @@ impl StateMachine {
         if self.training_waits() {
             return Vec::new();
         }
-        let mut idle: Vec<&WorkerInfo> = self.workers.values().filter(|w| w.state() == WorkerState::Idle && eligible(&w.id)).collect();
-        idle.sort_by_key(|w| (w.id.len(), w.id.clone()));
-        let mut idle = idle.into_iter().map(|w| w.id.clone());
+        let mut idle: Vec<String> = self.workers.values().filter(|w| w.state() == WorkerState::Idle && eligible(&w.id)).map(|w| w.id.clone()).collect();
+        idle.sort_by_key(|w| (w.len(), w.clone()));
         let mut starts = Vec::new();
         for job in self.jobs.values().filter(|j| is_batch(j) && matches!(j.state(), JobState::Queued | JobState::Running)) {
             let b = job.batch.as_ref().expect("a batch job");
             let mut room = (b.workers as usize).saturating_sub(running_attempts(b));
-            let mut start = |task: &BatchTask, speculative: bool, room: &mut usize| -> bool {
-                if *room == 0 {
+            // The lowest idle worker this task has not failed on (a retry goes elsewhere when
+            // it can), else the lowest idle one.
+            let mut start = |task: &BatchTask, speculative: bool| -> bool {
+                if room == 0 || idle.is_empty() {
                     return false;
                 }
-                let Some(worker_id) = idle.next() else { return false };
-                *room -= 1;
+                let at = idle.iter().position(|w| !task.failed_on.contains(w)).unwrap_or(0);
+                let worker_id = idle.remove(at);
+                room -= 1;
                 starts.push(TaskStarted { job_id: job.id, task: task.index, worker_id, attempt: 0, started_unix_ms: now_ms, speculative });
                 true
             };
             for t in b.tasks.iter().filter(|t| t.state == PENDING) {
-                if !start(t, false, &mut room) {
+                if !start(t, false) {
                     break;
                 }
             }
@@ -413,7 +462,7 @@ impl StateMachine {
                 done.sort_unstable();
                 let limit = (done[done.len() / 2] as f64 * b.speculation).max(MIN_SPECULATION_MS);
                 for t in b.tasks.iter().filter(|t| t.state == RUNNING && t.running.len() == 1 && !t.running[0].speculative) {
-                    if now_ms.saturating_sub(t.running[0].started_unix_ms) as f64 > limit && !start(t, true, &mut room) {
+                    if now_ms.saturating_sub(t.running[0].started_unix_ms) as f64 > limit && !start(t, true) {
                         break;
                     }
                 }
@@ -441,6 +490,36 @@ impl StateMachine {
             ..Default::default()
         })
     }
+}
+
+/// What a successful report must hold: an output shard under the attempt's own name in the
+/// job's folder (when the phase writes one), with the records the task was given (score and
+/// transform write one record per input record; exec may write any number), predictions no
+/// more than records, and statistics of a sane size.
+fn check_report(r: &TaskReport, task: &BatchTask, folder: &str, op: &str, writes: bool) -> Result<(), String> {
+    let span = task.end - task.start;
+    if writes {
+        let out = r.output.as_ref().ok_or("no output shard reported")?;
+        let want = format!("{folder}/task-{:05}-a{}.safetensors", task.index, r.attempt);
+        if out.path != want || out.records != r.records_out {
+            return Err(format!("output {:?} with {} records is not {want} with the {} records reported", out.path, out.records, r.records_out));
+        }
+        if op != "exec" && r.records_out != span {
+            return Err(format!("{} records written for the task's {span}", r.records_out));
+        }
+        if r.feature_shape.is_empty() || r.feature_shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).is_none_or(|n| n == 0 || n > MAX_FEATURES) {
+            return Err(format!("output feature shape {:?} is not usable", r.feature_shape));
+        }
+    }
+    if r.correct > r.records_out {
+        return Err(format!("{} correct of {} records", r.correct, r.records_out));
+    }
+    if let Some(s) = &r.stats {
+        if s.features.len() as u64 > MAX_FEATURES || s.label_counts.len() > 1_000_000 || s.features.iter().any(|f| f.bins.len() > 1024) {
+            return Err("statistics of an unusable size".into());
+        }
+    }
+    Ok(())
 }
 
 fn running_attempts(b: &BatchState) -> usize {
@@ -614,5 +693,44 @@ mod tests {
         sm.apply(8, cmd(command::Kind::CancelJob(2))).unwrap();
         assert!(sm.workers().all(|w| w.state() == WorkerState::Idle));
         assert!(batch(&sm).tasks.iter().all(|t| t.running.is_empty() && t.state == PENDING));
+    }
+
+    #[test]
+    fn a_bad_report_is_refused_without_a_change_and_retries_go_to_another_worker() {
+        let mut sm = cluster();
+        sm.apply(5, cmd(command::Kind::SubmitJob(COPY.into()))).unwrap();
+        start(&mut sm, 6, 0, "w1", false).unwrap();
+        let before = sm.job(1).cloned();
+        let mut r = TaskReport { worker_id: "w1".into(), job_id: 1, attempt: 1, task: 0, ok: true, records_out: 10, feature_shape: vec![4], feature_dtype: "f32".into(), ..Default::default() };
+        for (path, records) in [("datasets/out/batch-1/task-00001-a1.safetensors", 10), ("datasets/out/batch-1/task-00000-a1.safetensors", 9), ("datasets/other/x.safetensors", 10)] {
+            r.output = Some(ShardInfo { path: path.into(), records, blake3: "o".into(), bytes: 1 });
+            assert!(sm.apply(7, cmd(command::Kind::TaskReported(r.clone()))).is_err(), "{path} {records}");
+            assert_eq!(sm.job(1).cloned(), before, "a refused report changes nothing");
+        }
+        // A failure on w1: the retry goes to another idle worker.
+        report(&mut sm, 8, 0, 1, "w1", false).unwrap();
+        let starts = sm.next_batch_starts(|_| true, 1000);
+        assert_eq!((starts[0].task, starts[0].worker_id.as_str()), (0, "w2"), "{starts:?}");
+    }
+
+    #[test]
+    fn a_training_job_that_waited_stops_batch_attempts_which_do_not_count() {
+        let mut sm = cluster();
+        sm.apply(5, cmd(command::Kind::SubmitJob(COPY.replace("workers = 2", "workers = 3")))).unwrap();
+        for (i, w) in ["w1", "w2", "w3"].iter().enumerate() {
+            start(&mut sm, 6 + i as u64, i as u32, w, false).unwrap();
+        }
+        assert!(sm.batch_preemptions(|_| true).is_none(), "no training job waits");
+        let train = "name = \"t\"\n[model]\nkind = \"mlp\"\n[dataset]\nname = \"d\"\ntrain = [0, 20]\n[training]\nepochs = 1\nbatch_size = 4\n[training.optimizer]\nkind = \"sgd\"\nlr = 0.1\n[cluster]\nworkers = 2\n";
+        sm.apply(9, cmd(command::Kind::SubmitJob(train.into()))).unwrap();
+        let (job, stops) = sm.batch_preemptions(|_| true).unwrap();
+        assert_eq!((job, stops.iter().map(|t| t.attempt).collect::<Vec<_>>()), (2, vec![3, 2]), "the newest attempts first");
+        for (i, t) in stops.into_iter().enumerate() {
+            sm.apply(10 + i as u64, cmd(command::Kind::TaskStopped(t))).unwrap();
+        }
+        let b = batch(&sm);
+        assert_eq!(b.tasks.iter().map(|t| (t.state.as_str(), t.attempts)).collect::<Vec<_>>(), [(RUNNING, 1), (PENDING, 0), (PENDING, 0)]);
+        let (placed, _, workers) = sm.next_placement(|_| true).unwrap();
+        assert_eq!((placed, workers), (2, vec!["w2".to_string(), "w3".to_string()]));
     }
 }
