@@ -273,7 +273,7 @@ pub fn batch_counts(b: &shoal_proto::BatchState) -> (u64, u64, u64, u64, u64) {
     let done: Vec<&shoal_proto::BatchTask> = b.tasks.iter().filter(|t| t.state == "done").collect();
     let failed = b.tasks.iter().filter(|t| t.state == "failed").count() as u64;
     let read = done.iter().map(|t| t.end - t.start).sum::<u64>() + b.phase as u64 * b.tasks.iter().map(|t| t.end - t.start).sum::<u64>();
-    (n * phases, b.phase as u64 * n + done.len() as u64, failed, done.iter().map(|t| t.records_out).sum(), read)
+    (n * phases, b.phase as u64 * n + done.len() as u64, failed, done.iter().filter_map(|t| t.result.as_ref()).map(|r| r.records_out).sum(), read)
 }
 
 pub fn batch_json(j: &JobInfo) -> Value {
@@ -307,10 +307,10 @@ pub fn batch_json(j: &JobInfo) -> Value {
         "transform": b.transform.as_ref().map(transform_json).unwrap_or(Value::Null),
         "stats": stats(&b.stats),
         "error": nonempty(&j.error),
-        "tasks": b.tasks.iter().map(|t| json!({
+        "tasks": b.tasks.iter().map(|t| (t, t.result.clone().unwrap_or_default())).map(|(t, res)| json!({
             "index": t.index, "records": [t.start, t.end], "state": t.state, "attempts": t.attempts,
             "running": t.running.iter().map(|a| json!({"attempt": a.attempt, "worker": a.worker_id, "speculative": a.speculative})).collect::<Vec<_>>(),
-            "records_out": t.records_out, "elapsed_ms": t.elapsed_ms, "output": t.output.as_ref().map(|o| json!(o.path)).unwrap_or(Value::Null),
+                        "records_out": res.records_out, "elapsed_ms": res.elapsed_ms, "output": res.output.as_ref().map(|o| json!(o.path)).unwrap_or(Value::Null),
             "error": nonempty(&t.error),
         })).collect::<Vec<_>>(),
     })

@@ -960,7 +960,7 @@ impl Coordinator for Api {
             reply.job_ended = true;
             reply.output_folder = b.output_folder;
             if j.state() == JobState::Succeeded {
-                reply.keep = b.tasks.iter().filter_map(|t| t.output.as_ref().map(|o| o.path.clone())).collect();
+                reply.keep = b.tasks.iter().filter_map(|t| t.result.as_ref()?.output.as_ref().map(|o| o.path.clone())).collect();
             }
         }
         Ok(Response::new(reply))

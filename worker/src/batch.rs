@@ -14,7 +14,7 @@ use shoal_core::batch::{apply_transform, BatchSpec};
 use shoal_core::dataset::Records;
 use shoal_core::idx::IdxData;
 use shoal_core::JobSpec;
-use shoal_proto::{Assignment, DatasetInfo, ShardInfo, TaskReport};
+use shoal_proto::{Assignment, DatasetInfo, ShardInfo, TaskReport, TaskResult};
 
 use crate::data::ShardedDataset;
 use crate::model::Model;
@@ -70,20 +70,20 @@ pub fn run_task(store: &Path, a: &Assignment, cache: &ModelCache, cancel: &Atomi
         sleep_unless_cancelled(Duration::from_millis(ms), cancel)?;
     }
     let op = spec.operator.kind.as_str();
-    let mut report = TaskReport { job_id: a.job_id, attempt: a.generation, task: task.index, ok: true, ..Default::default() };
+    let mut result = TaskResult::default();
     let records = match (op, task.phase) {
         ("stats", _) => {
             let raw = ds.raw_records(lo, hi)?;
             let ranges = input.slices.first().and_then(|s| s.stats.as_ref()).map(shoal_core::stats::ranges);
             let fits = ranges.as_ref().is_some_and(|r| r.len() == ds.feature_len);
-            report.stats = Some(shoal_core::stats::slice_stats(&raw, ranges.as_deref().filter(|_| fits), ds.classes));
+            result.stats = Some(shoal_core::stats::slice_stats(&raw, ranges.as_deref().filter(|_| fits), ds.classes));
             None
         }
         ("transform", 0) => {
             // Fitting: the statistics of the features as a model reads them.
             let (x, y) = read_all(&ds, lo, hi, cancel)?;
             let r = Records { features: IdxData::F32(x), feature_shape: ds.feature_shape.clone(), labels: y };
-            report.stats = Some(shoal_core::stats::slice_stats(&r, None, ds.classes));
+            result.stats = Some(shoal_core::stats::slice_stats(&r, None, ds.classes));
             None
         }
         ("transform", _) => {
@@ -95,7 +95,7 @@ pub fn run_task(store: &Path, a: &Assignment, cache: &ModelCache, cancel: &Atomi
         ("score", _) => {
             let loaded = cache.get(store, a, input)?;
             let (records, pred, correct) = score(&loaded.0, &loaded.1, &ds, lo, hi, a, spec.operator.batch_size.unwrap_or(1024) as usize, cancel)?;
-            report.correct = correct;
+            result.correct = correct;
             Some((records, Some(pred)))
         }
         ("exec", _) => {
@@ -107,15 +107,16 @@ pub fn run_task(store: &Path, a: &Assignment, cache: &ModelCache, cancel: &Atomi
     let mut file = None;
     if let Some((records, pred)) = records {
         let (shard, path) = write_output(store, a, task.index, &records, pred.as_deref())?;
-        report.records_out = records.len() as u64;
-        report.feature_shape = records.feature_shape.iter().map(|&d| d as u64).collect();
-        report.feature_dtype = records.dtype().into();
-        report.classes = records.classes();
-        report.stats = Some(shoal_core::stats::slice_stats(&records, None, records.classes() as usize));
-        report.output = Some(shard);
+        result.records_out = records.len() as u64;
+        result.feature_shape = records.feature_shape.iter().map(|&d| d as u64).collect();
+        result.feature_dtype = records.dtype().into();
+        result.classes = records.classes();
+        result.stats = Some(shoal_core::stats::slice_stats(&records, None, records.classes() as usize));
+        result.output = Some(shard);
         file = Some(path);
     }
-    report.elapsed_ms = started.elapsed().as_millis() as u64;
+    result.elapsed_ms = started.elapsed().as_millis() as u64;
+    let report = TaskReport { job_id: a.job_id, attempt: a.generation, task: task.index, ok: true, result: Some(result), ..Default::default() };
     Ok(TaskOutput { report, file })
 }
 

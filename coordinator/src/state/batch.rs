@@ -6,7 +6,7 @@
 //! registers the output dataset version from the committed shards, in task order.
 
 use shoal_core::batch::{fit_transform, plan_tasks, BatchSpec};
-use shoal_proto::{BatchState, BatchTask, SliceStats, TaskAttempt, TaskReport, TaskStarted, TaskStopped};
+use shoal_proto::{BatchState, BatchTask, SliceStats, TaskAttempt, TaskReport, TaskResult, TaskStarted, TaskStopped};
 
 use super::*;
 
@@ -20,6 +20,12 @@ const MIN_SPECULATION_MS: f64 = 100.0;
 
 pub fn is_batch(job: &JobInfo) -> bool {
     job.kind == "batch"
+}
+
+/// A task's committed result (empty until it has one).
+fn result(t: &BatchTask) -> &TaskResult {
+    static NONE: TaskResult = TaskResult { output: None, records_out: 0, correct: 0, elapsed_ms: 0, stats: None, feature_shape: Vec::new(), feature_dtype: String::new(), classes: 0 };
+    t.result.as_ref().unwrap_or(&NONE)
 }
 
 impl StateMachine {
@@ -275,9 +281,7 @@ impl StateMachine {
         if r.ok {
             task.state = DONE.into();
             task.committed_attempt = r.attempt;
-            task.output = r.output.filter(|_| writes);
-            (task.records_out, task.correct, task.elapsed_ms, task.stats) = (r.records_out, r.correct, r.elapsed_ms, r.stats);
-            (task.feature_shape, task.feature_dtype, task.classes) = (r.feature_shape, r.feature_dtype, r.classes);
+            task.result = r.result.map(|res| TaskResult { output: res.output.filter(|_| writes), ..res });
             task.error.clear();
             // Any other attempt of the task (a speculative copy) is not needed any more.
             freed.extend(task.running.drain(..).map(|a| a.worker_id));
@@ -327,7 +331,7 @@ impl StateMachine {
         let job = self.jobs.get_mut(&id).expect("a job");
         let b = job.batch.as_mut().expect("a batch job");
         b.finished_unix_ms = now_ms;
-        let stats = merge_stats(b.tasks.iter().filter_map(|t| t.stats.as_ref()));
+        let stats = merge_stats(b.tasks.iter().filter_map(|t| result(t).stats.as_ref()));
         let range = (b.tasks.first().map(|t| t.start).unwrap_or(0), b.tasks.last().map(|t| t.end).unwrap_or(0));
         let described = format!("{}@{} [{}, {})", input.name, input.version, range.0, range.1);
         match (b.operator.as_str(), b.phase) {
@@ -348,21 +352,21 @@ impl StateMachine {
             }
             _ => {}
         }
-        let Some(records) = b.tasks.iter().try_fold(0u64, |a, t| a.checked_add(t.records_out)) else {
+        let Some(records) = b.tasks.iter().try_fold(0u64, |a, t| a.checked_add(result(t).records_out)) else {
             self.finish_job(id, JobState::Failed, "the tasks report more records than a dataset holds".into());
             return;
         };
         if b.operator == "score" && records > 0 {
-            b.accuracy = b.tasks.iter().map(|t| t.correct).sum::<u64>() as f64 / records as f64;
+            b.accuracy = b.tasks.iter().map(|t| result(t).correct).sum::<u64>() as f64 / records as f64;
         }
-        let first = b.tasks.iter().find(|t| t.records_out > 0);
-        let (shape, dtype) = first.map(|t| (t.feature_shape.clone(), t.feature_dtype.clone())).unwrap_or_default();
-        if let Some(odd) = b.tasks.iter().find(|t| t.records_out > 0 && (t.feature_shape != shape || t.feature_dtype != dtype)) {
-            let msg = format!("task {} wrote {} features {:?}; task 0 wrote {dtype} {shape:?}: one dataset needs one schema", odd.index, odd.feature_dtype, odd.feature_shape);
+        let wrote: Vec<(u32, &TaskResult)> = b.tasks.iter().map(|t| (t.index, result(t))).filter(|(_, r)| r.records_out > 0).collect();
+        let (shape, dtype) = wrote.first().map(|(_, r)| (r.feature_shape.clone(), r.feature_dtype.clone())).unwrap_or_default();
+        if let Some((index, odd)) = wrote.iter().find(|(_, r)| r.feature_shape != shape || r.feature_dtype != dtype) {
+            let msg = format!("task {index} wrote {} features {:?}; the first wrote {dtype} {shape:?}: one dataset needs one schema", odd.feature_dtype, odd.feature_shape);
             self.finish_job(id, JobState::Failed, msg);
             return;
         }
-        let classes = b.tasks.iter().map(|t| t.classes).max().unwrap_or(0).max(if b.operator == "exec" { 0 } else { input.classes });
+        let classes = b.tasks.iter().map(|t| result(t).classes).max().unwrap_or(0).max(if b.operator == "exec" { 0 } else { input.classes });
         let out = b.output_dataset.clone();
         let slice = DatasetSlice {
             sources: vec![format!("batch job {id}")],
@@ -379,7 +383,7 @@ impl StateMachine {
             records,
             feature_shape: shape,
             classes,
-            shards: b.tasks.iter().filter_map(|t| t.output.clone()).filter(|s| s.records > 0).collect(),
+            shards: b.tasks.iter().filter_map(|t| result(t).output.clone()).filter(|s| s.records > 0).collect(),
             slices: vec![slice],
             feature_dtype: dtype,
             append: self.datasets.contains_key(&out),
@@ -457,7 +461,7 @@ impl StateMachine {
             }
             // Stragglers: once half the tasks are done and none waits, a task running longer
             // than `speculation` times the median gets a copy; the first commit wins.
-            let mut done: Vec<u64> = b.tasks.iter().filter(|t| t.state == DONE).map(|t| t.elapsed_ms).collect();
+            let mut done: Vec<u64> = b.tasks.iter().filter(|t| t.state == DONE).map(|t| result(t).elapsed_ms).collect();
             if b.speculation > 0.0 && done.len() * 2 >= b.tasks.len() && b.tasks.iter().all(|t| t.state != PENDING) {
                 done.sort_unstable();
                 let limit = (done[done.len() / 2] as f64 * b.speculation).max(MIN_SPECULATION_MS);
@@ -496,11 +500,12 @@ impl StateMachine {
 /// job's folder (when the phase writes one), with the records the task was given (score and
 /// transform write one record per input record; exec may write any number), predictions no
 /// more than records, and statistics of a sane size.
-fn check_report(r: &TaskReport, task: &BatchTask, folder: &str, op: &str, writes: bool) -> Result<(), String> {
+fn check_report(report: &TaskReport, task: &BatchTask, folder: &str, op: &str, writes: bool) -> Result<(), String> {
     let span = task.end - task.start;
+    let r = report.result.as_ref().ok_or("no result reported")?;
     if writes {
         let out = r.output.as_ref().ok_or("no output shard reported")?;
-        let want = format!("{folder}/task-{:05}-a{}.safetensors", task.index, r.attempt);
+        let want = format!("{folder}/task-{:05}-a{}.safetensors", task.index, report.attempt);
         if out.path != want || out.records != r.records_out {
             return Err(format!("output {:?} with {} records is not {want} with the {} records reported", out.path, out.records, r.records_out));
         }
@@ -593,13 +598,8 @@ mod tests {
             task,
             ok,
             error: if ok { String::new() } else { "boom".into() },
-            output: Some(output).filter(|_| ok),
-            records_out: if ok { 10 } else { 0 },
-            feature_shape: vec![4],
-            feature_dtype: "f32".into(),
-            classes: 2,
+            result: Some(TaskResult { output: Some(output), records_out: 10, feature_shape: vec![4], feature_dtype: "f32".into(), classes: 2, ..Default::default() }).filter(|_| ok),
             reported_unix_ms: 2000,
-            ..Default::default()
         };
         sm.apply(index, cmd(command::Kind::TaskReported(r)))
     }
@@ -701,9 +701,10 @@ mod tests {
         sm.apply(5, cmd(command::Kind::SubmitJob(COPY.into()))).unwrap();
         start(&mut sm, 6, 0, "w1", false).unwrap();
         let before = sm.job(1).cloned();
-        let mut r = TaskReport { worker_id: "w1".into(), job_id: 1, attempt: 1, task: 0, ok: true, records_out: 10, feature_shape: vec![4], feature_dtype: "f32".into(), ..Default::default() };
+        let mut r = TaskReport { worker_id: "w1".into(), job_id: 1, attempt: 1, task: 0, ok: true, ..Default::default() };
         for (path, records) in [("datasets/out/batch-1/task-00001-a1.safetensors", 10), ("datasets/out/batch-1/task-00000-a1.safetensors", 9), ("datasets/other/x.safetensors", 10)] {
-            r.output = Some(ShardInfo { path: path.into(), records, blake3: "o".into(), bytes: 1 });
+            let output = Some(ShardInfo { path: path.into(), records, blake3: "o".into(), bytes: 1 });
+            r.result = Some(TaskResult { output, records_out: 10, feature_shape: vec![4], feature_dtype: "f32".into(), ..Default::default() });
             assert!(sm.apply(7, cmd(command::Kind::TaskReported(r.clone()))).is_err(), "{path} {records}");
             assert_eq!(sm.job(1).cloned(), before, "a refused report changes nothing");
         }
