@@ -1047,6 +1047,13 @@ async fn job(cmd: JobCmd) -> Result<()> {
                     async move { c.cancel_job(req).await }
                 })
                 .await?;
+            // A cancelled batch job adds no version: what its attempts wrote goes (an attempt
+            // still writing is refused when it reports, and removes its own file).
+            if let Some(folder) = j.batch.as_ref().map(|b| b.output_folder.clone()).filter(|f| !f.is_empty()) {
+                if let Ok(store) = ops::store_dir(&client).await {
+                    shoal_worker::batch::tidy_output(&store, &folder, &[]);
+                }
+            }
             if json {
                 print_json(&ops::job_json(&j));
             } else {

@@ -227,6 +227,20 @@ fn exec_retries_a_failing_command_then_reports_its_exit_code_and_stderr_and_kill
     assert!(started.elapsed() < Duration::from_secs(50), "the command was not killed at its timeout");
     assert_eq!(done["state"], "failed", "{done}");
     assert!(done["error"].as_str().unwrap().contains("timed out after 1.0 s"), "{done}");
+
+    // Cancelled while its command runs: the command is killed, the workers are free again and
+    // nothing is left in the job's folder.
+    let half = exec("if [ $SHOAL_TASK -ge 2 ]; then sleep 60; fi; cp \"$0\" \"$1\"", "");
+    let id = submit(&c, "hang2.toml", &batch_spec("hang2", "mnist", None, &half, Some("never"), "workers = 2"));
+    c.wait_job(&id, "two tasks to commit and two to hang", Duration::from_secs(30), |j| j["tasks_done"] == 2 && j["workers"].as_array().is_some_and(|w| w.len() == 2));
+    let folder = c.store().join(format!("datasets/never/batch-{id}"));
+    assert_eq!(std::fs::read_dir(&folder).unwrap().count(), 2, "the committed shards");
+    assert_eq!(json(&mut c.cmd(&["job", "cancel", &id, "--json"]))["state"], "cancelled");
+    assert!(!folder.exists(), "a cancelled job leaves no files");
+    wait_for("the workers to be idle", Duration::from_secs(20), || {
+        let w = json(&mut c.cmd(&["worker", "list", "--json"]));
+        w.as_array().unwrap().iter().all(|w| w["state"] == "idle").then_some(())
+    });
 }
 
 #[test]

@@ -141,7 +141,17 @@ impl StateMachine {
     /// Whether a queued training job could start if the batch tasks gave their workers back:
     /// then no new batch attempt starts, so batch work never keeps a training job waiting.
     fn training_waits(&self) -> bool {
-        let usable = self.workers.values().filter(|w| w.state() == WorkerState::Idle || (w.state() == WorkerState::Busy && self.jobs.get(&w.job_id).is_some_and(is_batch))).count();
+        self.training_waits_on(|_| true)
+    }
+
+    /// `training_waits`, counting only the workers `eligible` says yes to (the leader's: those
+    /// heard from lately, as the training placement counts them).
+    fn training_waits_on(&self, eligible: impl Fn(&str) -> bool) -> bool {
+        let usable = self
+            .workers
+            .values()
+            .filter(|w| eligible(&w.id) && (w.state() == WorkerState::Idle || (w.state() == WorkerState::Busy && self.jobs.get(&w.job_id).is_some_and(is_batch))))
+            .count();
         self.jobs.values().any(|j| j.state() == JobState::Queued && !is_batch(j) && pool_range(j).0 as usize <= usable)
     }
 
@@ -433,7 +443,7 @@ impl StateMachine {
     /// `workers`, then speculative copies of stragglers. None while a queued training job
     /// could start on the workers batch tasks hold (it gets them as their tasks end).
     pub fn next_batch_starts(&self, eligible: impl Fn(&str) -> bool, now_ms: u64) -> Vec<TaskStarted> {
-        if self.training_waits() {
+        if self.training_waits_on(&eligible) {
             return Vec::new();
         }
         let mut idle: Vec<String> = self.workers.values().filter(|w| w.state() == WorkerState::Idle && eligible(&w.id)).map(|w| w.id.clone()).collect();
