@@ -149,16 +149,14 @@ fn shards_holding(input: &DatasetInfo, start: u64, end: u64) -> Result<(DatasetI
 
 /// Features (as a model reads them) and labels of records [lo, hi).
 fn read_all(ds: &ShardedDataset, lo: u64, hi: u64, cancel: &AtomicBool) -> Result<(Vec<f32>, Vec<i64>), WorkerError> {
-    let (mut x, mut y) = (Vec::with_capacity((hi - lo) as usize * ds.feature_len), Vec::with_capacity((hi - lo) as usize));
-    let mut labels = Vec::new();
+    let (mut x, mut labels) = (Vec::with_capacity((hi - lo) as usize * ds.feature_len), Vec::with_capacity((hi - lo) as usize));
     for (n, i) in (lo..hi).enumerate() {
         if n % 4096 == 0 && cancel.load(Ordering::Relaxed) {
             return Err(WorkerError::Cancelled);
         }
         ds.push_record(i, &mut x, &mut labels)?;
     }
-    y.extend(labels.into_iter().map(i64::from));
-    Ok((x, y))
+    Ok((x, labels.into_iter().map(i64::from).collect()))
 }
 
 /// Class probabilities (softmax of the logits) and predicted classes (argmax, first on ties,

@@ -86,7 +86,7 @@ impl StateMachine {
         if let (Some(out), "score" | "transform") = (self.dataset(spec.output.as_ref().map(|o| o.dataset.as_str()).unwrap_or_default(), 0), op) {
             if out.feature_shape != out_shape || (!out.feature_dtype.is_empty() && out.feature_dtype != "f32") || input.classes > out.classes {
                 return Err(format!(
-                    "output.dataset: {} holds f32? {} features {:?} and {} classes; this job writes f32 features {out_shape:?} with {} classes",
+                    "output.dataset: {} holds {} features {:?} with {} classes; this job writes f32 features {out_shape:?} with {} classes",
                     out.name,
                     out.feature_dtype,
                     out.feature_shape,
