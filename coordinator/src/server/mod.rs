@@ -1,0 +1,260 @@
+//! The coordinator's shell: it owns the sockets, the log file and the clock, and drives the
+//! sans-IO `Core` in one Ready loop. The gRPC handlers only read the state machine or send
+//! proposals to the loop through a bounded channel.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use protobuf::Message as _;
+use raft::eraftpb::Message as RaftMessage;
+use shoal_proto::coordinator_server::{Coordinator, CoordinatorServer};
+use shoal_proto::raft_transport_client::RaftTransportClient;
+use shoal_proto::raft_transport_server::{RaftTransport, RaftTransportServer};
+use shoal_proto::*;
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Request, Response, Status};
+
+use crate::client::MAX_MESSAGE;
+use crate::node::{Core, RaftStore, ReadReply, Reply, TICK};
+use crate::state::{ApplyOutput, ApplyResult, MemberOp, StateMachine};
+use crate::storage::LogFile;
+use crate::CoordError;
+
+mod api;
+mod identity;
+mod raft_transport;
+mod ready_loop;
+
+use identity::check_identity;
+use raft_transport::Senders;
+use ready_loop::drive;
+
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    pub id: u64,
+    /// Every voter's id and address, this replica's included.
+    pub peers: BTreeMap<u64, String>,
+    pub data_dir: PathBuf,
+    pub store_dir: PathBuf,
+    /// A worker that sends no heartbeat for this long is declared lost.
+    pub lease: Duration,
+    /// The cluster this replica belongs to. None: the one its data folder records, or (a new
+    /// folder) one derived from the peer list, so replicas started alike agree.
+    pub cluster_id: Option<String>,
+    /// How this replica comes to its group.
+    pub initial: InitialState,
+    /// Snapshot the state machine and compact the log every this many applied entries.
+    pub snapshot_every: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InitialState {
+    /// A new group (or a restart): a new folder starts with the given peers as voters.
+    New,
+    /// The group exists already: this replica's data folder must hold its state.
+    Existing,
+    /// Joining a running group (after `AddCoordinator`): starts with no voters and waits for
+    /// the leader's snapshot.
+    Join,
+}
+
+/// The default of `CoordinatorConfig::snapshot_every` (etcd's default snapshot count too).
+pub const SNAPSHOT_EVERY: u64 = 100_000;
+
+
+// A command lives here only on its way into the log: boxing it would buy nothing.
+#[allow(clippy::large_enum_variant)]
+enum Input {
+    Propose(Command, Reply),
+    Raft(RaftMessage),
+    /// Whether a snapshot reached a follower.
+    SnapshotSent { to: u64, delivered: bool },
+    /// A linearizable read waiting for its read index.
+    Read(ReadReply),
+    /// A change of the coordinator group.
+    Member { op: MemberOp, id: u64, address: String, request_id: String, reply: Reply },
+    TransferLeader(u64),
+}
+
+/// A learner whose log is within this many entries of the leader's commit is promoted.
+const PROMOTE_LAG: u64 = 16;
+
+/// How long a read waits for its read index: under a client's attempt timeout, so the client
+/// hears "retry" rather than its own timeout.
+const READ_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Raft messages sent to a peer in one batch at most.
+const RAFT_BATCH: usize = 256;
+
+/// Snapshots go to followers in pieces of this size; one may total at most `MAX_SNAPSHOT`.
+const SNAPSHOT_PIECE: usize = 1 << 20;
+const MAX_SNAPSHOT: usize = 1 << 30;
+
+#[derive(Default)]
+struct RaftView {
+    role: &'static str,
+    term: u64,
+    commit: u64,
+    leader_id: u64,
+    snapshot_index: u64,
+    learners: Vec<u64>,
+}
+
+/// Leader-only bookkeeping that is not replicated: rebuilt (with a grace period) by each new
+/// leader.
+#[derive(Default)]
+struct Volatile {
+    last_seen: HashMap<String, Instant>,
+    /// Workers that registered or heartbeated since this replica became leader: the only
+    /// ones placed (a worker known from the log may be long dead).
+    heard: HashSet<String>,
+    /// Latest progress report per job: (generation, progress, when it was last replicated).
+    progress: HashMap<u64, (u64, JobProgress, Option<Instant>)>,
+    /// Queued training jobs that batch attempts keep from starting, and since when (this
+    /// leader's clock): past `PREEMPT_AFTER`, the attempts are stopped.
+    waiting_since: HashMap<u64, Instant>,
+}
+
+/// How long a training job waits for batch attempts to end on their own before they are
+/// stopped to free its workers (a shard's task usually ends well within it).
+const PREEMPT_AFTER: Duration = Duration::from_secs(2);
+
+struct Shared {
+    cfg: CoordinatorConfig,
+    cluster_id: String,
+    /// Raft messages refused (see `RaftTransport::send`).
+    dropped: std::sync::atomic::AtomicU64,
+    /// Every member's address: the group the log records (the addresses given on the
+    /// command line win, so a cluster restarted on new ports finds itself), or, until the
+    /// log records one, the command line's.
+    addresses: RwLock<BTreeMap<u64, String>>,
+    address: String,
+    state: Arc<RwLock<StateMachine>>,
+    view: RwLock<RaftView>,
+    volatile: Mutex<Volatile>,
+    inbox: mpsc::Sender<Input>,
+}
+
+const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(10);
+const PROGRESS_FLUSH: Duration = Duration::from_secs(2);
+const INBOX: usize = 4096;
+
+/// Runs one coordinator replica on `listener` until `shutdown` resolves.
+pub async fn serve(
+    cfg: CoordinatorConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordError> {
+    if !cfg.peers.contains_key(&cfg.id) {
+        return Err(CoordError::Config(format!("peer list {:?} does not include this replica's id {}", cfg.peers.keys(), cfg.id)));
+    }
+    for dir in [&cfg.data_dir, &cfg.store_dir] {
+        shoal_core::fsutil::create_dirs_durably(dir).map_err(|e| CoordError::Io(format!("{}: {e}", dir.display())))?;
+    }
+    let lock_path = cfg.data_dir.join("LOCK");
+    let lock = std::fs::File::create(&lock_path).map_err(|e| CoordError::Io(format!("{}: {e}", lock_path.display())))?;
+    if lock.try_lock().is_err() {
+        return Err(CoordError::Locked(cfg.data_dir.display().to_string()));
+    }
+    let cluster_id = check_identity(&cfg)?;
+    // A joining replica knows no voters: the group's snapshot tells it.
+    let voters: Vec<u64> = if cfg.initial == InitialState::Join { vec![] } else { cfg.peers.keys().copied().collect() };
+    let (log, recovered) = LogFile::open(&cfg.data_dir, &voters)?;
+    tracing::info!(entries = recovered.entries, fresh = recovered.fresh, truncated = recovered.truncated_bytes, "raft log opened");
+    let state = Arc::new(RwLock::new(StateMachine::default()));
+    let mut core = Core::new(cfg.id, RaftStore::new(recovered.storage, recovered.snapshot), state.clone())?;
+    core.campaign_if_alone();
+
+    let address = listener.local_addr().map_err(|e| CoordError::Io(e.to_string()))?.to_string();
+    let (tx, rx) = mpsc::channel(INBOX);
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        cluster_id: cluster_id.clone(),
+        dropped: Default::default(),
+        addresses: RwLock::new(cfg.peers.clone()),
+        address,
+        state,
+        view: RwLock::new(RaftView::default()),
+        volatile: Mutex::new(Volatile::default()),
+        inbox: tx,
+    });
+    let mut driver = tokio::spawn(drive(core, log, rx, shared.clone()));
+
+    let svc = CoordinatorServer::new(Api(shared.clone())).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
+    let raft_svc = RaftTransportServer::new(Api(shared.clone())).max_decoding_message_size(MAX_MESSAGE);
+    // No Nagle: small replies (acks, proposals' answers) otherwise wait on delayed ACKs, 40 ms
+    // at a time.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let server = tonic::transport::Server::builder()
+        .add_service(svc)
+        .add_service(raft_svc)
+        .serve_with_incoming_shutdown(incoming, shutdown);
+    let result = tokio::select! {
+        r = server => {
+            driver.abort();
+            r.map_err(|e| CoordError::Transport(e.to_string()))
+        }
+        // The Ready loop ended: this replica was removed from the group, or the loop
+        // panicked or could not persist. Stop serving at once: a replica without its Raft
+        // loop would answer from a frozen view that may still say "leader".
+        ended = &mut driver => match ended {
+            Ok(Ok(())) => {
+                tracing::info!("removed from the coordinator group; stopping");
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(e) => {
+                let what = e.try_into_panic().ok().and_then(|p| p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())));
+                Err(CoordError::Raft(format!("the raft loop panicked: {}", what.unwrap_or_else(|| "unknown panic".into()))))
+            }
+        },
+    };
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "coordinator replica stopping");
+    }
+    drop(lock);
+    result
+}
+
+/// The group after the state machine's latest view of it (the addresses given on the command
+/// line win), or the command line's until the log records a group.
+fn effective_members(shared: &Shared) -> Vec<PeerInfo> {
+    let state = shared.state.read().expect("state lock");
+    let mut out: Vec<PeerInfo> = state.members().cloned().collect();
+    if out.is_empty() {
+        return shared.cfg.peers.iter().map(|(id, a)| PeerInfo { id: *id, address: a.clone(), learner: false }).collect();
+    }
+    for m in out.iter_mut() {
+        if let Some(given) = shared.cfg.peers.get(&m.id) {
+            m.address.clone_from(given);
+        }
+    }
+    out
+}
+
+fn effective_addresses(shared: &Shared) -> BTreeMap<u64, String> {
+    effective_members(shared).into_iter().map(|m| (m.id, m.address)).collect()
+}
+
+fn not_leader_text(shared: &Shared, e: &CoordError) -> String {
+    match e {
+        CoordError::NotLeader(id) => match shared.addresses.read().expect("addresses lock").get(id) {
+            Some(addr) => format!("not the leader; leader is {id} at {addr}"),
+            None => "not the leader; no leader known yet".into(),
+        },
+        other => other.to_string(),
+    }
+}
+
+#[derive(Clone)]
+struct Api(Arc<Shared>);
+
+fn final_status(code: tonic::Code, msg: impl Into<String>) -> Status {
+    let mut s = Status::new(code, msg);
+    // Tells clients not to retry this one on another replica.
+    s.metadata_mut().insert("shoal-final", "1".parse().expect("ascii"));
+    s
+}
+
