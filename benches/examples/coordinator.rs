@@ -213,7 +213,7 @@ impl Shoal {
         while start.elapsed() < Duration::from_secs(30) {
             let mut up = 0;
             for ep in self.endpoints() {
-                if let Ok(s) = CoordinatorClient::new(channel(&ep)).get_status(StatusRequest {}).await {
+                if let Ok(s) = CoordinatorClient::new(channel(&ep)).get_status(StatusRequest::default()).await {
                     if s.into_inner().node.is_some_and(|n| n.leader_id != 0) {
                         up += 1;
                     }
@@ -254,7 +254,7 @@ impl Group for Shoal {
 
     async fn leader(&self) -> Result<usize> {
         for (i, m) in self.members.iter().enumerate().filter(|(_, m)| m.1.is_some()) {
-            if let Ok(s) = CoordinatorClient::new(channel(&m.0)).get_status(StatusRequest {}).await {
+            if let Ok(s) = CoordinatorClient::new(channel(&m.0)).get_status(StatusRequest::default()).await {
                 if s.into_inner().node.is_some_and(|n| n.role == "leader") {
                     return Ok(i);
                 }
@@ -446,7 +446,7 @@ async fn time_restart(exe: &Path, args: &[String], addr: &str, entries: u64) -> 
         if start.elapsed() > Duration::from_secs(600) {
             bail!("the replica did not come back within 10 minutes");
         }
-        if let Ok(s) = CoordinatorClient::new(channel(addr)).get_status(StatusRequest {}).await {
+        if let Ok(s) = CoordinatorClient::new(channel(addr)).get_status(StatusRequest::default()).await {
             if s.into_inner().node.is_some_and(|n| n.role == "leader" && n.applied_index >= entries) {
                 return Ok((start.elapsed().as_secs_f64(), child));
             }
@@ -477,7 +477,7 @@ async fn restart(args: &[String]) -> Result<()> {
     for t in tasks {
         t.await?;
     }
-    let status = CoordinatorClient::new(channel(&addr)).get_status(StatusRequest {}).await?.into_inner();
+    let status = CoordinatorClient::new(channel(&addr)).get_status(StatusRequest::default()).await?.into_inner();
     let applied = status.node.context("status")?.applied_index;
     println!("restart: {applied} entries committed in {:.1} s", t.elapsed().as_secs_f64());
     let log = shoal.dir.path().join("cluster/coordinators/1/raft.log");

@@ -160,6 +160,46 @@ impl Conn {
     }
 }
 
+/// Which page of a listing: replies hold at most 100 entries, newest first.
+#[derive(Args, Clone)]
+struct PageArgs {
+    /// The page to show: the token a listing printed as its next page.
+    #[arg(long, conflicts_with = "all")]
+    page: Option<String>,
+    /// Every page, one after the other.
+    #[arg(long)]
+    all: bool,
+}
+
+impl PageArgs {
+    /// Fetches one page (`--page`, default the first) or, with `--all`, every page, joined.
+    async fn fetch<T, F, Fut>(&self, mut get: F) -> Result<(Vec<T>, String)>
+    where
+        F: FnMut(String) -> Fut,
+        Fut: std::future::Future<Output = Result<(Vec<T>, String)>>,
+    {
+        let (mut items, mut next) = get(self.page.clone().unwrap_or_default()).await?;
+        while self.all && !next.is_empty() {
+            let (more, after) = get(next).await?;
+            items.extend(more);
+            next = after;
+        }
+        Ok((items, next))
+    }
+}
+
+/// Says where the listing goes on (on stderr when the output is JSON, so it stays parseable).
+fn note_next_page(next: &str, json: bool) {
+    if next.is_empty() {
+        return;
+    }
+    if json {
+        eprintln!("next page: --page {next} (or --all)");
+    } else {
+        println!("(more: --page {next}, or --all)");
+    }
+}
+
 #[derive(Args)]
 struct DirArg {
     /// Cluster folder.
@@ -272,19 +312,35 @@ enum DataCmd {
         #[arg(long)]
         json: bool,
     },
-    /// List datasets (every version).
+    /// List datasets: each one's latest version, summarised.
     List {
+        #[command(flatten)]
+        page: PageArgs,
         #[command(flatten)]
         conn: Conn,
         #[arg(long)]
         json: bool,
     },
-    /// Show one dataset version with its shards.
+    /// Show one dataset version: its statistics, its slices (100 at a time, newest first)
+    /// with their shards, and its versions.
     Show {
         name: String,
         /// Version (default: the latest).
         #[arg(long, default_value_t = 0)]
         version: u64,
+        #[command(flatten)]
+        page: PageArgs,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the store's dataset folders that no committed slice refers to (imports that
+    /// were refused or whose outcome was unknown, leftovers of batch jobs), once older than
+    /// --min-age-s (an import writes its folder before registering it).
+    Gc {
+        #[arg(long, default_value_t = 3600)]
+        min_age_s: u64,
         #[command(flatten)]
         conn: Conn,
         #[arg(long)]
@@ -305,6 +361,8 @@ enum JobCmd {
     },
     /// Job templates and what each new dataset version started.
     Templates {
+        #[command(flatten)]
+        page: PageArgs,
         #[command(flatten)]
         conn: Conn,
         #[arg(long)]
@@ -329,8 +387,19 @@ enum JobCmd {
         #[arg(long)]
         json: bool,
     },
-    /// List jobs.
+    /// List jobs, newest first.
     List {
+        #[command(flatten)]
+        page: PageArgs,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply the retention settings now (`shoal coordinator settings`): finished jobs beyond
+    /// them leave the state, then their files leave the store (only after the removal is
+    /// committed), as do files of jobs that are gone.
+    Prune {
         #[command(flatten)]
         conn: Conn,
         #[arg(long)]
@@ -400,10 +469,27 @@ enum CoordinatorCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Remove replica ID from the group (the leader hands its role on first); on a local
-    /// cluster its process stops.
+    /// Remove replica ID from the group (a leader hands its role to a live voter that caught
+    /// up first); on a local cluster its process stops. Refused if the group left would not
+    /// have a quorum of live replicas.
     Remove {
         id: u64,
+        /// Disaster recovery only: remove it even if the group left has no live quorum.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Retention of finished jobs: a finished job is removed once it is neither among the
+    /// --keep-jobs newest nor younger than --keep-days (unless a model version, a template's
+    /// firing or a warm start refers to it). Without flags: the settings now.
+    Settings {
+        #[arg(long)]
+        keep_jobs: Option<u32>,
+        #[arg(long)]
+        keep_days: Option<u32>,
         #[command(flatten)]
         conn: Conn,
         #[arg(long)]
@@ -444,16 +530,21 @@ enum ModelCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Every model, with its versions and aliases.
+    /// Every model, with its newest version and its aliases.
     List {
+        #[command(flatten)]
+        page: PageArgs,
         #[command(flatten)]
         conn: Conn,
         #[arg(long)]
         json: bool,
     },
-    /// A model (NAME) or one version (NAME@VERSION, NAME@ALIAS) with its lineage.
+    /// A model (NAME: its versions, 100 at a time, newest first) or one version
+    /// (NAME@VERSION, NAME@ALIAS) with its lineage.
     Show {
         reference: String,
+        #[command(flatten)]
+        page: PageArgs,
         #[command(flatten)]
         conn: Conn,
         #[arg(long)]
@@ -754,7 +845,7 @@ async fn cluster_status(conn: &Conn) -> Result<(Vec<serde_json::Value>, Vec<serd
     let mut coords = Vec::new();
     let mut workers = Vec::new();
     for (i, ep) in client.endpoints().iter().enumerate() {
-        match client.single(i).get_status(StatusRequest {}).await {
+        match client.single(i).get_status(StatusRequest { state_hash: true, members_only: false }).await {
             Ok(s) => {
                 let s = s.into_inner();
                 let n = s.node.unwrap_or_default();
@@ -823,8 +914,9 @@ async fn data(cmd: DataCmd) -> Result<()> {
             if json {
                 print_json(&ops::dataset_json(&d));
             } else {
-                let s = d.slices.last().cloned().unwrap_or_default();
-                println!("appended to {} v{}: records {}..{} added ({} in all, {} slices)", d.name, d.version, s.first, s.first + s.records, d.records, d.slices.len());
+                // The registration answers with the new slice.
+                let s = d.slices.first().cloned().unwrap_or_default();
+                println!("appended to {} v{}: records {}..{} added ({} in all, {} slices)", d.name, d.version, s.first, s.first + s.records, d.records, d.slice_count);
                 println!("  divergence from v{}: labels {:.4}, features {:.4} (feature {})", d.version - 1, s.label_js, s.feature_js, s.feature_js_at);
                 if !s.drift.is_empty() {
                     println!("  warning: {}", s.drift);
@@ -842,21 +934,62 @@ async fn data(cmd: DataCmd) -> Result<()> {
                 println!("{}: max_label_js {} max_feature_js {} on_drift {}", d.name, v["settings"]["max_label_js"], v["settings"]["max_feature_js"], v["settings"]["on_drift"]);
             }
         }
-        DataCmd::List { conn, json } => {
+        DataCmd::List { page, conn, json } => {
             let client = conn.client()?;
-            let l = client.call(|mut c| async move { c.list_datasets(ListDatasetsRequest {}).await }).await?;
+            let (datasets, next) = page
+                .fetch(|page| {
+                    let client = &client;
+                    async move {
+                        let l = client.call(|mut c| { let page = page.clone(); async move { c.list_datasets(ListDatasetsRequest { page }).await } }).await?;
+                        Ok((l.datasets, l.next_page))
+                    }
+                })
+                .await?;
             if json {
-                print_json(&serde_json::Value::Array(l.datasets.iter().map(ops::dataset_json).collect()));
+                print_json(&serde_json::Value::Array(datasets.iter().map(ops::dataset_json).collect()));
             } else {
-                println!("NAME                 VERSION  RECORDS  FEATURES      CLASSES  SHARDS");
-                for d in &l.datasets {
-                    println!("{:<20} {:>7}  {:>7}  {:<12}  {:>7}  {:>6}", d.name, d.version, d.records, format!("{:?}", d.feature_shape), d.classes, d.shards.len());
+                println!("NAME                 VERSION  RECORDS  FEATURES      CLASSES  SLICES");
+                for d in &datasets {
+                    println!("{:<20} {:>7}  {:>7}  {:<12}  {:>7}  {:>6}", d.name, d.version, d.records, format!("{:?}", d.feature_shape), d.classes, d.slice_count);
+                }
+            }
+            note_next_page(&next, json);
+        }
+        DataCmd::Gc { min_age_s, conn, json } => {
+            let client = conn.client()?;
+            let request_id = shoal_coordinator::client::new_request_id();
+            let r = client.call(|mut c| { let req = PruneRequest { request_id: request_id.clone(), min_age_s }; async move { c.collect_datasets(req).await } }).await?;
+            if json {
+                print_json(&json!({"removed": r.removed_paths}));
+            } else {
+                println!("removed {} unreferenced dataset folders", r.removed_paths.len());
+                for p in &r.removed_paths {
+                    println!("  {p}");
                 }
             }
         }
-        DataCmd::Show { name, version, conn, json } => {
+        DataCmd::Show { name, version, page, conn, json } => {
             let client = conn.client()?;
-            let d = client.call(|mut c| { let name = name.clone(); async move { c.get_dataset(GetDatasetRequest { name, version }).await } }).await?;
+            let (pages, next) = page
+                .fetch(|page| {
+                    let (client, name) = (&client, name.clone());
+                    async move {
+                        let d = client.call(|mut c| { let req = GetDatasetRequest { name: name.clone(), version, page: page.clone(), shards_only: false }; async move { c.get_dataset(req).await } }).await?;
+                        let next = d.next_page.clone();
+                        Ok((vec![d], next))
+                    }
+                })
+                .await?;
+            // Pages joined: slices and versions run on, newest first; shards in record order.
+            let mut d = pages[0].clone();
+            for p in &pages[1..] {
+                d.slices.extend(p.slices.iter().cloned());
+                d.versions.extend(p.versions.iter().cloned());
+                let mut shards = p.shards.clone();
+                shards.extend(d.shards);
+                d.shards = shards;
+            }
+            d.next_page = next.clone();
             if json {
                 print_json(&ops::dataset_json(&d));
             } else {
@@ -868,7 +1001,7 @@ async fn data(cmd: DataCmd) -> Result<()> {
                         println!("    labels {:?}  divergence labels {:.4} features {:.4}{}", st.label_counts, s.label_js, s.feature_js, if s.drift.is_empty() { String::new() } else { format!("  {}", s.drift) });
                     }
                 }
-                if let Some(st) = ops::version_stats(&d) {
+                if let Some(st) = &d.stats {
                     let means: Vec<f64> = st.features.iter().map(|f| shoal_core::stats::mean_std(f).0).collect();
                     let missing: u64 = st.features.iter().map(|f| f.missing).sum();
                     let lo = st.features.iter().map(|f| f.min).fold(f64::INFINITY, f64::min);
@@ -878,6 +1011,8 @@ async fn data(cmd: DataCmd) -> Result<()> {
                 for s in &d.shards {
                     println!("  {}  {} records  {} bytes  blake3 {}", s.path, s.records, s.bytes, s.blake3);
                 }
+                println!("  {} slices, {} versions", d.slice_count, d.version_count);
+                note_next_page(&next, false);
             }
         }
     }
@@ -949,13 +1084,21 @@ async fn job(cmd: JobCmd) -> Result<()> {
                 println!("template {} ({}): a job for every new version of {}", t.id, t.name, t.on_append);
             }
         }
-        JobCmd::Templates { conn, json } => {
+        JobCmd::Templates { page, conn, json } => {
             let client = conn.client()?;
-            let l = client.call(|mut c| async move { c.list_templates(shoal_proto::ListTemplatesRequest {}).await }).await?;
+            let (templates, next) = page
+                .fetch(|page| {
+                    let client = &client;
+                    async move {
+                        let l = client.call(|mut c| { let page = page.clone(); async move { c.list_templates(shoal_proto::ListTemplatesRequest { page }).await } }).await?;
+                        Ok((l.templates, l.next_page))
+                    }
+                })
+                .await?;
             if json {
-                print_json(&serde_json::Value::Array(l.templates.iter().map(ops::template_json).collect()));
+                print_json(&serde_json::Value::Array(templates.iter().map(ops::template_json).collect()));
             } else {
-                for t in &l.templates {
+                for t in &templates {
                     println!("template {} ({}) on {}:", t.id, t.name, t.on_append);
                     for f in &t.firings {
                         if f.job_id > 0 {
@@ -966,6 +1109,7 @@ async fn job(cmd: JobCmd) -> Result<()> {
                     }
                 }
             }
+            note_next_page(&next, json);
         }
         JobCmd::Submit { spec, follow, conn, json } => {
             let client = conn.client()?;
@@ -996,14 +1140,32 @@ async fn job(cmd: JobCmd) -> Result<()> {
                 print_job(&j);
             }
         }
-        JobCmd::List { conn, json } => {
+        JobCmd::Prune { conn, json } => {
             let client = conn.client()?;
-            let l = client.call(|mut c| async move { c.list_jobs(ListJobsRequest {}).await }).await?;
+            let request_id = shoal_coordinator::client::new_request_id();
+            let r = client.call(|mut c| { let req = PruneRequest { request_id: request_id.clone(), min_age_s: 0 }; async move { c.prune_jobs(req).await } }).await?;
             if json {
-                print_json(&serde_json::Value::Array(l.jobs.iter().map(ops::job_json).collect()));
+                print_json(&json!({"removed_jobs": r.removed_jobs, "removed_paths": r.removed_paths, "kept_pinned": r.kept_pinned}));
+            } else {
+                println!("removed {} jobs and {} job folders; {} finished jobs past retention kept because something refers to them", r.removed_jobs.len(), r.removed_paths.len(), r.kept_pinned);
+            }
+        }
+        JobCmd::List { page, conn, json } => {
+            let client = conn.client()?;
+            let (jobs, next) = page
+                .fetch(|page| {
+                    let client = &client;
+                    async move {
+                        let l = client.call(|mut c| { let page = page.clone(); async move { c.list_jobs(ListJobsRequest { page }).await } }).await?;
+                        Ok((l.jobs, l.next_page))
+                    }
+                })
+                .await?;
+            if json {
+                print_json(&serde_json::Value::Array(jobs.iter().map(ops::job_json).collect()));
             } else {
                 println!("ID    NAME                 STATE      STEP/TOTAL      TEST_ACC");
-                for j in &l.jobs {
+                for j in &jobs {
                     // Batch jobs: tasks instead of steps, and the scored accuracy.
                     let (done, total, acc) = match &j.batch {
                         Some(b) => {
@@ -1019,6 +1181,7 @@ async fn job(cmd: JobCmd) -> Result<()> {
                     println!("{:<5} {:<20} {:<10} {:>6}/{:<7}  {acc}", j.id, j.name, j.state().label(), done, total);
                 }
             }
+            note_next_page(&next, json);
         }
         JobCmd::Resume { id, workers, conn, json } => {
             if workers == Some(0) {
@@ -1069,7 +1232,7 @@ async fn coordinator(cmd: CoordinatorCmd) -> Result<()> {
         let client = client.endpoints();
         async move {
             let c = Client::new(&client)?;
-            let s = c.call(|mut c| async move { c.get_status(StatusRequest {}).await }).await?;
+            let s = c.call(|mut c| async move { c.get_status(StatusRequest { state_hash: false, members_only: true }).await }).await?;
             anyhow::Ok(s.peers)
         }
     };
@@ -1107,16 +1270,30 @@ async fn coordinator(cmd: CoordinatorCmd) -> Result<()> {
                 ));
             }
         }
-        CoordinatorCmd::Remove { id, conn, json } => {
+        CoordinatorCmd::Settings { keep_jobs, keep_days, conn, json } => {
+            let client = conn.client()?;
+            let s = if keep_jobs.is_none() && keep_days.is_none() {
+                client.call(|mut c| async move { c.get_status(StatusRequest::default()).await }).await?.settings.unwrap_or_default()
+            } else {
+                let request_id = shoal_coordinator::client::new_request_id();
+                client.call(|mut c| { let req = SettingsRequest { keep_jobs, keep_days, request_id: request_id.clone() }; async move { c.set_settings(req).await } }).await?
+            };
+            if json {
+                print_json(&json!({"keep_jobs": s.keep_jobs, "keep_days": s.keep_days}));
+            } else {
+                println!("keep_jobs {} keep_days {}: a finished job goes once it is neither among the {} newest nor younger than {} days", s.keep_jobs, s.keep_days, s.keep_jobs, s.keep_days);
+            }
+        }
+        CoordinatorCmd::Remove { id, force, conn, json } => {
             if conn.endpoints.is_empty() {
                 let layout = Layout::new(conn.dir.clone().unwrap_or_else(default_dir));
-                shoal_cluster::remove_coordinator(&layout, id).await?;
+                shoal_cluster::remove_coordinator(&layout, id, force).await?;
             } else {
                 let client = conn.client()?.with_deadline(Duration::from_secs(30));
                 let request_id = shoal_coordinator::client::new_request_id();
                 client
                     .call(|mut c| {
-                        let req = RemoveCoordinatorRequest { id, request_id: request_id.clone() };
+                        let req = RemoveCoordinatorRequest { id, request_id: request_id.clone(), force };
                         async move { c.remove_coordinator(req).await }
                     })
                     .await?;
@@ -1187,7 +1364,8 @@ async fn model(cmd: ModelCmd) -> Result<()> {
             let client = conn.client()?;
             let req = shoal_proto::RegisterModelRequest { name, job_id: job, request_id: shoal_coordinator::client::new_request_id() };
             let m = client.call(|mut c| { let req = req.clone(); async move { c.register_model(req).await } }).await?;
-            let v = m.versions.last().cloned().unwrap_or_default();
+            // Newest first: the version just registered.
+            let v = m.versions.first().cloned().unwrap_or_default();
             if json {
                 print_json(&ops::model_version_json(&m, &v));
             } else {
@@ -1204,21 +1382,46 @@ async fn model(cmd: ModelCmd) -> Result<()> {
                 println!("{}@{alias} is version {version}", m.name);
             }
         }
-        ModelCmd::List { conn, json } => {
+        ModelCmd::List { page, conn, json } => {
             let client = conn.client()?;
-            let l = client.call(|mut c| async move { c.list_models(shoal_proto::ListModelsRequest {}).await }).await?;
+            let (models, next) = page
+                .fetch(|page| {
+                    let client = &client;
+                    async move {
+                        let l = client.call(|mut c| { let page = page.clone(); async move { c.list_models(shoal_proto::ListModelsRequest { page }).await } }).await?;
+                        Ok((l.models, l.next_page))
+                    }
+                })
+                .await?;
             if json {
-                print_json(&serde_json::Value::Array(l.models.iter().map(ops::model_json).collect()));
+                print_json(&serde_json::Value::Array(models.iter().map(ops::model_json).collect()));
             } else {
-                for m in &l.models {
+                for m in &models {
                     let aliases: Vec<String> = m.aliases.iter().map(|a| format!("{}={}", a.alias, a.version)).collect();
-                    println!("{}: {} versions, aliases {}", m.name, m.versions.len(), if aliases.is_empty() { "-".into() } else { aliases.join(" ") });
+                    println!("{}: {} versions, aliases {}", m.name, m.version_count, if aliases.is_empty() { "-".into() } else { aliases.join(" ") });
                 }
             }
+            note_next_page(&next, json);
         }
-        ModelCmd::Show { reference, conn, json } => {
+        ModelCmd::Show { reference, page, conn, json } => {
             let client = conn.client()?;
-            let (m, v) = ops::resolve_model(&client, &reference).await?;
+            let (mut m, v) = ops::resolve_model(&client, &reference).await?;
+            if v.is_none() && (page.page.is_some() || page.all) {
+                let name = m.name.clone();
+                let (versions, next) = page
+                    .fetch(|page| {
+                        let (client, name) = (&client, name.clone());
+                        async move {
+                            let m = client.call(|mut c| { let req = GetModelRequest { name: name.clone(), page: page.clone() }; async move { c.get_model(req).await } }).await?;
+                            Ok((m.versions, m.next_page))
+                        }
+                    })
+                    .await?;
+                (m.versions, m.next_page) = (versions, next);
+            }
+            if v.is_none() {
+                note_next_page(&m.next_page, json);
+            }
             let out = match &v {
                 Some(v) => ops::model_version_json(&m, v),
                 None => ops::model_json(&m),

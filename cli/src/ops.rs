@@ -13,7 +13,7 @@ use shoal_core::idx::read_idx_file;
 use shoal_proto::*;
 
 pub async fn store_dir(client: &Client) -> Result<PathBuf> {
-    let s = client.call(|mut c| async move { c.get_status(StatusRequest {}).await }).await?;
+    let s = client.call(|mut c| async move { c.get_status(StatusRequest::default()).await }).await?;
     Ok(PathBuf::from(s.node.unwrap_or_default().store_dir))
 }
 
@@ -52,7 +52,7 @@ pub async fn import_idx(client: &Client, name: &str, src: &Source<'_>, per_shard
     // use them for the drift check; the coordinator checks again when it applies the append).
     let base = if append {
         let base = client
-            .call(|mut c| { let name = name.to_string(); async move { c.get_dataset(GetDatasetRequest { name, version: 0 }).await } })
+            .call(|mut c| { let name = name.to_string(); async move { c.get_dataset(GetDatasetRequest { name, shards_only: true, ..Default::default() }).await } })
             .await
             .map_err(|e| match e {
                 ClientError::Rpc(s) if s.code() == Code::NotFound => anyhow::anyhow!("dataset {name} does not exist: create it with `shoal data import {name} FILES...`"),
@@ -112,7 +112,8 @@ pub async fn import_idx(client: &Client, name: &str, src: &Source<'_>, per_shard
     let (stats, written) = rayon::join(
         || match &base {
             Some(base) => {
-                let ranges = base.slices.first().and_then(|s| s.stats.as_ref()).map(shoal_core::stats::ranges);
+                // The version's statistics keep the first slice's bins, which every slice uses.
+                let ranges = base.stats.as_ref().map(shoal_core::stats::ranges);
                 let fits = ranges.as_ref().is_none_or(|r| r.len() == records.feature_shape.iter().product::<usize>());
                 shoal_core::stats::slice_stats(&records, ranges.as_deref().filter(|_| fits), (base.classes as usize).max(classes))
             }
@@ -150,7 +151,7 @@ pub async fn import_idx(client: &Client, name: &str, src: &Source<'_>, per_shard
             }
             Ok(d)
         }
-        Err(ClientError::Rpc(s)) if matches!(s.code(), Code::FailedPrecondition | Code::InvalidArgument) => {
+        Err(ClientError::Rpc(s)) if matches!(s.code(), Code::FailedPrecondition | Code::InvalidArgument | Code::NotFound) => {
             // Refused by the state machine: nothing refers to this import's folder.
             let _ = std::fs::remove_dir_all(store.join(&folder));
             Err(ClientError::Rpc(s).into())
@@ -173,19 +174,12 @@ fn stats_json(s: &SliceStats) -> Value {
     })
 }
 
-/// A version's statistics: the sum of its slices' (null if a slice has none).
-pub fn version_stats(d: &DatasetInfo) -> Option<SliceStats> {
-    let mut all = SliceStats::default();
-    for s in &d.slices {
-        shoal_core::stats::add(&mut all, s.stats.as_ref()?);
-    }
-    (!d.slices.is_empty()).then_some(all)
-}
 
 pub fn dataset_json(d: &DatasetInfo) -> Value {
     let settings = d.settings.clone().unwrap_or(DatasetSettings { max_label_js: 0.1, max_feature_js: 0.1, on_drift: "warn".into() });
     json!({
-        "stats": version_stats(d).map(|s| stats_json(&s)).unwrap_or(Value::Null),
+        // The sum of the version's slices' (the coordinator adds them up).
+        "stats": d.stats.as_ref().map(stats_json).unwrap_or(Value::Null),
         "settings": {"max_label_js": settings.max_label_js, "max_feature_js": settings.max_feature_js, "on_drift": settings.on_drift},
         "name": d.name,
         "version": d.version,
@@ -206,6 +200,11 @@ pub fn dataset_json(d: &DatasetInfo) -> Value {
         })).collect::<Vec<_>>(),
         "transform": d.transform.as_ref().map(transform_json).unwrap_or(Value::Null),
         "shards": d.shards.iter().map(|s| json!({"path": s.path, "records": s.records, "blake3": s.blake3, "bytes": s.bytes})).collect::<Vec<_>>(),
+        // A page: its slices (newest first) and their shards; every version up to this one.
+        "slice_count": d.slice_count,
+        "version_count": d.version_count,
+        "versions": d.versions.iter().map(|v| json!({"version": v.version, "records": v.records, "slices": v.slices})).collect::<Vec<_>>(),
+        "next_page": if d.next_page.is_empty() { Value::Null } else { json!(d.next_page) },
     })
 }
 
@@ -243,14 +242,26 @@ pub async fn resolve_model(client: &Client, reference: &str) -> Result<(ModelInf
         Some((n, x)) => (n.to_string(), Some(x.to_string())),
         None => (reference.to_string(), None),
     };
-    let m = client.call(|mut c| { let name = name.clone(); async move { c.get_model(GetModelRequest { name }).await } }).await?;
+    let get = |page: String| {
+        let name = name.clone();
+        async move { client.call(|mut c| { let req = GetModelRequest { name: name.clone(), page: page.clone() }; async move { c.get_model(req).await } }).await }
+    };
+    let mut m = get(String::new()).await?;
     let Some(x) = x else { return Ok((m, None)) };
     let version = match x.parse::<u64>() {
         Ok(v) => v,
         Err(_) => m.aliases.iter().find(|a| a.alias == x).map(|a| a.version).with_context(|| format!("model {name} has no alias {x}"))?,
     };
-    let v = m.versions.iter().find(|v| v.version == version).cloned().with_context(|| format!("model {name} has no version {version}"))?;
-    Ok((m, Some(v)))
+    // Versions come newest first, a page at a time: an old one may be a few pages on.
+    loop {
+        if let Some(v) = m.versions.iter().find(|v| v.version == version).cloned() {
+            return Ok((m, Some(v)));
+        }
+        if m.next_page.is_empty() {
+            bail!("model {name} has no version {version}");
+        }
+        m = get(m.next_page.clone()).await?;
+    }
 }
 
 pub fn template_json(t: &JobTemplate) -> Value {

@@ -321,13 +321,13 @@ pub async fn add_coordinator(layout: &Layout, exe: &Path, addr: &str) -> Result<
 /// Removes coordinator replica `id` from the running local cluster; the replica stops once it
 /// applies its removal (it is stopped here if it has not after 10 s), and its folder is set
 /// aside as `coordinators/removed-<id>`.
-pub async fn remove_coordinator(layout: &Layout, id: u64) -> Result<(), ClusterError> {
+pub async fn remove_coordinator(layout: &Layout, id: u64, force: bool) -> Result<(), ClusterError> {
     let mut file = layout.read()?;
     let client = Client::new(&layout.endpoints()?).map_err(|e| ClusterError::Startup(e.to_string()))?.with_deadline(Duration::from_secs(30));
     let request_id = shoal_coordinator::client::new_request_id();
     client
         .call(|mut c| {
-            let req = shoal_proto::RemoveCoordinatorRequest { id, request_id: request_id.clone() };
+            let req = shoal_proto::RemoveCoordinatorRequest { id, request_id: request_id.clone(), force };
             async move { c.remove_coordinator(req).await }
         })
         .await
@@ -369,7 +369,7 @@ async fn wait_ready(file: &ClusterFile, endpoints: &[String], workers: usize) ->
                 )));
             }
         }
-        match client.call(|mut c| async move { c.get_status(StatusRequest {}).await }).await {
+        match client.call(|mut c| async move { c.get_status(StatusRequest::default()).await }).await {
             Ok(s) => {
                 let node = s.node.unwrap_or_default();
                 let live = s.workers.iter().filter(|w| w.state() != shoal_proto::WorkerState::Lost).count();
@@ -417,7 +417,7 @@ pub async fn remove_worker(layout: &Layout, worker_id: &str) -> Result<u32, Clus
     let mut file = layout.read()?;
     let client = Client::new(&layout.endpoints()?).map_err(|e| ClusterError::Startup(e.to_string()))?;
     let status = client
-        .call(|mut c| async move { c.get_status(shoal_proto::StatusRequest {}).await })
+        .call(|mut c| async move { c.get_status(shoal_proto::StatusRequest::default()).await })
         .await
         .map_err(|e| ClusterError::Startup(format!("asking the coordinator for its workers: {e}")))?;
     let w = status.workers.iter().find(|w| w.id == worker_id).ok_or_else(|| ClusterError::Startup(format!("there is no worker {worker_id} (see `shoal worker list`)")))?;

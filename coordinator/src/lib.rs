@@ -9,6 +9,8 @@
 //! - `client`: a client that knows every replica and fails over between them.
 
 pub mod client;
+pub mod leader;
+pub mod membership;
 pub mod node;
 pub mod server;
 pub mod state;

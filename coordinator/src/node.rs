@@ -13,7 +13,8 @@ use raft::{Config, GetEntriesContext, RaftState, RawNode, StateRole, Storage};
 use shoal_proto::{Command, MemberChange, Message as _, StateSnapshot};
 use tokio::sync::oneshot;
 
-use crate::state::{ApplyOutput, ApplyResult, MemberOp, StateMachine};
+use crate::membership::{check_live_quorum, transfer_target, Change};
+use crate::state::{ApplyError, ApplyOutput, ApplyResult, MemberOp, StateMachine};
 use crate::CoordError;
 
 /// Where the core's log goes. The real one is `storage::LogFile`; tests may keep it in memory.
@@ -127,7 +128,16 @@ pub struct Core {
     conf_changed: bool,
     /// A snapshot is being built (at most one at a time).
     snapshot_building: bool,
+    /// Ticks since start, and the tick each peer was last heard at (any raft message).
+    ticks: u64,
+    heard: HashMap<u64, u64>,
+    /// The wall clock (ms since the epoch) that proposals are stamped with; the shell (or
+    /// the simulation) sets it.
+    now_unix_ms: u64,
 }
+
+/// A peer heard within this many ticks (1 s: ten heartbeat rounds) is live.
+pub const LIVE_TICKS: u64 = 10;
 
 /// A snapshot of one applied index: the state, encoded, and raft's metadata for it.
 struct SnapshotJob {
@@ -208,7 +218,7 @@ impl Core {
         cfg.validate().map_err(|e| CoordError::Raft(e.to_string()))?;
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let raw = RawNode::new(&cfg, store.clone(), &logger).map_err(|e| CoordError::Raft(e.to_string()))?;
-        Ok(Core { raw, store, state, pending: HashMap::new(), next_proposal: proposal_seed, reads: HashMap::new(), next_read: proposal_seed.rotate_left(32), conf_changed: false, snapshot_building: false })
+        Ok(Core { raw, store, state, pending: HashMap::new(), next_proposal: proposal_seed, reads: HashMap::new(), next_read: proposal_seed.rotate_left(32), conf_changed: false, snapshot_building: false, ticks: 0, heard: HashMap::new(), now_unix_ms: 0 })
     }
 
     /// The index of the latest snapshot this replica holds.
@@ -282,8 +292,11 @@ impl Core {
     fn install_snapshot(&mut self, snap: Snapshot, log: &mut dyn Persist) -> Result<(), CoordError> {
         let sm = restore_state(&snap)?;
         let meta = snap.get_metadata();
+        // The commit index recorded with the snapshot is the snapshot's own: raft's may already
+        // cover entries that arrived in the same Ready, which are not durable yet, and a
+        // commit index beyond the log makes raft-rs refuse to start.
         let mut hs = self.raw.raft.hard_state();
-        hs.commit = hs.commit.max(meta.index);
+        hs.commit = meta.index;
         hs.term = hs.term.max(meta.term);
         log.save_snapshot(&snap, &[], &hs)?;
         self.store.mem.wl().apply_snapshot(snap.clone()).map_err(|e| CoordError::Raft(e.to_string()))?;
@@ -301,17 +314,64 @@ impl Core {
     }
 
     pub fn tick(&mut self) {
+        self.ticks += 1;
         self.raw.tick();
+    }
+
+    /// Sets the wall clock that proposals are stamped with (`Command.proposed_unix_ms`).
+    pub fn set_clock(&mut self, now_unix_ms: u64) {
+        self.now_unix_ms = now_unix_ms;
+    }
+
+    /// Members heard from within `LIVE_TICKS`, this replica included.
+    pub fn live(&self) -> std::collections::BTreeSet<u64> {
+        let me = self.raw.raft.id;
+        self.heard.iter().filter(|(_, t)| self.ticks.saturating_sub(**t) <= LIVE_TICKS).map(|(id, _)| *id).chain([me]).collect()
+    }
+
+    /// The group as the leader's raft node sees it, for the leader's duties.
+    pub fn group_view(&self) -> crate::leader::GroupView {
+        let (voters, learners) = self.conf();
+        let matched = voters.iter().chain(&learners).filter_map(|id| Some((*id, self.matched(*id)?))).collect();
+        crate::leader::GroupView { commit: self.commit_index(), voters, learners, matched, live: self.live(), pending_conf: self.has_pending_conf() }
+    }
+
+    /// The index of the last entry in this replica's log.
+    pub fn last_index(&self) -> u64 {
+        self.raw.raft.raft_log.last_index()
     }
 
     /// Proposes a change of the coordinator group (a raft conf change whose context records
     /// the member's address and the request). One change at a time: raft would silently
     /// drop a second one proposed while the first is pending.
-    pub fn propose_member(&mut self, op: MemberOp, id: u64, address: String, request_id: String, reply: Option<Reply>) {
+    ///
+    /// Unless `force`d, the group after the change must keep a quorum of live voters
+    /// (`membership::check_live_quorum`); a leader asked to remove itself first hands its
+    /// role to a live voter that caught up, and the caller retries at the new leader.
+    pub fn propose_member(&mut self, op: MemberOp, id: u64, address: String, request_id: String, force: bool, reply: Option<Reply>) {
+        let change = match op {
+            MemberOp::AddLearner => Change::AddLearner(id),
+            MemberOp::Promote => Change::Promote(id),
+            MemberOp::Remove => Change::Remove(id),
+        };
+        let (voters, _) = self.conf();
+        let me = self.raw.raft.id;
         let refused = if !self.is_leader() {
-            Some(CoordError::NotLeader(self.leader_id()).to_string())
+            Some(ApplyError::NotLeader(self.leader_id()))
         } else if self.raw.raft.has_pending_conf() {
-            Some("leadership changed: a membership change is still in progress; retry".to_string())
+            Some(ApplyError::Retry("a membership change is still in progress; retry".into()))
+        } else if let Err(why) = if force { Ok(()) } else { check_live_quorum(&voters, change, &self.live()) } {
+            Some(ApplyError::Conflict(why))
+        } else if op == MemberOp::Remove && id == me {
+            // A leader cannot apply its own removal and keep leading: it hands the role on.
+            let last = self.last_index();
+            Some(match transfer_target(me, &voters, &self.live(), last, |v| self.matched(v).unwrap_or(0)) {
+                Ok(to) => {
+                    self.raw.transfer_leader(to);
+                    ApplyError::Retry(format!("replica {me} leads the group; handing the lead to replica {to} first; retry"))
+                }
+                Err(why) => ApplyError::Conflict(format!("replica {me} leads the group and cannot hand the lead on: {why}")),
+            })
         } else {
             None
         };
@@ -337,15 +397,25 @@ impl Core {
                 self.pending.insert(self.next_proposal, r);
             }
             (Err(e), Some(r)) => {
-                let _ = r.send(Err(format!("raft: {e}")));
+                let _ = r.send(Err(ApplyError::Retry(format!("raft: {e}"))));
             }
             (_, None) => {}
         }
     }
 
-    /// Asks the leader to hand its role to `id` (raft's leadership transfer).
-    pub fn transfer_leader(&mut self, id: u64) {
-        self.raw.transfer_leader(id);
+    /// Asks the leader to hand its role to `id` (raft's leadership transfer), only if `id` is a
+    /// live voter whose log has caught up: raft-rs drops proposals while a transfer is
+    /// pending, so a transfer to a dead or lagging voter would stall writes.
+    pub fn transfer_leader(&mut self, id: u64) -> Result<(), String> {
+        let (voters, _) = self.conf();
+        if !voters.contains(&id) {
+            return Err(format!("replica {id} is not a voter of the group"));
+        }
+        let me = self.raw.raft.id;
+        let last = self.last_index();
+        let target = transfer_target(me, &[me, id], &self.live(), last, |v| self.matched(v).unwrap_or(0))?;
+        self.raw.transfer_leader(target);
+        Ok(())
     }
 
     /// Voters and learners as raft sees them now.
@@ -371,6 +441,7 @@ impl Core {
     }
 
     pub fn step(&mut self, msg: Message) {
+        self.heard.insert(msg.from, self.ticks);
         // Messages from unknown peers or stale terms are dropped by raft itself.
         let _ = self.raw.step(msg);
     }
@@ -405,6 +476,7 @@ impl Core {
     pub fn propose(&mut self, mut cmd: Command, reply: Option<Reply>) -> Result<(), CoordError> {
         self.next_proposal = self.next_proposal.wrapping_add(1);
         cmd.proposal_id = self.next_proposal;
+        cmd.proposed_unix_ms = self.now_unix_ms;
         let bytes = cmd.encode_to_vec();
         let proposed = if !self.is_leader() {
             Err(CoordError::NotLeader(self.leader_id()))
@@ -422,7 +494,7 @@ impl Core {
             (Err(e), r) => {
                 // The caller hears why at once instead of waiting for a reply that never comes.
                 if let Some(r) = r {
-                    let _ = r.send(Err(e.to_string()));
+                    let _ = r.send(Err(ApplyError::from_core(&e)));
                 }
                 Err(e)
             }
@@ -434,7 +506,7 @@ impl Core {
     pub fn sweep_pending(&mut self) {
         if !self.is_leader() {
             for (_, r) in self.pending.drain() {
-                let _ = r.send(Err("leadership changed before the request committed; retry".into()));
+                let _ = r.send(Err(ApplyError::Retry("leadership changed before the request committed; retry".into())));
             }
         } else {
             self.pending.retain(|_, r| !r.is_closed());
@@ -622,7 +694,7 @@ mod tests {
             core.on_ready(&mut NoDisk, &mut |_| {}).unwrap();
         }
         let huge = DatasetInfo { name: "x".repeat(MAX_COMMAND + 1), ..Default::default() };
-        let cmd = Command { proposal_id: 0, request_id: String::new(), kind: Some(command::Kind::RegisterDataset(huge)) };
+        let cmd = Command { kind: Some(command::Kind::RegisterDataset(huge)), ..Default::default() };
         let e = core.propose(cmd, None).unwrap_err();
         assert!(matches!(e, CoordError::TooLarge(n) if n > MAX_COMMAND), "{e}");
         assert!(e.to_string().contains("16777216"), "{e}");

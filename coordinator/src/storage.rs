@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::storage::MemStorage;
+use raft::Storage as _;
 use shoal_proto::{log_record, ConfStateRecord, LogRecord, Message, SnapshotFile};
 
 use crate::CoordError;
@@ -187,8 +188,15 @@ impl LogFile {
             off += len;
         }
         if let Some(mut hs) = hard_state {
-            // The snapshot's entries are committed, whatever an older record says.
-            hs.commit = hs.commit.max(base);
+            // The snapshot's entries are committed, whatever an older record says; and no
+            // commit index points past the log (a record written before the entries it
+            // covers, lost in a crash): raft-rs refuses to start on one, and the quorum
+            // tells this replica the true commit index again.
+            let last = storage.last_index().map_err(|e| CoordError::Raft(e.to_string()))?.max(base);
+            if hs.commit > last {
+                tracing::warn!(%path, commit = hs.commit, last, "the recorded commit index is past the log's end; lowering it to the last entry");
+            }
+            hs.commit = hs.commit.max(base).min(last);
             storage.wl().set_hardstate(hs);
         }
         let truncated = (bytes.len() - off) as u64;
@@ -400,6 +408,34 @@ mod tests {
         assert_eq!(rec.storage.first_index().unwrap(), 7);
         assert_eq!(rec.storage.last_index().unwrap(), 10);
         assert_eq!(rec.storage.initial_state().unwrap().hard_state.commit, 10);
+    }
+
+    /// A crash between a hard state record and the entries it covers (a snapshot installed
+    /// with a commit index past it, then the crash before the entries after it were synced)
+    /// leaves a commit index past the log; the replica must still start (raft-rs refuses a
+    /// commit index beyond the last entry), with the commit lowered to what the log holds.
+    #[test]
+    fn a_commit_index_past_the_log_is_lowered_on_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = LogFile::open(dir.path(), &[1, 2, 3]).unwrap();
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 10;
+        snap.mut_metadata().term = 2;
+        snap.mut_metadata().mut_conf_state().voters = vec![1, 2, 3];
+        let mut hs = HardState::default();
+        hs.term = 2;
+        hs.commit = 15;
+        log.save_snapshot(&snap, &[], &hs).unwrap();
+        drop(log);
+        let (_log, rec) = LogFile::open(dir.path(), &[1, 2, 3]).unwrap();
+        assert_eq!(rec.storage.initial_state().unwrap().hard_state.commit, 10);
+        let state = std::sync::Arc::new(std::sync::RwLock::new(crate::state::StateMachine::default()));
+        let snap_data = crate::state::StateMachine::default().encode_snapshot(10);
+        let mut with_data = rec.snapshot.clone().unwrap();
+        with_data.set_data(snap_data.into());
+        // Starts (raft-rs would panic on "commit 15 is out of range [last index 10]").
+        let core = crate::node::Core::new(2, crate::node::RaftStore::new(rec.storage, Some(with_data)), state).unwrap();
+        assert_eq!(core.commit_index(), 10);
     }
 
     #[test]

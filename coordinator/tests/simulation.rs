@@ -170,7 +170,7 @@ struct Op {
 }
 
 enum Waiting {
-    Write(tokio::sync::oneshot::Receiver<Result<ApplyOutput, String>>),
+    Write(tokio::sync::oneshot::Receiver<Result<ApplyOutput, shoal_coordinator::state::ApplyError>>),
     /// A read, with the boot count of the replica asked: after a restart its state is rebuilt
     /// from scratch, so what it holds now is not what the answer was about.
     Read(u64, tokio::sync::oneshot::Receiver<Result<(), String>>),
@@ -217,7 +217,7 @@ fn output_id(out: &ApplyOutput) -> u64 {
         ApplyOutput::Member(m) => *m,
         ApplyOutput::Model(m) => m.versions.len() as u64,
         ApplyOutput::Template(t) => t.id,
-        ApplyOutput::None => 0,
+        ApplyOutput::None | ApplyOutput::Settings(_) | ApplyOutput::Pruned { .. } => 0,
     }
 }
 
@@ -314,11 +314,11 @@ fn simulate(seed: u64, n: u64) -> String {
                 let absent: Vec<u64> = spares.iter().copied().filter(|s| !vs.contains(s) && !ls.contains(s) && !retired.contains(s)).collect();
                 let extra_voters: Vec<u64> = vs.iter().copied().filter(|&v| v != l).collect();
                 if let Some(&s) = absent.first().filter(|_| rng.below(2) == 0) {
-                    core.propose_member(MemberOp::AddLearner, s, format!("sim-{s}"), String::new(), None);
+                    core.propose_member(MemberOp::AddLearner, s, format!("sim-{s}"), String::new(), false, None);
                 } else if vs.len() > n as usize && !extra_voters.is_empty() {
                     let victim = extra_voters[rng.below(extra_voters.len() as u64) as usize];
                     removal_targets.insert(victim);
-                    core.propose_member(MemberOp::Remove, victim, String::new(), String::new(), None);
+                    core.propose_member(MemberOp::Remove, victim, String::new(), String::new(), false, None);
                 }
             }
         }
@@ -328,7 +328,7 @@ fn simulate(seed: u64, n: u64) -> String {
             let commit = core.commit_index();
             for id in core.conf().1 {
                 if core.matched(id).is_some_and(|m| m > 0 && m + PROMOTE_LAG >= commit) && !core.has_pending_conf() {
-                    core.propose_member(MemberOp::Promote, id, String::new(), String::new(), None);
+                    core.propose_member(MemberOp::Promote, id, String::new(), String::new(), false, None);
                 }
             }
             let (vs, ls) = core.conf();
@@ -445,8 +445,8 @@ fn simulate(seed: u64, n: u64) -> String {
             let op = &history[i];
             let waiting = match command_for(op) {
                 Some(kind) => {
-                    let (tx, rx) = tokio::sync::oneshot::channel::<Result<ApplyOutput, String>>();
-                    let _ = core.propose(Command { proposal_id: 0, request_id: op.request_id.clone(), kind: Some(kind) }, Some(tx as Reply));
+                    let (tx, rx) = tokio::sync::oneshot::channel::<Result<ApplyOutput, shoal_coordinator::state::ApplyError>>();
+                    let _ = core.propose(Command { request_id: op.request_id.clone(), kind: Some(kind), ..Default::default() }, Some(tx as Reply));
                     Waiting::Write(rx)
                 }
                 None => {
@@ -555,7 +555,8 @@ fn simulate(seed: u64, n: u64) -> String {
     let jobs: BTreeMap<String, u64> = state.jobs().map(|j| (j.name.clone(), j.id)).collect();
     assert_eq!(jobs.len(), state.jobs().count(), "seed {seed}: a job was submitted twice");
     let versions: BTreeMap<String, u64> =
-        state.datasets().map(|d| (d.shards.last().unwrap().path.split('/').nth(2).unwrap().trim_start_matches("import-").to_string(), d.version)).collect();
+        // Every registration adds one slice and one version: slice i is version i + 1.
+        state.dataset_folders().enumerate().map(|(i, (_, folder))| (folder.split('/').nth(2).unwrap().trim_start_matches("import-").to_string(), i as u64 + 1)).collect();
     for o in &history {
         let Outcome::Ok(got) = o.outcome else { continue };
         let found = match o.kind {

@@ -43,7 +43,7 @@ async fn stray_raft_messages_are_refused_counted_and_change_nothing() {
     let mut status = status.unwrap();
     let leader = || async {
         for _ in 0..50 {
-            let s = CoordinatorClient::connect(format!("http://{addr}")).await.unwrap().get_status(StatusRequest {}).await.unwrap().into_inner();
+            let s = CoordinatorClient::connect(format!("http://{addr}")).await.unwrap().get_status(StatusRequest { state_hash: true, members_only: false }).await.unwrap().into_inner();
             if s.node.as_ref().unwrap().role == "leader" {
                 return s;
             }
@@ -87,7 +87,7 @@ async fn stray_raft_messages_are_refused_counted_and_change_nothing() {
     let e = client.register_dataset(big(20 << 20)).await.expect_err("too large for one command");
     assert!(e.message().contains("at most 16777216 bytes"), "{}", e.message());
 
-    let after = status.get_status(StatusRequest {}).await.unwrap().into_inner().node.unwrap();
+    let after = status.get_status(StatusRequest { state_hash: true, members_only: false }).await.unwrap().into_inner().node.unwrap();
     assert_eq!(after.dropped_raft_messages, 4);
     assert_eq!((after.role.as_str(), after.term), ("leader", before.term), "a forged higher term must not unseat the leader");
     assert_eq!(after.state_hash, before.state_hash, "refused input changed the state");

@@ -74,7 +74,8 @@ pub fn run_task(store: &Path, a: &Assignment, cache: &ModelCache, cancel: &Atomi
     let records = match (op, task.phase) {
         ("stats", _) => {
             let raw = ds.raw_records(lo, hi)?;
-            let ranges = input.slices.first().and_then(|s| s.stats.as_ref()).map(shoal_core::stats::ranges);
+            // The version's statistics keep the first slice's bins, which every slice uses.
+            let ranges = input.stats.as_ref().map(shoal_core::stats::ranges);
             let fits = ranges.as_ref().is_some_and(|r| r.len() == ds.feature_len);
             result.stats = Some(shoal_core::stats::slice_stats(&raw, ranges.as_deref().filter(|_| fits), ds.classes));
             None

@@ -55,6 +55,12 @@ pub async fn run_worker(
         None => incoming.address().to_string(),
     };
     let host = host_id();
+    // Segments of generations whose ranks were all killed stay in /dev/shm until someone
+    // removes them: a worker that starts does.
+    let removed = crate::collective::remove_stale_segments();
+    if removed > 0 {
+        tracing::info!(removed, "removed stale shared-memory segments of generations that are over");
+    }
     let mailbox = Arc::new(Mailbox::default());
     let svc = DataPlaneServer::new(DataPlaneService(mailbox.clone())).max_decoding_message_size(MAX_CHUNK_MESSAGE);
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
@@ -120,7 +126,7 @@ pub async fn run_worker(
             last_learned = std::time::Instant::now();
             let learner = client.clone();
             tokio::spawn(async move {
-                if let Ok(s) = learner.call(|mut c| async move { c.get_status(shoal_proto::StatusRequest {}).await }).await {
+                if let Ok(s) = learner.call(|mut c| async move { c.get_status(shoal_proto::StatusRequest { state_hash: false, members_only: true }).await }).await {
                     learner.learn(s.peers.into_iter().map(|p| p.address));
                 }
             });
@@ -156,9 +162,11 @@ pub async fn run_worker(
         // Bounded by the lease: a coordinator that hangs (rather than refusing) must not hold
         // this loop past the moment the task has to stop.
         let hb = match handed.take() {
-            Some(a) => Ok(shoal_proto::HeartbeatResponse { assignment: Some(a), unknown_worker: false }),
+            Some(a) => Ok(shoal_proto::HeartbeatResponse { assignment: Some(a), ..Default::default() }),
             None => {
-                let hb = client.call(|mut c| { let worker_id = id.clone(); async move { c.heartbeat(HeartbeatRequest { worker_id }).await } });
+                // What it runs, so an unchanged assignment comes back as a few bytes.
+                let (job_id, generation) = running.as_ref().map(|r| (r.job, r.generation)).unwrap_or((0, 0));
+                let hb = client.call(|mut c| { let worker_id = id.clone(); async move { c.heartbeat(HeartbeatRequest { worker_id, job_id, generation }).await } });
                 match tokio::time::timeout(lease, hb).await {
                     Ok(r) => r.map_err(|e| e.to_string()),
                     Err(_) => Err(format!("no answer in {lease:?}")),
@@ -191,6 +199,10 @@ pub async fn run_worker(
                 continue;
             }
         };
+        if hb.unchanged && running.is_some() {
+            // Still what it runs: nothing to start or stop.
+            continue;
+        }
         if hb.unknown_worker {
             tracing::warn!(worker = %id, "the coordinator no longer knows this worker; registering again");
             worker_id = None;
@@ -399,7 +411,7 @@ fn start_batch_task(
                     return;
                 }
                 // Refused for good (only the attempt that committed is ever answered OK).
-                Err(ClientError::Rpc(s)) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument | tonic::Code::Unimplemented) => {
+                Err(ClientError::Rpc(s)) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::Unimplemented) => {
                     tracing::info!(job, attempt = generation, task, reason = %s.message(), "output not committed; removing it");
                     if let Some(f) = &file {
                         let _ = std::fs::remove_file(f);
@@ -431,7 +443,8 @@ async fn report_outcome(client: &Client, report: OutcomeReport, cancel: &AtomicB
         }
         match client.call(|mut c| { let r = report.clone(); async move { c.report_outcome(r).await } }).await {
             Ok(_) => return,
-            Err(ClientError::Rpc(s)) if s.code() == tonic::Code::FailedPrecondition => {
+            // Refused for good: the job moved on (or finished and was removed).
+            Err(ClientError::Rpc(s)) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument | tonic::Code::NotFound) => {
                 tracing::warn!(error = %s.message(), "outcome rejected");
                 return;
             }

@@ -6,7 +6,8 @@ impl Api {
     /// Proposes a command and waits for its outcome. `request_id` (may be empty) makes a
     /// client's retries idempotent.
     async fn propose(&self, kind: command::Kind, request_id: String) -> Result<ApplyOutput, Status> {
-        let cmd = Command { proposal_id: 0, request_id, kind: Some(kind) };
+        self.require_running()?;
+        let cmd = Command { request_id, kind: Some(kind), ..Default::default() };
         // Checked here too (the core checks again), so the caller gets a final answer.
         if cmd.encoded_len() > crate::node::MAX_COMMAND {
             return Err(final_status(tonic::Code::InvalidArgument, CoordError::TooLarge(cmd.encoded_len()).to_string()));
@@ -19,11 +20,7 @@ impl Api {
         match tokio::time::timeout(PROPOSAL_TIMEOUT, rx).await {
             Err(_) => Err(Status::deadline_exceeded("the proposal did not commit in time")),
             Ok(Err(_)) => Err(Status::unavailable("the proposal was dropped; retry")),
-            Ok(Ok(Err(msg))) if msg.starts_with("not the leader") => Err(self.not_leader()),
-            // Raft dropped it (a leader transfer under way, say): another try may take.
-            Ok(Ok(Err(msg))) if msg.starts_with("leadership changed") || msg.starts_with("raft:") => Err(Status::unavailable(msg)),
-            Ok(Ok(Err(msg))) if msg.starts_with("the request is") => Err(final_status(tonic::Code::InvalidArgument, msg)),
-            Ok(Ok(Err(msg))) => Err(final_status(tonic::Code::FailedPrecondition, msg)),
+            Ok(Ok(Err(e))) => Err(self.refusal(e)),
             Ok(Ok(Ok(out))) => Ok(out),
         }
     }
@@ -32,6 +29,7 @@ impl Api {
     /// ReadIndex), so what a read returns next is never stale, on a follower or on a leader
     /// that was deposed without knowing it yet.
     async fn linearize(&self) -> Result<(), Status> {
+        self.require_running()?;
         let (tx, rx) = oneshot::channel();
         self.0.inbox.try_send(Input::Read(tx)).map_err(|_| Status::unavailable("coordinator is overloaded; retry"))?;
         match tokio::time::timeout(READ_TIMEOUT, rx).await {
@@ -52,19 +50,42 @@ impl Api {
     }
 
     /// Sends a member change to the Ready loop and waits until it is applied.
-    async fn change_member(&self, op: MemberOp, id: u64, address: String, request_id: String) -> Result<u64, Status> {
+    async fn change_member(&self, op: MemberOp, id: u64, address: String, request_id: String, force: bool) -> Result<u64, Status> {
         let (tx, rx) = oneshot::channel::<ApplyResult>();
         self.0
             .inbox
-            .try_send(Input::Member { op, id, address, request_id, reply: tx })
+            .try_send(Input::Member { op, id, address, request_id, force, reply: tx })
             .map_err(|_| Status::unavailable("coordinator is overloaded; retry"))?;
         match tokio::time::timeout(PROPOSAL_TIMEOUT, rx).await {
             Err(_) => Err(Status::deadline_exceeded("the membership change did not commit in time")),
             Ok(Err(_)) => Err(Status::unavailable("the membership change was dropped; retry")),
-            Ok(Ok(Err(msg))) if msg.starts_with("not the leader") => Err(self.not_leader()),
-            Ok(Ok(Err(msg))) => Err(Status::unavailable(msg)),
+            Ok(Ok(Err(e))) => Err(self.refusal(e)),
             Ok(Ok(Ok(ApplyOutput::Member(id)))) => Ok(id),
             Ok(Ok(Ok(other))) => Err(Status::internal(format!("unexpected apply output {other:?}"))),
+        }
+    }
+
+    /// The status a refused or unproposed command gets: the state machine's refusals are
+    /// final (another replica would refuse alike); the core's are retried elsewhere.
+    pub(super) fn refusal(&self, e: ApplyError) -> Status {
+        match e {
+            ApplyError::NotFound(m) => final_status(tonic::Code::NotFound, m),
+            ApplyError::Invalid(m) => final_status(tonic::Code::InvalidArgument, m),
+            ApplyError::Conflict(m) => final_status(tonic::Code::FailedPrecondition, m),
+            ApplyError::NotLeader(_) => self.not_leader(),
+            // Raft dropped it (a leader transfer under way, say): another try may take.
+            ApplyError::Retry(m) => Status::unavailable(m),
+            e @ ApplyError::TooLarge(_) => final_status(tonic::Code::InvalidArgument, e.to_string()),
+        }
+    }
+
+    /// `Unavailable` while the replica has not started its Raft loop (an empty folder waiting
+    /// for its peers, or checking that it may join).
+    fn require_running(&self) -> Result<(), Status> {
+        match *self.0.phase.read().expect("phase lock") {
+            Phase::Running => Ok(()),
+            Phase::Fresh => Err(Status::unavailable(format!("replica {} is starting: its peers have not yet confirmed that the group is new", self.0.cfg.id))),
+            Phase::Joining => Err(Status::unavailable(format!("replica {} is starting: it is checking that it may join the group", self.0.cfg.id))),
         }
     }
 
@@ -91,16 +112,55 @@ impl Api {
         }
     }
 
+    /// A job as shown: its latest progress report (which the leader replicates only now and
+    /// then) when newer than the log's.
     pub(super) fn job_view(&self, job: &JobInfo) -> JobInfo {
         let mut job = job.clone();
-        let vol = self.0.volatile.lock().expect("volatile lock");
-        if let Some((generation, p, _)) = vol.progress.get(&job.id) {
+        let duties = self.0.duties.lock().expect("duties lock");
+        if let Some(p) = duties.latest_progress(job.id, job.generation) {
             let newer = job.progress.as_ref().map(|q| p.step >= q.step).unwrap_or(true);
-            if *generation == job.generation && job.state() == JobState::Running && newer {
-                job.progress = Some(p.clone());
+            if job.state() == JobState::Running && job.results.is_empty() && newer {
+                let checkpoint = job.checkpoints.last().map(|c| c.step).unwrap_or(0);
+                let mut p = p.clone();
+                p.step = p.step.max(checkpoint);
+                job.progress = Some(p);
             }
         }
         job
+    }
+
+    /// The state hash at the applied index, computed once per index.
+    fn state_hash(&self, state: &StateMachine) -> String {
+        let mut cache = self.0.hash_cache.lock().expect("hash lock");
+        match cache.as_ref() {
+            Some((at, h)) if *at == state.applied_index => h.clone(),
+            _ => {
+                let h = state.state_hash();
+                *cache = Some((state.applied_index, h.clone()));
+                h
+            }
+        }
+    }
+
+    /// Removes the store folders under `root` (relative to the store) that `keep` says are not
+    /// referenced, older than `min_age`; returns what went.
+    fn remove_unreferenced(&self, root: &str, keep: impl Fn(&str) -> bool, min_age: Duration) -> Vec<String> {
+        let dir = self.0.cfg.store_dir.join(root);
+        let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
+        let mut removed = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let rel = format!("{root}/{name}");
+            let old_enough = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|age| age >= min_age);
+            if keep(&rel) || !old_enough || !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            match std::fs::remove_dir_all(e.path()) {
+                Ok(()) => removed.push(rel),
+                Err(err) => tracing::warn!(path = %e.path().display(), error = %err, "could not remove an unreferenced folder"),
+            }
+        }
+        removed
     }
 }
 
@@ -127,20 +187,19 @@ impl Coordinator for Api {
         if let Some(id) = self.0.state.read().expect("state lock").member_for_request(&request_id).filter(|_| !request_id.is_empty()) {
             return Ok(Response::new(self.member_reply(id)));
         }
-        if address.parse::<std::net::SocketAddr>().is_err() {
-            return Err(final_status(tonic::Code::InvalidArgument, format!("{address:?} is not an address (HOST:PORT with a numeric host)")));
-        }
+        crate::membership::check_dialable(&address).map_err(|e| final_status(tonic::Code::InvalidArgument, e))?;
         let addresses = self.0.addresses.read().expect("addresses lock").clone();
         if let Some((id, _)) = addresses.iter().find(|(_, a)| **a == address) {
             return Err(final_status(tonic::Code::AlreadyExists, format!("replica {id} is at {address} already")));
         }
-        let id = addresses.keys().max().copied().unwrap_or(0) + 1;
-        let id = self.change_member(MemberOp::AddLearner, id, address, request_id).await?;
+        // Never an id the group had: a removed replica's id never comes back.
+        let id = self.0.state.read().expect("state lock").next_member_id().max(addresses.keys().max().copied().unwrap_or(0) + 1);
+        let id = self.change_member(MemberOp::AddLearner, id, address, request_id, false).await?;
         Ok(Response::new(self.member_reply(id)))
     }
 
     async fn remove_coordinator(&self, r: Request<RemoveCoordinatorRequest>) -> Result<Response<MemberReply>, Status> {
-        let RemoveCoordinatorRequest { id, request_id } = r.into_inner();
+        let RemoveCoordinatorRequest { id, request_id, force } = r.into_inner();
         self.require_leader()?;
         self.linearize().await?;
         let peers = self.peers();
@@ -151,16 +210,9 @@ impl Coordinator for Api {
                 None => Err(final_status(tonic::Code::NotFound, format!("replica {id} is not a member of the group"))),
             };
         }
-        if peers.iter().filter(|p| !p.learner && p.id != id).count() == 0 {
-            return Err(final_status(tonic::Code::FailedPrecondition, format!("replica {id} is the last voter; a group needs one")));
-        }
-        if id == self.0.cfg.id {
-            // The leader hands its role to another voter first; the client retries there.
-            let to = peers.iter().find(|p| !p.learner && p.id != id).map(|p| p.id).expect("checked above");
-            let _ = self.0.inbox.try_send(Input::TransferLeader(to));
-            return Err(Status::unavailable(format!("replica {id} leads the group; handing the lead to replica {to} first; retry")));
-        }
-        self.change_member(MemberOp::Remove, id, String::new(), request_id).await?;
+        // The core checks the rest against raft's own view: a live quorum after the change
+        // (unless forced), and a leader that removes itself hands its role on first.
+        self.change_member(MemberOp::Remove, id, String::new(), request_id, force).await?;
         Ok(Response::new(self.member_reply(id)))
     }
 
@@ -170,10 +222,13 @@ impl Coordinator for Api {
             return Ok(Response::new(self.member_reply(id)));
         }
         self.require_leader()?;
-        if !self.peers().iter().any(|p| p.id == id && !p.learner) {
-            return Err(final_status(tonic::Code::FailedPrecondition, format!("replica {id} is not a voter of the group")));
+        let (tx, rx) = oneshot::channel();
+        self.0.inbox.try_send(Input::TransferLeader(id, tx)).map_err(|_| Status::unavailable("coordinator is overloaded; retry"))?;
+        match tokio::time::timeout(READ_TIMEOUT, rx).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(why))) => return Err(final_status(tonic::Code::FailedPrecondition, format!("cannot hand the lead to replica {id}: {why}"))),
+            _ => return Err(Status::unavailable("the transfer could not be started; retry")),
         }
-        let _ = self.0.inbox.try_send(Input::TransferLeader(id));
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -184,15 +239,47 @@ impl Coordinator for Api {
         Err(Status::deadline_exceeded(format!("replica {id} did not take the lead in time")))
     }
 
-    async fn get_status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn check_join(&self, r: Request<JoinCheckRequest>) -> Result<Response<JoinCheckReply>, Status> {
+        let r = r.into_inner();
+        self.require_leader()?;
+        self.linearize().await?;
+        let no = |reason: String| Ok(Response::new(JoinCheckReply { ok: false, reason }));
+        if r.cluster_id != self.0.cluster_id {
+            return no(format!("it names cluster {:?}; this is cluster {}", r.cluster_id, self.0.cluster_id));
+        }
+        let state = self.0.state.read().expect("state lock");
+        if state.was_removed(r.id) {
+            return no(format!("replica {} was removed from the group, and ids are never reused: add a new replica (`shoal coordinator add HOST:PORT`) and start it with the id it gets", r.id));
+        }
+        let member = state.members().find(|m| m.id == r.id).map(|m| m.learner);
+        drop(state);
+        match member {
+            Some(true) => Ok(Response::new(JoinCheckReply { ok: true, reason: String::new() })),
+            Some(_) => no(format!(
+                "replica {} is a voter of the group: a voter's folder cannot start empty (its votes and log are gone). Replace it: `shoal coordinator remove {}`, then `shoal coordinator add HOST:PORT`",
+                r.id, r.id
+            )),
+            None => no(format!("replica {} is not a member of the group: `shoal coordinator add HOST:PORT` first, and start the replica with the id it gets", r.id)),
+        }
+    }
+
+    async fn get_status(&self, r: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let r = r.into_inner();
         // Before the view lock below: `peers` takes it too (no lock is taken twice).
         let peers = self.peers();
+        if r.members_only {
+            return Ok(Response::new(StatusResponse { peers, ..Default::default() }));
+        }
         let v = self.0.view.read().expect("view lock");
         let state = self.0.state.read().expect("state lock");
         let node = CoordinatorStatus {
             id: self.0.cfg.id,
             address: self.0.address.clone(),
-            role: if v.learners.contains(&self.0.cfg.id) { "learner".into() } else { v.role.to_string() },
+            role: match *self.0.phase.read().expect("phase lock") {
+                Phase::Fresh | Phase::Joining => "starting".into(),
+                Phase::Running if v.learners.contains(&self.0.cfg.id) => "learner".into(),
+                Phase::Running => v.role.to_string(),
+            },
             term: v.term,
             commit_index: v.commit,
             applied_index: state.applied_index,
@@ -202,10 +289,56 @@ impl Coordinator for Api {
             cluster_id: self.0.cluster_id.clone(),
             dropped_raft_messages: self.0.dropped.load(std::sync::atomic::Ordering::Relaxed),
             snapshot_index: v.snapshot_index,
-            state_hash: state.state_hash(),
+            state_hash: if r.state_hash { self.state_hash(&state) } else { String::new() },
         };
         let workers = state.workers().cloned().collect();
-        Ok(Response::new(StatusResponse { node: Some(node), peers, workers }))
+        Ok(Response::new(StatusResponse { node: Some(node), peers, workers, settings: Some(state.settings()) }))
+    }
+
+    async fn set_settings(&self, r: Request<SettingsRequest>) -> Result<Response<CoordinatorSettings>, Status> {
+        let r = r.into_inner();
+        let request_id = r.request_id.clone();
+        match self.propose(command::Kind::SetSettings(r), request_id).await? {
+            ApplyOutput::Settings(s) => Ok(Response::new(s)),
+            // A retry of one that applied: the settings as they are.
+            ApplyOutput::None => Ok(Response::new(self.0.state.read().expect("state lock").settings())),
+            other => Err(Status::internal(format!("unexpected apply output {other:?}"))),
+        }
+    }
+
+    async fn prune_jobs(&self, r: Request<PruneRequest>) -> Result<Response<PruneReply>, Status> {
+        let r = r.into_inner();
+        let mut reply = PruneReply::default();
+        if let ApplyOutput::Pruned { jobs, pinned } = self.propose(command::Kind::PruneJobs(true), r.request_id).await? {
+            (reply.removed_jobs, reply.kept_pinned) = (jobs, pinned);
+        }
+        // Committed and applied here: the folders of jobs the state no longer holds go (those
+        // a crash kept from going with their removal, too). A folder for an id above every
+        // job given may be a job in the making, and stays.
+        self.linearize().await?;
+        let (jobs, last): (BTreeSet<u64>, u64) = {
+            let state = self.0.state.read().expect("state lock");
+            (state.jobs().map(|j| j.id).collect(), state.last_job_id())
+        };
+        let keep = |rel: &str| rel.rsplit('/').next().and_then(|n| n.parse::<u64>().ok()).is_none_or(|id| id > last || jobs.contains(&id));
+        reply.removed_paths = self.remove_unreferenced("jobs", keep, Duration::ZERO);
+        Ok(Response::new(reply))
+    }
+
+    async fn collect_datasets(&self, r: Request<PruneRequest>) -> Result<Response<PruneReply>, Status> {
+        let r = r.into_inner();
+        self.require_leader()?;
+        self.linearize().await?;
+        let folders: BTreeSet<String> = self.0.state.read().expect("state lock").dataset_folders().map(|(_, f)| f.to_string()).collect();
+        let min_age = Duration::from_secs(r.min_age_s);
+        let mut removed = Vec::new();
+        let names: Vec<String> = std::fs::read_dir(self.0.cfg.store_dir.join("datasets")).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        for name in names {
+            // A batch job's folder holds its output until it is registered: a running job's
+            // stays (its id is above nothing we can tell cheaply, so age decides, as for imports).
+            removed.extend(self.remove_unreferenced(&format!("datasets/{name}"), |rel| folders.contains(rel), min_age));
+        }
+        Ok(Response::new(PruneReply { removed_paths: removed, ..Default::default() }))
     }
 
     async fn register_dataset(&self, r: Request<RegisterDatasetRequest>) -> Result<Response<DatasetInfo>, Status> {
@@ -226,19 +359,21 @@ impl Coordinator for Api {
         }
     }
 
-    async fn list_datasets(&self, _: Request<ListDatasetsRequest>) -> Result<Response<ListDatasetsResponse>, Status> {
+    async fn list_datasets(&self, r: Request<ListDatasetsRequest>) -> Result<Response<ListDatasetsResponse>, Status> {
+        let page = crate::state::page_number(&r.into_inner().page).map_err(|e| self.refusal(e))?;
         self.linearize().await?;
-        let state = self.0.state.read().expect("state lock");
-        Ok(Response::new(ListDatasetsResponse { datasets: state.datasets().cloned().collect() }))
+        let (datasets, next_page) = self.0.state.read().expect("state lock").datasets_page(page);
+        Ok(Response::new(ListDatasetsResponse { datasets, next_page }))
     }
 
     async fn get_dataset(&self, r: Request<GetDatasetRequest>) -> Result<Response<DatasetInfo>, Status> {
         let r = r.into_inner();
+        let view = if r.shards_only { DatasetView::Shards } else { DatasetView::Page(crate::state::page_number(&r.page).map_err(|e| self.refusal(e))?) };
         self.linearize().await?;
         let state = self.0.state.read().expect("state lock");
-        match state.dataset(&r.name, r.version) {
-            Some(d) => Ok(Response::new(d.clone())),
-            None if r.version == 0 => Err(final_status(tonic::Code::NotFound, format!("dataset {:?} does not exist", r.name))),
+        match state.dataset_view(&r.name, r.version, view) {
+            Some(d) => Ok(Response::new(d)),
+            None if r.version == 0 || !state.has_dataset(&r.name) => Err(final_status(tonic::Code::NotFound, format!("dataset {:?} does not exist", r.name))),
             None => Err(final_status(tonic::Code::NotFound, format!("dataset {:?} has no version {}", r.name, r.version))),
         }
     }
@@ -257,16 +392,17 @@ impl Coordinator for Api {
 
     async fn get_model(&self, r: Request<shoal_proto::GetModelRequest>) -> Result<Response<shoal_proto::ModelInfo>, Status> {
         let r = r.into_inner();
+        let page = crate::state::page_number(&r.page).map_err(|e| self.refusal(e))?;
         self.linearize().await?;
-        let state = self.0.state.read().expect("state lock");
-        let found = state.models().find(|m| m.name == r.name).cloned();
+        let found = self.0.state.read().expect("state lock").model_page(&r.name, page);
         found.map(Response::new).ok_or_else(|| final_status(tonic::Code::NotFound, format!("there is no model {}", r.name)))
     }
 
-    async fn list_models(&self, _: Request<shoal_proto::ListModelsRequest>) -> Result<Response<shoal_proto::ListModelsResponse>, Status> {
+    async fn list_models(&self, r: Request<shoal_proto::ListModelsRequest>) -> Result<Response<shoal_proto::ListModelsResponse>, Status> {
+        let page = crate::state::page_number(&r.into_inner().page).map_err(|e| self.refusal(e))?;
         self.linearize().await?;
-        let state = self.0.state.read().expect("state lock");
-        Ok(Response::new(shoal_proto::ListModelsResponse { models: state.models().cloned().collect() }))
+        let (models, next_page) = self.0.state.read().expect("state lock").models_page(page);
+        Ok(Response::new(shoal_proto::ListModelsResponse { models, next_page }))
     }
 
     async fn submit_job(&self, r: Request<SubmitJobRequest>) -> Result<Response<JobInfo>, Status> {
@@ -282,11 +418,11 @@ impl Coordinator for Api {
             match shoal_core::batch::is_batch(&spec_toml) {
                 Ok(true) => state.check_batch(&spec_toml).map(|_| ()),
                 Ok(false) => state.check_submission(&spec_toml).map(|_| ()),
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(ApplyError::invalid(e)),
             }
         };
         if let Err(e) = checked {
-            return Err(final_status(tonic::Code::InvalidArgument, e));
+            return Err(self.refusal(e));
         }
         Ok(Response::new(expect_job(self.propose(command::Kind::SubmitJob(spec_toml), request_id).await?)?))
     }
@@ -299,26 +435,37 @@ impl Coordinator for Api {
         }
     }
 
-    async fn list_templates(&self, _: Request<shoal_proto::ListTemplatesRequest>) -> Result<Response<shoal_proto::ListTemplatesResponse>, Status> {
+    async fn list_templates(&self, r: Request<shoal_proto::ListTemplatesRequest>) -> Result<Response<shoal_proto::ListTemplatesResponse>, Status> {
+        let page = crate::state::page_number(&r.into_inner().page).map_err(|e| self.refusal(e))?;
         self.linearize().await?;
-        let templates = self.0.state.read().expect("state lock").templates().cloned().collect();
-        Ok(Response::new(shoal_proto::ListTemplatesResponse { templates }))
+        let state = self.0.state.read().expect("state lock");
+        let (templates, next_page) = state.templates_page(page);
+        Ok(Response::new(shoal_proto::ListTemplatesResponse { templates: templates.into_iter().cloned().collect(), next_page }))
     }
 
     async fn get_job(&self, r: Request<GetJobRequest>) -> Result<Response<JobInfo>, Status> {
         let id = r.into_inner().id;
         self.linearize().await?;
-        let job = self.0.state.read().expect("state lock").job(id).cloned();
+        let (job, last) = {
+            let state = self.0.state.read().expect("state lock");
+            (state.job(id).cloned(), state.last_job_id())
+        };
         match job {
             Some(j) => Ok(Response::new(self.job_view(&j))),
+            None if id > 0 && id <= last => Err(final_status(tonic::Code::NotFound, format!("job {id} is gone: it finished and retention removed it (`shoal coordinator settings`)"))),
             None => Err(final_status(tonic::Code::NotFound, format!("job {id} does not exist"))),
         }
     }
 
-    async fn list_jobs(&self, _: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+    async fn list_jobs(&self, r: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+        let page = crate::state::page_number(&r.into_inner().page).map_err(|e| self.refusal(e))?;
         self.linearize().await?;
-        let jobs: Vec<JobInfo> = self.0.state.read().expect("state lock").jobs().cloned().collect();
-        Ok(Response::new(ListJobsResponse { jobs: jobs.iter().map(|j| self.job_view(j)).collect() }))
+        let (jobs, next_page): (Vec<JobInfo>, String) = {
+            let state = self.0.state.read().expect("state lock");
+            let (jobs, next) = state.jobs_page(page);
+            (jobs.into_iter().cloned().collect(), next)
+        };
+        Ok(Response::new(ListJobsResponse { jobs: jobs.iter().map(|j| self.job_view(j)).collect(), next_page }))
     }
 
     async fn cancel_job(&self, r: Request<CancelJobRequest>) -> Result<Response<JobInfo>, Status> {
@@ -331,10 +478,7 @@ impl Coordinator for Api {
         let request_id = req.request_id.clone();
         match self.propose(command::Kind::RegisterWorker(req), request_id).await? {
             ApplyOutput::WorkerId(id) => {
-                let mut vol = self.0.volatile.lock().expect("volatile lock");
-                vol.last_seen.insert(id.clone(), Instant::now());
-                vol.heard.insert(id.clone());
-                drop(vol);
+                self.0.duties.lock().expect("duties lock").saw_worker(&id, self.0.now());
                 Ok(Response::new(RegisterWorkerResponse { worker_id: id, lease_ms: self.0.cfg.lease.as_millis() as u64 }))
             }
             other => Err(Status::internal(format!("unexpected apply output {other:?}"))),
@@ -345,17 +489,18 @@ impl Coordinator for Api {
         self.require_leader()?;
         // A deposed leader that has not noticed yet must not hand out a stale assignment.
         self.linearize().await?;
-        let id = r.into_inner().worker_id;
+        let HeartbeatRequest { worker_id: id, job_id, generation } = r.into_inner();
         let state = self.0.state.read().expect("state lock");
         match state.worker(&id) {
             Some(w) if w.state() != WorkerState::Lost => {
-                let mut vol = self.0.volatile.lock().expect("volatile lock");
-                vol.last_seen.insert(id.clone(), Instant::now());
-                vol.heard.insert(id.clone());
-                drop(vol);
-                Ok(Response::new(HeartbeatResponse { assignment: state.assignment(&id), unknown_worker: false }))
+                self.0.duties.lock().expect("duties lock").saw_worker(&id, self.0.now());
+                // The worker runs what it should: a few bytes, not its job's spec and dataset.
+                if job_id != 0 && state.assignment_key(&id) == Some((job_id, generation)) {
+                    return Ok(Response::new(HeartbeatResponse { unchanged: true, ..Default::default() }));
+                }
+                Ok(Response::new(HeartbeatResponse { assignment: state.assignment(&id), ..Default::default() }))
             }
-            _ => Ok(Response::new(HeartbeatResponse { assignment: None, unknown_worker: true })),
+            _ => Ok(Response::new(HeartbeatResponse { unknown_worker: true, ..Default::default() })),
         }
     }
 
@@ -363,9 +508,7 @@ impl Coordinator for Api {
         self.require_leader()?;
         let r = r.into_inner();
         if let Some(p) = r.progress {
-            let mut vol = self.0.volatile.lock().expect("volatile lock");
-            let flushed = vol.progress.get(&r.job_id).and_then(|(g, _, f)| if *g == r.generation { *f } else { None });
-            vol.progress.insert(r.job_id, (r.generation, p, flushed));
+            self.0.duties.lock().expect("duties lock").progress_report(r.job_id, r.generation, p);
         }
         Ok(Response::new(Ack {}))
     }
@@ -388,14 +531,12 @@ impl Coordinator for Api {
         let mut r = r.into_inner();
         let (worker, job_id) = (r.worker_id.clone(), r.job_id);
         // The leader stamps the time into the entry, so every replica applies the same value.
-        r.reported_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        r.reported_unix_ms = unix_ms();
         self.propose(command::Kind::TaskReported(r), String::new()).await?;
         // Applied here, so the state holds the commit: the worker's next task, if any. A report
         // is a sign of life, like a heartbeat.
         let state = self.0.state.read().expect("state lock");
-        let mut vol = self.0.volatile.lock().expect("volatile lock");
-        vol.last_seen.insert(worker.clone(), Instant::now());
-        vol.heard.insert(worker.clone());
+        self.0.duties.lock().expect("duties lock").saw_worker(&worker, self.0.now());
         let mut reply = shoal_proto::TaskReply { next: state.assignment(&worker), ..Default::default() };
         if let Some(j) = state.job(job_id).filter(|j| j.state().is_terminal()) {
             let b = j.batch.clone().unwrap_or_default();
@@ -416,7 +557,7 @@ impl Coordinator for Api {
 
     async fn deregister(&self, r: Request<DeregisterRequest>) -> Result<Response<Ack>, Status> {
         let worker_id = r.into_inner().worker_id;
-        let lost = WorkerLost { worker_id, cause: "stopped (shut down on purpose)".into() };
+        let lost = WorkerLost { worker_id, detail: String::new(), cause: LossCause::Deregistered as i32 };
         match self.propose(command::Kind::WorkerLost(lost), String::new()).await {
             Ok(_) => Ok(Response::new(Ack {})),
             // Already lost (a retry, or its lease ran out first): the same end state.
@@ -429,7 +570,7 @@ impl Coordinator for Api {
         let mut c = r.into_inner();
         // The leader stamps the time into the entry, so every replica applies the same value.
         if let Some(m) = c.manifest.as_mut() {
-            m.committed_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+            m.committed_unix_ms = unix_ms();
         }
         let job = expect_job(self.propose(command::Kind::CheckpointCommitted(c), String::new()).await?)?;
         Ok(Response::new(CheckpointCommitReply { kept_steps: job.checkpoints.iter().map(|m| m.step).collect() }))
@@ -464,7 +605,7 @@ impl Api {
                 }
                 if crate::client::refuses_connections(&address).await {
                     tracing::warn!(job, generation, %worker, %address, "a peer reported this worker gone and it refuses connections: declaring it lost");
-                    let lost = WorkerLost { worker_id: worker.clone(), cause: format!("was lost (its peers lost it; nothing answers at {address})") };
+                    let lost = WorkerLost { worker_id: worker.clone(), detail: format!("was lost (its peers lost it; nothing answers at {address})"), cause: LossCause::PeersLostIt as i32 };
                     if let Err(e) = self.propose(command::Kind::WorkerLost(lost), String::new()).await {
                         tracing::debug!(%worker, error = %e.message(), "declaring the worker lost");
                     }

@@ -2,7 +2,7 @@
 //! sans-IO `Core` in one Ready loop. The gRPC handlers only read the state machine or send
 //! proposals to the loop through a bounded channel.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 
 use crate::client::MAX_MESSAGE;
 use crate::node::{Core, RaftStore, ReadReply, Reply, TICK};
-use crate::state::{ApplyOutput, ApplyResult, MemberOp, StateMachine};
+use crate::state::{ApplyError, ApplyOutput, ApplyResult, DatasetView, MemberOp, StateMachine};
 use crate::storage::LogFile;
 use crate::CoordError;
 
@@ -27,7 +27,7 @@ mod identity;
 mod raft_transport;
 mod ready_loop;
 
-use identity::check_identity;
+use crate::leader::Duties;
 use raft_transport::Senders;
 use ready_loop::drive;
 
@@ -73,13 +73,11 @@ enum Input {
     SnapshotSent { to: u64, delivered: bool },
     /// A linearizable read waiting for its read index.
     Read(ReadReply),
-    /// A change of the coordinator group.
-    Member { op: MemberOp, id: u64, address: String, request_id: String, reply: Reply },
-    TransferLeader(u64),
+    /// A change of the coordinator group (`force`: skip the live-quorum check).
+    Member { op: MemberOp, id: u64, address: String, request_id: String, force: bool, reply: Reply },
+    /// Hand the lead to a replica; the reply says why not, if not.
+    TransferLeader(u64, oneshot::Sender<Result<(), String>>),
 }
-
-/// A learner whose log is within this many entries of the leader's commit is promoted.
-const PROMOTE_LAG: u64 = 16;
 
 /// How long a read waits for its read index: under a client's attempt timeout, so the client
 /// hears "retry" rather than its own timeout.
@@ -97,29 +95,23 @@ struct RaftView {
     role: &'static str,
     term: u64,
     commit: u64,
+    last_index: u64,
     leader_id: u64,
     snapshot_index: u64,
     learners: Vec<u64>,
 }
 
-/// Leader-only bookkeeping that is not replicated: rebuilt (with a grace period) by each new
-/// leader.
-#[derive(Default)]
-struct Volatile {
-    last_seen: HashMap<String, Instant>,
-    /// Workers that registered or heartbeated since this replica became leader: the only
-    /// ones placed (a worker known from the log may be long dead).
-    heard: HashSet<String>,
-    /// Latest progress report per job: (generation, progress, when it was last replicated).
-    progress: HashMap<u64, (u64, JobProgress, Option<Instant>)>,
-    /// Queued training jobs that batch attempts keep from starting, and since when (this
-    /// leader's clock): past `PREEMPT_AFTER`, the attempts are stopped.
-    waiting_since: HashMap<u64, Instant>,
+/// Where a replica is in its start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// An empty folder started as a new group's voter: waiting for its peers to confirm the
+    /// group is new too (it answers peers that it is fresh).
+    Fresh,
+    /// An empty folder joining as a learner: checking with the group that it may.
+    Joining,
+    /// The Ready loop runs.
+    Running,
 }
-
-/// How long a training job waits for batch attempts to end on their own before they are
-/// stopped to free its workers (a shard's task usually ends well within it).
-const PREEMPT_AFTER: Duration = Duration::from_secs(2);
 
 struct Shared {
     cfg: CoordinatorConfig,
@@ -133,12 +125,31 @@ struct Shared {
     address: String,
     state: Arc<RwLock<StateMachine>>,
     view: RwLock<RaftView>,
-    volatile: Mutex<Volatile>,
+    /// The leader's duties and what they remember (reset at each new term).
+    duties: Mutex<Duties>,
     inbox: mpsc::Sender<Input>,
+    phase: RwLock<Phase>,
+    /// Peers that said they are fresh too (while this replica is `Phase::Fresh`).
+    fresh_peers: Mutex<BTreeSet<u64>>,
+    /// The monotonic clock the leader's duties run on.
+    started: Instant,
+    /// The state hash at an applied index (hashing is a pass over the whole state).
+    hash_cache: Mutex<Option<(u64, String)>>,
+}
+
+impl Shared {
+    /// Milliseconds of the monotonic clock.
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+}
+
+/// The wall clock, in ms since the epoch: what commands carry.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(10);
-const PROGRESS_FLUSH: Duration = Duration::from_secs(2);
 const INBOX: usize = 4096;
 
 /// Runs one coordinator replica on `listener` until `shutdown` resolves.
@@ -158,29 +169,46 @@ pub async fn serve(
     if lock.try_lock().is_err() {
         return Err(CoordError::Locked(cfg.data_dir.display().to_string()));
     }
-    let cluster_id = check_identity(&cfg)?;
-    // A joining replica knows no voters: the group's snapshot tells it.
-    let voters: Vec<u64> = if cfg.initial == InitialState::Join { vec![] } else { cfg.peers.keys().copied().collect() };
-    let (log, recovered) = LogFile::open(&cfg.data_dir, &voters)?;
-    tracing::info!(entries = recovered.entries, fresh = recovered.fresh, truncated = recovered.truncated_bytes, "raft log opened");
-    let state = Arc::new(RwLock::new(StateMachine::default()));
-    let mut core = Core::new(cfg.id, RaftStore::new(recovered.storage, recovered.snapshot), state.clone())?;
-    core.campaign_if_alone();
-
+    let folder = identity::inspect(&cfg)?;
     let address = listener.local_addr().map_err(|e| CoordError::Io(e.to_string()))?.to_string();
     let (tx, rx) = mpsc::channel(INBOX);
+    let phase = match (&folder, cfg.initial) {
+        (identity::Folder::Empty { .. }, InitialState::Join) => Phase::Joining,
+        (identity::Folder::Empty { .. }, _) => Phase::Fresh,
+        _ => Phase::Running,
+    };
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
-        cluster_id: cluster_id.clone(),
+        cluster_id: folder.cluster_id().to_string(),
         dropped: Default::default(),
         addresses: RwLock::new(cfg.peers.clone()),
         address,
-        state,
+        state: Arc::new(RwLock::new(StateMachine::default())),
         view: RwLock::new(RaftView::default()),
-        volatile: Mutex::new(Volatile::default()),
+        duties: Mutex::new(Duties::default()),
         inbox: tx,
+        phase: RwLock::new(phase),
+        fresh_peers: Mutex::default(),
+        started: Instant::now(),
+        hash_cache: Mutex::default(),
     });
-    let mut driver = tokio::spawn(drive(core, log, rx, shared.clone()));
+    // A folder with a log opens it now, so a peer's hello is answered from it at once.
+    let opened = match &folder {
+        identity::Folder::Ready { .. } => Some(open_log(&shared, false)?),
+        identity::Folder::Empty { .. } => None,
+    };
+    let boot_shared = shared.clone();
+    let mut driver = tokio::spawn(async move {
+        let (core, log) = match opened {
+            Some(c) => c,
+            None => {
+                identity::await_empty_start(&boot_shared).await?;
+                open_log(&boot_shared, true)?
+            }
+        };
+        *boot_shared.phase.write().expect("phase lock") = Phase::Running;
+        drive(core, log, rx, boot_shared).await
+    });
 
     let svc = CoordinatorServer::new(Api(shared.clone())).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
     let raft_svc = RaftTransportServer::new(Api(shared.clone())).max_decoding_message_size(MAX_MESSAGE);
@@ -197,8 +225,9 @@ pub async fn serve(
             r.map_err(|e| CoordError::Transport(e.to_string()))
         }
         // The Ready loop ended: this replica was removed from the group, or the loop
-        // panicked or could not persist. Stop serving at once: a replica without its Raft
-        // loop would answer from a frozen view that may still say "leader".
+        // panicked or could not persist, or the replica may not start. Stop serving at once:
+        // a replica without its Raft loop would answer from a frozen view that may still say
+        // "leader".
         ended = &mut driver => match ended {
             Ok(Ok(())) => {
                 tracing::info!("removed from the coordinator group; stopping");
@@ -216,6 +245,25 @@ pub async fn serve(
     }
     drop(lock);
     result
+}
+
+/// Opens (a new folder: creates) the log and builds the core over it. A new folder's
+/// identity is written only after its log exists: a folder with an identity and no log is
+/// then always one that lost its log, and is refused.
+fn open_log(shared: &Shared, new_folder: bool) -> Result<(Core, LogFile), CoordError> {
+    let cfg = &shared.cfg;
+    // A joining replica knows no voters: the group's snapshot tells it.
+    let voters: Vec<u64> = if cfg.initial == InitialState::Join { vec![] } else { cfg.peers.keys().copied().collect() };
+    let (log, recovered) = LogFile::open(&cfg.data_dir, &voters)?;
+    tracing::info!(entries = recovered.entries, fresh = recovered.fresh, truncated = recovered.truncated_bytes, "raft log opened");
+    if new_folder {
+        identity::write(cfg, &shared.cluster_id)?;
+    }
+    let mut core = Core::new(cfg.id, RaftStore::new(recovered.storage, recovered.snapshot), shared.state.clone())?;
+    core.campaign_if_alone();
+    let mut v = shared.view.write().expect("view lock");
+    (v.term, v.commit, v.last_index) = (core.term(), core.commit_index(), core.last_index());
+    Ok((core, log))
 }
 
 /// The group after the state machine's latest view of it (the addresses given on the command
@@ -236,16 +284,6 @@ fn effective_members(shared: &Shared) -> Vec<PeerInfo> {
 
 fn effective_addresses(shared: &Shared) -> BTreeMap<u64, String> {
     effective_members(shared).into_iter().map(|m| (m.id, m.address)).collect()
-}
-
-fn not_leader_text(shared: &Shared, e: &CoordError) -> String {
-    match e {
-        CoordError::NotLeader(id) => match shared.addresses.read().expect("addresses lock").get(id) {
-            Some(addr) => format!("not the leader; leader is {id} at {addr}"),
-            None => "not the leader; no leader known yet".into(),
-        },
-        other => other.to_string(),
-    }
 }
 
 #[derive(Clone)]

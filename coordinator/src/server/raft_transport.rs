@@ -122,14 +122,42 @@ impl Api {
         if m.from == me || !self.0.addresses.read().expect("addresses lock").contains_key(&m.from) {
             return refuse(format!("raft message from node {}, which is no member of this group", m.from));
         }
-        // A full inbox drops the message; Raft retransmits.
-        let _ = self.0.inbox.try_send(Input::Raft(m));
+        // Before the Ready loop runs (an empty folder waiting to start) nothing is taken, and
+        // a full inbox drops the message: Raft retransmits.
+        if *self.0.phase.read().expect("phase lock") == Phase::Running {
+            let _ = self.0.inbox.try_send(Input::Raft(m));
+        }
         Ok(Response::new(Ack {}))
     }
 }
 
+/// Snapshot streams received at once.
+static SNAPSHOT_STREAMS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
 #[tonic::async_trait]
 impl RaftTransport for Api {
+    async fn hello(&self, r: Request<PeerHello>) -> Result<Response<PeerHello>, Status> {
+        let h = r.into_inner();
+        if h.cluster_id != self.0.cluster_id {
+            return Err(Status::invalid_argument(format!("a hello of cluster {:?}; this is cluster {}", h.cluster_id, self.0.cluster_id)));
+        }
+        let phase = *self.0.phase.read().expect("phase lock");
+        // A peer that is fresh while this replica is too: they confirm each other, so when
+        // one of them starts on the other's word, the other has its word as well.
+        if h.fresh && phase == Phase::Fresh && self.0.cfg.peers.contains_key(&h.node_id) && h.node_id != self.0.cfg.id {
+            self.0.fresh_peers.lock().expect("fresh lock").insert(h.node_id);
+        }
+        let v = self.0.view.read().expect("view lock");
+        Ok(Response::new(PeerHello {
+            cluster_id: self.0.cluster_id.clone(),
+            node_id: self.0.cfg.id,
+            fresh: phase == Phase::Fresh,
+            term: v.term,
+            commit: v.commit,
+            last_index: v.last_index,
+        }))
+    }
+
     async fn send(&self, r: Request<RaftEnvelope>) -> Result<Response<Ack>, Status> {
         self.accept(r.into_inner())
     }
@@ -146,14 +174,22 @@ impl RaftTransport for Api {
     }
 
     async fn send_stream(&self, r: Request<tonic::Streaming<RaftChunk>>) -> Result<Response<Ack>, Status> {
+        // One snapshot stream at a time is buffered (a leader sends at most one per follower).
+        let Ok(_permit) = SNAPSHOT_STREAMS.try_acquire() else {
+            return Err(Status::resource_exhausted("another snapshot is being received; retry"));
+        };
         let mut stream = r.into_inner();
-        let mut env = RaftEnvelope::default();
+        let mut env = RaftEnvelope { cluster_id: self.0.cluster_id.clone(), ..Default::default() };
         while let Some(chunk) = stream.message().await? {
+            // Every piece names this cluster, checked before a byte of it is kept.
+            if chunk.cluster_id != self.0.cluster_id {
+                self.0.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Err(Status::invalid_argument(format!("raft message of cluster {:?}; this is cluster {}", chunk.cluster_id, self.0.cluster_id)));
+            }
             if env.message.len() + chunk.data.len() > MAX_SNAPSHOT {
                 self.0.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Err(Status::invalid_argument(format!("a streamed raft message over {MAX_SNAPSHOT} bytes")));
             }
-            env.cluster_id = chunk.cluster_id;
             env.message.extend_from_slice(&chunk.data);
         }
         self.accept(env)

@@ -30,15 +30,15 @@ fn result(t: &BatchTask) -> &TaskResult {
 
 impl StateMachine {
     /// Checks a batch spec against the state: the job it would be (id 0, not queued yet).
-    pub fn check_batch(&self, toml: &str) -> Result<JobInfo, String> {
-        let spec = BatchSpec::parse(toml).map_err(|e| e.to_string())?;
-        let input = self.dataset(&spec.input.dataset, spec.input.version.unwrap_or(0)).ok_or_else(|| match spec.input.version {
-            Some(v) if self.datasets.contains_key(&spec.input.dataset) => format!("input.version: dataset {:?} has no version {v}", spec.input.dataset),
-            _ => format!("input.dataset: dataset {:?} does not exist", spec.input.dataset),
+    pub fn check_batch(&self, toml: &str) -> Result<JobInfo, ApplyError> {
+        let spec = BatchSpec::parse(toml).map_err(ApplyError::invalid)?;
+        let input = self.dataset_view(&spec.input.dataset, spec.input.version.unwrap_or(0), DatasetView::Shards).ok_or_else(|| match spec.input.version {
+            Some(v) if self.datasets.contains_key(&spec.input.dataset) => ApplyError::invalid(format!("input.version: dataset {:?} has no version {v}", spec.input.dataset)),
+            _ => ApplyError::invalid(format!("input.dataset: dataset {:?} does not exist", spec.input.dataset)),
         })?;
         let range = spec.input.records.unwrap_or([0, input.records]);
         if range[1] > input.records {
-            return Err(format!("input.records: range [{}, {}) exceeds the {} records of {} v{}", range[0], range[1], input.records, input.name, input.version));
+            return Err(format!("input.records: range [{}, {}) exceeds the {} records of {} v{}", range[0], range[1], input.records, input.name, input.version).into());
         }
         let feature_len: u64 = input.feature_shape.iter().product();
         let op = spec.operator.kind.as_str();
@@ -52,9 +52,9 @@ impl StateMachine {
                     (v.job_id, v.checkpoint.as_ref().map(|c| c.step), format!("{}@{}", m.name, v.version))
                 }
             };
-            let from = self.jobs.get(&job_id).ok_or_else(|| format!("operator.model: there is no job {job_id}"))?;
+            let from = self.jobs.get(&job_id).ok_or_else(|| ApplyError::invalid(format!("operator.model: there is no job {job_id}")))?;
             if from.state() != JobState::Succeeded || is_batch(from) {
-                return Err(format!("operator.model: job {job_id} is a {} job that {}: scoring needs a training job that succeeded", if is_batch(from) { "batch" } else { "training" }, from.state().label()));
+                return Err(format!("operator.model: job {job_id} is a {} job that {}: scoring needs a training job that succeeded", if is_batch(from) { "batch" } else { "training" }, from.state().label()).into());
             }
             let m = match step {
                 None => from.checkpoints.last(),
@@ -66,7 +66,7 @@ impl StateMachine {
                 return Err(format!(
                     "operator.model: {label} reads features {:?} and {} classes; {} v{} has {:?} and {}",
                     trained.feature_shape, trained.classes, input.name, input.version, input.feature_shape, input.classes
-                ));
+                ).into());
             }
             (init, model, out_shape, model_classes) = (Some(m.clone()), label, vec![trained.classes as u64], trained.classes);
             if let Some(r) = &spec.operator.transform {
@@ -74,10 +74,10 @@ impl StateMachine {
                     Some((n, v)) => (n, v.parse::<u64>().map_err(|_| format!("operator.transform: {r:?} is not DATASET or DATASET@VERSION"))?),
                     None => (r.as_str(), 0),
                 };
-                let d = self.dataset(name, version).ok_or_else(|| format!("operator.transform: there is no dataset {r}"))?;
+                let d = self.dataset(name, version).ok_or_else(|| ApplyError::invalid(format!("operator.transform: there is no dataset {r}")))?;
                 let t = d.transform.clone().ok_or_else(|| format!("operator.transform: {} v{} was not made by a transform job: it holds no fitted transform", d.name, d.version))?;
                 if t.shift.len() as u64 != feature_len {
-                    return Err(format!("operator.transform: {} v{} was fitted on {} features; the input has {feature_len}", d.name, d.version, t.shift.len()));
+                    return Err(format!("operator.transform: {} v{} was fitted on {} features; the input has {feature_len}", d.name, d.version, t.shift.len()).into());
                 }
                 transform = Some(t);
             }
@@ -92,7 +92,7 @@ impl StateMachine {
                     out.feature_shape,
                     out.classes,
                     input.classes
-                ));
+                ).into());
             }
         }
         let tasks = plan_tasks(&input.shards, range)
@@ -126,7 +126,7 @@ impl StateMachine {
     }
 
     /// Queues a batch job.
-    pub(super) fn submit_batch(&mut self, toml: &str) -> Result<JobInfo, String> {
+    pub(super) fn submit_batch(&mut self, toml: &str) -> Result<JobInfo, ApplyError> {
         let mut job = self.check_batch(toml)?;
         self.next_job += 1;
         job.id = self.next_job;
@@ -229,23 +229,23 @@ impl StateMachine {
 
     pub(super) fn task_started(&mut self, t: TaskStarted) -> ApplyResult {
         if !matches!(self.workers.get(&t.worker_id), Some(w) if w.state() == WorkerState::Idle) {
-            return Err(format!("worker {} is not idle", t.worker_id));
+            return Err(format!("worker {} is not idle", t.worker_id).into());
         }
-        let job = self.jobs.get(&t.job_id).ok_or_else(|| format!("unknown job {}", t.job_id))?;
+        let job = self.jobs.get(&t.job_id).ok_or_else(|| ApplyError::not_found(format!("unknown job {}", t.job_id)))?;
         if !is_batch(job) || !matches!(job.state(), JobState::Queued | JobState::Running) {
-            return Err(format!("job {} is not a batch job in progress", t.job_id));
+            return Err(format!("job {} is not a batch job in progress", t.job_id).into());
         }
         let b = job.batch.as_ref().expect("a batch job");
         let task = b.tasks.get(t.task as usize).ok_or_else(|| format!("job {} has no task {}", t.job_id, t.task))?;
         if t.speculative {
             if task.state != RUNNING || task.running.len() != 1 || task.running[0].speculative {
-                return Err(format!("task {} of job {} needs no speculative copy", t.task, t.job_id));
+                return Err(format!("task {} of job {} needs no speculative copy", t.task, t.job_id).into());
             }
         } else if task.state != PENDING {
-            return Err(format!("task {} of job {} is {}, not pending", t.task, t.job_id, task.state));
+            return Err(format!("task {} of job {} is {}, not pending", t.task, t.job_id, task.state).into());
         }
         if running_attempts(b) >= b.workers as usize {
-            return Err(format!("job {} runs {} attempts at once already", t.job_id, b.workers));
+            return Err(format!("job {} runs {} attempts at once already", t.job_id, b.workers).into());
         }
         self.start_attempt(t.job_id, t.task as usize, &t.worker_id, t.started_unix_ms, t.speculative);
         Ok(ApplyOutput::None)
@@ -253,9 +253,9 @@ impl StateMachine {
 
     pub(super) fn task_reported(&mut self, index: u64, r: TaskReport) -> ApplyResult {
         let id = r.job_id;
-        let job = self.jobs.get_mut(&id).ok_or_else(|| format!("unknown job {id}"))?;
+        let job = self.jobs.get_mut(&id).ok_or_else(|| ApplyError::not_found(format!("unknown job {id}")))?;
         if !is_batch(job) {
-            return Err(format!("job {id} is not a batch job"));
+            return Err(format!("job {id} is not a batch job").into());
         }
         // A retry of the report that committed (its reply was lost): the same outcome. It
         // must not read as a refusal, which would make the worker remove a committed shard.
@@ -264,7 +264,7 @@ impl StateMachine {
             return Ok(ApplyOutput::None);
         }
         if job.state() != JobState::Running {
-            return Err(format!("job {id} is {}: its tasks commit nothing more", job.state().label()));
+            return Err(format!("job {id} is {}: its tasks commit nothing more", job.state().label()).into());
         }
         let b = job.batch.as_mut().expect("a batch job");
         let writes = match b.operator.as_str() {
@@ -280,7 +280,7 @@ impl StateMachine {
                 format!("task {} of job {id} is committed already; attempt {} is not needed", r.task, r.attempt)
             } else {
                 format!("attempt {} of task {} of job {id} is not running", r.attempt, r.task)
-            });
+            }.into());
         };
         // Every check before any change: a refused report changes nothing.
         if r.ok {
@@ -336,7 +336,7 @@ impl StateMachine {
     fn finish_phase(&mut self, index: u64, id: u64, now_ms: u64) {
         let input = {
             let j = &self.jobs[&id];
-            self.dataset(&j.dataset_name, j.dataset_version).cloned().unwrap_or_default()
+            self.dataset(&j.dataset_name, j.dataset_version).unwrap_or_default()
         };
         let job = self.jobs.get_mut(&id).expect("a job");
         let b = job.batch.as_mut().expect("a batch job");
@@ -346,7 +346,7 @@ impl StateMachine {
         let described = format!("{}@{} [{}, {})", input.name, input.version, range.0, range.1);
         match (b.operator.as_str(), b.phase) {
             ("transform", 0) => {
-                let method = BatchSpec::parse(&job.spec_toml).ok().and_then(|s| s.operator.method).unwrap_or_else(|| "standardize".into());
+                let method = job.plan.as_ref().map(|p| p.batch_method.clone()).filter(|m| !m.is_empty()).unwrap_or_else(|| "standardize".into());
                 b.transform = Some(fit_transform(&method, &stats, described));
                 b.stats = Some(stats);
                 b.phase = 1;
@@ -472,7 +472,7 @@ impl StateMachine {
             // Stragglers: once half the tasks are done and none waits, a task running longer
             // than `speculation` times the median gets a copy; the first commit wins.
             let mut done: Vec<u64> = b.tasks.iter().filter(|t| t.state == DONE).map(|t| result(t).elapsed_ms).collect();
-            if b.speculation > 0.0 && done.len() * 2 >= b.tasks.len() && b.tasks.iter().all(|t| t.state != PENDING) {
+            if b.speculation > 0.0 && !done.is_empty() && done.len() * 2 >= b.tasks.len() && b.tasks.iter().all(|t| t.state != PENDING) {
                 done.sort_unstable();
                 let limit = (done[done.len() / 2] as f64 * b.speculation).max(MIN_SPECULATION_MS);
                 for t in b.tasks.iter().filter(|t| t.state == RUNNING && t.running.len() == 1 && !t.running[0].speculative) {
@@ -495,7 +495,7 @@ impl StateMachine {
             rank: 0,
             world_size: 1,
             spec_toml: job.spec_toml.clone(),
-            dataset: self.dataset(&job.dataset_name, job.dataset_version).cloned(),
+            dataset: self.dataset_view(&job.dataset_name, job.dataset_version, DatasetView::Shards),
             init: job.init.clone(),
             task: Some(BatchTask { running: Vec::new(), ..task.clone() }),
             transform: b.transform.clone(),
@@ -575,7 +575,7 @@ mod tests {
     use shoal_proto::{RegisterWorkerRequest, ShardInfo, WorkerLost};
 
     fn cmd(kind: command::Kind) -> Command {
-        Command { proposal_id: 0, request_id: String::new(), kind: Some(kind) }
+        Command { kind: Some(kind), ..Default::default() }
     }
 
     /// A dataset of three shards and three workers.
@@ -628,7 +628,7 @@ mod tests {
         assert_eq!(starts.iter().map(|t| (t.task, t.worker_id.as_str())).collect::<Vec<_>>(), [(0, "w1"), (1, "w2")], "two at once: the job's `workers`");
         start(&mut sm, 6, 0, "w1", false).unwrap();
         start(&mut sm, 7, 1, "w2", false).unwrap();
-        assert!(start(&mut sm, 8, 2, "w3", false).unwrap_err().contains("at once"));
+        assert!(start(&mut sm, 8, 2, "w3", false).unwrap_err().to_string().contains("at once"));
         assert_eq!(sm.assignment("w1").unwrap().generation, 1, "an attempt's number is its assignment's generation");
         // Task 0 commits; w1 takes task 2 in the same apply.
         report(&mut sm, 9, 0, 1, "w1", true).unwrap();
@@ -638,7 +638,7 @@ mod tests {
         report(&mut sm, 10, 0, 1, "w1", true).unwrap();
         assert_eq!(sm.job(1).cloned(), before);
         // A speculative copy of task 1 on w3; the copy commits first, the original is refused.
-        start(&mut sm, 11, 1, "w3", true).unwrap_err();
+        start(&mut sm, 11, 1, "w3", true).unwrap_err().to_string();
         report(&mut sm, 12, 2, 3, "w1", true).unwrap();
         start(&mut sm, 13, 1, "w3", true).unwrap();
         let copy = sm.assignment("w3").unwrap().generation;
@@ -649,7 +649,7 @@ mod tests {
         assert_eq!(job.state(), JobState::Succeeded, "{job:?}");
         // Even after the job ended, the committed attempt's retried report is not refused.
         report(&mut sm, 16, 1, copy, "w3", true).unwrap();
-        let out = sm.dataset("out", 0).unwrap();
+        let out = sm.dataset_view("out", 0, DatasetView::Page(0)).unwrap();
         assert_eq!((out.records, out.shards.len()), (30, 3));
         assert!(out.shards[1].path.ends_with(&format!("-a{copy}.safetensors")));
         assert_eq!(out.slices[0].batch_job, 1);
@@ -661,7 +661,7 @@ mod tests {
         let mut sm = cluster();
         sm.apply(5, cmd(command::Kind::SubmitJob(COPY.into()))).unwrap();
         start(&mut sm, 6, 0, "w1", false).unwrap();
-        sm.apply(7, cmd(command::Kind::WorkerLost(WorkerLost { worker_id: "w1".into(), cause: String::new() }))).unwrap();
+        sm.apply(7, cmd(command::Kind::WorkerLost(WorkerLost { worker_id: "w1".into(), ..Default::default() }))).unwrap();
         assert_eq!((batch(&sm).tasks[0].state.as_str(), batch(&sm).tasks[0].attempts), (PENDING, 1));
         start(&mut sm, 8, 0, "w2", false).unwrap();
         report(&mut sm, 9, 0, 2, "w2", false).unwrap();

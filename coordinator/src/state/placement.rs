@@ -3,6 +3,18 @@
 use super::*;
 
 impl StateMachine {
+    /// Which assignment `worker` should be running: (job, generation), or for a batch task
+    /// (job, attempt); what a heartbeat compares without building the assignment.
+    pub fn assignment_key(&self, worker: &str) -> Option<(u64, u64)> {
+        let w = self.workers.get(worker)?;
+        let job = self.jobs.get(&w.job_id).filter(|j| j.state() == JobState::Running)?;
+        if is_batch(job) {
+            let b = job.batch.as_ref()?;
+            return b.tasks.iter().find_map(|t| t.running.iter().find(|a| a.worker_id == worker)).map(|a| (job.id, a.attempt));
+        }
+        job.workers.iter().any(|x| x == worker).then_some((job.id, job.generation))
+    }
+
     /// What `worker` should be running now, if anything.
     pub fn assignment(&self, worker: &str) -> Option<Assignment> {
         let w = self.workers.get(worker)?;
@@ -16,12 +28,10 @@ impl StateMachine {
         let rank = job.workers.iter().position(|x| x == worker)?;
         // `[promote]`: the holdout records, and the alias's holder now (rank 0 scores both).
         let (mut holdout, mut holder, mut holder_version) = (None, None, 0);
-        if let (true, Some(p)) = (job.holdout_version > 0 && rank == 0, JobSpec::parse(&job.spec_toml).ok().and_then(|s| s.promote.zip(s.register))) {
-            let (promote, register) = p;
-            if let Ok((name, _)) = promote.holdout_ref() {
-                holdout = self.dataset(&name, job.holdout_version).cloned();
-            }
-            if let Ok((_, v)) = self.model_version(&format!("{}@{}", register.name, promote.alias)) {
+        let plan = job.plan.as_ref();
+        if let (true, Some(promote), Some(register)) = (job.holdout_version > 0 && rank == 0, plan.and_then(|p| p.promote.as_ref()), plan.map(|p| &p.register_name).filter(|n| !n.is_empty())) {
+            holdout = self.dataset_view(&promote.holdout_name, job.holdout_version, DatasetView::Shards);
+            if let Ok((_, v)) = self.model_version(&format!("{register}@{}", promote.alias)) {
                 (holder, holder_version) = (v.checkpoint.clone(), v.version);
             }
         }
@@ -34,11 +44,11 @@ impl StateMachine {
             world_size: job.workers.len() as u32,
             peers,
             spec_toml: job.spec_toml.clone(),
-            dataset: self.dataset(&job.dataset_name, job.dataset_version).cloned(),
+            dataset: self.dataset_view(&job.dataset_name, job.dataset_version, DatasetView::Shards),
             checkpoints: job.checkpoints.iter().rev().cloned().collect(),
             ring_peers,
             hosts,
-            carry_state: job.membership.last().is_some_and(|m| carries_state(&m.cause)),
+            carry_state: job.membership.last().is_some_and(|m| carries_state(m.kind())),
             init: job.init.clone(),
             new_from: job.new_from,
             holdout,

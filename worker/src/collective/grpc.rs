@@ -20,6 +20,7 @@ use tonic::transport::Channel;
 use shoal_coordinator::client::refuses_connections;
 use tonic::{Request, Response, Status};
 
+use super::MAX_GATHER_BYTES;
 use crate::WorkerError;
 
 /// Chunk bytes held at once (the ring needs one or two chunks per peer).
@@ -38,7 +39,8 @@ type Key = (u64, u64, u64, u32);
 pub struct Mailbox {
     /// Bytes held at most.
     capacity: usize,
-    chunks: Mutex<HashMap<Key, Bytes>>,
+    /// The chunks that arrived, with the rank that says it sent each.
+    chunks: Mutex<HashMap<Key, (u32, Bytes)>>,
     /// The (job, generation) of the task this worker runs now.
     active: Mutex<Option<(u64, u64)>>,
     arrived: Notify,
@@ -61,9 +63,23 @@ impl Mailbox {
     }
 
     fn put(&self, c: Chunk) -> Result<(), Status> {
+        // The server's decoding limit bounds it already; a service set up without one must not
+        // hold more either.
+        if c.data.len() > MAX_CHUNK_MESSAGE {
+            return Err(Status::invalid_argument(format!("a chunk of {} bytes is more than the {MAX_CHUNK_MESSAGE} a message carries", c.data.len())));
+        }
+        let key = (c.job_id, c.generation, c.seq, c.hop);
         let active = *self.active.lock().expect("mailbox lock");
         let mut map = self.chunks.lock().expect("mailbox lock");
-        let held = |m: &HashMap<Key, Bytes>| m.values().map(Bytes::len).sum::<usize>();
+        if let Some((from, held)) = map.get(&key) {
+            // A retried push (its reply was lost) is welcome; another sender's chunk does not
+            // replace the one waiting.
+            if *from == c.from_rank && *held == c.data {
+                return Ok(());
+            }
+            return Err(Status::already_exists(format!("a different chunk for collective {} hop {} is already waiting", c.seq, c.hop)));
+        }
+        let held = |m: &HashMap<Key, (u32, Bytes)>| m.values().map(|(_, b)| b.len()).sum::<usize>();
         if held(&map) + c.data.len() > self.capacity {
             // A worker runs one task at a time: drop chunks of any other job generation (an
             // aborted one's leftovers) before refusing.
@@ -72,14 +88,15 @@ impl Mailbox {
         if held(&map) + c.data.len() > self.capacity {
             return Err(Status::resource_exhausted(format!("data-plane mailbox is full ({} bytes)", self.capacity)));
         }
-        map.insert((c.job_id, c.generation, c.seq, c.hop), c.data);
+        map.insert(key, (c.from_rank, c.data));
         drop(map);
         self.arrived.notify_waiters();
         Ok(())
     }
 
-    /// Waits for one chunk, up to `timeout`, giving up early when `cancel` is set.
-    async fn take(&self, key: Key, timeout: Duration, cancel: &AtomicBool) -> Result<Bytes, WorkerError> {
+    /// Waits for one chunk (with the rank that sent it), up to `timeout`, giving up early when
+    /// `cancel` is set.
+    async fn take(&self, key: Key, timeout: Duration, cancel: &AtomicBool) -> Result<(u32, Bytes), WorkerError> {
         let deadline = Instant::now() + timeout;
         loop {
             let notified = self.arrived.notified();
@@ -152,9 +169,9 @@ pub fn f32_le_bytes(xs: &[f32]) -> Vec<u8> {
     }
 }
 
-fn check_len(b: &Bytes, want: usize) -> Result<(), WorkerError> {
+fn check_len(b: &Bytes, want: usize, from: usize) -> Result<(), WorkerError> {
     if b.len() != want * 4 {
-        return Err(WorkerError::Collective(format!("chunk of {} bytes, expected {}", b.len(), want * 4)));
+        return Err(WorkerError::Collective(format!("rank {from} sent a chunk of {} bytes, expected {}", b.len(), want * 4)));
     }
     Ok(())
 }
@@ -202,6 +219,10 @@ impl Ring {
             let chunk = Chunk { job_id: self.job, generation: self.generation, seq: self.seq, hop, from_rank: self.rank as u32, data: data.clone() };
             match client.clone().push_chunk(chunk).await {
                 Ok(_) => return Ok(()),
+                Err(s) if s.code() == tonic::Code::AlreadyExists => {
+                    let next = (self.rank + 1) % self.world;
+                    return Err(WorkerError::Collective(format!("next rank {next} holds another chunk for this hop: {}", s.message())));
+                }
                 Err(s) if s.code() != tonic::Code::ResourceExhausted && refuses_connections(&self.next_addr).await => {
                     let next = (self.rank + 1) % self.world;
                     return Err(WorkerError::PeerGone(format!("next rank {next} at {} is gone ({})", self.next_addr, s.message())));
@@ -224,12 +245,18 @@ impl Ring {
         let take = self.mailbox.take(key, self.timeout, &self.cancel);
         tokio::pin!(take);
         let mut probe = tokio::time::interval_at(tokio::time::Instant::now() + PROBE_EVERY, PROBE_EVERY);
+        let prev = (self.rank + self.world - 1) % self.world;
         loop {
             tokio::select! {
-                got = &mut take => return got,
+                got = &mut take => {
+                    let (from, data) = got?;
+                    if from as usize != prev {
+                        return Err(WorkerError::Collective(format!("a chunk from rank {from} arrived where rank {prev}'s was expected (collective {}, hop {})", key.2, key.3)));
+                    }
+                    return Ok(data);
+                }
                 _ = probe.tick() => {
                     if refuses_connections(&self.prev_addr).await {
-                        let prev = (self.rank + self.world - 1) % self.world;
                         return Err(WorkerError::PeerGone(format!("previous rank {prev} at {} is gone (connection refused)", self.prev_addr)));
                     }
                 }
@@ -242,6 +269,9 @@ impl Ring {
     pub async fn all_gather_bytes(&mut self, mine: Vec<u8>) -> Result<Vec<Vec<u8>>, WorkerError> {
         let n = self.world;
         let r = self.rank;
+        if mine.len() > MAX_GATHER_BYTES {
+            return Err(WorkerError::Collective(format!("{} bytes is more than one all-gather carries ({MAX_GATHER_BYTES})", mine.len())));
+        }
         let mut out = vec![Vec::new(); n];
         out[r] = mine;
         if n == 1 {
@@ -253,6 +283,10 @@ impl Ring {
             let recv_b = (r + 2 * n - s - 1) % n;
             let key = (self.job, self.generation, self.seq, s as u32);
             let ((), got) = tokio::try_join!(self.send(s as u32, Bytes::from(out[send_b].clone())), self.recv(key))?;
+            if got.len() > MAX_GATHER_BYTES {
+                let prev = (r + n - 1) % n;
+                return Err(WorkerError::Collective(format!("rank {prev} sent an all-gather block of {} bytes, more than the {MAX_GATHER_BYTES} one carries", got.len())));
+            }
             out[recv_b] = got.to_vec();
         }
         Ok(out)
@@ -275,7 +309,7 @@ impl Ring {
             let key = (self.job, self.generation, self.seq, s as u32);
             let ((), got) = tokio::try_join!(self.send(s as u32, to_bytes(&buf[bounds(send_c)])), self.recv(key))?;
             let dst = &mut buf[bounds(recv_c)];
-            check_len(&got, dst.len())?;
+            check_len(&got, dst.len(), (r + n - 1) % n)?;
             for (d, c) in dst.iter_mut().zip(got.chunks_exact(4)) {
                 *d += f32::from_le_bytes(c.try_into().expect("4 bytes"));
             }
@@ -288,7 +322,7 @@ impl Ring {
             let key = (self.job, self.generation, self.seq, hop);
             let ((), got) = tokio::try_join!(self.send(hop, to_bytes(&buf[bounds(send_c)])), self.recv(key))?;
             let dst = &mut buf[bounds(recv_c)];
-            check_len(&got, dst.len())?;
+            check_len(&got, dst.len(), (r + n - 1) % n)?;
             for (d, c) in dst.iter_mut().zip(got.chunks_exact(4)) {
                 *d = f32::from_le_bytes(c.try_into().expect("4 bytes"));
             }
@@ -420,6 +454,38 @@ mod tests {
         mb.activate(1, 2);
         mb.put(chunk(2, 0)).unwrap();
         assert_eq!(mb.chunks.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_chunk_is_not_replaced_and_a_retry_is_welcome() {
+        let mb = Mailbox::default();
+        let chunk = |from_rank: u32, byte: u8| Chunk { job_id: 1, generation: 1, seq: 1, hop: 0, from_rank, data: Bytes::from(vec![byte; 8]) };
+        mb.put(chunk(1, 7)).unwrap();
+        mb.put(chunk(1, 7)).unwrap();
+        assert_eq!(mb.put(chunk(1, 8)).unwrap_err().code(), tonic::Code::AlreadyExists);
+        assert_eq!(mb.put(chunk(0, 7)).unwrap_err().code(), tonic::Code::AlreadyExists);
+        let (from, data) = mb.take((1, 1, 1, 0), Duration::from_secs(1), &AtomicBool::new(false)).await.unwrap();
+        assert_eq!((from, &data[..]), (1, &[7u8; 8][..]), "the first chunk stays");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_block_over_the_limit_or_from_the_wrong_rank_is_an_error() {
+        let (own, mb) = start_server().await;
+        let (other, _) = start_server().await;
+        let peers = vec![own, other];
+        let block = |from_rank: u32, len: usize| Chunk { job_id: 1, generation: 1, seq: 1, hop: 0, from_rank, data: Bytes::from(vec![0u8; len]) };
+        let cancel = Arc::new(AtomicBool::new(false));
+        let mut ring = Ring::new(0, &peers, 1, 1, mb.clone(), Duration::from_secs(10), cancel.clone()).unwrap();
+        mb.put(block(1, MAX_GATHER_BYTES + 1)).unwrap();
+        let e = ring.all_gather_bytes(vec![1, 2, 3]).await.unwrap_err().to_string();
+        assert!(e.contains("rank 1") && e.contains(&(MAX_GATHER_BYTES + 1).to_string()), "{e}");
+        assert!(ring.all_gather_bytes(vec![0; MAX_GATHER_BYTES + 1]).await.is_err(), "nor may this rank send one");
+
+        let mut ring = Ring::new(0, &peers, 1, 1, mb.clone(), Duration::from_secs(10), cancel).unwrap();
+        mb.purge(1, 1);
+        mb.put(block(5, 3)).unwrap();
+        let e = ring.all_gather_bytes(vec![1, 2, 3]).await.unwrap_err().to_string();
+        assert!(e.contains("rank 5") && e.contains("rank 1"), "{e}");
     }
 
     #[tokio::test]

@@ -21,7 +21,7 @@ pub mod tcp;
 use std::ops::Range;
 
 pub use grpc::{f32_le_bytes, DataPlaneService, GrpcCollective, Mailbox, Ring, CONNECTION_WINDOW, MAX_CHUNK_MESSAGE, MAX_FRAME, STREAM_WINDOW};
-pub use shm::ShmRing;
+pub use shm::{remove_stale_segments, ShmRing};
 pub use tcp::{Incoming, TcpRing};
 
 use std::sync::atomic::AtomicBool;
@@ -188,18 +188,39 @@ elementwise! {
     }
 }
 
-/// An id equal on processes that can share memory: the kernel's boot id and the device and
-/// inode of /dev/shm (containers with their own /dev/shm differ). `SHOAL_HOST_ID` overrides
-/// it (tests use it to stand for several hosts on one machine). Empty when /dev/shm is missing:
-/// such a worker never takes the shared-memory transport.
+/// The most bytes one rank may contribute to an all-gather, on every transport (what the shm
+/// transport's gather slot holds beside its 8-byte length). A peer's length above it is an
+/// error, never an allocation. All-gathers carry small records (state claims and headers,
+/// checkpoint part records, pieces of `broadcast_floats`).
+pub const MAX_GATHER_BYTES: usize = (1 << 20) - 8;
+
+/// An id equal on processes that can share memory and see each other's pids: the kernel's
+/// boot id, the device and inode of /dev/shm (containers with their own /dev/shm differ) and
+/// the PID namespace (the shm transport checks its peers' pids for liveness, which means
+/// nothing across namespaces, even when they share /dev/shm). `SHOAL_HOST_ID` overrides it
+/// (tests use it to stand for several hosts on one machine). Empty when /dev/shm or the PID
+/// namespace is unknown: such a worker never takes the shared-memory transport.
 pub fn host_id() -> String {
     if let Ok(id) = std::env::var("SHOAL_HOST_ID") {
         return id;
     }
     use std::os::unix::fs::MetadataExt;
-    let Ok(shm) = std::fs::metadata("/dev/shm") else { return String::new() };
+    let shm = std::fs::metadata("/dev/shm").ok().map(|m| (m.dev(), m.ino()));
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    format!("{}/{}/{}", boot.trim(), shm.dev(), shm.ino())
+    host_id_of(&boot, shm, pid_namespace())
+}
+
+/// `host_id` from its inputs: the boot id, /dev/shm's (device, inode), the PID namespace's
+/// inode.
+fn host_id_of(boot: &str, shm: Option<(u64, u64)>, pid_ns: Option<u64>) -> String {
+    let (Some((dev, ino)), Some(ns)) = (shm, pid_ns) else { return String::new() };
+    format!("{}/{dev}/{ino}/pidns:{ns}", boot.trim())
+}
+
+/// The inode of this process's PID namespace (None without /proc).
+pub(crate) fn pid_namespace() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid").ok().map(|m| m.ino())
 }
 
 /// Everything a rank needs to join its generation's collective.
@@ -243,6 +264,13 @@ impl Rendezvous<'_> {
     /// Joins the generation's collective over the chosen transport.
     pub fn join(self) -> Result<Box<dyn Collective>, WorkerError> {
         let world = self.peers.len();
+        // Segments that no generation can use any more (every process that mapped one is
+        // gone, or this worker left that older generation of the job) go before a new one
+        // is made: a job SIGKILLed on every rank leaves them behind.
+        let removed = shm::remove_stale_segments_of(self.job, self.generation);
+        if removed > 0 {
+            tracing::info!(removed, job = self.job, generation = self.generation, "removed stale shared-memory segments");
+        }
         Ok(match self.choose()? {
             "shm" => {
                 // Every rank derives the same name; the peers' addresses keep two clusters on
@@ -310,6 +338,24 @@ mod tests {
         assert_eq!(reference_sum(&x), vec![0.0, 1.0, 1.0]);
         assert_eq!(chunk(2, 3, 0), 0..0, "a chunk may be empty");
         assert_eq!(chunk(10, 3, 2), 6..10);
+    }
+
+    #[test]
+    fn host_ids_differ_across_pid_namespaces() {
+        let shm = Some((64, 2));
+        let a = host_id_of("boot\n", shm, Some(4026531836));
+        assert_eq!(a, host_id_of("boot", shm, Some(4026531836)), "the same inputs, the same host");
+        assert_ne!(a, host_id_of("boot", shm, Some(4026532290)), "one /dev/shm, another PID namespace: pids mean nothing across them");
+        assert_ne!(a, host_id_of("boot", Some((64, 3)), Some(4026531836)));
+        assert_ne!(a, host_id_of("other", shm, Some(4026531836)));
+        assert_eq!(host_id_of("boot", shm, None), "", "an unknown PID namespace never takes shm");
+        assert_eq!(host_id_of("boot", None, Some(1)), "");
+        // This process's own id names its namespace.
+        if let Some(ns) = pid_namespace() {
+            if std::env::var("SHOAL_HOST_ID").is_err() && std::path::Path::new("/dev/shm").exists() {
+                assert!(host_id().ends_with(&format!("/pidns:{ns}")), "{}", host_id());
+            }
+        }
     }
 
     #[test]

@@ -7,22 +7,37 @@
 //!
 //! Connections are made through the worker's collective listener (`Incoming`): a rank dials
 //! the next rank's listener and says who it is (job, generation, rank); the listener hands the
-//! connection to the task of that generation, which waits for it.
+//! connection to the task of that generation, which waits for it. Peers are not trusted: each
+//! hello is read on a thread of its own under a deadline (a silent connection delays nobody
+//! else), a hello for a (job, generation, rank) that already has a connection waiting is
+//! refused rather than taking its place, and every length read from the wire is checked
+//! against what the operation expects before anything is allocated.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{ErrorKind, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{add_bf16, add_f32, chunk, encode_bf16, encode_bf16_keep, store_bf16, Collective, Wire};
+use super::{add_bf16, add_f32, chunk, encode_bf16, encode_bf16_keep, store_bf16, Collective, Wire, MAX_GATHER_BYTES};
 use crate::WorkerError;
 
 const HELLO_MAGIC: &[u8; 8] = b"SHOALRNG";
+const HELLO_LEN: usize = 32;
 const FRAME_MAGIC: u32 = 0x5348_4652; // "SHFR"
 /// Connections parked for tasks that have not claimed them yet.
 const MAX_PARKED: usize = 64;
+/// How long a new connection has to send its hello (a peer sends it right after connecting);
+/// a silent one is closed when it runs out.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(3);
+/// Hellos being read at once. A connection beyond it closes the oldest one still silent, so a
+/// flood neither spawns threads without bound nor shuts out a peer that says hello at once.
+const MAX_HANDSHAKES: usize = 64;
+/// The most ranks a hello may announce.
+const MAX_WORLD: u32 = 1 << 16;
+/// One attempt to connect to the next rank (retried until the collective timeout).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bytes received (and added) at a time.
 /// Measured on loopback (64 MB, 2 ranks): 64 KiB beat 16 KiB, 256 KiB and 1 MiB by 3 to 8%:
 /// the received piece is still in L1/L2 when it is added.
@@ -32,44 +47,157 @@ const POLL: Duration = Duration::from_millis(200);
 
 type Key = (u64, u64, u32);
 
+/// What a dialing rank says first: who it is, in which ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Hello {
+    job: u64,
+    generation: u64,
+    rank: u32,
+    world: u32,
+}
+
+impl Hello {
+    fn encode(&self) -> [u8; HELLO_LEN] {
+        let mut b = [0u8; HELLO_LEN];
+        b[..8].copy_from_slice(HELLO_MAGIC);
+        b[8..16].copy_from_slice(&self.job.to_le_bytes());
+        b[16..24].copy_from_slice(&self.generation.to_le_bytes());
+        b[24..28].copy_from_slice(&self.rank.to_le_bytes());
+        b[28..32].copy_from_slice(&self.world.to_le_bytes());
+        b
+    }
+
+    /// Checked before anything is done with it: ours, and a rank inside a ring of 2 or more.
+    fn decode(b: &[u8; HELLO_LEN]) -> Result<Hello, String> {
+        if &b[..8] != HELLO_MAGIC {
+            return Err("not a ring hello".into());
+        }
+        let h = Hello {
+            job: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+            generation: u64::from_le_bytes(b[16..24].try_into().expect("8 bytes")),
+            rank: u32::from_le_bytes(b[24..28].try_into().expect("4 bytes")),
+            world: u32::from_le_bytes(b[28..32].try_into().expect("4 bytes")),
+        };
+        if !(2..=MAX_WORLD).contains(&h.world) || h.rank >= h.world {
+            return Err(format!("rank {} of a ring of {} ranks", h.rank, h.world));
+        }
+        Ok(h)
+    }
+}
+
+struct Parked {
+    stream: TcpStream,
+    world: u32,
+    at: Instant,
+}
+
 /// The worker's listener for ring connections, and the connections waiting for their task.
 pub struct Incoming {
     address: String,
-    parked: Mutex<HashMap<Key, (TcpStream, Instant)>>,
+    parked: Mutex<HashMap<Key, Parked>>,
     arrived: Condvar,
+    /// Connections whose hello is being read, by arrival number (oldest first), each a handle
+    /// to close it by.
+    handshakes: Mutex<BTreeMap<u64, TcpStream>>,
+    /// Hello threads alive, closed ones that have yet to exit included.
+    hello_threads: AtomicUsize,
 }
 
 impl Incoming {
     /// Serves `listener` on a thread of its own for as long as the process lives.
     pub fn start(listener: TcpListener) -> std::io::Result<Arc<Incoming>> {
         let address = listener.local_addr()?.to_string();
-        let me = Arc::new(Incoming { address, parked: Mutex::new(HashMap::new()), arrived: Condvar::new() });
+        let me = Arc::new(Incoming {
+            address,
+            parked: Mutex::new(HashMap::new()),
+            arrived: Condvar::new(),
+            handshakes: Mutex::new(BTreeMap::new()),
+            hello_threads: AtomicUsize::new(0),
+        });
         let weak = Arc::downgrade(&me);
         std::thread::Builder::new().name("ring-listener".into()).spawn(move || {
+            let mut arrivals = 0u64;
             for stream in listener.incoming() {
                 let Some(me) = weak.upgrade() else { return };
-                let Ok(stream) = stream else { continue };
-                // A hello that does not come in time, or is not ours, closes the connection.
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-                let mut hello = [0u8; 32];
-                if (&stream).read_exact(&mut hello).is_err() || &hello[..8] != HELLO_MAGIC {
-                    continue;
+                let stream = match stream {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // Out of descriptors, say: do not spin on it.
+                        tracing::debug!(error = %e, "ring listener: accept failed");
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                };
+                // Closed connections leave their threads at once; this only waits out a burst.
+                while me.hello_threads.load(Ordering::Acquire) >= 2 * MAX_HANDSHAKES {
+                    std::thread::sleep(Duration::from_millis(1));
                 }
-                let job = u64::from_le_bytes(hello[8..16].try_into().expect("8 bytes"));
-                let generation = u64::from_le_bytes(hello[16..24].try_into().expect("8 bytes"));
-                let from = u32::from_le_bytes(hello[24..28].try_into().expect("4 bytes"));
-                let mut parked = me.parked.lock().expect("parked lock");
-                if parked.len() >= MAX_PARKED {
-                    // Unclaimed for a minute: a task that never came. Make room.
-                    parked.retain(|_, (_, at)| at.elapsed() < Duration::from_secs(60));
-                }
-                if parked.len() < MAX_PARKED {
-                    parked.insert((job, generation, from), (stream, Instant::now()));
-                    me.arrived.notify_all();
-                }
+                arrivals += 1;
+                me.greet(arrivals, stream);
             }
         })?;
         Ok(me)
+    }
+
+    /// Reads connection `id`'s hello on a thread of its own, so that the accept loop never
+    /// waits on a peer.
+    fn greet(self: &Arc<Incoming>, id: u64, stream: TcpStream) {
+        let Ok(handle) = stream.try_clone() else { return };
+        {
+            let mut handshakes = self.handshakes.lock().expect("handshakes lock");
+            if handshakes.len() >= MAX_HANDSHAKES {
+                if let Some((_, oldest)) = handshakes.pop_first() {
+                    tracing::warn!(peer = ?oldest.peer_addr().ok(), "ring listener: too many connections without a hello; closing the oldest");
+                    let _ = oldest.shutdown(Shutdown::Both);
+                }
+            }
+            handshakes.insert(id, handle);
+        }
+        self.hello_threads.fetch_add(1, Ordering::AcqRel);
+        let me = self.clone();
+        let spawned = std::thread::Builder::new().name("ring-hello".into()).spawn(move || {
+            me.handshake(id, stream);
+            me.hello_threads.fetch_sub(1, Ordering::AcqRel);
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "ring listener: cannot start a hello thread; closing the connection");
+            self.hello_threads.fetch_sub(1, Ordering::AcqRel);
+            self.handshakes.lock().expect("handshakes lock").remove(&id);
+        }
+    }
+
+    fn handshake(&self, id: u64, mut stream: TcpStream) {
+        let peer = stream.peer_addr().ok();
+        let hello = read_hello(&mut stream, Instant::now() + HELLO_TIMEOUT);
+        // Closed for a newer connection meanwhile (the accept loop took it out): drop it.
+        if self.handshakes.lock().expect("handshakes lock").remove(&id).is_none() {
+            return;
+        }
+        match hello {
+            Ok(h) => self.park(h, stream),
+            Err(why) => tracing::debug!(?peer, why, "ring listener: no valid hello; closing the connection"),
+        }
+    }
+
+    fn park(&self, h: Hello, stream: TcpStream) {
+        let key = (h.job, h.generation, h.rank);
+        let mut parked = self.parked.lock().expect("parked lock");
+        if parked.contains_key(&key) {
+            // The first connection keeps its place: a newcomer must not take over a ring.
+            tracing::warn!(peer = ?stream.peer_addr().ok(), job = h.job, generation = h.generation, rank = h.rank,
+                "ring listener: a second connection for a rank that already has one waiting; refused");
+            return;
+        }
+        if parked.len() >= MAX_PARKED {
+            // Unclaimed for a minute: a task that never came. Make room.
+            parked.retain(|_, p| p.at.elapsed() < Duration::from_secs(60));
+        }
+        if parked.len() >= MAX_PARKED {
+            tracing::warn!(job = h.job, generation = h.generation, rank = h.rank, "ring listener: too many unclaimed connections; refused");
+            return;
+        }
+        parked.insert(key, Parked { stream, world: h.world, at: Instant::now() });
+        self.arrived.notify_all();
     }
 
     /// The address peers dial.
@@ -77,11 +205,15 @@ impl Incoming {
         &self.address
     }
 
-    fn take(&self, key: Key, deadline: Instant, cancel: &AtomicBool) -> Result<TcpStream, WorkerError> {
+    /// The connection of rank `key.2` of (job `key.0`, generation `key.1`), a ring of `world`.
+    fn take(&self, key: Key, world: usize, deadline: Instant, cancel: &AtomicBool) -> Result<TcpStream, WorkerError> {
         let mut parked = self.parked.lock().expect("parked lock");
         loop {
-            if let Some((s, _)) = parked.remove(&key) {
-                return Ok(s);
+            if let Some(p) = parked.remove(&key) {
+                if p.world as usize != world {
+                    return Err(WorkerError::Collective(format!("rank {} dialed a ring of {} ranks; this one has {world}", key.2, p.world)));
+                }
+                return Ok(p.stream);
             }
             if cancel.load(Ordering::Relaxed) {
                 return Err(WorkerError::Cancelled);
@@ -161,6 +293,40 @@ fn read_all(s: &mut TcpStream, buf: &mut [u8], peer: usize, deadline: Instant, c
     Ok(())
 }
 
+/// Reads a hello, all of it by `deadline` (a byte at a time would not keep a connection open).
+fn read_hello(s: &mut TcpStream, deadline: Instant) -> Result<Hello, String> {
+    let mut b = [0u8; HELLO_LEN];
+    let mut filled = 0;
+    while filled < HELLO_LEN {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("no hello within {HELLO_TIMEOUT:?}"));
+        }
+        s.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+        match s.read(&mut b[filled..]) {
+            Ok(0) => return Err("closed before its hello".into()),
+            Ok(n) => filled += n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Hello::decode(&b)
+}
+
+/// Connects to `addr`, each try bounded (an address that drops packets would otherwise block
+/// for minutes, past the collective's deadline).
+fn dial(addr: &str, deadline: Instant) -> std::io::Result<TcpStream> {
+    let mut last = std::io::Error::new(ErrorKind::NotFound, "the address resolves to nothing");
+    for a in addr.to_socket_addrs()? {
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10));
+        match TcpStream::connect_timeout(&a, left.min(CONNECT_TIMEOUT)) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 fn header(seq: u64, len: u64) -> [u8; 20] {
     let mut h = [0u8; 20];
     h[..4].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
@@ -207,6 +373,9 @@ impl TcpRing {
         if rank >= world {
             return Err(WorkerError::Collective(format!("rank {rank} outside a world of {world}")));
         }
+        if world > MAX_WORLD as usize {
+            return Err(WorkerError::Collective(format!("a ring of {world} ranks is more than the {MAX_WORLD} a hello can announce")));
+        }
         let mut ring = TcpRing { rank, world, next: None, prev: None, timeout, wire, cancel, seq: 0, send_scratch: Vec::new(), recv_scratch: Vec::new() };
         if world == 1 {
             return Ok(ring);
@@ -215,7 +384,7 @@ impl TcpRing {
         let next_rank = (rank + 1) % world;
         let addr = &peers[next_rank];
         let mut next = loop {
-            match TcpStream::connect(addr) {
+            match dial(addr, deadline) {
                 Ok(s) => break s,
                 Err(e) if Instant::now() < deadline && !ring.cancel.load(Ordering::Relaxed) => {
                     tracing::debug!(%addr, error = %e, "ring peer not listening yet");
@@ -225,15 +394,10 @@ impl TcpRing {
                 Err(e) => return Err(WorkerError::Collective(format!("cannot reach rank {next_rank} at {addr}: {e}"))),
             }
         };
-        let mut hello = [0u8; 32];
-        hello[..8].copy_from_slice(HELLO_MAGIC);
-        hello[8..16].copy_from_slice(&job.to_le_bytes());
-        hello[16..24].copy_from_slice(&generation.to_le_bytes());
-        hello[24..28].copy_from_slice(&(rank as u32).to_le_bytes());
-        hello[28..32].copy_from_slice(&(world as u32).to_le_bytes());
-        next.write_all(&hello).map_err(|e| io_err("greeting", next_rank, e))?;
+        let hello = Hello { job, generation, rank: rank as u32, world: world as u32 };
+        next.write_all(&hello.encode()).map_err(|e| io_err("greeting", next_rank, e))?;
         let prev_rank = (rank + world - 1) % world;
-        let prev = incoming.take((job, generation, prev_rank as u32), deadline, &ring.cancel)?;
+        let prev = incoming.take((job, generation, prev_rank as u32), world, deadline, &ring.cancel)?;
         for s in [&next, &prev] {
             s.set_nodelay(true).map_err(|e| WorkerError::Collective(e.to_string()))?;
             s.set_read_timeout(Some(POLL)).map_err(|e| WorkerError::Collective(e.to_string()))?;
@@ -361,6 +525,9 @@ impl Collective for TcpRing {
 
     fn all_gather_bytes(&mut self, mine: Vec<u8>) -> Result<Vec<Vec<u8>>, WorkerError> {
         let (n, r) = (self.world, self.rank);
+        if mine.len() > MAX_GATHER_BYTES {
+            return Err(WorkerError::Collective(format!("{} bytes is more than one all-gather carries ({MAX_GATHER_BYTES})", mine.len())));
+        }
         let mut out = vec![Vec::new(); n];
         out[r] = mine;
         if n == 1 {
@@ -384,8 +551,14 @@ impl Collective for TcpRing {
                     read_all(prev, &mut h, prev_rank, deadline, cancel)?;
                     let got_seq = u64::from_le_bytes(h[4..12].try_into().expect("8 bytes"));
                     let len = u64::from_le_bytes(h[12..20].try_into().expect("8 bytes"));
-                    if u32::from_le_bytes(h[..4].try_into().expect("4 bytes")) != FRAME_MAGIC || got_seq != seq || len > 64 << 20 {
+                    if u32::from_le_bytes(h[..4].try_into().expect("4 bytes")) != FRAME_MAGIC || got_seq != seq {
                         return Err(WorkerError::Collective(format!("rank {prev_rank} is out of step: operation {got_seq}, expected {seq}")));
+                    }
+                    // The peer's length decides an allocation: bounded first.
+                    if len > MAX_GATHER_BYTES as u64 {
+                        return Err(WorkerError::Collective(format!(
+                            "rank {prev_rank} sent an all-gather block of {len} bytes, more than the {MAX_GATHER_BYTES} one carries"
+                        )));
                     }
                     let mut data = vec![0u8; len as usize];
                     read_all(prev, &mut data, prev_rank, deadline, cancel)?;
@@ -454,6 +627,153 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn listen() -> Arc<Incoming> {
+        Incoming::start(TcpListener::bind("127.0.0.1:0").unwrap()).unwrap()
+    }
+
+    fn no_cancel() -> Arc<AtomicBool> {
+        Arc::new(AtomicBool::new(false))
+    }
+
+    /// Waits until `inc` has a connection parked under `key`.
+    fn parked(inc: &Incoming, key: Key) {
+        let until = Instant::now() + Duration::from_secs(5);
+        while !inc.parked.lock().unwrap().contains_key(&key) {
+            assert!(Instant::now() < until, "nothing parked under {key:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Whether the listener closed `s` (end of stream or reset) within a few seconds.
+    fn closed(s: &mut TcpStream) -> bool {
+        s.set_read_timeout(Some(HELLO_TIMEOUT + Duration::from_secs(2))).unwrap();
+        match s.read(&mut [0u8; 1]) {
+            Ok(0) => true,
+            Err(e) => matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted),
+            Ok(_) => false,
+        }
+    }
+
+    fn sums(rings: Vec<TcpRing>) -> Vec<Vec<f32>> {
+        std::thread::scope(|s| {
+            let hs: Vec<_> = rings
+                .into_iter()
+                .map(|mut ring| {
+                    s.spawn(move || {
+                        let mut buf = vec![ring.rank() as f32 + 1.0; 10_001];
+                        ring.all_reduce(&mut buf).unwrap();
+                        buf
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn hellos_are_checked_before_use() {
+        let ok = Hello { job: 3, generation: 9, rank: 1, world: 2 };
+        assert_eq!(Hello::decode(&ok.encode()), Ok(ok));
+        for bad in [Hello { rank: 2, ..ok }, Hello { world: 1, rank: 0, ..ok }, Hello { world: MAX_WORLD + 1, ..ok }] {
+            assert!(Hello::decode(&bad.encode()).is_err(), "{bad:?}");
+        }
+        let mut b = ok.encode();
+        b[0] = b'X';
+        assert!(Hello::decode(&b).is_err());
+        // On the wire: a hello naming a rank outside its ring is closed, nothing parked.
+        let inc = listen();
+        let mut s = TcpStream::connect(inc.address()).unwrap();
+        s.write_all(&Hello { rank: 5, ..ok }.encode()).unwrap();
+        assert!(closed(&mut s));
+        assert!(inc.parked.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn silent_connections_do_not_delay_a_ring_join() {
+        let incs = [listen(), listen()];
+        let peers: Vec<String> = incs.iter().map(|i| i.address().to_string()).collect();
+        // More silent connections than hellos are read at once, all before the ring's own.
+        let mut silent: Vec<TcpStream> = (0..MAX_HANDSHAKES + 8).map(|_| TcpStream::connect(incs[0].address()).unwrap()).collect();
+        silent.push(TcpStream::connect(incs[1].address()).unwrap());
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(incs[0].hello_threads.load(Ordering::Acquire) <= 2 * MAX_HANDSHAKES);
+        let started = Instant::now();
+        let rings: Vec<TcpRing> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..2)
+                .map(|r| {
+                    let (peers, inc) = (&peers, &incs[r]);
+                    s.spawn(move || TcpRing::connect(r, peers, 1, 1, inc, Duration::from_secs(10), Wire::F32, no_cancel()).unwrap())
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(1), "the join took {took:?} behind silent connections (their deadline: {HELLO_TIMEOUT:?})");
+        assert!(sums(rings).iter().all(|b| b.iter().all(|&x| x == 3.0)));
+        // The silent ones are closed: the oldest made room for newer ones, the rest at their deadline.
+        let last = silent.len() - 1;
+        for i in [0, last - 1, last] {
+            assert!(closed(&mut silent[i]), "silent connection {i} is still open");
+        }
+    }
+
+    #[test]
+    fn a_second_hello_for_a_waiting_rank_does_not_take_its_place() {
+        let incs = [listen(), listen()];
+        let peers: Vec<String> = incs.iter().map(|i| i.address().to_string()).collect();
+        let (job, generation) = (4, 2);
+        std::thread::scope(|s| {
+            // Rank 1 dials rank 0 (its connection waits there) and waits for rank 0's.
+            let one = s.spawn(|| TcpRing::connect(1, &peers, job, generation, &incs[1], Duration::from_secs(10), Wire::F32, no_cancel()).unwrap());
+            parked(&incs[0], (job, generation, 1));
+            // Someone else claims to be rank 1 of the same ring.
+            let mut impostor = TcpStream::connect(incs[0].address()).unwrap();
+            impostor.write_all(&Hello { job, generation, rank: 1, world: 2 }.encode()).unwrap();
+            assert!(closed(&mut impostor), "the second connection must be refused");
+            let zero = s.spawn(|| TcpRing::connect(0, &peers, job, generation, &incs[0], Duration::from_secs(10), Wire::F32, no_cancel()).unwrap());
+            let rings = vec![zero.join().unwrap(), one.join().unwrap()];
+            // The original pair works.
+            assert!(sums(rings).iter().all(|b| b.iter().all(|&x| x == 3.0)));
+        });
+    }
+
+    /// Rank 0 of a real ring whose rank 1 is this test on raw sockets: (ring, to rank 0, from rank 0).
+    fn ring_with_a_raw_peer() -> (TcpRing, TcpStream, TcpStream) {
+        let inc = listen();
+        let raw = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peers = vec![inc.address().to_string(), raw.local_addr().unwrap().to_string()];
+        let mut to0 = TcpStream::connect(inc.address()).unwrap();
+        to0.write_all(&Hello { job: 1, generation: 1, rank: 1, world: 2 }.encode()).unwrap();
+        std::thread::scope(|s| {
+            let ring = s.spawn(|| TcpRing::connect(0, &peers, 1, 1, &inc, Duration::from_secs(10), Wire::F32, no_cancel()).unwrap());
+            let (mut from0, _) = raw.accept().unwrap();
+            let mut hello = [0u8; HELLO_LEN];
+            from0.read_exact(&mut hello).unwrap();
+            assert_eq!(Hello::decode(&hello), Ok(Hello { job: 1, generation: 1, rank: 0, world: 2 }));
+            (ring.join().unwrap(), to0, from0)
+        })
+    }
+
+    #[test]
+    fn an_oversized_length_from_a_peer_is_an_error_not_an_allocation() {
+        for len in [1u64 << 40, u64::MAX, MAX_GATHER_BYTES as u64 + 1] {
+            let (mut ring, mut to0, _from0) = ring_with_a_raw_peer();
+            to0.write_all(&header(1, len)).unwrap();
+            let started = Instant::now();
+            let e = ring.all_gather_bytes(vec![1, 2, 3]).unwrap_err().to_string();
+            assert!(e.contains("rank 1") && e.contains(&len.to_string()), "{e}");
+            assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+        }
+        // An all-reduce frame must be exactly the chunk's size.
+        let (mut ring, mut to0, _from0) = ring_with_a_raw_peer();
+        to0.write_all(&header(1, u64::MAX)).unwrap();
+        let e = ring.all_reduce(&mut vec![1.0; 1000]).unwrap_err().to_string();
+        assert!(e.contains("rank 1") && e.contains(&u64::MAX.to_string()), "{e}");
+        // Nor may this rank send a block no transport carries.
+        let (mut ring, _to0, _from0) = ring_with_a_raw_peer();
+        assert!(ring.all_gather_bytes(vec![0; MAX_GATHER_BYTES + 1]).is_err());
     }
 
     #[test]

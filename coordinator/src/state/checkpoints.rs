@@ -1,0 +1,48 @@
+//! Checkpoints: a written checkpoint becomes a job's resume point only once committed here.
+
+use super::*;
+
+impl StateMachine {
+    pub(super) fn checkpoint_committed(&mut self, c: shoal_proto::CheckpointCommit) -> ApplyResult {
+        let manifest = c.manifest.ok_or_else(|| ApplyError::invalid("checkpoint commit without a manifest"))?;
+        let job = self.running_job(c.job_id, c.generation)?;
+        shoal_core::checkpoint::validate_manifest(&manifest, c.job_id).map_err(ApplyError::invalid)?;
+        let plan = job.plan.clone().unwrap_or_default();
+        let total = plan.total_steps;
+        if manifest.step == 0 || manifest.step > total {
+            return Err(ApplyError::invalid(format!("checkpoint step {} is outside job {}'s 1..={total} steps", manifest.step, c.job_id)));
+        }
+        job.checkpoints.retain(|m| m.step != manifest.step);
+        let at = job.checkpoints.partition_point(|m| m.step < manifest.step);
+        job.checkpoints.insert(at, manifest);
+        let keep = plan.checkpoint_keep.max(1) as usize;
+        if job.checkpoints.len() > keep {
+            let extra = job.checkpoints.len() - keep;
+            job.checkpoints.drain(..extra);
+        }
+        let step = job.checkpoints.last().map(|m| m.step).unwrap_or(0);
+        // The step shown never trails the newest committed checkpoint.
+        if let Some(p) = job.progress.as_mut() {
+            p.step = p.step.max(step);
+        }
+        let out = job.clone();
+        let (id, size, max) = (job.id, job.workers.len(), pool_range(job).1 as usize);
+        // Grow toward max_workers at a checkpoint (nothing to redo), when a worker is
+        // idle and no queued job is waiting for one.
+        let idle = self.workers.values().any(|w| w.state() == WorkerState::Idle);
+        let waiting = self.jobs.values().any(|j| j.state() == JobState::Queued && !is_batch(j)) || self.batch_wants_workers();
+        if size < max && step < total && idle && !waiting {
+            self.requeue(id, format!("a free worker can join the {size} running"), GenerationCause::Joined);
+        }
+        Ok(ApplyOutput::Job(Box::new(out)))
+    }
+
+    pub(super) fn checkpoint_failed(&mut self, f: shoal_proto::CheckpointError) -> ApplyResult {
+        let job = self.running_job(f.job_id, f.generation)?;
+        job.checkpoint_error = format!("checkpoint step {}: {}", f.step, f.message);
+        if f.corrupt {
+            job.checkpoints.retain(|m| m.step != f.step);
+        }
+        Ok(ApplyOutput::None)
+    }
+}
