@@ -231,6 +231,8 @@ pub fn model_version_json(m: &ModelInfo, v: &ModelVersion) -> Value {
 pub fn model_json(m: &ModelInfo) -> Value {
     json!({
         "name": m.name,
+        // `versions` is a page (newest first); this many in all.
+        "version_count": m.version_count,
         "versions": m.versions.iter().map(|v| model_version_json(m, v)).collect::<Vec<_>>(),
         "aliases": m.aliases.iter().map(|a| (a.alias.clone(), json!(a.version))).collect::<serde_json::Map<_, _>>(),
     })

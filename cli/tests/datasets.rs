@@ -46,14 +46,20 @@ fn a_dataset_grows_by_validated_slices_and_trains_across_them() {
     let e = fails(c.cmd(&["data", "append", "nothing-here"]).arg(&x).arg(&y));
     assert!(e.contains("does not exist") && e.contains("data import"), "{e}");
 
-    let v2 = json(c.cmd(&["data", "append", "digits", "--records", "4000:8000", "--json"]).arg(&x).arg(&y));
-    assert_eq!((v2["version"].as_u64(), v2["records"].as_u64()), (Some(2), Some(8000)), "{v2}");
+    let added = json(c.cmd(&["data", "append", "digits", "--records", "4000:8000", "--json"]).arg(&x).arg(&y));
+    assert_eq!((added["version"].as_u64(), added["records"].as_u64(), added["slice_count"].as_u64()), (Some(2), Some(8000), Some(2)), "{added}");
+    // The append answers with its own slice; `data show` lists the version's, newest first.
+    assert_eq!(added["slices"].as_array().unwrap().len(), 1, "{added}");
+    let v2 = json(&mut c.cmd(&["data", "show", "digits", "--json"]));
     let ranges: Vec<_> = v2["slices"].as_array().unwrap().iter().map(|s| s["index_range"].clone()).collect();
-    assert_eq!(ranges, [serde_json::json!([0, 4000]), serde_json::json!([4000, 8000])], "{v2}");
-    assert_eq!(v2["slices"][1]["source_records"], serde_json::json!([4000, 8000]));
+    assert_eq!(ranges, [serde_json::json!([4000, 8000]), serde_json::json!([0, 4000])], "{v2}");
+    assert_eq!(v2["slices"][0]["source_records"], serde_json::json!([4000, 8000]));
+    assert_eq!((v2["version_count"].as_u64(), v2["versions"][0]["version"].as_u64()), (Some(2), Some(2)), "{v2}");
     // Versions are immutable, and the old records keep their shards.
     let old = json(&mut c.cmd(&["data", "show", "digits", "--version", "1", "--json"]));
-    assert_eq!(old, v1, "version 1 changed");
+    for key in ["version", "records", "slices", "shards", "stats"] {
+        assert_eq!(old[key], v1[key], "version 1 changed: {key}");
+    }
     assert_eq!(v2["shards"].as_array().unwrap()[..v1["shards"].as_array().unwrap().len()], v1["shards"].as_array().unwrap()[..]);
     let text = ok(&mut c.cmd(&["data", "show", "digits"]));
     assert!(text.contains("slice records 4000..8000"), "{text}");
@@ -73,7 +79,7 @@ fn a_dataset_grows_by_validated_slices_and_trains_across_them() {
     assert_eq!(folders(&c, "digits"), 2, "a refused slice left its shards behind");
 
     // Statistics: per slice and for the version; the second slice is like the first.
-    let s1 = &after["slices"][1];
+    let s1 = &after["slices"][0];
     assert!(s1["label_js"].as_f64().unwrap() < 0.01 && s1["drift"].is_null(), "{s1}");
     let labels: u64 = after["stats"]["labels"].as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).sum();
     assert_eq!(labels, 8000);
@@ -89,7 +95,7 @@ fn a_dataset_grows_by_validated_slices_and_trains_across_them() {
     std::fs::write(&binary[0], shoal_core::idx::encode_idx_u8(&[keep.len(), 28, 28], &kx)).unwrap();
     std::fs::write(&binary[1], shoal_core::idx::encode_idx_u8(&[keep.len()], &ky)).unwrap();
     let v3 = json(c.cmd(&["data", "append", "digits", "--json"]).args(&binary));
-    let s2 = &v3["slices"][2];
+    let s2 = &v3["slices"][0];
     let js = s2["label_js"].as_f64().unwrap();
     assert!(js > 0.3, "{s2}");
     assert!(s2["drift"].as_str().unwrap().contains(&format!("label divergence {js:.4}")), "{s2}");

@@ -7,7 +7,7 @@
 //! What it remembers (workers' last heartbeats, the latest progress reports) is this leader's
 //! alone: a new leader starts afresh and gives every worker a full lease.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 
 use shoal_proto::{command, ForgetWorkers, JobAssigned, JobProgress, JobState, LossCause, MemberList, PeerInfo, UpdateProgress, WorkerLost, WorkerState};
 
@@ -45,6 +45,8 @@ pub struct GroupView {
 }
 
 /// What the leader decided to do.
+// A command lives here only on its way to be proposed: boxing it would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
     Propose(command::Kind),
@@ -52,20 +54,21 @@ pub enum Action {
     Promote(u64),
 }
 
-/// The leader's memory between ticks. Times are milliseconds of a monotonic clock.
+/// The leader's memory between ticks. Times are milliseconds of a monotonic clock. Ordered
+/// maps, so a simulation that replays a seed proposes in the same order.
 #[derive(Debug, Default)]
 pub struct Duties {
     /// Workers' last sign of life.
-    last_seen: HashMap<String, u64>,
+    last_seen: BTreeMap<String, u64>,
     /// Workers heard from since this replica became leader: the only ones placed (a worker
     /// known from the log may be long dead).
-    heard: HashSet<String>,
+    heard: BTreeSet<String>,
     /// Latest progress report per job: (generation, progress, when last replicated).
-    progress: HashMap<u64, (u64, JobProgress, Option<u64>)>,
+    progress: BTreeMap<u64, (u64, JobProgress, Option<u64>)>,
     /// Queued training jobs that batch attempts keep from starting, and since when.
-    waiting_since: HashMap<u64, u64>,
+    waiting_since: BTreeMap<u64, u64>,
     /// Decisions proposed lately, by key, and when.
-    recent: HashMap<String, u64>,
+    recent: BTreeMap<String, u64>,
     last_retention: Option<u64>,
 }
 
@@ -176,7 +179,7 @@ impl Duties {
         if !group.pending_conf {
             let caught_up = group.learners.iter().copied().find(|id| group.matched.get(id).is_some_and(|m| *m > 0 && m + PROMOTE_LAG >= group.commit));
             if let Some(id) = caught_up.filter(|id| check_live_quorum(&group.voters, Change::Promote(*id), &group.live).is_ok()) {
-                if let std::collections::hash_map::Entry::Vacant(e) = self.recent.entry(format!("promote/{id}")) {
+                if let std::collections::btree_map::Entry::Vacant(e) = self.recent.entry(format!("promote/{id}")) {
                     e.insert(now);
                     actions.push(Action::Promote(id));
                 }

@@ -35,7 +35,9 @@ pub fn fresh_confirmations_needed(voters: usize) -> usize {
 /// fresh (they answered so, or asked this replica while waiting), `answers` everything else
 /// heard from peers, by id.
 pub fn fresh_start(me: u64, voters: &BTreeSet<u64>, fresh: &BTreeSet<u64>, answers: &[PeerHello]) -> FreshStart {
-    if let Some(h) = answers.iter().find(|h| !h.fresh && voters.contains(&h.node_id) && (h.commit > 0 || h.last_index > 0 || h.term > 0)) {
+    // Any replica of the cluster with a log will do (refusing is always safe), also one the
+    // peer list does not name (the group may have changed since it was written).
+    if let Some(h) = answers.iter().find(|h| !h.fresh && (h.commit > 0 || h.last_index > 0 || h.term > 0)) {
         return FreshStart::Refuse(format!(
             "this replica's folder holds no state, but its group has a log (replica {} is at term {}, commit index {}): \
              this replica's votes and entries are gone (a wiped or lost folder), and voting again could lose acknowledged writes. \

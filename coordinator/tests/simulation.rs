@@ -1,18 +1,26 @@
-//! Deterministic simulation of a coordinator group: real `node::Core`s, the real state machine
-//! and the real log code (`storage::LogFile`) on a simulated disk, in one thread, driven by a
-//! seeded RNG. The network drops, duplicates, delays and reorders messages and partitions the
-//! group (one node, a minority, the leader); replicas crash at any moment, also inside a Ready
-//! between persisting and sending, lose what they had not synced (the last write may be torn),
-//! and see fsyncs fail; replicas join and leave the group while all this goes on, and
-//! snapshots and compaction run every 25 entries. Clients submit real commands (register
-//! workers and datasets, submit and cancel jobs) with request ids, and make linearizable reads.
+//! Deterministic simulation of a coordinator group: real `node::Core`s, the real state machine,
+//! the real leader duties (`leader::Duties`: leases, placement, forgetting lost workers,
+//! promoting learners) on a simulated clock, the real membership rules (`membership`: fresh
+//! starts, live-quorum reconfiguration) and the real log code (`storage::LogFile`) on a
+//! simulated disk, in one thread, driven by a seeded RNG. The network drops, duplicates, delays
+//! and reorders messages and partitions the group (one node, a minority, the leader); replicas
+//! crash at any moment, also inside a Ready between persisting and sending, lose what they had
+//! not synced (the last write may be torn), and see fsyncs fail; a replica's folder is wiped
+//! now and then (it must be refused, never voting again, and is replaced by the operator's
+//! procedure: remove it, add a new learner); replicas join and leave the group while all this
+//! goes on, and snapshots and compaction run every 25 entries. Clients submit real commands
+//! (register workers and datasets, submit and cancel jobs) with request ids, and make
+//! linearizable reads; registered workers heartbeat the leader, and some die.
 //!
 //! Checked after every round: at most one leader per term; every replica that applied index i
-//! holds the same apply digest there (no committed entry lost or changed, one order for all).
+//! holds the same apply digest there (no committed entry lost or changed, one order for all);
+//! workers and running jobs agree (a busy worker is in its running job, a job's workers are
+//! busy with it); a wiped replica never starts.
 //! At the end, once the faults heal: progress; every member agrees; every acknowledged write is
-//! in the state exactly once; the history is linearizable (each kind of write takes its id in
-//! log order, so ids must respect real-time order, and no read misses a write acknowledged
-//! before it began).
+//! in the state exactly once (a worker that died may have been forgotten); the history is
+//! linearizable (each kind of write takes its id in log order, so ids must respect real-time
+//! order, and no read misses a write acknowledged before it began); placement made progress
+//! (no job waits while a live worker idles).
 //!
 //! `SHOAL_SIM_SEEDS=N` runs N seeds instead of the default; `SHOAL_SIM_SEED=S` replays one.
 //! A failure names its seed.
@@ -21,11 +29,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 
 use raft::eraftpb::{Message, MessageType};
+use shoal_coordinator::leader::{Action, Duties};
+use shoal_coordinator::membership::{fresh_start, FreshStart};
 use shoal_coordinator::node::{Core, RaftStore, Reply};
 use shoal_coordinator::state::{ApplyOutput, MemberOp, StateMachine};
 use shoal_coordinator::storage::{Disk, LogFile};
 use shoal_core::rng::SplitMix64;
-use shoal_proto::{command, Command, DatasetInfo, RegisterWorkerRequest, ShardInfo};
+use shoal_proto::{command, Command, DatasetInfo, JobState, PeerHello, RegisterWorkerRequest, ShardInfo, WorkerState};
 
 // ------------------------------------------------------------------------------------------
 // A disk that loses what was not synced.
@@ -104,7 +114,12 @@ impl SimDisk {
 // ------------------------------------------------------------------------------------------
 
 const SNAPSHOT_EVERY: u64 = 25;
-const PROMOTE_LAG: u64 = 16;
+/// One round is one tick of simulated time.
+const TICK_MS: u64 = 100;
+/// The wall clock at round 0.
+const EPOCH_MS: u64 = 1_700_000_000_000;
+/// Workers' lease.
+const LEASE_MS: u64 = 2_000;
 
 struct Replica {
     core: Option<(Core, LogFile)>,
@@ -116,6 +131,12 @@ struct Replica {
     removed: bool,
     was_member: bool,
     boots: u64,
+    /// The leader's duties, while it leads (a new term starts them afresh).
+    duties: Option<Duties>,
+    /// Its folder was wiped: it may start only as the membership rules allow.
+    wiped: bool,
+    /// Refused at a start (its folder is gone and its group has a log): it never runs again.
+    refused: bool,
 }
 
 fn boot(id: u64, voters: &[u64], r: &mut Replica, seed: u64) {
@@ -132,6 +153,7 @@ fn boot(id: u64, voters: &[u64], r: &mut Replica, seed: u64) {
 
 fn crash(r: &mut Replica, rng: &mut SplitMix64) {
     r.core = None;
+    r.duties = None;
     r.disk.crash(rng);
 }
 
@@ -237,24 +259,49 @@ impl Net {
     }
 }
 
+/// A worker the simulation runs: registered (its id once acknowledged), heartbeating the
+/// leader while alive.
+struct SimWorker {
+    id: String,
+    alive: bool,
+}
+
+/// What replica `id` (with an empty folder) hears from the replicas it can reach.
+fn hellos(id: u64, replicas: &BTreeMap<u64, Replica>, net: &Net) -> Vec<PeerHello> {
+    replicas
+        .iter()
+        .filter(|(other, r)| **other != id && !net.cut(id, **other) && r.core.is_some())
+        .map(|(other, r)| {
+            let (core, _) = r.core.as_ref().unwrap();
+            PeerHello { node_id: *other, fresh: false, term: core.term(), commit: core.commit_index(), last_index: core.last_index(), ..Default::default() }
+        })
+        .collect()
+}
+
 /// Runs one seed; returns a fingerprint of how it went (the leader's final state and the
 /// whole client history), equal for equal seeds.
 fn simulate(seed: u64, n: u64) -> String {
     let voters: Vec<u64> = (1..=n).collect();
-    // Two spare ids join and leave the group while the faults run (groups of 3 or more).
+    // Two spare ids join and leave the group while the faults run (groups of 3 or more);
+    // replacements of wiped replicas take new ids after them.
     let spares: Vec<u64> = if n >= 3 { vec![n + 1, n + 2] } else { vec![] };
+    let peers: BTreeMap<u64, String> = voters.iter().map(|v| (*v, format!("sim-{v}"))).collect();
     let mut rng = SplitMix64::new(seed);
     let mut replicas: BTreeMap<u64, Replica> = BTreeMap::new();
+    let new_replica = |joiner: bool| Replica {
+        core: None,
+        state: Arc::default(),
+        disk: SimDisk::default(),
+        joiner,
+        removed: false,
+        was_member: !joiner,
+        boots: 0,
+        duties: None,
+        wiped: false,
+        refused: false,
+    };
     for &id in voters.iter().chain(&spares) {
-        let mut r = Replica {
-            core: None,
-            state: Arc::default(),
-            disk: SimDisk::default(),
-            joiner: id > n,
-            removed: false,
-            was_member: id <= n,
-            boots: 0,
-        };
+        let mut r = new_replica(id > n);
         if id <= n {
             boot(id, &voters, &mut r, seed);
         }
@@ -265,14 +312,17 @@ fn simulate(seed: u64, n: u64) -> String {
     let mut digests: HashMap<u64, Vec<u8>> = HashMap::new();
     let mut history: Vec<Op> = Vec::new();
     let mut clients: Vec<Client> = (0..3).map(|_| Client { current: None, retry: None }).collect();
+    let mut workers: Vec<SimWorker> = Vec::new();
     let mut next_op = 0u64;
     // Replicas the churn tried to remove: never added again (raft ids are not reused).
     let mut removal_targets: BTreeSet<u64> = BTreeSet::new();
+    let (mut wipes, mut refusals) = (0u32, 0u32);
     let fault_rounds = 2000u64;
     let total_rounds = fault_rounds + 1200;
 
     for round in 0..total_rounds {
         let faults = round < fault_rounds;
+        let (now, unix) = (round * TICK_MS, EPOCH_MS + round * TICK_MS);
         let leader = replicas.iter().find(|(_, r)| r.core.as_ref().is_some_and(|(c, _)| c.is_leader())).map(|(id, _)| *id);
 
         // Partitions: one node, a minority or majority, or the leader, cut off for a while.
@@ -292,49 +342,167 @@ fn simulate(seed: u64, n: u64) -> String {
             net.partition = None;
         }
 
-        // Crashes and restarts (removed replicas stay down; spares boot when added).
+        // Crashes, wipes and restarts (removed and refused replicas stay down; spares boot
+        // when added). A wipe is a crash that loses the folder: at most one outstanding, so a
+        // quorum keeps its logs.
+        let outstanding = replicas.values().any(|r| (r.wiped || r.refused) && !r.removed);
+        // (A group of one has no other copy: its wipe is the loss of everything, which no rule
+        // can prevent; it is not simulated.)
+        // One at a time, and only while the group is whole (as many voters as it started with,
+        // no replacement still catching up): a second loss before the first is replaced could
+        // leave no quorum of logs, which no rule can recover from.
+        let whole = leader.is_some_and(|l| replicas[&l].core.as_ref().is_some_and(|(c, _)| c.conf().0.len() >= n as usize && c.conf().1.is_empty()));
+        let wipe = faults && n > 1 && whole && !outstanding && round > 100 && rng.below(700) == 0;
+        let wipe_target = if wipe {
+            let up: Vec<u64> = replicas.iter().filter(|(_, r)| r.core.is_some()).map(|(id, _)| *id).collect();
+            (!up.is_empty()).then(|| up[rng.below(up.len() as u64) as usize])
+        } else {
+            None
+        };
+        let views: BTreeMap<u64, Vec<PeerHello>> = replicas.keys().map(|id| (*id, hellos(*id, &replicas, &net))).collect();
+        let leader_state = leader.map(|l| replicas[&l].state.clone());
         for (&id, r) in replicas.iter_mut() {
-            if r.removed {
+            if r.removed || r.refused {
                 continue;
             }
-            if r.core.is_some() && faults && rng.below(500) == 0 {
+            if Some(id) == wipe_target {
+                r.core = None;
+                r.duties = None;
+                r.disk = SimDisk::default();
+                r.wiped = true;
+                wipes += 1;
+            } else if r.core.is_some() && faults && rng.below(500) == 0 {
                 crash(r, &mut rng);
+                r.duties = None;
             } else if r.core.is_none() && r.boots > 0 && (!faults || rng.below(40) == 0) {
-                boot(id, &voters, r, seed);
+                if r.wiped {
+                    // An empty folder: the rules decide whether it may start at all.
+                    let allowed = if r.joiner {
+                        // `--initial-state join`: only a learner that never voted, by the
+                        // leader's (linearizable) view of the group.
+                        leader_state.as_ref().and_then(|s| {
+                            let s = s.read().unwrap();
+                            let learner = s.members().find(|m| m.id == id).map(|m| m.learner);
+                            learner.map(|l| l && !s.was_removed(id))
+                        })
+                    } else {
+                        let vs: BTreeSet<u64> = voters.iter().copied().collect();
+                        match fresh_start(id, &vs, &BTreeSet::new(), &views[&id]) {
+                            FreshStart::Start => Some(true),
+                            FreshStart::Refuse(_) => Some(false),
+                            FreshStart::Wait { .. } => None,
+                        }
+                    };
+                    match allowed {
+                        Some(true) => {
+                            r.wiped = false;
+                            boot(id, &voters, r, seed);
+                        }
+                        Some(false) => {
+                            r.refused = true;
+                            refusals += 1;
+                        }
+                        None => {}
+                    }
+                } else {
+                    boot(id, &voters, r, seed);
+                }
             }
+        }
+        for r in replicas.values() {
+            assert!(!(r.refused && r.core.is_some()), "seed {seed}: a refused replica runs");
         }
 
         let leader = replicas.iter().find(|(_, r)| r.core.as_ref().is_some_and(|(c, _)| c.is_leader())).map(|(id, _)| *id);
-        // Membership churn, led by the leader, one change at a time. Ids are never reused.
-        let retired: BTreeSet<u64> = replicas.iter().filter(|(_, r)| r.removed || r.was_member && r.joiner).map(|(id, _)| *id).chain(removal_targets.iter().copied()).collect();
-        if let Some(l) = leader.filter(|_| faults && !spares.is_empty() && rng.below(60) == 0) {
-            let (core, _) = replicas.get_mut(&l).unwrap().core.as_mut().unwrap();
-            let (vs, ls) = core.conf();
-            if !core.has_pending_conf() {
-                let absent: Vec<u64> = spares.iter().copied().filter(|s| !vs.contains(s) && !ls.contains(s) && !retired.contains(s)).collect();
-                let extra_voters: Vec<u64> = vs.iter().copied().filter(|&v| v != l).collect();
-                if let Some(&s) = absent.first().filter(|_| rng.below(2) == 0) {
-                    core.propose_member(MemberOp::AddLearner, s, format!("sim-{s}"), String::new(), false, None);
-                } else if vs.len() > n as usize && !extra_voters.is_empty() {
-                    let victim = extra_voters[rng.below(extra_voters.len() as u64) as usize];
-                    removal_targets.insert(victim);
-                    core.propose_member(MemberOp::Remove, victim, String::new(), String::new(), false, None);
+        // A worker the group declared lost stops (a real one registers again, as new).
+        if let Some(l) = leader {
+            let st = replicas[&l].state.read().unwrap();
+            for w in workers.iter_mut().filter(|w| w.alive) {
+                if st.worker(&w.id).is_some_and(|i| i.state() == WorkerState::Lost) {
+                    w.alive = false;
                 }
             }
         }
-        // Learners that caught up are promoted; spares that were added boot as joiners.
-        if let Some(l) = leader {
-            let (core, _) = replicas.get_mut(&l).unwrap().core.as_mut().unwrap();
-            let commit = core.commit_index();
-            for id in core.conf().1 {
-                if core.matched(id).is_some_and(|m| m > 0 && m + PROMOTE_LAG >= commit) && !core.has_pending_conf() {
-                    core.propose_member(MemberOp::Promote, id, String::new(), String::new(), false, None);
+        // Workers heartbeat whoever leads (a deposed leader that has not noticed hears them
+        // too; its decisions cannot commit); some die.
+        for w in workers.iter_mut().filter(|w| w.alive) {
+            if faults && rng.below(2500) == 0 {
+                w.alive = false;
+                continue;
+            }
+            for r in replicas.values_mut() {
+                if let (Some((core, _)), Some(d)) = (r.core.as_ref(), r.duties.as_mut()) {
+                    if core.is_leader() {
+                        d.saw_worker(&w.id, now);
+                    }
                 }
             }
+        }
+        // The leader's duties on the simulated clock: leases, placement, retention,
+        // promotions. Membership churn on top, one change at a time; ids are never reused.
+        let retired: BTreeSet<u64> =
+            replicas.iter().filter(|(_, r)| r.removed || r.was_member && r.joiner || r.refused || r.wiped).map(|(id, _)| *id).chain(removal_targets.iter().copied()).collect();
+        for (_, r) in replicas.iter_mut() {
+            let Some((core, _)) = r.core.as_mut() else { continue };
+            if !core.is_leader() {
+                r.duties = None;
+                continue;
+            }
+            core.set_clock(unix);
+            let duties = r.duties.get_or_insert_with(Duties::default);
+            let group = core.group_view();
+            let actions = duties.tick(now, unix, LEASE_MS, &peers, &r.state.read().unwrap(), &group);
+            for a in actions {
+                match a {
+                    Action::Propose(kind) => {
+                        let _ = core.propose(Command { kind: Some(kind), ..Default::default() }, None);
+                    }
+                    Action::Promote(id) => core.propose_member(MemberOp::Promote, id, String::new(), String::new(), false, None),
+                }
+            }
+        }
+        let mut replacement: Option<(u64, Vec<u64>)> = None;
+        if let Some(l) = leader {
+            let known: Vec<u64> = replicas.keys().copied().collect();
+            let refused_ids: Vec<u64> = replicas.iter().filter(|(_, r)| r.refused && !r.removed).map(|(id, _)| *id).collect();
+            let (core, _) = replicas.get_mut(&l).unwrap().core.as_mut().unwrap();
             let (vs, ls) = core.conf();
+            if !core.has_pending_conf() {
+                // The replace procedure for a refused replica: remove it, then add a new one.
+                if let Some(&gone) = refused_ids.iter().find(|id| vs.contains(id) || ls.contains(id)) {
+                    core.propose_member(MemberOp::Remove, gone, String::new(), String::new(), false, None);
+                } else if !refused_ids.is_empty() {
+                    let fresh_id = known.iter().max().unwrap() + 1;
+                    core.propose_member(MemberOp::AddLearner, fresh_id, format!("sim-{fresh_id}"), String::new(), false, None);
+                    replacement = Some((fresh_id, refused_ids));
+                } else if faults && !spares.is_empty() && rng.below(60) == 0 {
+                    let absent: Vec<u64> = spares.iter().copied().filter(|s| !vs.contains(s) && !ls.contains(s) && !retired.contains(s)).collect();
+                    let extra_voters: Vec<u64> = vs.iter().copied().filter(|&v| v != l).collect();
+                    if let Some(&s) = absent.first().filter(|_| rng.below(2) == 0) {
+                        core.propose_member(MemberOp::AddLearner, s, format!("sim-{s}"), String::new(), false, None);
+                    } else if vs.len() > n as usize && !extra_voters.is_empty() {
+                        let victim = extra_voters[rng.below(extra_voters.len() as u64) as usize];
+                        removal_targets.insert(victim);
+                        core.propose_member(MemberOp::Remove, victim, String::new(), String::new(), false, None);
+                    }
+                }
+            }
+        }
+        if let Some((fresh_id, gone)) = replacement {
+            let mut r = new_replica(true);
+            r.was_member = false;
+            replicas.insert(fresh_id, r);
+            for id in gone {
+                // Replaced: it stays down for good.
+                replicas.get_mut(&id).unwrap().removed = true;
+            }
+        }
+        // Added replicas boot as joiners once the group has them.
+        if let Some(l) = leader {
+            let (vs, ls) = replicas[&l].core.as_ref().unwrap().0.conf();
             for id in vs.iter().chain(&ls) {
                 let r = replicas.get_mut(id).unwrap();
-                if r.boots == 0 && !r.removed {
+                if r.boots == 0 && !r.removed && !r.refused {
                     r.was_member = true;
                     boot(*id, &voters, r, seed);
                 }
@@ -402,6 +570,12 @@ fn simulate(seed: u64, n: u64) -> String {
                     if matches!(o, Outcome::Unknown) && !matches!(history[i].kind, Kind::Read) {
                         c.retry = Some(i);
                     }
+                    if let (Kind::Worker, Outcome::Ok(n)) = (&history[i].kind, &o) {
+                        let id = format!("w{n}");
+                        if !workers.iter().any(|w| w.id == id) {
+                            workers.push(SimWorker { id, alive: true });
+                        }
+                    }
                     history[i].outcome = o;
                     history[i].done = round;
                 }
@@ -462,6 +636,7 @@ fn simulate(seed: u64, n: u64) -> String {
         // Ready, and crash some inside it.
         for (&id, r) in replicas.iter_mut() {
             let Some((core, log)) = r.core.as_mut() else { continue };
+            core.set_clock(unix);
             if !faults || rng.below(10) != 0 {
                 core.tick();
             }
@@ -480,12 +655,15 @@ fn simulate(seed: u64, n: u64) -> String {
                 Err(_) => {
                     // A replica that cannot persist stops (the real one exits).
                     crash(r, &mut rng);
+                    r.duties = None;
                     continue;
                 }
             };
+            let _ = r.state.write().unwrap().take_effects();
             if faults && rng.below(600) == 0 {
                 // Persisted, but crashed before sending anything.
                 crash(r, &mut rng);
+                r.duties = None;
                 continue;
             }
             // raft-rs orders messages to different peers by a hash map: make it deterministic.
@@ -502,6 +680,18 @@ fn simulate(seed: u64, n: u64) -> String {
             let st = r.state.read().unwrap();
             let d = digests.entry(st.applied_index).or_insert_with(|| st.apply_digest().to_vec());
             assert_eq!(d.as_slice(), st.apply_digest(), "seed {seed}: replica {id} applied something else at index {}", st.applied_index);
+            // Workers and jobs agree: a running job's workers are busy with it, and a busy
+            // worker is in its running job.
+            for j in st.jobs().filter(|j| j.state() == JobState::Running) {
+                for w in &j.workers {
+                    let info = st.worker(w);
+                    assert!(info.is_some_and(|i| i.state() == WorkerState::Busy && i.job_id == j.id), "seed {seed}: replica {id}: job {} runs on {w}, which is {info:?}", j.id);
+                }
+            }
+            for w in st.workers().filter(|w| w.state() == WorkerState::Busy) {
+                let job = st.job(w.job_id);
+                assert!(job.is_some_and(|j| j.state() == JobState::Running && j.workers.contains(&w.id)), "seed {seed}: replica {id}: {} is busy with job {}, which is {job:?}", w.id, w.job_id);
+            }
         }
         // Replicas that applied their own removal stop for good.
         for (&id, r) in replicas.iter_mut() {
@@ -520,11 +710,20 @@ fn simulate(seed: u64, n: u64) -> String {
     // Liveness and agreement once the faults healed.
     let members: Vec<u64> = replicas.iter().filter(|(_, r)| r.core.is_some()).map(|(id, _)| *id).collect();
     let leader = members.iter().copied().find(|id| replicas[id].core.as_ref().unwrap().0.is_leader());
-    let leader = leader.unwrap_or_else(|| panic!("seed {seed}: no leader after the faults healed"));
+    let leader = leader.unwrap_or_else(|| {
+        let what: Vec<String> = replicas
+            .iter()
+            .map(|(id, r)| {
+                let conf = r.core.as_ref().map(|(c, _)| format!("{} term {} conf {:?} commit {} last {}", c.role(), c.term(), c.conf(), c.commit_index(), c.last_index())).unwrap_or_else(|| "down".into());
+                format!("{id}: {conf} (wiped {}, refused {}, removed {}, joiner {})", r.wiped, r.refused, r.removed, r.joiner)
+            })
+            .collect();
+        panic!("seed {seed}: no leader after the faults healed: {what:#?}")
+    });
     let (vs, ls) = replicas[&leader].core.as_ref().unwrap().0.conf();
     for id in vs.iter().chain(&ls) {
         let r = &replicas[id];
-        assert!(r.core.is_some(), "seed {seed}: member {id} is down after the faults healed");
+        assert!(r.core.is_some(), "seed {seed}: member {id} is down after the faults healed (wiped {}, refused {}, removed {}, joiner {}, boots {}; voters {vs:?} learners {ls:?})", r.wiped, r.refused, r.removed, r.joiner, r.boots);
         let (a, b) = (r.state.read().unwrap(), replicas[&leader].state.read().unwrap());
         assert_eq!((a.applied_index, a.apply_digest()), (b.applied_index, b.apply_digest()), "seed {seed}: member {id} did not converge");
         assert_eq!(a.state_hash(), b.state_hash(), "seed {seed}: member {id} holds another state");
@@ -533,10 +732,11 @@ fn simulate(seed: u64, n: u64) -> String {
     let acked = |k: fn(&Kind) -> bool| history.iter().filter(move |o| k(&o.kind) && matches!(o.outcome, Outcome::Ok(_)));
     assert!(acked(|k| matches!(k, Kind::Submit)).count() > 10, "seed {seed}: too little progress");
 
+    let alive_count = workers.iter().filter(|w| w.alive).count();
     if std::env::var("SHOAL_SIM_VERBOSE").is_ok() {
         let count = |f: fn(&Outcome) -> bool| history.iter().filter(|o| f(&o.outcome)).count();
         eprintln!(
-            "seed {seed}: n={n} ops {} ok {} refused {} unknown {}; applied {} snapshot {} terms {} boots {:?} removed {:?} conf {:?}",
+            "seed {seed}: n={n} ops {} ok {} refused {} unknown {}; applied {} snapshot {} terms {} boots {:?} removed {:?} conf {:?}; wipes {wipes} refused {refusals}; workers {} alive {}; jobs {} running {}",
             history.len(),
             count(|o| matches!(o, Outcome::Ok(_))),
             count(|o| matches!(o, Outcome::Refused)),
@@ -547,11 +747,20 @@ fn simulate(seed: u64, n: u64) -> String {
             replicas.values().map(|r| r.boots).collect::<Vec<_>>(),
             replicas.iter().filter(|(_, r)| r.removed).map(|(id, _)| *id).collect::<Vec<_>>(),
             (vs.clone(), ls.clone()),
+            workers.len(),
+            alive_count,
+            state.jobs().count(),
+            state.jobs().filter(|j| j.state() == JobState::Running).count(),
         );
     }
-    // Every acknowledged write is in the state, once.
-    let workers: BTreeMap<String, u64> = state.workers().map(|w| (w.address.clone(), w.id[1..].parse().unwrap())).collect();
-    assert_eq!(workers.len(), state.workers().count(), "seed {seed}: a worker was registered twice");
+    // Leases and placement made progress: no job waits while a live worker idles.
+    let idle_alive = workers.iter().filter(|w| w.alive).filter(|w| state.worker(&w.id).is_some_and(|i| i.state() == WorkerState::Idle)).count();
+    let queued = state.jobs().filter(|j| j.state() == JobState::Queued).count();
+    assert!(idle_alive == 0 || queued == 0, "seed {seed}: {queued} jobs wait while {idle_alive} live workers idle");
+    // Every acknowledged write is in the state, once (a worker that died may be forgotten).
+    let alive: BTreeSet<&str> = workers.iter().filter(|w| w.alive).map(|w| w.id.as_str()).collect();
+    let registered: BTreeMap<String, u64> = state.workers().map(|w| (w.address.clone(), w.id[1..].parse().unwrap())).collect();
+    assert_eq!(registered.len(), state.workers().count(), "seed {seed}: a worker was registered twice");
     let jobs: BTreeMap<String, u64> = state.jobs().map(|j| (j.name.clone(), j.id)).collect();
     assert_eq!(jobs.len(), state.jobs().count(), "seed {seed}: a job was submitted twice");
     let versions: BTreeMap<String, u64> =
@@ -560,7 +769,8 @@ fn simulate(seed: u64, n: u64) -> String {
     for o in &history {
         let Outcome::Ok(got) = o.outcome else { continue };
         let found = match o.kind {
-            Kind::Worker => workers.get(&o.request_id).copied(),
+            Kind::Worker if !alive.contains(format!("w{got}").as_str()) => continue,
+            Kind::Worker => registered.get(&o.request_id).copied(),
             Kind::Submit => jobs.get(&o.request_id).copied(),
             Kind::Dataset(_) => versions.get(&o.request_id).copied(),
             Kind::Cancel(id) => Some(id).filter(|id| state.job(*id).is_some_and(|j| j.state() == shoal_proto::JobState::Cancelled)),
@@ -609,22 +819,28 @@ fn seeds(default: std::ops::Range<u64>) -> Vec<u64> {
 }
 
 fn run(n: u64, default: std::ops::Range<u64>) {
-    for seed in seeds(default) {
+    let started = std::time::Instant::now();
+    let seeds = seeds(default);
+    let count = seeds.len();
+    for seed in seeds {
         let outcome = std::panic::catch_unwind(|| simulate(seed, n));
         if outcome.is_err() {
             panic!("simulation of {n} replicas failed with seed {seed}; replay it with SHOAL_SIM_SEED={seed}");
         }
     }
+    // Printed past the test harness's capture, so every run shows what the seeds cost.
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "simulation: {count} seeds of {n} replicas in {:.1} s", started.elapsed().as_secs_f64());
 }
 
 #[test]
 fn three_replicas_stay_safe_and_converge_under_faults() {
-    run(3, 0..120);
+    run(3, 0..300);
 }
 
 #[test]
 fn five_replicas_stay_safe_and_converge_under_faults() {
-    run(5, 1000..1070);
+    run(5, 1000..1160);
 }
 
 #[test]
@@ -637,5 +853,5 @@ fn a_seed_replays_exactly() {
 
 #[test]
 fn a_single_replica_recovers_its_state_across_crashes() {
-    run(1, 2000..2010);
+    run(1, 2000..2040);
 }

@@ -28,7 +28,8 @@ pub enum DatasetView {
     Shards,
     /// One page of slices (with their shards and statistics) and of versions, newest first.
     Page(usize),
-    /// The newest slice alone (with its shards and statistics): a registration's answer.
+    /// The newest slice alone (with its shards and statistics) and the version's statistics:
+    /// a registration's answer.
     Newest,
 }
 
@@ -140,6 +141,7 @@ impl Dataset {
                     info.shards = s.shards.clone();
                     info.slices = vec![s.clone()];
                 }
+                info.stats = stats();
             }
             DatasetView::Page(page) => {
                 let (slices, next_slices) = page_range(n, page);
