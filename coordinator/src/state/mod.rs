@@ -888,4 +888,53 @@ mod tests {
         assert_eq!(sm.dataset("d", 0).unwrap().version, 2);
         assert_eq!(sm.dataset("d", 1).unwrap().version, 1);
     }
+
+    /// Issue 17's retention test: 10,000 finished jobs with retention of 100 leave 100 in the
+    /// state (and those something refers to); the removed jobs' files are an effect of the
+    /// applied removal, never of anything before it.
+    #[test]
+    fn retention_keeps_the_newest_finished_jobs_and_the_pinned_ones() {
+        let mut sm = with_dataset();
+        let mut index = 10;
+        let mut at = |sm: &mut StateMachine, now: u64, kind: command::Kind| {
+            index += 1;
+            sm.apply(index, Command { kind: Some(kind), proposed_unix_ms: now, ..Default::default() })
+        };
+        at(&mut sm, 0, command::Kind::SetSettings(shoal_proto::SettingsRequest { keep_jobs: Some(100), keep_days: Some(1), request_id: String::new() })).unwrap();
+        for n in 0..10_000u64 {
+            let now = n * 1_000;
+            let ApplyOutput::Job(job) = at(&mut sm, now, command::Kind::SubmitJob(spec(1))).unwrap() else { panic!() };
+            let (id, gen, workers) = sm.next_placement(|_| true).unwrap();
+            assert_eq!(id, job.id);
+            at(&mut sm, now, command::Kind::JobAssigned(JobAssigned { job_id: id, generation: gen, workers: workers.clone(), last_step: 0 })).unwrap();
+            let c = CheckpointCommit { worker_id: workers[0].clone(), job_id: id, generation: gen, manifest: Some(manifest(id, 10)) };
+            at(&mut sm, now, command::Kind::CheckpointCommitted(c)).unwrap();
+            let r = OutcomeReport { worker_id: workers[0].clone(), job_id: id, generation: gen, ok: true, result: Some(RankResult { param_blake3: "h".into(), ..Default::default() }), ..Default::default() };
+            at(&mut sm, now, command::Kind::RankOutcome(r)).unwrap();
+            assert_eq!(sm.job(id).unwrap().state(), JobState::Succeeded);
+            if n == 5 {
+                // A model version refers to job 6: it stays.
+                at(&mut sm, now, command::Kind::RegisterModel(shoal_proto::RegisterModelRequest { name: "m".into(), job_id: id, request_id: String::new() })).unwrap();
+            }
+        }
+        assert_eq!(sm.jobs().count(), 10_000);
+        assert!(sm.take_effects().is_empty(), "nothing is removed before a removal is applied");
+        // Every job finished within the last day: none is old enough to go yet...
+        let ApplyOutput::Pruned { jobs, .. } = at(&mut sm, 10_000_000, command::Kind::PruneJobs(true)).unwrap() else { panic!() };
+        assert!(jobs.is_empty(), "jobs finished within keep_days stay");
+        // ...a day later, every finished job beyond the newest 100 goes, but the pinned one.
+        let ApplyOutput::Pruned { jobs, pinned } = at(&mut sm, 200_000_000, command::Kind::PruneJobs(true)).unwrap() else { panic!() };
+        assert_eq!((sm.jobs().count(), pinned), (101, 1));
+        assert!(sm.job(6).is_some() && sm.job(10_000).is_some() && sm.job(9_901).is_some() && sm.job(9_900).is_none());
+        assert_eq!(jobs.len(), 10_000 - 101);
+        let effects = sm.take_effects();
+        assert_eq!(effects, vec![Effect::RemoveJobFiles(jobs)], "the files of exactly the removed jobs, once the removal is applied");
+        // A pruned job's snapshot restores, and the state keeps what retention needs.
+        let copy = StateMachine::from_snapshot(sm.to_snapshot()).unwrap();
+        assert_eq!(copy.state_hash(), sm.state_hash());
+        assert_eq!(copy.settings(), shoal_proto::CoordinatorSettings { keep_jobs: 100, keep_days: 1 });
+        // Ids are never given twice, though most jobs are gone.
+        let ApplyOutput::Job(next) = at(&mut sm, 200_000_001, command::Kind::SubmitJob(spec(1))).unwrap() else { panic!() };
+        assert_eq!(next.id, 10_001);
+    }
 }
