@@ -850,7 +850,7 @@ async fn cluster_status(conn: &Conn) -> Result<(Vec<serde_json::Value>, Vec<serd
                 let s = s.into_inner();
                 let n = s.node.unwrap_or_default();
                 coords.push(json!({"id": n.id, "address": n.address, "role": n.role, "term": n.term, "commit_index": n.commit_index,
-                    "applied_index": n.applied_index, "snapshot_index": n.snapshot_index, "state_hash": n.state_hash, "leader_id": n.leader_id,
+                    "applied_index": n.applied_index, "snapshot_index": n.snapshot_index, "state_hash": n.state_hash, "state_bytes": n.state_bytes, "leader_id": n.leader_id,
                     "cluster_id": n.cluster_id, "dropped_raft_messages": n.dropped_raft_messages, "pid": n.pid, "reachable": true}));
                 if n.role == "leader" || workers.is_empty() {
                     workers = s.workers;

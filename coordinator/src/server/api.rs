@@ -129,15 +129,17 @@ impl Api {
         job
     }
 
-    /// The state hash at the applied index, computed once per index.
-    fn state_hash(&self, state: &StateMachine) -> String {
+    /// The state hash and size (as a snapshot encodes it) at the applied index, computed
+    /// once per index.
+    fn state_hash(&self, state: &StateMachine) -> (String, u64) {
         let mut cache = self.0.hash_cache.lock().expect("hash lock");
         match cache.as_ref() {
-            Some((at, h)) if *at == state.applied_index => h.clone(),
+            Some((at, h, n)) if *at == state.applied_index => (h.clone(), *n),
             _ => {
-                let h = state.state_hash();
-                *cache = Some((state.applied_index, h.clone()));
-                h
+                let bytes = state.encode_snapshot(state.applied_index);
+                let h = blake3::hash(&bytes).to_hex().to_string();
+                *cache = Some((state.applied_index, h.clone(), bytes.len() as u64));
+                (h, bytes.len() as u64)
             }
         }
     }
@@ -289,8 +291,13 @@ impl Coordinator for Api {
             cluster_id: self.0.cluster_id.clone(),
             dropped_raft_messages: self.0.dropped.load(std::sync::atomic::Ordering::Relaxed),
             snapshot_index: v.snapshot_index,
-            state_hash: if r.state_hash { self.state_hash(&state) } else { String::new() },
+            state_hash: String::new(),
+            state_bytes: 0,
         };
+        let mut node = node;
+        if r.state_hash {
+            (node.state_hash, node.state_bytes) = self.state_hash(&state);
+        }
         let workers = state.workers().cloned().collect();
         Ok(Response::new(StatusResponse { node: Some(node), peers, workers, settings: Some(state.settings()) }))
     }

@@ -134,7 +134,7 @@ struct Shared {
     /// The monotonic clock the leader's duties run on.
     started: Instant,
     /// The state hash at an applied index (hashing is a pass over the whole state).
-    hash_cache: Mutex<Option<(u64, String)>>,
+    hash_cache: Mutex<Option<(u64, String, u64)>>,
 }
 
 impl Shared {

@@ -105,6 +105,9 @@ pub(super) async fn drive(mut core: Core, mut log: LogFile, mut rx: mpsc::Receiv
 /// entry committed, never before.
 fn carry_out(shared: &Shared, effect: Effect) {
     match effect {
+        // Test fault point: as if the replica crashed right after the commit, before it
+        // removed anything (`shoal job prune` removes such leftovers).
+        Effect::RemoveJobFiles(_) if shoal_core::failpoint::hit("prune-files-lost", 0) => {}
         Effect::RemoveJobFiles(jobs) => {
             let store = shared.cfg.store_dir.clone();
             tokio::task::spawn_blocking(move || {
