@@ -288,8 +288,23 @@ fn check_torn(path: &str, bytes: &[u8], off: usize) -> Result<(), CoordError> {
     if rest.len() > MAX_TORN {
         return Err(corrupt(format!("a bad record with {} bytes after it, more than one write leaves", rest.len())));
     }
-    if let Some(at) = (1..rest.len()).find(|&i| parse_record(&rest[i..]).is_some_and(|(_, r)| r.kind.is_some())) {
-        return Err(corrupt(format!("a bad record followed by a valid one at offset {}", off + at)));
+    // Every offset may start a record, and checking one costs its length: a budget keeps the
+    // scan linear in the tail. A tail that exhausts it cannot be told from corruption, and is
+    // refused like corruption (cutting it could drop committed entries).
+    let mut budget = 8 * rest.len() + (1 << 16);
+    for i in 1..rest.len() {
+        let tail = &rest[i..];
+        let Some(len) = tail.get(0..4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize) else { break };
+        if len > MAX_RECORD || tail.len() < 8 + len {
+            continue;
+        }
+        if len > budget {
+            return Err(corrupt(format!("a bad record with {} bytes after it that cannot be told from corruption", rest.len())));
+        }
+        budget -= len;
+        if parse_record(tail).is_some_and(|(_, r)| r.kind.is_some()) {
+            return Err(corrupt(format!("a bad record followed by a valid one at offset {}", off + i)));
+        }
     }
     Ok(())
 }
@@ -436,6 +451,23 @@ mod tests {
         // Starts (raft-rs would panic on "commit 15 is out of range [last index 10]").
         let core = crate::node::Core::new(2, crate::node::RaftStore::new(rec.storage, Some(with_data)), state).unwrap();
         assert_eq!(core.commit_index(), 10);
+    }
+
+    /// A garbage tail whose every offset reads as a long record used to cost a checksum of
+    /// megabytes per byte of it (quadratic): the scan is bounded, and answers at once.
+    #[test]
+    fn a_garbage_tail_is_judged_in_linear_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, ends) = three_records(dir.path());
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        // Every 4 bytes read as a length of 16 MiB + change, which fits in the tail.
+        f.write_all(&vec![0x01u8; 40 << 20]).unwrap();
+        drop(f);
+        let started = std::time::Instant::now();
+        let e = LogFile::open(dir.path(), &[1]).err().expect("an unclear tail is refused, not cut").to_string();
+        assert!(started.elapsed() < std::time::Duration::from_secs(20), "{:?}", started.elapsed());
+        assert!(e.contains("cannot be told from corruption") && e.contains(&format!("offset {}", ends[3])), "{e}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), ends[3] + (40 << 20), "nothing was cut");
     }
 
     #[test]

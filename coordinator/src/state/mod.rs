@@ -937,4 +937,68 @@ mod tests {
         let ApplyOutput::Job(next) = at(&mut sm, 200_000_001, command::Kind::SubmitJob(spec(1))).unwrap() else { panic!() };
         assert_eq!(next.id, 10_001);
     }
+
+    /// Defect 6: the leader's periodic flush of rank 0's last in-loop progress, proposed after
+    /// rank 0's final outcome (same step), must not overwrite the gate's holdout scores.
+    #[test]
+    fn a_late_progress_report_does_not_erase_the_gates_scores() {
+        let mut sm = with_dataset();
+        let text = format!("{}[register]\nname = \"m\"\n[promote]\nalias = \"prod\"\nholdout = \"d\"\n", spec(2));
+        let ApplyOutput::Job(job) = sm.apply(5, cmd(command::Kind::SubmitJob(text))).unwrap() else { panic!() };
+        let (id, gen, workers) = sm.next_placement(|_| true).unwrap();
+        sm.apply(6, cmd(command::Kind::JobAssigned(JobAssigned { job_id: id, generation: gen, workers: workers.clone(), last_step: 0 }))).unwrap();
+        assert_eq!(id, job.id);
+        commit(&mut sm, 7, id, gen, 10).unwrap();
+        let scored = JobProgress { step: 10, total_steps: 10, holdout_accuracy: 0.9, holder_accuracy: -1.0, ..Default::default() };
+        let r = OutcomeReport { worker_id: workers[0].clone(), job_id: id, generation: gen, ok: true, result: Some(RankResult { param_blake3: "h".into(), ..Default::default() }), progress: Some(scored), ..Default::default() };
+        sm.apply(8, cmd(command::Kind::RankOutcome(r))).unwrap();
+        // The flush of the last in-loop report: the same step, no scores.
+        let late = JobProgress { step: 10, total_steps: 10, holdout_accuracy: -1.0, ..Default::default() };
+        sm.apply(9, cmd(command::Kind::UpdateProgress(UpdateProgress { job_id: id, generation: gen, progress: Some(late) }))).unwrap();
+        outcome(&mut sm, 10, id, gen, &workers[1], "h");
+        let j = sm.job(id).unwrap();
+        assert_eq!(j.state(), JobState::Succeeded);
+        assert!(j.promotion.starts_with("promoted to m@prod"), "{}", j.promotion);
+        let (_, v) = sm.model_version("m@1").unwrap();
+        assert_eq!(v.holdout_accuracy, 0.9);
+    }
+
+    /// Defect 10: after `job cancel`, the step shown never trails the last committed
+    /// checkpoint (progress is replicated only now and then; the commit is exact).
+    #[test]
+    fn the_step_never_trails_the_last_checkpoint() {
+        let mut sm = with_dataset();
+        let (id, gen) = running_job(&mut sm);
+        let p = JobProgress { step: 3, ..Default::default() };
+        sm.apply(7, cmd(command::Kind::UpdateProgress(UpdateProgress { job_id: id, generation: gen, progress: Some(p) }))).unwrap();
+        commit(&mut sm, 8, id, gen, 7).unwrap();
+        assert_eq!(sm.job(id).unwrap().progress.as_ref().unwrap().step, 7);
+        sm.apply(9, cmd(command::Kind::CancelJob(id))).unwrap();
+        assert_eq!(sm.job(id).unwrap().progress.as_ref().unwrap().step, 7);
+    }
+
+    /// Defect 10: an append's statistics are checked before they are added up: counts beyond
+    /// the slice's records (which would overflow the sums, panicking debug builds on every
+    /// replica and on replay) are refused, and change nothing.
+    #[test]
+    fn absurd_slice_statistics_are_refused_before_they_are_added() {
+        let mut sm = with_dataset();
+        let before = sm.to_snapshot();
+        let mut ds = sm.dataset_view("d", 0, DatasetView::Shards).unwrap();
+        ds.stats = None;
+        ds.append = true;
+        ds.version = 0;
+        ds.shards[0].path = "datasets/d/import-2/shard-00000.safetensors".into();
+        let feature = shoal_proto::FeatureStats { count: u64::MAX, sum: 1.0, bins: vec![u64::MAX; 10], ..Default::default() };
+        ds.slices = vec![DatasetSlice { stats: Some(shoal_proto::SliceStats { features: vec![feature; 4], label_counts: vec![u64::MAX, 1] }), ..Default::default() }];
+        let e = sm.apply(9, cmd(command::Kind::RegisterDataset(ds.clone()))).unwrap_err();
+        assert!(matches!(&e, ApplyError::Invalid(m) if m.contains("not those of 100 records")), "{e}");
+        let mut after = sm.to_snapshot();
+        after.applied_index = before.applied_index;
+        assert_eq!(after, before, "a refused append changed the state");
+        // Sane statistics append.
+        let feature = shoal_proto::FeatureStats { count: 100, sum: 5.0, sum_sq: 5.0, bins: vec![10; 10], ..Default::default() };
+        ds.slices = vec![DatasetSlice { stats: Some(shoal_proto::SliceStats { features: vec![feature; 4], label_counts: vec![50, 50] }), ..Default::default() }];
+        sm.apply(10, cmd(command::Kind::RegisterDataset(ds))).unwrap();
+    }
 }
