@@ -1,6 +1,7 @@
 //! Fault injection for tests: `SHOAL_FAILPOINTS=name[@step][=value],...` in a process's
 //! environment arms named points in the code (a crash between two writes, an injected
-//! disk-full error, a slow step). Unset, every check is one look at an empty list.
+//! disk-full error, a slow step, `nan-gradient@STEP=RANK`: rank RANK's own gradient of step
+//! STEP gets a NaN). Unset, every check is one look at an empty list.
 
 use std::sync::OnceLock;
 
@@ -73,5 +74,9 @@ mod tests {
         assert!(find(&l, "c", Some(7)).is_some(), "an unparsable step arms every step");
         assert!(find(&l, "e", Some(3)).is_none());
         assert_eq!(find(&l, "d", None).and_then(|p| p.value), Some(25));
+        // A value for one step only (`nan-gradient@5=1`: step 5, rank 1).
+        let l = parse("nan-gradient@5=1");
+        assert_eq!(find(&l, "nan-gradient", Some(5)).and_then(|p| p.value), Some(1));
+        assert!(find(&l, "nan-gradient", Some(4)).is_none());
     }
 }

@@ -144,6 +144,52 @@ pub struct DatasetRef {
     /// With `slices = "new"`: add this fraction (of the new records' count) of records drawn
     /// by the seed from the older ones (within `train`), against forgetting.
     pub replay: Option<f64>,
+    /// What a missing feature value (NaN, e.g. an empty CSV cell) becomes when a worker reads
+    /// a record. Absent: a dataset with missing values is refused for training.
+    pub fill_missing: Option<FillMissing>,
+}
+
+/// `[dataset] fill_missing = "mean" | NUMBER`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum FillMissing {
+    /// The feature's mean over the pinned dataset version (the sum of its slices' statistics).
+    Mean,
+    /// This constant, for every feature.
+    Value(f64),
+}
+
+impl<'de> Deserialize<'de> for FillMissing {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = FillMissing;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"mean\" or a number")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<FillMissing, E> {
+                match v {
+                    "mean" => Ok(FillMissing::Mean),
+                    // The value is gone after parsing, so the key is named here.
+                    other => Err(E::custom(format!("dataset.fill_missing: unknown value {other:?} (expected \"mean\" or a number)"))),
+                }
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<FillMissing, E> {
+                Ok(FillMissing::Value(v))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<FillMissing, E> {
+                Ok(FillMissing::Value(v as f64))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<FillMissing, E> {
+                Ok(FillMissing::Value(v as f64))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -422,6 +468,12 @@ impl JobSpec {
             (Some(other), _) => return Err(bad("dataset.slices", format!("must be \"all\" or \"new\", not {other:?}"))),
         }
         check_range("dataset.replay", self.dataset.replay, 0.0, 1.0, true)?;
+        if let Some(FillMissing::Value(v)) = self.dataset.fill_missing {
+            // Features are f32: the constant must be one.
+            if !(v as f32).is_finite() {
+                return Err(bad("dataset.fill_missing", format!("must be \"mean\" or a finite f32 number, got {v}")));
+            }
+        }
         if let Some(t) = &self.trigger {
             crate::dataset::validate_name(&t.on_append).map_err(|e| bad("trigger.on_append", e))?;
             if self.dataset.version.is_some() {
@@ -752,6 +804,21 @@ workers = 2
             let e = err_of(&format!("{GOOD}[aggregation]\n{extra}\n"));
             assert!(e.contains(key), "{extra}: {e}");
         }
+    }
+
+    #[test]
+    fn fill_missing_takes_mean_or_a_number_and_names_the_key_otherwise() {
+        let with = |v: &str| GOOD.replace("test = [1000, 1200]", &format!("test = [1000, 1200]\nfill_missing = {v}"));
+        assert_eq!(JobSpec::parse(GOOD).unwrap().dataset.fill_missing, None);
+        assert_eq!(JobSpec::parse(&with("\"mean\"")).unwrap().dataset.fill_missing, Some(FillMissing::Mean));
+        assert_eq!(JobSpec::parse(&with("0")).unwrap().dataset.fill_missing, Some(FillMissing::Value(0.0)));
+        assert_eq!(JobSpec::parse(&with("-2.5")).unwrap().dataset.fill_missing, Some(FillMissing::Value(-2.5)));
+        for bad in ["\"median\"", "\"Mean\"", "nan", "inf", "1e39", "true", "[1]"] {
+            let e = err_of(&with(bad));
+            assert!(e.contains("fill_missing"), "{bad}: {e}");
+        }
+        let e = err_of(&with("\"median\""));
+        assert!(e.contains("dataset.fill_missing") && e.contains("median") && e.contains("\"mean\" or a number"), "{e}");
     }
 
     #[test]

@@ -4,10 +4,12 @@
 //! every number here is computed from basic IEEE operations only (no platform `ln`): every
 //! replica gets the same bits.
 
-use shoal_proto::{FeatureStats, SliceStats};
+use shoal_proto::{DatasetInfo, FeatureStats, SliceStats};
 
 use crate::dataset::Records;
 use crate::idx::IdxData;
+use crate::spec::FillMissing;
+use crate::CoreError;
 
 /// Bins of a feature's histogram.
 pub const BINS: usize = 10;
@@ -167,6 +169,52 @@ pub fn mean_std(s: &FeatureStats) -> (f64, f64) {
     (mean, (s.sum_sq / n - mean * mean).max(0.0).sqrt())
 }
 
+/// Missing (NaN) feature values in `s`, over every feature: a training job on a dataset with
+/// any needs `[dataset] fill_missing`.
+pub fn missing_values(s: &SliceStats) -> u64 {
+    s.features.iter().fold(0u64, |n, f| n.saturating_add(f.missing))
+}
+
+/// The first feature (flattened index) with missing values in `s`, and how many it has: what
+/// an error about missing values names.
+pub fn first_missing(s: &SliceStats) -> Option<(usize, u64)> {
+    s.features.iter().enumerate().find(|(_, f)| f.missing > 0).map(|(j, f)| (j, f.missing))
+}
+
+/// The statistics of a whole dataset version: `info.stats` where the coordinator filled it in
+/// (assignments carry it, without the slices), else the sum of its slices'. None when a slice
+/// has none (a version registered before slices carried statistics).
+pub fn version_stats(info: &DatasetInfo) -> Option<SliceStats> {
+    if let Some(s) = info.stats.as_ref().filter(|s| !s.features.is_empty()) {
+        return Some(s.clone());
+    }
+    let mut acc = SliceStats::default();
+    for slice in &info.slices {
+        let s = slice.stats.as_ref().filter(|s| !s.features.is_empty())?;
+        add(&mut acc, s);
+    }
+    (!acc.features.is_empty()).then_some(acc)
+}
+
+/// Per feature, the value a missing one becomes under `fill` (`[dataset] fill_missing`): the
+/// constant, or the feature's mean over every slice of the version (0 for a feature with no
+/// value at all). Every rank computes it from the same statistics, so all fill alike.
+pub fn fill_values(info: &DatasetInfo, fill: FillMissing) -> Result<Vec<f32>, CoreError> {
+    let features: usize = info.feature_shape.iter().map(|&d| d as usize).product();
+    match fill {
+        FillMissing::Value(v) => Ok(vec![v as f32; features]),
+        FillMissing::Mean => {
+            let what = format!("dataset {} v{}", info.name, info.version);
+            let s = version_stats(info)
+                .ok_or_else(|| CoreError::Dataset(format!("{what} has no statistics (a slice was registered without them), so fill_missing = \"mean\" has no means; give a number instead")))?;
+            if s.features.len() != features {
+                return Err(CoreError::Dataset(format!("{what}: statistics of {} features for records of {features}", s.features.len())));
+            }
+            Ok(s.features.iter().map(|f| mean_std(f).0 as f32).collect())
+        }
+    }
+}
+
 /// ln(x) for x > 0 from basic IEEE operations alone: x = m 2^e with m in [1, 2), and
 /// ln m = 2 atanh((m - 1) / (m + 1)) by its series (|z| <= 1/3; 24 terms is far below f64's
 /// rounding).
@@ -237,6 +285,33 @@ mod tests {
         assert!((js_divergence(&[5, 0], &[0, 7]) - 1.0).abs() < 1e-12);
         let d = js_divergence(&[50, 50, 0], &[50, 40, 10]);
         assert!(d > 0.0 && d < 0.2, "{d}");
+    }
+
+    #[test]
+    fn missing_values_are_counted_and_filled_with_the_version_mean() {
+        let nan = f32::NAN;
+        let recs = |px: Vec<f32>| Records { features: IdxData::F32(px), feature_shape: vec![3], labels: vec![0, 1] };
+        let a = slice_stats(&recs(vec![1.0, nan, 5.0, 3.0, nan, 7.0]), None, 2);
+        let b = slice_stats(&recs(vec![5.0, 4.0, nan, 7.0, 8.0, 9.0]), Some(&ranges(&a)), 2);
+        assert_eq!((missing_values(&a), first_missing(&a)), (2, Some((1, 2))));
+        assert_eq!((missing_values(&b), first_missing(&b)), (1, Some((2, 1))));
+        let clean = slice_stats(&recs(vec![1.0; 6]), None, 2);
+        assert_eq!((missing_values(&clean), first_missing(&clean)), (0, None));
+
+        let slice = |s: &SliceStats| shoal_proto::DatasetSlice { stats: Some(s.clone()), ..Default::default() };
+        let mut info = DatasetInfo { name: "d".into(), version: 2, feature_shape: vec![3], slices: vec![slice(&a), slice(&b)], ..Default::default() };
+        // Feature 0: (1 + 3 + 5 + 7) / 4; feature 1: (4 + 8) / 2; feature 2: (5 + 7 + 9) / 3.
+        assert_eq!(fill_values(&info, FillMissing::Mean).unwrap(), vec![4.0, 6.0, 7.0]);
+        assert_eq!(fill_values(&info, FillMissing::Value(-1.5)).unwrap(), vec![-1.5; 3]);
+        info.slices.push(shoal_proto::DatasetSlice::default());
+        let e = fill_values(&info, FillMissing::Mean).unwrap_err().to_string();
+        assert!(e.contains("d v2") && e.contains("statistics"), "{e}");
+        assert_eq!(fill_values(&info, FillMissing::Value(0.0)).unwrap(), vec![0.0; 3], "a constant needs no statistics");
+        // An assignment's version: its summed statistics, no slices.
+        let mut sum = a.clone();
+        add(&mut sum, &b);
+        let assigned = DatasetInfo { stats: Some(sum), slices: vec![], ..info };
+        assert_eq!(fill_values(&assigned, FillMissing::Mean).unwrap(), vec![4.0, 6.0, 7.0]);
     }
 
     #[test]

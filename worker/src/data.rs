@@ -28,6 +28,21 @@ pub struct ShardedDataset {
     pub feature_len: usize,
     pub feature_shape: Vec<usize>,
     pub classes: usize,
+    missing: Missing,
+}
+
+/// What reading a record does with a feature value that is not a finite number (only f32
+/// shards can hold one: u8 features are always finite).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Missing {
+    /// Hands values on as stored (batch jobs: their operators see the data as it is).
+    Keep,
+    /// Training without `[dataset] fill_missing`: a NaN or infinite value is an error that
+    /// names the record and the feature, instead of a loss that diverges.
+    Refuse,
+    /// Training with `fill_missing`: feature j's NaN becomes the j-th value; an infinite value
+    /// is still an error (it is not missing, it is wrong).
+    Fill(Vec<f32>),
 }
 
 fn range_in(map: &[u8], part: &[u8]) -> Range<usize> {
@@ -61,7 +76,20 @@ impl ShardedDataset {
             feature_len: info.feature_shape.iter().map(|&d| d as usize).product(),
             feature_shape: info.feature_shape.iter().map(|&d| d as usize).collect(),
             classes: info.classes as usize,
+            missing: Missing::Keep,
         })
+    }
+
+    /// Sets what `push_record` does with values that are not finite (`Missing::Keep` until
+    /// then). A fill must give one value per feature.
+    pub fn set_missing(&mut self, missing: Missing) -> Result<(), WorkerError> {
+        if let Missing::Fill(v) = &missing {
+            if v.len() != self.feature_len {
+                return Err(WorkerError::Data(format!("{} fill values for records of {} features", v.len(), self.feature_len)));
+            }
+        }
+        self.missing = missing;
+        Ok(())
     }
 
     fn view(&self, shard: usize) -> ShardView<'_> {
@@ -77,7 +105,11 @@ impl ShardedDataset {
         let shard = self.starts.partition_point(|&s| s <= index) - 1;
         let local = (index - self.starts[shard]) as usize;
         let v = self.view(shard);
+        let at = x.len();
         v.push_features(local, x);
+        if v.x_dtype != Dtype::U8 && !matches!(self.missing, Missing::Keep) {
+            self.check_values(index, &mut x[at..])?;
+        }
         let label = v.label(local);
         if label < 0 || label as usize >= self.classes {
             return Err(WorkerError::Data(format!("record {index} has label {label}, outside 0..{}", self.classes)));
@@ -88,6 +120,24 @@ impl ShardedDataset {
 }
 
 impl ShardedDataset {
+    /// Applies the missing-value policy to record `index`'s features `x`.
+    fn check_values(&self, index: u64, x: &mut [f32]) -> Result<(), WorkerError> {
+        // One vectorized look at the record; only a record with a bad value is walked.
+        let Some(first) = shoal_kernels::first_non_finite(x) else { return Ok(()) };
+        let bad = |j: usize, what: &str| WorkerError::Data(format!("record {index}, feature {j}: {what}"));
+        for (j, v) in x.iter_mut().enumerate().skip(first) {
+            match (&self.missing, v.is_nan()) {
+                (_, false) if v.is_infinite() => return Err(bad(j, &format!("the value is {v}, not a finite number"))),
+                (Missing::Fill(fill), true) => *v = fill[j],
+                (Missing::Refuse, true) => {
+                    return Err(bad(j, "the value is missing (NaN); set [dataset] fill_missing = \"mean\" or a number to fill it"));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Records [start, end) as stored (u8 features stay u8), for statistics and for handing
     /// a shard's records to a user command.
     pub fn raw_records(&self, start: u64, end: u64) -> Result<shoal_core::dataset::Records, WorkerError> {
@@ -158,5 +208,36 @@ mod tests {
         std::fs::write(&p, bytes).unwrap();
         let e = ShardedDataset::open(dir.path(), &info).err().unwrap().to_string();
         assert!(e.contains("blake3"), "{e}");
+    }
+
+    #[test]
+    fn missing_values_are_kept_refused_or_filled() {
+        let dir = tempfile::tempdir().unwrap();
+        let nan = f32::NAN;
+        let x = vec![1.0, 2.0, 3.0, nan, 5.0, nan, 7.0, 8.0, 9.0, 1.0, f32::INFINITY, 2.0];
+        let recs = Records { features: IdxData::F32(x), feature_shape: vec![3], labels: vec![0, 1, 0, 1] };
+        let folder = shoal_core::dataset::import_dir("d", "t").unwrap();
+        let info = write_shards(dir.path(), "d", &folder, &recs, 2).unwrap();
+        let mut ds = ShardedDataset::open(dir.path(), &info).unwrap();
+        let read = |ds: &ShardedDataset, i: u64| {
+            let (mut x, mut y) = (vec![-9.0], Vec::new());
+            ds.push_record(i, &mut x, &mut y).map(|()| x[1..].to_vec())
+        };
+        // Batch jobs see the data as stored.
+        assert!(read(&ds, 1).unwrap()[0].is_nan());
+        assert!(read(&ds, 3).unwrap()[1].is_infinite());
+
+        ds.set_missing(Missing::Refuse).unwrap();
+        assert_eq!(read(&ds, 0).unwrap(), [1.0, 2.0, 3.0]);
+        let e = read(&ds, 1).unwrap_err().to_string();
+        assert!(e.contains("record 1, feature 0") && e.contains("missing") && e.contains("fill_missing"), "{e}");
+        let e = read(&ds, 3).unwrap_err().to_string();
+        assert!(e.contains("record 3, feature 1") && e.contains("inf"), "{e}");
+
+        ds.set_missing(Missing::Fill(vec![10.0, 20.0, 30.0])).unwrap();
+        assert_eq!(read(&ds, 1).unwrap(), [10.0, 5.0, 30.0], "each NaN gets its own feature's value");
+        assert_eq!(read(&ds, 2).unwrap(), [7.0, 8.0, 9.0]);
+        assert!(read(&ds, 3).unwrap_err().to_string().contains("record 3, feature 1"), "an infinity is not missing");
+        assert!(ds.set_missing(Missing::Fill(vec![0.0; 2])).is_err());
     }
 }

@@ -39,8 +39,9 @@ pub enum WorkerError {
     Device(#[from] shoal_kernels::KernelError),
     #[error("checkpoint: {0}")]
     Checkpoint(String),
-    #[error("training diverged: the loss is not finite at step {0}")]
-    Diverged(u64),
+    /// A non-finite loss or gradient, found before the step was applied.
+    #[error("{0}")]
+    Diverged(Box<crate::train::Divergence>),
     #[error("internal error (a bug; please report it): {0}")]
     Panicked(String),
     /// A batch task's own failure (a user command's exit code and stderr, its timeout).

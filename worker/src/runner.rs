@@ -340,6 +340,7 @@ fn start_task(
                     result: Some(RankResult { rank, worker_id: wid.clone(), param_blake3: o.param_blake3, model_path: o.model_path }),
                     progress: Some(o.progress),
                     peer_failure: false,
+                    diverged: false,
                 }
             }
             Err(e) => {
@@ -349,7 +350,8 @@ fn start_task(
                 } else {
                     tracing::error!(job, rank, error = %e, "task failed");
                 }
-                OutcomeReport { worker_id: wid.clone(), job_id: job, generation, ok: false, error: e.to_string(), result: None, progress: None, peer_failure }
+                let diverged = matches!(e, WorkerError::Diverged(_));
+                OutcomeReport { worker_id: wid.clone(), job_id: job, generation, ok: false, error: e.to_string(), result: None, progress: None, peer_failure, diverged }
             }
         };
         rt.block_on(report_outcome(&client, report, &cancel_flag));

@@ -10,11 +10,15 @@
 //! and each rank weighs its gradients by its share, so the sum is the global mean. Forward and
 //! backward run on shoal's kernels (`net`), into the all-reduce buffer directly.
 //!
-//! Checkpoints ride on the step's all-reduce: three control slots after the gradients carry
-//! rank 0's "a checkpoint is due by the clock" vote and how many ranks have finished (or
-//! failed) writing their part of the checkpoint in flight. Every rank sees the same sums after
-//! the same step, so all agree, without another round trip, on when a checkpoint starts and
-//! when it is complete.
+//! After the gradients, every step gathers each rank's control values (`Control`: its loss,
+//! record count and digest, rank 0's "a checkpoint is due by the clock" vote, whether its part
+//! of the checkpoint in flight is written or failed, and the first non-finite value in its
+//! share of the reduced gradients) as bytes, so they stay exact whatever the gradients' wire
+//! format. Every rank adds up the same bytes, so all agree, without another round trip, on
+//! when a checkpoint starts and completes, and on whether the step is applied at all: a step
+//! whose loss or reduced gradients are not finite is never applied; the job ends with an
+//! error naming the step, the first bad tensor and the rank that produced it, and the last
+//! good step is committed as a checkpoint first.
 
 use std::ops::Range;
 use std::path::PathBuf;
@@ -29,7 +33,7 @@ use shoal_proto::{Assignment, CheckpointFile, CheckpointManifest, JobProgress, M
 
 use crate::checkpoint::{self, JobLink, PartSnapshot, StateTensor, WriteDone, Writer};
 use crate::collective::{Collective, Incoming, Mailbox, Rendezvous, Wire};
-use crate::data::ShardedDataset;
+use crate::data::{Missing, ShardedDataset};
 use crate::model::Model;
 use crate::net::Net;
 use crate::optim::Opt;
@@ -70,16 +74,136 @@ pub struct TrainOutcome {
     pub param_blake3: String,
 }
 
-/// Slots after the gradients in the all-reduce buffer.
-const SLOT_LOSS: usize = 0;
-const SLOT_DUE: usize = 1;
-const SLOT_DONE: usize = 2;
-const SLOT_FAILED: usize = 3;
-/// Records this rank trained in the step, and their RecordDigest halves.
-const SLOT_RECORDS: usize = 4;
-const SLOT_DIGEST_LO: usize = 5;
-const SLOT_DIGEST_HI: usize = 6;
-const SLOTS: usize = 7;
+/// What a rank contributes to a step besides its gradients. Gathered as bytes and added up
+/// on every rank (`reduce_controls`), never sent on the gradients' wire: bf16 would round
+/// counts and digests to 8 bits of mantissa, and summing losses would hide which rank's was
+/// not finite.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Control {
+    /// This rank's share of the step's loss.
+    loss: f32,
+    /// Rank 0: a checkpoint is due by the clock.
+    due: bool,
+    /// This rank's part of the checkpoint in flight is written, or its write failed.
+    done: bool,
+    failed: bool,
+    /// Records this rank trained in the step, and their digest.
+    records: u64,
+    digest: RecordDigest,
+    /// The first NaN or infinity in this rank's share of the reduced gradients: every rank
+    /// holds the same bits, so each checks 1/W of them (`check_share`) and the gather tells
+    /// all.
+    first_bad: Option<u64>,
+}
+
+const CONTROL_BYTES: usize = 25;
+
+impl Control {
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(CONTROL_BYTES);
+        b.extend(self.loss.to_bits().to_le_bytes());
+        b.push(self.due as u8 | (self.done as u8) << 1 | (self.failed as u8) << 2);
+        b.extend(self.records.to_le_bytes());
+        b.extend(self.digest.packed().to_le_bytes());
+        b.extend(self.first_bad.unwrap_or(u64::MAX).to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Control> {
+        if b.len() != CONTROL_BYTES {
+            return None;
+        }
+        let word = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+        let first_bad = word(17);
+        Some(Control {
+            loss: f32::from_bits(u32::from_le_bytes(b[..4].try_into().expect("4 bytes"))),
+            due: b[4] & 1 != 0,
+            done: b[4] & 2 != 0,
+            failed: b[4] & 4 != 0,
+            records: word(5),
+            digest: RecordDigest::from_packed(u32::from_le_bytes(b[13..17].try_into().expect("4 bytes"))),
+            first_bad: (first_bad != u64::MAX).then_some(first_bad),
+        })
+    }
+}
+
+/// A step's control values over all ranks: the same on every rank.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Sums {
+    /// The loss, added in rank order.
+    loss: f32,
+    due: bool,
+    /// Ranks whose part of the checkpoint in flight is written, or failed.
+    done: usize,
+    failed: usize,
+    records: u64,
+    digest: RecordDigest,
+    /// Ranks whose own loss is not finite.
+    bad_loss: Vec<usize>,
+    /// The first NaN or infinity in the reduced gradients.
+    first_bad: Option<u64>,
+}
+
+impl Sums {
+    /// Whether the step must not be applied: a loss or a gradient that is not finite.
+    fn diverged(&self) -> bool {
+        self.first_bad.is_some() || !self.bad_loss.is_empty() || !self.loss.is_finite()
+    }
+}
+
+/// Adds up every rank's control values, exactly: an all-gather of their bytes, summed in rank
+/// order on every rank (so every rank gets the same sums, bit for bit).
+fn reduce_controls(ring: &mut dyn Collective, mine: &Control) -> Result<Sums, WorkerError> {
+    let all = ring.all_gather_bytes(mine.encode())?;
+    let mut sums = Sums::default();
+    for (r, bytes) in all.iter().enumerate() {
+        let c = Control::decode(bytes).ok_or_else(|| WorkerError::Collective(format!("rank {r} sent control values of {} bytes, not {CONTROL_BYTES}", bytes.len())))?;
+        sums.loss += c.loss;
+        if !c.loss.is_finite() {
+            sums.bad_loss.push(r);
+        }
+        sums.due |= c.due;
+        sums.done += c.done as usize;
+        sums.failed += c.failed as usize;
+        sums.records += c.records;
+        sums.digest.add_sums(c.digest.lo as u64, c.digest.hi as u64);
+        sums.first_bad = first_of(sums.first_bad, c.first_bad);
+    }
+    Ok(sums)
+}
+
+/// Every rank's `mine` (the same length on each), exactly: gathered as bytes, so never
+/// rounded by the gradients' wire format.
+fn gather_u64s(ring: &mut dyn Collective, mine: &[u64]) -> Result<Vec<Vec<u64>>, WorkerError> {
+    let all = ring.all_gather_bytes(mine.iter().flat_map(|v| v.to_le_bytes()).collect())?;
+    all.iter()
+        .enumerate()
+        .map(|(r, b)| {
+            if b.len() != mine.len() * 8 {
+                return Err(WorkerError::Collective(format!("rank {r} sent {} bytes where {} were expected", b.len(), mine.len() * 8)));
+            }
+            Ok(b.chunks_exact(8).map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes"))).collect())
+        })
+        .collect()
+}
+
+/// The first NaN or infinity among this rank's share `mine` (of the whole buffer's indices)
+/// of the reduced gradients, of which `g` holds those from `offset` on.
+fn check_share(g: &[f32], offset: usize, mine: &Range<usize>) -> Option<u64> {
+    let (lo, hi) = (mine.start.max(offset), mine.end.min(offset + g.len()));
+    if lo >= hi {
+        return None;
+    }
+    shoal_kernels::first_non_finite(&g[lo - offset..hi - offset]).map(|i| (lo + i) as u64)
+}
+
+/// The earlier of two gradient positions.
+fn first_of(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
 
 /// Time spent per phase of a step, summed over a window of steps.
 #[derive(Default)]
@@ -142,14 +266,14 @@ impl TrainState {
         TrainState { params: vec![0.0; n], opt, step: 0, epoch_records: Vec::new(), epoch_digests: Vec::new(), test_accuracy: -1.0, evaluated_at: 0 }
     }
 
-    /// Adds a step's records (the summed slots) to the epoch `step` belongs to.
-    fn count_records(&mut self, epoch: usize, slots: &[f32]) {
+    /// Adds a step's records (summed over the ranks) to the epoch `step` belongs to.
+    fn count_records(&mut self, epoch: usize, sums: &Sums) {
         if self.epoch_records.len() <= epoch {
             self.epoch_records.resize(epoch + 1, 0);
             self.epoch_digests.resize(epoch + 1, RecordDigest::default());
         }
-        self.epoch_records[epoch] += slots[SLOT_RECORDS] as u64;
-        self.epoch_digests[epoch].add_sums(slots[SLOT_DIGEST_LO] as u64, slots[SLOT_DIGEST_HI] as u64);
+        self.epoch_records[epoch] += sums.records;
+        self.epoch_digests[epoch].add_sums(sums.digest.lo as u64, sums.digest.hi as u64);
     }
 
     /// Everything but the big buffers, for a transfer to a peer.
@@ -239,7 +363,9 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
     let a = &task.assignment;
     let spec = JobSpec::parse(&a.spec_toml).map_err(|e| WorkerError::Spec(e.to_string()))?;
     let info = a.dataset.as_ref().ok_or_else(|| WorkerError::Data("the assignment carries no dataset".into()))?;
-    let ds = ShardedDataset::open(&task.store, info)?;
+    let mut ds = ShardedDataset::open(&task.store, info)?;
+    let missing = missing_policy(&spec, info)?;
+    ds.set_missing(missing.clone())?;
     let model = Model::new(&spec.model, &ds.feature_shape, ds.classes)?;
     let mut net = Net::new(&model);
     let (rank, world) = (a.rank as usize, a.world_size as usize);
@@ -315,8 +441,10 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
         task.link.progress(&progress);
     }
     let mut ckpt = Checkpointer::new(task, &spec, &model, &state.opt, rank, world)?;
-    let mut buf = vec![0.0f32; np + SLOTS];
+    let mut grads = vec![0.0f32; np];
     let cuts = bucket_cuts(&net.layer_starts(), np, (spec.aggregation.bucket_mb * (1 << 20) as f64 / 4.0) as usize);
+    // Every rank holds the same reduced gradients: each checks its own chunk of them.
+    let check = crate::collective::chunk(np, world, rank);
     let (mut xs, mut ys) = (Vec::new(), Vec::new());
     let mut order: Option<(u64, Vec<u32>)> = None;
     let started = Instant::now();
@@ -343,30 +471,40 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
         let perm = &order.as_ref().expect("set above").1;
         let first = (step % steps_per_epoch) as usize * global_batch;
         let batch: Vec<u64> = perm[first..first + global_batch].iter().map(|&i| train_indices[i as usize]).collect();
-        let (grads, slots) = buf.split_at_mut(np);
-        slots.fill(0.0);
-        let pass = match &mut lanes {
-            Some(l) => l.step(&mut net, state, &ds, &batch, grads, slots, &mut ckpt, ring)?,
+        let plan = StepPlan { share, cuts: &cuts, check: check.clone(), poison: injected_nan(step + 1, rank, &model) };
+        let vote = &mut |c: &mut Control| ckpt.vote(c);
+        let (pass, sums) = match &mut lanes {
+            Some(l) => l.step(&mut net, state, &ds, &batch, &mut grads, &plan, vote, ring)?,
             None => {
                 read_batch(&ds, batch[lo..hi].iter().copied(), &mut xs, &mut ys)?;
-                count_into(slots, &batch[lo..hi]);
+                let mut ctl = Control::default();
+                count_into(&mut ctl, &batch[lo..hi]);
                 lap(&mut mark, &mut phases.data);
-                step_in_buckets(&mut net, state, &xs, &ys, share, grads, slots, &cuts, &mut ckpt, ring)?
+                step_in_buckets(&mut net, state, &xs, &ys, &mut grads, ctl, &plan, vote, ring)?
             }
         };
+        if sums.diverged() {
+            // The step changed nothing: the state is the last good step's.
+            let own = match &mut lanes {
+                Some(l) => l.own_first_bad(&mut net, &mut state.params, &ds, &batch, plan.poison)?,
+                None => own_first_bad(&mut net, &mut state.params, &xs, &ys, share, plan.poison)?,
+            };
+            let mut d = Divergence::found(step + 1, &sums, &grads, own, &model, ring)?;
+            let committed: Vec<u64> = a.checkpoints.iter().map(|m| m.step).collect();
+            d.checkpoint = ckpt.keep_last_good(state, &committed, ring)?;
+            tracing::error!(job = a.job_id, step = d.step, rank, "{d}");
+            return Err(WorkerError::Diverged(Box::new(d)));
+        }
         phases.compute += pass.backward_done.saturating_duration_since(mark);
         phases.collective += pass.collective;
         phases.optimizer += pass.optimizer;
         mark = Instant::now();
         phases.checkpoint += pass.vote;
         state.step = step + 1;
-        state.count_records(epoch as usize, &buf[np..]);
+        state.count_records(epoch as usize, &sums);
         progress.step = state.step;
-        progress.loss = buf[np + SLOT_LOSS] as f64;
-        if !progress.loss.is_finite() {
-            return Err(WorkerError::Diverged(progress.step));
-        }
-        ckpt.after_step(&buf[np..], state, ring)?;
+        progress.loss = sums.loss as f64;
+        ckpt.after_step(&sums, state, ring)?;
         lap(&mut mark, &mut phases.checkpoint);
         phases.steps += 1;
         progress.checkpoints_skipped = ckpt.skipped;
@@ -402,7 +540,9 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
     fill_counters(&mut progress, state);
     if let (0, Some(holdout)) = (rank, &a.holdout) {
         // `[promote]`: the final model and the alias's holder on the same holdout records.
-        let hd = ShardedDataset::open(&task.store, holdout)?;
+        let mut hd = ShardedDataset::open(&task.store, holdout)?;
+        // Scored as the model was trained: the training set's fill values.
+        hd.set_missing(missing)?;
         progress.holdout_accuracy = score(&mut net, &state.params, &hd)?;
         if let Some(h) = &a.holder {
             let mut theirs = vec![0.0; np];
@@ -417,17 +557,104 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
     Ok(TrainOutcome { progress, model_path, param_blake3 })
 }
 
+/// What reading a record does with a missing value: without `[dataset] fill_missing` a NaN
+/// is an error naming the record and feature (the coordinator refuses such datasets at
+/// submission; this is the second line of defence), with it the NaN is filled.
+fn missing_policy(spec: &JobSpec, info: &shoal_proto::DatasetInfo) -> Result<Missing, WorkerError> {
+    Ok(match spec.dataset.fill_missing {
+        None => Missing::Refuse,
+        Some(fill) => Missing::Fill(shoal_core::stats::fill_values(info, fill).map_err(|e| WorkerError::Data(format!("dataset.fill_missing: {e}")))?),
+    })
+}
+
+/// Test fault point `nan-gradient@STEP=RANK`: rank RANK writes a NaN into its own gradient of
+/// step STEP (counted from 1) before the all-reduce, at the classifier's bias.
+fn injected_nan(step: u64, rank: usize, model: &Model) -> Option<usize> {
+    (shoal_core::failpoint::value_at("nan-gradient", step) == Some(rank as u64)).then(|| model.params.last().map_or(0, |p| p.offset))
+}
+
+/// After a step that diverged: this rank's own gradient computed again (the step changed
+/// nothing, so the same bits come out; the reduced buffer no longer tells whose it was), and
+/// its first NaN or infinity.
+fn own_first_bad(net: &mut Net, params: &mut [f32], xs: &[f32], ys: &[u32], share: f32, poison: Option<usize>) -> Result<Option<u64>, WorkerError> {
+    let mut g = vec![0.0f32; params.len()];
+    net.loss_and_grads_in_buckets(params, xs, ys, share, &mut g, &[0], &mut |_, _| {})?;
+    if let Some(at) = poison {
+        g[at] = f32::NAN;
+    }
+    Ok(shoal_kernels::first_non_finite(&g).map(|i| i as u64))
+}
+
+/// A step whose loss or gradients were not finite, as the job's error tells it.
+#[derive(Debug)]
+pub struct Divergence {
+    /// The step that went bad, counted from 1 (the step after the last good one).
+    pub step: u64,
+    /// The first tensor whose reduced gradient holds a NaN or an infinity: its PyTorch name
+    /// (as `checkpoint export` writes it) and shoal's. None: only the loss was not finite.
+    pub tensor: Option<(String, String)>,
+    /// That gradient value, or the summed loss.
+    pub value: f32,
+    /// The ranks whose own gradient (or, when none was, own loss) was not finite, lowest
+    /// first. Empty: every rank's own values were finite, and only their sum overflowed.
+    pub ranks: Vec<usize>,
+    /// The committed checkpoint that holds the last good step (None: no step was done), or
+    /// why it could not be committed.
+    pub checkpoint: Result<Option<u64>, String>,
+}
+
+impl Divergence {
+    /// What every rank concludes from the same sums, reduced gradients and gathered `own`
+    /// first bad values (each rank's own gradient, computed again).
+    fn found(step: u64, sums: &Sums, grads: &[f32], own: Option<u64>, model: &Model, ring: &mut dyn Collective) -> Result<Divergence, WorkerError> {
+        let owns = gather_u64s(ring, &[own.unwrap_or(u64::MAX)])?;
+        let mut ranks: Vec<usize> = owns.iter().enumerate().filter(|(_, o)| o[0] != u64::MAX).map(|(r, _)| r).collect();
+        if ranks.is_empty() {
+            ranks = sums.bad_loss.clone();
+        }
+        let named = sums.first_bad.and_then(|i| {
+            let p = model.params.iter().find(|p| (p.offset..p.offset + p.len()).contains(&(i as usize)))?;
+            let torch = crate::model::pytorch_name(model.kind_name(), &p.name).unwrap_or_else(|| p.name.clone());
+            Some(((torch, p.name.clone()), grads[i as usize]))
+        });
+        let (tensor, value) = match named {
+            Some((t, v)) => (Some(t), v),
+            None => (None, sums.loss),
+        };
+        Ok(Divergence { step, tensor, value, ranks, checkpoint: Ok(None) })
+    }
+}
+
+impl std::fmt::Display for Divergence {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "diverged at step {}: ", self.step)?;
+        match &self.tensor {
+            Some((torch, ours)) => write!(f, "the gradient of tensor {torch} ({ours}) is {}", self.value)?,
+            None => write!(f, "the loss is {}", self.value)?,
+        }
+        match self.ranks.as_slice() {
+            [] => write!(f, " after the sum over the ranks, though every rank's own values were finite (the sum overflowed)")?,
+            [r] => write!(f, ", first produced by rank {r}")?,
+            [r, ..] => write!(f, ", first produced by rank {r} (ranks {:?} all produced one)", self.ranks)?,
+        }
+        match &self.checkpoint {
+            Ok(Some(s)) => write!(f, "; the parameters of step {s}, the last good one, are committed as checkpoint step {s}"),
+            Ok(None) => write!(f, "; no step was done, so there is no checkpoint to keep"),
+            Err(e) => write!(f, "; the last good step was not kept: {e}"),
+        }
+    }
+}
+
 fn fill_counters(p: &mut JobProgress, state: &TrainState) {
     p.epoch_records = state.epoch_records.clone();
     p.epoch_digests = state.epoch_digests.iter().map(|d| d.packed()).collect();
 }
 
-/// Adds the count and digest of `records` (this rank's part of a step) to its slots.
-fn count_into(slots: &mut [f32], records: &[u64]) {
+/// Adds the count and digest of `records` (this rank's part of a step) to its control values.
+fn count_into(ctl: &mut Control, records: &[u64]) {
     let d = RecordDigest::of(records.iter().copied());
-    slots[SLOT_RECORDS] += records.len() as f32;
-    slots[SLOT_DIGEST_LO] = ((slots[SLOT_DIGEST_LO] as u32 + d.lo) & 0xFFF) as f32;
-    slots[SLOT_DIGEST_HI] = ((slots[SLOT_DIGEST_HI] as u32 + d.hi) & 0xFFF) as f32;
+    ctl.records += records.len() as u64;
+    ctl.digest.add_sums(d.lo as u64, d.hi as u64);
 }
 
 /// Settles the generation's starting state. Ranks that kept the job's state from the previous
@@ -528,100 +755,129 @@ struct StepTimes {
 }
 
 /// A bucket for the communication thread: a finished tail of the parameters and gradients, or
-/// the control slots (last).
+/// this rank's control values (last).
 enum Bucket<'a> {
     Grads(&'a mut [f32], &'a mut [f32]),
-    Slots(&'a mut [f32]),
+    Control(Control),
+}
+
+/// What one step needs besides the model, its state and the batch.
+struct StepPlan<'a> {
+    /// This rank's share of the global batch (its gradients' weight).
+    share: f32,
+    /// Where the gradient buffer is cut into buckets (`bucket_cuts`).
+    cuts: &'a [usize],
+    /// This rank's share of the reduced gradients to check (`chunk(np, world, rank)`).
+    check: Range<usize>,
+    /// Test fault point `nan-gradient`: a NaN written into this rank's own gradient there.
+    poison: Option<usize>,
 }
 
 /// One optimizer step, bucketed: a communication thread all-reduces each bucket of gradients
-/// as soon as the backward pass hands it over and applies the optimizer to its parameters,
-/// while the backward pass goes on with the earlier layers; then the control slots (the loss
-/// and the checkpoint votes, filled in once the backward pass is done) are reduced last.
+/// as soon as the backward pass hands it over (and checks this rank's share of it) while the
+/// backward pass goes on with the earlier layers; then the control values (the loss and the
+/// checkpoint votes, filled in once the backward pass is done) are gathered last, and only if
+/// every rank found its loss and its share of the gradients finite is the optimizer applied.
+/// `ctl` comes with the step's records counted; `vote` adds the checkpoint votes.
 #[allow(clippy::too_many_arguments)]
 fn step_in_buckets(
     net: &mut Net,
     state: &mut TrainState,
     xs: &[f32],
     ys: &[u32],
-    share: f32,
     grads: &mut [f32],
-    slots: &mut [f32],
-    cuts: &[usize],
-    ckpt: &mut Checkpointer,
+    mut ctl: Control,
+    plan: &StepPlan,
+    vote: &mut dyn FnMut(&mut Control),
     ring: &mut dyn Collective,
-) -> Result<StepTimes, WorkerError> {
+) -> Result<(StepTimes, Sums), WorkerError> {
     let np = grads.len();
     let TrainState { params, opt, .. } = state;
+    let (share, cuts, check, poison) = (plan.share, plan.cuts, &plan.check, plan.poison);
     if cuts.len() == 1 {
         // One bucket: it is ready only when the backward pass ends, so a communication
         // thread would overlap nothing (and costs a thread per step).
         let loss = net.loss_and_grads_in_buckets(params, xs, ys, share, grads, cuts, &mut |_, _| {})?;
+        if let Some(at) = poison {
+            grads[at] = f32::NAN;
+        }
         let backward_done = Instant::now();
         ring.all_reduce(grads)?;
+        ctl.first_bad = check_share(grads, 0, check);
         let vote_started = Instant::now();
-        ckpt.vote(slots);
-        slots[SLOT_LOSS] = loss;
+        vote(&mut ctl);
+        ctl.loss = loss;
         let vote = vote_started.elapsed();
-        ring.all_reduce(slots)?;
+        let sums = reduce_controls(ring, &ctl)?;
         let u = Instant::now();
-        opt.begin_step();
-        opt.apply_part(0, params, grads)?;
-        return Ok(StepTimes { backward_done, collective: u.duration_since(backward_done).saturating_sub(vote), optimizer: u.elapsed(), vote });
+        if !sums.diverged() {
+            opt.begin_step();
+            opt.apply_part(0, params, grads)?;
+        }
+        let times = StepTimes { backward_done, collective: u.duration_since(backward_done).saturating_sub(vote), optimizer: u.elapsed(), vote };
+        return Ok((times, sums));
     }
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::channel::<Bucket>();
-        let comm = scope.spawn(move || -> Result<Option<(Instant, Instant)>, WorkerError> {
+        let comm = scope.spawn(move || -> Result<Option<(Sums, Instant, Instant)>, WorkerError> {
             let mut reduced = Vec::new();
             let mut end = np;
-            let mut complete = false;
+            let mut first_bad = None;
+            let mut sums = None;
             for bucket in rx {
                 match bucket {
                     Bucket::Grads(p, g) => {
                         ring.all_reduce(g)?;
                         end -= g.len();
+                        // Checked while the backward pass still runs: off the step's path.
+                        first_bad = first_of(first_bad, check_share(g, end, check));
                         reduced.push((end, p, g));
                     }
-                    Bucket::Slots(s) => {
-                        ring.all_reduce(s)?;
-                        complete = true;
+                    Bucket::Control(mut ctl) => {
+                        ctl.first_bad = first_bad;
+                        sums = Some(reduce_controls(ring, &ctl)?);
                     }
                 }
             }
-            if !complete {
-                return Ok(None);
-            }
-            // Only now, with every collective of the step done, does the state change: a
-            // step that fails anywhere before leaves the state of the step before, which the
-            // next generation can continue from.
+            let Some(sums) = sums else { return Ok(None) };
+            // Only now, with every collective of the step done and every value found finite,
+            // does the state change: a step that fails anywhere before leaves the state of
+            // the step before, which the next generation can continue from.
             let t = Instant::now();
-            opt.begin_step();
-            for (offset, p, g) in reduced {
-                opt.apply_part(offset, p, g)?;
+            if !sums.diverged() {
+                opt.begin_step();
+                for (offset, p, g) in reduced {
+                    opt.apply_part(offset, p, g)?;
+                }
             }
-            Ok(Some((t, Instant::now())))
+            Ok(Some((sums, t, Instant::now())))
         });
+        let mut end = np;
         let pass = net.loss_and_grads_in_buckets(params, xs, ys, share, grads, cuts, &mut |p, g| {
+            end -= g.len();
+            if let Some(at) = poison.filter(|at| (end..end + g.len()).contains(at)) {
+                g[at - end] = f32::NAN;
+            }
             // A send fails only when the thread has stopped on an error, which join reports.
             let _ = tx.send(Bucket::Grads(p, g));
         });
         let backward_done = Instant::now();
         let vote_started = Instant::now();
         if let Ok(loss) = pass {
-            ckpt.vote(slots);
-            slots[SLOT_LOSS] = loss;
-            let _ = tx.send(Bucket::Slots(slots));
+            vote(&mut ctl);
+            ctl.loss = loss;
+            let _ = tx.send(Bucket::Control(ctl));
         }
         let vote = vote_started.elapsed();
         drop(tx);
         let update = comm.join().unwrap_or_else(|_| Err(WorkerError::Panicked("the communication thread panicked".into())));
         let waited = backward_done.elapsed().saturating_sub(vote);
         pass?;
-        let optimizer = match update? {
-            Some((a, b)) => b.saturating_duration_since(a),
-            None => return Err(WorkerError::Collective("the step's control slots were not reduced".into())),
+        let (sums, optimizer) = match update? {
+            Some((sums, a, b)) => (sums, b.saturating_duration_since(a)),
+            None => return Err(WorkerError::Collective("the step's control values were not gathered".into())),
         };
-        Ok(StepTimes { backward_done, collective: waited.saturating_sub(optimizer), optimizer, vote })
+        Ok((StepTimes { backward_done, collective: waited.saturating_sub(optimizer), optimizer, vote }, sums))
     })
 }
 
@@ -691,18 +947,18 @@ impl Lanes {
 
     /// Computes the tree node over lanes [lo, hi) into `out`; returns the lanes' loss.
     #[allow(clippy::too_many_arguments)]
-    fn node(&mut self, lo: usize, hi: usize, net: &mut Net, params: &mut [f32], ds: &ShardedDataset, batch: &[u64], out: &mut [f32], slots: &mut [f32]) -> Result<f32, WorkerError> {
+    fn node(&mut self, lo: usize, hi: usize, net: &mut Net, params: &mut [f32], ds: &ShardedDataset, batch: &[u64], out: &mut [f32], ctl: &mut Control) -> Result<f32, WorkerError> {
         if hi - lo == 1 {
             let per = batch.len() / self.k;
             let records = &batch[lo * per..(lo + 1) * per];
             read_batch(ds, records.iter().copied(), &mut self.xs, &mut self.ys)?;
-            count_into(slots, records);
+            count_into(ctl, records);
             return net.loss_and_grads_in_buckets(params, &self.xs, &self.ys, per as f32 / batch.len() as f32, out, &[0], &mut |_, _| {});
         }
         let mid = (lo + hi) / 2;
-        let left = self.node(lo, mid, net, params, ds, batch, out, slots)?;
+        let left = self.node(lo, mid, net, params, ds, batch, out, ctl)?;
         let mut right_buf = self.spare.pop().unwrap_or_else(|| vec![0.0; out.len()]);
-        let right = self.node(mid, hi, net, params, ds, batch, &mut right_buf, slots);
+        let right = self.node(mid, hi, net, params, ds, batch, &mut right_buf, ctl);
         add_into(out, &right_buf);
         self.spare.push(right_buf);
         Ok(left + right?)
@@ -725,7 +981,7 @@ impl Lanes {
 
     /// The global batch's gradient (the tree's root) into `grads`, the same bits on every
     /// rank: this rank's nodes, then the exchange. Returns this rank's lanes' loss and when
-    /// the exchange began.
+    /// the exchange began. `poison`: see `StepPlan`.
     #[allow(clippy::too_many_arguments)]
     fn gradients(
         &mut self,
@@ -734,7 +990,8 @@ impl Lanes {
         ds: &ShardedDataset,
         batch: &[u64],
         grads: &mut [f32],
-        slots: &mut [f32],
+        ctl: &mut Control,
+        poison: Option<usize>,
         ring: &mut dyn Collective,
     ) -> Result<(f32, Instant), WorkerError> {
         let np = grads.len();
@@ -751,7 +1008,11 @@ impl Lanes {
             } else {
                 exchange[self.my_nodes.start * np..self.my_nodes.end * np].chunks_mut(np).collect()
             };
-            self.my_node_gradients(net, params, ds, batch, &my_nodes, &mut outs, slots)
+            let loss = self.my_node_gradients(net, params, ds, batch, &my_nodes, &mut outs, ctl);
+            if let (Some(at), Some(out)) = (poison, outs.first_mut()) {
+                out[at] = f32::NAN;
+            }
+            loss
         };
         let exchange_started = Instant::now();
         let reduced = computed.and_then(|loss| if exchange.is_empty() { ring.all_reduce(grads) } else { ring.all_reduce(&mut exchange) }.map(|()| loss));
@@ -773,27 +1034,27 @@ impl Lanes {
         batch: &[u64],
         nodes: &[Range<usize>],
         outs: &mut [&mut [f32]],
-        slots: &mut [f32],
+        ctl: &mut Control,
     ) -> Result<f32, WorkerError> {
         if net.is_mlp() {
             // One pass over all of this rank's lanes, on kernels whose lanes do not interact.
             let per = batch.len() / self.k;
             let records = &batch[self.mine.start * per..self.mine.end * per];
             read_batch(ds, records.iter().copied(), &mut self.xs, &mut self.ys)?;
-            count_into(slots, records);
+            count_into(ctl, records);
             let scale = per as f32 / batch.len() as f32;
             return net.mlp_lanes(params, &self.xs, &self.ys, per, scale, self.mine.start, nodes, outs);
         }
         // gemm's order depends on the shapes: each lane in a call of its own.
         let mut loss = 0.0;
         for (n, out) in nodes.iter().zip(outs.iter_mut()) {
-            loss += self.node(n.start, n.end, net, params, ds, batch, out, slots)?;
+            loss += self.node(n.start, n.end, net, params, ds, batch, out, ctl)?;
         }
         Ok(loss)
     }
 
-    /// One optimizer step with lanes: the gradients, the control slots, then the update
-    /// (only once every collective succeeded).
+    /// One optimizer step with lanes: the gradients, the control values, then the update
+    /// (only once every collective succeeded and every value is finite).
     #[allow(clippy::too_many_arguments)]
     fn step(
         &mut self,
@@ -802,19 +1063,40 @@ impl Lanes {
         ds: &ShardedDataset,
         batch: &[u64],
         grads: &mut [f32],
-        slots: &mut [f32],
-        ckpt: &mut Checkpointer,
+        plan: &StepPlan,
+        vote: &mut dyn FnMut(&mut Control),
         ring: &mut dyn Collective,
-    ) -> Result<StepTimes, WorkerError> {
-        let (loss, backward_done) = self.gradients(net, &mut state.params, ds, batch, grads, slots, ring)?;
+    ) -> Result<(StepTimes, Sums), WorkerError> {
+        let mut ctl = Control::default();
+        let (loss, backward_done) = self.gradients(net, &mut state.params, ds, batch, grads, &mut ctl, plan.poison, ring)?;
+        ctl.first_bad = check_share(grads, 0, &plan.check);
         let vote_started = Instant::now();
-        ckpt.vote(slots);
-        slots[SLOT_LOSS] = loss;
+        vote(&mut ctl);
+        ctl.loss = loss;
         let vote = vote_started.elapsed();
-        ring.all_reduce(slots)?;
+        let sums = reduce_controls(ring, &ctl)?;
         let u = Instant::now();
-        state.opt.apply(&mut state.params, grads)?;
-        Ok(StepTimes { backward_done, collective: u.duration_since(backward_done).saturating_sub(vote), optimizer: u.elapsed(), vote })
+        if !sums.diverged() {
+            state.opt.apply(&mut state.params, grads)?;
+        }
+        let times = StepTimes { backward_done, collective: u.duration_since(backward_done).saturating_sub(vote), optimizer: u.elapsed(), vote };
+        Ok((times, sums))
+    }
+
+    /// After a step that diverged: this rank's own part of it computed again (the step
+    /// changed nothing, so the same bits come out), and the first NaN or infinity in its
+    /// tree nodes, which are laid out like the parameters.
+    #[allow(clippy::too_many_arguments)]
+    fn own_first_bad(&mut self, net: &mut Net, params: &mut [f32], ds: &ShardedDataset, batch: &[u64], poison: Option<usize>) -> Result<Option<u64>, WorkerError> {
+        let np = params.len();
+        let my_nodes = self.nodes[self.my_nodes.clone()].to_vec();
+        let mut bufs = vec![vec![0.0f32; np]; my_nodes.len()];
+        let mut outs: Vec<&mut [f32]> = bufs.iter_mut().map(|b| &mut b[..]).collect();
+        self.my_node_gradients(net, params, ds, batch, &my_nodes, &mut outs, &mut Control::default())?;
+        if let (Some(at), Some(out)) = (poison, outs.first_mut()) {
+            out[at] = f32::NAN;
+        }
+        Ok(bufs.iter().map(|b| shoal_kernels::first_non_finite(b).map(|i| i as u64)).fold(None, first_of))
     }
 }
 
@@ -880,6 +1162,10 @@ struct Checkpointer {
     spare: Vec<f32>,
     /// Checkpoints that came due while one was in flight.
     skipped: u64,
+    /// The step of the last checkpoint whose parts were all written (the same on every rank).
+    completed: Option<u64>,
+    /// Rank 0: the outcome of the last manifest commit, by step.
+    finalized: Option<(u64, Result<(), String>)>,
     tensors: Vec<StateTensor>,
     mine: Vec<usize>,
     rank: usize,
@@ -905,6 +1191,8 @@ impl Checkpointer {
             in_flight: None,
             spare: Vec::new(),
             skipped: 0,
+            completed: None,
+            finalized: None,
             tensors,
             mine,
             rank,
@@ -940,28 +1228,32 @@ impl Checkpointer {
             WriteDone::Finalized { step, result: Err(e) } => {
                 tracing::warn!(step, error = %e, "checkpoint was not committed");
                 self.link.checkpoint_failed(step, format!("not committed: {e}"), false);
+                self.finalized = Some((step, Err(e)));
             }
-            WriteDone::Finalized { step, result: Ok(kept) } => tracing::info!(step, ?kept, "checkpoint committed"),
+            WriteDone::Finalized { step, result: Ok(kept) } => {
+                tracing::info!(step, ?kept, "checkpoint committed");
+                self.finalized = Some((step, Ok(())));
+            }
         }
     }
 
-    /// Fills this rank's control slots for the coming all-reduce.
-    fn vote(&mut self, slots: &mut [f32]) {
+    /// Fills this rank's checkpoint votes for the step's control values.
+    fn vote(&mut self, ctl: &mut Control) {
         while let Some(d) = self.writer.try_done() {
             self.absorb(d);
         }
         let due_by_clock = self.rank == 0 && self.every.is_some_and(|d| self.last_start.elapsed() >= d);
         let mine = self.in_flight.as_ref().and_then(|f| f.mine.as_ref());
-        slots[SLOT_DUE] = due_by_clock as u8 as f32;
-        slots[SLOT_DONE] = matches!(mine, Some(Ok(_))) as u8 as f32;
-        slots[SLOT_FAILED] = matches!(mine, Some(Err(_))) as u8 as f32;
+        ctl.due = due_by_clock;
+        ctl.done = matches!(mine, Some(Ok(_)));
+        ctl.failed = matches!(mine, Some(Err(_)));
     }
 
-    /// After a step's update, with the summed control slots: settles the checkpoint in flight
-    /// and starts the next one if it is due.
-    fn after_step(&mut self, sums: &[f32], state: &TrainState, ring: &mut dyn Collective) -> Result<(), WorkerError> {
+    /// After a step's update, with the summed control values: settles the checkpoint in
+    /// flight and starts the next one if it is due.
+    fn after_step(&mut self, sums: &Sums, state: &TrainState, ring: &mut dyn Collective) -> Result<(), WorkerError> {
         self.settle(sums, ring)?;
-        let due = self.every_steps.is_some_and(|n| state.step.is_multiple_of(n)) || sums[SLOT_DUE] > 0.0;
+        let due = self.every_steps.is_some_and(|n| state.step.is_multiple_of(n)) || sums.due;
         // The last step's checkpoint is the final one, which `finish` writes.
         if due && state.step < self.total {
             self.last_start = Instant::now();
@@ -977,9 +1269,9 @@ impl Checkpointer {
 
     /// What every rank concludes from the same sums: any failure abandons the checkpoint in
     /// flight; all parts written completes it.
-    fn settle(&mut self, sums: &[f32], ring: &mut dyn Collective) -> Result<(), WorkerError> {
+    fn settle(&mut self, sums: &Sums, ring: &mut dyn Collective) -> Result<(), WorkerError> {
         let Some(f) = &self.in_flight else { return Ok(()) };
-        if sums[SLOT_FAILED] > 0.0 {
+        if sums.failed > 0 {
             let f = self.in_flight.take().expect("checked above");
             // Each rank whose own write failed says why; the job keeps its previous
             // checkpoint and keeps training.
@@ -987,7 +1279,7 @@ impl Checkpointer {
                 tracing::error!(step = f.step, error = %e, "checkpoint write failed");
                 self.link.checkpoint_failed(f.step, format!("write failed: {e}"), false);
             }
-        } else if sums[SLOT_DONE] as usize == self.world && f.mine.is_some() {
+        } else if sums.done == self.world && f.mine.is_some() {
             self.complete(ring)?;
         }
         Ok(())
@@ -1022,6 +1314,7 @@ impl Checkpointer {
     fn complete(&mut self, ring: &mut dyn Collective) -> Result<(), WorkerError> {
         let f = self.in_flight.take().expect("a checkpoint in flight");
         let Some(Ok(file)) = f.mine else { unreachable!("complete only after this rank's part was written") };
+        self.completed = Some(f.step);
         let records = ring.all_gather_bytes(file.encode_to_vec())?;
         if self.rank == 0 {
             let files = records
@@ -1055,14 +1348,30 @@ impl Checkpointer {
         Ok(())
     }
 
-    /// One all-reduce of the control slots alone, when there is no step to carry them.
-    fn sync(&mut self, ring: &mut dyn Collective) -> Result<[f32; SLOTS], WorkerError> {
+    /// One gather of the control values alone, when there is no step to carry them.
+    fn sync(&mut self, ring: &mut dyn Collective) -> Result<Sums, WorkerError> {
         self.wait_mine()?;
-        let mut slots = [0.0f32; SLOTS];
-        self.vote(&mut slots);
-        slots[SLOT_DUE] = 0.0;
-        ring.all_reduce(&mut slots)?;
-        Ok(slots)
+        let mut ctl = Control::default();
+        self.vote(&mut ctl);
+        ctl.due = false;
+        reduce_controls(ring, &ctl)
+    }
+
+    /// Rank 0: waits until the manifest of checkpoint `step` is committed, or failed to be.
+    fn wait_finalized(&mut self, step: u64) -> Result<(), String> {
+        loop {
+            if let Some((s, result)) = &self.finalized {
+                if *s == step {
+                    return result.clone();
+                }
+            }
+            match self.writer.wait_done() {
+                // Its outcome is the caller's to report.
+                Some(WriteDone::Finalized { step: s, result }) if s == step => return result.map(|_| ()),
+                Some(other) => self.absorb(other),
+                None => return Err("the checkpoint writer stopped".into()),
+            }
+        }
     }
 
     /// After the last step: lets the checkpoint in flight land, then writes and commits the
@@ -1072,30 +1381,70 @@ impl Checkpointer {
             let sums = self.sync(ring)?;
             self.settle(&sums, ring)?;
         }
-        self.start(state);
-        let sums = self.sync(ring)?;
-        if sums[SLOT_FAILED] > 0.0 {
-            let why = match self.in_flight.take().and_then(|f| f.mine) {
-                Some(Err(e)) => e,
-                _ => "a write failed on another rank".into(),
-            };
-            return Err(WorkerError::Checkpoint(format!("the final checkpoint (step {}) could not be written: {why}", state.step)));
-        }
-        self.complete(ring)?;
+        self.write_now(state, ring)?.map_err(|why| WorkerError::Checkpoint(format!("the final checkpoint (step {}) could not be written: {why}", state.step)))?;
         if self.rank == 0 {
             // Rank 0 reports success only once the model is committed.
-            loop {
-                match self.writer.wait_done() {
-                    Some(WriteDone::Finalized { step, result }) if step == state.step => {
-                        result.map_err(|e| WorkerError::Checkpoint(format!("the final checkpoint (step {step}) was not committed: {e}")))?;
-                        break;
-                    }
-                    Some(other) => self.absorb(other),
-                    None => return Err(WorkerError::Checkpoint("the checkpoint writer stopped".into())),
-                }
-            }
+            self.wait_finalized(state.step)
+                .map_err(|e| WorkerError::Checkpoint(format!("the final checkpoint (step {}) was not committed: {e}", state.step)))?;
         }
         Ok(checkpoint_dir(self.base.job_id, state.step))
+    }
+
+    /// Writes a checkpoint of `state` at once and, once every part is written, has rank 0
+    /// commit it in the background. Err inside: a write failed (on this rank or another; the
+    /// same on every rank).
+    fn write_now(&mut self, state: &TrainState, ring: &mut dyn Collective) -> Result<Result<(), String>, WorkerError> {
+        self.start(state);
+        let sums = self.sync(ring)?;
+        if sums.failed > 0 {
+            return Ok(Err(match self.in_flight.take().and_then(|f| f.mine) {
+                Some(Err(e)) => e,
+                _ => "a write failed on another rank".into(),
+            }));
+        }
+        self.complete(ring)?;
+        Ok(Ok(()))
+    }
+
+    /// After a step that diverged (and changed nothing): makes the state, that of the last
+    /// good step, a committed checkpoint through the normal path, unless it already is one
+    /// (`committed`: the steps the generation started with; or the one just completed), and
+    /// waits for rank 0's commit: a rank that reported the failure first would end the job
+    /// and the commit would be refused. Returns the checkpoint's step (None: no step was
+    /// done, there is nothing to keep) or why it could not be committed; the same on every
+    /// rank.
+    fn keep_last_good(&mut self, state: &TrainState, committed: &[u64], ring: &mut dyn Collective) -> Result<Result<Option<u64>, String>, WorkerError> {
+        if self.in_flight.is_some() {
+            let sums = self.sync(ring)?;
+            self.settle(&sums, ring)?;
+        }
+        let step = state.step;
+        // The coordinator must not restart the job from here (it fails right after).
+        self.base.diverged_at = step + 1;
+        let mut outcome = Ok(Some(step));
+        if step == 0 {
+            outcome = Ok(None);
+        } else if self.completed != Some(step) && !committed.contains(&step) {
+            if let Err(why) = self.write_now(state, ring)? {
+                outcome = Err(format!("the checkpoint of step {step} could not be written: {why}"));
+            }
+        }
+        if self.rank == 0 && outcome.is_ok() && self.completed == Some(step) {
+            if let Err(e) = self.wait_finalized(step) {
+                outcome = Err(format!("the checkpoint of step {step} was not committed: {e}"));
+            }
+        }
+        // Rank 0 alone knows how its commit went: every rank waits for it and says the same.
+        let mut said = match &outcome {
+            Ok(s) => [&[0u8][..], &s.unwrap_or(u64::MAX).to_le_bytes()].concat(),
+            Err(e) => [&[1u8][..], e.as_bytes()].concat(),
+        };
+        ring.broadcast(&mut said, 0)?;
+        Ok(match said.split_first() {
+            Some((0, s)) if s.len() == 8 => Ok(Some(u64::from_le_bytes(s.try_into().expect("8 bytes"))).filter(|&s| s != u64::MAX)),
+            Some((1, e)) => Err(String::from_utf8_lossy(e).into_owned()),
+            _ => return Err(WorkerError::Collective(format!("rank 0 sent a checkpoint outcome of {} bytes that does not parse", said.len()))),
+        })
     }
 }
 
@@ -1136,10 +1485,13 @@ fn evaluate(
         correct += net.correct(params, &x, &y)?;
         i = j;
     }
-    // Counts stay exact in f32 below 2^24 records per rank.
-    let mut counts = [correct as f32, (hi - lo) as f32];
-    ring.all_reduce(&mut counts)?;
-    Ok(counts[0] as f64 / counts[1].max(1.0) as f64)
+    // Counts gathered exactly: never rounded by the gradients' wire format.
+    let (mut right, mut scored) = (0u64, 0u64);
+    for c in gather_u64s(ring, &[correct, hi - lo])? {
+        right += c[0];
+        scored += c[1];
+    }
+    Ok(right as f64 / scored.max(1) as f64)
 }
 
 #[cfg(test)]
@@ -1175,8 +1527,8 @@ mod tests {
                     s.spawn(move || {
                         let np = model.num_params();
                         let mut lanes = Lanes::new(k, r, world, np);
-                        let (mut net, mut p, mut g, mut slots) = (Net::new(model), params.to_vec(), vec![0.0; np], vec![0.0; SLOTS]);
-                        lanes.gradients(&mut net, &mut p, ds, batch, &mut g, &mut slots, &mut ring).unwrap();
+                        let (mut net, mut p, mut g, mut ctl) = (Net::new(model), params.to_vec(), vec![0.0; np], Control::default());
+                        lanes.gradients(&mut net, &mut p, ds, batch, &mut g, &mut ctl, None, &mut ring).unwrap();
                         g
                     })
                 })
@@ -1217,6 +1569,176 @@ mod tests {
         Net::new(&model).loss_and_grads(&params, &x, &y, 1.0, &mut whole).unwrap();
         let want = lane_gradients(8, 1, &ds, &model, &params, &batch).remove(0);
         assert!(whole.iter().zip(&want).any(|(a, b)| a.to_bits() != b.to_bits()), "one pass over the batch happens to give the tree's bits");
+    }
+
+    #[test]
+    fn control_values_stay_exact_on_a_bf16_wire() {
+        let world = 3;
+        let mine = |r: usize| Control {
+            loss: 0.1 + r as f32,
+            due: r == 0,
+            done: r != 1,
+            failed: false,
+            // Far past f32's 24 bits, let alone bf16's 8.
+            records: (1 << 40) + 12_345 + r as u64,
+            digest: RecordDigest::of(r as u64 * 100..r as u64 * 100 + 77),
+            first_bad: [None, Some(9_999_999), Some(777)][r],
+        };
+        let rings = tcp_rings(world, Wire::Bf16, Duration::from_secs(20));
+        let got: Vec<(Sums, Vec<Vec<u64>>, Vec<f32>)> = std::thread::scope(|s| {
+            let hs: Vec<_> = rings
+                .into_iter()
+                .enumerate()
+                .map(|(r, mut ring)| {
+                    s.spawn(move || {
+                        let sums = reduce_controls(&mut ring, &mine(r)).unwrap();
+                        let counts = gather_u64s(&mut ring, &[4_095 + r as u64, 1 << 33]).unwrap();
+                        // The same values on the gradients' wire: what this used to be.
+                        let mut on_wire = vec![4_095.0f32, 257.0];
+                        ring.all_reduce(&mut on_wire).unwrap();
+                        (sums, counts, on_wire)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut digest = RecordDigest::default();
+        for r in 0..world {
+            let d = mine(r).digest;
+            digest.add_sums(d.lo as u64, d.hi as u64);
+        }
+        let want = Sums {
+            loss: 0.1f32 + 1.1 + 2.1,
+            due: true,
+            done: 2,
+            failed: 0,
+            records: 3 * (1 << 40) + 3 * 12_345 + 3,
+            digest,
+            bad_loss: vec![],
+            first_bad: Some(777),
+        };
+        assert_eq!(digest, RecordDigest::of((0..77).chain(100..177).chain(200..277)));
+        for (r, (sums, counts, on_wire)) in got.iter().enumerate() {
+            assert_eq!(*sums, want, "rank {r}");
+            assert!(sums.diverged(), "a rank found a bad gradient");
+            assert_eq!(*counts, vec![vec![4_095, 1 << 33], vec![4_096, 1 << 33], vec![4_097, 1 << 33]]);
+            // Without the exact path these would be wrong: the test can see the difference.
+            assert_ne!(on_wire, &vec![3.0 * 4_095.0, 3.0 * 257.0], "bf16 rounded nothing: the wire was not bf16");
+        }
+    }
+
+    #[test]
+    fn control_values_round_trip_and_refuse_odd_lengths() {
+        let c = Control { loss: f32::NAN, due: false, done: true, failed: true, records: u64::MAX - 1, digest: RecordDigest::from_packed(0xABC_DEF), first_bad: Some(0) };
+        let back = Control::decode(&c.encode()).unwrap();
+        assert!(back.loss.is_nan());
+        assert_eq!(Control { loss: 0.0, ..back }, Control { loss: 0.0, ..c });
+        assert_eq!(Control::decode(&Control::default().encode()).unwrap(), Control::default());
+        assert!(Control::decode(&[0; CONTROL_BYTES - 1]).is_none());
+    }
+
+    /// A two-rank job's pieces: a dataset of 64 records of 6 features, an MLP 6-7-3, its spec.
+    fn tiny_job(dir: &std::path::Path, extra: &str) -> (ShardedDataset, Model, JobSpec) {
+        let mut rng = shoal_core::rng::SplitMix64::new(3);
+        let recs = Records { features: IdxData::U8((0..64 * 6).map(|_| rng.below(256) as u8).collect()), feature_shape: vec![6], labels: (0..64).map(|i| i % 3).collect() };
+        let folder = shoal_core::dataset::import_dir("d", "t").unwrap();
+        let info = write_shards(dir, "d", &folder, &recs, 2).unwrap();
+        let spec = JobSpec::parse(&format!(
+            "name = \"t\"\n[model]\nkind = \"mlp\"\nhidden = [7]\n[dataset]\nname = \"d\"\ntrain = [0, 64]\n\
+             [training]\nepochs = 1\nbatch_size = 24\n{extra}[training.optimizer]\nkind = \"sgd\"\nlr = 0.1\nmomentum = 0.9\n"
+        ))
+        .unwrap();
+        let model = Model::new(&spec.model, &[6], 3).unwrap();
+        (ShardedDataset::open(dir, &info).unwrap(), model, spec)
+    }
+
+    /// One step on each of two ranks of a real TCP ring (`cuts`: the buckets; `lanes`: that
+    /// many lanes instead), rank 1 writing a NaN into its own gradient at `poison`. Returns
+    /// each rank's state after the step, the sums, and the divergence every rank found.
+    fn one_step(cuts: &[usize], lanes: Option<usize>, poison: Option<usize>) -> Vec<(TrainState, Sums, Option<Divergence>)> {
+        let dir = tempfile::tempdir().unwrap();
+        let (ds, model, spec) = tiny_job(dir.path(), "");
+        let batch: Vec<u64> = (0..24).map(|i| (i * 7) % 64).collect();
+        let (ds, model, spec, batch) = (&ds, &model, &spec, &batch);
+        let rings = tcp_rings(2, Wire::F32, Duration::from_secs(20));
+        std::thread::scope(|s| {
+            let hs: Vec<_> = rings
+                .into_iter()
+                .enumerate()
+                .map(|(r, mut ring)| {
+                    s.spawn(move || {
+                        let np = model.num_params();
+                        let (mut net, mut state, mut grads) = (Net::new(model), TrainState::fresh(model, spec), vec![0.0; np]);
+                        let plan = StepPlan { share: 0.5, cuts, check: crate::collective::chunk(np, 2, r), poison: poison.filter(|_| r == 1) };
+                        let (lo, hi) = (r * 12, (r + 1) * 12);
+                        let (mut xs, mut ys) = (Vec::new(), Vec::new());
+                        read_batch(ds, batch[lo..hi].iter().copied(), &mut xs, &mut ys).unwrap();
+                        let mut lanes = lanes.map(|k| Lanes::new(k, r, 2, np));
+                        let (_, sums) = match &mut lanes {
+                            Some(l) => l.step(&mut net, &mut state, ds, batch, &mut grads, &plan, &mut |_| {}, &mut ring).unwrap(),
+                            None => {
+                                let mut ctl = Control::default();
+                                count_into(&mut ctl, &batch[lo..hi]);
+                                step_in_buckets(&mut net, &mut state, &xs, &ys, &mut grads, ctl, &plan, &mut |_| {}, &mut ring).unwrap()
+                            }
+                        };
+                        let found = sums.diverged().then(|| {
+                            let own = match &mut lanes {
+                                Some(l) => l.own_first_bad(&mut net, &mut state.params, ds, batch, plan.poison).unwrap(),
+                                None => own_first_bad(&mut net, &mut state.params, &xs, &ys, 0.5, plan.poison).unwrap(),
+                            };
+                            Divergence::found(5, &sums, &grads, own, model, &mut ring).unwrap()
+                        });
+                        (state, sums, found)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn a_bad_gradient_is_found_before_the_optimizer_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, model, spec) = tiny_job(dir.path(), "");
+        let fresh = TrainState::fresh(&model, &spec);
+        let bias = model.params.last().unwrap().offset;
+        let starts = Net::new(&model).layer_starts();
+        for (what, cuts, lanes) in [("one bucket", vec![0], None), ("a bucket per layer", starts.clone(), None), ("lanes", vec![0], Some(4))] {
+            let good = one_step(&cuts, lanes, None);
+            for (state, sums, found) in &good {
+                assert!(!sums.diverged() && found.is_none(), "{what}: {sums:?}");
+                assert_eq!((state.opt.step, sums.records), (1, 24), "{what}");
+                assert_ne!(state.params, fresh.params, "{what}: a good step moves the parameters");
+            }
+            assert_eq!(good[0].0.params, good[1].0.params, "{what}");
+            for poison in [bias, 3] {
+                let bad = one_step(&cuts, lanes, Some(poison));
+                for (r, (state, sums, found)) in bad.iter().enumerate() {
+                    assert_eq!(sums.first_bad, Some(poison as u64), "{what}, rank {r}");
+                    // Bitwise the state before the step: the optimizer never ran.
+                    assert_eq!(state.opt.step, 0, "{what}");
+                    assert!(state.params.iter().zip(&fresh.params).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}, rank {r}: parameters changed");
+                    assert!(state.opt.buffers.iter().flatten().all(|v| v.to_bits() == 0), "{what}, rank {r}: momentum changed");
+                    let d = found.as_ref().unwrap();
+                    let tensor = if poison == bias { ("2.bias", "fc1.bias") } else { ("0.weight", "fc0.weight") };
+                    assert_eq!((d.step, d.ranks.as_slice()), (5, &[1][..]), "{what}");
+                    assert_eq!(d.tensor.as_ref().map(|(a, b)| (a.as_str(), b.as_str())), Some(tensor), "{what}");
+                    assert!(d.value.is_nan());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_divergence_says_step_tensor_rank_and_checkpoint() {
+        let d = Divergence { step: 5, tensor: Some(("2.bias".into(), "fc1.bias".into())), value: f32::NAN, ranks: vec![1], checkpoint: Ok(Some(4)) };
+        let m = d.to_string();
+        assert!(m.starts_with("diverged at step 5: "), "{m}");
+        assert!(m.contains("2.bias (fc1.bias) is NaN") && m.contains("rank 1") && m.contains("checkpoint step 4"), "{m}");
+        let d = Divergence { tensor: None, value: f32::INFINITY, ranks: vec![], checkpoint: Ok(None), ..d };
+        let m = d.to_string();
+        assert!(m.starts_with("diverged at step 5: the loss is inf") && m.contains("overflowed") && m.contains("no step was done"), "{m}");
     }
 
     #[test]

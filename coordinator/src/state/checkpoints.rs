@@ -21,6 +21,8 @@ impl StateMachine {
             job.checkpoints.drain(..extra);
         }
         let step = job.checkpoints.last().map(|m| m.step).unwrap_or(0);
+        // The last good step of a divergence: the job fails next, nothing restarts it.
+        let diverged = job.checkpoints.last().is_some_and(|m| m.diverged_at > 0);
         // The step shown never trails the newest committed checkpoint.
         if let Some(p) = job.progress.as_mut() {
             p.step = p.step.max(step);
@@ -31,7 +33,7 @@ impl StateMachine {
         // idle and no queued job is waiting for one.
         let idle = self.workers.values().any(|w| w.state() == WorkerState::Idle);
         let waiting = self.jobs.values().any(|j| j.state() == JobState::Queued && !is_batch(j)) || self.batch_wants_workers();
-        if size < max && step < total && idle && !waiting {
+        if size < max && step < total && idle && !waiting && !diverged {
             self.requeue(id, format!("a free worker can join the {size} running"), GenerationCause::Joined);
         }
         Ok(ApplyOutput::Job(Box::new(out)))

@@ -65,18 +65,24 @@ impl StateMachine {
             return Err(format!("model.kind: cnn needs 2-d features (images); {} has shape {:?}", ds.name, ds.feature_shape).into());
         }
         shoal_core::limits::check_job(&spec, &ds.feature_shape, ds.classes as u64)?;
-        if spec.dataset.fill_missing.is_none() {
-            // Missing values (empty CSV cells) would train as NaN: the data error is named
-            // here rather than as a divergence at step 1.
-            let stats = self.dataset_view(&ds.name, ds.version, DatasetView::Shards).and_then(|d| d.stats);
-            if let Some((feature, n)) = stats.as_ref().and_then(shoal_core::stats::first_missing) {
-                return Err(ApplyError::invalid(format!(
-                    "dataset.fill_missing: {} v{} has {n} missing values in feature {feature} (and maybe others): say how to fill them, `fill_missing = \"mean\"` or a number",
-                    ds.name, ds.version
-                )));
-            }
-        }
+        self.check_missing(&spec, &ds.name, ds.version)?;
         Ok((spec, ds))
+    }
+
+    /// Missing values (empty CSV cells) would train as NaN: the data error is named at
+    /// submission, rather than as a divergence at step 1, unless the spec says how to fill
+    /// them (the mean needs the version's statistics).
+    fn check_missing(&self, spec: &JobSpec, name: &str, version: u64) -> Result<(), ApplyError> {
+        let stats = self.dataset_view(name, version, DatasetView::Shards).and_then(|d| d.stats);
+        match (spec.dataset.fill_missing, stats.as_ref().and_then(shoal_core::stats::first_missing)) {
+            (None, Some((feature, n))) => Err(ApplyError::invalid(format!(
+                "dataset.fill_missing: {name} v{version} has {n} missing values in feature {feature} (and maybe others): say how to fill them, `fill_missing = \"mean\"` or a number"
+            ))),
+            (Some(shoal_core::spec::FillMissing::Mean), _) if stats.is_none() => {
+                Err(ApplyError::invalid(format!("dataset.fill_missing: \"mean\" needs the statistics of {name} v{version}, which it has none of; give a number")))
+            }
+            _ => Ok(()),
+        }
     }
     /// Queues a job (its spec checked against the state as it is at this index).
     pub(super) fn submit(&mut self, toml: String) -> Result<JobInfo, ApplyError> {
@@ -96,6 +102,7 @@ impl StateMachine {
                 if h.feature_shape != ds.feature_shape || h.classes > ds.classes {
                     return Err(format!("promote.holdout: {} has features {:?} and {} classes; the job's dataset {:?} and {}", p.holdout, h.feature_shape, h.classes, ds.feature_shape, ds.classes).into());
                 }
+                self.check_missing(&spec, &h.name, h.version)?;
                 h.version
             }
             None => 0,
@@ -385,7 +392,8 @@ impl StateMachine {
             return Ok(ApplyOutput::None);
         }
         if !r.ok {
-            let msg = format!("rank {rank} ({}) failed: {}", r.worker_id, r.error);
+            // A divergence names its step, tensor and rank itself; it is the job's error.
+            let msg = if r.diverged { r.error.clone() } else { format!("rank {rank} ({}) failed: {}", r.worker_id, r.error) };
             self.finish_job(r.job_id, JobState::Failed, msg);
             return Ok(ApplyOutput::None);
         }
