@@ -186,6 +186,50 @@ impl PageArgs {
         }
         Ok((items, next))
     }
+
+    /// The pages of a listing RPC: `call` sends one request with the page token it is given.
+    async fn list<R, F, Fut>(&self, client: &Client, call: F) -> Result<(Vec<R::Item>, String)>
+    where
+        R: Listing,
+        F: Fn(shoal_proto::coordinator_client::CoordinatorClient<tonic::transport::Channel>, String) -> Fut + Copy,
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
+        self.fetch(|page| async move { Ok(client.call(|c| call(c, page.clone())).await?.split()) }).await
+    }
+}
+
+/// A listing reply: one page of entries and the next page's token.
+trait Listing {
+    type Item;
+    fn split(self) -> (Vec<Self::Item>, String);
+}
+
+impl Listing for ListDatasetsResponse {
+    type Item = DatasetInfo;
+    fn split(self) -> (Vec<DatasetInfo>, String) {
+        (self.datasets, self.next_page)
+    }
+}
+
+impl Listing for ListJobsResponse {
+    type Item = JobInfo;
+    fn split(self) -> (Vec<JobInfo>, String) {
+        (self.jobs, self.next_page)
+    }
+}
+
+impl Listing for ListTemplatesResponse {
+    type Item = JobTemplate;
+    fn split(self) -> (Vec<JobTemplate>, String) {
+        (self.templates, self.next_page)
+    }
+}
+
+impl Listing for ListModelsResponse {
+    type Item = ModelInfo;
+    fn split(self) -> (Vec<ModelInfo>, String) {
+        (self.models, self.next_page)
+    }
 }
 
 /// Says where the listing goes on (on stderr when the output is JSON, so it stays parseable).
@@ -936,15 +980,7 @@ async fn data(cmd: DataCmd) -> Result<()> {
         }
         DataCmd::List { page, conn, json } => {
             let client = conn.client()?;
-            let (datasets, next) = page
-                .fetch(|page| {
-                    let client = &client;
-                    async move {
-                        let l = client.call(|mut c| { let page = page.clone(); async move { c.list_datasets(ListDatasetsRequest { page }).await } }).await?;
-                        Ok((l.datasets, l.next_page))
-                    }
-                })
-                .await?;
+            let (datasets, next) = page.list(&client, |mut c, page| async move { c.list_datasets(ListDatasetsRequest { page }).await }).await?;
             if json {
                 print_json(&serde_json::Value::Array(datasets.iter().map(ops::dataset_json).collect()));
             } else {
@@ -1086,15 +1122,7 @@ async fn job(cmd: JobCmd) -> Result<()> {
         }
         JobCmd::Templates { page, conn, json } => {
             let client = conn.client()?;
-            let (templates, next) = page
-                .fetch(|page| {
-                    let client = &client;
-                    async move {
-                        let l = client.call(|mut c| { let page = page.clone(); async move { c.list_templates(shoal_proto::ListTemplatesRequest { page }).await } }).await?;
-                        Ok((l.templates, l.next_page))
-                    }
-                })
-                .await?;
+            let (templates, next) = page.list(&client, |mut c, page| async move { c.list_templates(ListTemplatesRequest { page }).await }).await?;
             if json {
                 print_json(&serde_json::Value::Array(templates.iter().map(ops::template_json).collect()));
             } else {
@@ -1152,15 +1180,7 @@ async fn job(cmd: JobCmd) -> Result<()> {
         }
         JobCmd::List { page, conn, json } => {
             let client = conn.client()?;
-            let (jobs, next) = page
-                .fetch(|page| {
-                    let client = &client;
-                    async move {
-                        let l = client.call(|mut c| { let page = page.clone(); async move { c.list_jobs(ListJobsRequest { page }).await } }).await?;
-                        Ok((l.jobs, l.next_page))
-                    }
-                })
-                .await?;
+            let (jobs, next) = page.list(&client, |mut c, page| async move { c.list_jobs(ListJobsRequest { page }).await }).await?;
             if json {
                 print_json(&serde_json::Value::Array(jobs.iter().map(ops::job_json).collect()));
             } else {
@@ -1384,15 +1404,7 @@ async fn model(cmd: ModelCmd) -> Result<()> {
         }
         ModelCmd::List { page, conn, json } => {
             let client = conn.client()?;
-            let (models, next) = page
-                .fetch(|page| {
-                    let client = &client;
-                    async move {
-                        let l = client.call(|mut c| { let page = page.clone(); async move { c.list_models(shoal_proto::ListModelsRequest { page }).await } }).await?;
-                        Ok((l.models, l.next_page))
-                    }
-                })
-                .await?;
+            let (models, next) = page.list(&client, |mut c, page| async move { c.list_models(ListModelsRequest { page }).await }).await?;
             if json {
                 print_json(&serde_json::Value::Array(models.iter().map(ops::model_json).collect()));
             } else {
