@@ -1318,7 +1318,13 @@ async fn coordinator(cmd: CoordinatorCmd) -> Result<()> {
                     })
                     .await?;
             }
-            let peers = members(&conn.client()?).await?;
+            // The replica that answers may apply the removal a moment after it was committed.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            let mut peers = members(&conn.client()?).await?;
+            while peers.iter().any(|p| p.id == id) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                peers = members(&conn.client()?).await?;
+            }
             show(&peers, json, format!("replica {id} removed"));
         }
         CoordinatorCmd::TransferLeader { id, conn, json } => {

@@ -11,6 +11,7 @@ pub mod failpoint;
 pub mod fsutil;
 pub mod idx;
 pub mod limits;
+pub mod model;
 pub mod rng;
 pub mod spec;
 pub mod stats;

@@ -6,7 +6,8 @@
 //! arrival of the next). The shared-memory and TCP transports carry any buffer that fits in
 //! memory, so the gRPC ring sets the bound.
 
-use crate::spec::{JobSpec, ModelKind, ModelSpec};
+use crate::model::Layout;
+use crate::spec::{JobSpec, ModelSpec};
 
 /// The largest model a job may train: 2^28 parameters (1 GiB of f32).
 pub const MAX_MODEL_PARAMS: u64 = 1 << 28;
@@ -20,54 +21,38 @@ pub const MAX_BATCH_FLOATS: u64 = 1 << 28;
 const _: () = assert!(MAX_MODEL_PARAMS * 4 / 2 <= MAX_MESSAGE_BYTES as u64, "a chunk of the largest model must fit one message");
 const _: () = assert!(MAILBOX_BYTES >= 2 * MAX_MESSAGE_BYTES, "the mailbox must hold two of the largest chunks");
 
-/// The number of parameters of `model` on inputs of `input` and `classes` classes (the same
-/// layout the worker builds). None when the shape does not suit the model.
-pub fn param_count(model: &ModelSpec, input: &[u64], classes: u64) -> Option<u64> {
-    let mut total = 0u64;
-    let mut features: u64 = input.iter().try_fold(1u64, |a, &d| a.checked_mul(d))?;
-    if model.model_kind() == ModelKind::Cnn {
-        let [h, w] = input else { return None };
-        let [c1, c2] = model.conv_channels().map(|c| c as u64);
-        total += c1 * 9 + c1 + c2 * c1 * 9 + c2;
-        features = c2.checked_mul(h / 4)?.checked_mul(w / 4)?;
-    }
-    for out in model.hidden_sizes().into_iter().map(|h| h as u64).chain([classes]) {
-        total = total.checked_add(out.checked_mul(features)?.checked_add(out)?)?;
-        features = out;
-    }
-    Some(total)
+/// The number of parameters of `model` on records of `feature_shape` and `classes` classes
+/// (the layout of `crate::model::Layout`, presets and layer lists alike). None when the
+/// model does not fit the records.
+pub fn param_count(model: &ModelSpec, feature_shape: &[u64], classes: u64) -> Option<u64> {
+    Layout::new(model, feature_shape, classes).ok().map(|l| l.param_count())
 }
 
-/// The largest per-record activation buffer, in floats: what a rank allocates per record of
-/// its share of the batch.
-fn activation_floats(model: &ModelSpec, input: &[u64], classes: u64) -> u64 {
-    let features = input.iter().fold(1u64, |a, &d| a.saturating_mul(d));
-    let mut widest = model.hidden_sizes().into_iter().map(|h| h as u64).chain([classes, features]).max().unwrap_or(0);
-    if let (ModelKind::Cnn, [h, w]) = (model.model_kind(), input) {
-        let [c1, _] = model.conv_channels().map(|c| c as u64);
-        // The first block's output planes and the second's im2col.
-        widest = widest.max(c1.saturating_mul(*h).saturating_mul(*w)).max((c1 * 9).saturating_mul(h / 2).saturating_mul(w / 2));
-    }
-    widest
+/// Checks a job against the limits, for a dataset of records shaped `feature_shape` with
+/// `classes` classes: first the model's shapes (`Layout::new`: an error names the layer, its
+/// kind and the shapes), then the limits (an error names the limit).
+pub fn check_job(spec: &JobSpec, feature_shape: &[u64], classes: u64) -> Result<(), String> {
+    let layout = Layout::new(&spec.model, feature_shape, classes).map_err(|e| e.to_string())?;
+    check_layout(spec, &layout)
 }
 
-/// Checks a job against the limits, for a dataset of records shaped `input` with `classes`
-/// classes.
-pub fn check_job(spec: &JobSpec, input: &[u64], classes: u64) -> Result<(), String> {
-    let params = param_count(&spec.model, input, classes).unwrap_or(u64::MAX);
+/// The limits for a model already laid out (`check_job` without the shape inference).
+pub fn check_layout(spec: &JobSpec, layout: &Layout) -> Result<(), String> {
+    let params = layout.param_count();
     if params > MAX_MODEL_PARAMS {
         return Err(format!(
             "model: {params} parameters is more than the {MAX_MODEL_PARAMS} a job may train (the collective's limit: {} MiB per message)",
             MAX_MESSAGE_BYTES >> 20
         ));
     }
-    // The largest share: the smallest generation the job may run as.
+    // The largest share: the smallest generation the job may run as. Per record, the
+    // largest buffer any layer needs (its input, output or im2col).
     let share = (spec.training.batch_size as u64).div_ceil(spec.cluster.min().max(1) as u64);
-    let floats = share.saturating_mul(activation_floats(&spec.model, input, classes));
+    let per_record = layout.activation_floats();
+    let floats = share.saturating_mul(per_record);
     if floats > MAX_BATCH_FLOATS {
         return Err(format!(
-            "training.batch_size: {share} records per worker times {} activation floats per record is {floats}, more than the {MAX_BATCH_FLOATS} limit",
-            activation_floats(&spec.model, input, classes)
+            "training.batch_size: {share} records per worker times {per_record} activation floats per record is {floats}, more than the {MAX_BATCH_FLOATS} limit"
         ));
     }
     Ok(())
@@ -100,5 +85,37 @@ mod tests {
         let e = check_job(&spec("kind = \"mlp\"", 1_000_000), &[512, 512], 10).unwrap_err();
         assert!(e.starts_with("training.batch_size:") && e.contains(&MAX_BATCH_FLOATS.to_string()), "{e}");
         assert!(check_job(&spec("kind = \"mlp\"", 64), &[u64::MAX, 2], 10).is_err(), "overflow is over the limit");
+    }
+
+    #[test]
+    fn activation_floats_of_the_examples_are_todays() {
+        // Today's rule: the widest of the features, hidden layers and classes (mlp); the CNN
+        // also the first block's planes and the second conv's im2col (32 * 9 x 14 * 14).
+        let per_record = |model: &str| Layout::new(&spec(model, 64).model, &[28, 28], 10).unwrap().activation_floats();
+        assert_eq!(per_record("kind = \"mlp\""), 784);
+        assert_eq!(per_record("kind = \"cnn\""), 32 * 9 * 14 * 14);
+        // 1,000,000 records over 2 workers of 512x512 images.
+        let e = check_job(&spec("kind = \"mlp\"", 1_000_000), &[512, 512], 10).unwrap_err();
+        assert_eq!(e, format!("training.batch_size: 500000 records per worker times 262144 activation floats per record is 131072000000, more than the {MAX_BATCH_FLOATS} limit"));
+    }
+
+    #[test]
+    fn layer_lists_are_checked_by_the_same_limits() {
+        let list = |out: u64| format!("[[model.layers]]\nkind = \"flatten\"\n[[model.layers]]\nkind = \"linear\"\nout = {out}\n[[model.layers]]\nkind = \"relu\"\n[[model.layers]]\nkind = \"linear\"\nout = 10");
+        assert_eq!(param_count(&spec(&list(512), 64).model, &[28, 28], 10), Some(784 * 512 + 512 + 512 * 10 + 10));
+        assert!(check_job(&spec(&list(512), 64), &[28, 28], 10).is_ok());
+        // 65536 wide on 3x512x512 records: 1.7e10 parameters.
+        let e = check_job(&spec(&list(65536), 64), &[3, 512, 512], 10).unwrap_err();
+        assert!(e.starts_with("model:") && e.contains("parameters"), "{e}");
+        // A shape error comes first, naming the layer.
+        let e = check_job(&spec(&list(512), 64), &[28, 28], 7).unwrap_err();
+        assert!(e.starts_with("model.layers[3] (linear):") && e.contains("7 classes"), "{e}");
+        assert_eq!(param_count(&spec(&list(512), 64).model, &[28, 28], 7), None);
+        // A wide convolution: its im2col is the largest buffer.
+        let conv = "[[model.layers]]\nkind = \"conv2d\"\nout = 64\nkernel = 7\npadding = 3\n[[model.layers]]\nkind = \"flatten\"\n[[model.layers]]\nkind = \"linear\"\nout = 10";
+        let l = Layout::new(&spec(conv, 64).model, &[3, 224, 224], 10).unwrap();
+        assert_eq!(l.activation_floats(), 3 * 49 * 224 * 224);
+        let e = check_job(&spec(conv, 512), &[3, 224, 224], 10).unwrap_err();
+        assert!(e.starts_with("training.batch_size: 256 records per worker times 7375872 activation floats"), "{e}");
     }
 }

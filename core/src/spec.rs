@@ -2,7 +2,7 @@
 //! training settings and the number of workers. Unknown keys and invalid values are rejected
 //! with an error that names the key.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{CoreError, Result};
 
@@ -87,31 +87,85 @@ pub struct InitSpec {
 /// Salt of the replay sample's permutation (epochs, numbered below 2^32, use their own numbers).
 const REPLAY_TAG: u64 = 1 << 48;
 
+/// The preset architectures (`[model] kind = "mlp" | "cnn"`), which expand to layer lists
+/// (`ModelSpec::layer_list`). A spec with `[[model.layers]]` is neither (`ModelSpec::preset`
+/// is None).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ModelKind {
     Mlp,
     Cnn,
 }
 
+impl ModelKind {
+    /// `mlp` or `cnn`, as in the spec.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelKind::Mlp => "mlp",
+            ModelKind::Cnn => "cnn",
+        }
+    }
+}
+
+/// Errors of the `[model]` section and its layer list: `CoreError::Spec`, naming the key.
+pub type SpecError = CoreError;
+
+/// `[model]`: a preset (`kind = "mlp"` or `"cnn"`, sized by `hidden` and `channels`) or a list
+/// of layers (`[[model.layers]]`, with `kind = "sequential"` or no kind) that mirrors
+/// `torch.nn.Sequential` one to one: layer i is module i, so its tensors are `i.weight` and
+/// `i.bias`. `layer_list` gives either as a list; `crate::model::Layout` infers its shapes.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
-    /// `mlp` or `cnn`.
+    /// `mlp`, `cnn` (presets) or `sequential` (the default: needs `layers`).
+    #[serde(default = "default_model_kind")]
     pub kind: String,
-    /// Hidden dense layer sizes (both kinds). Default: [512, 256] for mlp, [128] for cnn.
+    /// Hidden dense layer sizes (presets). Default: [512, 256] for mlp, [128] for cnn.
     pub hidden: Option<Vec<usize>>,
     /// Output channels of the two conv + pool blocks (cnn only). Default: [32, 64].
     pub channels: Option<Vec<usize>>,
+    /// The layers, in order (`kind = "sequential"` only).
+    #[serde(default, deserialize_with = "de_layers")]
+    pub layers: Option<Vec<LayerSpec>>,
 }
 
+fn default_model_kind() -> String {
+    "sequential".into()
+}
+
+impl Default for ModelSpec {
+    /// A sequential model with no layers yet (invalid until `layers` is set); for struct
+    /// literals: `ModelSpec { kind: "mlp".into(), hidden: Some(vec![8]), ..Default::default() }`.
+    fn default() -> Self {
+        ModelSpec { kind: default_model_kind(), hidden: None, channels: None, layers: None }
+    }
+}
+
+/// Widest dense layer a spec may ask for (guards against absurd allocations).
+const MAX_LAYER: usize = 1 << 16;
+/// Most output channels of a convolution.
+const MAX_CHANNELS: u64 = 4096;
+/// Largest kernel, stride and padding of a convolution or pooling window.
+const MAX_WINDOW: u64 = 256;
+/// Most layers in a list.
+const MAX_LAYERS: usize = 256;
+
 impl ModelSpec {
-    pub fn model_kind(&self) -> ModelKind {
+    /// The preset, or None for a layer list.
+    pub fn preset(&self) -> Option<ModelKind> {
         match self.kind.as_str() {
-            "cnn" => ModelKind::Cnn,
-            _ => ModelKind::Mlp,
+            "mlp" => Some(ModelKind::Mlp),
+            "cnn" => Some(ModelKind::Cnn),
+            _ => None,
         }
     }
 
+    /// The preset's kind (used by the presets' code paths; a layer list answers `Mlp`: use
+    /// `preset` or `layer_list` to tell them apart).
+    pub fn model_kind(&self) -> ModelKind {
+        self.preset().unwrap_or(ModelKind::Mlp)
+    }
+
+    /// The presets' hidden dense layer sizes, defaults filled in.
     pub fn hidden_sizes(&self) -> Vec<usize> {
         match (&self.hidden, self.model_kind()) {
             (Some(h), _) => h.clone(),
@@ -120,12 +174,290 @@ impl ModelSpec {
         }
     }
 
+    /// The cnn preset's two conv channel counts, defaults filled in.
     pub fn conv_channels(&self) -> [usize; 2] {
         match &self.channels {
             Some(c) if c.len() == 2 => [c[0], c[1]],
             _ => [32, 64],
         }
     }
+
+    /// The model as a list of layers (what `torch.nn.Sequential` holds, in order): the
+    /// user's `layers` as given, or the preset expanded. Presets (their output is `classes`
+    /// logits):
+    /// - mlp, hidden [h1, h2, ...]: linear(h1), relu, linear(h2), relu, ..., linear(classes),
+    ///   on the record flattened (`crate::model::input_shape(_, true)`), so dense layer i is
+    ///   module 2i;
+    /// - cnn, channels [c1, c2], hidden [h...]: conv2d(c1, kernel 3, padding 1), relu,
+    ///   maxpool2d(2), conv2d(c2, 3, padding 1), relu, maxpool2d(2), flatten, linear(h1), relu,
+    ///   ..., linear(classes): convolutions are modules 0 and 3, dense layer i is 7 + 2i.
+    ///
+    /// The expansion does not depend on `feature_shape` (the shapes are `crate::model`'s);
+    /// it is taken so that a preset may. Errors: the `[model]` section is invalid (see
+    /// `validate`; a parsed spec is already valid).
+    pub fn layer_list(&self, feature_shape: &[u64], classes: u64) -> Result<Vec<LayerSpec>, SpecError> {
+        let _ = feature_shape;
+        self.validate()?;
+        let mut list = Vec::new();
+        match self.preset() {
+            None => return Ok(self.layers.clone().unwrap_or_default()),
+            Some(ModelKind::Mlp) => {}
+            Some(ModelKind::Cnn) => {
+                for c in self.conv_channels() {
+                    list.push(LayerSpec::Conv2d { out: c as u64, kernel: 3, stride: 1, padding: 1, bias: true });
+                    list.push(LayerSpec::Relu);
+                    list.push(LayerSpec::MaxPool2d { kernel: 2, stride: None });
+                }
+                list.push(LayerSpec::Flatten);
+            }
+        }
+        for h in self.hidden_sizes() {
+            list.push(LayerSpec::Linear { out: h as u64, bias: true });
+            list.push(LayerSpec::Relu);
+        }
+        list.push(LayerSpec::Linear { out: classes, bias: true });
+        Ok(list)
+    }
+
+    /// Checks the `[model]` section alone (`JobSpec::validate` calls it). Errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        match (self.kind.as_str(), &self.layers) {
+            ("mlp" | "cnn", None) => {}
+            ("mlp" | "cnn", Some(_)) => {
+                return Err(bad(
+                    "model.layers",
+                    format!("kind = {:?} is a preset and a layer list is its own model: give one or the other (a layer list is kind = \"sequential\", or no kind)", self.kind),
+                ))
+            }
+            ("sequential", Some(layers)) => {
+                if layers.is_empty() {
+                    return Err(bad("model.layers", "must hold at least one layer"));
+                }
+                if layers.len() > MAX_LAYERS {
+                    return Err(bad("model.layers", format!("{} layers is more than the {MAX_LAYERS} supported", layers.len())));
+                }
+                for (i, l) in layers.iter().enumerate() {
+                    l.validate(i)?;
+                }
+            }
+            ("sequential", None) => {
+                return Err(bad(
+                    "model.layers",
+                    "kind = \"sequential\" (the default) needs a list of layers ([[model.layers]] tables); or set kind = \"mlp\" or \"cnn\"",
+                ))
+            }
+            (other, _) => {
+                return Err(bad("model.kind", format!("unknown model kind {other:?} (expected \"mlp\", \"cnn\", or \"sequential\" with [[model.layers]])")))
+            }
+        }
+        if let Some(h) = &self.hidden {
+            if self.preset().is_none() {
+                return Err(bad("model.hidden", "applies to kind = \"mlp\" or \"cnn\" only (a layer list gives each linear layer's out)"));
+            }
+            if h.iter().any(|&n| n == 0 || n > MAX_LAYER) {
+                return Err(bad("model.hidden", format!("layer sizes must be 1 to {MAX_LAYER}, got {h:?}")));
+            }
+            if h.len() > 64 {
+                return Err(bad("model.hidden", format!("{} layers is more than the 64 supported", h.len())));
+            }
+        }
+        if let Some(c) = &self.channels {
+            if self.preset() != Some(ModelKind::Cnn) {
+                return Err(bad("model.channels", "applies to kind = \"cnn\" only"));
+            }
+            if c.len() != 2 || c.iter().any(|&n| n == 0 || n as u64 > MAX_CHANNELS) {
+                return Err(bad("model.channels", format!("must be two channel counts of 1 to {MAX_CHANNELS}, got {c:?}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One layer of `[[model.layers]]`, tagged by `kind`; each is the `torch.nn` module of the
+/// same name (`Linear`, `Conv2d`, `MaxPool2d`, `AvgPool2d`, `Flatten`, `ReLU`, `GELU`, `Tanh`,
+/// `Sigmoid`, `Dropout`, `LayerNorm`). Shapes are per record (no batch dimension); images
+/// are [channels, height, width]. Unknown keys are refused, naming them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum LayerSpec {
+    /// [in] -> [out] (`nn.Linear(in, out, bias)`; weight [out, in]).
+    Linear {
+        out: u64,
+        #[serde(default = "yes")]
+        bias: bool,
+    },
+    /// [C, H, W] -> [out, H', W'], square kernel, any number of input channels
+    /// (`nn.Conv2d(C, out, kernel, stride, padding, bias)`; weight [out, C, kernel, kernel]).
+    Conv2d {
+        out: u64,
+        kernel: u64,
+        #[serde(default = "one")]
+        stride: u64,
+        #[serde(default)]
+        padding: u64,
+        #[serde(default = "yes")]
+        bias: bool,
+    },
+    /// [C, H, W] -> [C, H', W'], windows of kernel x kernel, stride = kernel by default
+    /// (`nn.MaxPool2d(kernel, stride)`, floor mode).
+    #[serde(rename = "maxpool2d")]
+    MaxPool2d {
+        kernel: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stride: Option<u64>,
+    },
+    /// As `MaxPool2d`, averaging (`nn.AvgPool2d(kernel, stride)`).
+    #[serde(rename = "avgpool2d")]
+    AvgPool2d {
+        kernel: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stride: Option<u64>,
+    },
+    /// Any shape -> [product] (`nn.Flatten()`).
+    Flatten,
+    Relu,
+    /// The exact (erf) GELU, PyTorch's default.
+    Gelu,
+    Tanh,
+    Sigmoid,
+    /// Zeroes each value with probability p while training, scaling the rest by 1/(1-p); the
+    /// identity when evaluating (`nn.Dropout(p)`).
+    Dropout { p: f64 },
+    /// Normalizes over the last dimension (`over = "last"`: `nn.LayerNorm(shape[-1], eps)`)
+    /// or over a whole image (`over = "chw"`: `nn.LayerNorm([C, H, W], eps)`), with a weight
+    /// (ones) and bias (zeros) of the normalized shape.
+    #[serde(rename = "layernorm")]
+    LayerNorm {
+        #[serde(default)]
+        over: NormOver,
+        #[serde(default = "default_eps")]
+        eps: f64,
+    },
+}
+
+/// What a `layernorm` normalizes over.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NormOver {
+    /// The last dimension.
+    #[default]
+    Last,
+    /// Channels, height and width of an image.
+    Chw,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn one() -> u64 {
+    1
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+
+impl LayerSpec {
+    /// Every layer kind, as spelled in a spec.
+    pub const KINDS: [&'static str; 11] = ["linear", "conv2d", "maxpool2d", "avgpool2d", "flatten", "relu", "gelu", "tanh", "sigmoid", "dropout", "layernorm"];
+
+    /// The kind, as spelled in a spec.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            LayerSpec::Linear { .. } => "linear",
+            LayerSpec::Conv2d { .. } => "conv2d",
+            LayerSpec::MaxPool2d { .. } => "maxpool2d",
+            LayerSpec::AvgPool2d { .. } => "avgpool2d",
+            LayerSpec::Flatten => "flatten",
+            LayerSpec::Relu => "relu",
+            LayerSpec::Gelu => "gelu",
+            LayerSpec::Tanh => "tanh",
+            LayerSpec::Sigmoid => "sigmoid",
+            LayerSpec::Dropout { .. } => "dropout",
+            LayerSpec::LayerNorm { .. } => "layernorm",
+        }
+    }
+
+    /// Checks the values (the keys were checked when parsing). `i`: the layer's index.
+    pub fn validate(&self, i: usize) -> Result<()> {
+        let range = |key: &str, v: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(bad(&format!("model.layers[{i}].{key}"), format!("must be {lo} to {hi} for {}, got {v}", self.kind_name())))
+            }
+        };
+        match *self {
+            LayerSpec::Linear { out, .. } => range("out", out, 1, MAX_LAYER as u64),
+            LayerSpec::Conv2d { out, kernel, stride, padding, .. } => {
+                range("out", out, 1, MAX_CHANNELS)?;
+                range("kernel", kernel, 1, MAX_WINDOW)?;
+                range("stride", stride, 1, MAX_WINDOW)?;
+                range("padding", padding, 0, MAX_WINDOW)
+            }
+            LayerSpec::MaxPool2d { kernel, stride } | LayerSpec::AvgPool2d { kernel, stride } => {
+                range("kernel", kernel, 1, MAX_WINDOW)?;
+                range("stride", stride.unwrap_or(kernel), 1, MAX_WINDOW)
+            }
+            LayerSpec::Dropout { p } => check_range(&format!("model.layers[{i}].p"), Some(p), 0.0, 1.0, false),
+            LayerSpec::LayerNorm { eps, .. } => {
+                if eps.is_finite() && eps > 0.0 && (eps as f32) > 0.0 && (eps as f32).is_finite() {
+                    Ok(())
+                } else {
+                    Err(bad(&format!("model.layers[{i}].eps"), format!("must be a positive number (an f32), got {eps}")))
+                }
+            }
+            LayerSpec::Flatten | LayerSpec::Relu | LayerSpec::Gelu | LayerSpec::Tanh | LayerSpec::Sigmoid => Ok(()),
+        }
+    }
+
+    /// Layer `i` from its TOML table, with errors that name `model.layers[i]` and the key.
+    fn from_toml(i: usize, v: toml::Value) -> std::result::Result<LayerSpec, String> {
+        let at = format!("model.layers[{i}]");
+        let toml::Value::Table(t) = &v else { return Err(format!("{at}: must be a table with a kind ([[model.layers]]), got {v}")) };
+        let kind = match t.get("kind") {
+            Some(toml::Value::String(k)) => k.as_str(),
+            Some(other) => return Err(format!("{at}.kind: must be a string, got {other}")),
+            None => return Err(format!("{at}: has no kind (one of {})", LayerSpec::KINDS.join(", "))),
+        };
+        if kind == "batchnorm2d" {
+            return Err(format!(
+                "{at} (batchnorm2d): not supported: its batch statistics would have to be synchronized across the ranks at every step (each rank sees only its share of the batch), which shoal does not do; use layernorm (over = \"chw\" normalizes each image over its channels and pixels)"
+            ));
+        }
+        if !LayerSpec::KINDS.contains(&kind) {
+            return Err(format!("{at}.kind: unknown layer kind {kind:?} (expected one of {})", LayerSpec::KINDS.join(", ")));
+        }
+        if matches!(kind, "flatten" | "relu" | "gelu" | "tanh" | "sigmoid") {
+            // serde lets a unit variant's extra keys pass.
+            if let Some(extra) = t.keys().find(|k| *k != "kind") {
+                return Err(format!("{at} ({kind}): unknown field `{extra}` ({kind} takes no keys besides kind)"));
+            }
+        }
+        let kind = kind.to_string();
+        LayerSpec::deserialize(v).map_err(|e| format!("{at} ({kind}): {}", e.to_string().trim()))
+    }
+}
+
+/// `[[model.layers]]`: each table parsed by `LayerSpec::from_toml`, so errors name the index.
+fn de_layers<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Vec<LayerSpec>>, D::Error> {
+    let raw = Vec::<toml::Value>::deserialize(d)?;
+    raw.into_iter().enumerate().map(|(i, v)| LayerSpec::from_toml(i, v).map_err(serde::de::Error::custom)).collect::<std::result::Result<Vec<_>, _>>().map(Some)
+}
+
+/// `layers` as `[[model.layers]]` tables (every key written, defaults included, except a
+/// pool's stride when it is the kernel), which `JobSpec::parse` reads back as the same list.
+pub fn layers_toml(layers: &[LayerSpec]) -> String {
+    #[derive(Serialize)]
+    struct Model<'a> {
+        layers: &'a [LayerSpec],
+    }
+    #[derive(Serialize)]
+    struct Doc<'a> {
+        model: Model<'a>,
+    }
+    toml::to_string(&Doc { model: Model { layers } }).expect("layers serialize to TOML")
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -347,9 +679,6 @@ fn check_batch_split(batch: u32, workers: u32) -> Result<()> {
     Ok(())
 }
 
-/// Widest dense layer a spec may ask for (guards against absurd allocations).
-const MAX_LAYER: usize = 1 << 16;
-
 fn bad(key: &str, msg: impl std::fmt::Display) -> CoreError {
     CoreError::Spec(format!("{key}: {msg}"))
 }
@@ -388,26 +717,7 @@ impl JobSpec {
         if self.kind.as_deref().is_some_and(|k| k != "train") {
             return Err(bad("kind", format!("a training job is kind = \"train\" (batch jobs have [input], [operator] and [output]), got {:?}", self.kind.as_deref().unwrap_or_default())));
         }
-        match self.model.kind.as_str() {
-            "mlp" | "cnn" => {}
-            other => return Err(bad("model.kind", format!("unknown model kind {other:?} (expected \"mlp\" or \"cnn\")"))),
-        }
-        if let Some(h) = &self.model.hidden {
-            if h.iter().any(|&n| n == 0 || n > MAX_LAYER) {
-                return Err(bad("model.hidden", format!("layer sizes must be 1 to {MAX_LAYER}, got {h:?}")));
-            }
-            if h.len() > 64 {
-                return Err(bad("model.hidden", format!("{} layers is more than the 64 supported", h.len())));
-            }
-        }
-        if let Some(c) = &self.model.channels {
-            if self.model.model_kind() != ModelKind::Cnn {
-                return Err(bad("model.channels", "applies to kind = \"cnn\" only"));
-            }
-            if c.len() != 2 || c.iter().any(|&n| n == 0 || n > 4096) {
-                return Err(bad("model.channels", format!("must be two channel counts of 1 to 4096, got {c:?}")));
-            }
-        }
+        self.model.validate()?;
         if self.dataset.name.trim().is_empty() {
             return Err(bad("dataset.name", "must not be empty"));
         }
@@ -825,6 +1135,191 @@ workers = 2
     fn rejects_momentum_with_adamw() {
         let e = err_of(&GOOD.replace("kind = \"sgd\"", "kind = \"adamw\""));
         assert!(e.contains("training.optimizer.momentum"), "{e}");
+    }
+
+    /// GOOD with its `[model]` replaced.
+    fn with_model(model: &str) -> String {
+        GOOD.replace("[model]\nkind = \"mlp\"\nhidden = [32]\n", &format!("[model]\n{model}\n"))
+    }
+
+    const EVERY_KIND: &str = r#"
+[[model.layers]]
+kind = "conv2d"
+out = 8
+kernel = 3
+[[model.layers]]
+kind = "conv2d"
+out = 4
+kernel = 5
+stride = 2
+padding = 1
+bias = false
+[[model.layers]]
+kind = "maxpool2d"
+kernel = 2
+[[model.layers]]
+kind = "maxpool2d"
+kernel = 3
+stride = 1
+[[model.layers]]
+kind = "avgpool2d"
+kernel = 2
+[[model.layers]]
+kind = "avgpool2d"
+kernel = 2
+stride = 1
+[[model.layers]]
+kind = "layernorm"
+over = "chw"
+eps = 1e-3
+[[model.layers]]
+kind = "layernorm"
+[[model.layers]]
+kind = "relu"
+[[model.layers]]
+kind = "gelu"
+[[model.layers]]
+kind = "tanh"
+[[model.layers]]
+kind = "sigmoid"
+[[model.layers]]
+kind = "dropout"
+p = 0
+[[model.layers]]
+kind = "flatten"
+[[model.layers]]
+kind = "dropout"
+p = 0.25
+[[model.layers]]
+kind = "linear"
+out = 16
+bias = false
+[[model.layers]]
+kind = "linear"
+out = 10
+"#;
+
+    #[test]
+    fn layers_parse_every_kind_with_its_defaults_and_round_trip() {
+        let s = JobSpec::parse(&with_model(EVERY_KIND)).unwrap();
+        assert_eq!((s.model.kind.as_str(), s.model.preset()), ("sequential", None));
+        let layers = s.model.layers.clone().unwrap();
+        use LayerSpec::*;
+        assert_eq!(
+            layers,
+            [
+                Conv2d { out: 8, kernel: 3, stride: 1, padding: 0, bias: true },
+                Conv2d { out: 4, kernel: 5, stride: 2, padding: 1, bias: false },
+                MaxPool2d { kernel: 2, stride: None },
+                MaxPool2d { kernel: 3, stride: Some(1) },
+                AvgPool2d { kernel: 2, stride: None },
+                AvgPool2d { kernel: 2, stride: Some(1) },
+                LayerNorm { over: NormOver::Chw, eps: 1e-3 },
+                LayerNorm { over: NormOver::Last, eps: 1e-5 },
+                Relu,
+                Gelu,
+                Tanh,
+                Sigmoid,
+                Dropout { p: 0.0 },
+                Flatten,
+                Dropout { p: 0.25 },
+                Linear { out: 16, bias: false },
+                Linear { out: 10, bias: true },
+            ]
+        );
+        let kinds: std::collections::BTreeSet<_> = layers.iter().map(LayerSpec::kind_name).collect();
+        assert_eq!(kinds, LayerSpec::KINDS.into_iter().collect(), "every kind is tested");
+        assert_eq!(s.model.layer_list(&[28, 28], 10).unwrap(), layers, "a layer list is taken as given");
+        // Written back (defaults spelled out), the same list; `kind = "sequential"` is the
+        // same as no kind.
+        let text = layers_toml(&layers);
+        assert!(text.contains("[[model.layers]]\nkind = \"conv2d\"\nout = 8\nkernel = 3\nstride = 1\npadding = 0\nbias = true\n"), "{text}");
+        assert!(text.contains("[[model.layers]]\nkind = \"layernorm\"\nover = \"last\"\neps = 0.00001\n"), "{text}");
+        assert!(text.contains("[[model.layers]]\nkind = \"maxpool2d\"\nkernel = 2\n\n"), "a pool's default stride stays implicit: {text}");
+        let back = JobSpec::parse(&with_model(&format!("kind = \"sequential\"\n{text}"))).unwrap();
+        assert_eq!(back.model.layers.as_ref(), Some(&layers), "{text}");
+        assert_eq!(layers_toml(back.model.layers.as_ref().unwrap()), text);
+        // Inline tables work too.
+        let inline = JobSpec::parse(&with_model("layers = [{ kind = \"flatten\" }, { kind = \"linear\", out = 3 }]")).unwrap();
+        assert_eq!(inline.model.layers, Some(vec![Flatten, Linear { out: 3, bias: true }]));
+    }
+
+    #[test]
+    fn layer_keys_and_values_are_checked_naming_the_layer() {
+        let one = |layer: &str| err_of(&with_model(&format!("[[model.layers]]\nkind = \"flatten\"\n[[model.layers]]\n{layer}\n")));
+        for (layer, want) in [
+            // Unknown keys, named.
+            ("kind = \"conv2d\"\nout = 8\nkernel = 3\nstrid = 2", "model.layers[1] (conv2d): unknown field `strid`, expected one of `out`, `kernel`, `stride`, `padding`, `bias`"),
+            ("kind = \"linear\"\nout = 8\nactivation = \"relu\"", "model.layers[1] (linear): unknown field `activation`"),
+            ("kind = \"maxpool2d\"\nkernel = 2\npadding = 1", "model.layers[1] (maxpool2d): unknown field `padding`"),
+            ("kind = \"relu\"\ninplace = true", "model.layers[1] (relu): unknown field `inplace`"),
+            ("kind = \"dropout\"\np = 0.1\nrate = 0.1", "model.layers[1] (dropout): unknown field `rate`"),
+            ("kind = \"layernorm\"\nover = \"all\"", "model.layers[1] (layernorm): unknown variant `all`, expected `last` or `chw`"),
+            // Missing keys and wrong types.
+            ("kind = \"linear\"", "model.layers[1] (linear): missing field `out`"),
+            ("kind = \"conv2d\"\nout = 8", "model.layers[1] (conv2d): missing field `kernel`"),
+            ("kind = \"dropout\"", "model.layers[1] (dropout): missing field `p`"),
+            ("kind = \"linear\"\nout = -3", "model.layers[1] (linear): invalid value: integer `-3`, expected u64"),
+            ("kind = \"linear\"\nout = \"ten\"", "model.layers[1] (linear): invalid type: string \"ten\", expected u64"),
+            // Kinds.
+            ("out = 3", "model.layers[1]: has no kind (one of linear, conv2d,"),
+            ("kind = \"conv3d\"", "model.layers[1].kind: unknown layer kind \"conv3d\" (expected one of linear, conv2d,"),
+            ("kind = 3", "model.layers[1].kind: must be a string"),
+            ("kind = \"batchnorm2d\"", "model.layers[1] (batchnorm2d): not supported: its batch statistics would have to be synchronized across the ranks"),
+            // Values.
+            ("kind = \"linear\"\nout = 0", "model.layers[1].out: must be 1 to 65536 for linear, got 0"),
+            ("kind = \"conv2d\"\nout = 8\nkernel = 0", "model.layers[1].kernel: must be 1 to 256 for conv2d, got 0"),
+            ("kind = \"conv2d\"\nout = 5000\nkernel = 3", "model.layers[1].out: must be 1 to 4096 for conv2d, got 5000"),
+            ("kind = \"conv2d\"\nout = 8\nkernel = 3\nstride = 0", "model.layers[1].stride: must be 1 to 256"),
+            ("kind = \"avgpool2d\"\nkernel = 2\nstride = 0", "model.layers[1].stride: must be 1 to 256 for avgpool2d, got 0"),
+            ("kind = \"dropout\"\np = 1", "model.layers[1].p: must be in [0, 1), got 1"),
+            ("kind = \"dropout\"\np = -0.1", "model.layers[1].p: must be in [0, 1)"),
+            ("kind = \"layernorm\"\neps = 0", "model.layers[1].eps: must be a positive number"),
+            ("kind = \"layernorm\"\neps = 1e-60", "model.layers[1].eps: must be a positive number (an f32)"),
+        ] {
+            let e = one(layer);
+            assert!(e.contains(want), "{layer}: {e}");
+        }
+        let e = err_of(&with_model("layers = [3]"));
+        assert!(e.contains("model.layers[0]: must be a table with a kind"), "{e}");
+    }
+
+    #[test]
+    fn presets_and_layer_lists_exclude_each_other() {
+        let list = "[[model.layers]]\nkind = \"flatten\"\n[[model.layers]]\nkind = \"linear\"\nout = 10";
+        assert!(JobSpec::parse(&with_model(list)).is_ok());
+        assert!(JobSpec::parse(&with_model(&format!("kind = \"sequential\"\n{list}"))).is_ok());
+        for (model, want) in [
+            (format!("kind = \"mlp\"\n{list}"), "model.layers: kind = \"mlp\" is a preset"),
+            (format!("kind = \"cnn\"\n{list}"), "model.layers: kind = \"cnn\" is a preset"),
+            (format!("hidden = [32]\n{list}"), "model.hidden: applies to kind = \"mlp\" or \"cnn\" only"),
+            (format!("channels = [8, 16]\n{list}"), "model.channels: applies to kind = \"cnn\" only"),
+            ("kind = \"sequential\"".to_string(), "model.layers: kind = \"sequential\" (the default) needs a list of layers"),
+            ("hidden = [32]".to_string(), "model.layers: kind = \"sequential\" (the default) needs a list of layers"),
+            ("layers = []".to_string(), "model.layers: must hold at least one layer"),
+            ("kind = \"mlp\"\nchannels = [8, 16]".to_string(), "model.channels: applies to kind = \"cnn\" only"),
+        ] {
+            let e = err_of(&with_model(&model));
+            assert!(e.contains(want), "{model}: {e}");
+        }
+        let many = "[[model.layers]]\nkind = \"relu\"\n".repeat(257);
+        assert!(err_of(&with_model(&many)).contains("257 layers is more than the 256 supported"));
+        // An empty [model] keeps naming what is missing.
+        assert!(err_of(&with_model("")).contains("model.layers"));
+    }
+
+    #[test]
+    fn preset_keys_keep_their_defaults() {
+        let m = JobSpec::parse(&with_model("kind = \"cnn\"")).unwrap().model;
+        assert_eq!((m.preset(), m.model_kind(), m.hidden_sizes(), m.conv_channels(), m.layers.as_ref()), (Some(ModelKind::Cnn), ModelKind::Cnn, vec![128], [32, 64], None));
+        let m = JobSpec::parse(&with_model("kind = \"mlp\"")).unwrap().model;
+        assert_eq!((m.preset(), m.hidden_sizes()), (Some(ModelKind::Mlp), vec![512, 256]));
+        let lit = ModelSpec { kind: "mlp".into(), hidden: Some(vec![8]), ..Default::default() };
+        assert_eq!(
+            lit.layer_list(&[4], 3).unwrap(),
+            [LayerSpec::Linear { out: 8, bias: true }, LayerSpec::Relu, LayerSpec::Linear { out: 3, bias: true }]
+        );
+        assert!(ModelSpec::default().layer_list(&[4], 3).unwrap_err().to_string().contains("model.layers"));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! what keeps workers bitwise identical. CUDA is behind the `cuda` feature.
 
 pub mod lanes;
+pub mod layers;
 pub mod nn;
 
 use rayon::prelude::*;

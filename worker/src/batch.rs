@@ -18,15 +18,28 @@ use shoal_proto::{Assignment, DatasetInfo, ShardInfo, TaskReport, TaskResult};
 
 use crate::data::ShardedDataset;
 use crate::model::Model;
-use crate::net::Net;
 use crate::WorkerError;
 
 /// The last model a worker scored with, kept for the job's next tasks.
 #[derive(Clone, Default)]
 pub struct ModelCache(Arc<Mutex<Option<(String, Loaded)>>>);
 
-/// A model's layout and its parameters.
-type Loaded = Arc<(Model, Vec<f32>)>;
+/// A model as its training spec describes it, on the input's records, and its parameters.
+type Loaded = Arc<Scorer>;
+
+struct Scorer {
+    spec: shoal_core::spec::ModelSpec,
+    feature_shape: Vec<usize>,
+    classes: usize,
+    seed: u64,
+    params: Vec<f32>,
+}
+
+impl Scorer {
+    fn model(&self) -> Result<Box<dyn Model>, WorkerError> {
+        crate::model::build(&self.spec, &self.feature_shape, self.classes, self.seed)
+    }
+}
 
 impl ModelCache {
     fn get(&self, store: &Path, a: &Assignment, input: &DatasetInfo) -> Result<Loaded, WorkerError> {
@@ -40,10 +53,11 @@ impl ModelCache {
         }
         let spec = JobSpec::parse(&m.spec_toml).map_err(|e| WorkerError::Spec(format!("the model's training spec: {e}")))?;
         let shape: Vec<usize> = input.feature_shape.iter().map(|&d| d as usize).collect();
-        let model = Model::new(&spec.model, &shape, a.model_classes as usize)?;
-        let mut params = vec![0f32; model.num_params()];
-        crate::checkpoint::warm_start(store, m, &model, &mut params).map_err(|e| WorkerError::Checkpoint(e.to_string()))?;
-        let loaded = Arc::new((model, params));
+        let classes = a.model_classes as usize;
+        let model = crate::model::build(&spec.model, &shape, classes, spec.training.seed)?;
+        let mut params = vec![0f32; model.layout().num_params()];
+        crate::checkpoint::warm_start(store, m, model.layout(), &mut params).map_err(|e| WorkerError::Checkpoint(e.to_string()))?;
+        let loaded = Arc::new(Scorer { spec: spec.model, feature_shape: shape, classes, seed: spec.training.seed, params });
         *slot = Some((key, loaded.clone()));
         Ok(loaded)
     }
@@ -95,7 +109,7 @@ pub fn run_task(store: &Path, a: &Assignment, cache: &ModelCache, cancel: &Atomi
         }
         ("score", _) => {
             let loaded = cache.get(store, a, input)?;
-            let (records, pred, correct) = score(&loaded.0, &loaded.1, &ds, lo, hi, a, spec.operator.batch_size.unwrap_or(1024) as usize, cancel)?;
+            let (records, pred, correct) = score(&loaded, &ds, lo, hi, a, spec.operator.batch_size.unwrap_or(1024) as usize, cancel)?;
             result.correct = correct;
             Some((records, Some(pred)))
         }
@@ -163,10 +177,10 @@ fn read_all(ds: &ShardedDataset, lo: u64, hi: u64, cancel: &AtomicBool) -> Resul
 /// Class probabilities (softmax of the logits) and predicted classes (argmax, first on ties,
 /// as training's evaluation counts them) of records [lo, hi), in batches of `batch`.
 #[allow(clippy::too_many_arguments)]
-fn score(model: &Model, params: &[f32], ds: &ShardedDataset, lo: u64, hi: u64, a: &Assignment, batch: usize, cancel: &AtomicBool) -> Result<(Records, Vec<i64>, u64), WorkerError> {
-    let classes = model.classes;
+fn score(model: &Scorer, ds: &ShardedDataset, lo: u64, hi: u64, a: &Assignment, batch: usize, cancel: &AtomicBool) -> Result<(Records, Vec<i64>, u64), WorkerError> {
+    let (classes, params) = (model.classes, &model.params[..]);
     let n = (hi - lo) as usize;
-    let mut net = Net::new(model);
+    let mut net = model.model()?;
     let (mut probs, mut pred, mut labels) = (Vec::with_capacity(n * classes), Vec::with_capacity(n), Vec::with_capacity(n));
     let (mut x, mut y) = (Vec::new(), Vec::new());
     let mut correct = 0;
@@ -184,11 +198,9 @@ fn score(model: &Model, params: &[f32], ds: &ShardedDataset, lo: u64, hi: u64, a
         if let Some(t) = &a.transform {
             apply_transform(t, &mut x);
         }
-        // The CNN's im2col buffers for a whole batch overflow the caches: it runs the batch in
-        // micro-batches (each image's results do not depend on its neighbours).
-        let micro = if net.is_mlp() { x.len() } else { CNN_MICRO_BATCH * model.input_shape.iter().product::<usize>() };
-        for (xs, ys) in x.chunks(micro.max(1)).zip(y.chunks(micro.max(1) / ds.feature_len.max(1))) {
-            let logits = net.logits(params, xs, ys.len())?;
+        let micro = net.eval_chunk().unwrap_or(y.len()).max(1);
+        for (xs, ys) in x.chunks(micro * ds.feature_len.max(1)).zip(y.chunks(micro)) {
+            let logits = net.outputs(params, xs, ys.len())?;
             for (row, &label) in logits.chunks_exact(classes).zip(ys) {
                 let best = (0..classes).fold(0, |b, k| if row[k] > row[b] { k } else { b });
                 let top = row[best];
@@ -205,9 +217,6 @@ fn score(model: &Model, params: &[f32], ds: &ShardedDataset, lo: u64, hi: u64, a
     }
     Ok((Records { features: IdxData::F32(probs), feature_shape: vec![classes], labels }, pred, correct))
 }
-
-/// Images per CNN forward pass when scoring (its im2col buffers then stay in L2).
-const CNN_MICRO_BATCH: usize = 32;
 
 /// The output shard's file for this attempt: `task-NNNNN-aA.safetensors` in the job's folder.
 fn output_path(store: &Path, a: &Assignment, task: u32) -> (String, PathBuf) {

@@ -24,7 +24,7 @@ use shoal_core::failpoint;
 use shoal_core::fsutil::{sync_dir, write_atomic};
 use shoal_proto::{CheckpointFile, CheckpointManifest, JobProgress, Message};
 
-use crate::model::{pytorch_name, Model};
+use crate::model::Layout;
 use crate::optim::Opt;
 use crate::WorkerError;
 
@@ -77,7 +77,7 @@ impl StateTensor {
 
 /// The tensors of the training state: the parameters by their names, then the optimizer's
 /// buffers as `optimizer.<buffer>.<parameter>`.
-pub fn state_tensors(model: &Model, opt: &Opt) -> Vec<StateTensor> {
+pub fn state_tensors(model: &Layout, opt: &Opt) -> Vec<StateTensor> {
     let mut out: Vec<StateTensor> =
         model.params.iter().map(|p| StateTensor { name: p.name.clone(), shape: p.shape.clone(), buffer: 0, offset: p.offset }).collect();
     for (b, buffer) in opt.buffer_names().iter().enumerate() {
@@ -423,27 +423,60 @@ fn copy_le(dst: &mut [f32], src: &[u8]) {
     }
 }
 
-/// Loads a committed checkpoint into `params` and `opt` (as laid out for `model`). The
-/// checkpoint must be of the same model kind and shapes and the same optimizer kind; a
-/// mismatch is an error that says which, and a damaged file an error that names it. On error
-/// the buffers hold a partial state: start again from fresh ones.
-pub fn restore(store: &Path, m: &CheckpointManifest, model: &Model, params: &mut [f32], opt: &mut Opt) -> Result<(), CheckpointError> {
-    let what = format!("checkpoint step {} of job {}", m.step, m.job_id);
-    let kind = model.kind_name();
-    if m.model_kind != kind {
-        return Err(CheckpointError::Mismatch(format!("{what} holds a {} model; this job trains a {kind}", m.model_kind)));
+/// The name a tensor of a checkpoint written before layer lists has now: the presets' tensors
+/// were `fc0.weight`, `conv1.bias`; they are the Sequential's (`0.weight`, `3.bias`) since.
+/// The MLP is `Sequential(Linear, ReLU, ..., Linear)`, so dense layer i is module 2i; the CNN
+/// is `Sequential(Conv2d, ReLU, MaxPool2d, Conv2d, ReLU, MaxPool2d, Flatten, Linear, ...)`,
+/// so its convolutions are modules 0 and 3 and dense layer i is module 7 + 2i. Optimizer
+/// tensors (`optimizer.BUFFER.PARAM`) keep their prefix. None: not an old preset name.
+pub fn legacy_name(kind: &str, name: &str) -> Option<String> {
+    if let Some(rest) = name.strip_prefix("optimizer.") {
+        let (buffer, param) = rest.split_once('.')?;
+        return Some(format!("optimizer.{buffer}.{}", legacy_name(kind, param)?));
     }
+    let (module, field) = name.split_once('.')?;
+    let dense_base = match kind {
+        "mlp" => 0,
+        "cnn" => 7,
+        _ => return None,
+    };
+    let index = match (kind, module) {
+        ("cnn", "conv1") => 0,
+        ("cnn", "conv2") => 3,
+        (_, fc) => dense_base + 2 * fc.strip_prefix("fc")?.parse::<usize>().ok()?,
+    };
+    Some(format!("{index}.{field}"))
+}
+
+/// Loads a committed checkpoint into `params` and `opt` (as laid out for `model`). The
+/// checkpoint must hold the same tensors (names and shapes) and the same optimizer kind; a
+/// mismatch is an error that says which, and a damaged file an error that names it. On error
+/// the buffers hold a partial state: start again from fresh ones. A preset written as a layer
+/// list loads the preset's checkpoints and the other way round: they are the same tensors.
+pub fn restore(store: &Path, m: &CheckpointManifest, model: &Layout, params: &mut [f32], opt: &mut Opt) -> Result<(), CheckpointError> {
+    let what = format!("checkpoint step {} of job {}", m.step, m.job_id);
     if m.optimizer_kind != opt.kind() {
         return Err(CheckpointError::Mismatch(format!("{what} holds {} optimizer state; this job uses {}", m.optimizer_kind, opt.kind())));
     }
     if m.num_params as usize != model.num_params() {
-        return Err(CheckpointError::Mismatch(format!("{what} has {} parameters; this model has {}", m.num_params, model.num_params())));
+        return Err(CheckpointError::Mismatch(format!(
+            "{what} holds a {} model of {} parameters; this job trains a {} model of {}",
+            m.model_kind,
+            m.num_params,
+            model.kind,
+            model.num_params()
+        )));
     }
     let tensors = state_tensors(model, opt);
     let index: HashMap<&str, usize> = tensors.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
     let mut seen = vec![false; tensors.len()];
     read_tensors(store, m, |name, shape, at, piece| {
-        let i = *index.get(name).ok_or_else(|| CheckpointError::Mismatch(format!("{what}: tensor {name} belongs to no parameter of this model")))?;
+        let i = match index.get(name) {
+            Some(i) => *i,
+            None => legacy_name(&m.model_kind, name)
+                .and_then(|n| index.get(n.as_str()).copied())
+                .ok_or_else(|| CheckpointError::Mismatch(format!("{what}: tensor {name} belongs to no parameter of this model")))?,
+        };
         let t = &tensors[i];
         if shape != t.shape.as_slice() {
             return Err(CheckpointError::Mismatch(format!("{what}: tensor {name} has shape {shape:?}, this model's is {:?}", t.shape)));
@@ -465,7 +498,7 @@ pub fn restore(store: &Path, m: &CheckpointManifest, model: &Model, params: &mut
 
 /// Reads only the parameters of checkpoint `m` into `params` (a warm start: the optimizer
 /// state it holds, of whatever kind, is read and dropped).
-pub fn warm_start(store: &Path, m: &CheckpointManifest, model: &Model, params: &mut [f32]) -> Result<(), CheckpointError> {
+pub fn warm_start(store: &Path, m: &CheckpointManifest, model: &Layout, params: &mut [f32]) -> Result<(), CheckpointError> {
     let cfg = match m.optimizer_kind.as_str() {
         "sgd" => shoal_core::spec::Optimizer::Sgd { lr: 0.0, momentum: 0.0, weight_decay: 0.0 },
         "adamw" => shoal_core::spec::Optimizer::AdamW { lr: 0.0, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
@@ -475,8 +508,9 @@ pub fn warm_start(store: &Path, m: &CheckpointManifest, model: &Model, params: &
     restore(store, m, model, params, &mut theirs)
 }
 
-/// Writes the parameters of a checkpoint as one safetensors file with PyTorch's module names
-/// and layout (see `Model::pytorch_names`), for `safetensors.torch.load_file` and
+/// Writes the parameters of a checkpoint as one safetensors file with the names and layout of
+/// the `torch.nn.Sequential` built from the same layer list (a checkpoint from before layer
+/// lists is renamed, see `legacy_name`), for `safetensors.torch.load_file` and
 /// `load_state_dict`. Returns the tensors written (name, shape), in module order.
 pub fn export_pytorch(store: &Path, m: &CheckpointManifest, out: &Path) -> Result<Vec<(String, Vec<usize>)>, CheckpointError> {
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
@@ -485,7 +519,8 @@ pub fn export_pytorch(store: &Path, m: &CheckpointManifest, out: &Path) -> Resul
             return Ok(());
         }
         if at == 0 {
-            let renamed = pytorch_name(&m.model_kind, name)
+            let sequential = |n: &str| n.split_once('.').is_some_and(|(module, _)| module.parse::<usize>().is_ok());
+            let renamed = if sequential(name) { Some(name.to_string()) } else { legacy_name(&m.model_kind, name) }
                 .ok_or_else(|| CheckpointError::Mismatch(format!("tensor {name} of a {} checkpoint has no PyTorch name", m.model_kind)))?;
             tensors.push((renamed, shape.to_vec(), Vec::new()));
         }
@@ -607,8 +642,12 @@ mod tests {
     use super::*;
     use shoal_core::spec::{ModelSpec, Optimizer};
 
-    fn model() -> Model {
-        Model::new(&ModelSpec { kind: "mlp".into(), hidden: Some(vec![6]), channels: None }, &[2, 2], 3).unwrap()
+    fn layout(spec: ModelSpec, shape: &[u64], classes: u64) -> Layout {
+        crate::model::Model::layout(&crate::model::Sequential::new(&spec, shape, classes, 0).unwrap()).clone()
+    }
+
+    fn model() -> Layout {
+        layout(ModelSpec { kind: "mlp".into(), hidden: Some(vec![6]), ..Default::default() }, &[2, 2], 3)
     }
 
     fn sgd() -> Opt {
@@ -655,7 +694,7 @@ mod tests {
         let m = model();
         let tensors = state_tensors(&m, &sgd());
         assert_eq!(tensors.len(), 8);
-        assert_eq!(tensors[4].name, "optimizer.momentum_buffer.fc0.weight");
+        assert_eq!(tensors[4].name, "optimizer.momentum_buffer.0.weight");
         for world in 1..=5 {
             let parts = assign_parts(&tensors, world);
             let mut all: Vec<usize> = parts.concat();
@@ -724,13 +763,57 @@ mod tests {
         let adam = || Opt::new(Optimizer::AdamW { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }, m.num_params());
         let e = restore(dir.path(), &man, &m, &mut m.init(0), &mut adam()).unwrap_err();
         assert!(!e.is_damage() && e.to_string().contains("sgd") && e.to_string().contains("adamw"), "{e}");
-        let cnn = Model::new(&ModelSpec { kind: "cnn".into(), hidden: Some(vec![6]), channels: Some(vec![2, 2]) }, &[4, 4], 3).unwrap();
-        man.model_kind = "cnn".into();
-        let e = restore(dir.path(), &man, &m, &mut m.init(0), &mut sgd()).unwrap_err();
-        assert!(e.to_string().contains("holds a cnn model; this job trains a mlp"), "{e}");
-        man.model_kind = "mlp".into();
+        let cnn = layout(ModelSpec { kind: "cnn".into(), hidden: Some(vec![6]), channels: Some(vec![2, 2]), ..Default::default() }, &[4, 4], 3);
         let e = restore(dir.path(), &man, &cnn, &mut cnn.init(0), &mut Opt::new(opt.cfg, cnn.num_params())).unwrap_err();
-        assert!(e.to_string().contains("cnn"), "{e}");
+        assert!(e.to_string().contains(&format!("holds a mlp model of {} parameters; this job trains a cnn model of", m.num_params())), "{e}");
+        // The same number of parameters in other shapes: refused by the tensor's name.
+        let other = layout(ModelSpec { kind: "mlp".into(), hidden: Some(vec![6]), ..Default::default() }, &[4], 3);
+        let mut renamed = man.clone();
+        renamed.num_params = other.num_params() as u64;
+        assert_eq!(other.num_params(), m.num_params());
+        let mut shifted = other.clone();
+        shifted.params[0].shape = vec![4, 6];
+        let e = restore(dir.path(), &renamed, &shifted, &mut other.init(0), &mut Opt::new(opt.cfg, other.num_params())).unwrap_err();
+        assert!(e.to_string().contains("tensor 0.weight has shape [6, 4], this model's is [4, 6]"), "{e}");
+        man.num_params = m.num_params() as u64;
+    }
+
+    #[test]
+    fn checkpoints_with_the_old_preset_names_still_load_and_export() {
+        // A checkpoint written before layer lists: tensors named fc0.weight, fc1.bias, ...
+        let dir = tempfile::tempdir().unwrap();
+        let (p, opt) = state(6);
+        let m = model();
+        let mut old = m.clone();
+        for t in &mut old.params {
+            let (module, field) = t.name.split_once('.').unwrap();
+            t.name = format!("fc{}.{field}", module.parse::<usize>().unwrap() / 2);
+        }
+        let tensors = state_tensors(&old, &opt);
+        assert_eq!(tensors[5].name, "optimizer.momentum_buffer.fc0.bias");
+        let rel = shoal_core::checkpoint::checkpoint_dir(7, 3);
+        let all: Vec<usize> = (0..tensors.len()).collect();
+        let s = PartSnapshot::take(3, 0, 1, dir.path().join(&rel), &tensors, &all, &p, &opt, Vec::new());
+        let man = CheckpointManifest {
+            job_id: 7,
+            step: 3,
+            world_size: 1,
+            model_kind: "mlp".into(),
+            optimizer_kind: "sgd".into(),
+            optimizer_step: opt.step,
+            num_params: m.num_params() as u64,
+            files: vec![write_part(&s).unwrap()],
+            dir: rel,
+            ..Default::default()
+        };
+        let (mut q, mut o) = (m.init(0), sgd());
+        restore(dir.path(), &man, &m, &mut q, &mut o).unwrap();
+        assert!(q == p && o.buffers == opt.buffers);
+        let names = export_pytorch(dir.path(), &man, &dir.path().join("old.safetensors")).unwrap();
+        assert_eq!(names.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["0.weight", "0.bias", "2.weight", "2.bias"]);
+        assert_eq!(legacy_name("cnn", "conv2.weight").as_deref(), Some("3.weight"));
+        assert_eq!(legacy_name("cnn", "fc1.bias").as_deref(), Some("9.bias"));
+        assert_eq!(legacy_name("sequential", "fc1.bias"), None);
     }
 
     #[test]
@@ -757,8 +840,8 @@ mod tests {
     #[test]
     fn tensors_larger_than_a_read_piece_restore_exactly() {
         let dir = tempfile::tempdir().unwrap();
-        let big = Model::new(&ModelSpec { kind: "mlp".into(), hidden: Some(vec![1500]), channels: None }, &[28, 28], 10).unwrap();
-        assert!(big.params[0].len() * 4 > PIECE, "fc0.weight must span read pieces");
+        let big = layout(ModelSpec { kind: "mlp".into(), hidden: Some(vec![1500]), ..Default::default() }, &[28, 28], 10);
+        assert!(big.params[0].len() * 4 > PIECE, "0.weight must span read pieces");
         let mut opt = Opt::new(Optimizer::Sgd { lr: 0.1, momentum: 0.9, weight_decay: 0.0 }, big.num_params());
         let mut p = big.init(5);
         let g = vec![0.5; p.len()];

@@ -8,7 +8,6 @@ pub mod checkpoint;
 pub mod collective;
 pub mod data;
 pub mod model;
-pub mod net;
 pub mod optim;
 pub mod runner;
 pub mod train;

@@ -61,9 +61,7 @@ impl StateMachine {
         if let Some(t) = spec.dataset.test {
             check("test", t)?;
         }
-        if spec.model.model_kind() == shoal_core::spec::ModelKind::Cnn && ds.feature_shape.len() != 2 {
-            return Err(format!("model.kind: cnn needs 2-d features (images); {} has shape {:?}", ds.name, ds.feature_shape).into());
-        }
+        // The model's shapes against the records' (an error names the layer), then the limits.
         shoal_core::limits::check_job(&spec, &ds.feature_shape, ds.classes as u64)?;
         self.check_missing(&spec, &ds.name, ds.version)?;
         Ok((spec, ds))

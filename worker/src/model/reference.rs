@@ -1,14 +1,183 @@
-//! The models' forward and backward passes over the flat parameter and gradient buffers, on
-//! shoal's own kernels (`shoal_kernels::nn`): GEMMs straight into the gradient buffer, bias and
-//! ReLU fused, activations in buffers kept from one step to the next, so a step allocates
-//! nothing. The MLP is dense layers; the CNN is two (3x3 conv, ReLU, 2x2 max-pool) blocks in
-//! channel-major layout (a batch is one GEMM per layer), then dense layers.
+//! Today's two models as they were before layer lists: their layout, init and candle
+//! forward (`RefModel`), and their hand-written passes (`RefNet`). Test-only: the presets
+//! must give these bits, compared in the same run.
 
-use shoal_core::spec::ModelKind;
+#![allow(dead_code)]
+
+use candle_core::{Device, Tensor};
+use shoal_core::rng::SplitMix64;
+use shoal_core::spec::{ModelKind, ModelSpec};
 use shoal_kernels::{lanes, nn};
 
-use crate::model::Model;
 use crate::WorkerError;
+
+/// Largest model (in f32 parameters) a worker accepts: 4 GiB of parameters.
+pub const MAX_PARAMS: usize = shoal_core::limits::MAX_MODEL_PARAMS as usize;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RefParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub offset: usize,
+    /// Fan-in for the default init bound 1/sqrt(fan_in) (PyTorch's default for both kinds).
+    pub fan_in: usize,
+}
+
+impl RefParamSpec {
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The PyTorch module name of parameter `name` of a `kind` model (README documents the
+/// modules): the MLP is `nn.Sequential(Linear, ReLU, ..., Linear)` over flattened inputs, so
+/// dense layer i is module 2i; the CNN is `nn.Sequential(Conv2d, ReLU, MaxPool2d, Conv2d,
+/// ReLU, MaxPool2d, Flatten, Linear, ReLU, ..., Linear)`, so its convolutions are modules 0
+/// and 3 and dense layer i is module 7 + 2i. Weights keep shoal's layout, which is PyTorch's
+/// ([out, in] and [out, in, kh, kw]).
+pub fn pytorch_name(kind: &str, name: &str) -> Option<String> {
+    let (module, field) = name.split_once('.')?;
+    let dense_base = match kind {
+        "mlp" => 0,
+        "cnn" => 7,
+        _ => return None,
+    };
+    let index = match (kind, module) {
+        ("cnn", "conv1") => 0,
+        ("cnn", "conv2") => 3,
+        (_, fc) => dense_base + 2 * fc.strip_prefix("fc")?.parse::<usize>().ok()?,
+    };
+    Some(format!("{index}.{field}"))
+}
+
+#[derive(Clone, Debug)]
+pub struct RefModel {
+    pub kind: ModelKind,
+    pub params: Vec<RefParamSpec>,
+    pub input_shape: Vec<usize>,
+    pub classes: usize,
+    /// Number of dense layers (the last one is the classifier).
+    dense_layers: usize,
+}
+
+impl RefModel {
+    /// Lays out the parameters for `spec` on inputs of `input_shape` (e.g. [28, 28]).
+    pub fn new(spec: &ModelSpec, input_shape: &[usize], classes: usize) -> Result<RefModel, WorkerError> {
+        if classes < 2 {
+            return Err(WorkerError::Model(format!("a classifier needs at least 2 classes, dataset has {classes}")));
+        }
+        let mut params = Vec::new();
+        let mut offset = 0;
+        let mut push = |name: String, shape: Vec<usize>, fan_in: usize| {
+            let p = RefParamSpec { name, shape, offset, fan_in };
+            offset += p.len();
+            params.push(p);
+        };
+        let kind = spec.model_kind();
+        let mut features: usize = input_shape.iter().product();
+        if kind == ModelKind::Cnn {
+            let [h, w] = match input_shape {
+                [h, w] => [*h, *w],
+                _ => return Err(WorkerError::Model(format!("cnn needs 2-d inputs, got shape {input_shape:?}"))),
+            };
+            if h < 4 || w < 4 {
+                return Err(WorkerError::Model(format!("cnn inputs must be at least 4x4, got {h}x{w}")));
+            }
+            let [c1, c2] = spec.conv_channels();
+            push("conv1.weight".into(), vec![c1, 1, 3, 3], 9);
+            push("conv1.bias".into(), vec![c1], 9);
+            push("conv2.weight".into(), vec![c2, c1, 3, 3], c1 * 9);
+            push("conv2.bias".into(), vec![c2], c1 * 9);
+            features = c2 * (h / 2 / 2) * (w / 2 / 2);
+        }
+        let mut sizes = spec.hidden_sizes();
+        sizes.push(classes);
+        for (i, &out) in sizes.iter().enumerate() {
+            push(format!("fc{i}.weight"), vec![out, features], features);
+            push(format!("fc{i}.bias"), vec![out], features);
+            features = out;
+        }
+        let model = RefModel { kind, params, input_shape: input_shape.to_vec(), classes, dense_layers: sizes.len() };
+        // Checked before any buffer is allocated: a typo in a spec must not abort the worker.
+        if model.num_params() > MAX_PARAMS {
+            return Err(WorkerError::Model(format!("{} parameters is more than the {MAX_PARAMS} supported", model.num_params())));
+        }
+        Ok(model)
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.params.last().map(|p| p.offset + p.len()).unwrap_or(0)
+    }
+
+    /// Initial parameters, fixed by `seed`: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), each tensor
+    /// from its own stream so adding a layer does not shift the others.
+    pub fn init(&self, seed: u64) -> Vec<f32> {
+        let mut out = vec![0.0f32; self.num_params()];
+        for (i, p) in self.params.iter().enumerate() {
+            let mut rng = SplitMix64::derive(seed, 0x1417_0000 + i as u64);
+            let bound = 1.0 / (p.fan_in as f32).sqrt();
+            for x in &mut out[p.offset..p.offset + p.len()] {
+                *x = (rng.next_f32() * 2.0 - 1.0) * bound;
+            }
+        }
+        out
+    }
+
+    /// Wraps the flat buffer in candle tensors, for `forward`.
+    pub fn tensors(&self, flat: &[f32], dev: &Device) -> Result<Vec<Tensor>, WorkerError> {
+        self.params.iter().map(|p| Ok(Tensor::from_slice(&flat[p.offset..p.offset + p.len()], p.shape.as_slice(), dev)?)).collect()
+    }
+
+    /// Logits for a batch `x` of shape [batch, features...], in candle: the models'
+    /// reference definition (the same function as the PyTorch modules `checkpoint export`
+    /// targets), which `net`'s kernels are checked against. Training and evaluation run
+    /// `net`.
+    pub fn forward(&self, params: &[&Tensor], x: &Tensor) -> Result<Tensor, WorkerError> {
+        let batch = x.dim(0)?;
+        let mut i = 0;
+        let mut h = if self.kind == ModelKind::Cnn {
+            let (hh, ww) = (self.input_shape[0], self.input_shape[1]);
+            let mut t = x.reshape((batch, 1, hh, ww))?;
+            for _ in 0..2 {
+                let (w, b) = (params[i], params[i + 1]);
+                i += 2;
+                let c = w.dim(0)?;
+                t = t.conv2d(w, 1, 1, 1, 1)?.broadcast_add(&b.reshape((1, c, 1, 1))?)?.relu()?.max_pool2d(2)?;
+            }
+            t.flatten_from(1)?
+        } else {
+            x.reshape((batch, ()))?
+        };
+        for layer in 0..self.dense_layers {
+            let (w, b) = (params[i], params[i + 1]);
+            i += 2;
+            h = h.matmul(&w.t()?)?.broadcast_add(b)?;
+            if layer + 1 < self.dense_layers {
+                h = h.relu()?;
+            }
+        }
+        Ok(h)
+    }
+
+    /// `mlp` or `cnn`, as in the spec.
+    pub fn kind_name(&self) -> &'static str {
+        match self.kind {
+            ModelKind::Mlp => "mlp",
+            ModelKind::Cnn => "cnn",
+        }
+    }
+
+    /// The PyTorch names of the parameters, in the layout that `checkpoint export` writes
+    /// (see `pytorch_name`).
+    pub fn pytorch_names(&self) -> Vec<String> {
+        self.params.iter().map(|p| pytorch_name(self.kind_name(), &p.name).expect("every parameter has a PyTorch name")).collect()
+    }
+}
+
 
 /// Buffers for one batch size, grown when a larger batch comes.
 #[derive(Default)]
@@ -39,7 +208,7 @@ fn grow(v: &mut Vec<f32>, n: usize) {
 }
 
 /// A model's layer shapes plus its reusable buffers.
-pub struct Net {
+pub struct RefNet {
     kind: ModelKind,
     /// Dense widths: input features (after the conv blocks for a CNN), hidden..., classes.
     widths: Vec<usize>,
@@ -52,8 +221,8 @@ pub struct Net {
     bufs: Buffers,
 }
 
-impl Net {
-    pub fn new(model: &Model) -> Net {
+impl RefNet {
+    pub fn new(model: &RefModel) -> RefNet {
         let offsets = model.params.iter().map(|p| p.offset).collect();
         let (image, channels, dense_first) = match model.kind {
             ModelKind::Cnn => {
@@ -64,7 +233,7 @@ impl Net {
         };
         let mut widths = vec![model.params[dense_first].shape[1]];
         widths.extend(model.params[dense_first..].iter().step_by(2).map(|p| p.shape[0]));
-        Net { kind: model.kind, widths, image, channels, offsets, classes: model.classes, bufs: Buffers::default() }
+        RefNet { kind: model.kind, widths, image, channels, offsets, classes: model.classes, bufs: Buffers::default() }
     }
 
     fn dense_first(&self) -> usize {
@@ -339,190 +508,3 @@ impl Net {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use shoal_core::spec::ModelSpec;
-
-    /// A plain f64 reference of both models' loss (mean cross-entropy), written from their
-    /// definitions: direct 3x3 convolutions with zero padding, ReLU, 2x2 max-pooling, dense.
-    fn reference_loss(model: &Model, params: &[f64], x: &[f64], labels: &[u32]) -> f64 {
-        let n = labels.len();
-        let p = |i: usize| &params[model.params[i].offset..model.params[i].offset + model.params[i].len()];
-        let mut first_dense = 0;
-        let mut feats: Vec<Vec<f64>> = (0..n).map(|i| x[i * x.len() / n..(i + 1) * x.len() / n].to_vec()).collect();
-        if model.kind == ModelKind::Cnn {
-            first_dense = 4;
-            let (mut h, mut w) = (model.input_shape[0], model.input_shape[1]);
-            let mut cin = 1;
-            for block in 0..2 {
-                let (wt, bias) = (p(2 * block), p(2 * block + 1));
-                let cout = bias.len();
-                for f in feats.iter_mut() {
-                    let mut z = vec![0.0; cout * h * w];
-                    for o in 0..cout {
-                        for yy in 0..h {
-                            for xx in 0..w {
-                                let mut s = bias[o];
-                                for c in 0..cin {
-                                    for ky in 0..3 {
-                                        for kx in 0..3 {
-                                            let (sy, sx) = (yy as isize + ky as isize - 1, xx as isize + kx as isize - 1);
-                                            if sy >= 0 && sy < h as isize && sx >= 0 && sx < w as isize {
-                                                s += wt[((o * cin + c) * 3 + ky) * 3 + kx] * f[(c * h + sy as usize) * w + sx as usize];
-                                            }
-                                        }
-                                    }
-                                }
-                                z[(o * h + yy) * w + xx] = s.max(0.0);
-                            }
-                        }
-                    }
-                    let (oh, ow) = (h / 2, w / 2);
-                    let mut pooled = vec![0.0; cout * oh * ow];
-                    for o in 0..cout {
-                        for yy in 0..oh {
-                            for xx in 0..ow {
-                                let at = |dy: usize, dx: usize| z[(o * h + 2 * yy + dy) * w + 2 * xx + dx];
-                                pooled[(o * oh + yy) * ow + xx] = at(0, 0).max(at(0, 1)).max(at(1, 0)).max(at(1, 1));
-                            }
-                        }
-                    }
-                    *f = pooled;
-                }
-                (h, w, cin) = (h / 2, w / 2, cout);
-            }
-        }
-        let layers = (model.params.len() - first_dense) / 2;
-        let mut loss = 0.0;
-        for (f, &y) in feats.iter().zip(labels) {
-            let mut a = f.clone();
-            for l in 0..layers {
-                let (wt, bias) = (p(first_dense + 2 * l), p(first_dense + 2 * l + 1));
-                let din = a.len();
-                a = (0..bias.len()).map(|o| bias[o] + (0..din).map(|i| wt[o * din + i] * a[i]).sum::<f64>()).map(|z| if l + 1 < layers { z.max(0.0) } else { z }).collect();
-            }
-            let max = a.iter().cloned().fold(f64::MIN, f64::max);
-            let lse = max + a.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
-            loss += lse - a[y as usize];
-        }
-        loss / n as f64
-    }
-
-    /// Every gradient of the model against central finite differences of the f64 reference.
-    fn check_gradients(spec: ModelSpec, input: &[usize], n: usize) {
-        let model = Model::new(&spec, input, 4).unwrap();
-        let params = model.init(17);
-        let feats: usize = input.iter().product();
-        let x: Vec<f32> = (0..n * feats).map(|i| ((i * 7919 % 1009) as f32 / 1009.0) * 2.0 - 0.5).collect();
-        let labels: Vec<u32> = (0..n as u32).map(|i| i * 3 % 4).collect();
-        let mut net = Net::new(&model);
-        let mut grads = vec![0.0f32; params.len()];
-        let loss = net.loss_and_grads(&params, &x, &labels, 1.0, &mut grads).unwrap();
-        let p64: Vec<f64> = params.iter().map(|&v| v as f64).collect();
-        let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-        let base = reference_loss(&model, &p64, &x64, &labels);
-        assert!((loss as f64 - base).abs() < 1e-4 * (1.0 + base.abs()), "loss {loss} vs reference {base}");
-        let eps = 1e-5;
-        for spec in &model.params {
-            for i in spec.offset..spec.offset + spec.len() {
-                let mut q = p64.clone();
-                q[i] += eps;
-                let up = reference_loss(&model, &q, &x64, &labels);
-                q[i] -= 2.0 * eps;
-                let down = reference_loss(&model, &q, &x64, &labels);
-                let fd = (up - down) / (2.0 * eps);
-                let g = grads[i] as f64;
-                assert!((g - fd).abs() <= 1e-3 * fd.abs() + 2e-5, "{}[{}]: analytic {g}, finite difference {fd}", spec.name, i - spec.offset);
-            }
-        }
-        // Scaling by a rank's share scales loss and gradients alike.
-        let mut half = vec![0.0f32; params.len()];
-        let l2 = net.loss_and_grads(&params, &x, &labels, 0.5, &mut half).unwrap();
-        assert!((l2 - 0.5 * loss).abs() < 1e-6);
-        assert!(half.iter().zip(&grads).all(|(h, g)| (h - 0.5 * g).abs() <= 1e-6 * (1.0 + g.abs())));
-    }
-
-    /// Every split of the backward pass into buckets gives the same gradients, hands over
-    /// tails that tile the buffers from the end, each only once its layers are done.
-    fn check_buckets(spec: ModelSpec, input: &[usize], n: usize) {
-        let model = Model::new(&spec, input, 4).unwrap();
-        let params = model.init(5);
-        let x: Vec<f32> = (0..n * input.iter().product::<usize>()).map(|i| (i % 13) as f32 / 13.0).collect();
-        let labels: Vec<u32> = (0..n as u32).map(|i| i % 4).collect();
-        let mut net = Net::new(&model);
-        let mut whole = vec![0.0f32; params.len()];
-        net.loss_and_grads(&params, &x, &labels, 1.0, &mut whole).unwrap();
-        let starts = net.layer_starts();
-        assert_eq!(*starts.last().unwrap(), 0);
-        for k in 0..starts.len() {
-            // Cut at every start from the k-th on (and always at 0).
-            let cuts: Vec<usize> = starts[k..].to_vec();
-            let (mut p, mut g) = (params.clone(), vec![f32::NAN; params.len()]);
-            let mut tails = Vec::new();
-            net.loss_and_grads_in_buckets(&mut p, &x, &labels, 1.0, &mut g, &cuts, &mut |pt, gt| {
-                assert_eq!(pt.len(), gt.len());
-                assert!(gt.iter().all(|v| v.is_finite()), "a tail is handed over before its gradients are written");
-                // Poison the parameters handed over: the rest of the pass must not read them.
-                pt.fill(f32::NAN);
-                tails.push((gt.len(), gt.to_vec()));
-            })
-            .unwrap();
-            let got: Vec<f32> = tails.iter().rev().flat_map(|(_, t)| t.clone()).collect();
-            assert_eq!(got.len(), params.len(), "cuts {cuts:?}: the tails tile the buffer");
-            assert!(got.iter().zip(&whole).all(|(a, b)| a.to_bits() == b.to_bits()), "cuts {cuts:?}: same gradients");
-            assert_eq!(tails.len(), cuts.len());
-        }
-        let e = net.loss_and_grads_in_buckets(&mut params.clone(), &x, &labels, 1.0, &mut whole, &[3, 0], &mut |_, _| {}).unwrap_err();
-        assert!(e.to_string().contains("bucket cuts"), "{e}");
-    }
-
-    #[test]
-    fn mlp_buckets_give_the_same_gradients() {
-        check_buckets(ModelSpec { kind: "mlp".into(), hidden: Some(vec![6, 5]), channels: None }, &[3, 4], 5);
-    }
-
-    #[test]
-    fn cnn_buckets_give_the_same_gradients() {
-        check_buckets(ModelSpec { kind: "cnn".into(), hidden: Some(vec![5]), channels: Some(vec![2, 3]) }, &[8, 8], 3);
-    }
-
-    #[test]
-    fn mlp_gradients_match_finite_differences_for_every_layer() {
-        check_gradients(ModelSpec { kind: "mlp".into(), hidden: Some(vec![6, 5]), channels: None }, &[3, 4], 5);
-    }
-
-    #[test]
-    fn cnn_gradients_match_finite_differences_for_every_layer() {
-        check_gradients(ModelSpec { kind: "cnn".into(), hidden: Some(vec![5]), channels: Some(vec![2, 3]) }, &[8, 8], 3);
-    }
-
-    #[test]
-    fn the_forward_pass_is_candles() {
-        // The same function as the candle definition in `Model::forward` (and so as the
-        // PyTorch modules the export targets).
-        use candle_core::{Device, Tensor};
-        for spec in [
-            ModelSpec { kind: "mlp".into(), hidden: Some(vec![7]), channels: None },
-            ModelSpec { kind: "cnn".into(), hidden: Some(vec![6]), channels: Some(vec![3, 4]) },
-        ] {
-            let model = Model::new(&spec, &[8, 8], 5).unwrap();
-            let params = model.init(3);
-            let n = 4;
-            let x: Vec<f32> = (0..n * 64).map(|i| ((i * 37 % 101) as f32) / 101.0).collect();
-            let labels: Vec<u32> = vec![0, 1, 2, 3];
-            let mut net = Net::new(&model);
-            net.forward(&params, &x, n).unwrap();
-            let ours = net.bufs.acts[net.widths.len() - 1][..n * 5].to_vec();
-            let dev = Device::Cpu;
-            let ts = model.tensors(&params, &dev).unwrap();
-            let refs: Vec<&Tensor> = ts.iter().collect();
-            let xt = Tensor::from_slice(&x, (n, 8, 8), &dev).unwrap();
-            let theirs = model.forward(&refs, &xt).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            for (a, b) in ours.iter().zip(&theirs) {
-                assert!((a - b).abs() < 1e-4, "{}: {a} vs candle {b}", spec.kind);
-            }
-            assert!(net.correct(&params, &x, &labels).unwrap() <= 4);
-        }
-    }
-}

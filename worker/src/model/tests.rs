@@ -1,0 +1,635 @@
+//! The presets against today's hand-written models (`reference`), bit for bit; layer lists
+//! against the presets they spell out.
+
+use serde::Deserialize;
+use shoal_core::rng::SplitMix64;
+use shoal_core::spec::{LayerSpec, ModelSpec};
+
+use super::reference::{pytorch_name, RefModel, RefNet};
+use super::*;
+
+/// Runs `f` on a pool of `threads` threads: gemm's bits depend on its thread count, and the
+/// comparisons here must hold on every machine.
+fn with_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(f)
+}
+
+/// The `[model]` section `text` (its keys, then any `[[model.layers]]`).
+fn spec(text: &str) -> ModelSpec {
+    let mut t: toml::Table = toml::from_str(&format!("[model]\n{text}")).unwrap();
+    ModelSpec::deserialize(t.remove("model").unwrap()).unwrap()
+}
+
+/// A batch of MNIST-like records: features in [0, 1], labels 0..10.
+fn batch(n: usize, features: usize, seed: u64) -> (Vec<f32>, Vec<u32>, Vec<u64>) {
+    let mut rng = SplitMix64::new(seed);
+    let x = (0..n * features).map(|_| if rng.below(3) == 0 { 0.0 } else { rng.next_f32() }).collect();
+    let y = (0..n).map(|_| rng.below(10) as u32).collect();
+    (x, y, (0..n as u64).map(|i| i * 13 + seed).collect())
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Three SGD steps of the preset `text` on 28x28 records as a `Sequential` and as the
+/// reference: the initial parameters, every step's loss and gradients (handed over in the
+/// same buckets), the logits and the counts must be the same bits.
+fn preset_matches_reference(text: &str, n: usize) {
+    let s = spec(text);
+    let reference = RefModel::new(&s, &[28, 28], 10).unwrap();
+    let mut seq = Sequential::new(&s, &[28, 28], 10, 7).unwrap();
+    let layout = seq.layout().clone();
+    let names: Vec<String> = layout.params.iter().map(|p| p.name.clone()).collect();
+    assert_eq!(names, reference.pytorch_names(), "{text}: tensor names");
+    assert_eq!(layout.params.iter().map(|p| (p.offset, p.shape.clone())).collect::<Vec<_>>(), reference.params.iter().map(|p| (p.offset, p.shape.clone())).collect::<Vec<_>>());
+    for (p, r) in layout.params.iter().zip(&reference.params) {
+        assert_eq!(pytorch_name(reference.kind_name(), &r.name).as_deref(), Some(p.name.as_str()));
+    }
+    let mut ours = layout.init(7);
+    let mut theirs = reference.init(7);
+    assert_eq!(bits(&ours), bits(&theirs), "{text}: initial parameters");
+    let mut net = RefNet::new(&reference);
+    assert_eq!(seq.layer_starts(), net.layer_starts(), "{text}: layer starts");
+    let cuts = seq.layer_starts();
+    let np = layout.num_params();
+    for step in 0..3u64 {
+        let (x, y, records) = batch(n, 784, step);
+        let b = Batch { x: &x, labels: &y, records: &records, step };
+        let (mut g1, mut g2) = (vec![0.0; np], vec![0.0; np]);
+        let (mut h1, mut h2) = (Vec::new(), Vec::new());
+        let l1 = seq.forward_backward(&mut ours, &b, 0.5, &mut g1, &cuts, &mut |p, g| h1.push((p.len(), g.len()))).unwrap();
+        let l2 = net.loss_and_grads_in_buckets(&mut theirs, &x, &y, 0.5, &mut g2, &cuts, &mut |p, g| h2.push((p.len(), g.len()))).unwrap();
+        assert_eq!(l1.to_bits(), l2.to_bits(), "{text}: step {step} loss");
+        assert_eq!(h1, h2, "{text}: step {step} buckets");
+        assert_eq!(bits(&g1), bits(&g2), "{text}: step {step} gradients");
+        for (p, g) in ours.iter_mut().zip(&g1) {
+            *p -= 0.05 * g;
+        }
+        for (p, g) in theirs.iter_mut().zip(&g2) {
+            *p -= 0.05 * g;
+        }
+    }
+    let (x, y, _) = batch(n, 784, 9);
+    let l1 = seq.outputs(&ours, &x, n).unwrap().to_vec();
+    let l2 = net.logits(&theirs, &x, n).unwrap().to_vec();
+    assert_eq!(bits(&l1), bits(&l2), "{text}: logits");
+    assert_eq!(seq.correct(&ours, &x, &y).unwrap(), net.correct(&theirs, &x, &y).unwrap());
+}
+
+#[test]
+fn the_demo_mlp_preset_gives_the_reference_bits() {
+    with_threads(2, || preset_matches_reference("kind = \"mlp\"\nhidden = [512, 256]", 32));
+}
+
+#[test]
+fn the_cnn_example_preset_gives_the_reference_bits() {
+    with_threads(2, || preset_matches_reference("kind = \"cnn\"\nchannels = [16, 32]\nhidden = [128]", 32));
+}
+
+#[test]
+fn the_mlp_lanes_pass_gives_the_reference_bits() {
+    with_threads(2, || {
+        let s = spec("kind = \"mlp\"\nhidden = [64, 32]");
+        let reference = RefModel::new(&s, &[28, 28], 10).unwrap();
+        let mut net = RefNet::new(&reference);
+        let mut seq = Sequential::new(&s, &[28, 28], 10, 7).unwrap();
+        let params = reference.init(3);
+        let np = params.len();
+        let (x, y, records) = batch(24, 784, 5);
+        let nodes = [0..2, 2..3];
+        let (mut a, mut b) = (vec![vec![0.0; np]; 2], vec![vec![0.0; np]; 2]);
+        let mut outs_a: Vec<&mut [f32]> = a.iter_mut().map(|v| &mut v[..]).collect();
+        let mut outs_b: Vec<&mut [f32]> = b.iter_mut().map(|v| &mut v[..]).collect();
+        let batch = Batch { x: &x, labels: &y, records: &records, step: 0 };
+        let l1 = seq.lanes_pass(&params, &batch, 8, 0.25, 0, &nodes, &mut outs_a).expect("a dense model has a lanes pass").unwrap();
+        let l2 = net.mlp_lanes(&params, &x, &y, 8, 0.25, 0, &nodes, &mut outs_b).unwrap();
+        assert_eq!(l1.to_bits(), l2.to_bits());
+        assert_eq!(a.iter().map(|v| bits(v)).collect::<Vec<_>>(), b.iter().map(|v| bits(v)).collect::<Vec<_>>());
+    });
+}
+
+#[test]
+fn a_layer_list_that_spells_out_the_cnn_preset_gives_its_bits() {
+    with_threads(2, || {
+        let preset = spec("kind = \"cnn\"\nchannels = [16, 32]\nhidden = [128]");
+        let list = preset.layer_list(&[28, 28], 10).unwrap();
+        assert!(matches!(list[0], LayerSpec::Conv2d { out: 16, kernel: 3, stride: 1, padding: 1, bias: true }));
+        let written = spec(&format!("kind = \"sequential\"\n{}", shoal_core::spec::layers_toml(&list)));
+        assert_eq!(written.layers.as_deref(), Some(&list[..]));
+        let mut a = Sequential::new(&preset, &[28, 28], 10, 11).unwrap();
+        let mut b = Sequential::new(&written, &[28, 28], 10, 11).unwrap();
+        assert_eq!(a.layout().params, b.layout().params);
+        assert_eq!((a.layout().kind.as_str(), b.layout().kind.as_str()), ("cnn", "sequential"));
+        let (mut pa, mut pb) = (a.layout().init(11), b.layout().init(11));
+        assert_eq!(bits(&pa), bits(&pb));
+        let (x, y, records) = batch(16, 784, 1);
+        let batch = Batch { x: &x, labels: &y, records: &records, step: 0 };
+        let np = pa.len();
+        let (mut ga, mut gb) = (vec![0.0; np], vec![0.0; np]);
+        let la = a.forward_backward(&mut pa, &batch, 1.0, &mut ga, &[0], &mut |_, _| {}).unwrap();
+        let lb = b.forward_backward(&mut pb, &batch, 1.0, &mut gb, &[0], &mut |_, _| {}).unwrap();
+        assert_eq!((la.to_bits(), bits(&ga)), (lb.to_bits(), bits(&gb)));
+    });
+}
+
+/// Plain f64 loops over PyTorch's layout (`[N][C][H][W]`, `[N][F]`): the reference each layer
+/// is checked against, and the function finite differences are taken of.
+mod naive {
+    use shoal_core::model::LayerShape;
+    use shoal_core::spec::{LayerSpec, NormOver};
+
+    /// Layer `l` on `n` records `x`; `p`: its parameters (weight then bias); `mask`: dropout's.
+    pub fn layer(l: &LayerShape, p: &[f64], x: &[f64], n: usize, mask: Option<&[f64]>) -> Vec<f64> {
+        let (inp, out) = (&l.input, &l.output);
+        let size = |s: &[u64]| s.iter().product::<u64>() as usize;
+        let (din, dout) = (size(inp), size(out));
+        let mut y = vec![0.0; n * dout];
+        let dims = |s: &[u64]| (s[0] as usize, s[1] as usize, s[2] as usize);
+        match &l.layer {
+            LayerSpec::Linear { bias, .. } => {
+                for r in 0..n {
+                    for o in 0..dout {
+                        let mut s = if *bias { p[dout * din + o] } else { 0.0 };
+                        for i in 0..din {
+                            s += x[r * din + i] * p[o * din + i];
+                        }
+                        y[r * dout + o] = s;
+                    }
+                }
+            }
+            LayerSpec::Conv2d { kernel, stride, padding, bias, .. } => {
+                let ((c, h, w), (co, oh, ow)) = (dims(inp), dims(out));
+                let (k, s, pad) = (*kernel as usize, *stride as usize, *padding as isize);
+                for r in 0..n {
+                    for o in 0..co {
+                        for i in 0..oh {
+                            for j in 0..ow {
+                                let mut acc = if *bias { p[co * c * k * k + o] } else { 0.0 };
+                                for ci in 0..c {
+                                    for a in 0..k {
+                                        for b in 0..k {
+                                            let (yy, xx) = ((i * s + a) as isize - pad, (j * s + b) as isize - pad);
+                                            if yy >= 0 && xx >= 0 && (yy as usize) < h && (xx as usize) < w {
+                                                acc += x[r * din + ci * h * w + yy as usize * w + xx as usize] * p[((o * c + ci) * k + a) * k + b];
+                                            }
+                                        }
+                                    }
+                                }
+                                y[r * dout + (o * oh + i) * ow + j] = acc;
+                            }
+                        }
+                    }
+                }
+            }
+            LayerSpec::MaxPool2d { kernel, stride } | LayerSpec::AvgPool2d { kernel, stride } => {
+                let max = matches!(l.layer, LayerSpec::MaxPool2d { .. });
+                let ((c, h, w), (_, oh, ow)) = (dims(inp), dims(out));
+                let (k, s) = (*kernel as usize, stride.unwrap_or(*kernel) as usize);
+                for rc in 0..n * c {
+                    for i in 0..oh {
+                        for j in 0..ow {
+                            let mut acc = if max { f64::NEG_INFINITY } else { 0.0 };
+                            for a in 0..k {
+                                for b in 0..k {
+                                    let v = x[rc * h * w + (i * s + a) * w + j * s + b];
+                                    acc = if max { acc.max(v) } else { acc + v };
+                                }
+                            }
+                            y[rc * oh * ow + i * ow + j] = if max { acc } else { acc / (k * k) as f64 };
+                        }
+                    }
+                }
+            }
+            LayerSpec::Flatten => y.copy_from_slice(&x[..n * din]),
+            LayerSpec::Relu => y.iter_mut().zip(x).for_each(|(y, x)| *y = x.max(0.0)),
+            LayerSpec::Gelu => y.iter_mut().zip(x).for_each(|(y, x)| *y = 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))),
+            LayerSpec::Tanh => y.iter_mut().zip(x).for_each(|(y, x)| *y = x.tanh()),
+            LayerSpec::Sigmoid => y.iter_mut().zip(x).for_each(|(y, x)| *y = 1.0 / (1.0 + (-x).exp())),
+            LayerSpec::Dropout { .. } => y.iter_mut().zip(x).zip(mask.expect("dropout needs its mask")).for_each(|((y, x), m)| *y = x * m),
+            LayerSpec::LayerNorm { over, eps } => {
+                let d = match over {
+                    NormOver::Last => *inp.last().unwrap() as usize,
+                    NormOver::Chw => din,
+                };
+                for (xs, ys) in x[..n * din].chunks(d).zip(y.chunks_mut(d)) {
+                    let mean = xs.iter().sum::<f64>() / d as f64;
+                    let var = xs.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / d as f64;
+                    let rstd = 1.0 / (var + *eps).sqrt();
+                    for (j, (y, x)) in ys.iter_mut().zip(xs).enumerate() {
+                        *y = (x - mean) * rstd * p[j] + p[d + j];
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    /// Mean cross-entropy of `logits` against `labels`, times `scale` (`softmax_xent`).
+    pub fn loss(logits: &[f64], labels: &[u32], classes: usize, scale: f64) -> f64 {
+        let n = labels.len();
+        let mut total = 0.0;
+        for (row, &y) in logits.chunks(classes).zip(labels) {
+            let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = row.iter().map(|v| (v - max).exp()).sum::<f64>().ln() + max;
+            total += lse - row[y as usize];
+        }
+        total * scale / n as f64
+    }
+}
+
+/// A model for the layer checks: its layer list on records of `shape`, and the batch.
+struct Case {
+    name: &'static str,
+    shape: Vec<u64>,
+    classes: u64,
+    n: usize,
+    layers: &'static str,
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            name: "kernel 5, 1 channel, batch 1, tanh",
+            shape: vec![1, 8, 8],
+            classes: 4,
+            n: 1,
+            layers: r#"
+                [[model.layers]]
+                kind = "conv2d"
+                out = 3
+                kernel = 5
+                [[model.layers]]
+                kind = "tanh"
+                [[model.layers]]
+                kind = "flatten"
+                [[model.layers]]
+                kind = "linear"
+                out = 4"#,
+        },
+        Case {
+            name: "3 channels, stride 2, padding 1, no bias, gelu, maxpool, layernorm over C,H,W, sigmoid, dropout",
+            shape: vec![3, 9, 7],
+            classes: 3,
+            n: 3,
+            layers: r#"
+                [[model.layers]]
+                kind = "conv2d"
+                out = 4
+                kernel = 3
+                stride = 2
+                padding = 1
+                bias = false
+                [[model.layers]]
+                kind = "gelu"
+                [[model.layers]]
+                kind = "maxpool2d"
+                kernel = 2
+                [[model.layers]]
+                kind = "layernorm"
+                over = "chw"
+                [[model.layers]]
+                kind = "flatten"
+                [[model.layers]]
+                kind = "linear"
+                out = 5
+                [[model.layers]]
+                kind = "sigmoid"
+                [[model.layers]]
+                kind = "dropout"
+                p = 0.3
+                [[model.layers]]
+                kind = "linear"
+                out = 3"#,
+        },
+        Case {
+            name: "2 channels, padding 1, fused relu, avgpool stride 2, dropout on images, maxpool stride 1, layernorm over the last dimension",
+            shape: vec![2, 10, 10],
+            classes: 3,
+            n: 2,
+            layers: r#"
+                [[model.layers]]
+                kind = "conv2d"
+                out = 3
+                kernel = 3
+                padding = 1
+                [[model.layers]]
+                kind = "relu"
+                [[model.layers]]
+                kind = "avgpool2d"
+                kernel = 3
+                stride = 2
+                [[model.layers]]
+                kind = "dropout"
+                p = 0.5
+                [[model.layers]]
+                kind = "maxpool2d"
+                kernel = 3
+                stride = 1
+                [[model.layers]]
+                kind = "layernorm"
+                [[model.layers]]
+                kind = "relu"
+                [[model.layers]]
+                kind = "flatten"
+                [[model.layers]]
+                kind = "linear"
+                out = 3"#,
+        },
+        Case {
+            name: "stride 2, padding 0, sigmoid, two convolutions",
+            shape: vec![1, 7, 7],
+            classes: 2,
+            n: 2,
+            layers: r#"
+                [[model.layers]]
+                kind = "conv2d"
+                out = 2
+                kernel = 3
+                stride = 2
+                [[model.layers]]
+                kind = "sigmoid"
+                [[model.layers]]
+                kind = "conv2d"
+                out = 3
+                kernel = 3
+                padding = 1
+                [[model.layers]]
+                kind = "relu"
+                [[model.layers]]
+                kind = "flatten"
+                [[model.layers]]
+                kind = "dropout"
+                p = 0.2
+                [[model.layers]]
+                kind = "linear"
+                out = 2"#,
+        },
+        Case {
+            name: "dense: no bias, layernorm, tanh, relu",
+            shape: vec![6],
+            classes: 3,
+            n: 5,
+            layers: r#"
+                [[model.layers]]
+                kind = "linear"
+                out = 7
+                [[model.layers]]
+                kind = "relu"
+                [[model.layers]]
+                kind = "linear"
+                out = 5
+                bias = false
+                [[model.layers]]
+                kind = "layernorm"
+                [[model.layers]]
+                kind = "tanh"
+                [[model.layers]]
+                kind = "linear"
+                out = 3"#,
+        },
+    ]
+}
+
+/// Everything about one case: the model, its shapes, parameters, a batch and its masks.
+struct Setup {
+    seq: Sequential,
+    shapes: shoal_core::model::Layout,
+    params: Vec<f32>,
+    x: Vec<f32>,
+    labels: Vec<u32>,
+    records: Vec<u64>,
+    /// Each dropout layer's mask, in PyTorch's layout (None for other layers).
+    masks: Vec<Option<Vec<f64>>>,
+}
+
+const SEED: u64 = 5;
+const STEP: u64 = 3;
+
+fn setup(c: &Case) -> Setup {
+    let spec = spec(&format!("kind = \"sequential\"\n{}", c.layers.replace("\n                ", "\n")));
+    let seq = Sequential::new(&spec, &c.shape, c.classes, SEED).unwrap();
+    let shapes = shoal_core::model::Layout::new(&spec, &c.shape, c.classes).unwrap();
+    let mut params = seq.layout().init(1);
+    // Layernorm's affine away from 1 and 0, so its gradients are not special.
+    let mut rng = SplitMix64::new(2);
+    for p in &seq.layout().params {
+        if p.constant.is_some() {
+            params[p.offset..p.offset + p.len()].iter_mut().for_each(|v| *v += rng.next_f32() - 0.5);
+        }
+    }
+    let features = c.shape.iter().product::<u64>() as usize;
+    let x = (0..c.n * features).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
+    let labels = (0..c.n).map(|_| rng.below(c.classes) as u32).collect();
+    let records: Vec<u64> = (0..c.n as u64).map(|i| 40 + 3 * i).collect();
+    let masks = shapes
+        .layers
+        .iter()
+        .zip(&shapes.shapes)
+        .enumerate()
+        .map(|(i, (l, s))| match l {
+            LayerSpec::Dropout { p } => {
+                let per: usize = s.input.iter().product::<u64>() as usize;
+                let mut m = vec![0.0f32; c.n * per];
+                shoal_kernels::layers::dropout_mask(SEED, STEP, i as u64, &records, per, *p as f32, &mut m).unwrap();
+                Some(m.iter().map(|&v| v as f64).collect())
+            }
+            _ => None,
+        })
+        .collect();
+    Setup { seq, shapes, params, x, labels, records, masks }
+}
+
+/// The naive forward pass in f64 of `n` records `x` from parameters `p`: the logits.
+fn naive_pass(shapes: &shoal_core::model::Layout, x: &[f32], p: &[f64], n: usize, masks: &[Option<Vec<f64>>]) -> Vec<f64> {
+    let mut at: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    let mut offset = 0;
+    for (i, l) in shapes.shapes.iter().enumerate() {
+        let count = l.param_count() as usize;
+        at = naive::layer(l, &p[offset..offset + count], &at, n, masks[i].as_deref());
+        offset += count;
+    }
+    at
+}
+
+impl Setup {
+    fn loss(&self, p: &[f64]) -> f64 {
+        let n = self.labels.len();
+        let logits = naive_pass(&self.shapes, &self.x, p, n, &self.masks);
+        naive::loss(&logits, &self.labels, self.shapes.shapes.last().unwrap().output[0] as usize, 0.5)
+    }
+
+    /// Our values at boundary `b` after a forward pass, in PyTorch's layout.
+    fn ours(&self, b: usize) -> Vec<f64> {
+        let n = self.labels.len();
+        let buf = &self.seq.acts[self.seq.slot[b]];
+        let shape = if b == 0 { &self.shapes.input } else { &self.shapes.shapes[b - 1].output };
+        let size = self.seq.sizes[b];
+        match self.seq.layouts[b] {
+            Arrangement::Rows => buf[..n * size].iter().map(|&v| v as f64).collect(),
+            Arrangement::Planes => {
+                let (c, p) = (shape[0] as usize, (shape[1] * shape[2]) as usize);
+                let mut out = vec![0.0; n * size];
+                for ni in 0..n {
+                    for ci in 0..c {
+                        for pi in 0..p {
+                            out[ni * c * p + ci * p + pi] = buf[(ci * n + ni) * p + pi] as f64;
+                        }
+                    }
+                }
+                out
+            }
+        }
+    }
+}
+
+fn close(a: f64, b: f64, abs: f64, rel: f64) -> bool {
+    (a - b).abs() <= abs + rel * a.abs().max(b.abs())
+}
+
+#[test]
+fn every_layer_kind_matches_a_plain_f64_reference_forward() {
+    for c in cases() {
+        let mut s = setup(&c);
+        let n = c.n;
+        let params = s.params.clone();
+        s.seq.forward(&params, &s.x.clone(), n, Some((&s.records.clone(), STEP))).unwrap();
+        let p64: Vec<f64> = params.iter().map(|&v| v as f64).collect();
+        let mut offset = 0;
+        for (i, l) in s.shapes.shapes.iter().enumerate() {
+            let count = l.param_count() as usize;
+            // Each layer from our own input to it, so errors do not pile up.
+            let input = s.ours(i);
+            let mut want = naive::layer(l, &p64[offset..offset + count], &input, n, s.masks[i].as_deref());
+            offset += count;
+            if s.seq.fused.get(i + 1) == Some(&true) {
+                // Its ReLU runs inside it: the buffer holds the ReLU's output.
+                want.iter_mut().for_each(|v| *v = v.max(0.0));
+            }
+            let got = s.ours(i + 1);
+            assert_eq!(got.len(), want.len(), "{}: layer {i} ({})", c.name, l.kind());
+            for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(close(*g, *w, 1e-5, 1e-5), "{}: layer {i} ({}) output {j}: {g} vs the reference's {w}", c.name, l.kind());
+            }
+        }
+        // Evaluation skips dropout: the naive pass without masks.
+        let logits = s.seq.outputs(&params, &s.x.clone(), n).unwrap().to_vec();
+        let mut eval = s.masks.clone();
+        eval.iter_mut().flatten().for_each(|m| m.fill(1.0));
+        let want = naive_pass(&s.shapes, &s.x, &p64, n, &eval);
+        for (g, w) in logits.iter().zip(&want) {
+            assert!(close(*g as f64, *w, 1e-4, 1e-4), "{}: evaluation logits {g} vs {w}", c.name);
+        }
+    }
+}
+
+#[test]
+fn every_layer_kind_has_gradients_that_match_finite_differences_in_f64() {
+    for c in cases() {
+        let mut s = setup(&c);
+        let np = s.params.len();
+        let (mut params, mut grads) = (s.params.clone(), vec![0.0f32; np]);
+        let (x, labels, records) = (s.x.clone(), s.labels.clone(), s.records.clone());
+        let batch = Batch { x: &x, labels: &labels, records: &records, step: STEP };
+        let loss = s.seq.forward_backward(&mut params, &batch, 0.5, &mut grads, &[0], &mut |_, _| {}).unwrap();
+        let p64: Vec<f64> = s.params.iter().map(|&v| v as f64).collect();
+        assert!(close(loss as f64, s.loss(&p64), 1e-5, 1e-5), "{}: loss {loss} vs {}", c.name, s.loss(&p64));
+        let h = 1e-6;
+        let mut rng = SplitMix64::new(9);
+        for t in &s.seq.layout().params.clone() {
+            // Every element of small tensors, a sample of large ones.
+            let picks: Vec<usize> = if t.len() <= 24 { (0..t.len()).collect() } else { (0..24).map(|_| rng.below(t.len() as u64) as usize).collect() };
+            for k in picks {
+                let i = t.offset + k;
+                let mut q = p64.clone();
+                q[i] += h;
+                let up = s.loss(&q);
+                q[i] -= 2.0 * h;
+                let down = s.loss(&q);
+                let fd = (up - down) / (2.0 * h);
+                let g = grads[i] as f64;
+                assert!(close(g, fd, 2e-5, 2e-3), "{}: d loss / d {}[{k}] = {g}, finite differences say {fd}", c.name, t.name);
+            }
+        }
+    }
+}
+
+/// Layer `l` in candle (f32, on the CPU), where candle has the op; None where it does not.
+fn candle_layer(l: &shoal_core::model::LayerShape, p: &[f32], x: &[f32], n: usize) -> Option<Vec<f32>> {
+    use candle_core::{Device, Tensor};
+    let dev = Device::Cpu;
+    let dims = |s: &[u64]| std::iter::once(n).chain(s.iter().map(|&d| d as usize)).collect::<Vec<usize>>();
+    let t = Tensor::from_slice(x, dims(&l.input), &dev).unwrap();
+    let w = |shape: Vec<usize>, at: usize| Tensor::from_slice(&p[at..at + shape.iter().product::<usize>()], shape, &dev).unwrap();
+    let y = match &l.layer {
+        LayerSpec::Linear { out, bias } => {
+            let (o, i) = (*out as usize, l.input[0] as usize);
+            let y = t.matmul(&w(vec![o, i], 0).t().unwrap()).unwrap();
+            if *bias {
+                y.broadcast_add(&w(vec![o], o * i)).unwrap()
+            } else {
+                y
+            }
+        }
+        LayerSpec::Conv2d { out, kernel, stride, padding, bias } => {
+            let (o, c, k) = (*out as usize, l.input[0] as usize, *kernel as usize);
+            let y = t.conv2d(&w(vec![o, c, k, k], 0), *padding as usize, *stride as usize, 1, 1).unwrap();
+            if *bias {
+                y.broadcast_add(&w(vec![o], o * c * k * k).reshape((1, o, 1, 1)).unwrap()).unwrap()
+            } else {
+                y
+            }
+        }
+        LayerSpec::MaxPool2d { kernel, stride } => {
+            let (k, s) = (*kernel as usize, stride.unwrap_or(*kernel) as usize);
+            t.max_pool2d_with_stride((k, k), (s, s)).unwrap()
+        }
+        LayerSpec::AvgPool2d { kernel, stride } => {
+            let (k, s) = (*kernel as usize, stride.unwrap_or(*kernel) as usize);
+            t.avg_pool2d_with_stride((k, k), (s, s)).unwrap()
+        }
+        LayerSpec::Relu => t.relu().unwrap(),
+        LayerSpec::Gelu => t.gelu_erf().unwrap(),
+        LayerSpec::Tanh => t.tanh().unwrap(),
+        LayerSpec::Sigmoid => candle_nn::ops::sigmoid(&t).unwrap(),
+        LayerSpec::LayerNorm { over, eps } => {
+            let d = match over {
+                shoal_core::spec::NormOver::Last => *l.input.last().unwrap() as usize,
+                shoal_core::spec::NormOver::Chw => l.input.iter().product::<u64>() as usize,
+            };
+            let rows = t.reshape(((), d)).unwrap();
+            candle_nn::ops::layer_norm(&rows, &w(vec![d], 0), &w(vec![d], d), *eps as f32).unwrap()
+        }
+        LayerSpec::Flatten | LayerSpec::Dropout { .. } => return None,
+    };
+    Some(y.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+}
+
+#[test]
+fn every_layer_candle_has_matches_candle() {
+    let mut checked = std::collections::BTreeSet::new();
+    for c in cases() {
+        let mut s = setup(&c);
+        let params = s.params.clone();
+        s.seq.forward(&params, &s.x.clone(), c.n, Some((&s.records.clone(), STEP))).unwrap();
+        let mut offset = 0;
+        for (i, l) in s.shapes.shapes.iter().enumerate() {
+            let count = l.param_count() as usize;
+            let input: Vec<f32> = s.ours(i).iter().map(|&v| v as f32).collect();
+            let theirs = candle_layer(l, &params[offset..offset + count], &input, c.n);
+            offset += count;
+            let Some(mut want) = theirs else { continue };
+            if s.seq.fused.get(i + 1) == Some(&true) {
+                want.iter_mut().for_each(|v| *v = v.max(0.0));
+            }
+            checked.insert(l.kind());
+            let got = s.ours(i + 1);
+            assert_eq!(got.len(), want.len(), "{}: layer {i} ({})", c.name, l.kind());
+            for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(close(*g, *w as f64, 1e-5, 1e-5), "{}: layer {i} ({}) output {j}: {g}, candle says {w}", c.name, l.kind());
+            }
+        }
+    }
+    let want = ["avgpool2d", "conv2d", "gelu", "layernorm", "linear", "maxpool2d", "relu", "sigmoid", "tanh"];
+    assert_eq!(checked.into_iter().collect::<Vec<_>>(), want, "every kind candle has is checked");
+}
