@@ -394,6 +394,9 @@ pub fn job_json(j: &JobInfo) -> Value {
         "results": j.results.iter().map(|r| json!({"rank": r.rank, "worker_id": r.worker_id, "param_blake3": r.param_blake3, "model_path": r.model_path})).collect::<Vec<_>>(),
     });
     v["kind"] = json!("train");
+    // The schedule's rate of the latest step, and its gradient's norm (with clip_norm).
+    v["lr"] = json!(p.lr);
+    v["grad_norm"] = json!(p.grad_norm);
     v
 }
 

@@ -63,7 +63,9 @@ fn a_layer_list_resumes_bitwise_after_down_and_up_and_lanes_give_the_same_bits_o
     assert_eq!(on2["step"].as_u64(), Some(100), "{on2}");
     assert_eq!(hash(&on2), hash(&on3), "lanes: 2 and 3 workers end with different bits");
 
-    let resume = spec("resume", 3200, 2, "") + "[cluster]\nworkers = 2\n[checkpoint]\nevery_steps = 20\n";
+    // A warmup and cosine schedule with clipping: the rate of each step comes back exactly.
+    let schedule = "clip_norm = 0.5\n[training.schedule]\nkind = \"cosine\"\nwarmup_steps = 10\nmin_lr = 0.0001\n";
+    let resume = spec("resume", 3200, 2, schedule) + "[cluster]\nworkers = 2\n[checkpoint]\nevery_steps = 20\n";
     let file = c.write_spec("resume.toml", &resume);
     let reference = c.submit_follow(&file);
     assert_eq!(reference["state"], "succeeded", "{reference}");
@@ -119,10 +121,12 @@ fn rgb_images_train_through_three_channel_convolutions_and_wrong_shapes_are_refu
     let imported = json(c.cmd(&["data", "import", "rgb", "--json"]).arg(&x).arg(&y));
     assert_eq!(imported["feature_shape"], serde_json::json!([3, 32, 32]), "{imported}");
     let text = std::fs::read_to_string(repo().join("examples/rgb-images.toml")).unwrap();
-    let text = text.replace("train = [0, 40000]", "train = [0, 500]").replace("test = [40000, 50000]", "test = [500, 600]");
+    // No `train`: every record outside `test`.
+    let text = text.replace("train = [0, 40000]\n", "").replace("test = [40000, 50000]", "test = [500, 600]");
     let job = c.submit_follow(&c.write_spec("rgb.toml", &text));
     assert_eq!(job["state"], "succeeded", "{job}");
     assert!(job["test_accuracy"].as_f64().unwrap() >= 0.5, "the red channel tells the class: {job}");
+    assert_eq!(job["epoch_records"][0]["records"], 448, "7 steps of 64 over the 500 records outside test: {job}");
 
     // (layers, what the error must say): each refused by `job submit`, nothing queued.
     let layer = |kind: &str, keys: &str| format!("[[model.layers]]\nkind = \"{kind}\"\n{keys}\n");

@@ -632,7 +632,7 @@ impl Core {
                     let cc = ConfChangeV2::parse_from_bytes(&e.data).map_err(|e| CoordError::Raft(e.to_string()))?;
                     let cs = self.raw.apply_conf_change(&cc).map_err(|e| CoordError::Raft(e.to_string()))?;
                     let removed_leader = self.is_leader() && !cs.voters.contains(&self.raw.raft.id);
-                    self.store.mem.wl().set_conf_state(cs);
+                    self.store.mem.wl().set_conf_state(cs.clone());
                     self.conf_changed = true;
                     if removed_leader {
                         // A leader that applies its own removal (leadership moved back to it
@@ -652,6 +652,9 @@ impl Core {
                         };
                         result = self.state.write().expect("state lock").apply_member_change(e.index, op, single.node_id, &change.address, &change.request_id);
                     }
+                    // The members are exactly raft's configuration after the change (the group
+                    // a cluster started with is recorded at its first change).
+                    self.state.write().expect("state lock").sync_members(&cs.voters, &cs.learners);
                     if let Some(reply) = self.pending.remove(&change.proposal_id) {
                         let _ = reply.send(result);
                     }

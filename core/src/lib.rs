@@ -13,6 +13,7 @@ pub mod idx;
 pub mod limits;
 pub mod model;
 pub mod rng;
+pub mod schedule;
 pub mod spec;
 pub mod stats;
 

@@ -466,8 +466,10 @@ pub struct DatasetRef {
     pub name: String,
     /// Dataset version; absent means the latest at submission.
     pub version: Option<u64>,
-    /// Training records, as a half-open range `[start, end)` of record indices.
-    pub train: [u64; 2],
+    /// Training records, as a half-open range `[start, end)` of record indices. Absent:
+    /// every record of the pinned version that is not in `test` (a retraining template then
+    /// trains on all of each version it fires for).
+    pub train: Option<[u64; 2]>,
     /// Test records, `[start, end)`; evaluated at the end of each epoch.
     pub test: Option<[u64; 2]>,
     /// `"all"` (default): every record of `train`. `"new"`: only those added since the
@@ -479,6 +481,10 @@ pub struct DatasetRef {
     /// What a missing feature value (NaN, e.g. an empty CSV cell) becomes when a worker reads
     /// a record. Absent: a dataset with missing values is refused for training.
     pub fill_missing: Option<FillMissing>,
+    /// The pinned version's record count, which a default `train` needs: not part of the
+    /// spec, filled in by whoever knows the version (`JobSpec::pin_records`).
+    #[serde(skip)]
+    pub records: Option<u64>,
 }
 
 /// `[dataset] fill_missing = "mean" | NUMBER`.
@@ -539,6 +545,45 @@ pub struct TrainingSpec {
     /// workers (and however it changed during the run). Absent: the fast path, whose
     /// results depend on the world size.
     pub lanes: Option<u32>,
+    /// `"cross_entropy"` (the default: class labels) or `"mse"` (float targets: a regression).
+    pub loss: Option<String>,
+    /// `[training.schedule]`: how the learning rate moves over the steps (absent: constant).
+    pub schedule: Option<ScheduleSpec>,
+    /// Scale the gradient down to this global L2 norm when it is longer (after the
+    /// all-reduce, so every rank clips the same sum identically; PyTorch's
+    /// `clip_grad_norm_`).
+    pub clip_norm: Option<f64>,
+}
+
+/// `[training.schedule]`.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSpec {
+    /// `"constant"`, `"step"`, `"cosine"` or `"linear"`.
+    pub kind: String,
+    /// Steps of linear warmup from lr / warmup_steps up to lr, before the decay starts.
+    pub warmup_steps: Option<u64>,
+    /// `step`: multiply the rate by `gamma` (default 0.1) every `every` steps.
+    pub every: Option<u64>,
+    pub gamma: Option<f64>,
+    /// `cosine` and `linear`: the rate at the last step (default 0).
+    pub min_lr: Option<f64>,
+}
+
+/// The loss a job trains with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Loss {
+    CrossEntropy,
+    Mse,
+}
+
+impl Loss {
+    pub fn name(self) -> &'static str {
+        match self {
+            Loss::CrossEntropy => "cross_entropy",
+            Loss::Mse => "mse",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -559,6 +604,15 @@ pub struct OptimizerSpec {
 pub enum Optimizer {
     Sgd { lr: f32, momentum: f32, weight_decay: f32 },
     AdamW { lr: f32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32 },
+}
+
+impl Optimizer {
+    /// The base learning rate.
+    pub fn lr(&self) -> f32 {
+        match *self {
+            Optimizer::Sgd { lr, .. } | Optimizer::AdamW { lr, .. } => lr,
+        }
+    }
 }
 
 impl OptimizerSpec {
@@ -724,9 +778,10 @@ impl JobSpec {
         if self.dataset.version == Some(0) {
             return Err(bad("dataset.version", "versions start at 1"));
         }
-        let [a, b] = self.dataset.train;
-        if a >= b {
-            return Err(bad("dataset.train", format!("range [{a}, {b}) is empty")));
+        if let Some([a, b]) = self.dataset.train {
+            if a >= b {
+                return Err(bad("dataset.train", format!("range [{a}, {b}) is empty")));
+            }
         }
         if let Some([a, b]) = self.dataset.test {
             if a >= b {
@@ -819,8 +874,46 @@ impl JobSpec {
                 _ => return Err(bad("init", "give one of checkpoint = \"JOB[@STEP]\" or model = \"NAME@VERSION\"")),
             }
         }
-        if t.batch_size as u64 > b - a {
-            return Err(bad("training.batch_size", format!("{} is larger than the training range ({} records)", t.batch_size, b - a)));
+        if let Some([a, b]) = self.dataset.train {
+            if t.batch_size as u64 > b - a {
+                return Err(bad("training.batch_size", format!("{} is larger than the training range ({} records)", t.batch_size, b - a)));
+            }
+        }
+        match t.loss.as_deref() {
+            None | Some("cross_entropy" | "mse") => {}
+            Some(other) => return Err(bad("training.loss", format!("unknown loss {other:?} (expected \"cross_entropy\" or \"mse\")"))),
+        }
+        if let Some(c) = t.clip_norm {
+            check_positive("training.clip_norm", c)?;
+        }
+        if let Some(s) = &t.schedule {
+            let only = |key: &str, set: bool, kinds: &str| if set { Err(bad(&format!("training.schedule.{key}"), format!("applies to kind = {kinds} only"))) } else { Ok(()) };
+            match s.kind.as_str() {
+                "constant" => {
+                    only("every", s.every.is_some(), "\"step\"")?;
+                    only("gamma", s.gamma.is_some(), "\"step\"")?;
+                    only("min_lr", s.min_lr.is_some(), "\"cosine\" or \"linear\"")?;
+                }
+                "step" => {
+                    only("min_lr", s.min_lr.is_some(), "\"cosine\" or \"linear\"")?;
+                    match s.every {
+                        None => return Err(bad("training.schedule.every", "kind = \"step\" needs every = STEPS")),
+                        Some(0) => return Err(bad("training.schedule.every", "must be at least 1")),
+                        Some(_) => {}
+                    }
+                    check_range("training.schedule.gamma", s.gamma, 0.0, 1.0, false)?;
+                }
+                "cosine" | "linear" => {
+                    only("every", s.every.is_some(), "\"step\"")?;
+                    only("gamma", s.gamma.is_some(), "\"step\"")?;
+                    if let Some(m) = s.min_lr {
+                        if !(m.is_finite() && m >= 0.0 && m <= t.optimizer.lr) {
+                            return Err(bad("training.schedule.min_lr", format!("must be 0 to training.optimizer.lr ({}), got {m}", t.optimizer.lr)));
+                        }
+                    }
+                }
+                other => return Err(bad("training.schedule.kind", format!("unknown schedule {other:?} (expected \"constant\", \"step\", \"cosine\" or \"linear\")"))),
+            }
         }
         let o = &t.optimizer;
         check_positive("training.optimizer.lr", o.lr)?;
@@ -908,20 +1001,49 @@ impl JobSpec {
         self.dataset.slices.as_deref() == Some("new")
     }
 
-    /// The training records, in a fixed order: `train`'s range, or with `slices = "new"` the
+    /// The loss the spec trains with.
+    pub fn loss(&self) -> Loss {
+        match self.training.loss.as_deref() {
+            Some("mse") => Loss::Mse,
+            _ => Loss::CrossEntropy,
+        }
+    }
+
+    /// Records the pinned dataset version's size, which a default `train` (every record not
+    /// in `test`) is made of.
+    pub fn pin_records(&mut self, records: u64) {
+        self.dataset.records = Some(records);
+    }
+
+    /// The training records as half-open ranges, in order: `train`, or by default every
+    /// record of the pinned version (`pin_records`; none before it is known) outside `test`.
+    pub fn train_ranges(&self) -> Vec<[u64; 2]> {
+        if let Some(t) = self.dataset.train {
+            return vec![t];
+        }
+        let all = self.dataset.records.unwrap_or(0);
+        let ranges = match self.dataset.test {
+            None => vec![[0, all]],
+            Some([a, b]) => vec![[0, a.min(all)], [b.min(all), all]],
+        };
+        ranges.into_iter().filter(|[a, b]| a < b).collect()
+    }
+
+    /// The training records, in a fixed order: `train_ranges`, or with `slices = "new"` the
     /// records from `new_from` (the first index the `[init]` model did not see) plus the
     /// replay sample of the older ones.
     pub fn train_indices(&self, new_from: Option<u64>) -> Vec<u64> {
-        let [a, b] = self.dataset.train;
+        let ranges = self.train_ranges();
+        let all = || ranges.iter().flat_map(|&[a, b]| a..b);
         match new_from.filter(|_| self.only_new()) {
             Some(n) => {
-                let (new, old) = (n.max(a)..b, a..n.min(b));
-                let old_len = old.end.saturating_sub(old.start);
-                let replay = self.replayed(new.end.saturating_sub(new.start), old_len);
-                let pick = crate::rng::epoch_permutation(old_len as usize, self.training.seed, REPLAY_TAG);
-                new.chain(pick[..replay as usize].iter().map(|&i| old.start + i as u64)).collect()
+                let old: Vec<u64> = all().filter(|&i| i < n).collect();
+                let new = all().filter(|&i| i >= n);
+                let replay = self.replayed(new.clone().count() as u64, old.len() as u64);
+                let pick = crate::rng::epoch_permutation(old.len(), self.training.seed, REPLAY_TAG);
+                new.chain(pick[..replay as usize].iter().map(|&i| old[i as usize])).collect()
             }
-            None => (a..b).collect(),
+            None => all().collect(),
         }
     }
 
@@ -932,13 +1054,15 @@ impl JobSpec {
 
     /// How many records `train_indices` holds (without building it).
     pub fn train_len(&self, new_from: Option<u64>) -> u64 {
-        let [a, b] = self.dataset.train;
+        let ranges = self.train_ranges();
+        let total: u64 = ranges.iter().map(|[a, b]| b - a).sum();
         match new_from.filter(|_| self.only_new()) {
             Some(n) => {
-                let (new, old) = (b.saturating_sub(n.max(a)), n.min(b).saturating_sub(a));
+                let old: u64 = ranges.iter().map(|&[a, b]| n.min(b).saturating_sub(a)).sum();
+                let new = total - old;
                 new + self.replayed(new, old)
             }
-            None => b - a,
+            None => total,
         }
     }
 
@@ -997,6 +1121,53 @@ workers = 2
 
     fn err_of(text: &str) -> String {
         JobSpec::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn train_defaults_to_every_record_outside_test_of_the_pinned_version() {
+        let mut s = JobSpec::parse(&GOOD.replace("train = [0, 1000]\n", "")).unwrap();
+        assert_eq!((s.train_ranges(), s.total_steps()), (vec![], 0), "nothing before the version is known");
+        s.pin_records(1500);
+        assert_eq!(s.train_ranges(), vec![[0, 1000], [1200, 1500]]);
+        assert_eq!((s.train_len(None), s.steps_per_epoch()), (1300, 20));
+        let idx = s.train_indices(None);
+        assert_eq!((idx.len(), idx[999], idx[1000]), (1300, 999, 1200));
+        // New records since 1100 (the [init] model saw [0, 1100)), half as many replayed.
+        s.dataset.slices = Some("new".into());
+        s.dataset.replay = Some(0.5);
+        let idx = s.train_indices(Some(1100));
+        assert_eq!(idx.len() as u64, s.train_len(Some(1100)));
+        assert_eq!((&idx[..2], idx.len()), (&[1200, 1201][..], 300 + 150));
+        assert!(idx[300..].iter().all(|&i| i < 1000), "replayed records are old ones");
+        // No test range: everything; a test range at the start: the rest.
+        let mut t = JobSpec::parse(&GOOD.replace("train = [0, 1000]\n", "").replace("test = [1000, 1200]\n", "")).unwrap();
+        t.pin_records(640);
+        assert_eq!(t.train_ranges(), vec![[0, 640]]);
+        let mut u = JobSpec::parse(&GOOD.replace("train = [0, 1000]\n", "").replace("test = [1000, 1200]", "test = [0, 100]")).unwrap();
+        u.pin_records(640);
+        assert_eq!(u.train_ranges(), vec![[100, 640]]);
+    }
+
+    #[test]
+    fn schedules_losses_and_clipping_are_checked_naming_the_key() {
+        let with = |extra: &str| GOOD.replace("seed = 1\n", &format!("seed = 1\n{extra}\n"));
+        let s = JobSpec::parse(&with("loss = \"mse\"\nclip_norm = 1.0\n[training.schedule]\nkind = \"step\"\nevery = 10\ngamma = 0.5")).unwrap();
+        assert_eq!((s.loss(), s.training.clip_norm), (Loss::Mse, Some(1.0)));
+        assert_eq!(JobSpec::parse(GOOD).unwrap().loss(), Loss::CrossEntropy);
+        for (extra, want) in [
+            ("loss = \"hinge\"", "training.loss: unknown loss \"hinge\""),
+            ("clip_norm = 0", "training.clip_norm"),
+            ("[training.schedule]\nkind = \"exp\"", "training.schedule.kind: unknown schedule \"exp\""),
+            ("[training.schedule]\nkind = \"step\"", "training.schedule.every: kind = \"step\" needs every"),
+            ("[training.schedule]\nkind = \"step\"\nevery = 5\ngamma = 2.0", "training.schedule.gamma"),
+            ("[training.schedule]\nkind = \"cosine\"\nevery = 5", "training.schedule.every: applies to kind = \"step\" only"),
+            ("[training.schedule]\nkind = \"linear\"\nmin_lr = 0.5", "training.schedule.min_lr: must be 0 to training.optimizer.lr"),
+            ("[training.schedule]\nkind = \"constant\"\ngamma = 0.5", "training.schedule.gamma"),
+            ("[training.schedule]\nkind = \"cosine\"\nwarmup = 5", "warmup"),
+        ] {
+            let e = err_of(&with(extra));
+            assert!(e.contains(want), "{extra}: {e}");
+        }
     }
 
     #[test]

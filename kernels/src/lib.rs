@@ -143,6 +143,23 @@ pub fn adamw(
 /// it is still in L1.
 const FINITE_BLOCK: usize = 4096;
 
+/// The sum of the squares of `x`, in f64 (a gradient's squared L2 norm).
+pub fn sum_squares(x: &[f32]) -> f64 {
+    // Eight running sums in a fixed order (element i goes to sum i % 8), added pairwise at the
+    // end: the same bits on every machine and any target features (no reassociation).
+    let mut acc = [0.0f64; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += (*v as f64) * (*v as f64);
+        }
+    }
+    for (a, v) in acc.iter_mut().zip(chunks.remainder()) {
+        *a += (*v as f64) * (*v as f64);
+    }
+    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+}
+
 /// The index of the first NaN or infinity in `x`, if any. Each block is checked by a
 /// branch-free reduction (the largest magnitude bit pattern: NaN and infinity have every
 /// exponent bit set, so they are the patterns at or above +infinity's), which vectorizes;

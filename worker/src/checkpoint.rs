@@ -577,7 +577,7 @@ fn finalize(store: &Path, link: &dyn JobLink, m: CheckpointManifest) -> Result<V
 
 enum WriteJob {
     Part(PartSnapshot),
-    Finalize(CheckpointManifest),
+    Finalize(Box<CheckpointManifest>),
 }
 
 /// What the writer thread finished.
@@ -606,7 +606,7 @@ impl Writer {
                 for job in rx {
                     let d = match job {
                         WriteJob::Part(s) => WriteDone::Part { step: s.step, result: write_part(&s).map_err(|e| e.to_string()), buffer: s.data },
-                        WriteJob::Finalize(m) => WriteDone::Finalized { step: m.step, result: finalize(&store, link.as_ref(), m) },
+                        WriteJob::Finalize(m) => WriteDone::Finalized { step: m.step, result: finalize(&store, link.as_ref(), *m) },
                     };
                     if tx.send(d).is_err() {
                         break;
@@ -624,7 +624,7 @@ impl Writer {
     }
 
     pub fn finalize(&self, m: CheckpointManifest) {
-        let _ = self.jobs.send(WriteJob::Finalize(m));
+        let _ = self.jobs.send(WriteJob::Finalize(Box::new(m)));
     }
 
     pub fn try_done(&self) -> Option<WriteDone> {
@@ -684,8 +684,8 @@ mod tests {
         let mut opt = sgd();
         let mut p = m.init(seed);
         let g: Vec<f32> = (0..p.len()).map(|i| (i as f32 * 0.1).sin()).collect();
-        opt.apply(&mut p, &g).unwrap();
-        opt.apply(&mut p, &g).unwrap();
+        opt.apply(&mut p, &mut g.clone()).unwrap();
+        opt.apply(&mut p, &mut g.clone()).unwrap();
         (p, opt)
     }
 
@@ -845,7 +845,7 @@ mod tests {
         let mut opt = Opt::new(Optimizer::Sgd { lr: 0.1, momentum: 0.9, weight_decay: 0.0 }, big.num_params());
         let mut p = big.init(5);
         let g = vec![0.5; p.len()];
-        opt.apply(&mut p, &g).unwrap();
+        opt.apply(&mut p, &mut g.clone()).unwrap();
         let tensors = state_tensors(&big, &opt);
         let rel = shoal_core::checkpoint::checkpoint_dir(7, 1);
         let mine: Vec<usize> = (0..tensors.len()).collect();

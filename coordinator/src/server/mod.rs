@@ -272,7 +272,9 @@ fn effective_members(shared: &Shared) -> Vec<PeerInfo> {
     let state = shared.state.read().expect("state lock");
     let mut out: Vec<PeerInfo> = state.members().cloned().collect();
     if out.is_empty() {
-        return shared.cfg.peers.iter().map(|(id, a)| PeerInfo { id: *id, address: a.clone(), learner: false }).collect();
+        // The group as it started (no member change recorded yet), less any replica removed
+        // since: a removal alone records no members.
+        return shared.cfg.peers.iter().filter(|(id, _)| !state.was_removed(**id)).map(|(id, a)| PeerInfo { id: *id, address: a.clone(), learner: false }).collect();
     }
     for m in out.iter_mut() {
         if let Some(given) = shared.cfg.peers.get(&m.id) {

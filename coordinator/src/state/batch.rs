@@ -24,7 +24,7 @@ pub fn is_batch(job: &JobInfo) -> bool {
 
 /// A task's committed result (empty until it has one).
 fn result(t: &BatchTask) -> &TaskResult {
-    static NONE: TaskResult = TaskResult { output: None, records_out: 0, correct: 0, elapsed_ms: 0, stats: None, feature_shape: Vec::new(), feature_dtype: String::new(), classes: 0 };
+    static NONE: TaskResult = TaskResult { output: None, records_out: 0, correct: 0, elapsed_ms: 0, stats: None, feature_shape: Vec::new(), feature_dtype: String::new(), classes: 0, loss_sum: 0.0, sse: 0.0, target_sum: 0.0, target_sq_sum: 0.0, target_width: 0 };
     t.result.as_ref().unwrap_or(&NONE)
 }
 

@@ -43,7 +43,7 @@ impl StateMachine {
 
     /// Parses a spec and checks it against the registered datasets.
     pub fn check_submission(&self, toml: &str) -> Result<(JobSpec, DatasetInfo), ApplyError> {
-        let spec = JobSpec::parse(toml).map_err(ApplyError::invalid)?;
+        let mut spec = JobSpec::parse(toml).map_err(ApplyError::invalid)?;
         let ds = self.dataset(&spec.dataset.name, spec.dataset.version.unwrap_or(0)).ok_or_else(|| match spec.dataset.version {
             Some(v) if self.datasets.contains_key(&spec.dataset.name) => {
                 ApplyError::invalid(format!("dataset.version: dataset {:?} has no version {v}", spec.dataset.name))
@@ -57,9 +57,22 @@ impl StateMachine {
                 Ok(())
             }
         };
-        check("train", spec.dataset.train)?;
+        if let Some(t) = spec.dataset.train {
+            check("train", t)?;
+        }
         if let Some(t) = spec.dataset.test {
             check("test", t)?;
+        }
+        // A default `train` is every record of the pinned version outside `test`.
+        spec.pin_records(ds.records);
+        if spec.train_len(None) < spec.training.batch_size as u64 {
+            return Err(ApplyError::invalid(format!(
+                "training.batch_size: {} is more than the {} training records of {} v{}",
+                spec.training.batch_size,
+                spec.train_len(None),
+                ds.name,
+                ds.version
+            )));
         }
         // The model's shapes against the records' (an error names the layer), then the limits.
         shoal_core::limits::check_job(&spec, &ds.feature_shape, ds.classes as u64)?;

@@ -318,6 +318,20 @@ impl StateMachine {
         Ok(ApplyOutput::Member(id))
     }
 
+    /// Makes the members exactly `voters` and `learners` (raft's configuration after a change
+    /// was applied): a member not recorded yet (one of the group a cluster started with) is
+    /// added without an address (the replicas' own configuration has it), and one no longer in
+    /// the configuration is dropped.
+    pub fn sync_members(&mut self, voters: &[u64], learners: &[u64]) {
+        self.members.retain(|id, _| voters.contains(id) || learners.contains(id));
+        for (ids, learner) in [(voters, false), (learners, true)] {
+            for &id in ids {
+                self.members.entry(id).or_insert_with(|| PeerInfo { id, address: String::new(), learner }).learner = learner;
+            }
+        }
+        self.next_member_id = self.next_member_id.max(voters.iter().chain(learners).max().map_or(0, |m| m + 1));
+    }
+
     /// The id that the member change with `request_id` already got, if it was applied.
     pub fn member_for_request(&self, request_id: &str) -> Option<u64> {
         match self.requests.get(request_id) {

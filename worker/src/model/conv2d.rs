@@ -21,7 +21,6 @@ pub(super) struct Conv2d {
 }
 
 impl Conv2d {
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(input: &[usize], output: &[usize], params: &[ParamSpec], kernel: usize, stride: usize, pad: usize, relu: bool) -> Conv2d {
         let g = Window { kh: kernel, kw: kernel, stride, pad, h: input[1], w: input[2] };
         Conv2d { c_in: input[0], c_out: output[0], g, w: params[0].offset, b: params.get(1).map(|p| p.offset), relu, cols: Vec::new(), dcols: Vec::new() }
@@ -58,7 +57,6 @@ impl Conv2d {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn backward(&mut self, p: &[f32], g: &mut [f32], y: &[f32], dy: &mut [f32], dx: Option<&mut [f32]>, n: usize) -> Result<(), WorkerError> {
         let (k, plane, co) = (self.k(), self.plane_out(n), self.c_out);
         if self.relu {

@@ -45,7 +45,6 @@ impl LayerNorm {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn backward(&self, p: &[f32], grads: &mut [f32], x: &[f32], dy: &[f32], dx: &mut [f32], n: usize) -> Result<(), WorkerError> {
         let g = self.groups(n);
         let (head, tail) = grads.split_at_mut(self.b);

@@ -92,6 +92,15 @@ impl Layout {
     }
 }
 
+/// A batch cut into lanes: `per` records each, the first being lane `first` of the lane tree,
+/// each lane's loss and gradient weighted `scale`.
+#[derive(Clone, Copy, Debug)]
+pub struct LaneSpan {
+    pub per: usize,
+    pub first: usize,
+    pub scale: f32,
+}
+
 /// A batch as the model reads it.
 pub struct Batch<'a> {
     /// The records' features, row-major `[N][features...]` as the dataset holds them.
@@ -125,11 +134,10 @@ pub trait Model: Send {
         ready: &mut dyn FnMut(&'a mut [f32], &'a mut [f32]),
     ) -> Result<f32, WorkerError>;
     /// `[training] lanes` in one pass, where the model has kernels whose rows do not interact
-    /// (dense layers): the consecutive lanes from lane `first`, `per` records each, each
-    /// lane's loss and gradients times `scale`, and for each lane-tree node in `nodes` its
-    /// gradient into `outs`. None: compute each lane alone (`forward_backward` per lane).
-    #[allow(clippy::too_many_arguments)]
-    fn lanes_pass(&mut self, params: &[f32], batch: &Batch, per: usize, scale: f32, first: usize, nodes: &[std::ops::Range<usize>], outs: &mut [&mut [f32]]) -> Option<Result<f32, WorkerError>>;
+    /// (dense layers): the batch's consecutive lanes (`span`), each lane's loss and gradients
+    /// times `span.scale`, and for each lane-tree node in `nodes` its gradient into `outs`.
+    /// None: compute each lane alone (`forward_backward` per lane).
+    fn lanes_pass(&mut self, params: &[f32], batch: &Batch, span: LaneSpan, nodes: &[std::ops::Range<usize>], outs: &mut [&mut [f32]]) -> Option<Result<f32, WorkerError>>;
     /// The outputs (logits) of `n` records in evaluation mode (no dropout), `n` rows.
     fn outputs(&mut self, params: &[f32], x: &[f32], n: usize) -> Result<&[f32], WorkerError>;
     /// How many records batch scoring passes to `outputs` at once (None: a whole batch):
@@ -514,11 +522,11 @@ impl Model for Sequential {
         Ok(loss)
     }
 
-    fn lanes_pass(&mut self, params: &[f32], batch: &Batch, per: usize, scale: f32, first: usize, nodes: &[std::ops::Range<usize>], outs: &mut [&mut [f32]]) -> Option<Result<f32, WorkerError>> {
+    fn lanes_pass(&mut self, params: &[f32], batch: &Batch, span: LaneSpan, nodes: &[std::ops::Range<usize>], outs: &mut [&mut [f32]]) -> Option<Result<f32, WorkerError>> {
         if !self.is_dense() {
             return None;
         }
-        Some(self.dense_lanes(params, batch, per, scale, first, nodes, outs))
+        Some(self.dense_lanes(params, batch, span, nodes, outs))
     }
 
     fn outputs(&mut self, params: &[f32], x: &[f32], n: usize) -> Result<&[f32], WorkerError> {
@@ -535,8 +543,8 @@ impl Model for Sequential {
 impl Sequential {
     /// `lanes_pass` of a dense-only model, on `shoal_kernels::lanes` (whose row results do not
     /// depend on the row count).
-    #[allow(clippy::too_many_arguments)]
-    fn dense_lanes(&mut self, params: &[f32], batch: &Batch, per: usize, scale: f32, first: usize, nodes: &[std::ops::Range<usize>], outs: &mut [&mut [f32]]) -> Result<f32, WorkerError> {
+    fn dense_lanes(&mut self, params: &[f32], batch: &Batch, span: LaneSpan, nodes: &[std::ops::Range<usize>], outs: &mut [&mut [f32]]) -> Result<f32, WorkerError> {
+        let LaneSpan { per, first, scale } = span;
         let n = batch.labels.len();
         if per == 0 || !n.is_multiple_of(per) || nodes.len() != outs.len() {
             return Err(WorkerError::Model(format!("lanes pass of {n} records in lanes of {per} for {} nodes does not fit", nodes.len())));

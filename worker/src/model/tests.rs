@@ -102,7 +102,7 @@ fn the_mlp_lanes_pass_gives_the_reference_bits() {
         let mut outs_a: Vec<&mut [f32]> = a.iter_mut().map(|v| &mut v[..]).collect();
         let mut outs_b: Vec<&mut [f32]> = b.iter_mut().map(|v| &mut v[..]).collect();
         let batch = Batch { x: &x, labels: &y, records: &records, step: 0 };
-        let l1 = seq.lanes_pass(&params, &batch, 8, 0.25, 0, &nodes, &mut outs_a).expect("a dense model has a lanes pass").unwrap();
+        let l1 = seq.lanes_pass(&params, &batch, LaneSpan { per: 8, first: 0, scale: 0.25 }, &nodes, &mut outs_a).expect("a dense model has a lanes pass").unwrap();
         let l2 = net.mlp_lanes(&params, &x, &y, 8, 0.25, 0, &nodes, &mut outs_b).unwrap();
         assert_eq!(l1.to_bits(), l2.to_bits());
         assert_eq!(a.iter().map(|v| bits(v)).collect::<Vec<_>>(), b.iter().map(|v| bits(v)).collect::<Vec<_>>());

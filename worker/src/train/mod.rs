@@ -33,11 +33,18 @@ use shoal_core::JobSpec;
 use shoal_proto::{Assignment, CheckpointFile, CheckpointManifest, JobProgress, Message};
 
 use crate::checkpoint::{self, JobLink, PartSnapshot, StateTensor, WriteDone, Writer};
+use shoal_core::schedule::Schedule;
 use crate::collective::{Collective, Incoming, Mailbox, Rendezvous, Wire};
 use crate::data::{Missing, ShardedDataset};
-use crate::model::{Batch, Layout, Model};
+use crate::model::{Layout, Model};
 use crate::optim::Opt;
 use crate::WorkerError;
+
+mod lanes;
+mod step;
+
+use lanes::Lanes;
+use step::{StepInput, StepLoop, Strategy};
 
 pub struct TrainTask {
     pub store: PathBuf,
@@ -361,8 +368,10 @@ enum Origin {
 
 fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainState>) -> Result<TrainOutcome, WorkerError> {
     let a = &task.assignment;
-    let spec = JobSpec::parse(&a.spec_toml).map_err(|e| WorkerError::Spec(e.to_string()))?;
+    let mut spec = JobSpec::parse(&a.spec_toml).map_err(|e| WorkerError::Spec(e.to_string()))?;
     let info = a.dataset.as_ref().ok_or_else(|| WorkerError::Data("the assignment carries no dataset".into()))?;
+    // The pinned version: a default `train` is every record of it outside `test`.
+    spec.pin_records(info.records);
     let mut ds = ShardedDataset::open(&task.store, info)?;
     let missing = missing_policy(&spec, info)?;
     ds.set_missing(missing.clone())?;
@@ -406,7 +415,6 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
     let global_batch = spec.training.batch_size as usize;
     let (lo, hi) = (rank * global_batch / world, (rank + 1) * global_batch / world);
     let share = (hi - lo) as f32 / global_batch as f32;
-    let mut lanes = spec.training.lanes.map(|k| Lanes::new(k as usize, rank, world, np));
     // The training records in a fixed order; each epoch permutes positions in this list.
     let train_indices = spec.train_indices(a.new_from);
     let train_len = train_indices.len();
@@ -442,11 +450,14 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
         task.link.progress(&progress);
     }
     let mut ckpt = Checkpointer::new(task, &spec, &model, &state.opt, rank, world)?;
-    let mut grads = vec![0.0f32; np];
-    let cuts = bucket_cuts(&net.layer_starts(), np, (spec.aggregation.bucket_mb * (1 << 20) as f64 / 4.0) as usize);
+    // The schedule is a function of the optimizer's step count, which the state carries.
+    state.opt.set_training(Schedule::of(&spec.training, total), spec.training.clip_norm);
+    let strategy = match spec.training.lanes {
+        Some(k) => Strategy::Lanes(Lanes::new(k as usize, rank, world, np)),
+        None => Strategy::Buckets(bucket_cuts(&net.layer_starts(), np, (spec.aggregation.bucket_mb * (1 << 20) as f64 / 4.0) as usize)),
+    };
     // Every rank holds the same reduced gradients: each checks its own chunk of them.
-    let check = crate::collective::chunk(np, world, rank);
-    let (mut xs, mut ys) = (Vec::new(), Vec::new());
+    let mut steps = StepLoop::new(net, &ds, strategy, lo..hi, share, crate::collective::chunk(np, world, rank));
     let mut order: Option<(u64, Vec<u32>)> = None;
     let started = Instant::now();
     // Evaluation is not training: samples/s counts the steps' time alone.
@@ -464,7 +475,6 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
         if let Some(d) = step_delay {
             std::thread::sleep(d);
         }
-        let mut mark = Instant::now();
         let epoch = step / steps_per_epoch;
         if order.as_ref().map(|(e, _)| *e) != Some(epoch) {
             order = Some((epoch, epoch_permutation(train_len, spec.training.seed, epoch)));
@@ -472,40 +482,30 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
         let perm = &order.as_ref().expect("set above").1;
         let first = (step % steps_per_epoch) as usize * global_batch;
         let batch: Vec<u64> = perm[first..first + global_batch].iter().map(|&i| train_indices[i as usize]).collect();
-        let plan = StepPlan { share, step, cuts: &cuts, check: check.clone(), poison: injected_nan(step + 1, rank, &model) };
+        let poison = injected_nan(step + 1, rank, &model);
         let vote = &mut |c: &mut Control| ckpt.vote(c);
-        let (pass, sums) = match &mut lanes {
-            Some(l) => l.step(net, state, &ds, &batch, &mut grads, &plan, vote, ring)?,
-            None => {
-                read_batch(&ds, batch[lo..hi].iter().copied(), &mut xs, &mut ys)?;
-                let mut ctl = Control::default();
-                count_into(&mut ctl, &batch[lo..hi]);
-                lap(&mut mark, &mut phases.data);
-                let b = Batch { x: &xs, labels: &ys, records: &batch[lo..hi], step };
-                step_in_buckets(net, state, &b, &mut grads, ctl, &plan, vote, ring)?
-            }
-        };
+        let (pass, sums) = steps.step(state, StepInput { batch: &batch, step, poison, vote, ring })?;
         if sums.diverged() {
             // The step changed nothing: the state is the last good step's.
-            let own = match &mut lanes {
-                Some(l) => l.own_first_bad(net, &mut state.params, &ds, &batch, step, plan.poison)?,
-                None => own_first_bad(net, &mut state.params, &Batch { x: &xs, labels: &ys, records: &batch[lo..hi], step }, share, plan.poison)?,
-            };
-            let mut d = Divergence::found(step + 1, &sums, &grads, own, &model, ring)?;
+            let own = steps.own_first_bad(&mut state.params, (&batch, step), poison)?;
+            let mut d = Divergence::found(step + 1, &sums, &steps.grads, own, &model, ring)?;
             let committed: Vec<u64> = a.checkpoints.iter().map(|m| m.step).collect();
             d.checkpoint = ckpt.keep_last_good(state, &committed, ring)?;
             tracing::error!(job = a.job_id, step = d.step, rank, "{d}");
             return Err(WorkerError::Diverged(Box::new(d)));
         }
-        phases.compute += pass.backward_done.saturating_duration_since(mark);
+        phases.data += pass.data;
+        phases.compute += pass.compute;
         phases.collective += pass.collective;
         phases.optimizer += pass.optimizer;
-        mark = Instant::now();
+        let mut mark = Instant::now();
         phases.checkpoint += pass.vote;
         state.step = step + 1;
         state.count_records(epoch as usize, &sums);
         progress.step = state.step;
         progress.loss = sums.loss as f64;
+        progress.lr = state.opt.last_lr() as f64;
+        progress.grad_norm = state.opt.grad_norm;
         ckpt.after_step(&sums, state, ring)?;
         lap(&mut mark, &mut phases.checkpoint);
         phases.steps += 1;
@@ -524,7 +524,7 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
             finished_an_epoch = true;
             if let Some(test) = spec.dataset.test {
                 let t = Instant::now();
-                state.test_accuracy = evaluate(net, &state.params, &ds, test, rank, world, ring)?;
+                state.test_accuracy = evaluate(steps.net, &state.params, &ds, test, rank, world, ring)?;
                 state.evaluated_at = state.step;
                 progress.test_accuracy = state.test_accuracy;
                 eval_time += t.elapsed();
@@ -538,6 +538,7 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
         }
     }
 
+    let net = steps.net;
     let model_path = ckpt.finish(state, ring)?;
     fill_counters(&mut progress, state);
     if let (0, Some(holdout)) = (rank, &a.holdout) {
@@ -573,18 +574,6 @@ fn missing_policy(spec: &JobSpec, info: &shoal_proto::DatasetInfo) -> Result<Mis
 /// step STEP (counted from 1) before the all-reduce, at the classifier's bias.
 fn injected_nan(step: u64, rank: usize, model: &Layout) -> Option<usize> {
     (shoal_core::failpoint::value_at("nan-gradient", step) == Some(rank as u64)).then(|| model.params.last().map_or(0, |p| p.offset))
-}
-
-/// After a step that diverged: this rank's own gradient computed again (the step changed
-/// nothing, so the same bits come out; the reduced buffer no longer tells whose it was), and
-/// its first NaN or infinity.
-fn own_first_bad(net: &mut dyn Model, params: &mut [f32], batch: &Batch, share: f32, poison: Option<usize>) -> Result<Option<u64>, WorkerError> {
-    let mut g = vec![0.0f32; params.len()];
-    net.forward_backward(params, batch, share, &mut g, &[0], &mut |_, _| {})?;
-    if let Some(at) = poison {
-        g[at] = f32::NAN;
-    }
-    Ok(shoal_kernels::first_non_finite(&g).map(|i| i as u64))
 }
 
 /// A step whose loss or gradients were not finite, as the job's error tells it.
@@ -739,368 +728,6 @@ fn bucket_cuts(layer_starts: &[usize], np: usize, bucket_floats: usize) -> Vec<u
     }
     cuts.push(0);
     cuts
-}
-
-/// Where a bucketed step's time went.
-struct StepTimes {
-    /// When the backward pass ended (the step's start is the caller's).
-    backward_done: Instant,
-    /// After the backward pass: waiting for the last buckets' all-reduce, and their updates.
-    collective: Duration,
-    optimizer: Duration,
-    /// The checkpoint vote.
-    vote: Duration,
-}
-
-/// A bucket for the communication thread: a finished tail of the parameters and gradients, or
-/// this rank's control values (last).
-enum Bucket<'a> {
-    Grads(&'a mut [f32], &'a mut [f32]),
-    Control(Control),
-}
-
-/// What one step needs besides the model, its state and the batch.
-struct StepPlan<'a> {
-    /// This rank's share of the global batch (its gradients' weight).
-    share: f32,
-    /// The global step (counted from 0): dropout's masks depend on it.
-    step: u64,
-    /// Where the gradient buffer is cut into buckets (`bucket_cuts`).
-    cuts: &'a [usize],
-    /// This rank's share of the reduced gradients to check (`chunk(np, world, rank)`).
-    check: Range<usize>,
-    /// Test fault point `nan-gradient`: a NaN written into this rank's own gradient there.
-    poison: Option<usize>,
-}
-
-/// One optimizer step, bucketed: a communication thread all-reduces each bucket of gradients
-/// as soon as the backward pass hands it over (and checks this rank's share of it) while the
-/// backward pass goes on with the earlier layers; then the control values (the loss and the
-/// checkpoint votes, filled in once the backward pass is done) are gathered last, and only if
-/// every rank found its loss and its share of the gradients finite is the optimizer applied.
-/// `ctl` comes with the step's records counted; `vote` adds the checkpoint votes.
-#[allow(clippy::too_many_arguments)]
-fn step_in_buckets(
-    net: &mut dyn Model,
-    state: &mut TrainState,
-    batch: &Batch,
-    grads: &mut [f32],
-    mut ctl: Control,
-    plan: &StepPlan,
-    vote: &mut dyn FnMut(&mut Control),
-    ring: &mut dyn Collective,
-) -> Result<(StepTimes, Sums), WorkerError> {
-    let np = grads.len();
-    let TrainState { params, opt, .. } = state;
-    let (share, cuts, check, poison) = (plan.share, plan.cuts, &plan.check, plan.poison);
-    if cuts.len() == 1 {
-        // One bucket: it is ready only when the backward pass ends, so a communication
-        // thread would overlap nothing (and costs a thread per step).
-        let loss = net.forward_backward(params, batch, share, grads, cuts, &mut |_, _| {})?;
-        if let Some(at) = poison {
-            grads[at] = f32::NAN;
-        }
-        let backward_done = Instant::now();
-        ring.all_reduce(grads)?;
-        ctl.first_bad = check_share(grads, 0, check);
-        let vote_started = Instant::now();
-        vote(&mut ctl);
-        ctl.loss = loss;
-        let vote = vote_started.elapsed();
-        let sums = reduce_controls(ring, &ctl)?;
-        let u = Instant::now();
-        if !sums.diverged() {
-            opt.begin_step();
-            opt.apply_part(0, params, grads)?;
-        }
-        let times = StepTimes { backward_done, collective: u.duration_since(backward_done).saturating_sub(vote), optimizer: u.elapsed(), vote };
-        return Ok((times, sums));
-    }
-    std::thread::scope(|scope| {
-        let (tx, rx) = std::sync::mpsc::channel::<Bucket>();
-        let comm = scope.spawn(move || -> Result<Option<(Sums, Instant, Instant)>, WorkerError> {
-            let mut reduced = Vec::new();
-            let mut end = np;
-            let mut first_bad = None;
-            let mut sums = None;
-            for bucket in rx {
-                match bucket {
-                    Bucket::Grads(p, g) => {
-                        ring.all_reduce(g)?;
-                        end -= g.len();
-                        // Checked while the backward pass still runs: off the step's path.
-                        first_bad = first_of(first_bad, check_share(g, end, check));
-                        reduced.push((end, p, g));
-                    }
-                    Bucket::Control(mut ctl) => {
-                        ctl.first_bad = first_bad;
-                        sums = Some(reduce_controls(ring, &ctl)?);
-                    }
-                }
-            }
-            let Some(sums) = sums else { return Ok(None) };
-            // Only now, with every collective of the step done and every value found finite,
-            // does the state change: a step that fails anywhere before leaves the state of
-            // the step before, which the next generation can continue from.
-            let t = Instant::now();
-            if !sums.diverged() {
-                opt.begin_step();
-                for (offset, p, g) in reduced {
-                    opt.apply_part(offset, p, g)?;
-                }
-            }
-            Ok(Some((sums, t, Instant::now())))
-        });
-        let mut end = np;
-        let pass = net.forward_backward(params, batch, share, grads, cuts, &mut |p, g| {
-            end -= g.len();
-            if let Some(at) = poison.filter(|at| (end..end + g.len()).contains(at)) {
-                g[at - end] = f32::NAN;
-            }
-            // A send fails only when the thread has stopped on an error, which join reports.
-            let _ = tx.send(Bucket::Grads(p, g));
-        });
-        let backward_done = Instant::now();
-        let vote_started = Instant::now();
-        if let Ok(loss) = pass {
-            vote(&mut ctl);
-            ctl.loss = loss;
-            let _ = tx.send(Bucket::Control(ctl));
-        }
-        let vote = vote_started.elapsed();
-        drop(tx);
-        let update = comm.join().unwrap_or_else(|_| Err(WorkerError::Panicked("the communication thread panicked".into())));
-        let waited = backward_done.elapsed().saturating_sub(vote);
-        pass?;
-        let (sums, optimizer) = match update? {
-            Some((sums, a, b)) => (sums, b.saturating_duration_since(a)),
-            None => return Err(WorkerError::Collective("the step's control values were not gathered".into())),
-        };
-        Ok((StepTimes { backward_done, collective: waited.saturating_sub(optimizer), optimizer, vote }, sums))
-    })
-}
-
-/// `[training] lanes`: the global batch cut into `k` fixed lanes, this rank computing the
-/// gradients of its run of lanes, combined by one fixed binary tree over lane ids (a node
-/// over lanes [lo, hi) is node [lo, mid) + node [mid, hi), mid = (lo + hi) / 2). A rank sums
-/// the largest subtrees that lie within its lanes; the ranks then exchange those nodes
-/// exactly and every rank finishes the tree alike. Each lane is always computed alone, at
-/// the same batch size, so its gradients are the same bits on any rank: the sum is the
-/// same bits for any number of workers.
-struct Lanes {
-    k: usize,
-    /// This rank's lanes.
-    mine: Range<usize>,
-    /// Every rank's subtree nodes, rank after rank; this rank's are `my_nodes`.
-    nodes: Vec<Range<usize>>,
-    my_nodes: Range<usize>,
-    /// The exchange buffer (one slot per node) and spare node buffers.
-    exchange: Vec<f32>,
-    spare: Vec<Vec<f32>>,
-    xs: Vec<f32>,
-    ys: Vec<u32>,
-}
-
-/// Lanes of rank `r` of `world`: rank r holds [ceil(r k / world), ceil((r + 1) k / world)),
-/// so 8 lanes over 3 ranks split 3, 3, 2.
-fn lanes_of(k: usize, r: usize, world: usize) -> Range<usize> {
-    (r * k).div_ceil(world)..((r + 1) * k).div_ceil(world)
-}
-
-/// The largest subtrees of the lane tree over `lo..hi` that lie within `within`, left to right.
-fn subtrees(lo: usize, hi: usize, within: &Range<usize>, out: &mut Vec<Range<usize>>) {
-    if hi <= within.start || lo >= within.end {
-        return;
-    }
-    if within.start <= lo && hi <= within.end {
-        out.push(lo..hi);
-        return;
-    }
-    let mid = (lo + hi) / 2;
-    subtrees(lo, mid, within, out);
-    subtrees(mid, hi, within, out);
-}
-
-fn add_into(acc: &mut [f32], other: &[f32]) {
-    for (a, b) in acc.iter_mut().zip(other) {
-        *a += *b;
-    }
-}
-
-impl Lanes {
-    fn new(k: usize, rank: usize, world: usize, np: usize) -> Lanes {
-        let mut nodes = Vec::new();
-        let mut my_nodes = 0..0;
-        for r in 0..world {
-            let first = nodes.len();
-            subtrees(0, k, &lanes_of(k, r, world), &mut nodes);
-            if r == rank {
-                my_nodes = first..nodes.len();
-            }
-        }
-        // Two ranks holding one half each: the root is their sum, which a plain all-reduce
-        // computes exactly (a + b == b + a). Otherwise every node travels.
-        let exchange = if world > 1 && !(world == 2 && nodes.len() == 2) { vec![0.0; nodes.len() * np] } else { Vec::new() };
-        Lanes { k, mine: lanes_of(k, rank, world), nodes, my_nodes, exchange, spare: Vec::new(), xs: Vec::new(), ys: Vec::new() }
-    }
-
-    /// Computes the tree node over lanes [lo, hi) into `out`; returns the lanes' loss.
-    #[allow(clippy::too_many_arguments)]
-    fn node(&mut self, lo: usize, hi: usize, net: &mut dyn Model, params: &mut [f32], ds: &ShardedDataset, at: (&[u64], u64), out: &mut [f32], ctl: &mut Control) -> Result<f32, WorkerError> {
-        let (batch, step) = at;
-        if hi - lo == 1 {
-            let per = batch.len() / self.k;
-            let records = &batch[lo * per..(lo + 1) * per];
-            read_batch(ds, records.iter().copied(), &mut self.xs, &mut self.ys)?;
-            count_into(ctl, records);
-            let b = Batch { x: &self.xs, labels: &self.ys, records, step };
-            return net.forward_backward(params, &b, per as f32 / batch.len() as f32, out, &[0], &mut |_, _| {});
-        }
-        let mid = (lo + hi) / 2;
-        let left = self.node(lo, mid, net, params, ds, at, out, ctl)?;
-        let mut right_buf = self.spare.pop().unwrap_or_else(|| vec![0.0; out.len()]);
-        let right = self.node(mid, hi, net, params, ds, at, &mut right_buf, ctl);
-        add_into(out, &right_buf);
-        self.spare.push(right_buf);
-        Ok(left + right?)
-    }
-
-    /// Finishes the tree over [lo, hi) from the exchanged nodes into `out`.
-    fn combine(&mut self, lo: usize, hi: usize, out: &mut [f32]) {
-        let np = out.len();
-        if let Some(i) = self.nodes.iter().position(|n| *n == (lo..hi)) {
-            out.copy_from_slice(&self.exchange[i * np..(i + 1) * np]);
-            return;
-        }
-        let mid = (lo + hi) / 2;
-        self.combine(lo, mid, out);
-        let mut right = self.spare.pop().unwrap_or_else(|| vec![0.0; np]);
-        self.combine(mid, hi, &mut right);
-        add_into(out, &right);
-        self.spare.push(right);
-    }
-
-    /// The global batch's gradient (the tree's root) into `grads`, the same bits on every
-    /// rank: this rank's nodes, then the exchange. Returns this rank's lanes' loss and when
-    /// the exchange began. `poison`: see `StepPlan`.
-    #[allow(clippy::too_many_arguments)]
-    fn gradients(
-        &mut self,
-        net: &mut dyn Model,
-        params: &mut [f32],
-        ds: &ShardedDataset,
-        batch: (&[u64], u64),
-        grads: &mut [f32],
-        ctl: &mut Control,
-        poison: Option<usize>,
-        ring: &mut dyn Collective,
-    ) -> Result<(f32, Instant), WorkerError> {
-        let np = grads.len();
-        let my_nodes = self.nodes[self.my_nodes.clone()].to_vec();
-        // One rank (the whole tree) or two halves (one node each): the node goes straight into
-        // `grads` and a plain all-reduce sums it. Otherwise every node has a place in the
-        // exchange, filled with -0.0, the identity of IEEE addition (x + -0.0 == x, even for
-        // x = +0.0): the all-reduce sums each node with zeros only, so every node arrives exact.
-        let mut exchange = std::mem::take(&mut self.exchange);
-        exchange.fill(-0.0);
-        let computed = {
-            let mut outs: Vec<&mut [f32]> = if exchange.is_empty() {
-                vec![&mut *grads]
-            } else {
-                exchange[self.my_nodes.start * np..self.my_nodes.end * np].chunks_mut(np).collect()
-            };
-            let loss = self.my_node_gradients(net, params, ds, batch, &my_nodes, &mut outs, ctl);
-            if let (Some(at), Some(out)) = (poison, outs.first_mut()) {
-                out[at] = f32::NAN;
-            }
-            loss
-        };
-        let exchange_started = Instant::now();
-        let reduced = computed.and_then(|loss| if exchange.is_empty() { ring.all_reduce(grads) } else { ring.all_reduce(&mut exchange) }.map(|()| loss));
-        self.exchange = exchange;
-        let loss = reduced?;
-        if !self.exchange.is_empty() {
-            self.combine(0, self.k, grads);
-        }
-        Ok((loss, exchange_started))
-    }
-
-    /// This rank's tree nodes `nodes` into `outs`; returns its lanes' loss.
-    #[allow(clippy::too_many_arguments)]
-    fn my_node_gradients(
-        &mut self,
-        net: &mut dyn Model,
-        params: &mut [f32],
-        ds: &ShardedDataset,
-        at: (&[u64], u64),
-        nodes: &[Range<usize>],
-        outs: &mut [&mut [f32]],
-        ctl: &mut Control,
-    ) -> Result<f32, WorkerError> {
-        let (batch, step) = at;
-        let per = batch.len() / self.k;
-        let records = &batch[self.mine.start * per..self.mine.end * per];
-        read_batch(ds, records.iter().copied(), &mut self.xs, &mut self.ys)?;
-        let b = Batch { x: &self.xs, labels: &self.ys, records, step };
-        let scale = per as f32 / batch.len() as f32;
-        // One pass over all of this rank's lanes, where the model's kernels keep lanes apart.
-        if let Some(loss) = net.lanes_pass(params, &b, per, scale, self.mine.start, nodes, outs) {
-            count_into(ctl, records);
-            return loss;
-        }
-        // gemm's order depends on the shapes: each lane in a call of its own.
-        let mut loss = 0.0;
-        for (n, out) in nodes.iter().zip(outs.iter_mut()) {
-            loss += self.node(n.start, n.end, net, params, ds, at, out, ctl)?;
-        }
-        Ok(loss)
-    }
-
-    /// One optimizer step with lanes: the gradients, the control values, then the update
-    /// (only once every collective succeeded and every value is finite).
-    #[allow(clippy::too_many_arguments)]
-    fn step(
-        &mut self,
-        net: &mut dyn Model,
-        state: &mut TrainState,
-        ds: &ShardedDataset,
-        batch: &[u64],
-        grads: &mut [f32],
-        plan: &StepPlan,
-        vote: &mut dyn FnMut(&mut Control),
-        ring: &mut dyn Collective,
-    ) -> Result<(StepTimes, Sums), WorkerError> {
-        let mut ctl = Control::default();
-        let (loss, backward_done) = self.gradients(net, &mut state.params, ds, (batch, plan.step), grads, &mut ctl, plan.poison, ring)?;
-        ctl.first_bad = check_share(grads, 0, &plan.check);
-        let vote_started = Instant::now();
-        vote(&mut ctl);
-        ctl.loss = loss;
-        let vote = vote_started.elapsed();
-        let sums = reduce_controls(ring, &ctl)?;
-        let u = Instant::now();
-        if !sums.diverged() {
-            state.opt.apply(&mut state.params, grads)?;
-        }
-        let times = StepTimes { backward_done, collective: u.duration_since(backward_done).saturating_sub(vote), optimizer: u.elapsed(), vote };
-        Ok((times, sums))
-    }
-
-    /// After a step that diverged: this rank's own part of it computed again (the step
-    /// changed nothing, so the same bits come out), and the first NaN or infinity in its
-    /// tree nodes, which are laid out like the parameters.
-    #[allow(clippy::too_many_arguments)]
-    fn own_first_bad(&mut self, net: &mut dyn Model, params: &mut [f32], ds: &ShardedDataset, batch: &[u64], step: u64, poison: Option<usize>) -> Result<Option<u64>, WorkerError> {
-        let np = params.len();
-        let my_nodes = self.nodes[self.my_nodes.clone()].to_vec();
-        let mut bufs = vec![vec![0.0f32; np]; my_nodes.len()];
-        let mut outs: Vec<&mut [f32]> = bufs.iter_mut().map(|b| &mut b[..]).collect();
-        self.my_node_gradients(net, params, ds, (batch, step), &my_nodes, &mut outs, &mut Control::default())?;
-        if let (Some(at), Some(out)) = (poison, outs.first_mut()) {
-            out[at] = f32::NAN;
-        }
-        Ok(bufs.iter().map(|b| shoal_kernels::first_non_finite(b).map(|i| i as u64)).fold(None, first_of))
-    }
 }
 
 /// The state to start from: the newest committed checkpoint that loads, else a fresh one.
@@ -1466,7 +1093,6 @@ fn score(net: &mut dyn Model, params: &[f32], ds: &ShardedDataset) -> Result<f64
 }
 
 /// Accuracy on the test range; each rank scores its share, then the counts are summed.
-#[allow(clippy::too_many_arguments)]
 fn evaluate(
     net: &mut dyn Model,
     params: &[f32],
@@ -1499,8 +1125,10 @@ fn evaluate(
 
 #[cfg(test)]
 mod tests {
+    use super::lanes::{lanes_of, subtrees, LanePass};
     use super::*;
     use crate::collective::testing::tcp_rings;
+    use crate::model::Batch;
     use shoal_core::dataset::{write_shards, Records};
     use shoal_core::idx::IdxData;
 
@@ -1532,7 +1160,8 @@ mod tests {
                         let np = net.layout().num_params();
                         let mut lanes = Lanes::new(k, r, world, np);
                         let (mut p, mut g, mut ctl) = (params.to_vec(), vec![0.0; np], Control::default());
-                        lanes.gradients(&mut *net, &mut p, ds, (batch, 0), &mut g, &mut ctl, None, &mut ring).unwrap();
+                        let mut pass = LanePass { net: &mut *net, params: &mut p, ds, batch, step: 0 };
+                        lanes.gradients(&mut pass, &mut g, &mut ctl, None, &mut ring).unwrap();
                         g
                     })
                 })
@@ -1673,28 +1302,17 @@ mod tests {
                     s.spawn(move || {
                         let np = model.num_params();
                         let mut net = crate::model::build(&spec.model, &ds.feature_shape, ds.classes, spec.training.seed).unwrap();
-                        let net = &mut *net;
-                        let (mut state, mut grads) = (TrainState::fresh(model, spec), vec![0.0; np]);
-                        let plan = StepPlan { share: 0.5, step: 0, cuts, check: crate::collective::chunk(np, 2, r), poison: poison.filter(|_| r == 1) };
-                        let (lo, hi) = (r * 12, (r + 1) * 12);
-                        let (mut xs, mut ys) = (Vec::new(), Vec::new());
-                        read_batch(ds, batch[lo..hi].iter().copied(), &mut xs, &mut ys).unwrap();
-                        let mut lanes = lanes.map(|k| Lanes::new(k, r, 2, np));
-                        let (_, sums) = match &mut lanes {
-                            Some(l) => l.step(net, &mut state, ds, batch, &mut grads, &plan, &mut |_| {}, &mut ring).unwrap(),
-                            None => {
-                                let mut ctl = Control::default();
-                                count_into(&mut ctl, &batch[lo..hi]);
-                                let b = Batch { x: &xs, labels: &ys, records: &batch[lo..hi], step: 0 };
-                                step_in_buckets(net, &mut state, &b, &mut grads, ctl, &plan, &mut |_| {}, &mut ring).unwrap()
-                            }
+                        let mut state = TrainState::fresh(model, spec);
+                        let strategy = match lanes {
+                            Some(k) => Strategy::Lanes(Lanes::new(k, r, 2, np)),
+                            None => Strategy::Buckets(cuts.to_vec()),
                         };
+                        let mut steps = StepLoop::new(&mut *net, ds, strategy, r * 12..(r + 1) * 12, 0.5, crate::collective::chunk(np, 2, r));
+                        let poison = poison.filter(|_| r == 1);
+                        let (_, sums) = steps.step(&mut state, StepInput { batch, step: 0, poison, vote: &mut |_| {}, ring: &mut ring }).unwrap();
                         let found = sums.diverged().then(|| {
-                            let own = match &mut lanes {
-                                Some(l) => l.own_first_bad(net, &mut state.params, ds, batch, 0, plan.poison).unwrap(),
-                                None => own_first_bad(net, &mut state.params, &Batch { x: &xs, labels: &ys, records: &batch[lo..hi], step: 0 }, 0.5, plan.poison).unwrap(),
-                            };
-                            Divergence::found(5, &sums, &grads, own, model, &mut ring).unwrap()
+                            let own = steps.own_first_bad(&mut state.params, (batch, 0), poison).unwrap();
+                            Divergence::found(5, &sums, &steps.grads, own, model, &mut ring).unwrap()
                         });
                         (state, sums, found)
                     })
