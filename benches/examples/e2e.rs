@@ -4,9 +4,14 @@
 //! - `mlp`: the demo's job (examples/mnist-mlp.toml: MLP 784-512-256-10, global batch 128,
 //!   SGD momentum, 5 epochs);
 //! - `cnn`: the CNN example's model and optimizer (examples/mnist-cnn.toml: two conv + pool
-//!   blocks, AdamW, 2 epochs) at 64 per worker (global batch 128).
+//!   blocks, AdamW, 2 epochs) at 64 per worker (global batch 128);
+//! - `cnn3`: a layer list of three conv blocks of 32, 64 and 128 channels
+//!   (examples/mnist-cnn3.toml, AdamW, 1 epoch, global batch 128).
 //!
-//!     cargo run --release -p shoal-benches --example e2e -- [--model mlp|cnn|both] [--runs N] [--python PATH] [--json PATH] [--no-build]
+//! With `--one-process`, the same training in one PyTorch process with 2 threads is a third
+//! side (the peer a user with one machine would pick).
+//!
+//!     cargo run --release -p shoal-benches --example e2e -- [--model mlp|cnn|cnn3|both|all] [--runs N] [--one-process] [--python PATH] [--json PATH] [--no-build]
 //!
 //! It builds `shoal` (`cargo build --release -p shoal` in the workspace), runs `shoal bench
 //! train` and the peer N times each (default 5), and prints per-run numbers (shoal's with
@@ -24,20 +29,22 @@ use shoal_benches::{measure, median, Run};
 struct Args {
     models: Vec<String>,
     runs: usize,
+    one_process: bool,
     python: Option<PathBuf>,
     json: Option<PathBuf>,
     build: bool,
 }
 
-const USAGE: &str = "usage: e2e [--model mlp|cnn|both] [--runs N] [--python PATH] [--json PATH] [--no-build]
-  --model M      the workload (default both)
+const USAGE: &str = "usage: e2e [--model mlp|cnn|cnn3|both|all] [--runs N] [--one-process] [--python PATH] [--json PATH] [--no-build]
+  --model M      the workload (default both: mlp and cnn; all: and cnn3)
   --runs N       runs of each side (default 5)
+  --one-process  also run PyTorch in one process with 2 threads
   --python PATH  Python with torch for the peer (default benches/.venv/bin/python)
   --json PATH    also write the results as JSON
   --no-build     use target/release/shoal as it is";
 
 fn parse_args() -> Result<Args> {
-    let mut a = Args { models: vec!["mlp".into(), "cnn".into()], runs: 5, python: None, json: None, build: true };
+    let mut a = Args { models: vec!["mlp".into(), "cnn".into()], runs: 5, one_process: false, python: None, json: None, build: true };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value\n{USAGE}"));
@@ -45,14 +52,16 @@ fn parse_args() -> Result<Args> {
             "--model" => {
                 a.models = match value("--model")?.as_str() {
                     "both" => vec!["mlp".into(), "cnn".into()],
-                    m @ ("mlp" | "cnn") => vec![m.to_string()],
-                    m => bail!("--model must be mlp, cnn or both, not {m:?}"),
+                    "all" => vec!["mlp".into(), "cnn".into(), "cnn3".into()],
+                    m @ ("mlp" | "cnn" | "cnn3") => vec![m.to_string()],
+                    m => bail!("--model must be mlp, cnn, cnn3, both or all, not {m:?}"),
                 }
             }
             "--runs" => a.runs = value("--runs")?.parse().context("--runs takes a positive number")?,
             "--python" => a.python = Some(value("--python")?.into()),
             "--json" => a.json = Some(value("--json")?.into()),
             "--no-build" => a.build = false,
+            "--one-process" => a.one_process = true,
             other => return Err(shoal_benches::other_argument(other, USAGE)),
         }
     }
@@ -136,7 +145,7 @@ fn main() -> Result<()> {
     let mut docs = Vec::new();
     for model in &args.models {
         let w = workload(model, &root, tmp.path())?;
-        let (shoal_runs, torch_runs, torch_error) = compare(&args, &w, &shoal, &python, &script, torch.is_some(), &root)?;
+        let (shoal_runs, torch_runs, single_runs, torch_error) = compare(&args, &w, &shoal, &python, &script, torch.is_some(), &root)?;
         let sps = |rs: &[Run]| median(&rs.iter().map(|r| r.samples_per_s).collect::<Vec<_>>());
         let acc = |rs: &[Run]| median(&rs.iter().map(|r| r.test_accuracy).collect::<Vec<_>>());
         let wall = |rs: &[Run]| median(&rs.iter().map(|r| r.wall_s).collect::<Vec<_>>());
@@ -154,12 +163,20 @@ fn main() -> Result<()> {
             println!("ratio shoal/pytorch (samples/s): {r:.2} ({})", if r >= 1.0 { "shoal faster" } else { "shoal slower" });
             Some(r)
         };
+        let single_ratio = (!single_runs.is_empty()).then(|| {
+            println!("{:<14} {:>14.0} {:>15.4} {:>12.1}", "pytorch 1x2t", sps(&single_runs), acc(&single_runs), wall(&single_runs));
+            let r = sps(&shoal_runs) / sps(&single_runs);
+            println!("ratio shoal/pytorch one process, 2 threads (samples/s): {r:.2}");
+            r
+        });
         println!("(samples/s: training time only, per-epoch evaluation excluded; wall s: whole process, start-up included)");
         docs.push(serde_json::json!({
             "model": model,
             "shoal": summary("shoal", &shoal_runs),
             "pytorch_ddp": summary("pytorch_ddp", &torch_runs),
             "ratio_shoal_over_pytorch": ratio,
+            "pytorch_one_process": summary("pytorch_one_process", &single_runs),
+            "ratio_shoal_over_pytorch_one_process": single_ratio,
             "pytorch_error": torch_error,
         }));
     }
@@ -187,6 +204,11 @@ fn workload(model: &str, root: &Path, tmp: &Path) -> Result<Workload> {
             example("mnist-mlp.toml")?,
             vec!["--model", "mlp", "--epochs", "5", "--batch-size", "128", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--seed", "42"],
         ),
+        "cnn3" => (
+            "MNIST 3-conv-block CNN 32-64-128 then 1152-128-10 (examples/mnist-cnn3.toml), 2 workers x 1 thread, global batch 128, AdamW, 1 epoch",
+            example("mnist-cnn3.toml")?,
+            vec!["--model", "cnn3", "--epochs", "1", "--batch-size", "128", "--optimizer", "adamw", "--lr", "0.001", "--weight-decay", "0.01", "--seed", "7"],
+        ),
         _ => {
             let text = example("mnist-cnn.toml")?;
             // The example trains at 32 per worker; the comparison is at 64 per worker.
@@ -206,13 +228,28 @@ fn workload(model: &str, root: &Path, tmp: &Path) -> Result<Workload> {
     Ok(Workload { title, spec, peer_args })
 }
 
-/// Runs both sides `args.runs` times, alternating which goes first.
-fn compare(args: &Args, w: &Workload, shoal: &Path, python: &Path, script: &Path, have_torch: bool, root: &Path) -> Result<(Vec<Run>, Vec<Run>, Option<String>)> {
-    let (mut shoal_runs, mut torch_runs) = (Vec::new(), Vec::new());
+/// Runs of shoal, of the PyTorch DDP peer and of the one-process peer, and the peer's error.
+type Sides = (Vec<Run>, Vec<Run>, Vec<Run>, Option<String>);
+
+/// Runs both sides `args.runs` times, alternating which goes first (and the one-process peer
+/// after them, with `--one-process`).
+fn compare(args: &Args, w: &Workload, shoal: &Path, python: &Path, script: &Path, have_torch: bool, root: &Path) -> Result<Sides> {
+    let (mut shoal_runs, mut torch_runs, mut single_runs) = (Vec::new(), Vec::new(), Vec::new());
     let mut torch_error = None;
     for i in 0..args.runs {
         // Alternate which side goes first, so that neither always runs on a cooler machine.
         let order: &[bool] = if i % 2 == 0 { &[true, false] } else { &[false, true] };
+        if args.one_process && have_torch && torch_error.is_none() {
+            let mut cmd = Command::new(python);
+            cmd.arg(script).args(&w.peer_args).args(["--workers", "1", "--threads", "2"]).current_dir(root);
+            match measure(cmd, "pytorch_ddp:", "the one-process PyTorch peer") {
+                Ok(r) => {
+                    eprintln!("e2e: run {}/{}  pytorch 1x2t  samples/s {:>8.0}  test accuracy {:.4}  wall {:>5.1} s", i + 1, args.runs, r.samples_per_s, r.test_accuracy, r.wall_s);
+                    single_runs.push(r);
+                }
+                Err(e) => eprintln!("e2e: {e:#}"),
+            }
+        }
         for &is_shoal in order {
             if is_shoal {
                 let mut cmd = Command::new(shoal);
@@ -251,7 +288,7 @@ fn compare(args: &Args, w: &Workload, shoal: &Path, python: &Path, script: &Path
             }
         }
     }
-    Ok((shoal_runs, torch_runs, torch_error))
+    Ok((shoal_runs, torch_runs, single_runs, torch_error))
 }
 
 #[cfg(test)]

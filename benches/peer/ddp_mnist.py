@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
 """PyTorch DDP peer of `shoal demo`: the same workload, for the end-to-end comparison.
 
+With `--model cnn3` it is the peer of examples/mnist-cnn3.toml (three conv blocks of 32, 64 and
+128 channels, then Linear(1152, 128), ReLU, Linear(128, 10)). `--workers 1 --threads 2` runs
+the same training in one process with two compute threads (no DDP traffic: the second peer).
+
 With `--model cnn --optimizer adamw --lr 0.001 --weight-decay 0.01 --epochs 2 --seed 7` it is
 the peer of examples/mnist-cnn.toml instead: Conv2d(1,16,3,pad 1), ReLU, MaxPool2d(2),
 Conv2d(16,32,3,pad 1), ReLU, MaxPool2d(2), Flatten, Linear(1568,128), ReLU, Linear(128,10),
@@ -71,6 +75,12 @@ def load_mnist(data_dir):
 def build_model(kind="mlp"):
     import torch.nn as nn
 
+    if kind == "cnn3":
+        # examples/mnist-cnn3.toml: three conv blocks (32, 64, 128), then 1152-128-10.
+        blocks = []
+        for c_in, c_out in [(1, 32), (32, 64), (64, 128)]:
+            blocks += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        return nn.Sequential(*blocks, nn.Flatten(), nn.Linear(128 * 3 * 3, 128), nn.ReLU(), nn.Linear(128, 10))
     if kind == "cnn":
         return nn.Sequential(
             nn.Conv2d(1, 16, 3, padding=1),
@@ -126,7 +136,7 @@ def worker(rank, args, port, queue):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         x, y = load_mnist(args.data)
-        if args.model == "cnn":
+        if args.model in ("cnn", "cnn3"):
             x = x.reshape(-1, 1, 28, 28)
         train_x, train_y = x[: args.train_end], y[: args.train_end]
         test_x, test_y = x[args.train_end :], y[args.train_end :]
@@ -188,7 +198,7 @@ def free_port():
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
+    p.add_argument("--model", choices=["mlp", "cnn", "cnn3"], default="mlp")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's")
     p.add_argument("--epochs", type=int, default=5)

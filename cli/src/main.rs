@@ -4,6 +4,7 @@
 
 mod bench;
 mod ops;
+mod torch;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -301,21 +302,25 @@ struct SliceArgs {
     #[arg(long)]
     format: Option<String>,
     /// CSV: the label column (integer class ids, or names mapped to class ids).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "target")]
     label: Option<String>,
+    /// CSV: the regression target column (a float per record; train with `loss = "mse"`).
+    #[arg(long)]
+    target: Option<String>,
 }
 
 impl SliceArgs {
     fn source(&self) -> ops::Source<'_> {
-        ops::Source { files: &self.files, format: self.format.as_deref(), label: self.label.as_deref(), range: self.records }
+        ops::Source { files: &self.files, format: self.format.as_deref(), label: self.label.as_deref(), target: self.target.as_deref(), range: self.records }
     }
 }
 
 #[derive(Subcommand)]
 enum DataCmd {
     /// Import IDX files (gzip or not; one features file, one labels file), one CSV file (a
-    /// header row, numeric feature columns, the label column named by --label), two NumPy
-    /// .npy files (features, labels) or one safetensors file (tensors x and y) as a new
+    /// header row, numeric feature columns, the label column named by --label or a float
+    /// regression target named by --target), two NumPy .npy files (features, and labels:
+    /// integers, or float targets) or one safetensors file (tensors x and y) as a new
     /// dataset NAME (version 1): safetensors shards in the store, registered in the
     /// coordinator. An existing NAME is an error: `append` adds to it.
     Import {
@@ -610,6 +615,18 @@ enum ModelCmd {
         conn: Conn,
         #[arg(long)]
         json: bool,
+    },
+    /// Print the PyTorch code of the `torch.nn.Sequential` of model NAME@X (or job:ID's
+    /// model): it loads the model's export (`model export`, `checkpoint export`) with
+    /// `strict=True` and gives the same outputs, after `preprocess` of raw records.
+    Torch {
+        /// NAME@VERSION, NAME@ALIAS or job:ID.
+        reference: String,
+        /// Write the code to this file instead of printing it.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        conn: Conn,
     },
 }
 
@@ -1069,7 +1086,7 @@ fn print_job(j: &JobInfo) {
     let v = ops::job_json(j);
     println!("job {} ({})", j.id, j.name);
     if j.batch.is_some() {
-        for k in ["state", "operator", "tasks_total", "tasks_done", "tasks_failed", "records_out", "attempts_failed", "accuracy", "model", "output_dataset", "output_version", "error"] {
+        for k in ["state", "operator", "tasks_total", "tasks_done", "tasks_failed", "records_out", "attempts_failed", "accuracy", "test_loss", "test_rmse", "test_r2", "model", "output_dataset", "output_version", "error"] {
             if !v[k].is_null() {
                 println!("  {k}: {}", v[k]);
             }
@@ -1084,6 +1101,9 @@ fn print_job(j: &JobInfo) {
         "epoch",
         "loss",
         "test_accuracy",
+        "test_loss",
+        "test_rmse",
+        "test_r2",
         "samples_per_s",
         "workers",
         "checkpoint",
@@ -1485,6 +1505,43 @@ async fn model(cmd: ModelCmd) -> Result<()> {
                 println!("exported {}@{} ({} model of job {}) to {} ({} tensors)", m.name, v.version, c.model_kind, v.job_id, out.display(), tensors.len());
             }
         }
+        ModelCmd::Torch { reference, out, conn } => {
+            let client = conn.client()?;
+            // The model's training spec and the dataset version it trained on.
+            let (spec_toml, dataset, version, hint) = match reference.strip_prefix("job:") {
+                Some(id) => {
+                    let id: u64 = id.parse().with_context(|| format!("{reference:?} is not job:ID"))?;
+                    let j = ops::get_job(&client, id).await?;
+                    if shoal_coordinator::state::is_batch(&j) {
+                        bail!("job {id} is a batch job: it has no model");
+                    }
+                    (j.spec_toml, j.dataset_name, j.dataset_version, format!("job-{id}.safetensors"))
+                }
+                None => {
+                    let (m, v) = ops::resolve_model(&client, &reference).await?;
+                    let v = v.with_context(|| format!("{reference}: name a version (NAME@VERSION or NAME@ALIAS) or job:ID"))?;
+                    (v.spec_toml, v.dataset_name, v.dataset_version, format!("{}-{}.safetensors", m.name, v.version))
+                }
+            };
+            let spec = shoal_core::JobSpec::parse(&spec_toml).context("the model's training spec")?;
+            let d = client
+                .call(|mut c| {
+                    let req = GetDatasetRequest { name: dataset.clone(), version, shards_only: true, ..Default::default() };
+                    async move { c.get_dataset(req).await }
+                })
+                .await
+                .with_context(|| format!("reading dataset {dataset} v{version}, which the model trained on"))?;
+            let head = shoal_core::model::Head::of(spec.loss(), d.classes as u64, d.target_width as u64).map_err(anyhow::Error::msg)?;
+            let layout = shoal_core::model::Layout::new(&spec.model, &d.feature_shape, head).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let code = torch::sequential_code(&layout, &d.feature_shape, &d.feature_dtype, &hint);
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, &code).with_context(|| format!("writing {}", path.display()))?;
+                    eprintln!("wrote the PyTorch module of {reference} to {}", path.display());
+                }
+                None => print!("{code}"),
+            }
+        }
     }
     Ok(())
 }
@@ -1610,7 +1667,7 @@ async fn run_local(spec_text: String, workers: Option<u64>, keep: bool, show: bo
     let result = async {
         up?;
         let client = Client::new(&layout.endpoints()?)?;
-        let src = ops::Source { files: &files, format: None, label: None, range: None };
+        let src = ops::Source { files: &files, format: None, label: None, target: None, range: None };
         let d = ops::import_idx(&client, &spec.dataset.name, &src, None, false).await?;
         if show {
             eprintln!("demo: imported {} v{} ({} records, {} shards)", d.name, d.version, d.records, d.shards.len());

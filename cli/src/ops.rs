@@ -29,6 +29,8 @@ pub struct Source<'a> {
     pub format: Option<&'a str>,
     /// CSV: the label column.
     pub label: Option<&'a str>,
+    /// CSV: the regression target column.
+    pub target: Option<&'a str>,
     /// Only records [start, end) of the files.
     pub range: Option<(usize, usize)>,
 }
@@ -74,6 +76,9 @@ pub async fn import_idx(client: &Client, name: &str, src: &Source<'_>, per_shard
     if src.label.is_some() && format != "csv" {
         bail!("--label applies to CSV files; {format} labels come from their own file or tensor");
     }
+    if src.target.is_some() && format != "csv" {
+        bail!("--target applies to CSV files; {format} files give float targets as a float y (its own file or tensor)");
+    }
     let read = |f: &PathBuf| std::fs::read(f).with_context(|| format!("reading {}", f.display()));
     let (mut records, class_names) = if format == "npy" {
         let maps = files.iter().map(map_file).collect::<Result<Vec<_>>>()?;
@@ -84,10 +89,14 @@ pub async fn import_idx(client: &Client, name: &str, src: &Source<'_>, per_shard
         (shoal_core::dataset::records_from_safetensors(&file.display().to_string(), &read(file)?)?, Vec::new())
     } else if format == "csv" {
         let [file] = files else { bail!("CSV: pass one file (it holds the features and the label column)") };
-        let label = src.label.context("CSV: name the label column with --label COL")?;
         let text = map_file(file)?;
+        if let Some(target) = src.target {
+            (shoal_core::dataset::records_from_csv_target(&file.display().to_string(), &text, target)?, Vec::new())
+        } else {
+        let label = src.label.context("CSV: name the label column with --label COL (or a regression target with --target COL)")?;
         let known = base.as_ref().map(|b| b.class_names.clone()).unwrap_or_default();
         shoal_core::dataset::records_from_csv(&file.display().to_string(), &text, label, &known)?
+        }
     } else {
         let mut arrays = Vec::new();
         for f in files {
@@ -106,7 +115,7 @@ pub async fn import_idx(client: &Client, name: &str, src: &Source<'_>, per_shard
     let folder = import_dir(name, &request_id)?;
     // Shards of at least ~1.6 MB (2048 MNIST images): small records would otherwise make
     // thousands of files, each written and fsynced on its own.
-    let record_bytes = records.feature_shape.iter().product::<usize>() * if records.dtype() == "u8" { 1 } else { 4 } + 8;
+    let record_bytes = records.feature_shape.iter().product::<usize>() * if records.dtype() == "u8" { 1 } else { 4 } + 8.max(4 * records.target_width());
     let per_shard = per_shard.unwrap_or_else(|| DEFAULT_RECORDS_PER_SHARD.max(DEFAULT_RECORDS_PER_SHARD * 784 / record_bytes.max(1)));
     // The statistics are computed while the shards are written (and wait on fsync).
     let (stats, written) = rayon::join(
@@ -186,6 +195,8 @@ pub fn dataset_json(d: &DatasetInfo) -> Value {
         "records": d.records,
         "feature_shape": d.feature_shape,
         "classes": d.classes,
+        // Float targets per record (a regression's); 0: class labels.
+        "target_width": d.target_width,
         "class_names": d.class_names,
         "feature_dtype": d.feature_dtype,
         "slices": d.slices.iter().map(|s| json!({
@@ -223,6 +234,13 @@ pub fn model_version_json(m: &ModelInfo, v: &ModelVersion) -> Value {
         "holdout_accuracy": if v.holdout_accuracy >= 0.0 { json!(v.holdout_accuracy) } else { Value::Null },
         "holder_accuracy": if v.holder_version > 0 && v.holder_accuracy >= 0.0 { json!(v.holder_accuracy) } else { Value::Null },
         "holder_version": if v.holder_version > 0 { json!(v.holder_version) } else { Value::Null },
+        "test_loss": v.test_loss,
+        "test_rmse": v.test_rmse,
+        "test_r2": v.test_r2,
+        // The gate's metric, and both scores of it on the holdout.
+        "metric": if v.metric.is_empty() { Value::Null } else { json!(v.metric) },
+        "holdout_score": v.holdout_score,
+        "holder_score": v.holder_score,
         "promotion": if v.promotion.is_empty() { Value::Null } else { json!(v.promotion) },
         "spec": v.spec_toml,
     })
@@ -316,6 +334,9 @@ pub fn batch_json(j: &JobInfo) -> Value {
         "output_dataset": nonempty(&b.output_dataset),
         "output_version": if b.output_version > 0 { json!(b.output_version) } else { Value::Null },
         "accuracy": if b.accuracy >= 0.0 { json!(b.accuracy) } else { Value::Null },
+        "test_loss": b.test_loss,
+        "test_rmse": b.test_rmse,
+        "test_r2": b.test_r2,
         "model": nonempty(&b.model),
         "transform": b.transform.as_ref().map(transform_json).unwrap_or(Value::Null),
         "stats": stats(&b.stats),
@@ -397,6 +418,10 @@ pub fn job_json(j: &JobInfo) -> Value {
     // The schedule's rate of the latest step, and its gradient's norm (with clip_norm).
     v["lr"] = json!(p.lr);
     v["grad_norm"] = json!(p.grad_norm);
+    // The latest evaluation on the test records: the mean loss, and a regression's RMSE and R².
+    v["test_loss"] = json!(p.test_loss);
+    v["test_rmse"] = json!(p.test_rmse);
+    v["test_r2"] = json!(p.test_r2);
     v
 }
 
@@ -414,6 +439,9 @@ pub fn checkpoint_json(m: &CheckpointManifest) -> Value {
         "optimizer_step": m.optimizer_step,
         "num_params": m.num_params,
         "test_accuracy": if m.test_accuracy >= 0.0 { json!(m.test_accuracy) } else { Value::Null },
+        "test_loss": m.test_loss,
+        "test_rmse": m.test_rmse,
+        "test_r2": m.test_r2,
         "bytes": m.files.iter().map(|f| f.bytes).sum::<u64>(),
         "committed_unix_ms": m.committed_unix_ms,
         "committed": utc(m.committed_unix_ms),
@@ -534,7 +562,11 @@ pub async fn follow(client: &Client, id: u64, show: bool) -> Result<JobInfo> {
         let epochs = shoal_core::JobSpec::parse(&j.spec_toml).map(|s| s.training.epochs).unwrap_or(0);
         // Text first: moving the position may redraw at once.
         bar.set_prefix(format!("job {} {}", j.id, j.state().label()));
-        let acc = if p.test_accuracy >= 0.0 { format!(" test_acc {:.4}", p.test_accuracy) } else { String::new() };
+        let acc = match (p.test_accuracy >= 0.0, p.test_r2) {
+            (true, _) => format!(" test_acc {:.4}", p.test_accuracy),
+            (false, Some(r2)) => format!(" test_r2 {r2:.4} test_rmse {:.3}", p.test_rmse.unwrap_or(f64::NAN)),
+            _ => String::new(),
+        };
         let resumed = match (p.resumed_from, j.restarts) {
             _ if p.continued_from.is_some() => format!(" (continued from step {})", p.continued_from.unwrap_or_default()),
             (Some(s), _) => format!(" (resumed from step {s})"),

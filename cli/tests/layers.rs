@@ -47,6 +47,11 @@ fn the_three_conv_example_trains_to_097_and_exports_the_sequentials_names() {
     assert_eq!(shapes[0], serde_json::json!([16, 1, 3, 3]));
     assert_eq!(shapes[6], serde_json::json!([64, 3, 3]), "layer norm over C, H, W");
     assert_eq!(shapes[8], serde_json::json!([128, 576]));
+    // The PyTorch code of the same Sequential, by job.
+    let code = ok(&mut c.cmd(&["model", "torch", &format!("job:{id}")]));
+    for line in ["nn.Conv2d(1, 16, kernel_size=3, stride=1, padding=1, bias=True),  # 0:", "nn.LayerNorm((64, 3, 3), eps=1e-5, elementwise_affine=True),  # 9:", "INPUT_SHAPE = (1, 28, 28)"] {
+        assert!(code.contains(line), "{line} not in:\n{code}");
+    }
 }
 
 #[test]

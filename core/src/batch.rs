@@ -285,7 +285,7 @@ mod tests {
     #[test]
     fn transforms_standardize_and_scale() {
         let stats = crate::stats::slice_stats(
-            &crate::dataset::Records { features: crate::idx::IdxData::F32(vec![1.0, 5.0, 3.0, 5.0]), feature_shape: vec![2], labels: vec![0, 1] },
+            &crate::dataset::Records::classified(crate::idx::IdxData::F32(vec![1.0, 5.0, 3.0, 5.0]), vec![2], vec![0, 1]),
             None,
             2,
         );

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use rayon::prelude::*;
 
-use crate::dataset::Records;
+use crate::dataset::{Records, Targets};
 use crate::idx::IdxData;
 use crate::{CoreError, Result};
 
@@ -75,7 +75,57 @@ pub fn records_from_csv(name: &str, bytes: &[u8], label: &str, known: &[String])
     if labels.is_empty() {
         return Err(bad("no records".into()));
     }
-    Ok((Records { features: IdxData::F32(features), feature_shape: vec![columns.len() - 1], labels }, names))
+    Ok((Records::classified(IdxData::F32(features), vec![columns.len() - 1], labels), names))
+}
+
+/// Reads a CSV table (`name` for messages) for a regression: a header row, the column
+/// `target` a float target (every record must have one), every other column a numeric
+/// feature (an empty cell is missing: NaN). Returns records of f32 features of shape
+/// [columns - 1] with one target each.
+pub fn records_from_csv_target(name: &str, bytes: &[u8], target: &str) -> Result<Records> {
+    let bad = |msg: String| CoreError::Dataset(format!("{name}: {msg}"));
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    let mut header_end = 0;
+    let header = loop {
+        if header_end >= bytes.len() {
+            return Err(bad("no header row".into()));
+        }
+        let end = bytes[header_end..].iter().position(|&b| b == b'\n').map_or(bytes.len(), |p| header_end + p);
+        let line = &bytes[header_end..end];
+        header_end = (end + 1).min(bytes.len());
+        if !line.trim_ascii().is_empty() {
+            break std::str::from_utf8(line).map_err(|_| bad("the header row is not UTF-8".into()))?;
+        }
+    };
+    let columns: Vec<&str> = header.split(',').map(|c| c.trim().trim_matches('"')).collect();
+    let at = columns.iter().position(|c| *c == target).ok_or_else(|| bad(format!("no column {target:?} for the target (columns: {})", columns.join(", "))))?;
+    if columns.len() < 2 {
+        return Err(bad("needs a target column and at least one feature column".into()));
+    }
+    // Every column is parsed as a number, then the target column is taken out.
+    let table = Table { name, whole: bytes, columns: &columns, label_at: usize::MAX };
+    let blocks = split_blocks(&bytes[header_end..]);
+    let (all, _) = match table.parse(&blocks, false) {
+        Ok(done) => done?,
+        Err(Restart) => unreachable!("a table without a label column never restarts"),
+    };
+    let cols = columns.len();
+    let n = all.len() / cols;
+    if n == 0 {
+        return Err(bad("no records".into()));
+    }
+    let mut features = Vec::with_capacity(n * (cols - 1));
+    let mut targets = Vec::with_capacity(n);
+    for (i, row) in all.chunks_exact(cols).enumerate() {
+        let t = row[at];
+        if !t.is_finite() {
+            let what = if t.is_nan() { "missing".to_string() } else { format!("{t}") };
+            return Err(bad(format!("record {i}: the target {target:?} is {what}; every record needs a finite target")));
+        }
+        targets.push(t);
+        features.extend(row[..at].iter().chain(&row[at + 1..]));
+    }
+    Ok(Records::regression(IdxData::F32(features), vec![cols - 1], Targets { values: targets, width: 1 }))
 }
 
 /// The body cut into blocks of about `BLOCK_BYTES`, each ending just after a newline (the last
@@ -118,9 +168,14 @@ impl<'a> Table<'a> {
         CoreError::Dataset(format!("{}: line {line}: {msg}", self.name))
     }
 
-    /// Parses every block into one features buffer (rows of `columns - 1`) and the labels.
+    /// Values per record: every column but the label's (`label_at` past the columns: none).
+    fn width(&self) -> usize {
+        self.columns.len() - usize::from(self.label_at < self.columns.len())
+    }
+
+    /// Parses every block into one features buffer (rows of `width()`) and the labels.
     fn parse(&self, blocks: &[&'a [u8]], integers: bool) -> Result<Parsed<'a>, Restart> {
-        let width = self.columns.len() - 1;
+        let width = self.width();
         // Each block's lines bound its records (blank lines make fewer), so each block writes
         // into its own part of the one buffer; the rare gaps are closed afterwards.
         let bounds: Vec<usize> = blocks.par_iter().map(|b| b.iter().filter(|&&c| c == b'\n').count() + usize::from(!b.ends_with(b"\n"))).collect();
@@ -177,7 +232,7 @@ impl<'a> Table<'a> {
     /// Parses one block's records into `feats` (and `ids` with integer labels; else returns
     /// the label names). Returns the records read.
     fn parse_block(&self, block: &'a [u8], feats: &mut [f32], mut ids: Option<&mut [i64]>) -> Result<(usize, Vec<&'a str>), BlockError> {
-        let (cols, width) = (self.columns.len(), self.columns.len() - 1);
+        let (cols, width) = (self.columns.len(), self.width());
         let mut names = Vec::new();
         let (mut pos, mut row) = (0, 0);
         while pos < block.len() {
@@ -346,6 +401,30 @@ mod tests {
         // Integers first, then a name: read again with names.
         let (r, names) = records_from_csv("m.csv", b"x,y\n1,0\n2,cat\n", "y", &[]).unwrap();
         assert_eq!((names, r.labels.clone()), (vec!["0".to_string(), "cat".to_string()], vec![0, 1]));
+    }
+
+    #[test]
+    fn a_target_column_gives_float_targets() {
+        let r = records_from_csv_target("d.csv", b"age,y,bmi\n0.5,151,1\n-0.25,75.5,\n", "y").unwrap();
+        assert_eq!((r.target_width(), r.classes(), r.len(), r.feature_shape.clone()), (1, 0, 2, vec![2]));
+        assert_eq!(r.targets.as_ref().unwrap().values, vec![151.0, 75.5]);
+        let f = floats(&r);
+        assert_eq!((f[0], f[1], f[2], f[3].is_nan()), (0.5, 1.0, -0.25, true));
+        for (text, want) in [
+            ("a,b\n1,2\n", "no column \"y\" for the target"),
+            ("a,y\n1,\n", "record 0: the target \"y\" is missing"),
+            ("a,y\n1,2\n1,cat\n", "line 3: column \"y\" holds \"cat\", not a number"),
+            ("a,y\n", "no records"),
+        ] {
+            let e = records_from_csv_target("d.csv", text.as_bytes(), "y").unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains("d.csv"), "{e} (wanted {want})");
+        }
+        // The bundled diabetes table: 442 records, 10 features, targets 25..346.
+        let text = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../data/diabetes/diabetes.csv")).unwrap();
+        let r = records_from_csv_target("diabetes.csv", &text, "progression").unwrap();
+        let t = &r.targets.as_ref().unwrap().values;
+        assert_eq!((r.len(), r.feature_shape.clone()), (442, vec![10]));
+        assert_eq!((t.iter().cloned().fold(f32::MAX, f32::min), t.iter().cloned().fold(f32::MIN, f32::max)), (25.0, 346.0));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Datasets in the store: `datasets/<name>/import-<id>/shard-NNNNN.safetensors`, each shard a
-//! safetensors file with `x` (features, u8 or f32, shape [n, ...]) and `y` (labels, i64, [n]),
-//! plus `manifest.pb` (a protobuf `DatasetManifest`). Shards are hashed with blake3.
+//! safetensors file with `x` (features, u8 or f32, shape [n, ...]) and `y` (class labels, i64,
+//! [n]; or a regression's float targets, f32, [n, width]), plus `manifest.pb` (a protobuf `DatasetManifest`). Shards are hashed with blake3.
 //!
 //! Every import writes into a folder of its own, named by its request id, and the coordinator
 //! gives it the next version number when it registers it: so no import ever writes, or cleans
@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::{Dtype, TensorView};
 use shoal_proto::{DatasetInfo, DatasetManifest, Message, ShardInfo};
 
-pub use crate::csv::records_from_csv;
+pub use crate::csv::{records_from_csv, records_from_csv_target};
 use crate::fsutil::write_atomic;
 use crate::idx::{IdxArray, IdxData};
 use crate::{CoreError, Result};
@@ -38,10 +38,47 @@ pub struct Records {
     pub features: IdxData,
     /// Shape of one record's features, e.g. [28, 28].
     pub feature_shape: Vec<usize>,
+    /// One class label per record (all 0 when the records have `targets` instead).
     pub labels: Vec<i64>,
+    /// A regression's float targets, `width` per record; None for class labels.
+    pub targets: Option<Targets>,
+}
+
+/// Float targets: `values` holds `width` per record, record after record.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Targets {
+    pub values: Vec<f32>,
+    pub width: usize,
+}
+
+impl Targets {
+    /// Targets read from a file (`name`, for messages) as f64 values, `width` per record:
+    /// every one must be a finite number.
+    fn checked(name: &str, values: Vec<f64>, width: usize) -> Result<Targets> {
+        if let Some(i) = values.iter().position(|v| !v.is_finite() || v.abs() > f32::MAX as f64) {
+            return Err(CoreError::Dataset(format!("{name}: target {} of record {} is {}, not a finite number", i % width.max(1), i / width.max(1), values[i])));
+        }
+        Ok(Targets { values: values.into_iter().map(|v| v as f32).collect(), width })
+    }
 }
 
 impl Records {
+    /// Records with class labels.
+    pub fn classified(features: IdxData, feature_shape: Vec<usize>, labels: Vec<i64>) -> Records {
+        Records { features, feature_shape, labels, targets: None }
+    }
+
+    /// Records with float targets (`targets.values.len() / targets.width` records).
+    pub fn regression(features: IdxData, feature_shape: Vec<usize>, targets: Targets) -> Records {
+        let n = targets.values.len() / targets.width.max(1);
+        Records { features, feature_shape, labels: vec![0; n], targets: Some(targets) }
+    }
+
+    /// The width of the records' targets: 0 for class labels.
+    pub fn target_width(&self) -> usize {
+        self.targets.as_ref().map_or(0, |t| t.width)
+    }
+
     pub fn len(&self) -> usize {
         self.labels.len()
     }
@@ -89,10 +126,14 @@ impl Records {
                 out
             }
         };
-        Ok(Records { features: f.data, feature_shape: f.dims[1..].to_vec(), labels })
+        Ok(Records::classified(f.data, f.dims[1..].to_vec(), labels))
     }
 
+    /// The number of classes (the largest label + 1); 0 for records with targets.
     pub fn classes(&self) -> u32 {
+        if self.targets.is_some() {
+            return 0;
+        }
         self.labels.iter().copied().max().map(|m| m as u32 + 1).unwrap_or(0)
     }
 
@@ -114,7 +155,8 @@ impl Records {
             IdxData::U8(v) => IdxData::U8(v[start * f..end * f].to_vec()),
             IdxData::F32(v) => IdxData::F32(v[start * f..end * f].to_vec()),
         };
-        Ok(Records { features, feature_shape: self.feature_shape, labels: self.labels[start..end].to_vec() })
+        let targets = self.targets.map(|t| Targets { values: t.values[start * t.width..end * t.width].to_vec(), width: t.width });
+        Ok(Records { features, feature_shape: self.feature_shape, labels: self.labels[start..end].to_vec(), targets })
     }
 }
 
@@ -203,26 +245,51 @@ impl RawArray<'_> {
             .map(|(i, v)| if v >= 0.0 && v.fract() == 0.0 && v < 1e6 { Ok(v as i64) } else { Err(bad(i, &v)) })
             .collect()
     }
+
+    /// `y` as what it holds: class ids when its type is an integer, else float targets (one
+    /// per record for a 1-d array, `width` per record for [n, width]).
+    fn labels_or_targets(&self, name: &str) -> Result<(Vec<i64>, Option<Targets>)> {
+        if matches!(self.descr, "f4" | "f8") {
+            let width = if self.shape.len() == 2 { self.shape[1] } else { 1 };
+            if width == 0 {
+                return Err(CoreError::Dataset(format!("{name}: targets of width 0")));
+            }
+            let targets = Targets::checked(name, self.values_f64(), width)?;
+            return Ok((vec![0; self.shape[0]], Some(targets)));
+        }
+        if self.shape.len() != 1 {
+            return Err(CoreError::Dataset(format!("{name}: integer labels need one per record (shape [{}]), got {:?}; float targets may be [n, width]", self.shape[0], self.shape)));
+        }
+        Ok((self.class_ids(name)?, None))
+    }
 }
 
 /// Reads two NumPy `.npy` files (given as (name, bytes)): the features (2+ dimensions, u8 or
-/// float) and the labels (1 dimension, integers).
+/// float) and `y`: class labels (1 dimension, integers) or a regression's targets (floats,
+/// [n] or [n, width]).
 pub fn records_from_npy(files: &[(String, &[u8])]) -> Result<Records> {
     let mut arrays = files.iter().map(|(n, b)| parse_npy(n, b).map(|a| (n.clone(), a))).collect::<Result<Vec<_>>>()?;
-    let at = arrays.iter().position(|(_, a)| a.shape.len() >= 2);
+    // The features are the array of more dimensions (with 2-d float targets and 2-d features:
+    // the wider one, or the first given).
+    let rank = |a: &RawArray| (a.shape.len(), a.shape.get(1).copied().unwrap_or(0));
+    let at = match &arrays[..] {
+        [(_, a), (_, b)] if a.shape.len() >= 2 || b.shape.len() >= 2 => Some(if rank(b) > rank(a) { 1 } else { 0 }),
+        _ => None,
+    };
     let (Some(at), 2) = (at, arrays.len()) else {
         return Err(CoreError::Dataset("need two .npy files: the features (2+ dimensions) and the labels (1 dimension)".into()));
     };
     let (fname, f) = arrays.remove(at);
     let (lname, l) = arrays.remove(0);
-    if l.shape.len() != 1 || l.shape[0] != f.shape[0] {
-        return Err(CoreError::Dataset(format!("{lname} (shape {:?}) is not one label per record of {fname} (shape {:?})", l.shape, f.shape)));
+    if l.shape.is_empty() || l.shape.len() > 2 || l.shape[0] != f.shape[0] {
+        return Err(CoreError::Dataset(format!("{lname} (shape {:?}) is not one label (or one row of targets) per record of {fname} (shape {:?})", l.shape, f.shape)));
     }
-    Ok(Records { features: f.features(), feature_shape: f.shape[1..].to_vec(), labels: l.class_ids(&lname)? })
+    let (labels, targets) = l.labels_or_targets(&lname)?;
+    Ok(Records { features: f.features(), feature_shape: f.shape[1..].to_vec(), labels, targets })
 }
 
 /// Reads a safetensors file with tensors `x` (features: records first, u8 or float) and `y`
-/// (integer labels, one per record).
+/// (integer labels, one per record; or float targets, [n] or [n, width]).
 pub fn records_from_safetensors(name: &str, bytes: &[u8]) -> Result<Records> {
     let bad = |msg: String| CoreError::Dataset(format!("{name}: {msg}"));
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
@@ -239,10 +306,11 @@ pub fn records_from_safetensors(name: &str, bytes: &[u8]) -> Result<Records> {
         };
         Ok(RawArray { shape: v.shape().to_vec(), descr, data: v.data() })
     }
-    if x.shape().len() < 2 || y.shape() != [x.shape()[0]] {
-        return Err(bad(format!("x has shape {:?} and y {:?}: x needs records first and 1+ feature dimensions, y one label per record", x.shape(), y.shape())));
+    if x.shape().len() < 2 || y.shape().is_empty() || y.shape().len() > 2 || y.shape()[0] != x.shape()[0] {
+        return Err(bad(format!("x has shape {:?} and y {:?}: x needs records first and 1+ feature dimensions, y one label (or one row of targets) per record", x.shape(), y.shape())));
     }
-    Ok(Records { features: raw(&x, bad)?.features(), feature_shape: x.shape()[1..].to_vec(), labels: raw(&y, bad)?.class_ids(&format!("{name}: y"))? })
+    let (labels, targets) = raw(&y, bad)?.labels_or_targets(&format!("{name}: y"))?;
+    Ok(Records { features: raw(&x, bad)?.features(), feature_shape: x.shape()[1..].to_vec(), labels, targets })
 }
 
 /// A slice's digest: blake3 over its shards' blake3 hashes, in order.
@@ -291,12 +359,15 @@ pub fn write_shards(store: &Path, name: &str, rel_dir: &Path, records: &Records,
                     (bytes, Dtype::F32)
                 }
             };
-            let y_bytes: Vec<u8> = records.labels[start..end].iter().flat_map(|l| l.to_le_bytes()).collect();
+            let (y_bytes, y_dtype, y_shape): (Vec<u8>, Dtype, Vec<usize>) = match &records.targets {
+                Some(t) => (t.values[start * t.width..end * t.width].iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::F32, vec![count, t.width]),
+                None => (records.labels[start..end].iter().flat_map(|l| l.to_le_bytes()).collect(), Dtype::I64, vec![count]),
+            };
             let mut x_shape = vec![count];
             x_shape.extend_from_slice(&records.feature_shape);
             let tensors = [
                 ("x", TensorView::new(x_dtype, x_shape, &x_bytes).map_err(|e| CoreError::Dataset(e.to_string()))?),
-                ("y", TensorView::new(Dtype::I64, vec![count], &y_bytes).map_err(|e| CoreError::Dataset(e.to_string()))?),
+                ("y", TensorView::new(y_dtype, y_shape, &y_bytes).map_err(|e| CoreError::Dataset(e.to_string()))?),
             ];
             let bytes = safetensors::serialize(tensors, None).map_err(|e| CoreError::Dataset(e.to_string()))?;
             let rel = rel_dir.join(format!("shard-{i:05}.safetensors"));
@@ -317,6 +388,7 @@ pub fn write_shards(store: &Path, name: &str, rel_dir: &Path, records: &Records,
         classes: records.classes(),
         shards,
         feature_dtype: records.dtype().into(),
+        target_width: records.target_width() as u32,
         ..Default::default()
     })
 }
@@ -336,16 +408,20 @@ pub fn write_manifest(store: &Path, info: &DatasetInfo) -> Result<()> {
 }
 
 /// A parsed shard over borrowed bytes (for example a memory map).
+#[derive(Debug)]
 pub struct ShardView<'a> {
     pub records: usize,
     pub x: &'a [u8],
     pub x_dtype: Dtype,
     pub y: &'a [u8],
     pub feature_len: usize,
+    /// Float targets per record (y is f32 [n, width]); 0: y holds class labels (i64 [n]).
+    pub target_width: usize,
 }
 
-/// Parses and checks a shard file's bytes against what the manifest says of it.
-pub fn parse_shard<'a>(path: &str, bytes: &'a [u8], info: &ShardInfo, feature_shape: &[u64]) -> Result<ShardView<'a>> {
+/// Parses and checks a shard file's bytes against what the manifest says of it (its dataset's
+/// `feature_shape` and `target_width`, 0 for class labels).
+pub fn parse_shard<'a>(path: &str, bytes: &'a [u8], info: &ShardInfo, feature_shape: &[u64], target_width: u32) -> Result<ShardView<'a>> {
     let bad = |reason: String| CoreError::CorruptShard { path: path.to_string(), reason };
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
     let tensors: HashMap<String, TensorView<'a>> = st.tensors().into_iter().collect();
@@ -365,10 +441,14 @@ pub fn parse_shard<'a>(path: &str, bytes: &'a [u8], info: &ShardInfo, feature_sh
     if !matches!(x.dtype(), Dtype::U8 | Dtype::F32) {
         return Err(bad(format!("x has dtype {:?}; u8 or f32 expected", x.dtype())));
     }
-    if y.shape() != [n] || y.dtype() != Dtype::I64 {
+    let width = target_width as usize;
+    if width == 0 && (y.shape() != [n] || y.dtype() != Dtype::I64) {
         return Err(bad(format!("y has shape {:?} and dtype {:?}; [{n}] i64 expected", y.shape(), y.dtype())));
     }
-    Ok(ShardView { records: n, x: x.data(), x_dtype: x.dtype(), y: y.data(), feature_len })
+    if width > 0 && (y.shape() != [n, width] || y.dtype() != Dtype::F32) {
+        return Err(bad(format!("y has shape {:?} and dtype {:?}; [{n}, {width}] f32 targets expected", y.shape(), y.dtype())));
+    }
+    Ok(ShardView { records: n, x: x.data(), x_dtype: x.dtype(), y: y.data(), feature_len, target_width: width })
 }
 
 impl ShardView<'_> {
@@ -381,8 +461,18 @@ impl ShardView<'_> {
         }
     }
 
+    /// Record `i`'s class label (0 in a shard of targets).
     pub fn label(&self, i: usize) -> i64 {
+        if self.target_width > 0 {
+            return 0;
+        }
         i64::from_le_bytes(self.y[i * 8..i * 8 + 8].try_into().unwrap())
+    }
+
+    /// Record `i`'s targets appended to `out` (nothing in a shard of class labels).
+    pub fn push_targets(&self, i: usize, out: &mut Vec<f32>) {
+        let w = self.target_width;
+        out.extend(self.y[i * w * 4..(i + 1) * w * 4].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())));
     }
 }
 
@@ -391,7 +481,7 @@ mod tests {
     use super::*;
 
     fn tiny() -> Records {
-        Records { features: IdxData::U8((0..50u8).collect()), feature_shape: vec![5], labels: (0..10).map(|i| i % 3).collect() }
+        Records::classified(IdxData::U8((0..50u8).collect()), vec![5], (0..10).map(|i| i % 3).collect())
     }
 
     #[test]
@@ -407,7 +497,8 @@ mod tests {
         let s = &info.shards[2];
         let bytes = std::fs::read(dir.path().join(&s.path)).unwrap();
         assert_eq!(blake3::hash(&bytes).to_hex().to_string(), s.blake3);
-        let view = parse_shard(&s.path, &bytes, s, &info.feature_shape).unwrap();
+        let view = parse_shard(&s.path, &bytes, s, &info.feature_shape, 0).unwrap();
+        assert!(parse_shard(&s.path, &bytes, s, &info.feature_shape, 1).unwrap_err().to_string().contains("f32 targets expected"));
         assert_eq!(view.records, 2);
         assert_eq!(view.label(1), 9 % 3);
         let mut f = Vec::new();
@@ -465,5 +556,35 @@ mod tests {
         let only_x = safetensors::serialize([("x", TensorView::new(Dtype::U8, vec![3, 2, 2], &x).unwrap())], None).unwrap();
         let e = records_from_safetensors("d.safetensors", &only_x).err().unwrap().to_string();
         assert!(e.contains("no tensor \"y\""), "{e}");
+    }
+
+    #[test]
+    fn float_y_is_a_regression_target_and_round_trips_through_shards() {
+        let x: Vec<u8> = (0..12).collect();
+        let t: Vec<u8> = [0.5f32, -1.25, 3.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let r = records_from_npy(&[("x.npy".into(), &npy("|u1", "3, 4", &x)), ("t.npy".into(), &npy("<f4", "3,", &t))]).unwrap();
+        assert_eq!((r.target_width(), r.classes(), r.len()), (1, 0, 3));
+        assert_eq!(r.targets.as_ref().unwrap().values, vec![0.5, -1.25, 3.0]);
+        // Two targets per record, as [n, 2] (f64 in the file): features are still the 3-d array.
+        let t2: Vec<u8> = (0..6).flat_map(|i| (i as f64 * 0.5).to_le_bytes()).collect();
+        let r2 = records_from_npy(&[("t.npy".into(), &npy("<f8", "3, 2", &t2)), ("x.npy".into(), &npy("|u1", "3, 2, 2", &x))]).unwrap();
+        assert_eq!((r2.target_width(), r2.feature_shape.clone()), (2, vec![2, 2]));
+        let nan: Vec<u8> = [0.5f32, f32::NAN, 3.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let e = records_from_npy(&[("x.npy".into(), &npy("|u1", "3, 4", &x)), ("t.npy".into(), &npy("<f4", "3,", &nan))]).unwrap_err().to_string();
+        assert!(e.contains("t.npy") && e.contains("record 1") && e.contains("not a finite number"), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let folder = import_dir("reg", "r-1").unwrap();
+        let info = write_shards(dir.path(), "reg", &folder, &r2, 2).unwrap();
+        assert_eq!((info.target_width, info.classes), (2, 0));
+        let s = &info.shards[1];
+        let bytes = std::fs::read(dir.path().join(&s.path)).unwrap();
+        let view = parse_shard(&s.path, &bytes, s, &info.feature_shape, 2).unwrap();
+        let mut got = Vec::new();
+        view.push_targets(0, &mut got);
+        assert_eq!((got, view.label(0)), (vec![2.0, 2.5], 0));
+        assert!(parse_shard(&s.path, &bytes, s, &info.feature_shape, 0).unwrap_err().to_string().contains("i64 expected"));
+        let sel = r2.select(1, 3).unwrap();
+        assert_eq!(sel.targets.unwrap().values, vec![1.0, 1.5, 2.0, 2.5]);
     }
 }

@@ -6,7 +6,7 @@
 //! arrival of the next). The shared-memory and TCP transports carry any buffer that fits in
 //! memory, so the gRPC ring sets the bound.
 
-use crate::model::Layout;
+use crate::model::{Head, Layout};
 use crate::spec::{JobSpec, ModelSpec};
 
 /// The largest model a job may train: 2^28 parameters (1 GiB of f32).
@@ -24,15 +24,15 @@ const _: () = assert!(MAILBOX_BYTES >= 2 * MAX_MESSAGE_BYTES, "the mailbox must 
 /// The number of parameters of `model` on records of `feature_shape` and `classes` classes
 /// (the layout of `crate::model::Layout`, presets and layer lists alike). None when the
 /// model does not fit the records.
-pub fn param_count(model: &ModelSpec, feature_shape: &[u64], classes: u64) -> Option<u64> {
-    Layout::new(model, feature_shape, classes).ok().map(|l| l.param_count())
+pub fn param_count(model: &ModelSpec, feature_shape: &[u64], head: impl Into<Head>) -> Option<u64> {
+    Layout::new(model, feature_shape, head).ok().map(|l| l.param_count())
 }
 
 /// Checks a job against the limits, for a dataset of records shaped `feature_shape` with
-/// `classes` classes: first the model's shapes (`Layout::new`: an error names the layer, its
-/// kind and the shapes), then the limits (an error names the limit).
-pub fn check_job(spec: &JobSpec, feature_shape: &[u64], classes: u64) -> Result<(), String> {
-    let layout = Layout::new(&spec.model, feature_shape, classes).map_err(|e| e.to_string())?;
+/// `head` (a number: its classes): first the model's shapes (`Layout::new`: an error names the
+/// layer, its kind and the shapes), then the limits (an error names the limit).
+pub fn check_job(spec: &JobSpec, feature_shape: &[u64], head: impl Into<Head>) -> Result<(), String> {
+    let layout = Layout::new(&spec.model, feature_shape, head).map_err(|e| e.to_string())?;
     check_layout(spec, &layout)
 }
 

@@ -251,10 +251,64 @@ pub fn infer(layers: &[LayerSpec], input: &[u64]) -> Result<Vec<LayerShape>, Sha
     Ok(out)
 }
 
-/// Checks that the model gives one logit per class: the last layer's output is `[classes]`
-/// (for a linear last layer, its `out` is the dataset's number of classes).
-pub fn check_output(shapes: &[LayerShape], classes: u64) -> Result<(), ShapeError> {
+/// What a model's output is read as: logits over a dataset's classes (cross-entropy), or a
+/// regression's float targets of some width (mean squared error).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Head {
+    Classes(u64),
+    Targets(u64),
+}
+
+impl Head {
+    /// Values the model gives per record.
+    pub fn outputs(self) -> u64 {
+        match self {
+            Head::Classes(n) | Head::Targets(n) => n,
+        }
+    }
+
+    /// The head for a dataset of `classes` classes and targets of `target_width` (0: it
+    /// has class labels) trained with `loss`; an error says what does not match.
+    pub fn of(loss: crate::spec::Loss, classes: u64, target_width: u64) -> Result<Head, String> {
+        use crate::spec::Loss;
+        match (loss, target_width) {
+            (Loss::CrossEntropy, 0) => Ok(Head::Classes(classes)),
+            (Loss::Mse, w) if w > 0 => Ok(Head::Targets(w)),
+            (Loss::CrossEntropy, w) => Err(format!(
+                "training.loss: the dataset has float targets ({w} per record), not class labels; set loss = \"mse\" for a regression"
+            )),
+            (Loss::Mse, _) => Err(format!(
+                "training.loss: \"mse\" needs float targets, but the dataset has class labels ({classes} classes); import a regression target with `--target COL` (CSV) or a float y, or use loss = \"cross_entropy\""
+            )),
+        }
+    }
+}
+
+/// A plain number is a classifier's number of classes.
+impl From<u64> for Head {
+    fn from(classes: u64) -> Head {
+        Head::Classes(classes)
+    }
+}
+
+/// Checks that the model gives one logit per class (the last layer's output is `[classes]`;
+/// for a linear last layer, its `out` is the dataset's number of classes), or one value per
+/// target.
+pub fn check_output(shapes: &[LayerShape], head: Head) -> Result<(), ShapeError> {
     let Some(last) = shapes.last() else { return Err(ShapeError::model("has no layers")) };
+    let classes = match head {
+        Head::Classes(c) => c,
+        Head::Targets(w) => {
+            if last.output == [w] {
+                return Ok(());
+            }
+            let detail = match (&last.layer, &last.output[..]) {
+                (LayerSpec::Linear { out, .. }, _) => format!("the last layer gives {out} outputs, but the dataset has {w} target(s) per record; set out = {w}"),
+                (_, o) => format!("the model's output is {o:?}, but it must be [{w}] (one value per target); end with a linear of out = {w}"),
+            };
+            return Err(ShapeError::at(last.index, &last.layer, detail));
+        }
+    };
     if classes < 2 {
         return Err(ShapeError::model(format!("a classifier needs at least 2 classes, the dataset has {classes}")));
     }
@@ -301,8 +355,10 @@ pub struct Layout {
 
 impl Layout {
     /// `spec`'s layers (`ModelSpec::layer_list`), their shapes (`infer`) and the output
-    /// check (`check_output`).
-    pub fn new(spec: &ModelSpec, feature_shape: &[u64], classes: u64) -> Result<Layout, ShapeError> {
+    /// check (`check_output`) for `head` (a number: a classifier's classes).
+    pub fn new(spec: &ModelSpec, feature_shape: &[u64], head: impl Into<Head>) -> Result<Layout, ShapeError> {
+        let head = head.into();
+        let classes = head.outputs();
         let preset = spec.preset();
         if feature_shape.contains(&0) {
             return Err(ShapeError::model(format!("records of shape {feature_shape:?} hold no values")));
@@ -321,7 +377,7 @@ impl Layout {
             None => e,
         };
         let shapes = infer(&layers, &input).map_err(mark)?;
-        check_output(&shapes, classes).map_err(mark)?;
+        check_output(&shapes, head).map_err(mark)?;
         Ok(Layout { preset, input, layers, shapes })
     }
 

@@ -36,7 +36,8 @@ pub struct JobSpec {
 pub struct PromoteSpec {
     /// The alias of the `[register]` model to move to the new version if it passes.
     pub alias: String,
-    /// `test_accuracy` (on the holdout records).
+    /// `test_accuracy` or `test_r2` (higher is better), `test_loss` or `test_rmse` (lower is
+    /// better), on the holdout records.
     #[serde(default = "default_metric")]
     pub metric: String,
     /// The candidate must score at least the holder's plus this.
@@ -48,6 +49,16 @@ pub struct PromoteSpec {
 
 fn default_metric() -> String {
     "test_accuracy".into()
+}
+
+/// Whether a larger value of `[promote] metric` is better (None: not a metric the gate knows).
+/// `min_delta` is read in the metric's direction: the candidate must beat the holder by it.
+pub fn metric_higher_is_better(metric: &str) -> Option<bool> {
+    match metric {
+        "test_accuracy" | "test_r2" => Some(true),
+        "test_loss" | "test_rmse" => Some(false),
+        _ => None,
+    }
 }
 
 impl PromoteSpec {
@@ -849,10 +860,19 @@ impl JobSpec {
             if self.register.is_none() {
                 return Err(bad("promote", "promotes the [register] model: add [register] name = \"NAME\""));
             }
-            if p.metric != "test_accuracy" {
-                return Err(bad("promote.metric", format!("{:?} is not supported (test_accuracy)", p.metric)));
+            let Some(higher) = metric_higher_is_better(&p.metric) else {
+                return Err(bad("promote.metric", format!("{:?} is not one of test_accuracy, test_r2 (higher is better), test_loss, test_rmse (lower is better)", p.metric)));
+            };
+            let regression = self.loss() == Loss::Mse;
+            if regression && p.metric == "test_accuracy" {
+                return Err(bad("promote.metric", "test_accuracy needs class labels; a regression (loss = \"mse\") is gated on test_r2, test_loss or test_rmse"));
             }
-            check_range("promote.min_delta", Some(p.min_delta), -1.0, 1.0, true)?;
+            if !regression && matches!(p.metric.as_str(), "test_r2" | "test_rmse") {
+                return Err(bad("promote.metric", format!("{} is a regression's metric; a classifier is gated on test_accuracy or test_loss", p.metric)));
+            }
+            // Accuracy and R² are at most 1; a loss has no upper bound.
+            let bound = if higher { 1.0 } else { f64::MAX };
+            check_range("promote.min_delta", Some(p.min_delta), -bound, bound, true)?;
             let (name, _) = p.holdout_ref()?;
             crate::dataset::validate_name(&name).map_err(|e| bad("promote.holdout", e))?;
             crate::dataset::validate_name(&p.alias).map_err(|e| bad("promote.alias", e))?;
@@ -1180,6 +1200,24 @@ workers = 2
             let e = err_of(&GOOD.replace("workers = 2", &format!("workers = 2\n{extra}")));
             assert!(e.contains(key), "{extra}: {e}");
         }
+    }
+
+    #[test]
+    fn the_gate_takes_the_metrics_of_its_loss_in_their_direction() {
+        let gated = |metric: &str, loss: &str, delta: f64| {
+            GOOD.replace("seed = 1", &format!("seed = 1\nloss = \"{loss}\""))
+                + &format!("[register]\nname = \"m\"\n[promote]\nalias = \"prod\"\nmetric = \"{metric}\"\nmin_delta = {delta}\nholdout = \"h\"\n")
+        };
+        for (metric, loss) in [("test_accuracy", "cross_entropy"), ("test_loss", "cross_entropy"), ("test_r2", "mse"), ("test_rmse", "mse"), ("test_loss", "mse")] {
+            JobSpec::parse(&gated(metric, loss, 0.0)).unwrap_or_else(|e| panic!("{metric} with {loss}: {e}"));
+        }
+        // A loss has no upper bound: a delta of 5 RMSE units is a fair ask; 5 in accuracy is not.
+        JobSpec::parse(&gated("test_rmse", "mse", 5.0)).unwrap();
+        assert!(err_of(&gated("test_accuracy", "cross_entropy", 5.0)).contains("promote.min_delta"));
+        assert!(err_of(&gated("auc", "cross_entropy", 0.0)).contains("promote.metric: \"auc\" is not one of"));
+        assert!(err_of(&gated("test_accuracy", "mse", 0.0)).contains("test_accuracy needs class labels"));
+        assert!(err_of(&gated("test_r2", "cross_entropy", 0.0)).contains("test_r2 is a regression's metric"));
+        assert_eq!((metric_higher_is_better("test_r2"), metric_higher_is_better("test_rmse"), metric_higher_is_better("x")), (Some(true), Some(false), None));
     }
 
     #[test]

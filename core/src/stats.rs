@@ -50,9 +50,12 @@ pub fn slice_stats(records: &Records, ranges: Option<&[(f64, f64)]>, classes: us
     for (s, b) in features.iter_mut().zip(bins) {
         s.bins = b;
     }
-    let mut label_counts = vec![0u64; classes.max(records.classes() as usize)];
-    for &y in &records.labels {
-        label_counts[y as usize] += 1;
+    // Records with float targets have no label histogram.
+    let mut label_counts = vec![0u64; if records.targets.is_some() { 0 } else { classes.max(records.classes() as usize) }];
+    if records.targets.is_none() {
+        for &y in &records.labels {
+            label_counts[y as usize] += 1;
+        }
     }
     SliceStats { features, label_counts }
 }
@@ -290,7 +293,7 @@ mod tests {
     #[test]
     fn missing_values_are_counted_and_filled_with_the_version_mean() {
         let nan = f32::NAN;
-        let recs = |px: Vec<f32>| Records { features: IdxData::F32(px), feature_shape: vec![3], labels: vec![0, 1] };
+        let recs = |px: Vec<f32>| Records::classified(IdxData::F32(px), vec![3], vec![0, 1]);
         let a = slice_stats(&recs(vec![1.0, nan, 5.0, 3.0, nan, 7.0]), None, 2);
         let b = slice_stats(&recs(vec![5.0, 4.0, nan, 7.0, 8.0, 9.0]), Some(&ranges(&a)), 2);
         assert_eq!((missing_values(&a), first_missing(&a)), (2, Some((1, 2))));
@@ -316,7 +319,7 @@ mod tests {
 
     #[test]
     fn stats_add_up_over_slices_and_show_drift() {
-        let recs = |labels: Vec<i64>, px: Vec<u8>| Records { features: IdxData::U8(px), feature_shape: vec![2], labels };
+        let recs = |labels: Vec<i64>, px: Vec<u8>| Records::classified(IdxData::U8(px), vec![2], labels);
         let a = recs(vec![0, 1, 2, 3], vec![0, 10, 50, 20, 100, 30, 200, 40]);
         let first = slice_stats(&a, None, 4);
         assert_eq!((first.features[0].min, first.features[0].max, first.features[0].count), (0.0, 200.0, 4));

@@ -11,12 +11,14 @@ use std::time::{Duration, Instant};
 
 use safetensors::tensor::{Dtype, TensorView};
 use shoal_core::batch::{apply_transform, BatchSpec};
-use shoal_core::dataset::Records;
+use shoal_core::dataset::{Records, Targets};
+use shoal_core::model::Head;
 use shoal_core::idx::IdxData;
 use shoal_core::JobSpec;
 use shoal_proto::{Assignment, DatasetInfo, ShardInfo, TaskReport, TaskResult};
 
 use crate::data::ShardedDataset;
+use crate::metrics::EvalSums;
 use crate::model::Model;
 use crate::WorkerError;
 
@@ -30,14 +32,14 @@ type Loaded = Arc<Scorer>;
 struct Scorer {
     spec: shoal_core::spec::ModelSpec,
     feature_shape: Vec<usize>,
-    classes: usize,
+    head: Head,
     seed: u64,
     params: Vec<f32>,
 }
 
 impl Scorer {
     fn model(&self) -> Result<Box<dyn Model>, WorkerError> {
-        crate::model::build(&self.spec, &self.feature_shape, self.classes, self.seed)
+        crate::model::build(&self.spec, &self.feature_shape, self.head, self.seed)
     }
 }
 
@@ -53,11 +55,14 @@ impl ModelCache {
         }
         let spec = JobSpec::parse(&m.spec_toml).map_err(|e| WorkerError::Spec(format!("the model's training spec: {e}")))?;
         let shape: Vec<usize> = input.feature_shape.iter().map(|&d| d as usize).collect();
-        let classes = a.model_classes as usize;
-        let model = crate::model::build(&spec.model, &shape, classes, spec.training.seed)?;
+        let head = match a.model_target_width {
+            0 => Head::Classes(a.model_classes as u64),
+            w => Head::Targets(w as u64),
+        };
+        let model = crate::model::build(&spec.model, &shape, head, spec.training.seed)?;
         let mut params = vec![0f32; model.layout().num_params()];
         crate::checkpoint::warm_start(store, m, model.layout(), &mut params).map_err(|e| WorkerError::Checkpoint(e.to_string()))?;
-        let loaded = Arc::new(Scorer { spec: spec.model, feature_shape: shape, classes, seed: spec.training.seed, params });
+        let loaded = Arc::new(Scorer { spec: spec.model, feature_shape: shape, head, seed: spec.training.seed, params });
         *slot = Some((key, loaded.clone()));
         Ok(loaded)
     }
@@ -96,22 +101,25 @@ pub fn run_task(store: &Path, a: &Assignment, cache: &ModelCache, cancel: &Atomi
         }
         ("transform", 0) => {
             // Fitting: the statistics of the features as a model reads them.
-            let (x, y) = read_all(&ds, lo, hi, cancel)?;
-            let r = Records { features: IdxData::F32(x), feature_shape: ds.feature_shape.clone(), labels: y };
+            let (x, y, t) = read_all(&ds, lo, hi, cancel)?;
+            let r = Records { features: IdxData::F32(x), feature_shape: ds.feature_shape.clone(), labels: y, targets: t };
             result.stats = Some(shoal_core::stats::slice_stats(&r, None, ds.classes));
             None
         }
         ("transform", _) => {
             let t = a.transform.as_ref().ok_or_else(|| WorkerError::Spec("transform: the assignment holds no fitted transform".into()))?;
-            let (mut x, y) = read_all(&ds, lo, hi, cancel)?;
+            let (mut x, y, targets) = read_all(&ds, lo, hi, cancel)?;
             apply_transform(t, &mut x);
-            Some((Records { features: IdxData::F32(x), feature_shape: ds.feature_shape.clone(), labels: y }, None))
+            Some((Records { features: IdxData::F32(x), feature_shape: ds.feature_shape.clone(), labels: y, targets }, None))
         }
         ("score", _) => {
             let loaded = cache.get(store, a, input)?;
-            let (records, pred, correct) = score(&loaded, &ds, lo, hi, a, spec.operator.batch_size.unwrap_or(1024) as usize, cancel)?;
-            result.correct = correct;
-            Some((records, Some(pred)))
+            let (records, pred, sums) = score(&loaded, &ds, lo, hi, a, spec.operator.batch_size.unwrap_or(1024) as usize, cancel)?;
+            result.correct = sums.correct;
+            // Fixed-point sums as f64: the coordinator adds the tasks' in task order.
+            let f = |v: i128| v as f64 / (1u64 << 32) as f64;
+            (result.loss_sum, result.sse, result.target_sum, result.target_sq_sum) = (f(sums.loss), f(sums.sse), f(sums.target_sum), f(sums.target_sq_sum));
+            Some((records, pred))
         }
         ("exec", _) => {
             let written = exec(a, &spec, &ds, lo, hi, cancel)?;
@@ -126,6 +134,7 @@ pub fn run_task(store: &Path, a: &Assignment, cache: &ModelCache, cancel: &Atomi
         result.feature_shape = records.feature_shape.iter().map(|&d| d as u64).collect();
         result.feature_dtype = records.dtype().into();
         result.classes = records.classes();
+        result.target_width = records.target_width() as u32;
         result.stats = Some(shoal_core::stats::slice_stats(&records, None, records.classes() as usize));
         result.output = Some(shard);
         file = Some(path);
@@ -162,28 +171,38 @@ fn shards_holding(input: &DatasetInfo, start: u64, end: u64) -> Result<(DatasetI
     Ok((DatasetInfo { shards, records, slices: Vec::new(), ..input.clone() }, first))
 }
 
-/// Features (as a model reads them) and labels of records [lo, hi).
-fn read_all(ds: &ShardedDataset, lo: u64, hi: u64, cancel: &AtomicBool) -> Result<(Vec<f32>, Vec<i64>), WorkerError> {
-    let (mut x, mut labels) = (Vec::with_capacity((hi - lo) as usize * ds.feature_len), Vec::with_capacity((hi - lo) as usize));
+/// Features (as a model reads them), labels and targets (a regression's) of some records.
+type ReadRecords = (Vec<f32>, Vec<i64>, Option<Targets>);
+
+/// `ReadRecords` of records [lo, hi).
+fn read_all(ds: &ShardedDataset, lo: u64, hi: u64, cancel: &AtomicBool) -> Result<ReadRecords, WorkerError> {
+    let (mut x, mut labels, mut t) = (Vec::with_capacity((hi - lo) as usize * ds.feature_len), Vec::with_capacity((hi - lo) as usize), Vec::new());
     for (n, i) in (lo..hi).enumerate() {
         if n % 4096 == 0 && cancel.load(Ordering::Relaxed) {
             return Err(WorkerError::Cancelled);
         }
         ds.push_record(i, &mut x, &mut labels)?;
+        ds.push_targets(i, &mut t)?;
     }
-    Ok((x, labels.into_iter().map(i64::from).collect()))
+    let targets = (ds.target_width > 0).then_some(Targets { values: t, width: ds.target_width });
+    Ok((x, labels.into_iter().map(i64::from).collect(), targets))
 }
 
-/// Class probabilities (softmax of the logits) and predicted classes (argmax, first on ties,
-/// as training's evaluation counts them) of records [lo, hi), in batches of `batch`.
-#[allow(clippy::too_many_arguments)]
-fn score(model: &Scorer, ds: &ShardedDataset, lo: u64, hi: u64, a: &Assignment, batch: usize, cancel: &AtomicBool) -> Result<(Records, Vec<i64>, u64), WorkerError> {
-    let (classes, params) = (model.classes, &model.params[..]);
+/// A classifier's class probabilities (softmax of the logits) and predicted classes (argmax,
+/// first on ties, as training's evaluation counts them), or a regression's predictions, of
+/// records [lo, hi), in batches of `batch`; and the records' evaluation sums (against their
+/// labels, or their targets where the input has them).
+fn score(model: &Scorer, ds: &ShardedDataset, lo: u64, hi: u64, a: &Assignment, batch: usize, cancel: &AtomicBool) -> Result<(Records, Option<Vec<i64>>, EvalSums), WorkerError> {
+    let (width, params) = (model.head.outputs() as usize, &model.params[..]);
+    let regression = matches!(model.head, Head::Targets(_));
+    if regression && ds.target_width != 0 && ds.target_width != width {
+        return Err(WorkerError::Data(format!("the model predicts {width} targets per record; the input has {}", ds.target_width)));
+    }
     let n = (hi - lo) as usize;
     let mut net = model.model()?;
-    let (mut probs, mut pred, mut labels) = (Vec::with_capacity(n * classes), Vec::with_capacity(n), Vec::with_capacity(n));
-    let (mut x, mut y) = (Vec::new(), Vec::new());
-    let mut correct = 0;
+    let (mut probs, mut pred, mut labels) = (Vec::with_capacity(n * width), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut x, mut y, mut t, mut all_t) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut sums = EvalSums::default();
     let mut i = lo;
     while i < hi {
         if cancel.load(Ordering::Relaxed) {
@@ -192,17 +211,29 @@ fn score(model: &Scorer, ds: &ShardedDataset, lo: u64, hi: u64, a: &Assignment, 
         let j = (i + batch.max(1) as u64).min(hi);
         x.clear();
         y.clear();
+        t.clear();
         for r in i..j {
             ds.push_record(r, &mut x, &mut y)?;
+            ds.push_targets(r, &mut t)?;
         }
         if let Some(t) = &a.transform {
             apply_transform(t, &mut x);
         }
         let micro = net.eval_chunk().unwrap_or(y.len()).max(1);
-        for (xs, ys) in x.chunks(micro * ds.feature_len.max(1)).zip(y.chunks(micro)) {
-            let logits = net.outputs(params, xs, ys.len())?;
-            for (row, &label) in logits.chunks_exact(classes).zip(ys) {
-                let best = (0..classes).fold(0, |b, k| if row[k] > row[b] { k } else { b });
+        for (c, (xs, ys)) in x.chunks(micro * ds.feature_len.max(1)).zip(y.chunks(micro)).enumerate() {
+            let out = net.outputs(params, xs, ys.len())?;
+            if regression {
+                probs.extend_from_slice(out);
+                labels.extend(ys.iter().map(|&l| i64::from(l)));
+                if ds.target_width == width {
+                    let ts = &t[c * micro * width..(c * micro + ys.len()) * width];
+                    sums.add(model.head, out, ys, ts)?;
+                }
+                continue;
+            }
+            sums.add(model.head, out, ys, &[])?;
+            for (row, &label) in out.chunks_exact(width).zip(ys) {
+                let best = (0..width).fold(0, |b, k| if row[k] > row[b] { k } else { b });
                 let top = row[best];
                 let start = probs.len();
                 probs.extend(row.iter().map(|&l| (l - top).exp()));
@@ -210,12 +241,17 @@ fn score(model: &Scorer, ds: &ShardedDataset, lo: u64, hi: u64, a: &Assignment, 
                 probs[start..].iter_mut().for_each(|p| *p /= sum);
                 pred.push(best as i64);
                 labels.push(i64::from(label));
-                correct += u64::from(best == label as usize);
             }
         }
+        all_t.extend_from_slice(&t);
         i = j;
     }
-    Ok((Records { features: IdxData::F32(probs), feature_shape: vec![classes], labels }, pred, correct))
+    if regression {
+        // The predictions are the output's features; the input's targets stay its targets.
+        let targets = (ds.target_width > 0).then_some(Targets { values: all_t, width: ds.target_width });
+        return Ok((Records { features: IdxData::F32(probs), feature_shape: vec![width], labels, targets }, None, sums));
+    }
+    Ok((Records::classified(IdxData::F32(probs), vec![width], labels), Some(pred), sums))
 }
 
 /// The output shard's file for this attempt: `task-NNNNN-aA.safetensors` in the job's folder.
@@ -225,7 +261,8 @@ fn output_path(store: &Path, a: &Assignment, task: u32) -> (String, PathBuf) {
     (rel, abs)
 }
 
-/// Writes the output shard (tensors `x`, `y` and, for scores, `pred`), atomically.
+/// Writes the output shard (tensors `x`, `y` (labels, or f32 targets) and, for a classifier's
+/// scores, `pred`), atomically.
 fn write_output(store: &Path, a: &Assignment, task: u32, r: &Records, pred: Option<&[i64]>) -> Result<(ShardInfo, PathBuf), WorkerError> {
     if a.output_folder.is_empty() {
         return Err(WorkerError::Spec("the job has no output folder".into()));
@@ -237,12 +274,15 @@ fn write_output(store: &Path, a: &Assignment, task: u32, r: &Records, pred: Opti
         IdxData::F32(v) => v.iter().flat_map(|f| f.to_le_bytes()).collect(),
     };
     let dtype = if r.dtype() == "u8" { Dtype::U8 } else { Dtype::F32 };
-    let y_bytes: Vec<u8> = r.labels.iter().flat_map(|l| l.to_le_bytes()).collect();
+    let (y_bytes, y_dtype, y_shape): (Vec<u8>, Dtype, Vec<usize>) = match &r.targets {
+        Some(t) => (t.values.iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::F32, vec![n, t.width]),
+        None => (r.labels.iter().flat_map(|l| l.to_le_bytes()).collect(), Dtype::I64, vec![n]),
+    };
     let p_bytes: Vec<u8> = pred.unwrap_or_default().iter().flat_map(|l| l.to_le_bytes()).collect();
     let mut shape = vec![n];
     shape.extend_from_slice(&r.feature_shape);
     let bad = |e: safetensors::SafeTensorError| WorkerError::Data(e.to_string());
-    let mut tensors = vec![("x", TensorView::new(dtype, shape, &x_bytes).map_err(bad)?), ("y", TensorView::new(Dtype::I64, vec![n], &y_bytes).map_err(bad)?)];
+    let mut tensors = vec![("x", TensorView::new(dtype, shape, &x_bytes).map_err(bad)?), ("y", TensorView::new(y_dtype, y_shape, &y_bytes).map_err(bad)?)];
     if pred.is_some() {
         tensors.push(("pred", TensorView::new(Dtype::I64, vec![n], &p_bytes).map_err(bad)?));
     }

@@ -28,6 +28,8 @@ pub struct ShardedDataset {
     pub feature_len: usize,
     pub feature_shape: Vec<usize>,
     pub classes: usize,
+    /// Float targets per record (a regression); 0: records have class labels.
+    pub target_width: usize,
     missing: Missing,
 }
 
@@ -60,7 +62,7 @@ impl ShardedDataset {
         let mut next = 0u64;
         for s in &info.shards {
             let path = store.join(&s.path);
-            let shard = open_shard(&path, s, &info.feature_shape)?;
+            let shard = open_shard(&path, s, &info.feature_shape, info.target_width)?;
             starts.push(next);
             next += s.records;
             shards.push(shard);
@@ -76,6 +78,7 @@ impl ShardedDataset {
             feature_len: info.feature_shape.iter().map(|&d| d as usize).product(),
             feature_shape: info.feature_shape.iter().map(|&d| d as usize).collect(),
             classes: info.classes as usize,
+            target_width: info.target_width as usize,
             missing: Missing::Keep,
         })
     }
@@ -94,7 +97,7 @@ impl ShardedDataset {
 
     fn view(&self, shard: usize) -> ShardView<'_> {
         let s = &self.shards[shard];
-        ShardView { records: s.records, x: &s.map[s.x.clone()], x_dtype: s.x_dtype, y: &s.map[s.y.clone()], feature_len: self.feature_len }
+        ShardView { records: s.records, x: &s.map[s.x.clone()], x_dtype: s.x_dtype, y: &s.map[s.y.clone()], feature_len: self.feature_len, target_width: self.target_width }
     }
 
     /// Appends record `index`'s features (f32) and label to the batch buffers.
@@ -111,10 +114,24 @@ impl ShardedDataset {
             self.check_values(index, &mut x[at..])?;
         }
         let label = v.label(local);
-        if label < 0 || label as usize >= self.classes {
+        if self.target_width == 0 && (label < 0 || label as usize >= self.classes) {
             return Err(WorkerError::Data(format!("record {index} has label {label}, outside 0..{}", self.classes)));
         }
         y.push(label as u32);
+        Ok(())
+    }
+
+    /// Appends record `index`'s float targets (`target_width` of them; none for a dataset of
+    /// class labels) to `t`.
+    pub fn push_targets(&self, index: u64, t: &mut Vec<f32>) -> Result<(), WorkerError> {
+        if self.target_width == 0 {
+            return Ok(());
+        }
+        if index >= self.records {
+            return Err(WorkerError::Data(format!("record {index} is out of range (dataset has {})", self.records)));
+        }
+        let shard = self.starts.partition_point(|&s| s <= index) - 1;
+        self.view(shard).push_targets((index - self.starts[shard]) as usize, t);
         Ok(())
     }
 }
@@ -146,7 +163,7 @@ impl ShardedDataset {
             return Err(WorkerError::Data(format!("records [{start}, {end}) are outside the {} records", self.records)));
         }
         let f = self.feature_len;
-        let (mut u8s, mut f32s, mut labels) = (Vec::new(), Vec::new(), Vec::with_capacity((end - start) as usize));
+        let (mut u8s, mut f32s, mut labels, mut targets) = (Vec::new(), Vec::new(), Vec::with_capacity((end - start) as usize), Vec::new());
         let mut i = start;
         while i < end {
             let shard = self.starts.partition_point(|&s| s <= i) - 1;
@@ -158,14 +175,18 @@ impl ShardedDataset {
                 _ => f32s.extend(v.x[local * f * 4..(local + n) * f * 4].chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))),
             }
             labels.extend((local..local + n).map(|r| v.label(r)));
+            for r in local..local + n {
+                v.push_targets(r, &mut targets);
+            }
             i += n as u64;
         }
         let features = if f32s.is_empty() && !u8s.is_empty() { IdxData::U8(u8s) } else { IdxData::F32(f32s) };
-        Ok(shoal_core::dataset::Records { features, feature_shape: self.feature_shape.clone(), labels })
+        let targets = (self.target_width > 0).then_some(shoal_core::dataset::Targets { values: targets, width: self.target_width });
+        Ok(shoal_core::dataset::Records { features, feature_shape: self.feature_shape.clone(), labels, targets })
     }
 }
 
-fn open_shard(path: &Path, info: &ShardInfo, feature_shape: &[u64]) -> Result<MappedShard, WorkerError> {
+fn open_shard(path: &Path, info: &ShardInfo, feature_shape: &[u64], target_width: u32) -> Result<MappedShard, WorkerError> {
     let file = std::fs::File::open(path).map_err(|e| WorkerError::Data(format!("{}: {e}", path.display())))?;
     // SAFETY: shards are written once (atomically) and never modified in place; the store
     // treats them as immutable, so the mapping cannot change under us.
@@ -176,7 +197,7 @@ fn open_shard(path: &Path, info: &ShardInfo, feature_shape: &[u64]) -> Result<Ma
     }
     let name = path.display().to_string();
     let (x, y, x_dtype, records) = {
-        let v = parse_shard(&name, &map, info, feature_shape).map_err(|e| WorkerError::Data(e.to_string()))?;
+        let v = parse_shard(&name, &map, info, feature_shape, target_width).map_err(|e| WorkerError::Data(e.to_string()))?;
         (range_in(&map, v.x), range_in(&map, v.y), v.x_dtype, v.records)
     };
     Ok(MappedShard { map, x, y, x_dtype, records })
@@ -191,7 +212,7 @@ mod tests {
     #[test]
     fn reads_records_across_shards_and_detects_tampering() {
         let dir = tempfile::tempdir().unwrap();
-        let recs = Records { features: IdxData::U8((0..40u8).collect()), feature_shape: vec![4], labels: (0..10).map(|i| i % 2).collect() };
+        let recs = Records { features: IdxData::U8((0..40u8).collect()), feature_shape: vec![4], labels: (0..10).map(|i| i % 2).collect(), targets: None };
         let folder = shoal_core::dataset::import_dir("d", "t").unwrap();
         let info = write_shards(dir.path(), "d", &folder, &recs, 3).unwrap();
         let ds = ShardedDataset::open(dir.path(), &info).unwrap();
@@ -215,7 +236,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let nan = f32::NAN;
         let x = vec![1.0, 2.0, 3.0, nan, 5.0, nan, 7.0, 8.0, 9.0, 1.0, f32::INFINITY, 2.0];
-        let recs = Records { features: IdxData::F32(x), feature_shape: vec![3], labels: vec![0, 1, 0, 1] };
+        let recs = Records { features: IdxData::F32(x), feature_shape: vec![3], labels: vec![0, 1, 0, 1], targets: None };
         let folder = shoal_core::dataset::import_dir("d", "t").unwrap();
         let info = write_shards(dir.path(), "d", &folder, &recs, 2).unwrap();
         let mut ds = ShardedDataset::open(dir.path(), &info).unwrap();

@@ -42,7 +42,7 @@ impl StateMachine {
         }
         let feature_len: u64 = input.feature_shape.iter().product();
         let op = spec.operator.kind.as_str();
-        let (mut init, mut model, mut transform, mut out_shape, mut model_classes) = (None, String::new(), None, input.feature_shape.clone(), 0);
+        let (mut init, mut model, mut transform, mut out_shape, mut model_classes, mut model_target_width) = (None, String::new(), None, input.feature_shape.clone(), 0, 0);
         if op == "score" {
             let reference = spec.operator.model.clone().unwrap_or_default();
             let (job_id, step, label) = match reference.strip_prefix("job:") {
@@ -62,13 +62,21 @@ impl StateMachine {
             };
             let m = m.ok_or_else(|| format!("operator.model: job {job_id} keeps no checkpoint at step {}", step.unwrap_or_default()))?;
             let trained = self.dataset(&from.dataset_name, from.dataset_version).ok_or_else(|| format!("operator.model: the dataset job {job_id} trained on is gone"))?;
-            if trained.feature_shape != input.feature_shape || input.classes > trained.classes {
+            if trained.feature_shape != input.feature_shape || input.classes > trained.classes || input.target_width != trained.target_width {
+                let what = |classes: u32, width: u32| if width > 0 { format!("{width} target(s) per record") } else { format!("{classes} classes") };
                 return Err(format!(
-                    "operator.model: {label} reads features {:?} and {} classes; {} v{} has {:?} and {}",
-                    trained.feature_shape, trained.classes, input.name, input.version, input.feature_shape, input.classes
-                ).into());
+                    "operator.model: {label} reads features {:?} with {}; {} v{} has {:?} with {}",
+                    trained.feature_shape,
+                    what(trained.classes, trained.target_width),
+                    input.name,
+                    input.version,
+                    input.feature_shape,
+                    what(input.classes, input.target_width)
+                )
+                .into());
             }
-            (init, model, out_shape, model_classes) = (Some(m.clone()), label, vec![trained.classes as u64], trained.classes);
+            let outputs = if trained.target_width > 0 { trained.target_width } else { trained.classes };
+            (init, model, out_shape, model_classes, model_target_width) = (Some(m.clone()), label, vec![outputs as u64], trained.classes, trained.target_width);
             if let Some(r) = &spec.operator.transform {
                 let (name, version) = match r.split_once('@') {
                     Some((n, v)) => (n, v.parse::<u64>().map_err(|_| format!("operator.transform: {r:?} is not DATASET or DATASET@VERSION"))?),
@@ -119,6 +127,7 @@ impl StateMachine {
                 workers: spec.cluster.workers,
                 speculation: spec.cluster.speculation,
                 model_classes,
+                model_target_width,
                 ..Default::default()
             }),
             ..Default::default()
@@ -367,7 +376,21 @@ impl StateMachine {
             return;
         };
         if b.operator == "score" && records > 0 {
-            b.accuracy = b.tasks.iter().map(|t| result(t).correct).sum::<u64>() as f64 / records as f64;
+            // Task results added in task order: every replica gets the same bits.
+            let sum = |f: fn(&TaskResult) -> f64| b.tasks.iter().map(|t| f(result(t))).fold(0.0f64, |a, v| a + v);
+            let n = records as f64;
+            if b.model_target_width == 0 {
+                b.accuracy = b.tasks.iter().map(|t| result(t).correct).sum::<u64>() as f64 / n;
+                b.test_loss = Some(sum(|r| r.loss_sum) / n);
+            } else {
+                let values = n * b.model_target_width as f64;
+                let (sse, t_sum, t_sq) = (sum(|r| r.sse), sum(|r| r.target_sum), sum(|r| r.target_sq_sum));
+                let mean = t_sum / values;
+                let total = t_sq - values * mean * mean;
+                b.test_loss = Some(sse / values);
+                b.test_rmse = Some((sse / values).sqrt());
+                b.test_r2 = (total > 0.0).then(|| 1.0 - sse / total);
+            }
         }
         let wrote: Vec<(u32, &TaskResult)> = b.tasks.iter().map(|t| (t.index, result(t))).filter(|(_, r)| r.records_out > 0).collect();
         let (shape, dtype) = wrote.first().map(|(_, r)| (r.feature_shape.clone(), r.feature_dtype.clone())).unwrap_or_default();
@@ -376,7 +399,9 @@ impl StateMachine {
             self.finish_job(id, JobState::Failed, msg);
             return;
         }
-        let classes = b.tasks.iter().map(|t| result(t).classes).max().unwrap_or(0).max(if b.operator == "exec" { 0 } else { input.classes });
+        // Records with float targets keep them (score and transform pass the input's on).
+        let target_width = wrote.first().map_or(0, |(_, r)| r.target_width);
+        let classes = if target_width > 0 { 0 } else { b.tasks.iter().map(|t| result(t).classes).max().unwrap_or(0).max(if b.operator == "exec" { 0 } else { input.classes }) };
         let out = b.output_dataset.clone();
         let slice = DatasetSlice {
             sources: vec![format!("batch job {id}")],
@@ -396,6 +421,7 @@ impl StateMachine {
             shards: b.tasks.iter().filter_map(|t| result(t).output.clone()).filter(|s| s.records > 0).collect(),
             slices: vec![slice],
             feature_dtype: dtype,
+            target_width,
             append: self.datasets.contains_key(&out),
             class_names: if classes <= input.classes { input.class_names.clone() } else { Vec::new() },
             transform: if b.operator == "transform" { b.transform.clone() } else { None },
@@ -501,6 +527,7 @@ impl StateMachine {
             transform: b.transform.clone(),
             output_folder: b.output_folder.clone(),
             model_classes: b.model_classes,
+            model_target_width: b.model_target_width,
             ..Default::default()
         })
     }

@@ -78,6 +78,7 @@ impl Dataset {
             feature_shape: latest.feature_shape.clone(),
             classes: latest.classes,
             feature_dtype: latest.feature_dtype.clone(),
+            target_width: latest.target_width,
             class_names: latest.class_names.clone(),
             settings: latest.settings.clone(),
             slices,
@@ -122,6 +123,7 @@ impl Dataset {
             classes: self.rec.classes,
             created_index: v.created_index,
             feature_dtype: self.rec.feature_dtype.clone(),
+            target_width: self.rec.target_width,
             settings: self.rec.settings.clone(),
             class_names: self.rec.class_names.clone(),
             transform: prefix.iter().rev().find_map(|s| s.transform.clone()),
@@ -212,8 +214,15 @@ impl StateMachine {
             return Err(ApplyError::invalid(format!("dataset {} has no records", info.name)));
         }
         let feature_len = info.feature_shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
-        if info.feature_shape.is_empty() || info.feature_shape.contains(&0) || info.classes == 0 || feature_len.is_none_or(|n| n > MAX_FEATURES) {
-            return Err(ApplyError::invalid(format!("dataset {}: feature shape {:?} and {} classes are not usable", info.name, info.feature_shape, info.classes)));
+        let labels_ok = match info.target_width {
+            0 => info.classes > 0,
+            w => info.classes == 0 && w <= MAX_TARGETS,
+        };
+        if info.feature_shape.is_empty() || info.feature_shape.contains(&0) || !labels_ok || feature_len.is_none_or(|n| n > MAX_FEATURES) {
+            return Err(ApplyError::invalid(format!(
+                "dataset {}: feature shape {:?}, {} classes and {} targets per record are not usable",
+                info.name, info.feature_shape, info.classes, info.target_width
+            )));
         }
         // The new shards must live in one folder of their own under datasets/<name>/ (no
         // `..`, no absolute paths), a folder no other slice uses: an import or append can
@@ -256,6 +265,7 @@ impl StateMachine {
                     feature_shape: info.feature_shape,
                     classes: info.classes,
                     feature_dtype: info.feature_dtype,
+                    target_width: info.target_width,
                     class_names: info.class_names,
                     settings: info.settings,
                     slices: vec![slice],
@@ -268,6 +278,10 @@ impl StateMachine {
                 let b = &base.rec;
                 if info.feature_shape != b.feature_shape {
                     return Err(ApplyError::invalid(format!("dataset {}: the slice's features have shape {:?}; the dataset's are {:?}", name, info.feature_shape, b.feature_shape)));
+                }
+                if info.target_width != b.target_width {
+                    let kind = |w: u32| if w == 0 { "class labels".to_string() } else { format!("{w} float target(s) per record") };
+                    return Err(ApplyError::invalid(format!("dataset {}: the slice has {}; the dataset has {}", name, kind(info.target_width), kind(b.target_width))));
                 }
                 if !b.feature_dtype.is_empty() && info.feature_dtype != b.feature_dtype {
                     return Err(ApplyError::invalid(format!("dataset {}: the slice's features are {}; the dataset's are {}", name, info.feature_dtype, b.feature_dtype)));

@@ -75,7 +75,8 @@ impl StateMachine {
             )));
         }
         // The model's shapes against the records' (an error names the layer), then the limits.
-        shoal_core::limits::check_job(&spec, &ds.feature_shape, ds.classes as u64)?;
+        let head = shoal_core::model::Head::of(spec.loss(), ds.classes as u64, ds.target_width as u64).map_err(ApplyError::invalid)?;
+        shoal_core::limits::check_job(&spec, &ds.feature_shape, head)?;
         self.check_missing(&spec, &ds.name, ds.version)?;
         Ok((spec, ds))
     }
@@ -110,8 +111,12 @@ impl StateMachine {
             Some(p) => {
                 let (name, version) = p.holdout_ref().map_err(|e| e.to_string())?;
                 let h = self.dataset(&name, version.unwrap_or(0)).ok_or_else(|| ApplyError::invalid(format!("promote.holdout: there is no dataset {}", p.holdout)))?;
-                if h.feature_shape != ds.feature_shape || h.classes > ds.classes {
-                    return Err(format!("promote.holdout: {} has features {:?} and {} classes; the job's dataset {:?} and {}", p.holdout, h.feature_shape, h.classes, ds.feature_shape, ds.classes).into());
+                if h.feature_shape != ds.feature_shape || h.classes > ds.classes || h.target_width != ds.target_width {
+                    return Err(format!(
+                        "promote.holdout: {} has features {:?}, {} classes and {} targets per record; the job's dataset {:?}, {} and {}",
+                        p.holdout, h.feature_shape, h.classes, h.target_width, ds.feature_shape, ds.classes, ds.target_width
+                    )
+                    .into());
                 }
                 self.check_missing(&spec, &h.name, h.version)?;
                 h.version

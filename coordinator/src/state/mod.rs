@@ -152,6 +152,8 @@ pub enum MemberOp {
 
 /// Most features one record may have (guards workers against absurd manifests).
 const MAX_FEATURES: u64 = 1 << 28;
+/// The most float targets a record may have.
+const MAX_TARGETS: u32 = 1 << 16;
 
 /// Request ids remembered for idempotent retries (oldest forgotten first).
 const REMEMBERED_REQUESTS: usize = 100_000;

@@ -35,6 +35,9 @@ impl StateMachine {
             parent,
             checkpoint: Some(checkpoint),
             test_accuracy: job.progress.as_ref().map(|p| p.test_accuracy).unwrap_or(-1.0),
+            test_loss: job.progress.as_ref().and_then(|p| p.test_loss),
+            test_rmse: job.progress.as_ref().and_then(|p| p.test_rmse),
+            test_r2: job.progress.as_ref().and_then(|p| p.test_r2),
             registered_index: index,
             holdout_accuracy: -1.0,
             holder_accuracy: -1.0,
@@ -79,17 +82,30 @@ impl StateMachine {
     pub(super) fn promote(&mut self, name: &str, version: u64, p: &shoal_proto::PromotePlan, progress: JobProgress) -> String {
         let Some(m) = self.models.get_mut(name) else { return "not promoted: the model is gone".into() };
         let holder_now = m.aliases.iter().find(|a| a.alias == p.alias).map(|a| a.version).unwrap_or(0);
-        let (cand, held, against) = (progress.holdout_accuracy, progress.holder_accuracy, progress.holder_version);
-        let decision = if cand < 0.0 {
-            Err("the candidate was not scored on the holdout".to_string())
-        } else if holder_now != against {
-            Err(format!("{name}@{} moved to version {holder_now} while version {against} was being compared", p.alias))
-        } else if against == 0 {
-            Ok(format!("{name}@{} had no holder", p.alias))
-        } else if cand >= held + p.min_delta {
-            Ok(format!("holdout accuracy {cand:.4} against version {against}'s {held:.4} (min_delta {})", p.min_delta))
-        } else {
-            Err(format!("holdout accuracy {cand:.4} is below version {against}'s {held:.4} (min_delta {})", p.min_delta))
+        let metric = if p.metric.is_empty() { "test_accuracy" } else { p.metric.as_str() };
+        let higher = shoal_core::spec::metric_higher_is_better(metric).unwrap_or(true);
+        // Scores of the gate's metric; a log from before there were others has the accuracy only.
+        let accuracy = |a: f64| (a >= 0.0).then_some(a);
+        let (cand, held) = match metric {
+            "test_accuracy" => (progress.holdout_score.or(accuracy(progress.holdout_accuracy)), progress.holder_score.or(accuracy(progress.holder_accuracy))),
+            _ => (progress.holdout_score, progress.holder_score),
+        };
+        let against = progress.holder_version;
+        let what = metric.strip_prefix("test_").unwrap_or(metric);
+        let decision = match (cand, held) {
+            (None, _) => Err("the candidate was not scored on the holdout".to_string()),
+            _ if holder_now != against => Err(format!("{name}@{} moved to version {holder_now} while version {against} was being compared", p.alias)),
+            _ if against == 0 => Ok(format!("{name}@{} had no holder", p.alias)),
+            (Some(c), None) => Err(format!("holdout {what} {c:.4}: version {against} was not scored")),
+            (Some(c), Some(h)) => {
+                let passes = if higher { c >= h + p.min_delta } else { c <= h - p.min_delta };
+                let (better, worse) = if higher { ("above", "below") } else { ("below", "above") };
+                if passes {
+                    Ok(format!("holdout {what} {c:.4} against version {against}'s {h:.4} ({better} by at least min_delta {})", p.min_delta))
+                } else {
+                    Err(format!("holdout {what} {c:.4} is {worse} version {against}'s {h:.4} by more than min_delta {} allows", p.min_delta))
+                }
+            }
         };
         let text = match &decision {
             Ok(why) => {
@@ -101,7 +117,8 @@ impl StateMachine {
             Err(why) => format!("not promoted to {name}@{}: {why}", p.alias),
         };
         if let Some(v) = m.versions.iter_mut().find(|v| v.version == version) {
-            (v.holdout_accuracy, v.holder_accuracy, v.holder_version, v.promotion) = (cand, held, against, text.clone());
+            (v.holdout_accuracy, v.holder_accuracy, v.holder_version, v.promotion) = (progress.holdout_accuracy, progress.holder_accuracy, against, text.clone());
+            (v.metric, v.holdout_score, v.holder_score) = (metric.to_string(), cand, held);
         }
         text
     }

@@ -20,6 +20,7 @@ pub(crate) mod reference;
 #[cfg(test)]
 mod tests;
 
+use shoal_core::model::Head;
 use shoal_core::spec::LayerSpec;
 use shoal_core::rng::SplitMix64;
 use shoal_core::spec::ModelSpec;
@@ -105,7 +106,10 @@ pub struct LaneSpan {
 pub struct Batch<'a> {
     /// The records' features, row-major `[N][features...]` as the dataset holds them.
     pub x: &'a [f32],
+    /// One per record (all 0 for a regression: the record count is `labels.len()`).
     pub labels: &'a [u32],
+    /// A regression's targets, `head.outputs()` per record (empty for a classifier).
+    pub targets: &'a [f32],
     /// Their global record indices (dropout's masks are a function of them).
     pub records: &'a [u64],
     /// The global step (dropout draws anew every step).
@@ -117,6 +121,8 @@ pub struct Batch<'a> {
 pub trait Model: Send {
     /// The parameters' layout.
     fn layout(&self) -> &Layout;
+    /// What the outputs are: logits over classes, or a regression's targets.
+    fn head(&self) -> Head;
     /// Buffer offsets where a layer's parameters start, last layer first: where the backward
     /// pass can hand a finished tail of the buffers over.
     fn layer_starts(&self) -> Vec<usize>;
@@ -146,6 +152,12 @@ pub trait Model: Send {
     fn eval_chunk(&self) -> Option<usize> {
         None
     }
+    /// Adds `labels.len()` records' evaluation to `sums` (`targets`: a regression's).
+    fn evaluate(&mut self, params: &[f32], x: &[f32], labels: &[u32], targets: &[f32], sums: &mut crate::metrics::EvalSums) -> Result<(), WorkerError> {
+        let head = self.head();
+        let out = self.outputs(params, x, labels.len())?;
+        sums.add(head, out, labels, targets)
+    }
     /// How many of `labels` the model predicts (argmax, the first on ties).
     fn correct(&mut self, params: &[f32], x: &[f32], labels: &[u32]) -> Result<u64, WorkerError> {
         let n = labels.len();
@@ -155,13 +167,14 @@ pub trait Model: Send {
     }
 }
 
-/// The model `spec` describes, on records of `feature_shape` with `classes` outputs, on this
-/// worker's backend: the one place that picks an implementation of `Model` (a device backend
-/// would be chosen here; the step loop, evaluation and scoring see only the trait). `seed` is
-/// the job's (dropout's masks derive from it).
-pub fn build(spec: &ModelSpec, feature_shape: &[usize], classes: usize, seed: u64) -> Result<Box<dyn Model>, WorkerError> {
+/// The model `spec` describes, on records of `feature_shape` with outputs read as `head`
+/// (a number: a classifier's classes), on this worker's backend: the one place that picks an
+/// implementation of `Model` (a device backend would be chosen here; the step loop,
+/// evaluation and scoring see only the trait). `seed` is the job's (dropout's masks derive
+/// from it).
+pub fn build(spec: &ModelSpec, feature_shape: &[usize], head: impl Into<Head>, seed: u64) -> Result<Box<dyn Model>, WorkerError> {
     let shape: Vec<u64> = feature_shape.iter().map(|&d| d as u64).collect();
-    Ok(Box::new(Sequential::new(spec, &shape, classes as u64, seed)?))
+    Ok(Box::new(Sequential::new(spec, &shape, head.into(), seed)?))
 }
 
 /// The index of the first largest value.
@@ -249,12 +262,15 @@ pub struct Sequential {
     /// The record's shape at the input ([C, H, W] images are made channel-major).
     input: Vec<usize>,
     outputs: usize,
+    head: Head,
     seed: u64,
     batch: usize,
     acts: Vec<Vec<f32>>,
     dy: Vec<f32>,
     dx: Vec<f32>,
     lanes_scratch: Vec<f32>,
+    /// Per layer, time spent in its forward and its backward passes (benchmarks only).
+    profile: Option<Vec<[std::time::Duration; 2]>>,
 }
 
 /// A dense layer in a lanes pass: in and out widths, weight and bias offsets, a fused ReLU,
@@ -265,10 +281,11 @@ type DenseAt = (usize, usize, usize, Option<usize>, bool, usize, usize);
 const IMAGE_EVAL_CHUNK: usize = 32;
 
 impl Sequential {
-    /// The model `spec` describes, on records of `feature_shape` with `classes` classes;
+    /// The model `spec` describes, on records of `feature_shape` with outputs read as `head`;
     /// `seed` is the job's (dropout's masks derive from it).
-    pub fn new(spec: &ModelSpec, feature_shape: &[u64], classes: u64, seed: u64) -> Result<Sequential, WorkerError> {
-        let layout = shoal_core::model::Layout::new(spec, feature_shape, classes).map_err(|e| WorkerError::Model(e.to_string()))?;
+    pub fn new(spec: &ModelSpec, feature_shape: &[u64], head: impl Into<Head>, seed: u64) -> Result<Sequential, WorkerError> {
+        let head = head.into();
+        let layout = shoal_core::model::Layout::new(spec, feature_shape, head).map_err(|e| WorkerError::Model(e.to_string()))?;
         let mut params = Vec::new();
         let mut offset = 0usize;
         for p in layout.params() {
@@ -329,13 +346,15 @@ impl Sequential {
             fused,
             first_param_layer,
             input: usize_of(&layout.input),
-            outputs: classes as usize,
+            outputs: head.outputs() as usize,
+            head,
             seed,
             batch: 0,
             acts: (0..next_slot).map(|_| Vec::new()).collect(),
             dy: Vec::new(),
             dx: Vec::new(),
             lanes_scratch: Vec::new(),
+            profile: None,
         })
     }
 
@@ -383,6 +402,7 @@ impl Sequential {
             if self.fused[i] {
                 continue;
             }
+            let started = self.profile.is_some().then(std::time::Instant::now);
             let (input, out) = pair(&mut self.acts, self.slot[i], self.slot[i + 1]);
             match &mut self.layers[i] {
                 Layer::Linear(l) => l.forward(params, input, out, n)?,
@@ -397,8 +417,22 @@ impl Sequential {
                 },
                 Layer::LayerNorm(l) => l.forward(params, input, out, n)?,
             }
+            if let (Some(t), Some(p)) = (started, self.profile.as_mut()) {
+                p[i][0] += t.elapsed();
+            }
         }
         Ok(())
+    }
+
+    /// Starts timing each layer's forward and backward passes (a fused ReLU counts in the
+    /// layer before it), from zero.
+    pub fn start_profile(&mut self) {
+        self.profile = Some(vec![[std::time::Duration::ZERO; 2]; self.layers.len()]);
+    }
+
+    /// The times since `start_profile`, per layer: (index, forward, backward).
+    pub fn profile(&self) -> Vec<(usize, std::time::Duration, std::time::Duration)> {
+        self.profile.iter().flatten().enumerate().map(|(i, [f, b])| (i, *f, *b)).collect()
     }
 
     /// The outputs of the last forward pass.
@@ -407,9 +441,27 @@ impl Sequential {
         &self.acts[self.slot[b]][..n * self.sizes[b]]
     }
 
-    /// A dense-only model (linear layers, ReLUs between them): `lanes_pass` applies.
+    /// The loss of the last forward pass's records `rows` (of `batch`) times `scale`, its
+    /// gradient (times `scale`) into the same rows of `dy`: cross-entropy over the logits,
+    /// or mean squared error against the targets.
+    fn head_loss(&mut self, batch: &Batch, rows: std::ops::Range<usize>, scale: f32) -> Result<f32, WorkerError> {
+        let k = self.outputs;
+        let span = rows.start * k..rows.end * k;
+        let out = &self.acts[self.slot[self.layers.len()]][span.clone()];
+        let dy = &mut self.dy[span.clone()];
+        Ok(match self.head {
+            Head::Classes(_) => nn::softmax_xent(out, &batch.labels[rows], k, scale, dy)?.0,
+            Head::Targets(_) => {
+                let t = batch.targets.get(span).ok_or_else(|| WorkerError::Model(format!("a batch of {} records has {} targets, {k} each expected", batch.labels.len(), batch.targets.len())))?;
+                shoal_kernels::layers::mse(out, t, rows.len(), k, scale, dy)?
+            }
+        })
+    }
+
+    /// A dense-only model (linear layers with biases, ReLUs between them): `lanes_pass`
+    /// applies (a layer without a bias takes the general path, a lane at a time).
     fn is_dense(&self) -> bool {
-        self.layers.iter().enumerate().all(|(i, l)| matches!(l, Layer::Linear(_)) || (self.fused[i] && matches!(l, Layer::Act(_))))
+        self.layers.iter().enumerate().all(|(i, l)| matches!(l, Layer::Linear(d) if d.b.is_some()) || (self.fused[i] && matches!(l, Layer::Act(_))))
             && self.layouts[0] == Arrangement::Rows
     }
 }
@@ -417,6 +469,10 @@ impl Sequential {
 impl Model for Sequential {
     fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    fn head(&self) -> Head {
+        self.head
     }
 
     fn layer_starts(&self) -> Vec<usize> {
@@ -456,9 +512,7 @@ impl Model for Sequential {
             return Err(WorkerError::Model(format!("a batch of {n} labels names {} records", batch.records.len())));
         }
         self.forward(params, batch.x, n, Some((batch.records, batch.step)))?;
-        let classes = self.outputs;
-        let out_slot = self.slot[self.layers.len()];
-        let (loss, _) = nn::softmax_xent(&self.acts[out_slot][..n * classes], batch.labels, classes, scale, &mut self.dy)?;
+        let loss = self.head_loss(batch, 0..n, scale)?;
         // What is not handed over yet: a prefix of each buffer.
         let (mut p_rest, mut g_rest) = (params, grads);
         let mut cuts = cuts.iter().copied().peekable();
@@ -476,6 +530,7 @@ impl Model for Sequential {
                 continue;
             }
             let want_dx = i > self.first_param_layer;
+            let started = self.profile.is_some().then(std::time::Instant::now);
             let x = &self.acts[self.slot[i]];
             let y = &self.acts[self.slot[i + 1]];
             let (dy, dx) = (&mut self.dy, &mut self.dx);
@@ -515,6 +570,9 @@ impl Model for Sequential {
                 _ => None,
             };
             std::mem::swap(&mut self.dy, &mut self.dx);
+            if let (Some(t), Some(p)) = (started, self.profile.as_mut()) {
+                p[i][1] += t.elapsed();
+            }
             if let Some(at) = first_param {
                 hand_over(at, &mut p_rest, &mut g_rest);
             }
@@ -569,13 +627,9 @@ impl Sequential {
                 None => {}
             }
         }
-        let classes = self.outputs;
-        let out_slot = self.slot[self.layers.len()];
         let mut loss = 0.0;
         for rows in (0..n).step_by(per) {
-            let span = rows * classes..(rows + per) * classes;
-            let (l, _) = nn::softmax_xent(&self.acts[out_slot][span.clone()], &batch.labels[rows..rows + per], classes, scale, &mut self.dy[span])?;
-            loss += l;
+            loss += self.head_loss(batch, rows..rows + per, scale)?;
         }
         for (k, &(din, dout, w, b, relu, src, dst)) in dense.iter().enumerate().rev() {
             if relu {

@@ -55,7 +55,7 @@ fn preset_matches_reference(text: &str, n: usize) {
     let np = layout.num_params();
     for step in 0..3u64 {
         let (x, y, records) = batch(n, 784, step);
-        let b = Batch { x: &x, labels: &y, records: &records, step };
+        let b = Batch { x: &x, labels: &y, targets: &[], records: &records, step };
         let (mut g1, mut g2) = (vec![0.0; np], vec![0.0; np]);
         let (mut h1, mut h2) = (Vec::new(), Vec::new());
         let l1 = seq.forward_backward(&mut ours, &b, 0.5, &mut g1, &cuts, &mut |p, g| h1.push((p.len(), g.len()))).unwrap();
@@ -101,7 +101,7 @@ fn the_mlp_lanes_pass_gives_the_reference_bits() {
         let (mut a, mut b) = (vec![vec![0.0; np]; 2], vec![vec![0.0; np]; 2]);
         let mut outs_a: Vec<&mut [f32]> = a.iter_mut().map(|v| &mut v[..]).collect();
         let mut outs_b: Vec<&mut [f32]> = b.iter_mut().map(|v| &mut v[..]).collect();
-        let batch = Batch { x: &x, labels: &y, records: &records, step: 0 };
+        let batch = Batch { x: &x, labels: &y, targets: &[], records: &records, step: 0 };
         let l1 = seq.lanes_pass(&params, &batch, LaneSpan { per: 8, first: 0, scale: 0.25 }, &nodes, &mut outs_a).expect("a dense model has a lanes pass").unwrap();
         let l2 = net.mlp_lanes(&params, &x, &y, 8, 0.25, 0, &nodes, &mut outs_b).unwrap();
         assert_eq!(l1.to_bits(), l2.to_bits());
@@ -124,7 +124,7 @@ fn a_layer_list_that_spells_out_the_cnn_preset_gives_its_bits() {
         let (mut pa, mut pb) = (a.layout().init(11), b.layout().init(11));
         assert_eq!(bits(&pa), bits(&pb));
         let (x, y, records) = batch(16, 784, 1);
-        let batch = Batch { x: &x, labels: &y, records: &records, step: 0 };
+        let batch = Batch { x: &x, labels: &y, targets: &[], records: &records, step: 0 };
         let np = pa.len();
         let (mut ga, mut gb) = (vec![0.0; np], vec![0.0; np]);
         let la = a.forward_backward(&mut pa, &batch, 1.0, &mut ga, &[0], &mut |_, _| {}).unwrap();
@@ -530,7 +530,7 @@ fn every_layer_kind_has_gradients_that_match_finite_differences_in_f64() {
         let np = s.params.len();
         let (mut params, mut grads) = (s.params.clone(), vec![0.0f32; np]);
         let (x, labels, records) = (s.x.clone(), s.labels.clone(), s.records.clone());
-        let batch = Batch { x: &x, labels: &labels, records: &records, step: STEP };
+        let batch = Batch { x: &x, labels: &labels, targets: &[], records: &records, step: STEP };
         let loss = s.seq.forward_backward(&mut params, &batch, 0.5, &mut grads, &[0], &mut |_, _| {}).unwrap();
         let p64: Vec<f64> = s.params.iter().map(|&v| v as f64).collect();
         assert!(close(loss as f64, s.loss(&p64), 1e-5, 1e-5), "{}: loss {loss} vs {}", c.name, s.loss(&p64));
@@ -632,4 +632,48 @@ fn every_layer_candle_has_matches_candle() {
     }
     let want = ["avgpool2d", "conv2d", "gelu", "layernorm", "linear", "maxpool2d", "relu", "sigmoid", "tanh"];
     assert_eq!(checked.into_iter().collect::<Vec<_>>(), want, "every kind candle has is checked");
+}
+
+/// A regression head: mean squared error over records and outputs, and its gradient through a
+/// linear layer, against the closed form in f64.
+#[test]
+fn a_regression_head_trains_mean_squared_error() {
+    let (n, f, w) = (5usize, 3usize, 2usize);
+    let s = spec("[[model.layers]]\nkind = \"linear\"\nout = 2\n");
+    let mut seq = Sequential::new(&s, &[f as u64], Head::Targets(w as u64), 3).unwrap();
+    assert_eq!(seq.head(), Head::Targets(2));
+    let mut params = seq.layout().init(3);
+    let mut rng = SplitMix64::new(11);
+    let x: Vec<f32> = (0..n * f).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
+    let t: Vec<f32> = (0..n * w).map(|_| rng.next_f32() * 10.0).collect();
+    let records: Vec<u64> = (0..n as u64).collect();
+    let labels = vec![0u32; n];
+    let mut grads = vec![0f32; params.len()];
+    let batch = Batch { x: &x, labels: &labels, targets: &t, records: &records, step: 0 };
+    let loss = seq.forward_backward(&mut params.clone(), &batch, 1.0, &mut grads, &[0], &mut |_, _| {}).unwrap();
+    // out = x W^T + b; loss = mean (out - t)^2; dW = dy^T x, db = sum dy, dy = 2 (out - t) / (n w).
+    let (wt, b) = (&params[..w * f], &params[w * f..]);
+    let (mut want_loss, mut gw, mut gb) = (0f64, vec![0f64; w * f], vec![0f64; w]);
+    for r in 0..n {
+        for o in 0..w {
+            let out = b[o] as f64 + (0..f).map(|k| wt[o * f + k] as f64 * x[r * f + k] as f64).sum::<f64>();
+            let d = out - t[r * w + o] as f64;
+            want_loss += d * d / (n * w) as f64;
+            let dy = 2.0 * d / (n * w) as f64;
+            gb[o] += dy;
+            for k in 0..f {
+                gw[o * f + k] += dy * x[r * f + k] as f64;
+            }
+        }
+    }
+    assert!(close(loss as f64, want_loss, 1e-4, 1e-5), "loss {loss} against {want_loss}");
+    for (i, (&g, want)) in grads.iter().zip(gw.iter().chain(&gb)).enumerate() {
+        assert!(close(g as f64, *want, 1e-5, 1e-4), "gradient {i}: {g} against {want}");
+    }
+    let mut sums = crate::metrics::EvalSums::default();
+    seq.evaluate(&params, &x, &labels, &t, &mut sums).unwrap();
+    assert!(close(sums.metrics(seq.head()).loss.unwrap(), want_loss, 1e-4, 1e-5));
+    // Targets missing from a batch: an error, not a panic.
+    let short = Batch { x: &x, labels: &labels, targets: &t[..3], records: &records, step: 0 };
+    assert!(seq.forward_backward(&mut params, &short, 1.0, &mut grads, &[0], &mut |_, _| {}).is_err());
 }

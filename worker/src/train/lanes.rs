@@ -11,10 +11,10 @@
 use std::ops::Range;
 use std::time::Instant;
 
-use super::{count_into, first_of, read_batch, Control};
+use super::{count_into, first_of, BatchBuf, Control};
 use crate::collective::Collective;
 use crate::data::ShardedDataset;
-use crate::model::{Batch, LaneSpan, Model};
+use crate::model::{LaneSpan, Model};
 use crate::WorkerError;
 
 pub(super) struct Lanes {
@@ -27,8 +27,7 @@ pub(super) struct Lanes {
     /// The exchange buffer (one slot per node) and spare node buffers.
     exchange: Vec<f32>,
     spare: Vec<Vec<f32>>,
-    xs: Vec<f32>,
-    ys: Vec<u32>,
+    buf: BatchBuf,
 }
 
 /// What computing lanes reads: the model and its parameters, the dataset, the global batch
@@ -81,7 +80,7 @@ impl Lanes {
         // Two ranks holding one half each: the root is their sum, which a plain all-reduce
         // computes exactly (a + b == b + a). Otherwise every node travels.
         let exchange = if world > 1 && !(world == 2 && nodes.len() == 2) { vec![0.0; nodes.len() * np] } else { Vec::new() };
-        Lanes { k, mine: lanes_of(k, rank, world), nodes, my_nodes, exchange, spare: Vec::new(), xs: Vec::new(), ys: Vec::new() }
+        Lanes { k, mine: lanes_of(k, rank, world), nodes, my_nodes, exchange, spare: Vec::new(), buf: BatchBuf::default() }
     }
 
     /// Computes the tree node over lanes [lo, hi) into `out`; returns the lanes' loss.
@@ -89,9 +88,9 @@ impl Lanes {
         if hi - lo == 1 {
             let per = pass.batch.len() / self.k;
             let records = &pass.batch[lo * per..(lo + 1) * per];
-            read_batch(pass.ds, records.iter().copied(), &mut self.xs, &mut self.ys)?;
+            self.buf.read(pass.ds, records.iter().copied())?;
             count_into(ctl, records);
-            let b = Batch { x: &self.xs, labels: &self.ys, records, step: pass.step };
+            let b = self.buf.batch(records, pass.step);
             return pass.net.forward_backward(pass.params, &b, per as f32 / pass.batch.len() as f32, out, &[0], &mut |_, _| {});
         }
         let mid = (lo + hi) / 2;
@@ -156,8 +155,8 @@ impl Lanes {
     fn my_node_gradients(&mut self, pass: &mut LanePass, nodes: &[Range<usize>], outs: &mut [&mut [f32]], ctl: &mut Control) -> Result<f32, WorkerError> {
         let per = pass.batch.len() / self.k;
         let records = &pass.batch[self.mine.start * per..self.mine.end * per];
-        read_batch(pass.ds, records.iter().copied(), &mut self.xs, &mut self.ys)?;
-        let b = Batch { x: &self.xs, labels: &self.ys, records, step: pass.step };
+        self.buf.read(pass.ds, records.iter().copied())?;
+        let b = self.buf.batch(records, pass.step);
         let scale = per as f32 / pass.batch.len() as f32;
         // One pass over all of this rank's lanes, where the model's kernels keep lanes apart.
         let span = LaneSpan { per, first: self.mine.start, scale };

@@ -36,7 +36,9 @@ use crate::checkpoint::{self, JobLink, PartSnapshot, StateTensor, WriteDone, Wri
 use shoal_core::schedule::Schedule;
 use crate::collective::{Collective, Incoming, Mailbox, Rendezvous, Wire};
 use crate::data::{Missing, ShardedDataset};
-use crate::model::{Layout, Model};
+use crate::metrics::{EvalSums, Metrics};
+use crate::model::{Batch, Layout, Model};
+use shoal_core::model::Head;
 use crate::optim::Opt;
 use crate::WorkerError;
 
@@ -254,8 +256,8 @@ pub struct TrainState {
     /// their digest.
     epoch_records: Vec<u64>,
     epoch_digests: Vec<RecordDigest>,
-    /// The latest test accuracy (< 0: none yet), and the step it was measured after.
-    test_accuracy: f64,
+    /// The latest test metrics, and the step they were measured after.
+    test: Metrics,
     evaluated_at: u64,
 }
 
@@ -263,14 +265,14 @@ impl TrainState {
     fn fresh(layout: &Layout, spec: &JobSpec) -> TrainState {
         let params = layout.init(spec.training.seed);
         let opt = Opt::new(spec.training.optimizer.resolve(), params.len());
-        TrainState { params, opt, step: 0, epoch_records: Vec::new(), epoch_digests: Vec::new(), test_accuracy: -1.0, evaluated_at: 0 }
+        TrainState { params, opt, step: 0, epoch_records: Vec::new(), epoch_digests: Vec::new(), test: Metrics::default(), evaluated_at: 0 }
     }
 
     /// A state to receive a peer's into.
     fn blank(layout: &Layout, spec: &JobSpec) -> TrainState {
         let n = layout.num_params();
         let opt = Opt::new(spec.training.optimizer.resolve(), n);
-        TrainState { params: vec![0.0; n], opt, step: 0, epoch_records: Vec::new(), epoch_digests: Vec::new(), test_accuracy: -1.0, evaluated_at: 0 }
+        TrainState { params: vec![0.0; n], opt, step: 0, epoch_records: Vec::new(), epoch_digests: Vec::new(), test: Metrics::default(), evaluated_at: 0 }
     }
 
     /// Adds a step's records (summed over the ranks) to the epoch `step` belongs to.
@@ -286,7 +288,7 @@ impl TrainState {
     /// Everything but the big buffers, for a transfer to a peer.
     fn header(&self) -> Vec<u8> {
         let mut b = Vec::new();
-        for v in [self.step, self.opt.step, self.test_accuracy.to_bits(), self.evaluated_at, self.epoch_records.len() as u64] {
+        for v in [self.step, self.opt.step, self.evaluated_at, self.epoch_records.len() as u64].into_iter().chain(self.test.to_words()) {
             b.extend(v.to_le_bytes());
         }
         for (r, d) in self.epoch_records.iter().zip(&self.epoch_digests) {
@@ -299,17 +301,17 @@ impl TrainState {
     fn set_header(&mut self, b: &[u8]) -> Result<(), WorkerError> {
         let bad = || WorkerError::Collective(format!("a peer sent a state header of {} bytes that does not parse", b.len()));
         let word = |i: usize| b.get(i * 8..i * 8 + 8).map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes"))).ok_or_else(bad);
-        let epochs = word(4)? as usize;
-        if b.len() != 40 + epochs * 12 {
+        let epochs = word(3)? as usize;
+        if b.len() != 64 + epochs * 12 {
             return Err(bad());
         }
         self.step = word(0)?;
         self.opt.step = word(1)?;
-        self.test_accuracy = f64::from_bits(word(2)?);
-        self.evaluated_at = word(3)?;
+        self.evaluated_at = word(2)?;
+        self.test = Metrics::from_words([word(4)?, word(5)?, word(6)?, word(7)?]);
         self.epoch_records.clear();
         self.epoch_digests.clear();
-        for e in b[40..].chunks_exact(12) {
+        for e in b[64..].chunks_exact(12) {
             self.epoch_records.push(u64::from_le_bytes(e[..8].try_into().expect("8 bytes")));
             self.epoch_digests.push(RecordDigest::from_packed(u32::from_le_bytes(e[8..].try_into().expect("4 bytes"))));
         }
@@ -328,15 +330,34 @@ impl TrainState {
     }
 }
 
-/// Reads records `indices` into `x` (features, f32, record after record) and `y` (labels),
-/// reusing their memory.
-fn read_batch(ds: &ShardedDataset, indices: impl Iterator<Item = u64>, x: &mut Vec<f32>, y: &mut Vec<u32>) -> Result<(), WorkerError> {
-    x.clear();
-    y.clear();
-    for i in indices {
-        ds.push_record(i, x, y)?;
+/// A batch's records as the model reads them, in buffers reused from batch to batch.
+#[derive(Default)]
+pub(crate) struct BatchBuf {
+    /// Features, f32, record after record.
+    pub xs: Vec<f32>,
+    /// Labels (0 for a regression's records).
+    pub ys: Vec<u32>,
+    /// A regression's targets, record after record (empty for class labels).
+    pub ts: Vec<f32>,
+}
+
+impl BatchBuf {
+    /// Reads records `indices`.
+    pub fn read(&mut self, ds: &ShardedDataset, indices: impl Iterator<Item = u64>) -> Result<(), WorkerError> {
+        self.xs.clear();
+        self.ys.clear();
+        self.ts.clear();
+        for i in indices {
+            ds.push_record(i, &mut self.xs, &mut self.ys)?;
+            ds.push_targets(i, &mut self.ts)?;
+        }
+        Ok(())
     }
-    Ok(())
+
+    /// The records read, as a training batch of global `records` at `step`.
+    pub fn batch<'a>(&'a self, records: &'a [u64], step: u64) -> Batch<'a> {
+        Batch { x: &self.xs, labels: &self.ys, targets: &self.ts, records, step }
+    }
 }
 
 /// Runs the job on this rank until its last step and final checkpoint. Blocking: call it from
@@ -375,7 +396,7 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
     let mut ds = ShardedDataset::open(&task.store, info)?;
     let missing = missing_policy(&spec, info)?;
     ds.set_missing(missing.clone())?;
-    let mut net = crate::model::build(&spec.model, &ds.feature_shape, ds.classes, spec.training.seed)?;
+    let mut net = crate::model::build(&spec.model, &ds.feature_shape, head_of(&spec, &ds)?, spec.training.seed)?;
     let net = &mut *net;
     let model = net.layout().clone();
     let (rank, world) = (a.rank as usize, a.world_size as usize);
@@ -440,10 +461,10 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
     }
     if let (Some(test), true) = (spec.dataset.test, start > 0 && start.is_multiple_of(steps_per_epoch) && state.evaluated_at != start) {
         // The previous generation ended between an epoch's last step and its evaluation.
-        state.test_accuracy = evaluate(net, &state.params, &ds, test, rank, world, ring)?;
+        state.test = evaluate(net, &state.params, &ds, test, rank, world, ring)?;
         state.evaluated_at = start;
     }
-    progress.test_accuracy = state.test_accuracy;
+    fill_metrics(&mut progress, &state.test);
     if rank == 0 {
         // Says at once where this generation starts (its membership record shows it).
         fill_counters(&mut progress, state);
@@ -524,11 +545,11 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
             finished_an_epoch = true;
             if let Some(test) = spec.dataset.test {
                 let t = Instant::now();
-                state.test_accuracy = evaluate(steps.net, &state.params, &ds, test, rank, world, ring)?;
+                state.test = evaluate(steps.net, &state.params, &ds, test, rank, world, ring)?;
                 state.evaluated_at = state.step;
-                progress.test_accuracy = state.test_accuracy;
+                fill_metrics(&mut progress, &state.test);
                 eval_time += t.elapsed();
-                tracing::info!(epoch = progress.epoch, accuracy = progress.test_accuracy, loss = progress.loss, "epoch done");
+                tracing::info!(epoch = progress.epoch, accuracy = progress.test_accuracy, test_loss = progress.test_loss, loss = progress.loss, "epoch done");
             }
         }
         if rank == 0 && (state.step.is_multiple_of(steps_per_epoch) || last_report.elapsed() >= task.report_every) {
@@ -546,15 +567,21 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
         let mut hd = ShardedDataset::open(&task.store, holdout)?;
         // Scored as the model was trained: the training set's fill values.
         hd.set_missing(missing)?;
-        progress.holdout_accuracy = score(net, &state.params, &hd)?;
+        // The gate's metric (`[promote] metric`), and the accuracy for a classifier.
+        let metric = spec.promote.as_ref().map_or("test_accuracy", |p| p.metric.as_str());
+        let mine = score(net, &state.params, &hd)?;
+        progress.holdout_accuracy = mine.accuracy.unwrap_or(-1.0);
+        progress.holdout_score = mine.named(metric);
         if let Some(h) = &a.holder {
             let mut theirs = vec![0.0; np];
             checkpoint::warm_start(&task.store, h, &model, &mut theirs)
                 .map_err(|e| WorkerError::Checkpoint(format!("the alias holder (version {}): {e}", a.holder_version)))?;
-            progress.holder_accuracy = score(net, &theirs, &hd)?;
+            let held = score(net, &theirs, &hd)?;
+            progress.holder_accuracy = held.accuracy.unwrap_or(-1.0);
+            progress.holder_score = held.named(metric);
             progress.holder_version = a.holder_version;
         }
-        tracing::info!(candidate = progress.holdout_accuracy, holder = progress.holder_accuracy, "scored on the holdout");
+        tracing::info!(metric, candidate = progress.holdout_score, holder = progress.holder_score, "scored on the holdout");
     }
     let param_blake3 = blake3::hash(&crate::collective::f32_le_bytes(&state.params)).to_hex().to_string();
     Ok(TrainOutcome { progress, model_path, param_blake3 })
@@ -740,7 +767,7 @@ fn resume_point(task: &TrainTask, spec: &JobSpec, model: &Layout, rank: usize) -
         match checkpoint::restore(&task.store, m, model, &mut s.params, &mut s.opt) {
             Ok(()) => {
                 s.step = m.step;
-                s.test_accuracy = m.test_accuracy;
+                s.test = Metrics { accuracy: (m.test_accuracy >= 0.0).then_some(m.test_accuracy), loss: m.test_loss, rmse: m.test_rmse, r2: m.test_r2 };
                 // The checkpoint was taken before that step's evaluation, if it had one.
                 s.evaluated_at = m.step;
                 s.epoch_records = m.epoch_records.clone();
@@ -771,7 +798,7 @@ fn resume_point(task: &TrainTask, spec: &JobSpec, model: &Layout, rank: usize) -
 struct InFlight {
     step: u64,
     optimizer_step: u64,
-    test_accuracy: f64,
+    test: Metrics,
     epoch_records: Vec<u64>,
     epoch_digests: Vec<u32>,
     /// This rank's part, once its write ended.
@@ -932,7 +959,7 @@ impl Checkpointer {
         self.in_flight = Some(InFlight {
             step: state.step,
             optimizer_step: state.opt.step,
-            test_accuracy: state.test_accuracy,
+            test: state.test,
             epoch_records: state.epoch_records.clone(),
             epoch_digests: state.epoch_digests.iter().map(|d| d.packed()).collect(),
             mine: None,
@@ -957,7 +984,10 @@ impl Checkpointer {
                 epoch: (f.step / self.steps_per_epoch) as u32,
                 position: f.step % self.steps_per_epoch,
                 optimizer_step: f.optimizer_step,
-                test_accuracy: f.test_accuracy,
+                test_accuracy: f.test.accuracy.unwrap_or(-1.0),
+                test_loss: f.test.loss,
+                test_rmse: f.test.rmse,
+                test_r2: f.test.r2,
                 dir: checkpoint_dir(self.base.job_id, f.step),
                 epoch_records: f.epoch_records,
                 epoch_digests: f.epoch_digests,
@@ -1078,21 +1108,41 @@ impl Checkpointer {
     }
 }
 
-/// Accuracy on every record of `ds`, on this rank alone.
-fn score(net: &mut dyn Model, params: &[f32], ds: &ShardedDataset) -> Result<f64, WorkerError> {
-    let (mut x, mut y) = (Vec::new(), Vec::new());
-    let mut correct = 0u64;
-    let mut i = 0;
-    while i < ds.records {
-        let j = (i + 512).min(ds.records);
-        read_batch(ds, i..j, &mut x, &mut y)?;
-        correct += net.correct(params, &x, &y)?;
-        i = j;
-    }
-    Ok(correct as f64 / ds.records.max(1) as f64)
+/// The model's head for the job's loss and dataset.
+fn head_of(spec: &JobSpec, ds: &ShardedDataset) -> Result<Head, WorkerError> {
+    Head::of(spec.loss(), ds.classes as u64, ds.target_width as u64).map_err(WorkerError::Spec)
 }
 
-/// Accuracy on the test range; each rank scores its share, then the counts are summed.
+/// Sets the progress's test metrics (accuracy -1: none).
+fn fill_metrics(progress: &mut JobProgress, m: &Metrics) {
+    progress.test_accuracy = m.accuracy.unwrap_or(-1.0);
+    progress.test_loss = m.loss;
+    progress.test_rmse = m.rmse;
+    progress.test_r2 = m.r2;
+}
+
+/// The sums of records [lo, hi) of `ds`, in passes of 512.
+fn eval_sums(net: &mut dyn Model, params: &[f32], ds: &ShardedDataset, lo: u64, hi: u64) -> Result<EvalSums, WorkerError> {
+    let mut buf = BatchBuf::default();
+    let mut sums = EvalSums::default();
+    let mut i = lo;
+    while i < hi {
+        let j = (i + 512).min(hi);
+        buf.read(ds, i..j)?;
+        net.evaluate(params, &buf.xs, &buf.ys, &buf.ts, &mut sums)?;
+        i = j;
+    }
+    Ok(sums)
+}
+
+/// The metrics of every record of `ds`, on this rank alone.
+fn score(net: &mut dyn Model, params: &[f32], ds: &ShardedDataset) -> Result<Metrics, WorkerError> {
+    let head = net.head();
+    Ok(eval_sums(net, params, ds, 0, ds.records)?.metrics(head))
+}
+
+/// The metrics of the test range; each rank scores its share, then the sums are added (in
+/// fixed point: the same bits however the range is split).
 fn evaluate(
     net: &mut dyn Model,
     params: &[f32],
@@ -1101,26 +1151,18 @@ fn evaluate(
     rank: usize,
     world: usize,
     ring: &mut dyn Collective,
-) -> Result<f64, WorkerError> {
+) -> Result<Metrics, WorkerError> {
     let len = end - start;
     let lo = start + len * rank as u64 / world as u64;
     let hi = start + len * (rank as u64 + 1) / world as u64;
-    let (mut x, mut y) = (Vec::new(), Vec::new());
-    let mut correct = 0u64;
-    let mut i = lo;
-    while i < hi {
-        let j = (i + 512).min(hi);
-        read_batch(ds, i..j, &mut x, &mut y)?;
-        correct += net.correct(params, &x, &y)?;
-        i = j;
+    let head = net.head();
+    let mine = eval_sums(net, params, ds, lo, hi)?;
+    // Sums gathered exactly: never rounded by the gradients' wire format.
+    let mut all = EvalSums::default();
+    for words in gather_u64s(ring, &mine.to_words())? {
+        all.merge(&EvalSums::from_words(&words)?);
     }
-    // Counts gathered exactly: never rounded by the gradients' wire format.
-    let (mut right, mut scored) = (0u64, 0u64);
-    for c in gather_u64s(ring, &[correct, hi - lo])? {
-        right += c[0];
-        scored += c[1];
-    }
-    Ok(right as f64 / scored.max(1) as f64)
+    Ok(all.metrics(head))
 }
 
 #[cfg(test)]
@@ -1128,7 +1170,6 @@ mod tests {
     use super::lanes::{lanes_of, subtrees, LanePass};
     use super::*;
     use crate::collective::testing::tcp_rings;
-    use crate::model::Batch;
     use shoal_core::dataset::{write_shards, Records};
     use shoal_core::idx::IdxData;
 
@@ -1156,7 +1197,7 @@ mod tests {
                 .enumerate()
                 .map(|(r, mut ring)| {
                     s.spawn(move || {
-                        let mut net = crate::model::build(&spec.model, &ds.feature_shape, ds.classes, spec.training.seed).unwrap();
+                        let mut net = crate::model::build(&spec.model, &ds.feature_shape, ds.classes as u64, spec.training.seed).unwrap();
                         let np = net.layout().num_params();
                         let mut lanes = Lanes::new(k, r, world, np);
                         let (mut p, mut g, mut ctl) = (params.to_vec(), vec![0.0; np], Control::default());
@@ -1174,7 +1215,7 @@ mod tests {
     fn lanes_give_the_same_gradient_bits_on_any_number_of_ranks() {
         let dir = tempfile::tempdir().unwrap();
         let mut rng = shoal_core::rng::SplitMix64::new(3);
-        let recs = Records { features: IdxData::U8((0..64 * 6).map(|_| rng.below(256) as u8).collect()), feature_shape: vec![6], labels: (0..64).map(|i| i % 3).collect() };
+        let recs = Records { features: IdxData::U8((0..64 * 6).map(|_| rng.below(256) as u8).collect()), feature_shape: vec![6], labels: (0..64).map(|i| i % 3).collect(), targets: None };
         let folder = shoal_core::dataset::import_dir("d", "t").unwrap();
         let info = write_shards(dir.path(), "d", &folder, &recs, 2).unwrap();
         let ds = ShardedDataset::open(dir.path(), &info).unwrap();
@@ -1197,9 +1238,9 @@ mod tests {
         }
         // Without the fixed tree the bits do depend on the split: the test can see a change.
         let mut whole = vec![0.0; params.len()];
-        let (mut x, mut y) = (Vec::new(), Vec::new());
-        read_batch(&ds, batch.iter().copied(), &mut x, &mut y).unwrap();
-        net.forward_backward(&mut params.clone(), &Batch { x: &x, labels: &y, records: &batch, step: 0 }, 1.0, &mut whole, &[0], &mut |_, _| {}).unwrap();
+        let mut buf = BatchBuf::default();
+        buf.read(&ds, batch.iter().copied()).unwrap();
+        net.forward_backward(&mut params.clone(), &buf.batch(&batch, 0), 1.0, &mut whole, &[0], &mut |_, _| {}).unwrap();
         let want = lane_gradients(8, 1, &ds, &spec, &params, &batch).remove(0);
         assert!(whole.iter().zip(&want).any(|(a, b)| a.to_bits() != b.to_bits()), "one pass over the batch happens to give the tree's bits");
     }
@@ -1273,7 +1314,7 @@ mod tests {
     /// A two-rank job's pieces: a dataset of 64 records of 6 features, an MLP 6-7-3, its spec.
     fn tiny_job(dir: &std::path::Path, extra: &str) -> (ShardedDataset, Layout, JobSpec) {
         let mut rng = shoal_core::rng::SplitMix64::new(3);
-        let recs = Records { features: IdxData::U8((0..64 * 6).map(|_| rng.below(256) as u8).collect()), feature_shape: vec![6], labels: (0..64).map(|i| i % 3).collect() };
+        let recs = Records { features: IdxData::U8((0..64 * 6).map(|_| rng.below(256) as u8).collect()), feature_shape: vec![6], labels: (0..64).map(|i| i % 3).collect(), targets: None };
         let folder = shoal_core::dataset::import_dir("d", "t").unwrap();
         let info = write_shards(dir, "d", &folder, &recs, 2).unwrap();
         let spec = JobSpec::parse(&format!(
@@ -1301,7 +1342,7 @@ mod tests {
                 .map(|(r, mut ring)| {
                     s.spawn(move || {
                         let np = model.num_params();
-                        let mut net = crate::model::build(&spec.model, &ds.feature_shape, ds.classes, spec.training.seed).unwrap();
+                        let mut net = crate::model::build(&spec.model, &ds.feature_shape, ds.classes as u64, spec.training.seed).unwrap();
                         let mut state = TrainState::fresh(model, spec);
                         let strategy = match lanes {
                             Some(k) => Strategy::Lanes(Lanes::new(k, r, 2, np)),

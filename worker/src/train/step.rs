@@ -11,10 +11,10 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use super::lanes::{LanePass, Lanes};
-use super::{check_share, count_into, first_of, read_batch, reduce_controls, Control, Sums, TrainState};
+use super::{check_share, count_into, first_of, BatchBuf, reduce_controls, Control, Sums, TrainState};
 use crate::collective::Collective;
 use crate::data::ShardedDataset;
-use crate::model::{Batch, Model};
+use crate::model::Model;
 use crate::optim::Opt;
 use crate::WorkerError;
 
@@ -52,8 +52,7 @@ pub(super) struct StepLoop<'a> {
     pub share: f32,
     /// This rank's share of the reduced gradients to check (`chunk(np, world, rank)`).
     pub check: Range<usize>,
-    xs: Vec<f32>,
-    ys: Vec<u32>,
+    buf: BatchBuf,
 }
 
 /// What one step is given: the global batch (record indices) of step `step` (counted from
@@ -99,7 +98,7 @@ fn settle(ring: &mut dyn Collective, ctl: &Control, opt: &mut Opt, parts: Vec<Pa
 impl<'a> StepLoop<'a> {
     pub fn new(net: &'a mut dyn Model, ds: &'a ShardedDataset, strategy: Strategy, mine: Range<usize>, share: f32, check: Range<usize>) -> StepLoop<'a> {
         let np = net.layout().num_params();
-        StepLoop { net, ds, strategy, grads: vec![0.0; np], mine, share, check, xs: Vec::new(), ys: Vec::new() }
+        StepLoop { net, ds, strategy, grads: vec![0.0; np], mine, share, check, buf: BatchBuf::default() }
     }
 
     /// One optimizer step (see `StepInput`).
@@ -116,7 +115,7 @@ impl<'a> StepLoop<'a> {
             }
             Strategy::Buckets(cuts) => {
                 let records = &batch[self.mine.clone()];
-                read_batch(self.ds, records.iter().copied(), &mut self.xs, &mut self.ys)?;
+                self.buf.read(self.ds, records.iter().copied())?;
                 count_into(&mut ctl, records);
                 let data = started.elapsed();
                 if cuts.len() > 1 {
@@ -126,7 +125,7 @@ impl<'a> StepLoop<'a> {
                 }
                 // One bucket: it is ready only when the backward pass ends, so a communication
                 // thread would overlap nothing (and costs a thread per step).
-                let b = Batch { x: &self.xs, labels: &self.ys, records, step };
+                let b = self.buf.batch(records, step);
                 let loss = self.net.forward_backward(params, &b, self.share, &mut self.grads, cuts, &mut |_, _| {})?;
                 if let Some(at) = poison {
                     self.grads[at] = f32::NAN;
@@ -161,9 +160,9 @@ impl<'a> StepLoop<'a> {
             Strategy::Lanes(lanes) => lanes.own_first_bad(&mut LanePass { net: &mut *self.net, params, ds: self.ds, batch, step }, poison),
             Strategy::Buckets(_) => {
                 let records = &batch[self.mine.clone()];
-                read_batch(self.ds, records.iter().copied(), &mut self.xs, &mut self.ys)?;
+                self.buf.read(self.ds, records.iter().copied())?;
                 let mut g = vec![0.0f32; params.len()];
-                let b = Batch { x: &self.xs, labels: &self.ys, records, step };
+                let b = self.buf.batch(records, step);
                 self.net.forward_backward(params, &b, self.share, &mut g, &[0], &mut |_, _| {})?;
                 if let Some(at) = poison {
                     g[at] = f32::NAN;
@@ -183,7 +182,7 @@ impl StepLoop<'_> {
     fn overlapped(&mut self, (params, opt): (&mut [f32], &mut Opt), cuts: &[usize], mut ctl: Control, input: StepInput, (started, data): (Instant, Duration)) -> Result<(StepTimes, Sums), WorkerError> {
     let StepInput { batch, step, poison, vote, ring } = input;
     let records = &batch[self.mine.clone()];
-    let b = Batch { x: &self.xs, labels: &self.ys, records, step };
+    let b = self.buf.batch(records, step);
     let (net, grads, share, check) = (&mut *self.net, &mut self.grads[..], self.share, &self.check);
     let np = grads.len();
     let measure = opt.needs_norm();

@@ -1,0 +1,181 @@
+//! Per layer kind: forward and backward time of each layer of a `Sequential`, as GFLOP/s for
+//! the layers that multiply matrices (linear, conv2d) against the machine's gemm peak
+//! measured in the same run, and as GB/s of activations for the others, so the slow layer is
+//! visible.
+//!
+//!     cargo run --release -p shoal-benches --example layers -- [--batch N] [--steps N] [--threads T]
+//!
+//! Two models: the 3-conv-block CNN of the benchmark (examples/mnist-cnn3.toml, on MNIST's
+//! [1, 28, 28]) and a list holding every other layer kind on [3, 32, 32] records. Each runs
+//! `steps` training passes (forward, loss, backward) of `batch` records on `threads` threads
+//! (default 1: a worker's share of the cores when 2 workers share 2), after 3 warm-up passes.
+//! A ReLU right after a linear or conv2d layer runs inside it (fused) and counts there.
+//! The peak: `kernels::nn::matmul` of 512 x 512 by 512 x 512 on the same threads.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use shoal_core::model::{Layout, LayerShape};
+use shoal_core::rng::SplitMix64;
+use shoal_core::spec::LayerSpec;
+use shoal_core::JobSpec;
+use shoal_worker::model::{Batch, Model, Sequential};
+
+const USAGE: &str = "usage: layers [--batch N] [--steps N] [--threads T]
+  --batch N    records per pass (default 64)
+  --steps N    timed passes (default 20)
+  --threads T  compute threads (default 1)";
+
+/// Every layer kind but conv2d's ReLU fusion partner, on [3, 32, 32] records.
+const OTHERS: &str = r#"
+name = "layer-kinds"
+[[model.layers]]
+kind = "conv2d"
+out = 16
+kernel = 5
+stride = 1
+padding = 2
+[[model.layers]]
+kind = "gelu"
+[[model.layers]]
+kind = "avgpool2d"
+kernel = 2
+[[model.layers]]
+kind = "relu"
+[[model.layers]]
+kind = "layernorm"
+over = "chw"
+[[model.layers]]
+kind = "maxpool2d"
+kernel = 2
+[[model.layers]]
+kind = "tanh"
+[[model.layers]]
+kind = "dropout"
+p = 0.1
+[[model.layers]]
+kind = "flatten"
+[[model.layers]]
+kind = "linear"
+out = 256
+[[model.layers]]
+kind = "sigmoid"
+[[model.layers]]
+kind = "layernorm"
+[[model.layers]]
+kind = "linear"
+out = 10
+"#;
+
+const TAIL: &str = "[dataset]\nname = \"bench\"\ntrain = [0, 1000]\n[training]\nepochs = 1\nbatch_size = 64\n[training.optimizer]\nkind = \"sgd\"\nlr = 0.01\n";
+
+fn main() -> Result<()> {
+    let (mut batch, mut steps, mut threads) = (64usize, 20usize, 1usize);
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value\n{USAGE}"))?.parse::<usize>().with_context(|| format!("{name} takes a positive number"));
+        match arg.as_str() {
+            "--batch" => batch = value("--batch")?,
+            "--steps" => steps = value("--steps")?,
+            "--threads" => threads = value("--threads")?,
+            other => return Err(shoal_benches::other_argument(other, USAGE)),
+        }
+    }
+    if batch == 0 || steps == 0 || threads == 0 {
+        bail!("--batch, --steps and --threads must be at least 1");
+    }
+    let pool = rayon_pool(threads)?;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cnn3 = std::fs::read_to_string(root.join("examples/mnist-cnn3.toml")).context("reading examples/mnist-cnn3.toml")?;
+    let cnn3 = cnn3[..cnn3.find("[dataset]").context("examples/mnist-cnn3.toml has no [dataset]")?].to_string() + TAIL;
+
+    let peak = pool.install(gemm_peak)?;
+    println!("layers: batch {batch}, {steps} timed passes, {threads} thread(s); gemm peak {peak:.1} GFLOP/s (512^3, kernels::nn::matmul)");
+    for (title, text, shape) in [("3-conv-block CNN (examples/mnist-cnn3.toml)", cnn3.as_str(), vec![28u64, 28]), ("every other layer kind", &(OTHERS.to_string() + TAIL), vec![3, 32, 32])] {
+        let spec = JobSpec::parse(text).with_context(|| format!("the {title} spec"))?;
+        let layout = Layout::new(&spec.model, &shape, 10).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let times = pool.install(|| time_passes(&spec, &shape, batch, steps))?;
+        println!();
+        println!("{title}");
+        println!("{:>3} {:<10} {:<16} {:>9} {:>9} {:>9} {:>10} {:>8}", "#", "kind", "output", "fwd ms", "bwd ms", "GFLOP/s", "% of gemm", "GB/s");
+        let mut total = Duration::ZERO;
+        for ((i, f, b), l) in times.iter().zip(&layout.shapes) {
+            let (f, b) = (*f / steps as u32, *b / steps as u32);
+            total += f + b;
+            let secs = (f + b).as_secs_f64();
+            let fused = i.checked_sub(1).and_then(|p| layout.shapes.get(p)).is_some_and(|p| matches!(l.layer, LayerSpec::Relu) && matches!(p.layer, LayerSpec::Linear { .. } | LayerSpec::Conv2d { .. }));
+            let (gflops, bytes) = (flops(l, batch) / secs.max(1e-12) / 1e9, activation_bytes(l, batch) / secs.max(1e-12) / 1e9);
+            let (g, pct, gb) = match flops(l, batch) > 0.0 {
+                true => (format!("{gflops:.1}"), format!("{:.0}%", 100.0 * gflops / peak), "-".to_string()),
+                false if fused => ("-".into(), "-".into(), "(fused)".into()),
+                false => ("-".into(), "-".into(), format!("{bytes:.1}")),
+            };
+            println!("{:>3} {:<10} {:<16} {:>9.3} {:>9.3} {:>9} {:>10} {:>8}", i, l.kind(), format!("{:?}", l.output), f.as_secs_f64() * 1e3, b.as_secs_f64() * 1e3, g, pct, gb);
+        }
+        println!("    total {:.3} ms a pass of {batch} records ({:.0} records/s)", total.as_secs_f64() * 1e3, batch as f64 / total.as_secs_f64());
+    }
+    Ok(())
+}
+
+fn rayon_pool(threads: usize) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build().context("building the thread pool")
+}
+
+/// Matrix-multiply FLOPs of a layer's forward and backward passes over `n` records (0 for a
+/// layer that does not multiply matrices). Backward: the weight gradient and the input's.
+fn flops(l: &LayerShape, n: usize) -> f64 {
+    let n = n as f64;
+    let prod = |s: &[u64]| s.iter().product::<u64>() as f64;
+    match &l.layer {
+        LayerSpec::Linear { out, .. } => 3.0 * 2.0 * n * prod(&l.input) * *out as f64,
+        LayerSpec::Conv2d { out, kernel, .. } => {
+            let (c, pixels) = (l.input[0] as f64, prod(&l.output[1..]));
+            3.0 * 2.0 * n * *out as f64 * c * (*kernel * *kernel) as f64 * pixels
+        }
+        _ => 0.0,
+    }
+}
+
+/// Bytes a layer reads and writes in its two passes: input and output, forward and back.
+fn activation_bytes(l: &LayerShape, n: usize) -> f64 {
+    let values = l.input.iter().product::<u64>() + l.output.iter().product::<u64>();
+    2.0 * 4.0 * n as f64 * values as f64
+}
+
+/// Per layer: forward and backward time summed over `steps` passes.
+fn time_passes(spec: &JobSpec, shape: &[u64], n: usize, steps: usize) -> Result<Vec<(usize, Duration, Duration)>> {
+    let mut seq = Sequential::new(&spec.model, shape, 10u64, 1).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut params = seq.layout().init(1);
+    let mut grads = vec![0f32; params.len()];
+    let features: usize = shape.iter().product::<u64>() as usize;
+    let mut rng = SplitMix64::new(5);
+    let x: Vec<f32> = (0..n * features).map(|_| rng.next_f32()).collect();
+    let labels: Vec<u32> = (0..n).map(|i| (i % 10) as u32).collect();
+    let records: Vec<u64> = (0..n as u64).collect();
+    for step in 0..3 + steps {
+        if step == 3 {
+            seq.start_profile();
+        }
+        let batch = Batch { x: &x, labels: &labels, targets: &[], records: &records, step: step as u64 };
+        seq.forward_backward(&mut params, &batch, 1.0, &mut grads, &[0], &mut |_, _| {}).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    Ok(seq.profile())
+}
+
+/// GFLOP/s of a 512^3 matrix product, best of 5 rounds of 4.
+fn gemm_peak() -> Result<f64> {
+    let d = 512;
+    let mut rng = SplitMix64::new(9);
+    let a: Vec<f32> = (0..d * d).map(|_| rng.next_f32()).collect();
+    let b: Vec<f32> = (0..d * d).map(|_| rng.next_f32()).collect();
+    let mut c = vec![0f32; d * d];
+    let mut best = Duration::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        for _ in 0..4 {
+            shoal_kernels::nn::matmul(&mut c, &a, &b, d, d, d, false, false, false)?;
+        }
+        best = best.min(t.elapsed() / 4);
+    }
+    Ok(2.0 * (d * d * d) as f64 / best.as_secs_f64() / 1e9)
+}
