@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Training throughput of two shoal builds on the same job, runs alternating (which goes first
-# alternates too), in one invocation: `shoal bench train SPEC --workers 2` with each binary,
+# alternates too), in one invocation: `shoal bench train SPEC --workers ${WORKERS:-2}` with each binary,
 # then the medians of samples/s and their ratio after / before.
 #
 #     benches/compare_builds.sh BEFORE_SHOAL AFTER_SHOAL SPEC [RUNS]
@@ -15,7 +15,7 @@ declare -a b a
 for i in $(seq 1 "$runs"); do
     if (( i % 2 )); then order=("$before" "$after"); else order=("$after" "$before"); fi
     for exe in "${order[@]}"; do
-        line=$("$exe" bench train "$spec" --workers 2 2>/dev/null | grep '^bench train:')
+        line=$("$exe" bench train "$spec" --workers ${WORKERS:-2} 2>/dev/null | grep '^bench train:')
         sps=$(sed -E 's/.*samples_per_s=([0-9.]+).*/\1/' <<<"$line")
         if [[ "$exe" == "$before" ]]; then b+=("$sps"); tag=before; else a+=("$sps"); tag=after; fi
         echo "run $i $tag samples_per_s $sps" >&2

@@ -677,3 +677,49 @@ fn a_regression_head_trains_mean_squared_error() {
     let short = Batch { x: &x, labels: &labels, targets: &t[..3], records: &records, step: 0 };
     assert!(seq.forward_backward(&mut params, &short, 1.0, &mut grads, &[0], &mut |_, _| {}).is_err());
 }
+
+/// The CNN preset's pass through `Sequential` against the reference's, timed in one thread
+/// (run with `cargo test --release -p shoal-worker -- --ignored preset_pass_times`).
+#[test]
+#[ignore]
+fn preset_pass_times() {
+    with_threads(1, || {
+        let s = spec("kind = \"cnn\"\nchannels = [16, 32]\nhidden = [128]");
+        let reference = RefModel::new(&s, &[28, 28], 10).unwrap();
+        let mut seq = Sequential::new(&s, &[28, 28], 10, 7).unwrap();
+        let mut net = RefNet::new(&reference);
+        let np = seq.layout().num_params();
+        let cuts = seq.layer_starts();
+        let (mut p1, mut p2) = (seq.layout().init(7), reference.init(7));
+        let (x, y, records) = batch(64, 784, 1);
+        let b = Batch { x: &x, labels: &y, targets: &[], records: &records, step: 0 };
+        let (mut g1, mut g2) = (vec![0.0; np], vec![0.0; np]);
+        let (mut t1, mut t2) = (std::time::Duration::MAX, std::time::Duration::MAX);
+        if std::env::var_os("AFTER_EVAL").is_some() {
+            // As after an epoch's evaluation: a pass of 512 records first.
+            let (xe, _, _) = batch(512, 784, 2);
+            seq.outputs(&p1, &xe, 512).unwrap();
+            net.logits(&p2, &xe, 512).unwrap();
+        }
+        for _ in 0..15 {
+            let t = std::time::Instant::now();
+            for _ in 0..10 {
+                seq.forward_backward(&mut p1, &b, 1.0, &mut g1, &cuts, &mut |_, _| {}).unwrap();
+            }
+            t1 = t1.min(t.elapsed() / 10);
+            let t = std::time::Instant::now();
+            for _ in 0..10 {
+                net.loss_and_grads_in_buckets(&mut p2, &x, &y, 1.0, &mut g2, &cuts, &mut |_, _| {}).unwrap();
+            }
+            t2 = t2.min(t.elapsed() / 10);
+        }
+        seq.start_profile();
+        for _ in 0..20 {
+            seq.forward_backward(&mut p1, &b, 1.0, &mut g1, &cuts, &mut |_, _| {}).unwrap();
+        }
+        eprintln!("sequential {t1:?}  reference {t2:?}  ratio {:.3}", t1.as_secs_f64() / t2.as_secs_f64());
+        for (i, f, b) in seq.profile() {
+            eprintln!("  layer {i}: fwd {:?} bwd {:?}", f / 20, b / 20);
+        }
+    });
+}
