@@ -27,21 +27,7 @@ const POW10: [f32; 11] = [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10
 /// shape [columns - 1]) and the class names (empty for integer labels).
 pub fn records_from_csv(name: &str, bytes: &[u8], label: &str, known: &[String]) -> Result<(Records, Vec<String>)> {
     let bad = |msg: String| CoreError::Dataset(format!("{name}: {msg}"));
-    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-    // The header: the first line that is not blank.
-    let mut header_end = 0;
-    let header = loop {
-        if header_end >= bytes.len() {
-            return Err(bad("no header row".into()));
-        }
-        let end = bytes[header_end..].iter().position(|&b| b == b'\n').map_or(bytes.len(), |p| header_end + p);
-        let line = &bytes[header_end..end];
-        header_end = (end + 1).min(bytes.len());
-        if !line.trim_ascii().is_empty() {
-            break std::str::from_utf8(line).map_err(|_| bad("the header row is not UTF-8".into()))?;
-        }
-    };
-    let columns: Vec<&str> = header.split(',').map(|c| c.trim().trim_matches('"')).collect();
+    let (bytes, columns, header_end) = header(name, bytes)?;
     let at = columns.iter().position(|c| *c == label).ok_or_else(|| bad(format!("no column {label:?} for the label (columns: {})", columns.join(", "))))?;
     if columns.len() < 2 {
         return Err(bad("needs a label column and at least one feature column".into()));
@@ -84,20 +70,7 @@ pub fn records_from_csv(name: &str, bytes: &[u8], label: &str, known: &[String])
 /// [columns - 1] with one target each.
 pub fn records_from_csv_target(name: &str, bytes: &[u8], target: &str) -> Result<Records> {
     let bad = |msg: String| CoreError::Dataset(format!("{name}: {msg}"));
-    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-    let mut header_end = 0;
-    let header = loop {
-        if header_end >= bytes.len() {
-            return Err(bad("no header row".into()));
-        }
-        let end = bytes[header_end..].iter().position(|&b| b == b'\n').map_or(bytes.len(), |p| header_end + p);
-        let line = &bytes[header_end..end];
-        header_end = (end + 1).min(bytes.len());
-        if !line.trim_ascii().is_empty() {
-            break std::str::from_utf8(line).map_err(|_| bad("the header row is not UTF-8".into()))?;
-        }
-    };
-    let columns: Vec<&str> = header.split(',').map(|c| c.trim().trim_matches('"')).collect();
+    let (bytes, columns, header_end) = header(name, bytes)?;
     let at = columns.iter().position(|c| *c == target).ok_or_else(|| bad(format!("no column {target:?} for the target (columns: {})", columns.join(", "))))?;
     if columns.len() < 2 {
         return Err(bad("needs a target column and at least one feature column".into()));
@@ -126,6 +99,26 @@ pub fn records_from_csv_target(name: &str, bytes: &[u8], target: &str) -> Result
         features.extend(row[..at].iter().chain(&row[at + 1..]));
     }
     Ok(Records::regression(IdxData::F32(features), vec![cols - 1], Targets { values: targets, width: 1 }))
+}
+
+/// The file without a byte-order mark, the header's column names (the first line that is not
+/// blank), and where the records start.
+fn header<'a>(name: &str, bytes: &'a [u8]) -> Result<(&'a [u8], Vec<&'a str>, usize)> {
+    let bad = |msg: &str| CoreError::Dataset(format!("{name}: {msg}"));
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    let mut header_end = 0;
+    let header = loop {
+        if header_end >= bytes.len() {
+            return Err(bad("no header row"));
+        }
+        let end = bytes[header_end..].iter().position(|&b| b == b'\n').map_or(bytes.len(), |p| header_end + p);
+        let line = &bytes[header_end..end];
+        header_end = (end + 1).min(bytes.len());
+        if !line.trim_ascii().is_empty() {
+            break std::str::from_utf8(line).map_err(|_| bad("the header row is not UTF-8"))?;
+        }
+    };
+    Ok((bytes, header.split(',').map(|c| c.trim().trim_matches('"')).collect(), header_end))
 }
 
 /// The body cut into blocks of about `BLOCK_BYTES`, each ending just after a newline (the last
