@@ -28,7 +28,7 @@ fn metric(j: &serde_json::Value, key: &str) -> f64 {
 
 #[test]
 fn the_diabetes_example_trains_to_ridges_r2_and_scoring_and_the_gate_read_its_metrics() {
-    let c = UpCluster::start(2);
+    let c = UpCluster::start(3);
     let d = json(c.cmd(&["data", "import", "diabetes", "--target", "progression", "--json"]).arg(diabetes()));
     assert_eq!((d["records"].as_u64(), d["classes"].as_u64(), d["target_width"].as_u64(), d["feature_shape"].clone()), (Some(442), Some(0), Some(1), serde_json::json!([10])), "{d}");
 
@@ -55,6 +55,14 @@ fn the_diabetes_example_trains_to_ridges_r2_and_scoring_and_the_gate_read_its_me
     }
     let out = json(&mut c.cmd(&["data", "show", "diabetes-pred", "--json"]));
     assert_eq!((out["records"].as_u64(), out["feature_shape"].clone(), out["target_width"].as_u64()), (Some(90), serde_json::json!([1]), Some(1)), "{out}");
+
+    // With lanes the regression's bits do not depend on the pool: 2 and 3 workers agree.
+    let lanes = |workers: u32| example().replace("epochs = 120", "epochs = 10").replace("loss = \"mse\"", "loss = \"mse\"\nlanes = 4").replace("workers = 2", &format!("workers = {workers}"));
+    let on2 = c.submit_follow(&c.write_spec("lanes2.toml", &lanes(2)));
+    let on3 = c.submit_follow(&c.write_spec("lanes3.toml", &lanes(3)));
+    assert_eq!((on2["world_size"].as_u64(), on3["world_size"].as_u64()), (Some(2), Some(3)), "{on2}\n{on3}");
+    assert_eq!(on2["results"][0]["param_blake3"], on3["results"][0]["param_blake3"], "lanes: 2 and 3 workers end with different bits");
+    assert_eq!(on2["test_r2"], on3["test_r2"], "the same model scores the same on any split of the test records");
 
     // The gate on a lower-is-better metric: a run of 2 epochs has a larger RMSE than the
     // holder's and is not promoted; the first had no holder and was.
