@@ -1088,7 +1088,7 @@ fn print_job(j: &JobInfo) {
     if j.batch.is_some() {
         for k in ["state", "operator", "tasks_total", "tasks_done", "tasks_failed", "records_out", "attempts_failed", "accuracy", "test_loss", "test_rmse", "test_r2", "model", "output_dataset", "output_version", "error"] {
             if !v[k].is_null() {
-                println!("  {k}: {}", v[k]);
+                println!("  {k}: {}", ops::human(k, &v[k]));
             }
         }
         return;
@@ -1105,6 +1105,8 @@ fn print_job(j: &JobInfo) {
         "test_rmse",
         "test_r2",
         "samples_per_s",
+        "train_seconds",
+        "lr",
         "workers",
         "checkpoint",
         "resumed_from",
@@ -1115,7 +1117,7 @@ fn print_job(j: &JobInfo) {
         "error",
     ] {
         if !v[k].is_null() {
-            println!("  {k}: {}", v[k]);
+            println!("  {k}: {}", ops::human(k, &v[k]));
         }
     }
     for r in &j.results {
@@ -1380,7 +1382,7 @@ async fn checkpoint(cmd: CheckpointCmd) -> Result<()> {
             } else {
                 println!("checkpoint of job {} at step {} ({})", m.job_id, m.step, m.dir);
                 for k in ["epoch", "position", "world_size", "generation", "seed", "model_kind", "optimizer_kind", "optimizer_step", "num_params", "test_accuracy", "bytes", "committed"] {
-                    println!("  {k}: {}", v[k]);
+                    println!("  {k}: {}", ops::human(k, &v[k]));
                 }
                 for f in &m.files {
                     println!("  {}  {} bytes  rank {}  blake3 {}", f.name, f.bytes, f.rank, f.blake3);

@@ -465,6 +465,75 @@ pub fn pick_checkpoint(j: &JobInfo, step: Option<u64>) -> Result<&CheckpointMani
 }
 
 /// Milliseconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC).
+/// A JSON value as a person reads it, for the plain (non-JSON) views: strings without quotes,
+/// lists comma-separated, whole numbers with thousands separators (48,011), other numbers to
+/// a sensible precision (0.9405, 54.48, 2,969), and durations (keys ending in `_s`,
+/// `_seconds` or `_ms`, but not rates such as `samples_per_s`) with units (250 ms, 12.3 s, 4 min 05 s, 2 h 03 min).
+pub fn human(key: &str, v: &Value) -> String {
+    // A rate (`samples_per_s`) is not a duration.
+    let rate = key.contains("_per_");
+    let seconds = if key.ends_with("_ms") && !rate {
+        v.as_f64().map(|ms| ms / 1000.0)
+    } else if (key.ends_with("_s") || key.ends_with("_seconds")) && !rate {
+        v.as_f64()
+    } else {
+        None
+    };
+    if let Some(s) = seconds {
+        return duration(s);
+    }
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Array(items) => items.iter().map(|i| human("", i)).collect::<Vec<_>>().join(", "),
+        Value::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
+            (Some(u), _, _) => grouped(u as f64, 0),
+            (_, Some(i), _) => grouped(i as f64, 0),
+            (_, _, Some(f)) if !f.is_finite() => f.to_string(),
+            (_, _, Some(f)) if f.abs() >= 1000.0 => grouped(f, 0),
+            (_, _, Some(f)) if f.abs() >= 10.0 => format!("{f:.2}"),
+            (_, _, Some(f)) if f == 0.0 => "0".into(),
+            (_, _, Some(f)) if f.abs() < 1e-3 => format!("{f:.3e}"),
+            (_, _, Some(f)) => format!("{f:.4}"),
+            _ => n.to_string(),
+        },
+        other => other.to_string(),
+    }
+}
+
+/// `v` rounded to `decimals`, its whole part in groups of three (`1,234,567.8`).
+fn grouped(v: f64, decimals: usize) -> String {
+    let text = format!("{:.*}", decimals, v.abs());
+    let (whole, frac) = text.split_once('.').map_or((text.as_str(), None), |(w, f)| (w, Some(f)));
+    let mut out = String::new();
+    for (i, c) in whole.chars().enumerate() {
+        if i > 0 && (whole.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    let sign = if v < 0.0 && text.chars().any(|c| c.is_ascii_digit() && c != '0') { "-" } else { "" };
+    format!("{sign}{out}{}", frac.map(|f| format!(".{f}")).unwrap_or_default())
+}
+
+/// Seconds with units: `250 ms`, `12.3 s`, `4 min 05 s`, `2 h 03 min`.
+fn duration(s: f64) -> String {
+    if !s.is_finite() || s < 0.0 {
+        return format!("{s} s");
+    }
+    if s < 1.0 {
+        let ms = s * 1000.0;
+        return if ms < 10.0 { format!("{ms:.2} ms") } else { format!("{ms:.0} ms") };
+    }
+    if s < 60.0 {
+        return format!("{s:.1} s");
+    }
+    let whole = s.round() as u64;
+    if whole < 3600 {
+        return format!("{} min {:02} s", whole / 60, whole % 60);
+    }
+    format!("{} h {:02} min", whole / 3600, whole % 3600 / 60)
+}
+
 pub fn utc(ms: u64) -> String {
     let (secs, ms) = (ms / 1000, ms % 1000);
     let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
@@ -586,6 +655,29 @@ pub async fn follow(client: &Client, id: u64, show: bool) -> Result<JobInfo> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn human_output_groups_rounds_and_gives_units() {
+        use super::human;
+        use serde_json::{json, Value};
+        let h = |k: &str, v: Value| human(k, &v);
+        assert_eq!(h("samples_per_s", json!(48011.134982480806)), "48,011");
+        assert_eq!(h("step", json!(1234567u64)), "1,234,567");
+        assert_eq!(h("epoch", json!(3)), "3");
+        assert_eq!(h("test_accuracy", json!(0.94051)), "0.9405");
+        assert_eq!(h("test_rmse", json!(54.48431828)), "54.48");
+        assert_eq!(h("test_loss", json!(2968.54)), "2,969");
+        assert_eq!(h("loss", json!(-1234.6)), "-1,235");
+        assert_eq!(h("lr", json!(0.0000512)), "5.120e-5");
+        assert_eq!(h("state", json!("succeeded")), "succeeded");
+        assert_eq!(h("workers", json!(["w1", "w2"])), "w1, w2");
+        assert_eq!(h("train_seconds", json!(0.25)), "250 ms");
+        assert_eq!(h("train_seconds", json!(12.34)), "12.3 s");
+        assert_eq!(h("train_seconds", json!(245.0)), "4 min 05 s");
+        assert_eq!(h("wall_s", json!(7380.0)), "2 h 03 min");
+        assert_eq!(h("elapsed_ms", json!(3.5)), "3.50 ms");
+        assert_eq!(h("resumed_from", Value::Null), "null");
+    }
+
     #[test]
     fn utc_formats_civil_time() {
         assert_eq!(super::utc(0), "1970-01-01T00:00:00.000Z");

@@ -41,6 +41,13 @@ fn the_diabetes_example_trains_to_ridges_r2_and_scoring_and_the_gate_read_its_me
     assert!((loss - rmse * rmse).abs() <= 1e-6 * loss, "test_loss is the MSE: {loss} against {rmse}²");
     assert!(job["test_accuracy"].is_null(), "a regression has no accuracy: {job}");
     let id = job["id"].to_string();
+    // The plain status reads as a person reads it: no quotes, grouped digits, units.
+    let plain = ok(&mut c.cmd(&["job", "status", &id]));
+    assert!(plain.contains("  state: succeeded\n") && plain.contains(&format!("  test_r2: {:.4}\n", r2)), "{plain}");
+    let sps = plain.lines().find_map(|l| l.strip_prefix("  samples_per_s: ")).unwrap_or_else(|| panic!("{plain}"));
+    assert!(sps.chars().all(|c| c.is_ascii_digit() || c == ',') && (sps.len() < 4 || sps.contains(',')), "{sps}");
+    let secs = plain.lines().find_map(|l| l.strip_prefix("  train_seconds: ")).unwrap_or_else(|| panic!("{plain}"));
+    assert!(secs.ends_with(" ms") || secs.ends_with(" s"), "{secs}");
 
     // Batch scoring: the same metrics on the same records; predictions beside the targets.
     let score = format!(
