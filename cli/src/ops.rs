@@ -491,7 +491,7 @@ pub fn human(key: &str, v: &Value) -> String {
             (_, _, Some(f)) if !f.is_finite() => f.to_string(),
             (_, _, Some(f)) if f.abs() >= 1000.0 => grouped(f, 0),
             (_, _, Some(f)) if f.abs() >= 10.0 => format!("{f:.2}"),
-            (_, _, Some(f)) if f == 0.0 => "0".into(),
+            (_, _, Some(0.0)) => "0".into(),
             (_, _, Some(f)) if f.abs() < 1e-3 => format!("{f:.3e}"),
             (_, _, Some(f)) => format!("{f:.4}"),
             _ => n.to_string(),
