@@ -3,6 +3,7 @@
 //! process (`serve`).
 
 mod bench;
+mod logs;
 mod ops;
 mod torch;
 
@@ -22,6 +23,11 @@ use shoal_proto::*;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Log lines as `text` (the default) or `json` (one object a line with `node`, and
+    /// `job_id`, `rank` on a job's lines); `shoal up` and `worker add` pass it on to the
+    /// processes they start.
+    #[arg(long, global = true, env = "SHOAL_LOG_FORMAT", value_parser = ["text", "json"])]
+    log_format: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -735,6 +741,10 @@ enum ServeCmd {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Some(format) = &cli.log_format {
+        // Before any thread exists; inherited by every process this one starts.
+        std::env::set_var(logs::FORMAT_VAR, format);
+    }
     if let Cmd::Serve(ServeCmd::Worker { threads: Some(t), .. }) = &cli.cmd {
         // Read by rayon and candle when their pools start; set before any thread exists.
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
@@ -753,13 +763,6 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-fn init_logs() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let ansi = std::io::stderr().is_terminal();
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
 }
 
 async fn shutdown_signal() {
@@ -1565,9 +1568,10 @@ fn parse_peers(id: u64, listen: &str, peers: &[String]) -> Result<BTreeMap<u64, 
 }
 
 async fn serve(cmd: ServeCmd) -> Result<()> {
-    init_logs();
+    logs::init();
     match cmd {
         ServeCmd::Coordinator { id, listen, peers, data, store, lease_ms, addr_file, cluster_id, initial_state, snapshot_every } => {
+            shoal_core::node::set_node(&format!("coordinator-{id}"));
             let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
             let addr = listener.local_addr()?.to_string();
             let mut peers = parse_peers(id, &listen, &peers)?;

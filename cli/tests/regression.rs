@@ -28,7 +28,8 @@ fn metric(j: &serde_json::Value, key: &str) -> f64 {
 
 #[test]
 fn the_diabetes_example_trains_to_ridges_r2_and_scoring_and_the_gate_read_its_metrics() {
-    let c = UpCluster::start(3);
+    // Structured logs: every process of this cluster writes one JSON object a line.
+    let c = UpCluster::start_with(&["--workers", "3", "--log-format", "json"]);
     let d = json(c.cmd(&["data", "import", "diabetes", "--target", "progression", "--json"]).arg(diabetes()));
     assert_eq!((d["records"].as_u64(), d["classes"].as_u64(), d["target_width"].as_u64(), d["feature_shape"].clone()), (Some(442), Some(0), Some(1), serde_json::json!([10])), "{d}");
 
@@ -62,6 +63,24 @@ fn the_diabetes_example_trains_to_ridges_r2_and_scoring_and_the_gate_read_its_me
     }
     let out = json(&mut c.cmd(&["data", "show", "diabetes-pred", "--json"]));
     assert_eq!((out["records"].as_u64(), out["feature_shape"].clone(), out["target_width"].as_u64()), (Some(90), serde_json::json!([1]), Some(1)), "{out}");
+
+    // Every worker log line is a JSON object; once the worker registered, each names it, and
+    // the job's lines carry the job and the rank.
+    let mut job_lines = 0;
+    for n in 1..=3 {
+        let log = std::fs::read_to_string(c.dir().join("workers").join(n.to_string()).join("log")).unwrap();
+        let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("worker {n}: {e}: {l}"))).collect();
+        let at = lines.iter().position(|l| l["message"] == "registered").unwrap_or_else(|| panic!("worker {n} never registered: {log}"));
+        let node = lines[at]["worker"].as_str().unwrap().to_string();
+        assert!(lines[at..].iter().all(|l| l["node"] == node.as_str()), "worker {n}: a line without node {node}: {log}");
+        for l in lines.iter().filter(|l| l["message"] == "joined the collective") {
+            assert!(l["job_id"].as_u64().is_some() && l["rank"].as_u64().is_some(), "{l}");
+            job_lines += 1;
+        }
+    }
+    assert!(job_lines >= 2, "no job lines with job_id and rank");
+    let coordinator = std::fs::read_to_string(c.dir().join("coordinators").join("1").join("log")).unwrap();
+    assert!(coordinator.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v["node"] == "coordinator-1")), "{coordinator}");
 
     // With lanes the regression's bits do not depend on the pool: 2 and 3 workers agree.
     let lanes = |workers: u32| example().replace("epochs = 120", "epochs = 10").replace("loss = \"mse\"", "loss = \"mse\"\nlanes = 4").replace("workers = 2", &format!("workers = {workers}"));

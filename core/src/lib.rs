@@ -12,6 +12,7 @@ pub mod fsutil;
 pub mod idx;
 pub mod limits;
 pub mod model;
+pub mod node;
 pub mod rng;
 pub mod schedule;
 pub mod spec;

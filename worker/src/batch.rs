@@ -78,6 +78,7 @@ pub struct TaskOutput {
 /// Runs the attempt `a` (its generation is the attempt number).
 pub fn run_task(store: &Path, a: &Assignment, cache: &ModelCache, cancel: &AtomicBool) -> Result<TaskOutput, WorkerError> {
     let started = Instant::now();
+    let _job = tracing::info_span!("job", job_id = a.job_id, attempt = a.generation).entered();
     let spec = BatchSpec::parse(&a.spec_toml).map_err(|e| WorkerError::Spec(e.to_string()))?;
     let task = a.task.as_ref().ok_or_else(|| WorkerError::Spec("a batch assignment without its task".into()))?;
     let input = a.dataset.as_ref().ok_or_else(|| WorkerError::Spec("a batch assignment without its input dataset".into()))?;

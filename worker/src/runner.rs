@@ -144,6 +144,7 @@ pub async fn run_worker(
                 };
                 match client.call(|mut c| { let req = req.clone(); async move { c.register_worker(req).await } }).await {
                     Ok(r) => {
+                        shoal_core::node::set_node(&r.worker_id);
                         tracing::info!(worker = %r.worker_id, %address, "registered");
                         if r.lease_ms > 0 {
                             lease = Duration::from_millis(r.lease_ms);

@@ -365,6 +365,8 @@ impl BatchBuf {
 /// generation over) leaves its state in `task.retained` for the job's next generation.
 pub fn train(task: TrainTask, rt: &tokio::runtime::Handle) -> Result<TrainOutcome, WorkerError> {
     let job = task.assignment.job_id;
+    // Every line this thread logs for the job carries it (`--log-format json`: job_id, rank).
+    let _job = tracing::info_span!("job", job_id = job, rank = task.assignment.rank, generation = task.assignment.generation).entered();
     let held = task.retained.lock().unwrap_or_else(|e| e.into_inner()).take();
     // Only a change of workers carries state over; a resume by request starts from the
     // checkpoint it names.
