@@ -416,7 +416,7 @@ pub fn job_json(j: &JobInfo) -> Value {
     });
     v["kind"] = json!("train");
     // The schedule's rate of the latest step, and its gradient's norm (with clip_norm).
-    v["lr"] = json!(p.lr);
+    v["lr"] = if p.lr > 0.0 { json!(p.lr) } else { Value::Null };
     v["grad_norm"] = json!(p.grad_norm);
     // The latest evaluation on the test records: the mean loss, and a regression's RMSE and R².
     v["test_loss"] = json!(p.test_loss);
@@ -486,8 +486,10 @@ pub fn human(key: &str, v: &Value) -> String {
         Value::String(s) => s.clone(),
         Value::Array(items) => items.iter().map(|i| human("", i)).collect::<Vec<_>>().join(", "),
         Value::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
-            (Some(u), _, _) => grouped(u as f64, 0),
-            (_, Some(i), _) => grouped(i as f64, 0),
+            // Seeds and ids are copied back into specs: as written.
+            _ if key == "seed" || key.ends_with("id") => n.to_string(),
+            (Some(u), _, _) => group_digits(&u.to_string()),
+            (_, Some(i), _) => format!("-{}", group_digits(&i.unsigned_abs().to_string())),
             (_, _, Some(f)) if !f.is_finite() => f.to_string(),
             (_, _, Some(f)) if f.abs() >= 1000.0 => grouped(f, 0),
             (_, _, Some(f)) if f.abs() >= 10.0 => format!("{f:.2}"),
@@ -504,15 +506,20 @@ pub fn human(key: &str, v: &Value) -> String {
 fn grouped(v: f64, decimals: usize) -> String {
     let text = format!("{:.*}", decimals, v.abs());
     let (whole, frac) = text.split_once('.').map_or((text.as_str(), None), |(w, f)| (w, Some(f)));
-    let mut out = String::new();
-    for (i, c) in whole.chars().enumerate() {
-        if i > 0 && (whole.len() - i) % 3 == 0 {
+    let sign = if v < 0.0 && text.chars().any(|c| c.is_ascii_digit() && c != '0') { "-" } else { "" };
+    format!("{sign}{}{}", group_digits(whole), frac.map(|f| format!(".{f}")).unwrap_or_default())
+}
+
+/// Decimal digits in groups of three: `1234567` -> `1,234,567`.
+fn group_digits(digits: &str) -> String {
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
     }
-    let sign = if v < 0.0 && text.chars().any(|c| c.is_ascii_digit() && c != '0') { "-" } else { "" };
-    format!("{sign}{out}{}", frac.map(|f| format!(".{f}")).unwrap_or_default())
+    out
 }
 
 /// Seconds with units: `250 ms`, `12.3 s`, `4 min 05 s`, `2 h 03 min`.
@@ -676,6 +683,9 @@ mod tests {
         assert_eq!(h("wall_s", json!(7380.0)), "2 h 03 min");
         assert_eq!(h("elapsed_ms", json!(3.5)), "3.50 ms");
         assert_eq!(h("resumed_from", Value::Null), "null");
+        assert_eq!(h("num_params", json!(9007199254740993u64)), "9,007,199,254,740,993");
+        assert_eq!(h("seed", json!(9007199254740993u64)), "9007199254740993");
+        assert_eq!(h("delta", json!(-1234567i64)), "-1,234,567");
     }
 
     #[test]

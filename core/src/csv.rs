@@ -93,7 +93,7 @@ pub fn records_from_csv_target(name: &str, bytes: &[u8], target: &str) -> Result
         let t = row[at];
         if !t.is_finite() {
             let what = if t.is_nan() { "missing".to_string() } else { format!("{t}") };
-            return Err(bad(format!("record {i}: the target {target:?} is {what}; every record needs a finite target")));
+            return Err(bad(format!("record {i} (from 0, after the header; blank lines not counted): the target {target:?} is {what}; every record needs a finite target")));
         }
         targets.push(t);
         features.extend(row[..at].iter().chain(&row[at + 1..]));
@@ -405,7 +405,7 @@ mod tests {
         assert_eq!((f[0], f[1], f[2], f[3].is_nan()), (0.5, 1.0, -0.25, true));
         for (text, want) in [
             ("a,b\n1,2\n", "no column \"y\" for the target"),
-            ("a,y\n1,\n", "record 0: the target \"y\" is missing"),
+            ("a,y\n1,\n", "record 0 (from 0, after the header; blank lines not counted): the target \"y\" is missing"),
             ("a,y\n1,2\n1,cat\n", "line 3: column \"y\" holds \"cat\", not a number"),
             ("a,y\n", "no records"),
         ] {

@@ -264,20 +264,34 @@ impl RawArray<'_> {
     }
 }
 
+/// Whether a file's name says it holds the labels or targets: `y.npy`, `*target*`, `*label*`.
+fn names_targets(name: &str) -> bool {
+    let file = std::path::Path::new(name).file_stem().map(|s| s.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    file == "y" || file.starts_with("y_") || file.ends_with("_y") || file.contains("target") || file.contains("label")
+}
+
 /// Reads two NumPy `.npy` files (given as (name, bytes)): the features (2+ dimensions, u8 or
 /// float) and `y`: class labels (1 dimension, integers) or a regression's targets (floats,
 /// [n] or [n, width]).
 pub fn records_from_npy(files: &[(String, &[u8])]) -> Result<Records> {
     let mut arrays = files.iter().map(|(n, b)| parse_npy(n, b).map(|a| (n.clone(), a))).collect::<Result<Vec<_>>>()?;
-    // The features are the array of more dimensions (with 2-d float targets and 2-d features:
-    // the wider one, or the first given).
-    let rank = |a: &RawArray| (a.shape.len(), a.shape.get(1).copied().unwrap_or(0));
+    // The features are the array of more dimensions. Two 2-d arrays (tabular features and
+    // several float targets) are told apart by their file names, never guessed.
     let at = match &arrays[..] {
-        [(_, a), (_, b)] if a.shape.len() >= 2 || b.shape.len() >= 2 => Some(if rank(b) > rank(a) { 1 } else { 0 }),
+        [(an, a), (bn, b)] if a.shape.len() == 2 && b.shape.len() == 2 => match (names_targets(an), names_targets(bn)) {
+            (false, true) => Some(0),
+            (true, false) => Some(1),
+            _ => {
+                return Err(CoreError::Dataset(format!(
+                    "{an} and {bn} are both 2-d: name the targets' file y.npy (or *target*, *label*) and the features' x.npy (or anything else) to say which is which"
+                )))
+            }
+        },
+        [(_, a), (_, b)] if a.shape.len() >= 2 || b.shape.len() >= 2 => Some(if b.shape.len() > a.shape.len() { 1 } else { 0 }),
         _ => None,
     };
     let (Some(at), 2) = (at, arrays.len()) else {
-        return Err(CoreError::Dataset("need two .npy files: the features (2+ dimensions) and the labels (1 dimension)".into()));
+        return Err(CoreError::Dataset("need two .npy files: the features (2+ dimensions) and y (class labels: integers, 1 dimension; or a regression's float targets)".into()));
     };
     let (fname, f) = arrays.remove(at);
     let (lname, l) = arrays.remove(0);
@@ -569,6 +583,12 @@ mod tests {
         let t2: Vec<u8> = (0..6).flat_map(|i| (i as f64 * 0.5).to_le_bytes()).collect();
         let r2 = records_from_npy(&[("t.npy".into(), &npy("<f8", "3, 2", &t2)), ("x.npy".into(), &npy("|u1", "3, 2, 2", &x))]).unwrap();
         assert_eq!((r2.target_width(), r2.feature_shape.clone()), (2, vec![2, 2]));
+        // Two 2-d arrays: the names say which holds the targets, whatever their widths.
+        let xf: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let r3 = records_from_npy(&[("data/train_x.npy".into(), &npy("<f4", "3, 2", &xf)), ("data/targets.npy".into(), &npy("<f8", "3, 2", &t2))]).unwrap();
+        assert_eq!((r3.target_width(), r3.feature_shape.clone()), (2, vec![2]));
+        let e = records_from_npy(&[("a.npy".into(), &npy("<f4", "3, 2", &xf)), ("b.npy".into(), &npy("<f8", "3, 2", &t2))]).unwrap_err().to_string();
+        assert!(e.contains("both 2-d") && e.contains("y.npy"), "{e}");
         let nan: Vec<u8> = [0.5f32, f32::NAN, 3.0].iter().flat_map(|v| v.to_le_bytes()).collect();
         let e = records_from_npy(&[("x.npy".into(), &npy("|u1", "3, 4", &x)), ("t.npy".into(), &npy("<f4", "3,", &nan))]).unwrap_err().to_string();
         assert!(e.contains("t.npy") && e.contains("record 1") && e.contains("not a finite number"), "{e}");

@@ -275,7 +275,7 @@ impl Head {
             (Loss::CrossEntropy, 0) => Ok(Head::Classes(classes)),
             (Loss::Mse, w) if w > 0 => Ok(Head::Targets(w)),
             (Loss::CrossEntropy, w) => Err(format!(
-                "training.loss: the dataset has float targets ({w} per record), not class labels; set loss = \"mse\" for a regression"
+                "training.loss: the dataset has float targets ({w} per record), not class labels; set loss = \"mse\" for a regression (class labels are imported from an integer y: save y as integers, or a CSV column with --label)"
             )),
             (Loss::Mse, _) => Err(format!(
                 "training.loss: \"mse\" needs float targets, but the dataset has class labels ({classes} classes); import a regression target with `--target COL` (CSV) or a float y, or use loss = \"cross_entropy\""

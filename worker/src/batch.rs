@@ -118,8 +118,7 @@ pub fn run_task(store: &Path, a: &Assignment, cache: &ModelCache, cancel: &Atomi
             let (records, pred, sums) = score(&loaded, &ds, lo, hi, a, spec.operator.batch_size.unwrap_or(1024) as usize, cancel)?;
             result.correct = sums.correct;
             // Fixed-point sums as f64: the coordinator adds the tasks' in task order.
-            let f = |v: i128| v as f64 / (1u64 << 32) as f64;
-            (result.loss_sum, result.sse, result.target_sum, result.target_sq_sum) = (f(sums.loss), f(sums.sse), f(sums.target_sum), f(sums.target_sq_sum));
+            (result.loss_sum, result.sse, result.target_sums, result.target_sq_sums) = sums.report();
             Some((records, pred))
         }
         ("exec", _) => {
@@ -203,7 +202,7 @@ fn score(model: &Scorer, ds: &ShardedDataset, lo: u64, hi: u64, a: &Assignment, 
     let mut net = model.model()?;
     let (mut probs, mut pred, mut labels) = (Vec::with_capacity(n * width), Vec::with_capacity(n), Vec::with_capacity(n));
     let (mut x, mut y, mut t, mut all_t) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut sums = EvalSums::default();
+    let mut sums = EvalSums::new(model.head);
     let mut i = lo;
     while i < hi {
         if cancel.load(Ordering::Relaxed) {

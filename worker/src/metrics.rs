@@ -3,7 +3,9 @@
 //!
 //! Sums are kept in fixed point (2^-32 units, in i128): each record's term is rounded once,
 //! and integer sums do not depend on their order, so the metrics of a test range have the
-//! same bits however the records are split over ranks or passes.
+//! same bits however the records are split over ranks or passes. The resolution is 2^-32
+//! (2.3e-10) per term, so targets below about 1e-4 lose digits in their squares (scale them);
+//! a term past 2^100 units, a NaN or an overflowing sum makes the loss metrics unmeasured.
 
 use shoal_core::model::Head;
 
@@ -12,30 +14,32 @@ use crate::WorkerError;
 /// Units per 1.0 of the fixed-point sums.
 const FIXED_ONE: f64 = (1u64 << 32) as f64;
 
-fn fixed(v: f64) -> i128 {
-    (v * FIXED_ONE).round() as i128
-}
-
 fn float(v: i128) -> f64 {
     v as f64 / FIXED_ONE
 }
 
 /// What a set of records adds to the metrics. Words in `to_words` order.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EvalSums {
     pub records: u64,
     /// Records whose largest logit is their label (classifiers).
     pub correct: u64,
     /// Per record: cross-entropy (classifier) or squared error summed over the outputs.
     pub loss: i128,
-    /// Regression: squared errors, targets and squared targets, over every output.
+    /// Regression: squared errors over every output; per target column, the sums of the
+    /// targets and of their squares.
     pub sse: i128,
-    pub target_sum: i128,
-    pub target_sq_sum: i128,
+    pub target_sum: Vec<i128>,
+    pub target_sq_sum: Vec<i128>,
+    /// A term was not a finite number, or a sum left the fixed point's range: the loss, RMSE
+    /// and R² are not measured (a diverged model scores as unmeasured, never as good).
+    pub invalid: bool,
 }
 
-/// The latest evaluation of a model: each value None where it does not apply or was not
-/// measured yet.
+/// The most a fixed-point term may be: sums of 2^24 such terms still fit an i128.
+const MAX_TERM: f64 = (1u128 << 100) as f64;
+
+/// The metrics of a set of records (see `EvalSums::metrics`).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Metrics {
     pub accuracy: Option<f64>,
@@ -43,10 +47,49 @@ pub struct Metrics {
     /// outputs, like `torch.nn.MSELoss`).
     pub loss: Option<f64>,
     pub rmse: Option<f64>,
+    /// 1 - SSE / SST, SST summed per target column around each column's mean (scikit-learn's
+    /// `r2_score` with `multioutput="variance_weighted"`; the usual R² for one target).
     pub r2: Option<f64>,
 }
 
 impl EvalSums {
+    /// Empty sums for a model with `head` (a regression's with a column per target, so every
+    /// rank's words have the same length even with no records).
+    pub fn new(head: Head) -> EvalSums {
+        let width = match head {
+            Head::Targets(w) => w as usize,
+            Head::Classes(_) => 0,
+        };
+        EvalSums { target_sum: vec![0; width], target_sq_sum: vec![0; width], ..Default::default() }
+    }
+
+    /// As f64 for a report: the loss and the squared errors (None when not measured), and the
+    /// target columns' sums and squared sums (empty when not measured).
+    pub fn report(&self) -> (Option<f64>, Option<f64>, Vec<f64>, Vec<f64>) {
+        if self.invalid {
+            return (None, None, Vec::new(), Vec::new());
+        }
+        (Some(float(self.loss)), Some(float(self.sse)), self.target_sum.iter().map(|&v| float(v)).collect(), self.target_sq_sum.iter().map(|&v| float(v)).collect())
+    }
+
+    /// `v` in fixed point, or None (and the sums marked invalid) when it is not finite or too
+    /// large.
+    fn term(&mut self, v: f64) -> i128 {
+        let scaled = v * FIXED_ONE;
+        if !scaled.is_finite() || scaled.abs() > MAX_TERM {
+            self.invalid = true;
+            return 0;
+        }
+        scaled.round() as i128
+    }
+
+    fn add_to(invalid: &mut bool, sum: &mut i128, v: i128) {
+        match sum.checked_add(v) {
+            Some(s) => *sum = s,
+            None => *invalid = true,
+        }
+    }
+
     /// Adds the outputs of `labels.len()` records: `out` holds `head.outputs()` values per
     /// record; `labels` their classes (classifier) and `targets` their targets (regression).
     pub fn add(&mut self, head: Head, out: &[f32], labels: &[u32], targets: &[f32]) -> Result<(), WorkerError> {
@@ -67,24 +110,28 @@ impl EvalSums {
                     // log-sum-exp in f64, the max taken out first.
                     let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
                     let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
-                    self.loss += fixed(sum.ln() + max - row[y] as f64);
+                    let t = self.term(sum.ln() + max - row[y] as f64);
+                    Self::add_to(&mut self.invalid, &mut self.loss, t);
                 }
             }
             Head::Targets(_) => {
                 if targets.len() != out.len() {
                     return Err(WorkerError::Data(format!("{} targets for {n} records of {k} outputs", targets.len())));
                 }
+                self.target_sum.resize(k, 0);
+                self.target_sq_sum.resize(k, 0);
                 for (row, t) in out.chunks_exact(k.max(1)).zip(targets.chunks_exact(k.max(1))) {
                     let mut record = 0.0f64;
-                    for (&p, &t) in row.iter().zip(t) {
+                    for (j, (&p, &t)) in row.iter().zip(t).enumerate() {
                         let d = p as f64 - t as f64;
                         record += d * d;
-                        self.target_sum += fixed(t as f64);
-                        self.target_sq_sum += fixed(t as f64 * t as f64);
+                        let (s, sq) = (self.term(t as f64), self.term(t as f64 * t as f64));
+                        Self::add_to(&mut self.invalid, &mut self.target_sum[j], s);
+                        Self::add_to(&mut self.invalid, &mut self.target_sq_sum[j], sq);
                     }
-                    let e = fixed(record);
-                    self.sse += e;
-                    self.loss += e;
+                    let e = self.term(record);
+                    Self::add_to(&mut self.invalid, &mut self.sse, e);
+                    Self::add_to(&mut self.invalid, &mut self.loss, e);
                 }
             }
         }
@@ -94,28 +141,58 @@ impl EvalSums {
     pub fn merge(&mut self, o: &EvalSums) {
         self.records += o.records;
         self.correct += o.correct;
-        self.loss += o.loss;
-        self.sse += o.sse;
-        self.target_sum += o.target_sum;
-        self.target_sq_sum += o.target_sq_sum;
+        self.invalid |= o.invalid;
+        Self::add_to(&mut self.invalid, &mut self.loss, o.loss);
+        Self::add_to(&mut self.invalid, &mut self.sse, o.sse);
+        let width = self.target_sum.len().max(o.target_sum.len());
+        self.target_sum.resize(width, 0);
+        self.target_sq_sum.resize(width, 0);
+        for (j, (&s, &sq)) in o.target_sum.iter().zip(&o.target_sq_sum).enumerate() {
+            Self::add_to(&mut self.invalid, &mut self.target_sum[j], s);
+            Self::add_to(&mut self.invalid, &mut self.target_sq_sum[j], sq);
+        }
     }
 
-    /// As ten u64 words (each i128 as low, high), for a gather between ranks.
-    pub fn to_words(&self) -> [u64; 10] {
+    /// As u64 words (each i128 as low, high), for a gather between ranks: records, correct,
+    /// invalid, loss, sse, the width, then per column its target sum and squared sum.
+    pub fn to_words(&self) -> Vec<u64> {
         let split = |v: i128| [v as u64, (v >> 64) as u64];
-        let [a, b] = split(self.loss);
-        let [c, d] = split(self.sse);
-        let [e, f] = split(self.target_sum);
-        let [g, h] = split(self.target_sq_sum);
-        [self.records, self.correct, a, b, c, d, e, f, g, h]
+        let mut w = vec![self.records, self.correct, u64::from(self.invalid)];
+        w.extend(split(self.loss));
+        w.extend(split(self.sse));
+        w.push(self.target_sum.len() as u64);
+        for (&s, &sq) in self.target_sum.iter().zip(&self.target_sq_sum) {
+            w.extend(split(s));
+            w.extend(split(sq));
+        }
+        w
     }
 
     pub fn from_words(w: &[u64]) -> Result<EvalSums, WorkerError> {
-        if w.len() != 10 {
-            return Err(WorkerError::Collective(format!("evaluation sums of {} words, 10 expected", w.len())));
-        }
+        let bad = || WorkerError::Collective(format!("evaluation sums of {} words do not parse", w.len()));
         let join = |lo: u64, hi: u64| (i128::from(hi as i64) << 64) | i128::from(lo);
-        Ok(EvalSums { records: w[0], correct: w[1], loss: join(w[2], w[3]), sse: join(w[4], w[5]), target_sum: join(w[6], w[7]), target_sq_sum: join(w[8], w[9]) })
+        if w.len() < 8 {
+            return Err(bad());
+        }
+        let width = usize::try_from(w[7]).map_err(|_| bad())?;
+        if w.len() != 8 + 4 * width {
+            return Err(bad());
+        }
+        let cols = &w[8..];
+        Ok(EvalSums {
+            records: w[0],
+            correct: w[1],
+            invalid: w[2] != 0,
+            loss: join(w[3], w[4]),
+            sse: join(w[5], w[6]),
+            target_sum: cols.chunks_exact(4).map(|c| join(c[0], c[1])).collect(),
+            target_sq_sum: cols.chunks_exact(4).map(|c| join(c[2], c[3])).collect(),
+        })
+    }
+
+    /// Per target column, its sum of squares around its mean (SST), from the sums.
+    fn total_squares(sum: &[f64], sq: &[f64], n: f64) -> f64 {
+        sum.iter().zip(sq).map(|(&s, &q)| q - s * s / n).sum()
     }
 
     /// The metrics these sums give, for a model with `head`.
@@ -124,18 +201,32 @@ impl EvalSums {
             return Metrics::default();
         }
         let n = self.records as f64;
+        let valid = !self.invalid;
         match head {
-            Head::Classes(_) => Metrics { accuracy: Some(self.correct as f64 / n), loss: Some(float(self.loss) / n), rmse: None, r2: None },
+            Head::Classes(_) => Metrics { accuracy: Some(self.correct as f64 / n), loss: valid.then(|| float(self.loss) / n), rmse: None, r2: None },
             Head::Targets(w) => {
-                let values = n * w as f64;
-                let mse = float(self.sse) / values;
-                let mean = float(self.target_sum) / values;
-                let total = float(self.target_sq_sum) - values * mean * mean;
-                let r2 = if total > 0.0 { 1.0 - float(self.sse) / total } else { f64::NAN };
-                Metrics { accuracy: None, loss: Some(mse), rmse: Some(mse.sqrt()), r2: r2.is_finite().then_some(r2) }
+                if !valid {
+                    return Metrics::default();
+                }
+                let mse = float(self.sse) / (n * w as f64);
+                let sums: Vec<f64> = self.target_sum.iter().map(|&v| float(v)).collect();
+                let squares: Vec<f64> = self.target_sq_sum.iter().map(|&v| float(v)).collect();
+                Metrics { accuracy: None, loss: Some(mse), rmse: Some(mse.sqrt()), r2: r2(float(self.sse), Self::total_squares(&sums, &squares, n)) }
             }
         }
     }
+}
+
+/// R² from the squared errors and the targets' squares around their means (None when the
+/// targets do not vary).
+pub fn r2(sse: f64, total: f64) -> Option<f64> {
+    let r2 = 1.0 - sse / total;
+    (total > 0.0 && r2.is_finite()).then_some(r2)
+}
+
+/// SST of target columns from their sums and squared sums over `n` records.
+pub fn total_squares(sum: &[f64], sq: &[f64], n: f64) -> f64 {
+    EvalSums::total_squares(sum, sq, n)
 }
 
 impl Metrics {
@@ -186,14 +277,39 @@ mod tests {
         let (mut a, mut b) = (EvalSums::default(), EvalSums::default());
         a.add(head, &pred[..1], &[0], &t[..1]).unwrap();
         b.add(head, &pred[1..], &[0; 3], &t[1..]).unwrap();
-        let mut ab = a;
+        let mut ab = a.clone();
         ab.merge(&b);
-        let mut ba = b;
+        let mut ba = b.clone();
         ba.merge(&a);
-        assert_eq!((ab, ba), (whole, whole));
+        assert_eq!((&ab, &ba), (&whole, &whole));
         assert_eq!(EvalSums::from_words(&whole.to_words()).unwrap(), whole);
-        let neg = EvalSums { loss: -5, sse: -(1 << 70), ..whole };
+        let neg = EvalSums { loss: -5, sse: -(1 << 70), ..whole.clone() };
         assert_eq!(EvalSums::from_words(&neg.to_words()).unwrap(), neg);
+        assert!(EvalSums::from_words(&whole.to_words()[..9]).is_err());
+    }
+
+    #[test]
+    fn r2_of_several_targets_weighs_each_columns_variance_and_a_blow_up_is_unmeasured() {
+        // Column A around 100, column B around 0; predicting each column's mean explains
+        // nothing: R² 0 (a pooled mean would say 0.9998).
+        let head = Head::Targets(2);
+        let t = [99.0f32, -1.0, 101.0, 1.0];
+        let pred = [100.0f32, 0.0, 100.0, 0.0];
+        let mut s = EvalSums::default();
+        s.add(head, &pred, &[0, 0], &t).unwrap();
+        assert!(s.metrics(head).r2.unwrap().abs() < 1e-12, "{:?}", s.metrics(head));
+        // A prediction of 1e30 overflows the fixed point: not measured, rather than wrapped.
+        let mut big = EvalSums::default();
+        big.add(head, &[1e30, 0.0, 1e30, 0.0], &[0, 0], &t).unwrap();
+        assert!(big.invalid);
+        assert_eq!(big.metrics(head), Metrics::default());
+        let mut nan = EvalSums::default();
+        nan.add(Head::Classes(2), &[f32::NAN, 0.0], &[0], &[]).unwrap();
+        let m = nan.metrics(Head::Classes(2));
+        assert_eq!((m.loss, m.accuracy.is_some()), (None, true));
+        let mut merged = s.clone();
+        merged.merge(&big);
+        assert!(merged.invalid);
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub fn is_batch(job: &JobInfo) -> bool {
 
 /// A task's committed result (empty until it has one).
 fn result(t: &BatchTask) -> &TaskResult {
-    static NONE: TaskResult = TaskResult { output: None, records_out: 0, correct: 0, elapsed_ms: 0, stats: None, feature_shape: Vec::new(), feature_dtype: String::new(), classes: 0, loss_sum: 0.0, sse: 0.0, target_sum: 0.0, target_sq_sum: 0.0, target_width: 0 };
+    static NONE: TaskResult = TaskResult { output: None, records_out: 0, correct: 0, elapsed_ms: 0, stats: None, feature_shape: Vec::new(), feature_dtype: String::new(), classes: 0, loss_sum: None, sse: None, target_sums: Vec::new(), target_sq_sums: Vec::new(), target_width: 0 };
     t.result.as_ref().unwrap_or(&NONE)
 }
 
@@ -92,14 +92,16 @@ impl StateMachine {
         }
         // An output that exists must take the new records (checked again when they are added).
         if let (Some(out), "score" | "transform") = (self.dataset(spec.output.as_ref().map(|o| o.dataset.as_str()).unwrap_or_default(), 0), op) {
-            if out.feature_shape != out_shape || (!out.feature_dtype.is_empty() && out.feature_dtype != "f32") || input.classes > out.classes {
+            if out.feature_shape != out_shape || (!out.feature_dtype.is_empty() && out.feature_dtype != "f32") || input.classes > out.classes || out.target_width != input.target_width {
                 return Err(format!(
-                    "output.dataset: {} holds {} features {:?} with {} classes; this job writes f32 features {out_shape:?} with {} classes",
+                    "output.dataset: {} holds {} features {:?} with {} classes and {} targets per record; this job writes f32 features {out_shape:?} with {} classes and {} targets",
                     out.name,
                     out.feature_dtype,
                     out.feature_shape,
                     out.classes,
-                    input.classes
+                    out.target_width,
+                    input.classes,
+                    input.target_width
                 ).into());
             }
         }
@@ -376,31 +378,43 @@ impl StateMachine {
             return;
         };
         if b.operator == "score" && records > 0 {
-            // Task results added in task order: every replica gets the same bits.
-            let sum = |f: fn(&TaskResult) -> f64| b.tasks.iter().map(|t| f(result(t))).fold(0.0f64, |a, v| a + v);
+            // Task results added in task order: every replica gets the same bits. A metric is
+            // reported only when every task measured it (a diverged model's is not finite).
+            let sum = |f: fn(&TaskResult) -> Option<f64>| b.tasks.iter().map(|t| f(result(t))).try_fold(0.0f64, |a, v| v.map(|v| a + v));
             let n = records as f64;
             if b.model_target_width == 0 {
                 b.accuracy = b.tasks.iter().map(|t| result(t).correct).sum::<u64>() as f64 / n;
-                b.test_loss = Some(sum(|r| r.loss_sum) / n);
+                b.test_loss = sum(|r| r.loss_sum).map(|l| l / n);
             } else {
-                let values = n * b.model_target_width as f64;
-                let (sse, t_sum, t_sq) = (sum(|r| r.sse), sum(|r| r.target_sum), sum(|r| r.target_sq_sum));
-                let mean = t_sum / values;
-                let total = t_sq - values * mean * mean;
-                b.test_loss = Some(sse / values);
-                b.test_rmse = Some((sse / values).sqrt());
-                b.test_r2 = (total > 0.0).then(|| 1.0 - sse / total);
+                let w = b.model_target_width as usize;
+                let values = n * w as f64;
+                // Per target column: the sums of the targets and of their squares.
+                let column = |j: usize, squares: bool| b.tasks.iter().map(|t| if squares { result(t).target_sq_sums.get(j).copied() } else { result(t).target_sums.get(j).copied() }).try_fold(0.0f64, |a, v| v.map(|v| a + v));
+                let total = (0..w).map(|j| Some(column(j, true)? - column(j, false)?.powi(2) / n)).sum::<Option<f64>>();
+                if let Some(sse) = sum(|r| r.sse) {
+                    b.test_loss = Some(sse / values);
+                    b.test_rmse = Some((sse / values).sqrt());
+                    b.test_r2 = total.and_then(|t| (t > 0.0).then(|| 1.0 - sse / t)).filter(|r| r.is_finite());
+                }
             }
         }
         let wrote: Vec<(u32, &TaskResult)> = b.tasks.iter().map(|t| (t.index, result(t))).filter(|(_, r)| r.records_out > 0).collect();
-        let (shape, dtype) = wrote.first().map(|(_, r)| (r.feature_shape.clone(), r.feature_dtype.clone())).unwrap_or_default();
-        if let Some((index, odd)) = wrote.iter().find(|(_, r)| r.feature_shape != shape || r.feature_dtype != dtype) {
-            let msg = format!("task {index} wrote {} features {:?}; the first wrote {dtype} {shape:?}: one dataset needs one schema", odd.feature_dtype, odd.feature_shape);
+        let (shape, dtype, width) = wrote.first().map(|(_, r)| (r.feature_shape.clone(), r.feature_dtype.clone(), r.target_width)).unwrap_or_default();
+        if let Some((index, odd)) = wrote.iter().find(|(_, r)| r.feature_shape != shape || r.feature_dtype != dtype || r.target_width != width) {
+            let msg = format!(
+                "task {index} wrote {} features {:?} with {} targets per record; the first wrote {dtype} {shape:?} with {width}: one dataset needs one schema",
+                odd.feature_dtype, odd.feature_shape, odd.target_width
+            );
             self.finish_job(id, JobState::Failed, msg);
             return;
         }
         // Records with float targets keep them (score and transform pass the input's on).
-        let target_width = wrote.first().map_or(0, |(_, r)| r.target_width);
+        let target_width = width;
+        if b.operator != "exec" && target_width != input.target_width {
+            let msg = format!("the tasks wrote {target_width} targets per record; the input has {}", input.target_width);
+            self.finish_job(id, JobState::Failed, msg);
+            return;
+        }
         let classes = if target_width > 0 { 0 } else { b.tasks.iter().map(|t| result(t).classes).max().unwrap_or(0).max(if b.operator == "exec" { 0 } else { input.classes }) };
         let out = b.output_dataset.clone();
         let slice = DatasetSlice {
@@ -423,7 +437,7 @@ impl StateMachine {
             feature_dtype: dtype,
             target_width,
             append: self.datasets.contains_key(&out),
-            class_names: if classes <= input.classes { input.class_names.clone() } else { Vec::new() },
+            class_names: if target_width == 0 && classes <= input.classes { input.class_names.clone() } else { Vec::new() },
             transform: if b.operator == "transform" { b.transform.clone() } else { None },
             ..Default::default()
         };

@@ -216,7 +216,7 @@ impl StateMachine {
         let feature_len = info.feature_shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
         let labels_ok = match info.target_width {
             0 => info.classes > 0,
-            w => info.classes == 0 && w <= MAX_TARGETS,
+            w => info.classes == 0 && info.class_names.is_empty() && w <= MAX_TARGETS,
         };
         if info.feature_shape.is_empty() || info.feature_shape.contains(&0) || !labels_ok || feature_len.is_none_or(|n| n > MAX_FEATURES) {
             return Err(ApplyError::invalid(format!(
@@ -281,7 +281,8 @@ impl StateMachine {
                 }
                 if info.target_width != b.target_width {
                     let kind = |w: u32| if w == 0 { "class labels".to_string() } else { format!("{w} float target(s) per record") };
-                    return Err(ApplyError::invalid(format!("dataset {}: the slice has {}; the dataset has {}", name, kind(info.target_width), kind(b.target_width))));
+                    let hint = if b.target_width == 0 { " (class labels come from an integer y, or a CSV column named by --label)" } else { " (targets come from a float y, or a CSV column named by --target)" };
+                    return Err(ApplyError::invalid(format!("dataset {}: the slice has {}; the dataset has {}{hint}", name, kind(info.target_width), kind(b.target_width))));
                 }
                 if !b.feature_dtype.is_empty() && info.feature_dtype != b.feature_dtype {
                     return Err(ApplyError::invalid(format!("dataset {}: the slice's features are {}; the dataset's are {}", name, info.feature_dtype, b.feature_dtype)));

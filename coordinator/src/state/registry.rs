@@ -118,7 +118,8 @@ impl StateMachine {
         };
         if let Some(v) = m.versions.iter_mut().find(|v| v.version == version) {
             (v.holdout_accuracy, v.holder_accuracy, v.holder_version, v.promotion) = (progress.holdout_accuracy, progress.holder_accuracy, against, text.clone());
-            (v.metric, v.holdout_score, v.holder_score) = (metric.to_string(), cand, held);
+            // As reported (a log from before these fields replays to what a snapshot holds).
+            (v.metric, v.holdout_score, v.holder_score) = (p.metric.clone(), progress.holdout_score, progress.holder_score);
         }
         text
     }

@@ -1126,7 +1126,7 @@ fn fill_metrics(progress: &mut JobProgress, m: &Metrics) {
 /// The sums of records [lo, hi) of `ds`, in passes of 512.
 fn eval_sums(net: &mut dyn Model, params: &[f32], ds: &ShardedDataset, lo: u64, hi: u64) -> Result<EvalSums, WorkerError> {
     let mut buf = BatchBuf::default();
-    let mut sums = EvalSums::default();
+    let mut sums = EvalSums::new(net.head());
     let mut i = lo;
     while i < hi {
         let j = (i + 512).min(hi);
@@ -1160,7 +1160,7 @@ fn evaluate(
     let head = net.head();
     let mine = eval_sums(net, params, ds, lo, hi)?;
     // Sums gathered exactly: never rounded by the gradients' wire format.
-    let mut all = EvalSums::default();
+    let mut all = EvalSums::new(head);
     for words in gather_u64s(ring, &mine.to_words())? {
         all.merge(&EvalSums::from_words(&words)?);
     }
