@@ -1567,12 +1567,29 @@ fn parse_peers(id: u64, listen: &str, peers: &[String]) -> Result<BTreeMap<u64, 
     Ok(out)
 }
 
+/// Binds `addr`; a fixed port that another socket holds for a moment (a restart on the same
+/// port can meet a short-lived outgoing connection that the kernel gave it) is tried again for
+/// up to 5 s.
+async fn bind_retrying(addr: &str) -> Result<tokio::net::TcpListener> {
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < until => {
+                tracing::warn!(addr, "address in use; trying again");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("binding {addr}"))),
+        }
+    }
+}
+
 async fn serve(cmd: ServeCmd) -> Result<()> {
     logs::init();
     match cmd {
         ServeCmd::Coordinator { id, listen, peers, data, store, lease_ms, addr_file, cluster_id, initial_state, snapshot_every } => {
             shoal_core::node::set_node(&format!("coordinator-{id}"));
-            let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
+            let listener = bind_retrying(&listen).await?;
             let addr = listener.local_addr()?.to_string();
             let mut peers = parse_peers(id, &listen, &peers)?;
             if peers.get(&id).map(|a| a.ends_with(":0")).unwrap_or(false) {
@@ -1599,7 +1616,7 @@ async fn serve(cmd: ServeCmd) -> Result<()> {
             shoal_coordinator::serve(cfg, listener, shutdown_signal()).await?;
         }
         ServeCmd::Worker { endpoints, store, listen, advertise, device, threads: _, heartbeat_ms, collective_timeout_s } => {
-            let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
+            let listener = bind_retrying(&listen).await?;
             tracing::info!(addr = %listener.local_addr()?, "worker listening");
             let cfg = shoal_worker::WorkerConfig {
                 endpoints,
