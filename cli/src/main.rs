@@ -442,8 +442,11 @@ enum JobCmd {
         #[arg(long)]
         json: bool,
     },
-    /// List jobs, newest first.
+    /// List jobs, newest first (with --group: that experiment's only).
     List {
+        /// Only the jobs whose spec says `group = "G"`.
+        #[arg(long)]
+        group: Option<String>,
         #[command(flatten)]
         page: PageArgs,
         #[command(flatten)]
@@ -1203,9 +1206,10 @@ async fn job(cmd: JobCmd) -> Result<()> {
                 println!("removed {} jobs and {} job folders; {} finished jobs past retention kept because something refers to them", r.removed_jobs.len(), r.removed_paths.len(), r.kept_pinned);
             }
         }
-        JobCmd::List { page, conn, json } => {
+        JobCmd::List { group, page, conn, json } => {
             let client = conn.client()?;
-            let (jobs, next) = page.list(&client, |mut c, page| async move { c.list_jobs(ListJobsRequest { page }).await }).await?;
+            let group = group.unwrap_or_default();
+            let (jobs, next) = page.list(&client, |mut c, page| { let group = group.clone(); async move { c.list_jobs(ListJobsRequest { page, group }).await } }).await?;
             if json {
                 print_json(&serde_json::Value::Array(jobs.iter().map(ops::job_json).collect()));
             } else {

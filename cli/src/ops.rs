@@ -415,6 +415,8 @@ pub fn job_json(j: &JobInfo) -> Value {
         "results": j.results.iter().map(|r| json!({"rank": r.rank, "worker_id": r.worker_id, "param_blake3": r.param_blake3, "model_path": r.model_path})).collect::<Vec<_>>(),
     });
     v["kind"] = json!("train");
+    v["group"] = if j.group.is_empty() { Value::Null } else { json!(j.group) };
+    v["tags"] = json!(j.tags);
     // The schedule's rate of the latest step, and its gradient's norm (with clip_norm).
     v["lr"] = if p.lr > 0.0 { json!(p.lr) } else { Value::Null };
     v["grad_norm"] = json!(p.grad_norm);

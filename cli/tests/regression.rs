@@ -93,7 +93,9 @@ fn the_diabetes_example_trains_to_ridges_r2_and_scoring_and_the_gate_read_its_me
     // The gate on a lower-is-better metric: a run of 2 epochs has a larger RMSE than the
     // holder's and is not promoted; the first had no holder and was.
     let gated = |epochs: u32| {
-        example().replace("epochs = 120", &format!("epochs = {epochs}"))
+        example()
+            .replace("epochs = 120", &format!("epochs = {epochs}"))
+            .replace("name = \"diabetes-regression\"", &format!("name = \"diabetes-regression\"\ngroup = \"gate\"\ntags = [\"epochs-{epochs}\"]"))
             + "[register]\nname = \"diabetes-linear\"\n[promote]\nalias = \"production\"\nmetric = \"test_rmse\"\nmin_delta = 0.0\nholdout = \"diabetes\"\n"
     };
     let first = c.submit_follow(&c.write_spec("gate1.toml", &gated(120)));
@@ -104,6 +106,11 @@ fn the_diabetes_example_trains_to_ridges_r2_and_scoring_and_the_gate_read_its_me
     // The PyTorch module of the registered model: one Linear(10, 1), its input the 10 features.
     let code = ok(&mut c.cmd(&["model", "torch", "diabetes-linear@1"]));
     assert!(code.contains("nn.Linear(10, 1, bias=True),  # 0: linear [10] -> [1]") && code.contains("INPUT_SHAPE = (10,)"), "{code}");
+    // The two gated runs are the experiment "gate", newest first, with their tags.
+    let group = json(&mut c.cmd(&["job", "list", "--group", "gate", "--json"]));
+    let runs: Vec<(u64, String)> = group.as_array().unwrap().iter().map(|j| (j["id"].as_u64().unwrap(), j["tags"][0].as_str().unwrap().to_string())).collect();
+    assert_eq!(runs, vec![(worse["id"].as_u64().unwrap(), "epochs-2".to_string()), (first["id"].as_u64().unwrap(), "epochs-120".to_string())], "{group}");
+    assert_eq!(first["group"], "gate");
     let v = json(&mut c.cmd(&["model", "show", "diabetes-linear@2", "--json"]));
     assert_eq!(v["metric"], "test_rmse", "{v}");
     assert!(metric(&v, "holdout_score") > metric(&v, "holder_score"), "{v}");

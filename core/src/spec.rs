@@ -12,6 +12,11 @@ pub struct JobSpec {
     pub name: String,
     /// `"train"` (the default); batch jobs are `shoal_core::batch::BatchSpec`.
     pub kind: Option<String>,
+    /// The experiment the run belongs to (`job list --group`).
+    pub group: Option<String>,
+    /// Labels of the run, shown with it.
+    #[serde(default)]
+    pub tags: Vec<String>,
     pub model: ModelSpec,
     pub dataset: DatasetRef,
     pub training: TrainingSpec,
@@ -782,6 +787,16 @@ impl JobSpec {
         if self.kind.as_deref().is_some_and(|k| k != "train") {
             return Err(bad("kind", format!("a training job is kind = \"train\" (batch jobs have [input], [operator] and [output]), got {:?}", self.kind.as_deref().unwrap_or_default())));
         }
+        let label = |s: &str| !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/' | ':'));
+        if let Some(g) = self.group.as_deref().filter(|g| !label(g)) {
+            return Err(bad("group", format!("{g:?} must be 1-64 of [A-Za-z0-9._/:-]")));
+        }
+        if self.tags.len() > 32 {
+            return Err(bad("tags", format!("{} tags; at most 32", self.tags.len())));
+        }
+        if let Some(t) = self.tags.iter().find(|t| !label(t)) {
+            return Err(bad("tags", format!("{t:?} must be 1-64 of [A-Za-z0-9._/:-]")));
+        }
         self.model.validate()?;
         if self.dataset.name.trim().is_empty() {
             return Err(bad("dataset.name", "must not be empty"));
@@ -1218,6 +1233,14 @@ workers = 2
         assert!(err_of(&gated("test_accuracy", "mse", 0.0)).contains("test_accuracy needs class labels"));
         assert!(err_of(&gated("test_r2", "cross_entropy", 0.0)).contains("test_r2 is a regression's metric"));
         assert_eq!((metric_higher_is_better("test_r2"), metric_higher_is_better("test_rmse"), metric_higher_is_better("x")), (Some(true), Some(false), None));
+    }
+
+    #[test]
+    fn a_group_and_tags_are_labels() {
+        let s = JobSpec::parse(&GOOD.replace("name = \"t\"", "name = \"t\"\ngroup = \"lr-sweep\"\ntags = [\"baseline\", \"adam\"]")).unwrap();
+        assert_eq!((s.group.as_deref(), s.tags.clone()), (Some("lr-sweep"), vec!["baseline".to_string(), "adam".to_string()]));
+        assert!(err_of(&GOOD.replace("name = \"t\"", "name = \"t\"\ngroup = \"a b\"")).contains("group: \"a b\" must be"));
+        assert!(err_of(&GOOD.replace("name = \"t\"", "name = \"t\"\ntags = [\"\"]")).contains("tags"));
     }
 
     #[test]

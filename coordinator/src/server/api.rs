@@ -465,11 +465,12 @@ impl Coordinator for Api {
     }
 
     async fn list_jobs(&self, r: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
-        let page = crate::state::page_number(&r.into_inner().page).map_err(|e| self.refusal(e))?;
+        let req = r.into_inner();
+        let page = crate::state::page_number(&req.page).map_err(|e| self.refusal(e))?;
         self.linearize().await?;
         let (jobs, next_page): (Vec<JobInfo>, String) = {
             let state = self.0.state.read().expect("state lock");
-            let (jobs, next) = state.jobs_page(page);
+            let (jobs, next) = state.jobs_page(page, &req.group);
             (jobs.into_iter().cloned().collect(), next)
         };
         Ok(Response::new(ListJobsResponse { jobs: jobs.iter().map(|j| self.job_view(j)).collect(), next_page }))

@@ -153,6 +153,8 @@ impl StateMachine {
             holdout_version,
             plan: Some(plan_for(&spec, total_steps)),
             submitted_unix_ms: self.now_ms,
+            group: spec.group.clone().unwrap_or_default(),
+            tags: spec.tags.clone(),
             ..Default::default()
         };
         self.jobs.insert(job.id, job.clone());
@@ -529,7 +531,13 @@ impl StateMachine {
     }
 
     /// One page of the jobs, newest first, and the next page's token.
-    pub fn jobs_page(&self, page: usize) -> (Vec<&JobInfo>, String) {
+    /// A page of jobs, newest first; with `group`, of that group's jobs only.
+    pub fn jobs_page(&self, page: usize, group: &str) -> (Vec<&JobInfo>, String) {
+        if !group.is_empty() {
+            let matching: Vec<&JobInfo> = self.jobs.values().filter(|j| j.group == group).collect();
+            let (range, next) = page_range(matching.len(), page);
+            return (matching[range].iter().rev().copied().collect(), next);
+        }
         let (range, next) = page_range(self.jobs.len(), page);
         // Pages count from the newest: skip `range.start` from the oldest end.
         let list = self.jobs.values().skip(range.start).take(range.len()).rev().collect();
