@@ -158,13 +158,6 @@ pub trait Model: Send {
         let out = self.outputs(params, x, labels.len())?;
         sums.add(head, out, labels, targets)
     }
-    /// How many of `labels` the model predicts (argmax, the first on ties).
-    fn correct(&mut self, params: &[f32], x: &[f32], labels: &[u32]) -> Result<u64, WorkerError> {
-        let n = labels.len();
-        let out = self.outputs(params, x, n)?;
-        let classes = out.len() / n.max(1);
-        Ok(out.chunks_exact(classes.max(1)).zip(labels).filter(|(row, y)| argmax(row) == **y as usize).count() as u64)
-    }
 }
 
 /// The model `spec` describes, on records of `feature_shape` with outputs read as `head`

@@ -33,26 +33,6 @@ impl RefParamSpec {
     }
 }
 
-/// The PyTorch module name of parameter `name` of a `kind` model (README documents the
-/// modules): the MLP is `nn.Sequential(Linear, ReLU, ..., Linear)` over flattened inputs, so
-/// dense layer i is module 2i; the CNN is `nn.Sequential(Conv2d, ReLU, MaxPool2d, Conv2d,
-/// ReLU, MaxPool2d, Flatten, Linear, ReLU, ..., Linear)`, so its convolutions are modules 0
-/// and 3 and dense layer i is module 7 + 2i. Weights keep shoal's layout, which is PyTorch's
-/// ([out, in] and [out, in, kh, kw]).
-pub fn pytorch_name(kind: &str, name: &str) -> Option<String> {
-    let (module, field) = name.split_once('.')?;
-    let dense_base = match kind {
-        "mlp" => 0,
-        "cnn" => 7,
-        _ => return None,
-    };
-    let index = match (kind, module) {
-        ("cnn", "conv1") => 0,
-        ("cnn", "conv2") => 3,
-        (_, fc) => dense_base + 2 * fc.strip_prefix("fc")?.parse::<usize>().ok()?,
-    };
-    Some(format!("{index}.{field}"))
-}
 
 #[derive(Clone, Debug)]
 pub struct RefModel {
@@ -172,9 +152,9 @@ impl RefModel {
     }
 
     /// The PyTorch names of the parameters, in the layout that `checkpoint export` writes
-    /// (see `pytorch_name`).
+    /// (see `checkpoint::legacy_name`).
     pub fn pytorch_names(&self) -> Vec<String> {
-        self.params.iter().map(|p| pytorch_name(self.kind_name(), &p.name).expect("every parameter has a PyTorch name")).collect()
+        self.params.iter().map(|p| crate::checkpoint::legacy_name(self.kind_name(), &p.name).expect("every parameter has a PyTorch name")).collect()
     }
 }
 
