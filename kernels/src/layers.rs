@@ -40,40 +40,6 @@ fn check(what: &str, len: usize, want: usize) -> Result<(), KernelError> {
     Ok(())
 }
 
-/// `$name(args)` runs `$body(args)` compiled for the best instruction set this CPU has. The
-/// bodies use IEEE operations and integer operations only (no `mul_add`, no library calls), so
-/// every version gives the same bits; `$body` must be `#[inline(always)]`, so each version
-/// inlines it under its own target features.
-macro_rules! versions {
-    ($name:ident => $body:ident($($arg:ident: $ty:ty),*)) => {
-        #[allow(clippy::too_many_arguments)]
-        fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx512dq,avx2")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn avx512($($arg: $ty),*) {
-                    $body($($arg),*)
-                }
-                #[target_feature(enable = "avx2")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn avx2($($arg: $ty),*) {
-                    $body($($arg),*)
-                }
-                if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq") {
-                    // SAFETY: the CPU has the features the version is compiled for.
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::is_x86_feature_detected!("avx2") {
-                    // SAFETY: as above.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            $body($($arg),*)
-        }
-    };
-}
-
 // ---------------------------------------------------------------------------------------------
 // Windows: im2col, col2im, pooling.
 

@@ -3,9 +3,45 @@
 //! and every operation is element-wise, so results do not depend on the thread count: that is
 //! what keeps workers bitwise identical. CUDA is behind the `cuda` feature.
 
+/// `$name(args)` runs `$body(args)` compiled for the best instruction set this CPU has. The
+/// bodies use IEEE operations and integer operations only (no `mul_add`, no library calls), so
+/// every version gives the same bits; `$body` must be `#[inline(always)]`, so each version
+/// inlines it under its own target features.
+macro_rules! versions {
+    ($name:ident => $body:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {
+        #[allow(clippy::too_many_arguments)]
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512dq,avx2")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq") {
+                    // SAFETY: the CPU has the features the version is compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::is_x86_feature_detected!("avx2") {
+                    // SAFETY: as above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
 pub mod lanes;
 pub mod layers;
 pub mod nn;
+mod pool512;
+pub mod winograd;
 
 use rayon::prelude::*;
 

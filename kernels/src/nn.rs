@@ -16,7 +16,7 @@ fn check(what: &str, len: usize, want: usize) -> Result<(), KernelError> {
     Ok(())
 }
 
-fn parallelism() -> gemm::Parallelism {
+pub(crate) fn parallelism() -> gemm::Parallelism {
     match rayon::current_num_threads() {
         0 | 1 => gemm::Parallelism::None,
         n => gemm::Parallelism::Rayon(n),
@@ -71,6 +71,13 @@ pub fn matmul(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize,
 
 /// `z[r][j] += bias[j]` for every row, then ReLU if `relu`.
 pub fn bias_act(z: &mut [f32], bias: &[f32], relu: bool) {
+    bias_act_best(z, bias, relu)
+}
+
+versions!(bias_act_best => bias_act_body(z: &mut [f32], bias: &[f32], relu: bool));
+
+#[inline(always)]
+fn bias_act_body(z: &mut [f32], bias: &[f32], relu: bool) {
     let width = bias.len();
     for row in z.chunks_exact_mut(width) {
         for (v, b) in row.iter_mut().zip(bias) {
@@ -82,6 +89,13 @@ pub fn bias_act(z: &mut [f32], bias: &[f32], relu: bool) {
 
 /// Channel-major variant: `z[o][i] += bias[o]` for `plane` elements per channel, then ReLU.
 pub fn bias_act_planes(z: &mut [f32], bias: &[f32], plane: usize, relu: bool) {
+    bias_act_planes_best(z, bias, plane, relu)
+}
+
+versions!(bias_act_planes_best => bias_act_planes_body(z: &mut [f32], bias: &[f32], plane: usize, relu: bool));
+
+#[inline(always)]
+fn bias_act_planes_body(z: &mut [f32], bias: &[f32], plane: usize, relu: bool) {
     for (row, b) in z.chunks_exact_mut(plane).zip(bias) {
         for v in row.iter_mut() {
             let x = *v + *b;
@@ -92,6 +106,13 @@ pub fn bias_act_planes(z: &mut [f32], bias: &[f32], plane: usize, relu: bool) {
 
 /// `g[i] = 0` where the layer's ReLU output `a[i]` was 0 (its input was not positive).
 pub fn relu_backward(g: &mut [f32], a: &[f32]) {
+    relu_backward_best(g, a)
+}
+
+versions!(relu_backward_best => relu_backward_body(g: &mut [f32], a: &[f32]));
+
+#[inline(always)]
+fn relu_backward_body(g: &mut [f32], a: &[f32]) {
     // A select, not a branch: the signs are random, and the loop vectorizes.
     for (g, a) in g.iter_mut().zip(a) {
         *g = if *a > 0.0 { *g } else { 0.0 };
@@ -100,6 +121,13 @@ pub fn relu_backward(g: &mut [f32], a: &[f32]) {
 
 /// Column sums of `g[rows][width]` into `out` (`+=` when `accumulate`): a bias gradient.
 pub fn column_sums(out: &mut [f32], g: &[f32], accumulate: bool) {
+    column_sums_best(out, g, accumulate)
+}
+
+versions!(column_sums_best => column_sums_body(out: &mut [f32], g: &[f32], accumulate: bool));
+
+#[inline(always)]
+fn column_sums_body(out: &mut [f32], g: &[f32], accumulate: bool) {
     if !accumulate {
         out.fill(0.0);
     }
@@ -112,6 +140,13 @@ pub fn column_sums(out: &mut [f32], g: &[f32], accumulate: bool) {
 
 /// Per-channel sums of `g[C][plane]` into `out[C]`: a convolution's bias gradient.
 pub fn plane_sums(out: &mut [f32], g: &[f32], plane: usize) {
+    plane_sums_best(out, g, plane)
+}
+
+versions!(plane_sums_best => plane_sums_body(out: &mut [f32], g: &[f32], plane: usize));
+
+#[inline(always)]
+fn plane_sums_body(out: &mut [f32], g: &[f32], plane: usize) {
     // Sixteen running sums, combined in a fixed order: the loop vectorizes and the result is
     // the same on every run (a strictly sequential sum does not vectorize).
     const LANES: usize = 16;
@@ -171,6 +206,13 @@ pub fn softmax_xent(logits: &[f32], labels: &[u32], classes: usize, scale: f32, 
 
 /// im2col for a 3x3 kernel, padding 1, stride 1: `x[C][N][H][W]` to `cols[C*9][N*H*W]`.
 pub fn im2col3(x: &[f32], c: usize, n: usize, h: usize, w: usize, cols: &mut [f32]) -> Result<(), KernelError> {
+    im2col3_best(x, c, n, h, w, cols)
+}
+
+versions!(im2col3_best => im2col3_body(x: &[f32], c: usize, n: usize, h: usize, w: usize, cols: &mut [f32]) -> Result<(), KernelError>);
+
+#[inline(always)]
+fn im2col3_body(x: &[f32], c: usize, n: usize, h: usize, w: usize, cols: &mut [f32]) -> Result<(), KernelError> {
     let plane = h * w;
     check("im2col input", x.len(), c * n * plane)?;
     check("im2col output", cols.len(), c * 9 * n * plane)?;
@@ -211,6 +253,13 @@ pub fn im2col3(x: &[f32], c: usize, n: usize, h: usize, w: usize, cols: &mut [f3
 
 /// The adjoint of `im2col3`: adds `cols[C*9][N*H*W]` back onto `dx[C][N][H][W]`.
 pub fn col2im3_add(cols: &[f32], c: usize, n: usize, h: usize, w: usize, dx: &mut [f32]) -> Result<(), KernelError> {
+    col2im3_add_best(cols, c, n, h, w, dx)
+}
+
+versions!(col2im3_add_best => col2im3_add_body(cols: &[f32], c: usize, n: usize, h: usize, w: usize, dx: &mut [f32]) -> Result<(), KernelError>);
+
+#[inline(always)]
+fn col2im3_add_body(cols: &[f32], c: usize, n: usize, h: usize, w: usize, dx: &mut [f32]) -> Result<(), KernelError> {
     let plane = h * w;
     check("col2im output", dx.len(), c * n * plane)?;
     check("col2im input", cols.len(), c * 9 * n * plane)?;
@@ -245,6 +294,23 @@ pub fn col2im3_add(cols: &[f32], c: usize, n: usize, h: usize, w: usize, dx: &mu
 /// `arg` records, per output, where in its input plane the maximum was (the first of equal
 /// ones), for the backward pass.
 pub fn maxpool2(x: &[f32], planes: usize, h: usize, w: usize, y: &mut [f32], arg: &mut [u32]) -> Result<(), KernelError> {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        let outs = planes * (h / 2) * (w / 2);
+        check("maxpool input", x.len(), planes * h * w)?;
+        check("maxpool output", y.len(), outs)?;
+        check("maxpool argmax", arg.len(), outs)?;
+        // SAFETY: the CPU has AVX-512F and the lengths were checked.
+        unsafe { crate::pool512::maxpool2(x, None, 1, false, planes, h, w, y, arg) };
+        return Ok(());
+    }
+    maxpool2_best(x, planes, h, w, y, arg)
+}
+
+versions!(maxpool2_best => maxpool2_body(x: &[f32], planes: usize, h: usize, w: usize, y: &mut [f32], arg: &mut [u32]) -> Result<(), KernelError>);
+
+#[inline(always)]
+fn maxpool2_body(x: &[f32], planes: usize, h: usize, w: usize, y: &mut [f32], arg: &mut [u32]) -> Result<(), KernelError> {
     let (oh, ow) = (h / 2, w / 2);
     check("maxpool input", x.len(), planes * h * w)?;
     check("maxpool output", y.len(), planes * oh * ow)?;
@@ -273,6 +339,13 @@ pub fn maxpool2(x: &[f32], planes: usize, h: usize, w: usize, y: &mut [f32], arg
 
 /// The gradient of `maxpool2`: each output's gradient goes to where its maximum was.
 pub fn maxpool2_backward(dy: &[f32], arg: &[u32], planes: usize, h: usize, w: usize, dx: &mut [f32]) -> Result<(), KernelError> {
+    maxpool2_backward_best(dy, arg, planes, h, w, dx)
+}
+
+versions!(maxpool2_backward_best => maxpool2_backward_body(dy: &[f32], arg: &[u32], planes: usize, h: usize, w: usize, dx: &mut [f32]) -> Result<(), KernelError>);
+
+#[inline(always)]
+fn maxpool2_backward_body(dy: &[f32], arg: &[u32], planes: usize, h: usize, w: usize, dx: &mut [f32]) -> Result<(), KernelError> {
     let per = (h / 2) * (w / 2);
     check("maxpool gradient", dy.len(), planes * per)?;
     check("maxpool input gradient", dx.len(), planes * h * w)?;
@@ -284,6 +357,120 @@ pub fn maxpool2_backward(dy: &[f32], arg: &[u32], planes: usize, h: usize, w: us
         }
     }
     Ok(())
+}
+
+/// `bias_act_planes` (a ReLU alone without `bias`) then `maxpool2`, in one pass that leaves
+/// `z` as it was (`[C][N][H][W]`; `y` and `arg` as `maxpool2`'s): the bits and `arg` of the
+/// two passes, without writing the activations nobody reads after a fused pool.
+#[allow(clippy::too_many_arguments)]
+pub fn bias_act_maxpool2(z: &[f32], bias: Option<&[f32]>, relu: bool, channels: usize, n: usize, h: usize, w: usize, y: &mut [f32], arg: &mut [u32]) -> Result<(), KernelError> {
+    let outs = channels * n * (h / 2) * (w / 2);
+    check("pool input", z.len(), channels * n * h * w)?;
+    check("pool output", y.len(), outs)?;
+    check("pool argmax", arg.len(), outs)?;
+    if let Some(b) = bias {
+        check("bias", b.len(), channels)?;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F and the lengths were checked.
+        unsafe { crate::pool512::maxpool2(z, bias, n.max(1), relu, channels * n, h, w, y, arg) };
+        return Ok(());
+    }
+    bias_act_maxpool2_best(z, bias, relu, channels, n, h, w, y, arg);
+    Ok(())
+}
+
+versions!(bias_act_maxpool2_best => bias_act_maxpool2_body(z: &[f32], bias: Option<&[f32]>, relu: bool, channels: usize, n: usize, h: usize, w: usize, y: &mut [f32], arg: &mut [u32]));
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn bias_act_maxpool2_body(z: &[f32], bias: Option<&[f32]>, relu: bool, channels: usize, n: usize, h: usize, w: usize, y: &mut [f32], arg: &mut [u32]) {
+    let (oh, ow) = (h / 2, w / 2);
+    for c in 0..channels {
+        let b = bias.map(|b| b[c]);
+        let f = |v: f32| {
+            let x = match b {
+                Some(b) => v + b,
+                None => v,
+            };
+            if relu && x < 0.0 { 0.0 } else { x }
+        };
+        for p in c * n..(c + 1) * n {
+            let src = &z[p * h * w..(p + 1) * h * w];
+            for oy in 0..oh {
+                let (top, bottom) = (&src[2 * oy * w..2 * oy * w + w], &src[(2 * oy + 1) * w..(2 * oy + 2) * w]);
+                let o = p * oh * ow + oy * ow;
+                let (y_row, arg_row) = (&mut y[o..o + ow], &mut arg[o..o + ow]);
+                for ox in 0..ow {
+                    let base = (2 * oy * w + 2 * ox) as u32;
+                    let (a, b, c, d) = (f(top[2 * ox]), f(top[2 * ox + 1]), f(bottom[2 * ox]), f(bottom[2 * ox + 1]));
+                    let (m1, i1) = if b > a { (b, base + 1) } else { (a, base) };
+                    let (m2, i2) = if d > c { (d, base + w as u32 + 1) } else { (c, base + w as u32) };
+                    let (m, i) = if m2 > m1 { (m2, i2) } else { (m1, i1) };
+                    y_row[ox] = m;
+                    arg_row[ox] = i;
+                }
+            }
+        }
+    }
+}
+
+/// The gradient of `maxpool2`, written densely (each element of `dx` once, no clearing pass
+/// and no scatter), with the bits of `maxpool2_backward`. With `pooled` (the pool's output,
+/// when its input was a ReLU's output) it is also that ReLU's backward pass, with the bits of
+/// `relu_backward` after it: a window whose maximum was not positive passes nothing.
+pub fn maxpool2_backward_dense(dy: &[f32], arg: &[u32], pooled: Option<&[f32]>, planes: usize, h: usize, w: usize, dx: &mut [f32]) -> Result<(), KernelError> {
+    let per = (h / 2) * (w / 2);
+    check("maxpool gradient", dy.len(), planes * per)?;
+    check("maxpool argmax", arg.len(), planes * per)?;
+    check("maxpool input gradient", dx.len(), planes * h * w)?;
+    if let Some(p) = pooled {
+        check("maxpool output", p.len(), planes * per)?;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F and the lengths were checked (`arg` only picks lanes).
+        unsafe { crate::pool512::maxpool2_backward(dy, arg, pooled, planes, h, w, dx) };
+        return Ok(());
+    }
+    maxpool2_backward_dense_best(dy, arg, pooled, planes, h, w, dx);
+    Ok(())
+}
+
+versions!(maxpool2_backward_dense_best => maxpool2_backward_dense_body(dy: &[f32], arg: &[u32], pooled: Option<&[f32]>, planes: usize, h: usize, w: usize, dx: &mut [f32]));
+
+#[inline(always)]
+fn maxpool2_backward_dense_body(dy: &[f32], arg: &[u32], pooled: Option<&[f32]>, planes: usize, h: usize, w: usize, dx: &mut [f32]) {
+    let (oh, ow) = (h / 2, w / 2);
+    let per = oh * ow;
+    for (p, d) in dx[..planes * h * w].chunks_exact_mut(h * w).enumerate() {
+        for oy in 0..oh {
+            let (top, bottom) = d[2 * oy * w..(2 * oy + 2) * w].split_at_mut(w);
+            let o = p * per + oy * ow;
+            let (g_row, a_row) = (&dy[o..o + ow], &arg[o..o + ow]);
+            for ox in 0..ow {
+                // `0.0 + g`, as the scatter adds onto a cleared buffer (-0.0 becomes 0.0).
+                let mut g = 0.0 + g_row[ox];
+                if let Some(m) = pooled {
+                    g = if m[o + ox] > 0.0 { g } else { 0.0 };
+                }
+                let base = (2 * oy * w + 2 * ox) as u32;
+                let a = a_row[ox];
+                top[2 * ox] = if a == base { g } else { 0.0 };
+                top[2 * ox + 1] = if a == base + 1 { g } else { 0.0 };
+                bottom[2 * ox] = if a == base + w as u32 { g } else { 0.0 };
+                bottom[2 * ox + 1] = if a == base + w as u32 + 1 { g } else { 0.0 };
+            }
+            if w % 2 == 1 {
+                top[w - 1] = 0.0;
+                bottom[w - 1] = 0.0;
+            }
+        }
+        if h % 2 == 1 {
+            d[(h - 1) * w..].fill(0.0);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -341,6 +528,102 @@ mod tests {
         assert!((lhs - rhs).abs() < 1e-3, "{lhs} vs {rhs}");
         // The centre tap is the input itself.
         assert_eq!(&cols[4 * n * h * w..5 * n * h * w], &x[..n * h * w]);
+    }
+
+    /// The AVX-512 pools against the scalar loops every other CPU runs, on odd and even
+    /// sizes, ties, zeros of both signs and NaN.
+    #[test]
+    fn avx512_pools_have_the_bits_of_the_scalar_loops() {
+        if !std::is_x86_feature_detected!("avx512f") {
+            eprintln!("this CPU has no AVX-512F: the scalar loops are the only ones it runs");
+            return;
+        }
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for (c, n, h, w) in [(3, 2, 7, 6), (2, 3, 28, 28), (1, 2, 5, 35), (2, 1, 3, 3), (1, 1, 2, 66)] {
+            let len = c * n * h * w;
+            let z: Vec<f32> = (0..len).map(|i| [(i as f32 * 0.37).sin(), -0.0, 0.0, -1.5, f32::NAN, 0.25][i * 7 % 11 % 6]).collect();
+            let bias: Vec<f32> = (0..c).map(|i| i as f32 * 0.3 - 0.2).collect();
+            let outs = c * n * (h / 2) * (w / 2);
+            for (b, relu) in [(Some(&bias[..]), true), (None, true), (None, false), (Some(&bias[..]), false)] {
+                let (mut want, mut want_arg) = (vec![0f32; outs], vec![0u32; outs]);
+                bias_act_maxpool2_body(&z, b, relu, c, n, h, w, &mut want, &mut want_arg);
+                let (mut got, mut got_arg) = (vec![9f32; outs], vec![9u32; outs]);
+                bias_act_maxpool2(&z, b, relu, c, n, h, w, &mut got, &mut got_arg).unwrap();
+                assert_eq!(bits(&got), bits(&want), "{c} {n} {h} {w} {relu}");
+                assert_eq!(got_arg, want_arg);
+                if b.is_none() && !relu {
+                    maxpool2(&z, c * n, h, w, &mut got, &mut got_arg).unwrap();
+                    assert_eq!(bits(&got), bits(&want));
+                    assert_eq!(got_arg, want_arg);
+                }
+            }
+            let (mut y, mut arg) = (vec![0f32; outs], vec![0u32; outs]);
+            maxpool2(&z, c * n, h, w, &mut y, &mut arg).unwrap();
+            let dy: Vec<f32> = (0..outs).map(|i| [1.5f32, -0.0, 0.0, -2.0, 0.5][i % 5]).collect();
+            for pooled in [None, Some(&y[..])] {
+                let mut want = vec![7f32; len];
+                maxpool2_backward_dense_body(&dy, &arg, pooled, c * n, h, w, &mut want);
+                let mut got = vec![7f32; len];
+                maxpool2_backward_dense(&dy, &arg, pooled, c * n, h, w, &mut got).unwrap();
+                assert_eq!(bits(&got), bits(&want), "{c} {n} {h} {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn fused_bias_act_maxpool_has_the_bits_of_the_two_passes() {
+        let (c, n, h, w) = (3, 2, 7, 6);
+        let z: Vec<f32> = (0..c * n * h * w).map(|i| [(i as f32 * 0.37).sin(), -0.0, 0.0, -1.5][i % 7 % 4]).collect();
+        let bias = [0.1f32, -0.2, 0.0];
+        for (b, relu) in [(Some(&bias[..]), true), (None, true), (Some(&bias[..]), false), (None, false)] {
+            let mut act = z.clone();
+            match b {
+                Some(b) => bias_act_planes(&mut act, b, n * h * w, relu),
+                None if relu => act.iter_mut().for_each(|x| *x = if *x < 0.0 { 0.0 } else { *x }),
+                None => {}
+            }
+            let outs = c * n * (h / 2) * (w / 2);
+            let (mut want, mut want_arg) = (vec![0f32; outs], vec![0u32; outs]);
+            maxpool2(&act, c * n, h, w, &mut want, &mut want_arg).unwrap();
+            let (mut got, mut got_arg) = (vec![9f32; outs], vec![9u32; outs]);
+            bias_act_maxpool2(&z, b, relu, c, n, h, w, &mut got, &mut got_arg).unwrap();
+            assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            assert_eq!(got_arg, want_arg);
+        }
+    }
+
+    #[test]
+    fn dense_maxpool_backward_has_the_bits_of_scatter_then_relu() {
+        for (planes, h, w) in [(3, 6, 8), (2, 5, 7), (1, 2, 2), (4, 3, 3)] {
+            let mut z = 17u64;
+            let mut draw = |len: usize| -> Vec<f32> {
+                (0..len)
+                    .map(|i| {
+                        z = z.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        // Ties, zeros, negative zeros and negatives among the values.
+                        match (z >> 60) % 5 {
+                            0 => 0.0,
+                            1 => -0.0,
+                            2 => 0.25,
+                            _ => ((z >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * (i % 3) as f32,
+                        }
+                    })
+                    .collect()
+            };
+            let x: Vec<f32> = draw(planes * h * w).into_iter().map(|v| v.max(0.0)).collect();
+            let per = (h / 2) * (w / 2);
+            let (mut y, mut arg) = (vec![0f32; planes * per], vec![0u32; planes * per]);
+            maxpool2(&x, planes, h, w, &mut y, &mut arg).unwrap();
+            let dy = draw(planes * per);
+            let mut want = vec![1f32; planes * h * w];
+            maxpool2_backward(&dy, &arg, planes, h, w, &mut want).unwrap();
+            let mut got = vec![1f32; planes * h * w];
+            maxpool2_backward_dense(&dy, &arg, None, planes, h, w, &mut got).unwrap();
+            assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            relu_backward(&mut want, &x);
+            maxpool2_backward_dense(&dy, &arg, Some(&y), planes, h, w, &mut got).unwrap();
+            assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        }
     }
 
     #[test]

@@ -329,6 +329,16 @@ impl Sequential {
             sizes.push(output.iter().product());
             layouts.push(if output.len() == 3 { Arrangement::Planes } else { Arrangement::Rows });
         }
+        // conv2d + ReLU + 2x2 max pool run as one layer: forward, the convolution writes the
+        // pool's output (the activations in between are never written); backward, the pool
+        // applies the ReLU's mask as it writes (one pass over the gradient instead of three).
+        for i in 2..layers.len() {
+            if let (true, [Layer::Conv2d(conv), _, Layer::MaxPool(pool)]) = (fused[i - 1], &mut layers[i - 2..=i]) {
+                if conv.relu && pool.is_2x2() {
+                    (conv.pooled, pool.relu_before) = (true, true);
+                }
+            }
+        }
         let kind = layout.preset.map(|k| k.name().to_string()).unwrap_or_else(|| "sequential".into());
         Ok(Sequential {
             layout: Layout { kind, params },
@@ -392,10 +402,24 @@ impl Sequential {
         self.prepare(n);
         self.load(x, n)?;
         for i in 0..self.layers.len() {
-            if self.fused[i] {
+            if self.fused[i] || matches!(&self.layers[i], Layer::MaxPool(p) if p.relu_before) {
                 continue;
             }
             let started = self.profile.is_some().then(std::time::Instant::now);
+            if let Layer::Conv2d(conv) = &self.layers[i] {
+                if conv.pooled {
+                    // Its ReLU (i + 1) and max pool (i + 2) with it, into the pool's output.
+                    let (input, out) = pair(&mut self.acts, self.slot[i], self.slot[i + 3]);
+                    let (head, tail) = self.layers.split_at_mut(i + 2);
+                    if let (Layer::Conv2d(conv), Some(Layer::MaxPool(pool))) = (&mut head[i], tail.first_mut()) {
+                        conv.forward_pooled(params, input, out, pool.arg_for(n), n)?;
+                    }
+                    if let (Some(t), Some(p)) = (started, self.profile.as_mut()) {
+                        p[i][0] += t.elapsed();
+                    }
+                    continue;
+                }
+            }
             let (input, out) = pair(&mut self.acts, self.slot[i], self.slot[i + 1]);
             match &mut self.layers[i] {
                 Layer::Linear(l) => l.forward(params, input, out, n)?,
@@ -541,7 +565,7 @@ impl Model for Sequential {
                     Some(l.w)
                 }
                 Layer::MaxPool(l) if want_dx => {
-                    l.backward(dy, dx, n)?;
+                    l.backward(y, dy, dx, n)?;
                     None
                 }
                 Layer::AvgPool(l) if want_dx => {
