@@ -40,6 +40,7 @@ macro_rules! versions {
 pub mod lanes;
 pub mod layers;
 pub mod nn;
+mod conv512;
 mod pool512;
 pub mod winograd;
 

@@ -251,6 +251,47 @@ fn im2col3_body(x: &[f32], c: usize, n: usize, h: usize, w: usize, cols: &mut [f
     Ok(())
 }
 
+/// Whether `conv3x3` computes a 3x3 same-size convolution of `c` input channels over
+/// `columns` output positions (N*H*W) directly on this CPU: AVX-512, at most 3 input channels
+/// (a sum too short for im2col + GEMM), and at least 2 columns (`gemm` takes a matrix-vector
+/// path, with other sums, for 1).
+pub fn conv3x3_direct(c: usize, columns: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if c <= 3 && columns >= 2 && std::is_x86_feature_detected!("avx512f") {
+        return true;
+    }
+    let _ = (c, columns);
+    false
+}
+
+/// A 3x3 convolution, padding 1, stride 1, of `x[C][N][H][W]` by `w[O][C][3][3]` into
+/// `z[O][N][H][W]` (no bias), directly, where `conv3x3_direct(c)`: the bits of
+/// `matmul(z, w, im2col3(x))`. `pad` is scratch of `c * n * (h+2) * (w+2)` elements.
+#[allow(clippy::too_many_arguments)]
+pub fn conv3x3(x: &[f32], wt: &[f32], c: usize, o: usize, n: usize, h: usize, w: usize, pad: &mut [f32], z: &mut [f32]) -> Result<(), KernelError> {
+    if !conv3x3_direct(c, n * h * w) {
+        return Err(KernelError::Shape(format!("conv3x3: {c} input channels take im2col on this CPU")));
+    }
+    let (ph, pw) = (h + 2, w + 2);
+    check("conv input", x.len(), c * n * h * w)?;
+    check("conv weights", wt.len(), o * c * 9)?;
+    check("conv output", z.len(), o * n * h * w)?;
+    check("conv scratch", pad.len(), c * n * ph * pw)?;
+    let pad = &mut pad[..c * n * ph * pw];
+    pad.fill(0.0);
+    for (plane, src) in pad.chunks_exact_mut(ph * pw).zip(x.chunks_exact(h * w)) {
+        for (y, row) in src.chunks_exact(w).enumerate() {
+            plane[(y + 1) * pw + 1..][..w].copy_from_slice(row);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: conv3x3_direct checked the CPU; the lengths were checked above.
+    unsafe {
+        crate::conv512::conv3x3(pad, wt, c, o, n, h, w, z)
+    };
+    Ok(())
+}
+
 /// The adjoint of `im2col3`: adds `cols[C*9][N*H*W]` back onto `dx[C][N][H][W]`.
 pub fn col2im3_add(cols: &[f32], c: usize, n: usize, h: usize, w: usize, dx: &mut [f32]) -> Result<(), KernelError> {
     col2im3_add_best(cols, c, n, h, w, dx)
@@ -532,6 +573,26 @@ mod tests {
 
     /// The AVX-512 pools against the scalar loops every other CPU runs, on odd and even
     /// sizes, ties, zeros of both signs and NaN.
+    #[test]
+    fn the_direct_convolution_has_the_bits_of_im2col_and_gemm() {
+        for (c, o, n, h, w) in [(1, 32, 3, 28, 28), (3, 5, 2, 7, 33), (2, 6, 2, 4, 2), (1, 2, 2, 5, 16), (1, 16, 1, 4, 4), (3, 8, 1, 1, 16), (1, 1, 2, 5, 16), (2, 4, 1, 1, 2), (2, 4, 1, 2, 2)] {
+            if !conv3x3_direct(c, n * h * w) {
+                eprintln!("this CPU takes im2col for {c} channels: nothing to compare");
+                return;
+            }
+            let x: Vec<f32> = (0..c * n * h * w).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.0137).collect();
+            let wt: Vec<f32> = (0..o * c * 9).map(|i| ((i * 53 % 89) as f32 - 44.0) * 0.0211).collect();
+            let mut cols = vec![0f32; c * 9 * n * h * w];
+            im2col3(&x, c, n, h, w, &mut cols).unwrap();
+            let mut want = vec![0f32; o * n * h * w];
+            matmul(&mut want, &wt, &cols, o, c * 9, n * h * w, false, false, false).unwrap();
+            let mut got = vec![7f32; o * n * h * w];
+            let mut pad = vec![0f32; c * n * (h + 2) * (w + 2)];
+            conv3x3(&x, &wt, c, o, n, h, w, &mut pad, &mut got).unwrap();
+            assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{c} {o} {n} {h} {w}");
+        }
+    }
+
     #[test]
     fn avx512_pools_have_the_bits_of_the_scalar_loops() {
         if !std::is_x86_feature_detected!("avx512f") {

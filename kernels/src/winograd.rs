@@ -29,6 +29,10 @@ pub struct Winograd {
     pub n: usize,
     pub h: usize,
     pub w: usize,
+    /// Only the outputs a 2x2 max pool (floor mode) reads: with an odd height or width the
+    /// last row or column of tiles, whose outputs the pool drops, is never computed (a third
+    /// of the work on 7x7 images). For `forward_pooled` and its `backward` only.
+    pub pooled: bool,
 }
 
 /// Whether a convolution takes the Winograd path: 3x3, stride 1, padding 1, and at least 32
@@ -47,11 +51,11 @@ fn check(what: &str, len: usize, want: usize) -> Result<(), KernelError> {
 
 impl Winograd {
     pub fn tiles_h(&self) -> usize {
-        self.h.div_ceil(2)
+        if self.pooled { self.h / 2 } else { self.h.div_ceil(2) }
     }
 
     pub fn tiles_w(&self) -> usize {
-        self.w.div_ceil(2)
+        if self.pooled { self.w / 2 } else { self.w.div_ceil(2) }
     }
 
     /// Tiles of the whole batch.
@@ -259,6 +263,9 @@ fn gemm_strided(
 /// The convolution: `y[O][N][H][W]` from the transformed weights `u` and inputs `v`, plus
 /// `bias` per output channel, then ReLU when `relu`.
 pub fn forward(s: &Winograd, u: &[f32], v: &[f32], bias: Option<&[f32]>, relu: bool, y: &mut [f32], scratch: &mut [f32]) -> Result<(), KernelError> {
+    if s.pooled {
+        return Err(KernelError::Shape("winograd forward: a shape for a pool computes only what the pool reads (forward_pooled)".into()));
+    }
     check("output", y.len(), s.o * s.n * s.plane())?;
     forward_into(s, u, v, bias, relu, Output::Planes(y), scratch)
 }
@@ -268,6 +275,9 @@ pub fn forward(s: &Winograd, u: &[f32], v: &[f32], bias: Option<&[f32]>, relu: b
 /// Winograd's 2x2 output tiles. `pooled` is `[O][N][H/2][W/2]`.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_pooled(s: &Winograd, u: &[f32], v: &[f32], bias: Option<&[f32]>, relu: bool, pooled: &mut [f32], arg: &mut [u32], scratch: &mut [f32]) -> Result<(), KernelError> {
+    if !s.pooled {
+        return Err(KernelError::Shape("winograd forward_pooled: the shape must say `pooled`".into()));
+    }
     let outs = s.o * s.n * (s.h / 2) * (s.w / 2);
     check("pooled output", pooled.len(), outs)?;
     check("pool argmax", arg.len(), outs)?;
@@ -508,6 +518,10 @@ pub fn backward(s: &Winograd, u: &[f32], v: &[f32], dy: &[f32], du: &mut [f32], 
         check("input's gradient", dx.len(), s.c * s.n * s.plane())?;
         padded.fill(0.0);
     }
+    if tt == 0 {
+        // No output the pool reads: no gradient.
+        du[..s.u_len()].fill(0.0);
+    }
     for t0 in (0..tt).step_by(BLOCK) {
         let tb = BLOCK.min(tt - t0);
         output_transform_adjoint(s, dy, t0, tb, dm);
@@ -635,6 +649,15 @@ mod tests {
         y
     }
 
+    fn transforms(s: &Winograd, x: &[f32], w: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let mut u = vec![0f32; s.u_len()];
+        let mut v = vec![0f32; s.v_len()];
+        let mut scratch = vec![0f32; s.scratch_len()];
+        filter_transform(s, w, &mut u).unwrap();
+        input_transform(s, x, &mut v, &mut scratch).unwrap();
+        (u, v)
+    }
+
     fn run_forward(s: &Winograd, x: &[f32], w: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let mut u = vec![0f32; s.u_len()];
         let mut v = vec![0f32; s.v_len()];
@@ -649,10 +672,10 @@ mod tests {
     #[test]
     fn forward_matches_the_definition_on_odd_and_even_shapes() {
         for s in [
-            Winograd { c: 3, o: 5, n: 2, h: 7, w: 5 },
-            Winograd { c: 1, o: 1, n: 1, h: 1, w: 1 },
-            Winograd { c: 4, o: 2, n: 3, h: 6, w: 8 },
-            Winograd { c: 2, o: 3, n: 70, h: 3, w: 4 },
+            Winograd { c: 3, o: 5, n: 2, h: 7, w: 5, pooled: false },
+            Winograd { c: 1, o: 1, n: 1, h: 1, w: 1, pooled: false },
+            Winograd { c: 4, o: 2, n: 3, h: 6, w: 8, pooled: false },
+            Winograd { c: 2, o: 3, n: 70, h: 3, w: 4, pooled: false },
         ] {
             let x = lcg(1, s.c * s.n * s.h * s.w);
             let w = lcg(2, s.o * s.c * 9);
@@ -667,11 +690,25 @@ mod tests {
     /// `= <dw, w>`, in f64 from the definition.
     #[test]
     fn backward_matches_the_definition() {
-        for s in [Winograd { c: 3, o: 4, n: 2, h: 5, w: 7 }, Winograd { c: 2, o: 2, n: 66, h: 4, w: 4 }] {
+        for s in [
+            Winograd { c: 3, o: 4, n: 2, h: 5, w: 7, pooled: false },
+            Winograd { c: 2, o: 2, n: 66, h: 4, w: 4, pooled: false },
+            // For a pool: the rows and columns it drops get no gradient, as after a pool.
+            Winograd { c: 3, o: 2, n: 3, h: 7, w: 5, pooled: true },
+            Winograd { c: 2, o: 3, n: 2, h: 1, w: 3, pooled: true },
+        ] {
             let x = lcg(3, s.c * s.n * s.h * s.w);
             let w = lcg(4, s.o * s.c * 9);
-            let dy = lcg(5, s.o * s.n * s.h * s.w);
-            let (_, u, v) = run_forward(&s, &x, &w);
+            let mut dy = lcg(5, s.o * s.n * s.h * s.w);
+            if s.pooled {
+                for (i, v) in dy.iter_mut().enumerate() {
+                    let (yy, xx) = (i / s.w % s.h, i % s.w);
+                    if yy >= s.h / 2 * 2 || xx >= s.w / 2 * 2 {
+                        *v = 0.0;
+                    }
+                }
+            }
+            let (u, v) = transforms(&s, &x, &w);
             let mut du = vec![0f32; s.u_len()];
             let mut dx = vec![0f32; x.len()];
             let mut scratch = vec![0f32; s.scratch_len()];
@@ -726,7 +763,7 @@ mod tests {
     /// The pooled forward pass gives the bits of the full one followed by `nn::maxpool2`.
     #[test]
     fn pooled_forward_has_the_bits_of_forward_then_maxpool() {
-        for s in [Winograd { c: 3, o: 4, n: 3, h: 7, w: 5 }, Winograd { c: 2, o: 3, n: 40, h: 6, w: 6 }, Winograd { c: 2, o: 2, n: 2, h: 1, w: 4 }] {
+        for s in [Winograd { c: 3, o: 4, n: 3, h: 7, w: 5, pooled: false }, Winograd { c: 2, o: 3, n: 40, h: 6, w: 6, pooled: false }, Winograd { c: 2, o: 2, n: 2, h: 1, w: 4, pooled: false }] {
             let x = lcg(7, s.c * s.n * s.h * s.w);
             let w = lcg(8, s.o * s.c * 9);
             let bias = lcg(9, s.o);
@@ -737,8 +774,13 @@ mod tests {
             let outs = s.o * s.n * (s.h / 2) * (s.w / 2);
             let (mut want, mut want_arg) = (vec![0f32; outs], vec![0u32; outs]);
             crate::nn::maxpool2(&y, s.o * s.n, s.h, s.w, &mut want, &mut want_arg).unwrap();
+            // Only the tiles the pool reads.
+            let sp = Winograd { pooled: true, ..s };
+            let (_, vp) = transforms(&sp, &x, &w);
+            let mut scratch = vec![0f32; sp.scratch_len()];
             let (mut got, mut got_arg) = (vec![1f32; outs], vec![7u32; outs]);
-            forward_pooled(&s, &u, &v, Some(&bias), true, &mut got, &mut got_arg, &mut scratch).unwrap();
+            forward_pooled(&sp, &u, &vp, Some(&bias), true, &mut got, &mut got_arg, &mut scratch).unwrap();
+            assert!(forward(&sp, &u, &vp, None, false, &mut y, &mut scratch).is_err(), "a pool's shape computes no full output");
             assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{s:?}");
             assert_eq!(got_arg, want_arg, "{s:?}");
         }
@@ -746,7 +788,7 @@ mod tests {
 
     #[test]
     fn short_buffers_are_errors() {
-        let s = Winograd { c: 2, o: 2, n: 1, h: 4, w: 4 };
+        let s = Winograd { c: 2, o: 2, n: 1, h: 4, w: 4, pooled: false };
         let mut u = vec![0f32; s.u_len() - 1];
         assert!(filter_transform(&s, &[0.0; 36], &mut u).is_err());
         let mut v = vec![0f32; s.v_len()];

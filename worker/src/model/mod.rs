@@ -557,7 +557,7 @@ impl Model for Sequential {
                     Some(l.w)
                 }
                 Layer::Conv2d(l) => {
-                    l.backward(p_rest, g_rest, y, dy, want_dx.then_some(&mut dx[..]), n)?;
+                    l.backward(p_rest, g_rest, x, y, dy, want_dx.then_some(&mut dx[..]), n)?;
                     Some(l.w)
                 }
                 Layer::LayerNorm(l) => {
