@@ -3,6 +3,7 @@
 //! process (`serve`).
 
 mod bench;
+mod http;
 mod logs;
 mod ops;
 mod torch;
@@ -712,6 +713,12 @@ enum ServeCmd {
         /// Snapshot the state and compact the log every this many applied entries.
         #[arg(long, default_value_t = shoal_coordinator::server::SNAPSHOT_EVERY)]
         snapshot_every: u64,
+        /// HTTP address for /metrics (Prometheus); port 0 picks one.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        http_listen: String,
+        /// Write the bound HTTP address to this file once listening.
+        #[arg(long)]
+        http_addr_file: Option<PathBuf>,
     },
     /// One worker.
     Worker {
@@ -739,6 +746,12 @@ enum ServeCmd {
         /// Seconds to wait for a peer inside a collective before failing the task.
         #[arg(long, default_value_t = 60)]
         collective_timeout_s: u64,
+        /// HTTP address for /metrics (Prometheus); port 0 picks one.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        http_listen: String,
+        /// Write the bound HTTP address to this file once listening.
+        #[arg(long)]
+        http_addr_file: Option<PathBuf>,
     },
 }
 
@@ -796,9 +809,13 @@ async fn run(cli: Cli) -> Result<()> {
             if a.json {
                 print_json(&json!({"dir": layout.dir, "endpoints": endpoints, "store": file.store_dir,
                     "coordinator_pids": file.coordinators.iter().map(|c| c.pid).collect::<Vec<_>>(),
-                    "worker_pids": file.workers.iter().map(|w| w.pid).collect::<Vec<_>>()}));
+                    "worker_pids": file.workers.iter().map(|w| w.pid).collect::<Vec<_>>(),
+                    "metrics": metrics_urls(&file)}));
             } else {
                 println!("cluster up in {}: {} coordinator(s) at {}, {} worker(s)", layout.dir.display(), file.coordinators.len(), endpoints.join(","), file.workers.len());
+                for (name, url) in metrics_urls(&file) {
+                    println!("  {name}: {url}");
+                }
             }
             Ok(())
         }
@@ -1574,6 +1591,12 @@ fn parse_peers(id: u64, listen: &str, peers: &[String]) -> Result<BTreeMap<u64, 
 /// Binds `addr`; a fixed port that another socket holds for a moment (a restart on the same
 /// port can meet a short-lived outgoing connection that the kernel gave it) is tried again for
 /// up to 5 s.
+/// Each process's Prometheus endpoint, as (`coordinator-ID` or `worker-N`, URL).
+fn metrics_urls(file: &shoal_proto::ClusterFile) -> Vec<(String, String)> {
+    let named = file.coordinators.iter().map(|c| (format!("coordinator-{}", c.id), c)).chain(file.workers.iter().map(|w| (format!("worker-{}", w.id), w)));
+    named.filter(|(_, p)| !p.http_address.is_empty()).map(|(n, p)| (n, format!("http://{}/metrics", p.http_address))).collect()
+}
+
 async fn bind_retrying(addr: &str) -> Result<tokio::net::TcpListener> {
     let until = Instant::now() + Duration::from_secs(5);
     loop {
@@ -1591,8 +1614,9 @@ async fn bind_retrying(addr: &str) -> Result<tokio::net::TcpListener> {
 async fn serve(cmd: ServeCmd) -> Result<()> {
     logs::init();
     match cmd {
-        ServeCmd::Coordinator { id, listen, peers, data, store, lease_ms, addr_file, cluster_id, initial_state, snapshot_every } => {
+        ServeCmd::Coordinator { id, listen, peers, data, store, lease_ms, addr_file, cluster_id, initial_state, snapshot_every, http_listen, http_addr_file } => {
             shoal_core::node::set_node(&format!("coordinator-{id}"));
+            let (_, http) = http::start(&http_listen, http_addr_file.as_deref()).await?;
             let listener = bind_retrying(&listen).await?;
             let addr = listener.local_addr()?.to_string();
             let mut peers = parse_peers(id, &listen, &peers)?;
@@ -1617,9 +1641,12 @@ async fn serve(cmd: ServeCmd) -> Result<()> {
                 },
                 snapshot_every,
             };
-            shoal_coordinator::serve(cfg, listener, shutdown_signal()).await?;
+            let served = shoal_coordinator::serve(cfg, listener, shutdown_signal()).await;
+            http.abort();
+            served?;
         }
-        ServeCmd::Worker { endpoints, store, listen, advertise, device, threads: _, heartbeat_ms, collective_timeout_s } => {
+        ServeCmd::Worker { endpoints, store, listen, advertise, device, threads: _, heartbeat_ms, collective_timeout_s, http_listen, http_addr_file } => {
+            let (_, http) = http::start(&http_listen, http_addr_file.as_deref()).await?;
             let listener = bind_retrying(&listen).await?;
             tracing::info!(addr = %listener.local_addr()?, "worker listening");
             let cfg = shoal_worker::WorkerConfig {
@@ -1630,7 +1657,9 @@ async fn serve(cmd: ServeCmd) -> Result<()> {
                 heartbeat: Duration::from_millis(heartbeat_ms.max(10)),
                 collective_timeout: Duration::from_secs(collective_timeout_s.max(1)),
             };
-            shoal_worker::run_worker(cfg, listener, shutdown_signal()).await?;
+            let served = shoal_worker::run_worker(cfg, listener, shutdown_signal()).await;
+            http.abort();
+            served?;
         }
     }
     Ok(())

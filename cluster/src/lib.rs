@@ -222,8 +222,25 @@ pub async fn up(layout: &Layout, opts: &UpOptions) -> Result<ClusterFile, Cluste
         write_file(layout, &file)?;
     }
     wait_ready(&file, &endpoints, opts.workers as usize).await?;
+    read_http_addresses(&mut file);
+    write_file(layout, &file)?;
     drop(lock);
     Ok(file)
+}
+
+/// Where a process of the cluster writes the address of its HTTP listener (`/metrics`).
+fn http_addr_file(dir: &Path) -> PathBuf {
+    dir.join("http.addr")
+}
+
+/// Fills in each process's HTTP address from the file it wrote (before its gRPC listener
+/// bound, so it is there once the process answered); empty where it is not.
+fn read_http_addresses(file: &mut ClusterFile) {
+    for p in file.coordinators.iter_mut().chain(file.workers.iter_mut()) {
+        if p.http_address.is_empty() {
+            p.http_address = std::fs::read_to_string(http_addr_file(Path::new(&p.dir))).map(|s| s.trim().to_string()).unwrap_or_default();
+        }
+    }
 }
 
 /// Compute threads for each of `workers` workers sharing this machine's cores.
@@ -240,9 +257,11 @@ fn spawn_worker(layout: &Layout, exe: &Path, endpoints: &[String], n: u64, threa
         "--store".into(), layout.store().display().to_string(),
         "--listen".into(), "127.0.0.1:0".into(),
         "--threads".into(), threads.to_string(),
+        "--http-addr-file".into(), http_addr_file(&dir).display().to_string(),
     ];
+    let _ = std::fs::remove_file(http_addr_file(&dir));
     let pid = spawn(exe, &args, &dir, &[])?;
-    Ok(ClusterProcess { id: n, address: String::new(), pid, dir: dir.display().to_string() })
+    Ok(ClusterProcess { id: n, address: String::new(), pid, dir: dir.display().to_string(), http_address: String::new() })
 }
 
 /// Starts `count` more workers for the running local cluster and returns once the coordinator
@@ -274,6 +293,9 @@ pub async fn add_workers(layout: &Layout, exe: &Path, count: u64) -> Result<Vec<
         added.push(process);
     }
     wait_ready(&file, &endpoints, file.workers.len()).await?;
+    read_http_addresses(&mut file);
+    write_file(layout, &file)?;
+    let added = added.into_iter().filter_map(|a| file.workers.iter().find(|w| w.id == a.id).cloned()).collect();
     drop(lock);
     Ok(added)
 }
@@ -292,9 +314,11 @@ fn spawn_coordinator(layout: &Layout, exe: &Path, file: &ClusterFile, id: u64, a
         "--cluster-id".into(), file.cluster_id.clone(),
         "--snapshot-every".into(), file.snapshot_every.to_string(),
         "--initial-state".into(), initial.to_string(),
+        "--http-addr-file".into(), http_addr_file(&dir).display().to_string(),
     ];
+    let _ = std::fs::remove_file(http_addr_file(&dir));
     let pid = spawn(exe, &args, &dir, &[])?;
-    Ok(ClusterProcess { id, address: addr.to_string(), pid, dir: dir.display().to_string() })
+    Ok(ClusterProcess { id, address: addr.to_string(), pid, dir: dir.display().to_string(), http_address: String::new() })
 }
 
 /// Adds a coordinator replica at `addr` to the running local cluster: the group takes it as a

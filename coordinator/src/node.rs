@@ -134,6 +134,10 @@ pub struct Core {
     /// The wall clock (ms since the epoch) that proposals are stamped with; the shell (or
     /// the simulation) sets it.
     now_unix_ms: u64,
+    /// The leader this replica last knew (0: none), for `shoal_raft_leader_changes_total`.
+    known_leader: u64,
+    /// `ticks / 10` when jobs and workers were last counted for `/metrics`.
+    counted_at: u64,
 }
 
 /// A peer heard within this many ticks (1 s: ten heartbeat rounds) is live.
@@ -218,7 +222,7 @@ impl Core {
         cfg.validate().map_err(|e| CoordError::Raft(e.to_string()))?;
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let raw = RawNode::new(&cfg, store.clone(), &logger).map_err(|e| CoordError::Raft(e.to_string()))?;
-        Ok(Core { raw, store, state, pending: HashMap::new(), next_proposal: proposal_seed, reads: HashMap::new(), next_read: proposal_seed.rotate_left(32), conf_changed: false, snapshot_building: false, ticks: 0, heard: HashMap::new(), now_unix_ms: 0 })
+        Ok(Core { raw, store, state, pending: HashMap::new(), next_proposal: proposal_seed, reads: HashMap::new(), next_read: proposal_seed.rotate_left(32), conf_changed: false, snapshot_building: false, ticks: 0, heard: HashMap::new(), now_unix_ms: 0, known_leader: 0, counted_at: u64::MAX })
     }
 
     /// The index of the latest snapshot this replica holds.
@@ -593,7 +597,36 @@ impl Core {
         self.apply(light.take_committed_entries())?;
         self.raw.advance_apply();
         self.release_reads();
+        self.export_metrics();
         Ok(())
+    }
+
+    /// This replica's Raft figures into its Prometheus series (`node`: `coordinator-ID`).
+    fn export_metrics(&mut self) {
+        let m = shoal_core::telemetry::metrics();
+        let labels = shoal_core::telemetry::NodeLabels { node: format!("coordinator-{}", self.raw.raft.id) };
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        m.raft_commit_index.get_or_create(&labels).set(gauge(self.commit_index()));
+        m.raft_applied_index.get_or_create(&labels).set(gauge(self.state.read().map(|s| s.applied_index).unwrap_or(0)));
+        m.raft_term.get_or_create(&labels).set(gauge(self.term()));
+        m.raft_is_leader.get_or_create(&labels).set(i64::from(self.is_leader()));
+        let leader = self.leader_id();
+        if leader != 0 && leader != self.known_leader {
+            m.raft_leader_changes.get_or_create(&labels).inc();
+        }
+        if leader != 0 {
+            self.known_leader = leader;
+        }
+        // Counting walks the jobs: about once a second (ten ticks), not on every Ready.
+        if self.ticks / 10 != self.counted_at {
+            self.counted_at = self.ticks / 10;
+            let (jobs, workers) = self.state.read().map(|s| s.counts()).unwrap_or_default();
+            for (family, counts, states) in [(&m.jobs, jobs, &["queued", "running", "succeeded", "failed", "cancelled"][..]), (&m.workers, workers, &["idle", "busy", "lost"][..])] {
+                for s in states.iter().copied().chain(counts.keys().copied().filter(|k| !states.contains(k))) {
+                    family.get_or_create(&shoal_core::telemetry::CountLabels { node: labels.node.clone(), state: s.into() }).set(counts.get(s).copied().unwrap_or(0));
+                }
+            }
+        }
     }
 
     fn apply(&mut self, entries: Vec<Entry>) -> Result<(), CoordError> {

@@ -17,6 +17,7 @@ pub mod rng;
 pub mod schedule;
 pub mod spec;
 pub mod stats;
+pub mod telemetry;
 
 pub use spec::JobSpec;
 

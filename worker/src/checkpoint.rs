@@ -597,7 +597,8 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub fn spawn(store: PathBuf, link: Arc<dyn JobLink>) -> Result<Writer, WorkerError> {
+    /// `seconds`: where each part's write time is observed (the job's Prometheus histogram).
+    pub fn spawn(store: PathBuf, link: Arc<dyn JobLink>, seconds: shoal_core::telemetry::Histogram) -> Result<Writer, WorkerError> {
         let (jobs, rx) = mpsc::channel::<WriteJob>();
         let (tx, done) = mpsc::channel();
         std::thread::Builder::new()
@@ -605,7 +606,12 @@ impl Writer {
             .spawn(move || {
                 for job in rx {
                     let d = match job {
-                        WriteJob::Part(s) => WriteDone::Part { step: s.step, result: write_part(&s).map_err(|e| e.to_string()), buffer: s.data },
+                        WriteJob::Part(s) => {
+                            let started = std::time::Instant::now();
+                            let result = write_part(&s).map_err(|e| e.to_string());
+                            seconds.observe(started.elapsed().as_secs_f64());
+                            WriteDone::Part { step: s.step, result, buffer: s.data }
+                        }
                         WriteJob::Finalize(m) => WriteDone::Finalized { step: m.step, result: finalize(&store, link.as_ref(), *m) },
                     };
                     if tx.send(d).is_err() {

@@ -32,6 +32,8 @@ pub struct WorkerConfig {
 struct Running {
     job: u64,
     generation: u64,
+    /// `training` or `batch` (the worker's state in `shoal_worker_state`).
+    kind: &'static str,
     cancel: Arc<AtomicBool>,
     handle: tokio::task::JoinHandle<()>,
 }
@@ -235,6 +237,7 @@ pub async fn run_worker(
                 None => {}
             }
         }
+        shoal_core::telemetry::metrics().set_worker_state(running.as_ref().map_or("idle", |r| r.kind));
     }
     for r in running.iter().chain(&stopping) {
         r.cancel.store(true, Ordering::Relaxed);
@@ -357,7 +360,7 @@ fn start_task(
         };
         rt.block_on(report_outcome(&client, report, &cancel_flag));
     });
-    Running { job, generation, cancel, handle }
+    Running { job, generation, kind: "training", cancel, handle }
 }
 
 /// Runs one attempt of a batch task and reports it; an output the coordinator refuses (the
@@ -430,7 +433,7 @@ fn start_batch_task(
             }
         }
     });
-    Running { job, generation, cancel, handle }
+    Running { job, generation, kind: "batch", cancel, handle }
 }
 
 /// Delivers an outcome, retrying through coordinator failovers until it is accepted or

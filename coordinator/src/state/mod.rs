@@ -194,6 +194,25 @@ pub struct StateMachine {
 }
 
 impl StateMachine {
+    /// Jobs by state and workers by state (`idle`, `busy`, `lost`), for `/metrics`.
+    pub fn counts(&self) -> (BTreeMap<&'static str, i64>, BTreeMap<&'static str, i64>) {
+        let mut jobs = BTreeMap::new();
+        for j in self.jobs.values() {
+            *jobs.entry(j.state().label()).or_insert(0) += 1;
+        }
+        let mut workers = BTreeMap::new();
+        for w in self.workers.values() {
+            let s = match w.state() {
+                shoal_proto::WorkerState::Idle => "idle",
+                shoal_proto::WorkerState::Busy => "busy",
+                shoal_proto::WorkerState::Lost => "lost",
+                shoal_proto::WorkerState::Unspecified => "unknown",
+            };
+            *workers.entry(s).or_insert(0) += 1;
+        }
+        (jobs, workers)
+    }
+
     /// The whole state, for a Raft snapshot. `from_snapshot` of it gives back an equal state.
     pub fn to_snapshot(&self) -> StateSnapshot {
         use shoal_proto::Message;

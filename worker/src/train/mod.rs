@@ -372,6 +372,8 @@ pub fn train(task: TrainTask, rt: &tokio::runtime::Handle) -> Result<TrainOutcom
     // checkpoint it names.
     let mut slot = held.filter(|r| r.job == job && task.assignment.carry_state).map(|r| r.state);
     let outcome = run(&task, rt, &mut slot);
+    // The job's series on this process go with its task (a next generation makes new ones).
+    shoal_core::telemetry::metrics().end_job(&job.to_string());
     if outcome.is_err() {
         if let Some(state) = slot {
             tracing::info!(job, step = state.step, "keeping the job's state for its next generation");
@@ -490,6 +492,9 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
     let step_delay = shoal_core::failpoint::value("step-delay-ms").map(Duration::from_millis);
     let mut phases = Phases::default();
     let mut finished_an_epoch = false;
+    // Prometheus (`/metrics`): this rank's series of the job.
+    let series = shoal_core::telemetry::metrics().job(&a.job_id.to_string(), a.rank);
+    let grad_bytes = if world > 1 { np as u64 * 4 } else { 0 };
 
     for step in start..total {
         if task.cancel.load(Ordering::Relaxed) {
@@ -517,6 +522,10 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
             tracing::error!(job = a.job_id, step = d.step, rank, "{d}");
             return Err(WorkerError::Diverged(Box::new(d)));
         }
+        series.samples.inc_by((hi - lo) as u64);
+        series.steps.inc();
+        series.step_seconds.observe((pass.data + pass.compute + pass.collective + pass.optimizer + pass.vote).as_secs_f64());
+        series.collective_bytes.inc_by(grad_bytes);
         phases.data += pass.data;
         phases.compute += pass.compute;
         phases.collective += pass.collective;
@@ -841,7 +850,7 @@ impl Checkpointer {
         let tensors = checkpoint::state_tensors(model, opt);
         let mine = checkpoint::assign_parts(&tensors, world).swap_remove(rank);
         Ok(Checkpointer {
-            writer: Writer::spawn(task.store.clone(), task.link.clone())?,
+            writer: Writer::spawn(task.store.clone(), task.link.clone(), shoal_core::telemetry::metrics().job(&task.assignment.job_id.to_string(), task.assignment.rank).checkpoint_seconds)?,
             link: task.link.clone(),
             store: task.store.clone(),
             every_steps: spec.checkpoint.every_steps,

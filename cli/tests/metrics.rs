@@ -1,0 +1,133 @@
+//! `/metrics` on every process, read by the real thing: Debian's `promtool check metrics`
+//! passes on each endpoint's output, and a Prometheus started here on loopback scrapes a
+//! running cluster and answers `rate(shoal_train_samples_total[10s]) > 0` while a job trains.
+//! A job's series leave a worker's endpoint when its task ends. `.ci/run` installs the
+//! `prometheus` package; without it this test fails and says so.
+
+mod common;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+/// `GET path` from `addr` (HOST:PORT): the body of a 200 answer.
+fn get(addr: &str, path: &str) -> Result<String, String> {
+    let mut s = TcpStream::connect(addr).map_err(|e| format!("{addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| format!("no header end: {text}"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("{addr}{path}: {head}"));
+    }
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        return Ok(unchunk(body));
+    }
+    Ok(body.to_string())
+}
+
+fn unchunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = &rest[n + 2..];
+    }
+    out
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
+}
+
+/// A binary of Debian's `prometheus` package on the PATH, or a failure naming the package.
+fn tool(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file()).unwrap_or_else(|| {
+        panic!("`{name}` is not on the PATH: install Debian's prometheus package (apt-get install prometheus), or unpack it as .ci/run does (apt-get download prometheus; dpkg-deb -x ... target/tools; PATH=target/tools/usr/bin:$PATH)")
+    })
+}
+
+fn promtool_check(promtool: &Path, text: &str, what: &str) {
+    let mut child = Command::new(promtool).args(["check", "metrics"]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "promtool check metrics on {what}: {}{}\n{text}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn prometheus_scrapes_every_process_and_sees_the_training_rate() {
+    let (prometheus, promtool) = (tool("prometheus"), tool("promtool"));
+    // Slow steps (30 ms) so the job trains for the whole test.
+    let c = UpCluster::start_env(&["--workers", "2"], &[("SHOAL_FAILPOINTS", "step-delay-ms=30")]);
+    let read = |p: PathBuf| std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).trim().to_string();
+    let endpoints = [
+        ("coordinator-1", read(c.dir().join("coordinators/1/http.addr"))),
+        ("worker-1", read(c.dir().join("workers/1/http.addr"))),
+        ("worker-2", read(c.dir().join("workers/2/http.addr"))),
+    ];
+
+    c.import_mnist("mnist");
+    let spec = c.write_spec("long.toml", &mnist_spec("mnist", 40, 8000, 1, "[64]"));
+    let id = json(c.cmd(&["job", "submit", "--json"]).arg(&spec))["id"].to_string();
+    c.wait_job(&id, "the job to run", Duration::from_secs(60), |j| j["state"] == "running" && j["step"].as_u64().unwrap_or(0) > 0);
+
+    // Every endpoint while the job trains: valid exposition, the series each should have.
+    // Jobs and workers are counted about once a second.
+    let wants = ["shoal_raft_is_leader{node=\"coordinator-1\"} 1", "shoal_raft_commit_index{", "shoal_jobs{node=\"coordinator-1\",state=\"running\"} 1", "shoal_workers{node=\"coordinator-1\",state=\"busy\"} 2"];
+    let coordinator = wait_for("the coordinator's series", Duration::from_secs(15), || get(&endpoints[0].1, "/metrics").ok().filter(|t| wants.iter().all(|w| t.contains(w))));
+    promtool_check(&promtool, &coordinator, "the coordinator");
+    for (name, addr) in &endpoints[1..] {
+        let text = wait_for(&format!("{name}'s step series"), Duration::from_secs(30), || get(addr, "/metrics").ok().filter(|t| t.contains("shoal_step_seconds_bucket{")));
+        promtool_check(&promtool, &text, name);
+        assert!(text.contains(&format!("shoal_train_samples_total{{job_id=\"{id}\",rank=")), "{name}:\n{text}");
+        assert!(text.contains("state=\"training\"} 1"), "{name}:\n{text}");
+    }
+
+    // A real Prometheus on loopback, scraping all three every second.
+    let prom_dir = c.tmp.path().join("prometheus");
+    std::fs::create_dir_all(&prom_dir).unwrap();
+    let targets = endpoints.iter().map(|(_, a)| format!("'{a}'")).collect::<Vec<_>>().join(", ");
+    let config = format!("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: shoal\n    static_configs:\n      - targets: [{targets}]\n");
+    std::fs::write(prom_dir.join("prometheus.yml"), config).unwrap();
+    let web = format!("127.0.0.1:{}", free_port());
+    let mut cmd = Command::new(&prometheus);
+    cmd.arg(format!("--config.file={}", prom_dir.join("prometheus.yml").display()))
+        .arg(format!("--storage.tsdb.path={}", prom_dir.join("data").display()))
+        .arg(format!("--web.listen-address={web}"));
+    let _prom = Proc::spawn(&mut cmd, &prom_dir.join("log"));
+    let query = format!("/api/v1/query?query={}", url_encode("rate(shoal_train_samples_total[10s]) > 0"));
+    let answer = wait_for("Prometheus to see the training rate", Duration::from_secs(90), || {
+        let body = get(&web, &query).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let series = v["data"]["result"].as_array()?.clone();
+        (series.len() == 2).then_some(series)
+    });
+    for s in &answer {
+        assert_eq!(s["metric"]["job_id"], id.as_str(), "{answer:?}");
+        let rate: f64 = s["value"][1].as_str().unwrap().parse().unwrap();
+        assert!(rate > 0.0, "{answer:?}");
+    }
+    let leaders = get(&web, &format!("/api/v1/query?query={}", url_encode("shoal_raft_is_leader == 1"))).unwrap();
+    assert!(leaders.contains("coordinator-1"), "{leaders}");
+
+    // The job ends: its series leave the workers' endpoints.
+    ok(&mut c.cmd(&["job", "cancel", &id]));
+    c.wait_end(&id);
+    for (name, addr) in &endpoints[1..] {
+        let text = wait_for(&format!("{name} to drop the job's series"), Duration::from_secs(30), || get(addr, "/metrics").ok().filter(|t| !t.contains(&format!("job_id=\"{id}\""))));
+        promtool_check(&promtool, &text, name);
+    }
+}
