@@ -443,6 +443,16 @@ enum JobCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Runs side by side: the spec keys that differ between them, and their final metrics.
+    Compare {
+        /// Two or more job ids.
+        #[arg(required = true, num_args = 2..)]
+        ids: Vec<u64>,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
     /// List jobs, newest first (with --group: that experiment's only).
     List {
         /// Only the jobs whose spec says `group = "G"`.
@@ -1211,6 +1221,22 @@ async fn job(cmd: JobCmd) -> Result<()> {
                 print_json(&ops::job_json(&j));
             } else {
                 print_job(&j);
+            }
+        }
+        JobCmd::Compare { ids, conn, json } => {
+            if ids.len() > ops::MAX_COMPARE {
+                anyhow::bail!("job compare takes at most {} jobs, got {}", ops::MAX_COMPARE, ids.len());
+            }
+            let client = conn.client()?;
+            let mut jobs = Vec::with_capacity(ids.len());
+            for id in ids {
+                jobs.push(ops::get_job(&client, id).await.with_context(|| format!("job {id}"))?);
+            }
+            let v = ops::compare_json(&jobs)?;
+            if json {
+                print_json(&v);
+            } else {
+                print!("{}", ops::compare_text(&v));
             }
         }
         JobCmd::Prune { conn, json } => {

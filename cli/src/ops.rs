@@ -662,8 +662,130 @@ pub async fn follow(client: &Client, id: u64, show: bool) -> Result<JobInfo> {
     }
 }
 
+/// The most jobs `job compare` takes at once.
+pub const MAX_COMPARE: usize = 100;
+
+/// The final figures `job compare` puts side by side (keys of `job_json`).
+const COMPARED: [&str; 10] = ["state", "step", "epoch", "loss", "test_accuracy", "test_loss", "test_rmse", "test_r2", "samples_per_s", "train_seconds"];
+
+/// A spec's leaves as `path = value`: tables by dotted keys, arrays of tables by index
+/// (`model.layers[3].out`), other arrays whole.
+fn flatten_spec(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeMap<String, Value>) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                flatten_spec(&key, v, out);
+            }
+        }
+        toml::Value::Array(a) if !a.is_empty() && a.iter().all(|x| x.is_table()) => {
+            for (i, v) in a.iter().enumerate() {
+                flatten_spec(&format!("{prefix}[{i}]"), v, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_string(), serde_json::to_value(other).unwrap_or(Value::Null));
+        }
+    }
+}
+
+/// `job compare`: the jobs' ids, the spec keys whose values differ (a key one spec lacks is
+/// null there), and the final metrics, each as one value per job in the order given.
+pub fn compare_json(jobs: &[JobInfo]) -> Result<Value> {
+    let mut specs = Vec::with_capacity(jobs.len());
+    for j in jobs {
+        let parsed: toml::Value = toml::from_str(&j.spec_toml).with_context(|| format!("job {}'s spec", j.id))?;
+        let mut flat = std::collections::BTreeMap::new();
+        flatten_spec("", &parsed, &mut flat);
+        specs.push(flat);
+    }
+    let keys: std::collections::BTreeSet<&String> = specs.iter().flat_map(|s| s.keys()).collect();
+    let mut differing = serde_json::Map::new();
+    for k in keys {
+        let values: Vec<Value> = specs.iter().map(|s| s.get(k).cloned().unwrap_or(Value::Null)).collect();
+        if values.windows(2).any(|w| w[0] != w[1]) {
+            differing.insert(k.clone(), Value::Array(values));
+        }
+    }
+    let views: Vec<Value> = jobs.iter().map(job_json).collect();
+    let mut metrics = serde_json::Map::new();
+    for m in COMPARED {
+        let values: Vec<Value> = views.iter().map(|v| v.get(m).cloned().unwrap_or(Value::Null)).collect();
+        if values.iter().any(|v| !v.is_null()) {
+            metrics.insert(m.to_string(), Value::Array(values));
+        }
+    }
+    Ok(json!({
+        "jobs": jobs.iter().map(|j| j.id).collect::<Vec<_>>(),
+        "names": jobs.iter().map(|j| j.name.clone()).collect::<Vec<_>>(),
+        "differing": differing,
+        "metrics": metrics,
+    }))
+}
+
+/// `compare_json` as a table: one column per job.
+pub fn compare_text(v: &Value) -> String {
+    let ids: Vec<String> = v["jobs"].as_array().map(|a| a.iter().map(|i| format!("job {i}")).collect()).unwrap_or_default();
+    let cell = |k: &str, x: &Value| if x.is_null() { "-".to_string() } else { human(k.rsplit('.').next().unwrap_or(k), x) };
+    let mut rows: Vec<(String, Vec<String>)> = Vec::new();
+    for (section, key) in [("differing", "spec"), ("metrics", "final")] {
+        if let Some(m) = v[section].as_object() {
+            for (k, vals) in m {
+                let vals = vals.as_array().map(|a| a.iter().map(|x| cell(k, x)).collect()).unwrap_or_default();
+                rows.push((format!("{key} {k}"), vals));
+            }
+        }
+    }
+    let first = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0).max(4);
+    let widths: Vec<usize> = (0..ids.len()).map(|i| rows.iter().map(|(_, v)| v.get(i).map_or(0, |s| s.len())).max().unwrap_or(0).max(ids[i].len())).collect();
+    let mut out = format!("{:first$}", "");
+    for (id, w) in ids.iter().zip(&widths) {
+        out.push_str(&format!("  {id:>w$}"));
+    }
+    out.push('\n');
+    if v["differing"].as_object().is_some_and(|m| m.is_empty()) {
+        out.push_str("(the specs are the same)\n");
+    }
+    for (k, vals) in rows {
+        out.push_str(&format!("{k:first$}"));
+        for (val, w) in vals.iter().zip(&widths) {
+            out.push_str(&format!("  {val:>w$}"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    use super::{compare_json, compare_text, JobInfo};
+    use serde_json::json;
+
+    #[test]
+    fn compare_names_the_keys_that_differ_and_lines_up_the_metrics() {
+        let job = |id: u64, spec: &str, acc: f64| JobInfo {
+            id,
+            name: format!("j{id}"),
+            spec_toml: spec.to_string(),
+            progress: Some(shoal_proto::JobProgress { test_accuracy: acc, step: 10, ..Default::default() }),
+            ..Default::default()
+        };
+        let a = "name = \"a\"\n[model]\n[[model.layers]]\nkind = \"linear\"\nout = 10\n[training]\nepochs = 2\n[training.optimizer]\nkind = \"sgd\"\nlr = 0.1\n";
+        let b = a.replace("lr = 0.1", "lr = 0.05").replace("out = 10", "out = 12") + "[cluster]\nworkers = 3\n";
+        let v = compare_json(&[job(1, a, 0.9), job(2, &b, 0.95)]).unwrap();
+        let d = v["differing"].as_object().unwrap();
+        let keys: Vec<&str> = d.keys().map(|k| k.as_str()).collect();
+        assert_eq!(keys, ["cluster.workers", "model.layers[0].out", "training.optimizer.lr"], "{v}");
+        assert_eq!(d["training.optimizer.lr"], json!([0.1, 0.05]));
+        assert_eq!(d["cluster.workers"], json!([null, 3]), "a key one spec lacks is null there");
+        assert_eq!(v["metrics"]["step"], json!([10, 10]));
+        let acc: Vec<f64> = v["metrics"]["test_accuracy"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        assert!((acc[0] - 0.9).abs() < 1e-6 && (acc[1] - 0.95).abs() < 1e-6, "{v}");
+        let text = compare_text(&v);
+        assert!(text.contains("spec training.optimizer.lr") && text.contains("0.0500") && text.contains("job 2"), "{text}");
+        assert!(compare_json(&[job(1, "name = [", 0.0), job(2, a, 0.0)]).is_err(), "a spec that does not parse is an error");
+    }
+
     #[test]
     fn human_output_groups_rounds_and_gives_units() {
         use super::human;

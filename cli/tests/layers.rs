@@ -67,6 +67,16 @@ fn a_layer_list_resumes_bitwise_after_down_and_up_and_lanes_give_the_same_bits_o
     assert_eq!((on2["world_size"].as_u64(), on3["world_size"].as_u64()), (Some(2), Some(3)));
     assert_eq!(on2["step"].as_u64(), Some(100), "{on2}");
     assert_eq!(hash(&on2), hash(&on3), "lanes: 2 and 3 workers end with different bits");
+    // `job compare`: the one spec key that differs, and the same final loss.
+    let (id2, id3) = (on2["id"].to_string(), on3["id"].to_string());
+    let cmp = json(&mut c.cmd(&["job", "compare", &id2, &id3, "--json"]));
+    let differing: Vec<&String> = cmp["differing"].as_object().unwrap().keys().collect();
+    assert_eq!(differing, ["cluster.workers"], "{cmp}");
+    assert_eq!(cmp["differing"]["cluster.workers"], serde_json::json!([2, 3]), "{cmp}");
+    assert_eq!(cmp["metrics"]["loss"][0], cmp["metrics"]["loss"][1], "lanes: the same loss on 2 and 3 workers: {cmp}");
+    let text = ok(&mut c.cmd(&["job", "compare", &id2, &id3]));
+    assert!(text.contains("spec cluster.workers") && text.contains(&format!("job {id3}")), "{text}");
+    assert!(fails(&mut c.cmd(&["job", "compare", &id2])).contains("2"), "one job is not a comparison");
 
     // A warmup and cosine schedule with clipping: the rate of each step comes back exactly.
     let schedule = "clip_norm = 0.5\n[training.schedule]\nkind = \"cosine\"\nwarmup_steps = 10\nmin_lr = 0.0001\n";
