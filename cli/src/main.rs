@@ -443,6 +443,18 @@ enum JobCmd {
         #[arg(long)]
         json: bool,
     },
+    /// A job's metric history: every step's loss, lr, samples/s, gradient norm and phase times
+    /// (per rank), every evaluation's metrics; a point per step.
+    Metrics {
+        id: u64,
+        /// Only these keys (comma-separated), e.g. loss,test_accuracy.
+        #[arg(long, value_delimiter = ',')]
+        keys: Vec<String>,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
     /// Runs side by side: the spec keys that differ between them, and their final metrics.
     Compare {
         /// Two or more job ids.
@@ -1221,6 +1233,15 @@ async fn job(cmd: JobCmd) -> Result<()> {
                 print_json(&ops::job_json(&j));
             } else {
                 print_job(&j);
+            }
+        }
+        JobCmd::Metrics { id, keys, conn, json } => {
+            let client = conn.client()?;
+            let m = client.call(|mut c| { let keys = keys.clone(); async move { c.get_job_metrics(shoal_proto::JobMetricsRequest { id, keys }).await } }).await?;
+            if json {
+                print_json(&ops::metrics_json(&m));
+            } else {
+                print!("{}", ops::metrics_text(&m));
             }
         }
         JobCmd::Compare { ids, conn, json } => {

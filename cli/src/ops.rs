@@ -414,6 +414,7 @@ pub fn job_json(j: &JobInfo) -> Value {
         },
         "results": j.results.iter().map(|r| json!({"rank": r.rank, "worker_id": r.worker_id, "param_blake3": r.param_blake3, "model_path": r.model_path})).collect::<Vec<_>>(),
     });
+    v["metrics_dropped"] = json!(j.metrics_dropped);
     v["kind"] = json!("train");
     v["group"] = if j.group.is_empty() { Value::Null } else { json!(j.group) };
     v["tags"] = json!(j.tags);
@@ -752,6 +753,38 @@ pub fn compare_text(v: &Value) -> String {
             out.push_str(&format!("  {val:>w$}"));
         }
         out.push('\n');
+    }
+    out
+}
+
+/// `job metrics --json`: every series with its points as parallel lists.
+pub fn metrics_json(m: &shoal_proto::JobMetrics) -> Value {
+    json!({
+        "job_id": m.job_id,
+        "dropped": m.dropped,
+        "chunks": m.chunks,
+        "chunks_unreadable": m.chunks_unreadable,
+        "series": m.series.iter().map(|s| json!({"key": s.key, "rank": s.rank, "steps": s.steps, "unix_ms": s.unix_ms, "values": s.values})).collect::<Vec<_>>(),
+    })
+}
+
+/// `job metrics` for a person: one line per series (its points, steps, last value, range).
+pub fn metrics_text(m: &shoal_proto::JobMetrics) -> String {
+    let mut out = format!("job {}: {} series from {} chunks", m.job_id, m.series.len(), m.chunks);
+    if m.dropped > 0 || m.chunks_unreadable > 0 {
+        out.push_str(&format!(" ({} points dropped, {} chunks unreadable)", m.dropped, m.chunks_unreadable));
+    }
+    out.push('\n');
+    out.push_str(&format!("{:<28} {:>4} {:>8} {:>15} {:>12} {:>12} {:>12}\n", "KEY", "RANK", "POINTS", "STEPS", "LAST", "MIN", "MAX"));
+    for s in &m.series {
+        let steps = match (s.steps.first(), s.steps.last()) {
+            (Some(a), Some(b)) => format!("{a}..{b}"),
+            _ => "-".into(),
+        };
+        let fmt = |v: Option<f64>| v.map(|v| human(&s.key, &json!(v))).unwrap_or_else(|| "-".into());
+        let min = s.values.iter().copied().fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.min(v))));
+        let max = s.values.iter().copied().fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+        out.push_str(&format!("{:<28} {:>4} {:>8} {:>15} {:>12} {:>12} {:>12}\n", s.key, s.rank, s.values.len(), steps, fmt(s.values.last().copied()), fmt(min), fmt(max)));
     }
     out
 }

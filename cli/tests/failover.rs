@@ -9,8 +9,9 @@ use common::*;
 
 #[test]
 fn killing_the_leader_mid_job_loses_nothing() {
-    // Snapshots every 20 entries: the killed replica's log is soon behind every other's.
-    let c = UpCluster::start_with(&["--coordinators", "3", "--workers", "2", "--snapshot-every", "20"]);
+    // Snapshots every 20 entries: the killed replica's log is soon behind every other's. Steps
+    // of 20 ms, so the kill lands mid-job (96 steps).
+    let c = UpCluster::start_env(&["--coordinators", "3", "--workers", "2", "--snapshot-every", "20"], &[("SHOAL_FAILPOINTS", "step-delay-ms=20")]);
     c.import_mnist("mnist");
     let spec = c.write_spec("mlp.toml", &mnist_spec("mnist", 3, 4096, 11, "[64]"));
     let job = json(c.cmd(&["job", "submit", "--json"]).arg(&spec));
@@ -39,6 +40,23 @@ fn killing_the_leader_mid_job_loses_nothing() {
     assert_ne!(new_leader["id"], leader["id"]);
     assert!(new_leader["term"].as_u64() > leader["term"].as_u64());
     assert_eq!(status["workers"].as_array().unwrap().iter().filter(|w| w["state"] == "idle").count(), 2, "{status}");
+
+    // The metric history lost no point to the kill: one loss point per applied step, none
+    // dropped, and every surviving replica answers with the same history.
+    let total = done["step"].as_u64().unwrap();
+    assert_eq!(done["metrics_dropped"], 0, "{done}");
+    let mut answers = Vec::new();
+    for r in status["coordinators"].as_array().unwrap().iter().filter(|r| r["id"] != leader["id"] && r["reachable"] == true) {
+        let m = json(shoal().args(["job", "metrics", &id, "--keys", "loss", "--json", "--endpoints", r["address"].as_str().unwrap()]));
+        assert_eq!((m["dropped"].as_u64(), m["chunks_unreadable"].as_u64()), (Some(0), Some(0)), "{m}");
+        let series = m["series"].as_array().unwrap();
+        assert_eq!(series.len(), 1, "loss of rank 0 alone: {m}");
+        let steps: Vec<u64> = series[0]["steps"].as_array().unwrap().iter().map(|s| s.as_u64().unwrap()).collect();
+        assert_eq!(steps, (1..=total).collect::<Vec<_>>(), "a loss point for every applied step, once");
+        answers.push(m);
+    }
+    assert_eq!(answers.len(), 2);
+    assert_eq!(answers[0], answers[1], "the replicas answer alike");
 
     // The same spec again, without failures, on the surviving replicas: identical parameters.
     let again = c.submit_follow(&spec);

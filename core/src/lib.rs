@@ -9,6 +9,7 @@ pub mod csv;
 pub mod dataset;
 pub mod failpoint;
 pub mod fsutil;
+pub mod history;
 pub mod idx;
 pub mod limits;
 pub mod model;

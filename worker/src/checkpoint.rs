@@ -551,6 +551,9 @@ pub trait JobLink: Send + Sync {
     fn commit_checkpoint(&self, manifest: CheckpointManifest) -> Result<Vec<u64>, String>;
     /// A checkpoint that could not be written, or (`corrupt`) failed its hashes on reading.
     fn checkpoint_failed(&self, step: u64, message: String, corrupt: bool);
+    /// Indexes a written chunk of the job's metric history (`dropped`: points lost since the
+    /// previous chunk).
+    fn record_metrics(&self, chunk: shoal_proto::MetricChunkRef, dropped: u64) -> Result<(), String>;
 }
 
 /// Writes the manifest, commits it, then deletes the folders of older checkpoints that are

@@ -7,6 +7,7 @@ pub mod batch;
 pub mod checkpoint;
 pub mod collective;
 pub mod data;
+pub mod history;
 pub mod metrics;
 pub mod model;
 pub mod optim;

@@ -283,6 +283,12 @@ impl JobLink for CoordinatorLink {
         reply.map(|r| r.kept_steps).map_err(|e| e.to_string())
     }
 
+    fn record_metrics(&self, chunk: shoal_proto::MetricChunkRef, dropped: u64) -> Result<(), String> {
+        let req = shoal_proto::MetricChunkReport { worker_id: self.worker_id.clone(), job_id: self.job, chunk: Some(chunk), dropped };
+        let reply = self.rt.block_on(self.client.call(|mut c| { let r = req.clone(); async move { c.record_metrics(r).await } }));
+        reply.map(|_| ()).map_err(|e| e.to_string())
+    }
+
     fn checkpoint_failed(&self, step: u64, message: String, corrupt: bool) {
         let report = CheckpointError { worker_id: self.worker_id.clone(), job_id: self.job, generation: self.generation, step, message, corrupt };
         let c = self.client.clone();

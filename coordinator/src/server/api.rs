@@ -116,6 +116,8 @@ impl Api {
     /// then) when newer than the log's.
     pub(super) fn job_view(&self, job: &JobInfo) -> JobInfo {
         let mut job = job.clone();
+        // The history's index is for GetJobMetrics; status and listings carry its size only.
+        job.metric_chunks.clear();
         let duties = self.0.duties.lock().expect("duties lock");
         if let Some(p) = duties.latest_progress(job.id, job.generation) {
             let newer = job.progress.as_ref().map(|q| p.step >= q.step).unwrap_or(true);
@@ -582,6 +584,41 @@ impl Coordinator for Api {
         }
         let job = expect_job(self.propose(command::Kind::CheckpointCommitted(c), String::new()).await?)?;
         Ok(Response::new(CheckpointCommitReply { kept_steps: job.checkpoints.iter().map(|m| m.step).collect() }))
+    }
+
+    async fn record_metrics(&self, r: Request<shoal_proto::MetricChunkReport>) -> Result<Response<Ack>, Status> {
+        self.propose(command::Kind::MetricChunk(r.into_inner()), String::new()).await?;
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn get_job_metrics(&self, r: Request<shoal_proto::JobMetricsRequest>) -> Result<Response<shoal_proto::JobMetrics>, Status> {
+        let req = r.into_inner();
+        self.linearize().await?;
+        let job = self.0.state.read().expect("state lock").job(req.id).cloned();
+        let job = job.ok_or_else(|| final_status(tonic::Code::NotFound, format!("job {} does not exist (or retention removed it)", req.id)))?;
+        let store = self.0.cfg.store_dir.clone();
+        // Reading the chunks is file IO: off the async threads.
+        let metrics = tokio::task::spawn_blocking(move || {
+            let mut chunks = Vec::with_capacity(job.metric_chunks.len());
+            let mut unreadable = 0u32;
+            for c in &job.metric_chunks {
+                let read = std::fs::read(store.join(&c.path)).ok().filter(|b| blake3::hash(b).to_hex().as_str() == c.blake3);
+                match read.and_then(|b| shoal_proto::MetricChunk::decode(&b[..]).ok()) {
+                    Some(chunk) => chunks.push(chunk),
+                    None => unreadable += 1,
+                }
+            }
+            shoal_proto::JobMetrics {
+                job_id: job.id,
+                series: shoal_core::history::merge(&chunks, &req.keys),
+                dropped: job.metrics_dropped,
+                chunks: job.metric_chunks.len() as u32,
+                chunks_unreadable: unreadable,
+            }
+        })
+        .await
+        .map_err(|e| Status::internal(format!("reading the metric chunks: {e}")))?;
+        Ok(Response::new(metrics))
     }
 
     async fn report_checkpoint_error(&self, r: Request<CheckpointError>) -> Result<Response<Ack>, Status> {

@@ -2,6 +2,10 @@
 
 use super::*;
 
+/// Chunks a job's metric history may index: 100,000 chunks of up to 4,096 points. Past it,
+/// points count as dropped (the log holds one small entry per chunk, never per point).
+pub const MAX_METRIC_CHUNKS: usize = 100_000;
+
 impl StateMachine {
     pub(super) fn checkpoint_committed(&mut self, c: shoal_proto::CheckpointCommit) -> ApplyResult {
         let manifest = c.manifest.ok_or_else(|| ApplyError::invalid("checkpoint commit without a manifest"))?;
@@ -37,6 +41,24 @@ impl StateMachine {
             self.requeue(id, format!("a free worker can join the {size} running"), GenerationCause::Joined);
         }
         Ok(ApplyOutput::Job(Box::new(out)))
+    }
+
+    /// A chunk of the job's metric history, from any generation of it (a generation that
+    /// ended still reports the steps it applied); the same file twice is recorded once.
+    pub(super) fn metric_chunk(&mut self, r: shoal_proto::MetricChunkReport) -> ApplyResult {
+        let job = self.jobs.get_mut(&r.job_id).ok_or_else(|| ApplyError::not_found(format!("there is no job {}", r.job_id)))?;
+        let Some(chunk) = r.chunk else { return Err(ApplyError::invalid("a metric chunk report without a chunk")) };
+        let dir = format!("jobs/{}/metrics/", r.job_id);
+        if !chunk.path.starts_with(&dir) || chunk.path.contains("..") || chunk.path[dir.len()..].contains('/') {
+            return Err(ApplyError::invalid(format!("metric chunk path {:?} is not a file under {dir}", chunk.path)));
+        }
+        job.metrics_dropped = job.metrics_dropped.saturating_add(r.dropped);
+        if job.metric_chunks.len() >= MAX_METRIC_CHUNKS {
+            job.metrics_dropped = job.metrics_dropped.saturating_add(u64::from(chunk.points));
+        } else if !job.metric_chunks.iter().any(|c| c.path == chunk.path) {
+            job.metric_chunks.push(chunk);
+        }
+        Ok(ApplyOutput::None)
     }
 
     pub(super) fn checkpoint_failed(&mut self, f: shoal_proto::CheckpointError) -> ApplyResult {

@@ -488,6 +488,7 @@ impl StateMachine {
             command::Kind::ResumeJob(r) => self.resume_job(r),
             command::Kind::CheckpointCommitted(c) => self.checkpoint_committed(c),
             command::Kind::CheckpointFailed(f) => self.checkpoint_failed(f),
+            command::Kind::MetricChunk(r) => self.metric_chunk(r),
             command::Kind::PruneJobs(_) => Ok(self.prune_jobs()),
         }
     }

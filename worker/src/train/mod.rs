@@ -33,6 +33,7 @@ use shoal_core::JobSpec;
 use shoal_proto::{Assignment, CheckpointFile, CheckpointManifest, JobProgress, Message};
 
 use crate::checkpoint::{self, JobLink, PartSnapshot, StateTensor, WriteDone, Writer};
+use crate::history::{Key, Recorder};
 use shoal_core::schedule::Schedule;
 use crate::collective::{Collective, Incoming, Mailbox, Rendezvous, Wire};
 use crate::data::{Missing, ShardedDataset};
@@ -495,6 +496,8 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
     // Prometheus (`/metrics`): this rank's series of the job.
     let series = shoal_core::telemetry::metrics().job(&a.job_id.to_string(), a.rank);
     let grad_bytes = if world > 1 { np as u64 * 4 } else { 0 };
+    // The job's metric history: this rank's points, in chunks in the store.
+    let mut history = Recorder::start(task.store.clone(), task.link.clone(), a.job_id, a.generation, a.rank);
 
     for step in start..total {
         if task.cancel.load(Ordering::Relaxed) {
@@ -545,6 +548,18 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
         let elapsed = (started.elapsed() - eval_time).as_secs_f64().max(1e-9);
         progress.samples_per_s = ((state.step - start) * global_batch as u64) as f64 / elapsed;
         progress.train_seconds = elapsed;
+        if rank == 0 {
+            history.record(state.step, Key::Loss, progress.loss);
+            history.record(state.step, Key::Lr, progress.lr);
+            history.record(state.step, Key::SamplesPerS, progress.samples_per_s);
+            if let Some(n) = progress.grad_norm {
+                history.record(state.step, Key::GradNorm, n);
+            }
+        }
+        for (key, d) in [(Key::DataMs, pass.data), (Key::ComputeMs, pass.compute), (Key::CollectiveMs, pass.collective), (Key::OptimizerMs, pass.optimizer)] {
+            history.record(state.step, key, d.as_secs_f64() * 1e3);
+        }
+        history.tick();
         if !finished_an_epoch {
             // Until an epoch ends, the running window is all there is.
             phases.report(&mut progress);
@@ -560,6 +575,16 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
                 state.evaluated_at = state.step;
                 fill_metrics(&mut progress, &state.test);
                 eval_time += t.elapsed();
+                if rank == 0 {
+                    if progress.test_accuracy >= 0.0 {
+                        history.record(state.step, Key::TestAccuracy, progress.test_accuracy);
+                    }
+                    for (key, v) in [(Key::TestLoss, progress.test_loss), (Key::TestRmse, progress.test_rmse), (Key::TestR2, progress.test_r2)] {
+                        if let Some(v) = v {
+                            history.record(state.step, key, v);
+                        }
+                    }
+                }
                 tracing::info!(epoch = progress.epoch, accuracy = progress.test_accuracy, test_loss = progress.test_loss, loss = progress.loss, "epoch done");
             }
         }
@@ -571,6 +596,7 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
     }
 
     let net = steps.net;
+    history.finish();
     let model_path = ckpt.finish(state, ring)?;
     fill_counters(&mut progress, state);
     if let (0, Some(holdout)) = (rank, &a.holdout) {

@@ -1,0 +1,89 @@
+//! A job's metric history: each rank's points go to chunk files under the job's folder in the
+//! store (`jobs/ID/metrics/gGEN-rRANK-SEQ.pb`, a `MetricChunk`), which the Raft log indexes
+//! (one `MetricChunkRef` per chunk, never a point). Reading merges the chunks into one series
+//! per key and rank, a point per step: where a step was run again (a generation that resumed
+//! from a checkpoint), the latest generation's point stands.
+
+use std::collections::BTreeMap;
+
+use shoal_proto::{MetricChunk, MetricSeries};
+
+/// The store path of chunk `seq` of `rank` in `generation` of job `job`.
+pub fn chunk_path(job: u64, generation: u64, rank: u32, seq: u64) -> String {
+    format!("jobs/{job}/metrics/g{generation}-r{rank}-{seq}.pb")
+}
+
+/// One series while merging: step -> (generation, unix_ms, value).
+type Points = BTreeMap<u64, (u64, u64, f64)>;
+
+/// Merges `chunks` (in any order) into series, keeping the keys in `keys` (all if empty),
+/// sorted by key then rank, each by step.
+pub fn merge(chunks: &[MetricChunk], keys: &[String]) -> Vec<MetricSeries> {
+    // (key, rank) -> step -> (generation, unix_ms, value)
+    let mut by: BTreeMap<(String, u32), Points> = BTreeMap::new();
+    for c in chunks {
+        for p in &c.points {
+            let Some(key) = c.keys.get(p.key as usize) else { continue };
+            if !keys.is_empty() && !keys.contains(key) {
+                continue;
+            }
+            let series = by.entry((key.clone(), c.rank)).or_default();
+            match series.get(&p.step) {
+                Some(&(g, ..)) if g > c.generation => {}
+                _ => {
+                    series.insert(p.step, (c.generation, p.unix_ms, p.value));
+                }
+            }
+        }
+    }
+    by.into_iter()
+        .map(|((key, rank), points)| MetricSeries {
+            key,
+            rank,
+            steps: points.keys().copied().collect(),
+            unix_ms: points.values().map(|p| p.1).collect(),
+            values: points.values().map(|p| p.2).collect(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_proto::MetricPoint;
+
+    fn chunk(generation: u64, rank: u32, points: &[(u64, f64)]) -> MetricChunk {
+        MetricChunk {
+            job_id: 1,
+            generation,
+            rank,
+            keys: vec!["loss".into(), "lr".into()],
+            points: points.iter().map(|&(step, value)| MetricPoint { key: 0, step, unix_ms: step * 10, value }).collect(),
+        }
+    }
+
+    #[test]
+    fn a_redone_step_keeps_its_latest_generation_whatever_the_order() {
+        let first = chunk(1, 0, &[(1, 1.0), (2, 0.9), (3, 0.8)]);
+        let again = chunk(2, 0, &[(3, 0.7), (4, 0.6)]);
+        for chunks in [vec![first.clone(), again.clone()], vec![again, first]] {
+            let s = merge(&chunks, &[]);
+            assert_eq!(s.len(), 1);
+            assert_eq!((s[0].key.as_str(), s[0].rank), ("loss", 0));
+            assert_eq!(s[0].steps, [1, 2, 3, 4]);
+            assert_eq!(s[0].values, [1.0, 0.9, 0.7, 0.6]);
+        }
+    }
+
+    #[test]
+    fn keys_filter_and_ranks_stay_apart() {
+        let mut a = chunk(1, 0, &[(1, 1.0)]);
+        a.points.push(MetricPoint { key: 1, step: 1, unix_ms: 0, value: 0.1 });
+        let b = chunk(1, 1, &[(1, 2.0)]);
+        let s = merge(&[a.clone(), b.clone()], &[]);
+        assert_eq!(s.iter().map(|s| (s.key.as_str(), s.rank)).collect::<Vec<_>>(), [("loss", 0), ("loss", 1), ("lr", 0)]);
+        let s = merge(&[a, b], &["lr".to_string()]);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].values, [0.1]);
+    }
+}
