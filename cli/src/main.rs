@@ -450,6 +450,9 @@ enum JobCmd {
         /// Only these keys (comma-separated), e.g. loss,test_accuracy.
         #[arg(long, value_delimiter = ',')]
         keys: Vec<String>,
+        /// Write the points to this Parquet file (columns key, rank, step, unix_ms, value).
+        #[arg(long, conflicts_with = "json")]
+        parquet: Option<PathBuf>,
         #[command(flatten)]
         conn: Conn,
         #[arg(long)]
@@ -1235,10 +1238,13 @@ async fn job(cmd: JobCmd) -> Result<()> {
                 print_job(&j);
             }
         }
-        JobCmd::Metrics { id, keys, conn, json } => {
+        JobCmd::Metrics { id, keys, parquet, conn, json } => {
             let client = conn.client()?;
             let m = client.call(|mut c| { let keys = keys.clone(); async move { c.get_job_metrics(shoal_proto::JobMetricsRequest { id, keys }).await } }).await?;
-            if json {
+            if let Some(out) = parquet {
+                let rows = ops::metrics_parquet(&m, &out).with_context(|| format!("writing {}", out.display()))?;
+                println!("wrote {rows} points of job {id} to {}", out.display());
+            } else if json {
                 print_json(&ops::metrics_json(&m));
             } else {
                 print!("{}", ops::metrics_text(&m));

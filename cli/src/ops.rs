@@ -757,6 +757,51 @@ pub fn compare_text(v: &Value) -> String {
     out
 }
 
+/// Writes the history as one Parquet table, a row per point: `key` (string), `rank`
+/// (uint32), `step`, `unix_ms` (uint64), `value` (double); returns the rows. pandas, polars
+/// and DuckDB read it as it is.
+pub fn metrics_parquet(m: &shoal_proto::JobMetrics, out: &Path) -> Result<usize> {
+    use std::sync::Arc;
+
+    use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
+    use arrow_schema::{DataType, Field, Schema};
+
+    let rows: usize = m.series.iter().map(|s| s.steps.len()).sum();
+    let mut key = Vec::with_capacity(rows);
+    let mut rank = Vec::with_capacity(rows);
+    let (mut step, mut unix_ms, mut value) = (Vec::with_capacity(rows), Vec::with_capacity(rows), Vec::with_capacity(rows));
+    for s in &m.series {
+        let n = s.steps.len().min(s.values.len()).min(s.unix_ms.len());
+        key.extend(std::iter::repeat_n(s.key.as_str(), n));
+        rank.extend(std::iter::repeat_n(s.rank, n));
+        step.extend_from_slice(&s.steps[..n]);
+        unix_ms.extend_from_slice(&s.unix_ms[..n]);
+        value.extend_from_slice(&s.values[..n]);
+    }
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("key", DataType::Utf8, false),
+        Field::new("rank", DataType::UInt32, false),
+        Field::new("step", DataType::UInt64, false),
+        Field::new("unix_ms", DataType::UInt64, false),
+        Field::new("value", DataType::Float64, false),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(key)),
+        Arc::new(UInt32Array::from(rank)),
+        Arc::new(UInt64Array::from(step)),
+        Arc::new(UInt64Array::from(unix_ms)),
+        Arc::new(Float64Array::from(value)),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), columns)?;
+    let tmp = out.with_extension("parquet.partial");
+    let file = std::fs::File::create(&tmp)?;
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema, None)?;
+    writer.write(&batch)?;
+    writer.close()?;
+    std::fs::rename(&tmp, out)?;
+    Ok(batch.num_rows())
+}
+
 /// `job metrics --json`: every series with its points as parallel lists.
 pub fn metrics_json(m: &shoal_proto::JobMetrics) -> Value {
     json!({

@@ -57,6 +57,28 @@ fn killing_the_leader_mid_job_loses_nothing() {
     }
     assert_eq!(answers.len(), 2);
     assert_eq!(answers[0], answers[1], "the replicas answer alike");
+    // As Parquet, read back by the parquet crate's own reader: a row per point.
+    let all = json(&mut c.cmd(&["job", "metrics", &id, "--json"]));
+    let points: usize = all["series"].as_array().unwrap().iter().map(|s| s["steps"].as_array().unwrap().len()).sum();
+    let out = c.tmp.path().join("history.parquet");
+    ok(&mut c.cmd(&["job", "metrics", &id, "--parquet", out.to_str().unwrap()]));
+    {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        let reader = SerializedFileReader::new(std::fs::File::open(&out).unwrap()).unwrap();
+        let meta = reader.metadata().file_metadata();
+        assert_eq!(meta.num_rows() as usize, points);
+        let names: Vec<String> = meta.schema_descr().columns().iter().map(|c| c.name().to_string()).collect();
+        assert_eq!(names, ["key", "rank", "step", "unix_ms", "value"]);
+        let mut loss_steps = Vec::new();
+        for row in reader.get_row_iter(None).unwrap() {
+            let row = row.unwrap();
+            use parquet::record::RowAccessor;
+            if row.get_string(0).unwrap() == "loss" {
+                loss_steps.push(row.get_ulong(2).unwrap());
+            }
+        }
+        assert_eq!(loss_steps, (1..=total).collect::<Vec<_>>());
+    }
 
     // The same spec again, without failures, on the surviving replicas: identical parameters.
     let again = c.submit_follow(&spec);
