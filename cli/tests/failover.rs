@@ -79,6 +79,17 @@ fn killing_the_leader_mid_job_loses_nothing() {
         }
         assert_eq!(loss_steps, (1..=total).collect::<Vec<_>>());
     }
+    // TensorBoard event files under the job's folder: each rank's, every loss point in them.
+    let tb = c.store().join(format!("jobs/{id}/tensorboard"));
+    let files: Vec<_> = std::fs::read_dir(&tb).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 2, "one event file per rank: {files:?}");
+    let mut loss_steps: Vec<i64> = files
+        .iter()
+        .flat_map(|f| shoal_worker::tensorboard::read_events(&std::fs::read(f).unwrap()).unwrap())
+        .filter_map(|e| e.summary.filter(|s| s.value.first().is_some_and(|v| v.tag == "loss")).map(|_| e.step))
+        .collect();
+    loss_steps.sort_unstable();
+    assert_eq!(loss_steps, (1..=total as i64).collect::<Vec<_>>());
 
     // The same spec again, without failures, on the surviving replicas: identical parameters.
     let again = c.submit_follow(&spec);

@@ -64,7 +64,23 @@ impl Recorder {
         let writer = std::thread::Builder::new()
             .name("metrics-writer".into())
             .spawn(move || {
+                // TensorBoard's view of the same points (best effort: the history is the record).
+                let tb_dir = store.join(format!("jobs/{job}/tensorboard"));
+                let mut events = match crate::tensorboard::EventFile::create(&tb_dir, &format!("g{generation}-r{rank}")) {
+                    Ok(f) => Some(f),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no TensorBoard event file for this task");
+                        None
+                    }
+                };
                 for (seq, points) in rx.into_iter().enumerate() {
+                    if let Some(f) = events.as_mut() {
+                        let tags: Vec<String> = KEYS.iter().map(|k| if rank == 0 && !k.starts_with("phase_") { k.to_string() } else { format!("rank{rank}/{k}") }).collect();
+                        if let Err(e) = f.scalars(points.iter().map(|p| (tags[p.key as usize].as_str(), p.step, p.unix_ms, p.value))) {
+                            tracing::warn!(error = %e, "could not append to the TensorBoard event file");
+                            events = None;
+                        }
+                    }
                     let (first, last) = (points.iter().map(|p| p.step).min().unwrap_or(0), points.iter().map(|p| p.step).max().unwrap_or(0));
                     let count = points.len() as u32;
                     let chunk = MetricChunk { job_id: job, generation, rank, keys: KEYS.iter().map(|k| k.to_string()).collect(), points };

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod runner;
+pub mod tensorboard;
 pub mod train;
 
 pub use runner::{run_worker, WorkerConfig};
