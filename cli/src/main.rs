@@ -1255,11 +1255,14 @@ async fn job(cmd: JobCmd) -> Result<()> {
                 anyhow::bail!("job compare takes at most {} jobs, got {}", ops::MAX_COMPARE, ids.len());
             }
             let client = conn.client()?;
-            let mut jobs = Vec::with_capacity(ids.len());
+            let (mut jobs, mut histories) = (Vec::with_capacity(ids.len()), Vec::with_capacity(ids.len()));
             for id in ids {
                 jobs.push(ops::get_job(&client, id).await.with_context(|| format!("job {id}"))?);
+                let keys: Vec<String> = ops::BEST.iter().map(|(k, _)| k.to_string()).collect();
+                let h = client.call(|mut c| { let keys = keys.clone(); async move { c.get_job_metrics(shoal_proto::JobMetricsRequest { id, keys }).await } }).await;
+                histories.push(h.with_context(|| format!("job {id}'s metric history"))?);
             }
-            let v = ops::compare_json(&jobs)?;
+            let v = ops::compare_json(&jobs, &histories)?;
             if json {
                 print_json(&v);
             } else {

@@ -690,9 +690,14 @@ fn flatten_spec(prefix: &str, v: &toml::Value, out: &mut std::collections::BTree
     }
 }
 
+/// The history's keys `job compare` finds the best of, and whether higher is better.
+pub const BEST: [(&str, bool); 5] = [("loss", false), ("test_accuracy", true), ("test_loss", false), ("test_rmse", false), ("test_r2", true)];
+
 /// `job compare`: the jobs' ids, the spec keys whose values differ (a key one spec lacks is
-/// null there), and the final metrics, each as one value per job in the order given.
-pub fn compare_json(jobs: &[JobInfo]) -> Result<Value> {
+/// null there), the final metrics, and from each job's history (`histories`, in the same
+/// order, rank 0) the best value of each `BEST` key and its step; each as one value per job
+/// in the order given.
+pub fn compare_json(jobs: &[JobInfo], histories: &[shoal_proto::JobMetrics]) -> Result<Value> {
     let mut specs = Vec::with_capacity(jobs.len());
     for j in jobs {
         let parsed: toml::Value = toml::from_str(&j.spec_toml).with_context(|| format!("job {}'s spec", j.id))?;
@@ -716,11 +721,31 @@ pub fn compare_json(jobs: &[JobInfo]) -> Result<Value> {
             metrics.insert(m.to_string(), Value::Array(values));
         }
     }
+    let (mut best, mut best_step) = (serde_json::Map::new(), serde_json::Map::new());
+    for (key, higher) in BEST {
+        let found: Vec<Option<(f64, u64)>> = histories
+            .iter()
+            .map(|h| {
+                let s = h.series.iter().find(|s| s.key == key && s.rank == 0)?;
+                let better = |a: f64, b: f64| if higher { a > b } else { a < b };
+                s.values.iter().zip(&s.steps).filter(|(v, _)| v.is_finite()).fold(None, |acc: Option<(f64, u64)>, (&v, &step)| match acc {
+                    Some((b, _)) if !better(v, b) => acc,
+                    _ => Some((v, step)),
+                })
+            })
+            .collect();
+        if found.iter().any(Option::is_some) {
+            best.insert(key.to_string(), Value::Array(found.iter().map(|f| f.map_or(Value::Null, |(v, _)| json!(v))).collect()));
+            best_step.insert(key.to_string(), Value::Array(found.iter().map(|f| f.map_or(Value::Null, |(_, s)| json!(s))).collect()));
+        }
+    }
     Ok(json!({
         "jobs": jobs.iter().map(|j| j.id).collect::<Vec<_>>(),
         "names": jobs.iter().map(|j| j.name.clone()).collect::<Vec<_>>(),
         "differing": differing,
         "metrics": metrics,
+        "best": best,
+        "best_step": best_step,
     }))
 }
 
@@ -729,7 +754,7 @@ pub fn compare_text(v: &Value) -> String {
     let ids: Vec<String> = v["jobs"].as_array().map(|a| a.iter().map(|i| format!("job {i}")).collect()).unwrap_or_default();
     let cell = |k: &str, x: &Value| if x.is_null() { "-".to_string() } else { human(k.rsplit('.').next().unwrap_or(k), x) };
     let mut rows: Vec<(String, Vec<String>)> = Vec::new();
-    for (section, key) in [("differing", "spec"), ("metrics", "final")] {
+    for (section, key) in [("differing", "spec"), ("metrics", "final"), ("best", "best"), ("best_step", "best at step")] {
         if let Some(m) = v[section].as_object() {
             for (k, vals) in m {
                 let vals = vals.as_array().map(|a| a.iter().map(|x| cell(k, x)).collect()).unwrap_or_default();
@@ -850,7 +875,14 @@ mod tests {
         };
         let a = "name = \"a\"\n[model]\n[[model.layers]]\nkind = \"linear\"\nout = 10\n[training]\nepochs = 2\n[training.optimizer]\nkind = \"sgd\"\nlr = 0.1\n";
         let b = a.replace("lr = 0.1", "lr = 0.05").replace("out = 10", "out = 12") + "[cluster]\nworkers = 3\n";
-        let v = compare_json(&[job(1, a, 0.9), job(2, &b, 0.95)]).unwrap();
+        let loss = |values: &[f64]| shoal_proto::JobMetrics {
+            series: vec![shoal_proto::MetricSeries { key: "loss".into(), rank: 0, steps: (1..=values.len() as u64).collect(), unix_ms: vec![0; values.len()], values: values.to_vec() }],
+            ..Default::default()
+        };
+        let v = compare_json(&[job(1, a, 0.9), job(2, &b, 0.95)], &[loss(&[2.0, 0.5, 0.7]), loss(&[1.0, f64::NAN, 0.9])]).unwrap();
+        assert_eq!(v["best"]["loss"], json!([0.5, 0.9]), "the lowest loss, NaN skipped: {v}");
+        assert_eq!(v["best_step"]["loss"], json!([2, 3]));
+        assert!(v["best"].get("test_accuracy").is_none(), "no history of it: no row");
         let d = v["differing"].as_object().unwrap();
         let keys: Vec<&str> = d.keys().map(|k| k.as_str()).collect();
         assert_eq!(keys, ["cluster.workers", "model.layers[0].out", "training.optimizer.lr"], "{v}");
@@ -861,7 +893,7 @@ mod tests {
         assert!((acc[0] - 0.9).abs() < 1e-6 && (acc[1] - 0.95).abs() < 1e-6, "{v}");
         let text = compare_text(&v);
         assert!(text.contains("spec training.optimizer.lr") && text.contains("0.0500") && text.contains("job 2"), "{text}");
-        assert!(compare_json(&[job(1, "name = [", 0.0), job(2, a, 0.0)]).is_err(), "a spec that does not parse is an error");
+        assert!(compare_json(&[job(1, "name = [", 0.0), job(2, a, 0.0)], &[]).is_err(), "a spec that does not parse is an error");
     }
 
     #[test]

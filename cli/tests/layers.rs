@@ -74,6 +74,8 @@ fn a_layer_list_resumes_bitwise_after_down_and_up_and_lanes_give_the_same_bits_o
     assert_eq!(differing, ["cluster.workers"], "{cmp}");
     assert_eq!(cmp["differing"]["cluster.workers"], serde_json::json!([2, 3]), "{cmp}");
     assert_eq!(cmp["metrics"]["loss"][0], cmp["metrics"]["loss"][1], "lanes: the same loss on 2 and 3 workers: {cmp}");
+    assert!(cmp["best"]["loss"][0].as_f64().is_some() && cmp["best"]["loss"] == cmp["best"]["loss"].as_array().unwrap().iter().rev().cloned().collect::<serde_json::Value>(), "the best loss from each history, the same on both: {cmp}");
+    assert!(cmp["best_step"]["test_accuracy"][0].as_u64().is_some(), "{cmp}");
     let text = ok(&mut c.cmd(&["job", "compare", &id2, &id3]));
     assert!(text.contains("spec cluster.workers") && text.contains(&format!("job {id3}")), "{text}");
     assert!(fails(&mut c.cmd(&["job", "compare", &id2])).contains("2"), "one job is not a comparison");
