@@ -67,12 +67,13 @@ fn with_lanes_a_lost_and_an_added_worker_end_bitwise_where_a_static_pool_does() 
     assert_eq!(params_hash(&two), want, "lanes make the result independent of the world size");
     each_record_once_per_epoch(&three, 3, 4096);
 
-    // Three workers, one SIGKILLed mid-epoch: the other two go on in memory, in their processes.
+    // Three workers, rank 0's SIGKILLed mid-epoch: the other two go on in memory, in their
+    // processes.
     let id = submit(&c, "lost.toml", &lanes_spec("workers = 3\nmin_workers = 2"));
     let job = c.wait_job(&id, "training on three workers", Duration::from_secs(60), |j| j["state"] == "running" && j["step"].as_u64().unwrap_or(0) > 45);
     let workers = job["workers"].as_array().unwrap().clone();
-    let survivors: Vec<(serde_json::Value, i64)> = workers[..2].iter().map(|w| (w.clone(), pid_of(&c, w))).collect();
-    let victim = pid_of(&c, &workers[2]);
+    let survivors: Vec<(serde_json::Value, i64)> = workers[1..].iter().map(|w| (w.clone(), pid_of(&c, w))).collect();
+    let victim = pid_of(&c, &workers[0]);
     assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
     let lost = c.wait_end(&id);
     assert_eq!(params_hash(&lost), want, "a run that lost a worker ends where the static runs do");
@@ -83,6 +84,11 @@ fn with_lanes_a_lost_and_an_added_worker_end_bitwise_where_a_static_pool_does() 
         assert_eq!(pid_of(&c, w), *pid, "survivor {w} was restarted");
     }
     each_record_once_per_epoch(&lost, 3, 4096);
+    // The metric history kept every step's loss, though the worker that recorded it as rank 0
+    // died with its last points: every rank records the job's figures.
+    let history = json(&mut c.cmd(&["job", "metrics", &id, "--keys", "loss", "--json"]));
+    let steps: Vec<u64> = history["series"][0]["steps"].as_array().unwrap().iter().map(|s| s.as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=lost["step"].as_u64().unwrap()).collect::<Vec<_>>(), "{history}");
 
     // Two workers, then one added mid-job: it gets the state from a peer and joins.
     let id = submit(&c, "grow.toml", &lanes_spec("workers = 2\nmax_workers = 3"));

@@ -13,6 +13,12 @@ pub fn chunk_path(job: u64, generation: u64, rank: u32, seq: u64) -> String {
     format!("jobs/{job}/metrics/g{generation}-r{rank}-{seq}.pb")
 }
 
+/// The keys whose values are the job's, the same on every rank (the reduced loss, the
+/// schedule's rate, the reduced gradient's norm, evaluations over every rank's share): every
+/// rank records them, and they merge into one series (rank 0's), so the history keeps every
+/// step's point even when the worker that was rank 0 is lost before writing its last chunk.
+pub const JOB_KEYS: [&str; 8] = ["loss", "lr", "samples_per_s", "grad_norm", "test_accuracy", "test_loss", "test_rmse", "test_r2"];
+
 /// One series while merging: step -> (generation, unix_ms, value).
 type Points = BTreeMap<u64, (u64, u64, f64)>;
 
@@ -27,9 +33,11 @@ pub fn merge(chunks: &[MetricChunk], keys: &[String]) -> Vec<MetricSeries> {
             if !keys.is_empty() && !keys.contains(key) {
                 continue;
             }
-            let series = by.entry((key.clone(), c.rank)).or_default();
+            let rank = if JOB_KEYS.contains(&key.as_str()) { 0 } else { c.rank };
+            let series = by.entry((key.clone(), rank)).or_default();
             match series.get(&p.step) {
-                Some(&(g, ..)) if g > c.generation => {}
+                // A later generation's run of the step stands; within one, the first rank's.
+                Some(&(g, ..)) if g >= c.generation => {}
                 _ => {
                     series.insert(p.step, (c.generation, p.unix_ms, p.value));
                 }
@@ -76,12 +84,18 @@ mod tests {
     }
 
     #[test]
-    fn keys_filter_and_ranks_stay_apart() {
+    fn keys_filter_job_keys_merge_across_ranks_and_rank_keys_stay_apart() {
         let mut a = chunk(1, 0, &[(1, 1.0)]);
+        a.keys.push("phase_data_ms".into());
         a.points.push(MetricPoint { key: 1, step: 1, unix_ms: 0, value: 0.1 });
-        let b = chunk(1, 1, &[(1, 2.0)]);
+        a.points.push(MetricPoint { key: 2, step: 1, unix_ms: 0, value: 3.0 });
+        // Rank 1 has the job's loss of step 1 too, and alone step 2's (rank 0 was lost).
+        let mut b = chunk(1, 1, &[(1, 1.0), (2, 0.5)]);
+        b.keys.push("phase_data_ms".into());
+        b.points.push(MetricPoint { key: 2, step: 1, unix_ms: 0, value: 4.0 });
         let s = merge(&[a.clone(), b.clone()], &[]);
-        assert_eq!(s.iter().map(|s| (s.key.as_str(), s.rank)).collect::<Vec<_>>(), [("loss", 0), ("loss", 1), ("lr", 0)]);
+        assert_eq!(s.iter().map(|s| (s.key.as_str(), s.rank)).collect::<Vec<_>>(), [("loss", 0), ("lr", 0), ("phase_data_ms", 0), ("phase_data_ms", 1)]);
+        assert_eq!((s[0].steps.clone(), s[0].values.clone()), (vec![1, 2], vec![1.0, 0.5]));
         let s = merge(&[a, b], &["lr".to_string()]);
         assert_eq!(s.len(), 1);
         assert_eq!(s[0].values, [0.1]);

@@ -15,7 +15,8 @@ use shoal_proto::{Message, MetricChunk, MetricChunkRef, MetricPoint};
 
 use crate::checkpoint::JobLink;
 
-/// The keys a rank records. Rank 0 records the job's own figures; every rank its phase times.
+/// The keys a rank records: the job's figures (`core::history::JOB_KEYS`, the same on every
+/// rank) and its own phase times.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Key {
     Loss,
@@ -75,8 +76,11 @@ impl Recorder {
                 };
                 for (seq, points) in rx.into_iter().enumerate() {
                     if let Some(f) = events.as_mut() {
-                        let tags: Vec<String> = KEYS.iter().map(|k| if rank == 0 && !k.starts_with("phase_") { k.to_string() } else { format!("rank{rank}/{k}") }).collect();
-                        if let Err(e) = f.scalars(points.iter().map(|p| (tags[p.key as usize].as_str(), p.step, p.unix_ms, p.value))) {
+                        // The job's figures from rank 0's file alone (every rank has them).
+                        let job_key = |k: &str| shoal_core::history::JOB_KEYS.contains(&k);
+                        let tags: Vec<Option<String>> = KEYS.iter().map(|k| match (job_key(k), rank) { (true, 0) => Some(k.to_string()), (true, _) => None, _ => Some(format!("rank{rank}/{k}")) }).collect();
+                        let scalars = points.iter().filter_map(|p| Some((tags[p.key as usize].as_deref()?, p.step, p.unix_ms, p.value)));
+                        if let Err(e) = f.scalars(scalars) {
                             tracing::warn!(error = %e, "could not append to the TensorBoard event file");
                             events = None;
                         }

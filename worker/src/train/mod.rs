@@ -548,13 +548,13 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
         let elapsed = (started.elapsed() - eval_time).as_secs_f64().max(1e-9);
         progress.samples_per_s = ((state.step - start) * global_batch as u64) as f64 / elapsed;
         progress.train_seconds = elapsed;
-        if rank == 0 {
-            history.record(state.step, Key::Loss, progress.loss);
-            history.record(state.step, Key::Lr, progress.lr);
-            history.record(state.step, Key::SamplesPerS, progress.samples_per_s);
-            if let Some(n) = progress.grad_norm {
-                history.record(state.step, Key::GradNorm, n);
-            }
+        // The job's figures on every rank (they are the same): the history keeps a step's
+        // point whichever rank's last chunk a lost worker took with it.
+        history.record(state.step, Key::Loss, progress.loss);
+        history.record(state.step, Key::Lr, progress.lr);
+        history.record(state.step, Key::SamplesPerS, progress.samples_per_s);
+        if let Some(n) = progress.grad_norm {
+            history.record(state.step, Key::GradNorm, n);
         }
         for (key, d) in [(Key::DataMs, pass.data), (Key::ComputeMs, pass.compute), (Key::CollectiveMs, pass.collective), (Key::OptimizerMs, pass.optimizer)] {
             history.record(state.step, key, d.as_secs_f64() * 1e3);
@@ -575,14 +575,12 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
                 state.evaluated_at = state.step;
                 fill_metrics(&mut progress, &state.test);
                 eval_time += t.elapsed();
-                if rank == 0 {
-                    if progress.test_accuracy >= 0.0 {
-                        history.record(state.step, Key::TestAccuracy, progress.test_accuracy);
-                    }
-                    for (key, v) in [(Key::TestLoss, progress.test_loss), (Key::TestRmse, progress.test_rmse), (Key::TestR2, progress.test_r2)] {
-                        if let Some(v) = v {
-                            history.record(state.step, key, v);
-                        }
+                if progress.test_accuracy >= 0.0 {
+                    history.record(state.step, Key::TestAccuracy, progress.test_accuracy);
+                }
+                for (key, v) in [(Key::TestLoss, progress.test_loss), (Key::TestRmse, progress.test_rmse), (Key::TestR2, progress.test_r2)] {
+                    if let Some(v) = v {
+                        history.record(state.step, key, v);
                     }
                 }
                 tracing::info!(epoch = progress.epoch, accuracy = progress.test_accuracy, test_loss = progress.test_loss, loss = progress.loss, "epoch done");
