@@ -48,12 +48,31 @@ fn url_encode(s: &str) -> String {
     s.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
 }
 
-/// A binary of Debian's `prometheus` package on the PATH, or a failure naming the package.
+/// A binary of Debian's `prometheus` package: on the PATH, or unpacked under target/tools
+/// (as .ci/run does, and as this does when neither has it: `apt-get download prometheus`,
+/// `dpkg-deb -x`; nothing is installed, no service starts), or a failure that says how.
 fn tool(name: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file()).unwrap_or_else(|| {
-        panic!("`{name}` is not on the PATH: install Debian's prometheus package (apt-get install prometheus), or unpack it as .ci/run does (apt-get download prometheus; dpkg-deb -x ... target/tools; PATH=target/tools/usr/bin:$PATH)")
-    })
+    if let Some(p) = std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file()) {
+        return p;
+    }
+    let tools = repo().join("target/tools");
+    let unpacked = tools.join("usr/bin").join(name);
+    if !unpacked.is_file() {
+        let debs = tools.join("debs");
+        std::fs::create_dir_all(&debs).unwrap();
+        let download = || Command::new("apt-get").args(["download", "prometheus"]).current_dir(&debs).output().is_ok_and(|o| o.status.success());
+        if !download() {
+            let _ = Command::new("apt-get").args(["update", "-q"]).output();
+            download();
+        }
+        let deb = std::fs::read_dir(&debs).ok().into_iter().flatten().flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|e| e == "deb"));
+        if let Some(deb) = deb {
+            let _ = Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tools).output();
+        }
+    }
+    assert!(unpacked.is_file(), "`{name}` is neither on the PATH nor in {}, and fetching Debian's prometheus package failed: install it (apt-get install prometheus) or run .ci/run", tools.display());
+    unpacked
 }
 
 fn promtool_check(promtool: &Path, text: &str, what: &str) {
