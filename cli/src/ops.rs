@@ -415,6 +415,7 @@ pub fn job_json(j: &JobInfo) -> Value {
         "results": j.results.iter().map(|r| json!({"rank": r.rank, "worker_id": r.worker_id, "param_blake3": r.param_blake3, "model_path": r.model_path})).collect::<Vec<_>>(),
     });
     v["metrics_dropped"] = json!(j.metrics_dropped);
+    v["events"] = j.events.iter().map(|e| json!({"event_id": e.event_id, "event": e.event, "step": e.step, "delivered": e.delivered})).collect();
     v["kind"] = json!("train");
     v["group"] = if j.group.is_empty() { Value::Null } else { json!(j.group) };
     v["tags"] = json!(j.tags);

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use shoal_proto::{command, ForgetWorkers, JobAssigned, JobProgress, JobState, LossCause, MemberList, PeerInfo, UpdateProgress, WorkerLost, WorkerState};
+use shoal_proto::{command, ForgetWorkers, JobAssigned, JobProgress, JobStalled, JobState, LossCause, MemberList, PeerInfo, UpdateProgress, WorkerLost, WorkerState};
 
 use crate::membership::{check_live_quorum, Change};
 use crate::state::StateMachine;
@@ -70,6 +70,11 @@ pub struct Duties {
     /// Decisions proposed lately, by key, and when.
     recent: BTreeMap<String, u64>,
     last_retention: Option<u64>,
+    /// `[notify] stall_s` of each running job (in ms; None: no webhook), read once.
+    stall_after: BTreeMap<u64, Option<u64>>,
+    /// Per running job with a webhook: its (generation, step), since when it has been there,
+    /// and whether that stall was proposed.
+    stall_watch: BTreeMap<u64, (u64, u64, u64, bool)>,
 }
 
 impl Duties {
@@ -79,6 +84,7 @@ impl Duties {
         self.heard.clear();
         self.recent.clear();
         self.last_retention = None;
+        self.stall_watch.clear();
     }
 
     /// A worker showed it is alive (registration, heartbeat, task report).
@@ -152,6 +158,21 @@ impl Duties {
                 ));
             }
         }
+        // `[notify]`: a running job whose step has not moved for its `stall_s` has stalled.
+        for j in state.jobs().filter(|j| j.state() == JobState::Running && !crate::state::is_batch(j)) {
+            let after = *self.stall_after.entry(j.id).or_insert_with(|| shoal_core::JobSpec::parse(&j.spec_toml).ok().and_then(|s| s.notify).map(|n| n.stall_s.saturating_mul(1000)));
+            let Some(after) = after else { continue };
+            let step = self.latest_progress(j.id, j.generation).map(|p| p.step).unwrap_or_else(|| j.progress.as_ref().map(|p| p.step).unwrap_or(0));
+            let watch = self.stall_watch.entry(j.id).or_insert((j.generation, step, now, false));
+            if (watch.0, watch.1) != (j.generation, step) {
+                *watch = (j.generation, step, now, false);
+            } else if !watch.3 && now.saturating_sub(watch.2) >= after {
+                watch.3 = true;
+                proposals.push((format!("stall/{}/{}/{step}", j.id, j.generation), command::Kind::JobStalled(JobStalled { job_id: j.id, generation: j.generation, step })));
+            }
+        }
+        self.stall_after.retain(|id, _| state.job(*id).is_some_and(|j| !j.state().is_terminal()));
+        self.stall_watch.retain(|id, _| state.job(*id).is_some_and(|j| j.state() == JobState::Running));
         self.progress.retain(|id, _| state.job(*id).is_some_and(|j| !j.state().is_terminal()));
         self.waiting_since.retain(|id, _| state.job(*id).is_some_and(|j| j.state() == JobState::Queued));
         if self.last_retention.is_none_or(|t| now.saturating_sub(t) >= RETENTION_EVERY_MS) {

@@ -34,6 +34,35 @@ pub struct JobSpec {
     pub trigger: Option<TriggerSpec>,
     /// `[promote]`: the evaluation gate of the registered model.
     pub promote: Option<PromoteSpec>,
+    /// `[notify]`: a webhook told when the job fails, diverges, stalls or succeeds.
+    pub notify: Option<NotifySpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifySpec {
+    /// `http://HOST:PORT/PATH`: each event is POSTed there as JSON.
+    pub webhook: String,
+    /// A running job with no step for this many seconds has stalled (default 300).
+    #[serde(default = "default_stall_s")]
+    pub stall_s: u64,
+}
+
+fn default_stall_s() -> u64 {
+    300
+}
+
+impl NotifySpec {
+    /// The webhook's `HOST:PORT` and path (`/` when none).
+    pub fn target(&self) -> Option<(String, String)> {
+        let rest = self.webhook.strip_prefix("http://")?;
+        let (host, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let (name, port) = host.rsplit_once(':')?;
+        (!name.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) && path.chars().all(|c| c.is_ascii_graphic())).then(|| (host.to_string(), path.to_string()))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -869,6 +898,14 @@ impl JobSpec {
             crate::dataset::validate_name(&t.on_append).map_err(|e| bad("trigger.on_append", e))?;
             if self.dataset.version.is_some() {
                 return Err(bad("dataset.version", "a triggered job trains the version that fired it: leave the version out"));
+            }
+        }
+        if let Some(n) = &self.notify {
+            if n.target().is_none() {
+                return Err(bad("notify.webhook", format!("{:?} is not http://HOST:PORT/PATH (plain HTTP, a port, a path without spaces)", n.webhook)));
+            }
+            if n.stall_s == 0 {
+                return Err(bad("notify.stall_s", "must be at least 1"));
             }
         }
         if let Some(p) = &self.promote {

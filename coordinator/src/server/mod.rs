@@ -24,6 +24,7 @@ use crate::CoordError;
 
 mod api;
 mod identity;
+mod notify;
 mod raft_transport;
 mod ready_loop;
 
@@ -135,6 +136,8 @@ struct Shared {
     started: Instant,
     /// The state hash at an applied index (hashing is a pass over the whole state).
     hash_cache: Mutex<Option<(u64, String, u64)>>,
+    /// `[notify]` deliveries under way on this leader, by event id.
+    outbox: Mutex<HashMap<String, notify::Try>>,
 }
 
 impl Shared {
@@ -191,6 +194,7 @@ pub async fn serve(
         fresh_peers: Mutex::default(),
         started: Instant::now(),
         hash_cache: Mutex::default(),
+        outbox: Mutex::default(),
     });
     // A folder with a log opens it now, so a peer's hello is answered from it at once.
     let opened = match &folder {

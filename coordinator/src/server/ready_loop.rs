@@ -48,6 +48,7 @@ pub(super) async fn drive(mut core: Core, mut log: LogFile, mut rx: mpsc::Receiv
                 core.sweep_pending();
                 if core.is_leader() {
                     leader_duties(&mut core, &shared, !was_leader);
+                    notify::deliver(&shared);
                 }
                 was_leader = core.is_leader();
             }

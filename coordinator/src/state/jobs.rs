@@ -1,6 +1,7 @@
 //! Training jobs: submission, generations, outcomes, requeue and resume.
 
 use super::*;
+use shoal_proto::JobEvent;
 
 impl StateMachine {
     /// Whether a job whose ranks all reported success really succeeded: they hold the same
@@ -208,6 +209,16 @@ impl StateMachine {
     pub(super) fn finish_job(&mut self, id: u64, state: JobState, error: String) {
         let now = self.now_ms;
         let Some(job) = self.jobs.get_mut(&id) else { return };
+        let event = match state {
+            JobState::Succeeded => Some("succeeded"),
+            JobState::Failed if error.contains("diverged") => Some("diverged"),
+            JobState::Failed => Some("failed"),
+            _ => None,
+        };
+        if let Some(event) = event.filter(|_| notifies(job)) {
+            let step = job.progress.as_ref().map(|p| p.step).unwrap_or(0).max(job.checkpoints.last().map(|c| c.step).unwrap_or(0));
+            push_event(job, JobEvent { event_id: format!("job-{id}-{event}-g{}", job.generation), event: event.into(), generation: job.generation, step, unix_ms: now, error: error.clone(), delivered: false });
+        }
         job.state = state as i32;
         job.error = error;
         job.finished_unix_ms = now;
@@ -225,6 +236,27 @@ impl StateMachine {
         }
         let workers = job.workers.clone();
         self.release_workers(id, &workers);
+    }
+
+    /// The leader saw no step for `[notify] stall_s`: a `stalled` event, once per (generation,
+    /// step).
+    pub(super) fn job_stalled(&mut self, s: shoal_proto::JobStalled) -> ApplyResult {
+        let now = self.now_ms;
+        let job = self.running_job(s.job_id, s.generation)?;
+        if notifies(job) {
+            let event_id = format!("job-{}-stalled-g{}-s{}", s.job_id, s.generation, s.step);
+            if !job.events.iter().any(|e| e.event_id == event_id) {
+                push_event(job, JobEvent { event_id, event: "stalled".into(), generation: s.generation, step: s.step, unix_ms: now, error: String::new(), delivered: false });
+            }
+        }
+        Ok(ApplyOutput::None)
+    }
+
+    pub(super) fn event_delivered(&mut self, d: shoal_proto::EventDelivered) -> ApplyResult {
+        if let Some(e) = self.jobs.get_mut(&d.job_id).and_then(|j| j.events.iter_mut().find(|e| e.event_id == d.event_id)) {
+            e.delivered = true;
+        }
+        Ok(ApplyOutput::None)
     }
 
     pub(super) fn release_workers(&mut self, job: u64, workers: &[String]) {
@@ -543,4 +575,23 @@ impl StateMachine {
         let list = self.jobs.values().skip(range.start).take(range.len()).rev().collect();
         (list, next)
     }
+}
+
+/// Events a job keeps at most (the oldest delivered ones go first).
+const MAX_EVENTS: usize = 64;
+
+/// Whether the job's spec has a `[notify]` webhook.
+pub(super) fn notifies(job: &JobInfo) -> bool {
+    shoal_core::JobSpec::parse(&job.spec_toml).is_ok_and(|s| s.notify.is_some())
+}
+
+fn push_event(job: &mut JobInfo, e: JobEvent) {
+    if job.events.len() >= MAX_EVENTS {
+        if let Some(i) = job.events.iter().position(|e| e.delivered) {
+            job.events.remove(i);
+        } else {
+            return;
+        }
+    }
+    job.events.push(e);
 }

@@ -489,6 +489,8 @@ impl StateMachine {
             command::Kind::CheckpointCommitted(c) => self.checkpoint_committed(c),
             command::Kind::CheckpointFailed(f) => self.checkpoint_failed(f),
             command::Kind::MetricChunk(r) => self.metric_chunk(r),
+            command::Kind::JobStalled(s) => self.job_stalled(s),
+            command::Kind::EventDelivered(d) => self.event_delivered(d),
             command::Kind::PruneJobs(_) => Ok(self.prune_jobs()),
         }
     }
