@@ -345,36 +345,16 @@ pub fn maxpool2(x: &[f32], planes: usize, h: usize, w: usize, y: &mut [f32], arg
         unsafe { crate::pool512::maxpool2(x, None, 1, false, planes, h, w, y, arg) };
         return Ok(());
     }
-    maxpool2_best(x, planes, h, w, y, arg)
+    maxpool2_portable(x, planes, h, w, y, arg)
 }
 
-versions!(maxpool2_best => maxpool2_body(x: &[f32], planes: usize, h: usize, w: usize, y: &mut [f32], arg: &mut [u32]) -> Result<(), KernelError>);
-
-#[inline(always)]
-fn maxpool2_body(x: &[f32], planes: usize, h: usize, w: usize, y: &mut [f32], arg: &mut [u32]) -> Result<(), KernelError> {
-    let (oh, ow) = (h / 2, w / 2);
+/// The scalar `maxpool2` (CPUs without AVX-512): the fused loop with neither bias nor ReLU.
+fn maxpool2_portable(x: &[f32], planes: usize, h: usize, w: usize, y: &mut [f32], arg: &mut [u32]) -> Result<(), KernelError> {
+    let outs = planes * (h / 2) * (w / 2);
     check("maxpool input", x.len(), planes * h * w)?;
-    check("maxpool output", y.len(), planes * oh * ow)?;
-    check("maxpool argmax", arg.len(), planes * oh * ow)?;
-    for p in 0..planes {
-        let src = &x[p * h * w..(p + 1) * h * w];
-        for oy in 0..oh {
-            let (top, bottom) = (&src[2 * oy * w..2 * oy * w + w], &src[(2 * oy + 1) * w..(2 * oy + 2) * w]);
-            let o = p * oh * ow + oy * ow;
-            let (y_row, arg_row) = (&mut y[o..o + ow], &mut arg[o..o + ow]);
-            for ox in 0..ow {
-                // The first maximum in the order top-left, top-right, bottom-left, bottom-right,
-                // found by selects rather than branches (the comparisons are unpredictable).
-                let base = (2 * oy * w + 2 * ox) as u32;
-                let (a, b, c, d) = (top[2 * ox], top[2 * ox + 1], bottom[2 * ox], bottom[2 * ox + 1]);
-                let (m1, i1) = if b > a { (b, base + 1) } else { (a, base) };
-                let (m2, i2) = if d > c { (d, base + w as u32 + 1) } else { (c, base + w as u32) };
-                let (m, i) = if m2 > m1 { (m2, i2) } else { (m1, i1) };
-                y_row[ox] = m;
-                arg_row[ox] = i;
-            }
-        }
-    }
+    check("maxpool output", y.len(), outs)?;
+    check("maxpool argmax", arg.len(), outs)?;
+    bias_act_maxpool2_best(x, None, false, planes, 1, h, w, y, arg);
     Ok(())
 }
 
