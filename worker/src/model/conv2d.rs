@@ -79,6 +79,19 @@ impl Conv2d {
         winograd::applies(self.c_in, self.g.kh, self.g.stride, self.g.pad).then_some(Winograd { c: self.c_in, o: self.c_out, n, h: self.g.h, w: self.g.w, pooled: self.pooled })
     }
 
+    /// The batch's transformed weights and inputs into `wino` (the inputs stay for the
+    /// backward pass).
+    fn winograd_transforms(&mut self, s: &Winograd, p: &[f32], x: &[f32]) -> Result<(), WorkerError> {
+        let weights = &p[self.w..self.w + self.c_out * self.k()];
+        let [u, v, _, scratch] = &mut self.wino;
+        super::grow(u, s.u_len());
+        super::grow(v, s.v_len());
+        super::grow(scratch, s.scratch_len());
+        winograd::filter_transform(s, weights, u)?;
+        winograd::input_transform(s, x, v, scratch)?;
+        Ok(())
+    }
+
     /// 3x3, stride 1, padding 1: `nn`'s dedicated im2col.
     fn is_3x3_same(&self) -> bool {
         (self.g.kh, self.g.kw, self.g.stride, self.g.pad) == (3, 3, 1, 1)
@@ -93,14 +106,10 @@ impl Conv2d {
     }
 
     pub(super) fn forward(&mut self, p: &[f32], x: &[f32], y: &mut [f32], n: usize) -> Result<(), WorkerError> {
-        let (k, plane) = (self.k(), self.plane_out(n));
+        let plane = self.plane_out(n);
         if let Some(s) = self.winograd(n) {
+            self.winograd_transforms(&s, p, x)?;
             let [u, v, _, scratch] = &mut self.wino;
-            super::grow(u, s.u_len());
-            super::grow(v, s.v_len());
-            super::grow(scratch, s.scratch_len());
-            winograd::filter_transform(&s, &p[self.w..self.w + self.c_out * k], u)?;
-            winograd::input_transform(&s, x, v, scratch)?;
             let bias = self.b.map(|b| &p[b..b + self.c_out]);
             winograd::forward(&s, u, v, bias, self.relu, y, scratch)?;
             return Ok(());
@@ -117,15 +126,11 @@ impl Conv2d {
     /// This layer, its ReLU and the 2x2 max pool after them in one pass: the pool's output
     /// into `pooled` and its argmax into `arg` (the bits of the three layers one by one).
     pub(super) fn forward_pooled(&mut self, p: &[f32], x: &[f32], pooled: &mut [f32], arg: &mut [u32], n: usize) -> Result<(), WorkerError> {
-        let (k, plane, co) = (self.k(), self.plane_out(n), self.c_out);
+        let (plane, co) = (self.plane_out(n), self.c_out);
         let bias = self.b.map(|b| &p[b..b + co]);
         if let Some(s) = self.winograd(n) {
+            self.winograd_transforms(&s, p, x)?;
             let [u, v, _, scratch] = &mut self.wino;
-            super::grow(u, s.u_len());
-            super::grow(v, s.v_len());
-            super::grow(scratch, s.scratch_len());
-            winograd::filter_transform(&s, &p[self.w..self.w + co * k], u)?;
-            winograd::input_transform(&s, x, v, scratch)?;
             winograd::forward_pooled(&s, u, v, bias, self.relu, pooled, arg, scratch)?;
             return Ok(());
         }

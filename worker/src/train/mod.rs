@@ -475,7 +475,9 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
         fill_counters(&mut progress, state);
         task.link.progress(&progress);
     }
-    let mut ckpt = Checkpointer::new(task, &spec, &model, &state.opt, rank, world)?;
+    // Prometheus (`/metrics`): this rank's series of the job.
+    let series = shoal_core::telemetry::metrics().job(&a.job_id.to_string(), a.rank);
+    let mut ckpt = Checkpointer::new(task, &spec, &model, &state.opt, (rank, world), series.checkpoint_seconds.clone())?;
     // The schedule is a function of the optimizer's step count, which the state carries.
     state.opt.set_training(Schedule::of(&spec.training, total), spec.training.clip_norm);
     let strategy = match spec.training.lanes {
@@ -493,8 +495,6 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
     let step_delay = shoal_core::failpoint::value("step-delay-ms").map(Duration::from_millis);
     let mut phases = Phases::default();
     let mut finished_an_epoch = false;
-    // Prometheus (`/metrics`): this rank's series of the job.
-    let series = shoal_core::telemetry::metrics().job(&a.job_id.to_string(), a.rank);
     let grad_bytes = if world > 1 { np as u64 * 4 } else { 0 };
     // The job's metric history: this rank's points, in chunks in the store.
     let mut history = Recorder::start(task.store.clone(), task.link.clone(), a.job_id, a.generation, a.rank);
@@ -869,12 +869,13 @@ struct Checkpointer {
 }
 
 impl Checkpointer {
-    fn new(task: &TrainTask, spec: &JobSpec, model: &Layout, opt: &Opt, rank: usize, world: usize) -> Result<Checkpointer, WorkerError> {
+    /// `write_seconds`: the job's histogram of part-write times (`/metrics`).
+    fn new(task: &TrainTask, spec: &JobSpec, model: &Layout, opt: &Opt, (rank, world): (usize, usize), write_seconds: shoal_core::telemetry::Histogram) -> Result<Checkpointer, WorkerError> {
         let a = &task.assignment;
         let tensors = checkpoint::state_tensors(model, opt);
         let mine = checkpoint::assign_parts(&tensors, world).swap_remove(rank);
         Ok(Checkpointer {
-            writer: Writer::spawn(task.store.clone(), task.link.clone(), shoal_core::telemetry::metrics().job(&task.assignment.job_id.to_string(), task.assignment.rank).checkpoint_seconds)?,
+            writer: Writer::spawn(task.store.clone(), task.link.clone(), write_seconds)?,
             link: task.link.clone(),
             store: task.store.clone(),
             every_steps: spec.checkpoint.every_steps,
