@@ -6,6 +6,7 @@ mod bench;
 mod http;
 mod logs;
 mod ops;
+mod runs;
 mod torch;
 
 use std::collections::BTreeMap;
@@ -1242,31 +1243,31 @@ async fn job(cmd: JobCmd) -> Result<()> {
             let client = conn.client()?;
             let m = client.call(|mut c| { let keys = keys.clone(); async move { c.get_job_metrics(shoal_proto::JobMetricsRequest { id, keys }).await } }).await?;
             if let Some(out) = parquet {
-                let rows = ops::metrics_parquet(&m, &out).with_context(|| format!("writing {}", out.display()))?;
+                let rows = runs::metrics_parquet(&m, &out).with_context(|| format!("writing {}", out.display()))?;
                 println!("wrote {rows} points of job {id} to {}", out.display());
             } else if json {
-                print_json(&ops::metrics_json(&m));
+                print_json(&runs::metrics_json(&m));
             } else {
-                print!("{}", ops::metrics_text(&m));
+                print!("{}", runs::metrics_text(&m));
             }
         }
         JobCmd::Compare { ids, conn, json } => {
-            if ids.len() > ops::MAX_COMPARE {
-                anyhow::bail!("job compare takes at most {} jobs, got {}", ops::MAX_COMPARE, ids.len());
+            if ids.len() > runs::MAX_COMPARE {
+                anyhow::bail!("job compare takes at most {} jobs, got {}", runs::MAX_COMPARE, ids.len());
             }
             let client = conn.client()?;
             let (mut jobs, mut histories) = (Vec::with_capacity(ids.len()), Vec::with_capacity(ids.len()));
             for id in ids {
                 jobs.push(ops::get_job(&client, id).await.with_context(|| format!("job {id}"))?);
-                let keys: Vec<String> = ops::BEST.iter().map(|(k, _)| k.to_string()).collect();
+                let keys: Vec<String> = runs::BEST.iter().map(|(k, _)| k.to_string()).collect();
                 let h = client.call(|mut c| { let keys = keys.clone(); async move { c.get_job_metrics(shoal_proto::JobMetricsRequest { id, keys }).await } }).await;
                 histories.push(h.with_context(|| format!("job {id}'s metric history"))?);
             }
-            let v = ops::compare_json(&jobs, &histories)?;
+            let v = runs::compare_json(&jobs, &histories)?;
             if json {
                 print_json(&v);
             } else {
-                print!("{}", ops::compare_text(&v));
+                print!("{}", runs::compare_text(&v));
             }
         }
         JobCmd::Prune { conn, json } => {
