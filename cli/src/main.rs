@@ -306,9 +306,17 @@ struct SliceArgs {
     /// Only records START:END (from START, before END) of the files.
     #[arg(long, value_parser = parse_record_range)]
     records: Option<(usize, usize)>,
-    /// idx, csv, npy or safetensors (default: by the files' extension; idx otherwise).
+    /// idx, csv, npy, safetensors or text (default: by the files' extension; idx otherwise).
     #[arg(long)]
     format: Option<String>,
+    /// text: tokens (bytes) the model reads per record; each record is a window of
+    /// CONTEXT + 1 (an append takes the dataset's).
+    #[arg(long)]
+    context: Option<usize>,
+    /// text: tokens between the starts of two windows (default: CONTEXT, so an epoch reads
+    /// each token once).
+    #[arg(long)]
+    stride: Option<usize>,
     /// CSV: the label column (integer class ids, or names mapped to class ids).
     #[arg(long, conflicts_with = "target")]
     label: Option<String>,
@@ -319,7 +327,15 @@ struct SliceArgs {
 
 impl SliceArgs {
     fn source(&self) -> ops::Source<'_> {
-        ops::Source { files: &self.files, format: self.format.as_deref(), label: self.label.as_deref(), target: self.target.as_deref(), range: self.records }
+        ops::Source {
+            files: &self.files,
+            format: self.format.as_deref(),
+            label: self.label.as_deref(),
+            target: self.target.as_deref(),
+            range: self.records,
+            context: self.context,
+            stride: self.stride,
+        }
     }
 }
 
@@ -328,7 +344,8 @@ enum DataCmd {
     /// Import IDX files (gzip or not; one features file, one labels file), one CSV file (a
     /// header row, numeric feature columns, the label column named by --label or a float
     /// regression target named by --target), two NumPy .npy files (features, and labels:
-    /// integers, or float targets) or one safetensors file (tensors x and y) as a new
+    /// integers, or float targets), one safetensors file (tensors x and y), or text files
+    /// (`--format text --context N`: byte tokens, records of N + 1 tokens) as a new
     /// dataset NAME (version 1): safetensors shards in the store, registered in the
     /// coordinator. An existing NAME is an error: `append` adds to it.
     Import {
@@ -1614,7 +1631,7 @@ async fn model(cmd: ModelCmd) -> Result<()> {
                 })
                 .await
                 .with_context(|| format!("reading dataset {dataset} v{version}, which the model trained on"))?;
-            let head = shoal_core::model::Head::of(spec.loss(), d.classes as u64, d.target_width as u64).map_err(anyhow::Error::msg)?;
+            let head = shoal_core::model::Head::of(spec.loss(), d.classes as u64, d.target_width as u64, d.context as u64).map_err(anyhow::Error::msg)?;
             let layout = shoal_core::model::Layout::new(&spec.model, &d.feature_shape, head).map_err(|e| anyhow::anyhow!("{e}"))?;
             let code = torch::sequential_code(&layout, &d.feature_shape, &d.feature_dtype, &hint);
             match out {
@@ -1780,7 +1797,7 @@ async fn run_local(spec_text: String, workers: Option<u64>, keep: bool, show: bo
     let result = async {
         up?;
         let client = Client::new(&layout.endpoints()?)?;
-        let src = ops::Source { files: &files, format: None, label: None, target: None, range: None };
+        let src = ops::Source { files: &files, format: None, label: None, target: None, range: None, context: None, stride: None };
         let d = ops::import_idx(&client, &spec.dataset.name, &src, None, false).await?;
         if show {
             eprintln!("demo: imported {} v{} ({} records, {} shards)", d.name, d.version, d.records, d.shards.len());

@@ -33,6 +33,9 @@ pub struct Source<'a> {
     pub target: Option<&'a str>,
     /// Only records [start, end) of the files.
     pub range: Option<(usize, usize)>,
+    /// Text: the window (tokens a model reads) and the stride between windows.
+    pub context: Option<usize>,
+    pub stride: Option<usize>,
 }
 
 /// A source file mapped, not read: copying a large table costs about as much as parsing it.
@@ -66,8 +69,9 @@ pub async fn import_idx(client: &Client, name: &str, src: &Source<'_>, per_shard
     };
     let all_are = |ext: &str| files.iter().all(|f| f.extension().is_some_and(|e| e.eq_ignore_ascii_case(ext)));
     let format = match src.format {
-        Some(f @ ("idx" | "csv" | "npy" | "safetensors")) => f,
-        Some(other) => bail!("--format must be idx, csv, npy or safetensors, not {other:?}"),
+        Some(f @ ("idx" | "csv" | "npy" | "safetensors" | "text")) => f,
+        Some(other) => bail!("--format must be idx, csv, npy, safetensors or text, not {other:?}"),
+        None if base.as_ref().is_some_and(|b| b.context > 0) => "text",
         None if all_are("csv") => "csv",
         None if all_are("npy") => "npy",
         None if all_are("safetensors") => "safetensors",
@@ -79,7 +83,38 @@ pub async fn import_idx(client: &Client, name: &str, src: &Source<'_>, per_shard
     if src.target.is_some() && format != "csv" {
         bail!("--target applies to CSV files; {format} files give float targets as a float y (its own file or tensor)");
     }
+    if format != "text" && (src.context.is_some() || src.stride.is_some()) {
+        bail!("--context and --stride apply to text (--format text)");
+    }
+    if format == "text" && (src.label.is_some() || src.target.is_some()) {
+        bail!("--label and --target do not apply to text: a text record's targets are its own next tokens");
+    }
     let read = |f: &PathBuf| std::fs::read(f).with_context(|| format!("reading {}", f.display()));
+    if format == "text" {
+        let (context, stride) = match &base {
+            Some(b) if b.context == 0 => bail!("dataset {name} holds records of features, not text: append text to a text dataset"),
+            Some(b) => {
+                let (c, s) = (b.context as usize, b.stride as usize);
+                if src.context.is_some_and(|x| x != c) || src.stride.is_some_and(|x| x != s) {
+                    bail!("dataset {name} is text with --context {c} --stride {s}; an append keeps them (leave them out or pass the same)");
+                }
+                (c, s)
+            }
+            None => {
+                let c = src.context.context("text: give the window with --context N (tokens a model reads per record)")?;
+                (c, src.stride.unwrap_or(c))
+            }
+        };
+        let texts = files.iter().map(|f| read(f).map(|b| (f.display().to_string(), b))).collect::<Result<Vec<_>>>()?;
+        let tokens = shoal_core::text::join(&texts);
+        let mut records = shoal_core::text::windows(&tokens, context, stride)?;
+        if let Some((start, end)) = src.range {
+            records = records.select(start, end)?;
+        }
+        let (start, end) = src.range.unwrap_or((0, records.len()));
+        let stats = || shoal_core::text::slice_stats(&tokens);
+        return register_records(client, name, files, &records, per_shard, append, stats, (start, end), Vec::new(), Some((context as u32, stride as u32))).await;
+    }
     let (mut records, class_names) = if format == "npy" {
         let maps = files.iter().map(map_file).collect::<Result<Vec<_>>>()?;
         let arrays: Vec<(String, &[u8])> = files.iter().zip(&maps).map(|(f, m)| (f.display().to_string(), &m[..])).collect();
@@ -110,6 +145,34 @@ pub async fn import_idx(client: &Client, name: &str, src: &Source<'_>, per_shard
         records = records.select(start, end)?;
     }
     let classes = (records.classes() as usize).max(class_names.len());
+    // The version's statistics keep the first slice's bins, which every slice uses.
+    let stats = |records: &Records| match &base {
+        Some(base) => {
+            let ranges = base.stats.as_ref().map(shoal_core::stats::ranges);
+            let fits = ranges.as_ref().is_none_or(|r| r.len() == records.feature_shape.iter().product::<usize>());
+            shoal_core::stats::slice_stats(records, ranges.as_deref().filter(|_| fits), (base.classes as usize).max(classes))
+        }
+        None => shoal_core::stats::slice_stats(records, None, classes),
+    };
+    let records = &records;
+    register_records(client, name, files, records, per_shard, append, || stats(records), (start, end), class_names, None).await
+}
+
+/// Writes `records` as a new import's shards, then registers them as dataset `name` (or a
+/// slice of it: `append`) with the slice's `stats`; `text`: (context, stride) of text windows.
+#[allow(clippy::too_many_arguments)]
+async fn register_records(
+    client: &Client,
+    name: &str,
+    files: &[PathBuf],
+    records: &Records,
+    per_shard: Option<usize>,
+    append: bool,
+    stats: impl FnOnce() -> shoal_proto::SliceStats + Send,
+    (start, end): (usize, usize),
+    class_names: Vec<String>,
+    text: Option<(u32, u32)>,
+) -> Result<DatasetInfo> {
     let store = store_dir(client).await?;
     let request_id = shoal_coordinator::client::new_request_id();
     let folder = import_dir(name, &request_id)?;
@@ -118,21 +181,13 @@ pub async fn import_idx(client: &Client, name: &str, src: &Source<'_>, per_shard
     let record_bytes = records.feature_shape.iter().product::<usize>() * if records.dtype() == "u8" { 1 } else { 4 } + 8.max(4 * records.target_width());
     let per_shard = per_shard.unwrap_or_else(|| DEFAULT_RECORDS_PER_SHARD.max(DEFAULT_RECORDS_PER_SHARD * 784 / record_bytes.max(1)));
     // The statistics are computed while the shards are written (and wait on fsync).
-    let (stats, written) = rayon::join(
-        || match &base {
-            Some(base) => {
-                // The version's statistics keep the first slice's bins, which every slice uses.
-                let ranges = base.stats.as_ref().map(shoal_core::stats::ranges);
-                let fits = ranges.as_ref().is_none_or(|r| r.len() == records.feature_shape.iter().product::<usize>());
-                shoal_core::stats::slice_stats(&records, ranges.as_deref().filter(|_| fits), (base.classes as usize).max(classes))
-            }
-            None => shoal_core::stats::slice_stats(&records, None, classes),
-        },
-        || write_shards(&store, name, &folder, &records, per_shard.max(1)),
-    );
+    let (stats, written) = rayon::join(stats, || write_shards(&store, name, &folder, records, per_shard.max(1)));
     let info = match written {
         Ok(mut info) => {
             info.append = append;
+            if let Some((context, stride)) = text {
+                (info.context, info.stride, info.classes) = (context, stride, shoal_core::text::VOCAB);
+            }
             if !class_names.is_empty() {
                 info.classes = info.classes.max(class_names.len() as u32);
                 info.class_names = class_names;

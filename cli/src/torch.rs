@@ -9,7 +9,13 @@
 //! - layernorm: biased variance, the spec's `eps` (default 1e-5, applied as an f32 like
 //!   PyTorch does for f32 inputs), an affine weight and bias of the normalized shape: the last
 //!   dimension (`over = "last"`) or [C, H, W] (`over = "chw"`);
-//! - dropout: `nn.Dropout(p)` (the identity in eval mode, as in shoal's scoring).
+//! - dropout: `nn.Dropout(p)` (the identity in eval mode, as in shoal's scoring);
+//! - embedding: `nn.Embedding(vocab, dim)`; position_embedding and transformer_block: the
+//!   `PositionEmbedding` and `Block` modules the source defines (pre-LayerNorm, causal
+//!   `scaled_dot_product_attention`, the exact GELU), whose tensor names are shoal's.
+//!
+//! A language model's records are windows of context + 1 byte tokens: `preprocess` takes
+//! the first `context` as token ids (int64), and the logits at position i predict token i + 1.
 //!
 //! The records enter as `shoal_core::model::input_shape` says (`INPUT_SHAPE`, per record):
 //! `preprocess` reshapes raw records ([N] + feature shape) to [N] + `INPUT_SHAPE` and scales u8
@@ -28,7 +34,8 @@ use shoal_core::spec::{LayerSpec, NormOver};
 /// `OUTPUT_SHAPE`, `PARAMETERS`, `build()`, `preprocess(x)` and `load(path)`, and, run as a
 /// script with the export's path, loads it strictly and prints the parameter count.
 pub fn sequential_code(layout: &Layout, feature_shape: &[u64], feature_dtype: &str, export_hint: &str) -> String {
-    let scaled = feature_dtype == "u8";
+    let text = matches!(layout.layers.first(), Some(LayerSpec::Embedding { .. }));
+    let scaled = feature_dtype == "u8" && !text;
     let output: &[u64] = layout.shapes.last().map_or(&layout.input[..], |s| &s.output[..]);
     let params = layout.param_count();
     let what = match layout.preset {
@@ -37,7 +44,9 @@ pub fn sequential_code(layout: &Layout, feature_shape: &[u64], feature_dtype: &s
     };
     let hint = comment_text(export_hint);
     let hint = if hint.trim().is_empty() { "EXPORT.safetensors".to_string() } else { hint };
-    let records = if scaled {
+    let records = if text {
+        format!("windows of {} byte tokens; the first {} are the input, as int64 token ids (preprocess)", feature_shape.first().copied().unwrap_or(0), layout.input.first().copied().unwrap_or(0))
+    } else if scaled {
         format!("u8 of shape {feature_shape:?}, scaled by 1/255 in float32 (preprocess)")
     } else {
         format!("{} of shape {feature_shape:?}, used as they are (preprocess)", comment_text(feature_dtype))
@@ -66,6 +75,54 @@ pub fn sequential_code(layout: &Layout, feature_shape: &[u64], feature_dtype: &s
     out!("import torch");
     out!("import torch.nn as nn");
     out!();
+    if layout.layers.iter().any(|l| matches!(l, LayerSpec::PositionEmbedding)) {
+        out!();
+        out!("class PositionEmbedding(nn.Module):");
+        out!("    \"\"\"A learned vector added at each position of [N, T, D].\"\"\"");
+        out!();
+        out!("    def __init__(self, positions: int, dim: int):");
+        out!("        super().__init__()");
+        out!("        self.weight = nn.Parameter(torch.zeros(positions, dim))");
+        out!();
+        out!("    def forward(self, x: torch.Tensor) -> torch.Tensor:");
+        out!("        return x + self.weight");
+        out!();
+    }
+    if layout.layers.iter().any(|l| matches!(l, LayerSpec::TransformerBlock { .. })) {
+        out!();
+        out!("class Attention(nn.Module):");
+        out!("    \"\"\"Causal multi-head self-attention: q, k, v from one linear, split in that order.\"\"\"");
+        out!();
+        out!("    def __init__(self, dim: int, heads: int):");
+        out!("        super().__init__()");
+        out!("        self.heads = heads");
+        out!("        self.qkv = nn.Linear(dim, 3 * dim)");
+        out!("        self.proj = nn.Linear(dim, dim)");
+        out!();
+        out!("    def forward(self, x: torch.Tensor) -> torch.Tensor:");
+        out!("        n, t, d = x.shape");
+        out!("        q, k, v = self.qkv(x).split(d, dim=-1)");
+        out!("        q, k, v = (z.view(n, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))");
+        out!("        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)");
+        out!("        return self.proj(y.transpose(1, 2).reshape(n, t, d))");
+        out!();
+        out!();
+        out!("class Block(nn.Module):");
+        out!("    \"\"\"Pre-LayerNorm: x + drop(attn(ln1(x))), then + drop(mlp(ln2(.))).\"\"\"");
+        out!();
+        out!("    def __init__(self, dim: int, heads: int, hidden: int, dropout: float):");
+        out!("        super().__init__()");
+        out!("        self.ln1 = nn.LayerNorm(dim, eps=1e-05)");
+        out!("        self.attn = Attention(dim, heads)");
+        out!("        self.ln2 = nn.LayerNorm(dim, eps=1e-05)");
+        out!("        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate=\"none\"), nn.Linear(hidden, dim))");
+        out!("        self.drop = nn.Dropout(dropout)");
+        out!();
+        out!("    def forward(self, x: torch.Tensor) -> torch.Tensor:");
+        out!("        x = x + self.drop(self.attn(self.ln1(x)))");
+        out!("        return x + self.drop(self.mlp(self.ln2(x)))");
+        out!();
+    }
     out!("FEATURE_SHAPE = {}", py_tuple(feature_shape));
     out!("FEATURE_DTYPE = {}", py_str(feature_dtype));
     out!("INPUT_SHAPE = {}", py_tuple(&layout.input));
@@ -96,11 +153,19 @@ pub fn sequential_code(layout: &Layout, feature_shape: &[u64], feature_dtype: &s
     out!("        x = x.unsqueeze(0)");
     out!("    if tuple(x.shape[1:]) != FEATURE_SHAPE:");
     out!("        raise ValueError(f\"records of shape {{FEATURE_SHAPE}} expected, got {{tuple(x.shape)}}\")");
-    out!("    x = x.to(torch.float32).reshape((x.shape[0],) + INPUT_SHAPE)");
-    if scaled {
-        out!("    return x / 255.0");
+    if text {
+        out!("    return x[:, : INPUT_SHAPE[0]].to(torch.int64)");
+        out!();
+        out!();
+        out!("def targets(x) -> torch.Tensor:");
+        out!("    \"\"\"The next token at every position of raw records: [N, T] int64.\"\"\"");
+        out!("    x = torch.as_tensor(x)");
+        out!("    if x.dim() == len(FEATURE_SHAPE):");
+        out!("        x = x.unsqueeze(0)");
+        out!("    return x[:, 1:].to(torch.int64)");
     } else {
-        out!("    return x");
+        out!("    x = x.to(torch.float32).reshape((x.shape[0],) + INPUT_SHAPE)");
+        out!("    return x{}", if scaled { " / 255.0" } else { "" });
     }
     out!();
     out!();
@@ -125,7 +190,7 @@ pub fn sequential_code(layout: &Layout, feature_shape: &[u64], feature_dtype: &s
     out!("    model.eval()");
     out!("    count = sum(p.numel() for p in model.parameters())");
     out!("    with torch.no_grad():");
-    out!("        out = model(torch.zeros((1,) + INPUT_SHAPE))");
+    out!("        out = model(torch.zeros((1,) + INPUT_SHAPE{}))", if text { ", dtype=torch.int64" } else { "" });
     out!("    print(f\"loaded {{sys.argv[1]}}: {{count}} parameters (expected {{PARAMETERS}}), output per record {{tuple(out.shape[1:])}}\")");
     s
 }
@@ -135,8 +200,17 @@ fn module(l: &LayerShape) -> String {
     let py_bool = |b: bool| if b { "True" } else { "False" };
     match l.layer {
         LayerSpec::Linear { out, bias } => {
-            let inp = l.input.first().copied().unwrap_or(0);
+            let inp = l.input.last().copied().unwrap_or(0);
             format!("nn.Linear({inp}, {out}, bias={})", py_bool(bias))
+        }
+        LayerSpec::Embedding { dim, .. } => {
+            let vocab = l.params.first().map_or(0, |p| p.shape[0]);
+            format!("nn.Embedding({vocab}, {dim})")
+        }
+        LayerSpec::PositionEmbedding => format!("PositionEmbedding({}, {})", l.input[0], l.input[1]),
+        LayerSpec::TransformerBlock { heads, mlp_ratio, dropout } => {
+            let d = l.input.last().copied().unwrap_or(0);
+            format!("Block({d}, {heads}, {}, {})", d * mlp_ratio, py_float(dropout))
         }
         LayerSpec::Conv2d { out, kernel, stride, padding, bias } => {
             let inp = l.input.first().copied().unwrap_or(0);

@@ -17,7 +17,7 @@ pub fn chunk_path(job: u64, generation: u64, rank: u32, seq: u64) -> String {
 /// schedule's rate, the reduced gradient's norm, evaluations over every rank's share): every
 /// rank records them, and they merge into one series (rank 0's), so the history keeps every
 /// step's point even when the worker that was rank 0 is lost before writing its last chunk.
-pub const JOB_KEYS: [&str; 8] = ["loss", "lr", "samples_per_s", "grad_norm", "test_accuracy", "test_loss", "test_rmse", "test_r2"];
+pub const JOB_KEYS: [&str; 9] = ["loss", "lr", "samples_per_s", "grad_norm", "test_accuracy", "test_loss", "test_rmse", "test_r2", "test_bpb"];
 
 /// One series while merging: step -> (generation, unix_ms, value).
 type Points = BTreeMap<u64, (u64, u64, f64)>;

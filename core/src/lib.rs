@@ -19,6 +19,7 @@ pub mod schedule;
 pub mod spec;
 pub mod stats;
 pub mod telemetry;
+pub mod text;
 
 pub use spec::JobSpec;
 

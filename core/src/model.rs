@@ -40,6 +40,8 @@ pub enum ParamInit {
     Ones,
     /// A layernorm's bias.
     Zeros,
+    /// N(0, EMBEDDING_STD^2): token and position embeddings (GPT-2's init).
+    Normal,
 }
 
 /// One parameter tensor of a layer.
@@ -175,6 +177,14 @@ fn windows(size: u64, kernel: u64, stride: u64) -> u64 {
 /// Infers every layer's shapes from the model's `input` (per record, see `input_shape`).
 /// Errors name the layer index, its kind and the shapes that do not fit.
 pub fn infer(layers: &[LayerSpec], input: &[u64]) -> Result<Vec<LayerShape>, ShapeError> {
+    infer_with_vocab(layers, input, None)
+}
+
+/// The std of the embeddings' init (GPT-2's).
+pub const EMBEDDING_STD: f32 = 0.02;
+
+/// `infer` with the dataset's vocabulary, which an `embedding` without its own `vocab` takes.
+pub fn infer_with_vocab(layers: &[LayerSpec], input: &[u64], vocab_hint: Option<u64>) -> Result<Vec<LayerShape>, ShapeError> {
     if input.is_empty() || input.contains(&0) {
         return Err(ShapeError::model(format!("an input of shape {input:?} holds no values")));
     }
@@ -191,12 +201,54 @@ pub fn infer(layers: &[LayerSpec], input: &[u64]) -> Result<Vec<LayerShape>, Sha
         let mut params = Vec::new();
         let output = match *layer {
             LayerSpec::Linear { out: o, bias } => {
-                let [n] = shape[..] else { return Err(err(format!("expects 1 dimension, got {shape:?}; add a flatten"))) };
+                // [F], or a sequence [T, F] (applied at each position, as PyTorch's is).
+                let (lead, n) = match shape[..] {
+                    [n] => (None, n),
+                    [t, n] => (Some(t), n),
+                    _ => return Err(err(format!("expects [features] or a sequence [positions, features], got {shape:?}; add a flatten"))),
+                };
                 params.push(uniform("weight", vec![o, n], n));
                 if bias {
                     params.push(uniform("bias", vec![o], n));
                 }
-                vec![o]
+                match lead {
+                    Some(t) => vec![t, o],
+                    None => vec![o],
+                }
+            }
+            LayerSpec::Embedding { dim, vocab } => {
+                let [t] = shape[..] else { return Err(err(format!("reads a record's token ids [positions], got {shape:?}: it must come first, on a text dataset"))) };
+                if i != 0 {
+                    return Err(err("reads the record's token ids: it must be the first layer".to_string()));
+                }
+                let v = vocab.or(vocab_hint).ok_or_else(|| err("needs vocab: the dataset is not text".to_string()))?;
+                params.push(ParamShape { name: format!("{i}.weight"), shape: vec![v, dim], init: ParamInit::Normal });
+                vec![t, dim]
+            }
+            LayerSpec::PositionEmbedding => {
+                let [t, d] = shape[..] else { return Err(err(format!("expects a sequence [positions, features], got {shape:?}; put it after an embedding"))) };
+                params.push(ParamShape { name: format!("{i}.weight"), shape: vec![t, d], init: ParamInit::Normal });
+                shape.clone()
+            }
+            LayerSpec::TransformerBlock { heads, mlp_ratio, .. } => {
+                let [t, d] = shape[..] else { return Err(err(format!("expects a sequence [positions, features], got {shape:?}; put it after an embedding"))) };
+                if d % heads != 0 {
+                    return Err(err(format!("heads = {heads} does not divide the width {d} of {shape:?}")));
+                }
+                let hidden = d.checked_mul(mlp_ratio).ok_or_else(too_large)?;
+                let ln = |name: &str| [(format!("{i}.{name}.weight"), ParamInit::Ones), (format!("{i}.{name}.bias"), ParamInit::Zeros)].map(|(name, init)| ParamShape { name, shape: vec![d], init });
+                let lin = |name: &str, o: u64, n: u64| [vec![o, n], vec![o]].map(|shape| ParamShape { name: format!("{i}.{name}.{}", if shape.len() == 2 { "weight" } else { "bias" }), shape, init: ParamInit::Uniform { fan_in: n } });
+                params.extend(ln("ln1"));
+                params.extend(lin("attn.qkv", 3 * d, d));
+                params.extend(lin("attn.proj", d, d));
+                params.extend(ln("ln2"));
+                params.extend(lin("mlp.0", hidden, d));
+                params.extend(lin("mlp.2", d, hidden));
+                // Kept for backward: ln1, qkv, attention out, x1, ln2 (d each... 3d), the MLP's
+                // hidden twice, and the attention's probabilities.
+                let per_pos = d.checked_mul(7).and_then(|a| a.checked_add(hidden.checked_mul(2)?)).ok_or_else(too_large)?;
+                scratch = t.checked_mul(per_pos).and_then(|a| a.checked_add(heads.checked_mul(t)?.checked_mul(t)?)).ok_or_else(too_large)?;
+                shape.clone()
             }
             LayerSpec::Conv2d { out: o, kernel: k, stride, padding: p, bias } => {
                 let (c, h, w) = image(&shape, "expects").map_err(err)?;
@@ -251,26 +303,45 @@ pub fn infer(layers: &[LayerSpec], input: &[u64]) -> Result<Vec<LayerShape>, Sha
     Ok(out)
 }
 
-/// What a model's output is read as: logits over a dataset's classes (cross-entropy), or a
-/// regression's float targets of some width (mean squared error).
+/// What a model's output is read as: logits over a dataset's classes (cross-entropy), a
+/// regression's float targets of some width (mean squared error), or a language model's
+/// logits over its vocabulary at each of `context` positions (per-token cross-entropy
+/// against the next token).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Head {
     Classes(u64),
     Targets(u64),
+    Tokens { vocab: u64, context: u64 },
 }
 
 impl Head {
-    /// Values the model gives per record.
+    /// Values the model gives per position: per record, except `Tokens`, which gives this
+    /// many at each of its `context` positions.
     pub fn outputs(self) -> u64 {
         match self {
-            Head::Classes(n) | Head::Targets(n) => n,
+            Head::Classes(n) | Head::Targets(n) | Head::Tokens { vocab: n, .. } => n,
         }
     }
 
-    /// The head for a dataset of `classes` classes and targets of `target_width` (0: it
-    /// has class labels) trained with `loss`; an error says what does not match.
-    pub fn of(loss: crate::spec::Loss, classes: u64, target_width: u64) -> Result<Head, String> {
+    /// Positions per record: a language model's context, else 1.
+    pub fn positions(self) -> u64 {
+        match self {
+            Head::Tokens { context, .. } => context,
+            _ => 1,
+        }
+    }
+
+    /// The head for a dataset of `classes` classes, targets of `target_width` (0: it has
+    /// class labels) or text windows of `context` tokens (0: not text) trained with `loss`;
+    /// an error says what does not match.
+    pub fn of(loss: crate::spec::Loss, classes: u64, target_width: u64, context: u64) -> Result<Head, String> {
         use crate::spec::Loss;
+        if context > 0 {
+            return match loss {
+                Loss::CrossEntropy => Ok(Head::Tokens { vocab: classes, context }),
+                Loss::Mse => Err("training.loss: \"mse\" needs float targets, but the dataset is text (the model predicts each next token): use loss = \"cross_entropy\"".into()),
+            };
+        }
         match (loss, target_width) {
             (Loss::CrossEntropy, 0) => Ok(Head::Classes(classes)),
             (Loss::Mse, w) if w > 0 => Ok(Head::Targets(w)),
@@ -298,6 +369,16 @@ pub fn check_output(shapes: &[LayerShape], head: Head) -> Result<(), ShapeError>
     let Some(last) = shapes.last() else { return Err(ShapeError::model("has no layers")) };
     let classes = match head {
         Head::Classes(c) => c,
+        Head::Tokens { vocab, context } => {
+            if last.output == [context, vocab] {
+                return Ok(());
+            }
+            let detail = match (&last.layer, &last.output[..]) {
+                (LayerSpec::Linear { out, .. }, [_, _]) => format!("the last layer gives {out} outputs per position, but the vocabulary has {vocab} tokens; set out = {vocab}"),
+                (_, o) => format!("the model's output is {o:?}, but a language model's must be [{context}, {vocab}] (the next token's logits at every position); end with a linear of out = {vocab}"),
+            };
+            return Err(ShapeError::at(last.index, &last.layer, detail));
+        }
         Head::Targets(w) => {
             if last.output == [w] {
                 return Ok(());
@@ -371,12 +452,28 @@ impl Layout {
                 other => other.to_string(),
             },
         })?;
-        let input = input_shape(feature_shape, preset == Some(ModelKind::Mlp));
         let mark = |e: ShapeError| match preset {
             Some(p) => e.in_preset(p),
             None => e,
         };
-        let shapes = infer(&layers, &input).map_err(mark)?;
+        let (input, vocab) = match head {
+            Head::Tokens { vocab, context } => {
+                if feature_shape != [context + 1] {
+                    return Err(ShapeError::model(format!("text records of shape {feature_shape:?} are not windows of context + 1 = {} tokens", context + 1)));
+                }
+                if let Some(c) = spec.context.filter(|&c| c != context) {
+                    return Err(ShapeError::model(format!("model.context = {c}, but the dataset's windows are {context} tokens (its --context): set context = {context} or leave it out")));
+                }
+                (vec![context], Some(vocab))
+            }
+            _ => {
+                if preset == Some(ModelKind::Gpt) {
+                    return Err(ShapeError::model("model: kind = \"gpt\" trains on a text dataset (`shoal data import NAME FILES --format text --context N`); this one holds records of features and labels"));
+                }
+                (input_shape(feature_shape, preset == Some(ModelKind::Mlp)), None)
+            }
+        };
+        let shapes = infer_with_vocab(&layers, &input, vocab).map_err(mark)?;
         check_output(&shapes, head).map_err(mark)?;
         Ok(Layout { preset, input, layers, shapes })
     }
@@ -530,7 +627,7 @@ mod tests {
             &[28, 28],
             10,
         );
-        assert_eq!(e, "model.layers[4] (linear): expects 1 dimension, got [32, 7, 7]; add a flatten");
+        assert_eq!(e, "model.layers[4] (linear): expects [features] or a sequence [positions, features], got [32, 7, 7]; add a flatten");
         // A convolution on flat (tabular) features.
         let e = err(&["kind = \"conv2d\"; out = 8; kernel = 3", "kind = \"flatten\"", "kind = \"linear\"; out = 3"], &[13], 3);
         assert!(e.starts_with("model.layers[0] (conv2d): expects an image [channels, height, width], got [13]"), "{e}");
@@ -658,5 +755,39 @@ mod tests {
         assert_eq!(params(&l), [p("0.weight", &[5, 2, 5, 5], 50), p("5.weight", &[3, 10], 10)]);
         assert_eq!(l.shapes[0].activation_floats, 50 * 6 * 5);
         assert_eq!(kept_activation_floats(&l.shapes), 150 + 60 + 10 + 10 + 10 + 3 + 3);
+    }
+
+    #[test]
+    fn the_gpt_preset_lays_out_a_decoder_over_the_text_windows() {
+        let s = spec("kind = \"gpt\"\nblocks = 2\nheads = 4\nd_model = 64\ncontext = 64");
+        let tokens = Head::Tokens { vocab: 256, context: 64 };
+        let l = Layout::new(&s, &[65], tokens).unwrap();
+        assert_eq!(l.preset, Some(ModelKind::Gpt));
+        let kinds: Vec<_> = l.shapes.iter().map(|s| s.kind()).collect();
+        assert_eq!(kinds, ["embedding", "position_embedding", "transformer_block", "transformer_block", "layernorm", "linear"]);
+        assert_eq!((l.input.clone(), l.shapes.last().unwrap().output.clone()), (vec![64], vec![64, 256]));
+        let block = 2 * 64 + (3 * 64 * 64 + 3 * 64) + (64 * 64 + 64) + 2 * 64 + (256 * 64 + 256) + (64 * 256 + 64);
+        assert_eq!(l.param_count(), 256 * 64 + 64 * 64 + 2 * block + 2 * 64 + 256 * 64);
+        let names: Vec<_> = l.shapes[2].params.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names[..4], ["2.ln1.weight", "2.ln1.bias", "2.attn.qkv.weight", "2.attn.qkv.bias"]);
+        assert_eq!(names[8..], ["2.mlp.0.weight", "2.mlp.0.bias", "2.mlp.2.weight", "2.mlp.2.bias"]);
+        // Errors name what does not fit.
+        let e = Layout::new(&s, &[33], Head::Tokens { vocab: 256, context: 32 }).unwrap_err().to_string();
+        assert!(e.contains("model.context = 64") && e.contains("32 tokens"), "{e}");
+        let e = Layout::new(&s, &[28, 28], 10).unwrap_err().to_string();
+        assert!(e.contains("text dataset") && e.contains("--format text"), "{e}");
+        let bad = crate::spec::JobSpec::parse("name = \"t\"\n[model]\nkind = \"gpt\"\nd_model = 30\nheads = 4\n[dataset]\nname = \"d\"\n[training]\nepochs = 1\nbatch_size = 8\n[training.optimizer]\nkind = \"sgd\"\nlr = 0.1\n");
+        let e = bad.unwrap_err().to_string();
+        assert!(e.contains("model.d_model") && e.contains("multiple of heads"), "{e}");
+        let bad = crate::spec::JobSpec::parse("name = \"t\"\n[model]\nkind = \"mlp\"\nblocks = 2\n[dataset]\nname = \"d\"\n[training]\nepochs = 1\nbatch_size = 8\n[training.optimizer]\nkind = \"sgd\"\nlr = 0.1\n");
+        assert!(bad.unwrap_err().to_string().contains("model.blocks"));
+        // An embedding reads token ids: it must come first, on a sequence of ids.
+        let list = layers(&["kind = \"linear\"; out = 4", "kind = \"embedding\"; dim = 4"]);
+        let e = Layout::new(&spec(&list), &[9], Head::Tokens { vocab: 256, context: 8 }).unwrap_err().to_string();
+        assert!(e.contains("model.layers[1] (embedding)"), "{e}");
+        // A linear head over the vocabulary that is too narrow.
+        let list = layers(&["kind = \"embedding\"; dim = 4", "kind = \"linear\"; out = 100"]);
+        let e = Layout::new(&spec(&list), &[9], Head::Tokens { vocab: 256, context: 8 }).unwrap_err().to_string();
+        assert!(e.contains("out = 256"), "{e}");
     }
 }

@@ -139,6 +139,8 @@ const REPLAY_TAG: u64 = 1 << 48;
 pub enum ModelKind {
     Mlp,
     Cnn,
+    /// A GPT-style decoder over a text dataset's byte tokens.
+    Gpt,
 }
 
 impl ModelKind {
@@ -147,6 +149,7 @@ impl ModelKind {
         match self {
             ModelKind::Mlp => "mlp",
             ModelKind::Cnn => "cnn",
+            ModelKind::Gpt => "gpt",
         }
     }
 }
@@ -171,6 +174,18 @@ pub struct ModelSpec {
     /// The layers, in order (`kind = "sequential"` only).
     #[serde(default, deserialize_with = "de_layers")]
     pub layers: Option<Vec<LayerSpec>>,
+    /// gpt: transformer blocks (default 2).
+    pub blocks: Option<u64>,
+    /// gpt: attention heads per block (default 4); `d_model` must be a multiple.
+    pub heads: Option<u64>,
+    /// gpt: the width of every token's vector (default 64).
+    pub d_model: Option<u64>,
+    /// gpt: tokens per window; must equal the text dataset's `--context`.
+    pub context: Option<u64>,
+    /// gpt: the MLP's hidden width over d_model (default 4).
+    pub mlp_ratio: Option<u64>,
+    /// gpt: dropout after the embeddings and in every block (default 0).
+    pub dropout: Option<f64>,
 }
 
 fn default_model_kind() -> String {
@@ -181,7 +196,7 @@ impl Default for ModelSpec {
     /// A sequential model with no layers yet (invalid until `layers` is set); for struct
     /// literals: `ModelSpec { kind: "mlp".into(), hidden: Some(vec![8]), ..Default::default() }`.
     fn default() -> Self {
-        ModelSpec { kind: default_model_kind(), hidden: None, channels: None, layers: None }
+        ModelSpec { kind: default_model_kind(), hidden: None, channels: None, layers: None, blocks: None, heads: None, d_model: None, context: None, mlp_ratio: None, dropout: None }
     }
 }
 
@@ -200,6 +215,7 @@ impl ModelSpec {
         match self.kind.as_str() {
             "mlp" => Some(ModelKind::Mlp),
             "cnn" => Some(ModelKind::Cnn),
+            "gpt" => Some(ModelKind::Gpt),
             _ => None,
         }
     }
@@ -216,6 +232,7 @@ impl ModelSpec {
             (Some(h), _) => h.clone(),
             (None, ModelKind::Mlp) => vec![512, 256],
             (None, ModelKind::Cnn) => vec![128],
+            (None, ModelKind::Gpt) => vec![],
         }
     }
 
@@ -236,6 +253,9 @@ impl ModelSpec {
     /// - cnn, channels [c1, c2], hidden [h...]: conv2d(c1, kernel 3, padding 1), relu,
     ///   maxpool2d(2), conv2d(c2, 3, padding 1), relu, maxpool2d(2), flatten, linear(h1), relu,
     ///   ..., linear(classes): convolutions are modules 0 and 3, dense layer i is 7 + 2i.
+    /// - gpt, blocks B, heads H, d_model D, mlp_ratio R, dropout p: embedding(D),
+    ///   position_embedding, dropout(p) (only if p > 0), B x transformer_block(H, R, p),
+    ///   layernorm, linear(classes, no bias): the logits of the next token at every position.
     ///
     /// The expansion does not depend on `feature_shape` (the shapes are `crate::model`'s);
     /// it is taken so that a preset may. Errors: the `[model]` section is invalid (see
@@ -246,6 +266,20 @@ impl ModelSpec {
         let mut list = Vec::new();
         match self.preset() {
             None => return Ok(self.layers.clone().unwrap_or_default()),
+            Some(ModelKind::Gpt) => {
+                let g = self.gpt();
+                list.push(LayerSpec::Embedding { dim: g.d_model, vocab: None });
+                list.push(LayerSpec::PositionEmbedding);
+                if g.dropout > 0.0 {
+                    list.push(LayerSpec::Dropout { p: g.dropout });
+                }
+                for _ in 0..g.blocks {
+                    list.push(LayerSpec::TransformerBlock { heads: g.heads, mlp_ratio: g.mlp_ratio, dropout: g.dropout });
+                }
+                list.push(LayerSpec::LayerNorm { over: NormOver::Last, eps: default_eps() });
+                list.push(LayerSpec::Linear { out: classes, bias: false });
+                return Ok(list);
+            }
             Some(ModelKind::Mlp) => {}
             Some(ModelKind::Cnn) => {
                 for c in self.conv_channels() {
@@ -264,9 +298,51 @@ impl ModelSpec {
         Ok(list)
     }
 
+    /// The gpt preset's sizes, defaults filled in.
+    pub fn gpt(&self) -> GptSizes {
+        GptSizes {
+            blocks: self.blocks.unwrap_or(2),
+            heads: self.heads.unwrap_or(4),
+            d_model: self.d_model.unwrap_or(64),
+            context: self.context,
+            mlp_ratio: self.mlp_ratio.unwrap_or(4),
+            dropout: self.dropout.unwrap_or(0.0),
+        }
+    }
+
     /// Checks the `[model]` section alone (`JobSpec::validate` calls it). Errors name the key.
     pub fn validate(&self) -> Result<()> {
+        let gpt_keys = [("blocks", self.blocks.is_some()), ("heads", self.heads.is_some()), ("d_model", self.d_model.is_some()), ("context", self.context.is_some()), ("mlp_ratio", self.mlp_ratio.is_some()), ("dropout", self.dropout.is_some())];
+        if self.kind != "gpt" {
+            if let Some((key, _)) = gpt_keys.iter().find(|(_, set)| *set) {
+                return Err(bad(&format!("model.{key}"), "applies to kind = \"gpt\" only (a layer list sets it on its transformer_block or embedding layers)"));
+            }
+        }
         match (self.kind.as_str(), &self.layers) {
+            ("gpt", None) => {
+                let g = self.gpt();
+                let range = |key: &str, v: u64, lo: u64, hi: u64| {
+                    if (lo..=hi).contains(&v) { Ok(()) } else { Err(bad(&format!("model.{key}"), format!("must be {lo} to {hi}, got {v}"))) }
+                };
+                range("blocks", g.blocks, 1, 64)?;
+                range("heads", g.heads, 1, 256)?;
+                range("d_model", g.d_model, 1, MAX_LAYER as u64)?;
+                range("mlp_ratio", g.mlp_ratio, 1, 16)?;
+                if let Some(c) = g.context {
+                    range("context", c, 1, MAX_CONTEXT)?;
+                }
+                if g.d_model % g.heads != 0 {
+                    return Err(bad("model.d_model", format!("{} is not a multiple of heads = {}: each head takes d_model / heads of every vector", g.d_model, g.heads)));
+                }
+                check_range("model.dropout", Some(g.dropout), 0.0, 1.0, false)?;
+                if self.hidden.is_some() || self.channels.is_some() {
+                    return Err(bad(if self.hidden.is_some() { "model.hidden" } else { "model.channels" }, "applies to kind = \"mlp\" or \"cnn\" only"));
+                }
+                return Ok(());
+            }
+            ("gpt", Some(_)) => {
+                return Err(bad("model.layers", "kind = \"gpt\" is a preset and a layer list is its own model: give one or the other (a layer list is kind = \"sequential\", or no kind)"));
+            }
             ("mlp" | "cnn", None) => {}
             ("mlp" | "cnn", Some(_)) => {
                 return Err(bad(
@@ -292,7 +368,7 @@ impl ModelSpec {
                 ))
             }
             (other, _) => {
-                return Err(bad("model.kind", format!("unknown model kind {other:?} (expected \"mlp\", \"cnn\", or \"sequential\" with [[model.layers]])")))
+                return Err(bad("model.kind", format!("unknown model kind {other:?} (expected \"mlp\", \"cnn\", \"gpt\", or \"sequential\" with [[model.layers]])")))
             }
         }
         if let Some(h) = &self.hidden {
@@ -378,6 +454,46 @@ pub enum LayerSpec {
         #[serde(default = "default_eps")]
         eps: f64,
     },
+    /// Token ids [T] -> [T, dim] (`nn.Embedding(vocab, dim)`; weight [vocab, dim]). It must
+    /// come first: it reads the record's tokens. `vocab` defaults to the dataset's (256 bytes).
+    Embedding {
+        dim: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vocab: Option<u64>,
+    },
+    /// [T, D] -> [T, D] plus a learned vector per position (weight [T, D]).
+    #[serde(rename = "position_embedding")]
+    PositionEmbedding,
+    /// [T, D] -> [T, D]: x + attn(ln1(x)), then + mlp(ln2(.)): pre-LayerNorm, causal
+    /// multi-head self-attention (`heads`), a GELU MLP of `mlp_ratio` x D, dropout `dropout`
+    /// after the attention's projection and after the MLP.
+    #[serde(rename = "transformer_block")]
+    TransformerBlock {
+        heads: u64,
+        #[serde(default = "four")]
+        mlp_ratio: u64,
+        #[serde(default)]
+        dropout: f64,
+    },
+}
+
+/// The gpt preset's sizes (`ModelSpec::gpt`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GptSizes {
+    pub blocks: u64,
+    pub heads: u64,
+    pub d_model: u64,
+    /// None: the dataset's.
+    pub context: Option<u64>,
+    pub mlp_ratio: u64,
+    pub dropout: f64,
+}
+
+/// Longest text window a model takes.
+pub const MAX_CONTEXT: u64 = 4096;
+
+fn four() -> u64 {
+    4
 }
 
 /// What a `layernorm` normalizes over.
@@ -405,7 +521,8 @@ fn default_eps() -> f64 {
 
 impl LayerSpec {
     /// Every layer kind, as spelled in a spec.
-    pub const KINDS: [&'static str; 11] = ["linear", "conv2d", "maxpool2d", "avgpool2d", "flatten", "relu", "gelu", "tanh", "sigmoid", "dropout", "layernorm"];
+    pub const KINDS: [&'static str; 14] =
+        ["linear", "conv2d", "maxpool2d", "avgpool2d", "flatten", "relu", "gelu", "tanh", "sigmoid", "dropout", "layernorm", "embedding", "position_embedding", "transformer_block"];
 
     /// The kind, as spelled in a spec.
     pub fn kind_name(&self) -> &'static str {
@@ -421,6 +538,9 @@ impl LayerSpec {
             LayerSpec::Sigmoid => "sigmoid",
             LayerSpec::Dropout { .. } => "dropout",
             LayerSpec::LayerNorm { .. } => "layernorm",
+            LayerSpec::Embedding { .. } => "embedding",
+            LayerSpec::PositionEmbedding => "position_embedding",
+            LayerSpec::TransformerBlock { .. } => "transformer_block",
         }
     }
 
@@ -453,7 +573,16 @@ impl LayerSpec {
                     Err(bad(&format!("model.layers[{i}].eps"), format!("must be a positive number (an f32), got {eps}")))
                 }
             }
-            LayerSpec::Flatten | LayerSpec::Relu | LayerSpec::Gelu | LayerSpec::Tanh | LayerSpec::Sigmoid => Ok(()),
+            LayerSpec::Embedding { dim, vocab } => {
+                range("dim", dim, 1, MAX_LAYER as u64)?;
+                vocab.map_or(Ok(()), |v| range("vocab", v, 2, 1 << 20))
+            }
+            LayerSpec::TransformerBlock { heads, mlp_ratio, dropout } => {
+                range("heads", heads, 1, 256)?;
+                range("mlp_ratio", mlp_ratio, 1, 16)?;
+                check_range(&format!("model.layers[{i}].dropout"), Some(dropout), 0.0, 1.0, false)
+            }
+            LayerSpec::Flatten | LayerSpec::Relu | LayerSpec::Gelu | LayerSpec::Tanh | LayerSpec::Sigmoid | LayerSpec::PositionEmbedding => Ok(()),
         }
     }
 
@@ -474,7 +603,7 @@ impl LayerSpec {
         if !LayerSpec::KINDS.contains(&kind) {
             return Err(format!("{at}.kind: unknown layer kind {kind:?} (expected one of {})", LayerSpec::KINDS.join(", ")));
         }
-        if matches!(kind, "flatten" | "relu" | "gelu" | "tanh" | "sigmoid") {
+        if matches!(kind, "flatten" | "relu" | "gelu" | "tanh" | "sigmoid" | "position_embedding") {
             // serde lets a unit variant's extra keys pass.
             if let Some(extra) = t.keys().find(|k| *k != "kind") {
                 return Err(format!("{at} ({kind}): unknown field `{extra}` ({kind} takes no keys besides kind)"));
@@ -1466,6 +1595,23 @@ bias = false
 [[model.layers]]
 kind = "linear"
 out = 10
+[[model.layers]]
+kind = "embedding"
+dim = 16
+[[model.layers]]
+kind = "embedding"
+dim = 8
+vocab = 300
+[[model.layers]]
+kind = "position_embedding"
+[[model.layers]]
+kind = "transformer_block"
+heads = 2
+[[model.layers]]
+kind = "transformer_block"
+heads = 4
+mlp_ratio = 2
+dropout = 0.1
 "#;
 
     #[test]
@@ -1494,6 +1640,11 @@ out = 10
                 Dropout { p: 0.25 },
                 Linear { out: 16, bias: false },
                 Linear { out: 10, bias: true },
+                Embedding { dim: 16, vocab: None },
+                Embedding { dim: 8, vocab: Some(300) },
+                PositionEmbedding,
+                TransformerBlock { heads: 2, mlp_ratio: 4, dropout: 0.0 },
+                TransformerBlock { heads: 4, mlp_ratio: 2, dropout: 0.1 },
             ]
         );
         let kinds: std::collections::BTreeSet<_> = layers.iter().map(LayerSpec::kind_name).collect();

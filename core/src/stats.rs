@@ -57,7 +57,7 @@ pub fn slice_stats(records: &Records, ranges: Option<&[(f64, f64)]>, classes: us
             label_counts[y as usize] += 1;
         }
     }
-    SliceStats { features, label_counts }
+    SliceStats { features, label_counts, tokens: 0 }
 }
 
 /// Per feature of rows of `f` values: count, missing, sum, sum of squares, min and max.
@@ -137,7 +137,7 @@ pub fn ranges(first: &SliceStats) -> Vec<(f64, f64)> {
 
 /// Adds `s` to `acc` (stats are additive when their bins share ranges).
 pub fn add(acc: &mut SliceStats, s: &SliceStats) {
-    if acc.features.is_empty() {
+    if acc.features.is_empty() && acc.label_counts.is_empty() {
         *acc = s.clone();
         return;
     }
@@ -160,6 +160,7 @@ pub fn add(acc: &mut SliceStats, s: &SliceStats) {
     for (x, y) in acc.label_counts.iter_mut().zip(&s.label_counts) {
         *x = x.saturating_add(*y);
     }
+    acc.tokens = acc.tokens.saturating_add(s.tokens);
 }
 
 /// Mean and standard deviation (population) of a feature's values.
@@ -221,7 +222,7 @@ pub fn fill_values(info: &DatasetInfo, fill: FillMissing) -> Result<Vec<f32>, Co
 /// ln(x) for x > 0 from basic IEEE operations alone: x = m 2^e with m in [1, 2), and
 /// ln m = 2 atanh((m - 1) / (m + 1)) by its series (|z| <= 1/3; 24 terms is far below f64's
 /// rounding).
-fn ln(x: f64) -> f64 {
+pub fn ln(x: f64) -> f64 {
     let bits = x.to_bits();
     let e = ((bits >> 52) & 0x7ff) as i64 - 1023;
     let m = f64::from_bits((bits & ((1u64 << 52) - 1)) | (1023u64 << 52));

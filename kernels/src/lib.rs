@@ -37,6 +37,7 @@ macro_rules! versions {
     };
 }
 
+pub mod attention;
 pub mod lanes;
 pub mod layers;
 pub mod nn;

@@ -30,6 +30,8 @@ pub struct ShardedDataset {
     pub classes: usize,
     /// Float targets per record (a regression); 0: records have class labels.
     pub target_width: usize,
+    /// Text: tokens a model reads per window (each record holds context + 1); 0: not text.
+    pub context: usize,
     missing: Missing,
 }
 
@@ -79,6 +81,7 @@ impl ShardedDataset {
             feature_shape: info.feature_shape.iter().map(|&d| d as usize).collect(),
             classes: info.classes as usize,
             target_width: info.target_width as usize,
+            context: info.context as usize,
             missing: Missing::Keep,
         })
     }
@@ -108,6 +111,15 @@ impl ShardedDataset {
         let shard = self.starts.partition_point(|&s| s <= index) - 1;
         let local = (index - self.starts[shard]) as usize;
         let v = self.view(shard);
+        if self.context > 0 {
+            // A text window: the model reads its first `context` tokens (as ids) and
+            // predicts each next one.
+            let (c, w) = (self.context, self.feature_len);
+            let tokens = &v.x[local * w..(local + 1) * w];
+            x.extend(tokens[..c].iter().map(|&b| b as f32));
+            y.extend(tokens[1..].iter().map(|&b| b as u32));
+            return Ok(());
+        }
         let at = x.len();
         v.push_features(local, x);
         if v.x_dtype != Dtype::U8 && !matches!(self.missing, Missing::Keep) {

@@ -27,14 +27,15 @@ pub enum Key {
     TestLoss,
     TestRmse,
     TestR2,
+    TestBpb,
     DataMs,
     ComputeMs,
     CollectiveMs,
     OptimizerMs,
 }
 
-const KEYS: [&str; 12] = [
-    "loss", "lr", "samples_per_s", "grad_norm", "test_accuracy", "test_loss", "test_rmse", "test_r2",
+const KEYS: [&str; 13] = [
+    "loss", "lr", "samples_per_s", "grad_norm", "test_accuracy", "test_loss", "test_rmse", "test_r2", "test_bpb",
     "phase_data_ms", "phase_forward_backward_ms", "phase_collective_ms", "phase_optimizer_ms",
 ];
 

@@ -1,5 +1,7 @@
 //! Evaluation metrics of a model's outputs: accuracy and cross-entropy for a classifier, mean
-//! squared error, RMSE and R² for a regression.
+//! squared error, RMSE and R² for a regression, and for a language model the per-token
+//! accuracy and cross-entropy (a mean over every position of every record) and bits per
+//! byte (the cross-entropy in bits: byte-level tokens are bytes).
 //!
 //! Sums are kept in fixed point (2^-32 units, in i128): each record's term is rounded once,
 //! and integer sums do not depend on their order, so the metrics of a test range have the
@@ -50,6 +52,8 @@ pub struct Metrics {
     /// 1 - SSE / SST, SST summed per target column around each column's mean (scikit-learn's
     /// `r2_score` with `multioutput="variance_weighted"`; the usual R² for one target).
     pub r2: Option<f64>,
+    /// A language model's bits per byte: `loss / ln 2` (see `with_head`).
+    pub bpb: Option<f64>,
 }
 
 impl EvalSums {
@@ -58,7 +62,7 @@ impl EvalSums {
     pub fn new(head: Head) -> EvalSums {
         let width = match head {
             Head::Targets(w) => w as usize,
-            Head::Classes(_) => 0,
+            Head::Classes(_) | Head::Tokens { .. } => 0,
         };
         EvalSums { target_sum: vec![0; width], target_sq_sum: vec![0; width], ..Default::default() }
     }
@@ -90,17 +94,20 @@ impl EvalSums {
         }
     }
 
-    /// Adds the outputs of `labels.len()` records: `out` holds `head.outputs()` values per
-    /// record; `labels` their classes (classifier) and `targets` their targets (regression).
+    /// Adds the outputs of `labels.len() / head.positions()` records: `out` holds
+    /// `head.outputs()` values per position; `labels` their classes (classifier: one per
+    /// record; language model: the next token at each position) and `targets` their targets
+    /// (regression).
     pub fn add(&mut self, head: Head, out: &[f32], labels: &[u32], targets: &[f32]) -> Result<(), WorkerError> {
-        let n = labels.len();
+        let positions = head.positions() as usize;
+        let n = labels.len() / positions.max(1);
         let k = head.outputs() as usize;
-        if out.len() != n * k.max(1) {
-            return Err(WorkerError::Model(format!("{} outputs for {n} records of {k}", out.len())));
+        if out.len() != labels.len() * k.max(1) || labels.len() != n * positions {
+            return Err(WorkerError::Model(format!("{} outputs for {n} records of {positions} x {k}", out.len())));
         }
         self.records += n as u64;
         match head {
-            Head::Classes(_) => {
+            Head::Classes(_) | Head::Tokens { .. } => {
                 for (row, &y) in out.chunks_exact(k.max(1)).zip(labels) {
                     let y = y as usize;
                     if y >= k {
@@ -203,7 +210,11 @@ impl EvalSums {
         let n = self.records as f64;
         let valid = !self.invalid;
         match head {
-            Head::Classes(_) => Metrics { accuracy: Some(self.correct as f64 / n), loss: valid.then(|| float(self.loss) / n), rmse: None, r2: None },
+            Head::Classes(_) => Metrics { accuracy: Some(self.correct as f64 / n), loss: valid.then(|| float(self.loss) / n), ..Default::default() },
+            Head::Tokens { context, .. } => {
+                let tokens = n * context as f64;
+                Metrics { accuracy: Some(self.correct as f64 / tokens), loss: valid.then(|| float(self.loss) / tokens), ..Default::default() }.with_head(head)
+            }
             Head::Targets(w) => {
                 if !valid {
                     return Metrics::default();
@@ -211,7 +222,7 @@ impl EvalSums {
                 let mse = float(self.sse) / (n * w as f64);
                 let sums: Vec<f64> = self.target_sum.iter().map(|&v| float(v)).collect();
                 let squares: Vec<f64> = self.target_sq_sum.iter().map(|&v| float(v)).collect();
-                Metrics { accuracy: None, loss: Some(mse), rmse: Some(mse.sqrt()), r2: r2(float(self.sse), Self::total_squares(&sums, &squares, n)) }
+                Metrics { accuracy: None, loss: Some(mse), rmse: Some(mse.sqrt()), r2: r2(float(self.sse), Self::total_squares(&sums, &squares, n)), bpb: None }
             }
         }
     }
@@ -238,8 +249,18 @@ impl Metrics {
             "test_loss" => self.loss,
             "test_rmse" => self.rmse,
             "test_r2" => self.r2,
+            "test_bpb" => self.bpb,
             _ => None,
         }
+    }
+
+    /// The metrics derived from the others for a model with `head`: a language model's bits
+    /// per byte.
+    pub fn with_head(mut self, head: Head) -> Metrics {
+        if matches!(head, Head::Tokens { .. }) {
+            self.bpb = self.loss.map(|l| l / std::f64::consts::LN_2);
+        }
+        self
     }
 
     /// As words (f64 bits; NaN for None), for a state header.
@@ -250,7 +271,7 @@ impl Metrics {
 
     pub fn from_words(w: [u64; 4]) -> Metrics {
         let v = |b: u64| Some(f64::from_bits(b)).filter(|v| !v.is_nan());
-        Metrics { accuracy: v(w[0]), loss: v(w[1]), rmse: v(w[2]), r2: v(w[3]) }
+        Metrics { accuracy: v(w[0]), loss: v(w[1]), rmse: v(w[2]), r2: v(w[3]), bpb: None }
     }
 }
 
@@ -325,5 +346,21 @@ mod tests {
         assert!(s.add(head, &[0.0, 1.0], &[2], &[]).is_err());
         assert_eq!(Metrics::from_words(m.to_words()), m);
         assert_eq!(m.named("test_loss"), m.loss);
+    }
+
+    #[test]
+    fn language_model_metrics_are_per_token_and_bits_per_byte() {
+        let head = Head::Tokens { vocab: 2, context: 2 };
+        let mut s = EvalSums::default();
+        // Two records of two positions: logits per position, the next token per position.
+        s.add(head, &[0.0, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0], &[1, 1, 0, 1], &[]).unwrap();
+        let m = s.metrics(head);
+        assert_eq!((s.records, m.accuracy), (2, Some(0.5)), "positions 0 and 2 are right, 3 is a tie (first max: 0)");
+        let ln2 = std::f64::consts::LN_2;
+        let want = ((1.0f64 + (-1.0f64).exp()).ln() + (1.0f64 + 2.0f64.exp()).ln() + 2.0 * ln2) / 4.0;
+        assert!((m.loss.unwrap() - want).abs() < 1e-9, "{m:?}");
+        assert!((m.bpb.unwrap() - want / ln2).abs() < 1e-9);
+        assert_eq!(m.named("test_bpb"), m.bpb);
+        assert!(s.add(head, &[0.0; 6], &[0, 1, 0], &[]).is_err(), "labels of a partial record");
     }
 }

@@ -82,6 +82,8 @@ impl Dataset {
             class_names: latest.class_names.clone(),
             settings: latest.settings.clone(),
             slices,
+            context: latest.context,
+            stride: latest.stride,
             versions: versions
                 .iter()
                 .map(|v| DatasetVersionRecord { version: v.version, slices: v.slices.len().max(1) as u32, records: v.records, created_index: v.created_index, classes: v.classes })
@@ -124,6 +126,8 @@ impl Dataset {
             created_index: v.created_index,
             feature_dtype: self.rec.feature_dtype.clone(),
             target_width: self.rec.target_width,
+            context: self.rec.context,
+            stride: self.rec.stride,
             settings: self.rec.settings.clone(),
             class_names: self.rec.class_names.clone(),
             transform: prefix.iter().rev().find_map(|s| s.transform.clone()),
@@ -166,8 +170,17 @@ impl Dataset {
 
 /// A registration's statistics, checked before they are added up in the apply: counts that
 /// no slice of `records` records can have would overflow or poison the sums on every replica.
-fn check_stats(name: &str, records: u64, s: &SliceStats) -> Result<(), ApplyError> {
+fn check_stats(name: &str, records: u64, s: &SliceStats, text: Option<(u32, u32)>) -> Result<(), ApplyError> {
     let bad = |what: String| Err(ApplyError::invalid(format!("dataset {name}: the slice's statistics are not those of {records} records: {what}")));
+    if let Some((context, stride)) = text {
+        // A text slice's histogram counts its tokens, which its windows cover.
+        let most = (records.saturating_add(1)).saturating_mul(u64::from(stride.max(context + 1)));
+        let counted = s.label_counts.iter().try_fold(0u64, |a, b| a.checked_add(*b));
+        if counted != Some(s.tokens) || s.tokens > most || s.label_counts.len() > 256 || !s.features.is_empty() {
+            return bad(format!("a text slice of {} tokens with a byte histogram of {counted:?}", s.tokens));
+        }
+        return Ok(());
+    }
     for (j, f) in s.features.iter().enumerate() {
         if f.count.checked_add(f.missing).is_none_or(|n| n > records) {
             return bad(format!("feature {j} counts {} values and {} missing", f.count, f.missing));
@@ -214,6 +227,13 @@ impl StateMachine {
             return Err(ApplyError::invalid(format!("dataset {} has no records", info.name)));
         }
         let feature_len = info.feature_shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+        let text_ok = info.context == 0 || (info.target_width == 0 && info.stride > 0 && u64::from(info.context) <= shoal_core::spec::MAX_CONTEXT && info.feature_shape == [u64::from(info.context) + 1] && info.feature_dtype == "u8" && info.classes == shoal_core::text::VOCAB);
+        if !text_ok {
+            return Err(ApplyError::invalid(format!(
+                "dataset {}: text windows of context {} and stride {} must be u8 records of [context + 1] tokens over {} byte values",
+                info.name, info.context, info.stride, shoal_core::text::VOCAB
+            )));
+        }
         let labels_ok = match info.target_width {
             0 => info.classes > 0,
             w => info.classes == 0 && info.class_names.is_empty() && w <= MAX_TARGETS,
@@ -248,7 +268,7 @@ impl StateMachine {
         }
         let mut slice = info.slices.pop().unwrap_or_default();
         if let Some(s) = &slice.stats {
-            check_stats(&info.name, info.records, s)?;
+            check_stats(&info.name, info.records, s, (info.context > 0).then_some((info.context, info.stride)))?;
         }
         slice.records = info.records;
         slice.blake3 = dataset::slice_digest(&info.shards);
@@ -269,6 +289,8 @@ impl StateMachine {
                     class_names: info.class_names,
                     settings: info.settings,
                     slices: vec![slice],
+                    context: info.context,
+                    stride: info.stride,
                     versions: vec![DatasetVersionRecord { version: info.version, slices: 1, records: info.records, created_index: index, classes: info.classes }],
                 };
                 self.datasets.insert(name.clone(), Dataset::new(rec));
@@ -278,6 +300,10 @@ impl StateMachine {
                 let b = &base.rec;
                 if info.feature_shape != b.feature_shape {
                     return Err(ApplyError::invalid(format!("dataset {}: the slice's features have shape {:?}; the dataset's are {:?}", name, info.feature_shape, b.feature_shape)));
+                }
+                if (info.context, info.stride) != (b.context, b.stride) {
+                    let kind = |c: u32, s: u32| if c == 0 { "records of features".to_string() } else { format!("text windows of --context {c} --stride {s}") };
+                    return Err(ApplyError::invalid(format!("dataset {}: the slice holds {}; the dataset holds {}", name, kind(info.context, info.stride), kind(b.context, b.stride))));
                 }
                 if info.target_width != b.target_width {
                     let kind = |w: u32| if w == 0 { "class labels".to_string() } else { format!("{w} float target(s) per record") };

@@ -76,7 +76,7 @@ impl StateMachine {
             )));
         }
         // The model's shapes against the records' (an error names the layer), then the limits.
-        let head = shoal_core::model::Head::of(spec.loss(), ds.classes as u64, ds.target_width as u64).map_err(ApplyError::invalid)?;
+        let head = shoal_core::model::Head::of(spec.loss(), ds.classes as u64, ds.target_width as u64, ds.context as u64).map_err(ApplyError::invalid)?;
         shoal_core::limits::check_job(&spec, &ds.feature_shape, head)?;
         self.check_missing(&spec, &ds.name, ds.version)?;
         Ok((spec, ds))

@@ -1028,7 +1028,7 @@ mod tests {
         ds.version = 0;
         ds.shards[0].path = "datasets/d/import-2/shard-00000.safetensors".into();
         let feature = shoal_proto::FeatureStats { count: u64::MAX, sum: 1.0, bins: vec![u64::MAX; 10], ..Default::default() };
-        ds.slices = vec![DatasetSlice { stats: Some(shoal_proto::SliceStats { features: vec![feature; 4], label_counts: vec![u64::MAX, 1] }), ..Default::default() }];
+        ds.slices = vec![DatasetSlice { stats: Some(shoal_proto::SliceStats { features: vec![feature; 4], tokens: 0, label_counts: vec![u64::MAX, 1] }), ..Default::default() }];
         let e = sm.apply(9, cmd(command::Kind::RegisterDataset(ds.clone()))).unwrap_err();
         assert!(matches!(&e, ApplyError::Invalid(m) if m.contains("not those of 100 records")), "{e}");
         let mut after = sm.to_snapshot();
@@ -1036,7 +1036,7 @@ mod tests {
         assert_eq!(after, before, "a refused append changed the state");
         // Sane statistics append.
         let feature = shoal_proto::FeatureStats { count: 100, sum: 5.0, sum_sq: 5.0, bins: vec![10; 10], ..Default::default() };
-        ds.slices = vec![DatasetSlice { stats: Some(shoal_proto::SliceStats { features: vec![feature; 4], label_counts: vec![50, 50] }), ..Default::default() }];
+        ds.slices = vec![DatasetSlice { stats: Some(shoal_proto::SliceStats { features: vec![feature; 4], tokens: 0, label_counts: vec![50, 50] }), ..Default::default() }];
         sm.apply(10, cmd(command::Kind::RegisterDataset(ds))).unwrap();
     }
 }

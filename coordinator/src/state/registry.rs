@@ -38,6 +38,7 @@ impl StateMachine {
             test_loss: job.progress.as_ref().and_then(|p| p.test_loss),
             test_rmse: job.progress.as_ref().and_then(|p| p.test_rmse),
             test_r2: job.progress.as_ref().and_then(|p| p.test_r2),
+            test_bpb: job.progress.as_ref().and_then(|p| p.test_bpb),
             registered_index: index,
             holdout_accuracy: -1.0,
             holder_accuracy: -1.0,

@@ -11,6 +11,7 @@
 mod activation;
 mod conv2d;
 mod dropout;
+mod embedding;
 mod flatten;
 mod layernorm;
 mod linear;
@@ -19,6 +20,7 @@ mod pool;
 pub(crate) mod reference;
 #[cfg(test)]
 mod tests;
+mod transformer;
 
 use shoal_core::model::Head;
 use shoal_core::spec::LayerSpec;
@@ -42,6 +44,8 @@ pub struct ParamSpec {
     pub fan_in: usize,
     /// Initialized to this constant (layernorm's 1 and 0) instead of drawn.
     pub constant: Option<f32>,
+    /// Drawn from N(0, EMBEDDING_STD^2) (embeddings) instead of the uniform.
+    pub normal: bool,
 }
 
 impl ParamSpec {
@@ -79,6 +83,10 @@ impl Layout {
                 continue;
             }
             let mut rng = SplitMix64::derive(seed, 0x1417_0000 + i as u64);
+            if p.normal {
+                normal_fill(&mut rng, shoal_core::model::EMBEDDING_STD, slice);
+                continue;
+            }
             let bound = 1.0 / (p.fan_in as f32).sqrt();
             for x in slice {
                 *x = (rng.next_f32() * 2.0 - 1.0) * bound;
@@ -90,6 +98,28 @@ impl Layout {
     /// The parameter tensor that holds element `i` of the flat buffer.
     pub fn param_at(&self, i: usize) -> Option<&ParamSpec> {
         self.params.iter().find(|p| (p.offset..p.offset + p.len()).contains(&i))
+    }
+}
+
+/// `out` drawn from N(0, std^2) by Marsaglia's polar method, on `core::stats::ln` (IEEE
+/// operations only), so the same seed gives the same bits on every CPU.
+fn normal_fill(rng: &mut SplitMix64, std: f32, out: &mut [f32]) {
+    let mut spare: Option<f64> = None;
+    for x in out {
+        let z = match spare.take() {
+            Some(z) => z,
+            None => loop {
+                let u = rng.next_f64() * 2.0 - 1.0;
+                let v = rng.next_f64() * 2.0 - 1.0;
+                let s = u * u + v * v;
+                if s > 0.0 && s < 1.0 {
+                    let k = (-2.0 * shoal_core::stats::ln(s) / s).sqrt();
+                    spare = Some(v * k);
+                    break u * k;
+                }
+            },
+        };
+        *x = (z * std as f64) as f32;
     }
 }
 
@@ -200,6 +230,9 @@ enum Layer {
     Act(activation::Activation),
     Dropout(dropout::Dropout),
     LayerNorm(layernorm::LayerNorm),
+    Embedding(embedding::Embedding),
+    Positions(embedding::PositionEmbedding),
+    Block(Box<transformer::Block>),
 }
 
 impl Layer {
@@ -216,6 +249,11 @@ impl Layer {
             LayerSpec::Sigmoid => Layer::Act(activation::Activation::new(activation::Kind::Sigmoid, input)),
             LayerSpec::Dropout { p } => Layer::Dropout(dropout::Dropout::new(index as u64, *p as f32, input)),
             LayerSpec::LayerNorm { over, eps } => Layer::LayerNorm(layernorm::LayerNorm::new(input, params, *over == shoal_core::spec::NormOver::Chw, *eps as f32)),
+            LayerSpec::Embedding { .. } => Layer::Embedding(embedding::Embedding::new(input, params)),
+            LayerSpec::PositionEmbedding => Layer::Positions(embedding::PositionEmbedding::new(input, params)),
+            LayerSpec::TransformerBlock { heads, mlp_ratio, dropout } => {
+                Layer::Block(Box::new(transformer::Block::new(index, input, params, *heads as usize, *mlp_ratio as usize, *dropout as f32)))
+            }
         })
     }
 }
@@ -252,6 +290,8 @@ pub struct Sequential {
     fused: Vec<bool>,
     /// The first layer with parameters: no input gradient is needed before it.
     first_param_layer: usize,
+    /// Parameter tensors per layer.
+    param_counts: Vec<usize>,
     /// The record's shape at the input ([C, H, W] images are made channel-major).
     input: Vec<usize>,
     outputs: usize,
@@ -283,12 +323,13 @@ impl Sequential {
         let mut offset = 0usize;
         for p in layout.params() {
             let shape: Vec<usize> = p.shape.iter().map(|d| *d as usize).collect();
-            let (fan_in, constant) = match p.init {
-                shoal_core::model::ParamInit::Uniform { fan_in } => (fan_in as usize, None),
-                shoal_core::model::ParamInit::Ones => (0, Some(1.0)),
-                shoal_core::model::ParamInit::Zeros => (0, Some(0.0)),
+            let (fan_in, constant, normal) = match p.init {
+                shoal_core::model::ParamInit::Uniform { fan_in } => (fan_in as usize, None, false),
+                shoal_core::model::ParamInit::Ones => (0, Some(1.0), false),
+                shoal_core::model::ParamInit::Zeros => (0, Some(0.0), false),
+                shoal_core::model::ParamInit::Normal => (0, None, true),
             };
-            let spec = ParamSpec { name: p.name.clone(), shape, offset, fan_in, constant };
+            let spec = ParamSpec { name: p.name.clone(), shape, offset, fan_in, constant, normal };
             offset = offset.checked_add(spec.len()).ok_or_else(|| WorkerError::Model("the model's size overflows".into()))?;
             if offset > MAX_PARAMS {
                 // Checked before any buffer is allocated: a typo in a spec must not abort the worker.
@@ -348,6 +389,7 @@ impl Sequential {
             slot,
             fused,
             first_param_layer,
+            param_counts: layout.shapes.iter().map(|s| s.params.len()).collect(),
             input: usize_of(&layout.input),
             outputs: head.outputs() as usize,
             head,
@@ -433,6 +475,9 @@ impl Sequential {
                     None => out[..n * self.sizes[i]].copy_from_slice(&input[..n * self.sizes[i]]),
                 },
                 Layer::LayerNorm(l) => l.forward(params, input, out, n)?,
+                Layer::Embedding(l) => l.forward(params, input, out, n)?,
+                Layer::Positions(l) => l.forward(params, input, out, n)?,
+                Layer::Block(l) => l.forward(params, input, out, n, train.map(|(records, step)| (records, step, self.seed)))?,
             }
             if let (Some(t), Some(p)) = (started, self.profile.as_mut()) {
                 p[i][0] += t.elapsed();
@@ -462,12 +507,15 @@ impl Sequential {
     /// gradient (times `scale`) into the same rows of `dy`: cross-entropy over the logits,
     /// or mean squared error against the targets.
     fn head_loss(&mut self, batch: &Batch, rows: std::ops::Range<usize>, scale: f32) -> Result<f32, WorkerError> {
+        // Per position: a language model's loss is the mean over every position's next token.
+        let positions = self.head.positions() as usize;
+        let rows = rows.start * positions..rows.end * positions;
         let k = self.outputs;
         let span = rows.start * k..rows.end * k;
         let out = &self.acts[self.slot[self.layers.len()]][span.clone()];
         let dy = &mut self.dy[span.clone()];
         Ok(match self.head {
-            Head::Classes(_) => nn::softmax_xent(out, &batch.labels[rows], k, scale, dy)?.0,
+            Head::Classes(_) | Head::Tokens { .. } => nn::softmax_xent(out, &batch.labels[rows], k, scale, dy)?.0,
             Head::Targets(_) => {
                 let t = batch.targets.get(span).ok_or_else(|| WorkerError::Model(format!("a batch of {} records has {} targets, {k} each expected", batch.labels.len(), batch.targets.len())))?;
                 shoal_kernels::layers::mse(out, t, rows.len(), k, scale, dy)?
@@ -495,13 +543,7 @@ impl Model for Sequential {
     fn layer_starts(&self) -> Vec<usize> {
         let mut starts = Vec::new();
         let mut taken = 0;
-        for l in &self.layers {
-            let count = match l {
-                Layer::Linear(l) => 1 + usize::from(l.b.is_some()),
-                Layer::Conv2d(l) => 1 + usize::from(l.b.is_some()),
-                Layer::LayerNorm(_) => 2,
-                _ => 0,
-            };
+        for &count in &self.param_counts {
             if count > 0 {
                 starts.push(self.layout.params[taken].offset);
             }
@@ -524,9 +566,9 @@ impl Model for Sequential {
         if cuts.last() != Some(&0) || cuts.windows(2).any(|w| w[0] <= w[1]) || cuts.iter().any(|c| !starts.contains(c)) {
             return Err(WorkerError::Model(format!("bucket cuts {cuts:?} are not descending layer starts ending at 0")));
         }
-        let n = batch.labels.len();
-        if batch.records.len() != n {
-            return Err(WorkerError::Model(format!("a batch of {n} labels names {} records", batch.records.len())));
+        let n = batch.records.len();
+        if batch.labels.len() != n * self.head.positions() as usize {
+            return Err(WorkerError::Model(format!("a batch of {} labels names {n} records", batch.labels.len())));
         }
         self.forward(params, batch.x, n, Some((batch.records, batch.step)))?;
         let loss = self.head_loss(batch, 0..n, scale)?;
@@ -563,6 +605,18 @@ impl Model for Sequential {
                 Layer::LayerNorm(l) => {
                     l.backward(p_rest, g_rest, x, dy, dx, n)?;
                     Some(l.w)
+                }
+                Layer::Embedding(l) => {
+                    l.backward(g_rest, x, dy, n)?;
+                    Some(l.w)
+                }
+                Layer::Positions(l) => {
+                    l.backward(g_rest, dy, want_dx.then_some(&mut dx[..]), n)?;
+                    Some(l.w)
+                }
+                Layer::Block(l) => {
+                    l.backward(p_rest, g_rest, x, dy, want_dx.then_some(&mut dx[..]), n)?;
+                    Some(self.layout.params[self.param_start(i)].offset)
                 }
                 Layer::MaxPool(l) if want_dx => {
                     l.backward(y, dy, dx, n)?;
@@ -613,9 +667,32 @@ impl Model for Sequential {
         // A convolution's im2col over many images overflows the caches.
         (!self.is_dense()).then_some(IMAGE_EVAL_CHUNK)
     }
+
+    fn evaluate(&mut self, params: &[f32], x: &[f32], labels: &[u32], targets: &[f32], sums: &mut crate::metrics::EvalSums) -> Result<(), WorkerError> {
+        // In passes of `eval_chunk` records: a sequence model's buffers grow with the pass.
+        let head = self.head;
+        let positions = head.positions() as usize;
+        let n = labels.len() / positions.max(1);
+        let chunk = self.eval_chunk().unwrap_or(n).max(1);
+        let (f, k) = (self.sizes[0], self.outputs * positions);
+        let t_width = if matches!(head, Head::Targets(_)) { k } else { 0 };
+        let mut at = 0;
+        while at < n {
+            let end = (at + chunk).min(n);
+            let out = self.outputs(params, &x[at * f..end * f], end - at)?;
+            sums.add(head, out, &labels[at * positions..end * positions], &targets[(at * t_width).min(targets.len())..(end * t_width).min(targets.len())])?;
+            at = end;
+        }
+        Ok(())
+    }
 }
 
 impl Sequential {
+    /// The index in `layout.params` of layer `i`'s first tensor.
+    fn param_start(&self, i: usize) -> usize {
+        self.param_counts[..i].iter().sum()
+    }
+
     /// `lanes_pass` of a dense-only model, on `shoal_kernels::lanes` (whose row results do not
     /// depend on the row count).
     fn dense_lanes(&mut self, params: &[f32], batch: &Batch, span: LaneSpan, nodes: &[std::ops::Range<usize>], outs: &mut [&mut [f32]]) -> Result<f32, WorkerError> {

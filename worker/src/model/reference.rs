@@ -148,6 +148,7 @@ impl RefModel {
         match self.kind {
             ModelKind::Mlp => "mlp",
             ModelKind::Cnn => "cnn",
+            ModelKind::Gpt => unreachable!("the reference models are the mlp and the cnn"),
         }
     }
 
@@ -209,7 +210,7 @@ impl RefNet {
                 let c = [model.params[0].shape[0], model.params[2].shape[0]];
                 ((model.input_shape[0], model.input_shape[1]), c, 4)
             }
-            ModelKind::Mlp => ((0, 0), [0, 0], 0),
+            ModelKind::Mlp | ModelKind::Gpt => ((0, 0), [0, 0], 0),
         };
         let mut widths = vec![model.params[dense_first].shape[1]];
         widths.extend(model.params[dense_first..].iter().step_by(2).map(|p| p.shape[0]));

@@ -464,12 +464,13 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
         }
         Origin::Fresh => {}
     }
+    let head = net.head();
     if let (Some(test), true) = (spec.dataset.test, start > 0 && start.is_multiple_of(steps_per_epoch) && state.evaluated_at != start) {
         // The previous generation ended between an epoch's last step and its evaluation.
         state.test = evaluate(net, &state.params, &ds, test, rank, world, ring)?;
         state.evaluated_at = start;
     }
-    fill_metrics(&mut progress, &state.test);
+    fill_metrics(&mut progress, &state.test, head);
     if rank == 0 {
         // Says at once where this generation starts (its membership record shows it).
         fill_counters(&mut progress, state);
@@ -573,12 +574,12 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
                 let t = Instant::now();
                 state.test = evaluate(steps.net, &state.params, &ds, test, rank, world, ring)?;
                 state.evaluated_at = state.step;
-                fill_metrics(&mut progress, &state.test);
+                fill_metrics(&mut progress, &state.test, head);
                 eval_time += t.elapsed();
                 if progress.test_accuracy >= 0.0 {
                     history.record(state.step, Key::TestAccuracy, progress.test_accuracy);
                 }
-                for (key, v) in [(Key::TestLoss, progress.test_loss), (Key::TestRmse, progress.test_rmse), (Key::TestR2, progress.test_r2)] {
+                for (key, v) in [(Key::TestLoss, progress.test_loss), (Key::TestRmse, progress.test_rmse), (Key::TestR2, progress.test_r2), (Key::TestBpb, progress.test_bpb)] {
                     if let Some(v) = v {
                         history.record(state.step, key, v);
                     }
@@ -802,7 +803,7 @@ fn resume_point(task: &TrainTask, spec: &JobSpec, model: &Layout, rank: usize) -
         match checkpoint::restore(&task.store, m, model, &mut s.params, &mut s.opt) {
             Ok(()) => {
                 s.step = m.step;
-                s.test = Metrics { accuracy: (m.test_accuracy >= 0.0).then_some(m.test_accuracy), loss: m.test_loss, rmse: m.test_rmse, r2: m.test_r2 };
+                s.test = Metrics { accuracy: (m.test_accuracy >= 0.0).then_some(m.test_accuracy), loss: m.test_loss, rmse: m.test_rmse, r2: m.test_r2, bpb: None };
                 // The checkpoint was taken before that step's evaluation, if it had one.
                 s.evaluated_at = m.step;
                 s.epoch_records = m.epoch_records.clone();
@@ -1024,6 +1025,7 @@ impl Checkpointer {
                 test_loss: f.test.loss,
                 test_rmse: f.test.rmse,
                 test_r2: f.test.r2,
+                test_bpb: f.test.bpb,
                 dir: checkpoint_dir(self.base.job_id, f.step),
                 epoch_records: f.epoch_records,
                 epoch_digests: f.epoch_digests,
@@ -1146,11 +1148,13 @@ impl Checkpointer {
 
 /// The model's head for the job's loss and dataset.
 fn head_of(spec: &JobSpec, ds: &ShardedDataset) -> Result<Head, WorkerError> {
-    Head::of(spec.loss(), ds.classes as u64, ds.target_width as u64).map_err(WorkerError::Spec)
+    Head::of(spec.loss(), ds.classes as u64, ds.target_width as u64, ds.context as u64).map_err(WorkerError::Spec)
 }
 
 /// Sets the progress's test metrics (accuracy -1: none).
-fn fill_metrics(progress: &mut JobProgress, m: &Metrics) {
+fn fill_metrics(progress: &mut JobProgress, m: &Metrics, head: Head) {
+    let m = &m.with_head(head);
+    progress.test_bpb = m.bpb;
     progress.test_accuracy = m.accuracy.unwrap_or(-1.0);
     progress.test_loss = m.loss;
     progress.test_rmse = m.rmse;
