@@ -3,6 +3,7 @@
 //! process (`serve`).
 
 mod bench;
+mod generate;
 mod http;
 mod logs;
 mod ops;
@@ -60,6 +61,26 @@ enum Cmd {
     /// The model registry: register, alias, list, show, lineage, export.
     #[command(subcommand)]
     Model(ModelCmd),
+    /// Continue a text prompt with a language model (one trained on a text dataset): byte
+    /// tokens sampled at a temperature from a seeded stream, so a seed gives the same text.
+    Generate {
+        /// NAME@VERSION, NAME@ALIAS or job:ID (its latest checkpoint).
+        reference: String,
+        #[arg(long)]
+        prompt: String,
+        /// Tokens (bytes) to generate.
+        #[arg(long, default_value_t = 200)]
+        tokens: usize,
+        /// 0: always the likeliest token; higher: more varied.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
     /// The coordinator group, while it serves: add, remove, transfer-leader.
     #[command(subcommand)]
     Coordinator(CoordinatorCmd),
@@ -873,6 +894,18 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Job(j) => job(j).await,
         Cmd::Checkpoint(c) => checkpoint(c).await,
         Cmd::Model(c) => model(c).await,
+        Cmd::Generate { reference, prompt, tokens, temperature, seed, conn, json } => {
+            let client = conn.client()?;
+            let req = generate::Request { reference: &reference, prompt: &prompt, tokens, temperature, seed };
+            let text = generate::generate(&client, &req).await?;
+            let text = String::from_utf8_lossy(&text);
+            if json {
+                print_json(&json!({"model": reference, "prompt": prompt, "seed": seed, "temperature": temperature, "text": text}));
+            } else {
+                println!("{prompt}{text}");
+            }
+            Ok(())
+        }
         Cmd::Coordinator(c) => coordinator(c).await,
         Cmd::Worker(c) => worker(c).await,
         Cmd::Serve(s) => serve(s).await,
@@ -1112,15 +1145,24 @@ async fn data(cmd: DataCmd) -> Result<()> {
             if json {
                 print_json(&ops::dataset_json(&d));
             } else {
-                println!("{} v{}: {} records, features {:?} {}, {} classes", d.name, d.version, d.records, d.feature_shape, d.feature_dtype, d.classes);
+                if d.context > 0 {
+                    println!("{} v{}: text, {} windows of {} byte tokens (context {}, stride {})", d.name, d.version, d.records, d.context + 1, d.context, d.stride);
+                } else {
+                    println!("{} v{}: {} records, features {:?} {}, {} classes", d.name, d.version, d.records, d.feature_shape, d.feature_dtype, d.classes);
+                }
                 for s in &d.slices {
                     let when = if s.imported_unix_ms > 0 { ops::utc(s.imported_unix_ms) } else { "-".into() };
                     println!("  slice records {}..{}  from {} [{}..{}]  imported {when}  blake3 {}", s.first, s.first + s.records, s.sources.join(", "), s.source_start, s.source_end, s.blake3);
-                    if let Some(st) = &s.stats {
+                    if let Some(st) = s.stats.as_ref().filter(|st| st.tokens > 0) {
+                        let distinct = st.label_counts.iter().filter(|&&n| n > 0).count();
+                        println!("    {} tokens, {distinct} distinct bytes  divergence of the byte histogram {:.4}{}", st.tokens, s.label_js, if s.drift.is_empty() { String::new() } else { format!("  {}", s.drift) });
+                    } else if let Some(st) = &s.stats {
                         println!("    labels {:?}  divergence labels {:.4} features {:.4}{}", st.label_counts, s.label_js, s.feature_js, if s.drift.is_empty() { String::new() } else { format!("  {}", s.drift) });
                     }
                 }
-                if let Some(st) = &d.stats {
+                if let Some(st) = d.stats.as_ref().filter(|st| st.tokens > 0) {
+                    println!("  version: {} tokens", st.tokens);
+                } else if let Some(st) = &d.stats {
                     let means: Vec<f64> = st.features.iter().map(|f| shoal_core::stats::mean_std(f).0).collect();
                     let missing: u64 = st.features.iter().map(|f| f.missing).sum();
                     let lo = st.features.iter().map(|f| f.min).fold(f64::INFINITY, f64::min);
@@ -1170,6 +1212,7 @@ fn print_job(j: &JobInfo) {
         "test_loss",
         "test_rmse",
         "test_r2",
+        "test_bpb",
         "samples_per_s",
         "train_seconds",
         "lr",

@@ -229,6 +229,10 @@ async fn register_records(
 
 /// Per-feature statistics (mean, std, min, max, missing) and the label histogram.
 fn stats_json(s: &SliceStats) -> Value {
+    if s.tokens > 0 {
+        // Text: its tokens and their byte histogram (index = byte value).
+        return json!({"tokens": s.tokens, "bytes": s.label_counts});
+    }
     json!({
         "features": s.features.iter().map(|f| {
             let (mean, std) = shoal_core::stats::mean_std(f);
@@ -252,6 +256,9 @@ pub fn dataset_json(d: &DatasetInfo) -> Value {
         "classes": d.classes,
         // Float targets per record (a regression's); 0: class labels.
         "target_width": d.target_width,
+        // Text: tokens a model reads per record (each holds context + 1), and the stride.
+        "context": if d.context > 0 { json!(d.context) } else { Value::Null },
+        "stride": if d.context > 0 { json!(d.stride) } else { Value::Null },
         "class_names": d.class_names,
         "feature_dtype": d.feature_dtype,
         "slices": d.slices.iter().map(|s| json!({
@@ -292,6 +299,7 @@ pub fn model_version_json(m: &ModelInfo, v: &ModelVersion) -> Value {
         "test_loss": v.test_loss,
         "test_rmse": v.test_rmse,
         "test_r2": v.test_r2,
+        "test_bpb": v.test_bpb,
         // The gate's metric, and both scores of it on the holdout.
         "metric": if v.metric.is_empty() { Value::Null } else { json!(v.metric) },
         "holdout_score": v.holdout_score,
@@ -481,6 +489,8 @@ pub fn job_json(j: &JobInfo) -> Value {
     v["test_loss"] = json!(p.test_loss);
     v["test_rmse"] = json!(p.test_rmse);
     v["test_r2"] = json!(p.test_r2);
+    // A language model's test_loss in bits per byte.
+    v["test_bpb"] = json!(p.test_bpb);
     v
 }
 
@@ -501,6 +511,7 @@ pub fn checkpoint_json(m: &CheckpointManifest) -> Value {
         "test_loss": m.test_loss,
         "test_rmse": m.test_rmse,
         "test_r2": m.test_r2,
+        "test_bpb": m.test_bpb,
         "bytes": m.files.iter().map(|f| f.bytes).sum::<u64>(),
         "committed_unix_ms": m.committed_unix_ms,
         "committed": utc(m.committed_unix_ms),

@@ -13,7 +13,7 @@ use crate::ops::{human, job_json};
 pub const MAX_COMPARE: usize = 100;
 
 /// The final figures `job compare` puts side by side (keys of `job_json`).
-const COMPARED: [&str; 10] = ["state", "step", "epoch", "loss", "test_accuracy", "test_loss", "test_rmse", "test_r2", "samples_per_s", "train_seconds"];
+const COMPARED: [&str; 11] = ["state", "step", "epoch", "loss", "test_accuracy", "test_loss", "test_rmse", "test_r2", "test_bpb", "samples_per_s", "train_seconds"];
 
 /// A spec's leaves as `path = value`: tables by dotted keys, arrays of tables by index
 /// (`model.layers[3].out`), other arrays whole.
@@ -37,7 +37,7 @@ fn flatten_spec(prefix: &str, v: &toml::Value, out: &mut std::collections::BTree
 }
 
 /// The history's keys `job compare` finds the best of, and whether higher is better.
-pub const BEST: [(&str, bool); 5] = [("loss", false), ("test_accuracy", true), ("test_loss", false), ("test_rmse", false), ("test_r2", true)];
+pub const BEST: [(&str, bool); 6] = [("loss", false), ("test_accuracy", true), ("test_loss", false), ("test_rmse", false), ("test_r2", true), ("test_bpb", false)];
 
 /// `job compare`: the jobs' ids, the spec keys whose values differ (a key one spec lacks is
 /// null there), the final metrics, and from each job's history (`histories`, in the same

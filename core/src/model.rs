@@ -232,7 +232,7 @@ pub fn infer_with_vocab(layers: &[LayerSpec], input: &[u64], vocab_hint: Option<
             }
             LayerSpec::TransformerBlock { heads, mlp_ratio, .. } => {
                 let [t, d] = shape[..] else { return Err(err(format!("expects a sequence [positions, features], got {shape:?}; put it after an embedding"))) };
-                if d % heads != 0 {
+                if !d.is_multiple_of(heads) {
                     return Err(err(format!("heads = {heads} does not divide the width {d} of {shape:?}")));
                 }
                 let hidden = d.checked_mul(mlp_ratio).ok_or_else(too_large)?;

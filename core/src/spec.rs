@@ -90,7 +90,7 @@ fn default_metric() -> String {
 pub fn metric_higher_is_better(metric: &str) -> Option<bool> {
     match metric {
         "test_accuracy" | "test_r2" => Some(true),
-        "test_loss" | "test_rmse" => Some(false),
+        "test_loss" | "test_rmse" | "test_bpb" => Some(false),
         _ => None,
     }
 }
@@ -331,7 +331,7 @@ impl ModelSpec {
                 if let Some(c) = g.context {
                     range("context", c, 1, MAX_CONTEXT)?;
                 }
-                if g.d_model % g.heads != 0 {
+                if !g.d_model.is_multiple_of(g.heads) {
                     return Err(bad("model.d_model", format!("{} is not a multiple of heads = {}: each head takes d_model / heads of every vector", g.d_model, g.heads)));
                 }
                 check_range("model.dropout", Some(g.dropout), 0.0, 1.0, false)?;
@@ -1042,7 +1042,7 @@ impl JobSpec {
                 return Err(bad("promote", "promotes the [register] model: add [register] name = \"NAME\""));
             }
             let Some(higher) = metric_higher_is_better(&p.metric) else {
-                return Err(bad("promote.metric", format!("{:?} is not one of test_accuracy, test_r2 (higher is better), test_loss, test_rmse (lower is better)", p.metric)));
+                return Err(bad("promote.metric", format!("{:?} is not one of test_accuracy, test_r2 (higher is better), test_loss, test_rmse, test_bpb (lower is better)", p.metric)));
             };
             let regression = self.loss() == Loss::Mse;
             if regression && p.metric == "test_accuracy" {

@@ -80,7 +80,11 @@ unsafe impl Sync for Disjoint<'_> {}
 
 impl<'a> Disjoint<'a> {
     fn new(buf: &'a mut [f32]) -> Disjoint<'a> {
-        Disjoint { ptr: buf.as_mut_ptr(), len: buf.len(), _buf: PhantomData }
+        Disjoint {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+            _buf: PhantomData,
+        }
     }
 
     /// Elements `start..start + len`.
@@ -402,7 +406,16 @@ pub fn causal_attention(qkv: &[f32], n: usize, t: usize, heads: usize, d: usize,
 /// (`[n*t][3*d]`, overwritten) from `dout` (`[n*t][d]`) and the forward's `qkv` and `probs`.
 /// Only the entries j <= i of `probs` are read.
 #[allow(clippy::too_many_arguments)]
-pub fn causal_attention_backward(qkv: &[f32], probs: &[f32], dout: &[f32], n: usize, t: usize, heads: usize, d: usize, dqkv: &mut [f32]) -> Result<(), KernelError> {
+pub fn causal_attention_backward(
+    qkv: &[f32],
+    probs: &[f32],
+    dout: &[f32],
+    n: usize,
+    t: usize,
+    heads: usize,
+    d: usize,
+    dqkv: &mut [f32],
+) -> Result<(), KernelError> {
     let g = Dims::new("causal attention backward", n, t, heads, d)?;
     need("attention qkv", qkv.len(), g.qkv)?;
     need("attention probs", probs.len(), g.probs)?;
@@ -426,7 +439,9 @@ fn token(r: usize, id: f32, vocab: usize) -> Result<usize, KernelError> {
     if id >= 0.0 && id.fract() == 0.0 && (id as f64) < vocab as f64 {
         Ok(id as usize)
     } else {
-        Err(KernelError::Shape(format!("embedding: row {r} has id {id}, which is not a token id in 0..{vocab}")))
+        Err(KernelError::Shape(format!(
+            "embedding: row {r} has id {id}, which is not a token id in 0..{vocab}"
+        )))
     }
 }
 
@@ -588,7 +603,9 @@ mod tests {
         for b in 0..n {
             for h in 0..heads {
                 for i in 0..t {
-                    let s: Vec<f64> = (0..=i).map(|j| (0..hd).map(|c| at(b, i, 0, h, c) * at(b, j, 1, h, c)).sum::<f64>() * scale).collect();
+                    let s: Vec<f64> = (0..=i)
+                        .map(|j| (0..hd).map(|c| at(b, i, 0, h, c) * at(b, j, 1, h, c)).sum::<f64>() * scale)
+                        .collect();
                     let m = s.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v));
                     let e: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
                     let sum: f64 = e.iter().sum();
@@ -696,7 +713,9 @@ mod tests {
             for j in 0..t {
                 // Position j's k and v changed, in every head: no row before j moves.
                 let mut moved = qkv.clone();
-                moved[(b * t + j) * 3 * d + d..(b * t + j + 1) * 3 * d].iter_mut().for_each(|v| *v = -3.0 * *v + 0.5);
+                moved[(b * t + j) * 3 * d + d..(b * t + j + 1) * 3 * d]
+                    .iter_mut()
+                    .for_each(|v| *v = -3.0 * *v + 0.5);
                 let (out2, probs2) = run_forward(&moved, n, t, heads, d);
                 let after = (b * t + j) * d;
                 assert_eq!(bits(&out2[..after]), bits(&out[..after]), "t={t} j={j}: rows before j");
@@ -774,6 +793,36 @@ mod tests {
     }
 
     #[test]
+    fn attention_blocked_helpers_have_the_bits_of_the_plain_loops() {
+        // `dot4`, `axpy4` and `weighted_rows` claim the bits of `dot` and of `axpy` in order.
+        let mut rng = Rng(9);
+        for len in [1, 4, 15, 16, 20, 64, 80, 131] {
+            let a = rng.vec(len);
+            let bs: Vec<Vec<f32>> = (0..4).map(|_| rng.vec(len)).collect();
+            let four = dot4(&a, [&bs[0], &bs[1], &bs[2], &bs[3]]);
+            for u in 0..4 {
+                assert_eq!(four[u].to_bits(), dot(&a, &bs[u]).to_bits(), "dot4 len={len}");
+            }
+            let w = [0.5f32, -1.25, 3.0, 1e-3];
+            let (mut y4, mut y1) = (a.clone(), a.clone());
+            axpy4(&mut y4, w, [&bs[0], &bs[1], &bs[2], &bs[3]]);
+            for u in 0..4 {
+                axpy(&mut y1, w[u], &bs[u]);
+            }
+            assert_eq!(bits(&y4), bits(&y1), "axpy4 len={len}");
+            let (rows, stride) = (7, len + 3);
+            let x = rng.vec(rows * stride);
+            let w = rng.vec(rows);
+            let (mut o, mut want) = (vec![f32::NAN; len], vec![0.0; len]);
+            weighted_rows(&mut o, &w, &x, stride);
+            for (j, &wj) in w.iter().enumerate() {
+                axpy(&mut want, wj, &x[j * stride..]);
+            }
+            assert_eq!(bits(&o), bits(&want), "weighted_rows len={len}");
+        }
+    }
+
+    #[test]
     fn attention_refuses_wrong_lengths_and_shapes() {
         let (n, t, heads, d) = (2, 3, 2, 4);
         let qkv = vec![0.0; n * t * 3 * d];
@@ -807,11 +856,20 @@ mod tests {
         // Bad ids: named by row and value, and nothing written.
         let big = vec![0.0; 256 * d];
         let mut o = vec![7.0; 3 * d];
-        for (bad, text) in [(300.0f32, "300"), (2.5, "2.5"), (-1.0, "-1"), (f32::NAN, "NaN"), (256.0, "256"), (f32::INFINITY, "inf")] {
+        for (bad, text) in [
+            (300.0f32, "300"),
+            (2.5, "2.5"),
+            (-1.0, "-1"),
+            (f32::NAN, "NaN"),
+            (256.0, "256"),
+            (f32::INFINITY, "inf"),
+        ] {
             let e = embedding(&[1.0, bad, 3.0], &big, 256, d, &mut o).unwrap_err().to_string();
             assert!(e.contains("row 1") && e.contains(text), "{e}");
             assert!(o.iter().all(|&v| v == 7.0));
-            let e = embedding_backward(&[1.0, 2.0, bad], &o, 256, d, &mut vec![0.0; 256 * d]).unwrap_err().to_string();
+            let e = embedding_backward(&[1.0, 2.0, bad], &o, 256, d, &mut vec![0.0; 256 * d])
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("row 2") && e.contains(text), "{e}");
         }
         assert!(embedding(&ids, &table[1..], vocab, d, &mut out).unwrap_err().to_string().contains("table"));
@@ -836,7 +894,10 @@ mod tests {
         // And the gradient of sum(dout * embedding(table)), differenced (it is linear).
         let table = rng.vec(vocab * d);
         let fd = numeric_grad_step(&table, 0.5, |tb| {
-            ids.iter().enumerate().map(|(r, &id)| (0..d).map(|c| dout[r * d + c] as f64 * tb[id as usize * d + c]).sum::<f64>()).sum()
+            ids.iter()
+                .enumerate()
+                .map(|(r, &id)| (0..d).map(|c| dout[r * d + c] as f64 * tb[id as usize * d + c]).sum::<f64>())
+                .sum()
         });
         let mut grad = vec![0.0; vocab * d];
         embedding_backward(&ids, &dout, vocab, d, &mut grad).unwrap();
@@ -846,8 +907,14 @@ mod tests {
         for (r, &id) in ids.iter().enumerate() {
             assert_eq!(y[r * d..(r + 1) * d], table[id as usize * d..(id as usize + 1) * d]);
         }
-        assert!(embedding_backward(&ids, &dout[1..], vocab, d, &mut grad).unwrap_err().to_string().contains("output gradient"));
-        assert!(embedding_backward(&ids, &dout, vocab, d, &mut grad[1..]).unwrap_err().to_string().contains("table gradient"));
+        assert!(embedding_backward(&ids, &dout[1..], vocab, d, &mut grad)
+            .unwrap_err()
+            .to_string()
+            .contains("output gradient"));
+        assert!(embedding_backward(&ids, &dout, vocab, d, &mut grad[1..])
+            .unwrap_err()
+            .to_string()
+            .contains("table gradient"));
     }
 
     #[test]
@@ -876,8 +943,14 @@ mod tests {
             assert_eq!(bits(&dpos), bits(&want));
             assert!(add_positions(&mut y, &pos[1..], n, t, d).unwrap_err().to_string().contains("position table"));
             assert!(add_positions(&mut y[1..], &pos, n, t, d).unwrap_err().to_string().contains("positions input"));
-            assert!(positions_backward(&dx, n, t, d, &mut dpos[1..]).unwrap_err().to_string().contains("table gradient"));
-            assert!(positions_backward(&dx[1..], n, t, d, &mut dpos).unwrap_err().to_string().contains("positions gradient"));
+            assert!(positions_backward(&dx, n, t, d, &mut dpos[1..])
+                .unwrap_err()
+                .to_string()
+                .contains("table gradient"));
+            assert!(positions_backward(&dx[1..], n, t, d, &mut dpos)
+                .unwrap_err()
+                .to_string()
+                .contains("positions gradient"));
         }
     }
 
@@ -915,299 +988,5 @@ mod tests {
             bwd * 1e3,
             pairs * hd * 8.0 / bwd * 1e-9
         );
-    }
-}
-#[cfg(test)]
-mod tmp_hash {
-    #[test]
-    fn tmp_hash() {
-        use super::*;
-        let mut s = 0x1234u64;
-        let mut r = || { s ^= s << 13; s ^= s >> 7; s ^= s << 17; (s >> 40) as f32 / (1u64 << 24) as f32 * 6.0 - 3.0 };
-        for (n, t, heads, d) in [(2, 37, 3, 96), (1, 20, 2, 160), (3, 9, 4, 20)] {
-            let qkv: Vec<f32> = (0..n * t * 3 * d).map(|_| r()).collect();
-            let dout: Vec<f32> = (0..n * t * d).map(|_| r()).collect();
-            let (mut p, mut o, mut g) = (vec![0.0; n * heads * t * t], vec![0.0; n * t * d], vec![0.0; n * t * 3 * d]);
-            causal_attention(&qkv, n, t, heads, d, &mut p, &mut o).unwrap();
-            causal_attention_backward(&qkv, &p, &dout, n, t, heads, d, &mut g).unwrap();
-            let h = |v: &[f32]| v.iter().fold(0xcbf29ce484222325u64, |a, x| (a ^ x.to_bits() as u64).wrapping_mul(0x100000001b3));
-            println!("HASH {} {} {}", h(&p), h(&o), h(&g));
-        }
-    }
-}
-
-#[cfg(test)]
-mod tmp_bench {
-    use super::*;
-    #[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn old_forward_head(x: &[f32], t: usize, d: usize, hd: usize, h: usize, scale: f32, probs: &mut [f32], out: Disjoint<'_>, row0: usize) {
-    let stride = 3 * d;
-    let (qc, kc, vc) = (h * hd, d + h * hd, 2 * d + h * hd);
-    for (i, p) in probs.chunks_exact_mut(t).enumerate() {
-        let q = &x[i * stride + qc..][..hd];
-        // Scores, and their maximum (a NaN score is skipped here and makes the row NaN below).
-        let mut m = f32::NEG_INFINITY;
-        for (j, s) in p[..=i].iter_mut().enumerate() {
-            let v = dot(q, &x[j * stride + kc..][..hd]) * scale;
-            *s = v;
-            m = if v > m { v } else { m };
-        }
-        let sum = exp_row(&mut p[..=i], m);
-        for v in p[..=i].iter_mut() {
-            *v = (*v as f64 / sum) as f32;
-        }
-        p[i + 1..].fill(0.0);
-        // SAFETY: row i of this record, head h's columns: this task's alone.
-        let o = unsafe { out.slice((row0 + i) * d + qc, hd) };
-        o.fill(0.0);
-        for (j, &pj) in p[..=i].iter().enumerate() {
-            axpy(o, pj, &x[j * stride + vc..][..hd]);
-        }
-    }
-}
-
-    #[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn old_backward_head(x: &[f32], probs: &[f32], dout: &[f32], t: usize, d: usize, hd: usize, h: usize, scale: f32, dx: Disjoint<'_>, row0: usize) {
-    let stride = 3 * d;
-    let (qc, kc, vc) = (h * hd, d + h * hd, 2 * d + h * hd);
-    let base = row0 * stride;
-    for j in 0..t {
-        // SAFETY: every slice taken from `dx` here is head h's columns of this record's rows
-        // (this task's alone), and the ones alive at once are different columns or rows.
-        unsafe {
-            dx.slice(base + j * stride + kc, hd).fill(0.0);
-            dx.slice(base + j * stride + vc, hd).fill(0.0);
-        }
-    }
-    for (i, p) in probs.chunks_exact(t).enumerate() {
-        let p = &p[..=i];
-        let g = &dout[i * d + qc..][..hd];
-        let q = &x[i * stride + qc..][..hd];
-        // SAFETY: as above (q's columns of row i).
-        let dq = unsafe { dx.slice(base + i * stride + qc, hd) };
-        dq.fill(0.0);
-        for (j, &pj) in p.iter().enumerate() {
-            axpy(dq, pj, &x[j * stride + vc..][..hd]);
-        }
-        let rowdot = dot(g, dq);
-        dq.fill(0.0);
-        for (j, &pj) in p.iter().enumerate() {
-            let (k, v) = (&x[j * stride + kc..][..hd], &x[j * stride + vc..][..hd]);
-            let ds = pj * (dot(g, v) - rowdot) * scale;
-            axpy(dq, ds, k);
-            // SAFETY: as above (k's and v's columns of row j, apart from dq's).
-            let (dk, dv) = unsafe { (dx.slice(base + j * stride + kc, hd), dx.slice(base + j * stride + vc, hd)) };
-            axpy(dk, ds, q);
-            axpy(dv, pj, g);
-        }
-    }
-}
-
-    versions!(old_f => old_forward_head(x: &[f32], t: usize, d: usize, hd: usize, h: usize, scale: f32, probs: &mut [f32], out: Disjoint<'_>, row0: usize));
-    versions!(old_b => old_backward_head(x: &[f32], probs: &[f32], dout: &[f32], t: usize, d: usize, hd: usize, h: usize, scale: f32, dx: Disjoint<'_>, row0: usize));
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn va_forward_head(x: &[f32], t: usize, d: usize, hd: usize, h: usize, scale: f32, probs: &mut [f32], out: Disjoint<'_>, row0: usize) {
-    let stride = 3 * d;
-    let (qc, kc, vc) = (h * hd, d + h * hd, 2 * d + h * hd);
-    for (i, p) in probs.chunks_exact_mut(t).enumerate() {
-        let q = &x[i * stride + qc..][..hd];
-        // Scores, and their maximum (a NaN score is skipped here and makes the row NaN below).
-        let mut m = f32::NEG_INFINITY;
-        let key = |j: usize| &x[j * stride + kc..][..hd];
-        let (quads, rest) = p[..=i].as_chunks_mut::<4>();
-        for (j4, s4) in quads.iter_mut().enumerate() {
-            let j = 4 * j4;
-            let dots = dot4(q, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
-            for (s, dot) in s4.iter_mut().zip(dots) {
-                *s = dot * scale;
-                m = if *s > m { *s } else { m };
-            }
-        }
-        let j0 = 4 * quads.len();
-        for (j, s) in rest.iter_mut().enumerate() {
-            *s = dot(q, key(j0 + j)) * scale;
-            m = if *s > m { *s } else { m };
-        }
-        let sum = exp_row(&mut p[..=i], m);
-        for v in p[..=i].iter_mut() {
-            *v = (*v as f64 / sum) as f32;
-        }
-        p[i + 1..].fill(0.0);
-        // SAFETY: row i of this record, head h's columns: this task's alone.
-        let o = unsafe { out.slice((row0 + i) * d + qc, hd) };
-        o.fill(0.0);
-        for (j, &pj) in p[..=i].iter().enumerate() {
-            axpy(o, pj, &x[j * stride + vc..][..hd]);
-        }
-    }
-}
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn vb_forward_head(x: &[f32], t: usize, d: usize, hd: usize, h: usize, scale: f32, probs: &mut [f32], out: Disjoint<'_>, row0: usize) {
-    let stride = 3 * d;
-    let (qc, kc, vc) = (h * hd, d + h * hd, 2 * d + h * hd);
-    for (i, p) in probs.chunks_exact_mut(t).enumerate() {
-        let q = &x[i * stride + qc..][..hd];
-        // Scores, and their maximum (a NaN score is skipped here and makes the row NaN below).
-        let mut m = f32::NEG_INFINITY;
-        for (j, s) in p[..=i].iter_mut().enumerate() {
-            let v = dot(q, &x[j * stride + kc..][..hd]) * scale;
-            *s = v;
-            m = if v > m { v } else { m };
-        }
-        let sum = exp_row(&mut p[..=i], m);
-        for v in p[..=i].iter_mut() {
-            *v = (*v as f64 / sum) as f32;
-        }
-        p[i + 1..].fill(0.0);
-        // SAFETY: row i of this record, head h's columns: this task's alone.
-        let o = unsafe { out.slice((row0 + i) * d + qc, hd) };
-        weighted_rows(o, &p[..=i], &x[vc..], stride);
-    }
-}
-
-    versions!(va_f => va_forward_head(x: &[f32], t: usize, d: usize, hd: usize, h: usize, scale: f32, probs: &mut [f32], out: Disjoint<'_>, row0: usize));
-    versions!(vb_f => vb_forward_head(x: &[f32], t: usize, d: usize, hd: usize, h: usize, scale: f32, probs: &mut [f32], out: Disjoint<'_>, row0: usize));
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn old2_backward_head(x: &[f32], probs: &[f32], dout: &[f32], t: usize, d: usize, hd: usize, h: usize, scale: f32, dx: Disjoint<'_>, row0: usize) {
-    let stride = 3 * d;
-    let (qc, kc, vc) = (h * hd, d + h * hd, 2 * d + h * hd);
-    let base = row0 * stride;
-    for j in 0..t {
-        // SAFETY: every slice taken from `dx` here is head h's columns of this record's rows
-        // (this task's alone), and the ones alive at once are different columns or rows.
-        unsafe {
-            dx.slice(base + j * stride + kc, hd).fill(0.0);
-            dx.slice(base + j * stride + vc, hd).fill(0.0);
-        }
-    }
-    for (i, p) in probs.chunks_exact(t).enumerate() {
-        let p = &p[..=i];
-        let g = &dout[i * d + qc..][..hd];
-        let q = &x[i * stride + qc..][..hd];
-        // SAFETY: as above (q's columns of row i).
-        let dq = unsafe { dx.slice(base + i * stride + qc, hd) };
-        weighted_rows(dq, p, &x[vc..], stride);
-        let rowdot = dot(g, dq);
-        dq.fill(0.0);
-        let (key, value) = (|j: usize| &x[j * stride + kc..][..hd], |j: usize| &x[j * stride + vc..][..hd]);
-        // The terms of column j: dk_j and dv_j (dq's term is added by the caller, in j order).
-        let column = |j: usize, pj: f32, ds: f32| {
-            // SAFETY: as above (k's and v's columns of row j, apart from dq's).
-            let (dk, dv) = unsafe { (dx.slice(base + j * stride + kc, hd), dx.slice(base + j * stride + vc, hd)) };
-            axpy(dk, ds, q);
-            axpy(dv, pj, g);
-        };
-        let (quads, rest) = p.as_chunks::<4>();
-        for (j4, p4) in quads.iter().enumerate() {
-            let j = 4 * j4;
-            let dots = dot4(g, [value(j), value(j + 1), value(j + 2), value(j + 3)]);
-            let ds: [f32; 4] = std::array::from_fn(|u| p4[u] * (dots[u] - rowdot) * scale);
-            axpy4(dq, ds, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
-            for u in 0..4 {
-                column(j + u, p4[u], ds[u]);
-            }
-        }
-        let j0 = 4 * quads.len();
-        for (j, &pj) in rest.iter().enumerate() {
-            let ds = pj * (dot(g, value(j0 + j)) - rowdot) * scale;
-            axpy(dq, ds, key(j0 + j));
-            column(j0 + j, pj, ds);
-        }
-    }
-}
-
-    versions!(old2_b => old2_backward_head(x: &[f32], probs: &[f32], dout: &[f32], t: usize, d: usize, hd: usize, h: usize, scale: f32, dx: Disjoint<'_>, row0: usize));
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn three_backward_head(x: &[f32], probs: &[f32], dout: &[f32], t: usize, d: usize, hd: usize, h: usize, scale: f32, dx: Disjoint<'_>, row0: usize) {
-    let stride = 3 * d;
-    let (qc, kc, vc) = (h * hd, d + h * hd, 2 * d + h * hd);
-    let base = row0 * stride;
-    let query = |i: usize| &x[i * stride + qc..][..hd];
-    let key = |j: usize| &x[j * stride + kc..][..hd];
-    let value = |j: usize| &x[j * stride + vc..][..hd];
-    let grad = |i: usize| &dout[i * d + qc..][..hd];
-    // SAFETY (every `dx.slice` below): head h's q, k or v columns of one of this record's
-    // rows, which are this task's alone; the slices alive at once are different columns or
-    // different rows.
-    let dq = |i: usize| unsafe { dx.slice(base + i * stride + qc, hd) };
-    let rowdot = |i: usize| unsafe { dx.slice(base + i * stride + qc, 1)[0] };
-
-    for i in 0..t {
-        let o = dq(i);
-        weighted_rows(o, &probs[i * t..][..=i], &x[vc..], stride);
-        o[0] = dot(grad(i), o);
-    }
-
-    for j in 0..t {
-        let (dk, dv) = unsafe { (dx.slice(base + j * stride + kc, hd), dx.slice(base + j * stride + vc, hd)) };
-        dk.fill(0.0);
-        dv.fill(0.0);
-        let v = value(j);
-        let mut i = j;
-        while i + 4 <= t {
-            let dots = dot4(v, [grad(i), grad(i + 1), grad(i + 2), grad(i + 3)]);
-            let p: [f32; 4] = std::array::from_fn(|u| probs[(i + u) * t + j]);
-            let ds: [f32; 4] = std::array::from_fn(|u| p[u] * (dots[u] - rowdot(i + u)) * scale);
-            axpy4(dk, ds, [query(i), query(i + 1), query(i + 2), query(i + 3)]);
-            axpy4(dv, p, [grad(i), grad(i + 1), grad(i + 2), grad(i + 3)]);
-            i += 4;
-        }
-        for i in i..t {
-            let p = probs[i * t + j];
-            let ds = p * (dot(v, grad(i)) - rowdot(i)) * scale;
-            axpy(dk, ds, query(i));
-            axpy(dv, p, grad(i));
-        }
-    }
-
-    for i in 0..t {
-        let (dq, g) = (dq(i), grad(i));
-        let rd = dq[0];
-        dq.fill(0.0);
-        let (quads, rest) = probs[i * t..][..=i].as_chunks::<4>();
-        for (j4, p4) in quads.iter().enumerate() {
-            let j = 4 * j4;
-            let dots = dot4(g, [value(j), value(j + 1), value(j + 2), value(j + 3)]);
-            let ds: [f32; 4] = std::array::from_fn(|u| p4[u] * (dots[u] - rd) * scale);
-            axpy4(dq, ds, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
-        }
-        let j0 = 4 * quads.len();
-        for (j, &p) in rest.iter().enumerate() {
-            let ds = p * (dot(g, value(j0 + j)) - rd) * scale;
-            axpy(dq, ds, key(j0 + j));
-        }
-    }
-}
-
-    versions!(three_b => three_backward_head(x: &[f32], probs: &[f32], dout: &[f32], t: usize, d: usize, hd: usize, h: usize, scale: f32, dx: Disjoint<'_>, row0: usize));
-    #[test]
-    #[ignore]
-    fn tmp_bench() {
-        use std::time::Instant;
-        let (t, d, hd) = (128usize, 256usize, 64usize);
-        let x: Vec<f32> = (0..t * 3 * d).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0)).collect();
-        let dy: Vec<f32> = (0..t * d).map(|i| ((i * 104729 % 1000) as f32 / 500.0 - 1.0)).collect();
-        let scale = 0.125;
-        let (mut p, mut o, mut g) = (vec![0.0; t * t], vec![0.0; t * d], vec![0.0; t * 3 * d]);
-        let mut time = |name: &str, f: &mut dyn FnMut(&mut [f32], &mut [f32], &mut [f32])| {
-            let m = (0..300).map(|_| { let s = Instant::now(); f(&mut p, &mut o, &mut g); s.elapsed().as_secs_f64() }).fold(f64::MAX, f64::min);
-            println!("BENCH {name} {:.1} us", m * 1e6);
-        };
-        for _ in 0..2 {
-        time("new fwd", &mut |p, o, _| forward_head_best(&x, t, d, hd, 0, scale, p, Disjoint::new(o), 0));
-        time("old fwd", &mut |p, o, _| old_f(&x, t, d, hd, 0, scale, p, Disjoint::new(o), 0));
-        time("dot4+axpy fwd", &mut |p, o, _| va_f(&x, t, d, hd, 0, scale, p, Disjoint::new(o), 0));
-        time("dot+weighted fwd", &mut |p, o, _| vb_f(&x, t, d, hd, 0, scale, p, Disjoint::new(o), 0));
-        time("new bwd", &mut |p, _, g| backward_head_best(&x, p, &dy, t, d, hd, 0, scale, Disjoint::new(g), 0));
-        time("1-pass bwd", &mut |p, _, g| old2_b(&x, p, &dy, t, d, hd, 0, scale, Disjoint::new(g), 0));
-        time("3-pass bwd", &mut |p, _, g| three_b(&x, p, &dy, t, d, hd, 0, scale, Disjoint::new(g), 0));
-        time("old bwd", &mut |p, _, g| old_b(&x, p, &dy, t, d, hd, 0, scale, Disjoint::new(g), 0));
-        }
     }
 }
