@@ -137,3 +137,65 @@ fn a_gpt_learns_the_bundled_text_generates_and_retrains_on_an_appended_slice() {
     assert_eq!((v2["parent"].as_str(), v2["metric"].as_str()), (Some("docs-gpt@1"), Some("test_loss")), "{v2}");
     assert!(retrained["promotion"].as_str().unwrap_or_default().starts_with("promoted"), "{retrained}");
 }
+
+/// Slows every step a little, so that a test can act mid-epoch.
+const SLOW: (&str, &str) = ("SHOAL_FAILPOINTS", "step-delay-ms=25");
+
+/// A small GPT with 8 lanes: 100 steps of 16 windows of 32 tokens, a checkpoint every 10.
+fn lanes_spec(workers: &str) -> String {
+    let s = gpt_spec("gpt-lanes", "small", "train = [0, 1600]\ntest = [1600, 1800]", "[checkpoint]\nevery_steps = 10\n");
+    s.replace("blocks = 2\nheads = 4\nd_model = 64\ncontext = 64", "blocks = 2\nheads = 2\nd_model = 32\ncontext = 32")
+        .replace("batch_size = 32", "batch_size = 16\nlanes = 8")
+        .replace("warmup_steps = 30", "warmup_steps = 10")
+        .replace("workers = 2", workers)
+}
+
+fn params_hash(job: &serde_json::Value) -> String {
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let r = job["results"].as_array().unwrap();
+    assert!(r.iter().all(|x| x["param_blake3"] == r[0]["param_blake3"]), "{job}");
+    r[0]["param_blake3"].as_str().unwrap().to_string()
+}
+
+fn submit(c: &UpCluster, file: &str, spec: &str) -> String {
+    json(c.cmd(&["job", "submit", "--json"]).arg(c.write_spec(file, spec)))["id"].to_string()
+}
+
+#[test]
+fn a_gpt_resumes_bitwise_and_with_lanes_ends_with_the_same_bits_on_any_pool() {
+    let c = UpCluster::start_env(&["--workers", "3"], &[SLOW]);
+    let (a, _) = split_text(c.tmp.path(), 60_000);
+    ok(c.cmd(&["data", "import", "small", "--format", "text", "--context", "32"]).arg(&a));
+
+    // Lanes: the same bits on three workers and on two (attention's sums included).
+    let three = c.wait_end(&submit(&c, "three.toml", &lanes_spec("workers = 3")));
+    let two = c.wait_end(&submit(&c, "two.toml", &lanes_spec("workers = 2")));
+    let want = params_hash(&three);
+    assert_eq!(params_hash(&two), want, "lanes make a GPT's result independent of the world size");
+    assert!(three["test_bpb"].as_f64().is_some(), "{three}");
+
+    // Three workers, one SIGKILLed mid-run: the others go on and end with the same bits.
+    let id = submit(&c, "lost.toml", &lanes_spec("workers = 3\nmin_workers = 2"));
+    let job = c.wait_job(&id, "training on three workers", std::time::Duration::from_secs(60), |j| j["state"] == "running" && j["step"].as_u64().unwrap_or(0) > 40);
+    let workers = job["workers"].as_array().unwrap().clone();
+    let list = json(&mut c.cmd(&["worker", "list", "--json"]));
+    let victim = list.as_array().unwrap().iter().find(|w| w["id"] == workers[1]).unwrap()["pid"].as_i64().unwrap();
+    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
+    let lost = c.wait_end(&id);
+    assert_eq!(params_hash(&lost), want, "a GPT run that lost a worker ends where the static runs do: {lost}");
+    assert!(lost["generation"].as_u64().unwrap() >= 2, "{lost}");
+
+    // Exact resume: the cluster stopped mid-epoch and started again ends with the bits of an
+    // uninterrupted run (no lanes: the same pool both times).
+    let plain = lanes_spec("workers = 2").replace("\nlanes = 8", "");
+    let reference = c.wait_end(&submit(&c, "reference.toml", &plain));
+    let id = submit(&c, "resumed.toml", &plain);
+    c.wait_job(&id, "a committed checkpoint", std::time::Duration::from_secs(60), |j| j["checkpoint"].as_u64().is_some_and(|s| s >= 30));
+    ok(&mut c.cmd(&["down"]));
+    ok(shoal().args(["up", "--workers", "3", "--dir"]).arg(c.dir()).env(SLOW.0, SLOW.1));
+    let done = c.wait_end(&id);
+    assert_eq!(params_hash(&done), params_hash(&reference), "the resumed GPT differs from the uninterrupted one: {done}");
+    let from = done["resumed_from"].as_u64().unwrap_or_else(|| panic!("not resumed: {done}"));
+    assert!((30..100).contains(&from) && from % 100 != 0, "resumed mid-epoch from step {from}: {done}");
+    assert_eq!(done["test_loss"], reference["test_loss"], "{done}");
+}
