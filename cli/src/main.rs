@@ -1194,7 +1194,7 @@ fn print_job(j: &JobInfo) {
     let v = ops::job_json(j);
     println!("job {} ({})", j.id, j.name);
     if j.batch.is_some() {
-        for k in ["state", "operator", "tasks_total", "tasks_done", "tasks_failed", "records_out", "attempts_failed", "accuracy", "test_loss", "test_rmse", "test_r2", "model", "output_dataset", "output_version", "error"] {
+        for k in ["state", "operator", "tasks_total", "tasks_done", "tasks_failed", "records_out", "attempts_failed", "accuracy", "test_loss", "test_rmse", "test_r2", "test_bpb", "model", "output_dataset", "output_version", "error"] {
             if !v[k].is_null() {
                 println!("  {k}: {}", ops::human(k, &v[k]));
             }

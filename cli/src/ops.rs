@@ -400,6 +400,7 @@ pub fn batch_json(j: &JobInfo) -> Value {
         "test_loss": b.test_loss,
         "test_rmse": b.test_rmse,
         "test_r2": b.test_r2,
+        "test_bpb": b.test_bpb,
         "model": nonempty(&b.model),
         "transform": b.transform.as_ref().map(transform_json).unwrap_or(Value::Null),
         "stats": stats(&b.stats),

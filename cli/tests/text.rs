@@ -136,6 +136,18 @@ fn a_gpt_learns_the_bundled_text_generates_and_retrains_on_an_appended_slice() {
     assert!(candidate < parent, "the retrained model's loss on the new text {candidate} is not below its parent's {parent}: {v2}");
     assert_eq!((v2["parent"].as_str(), v2["metric"].as_str()), (Some("docs-gpt@1"), Some("test_loss")), "{v2}");
     assert!(retrained["promotion"].as_str().unwrap_or_default().starts_with("promoted"), "{retrained}");
+
+    // Batch scoring: each window's mean loss per token; over the new text, the parent's loss
+    // as the gate measured it.
+    let score = "name = \"score-docs\"\nkind = \"batch\"\n[input]\ndataset = \"docs-new\"\n[operator]\nkind = \"score\"\nmodel = \"docs-gpt@1\"\n[output]\ndataset = \"docs-scores\"\n[cluster]\nworkers = 2\n";
+    let scored = c.submit_follow(&c.write_spec("score.toml", score));
+    assert_eq!(scored["state"], "succeeded", "{scored}");
+    let (loss, bpb) = (metric(&scored, "test_loss"), metric(&scored, "test_bpb"));
+    assert!((loss - parent).abs() <= 1e-6 * parent, "scoring's loss {loss} is not the gate's {parent}");
+    assert!((bpb - loss / std::f64::consts::LN_2).abs() < 1e-9, "{scored}");
+    let new = json(&mut c.cmd(&["data", "show", "docs-new", "--json"]));
+    let out = json(&mut c.cmd(&["data", "show", "docs-scores", "--json"]));
+    assert_eq!((out["records"].clone(), out["feature_shape"].clone()), (new["records"].clone(), serde_json::json!([1])), "{out}");
 }
 
 /// Slows every step a little, so that a test can act mid-epoch.

@@ -55,9 +55,10 @@ impl ModelCache {
         }
         let spec = JobSpec::parse(&m.spec_toml).map_err(|e| WorkerError::Spec(format!("the model's training spec: {e}")))?;
         let shape: Vec<usize> = input.feature_shape.iter().map(|&d| d as usize).collect();
-        let head = match a.model_target_width {
-            0 => Head::Classes(a.model_classes as u64),
-            w => Head::Targets(w as u64),
+        let head = match (a.model_context, a.model_target_width) {
+            (c, _) if c > 0 => Head::Tokens { vocab: a.model_classes as u64, context: c as u64 },
+            (_, 0) => Head::Classes(a.model_classes as u64),
+            (_, w) => Head::Targets(w as u64),
         };
         let model = crate::model::build(&spec.model, &shape, head, spec.training.seed)?;
         let mut params = vec![0f32; model.layout().num_params()];
@@ -193,6 +194,9 @@ fn read_all(ds: &ShardedDataset, lo: u64, hi: u64, cancel: &AtomicBool) -> Resul
 /// records [lo, hi), in batches of `batch`; and the records' evaluation sums (against their
 /// labels, or their targets where the input has them).
 fn score(model: &Scorer, ds: &ShardedDataset, lo: u64, hi: u64, a: &Assignment, batch: usize, cancel: &AtomicBool) -> Result<(Records, Option<Vec<i64>>, EvalSums), WorkerError> {
+    if let Head::Tokens { .. } = model.head {
+        return score_text(model, ds, lo, hi, batch, cancel);
+    }
     let (width, params) = (model.head.outputs() as usize, &model.params[..]);
     let regression = matches!(model.head, Head::Targets(_));
     if regression && ds.target_width != 0 && ds.target_width != width {
@@ -252,6 +256,39 @@ fn score(model: &Scorer, ds: &ShardedDataset, lo: u64, hi: u64, a: &Assignment, 
         return Ok((Records { features: IdxData::F32(probs), feature_shape: vec![width], labels, targets }, None, sums));
     }
     Ok((Records::classified(IdxData::F32(probs), vec![width], labels), Some(pred), sums))
+}
+
+/// A language model's scores of text windows [lo, hi): each record's mean loss per token (in
+/// nats) as its one output feature, and the records' evaluation sums.
+fn score_text(model: &Scorer, ds: &ShardedDataset, lo: u64, hi: u64, batch: usize, cancel: &AtomicBool) -> Result<(Records, Option<Vec<i64>>, EvalSums), WorkerError> {
+    let (vocab, t) = (model.head.outputs() as usize, model.head.positions() as usize);
+    let mut net = model.model()?;
+    let mut losses = Vec::with_capacity((hi - lo) as usize);
+    let mut sums = EvalSums::new(model.head);
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    let micro = net.eval_chunk().unwrap_or(batch).clamp(1, batch.max(1)) as u64;
+    let mut i = lo;
+    while i < hi {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(WorkerError::Cancelled);
+        }
+        let j = (i + micro).min(hi);
+        x.clear();
+        y.clear();
+        for r in i..j {
+            ds.push_record(r, &mut x, &mut y)?;
+        }
+        let out = net.outputs(&model.params, &x, (j - i) as usize)?;
+        for (row, labels) in out.chunks_exact(t * vocab).zip(y.chunks_exact(t)) {
+            let mut one = EvalSums::new(model.head);
+            one.add(model.head, row, labels, &[])?;
+            losses.push(one.metrics(model.head).loss.unwrap_or(f64::NAN) as f32);
+            sums.merge(&one);
+        }
+        i = j;
+    }
+    let n = losses.len();
+    Ok((Records::classified(IdxData::F32(losses), vec![1], vec![0; n]), None, sums))
 }
 
 /// The output shard's file for this attempt: `task-NNNNN-aA.safetensors` in the job's folder.

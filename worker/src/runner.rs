@@ -428,6 +428,15 @@ fn start_batch_task(
                     if let Some(f) = &file {
                         let _ = std::fs::remove_file(f);
                     }
+                    if report.ok {
+                        // A success the coordinator will not take is a failed attempt: said
+                        // so (retried elsewhere, or the job fails naming why), never left
+                        // running. Refused too if the attempt is not running (a copy won).
+                        let failed = shoal_proto::TaskReport { ok: false, result: None, error: format!("its report was refused: {}", s.message()), ..report.clone() };
+                        if let Err(e) = rt.block_on(client.call(|mut c| { let r = failed.clone(); async move { c.report_task(r).await } })) {
+                            tracing::debug!(error = %e, "the failure report was not taken");
+                        }
+                    }
                     wake.notify_one();
                     return;
                 }

@@ -43,6 +43,7 @@ impl StateMachine {
         let feature_len: u64 = input.feature_shape.iter().product();
         let op = spec.operator.kind.as_str();
         let (mut init, mut model, mut transform, mut out_shape, mut model_classes, mut model_target_width) = (None, String::new(), None, input.feature_shape.clone(), 0, 0);
+        let mut model_context = 0;
         if op == "score" {
             let reference = spec.operator.model.clone().unwrap_or_default();
             let (job_id, step, label) = match reference.strip_prefix("job:") {
@@ -62,6 +63,10 @@ impl StateMachine {
             };
             let m = m.ok_or_else(|| format!("operator.model: job {job_id} keeps no checkpoint at step {}", step.unwrap_or_default()))?;
             let trained = self.dataset(&from.dataset_name, from.dataset_version).ok_or_else(|| format!("operator.model: the dataset job {job_id} trained on is gone"))?;
+            if trained.context != input.context {
+                let what = |c: u32| if c > 0 { format!("text windows of context {c}") } else { "records of features".to_string() };
+                return Err(format!("operator.model: {label} reads {}; {} v{} holds {}", what(trained.context), input.name, input.version, what(input.context)).into());
+            }
             if trained.feature_shape != input.feature_shape || input.classes > trained.classes || input.target_width != trained.target_width {
                 let what = |classes: u32, width: u32| if width > 0 { format!("{width} target(s) per record") } else { format!("{classes} classes") };
                 return Err(format!(
@@ -75,8 +80,10 @@ impl StateMachine {
                 )
                 .into());
             }
-            let outputs = if trained.target_width > 0 { trained.target_width } else { trained.classes };
+            // A language model's output per record is its mean loss per token.
+            let outputs = if trained.context > 0 { 1 } else if trained.target_width > 0 { trained.target_width } else { trained.classes };
             (init, model, out_shape, model_classes, model_target_width) = (Some(m.clone()), label, vec![outputs as u64], trained.classes, trained.target_width);
+            model_context = trained.context;
             if let Some(r) = &spec.operator.transform {
                 let (name, version) = match r.split_once('@') {
                     Some((n, v)) => (n, v.parse::<u64>().map_err(|_| format!("operator.transform: {r:?} is not DATASET or DATASET@VERSION"))?),
@@ -130,6 +137,7 @@ impl StateMachine {
                 speculation: spec.cluster.speculation,
                 model_classes,
                 model_target_width,
+                model_context,
                 ..Default::default()
             }),
             ..Default::default()
@@ -284,7 +292,7 @@ impl StateMachine {
             _ => true,
         };
         let folder = b.output_folder.clone();
-        let (max_attempts, op) = (b.max_attempts, b.operator.clone());
+        let (max_attempts, op, context) = (b.max_attempts, b.operator.clone(), b.model_context);
         let task = b.tasks.get_mut(r.task as usize).ok_or_else(|| format!("job {id} has no task {}", r.task))?;
         let Some(at) = task.running.iter().position(|a| a.attempt == r.attempt && a.worker_id == r.worker_id) else {
             return Err(if task.state == DONE {
@@ -293,9 +301,10 @@ impl StateMachine {
                 format!("attempt {} of task {} of job {id} is not running", r.attempt, r.task)
             }.into());
         };
-        // Every check before any change: a refused report changes nothing.
+        // Every check before any change: a refused report changes nothing (its worker then
+        // reports the attempt failed, naming the refusal).
         if r.ok {
-            check_report(&r, task, &folder, &op, writes).map_err(|e| format!("task {} of job {id}: {e}", r.task))?;
+            check_report(&r, task, &folder, &op, writes, context).map_err(|e| format!("task {} of job {id}: {e}", r.task))?;
         }
         let mut freed = vec![task.running.remove(at).worker_id];
         let mut failure = None;
@@ -382,7 +391,13 @@ impl StateMachine {
             // reported only when every task measured it (a diverged model's is not finite).
             let sum = |f: fn(&TaskResult) -> Option<f64>| b.tasks.iter().map(|t| f(result(t))).try_fold(0.0f64, |a, v| v.map(|v| a + v));
             let n = records as f64;
-            if b.model_target_width == 0 {
+            if b.model_context > 0 {
+                // Per token: every record holds `context` predictions.
+                let tokens = n * b.model_context as f64;
+                b.accuracy = b.tasks.iter().map(|t| result(t).correct).sum::<u64>() as f64 / tokens;
+                b.test_loss = sum(|r| r.loss_sum).map(|l| l / tokens);
+                b.test_bpb = b.test_loss.map(|l| l / std::f64::consts::LN_2);
+            } else if b.model_target_width == 0 {
                 b.accuracy = b.tasks.iter().map(|t| result(t).correct).sum::<u64>() as f64 / n;
                 b.test_loss = sum(|r| r.loss_sum).map(|l| l / n);
             } else {
@@ -542,6 +557,7 @@ impl StateMachine {
             output_folder: b.output_folder.clone(),
             model_classes: b.model_classes,
             model_target_width: b.model_target_width,
+            model_context: b.model_context,
             ..Default::default()
         })
     }
@@ -551,7 +567,7 @@ impl StateMachine {
 /// job's folder (when the phase writes one), with the records the task was given (score and
 /// transform write one record per input record; exec may write any number), predictions no
 /// more than records, and statistics of a sane size.
-fn check_report(report: &TaskReport, task: &BatchTask, folder: &str, op: &str, writes: bool) -> Result<(), String> {
+fn check_report(report: &TaskReport, task: &BatchTask, folder: &str, op: &str, writes: bool, context: u32) -> Result<(), String> {
     let span = task.end - task.start;
     let r = report.result.as_ref().ok_or("no result reported")?;
     if writes {
@@ -567,7 +583,8 @@ fn check_report(report: &TaskReport, task: &BatchTask, folder: &str, op: &str, w
             return Err(format!("output feature shape {:?} is not usable", r.feature_shape));
         }
     }
-    if r.correct > r.records_out {
+    // A language model's records hold `context` predictions each.
+    if r.correct > r.records_out.saturating_mul(u64::from(context.max(1))) {
         return Err(format!("{} correct of {} records", r.correct, r.records_out));
     }
     if let Some(s) = &r.stats {
