@@ -208,6 +208,6 @@ fn a_gpt_resumes_bitwise_and_with_lanes_ends_with_the_same_bits_on_any_pool() {
     let done = c.wait_end(&id);
     assert_eq!(params_hash(&done), params_hash(&reference), "the resumed GPT differs from the uninterrupted one: {done}");
     let from = done["resumed_from"].as_u64().unwrap_or_else(|| panic!("not resumed: {done}"));
-    assert!((30..100).contains(&from) && from % 100 != 0, "resumed mid-epoch from step {from}: {done}");
+    assert!((30..100).contains(&from), "resumed mid-epoch (an epoch is 100 steps) from step {from}: {done}");
     assert_eq!(done["test_loss"], reference["test_loss"], "{done}");
 }
