@@ -5,8 +5,9 @@
 //!
 //!     cargo run --release -p shoal-benches --example layers -- [--batch N] [--steps N] [--threads T]
 //!
-//! Two models: the 3-conv-block CNN of the benchmark (examples/mnist-cnn3.toml, on MNIST's
-//! [1, 28, 28]) and a list holding every other layer kind on [3, 32, 32] records. Each runs
+//! Three models: the 3-conv-block CNN of the benchmark (examples/mnist-cnn3.toml, on MNIST's
+//! [1, 28, 28]), a list holding every other layer kind on [3, 32, 32] records, and the GPT of
+//! benches/gpt.sh (batch = sequences of 128 tokens; the attention kernels' share printed). Each runs
 //! `steps` training passes (forward, loss, backward) of `batch` records on `threads` threads
 //! (default 1: a worker's share of the cores when 2 workers share 2), after 3 warm-up passes.
 //! A ReLU right after a linear or conv2d layer runs inside it (fused) and counts there.
@@ -15,7 +16,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use shoal_core::model::{Layout, LayerShape};
+use shoal_core::model::{Head, Layout, LayerShape};
 use shoal_core::rng::SplitMix64;
 use shoal_core::spec::LayerSpec;
 use shoal_core::JobSpec;
@@ -67,6 +68,9 @@ kind = "linear"
 out = 10
 "#;
 
+/// The GPT of the benchmark (benches/gpt.sh) on text windows of 128 + 1 tokens.
+const GPT: &str = "name = \"gpt\"\n[model]\nkind = \"gpt\"\nblocks = 4\nheads = 4\nd_model = 256\ncontext = 128\n";
+
 const TAIL: &str = "[dataset]\nname = \"bench\"\ntrain = [0, 1000]\n[training]\nepochs = 1\nbatch_size = 64\n[training.optimizer]\nkind = \"sgd\"\nlr = 0.01\n";
 
 fn main() -> Result<()> {
@@ -91,10 +95,15 @@ fn main() -> Result<()> {
 
     let peak = pool.install(gemm_peak)?;
     println!("layers: batch {batch}, {steps} timed passes, {threads} thread(s); gemm peak {peak:.1} GFLOP/s (512^3, kernels::nn::matmul)");
-    for (title, text, shape) in [("3-conv-block CNN (examples/mnist-cnn3.toml)", cnn3.as_str(), vec![28u64, 28]), ("every other layer kind", &(OTHERS.to_string() + TAIL), vec![3, 32, 32])] {
+    let tokens = Head::Tokens { vocab: 256, context: 128 };
+    for (title, text, shape, head) in [
+        ("3-conv-block CNN (examples/mnist-cnn3.toml)", cnn3.as_str(), vec![28u64, 28], Head::Classes(10)),
+        ("every other layer kind", &(OTHERS.to_string() + TAIL), vec![3, 32, 32], Head::Classes(10)),
+        ("GPT: 4 blocks, d_model 256, 4 heads, context 128 (benches/gpt.sh)", &(GPT.to_string() + TAIL), vec![129], tokens),
+    ] {
         let spec = JobSpec::parse(text).with_context(|| format!("the {title} spec"))?;
-        let layout = Layout::new(&spec.model, &shape, 10).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let times = pool.install(|| time_passes(&spec, &shape, batch, steps))?;
+        let layout = Layout::new(&spec.model, &shape, head).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (times, attention) = pool.install(|| time_passes(&spec, &shape, head, batch, steps))?;
         println!();
         println!("{title}");
         println!("{:>3} {:<10} {:<16} {:>9} {:>9} {:>9} {:>10} {:>8}", "#", "kind", "output", "fwd ms", "bwd ms", "GFLOP/s", "% of gemm", "GB/s");
@@ -125,6 +134,18 @@ fn main() -> Result<()> {
             println!("    * its forward pass runs inside the convolution before it (conv2d + ReLU + 2x2 max pool fused)");
         }
         println!("    total {:.3} ms a pass of {batch} records ({:.0} records/s)", total.as_secs_f64() * 1e3, batch as f64 / total.as_secs_f64());
+        if let Head::Tokens { context, .. } = head {
+            let (f, b) = (attention[0] / steps as u32, attention[1] / steps as u32);
+            let gemm: f64 = layout.shapes.iter().map(|l| flops(l, batch)).sum();
+            println!(
+                "    attention kernels: {:.3} ms forward, {:.3} ms backward ({:.0}% of the pass); {:.0} tokens/s; matrix products {:.1} GFLOP a pass",
+                f.as_secs_f64() * 1e3,
+                b.as_secs_f64() * 1e3,
+                100.0 * (f + b).as_secs_f64() / total.as_secs_f64(),
+                (batch as u64 * context) as f64 / total.as_secs_f64(),
+                gemm / 1e9
+            );
+        }
     }
     Ok(())
 }
@@ -142,6 +163,11 @@ fn flops(l: &LayerShape, n: usize) -> f64 {
     let prod = |s: &[u64]| s.iter().product::<u64>() as f64;
     match &l.layer {
         LayerSpec::Linear { out, .. } => 3.0 * 2.0 * n * prod(&l.input) * *out as f64,
+        // Its four linear maps (qkv, proj, the MLP's two) at every position; not attention.
+        LayerSpec::TransformerBlock { mlp_ratio, .. } => {
+            let (t, d) = (l.input[0] as f64, l.input[1] as f64);
+            3.0 * 2.0 * n * t * (3.0 * d * d + d * d + 2.0 * d * d * *mlp_ratio as f64)
+        }
         LayerSpec::Conv2d { out, kernel, .. } => {
             let (c, pixels) = (l.input[0] as f64, prod(&l.output[1..]));
             3.0 * 2.0 * n * *out as f64 * c * (*kernel * *kernel) as f64 * pixels
@@ -157,23 +183,31 @@ fn activation_bytes(l: &LayerShape, n: usize) -> f64 {
 }
 
 /// Per layer: forward and backward time summed over `steps` passes.
-fn time_passes(spec: &JobSpec, shape: &[u64], n: usize, steps: usize) -> Result<Vec<(usize, Duration, Duration)>> {
-    let mut seq = Sequential::new(&spec.model, shape, 10u64, 1).map_err(|e| anyhow::anyhow!("{e}"))?;
+fn time_passes(spec: &JobSpec, shape: &[u64], head: Head, n: usize, steps: usize) -> Result<(Vec<(usize, Duration, Duration)>, [Duration; 2])> {
+    let mut seq = Sequential::new(&spec.model, shape, head, 1).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut params = seq.layout().init(1);
     let mut grads = vec![0f32; params.len()];
-    let features: usize = shape.iter().product::<u64>() as usize;
     let mut rng = SplitMix64::new(5);
-    let x: Vec<f32> = (0..n * features).map(|_| rng.next_f32()).collect();
-    let labels: Vec<u32> = (0..n).map(|i| (i % 10) as u32).collect();
+    let (x, labels): (Vec<f32>, Vec<u32>) = match head {
+        // Token ids in, the next token at each position out.
+        Head::Tokens { context, .. } => ((0..n * context as usize).map(|_| rng.below(256) as f32).collect(), (0..n * context as usize).map(|_| rng.below(256) as u32).collect()),
+        _ => {
+            let features: usize = shape.iter().product::<u64>() as usize;
+            ((0..n * features).map(|_| rng.next_f32()).collect(), (0..n).map(|i| (i % 10) as u32).collect())
+        }
+    };
     let records: Vec<u64> = (0..n as u64).collect();
+    let mut attention_before = [Duration::ZERO; 2];
     for step in 0..3 + steps {
         if step == 3 {
             seq.start_profile();
+            attention_before = seq.attention_time();
         }
         let batch = Batch { x: &x, labels: &labels, targets: &[], records: &records, step: step as u64 };
         seq.forward_backward(&mut params, &batch, 1.0, &mut grads, &[0], &mut |_, _| {}).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    Ok(seq.profile())
+    let after = seq.attention_time();
+    Ok((seq.profile(), [after[0] - attention_before[0], after[1] - attention_before[1]]))
 }
 
 /// GFLOP/s of a 512^3 matrix product, best of 5 rounds of 4.

@@ -492,6 +492,19 @@ impl Sequential {
         self.profile = Some(vec![[std::time::Duration::ZERO; 2]; self.layers.len()]);
     }
 
+    /// Time in the attention kernels of every transformer block, forward and backward, since
+    /// the model was built.
+    pub fn attention_time(&self) -> [std::time::Duration; 2] {
+        let mut t = [std::time::Duration::ZERO; 2];
+        for l in &self.layers {
+            if let Layer::Block(b) = l {
+                t[0] += b.attention_time[0];
+                t[1] += b.attention_time[1];
+            }
+        }
+        t
+    }
+
     /// The times since `start_profile`, per layer: (index, forward, backward).
     pub fn profile(&self) -> Vec<(usize, std::time::Duration, std::time::Duration)> {
         self.profile.iter().flatten().enumerate().map(|(i, [f, b])| (i, *f, *b)).collect()

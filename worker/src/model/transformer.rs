@@ -49,6 +49,8 @@ pub(super) struct Block {
     masks: [Vec<f32>; 2],
     /// Whether the last forward pass applied dropout.
     dropped: bool,
+    /// Time in the attention kernels, forward and backward (for benchmarks' breakdowns).
+    pub(super) attention_time: [std::time::Duration; 2],
     // Backward scratch.
     s_hidden: Vec<f32>,
     s_d: Vec<f32>,
@@ -89,6 +91,7 @@ impl Block {
             g: Vec::new(),
             masks: [Vec::new(), Vec::new()],
             dropped: false,
+            attention_time: [std::time::Duration::ZERO; 2],
             s_hidden: Vec::new(),
             s_d: Vec::new(),
             s_d2: Vec::new(),
@@ -129,7 +132,9 @@ impl Block {
         let qkv = &mut self.qkv_out[..rows * 3 * d];
         nn::matmul(qkv, &self.h1[..m], &p[self.qkv.w..self.qkv.w + 3 * d * d], rows, d, 3 * d, false, true, false)?;
         nn::bias_act(qkv, &p[self.qkv.b..self.qkv.b + 3 * d], false);
+        let started = std::time::Instant::now();
         attention::causal_attention(qkv, n, t, self.heads, d, &mut self.probs[..n * self.heads * t * t], &mut self.att[..m])?;
+        self.attention_time[0] += started.elapsed();
         let a = &mut self.x1[..m];
         nn::matmul(a, &self.att[..m], &p[self.proj.w..self.proj.w + d * d], rows, d, d, false, true, false)?;
         nn::bias_act(a, &p[self.proj.b..self.proj.b + d], false);
@@ -204,7 +209,9 @@ impl Block {
         let datt = &mut self.s_d2[..m];
         nn::matmul(datt, da, &p[pr.w..pr.w + d * d], rows, d, d, false, false, false)?;
         let dqkv = &mut self.s_3d[..rows * 3 * d];
+        let started = std::time::Instant::now();
         attention::causal_attention_backward(&self.qkv_out[..rows * 3 * d], &self.probs[..n * self.heads * t * t], datt, n, t, self.heads, d, dqkv)?;
+        self.attention_time[1] += started.elapsed();
         let q = self.qkv;
         nn::matmul(&mut grads[q.w..q.w + 3 * d * d], dqkv, &self.h1[..m], 3 * d, rows, d, true, false, false)?;
         nn::column_sums(&mut grads[q.b..q.b + 3 * d], dqkv, false);
