@@ -135,15 +135,22 @@ fn main() -> Result<()> {
         }
         println!("    total {:.3} ms a pass of {batch} records ({:.0} records/s)", total.as_secs_f64() * 1e3, batch as f64 / total.as_secs_f64());
         if let Head::Tokens { context, .. } = head {
-            let (f, b) = (attention[0] / steps as u32, attention[1] / steps as u32);
+            let (f, b, g) = (attention[0] / steps as u32, attention[1] / steps as u32, attention[2] / steps as u32);
             let gemm: f64 = layout.shapes.iter().map(|l| flops(l, batch)).sum();
             println!(
-                "    attention kernels: {:.3} ms forward, {:.3} ms backward ({:.0}% of the pass); {:.0} tokens/s; matrix products {:.1} GFLOP a pass",
+                "    attention kernels: {:.3} ms forward, {:.3} ms backward ({:.0}% of the pass); {:.0} tokens/s",
                 f.as_secs_f64() * 1e3,
                 b.as_secs_f64() * 1e3,
                 100.0 * (f + b).as_secs_f64() / total.as_secs_f64(),
                 (batch as u64 * context) as f64 / total.as_secs_f64(),
-                gemm / 1e9
+            );
+            println!(
+                "    GEMMs (nn::matmul): {:.3} ms ({:.0}% of the pass), {:.1} GFLOP at {:.1} GFLOP/s = {:.0}% of the gemm peak",
+                g.as_secs_f64() * 1e3,
+                100.0 * g.as_secs_f64() / total.as_secs_f64(),
+                gemm / 1e9,
+                gemm / g.as_secs_f64().max(1e-12) / 1e9,
+                100.0 * gemm / g.as_secs_f64().max(1e-12) / 1e9 / peak
             );
         }
     }
@@ -182,8 +189,9 @@ fn activation_bytes(l: &LayerShape, n: usize) -> f64 {
     2.0 * 4.0 * n as f64 * values as f64
 }
 
-/// Per layer: forward and backward time summed over `steps` passes.
-fn time_passes(spec: &JobSpec, shape: &[u64], head: Head, n: usize, steps: usize) -> Result<(Vec<(usize, Duration, Duration)>, [Duration; 2])> {
+/// Per layer: forward and backward time summed over `steps` passes; and the time in the
+/// attention kernels (forward, backward) and in `nn::matmul` over those passes.
+fn time_passes(spec: &JobSpec, shape: &[u64], head: Head, n: usize, steps: usize) -> Result<(Vec<(usize, Duration, Duration)>, [Duration; 3])> {
     let mut seq = Sequential::new(&spec.model, shape, head, 1).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut params = seq.layout().init(1);
     let mut grads = vec![0f32; params.len()];
@@ -198,16 +206,21 @@ fn time_passes(spec: &JobSpec, shape: &[u64], head: Head, n: usize, steps: usize
     };
     let records: Vec<u64> = (0..n as u64).collect();
     let mut attention_before = [Duration::ZERO; 2];
+    let mut gemm_before = Duration::ZERO;
+    shoal_kernels::nn::time_gemm(true);
     for step in 0..3 + steps {
         if step == 3 {
             seq.start_profile();
             attention_before = seq.attention_time();
+            gemm_before = shoal_kernels::nn::gemm_time();
         }
         let batch = Batch { x: &x, labels: &labels, targets: &[], records: &records, step: step as u64 };
         seq.forward_backward(&mut params, &batch, 1.0, &mut grads, &[0], &mut |_, _| {}).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     let after = seq.attention_time();
-    Ok((seq.profile(), [after[0] - attention_before[0], after[1] - attention_before[1]]))
+    let gemm = shoal_kernels::nn::gemm_time() - gemm_before;
+    shoal_kernels::nn::time_gemm(false);
+    Ok((seq.profile(), [after[0] - attention_before[0], after[1] - attention_before[1], gemm]))
 }
 
 /// GFLOP/s of a 512^3 matrix product, best of 5 rounds of 4.

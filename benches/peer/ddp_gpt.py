@@ -21,7 +21,8 @@ The final line:
     pytorch_gpt: workers=W threads=T steps=S tokens_per_s=N loss_last20=L train_s=X peak_rss_mb=R
 
 tokens_per_s = the tokens of every rank's steps / rank 0's training time; loss_last20: the mean
-of the last 20 steps' losses (rank 0's share... of the global batch: all-reduced).
+of the last 20 steps' losses, each the global batch's (the ranks' means averaged, as shoal's
+`loss` is); peak_rss_mb: rank 0's peak resident memory.
 """
 
 import argparse

@@ -539,8 +539,10 @@ fn exp32(x: f32) -> f32 {
     let kf = c * LOG2_E + SHIFT;
     let k = kf - SHIFT;
     let r = (c - k * LN2_HI) - k * LN2_LO;
-    let p = ((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 0.166_666_65) * r + 0.5;
-    let e = p * (r * r) + r + 1.0;
+    // Estrin's scheme: short dependency chains, since the loops over it are latency-bound.
+    let r2 = r * r;
+    let p = ((1.987_569_2e-4 * r + 1.398_199_9e-3) * r2 + (8.333_452e-3 * r + 4.166_579_6e-2)) * r2 + (0.166_666_65 * r + 0.5);
+    let e = p * r2 + (r + 1.0);
     // kf's low mantissa bits hold k (two's complement), |k| <= 127: 2^k has exponent k + 127.
     let scale = f32::from_bits(kf.to_bits().wrapping_add(127) << 23);
     if under {
@@ -573,8 +575,14 @@ fn exp_neg_half_square(x: f32, a: f32) -> f32 {
 fn normal_cdf32(x: f32) -> (f32, f32) {
     let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
     let t = 1.0 / (1.0 + 0.5 * z);
-    let p = -1.265_512_2
-        + t * (1.000_023_7 + t * (0.374_091_96 + t * (0.096_784_18 + t * (-0.186_288_06 + t * (0.278_868_07 + t * (-1.135_204 + t * (1.488_515_9 + t * (-0.822_152_2 + t * 0.170_872_77))))))));
+    // The polynomial by Estrin's scheme (pairs, then powers of t^2): short dependency chains.
+    let (t2, t4) = (t * t, (t * t) * (t * t));
+    let p01 = -1.265_512_2 + t * 1.000_023_7;
+    let p23 = 0.374_091_96 + t * 0.096_784_18;
+    let p45 = -0.186_288_06 + t * 0.278_868_07;
+    let p67 = -1.135_204 + t * 1.488_515_9;
+    let p89 = -0.822_152_2 + t * 0.170_872_77;
+    let p = (p01 + t2 * p23) + t4 * ((p45 + t2 * p67) + t4 * p89);
     let half_erfc = 0.5 * t * exp_neg_half_square(x, p);
     (if x < 0.0 { half_erfc } else { 1.0 - half_erfc }, exp_neg_half_square(x, 0.0))
 }

@@ -16,6 +16,20 @@ fn check(what: &str, len: usize, want: usize) -> Result<(), KernelError> {
     Ok(())
 }
 
+/// Time spent in `matmul` while `time_gemm(true)` (benchmarks: the GEMMs' share of a step).
+static GEMM_NANOS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static GEMM_TIMED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Starts (or stops) adding the time of every `matmul` call to `gemm_time`.
+pub fn time_gemm(on: bool) {
+    GEMM_TIMED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The time `matmul` took while timed.
+pub fn gemm_time() -> std::time::Duration {
+    std::time::Duration::from_nanos(GEMM_NANOS.load(std::sync::atomic::Ordering::Relaxed))
+}
+
 pub(crate) fn parallelism() -> gemm::Parallelism {
     match rayon::current_num_threads() {
         0 | 1 => gemm::Parallelism::None,
@@ -39,6 +53,7 @@ pub fn matmul(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize,
         }
         return Ok(());
     }
+    let started = GEMM_TIMED.load(std::sync::atomic::Ordering::Relaxed).then(std::time::Instant::now);
     let (a_rs, a_cs) = if ta { (1, m as isize) } else { (k as isize, 1) };
     let (b_rs, b_cs) = if tb { (1, k as isize) } else { (n as isize, 1) };
     // SAFETY: the lengths were checked above against the strides given: every element gemm
@@ -65,6 +80,9 @@ pub fn matmul(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize,
             false,
             parallelism(),
         );
+    }
+    if let Some(t) = started {
+        GEMM_NANOS.fetch_add(t.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
     }
     Ok(())
 }
