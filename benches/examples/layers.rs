@@ -189,9 +189,12 @@ fn activation_bytes(l: &LayerShape, n: usize) -> f64 {
     2.0 * 4.0 * n as f64 * values as f64
 }
 
+/// Per layer: (index, forward, backward).
+type LayerTimes = Vec<(usize, Duration, Duration)>;
+
 /// Per layer: forward and backward time summed over `steps` passes; and the time in the
 /// attention kernels (forward, backward) and in `nn::matmul` over those passes.
-fn time_passes(spec: &JobSpec, shape: &[u64], head: Head, n: usize, steps: usize) -> Result<(Vec<(usize, Duration, Duration)>, [Duration; 3])> {
+fn time_passes(spec: &JobSpec, shape: &[u64], head: Head, n: usize, steps: usize) -> Result<(LayerTimes, [Duration; 3])> {
     let mut seq = Sequential::new(&spec.model, shape, head, 1).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut params = seq.layout().init(1);
     let mut grads = vec![0f32; params.len()];

@@ -3,6 +3,7 @@
 //! process (`serve`).
 
 mod bench;
+mod dashboard;
 mod generate;
 mod http;
 mod logs;
@@ -1077,7 +1078,11 @@ async fn data(cmd: DataCmd) -> Result<()> {
                 // The registration answers with the new slice.
                 let s = d.slices.first().cloned().unwrap_or_default();
                 println!("appended to {} v{}: records {}..{} added ({} in all, {} slices)", d.name, d.version, s.first, s.first + s.records, d.records, d.slice_count);
-                println!("  divergence from v{}: labels {:.4}, features {:.4} (feature {})", d.version - 1, s.label_js, s.feature_js, s.feature_js_at);
+                if d.context > 0 {
+                    println!("  divergence from v{}: byte histogram {:.4}", d.version - 1, s.label_js);
+                } else {
+                    println!("  divergence from v{}: labels {:.4}, features {:.4} (feature {})", d.version - 1, s.label_js, s.feature_js, s.feature_js_at);
+                }
                 if !s.drift.is_empty() {
                     println!("  warning: {}", s.drift);
                 }
@@ -1733,13 +1738,15 @@ async fn serve(cmd: ServeCmd) -> Result<()> {
     match cmd {
         ServeCmd::Coordinator { id, listen, peers, data, store, lease_ms, addr_file, cluster_id, initial_state, snapshot_every, http_listen, http_addr_file } => {
             shoal_core::node::set_node(&format!("coordinator-{id}"));
-            let (_, http) = http::start(&http_listen, http_addr_file.as_deref()).await?;
             let listener = bind_retrying(&listen).await?;
             let addr = listener.local_addr()?.to_string();
             let mut peers = parse_peers(id, &listen, &peers)?;
             if peers.get(&id).map(|a| a.ends_with(":0")).unwrap_or(false) {
                 peers.insert(id, addr.clone());
             }
+            // The dashboard reads through this coordinator first, then its peers.
+            let endpoints = std::iter::once(addr.clone()).chain(peers.iter().filter(|(p, _)| **p != id).map(|(_, a)| a.clone())).collect();
+            let (_, http) = http::start(&http_listen, http_addr_file.as_deref(), Some(dashboard::Dashboard { endpoints })).await?;
             if let Some(f) = addr_file {
                 shoal_core::fsutil::write_atomic(&f, addr.as_bytes())?;
             }
@@ -1763,7 +1770,7 @@ async fn serve(cmd: ServeCmd) -> Result<()> {
             served?;
         }
         ServeCmd::Worker { endpoints, store, listen, advertise, device, threads: _, heartbeat_ms, collective_timeout_s, http_listen, http_addr_file } => {
-            let (_, http) = http::start(&http_listen, http_addr_file.as_deref()).await?;
+            let (_, http) = http::start(&http_listen, http_addr_file.as_deref(), None).await?;
             let listener = bind_retrying(&listen).await?;
             tracing::info!(addr = %listener.local_addr()?, "worker listening");
             let cfg = shoal_worker::WorkerConfig {

@@ -55,10 +55,63 @@ pub fn merge(chunks: &[MetricChunk], keys: &[String]) -> Vec<MetricSeries> {
         .collect()
 }
 
+/// Points a drawn curve keeps at most (`decimate`).
+pub const MAX_DRAWN: usize = 1000;
+
+/// A series cut to at most `max` points for drawing: the steps split into `max / 2` buckets
+/// of equal counts, each keeping its lowest and its highest value (in step order), so spikes
+/// and dips survive and a million-step run draws as fast as a short one. Series of at most
+/// `max` points come back whole. Returns (steps, values).
+pub fn decimate(steps: &[u64], values: &[f64], max: usize) -> (Vec<u64>, Vec<f64>) {
+    let n = steps.len().min(values.len());
+    if n <= max || max < 2 {
+        return (steps[..n].to_vec(), values[..n].to_vec());
+    }
+    let buckets = max / 2;
+    let (mut s, mut v) = (Vec::with_capacity(max), Vec::with_capacity(max));
+    for b in 0..buckets {
+        let (lo, hi) = (n * b / buckets, n * (b + 1) / buckets);
+        let (mut min, mut max_at) = (lo, lo);
+        for i in lo..hi {
+            // NaN never wins a comparison: a bucket of NaNs keeps its first point.
+            if values[i] < values[min] {
+                min = i;
+            }
+            if values[i] > values[max_at] {
+                max_at = i;
+            }
+        }
+        let (a, z) = if min <= max_at { (min, max_at) } else { (max_at, min) };
+        s.push(steps[a]);
+        v.push(values[a]);
+        if z != a {
+            s.push(steps[z]);
+            v.push(values[z]);
+        }
+    }
+    (s, v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use shoal_proto::MetricPoint;
+
+    #[test]
+    fn decimation_keeps_at_most_max_points_with_each_buckets_extremes() {
+        let steps: Vec<u64> = (1..=1_000_000).collect();
+        let mut values: Vec<f64> = steps.iter().map(|&s| 1.0 / s as f64).collect();
+        values[777_777] = 50.0; // a spike
+        values[333_333] = -3.0; // a dip
+        let (s, v) = decimate(&steps, &values, MAX_DRAWN);
+        assert!(s.len() <= MAX_DRAWN && s.len() >= MAX_DRAWN - 2, "{}", s.len());
+        assert!(s.windows(2).all(|w| w[0] < w[1]), "in step order");
+        assert!(s.contains(&777_778) && v.contains(&50.0), "the spike survives");
+        assert!(s.contains(&333_334) && v.contains(&-3.0), "the dip survives");
+        assert_eq!((s[0], v[0]), (1, 1.0), "the first point (its bucket's highest)");
+        let short = decimate(&steps[..10], &values[..10], MAX_DRAWN);
+        assert_eq!(short.0, &steps[..10]);
+    }
 
     fn chunk(generation: u64, rank: u32, points: &[(u64, f64)]) -> MetricChunk {
         MetricChunk {
