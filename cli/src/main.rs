@@ -7,6 +7,7 @@ mod dashboard;
 mod generate;
 mod http;
 mod logs;
+mod plot;
 mod ops;
 mod runs;
 mod torch;
@@ -503,6 +504,9 @@ enum JobCmd {
         /// Two or more job ids.
         #[arg(required = true, num_args = 2..)]
         ids: Vec<u64>,
+        /// Also draw their loss curves overlaid into this PNG file.
+        #[arg(long)]
+        plot: Option<PathBuf>,
         #[command(flatten)]
         conn: Conn,
         #[arg(long)]
@@ -1316,7 +1320,7 @@ async fn job(cmd: JobCmd) -> Result<()> {
                 print!("{}", runs::metrics_text(&m));
             }
         }
-        JobCmd::Compare { ids, conn, json } => {
+        JobCmd::Compare { ids, plot, conn, json } => {
             if ids.len() > runs::MAX_COMPARE {
                 anyhow::bail!("job compare takes at most {} jobs, got {}", runs::MAX_COMPARE, ids.len());
             }
@@ -1329,6 +1333,18 @@ async fn job(cmd: JobCmd) -> Result<()> {
                 histories.push(h.with_context(|| format!("job {id}'s metric history"))?);
             }
             let v = runs::compare_json(&jobs, &histories)?;
+            if let Some(out) = plot {
+                let curves: Vec<(String, Vec<u64>, Vec<f64>)> = jobs
+                    .iter()
+                    .zip(&histories)
+                    .filter_map(|(j, h)| h.series.iter().find(|s| s.key == "loss" && s.rank == 0).map(|s| (format!("job {} {}", j.id, j.name), s.steps.clone(), s.values.clone())))
+                    .collect();
+                if curves.is_empty() {
+                    anyhow::bail!("--plot: none of the jobs recorded a loss yet");
+                }
+                std::fs::write(&out, plot::curves_png("loss", &curves)).with_context(|| format!("writing {}", out.display()))?;
+                eprintln!("wrote the loss curves of {} jobs to {}", curves.len(), out.display());
+            }
             if json {
                 print_json(&v);
             } else {

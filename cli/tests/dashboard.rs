@@ -1,7 +1,8 @@
 //! The dashboard in a real browser: Debian's headless `chromium` loads every page from a
 //! coordinator of a 3-replica cluster that ran jobs, imported and appended a dataset and
 //! registered a model; the DOM holds the expected rows and curve points, and a screenshot of
-//! each page is kept under target/test-artifacts/dashboard/. With the leader SIGKILLed, a
+//! each page is kept under target/test-artifacts/dashboard/ (with `job compare --plot`'s PNG
+//! of the same runs). With the leader SIGKILLed, a
 //! follower still serves a job's page with its curves. `.ci/run` installs `chromium`; without
 //! it this test fails and says so.
 
@@ -162,6 +163,16 @@ fn every_dashboard_page_loads_in_chromium_with_its_rows_and_curves_and_survives_
         }
         screenshot(&format!("{base}{path}"), name);
     }
+
+    // The same curves overlaid in a PNG by the CLI (kept beside the screenshots).
+    let png = repo().join("target/test-artifacts/dashboard/compare-plot.png");
+    let _ = std::fs::remove_file(&png);
+    ok(&mut c.cmd(&["job", "compare", &ja.to_string(), &jb.to_string(), "--plot", png.to_str().unwrap()]));
+    let bytes = std::fs::read(&png).unwrap();
+    assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n") && &bytes[12..16] == b"IHDR" && bytes.len() > 5000, "{} bytes", bytes.len());
+    let missing = c.tmp.path().join("no/such/folder/x.png");
+    let e = fails(&mut c.cmd(&["job", "compare", &ja.to_string(), &jb.to_string(), "--plot", missing.to_str().unwrap()]));
+    assert!(e.contains("no/such/folder"), "{e}");
 
     // The leader SIGKILLed: a follower serves the job's page, curves and all.
     let status = json(&mut c.cmd(&["status", "--json"]));
