@@ -7,7 +7,7 @@
 //! Pages: `/` (the cluster: coordinators with role, term and commit index; workers with state
 //! and job), `/jobs` (paged on the server, `?page=`), `/jobs/ID` (curves of the loss, the test
 //! metrics and the throughput, the step-time breakdown per rank, membership generations,
-//! checkpoints, events), `/compare?jobs=1,2` (curves overlaid, the spec keys that differ),
+//! checkpoints, events, the tail of its tasks' log lines), `/compare?jobs=1,2` (curves overlaid, the spec keys that differ),
 //! `/datasets`, `/datasets/NAME` (versions, slices, drift), `/models`, `/models/NAME`
 //! (versions, aliases, lineage). Curves come decimated (`core::history::decimate`: at most
 //! 1,000 points per series, each bucket's lowest and highest) and drawn as inline SVG; each
@@ -28,6 +28,8 @@ use crate::{ops, runs};
 pub struct Dashboard {
     /// This coordinator first, then its peers.
     pub endpoints: Vec<String>,
+    /// The store, where a job's log files are (`logs::JobLogs`).
+    pub store: std::path::PathBuf,
 }
 
 impl Dashboard {
@@ -57,6 +59,9 @@ nav a{margin-right:1em}table{border-collapse:collapse;margin:.5em 0 1.5em}\
 td,th{border-bottom:1px solid #ddd;padding:.25em .7em;text-align:left;font-size:.9em}\
 th{background:#f4f4f4}svg{background:#fcfcfc;border:1px solid #ddd;margin:.3em}\
 .legend span{margin-right:1em}.err{color:#a00}h2{margin-top:1.2em}";
+
+/// Log lines a job's page shows.
+const LOG_TAIL: usize = 50;
 
 const COLORS: [&str; 8] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
 
@@ -325,6 +330,12 @@ async fn job(State(d): State<Dashboard>, Path(id): Path<u64>) -> Response {
     }
     body.push_str("<h2>Events</h2>");
     body.push_str(&table("events", &["when", "event", "generation", "step", "detail"], &log));
+    // The tail of its tasks' log lines, from the store (file IO: off the async threads).
+    let store = d.store.clone();
+    let tail = tokio::task::spawn_blocking(move || crate::logs::job_log_tail(&store, id, LOG_TAIL)).await.unwrap_or_default();
+    let tail: Vec<Vec<String>> = tail.iter().map(|(task, line)| vec![esc(task), format!("<code>{}</code>", esc(line))]).collect();
+    let _ = write!(body, "<h2>Log (the last {LOG_TAIL} lines of its tasks)</h2>");
+    body.push_str(&table("log", &["task", "line"], &tail));
     let _ = write!(body, "<p>{}</p>", link(&format!("/compare?jobs={id}"), "compare with others"));
     page(&format!("job {id} ({})", j.name), &body)
 }

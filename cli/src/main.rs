@@ -1750,7 +1750,11 @@ async fn bind_retrying(addr: &str) -> Result<tokio::net::TcpListener> {
 }
 
 async fn serve(cmd: ServeCmd) -> Result<()> {
-    logs::init();
+    // A worker's job lines also go to the job's log files in the store (the dashboard's tail).
+    logs::init(match &cmd {
+        ServeCmd::Worker { store, .. } => Some(store.clone()),
+        _ => None,
+    });
     match cmd {
         ServeCmd::Coordinator { id, listen, peers, data, store, lease_ms, addr_file, cluster_id, initial_state, snapshot_every, http_listen, http_addr_file } => {
             shoal_core::node::set_node(&format!("coordinator-{id}"));
@@ -1762,7 +1766,7 @@ async fn serve(cmd: ServeCmd) -> Result<()> {
             }
             // The dashboard reads through this coordinator first, then its peers.
             let endpoints = std::iter::once(addr.clone()).chain(peers.iter().filter(|(p, _)| **p != id).map(|(_, a)| a.clone())).collect();
-            let (_, http) = http::start(&http_listen, http_addr_file.as_deref(), Some(dashboard::Dashboard { endpoints })).await?;
+            let (_, http) = http::start(&http_listen, http_addr_file.as_deref(), Some(dashboard::Dashboard { endpoints, store: store.clone() })).await?;
             if let Some(f) = addr_file {
                 shoal_core::fsutil::write_atomic(&f, addr.as_bytes())?;
             }

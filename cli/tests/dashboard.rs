@@ -142,6 +142,10 @@ fn every_dashboard_page_loads_in_chromium_with_its_rows_and_curves_and_survives_
                 assert_eq!(rows(&d, "membership")[0][1], "start");
                 assert!(!rows(&d, "checkpoints").is_empty());
                 assert!(rows(&d, "summary").iter().any(|r| r[0] == "state" && r[1] == "succeeded"));
+                // The log tail: both ranks' lines of the job, from the store.
+                let log = rows(&d, "log");
+                assert!(log.iter().any(|r| r[0].ends_with("g1-r0") && r[1].contains("joined the collective")), "{log:?}");
+                assert!(log.iter().any(|r| r[0].ends_with("g1-r1")), "{log:?}");
             }
             "compare" => {
                 let drawn = curves(&d);
