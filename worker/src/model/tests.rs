@@ -967,3 +967,57 @@ fn a_gpt_is_causal_forward_and_backward() {
     first.forward_backward(&mut p1, &b1, 1.0, &mut g1, &[0], &mut |_, _| {}).unwrap();
     assert!(row(&g1, 10) && !row(&g1, 200) && !row(&g1, 3), "position 0's loss reaches token 0's row only");
 }
+
+/// A transformer block with dropout: in training its masks (a function of the seed, step,
+/// layer and record) change the forward pass and its backward pass is the gradient of that
+/// same pass (central differences over the same masks); in evaluation it is off.
+#[test]
+fn a_transformer_blocks_dropout_is_masked_consistently_and_off_in_evaluation() {
+    let with = spec("kind = \"gpt\"\nblocks = 1\nheads = 2\nd_model = 8\ndropout = 0.3\n");
+    let without = spec("kind = \"gpt\"\nblocks = 1\nheads = 2\nd_model = 8\n");
+    let (t, vocab) = (4usize, 256u64);
+    let head = Head::Tokens { vocab, context: t as u64 };
+    let mut a = Sequential::new(&with, &[t as u64 + 1], head, 3).unwrap();
+    let mut b = Sequential::new(&without, &[t as u64 + 1], head, 3).unwrap();
+    // The same tensors (the preset with dropout adds a dropout layer after the embeddings,
+    // which has none): copy by name.
+    let pa = a.layout().init(5);
+    let mut pb = vec![0.0f32; b.layout().num_params()];
+    for p in &b.layout().params.clone() {
+        // Module k of the list without dropout is module k + 1 of the other from the block on.
+        let (k, rest) = p.name.split_once('.').unwrap();
+        let k: usize = k.parse().unwrap();
+        let name = format!("{}.{rest}", if k >= 2 { k + 1 } else { k });
+        let q = a.layout().params.iter().find(|q| q.name == name).unwrap();
+        pb[p.offset..p.offset + p.len()].copy_from_slice(&pa[q.offset..q.offset + q.len()]);
+    }
+    let ids: Vec<f32> = vec![3.0, 100.0, 7.0, 42.0, 9.0, 11.0, 250.0, 0.0];
+    let labels: Vec<u32> = vec![1, 2, 3, 4, 5, 6, 7, 8];
+    assert_eq!(bits(a.outputs(&pa, &ids, 2).unwrap()), bits(b.outputs(&pb, &ids, 2).unwrap()), "evaluation ignores dropout");
+    let batch = Batch { x: &ids, labels: &labels, targets: &[], records: &[10, 11], step: 4 };
+    let loss = |m: &mut Sequential, p: &[f32]| {
+        let mut p = p.to_vec();
+        let mut g = vec![0.0f32; p.len()];
+        let l = m.forward_backward(&mut p, &batch, 1.0, &mut g, &[0], &mut |_, _| {}).unwrap();
+        (l, g)
+    };
+    let (la, ga) = loss(&mut a, &pa);
+    let (lb, _) = loss(&mut b, &pb);
+    assert_ne!(la.to_bits(), lb.to_bits(), "training draws masks");
+    assert_eq!(la.to_bits(), loss(&mut a, &pa).0.to_bits(), "the same step and records, the same masks");
+    // Central differences of the masked loss (f32, so a loose tolerance) on a sample of
+    // every tensor of the block.
+    let mut rng = SplitMix64::new(3);
+    for p in a.layout().params.clone().iter().filter(|p| p.name.starts_with("3.")) {
+        for _ in 0..3 {
+            let i = p.offset + rng.below(p.len() as u64) as usize;
+            let h = 1e-2f32;
+            let (mut up, mut down) = (pa.clone(), pa.clone());
+            up[i] += h;
+            down[i] -= h;
+            let fd = (loss(&mut a, &up).0 as f64 - loss(&mut a, &down).0 as f64) / (2.0 * h as f64);
+            let g = ga[i] as f64;
+            assert!((g - fd).abs() <= 2e-3 + 0.05 * g.abs().max(fd.abs()), "{}: {g} against finite differences {fd}", p.name);
+        }
+    }
+}
