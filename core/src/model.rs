@@ -222,6 +222,11 @@ pub fn infer_with_vocab(layers: &[LayerSpec], input: &[u64], vocab_hint: Option<
                     return Err(err("reads the record's token ids: it must be the first layer".to_string()));
                 }
                 let v = vocab.or(vocab_hint).ok_or_else(|| err("needs vocab: the dataset is not text".to_string()))?;
+                if let (Some(own), Some(data)) = (vocab, vocab_hint) {
+                    if own < data {
+                        return Err(err(format!("vocab = {own} is smaller than the dataset's {data} token values: a token id would have no row; leave vocab out")));
+                    }
+                }
                 params.push(ParamShape { name: format!("{i}.weight"), shape: vec![v, dim], init: ParamInit::Normal });
                 vec![t, dim]
             }
@@ -785,6 +790,10 @@ mod tests {
         let list = layers(&["kind = \"linear\"; out = 4", "kind = \"embedding\"; dim = 4"]);
         let e = Layout::new(&spec(&list), &[9], Head::Tokens { vocab: 256, context: 8 }).unwrap_err().to_string();
         assert!(e.contains("model.layers[1] (embedding)"), "{e}");
+        // An embedding with fewer rows than the data has token values.
+        let list = layers(&["kind = \"embedding\"; dim = 4; vocab = 100", "kind = \"linear\"; out = 256"]);
+        let e = Layout::new(&spec(&list), &[9], Head::Tokens { vocab: 256, context: 8 }).unwrap_err().to_string();
+        assert!(e.contains("vocab = 100") && e.contains("256"), "{e}");
         // A linear head over the vocabulary that is too narrow.
         let list = layers(&["kind = \"embedding\"; dim = 4", "kind = \"linear\"; out = 100"]);
         let e = Layout::new(&spec(&list), &[9], Head::Tokens { vocab: 256, context: 8 }).unwrap_err().to_string();
