@@ -151,7 +151,7 @@ fn rgb_images_train_through_three_channel_convolutions_and_wrong_shapes_are_refu
     let wrong = [
         (
             conv(8, 3) + &layer("maxpool2d", "kernel = 2") + &layer("linear", "out = 10"),
-            "model.layers[2] (linear): expects 1 dimension, got [8, 13, 13]; add a flatten",
+            "model.layers[2] (linear): expects [features] or a sequence [positions, features], got [8, 13, 13]; add a flatten",
         ),
         (layer("flatten", "") + &conv(8, 3) + &layer("flatten", "") + &layer("linear", "out = 10"), "model.layers[1] (conv2d): expects an image [channels, height, width], got [784]"),
         (conv(8, 5) + &conv(8, 5) + &layer("maxpool2d", "kernel = 8") + &conv(8, 5) + &layer("flatten", "") + &layer("linear", "out = 10"), "model.layers[3] (conv2d)"),

@@ -106,7 +106,7 @@ impl LayerShape {
 }
 
 /// A model that does not fit its input or its classes. Displayed as
-/// `model.layers[4] (linear): expects 1 dimension, got [32, 7, 7]; add a flatten` (for a
+/// `model.layers[4] (linear): expects [features] or a sequence [positions, features], got [32, 7, 7]; add a flatten` (for a
 /// preset: `model (kind = "cnn", layer 7: linear): ...`; for the model as a whole:
 /// `model: ...`).
 #[derive(Clone, Debug, PartialEq, Eq)]
