@@ -145,7 +145,7 @@ fn chart(id: &str, title: &str, curves: &[(String, Vec<u64>, Vec<f64>)]) -> Stri
     let finite = |v: &f64| v.is_finite();
     let (x0, x1) = drawn.iter().flat_map(|c| c.1.iter()).fold((u64::MAX, 0), |(a, b), &s| (a.min(s), b.max(s)));
     let (y0, y1) = drawn.iter().flat_map(|c| c.2.iter().filter(|v| finite(v))).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
-    let (y0, y1) = if y0.is_finite() { (y0, if y1 > y0 { y1 } else { y0 + 1.0 }) } else { (0.0, 1.0) };
+    let (y0, y1) = if y0.is_finite() { (y0, y1) } else { (0.0, 1.0) };
     let xspan = (x1.saturating_sub(x0)).max(1) as f64;
     let mut s = format!("<div class=\"chart\" id=\"{id}\"><h3>{}</h3><svg width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\">", esc(title));
     for (i, (label, steps, values)) in drawn.iter().enumerate() {
@@ -153,7 +153,7 @@ fn chart(id: &str, title: &str, curves: &[(String, Vec<u64>, Vec<f64>)]) -> Stri
         let mut count = 0;
         for (&st, &v) in steps.iter().zip(values).filter(|(_, v)| finite(v)) {
             let x = pad + (st - x0) as f64 / xspan * (w - 2.0 * pad);
-            let y = h - pad - (v - y0) / (y1 - y0) * (h - 2.0 * pad);
+            let y = h - pad - shoal_core::history::position(v, y0, y1) * (h - 2.0 * pad);
             let _ = write!(pts, "{x:.1},{y:.1} ");
             count += 1;
         }
@@ -259,14 +259,23 @@ async fn jobs(State(d): State<Dashboard>, Query(q): Query<PageQuery>) -> Respons
         .collect();
     let mut body = table("jobs", &["id", "name", "state", "step", "loss", "test metric", "group"], &rows);
     if !r.next_page.is_empty() {
-        let _ = write!(body, "<p><a id=\"next\" href=\"/jobs?page={}&group={}\">next page</a></p>", esc(&r.next_page), esc(&q.group));
+        let group: String = q.group.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }).collect();
+        let _ = write!(body, "<p><a id=\"next\" href=\"/jobs?page={}&group={group}\">next page</a></p>", esc(&r.next_page));
     }
     page("jobs", &body)
 }
 
-/// The job's history (every series), or an empty one if it cannot be read.
-async fn history(client: &Client, id: u64) -> JobMetrics {
-    client.call(|mut c| async move { c.get_job_metrics(JobMetricsRequest { id, keys: Vec::new() }).await }).await.unwrap_or_default()
+/// The series a job's page draws.
+const JOB_PAGE_KEYS: [&str; 10] =
+    ["loss", "samples_per_s", "test_accuracy", "test_loss", "test_bpb", "test_r2", "phase_data_ms", "phase_forward_backward_ms", "phase_collective_ms", "phase_optimizer_ms"];
+
+/// Job `id`'s series of `keys` (only those: a long run's whole history is far larger).
+async fn history(client: &Client, id: u64, keys: &[&str]) -> Result<JobMetrics, String> {
+    let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+    client
+        .call(|mut c| { let keys = keys.clone(); async move { c.get_job_metrics(JobMetricsRequest { id, keys }).await } })
+        .await
+        .map_err(|e| format!("job {id}'s metric history could not be read: {e}"))
 }
 
 fn series<'a>(h: &'a JobMetrics, key: &str) -> impl Iterator<Item = &'a MetricSeries> + 'a {
@@ -285,8 +294,14 @@ async fn job(State(d): State<Dashboard>, Path(id): Path<u64>) -> Response {
         Err(e) => return error_page(&format!("job {id}"), e),
     };
     let v = ops::job_json(&j);
-    let h = history(&client, id).await;
     let mut body = String::new();
+    let h = match history(&client, id, &JOB_PAGE_KEYS).await {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = write!(body, "<p class=\"err\" id=\"history-error\">{}</p>", esc(&e));
+            JobMetrics::default()
+        }
+    };
     let summary: Vec<Vec<String>> = ["state", "step", "total_steps", "loss", "test_accuracy", "test_loss", "test_bpb", "test_r2", "samples_per_s", "train_seconds", "transport", "world_size", "dataset", "registered_model", "error"]
         .iter()
         .filter(|k| !v[**k].is_null())
@@ -351,7 +366,12 @@ struct CompareQuery {
 async fn compare(State(d): State<Dashboard>, Query(q): Query<CompareQuery>) -> Response {
     let ids: Result<Vec<u64>, _> = q.jobs.split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse::<u64>()).collect();
     let ids = match ids {
-        Ok(ids) if !ids.is_empty() && ids.len() <= 20 => ids,
+        Ok(mut ids) if !ids.is_empty() && ids.len() <= 20 => {
+            // Each job once.
+            let mut seen = std::collections::HashSet::new();
+            ids.retain(|id| seen.insert(*id));
+            ids
+        }
         _ => return error_page("compare", format!("?jobs= must name 1 to 20 job ids, comma-separated; got {:?}", q.jobs)),
     };
     let client = match d.client() {
@@ -364,7 +384,10 @@ async fn compare(State(d): State<Dashboard>, Query(q): Query<CompareQuery>) -> R
             Ok(j) => jobs.push(j),
             Err(e) => return error_page("compare", e),
         }
-        histories.push(history(&client, id).await);
+        match history(&client, id, &runs::BEST.map(|(k, _)| k)).await {
+            Ok(h) => histories.push(h),
+            Err(e) => return error_page("compare", e),
+        }
     }
     let v = match runs::compare_json(&jobs, &histories) {
         Ok(v) => v,

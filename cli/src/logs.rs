@@ -61,15 +61,22 @@ impl JobLogs {
                 let node = shoal_core::node::node();
                 let dir = store.join(format!("jobs/{job}/logs"));
                 let path = dir.join(format!("{}-{label}.log", if node.is_empty() { "worker".into() } else { node }));
+                // Sizes of the files written lately (re-read from the file system when forgotten).
+                if sizes.len() > 1024 {
+                    sizes.clear();
+                }
                 let size = sizes.entry(path.clone()).or_insert_with(|| std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0));
-                if *size > JOB_LOG_MAX {
+                if *size >= JOB_LOG_MAX {
                     continue;
                 }
-                let line = if *size + line.len() as u64 > JOB_LOG_MAX { "(the rest of this task's lines are not kept: the file reached its limit)\n".to_string() } else { line };
+                let full = *size + line.len() as u64 > JOB_LOG_MAX;
+                let line = if full { "(the rest of this task's lines are not kept: the file reached its limit)\n".to_string() } else { line };
                 let _ = std::fs::create_dir_all(&dir);
                 let written = std::fs::OpenOptions::new().create(true).append(true).open(&path).and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
-                if written.is_ok() {
-                    *size += line.len() as u64 + 1;
+                if full {
+                    *size = JOB_LOG_MAX;
+                } else if written.is_ok() {
+                    *size += line.len() as u64;
                 }
             }
         });
@@ -124,10 +131,12 @@ pub fn job_log_tail(store: &std::path::Path, job: u64, n: usize) -> Vec<(String,
         // The last 64 KiB of each file hold far more than `n` lines.
         let len = f.metadata().map(|m| m.len()).unwrap_or(0);
         let from = len.saturating_sub(64 << 10);
-        let mut text = String::new();
-        if std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(from)).is_err() || std::io::Read::read_to_string(&mut f, &mut text).is_err() {
+        let mut bytes = Vec::new();
+        if std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(from)).is_err() || std::io::Read::read_to_end(&mut f, &mut bytes).is_err() {
             continue;
         }
+        // The cut may fall inside a character: its bytes show as U+FFFD in the dropped line.
+        let text = String::from_utf8_lossy(&bytes);
         let mut it = text.lines();
         if from > 0 {
             it.next(); // a partial line

@@ -112,8 +112,10 @@ pub async fn import_idx(client: &Client, name: &str, src: &Source<'_>, per_shard
             records = records.select(start, end)?;
         }
         let (start, end) = src.range.unwrap_or((0, records.len()));
-        let stats = || shoal_core::text::slice_stats(&tokens);
-        return register_records(client, name, files, &records, per_shard, append, stats, (start, end), Vec::new(), Some((context as u32, stride as u32))).await;
+        let stride32 = u32::try_from(stride).map_err(|_| anyhow::anyhow!("--stride {stride} is too large (at most {})", u32::MAX))?;
+        // The statistics of the tokens the windows kept cover.
+        let stats = || shoal_core::text::slice_stats(shoal_core::text::covered(&tokens, context, stride, start, end));
+        return register_records(client, name, files, &records, per_shard, append, stats, (start, end), Vec::new(), Some((context as u32, stride32))).await;
     }
     let (mut records, class_names) = if format == "npy" {
         let maps = files.iter().map(map_file).collect::<Result<Vec<_>>>()?;

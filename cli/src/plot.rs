@@ -134,7 +134,7 @@ pub fn curves_png(title: &str, curves: &[(String, Vec<u64>, Vec<f64>)]) -> Vec<u
     let (pw, ph) = ((W - LEFT - RIGHT) as f64, (H - TOP - BOTTOM) as f64);
     let (x0, x1) = drawn.iter().flat_map(|d| d.1.iter()).fold((u64::MAX, 0), |(a, b), &s| (a.min(s), b.max(s)));
     let (y0, y1) = drawn.iter().flat_map(|d| d.2.iter().filter(|v| v.is_finite())).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
-    let (y0, y1) = if y0.is_finite() { (y0, if y1 > y0 { y1 } else { y0 + 1.0 }) } else { (0.0, 1.0) };
+    let (y0, y1) = if y0.is_finite() { (y0, y1) } else { (0.0, 1.0) };
     let xspan = x1.saturating_sub(x0).max(1) as f64;
     // The frame and the ranges.
     let (l, t, r, b) = (LEFT as i64, TOP as i64, (W - RIGHT) as i64, (H - BOTTOM) as i64);
@@ -157,7 +157,7 @@ pub fn curves_png(title: &str, curves: &[(String, Vec<u64>, Vec<f64>)]) -> Vec<u
                 continue;
             }
             let x = l + ((s - x0) as f64 / xspan * pw) as i64;
-            let y = b - ((v - y0) / (y1 - y0) * ph) as i64;
+            let y = b - (shoal_core::history::position(v, y0, y1) * ph) as i64;
             match prev {
                 Some(p) => c.line(p, (x, y), color),
                 None => c.rect(x - 1, y - 1, 3, 3, color),

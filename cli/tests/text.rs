@@ -62,8 +62,9 @@ fn a_gpt_learns_the_bundled_text_generates_and_retrains_on_an_appended_slice() {
     let windows = d["records"].as_u64().unwrap();
     assert_eq!((d["feature_shape"].clone(), d["classes"].as_u64(), d["context"].as_u64(), d["stride"].as_u64()), (serde_json::json!([65]), Some(256), Some(64), Some(64)), "{d}");
     assert_eq!(windows, (std::fs::metadata(&a).unwrap().len() - 65) / 64 + 1, "windows every 64 tokens: {d}");
-    // The slice's statistics: its tokens and their byte histogram.
-    assert_eq!(d["slices"][0]["stats"]["tokens"].as_u64(), Some(std::fs::metadata(&a).unwrap().len()), "{d}");
+    // The slice's statistics: the tokens its windows cover, and their byte histogram.
+    assert_eq!(d["slices"][0]["stats"]["tokens"].as_u64(), Some((windows - 1) * 64 + 65), "{d}");
+    assert_eq!(d["slices"][0]["stats"]["bytes"].as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).sum::<u64>(), (windows - 1) * 64 + 65);
     // The later text as a dataset of its own: the gate's holdout below.
     ok(c.cmd(&["data", "import", "docs-new", "--format", "text", "--context", "64"]).arg(&b));
     // Wrong inputs name what is wrong.

@@ -55,6 +55,17 @@ pub fn merge(chunks: &[MetricChunk], keys: &[String]) -> Vec<MetricSeries> {
         .collect()
 }
 
+/// Where `v` falls in the range of finite values `[lo, hi]`, from 0 to 1, for drawing: a
+/// range of one value (or one so large that `hi - lo` overflows) still places every value
+/// finitely (halves are subtracted, which cannot overflow; a single value sits in the middle).
+pub fn position(v: f64, lo: f64, hi: f64) -> f64 {
+    let span = hi * 0.5 - lo * 0.5;
+    if span.is_nan() || span <= 0.0 {
+        return 0.5;
+    }
+    ((v * 0.5 - lo * 0.5) / span).clamp(0.0, 1.0)
+}
+
 /// Points a drawn curve keeps at most (`decimate`).
 pub const MAX_DRAWN: usize = 1000;
 
@@ -71,9 +82,10 @@ pub fn decimate(steps: &[u64], values: &[f64], max: usize) -> (Vec<u64>, Vec<f64
     let (mut s, mut v) = (Vec::with_capacity(max), Vec::with_capacity(max));
     for b in 0..buckets {
         let (lo, hi) = (n * b / buckets, n * (b + 1) / buckets);
-        let (mut min, mut max_at) = (lo, lo);
-        for i in lo..hi {
-            // NaN never wins a comparison: a bucket of NaNs keeps its first point.
+        // The extremes among the bucket's finite values; a bucket with none keeps its first.
+        let first = (lo..hi).find(|&i| values[i].is_finite()).unwrap_or(lo);
+        let (mut min, mut max_at) = (first, first);
+        for i in first..hi {
             if values[i] < values[min] {
                 min = i;
             }
@@ -111,6 +123,15 @@ mod tests {
         assert_eq!((s[0], v[0]), (1, 1.0), "the first point (its bucket's highest)");
         let short = decimate(&steps[..10], &values[..10], MAX_DRAWN);
         assert_eq!(short.0, &steps[..10]);
+        // A bucket that starts with a NaN still keeps its finite extremes.
+        let mut holes = values.clone();
+        holes[0] = f64::NAN;
+        let (s, v) = decimate(&steps, &holes, MAX_DRAWN);
+        assert!(v[..2].iter().all(|v| v.is_finite()) && s[0] > 1, "{:?}", &v[..2]);
+        // Drawing positions are finite for any finite range.
+        assert_eq!(position(5.0, 5.0, 5.0), 0.5);
+        assert_eq!(position(f64::MAX, -f64::MAX, f64::MAX), 1.0);
+        assert_eq!(position(0.0, -f64::MAX, f64::MAX), 0.5);
     }
 
     fn chunk(generation: u64, rank: u32, points: &[(u64, f64)]) -> MetricChunk {

@@ -14,6 +14,19 @@ use crate::CoreError;
 /// The byte-level vocabulary.
 pub const VOCAB: u32 = 256;
 
+/// The most bytes of windows one import or append makes.
+pub const MAX_WINDOW_BYTES: u64 = 1 << 30;
+
+/// The tokens windows `[start, end)` of `windows` cover.
+pub fn covered(tokens: &[u8], context: usize, stride: usize, start: usize, end: usize) -> &[u8] {
+    if start >= end {
+        return &[];
+    }
+    let from = (start * stride).min(tokens.len());
+    let to = ((end - 1) * stride + context + 1).min(tokens.len());
+    &tokens[from..to.max(from)]
+}
+
 /// Files read as one token stream: their bytes, in order, a newline between two files that
 /// does not already end with one.
 pub fn join(files: &[(String, Vec<u8>)]) -> Vec<u8> {
@@ -42,7 +55,15 @@ pub fn windows(tokens: &[u8], context: usize, stride: usize) -> Result<Records, 
         return Err(CoreError::Dataset(format!("the text holds {} bytes, fewer than one window of --context {context} + 1", tokens.len())));
     }
     let n = (tokens.len() - w) / stride + 1;
-    let mut x = Vec::with_capacity(n * w);
+    // Overlapping windows multiply the text: one import holds at most MAX_WINDOW_BYTES.
+    let bytes = n.checked_mul(w).filter(|&b| b as u64 <= MAX_WINDOW_BYTES).ok_or_else(|| {
+        CoreError::Dataset(format!(
+            "--context {context} --stride {stride} cut {} bytes of text into {n} windows of {w} bytes, more than the {} GB one import holds: use a larger --stride or import the text in parts",
+            tokens.len(),
+            MAX_WINDOW_BYTES >> 30
+        ))
+    })?;
+    let mut x = Vec::with_capacity(bytes);
     for i in 0..n {
         x.extend_from_slice(&tokens[i * stride..i * stride + w]);
     }
@@ -93,6 +114,9 @@ mod tests {
         let e = windows(b"ab", 4, 4).unwrap_err().to_string();
         assert!(e.contains("2 bytes") && e.contains("--context 4"), "{e}");
         assert!(windows(text, 0, 1).is_err() && windows(text, 2, 0).is_err());
+        assert_eq!(covered(text, 3, 3, 1, 3), b"defghij", "windows 1 and 2 cover tokens 3 to 9");
+        let e = windows(&vec![b'a'; 1 << 20], 4096, 1).unwrap_err().to_string();
+        assert!(e.contains("--stride") && e.contains("GB"), "{e}");
     }
 
     #[test]
