@@ -28,6 +28,7 @@
 //! - `exp` is this file's own (in f32, branch free, no fused multiply-add), so the bits do
 //!   not depend on the platform's libm either.
 
+use crate::layers::exp32;
 use crate::{KernelError, CHUNK};
 use rayon::prelude::*;
 use std::marker::PhantomData;
@@ -126,36 +127,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     fold16(acc)
 }
 
-/// `e^x` in f32, branch free (so it vectorizes) and the same bits everywhere: IEEE adds and
-/// multiplies only (no fused multiply-add, no libm). `x = k ln2 + r` with `|r| <= ln2/2`
-/// (Cody-Waite, ln2 split so `k*LN2_HI` is exact), `e^r` by its Taylor polynomial of degree
-/// 7, scaled by `2^k` built in the exponent bits. Relative error a few ulp. NaN gives NaN;
-/// below -87 the result is 0, above 88 it is `e^88` (softmax only takes x <= 0).
-#[inline(always)]
-fn exp32(x: f32) -> f32 {
-    const LOG2_E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 355.0 / 512.0; // 9 bits: k * LN2_HI is exact for |k| < 2^15
-    const LN2_LO: f32 = -2.121_944_4e-4; // ln2 - LN2_HI
-    const SHIFT: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-    const C: [f32; 8] = [1.0, 1.0, 1.0 / 2.0, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0, 1.0 / 720.0, 1.0 / 5040.0];
-    let under = x < -87.0;
-    let c = if under { -87.0 } else { x };
-    let c = if c > 88.0 { 88.0 } else { c };
-    let kf = c * LOG2_E + SHIFT;
-    let k = kf - SHIFT;
-    let r = (c - k * LN2_HI) - k * LN2_LO;
-    let mut p = C[7];
-    for &a in C[..7].iter().rev() {
-        p = p * r + a;
-    }
-    // kf's low mantissa bits hold k (|k| <= 127): shifted into the exponent field, biased.
-    let scale = f32::from_bits(kf.to_bits().wrapping_add(127) << 23);
-    if under {
-        0.0
-    } else {
-        p * scale
-    }
-}
 
 /// The sum of 16 running sums, folded in halves (`s[k] += s[k + 8]`, then 4, 2, 1).
 #[inline(always)]

@@ -525,17 +525,17 @@ const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 
 /// `e^x` in f32, branch free and the same bits everywhere (Cephes' `expf`): `x = k ln2 + r`,
 /// `e^r = 1 + r + r^2 P(r)` (degree 5), times `2^k` built in the exponent bits; about 1 ulp.
-/// Below -87.3 the result is 0 (e^-87.3 is f32's smallest normal), above 88.3 it saturates at
-/// e^88.3.
+/// Below -87 the result is 0 (near f32's smallest normal), above 88 it saturates at e^88.
+/// Shared by GELU and attention's softmax.
 #[inline(always)]
-fn exp32(x: f32) -> f32 {
+pub(crate) fn exp32(x: f32) -> f32 {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4; // 0.693359375: k * LN2_HI is exact for |k| <= 128
     const LN2_LO: f32 = -2.121_944_4e-4;
     const SHIFT: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-    let under = x < -87.3;
-    let c = if under { -87.3 } else { x };
-    let c = if c > 88.3 { 88.3 } else { c };
+    let under = x < -87.0;
+    let c = if under { -87.0 } else { x };
+    let c = if c > 88.0 { 88.0 } else { c };
     let kf = c * LOG2_E + SHIFT;
     let k = kf - SHIFT;
     let r = (c - k * LN2_HI) - k * LN2_LO;
