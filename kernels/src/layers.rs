@@ -523,8 +523,10 @@ fn exp64(x: f64) -> f64 {
 
 const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 
-/// `e^x` in f32, branch free and the same bits everywhere (Cephes' `expf`): `x = k ln2 + r`,
-/// `e^r = 1 + r + r^2 P(r)` (degree 5), times `2^k` built in the exponent bits; about 1 ulp.
+/// `e^x` in f32, branch free and the same bits everywhere (Cephes' `expf`, with fused
+/// multiply-adds): `x = k ln2 + r`, `e^r = 1 + r + r^2 P(r)` (degree 5), times `2^k` built in
+/// the exponent bits; about 1 ulp. Call it only inside a `versions!` body (elsewhere a fused
+/// multiply-add is a library call).
 /// Below -87 the result is 0 (near f32's smallest normal), above 88 it saturates at e^88.
 /// Shared by GELU and attention's softmax.
 #[inline(always)]
@@ -538,11 +540,12 @@ pub(crate) fn exp32(x: f32) -> f32 {
     let c = if c > 88.0 { 88.0 } else { c };
     let kf = c * LOG2_E + SHIFT;
     let k = kf - SHIFT;
-    let r = (c - k * LN2_HI) - k * LN2_LO;
+    // k * LN2_HI is exact, so the first fused step is the same as a separate product.
+    let r = (-k).mul_add(LN2_LO, (-k).mul_add(LN2_HI, c));
     // Estrin's scheme: short dependency chains, since the loops over it are latency-bound.
     let r2 = r * r;
-    let p = ((1.987_569_2e-4 * r + 1.398_199_9e-3) * r2 + (8.333_452e-3 * r + 4.166_579_6e-2)) * r2 + (0.166_666_65 * r + 0.5);
-    let e = p * r2 + (r + 1.0);
+    let p = r2.mul_add(r2.mul_add(r.mul_add(1.987_569_2e-4, 1.398_199_9e-3), r.mul_add(8.333_452e-3, 4.166_579_6e-2)), r.mul_add(0.166_666_65, 0.5));
+    let e = p.mul_add(r2, r + 1.0);
     // kf's low mantissa bits hold k (two's complement), |k| <= 127: 2^k has exponent k + 127.
     let scale = f32::from_bits(kf.to_bits().wrapping_add(127) << 23);
     if under {
@@ -552,43 +555,63 @@ pub(crate) fn exp32(x: f32) -> f32 {
     }
 }
 
-/// `e^(-x^2/2 + a)` for an f32 x and a small `a`, with the relative precision of f32 even
-/// where the exponent is large: `x^2/2` is exact in f64, the sum is split into its f32 part
-/// and the remainder, and the remainder applied to first order (it is below half an ulp of
-/// the exponent, so its square is far below f32's precision).
+/// `e^(hi + lo)` for `|lo|` within a few ulps of `hi`: `e^hi (1 + lo)` (lo's square is far
+/// below f32's precision), 0 where `e^hi` is.
 #[inline(always)]
-fn exp_neg_half_square(x: f32, a: f32) -> f32 {
-    let s = -0.5 * (x as f64) * (x as f64) + a as f64;
-    // Far below e^-87 the result is 0 anyway; the bound keeps the split finite.
-    let s = if s < -200.0 { -200.0 } else { s };
-    let hi = s as f32;
-    let lo = (s - hi as f64) as f32;
-    exp32(hi) * (1.0 + lo)
+fn exp32_split(hi: f32, lo: f32) -> f32 {
+    let e = exp32(hi);
+    // Below -87 exp32 is 0 and lo may be NaN (from an infinite x): the select keeps the 0.
+    if hi < -87.0 {
+        0.0
+    } else {
+        e.mul_add(lo, e)
+    }
+}
+
+/// `-x^2/2` as an unevaluated sum `hi + lo`, exactly (`-x/2` is exact, and the fused
+/// multiply-add gives the product's rounding error exactly).
+#[inline(always)]
+fn neg_half_square(x: f32) -> (f32, f32) {
+    let h = -0.5 * x;
+    let hi = h * x;
+    (hi, h.mul_add(x, -hi))
+}
+
+/// `a + b` as `hi + lo` exactly (Knuth's TwoSum: no assumption on which is larger).
+#[inline(always)]
+fn two_sum(a: f32, b: f32) -> (f32, f32) {
+    let s = a + b;
+    let bb = s - a;
+    (s, (a - (s - bb)) + (b - bb))
 }
 
 /// The standard normal CDF `Phi(x)` and its density's `e^(-x^2/2)`, in f32: `erfc(z)` for
 /// `z = |x|/sqrt2` is `t e^(-z^2 + P(t))`, `t = 1 / (1 + z/2)`, P of degree 9 (Numerical
 /// Recipes' `erfcc`: relative error below 1.2e-7 for every z), so the tails keep their
 /// relative precision; at most 4.1e-7 relative in all (about 7 ulps, near x = -1.19:
-/// erfcc's error and the polynomial's roundings). IEEE operations only.
+/// erfcc's error and the polynomial's roundings). IEEE operations and fused multiply-adds
+/// only. The exponent `-x^2/2 + P` is carried as an exact f32 pair (`neg_half_square`,
+/// `two_sum`), so the tails keep f32's relative precision without f64.
 #[inline(always)]
 fn normal_cdf32(x: f32) -> (f32, f32) {
     let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
-    let t = 1.0 / (1.0 + 0.5 * z);
+    let t = 1.0 / 0.5f32.mul_add(z, 1.0);
     // The polynomial by Estrin's scheme (pairs, then powers of t^2): short dependency chains.
     let (t2, t4) = (t * t, (t * t) * (t * t));
-    let p01 = -1.265_512_2 + t * 1.000_023_7;
-    let p23 = 0.374_091_96 + t * 0.096_784_18;
-    let p45 = -0.186_288_06 + t * 0.278_868_07;
-    let p67 = -1.135_204 + t * 1.488_515_9;
-    let p89 = -0.822_152_2 + t * 0.170_872_77;
-    let p = (p01 + t2 * p23) + t4 * ((p45 + t2 * p67) + t4 * p89);
-    let half_erfc = 0.5 * t * exp_neg_half_square(x, p);
-    (if x < 0.0 { half_erfc } else { 1.0 - half_erfc }, exp_neg_half_square(x, 0.0))
+    let p01 = t.mul_add(1.000_023_7, -1.265_512_2);
+    let p23 = t.mul_add(0.096_784_18, 0.374_091_96);
+    let p45 = t.mul_add(0.278_868_07, -0.186_288_06);
+    let p67 = t.mul_add(1.488_515_9, -1.135_204);
+    let p89 = t.mul_add(0.170_872_77, -0.822_152_2);
+    let p = t4.mul_add(t4.mul_add(p89, t2.mul_add(p67, p45)), t2.mul_add(p23, p01));
+    let (s, s_lo) = neg_half_square(x);
+    let (hi, lo) = two_sum(s, p);
+    let half_erfc = 0.5 * t * exp32_split(hi, lo + s_lo);
+    (if x < 0.0 { half_erfc } else { 1.0 - half_erfc }, exp32_split(s, s_lo))
 }
 
 /// GELU in f32 on `normal_cdf32`: the f64 path (`normal_cdf`, 1e-12) cost a tenth of a
-/// transformer's step; this is a few ulps and vectorizes 16 wide.
+/// transformer's step; this is a few ulps and runs 16 wide with no f64 at all.
 #[inline(always)]
 fn gelu_body(x: &[f32], y: &mut [f32]) {
     for (y, &x) in y.iter_mut().zip(x) {
@@ -760,23 +783,25 @@ impl Groups {
     }
 }
 
-/// Eight f64 running sums: element k of each contiguous segment goes to sum `k % 8`; at the
-/// end of a group the sums are added in index order, `((s0 + s1) + (s2 + s3)) + ...` pairwise.
-/// Fixed by the layout alone (and it vectorizes).
-struct Sum8([f64; 8]);
+/// Sixteen f32 running sums (one AVX-512 register): element k of each contiguous segment goes
+/// to sum `k % 16`; at the end of a group the sums are added pairwise in index order,
+/// `(((s0 + s1) + (s2 + s3)) + ...)`. Fixed by the layout alone, so the bits do not depend on
+/// the instruction set; each sum holds a sixteenth of a group, which keeps f32 accurate for
+/// the widths layers have (1e-6 relative at d = 4096).
+struct Sum16([f32; 16]);
 
-impl Sum8 {
-    fn new() -> Sum8 {
-        Sum8([0.0; 8])
+impl Sum16 {
+    fn new() -> Sum16 {
+        Sum16([0.0; 16])
     }
 
-    /// Adds `f(a[k])` to sum `k % 8`, over a segment.
+    /// Adds `f(a[k])` to sum `k % 16`, over a segment.
     #[inline(always)]
     #[allow(clippy::needless_range_loop)] // Indexing fixed-size arrays is what vectorizes.
-    fn add(&mut self, a: &[f32], f: impl Fn(f32) -> f64) {
-        let (chunks, rest) = a.as_chunks::<8>();
+    fn add(&mut self, a: &[f32], f: impl Fn(f32) -> f32) {
+        let (chunks, rest) = a.as_chunks::<16>();
         for c in chunks {
-            for k in 0..8 {
+            for k in 0..16 {
                 self.0[k] += f(c[k]);
             }
         }
@@ -785,17 +810,25 @@ impl Sum8 {
         }
     }
 
-    fn total(&self) -> f64 {
-        let s = &self.0;
-        ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
+    #[inline(always)]
+    fn total(&self) -> f32 {
+        let mut s = self.0;
+        let mut n = 16;
+        while n > 1 {
+            n /= 2;
+            for k in 0..n {
+                s[k] = s[2 * k] + s[2 * k + 1];
+            }
+        }
+        s[0]
     }
 }
 
 /// Layer normalization, PyTorch's `nn.LayerNorm` semantics: per group, mean and biased
 /// variance, `y = (x - mean) / sqrt(var + eps) * gamma + beta` (gamma, beta: length d, indexed
-/// by j). The mean and variance are computed in f64 (two passes, sums in the `Sum8` order);
-/// `mean[r]` and `rstd[r] = 1/sqrt(var + eps)` are stored as f32 for the backward, and y is
-/// computed from those f32 values: `xhat = (x - mean) * rstd`, `y = xhat * gamma + beta`.
+/// by j). The mean and variance are computed in f32 (two passes, sums in the `Sum16` order);
+/// `mean[r]` and `rstd[r] = 1/sqrt(var + eps)` are stored for the backward, and y is
+/// computed from them: `xhat = (x - mean) * rstd`, `y = xhat * gamma + beta`.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm(x: &[f32], g: &Groups, gamma: &[f32], beta: &[f32], eps: f32, y: &mut [f32], mean: &mut [f32], rstd: &mut [f32]) -> Result<(), KernelError> {
     g.validate("layernorm")?;
@@ -814,17 +847,17 @@ pub fn layernorm(x: &[f32], g: &Groups, gamma: &[f32], beta: &[f32], eps: f32, y
 fn layernorm_body(x: &[f32], g: &Groups, gamma: &[f32], beta: &[f32], eps: f32, y: &mut [f32], mean: &mut [f32], rstd: &mut [f32]) {
     let (segs, inner) = (g.d / g.inner, g.inner);
     for r in 0..g.rows {
-        let mut sum = Sum8::new();
+        let mut sum = Sum16::new();
         for s in 0..segs {
-            sum.add(&x[g.seg(r, s)..][..inner], |v| v as f64);
+            sum.add(&x[g.seg(r, s)..][..inner], |v| v);
         }
-        let m = sum.total() / g.d as f64;
-        let mut sq = Sum8::new();
+        let m = sum.total() / g.d as f32;
+        let mut sq = Sum16::new();
         for s in 0..segs {
-            sq.add(&x[g.seg(r, s)..][..inner], |v| (v as f64 - m) * (v as f64 - m));
+            sq.add(&x[g.seg(r, s)..][..inner], |v| (v - m) * (v - m));
         }
-        let var = sq.total() / g.d as f64;
-        let (m, rs) = (m as f32, (1.0 / (var + eps as f64).sqrt()) as f32);
+        let var = sq.total() / g.d as f32;
+        let rs = 1.0 / (var + eps).sqrt();
         (mean[r], rstd[r]) = (m, rs);
         for s in 0..segs {
             let o = g.seg(r, s);
@@ -840,7 +873,7 @@ fn layernorm_body(x: &[f32], g: &Groups, gamma: &[f32], beta: &[f32], eps: f32, 
 /// The gradient of `layernorm`, from the forward's x, mean and rstd: with
 /// `xhat = (x - mean) * rstd` (the forward's f32 values) and `gh = dy * gamma`,
 /// `dx = rstd * (gh - mean(gh) - xhat * mean(gh * xhat))` (dx overwritten; the two means in
-/// f64 in the `Sum8` order), and `dgamma[j] += dy * xhat`, `dbeta[j] += dy`, ADDED to (zero
+/// the `Sum16` order), and `dgamma[j] += dy * xhat`, `dbeta[j] += dy`, ADDED to (zero
 /// them first, or accumulate), rows in index order.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward(
@@ -884,8 +917,8 @@ fn layernorm_backward_body(
     for r in 0..g.rows {
         let (m, rs) = (mean[r], rstd[r]);
         // One pass for the parameter gradients and both sums (element k of a segment into
-        // sum k % 8, as `Sum8::add`).
-        let (mut sg, mut sgx) = (Sum8::new(), Sum8::new());
+        // sum k % 16, as `Sum16::add`).
+        let (mut sg, mut sgx) = (Sum16::new(), Sum16::new());
         for s in 0..segs {
             let (o, j) = (g.seg(r, s), s * inner);
             let (xs, gys, gs) = (&x[o..o + inner], &dy[o..o + inner], &gamma[j..j + inner]);
@@ -894,14 +927,14 @@ fn layernorm_backward_body(
                 let xhat = (x - m) * rs;
                 *dg += gy * xhat;
                 *db += gy;
-                let gh = (gy * ga) as f64;
+                let gh = gy * ga;
                 sg.0[k] += gh;
-                sgx.0[k] += gh * xhat as f64;
+                sgx.0[k] += gh * xhat;
             };
-            let ((xc, xr), (yc, yr), (gc, gr)) = (xs.as_chunks::<8>(), gys.as_chunks::<8>(), gs.as_chunks::<8>());
-            let ((dgc, dgr), (dbc, dbr)) = (dgs.as_chunks_mut::<8>(), dbs.as_chunks_mut::<8>());
+            let ((xc, xr), (yc, yr), (gc, gr)) = (xs.as_chunks::<16>(), gys.as_chunks::<16>(), gs.as_chunks::<16>());
+            let ((dgc, dgr), (dbc, dbr)) = (dgs.as_chunks_mut::<16>(), dbs.as_chunks_mut::<16>());
             for ((((xc, yc), gc), dgc), dbc) in xc.iter().zip(yc).zip(gc).zip(dgc.iter_mut()).zip(dbc.iter_mut()) {
-                for k in 0..8 {
+                for k in 0..16 {
                     one(k, xc[k], yc[k], gc[k], &mut dgc[k], &mut dbc[k]);
                 }
             }
@@ -909,7 +942,7 @@ fn layernorm_backward_body(
                 one(k, x, gy, ga, dg, db);
             }
         }
-        let (a, b) = ((sg.total() / g.d as f64) as f32, (sgx.total() / g.d as f64) as f32);
+        let (a, b) = (sg.total() / g.d as f32, sgx.total() / g.d as f32);
         for s in 0..segs {
             let o = g.seg(r, s);
             let (xs, gys, dxs) = (&x[o..o + inner], &dy[o..o + inner], &mut dx[o..o + inner]);
@@ -1839,7 +1872,8 @@ mod tests {
 
     #[test]
     fn layernorm_of_a_record_does_not_depend_on_the_others() {
-        // The planes layout of 3 records, against each record alone: the same bits.
+        // The planes layout of 3 records, against each record alone in the same layout: the
+        // same bits (the sums' order is fixed per segment, so the batch does not enter it).
         let mut rng = Rng(12);
         let (c, n, p) = (3, 3, 7);
         let x = rng.vec(c * n * p);
@@ -1852,7 +1886,7 @@ mod tests {
                 one[ci * p..(ci + 1) * p].copy_from_slice(&x[(ci * n + i) * p..(ci * n + i + 1) * p]);
             }
             let (mut y1, mut m1, mut r1) = (vec![0.0; c * p], [0.0], [0.0]);
-            layernorm(&one, &Groups::dense(1, c * p), &gamma, &beta, 1e-5, &mut y1, &mut m1, &mut r1).unwrap();
+            layernorm(&one, &Groups::planes(c, 1, p), &gamma, &beta, 1e-5, &mut y1, &mut m1, &mut r1).unwrap();
             assert_eq!((m1[0].to_bits(), r1[0].to_bits()), (mean[i].to_bits(), rstd[i].to_bits()));
             for ci in 0..c {
                 assert!(y1[ci * p..(ci + 1) * p]

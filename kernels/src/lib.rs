@@ -4,30 +4,33 @@
 //! what keeps workers bitwise identical. CUDA is behind the `cuda` feature.
 
 /// `$name(args)` runs `$body(args)` compiled for the best instruction set this CPU has. The
-/// bodies use IEEE operations and integer operations only (no `mul_add`, no library calls), so
-/// every version gives the same bits; `$body` must be `#[inline(always)]`, so each version
-/// inlines it under its own target features.
+/// bodies use IEEE operations and integer operations only (no library calls; `mul_add` is a
+/// fused multiply-add, correctly rounded, so it is one instruction in both vector versions and
+/// the same bits in the baseline's software `fmaf`), so every version gives the same bits;
+/// `$body` must be `#[inline(always)]`, so each version inlines it under its own target
+/// features.
 macro_rules! versions {
     ($name:ident => $body:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {
         #[allow(clippy::too_many_arguments)]
         fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx512f,avx512dq,avx2")]
+                #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
                     $body($($arg),*)
                 }
-                #[target_feature(enable = "avx2")]
+                #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     $body($($arg),*)
                 }
-                if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq") {
+                let fma = std::is_x86_feature_detected!("fma");
+                if fma && std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq") {
                     // SAFETY: the CPU has the features the version is compiled for.
                     return unsafe { avx512($($arg),*) };
                 }
-                if std::is_x86_feature_detected!("avx2") {
+                if fma && std::is_x86_feature_detected!("avx2") {
                     // SAFETY: as above.
                     return unsafe { avx2($($arg),*) };
                 }
@@ -160,22 +163,39 @@ pub fn adamw(
     let bias2_sqrt = (1.0 - beta2.powi(t)).sqrt();
     let step_size = lr / bias1;
     let decay = 1.0 - lr * weight_decay;
+    let k = AdamConstants { beta1, beta2, eps, bias2_sqrt, step_size, decay };
     params
         .par_chunks_mut(CHUNK)
         .zip(grads.par_chunks(CHUNK))
         .zip(m.par_chunks_mut(CHUNK))
         .zip(v.par_chunks_mut(CHUNK))
-        .for_each(|(((p, g), m), v)| {
-            for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                *p *= decay;
-                *m = beta1 * *m + (1.0 - beta1) * *g;
-                *v = beta2 * *v + (1.0 - beta2) * *g * *g;
-                let denom = v.sqrt() / bias2_sqrt + eps;
-                *p -= step_size * *m / denom;
-            }
-        });
+        .for_each(|(((p, g), m), v)| adamw_best(p, g, m, v, &k));
     Ok(())
 }
+
+struct AdamConstants {
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    bias2_sqrt: f32,
+    step_size: f32,
+    decay: f32,
+}
+
+/// One chunk of `adamw`: separate products and correctly rounded `sqrt` and divisions, as
+/// PyTorch's for-each path writes them, so every instruction set gives the same bits.
+#[inline(always)]
+fn adamw_body(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: &AdamConstants) {
+    for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+        *p *= k.decay;
+        *m = k.beta1 * *m + (1.0 - k.beta1) * *g;
+        *v = k.beta2 * *v + (1.0 - k.beta2) * *g * *g;
+        let denom = v.sqrt() / k.bias2_sqrt + k.eps;
+        *p -= k.step_size * *m / denom;
+    }
+}
+
+versions!(adamw_best => adamw_body(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: &AdamConstants));
 
 /// Floats checked per block by `first_non_finite`: 16 KiB, so a bad block is searched while
 /// it is still in L1.
