@@ -755,6 +755,11 @@ enum ServeCmd {
         /// Address to listen on (loopback by default; port 0 picks one).
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: String,
+        /// The address peers and clients dial (default: the bound address; required when
+        /// listening on a wildcard address such as 0.0.0.0). Must match this replica's
+        /// --peers entry when both are given.
+        #[arg(long)]
+        advertise: Option<String>,
         /// Every replica as ID=HOST:PORT, comma-separated (default: this one alone).
         #[arg(long, value_delimiter = ',')]
         peers: Vec<String>,
@@ -785,7 +790,10 @@ enum ServeCmd {
         /// HTTP address for /metrics (Prometheus); port 0 picks one.
         #[arg(long, default_value = "127.0.0.1:0")]
         http_listen: String,
-        /// Write the bound HTTP address to this file once listening.
+        /// The HTTP address others are told (required when --http-listen is a wildcard).
+        #[arg(long)]
+        http_advertise: Option<String>,
+        /// Write the advertised HTTP address to this file once listening.
         #[arg(long)]
         http_addr_file: Option<PathBuf>,
     },
@@ -800,8 +808,9 @@ enum ServeCmd {
         /// Data-plane address to listen on.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: String,
-        /// Address peers should dial (default: the bound address; set it when listening on
-        /// 0.0.0.0).
+        /// The address peers dial (default: the bound address; required when listening on a
+        /// wildcard address such as 0.0.0.0). The raw-TCP ring listens on the same interface
+        /// and is advertised on this host.
         #[arg(long)]
         advertise: Option<String>,
         /// cpu, or cuda[:N] on a build with `--features cuda`.
@@ -818,7 +827,10 @@ enum ServeCmd {
         /// HTTP address for /metrics (Prometheus); port 0 picks one.
         #[arg(long, default_value = "127.0.0.1:0")]
         http_listen: String,
-        /// Write the bound HTTP address to this file once listening.
+        /// The HTTP address others are told (required when --http-listen is a wildcard).
+        #[arg(long)]
+        http_advertise: Option<String>,
+        /// Write the advertised HTTP address to this file once listening.
         #[arg(long)]
         http_addr_file: Option<PathBuf>,
     },
@@ -1735,6 +1747,26 @@ fn metrics_urls(file: &shoal_proto::ClusterFile) -> Vec<(String, String)> {
     named.filter(|(_, p)| !p.http_address.is_empty()).map(|(n, p)| (n, format!("http://{}/metrics", p.http_address))).collect()
 }
 
+/// The address a listener bound at `bound` tells others: `advertise` when given (HOST:PORT,
+/// not a wildcard), else the bound address, which must then not be a wildcard (0.0.0.0 or
+/// [::] reaches no one from another host).
+fn advertised(bound: std::net::SocketAddr, advertise: Option<&str>, listen_flag: &str, advertise_flag: &str) -> Result<String> {
+    match advertise {
+        Some(a) => {
+            let (host, port) = a.rsplit_once(':').with_context(|| format!("{advertise_flag} {a:?} is not HOST:PORT"))?;
+            if host.is_empty() || port.parse::<u16>().map(|p| p == 0).unwrap_or(true) {
+                bail!("{advertise_flag} {a:?} is not HOST:PORT with a port other than 0");
+            }
+            if host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_unspecified()) {
+                bail!("{advertise_flag} {a:?} is a wildcard address; give the address peers dial");
+            }
+            Ok(a.to_string())
+        }
+        None if bound.ip().is_unspecified() => bail!("{listen_flag} {bound} is a wildcard address: give {advertise_flag} HOST:PORT, the address peers dial"),
+        None => Ok(bound.to_string()),
+    }
+}
+
 async fn bind_retrying(addr: &str) -> Result<tokio::net::TcpListener> {
     let until = Instant::now() + Duration::from_secs(5);
     loop {
@@ -1756,17 +1788,21 @@ async fn serve(cmd: ServeCmd) -> Result<()> {
         _ => None,
     });
     match cmd {
-        ServeCmd::Coordinator { id, listen, peers, data, store, lease_ms, addr_file, cluster_id, initial_state, snapshot_every, http_listen, http_addr_file } => {
+        ServeCmd::Coordinator { id, listen, advertise, peers, data, store, lease_ms, addr_file, cluster_id, initial_state, snapshot_every, http_listen, http_advertise, http_addr_file } => {
             shoal_core::node::set_node(&format!("coordinator-{id}"));
             let listener = bind_retrying(&listen).await?;
-            let addr = listener.local_addr()?.to_string();
+            let bound = listener.local_addr()?;
             let mut peers = parse_peers(id, &listen, &peers)?;
-            if peers.get(&id).map(|a| a.ends_with(":0")).unwrap_or(false) {
-                peers.insert(id, addr.clone());
-            }
+            let addr = match (advertise.as_deref(), peers.get(&id)) {
+                (Some(a), Some(p)) if !p.ends_with(":0") && p != a => bail!("--advertise {a} differs from this replica's --peers entry {id}={p}"),
+                // This replica's --peers entry is what the others dial: it stands for --advertise.
+                (None, Some(p)) if !p.ends_with(":0") && !p.starts_with("0.0.0.0:") && !p.starts_with("[::]:") => p.clone(),
+                (a, _) => advertised(bound, a, "--listen", "--advertise")?,
+            };
+            peers.insert(id, addr.clone());
             // The dashboard reads through this coordinator first, then its peers.
             let endpoints = std::iter::once(addr.clone()).chain(peers.iter().filter(|(p, _)| **p != id).map(|(_, a)| a.clone())).collect();
-            let (_, http) = http::start(&http_listen, http_addr_file.as_deref(), Some(dashboard::Dashboard { endpoints, store: store.clone() })).await?;
+            let (_, http) = http::start(&http_listen, http_advertise.as_deref(), http_addr_file.as_deref(), Some(dashboard::Dashboard { endpoints, store: store.clone() })).await?;
             if let Some(f) = addr_file {
                 shoal_core::fsutil::write_atomic(&f, addr.as_bytes())?;
             }
@@ -1789,13 +1825,14 @@ async fn serve(cmd: ServeCmd) -> Result<()> {
             http.abort();
             served?;
         }
-        ServeCmd::Worker { endpoints, store, listen, advertise, device, threads: _, heartbeat_ms, collective_timeout_s, http_listen, http_addr_file } => {
-            let (_, http) = http::start(&http_listen, http_addr_file.as_deref(), None).await?;
+        ServeCmd::Worker { endpoints, store, listen, advertise, device, threads: _, heartbeat_ms, collective_timeout_s, http_listen, http_advertise, http_addr_file } => {
+            let (_, http) = http::start(&http_listen, http_advertise.as_deref(), http_addr_file.as_deref(), None).await?;
             let listener = bind_retrying(&listen).await?;
-            tracing::info!(addr = %listener.local_addr()?, "worker listening");
+            let advertise = advertised(listener.local_addr()?, advertise.as_deref(), "--listen", "--advertise")?;
+            tracing::info!(addr = %listener.local_addr()?, %advertise, "worker listening");
             let cfg = shoal_worker::WorkerConfig {
                 endpoints,
-                advertise,
+                advertise: Some(advertise),
                 store_dir: store,
                 device,
                 heartbeat: Duration::from_millis(heartbeat_ms.max(10)),
@@ -1897,4 +1934,24 @@ fn set_workers(text: &str, w: u64) -> Result<String> {
     let toml::Value::Table(cluster) = cluster else { bail!("cluster: must be a table") };
     cluster.insert("workers".into(), toml::Value::Integer(w as i64));
     Ok(doc.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advertised;
+
+    #[test]
+    fn a_wildcard_listener_needs_an_advertised_address() {
+        let any: std::net::SocketAddr = "0.0.0.0:7000".parse().unwrap();
+        let e = advertised(any, None, "--listen", "--advertise").unwrap_err().to_string();
+        assert!(e.contains("--listen 0.0.0.0:7000 is a wildcard") && e.contains("--advertise"), "{e}");
+        assert_eq!(advertised(any, Some("10.0.0.5:7000"), "--listen", "--advertise").unwrap(), "10.0.0.5:7000");
+        for bad in ["0.0.0.0:7000", "[::]:7000", "10.0.0.5", "10.0.0.5:0", ":7000"] {
+            assert!(advertised(any, Some(bad), "--listen", "--advertise").is_err(), "{bad}");
+        }
+        let v6: std::net::SocketAddr = "[::]:1".parse().unwrap();
+        assert!(advertised(v6, None, "--http-listen", "--http-advertise").unwrap_err().to_string().contains("--http-advertise"));
+        let lo: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+        assert_eq!(advertised(lo, None, "--listen", "--advertise").unwrap(), "127.0.0.1:9");
+    }
 }

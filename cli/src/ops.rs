@@ -427,6 +427,8 @@ pub fn job_json(j: &JobInfo) -> Value {
     let p = j.progress.clone().unwrap_or_default();
     let last = j.checkpoints.last();
     let nonempty = |s: &str| if s.is_empty() { Value::Null } else { json!(s) };
+    // For "hierarchical": {"intra": "shm", "inter": "tcp"}; null for a flat transport.
+    let transports = if p.transports.is_empty() { Value::Null } else { json!(p.transports) };
     let mut v = json!({
         "id": j.id,
         "name": j.name,
@@ -494,6 +496,7 @@ pub fn job_json(j: &JobInfo) -> Value {
     v["test_r2"] = json!(p.test_r2);
     // A language model's test_loss in bits per byte.
     v["test_bpb"] = json!(p.test_bpb);
+    v["transports"] = transports;
     v
 }
 

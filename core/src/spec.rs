@@ -865,8 +865,10 @@ impl Default for CheckpointSpec {
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AggregationSpec {
-    /// `auto` (shared memory when every rank is on one host, else raw TCP), `shm`, `tcp` or
-    /// `grpc` (the ring over the data-plane service; slower, kept for comparison).
+    /// `auto` (shared memory when every rank is on one host; `hierarchical` when the ranks span
+    /// hosts and some host has several; else raw TCP), `shm`, `tcp` (a flat ring even across
+    /// hosts), `hierarchical` (shm within a host, tcp between hosts) or `grpc` (the ring over
+    /// the data-plane service; slower, kept for comparison).
     #[serde(default = "default_transport")]
     pub transport: String,
     /// `f32`, or `bf16`: cast when sending over the network, added in f32 (tcp only; shared
@@ -1156,13 +1158,13 @@ impl JobSpec {
             check_positive("checkpoint.every_seconds", s)?;
         }
         let g = &self.aggregation;
-        if !matches!(g.transport.as_str(), "auto" | "shm" | "tcp" | "grpc") {
-            return Err(bad("aggregation.transport", format!("unknown transport {:?} (expected \"auto\", \"shm\", \"tcp\" or \"grpc\")", g.transport)));
+        if !matches!(g.transport.as_str(), "auto" | "shm" | "tcp" | "grpc" | "hierarchical") {
+            return Err(bad("aggregation.transport", format!("unknown transport {:?} (expected \"auto\", \"shm\", \"tcp\", \"hierarchical\" or \"grpc\")", g.transport)));
         }
         match g.wire.as_str() {
             "f32" => {}
-            "bf16" if matches!(g.transport.as_str(), "auto" | "tcp") => {}
-            "bf16" => return Err(bad("aggregation.wire", format!("bf16 applies to the tcp transport only, not {:?}", g.transport))),
+            "bf16" if matches!(g.transport.as_str(), "auto" | "tcp" | "hierarchical") => {}
+            "bf16" => return Err(bad("aggregation.wire", format!("bf16 applies to the tcp transport (and between hosts in hierarchical) only, not {:?}", g.transport))),
             other => return Err(bad("aggregation.wire", format!("unknown wire format {other:?} (expected \"f32\" or \"bf16\")"))),
         }
         if t.lanes.is_some() && g.wire != "f32" {

@@ -5,9 +5,11 @@
 //!   same host);
 //! - `tcp`: a ring of raw TCP connections, one per neighbour, pipelined in pieces;
 //! - `grpc`: the ring over the `DataPlane` gRPC service (the first transport; kept as a
-//!   fallback and for comparison).
+//!   fallback and for comparison);
+//! - `hierarchical` (`hier`): ranks on several hosts, some hosts with several ranks: `shm`
+//!   within each host, `tcp` between the hosts' leaders (its own documented order).
 //!
-//! All three sum in the same order, so a job's bits do not depend on the transport: the buffer
+//! The flat three sum in the same order, so a job's bits do not depend on which: the buffer
 //! is cut into `world` chunks (`chunk`), and chunk c is summed starting from rank c's values,
 //! then rank c+1's, ..., rank c-1's (`reference_sum`). Every rank ends with the very same
 //! bytes. Every wait is bounded by the job's collective timeout, a dead peer is an error at
@@ -15,6 +17,7 @@
 //! every operation belongs to one (job, generation).
 
 pub mod grpc;
+pub mod hier;
 pub mod shm;
 pub mod tcp;
 
@@ -35,8 +38,12 @@ use crate::WorkerError;
 pub trait Collective: Send {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
-    /// The transport's name (`shm`, `tcp`, `grpc`).
+    /// The transport's name (`shm`, `tcp`, `grpc`, `hierarchical`).
     fn name(&self) -> &'static str;
+    /// For a transport made of others: (within a host, between hosts).
+    fn parts(&self) -> Option<(&'static str, &'static str)> {
+        None
+    }
     /// In-place sum over all ranks, in the documented order; the same bits on every rank.
     fn all_reduce(&mut self, buf: &mut [f32]) -> Result<(), WorkerError>;
     /// Every rank's `mine`, indexed by rank, on every rank (small payloads).
@@ -244,18 +251,31 @@ pub struct Rendezvous<'a> {
 
 impl Rendezvous<'_> {
     /// Which transport `auto` (or the spec) picks for these ranks: shared memory when every
-    /// rank reported the same host, raw TCP when every rank has a ring listener, else gRPC.
+    /// rank reported the same host; hierarchical when the ranks span hosts and some host has
+    /// several (the pair of ranks decides: shm within a host, tcp between hosts); raw TCP when
+    /// every rank has a ring listener; else gRPC.
     pub fn choose(&self) -> Result<&'static str, WorkerError> {
         let world = self.peers.len();
-        let one_host = self.hosts.len() == world && !self.hosts[0].is_empty() && self.hosts.iter().all(|h| *h == self.hosts[0]);
+        let known = self.hosts.len() == world && self.hosts.iter().all(|h| !h.is_empty());
+        let one_host = known && self.hosts.iter().all(|h| *h == self.hosts[0]);
         let all_tcp = self.ring_peers.len() == world && self.ring_peers.iter().all(|a| !a.is_empty()) && self.incoming.is_some();
+        let groups = if known { hier::host_groups(self.hosts) } else { Vec::new() };
+        let shared_hosts = groups.len() > 1 && groups.iter().any(|g| g.len() > 1);
         match self.transport {
             "shm" if one_host => Ok("shm"),
             "shm" => Err(WorkerError::Collective("transport \"shm\" needs every rank on one host; these ranks are not".into())),
             "tcp" if all_tcp => Ok("tcp"),
             "tcp" => Err(WorkerError::Collective("transport \"tcp\": not every rank has a ring listener (an older worker?)".into())),
+            "hierarchical" if shared_hosts && all_tcp => Ok("hierarchical"),
+            "hierarchical" => Err(WorkerError::Collective(format!(
+                "transport \"hierarchical\" needs ranks on several hosts with several ranks on one of them, each with a ring listener; these ranks are on {} host(s) ({} of {} known)",
+                groups.len(),
+                self.hosts.iter().filter(|h| !h.is_empty()).count(),
+                world
+            ))),
             "grpc" => Ok("grpc"),
             _ if one_host && self.wire == Wire::F32 => Ok("shm"),
+            _ if shared_hosts && all_tcp => Ok("hierarchical"),
             _ if all_tcp => Ok("tcp"),
             _ => Ok("grpc"),
         }
@@ -289,6 +309,28 @@ impl Rendezvous<'_> {
                 self.wire,
                 self.cancel,
             )?),
+            "hierarchical" => {
+                let groups = hier::host_groups(self.hosts);
+                let host = groups.iter().position(|g| g.contains(&self.rank)).expect("every rank is in a group");
+                let local_rank = groups[host].iter().position(|&r| r == self.rank).expect("in its group");
+                let local: Box<dyn Collective> = if groups[host].len() == 1 {
+                    Box::new(hier::Solo)
+                } else {
+                    // The host's ranks derive the same name; other hosts' segments are in
+                    // their own /dev/shm, but the host index keeps the names apart anyway.
+                    let h = blake3::hash(format!("{:?}{:?}", self.peers, self.hosts).as_bytes()).to_hex();
+                    let name = format!("shoal-{}-{}-{}-h{host}", self.job, self.generation, &h[..16]);
+                    Box::new(ShmRing::open(local_rank, groups[host].len(), &name, self.timeout, self.cancel.clone())?)
+                };
+                let leaders: Option<Box<dyn Collective>> = if local_rank == 0 {
+                    let peers: Vec<String> = groups.iter().map(|g| self.ring_peers[g[0]].clone()).collect();
+                    let incoming = self.incoming.expect("checked by choose");
+                    Some(Box::new(TcpRing::connect(host, &peers, self.job, self.generation, incoming, self.timeout, self.wire, self.cancel)?))
+                } else {
+                    None
+                };
+                Box::new(hier::Hierarchical::new(self.rank, world, groups, local, leaders)?)
+            }
             _ => Box::new(GrpcCollective::new(Ring::new(self.rank, self.peers, self.job, self.generation, self.mailbox, self.timeout, self.cancel)?, self.rt)),
         })
     }

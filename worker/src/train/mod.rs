@@ -449,6 +449,7 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
         total_steps: total,
         epoch: (start / steps_per_epoch) as u32,
         transport: ring.name().to_string(),
+        transports: ring.parts().map(|(intra, inter)| [("intra".to_string(), intra.to_string()), ("inter".to_string(), inter.to_string())].into()).unwrap_or_default(),
         holdout_accuracy: -1.0,
         holder_accuracy: -1.0,
         ..Default::default()
