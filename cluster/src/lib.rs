@@ -3,6 +3,8 @@
 //! waits until a leader is elected and every worker has registered, and records what it
 //! started in `DIR/cluster.pb` so `down` and the other commands can find it.
 
+pub mod testhosts;
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -1,0 +1,289 @@
+//! Test hosts: N "hosts" on this machine for tests and benchmarks that need more than one.
+//!
+//! Each host is a network namespace with one interface (`eth0`, address `10.88.0.(i+1)/24`) on
+//! a bridge that lives in a namespace of its own (the "switch"), so the bridge reaches nothing
+//! but the hosts, and a mount namespace with a private `/dev/shm` (a tmpfs: shoal's host id
+//! differs, so ranks on two hosts never pick shared memory between them). Processes run in a
+//! host through `nsenter` (`TestHosts::command`); they are children of the caller, who reaps
+//! them. Every namespace is held by one `sleep` process: when the harness is dropped, every
+//! process in its hosts is killed and the namespaces vanish with their holders.
+//!
+//! Faults: `cut`/`heal` take a host's link on the switch down and up; `drop_share` drops a
+//! share of the host's packets both ways (nftables `numgen random`: this kernel has no
+//! `netem`); `kill_host` kills every process whose network namespace is the host's.
+//!
+//! Root only: `TestHosts::unavailable` says why not (a test prints it and returns).
+
+use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("test hosts: `{command}` failed: {detail}")]
+    Command { command: String, detail: String },
+    #[error("test hosts: {0}")]
+    Setup(String),
+}
+
+/// One namespace holder: a `sleep` whose namespaces the host's processes enter.
+struct Holder {
+    child: Child,
+}
+
+impl Holder {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+pub struct TestHosts {
+    switch: Holder,
+    hosts: Vec<Holder>,
+    /// Interface names are `{prefix}s{i}` on the switch.
+    prefix: String,
+    dir: PathBuf,
+}
+
+/// The subnet every harness uses (each has its own isolated bridge, so they never meet).
+const SUBNET: [u8; 3] = [10, 88, 0];
+
+fn run(cmd: &mut Command) -> Result<String, HostError> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.stdin(Stdio::null()).output().map_err(|e| HostError::Command { command: shown.clone(), detail: e.to_string() })?;
+    if !out.status.success() {
+        return Err(HostError::Command { command: shown, detail: format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()) });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Starts `unshare ARGS -- sh -c 'SETUP; echo ready; exec sleep 86400'` and waits for its
+/// "ready", so the namespaces exist (and the setup ran) when this returns.
+fn holder(unshare_args: &[&str], setup: &str) -> Result<Holder, HostError> {
+    let script = format!("{setup} echo ready && exec sleep 86400");
+    let mut child = Command::new("unshare")
+        .args(unshare_args)
+        .args(["--", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| HostError::Setup(format!("starting unshare: {e}")))?;
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("piped");
+    BufReader::new(stdout).read_line(&mut line).map_err(|e| HostError::Setup(e.to_string()))?;
+    if line.trim() != "ready" {
+        let _ = child.kill();
+        let out = child.wait_with_output().map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default();
+        return Err(HostError::Setup(format!("a namespace holder did not start: {}", out.trim())));
+    }
+    Ok(Holder { child })
+}
+
+impl TestHosts {
+    /// Why this machine cannot make test hosts (not root, a tool missing), or None.
+    pub fn unavailable() -> Option<String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Some("test hosts need root (network and mount namespaces); skipped".into());
+        }
+        for tool in ["ip", "unshare", "nsenter", "nft"] {
+            let found = std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
+            if !found {
+                return Some(format!("test hosts need `{tool}` (iproute2, util-linux, nftables), which is not installed"));
+            }
+        }
+        None
+    }
+
+    /// `n` hosts; `dir` holds each host's private folder (`host(i)`).
+    pub fn new(n: usize, dir: &Path) -> Result<TestHosts, HostError> {
+        if let Some(why) = Self::unavailable() {
+            return Err(HostError::Setup(why));
+        }
+        if n == 0 || n > 200 {
+            return Err(HostError::Setup(format!("{n} hosts: between 1 and 200")));
+        }
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let id = (std::process::id().wrapping_mul(16) + NEXT.fetch_add(1, Ordering::Relaxed)) & 0xfffff;
+        let prefix = format!("sh{id:05x}");
+        let switch = holder(&["--net"], "ip link set lo up && ip link add br0 type bridge && ip link set br0 up &&")?;
+        let mut hs = TestHosts { switch, hosts: Vec::new(), prefix, dir: dir.to_path_buf() };
+        for i in 0..n {
+            std::fs::create_dir_all(hs.host_dir(i)).map_err(|e| HostError::Setup(format!("{}: {e}", hs.host_dir(i).display())))?;
+            let h = holder(&["--net", "--mount", "--propagation", "private"], "mount -t tmpfs -o size=1g,mode=1777 shoal-shm /dev/shm &&")?;
+            let (hp, sp) = (format!("{}h{i}", hs.prefix), format!("{}s{i}", hs.prefix));
+            run(Command::new("ip").args(["link", "add", &hp, "type", "veth", "peer", "name", &sp]))?;
+            let moved = run(Command::new("ip").args(["link", "set", &hp, "netns", &h.pid().to_string()]))
+                .and_then(|_| run(Command::new("ip").args(["link", "set", &sp, "netns", &hs.switch.pid().to_string()])));
+            if let Err(e) = moved {
+                let _ = run(Command::new("ip").args(["link", "del", &hp]));
+                return Err(e);
+            }
+            hs.hosts.push(h);
+            hs.in_switch(&["ip", "link", "set", &sp, "master", "br0"])?;
+            hs.in_switch(&["ip", "link", "set", &sp, "up"])?;
+            let addr = format!("{}/24", hs.address(i));
+            hs.in_host(i, &["ip", "link", "set", "lo", "up"])?;
+            hs.in_host(i, &["ip", "link", "set", &hp, "name", "eth0"])?;
+            hs.in_host(i, &["ip", "addr", "add", &addr, "dev", "eth0"])?;
+            hs.in_host(i, &["ip", "link", "set", "eth0", "up"])?;
+        }
+        Ok(hs)
+    }
+
+    pub fn len(&self) -> usize {
+        self.hosts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty()
+    }
+
+    /// Host i's address on the bridge.
+    pub fn address(&self, i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(SUBNET[0], SUBNET[1], SUBNET[2], (i + 1) as u8)
+    }
+
+    /// Host i's private folder (a folder of the caller's; by convention only this host's
+    /// processes use it).
+    pub fn host_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("host{i}"))
+    }
+
+    /// `program` to run in host i (its network and mount namespaces). The child is the
+    /// program itself: kill and wait on it as on any child.
+    pub fn command(&self, i: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("nsenter");
+        c.args(["-t", &self.hosts[i].pid().to_string(), "-n", "-m", "--"]).arg(program);
+        c
+    }
+
+    fn in_host(&self, i: usize, argv: &[&str]) -> Result<String, HostError> {
+        run(self.command(i, argv[0]).args(&argv[1..]))
+    }
+
+    fn in_switch(&self, argv: &[&str]) -> Result<String, HostError> {
+        run(Command::new("nsenter").args(["-t", &self.switch.pid().to_string(), "-n", "--"]).args(argv))
+    }
+
+    /// Takes host i's link down at the switch: nothing in or out until `heal`.
+    pub fn cut(&self, i: usize) -> Result<(), HostError> {
+        self.in_switch(&["ip", "link", "set", &format!("{}s{i}", self.prefix), "down"]).map(drop)
+    }
+
+    pub fn heal(&self, i: usize) -> Result<(), HostError> {
+        self.in_switch(&["ip", "link", "set", &format!("{}s{i}", self.prefix), "up"]).map(drop)
+    }
+
+    /// Drops `per_mille` of every thousand packets host i sends or receives on `eth0`
+    /// (0 removes the rule).
+    pub fn drop_share(&self, i: usize, per_mille: u32) -> Result<(), HostError> {
+        let _ = self.in_host(i, &["nft", "delete", "table", "inet", "shoal_loss"]);
+        if per_mille == 0 {
+            return Ok(());
+        }
+        // numgen's values are 0..999: a thousand or more per thousand is every packet.
+        let share = if per_mille >= 1000 { String::new() } else { format!("numgen random mod 1000 < {per_mille} ") };
+        let rules = format!(
+            "table inet shoal_loss {{\n chain inbound {{ type filter hook input priority 0; iifname \"eth0\" {share}drop; }}\n chain outbound {{ type filter hook output priority 0; oifname \"eth0\" {share}drop; }}\n}}\n"
+        );
+        let file = self.dir.join(format!("loss-{i}.nft"));
+        std::fs::write(&file, rules).map_err(|e| HostError::Setup(e.to_string()))?;
+        self.in_host(i, &["nft", "-f", &file.to_string_lossy()]).map(drop)
+    }
+
+    /// The pids of every process in host i (its network namespace), the holder excepted.
+    pub fn processes(&self, i: usize) -> Vec<u32> {
+        let holder = self.hosts[i].pid();
+        let Ok(ns) = std::fs::read_link(format!("/proc/{holder}/ns/net")) else { return Vec::new() };
+        let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&pid| pid != holder && std::fs::read_link(format!("/proc/{pid}/ns/net")).is_ok_and(|l| l == ns))
+            .collect()
+    }
+
+    /// SIGKILLs every process in host i (what losing the machine does to them); the host
+    /// itself stays, so processes can be started in it again.
+    pub fn kill_host(&self, i: usize) -> usize {
+        let pids = self.processes(i);
+        for &pid in &pids {
+            // SAFETY: kill has no memory preconditions; a pid that exited meanwhile is ESRCH.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        pids.len()
+    }
+}
+
+impl Drop for TestHosts {
+    fn drop(&mut self) {
+        for i in 0..self.hosts.len() {
+            self.kill_host(i);
+        }
+        for h in self.hosts.iter_mut().chain(std::iter::once(&mut self.switch)) {
+            let _ = h.child.kill();
+            let _ = h.child.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hosts(n: usize) -> Option<(TestHosts, tempfile::TempDir)> {
+        if let Some(why) = TestHosts::unavailable() {
+            eprintln!("{why}");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        Some((TestHosts::new(n, dir.path()).unwrap(), dir))
+    }
+
+    /// A TCP connection from host `from` to port `port` of host `to` (bash's /dev/tcp, 2 s
+    /// timeout): whether it connected.
+    fn connects(h: &TestHosts, from: usize, to: usize, port: u16) -> bool {
+        let probe = format!("exec 3<>/dev/tcp/{}/{port}", h.address(to));
+        h.command(from, "timeout").args(["2", "bash", "-c", &probe]).stderr(Stdio::null()).status().unwrap().success()
+    }
+
+    #[test]
+    fn hosts_reach_each_other_keep_their_shm_and_can_be_cut_and_killed() {
+        let Some((h, _dir)) = hosts(2) else { return };
+        // A listener in host 1 (python's, as the test image has it), on its own address.
+        let server = format!("import socket,time\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('{}', 7700))\ns.listen(16)\nwhile True:\n  c,_=s.accept(); c.close()\n", h.address(1));
+        let mut listener = h.command(1, "python3").args(["-c", &server]).spawn().unwrap();
+        let up = (0..50).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            connects(&h, 0, 1, 7700)
+        });
+        assert!(up, "host 0 reaches host 1");
+        // Private /dev/shm: a file made in host 0 is not in host 1 nor here.
+        let name = format!("shoal-testhosts-{}", std::process::id());
+        run(h.command(0, "touch").arg(format!("/dev/shm/{name}"))).unwrap();
+        assert!(run(h.command(0, "ls").arg("/dev/shm")).unwrap().contains(&name));
+        assert!(!run(h.command(1, "ls").arg("/dev/shm")).unwrap().contains(&name));
+        assert!(!Path::new("/dev/shm").join(&name).exists());
+        // Cut, heal.
+        h.cut(1).unwrap();
+        assert!(!connects(&h, 0, 1, 7700), "a cut link carries nothing");
+        h.heal(1).unwrap();
+        assert!((0..30).any(|_| connects(&h, 0, 1, 7700)), "a healed link carries again");
+        // All packets dropped is a cut too; 0 removes the rule.
+        h.drop_share(0, 1000).unwrap();
+        assert!(!connects(&h, 0, 1, 7700));
+        h.drop_share(0, 0).unwrap();
+        assert!(connects(&h, 0, 1, 7700));
+        // Killing host 1 kills its processes, the listener among them.
+        assert!(h.processes(1).contains(&listener.id()));
+        assert!(h.kill_host(1) >= 1);
+        let status = listener.wait().unwrap();
+        assert!(!status.success());
+        assert!(h.processes(1).is_empty());
+        assert!(!connects(&h, 0, 1, 7700));
+    }
+}
