@@ -1,0 +1,155 @@
+//! shoal across test hosts (network namespaces on one bridge, each with its own /dev/shm; see
+//! `shoal_cluster::testhosts`): coordinators and workers on different hosts, addresses of
+//! those hosts only. Root only; elsewhere each test says why it did not run.
+
+mod common;
+use common::*;
+use shoal_cluster::testhosts::TestHosts;
+use std::path::PathBuf;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_shoal");
+const PORT: u16 = 7000;
+
+/// Coordinators on hosts `0..coordinators`, workers where the test puts them, the store a
+/// folder every host sees (it stands for shared storage).
+struct HostCluster {
+    hosts: TestHosts,
+    coordinators: Vec<Proc>,
+    workers: Vec<(usize, Proc)>,
+    dir: tempfile::TempDir,
+}
+
+impl HostCluster {
+    fn start(hosts: usize, coordinators: usize) -> Option<HostCluster> {
+        if let Some(why) = TestHosts::unavailable() {
+            eprintln!("skipped: {why}");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = TestHosts::new(hosts, &dir.path().join("hosts")).unwrap();
+        std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+        let mut c = HostCluster { hosts, coordinators: Vec::new(), workers: Vec::new(), dir };
+        let peers: Vec<String> = (0..coordinators).map(|i| format!("{}={}:{PORT}", i + 1, c.hosts.address(i))).collect();
+        for i in 0..coordinators {
+            let addr = c.hosts.address(i);
+            let mut cmd = c.hosts.command(i, BIN);
+            cmd.env("RUST_LOG", "info").args(["serve", "coordinator", "--id", &(i + 1).to_string(), "--listen", &format!("{addr}:{PORT}"), "--peers", &peers.join(",")]);
+            cmd.args(["--http-listen", &format!("{addr}:0"), "--data"]).arg(c.hosts.host_dir(i).join("raft")).arg("--store").arg(c.store());
+            c.coordinators.push(Proc::spawn(&mut cmd, &c.log(&format!("coordinator-{}", i + 1))));
+        }
+        wait_for("a leader", Duration::from_secs(30), || {
+            let out = run(&mut c.cli(0, &["status", "--json"]));
+            let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            s["coordinators"].as_array()?.iter().any(|x| x["role"] == "leader").then_some(())
+        });
+        Some(c)
+    }
+
+    fn store(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    fn log(&self, name: &str) -> PathBuf {
+        self.dir.path().join("logs").join(format!("{name}.log"))
+    }
+
+    fn endpoints(&self) -> String {
+        (0..self.coordinators.len()).map(|i| format!("{}:{PORT}", self.hosts.address(i))).collect::<Vec<_>>().join(",")
+    }
+
+    /// `shoal ARGS --endpoints ...` run in host `h`.
+    fn cli(&self, h: usize, args: &[&str]) -> std::process::Command {
+        let mut cmd = self.hosts.command(h, BIN);
+        cmd.args(args).args(["--endpoints", &self.endpoints()]);
+        cmd
+    }
+
+    /// Starts a worker (1 compute thread) in host `h`, listening on the host's address.
+    fn add_worker(&mut self, h: usize) {
+        let addr = self.hosts.address(h);
+        let mut cmd = self.hosts.command(h, BIN);
+        cmd.env("RUST_LOG", "info").args(["serve", "worker", "--threads", "1", "--endpoints", &self.endpoints(), "--listen", &format!("{addr}:0")]);
+        cmd.args(["--http-listen", &format!("{addr}:0"), "--store"]).arg(self.store());
+        let n = self.workers.len();
+        self.workers.push((h, Proc::spawn(&mut cmd, &self.log(&format!("worker-{n}-host{h}")))));
+    }
+
+    fn wait_workers(&self, n: usize) {
+        wait_for("the workers to register", Duration::from_secs(60), || {
+            let s = json(&mut self.cli(0, &["status", "--json"]));
+            (s["workers"].as_array()?.len() >= n).then_some(())
+        });
+    }
+
+    fn job(&self, id: &str) -> serde_json::Value {
+        json(&mut self.cli(0, &["job", "status", id, "--json"]))
+    }
+
+    fn wait_end(&self, id: &str, timeout: Duration) -> serde_json::Value {
+        wait_for("the job to end", timeout, || Some(self.job(id)).filter(|j| ["succeeded", "failed", "cancelled"].contains(&j["state"].as_str().unwrap_or(""))))
+    }
+}
+
+impl Drop for HostCluster {
+    fn drop(&mut self) {
+        for (_, w) in &mut self.workers {
+            w.kill();
+        }
+        for c in &mut self.coordinators {
+            c.kill();
+        }
+        if std::thread::panicking() {
+            if let Ok(fresh) = tempfile::tempdir() {
+                let kept = std::mem::replace(&mut self.dir, fresh).keep();
+                eprintln!("test folder kept at {}", kept.display());
+            }
+        }
+    }
+}
+
+/// The demo's MLP with 4 lanes, on 4 workers.
+fn demo_spec() -> String {
+    let s = std::fs::read_to_string(repo().join("examples/mnist-mlp.toml")).unwrap();
+    s.replace("batch_size = 128", "batch_size = 128\nlanes = 4").replace("workers = 2", "workers = 4")
+}
+
+fn final_params(job: &serde_json::Value) -> String {
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let r = job["results"].as_array().unwrap();
+    assert_eq!(r.len(), 4, "{job}");
+    assert!(r.iter().all(|x| x["param_blake3"] == r[0]["param_blake3"]), "the ranks disagree: {job}");
+    r[0]["param_blake3"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn three_coordinators_and_four_workers_on_two_hosts_train_hierarchically_with_one_hosts_bits() {
+    // 3 hosts: a coordinator on each; 2 workers on host 1 and 2 on host 2.
+    let Some(mut c) = HostCluster::start(3, 3) else { return };
+    for h in [1, 1, 2, 2] {
+        c.add_worker(h);
+    }
+    c.wait_workers(4);
+    let [x, y] = mnist_files();
+    json(c.cli(0, &["data", "import", "mnist", "--json"]).arg(&x).arg(&y));
+    let spec = c.dir.path().join("demo.toml");
+    std::fs::write(&spec, demo_spec()).unwrap();
+    let id = json(c.cli(0, &["job", "submit", "--json"]).arg(&spec))["id"].to_string();
+    let job = c.wait_end(&id, Duration::from_secs(300));
+    let across = final_params(&job);
+    assert_eq!(job["transport"], "hierarchical", "{job}");
+    assert_eq!(job["transports"], serde_json::json!({"intra": "shm", "inter": "tcp"}), "{job}");
+    let acc = job["test_accuracy"].as_f64().unwrap();
+
+    // The same job on one host (4 workers on loopback: shared memory): the same bits.
+    let one = UpCluster::start_with(&["--workers", "0"]);
+    let _workers = one.spawn_workers(4, &[]);
+    one.import_mnist("mnist");
+    let id = json(one.cmd(&["job", "submit", "--json"]).arg(one.write_spec("demo.toml", &demo_spec())))["id"].to_string();
+    let local = one.wait_end(&id);
+    assert_eq!(local["transport"], "shm", "{local}");
+    assert!(local["transports"].is_null(), "{local}");
+    assert_eq!(final_params(&local), across, "lanes make the placement invisible in the bits");
+    let local_acc = local["test_accuracy"].as_f64().unwrap();
+    assert!((acc - local_acc).abs() <= 0.005 && acc > 0.9, "accuracy across hosts {acc}, on one host {local_acc}");
+}
