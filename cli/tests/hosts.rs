@@ -153,3 +153,49 @@ fn three_coordinators_and_four_workers_on_two_hosts_train_hierarchically_with_on
     let local_acc = local["test_accuracy"].as_f64().unwrap();
     assert!((acc - local_acc).abs() <= 0.005 && acc > 0.9, "accuracy across hosts {acc}, on one host {local_acc}");
 }
+
+/// The leader's id, as the replicas reachable through `endpoints` from host `h` report it.
+fn leader_seen(c: &HostCluster, h: usize, endpoints: &str) -> Option<u64> {
+    let out = run(c.hosts.command(h, BIN).args(["status", "--json", "--endpoints", endpoints]));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    s["coordinators"].as_array()?.iter().find(|x| x["role"] == "leader")?["id"].as_u64()
+}
+
+#[test]
+fn a_partitioned_leader_serves_nothing_the_majority_goes_on_and_healing_converges() {
+    let Some(c) = HostCluster::start(3, 3) else { return };
+    let all = c.endpoints();
+    let old = wait_for("a leader", Duration::from_secs(30), || leader_seen(&c, 0, &all));
+    let cut = (old - 1) as usize;
+    let others: Vec<usize> = (0..3).filter(|&i| i != cut).collect();
+    let majority = others.iter().map(|&i| format!("{}:{PORT}", c.hosts.address(i))).collect::<Vec<_>>().join(",");
+    let tiny = write_tiny_idx(c.dir.path());
+    json(c.hosts.command(others[0], BIN).args(["data", "import", "before", "--json", "--endpoints", &all]).args(&tiny));
+
+    c.hosts.cut(cut).unwrap();
+    let new = wait_for("a new leader in the majority", Duration::from_secs(30), || leader_seen(&c, others[0], &majority).filter(|&l| l != old));
+    assert_ne!(new, old);
+    // Writes go on in the majority.
+    json(c.hosts.command(others[1], BIN).args(["data", "import", "during", "--json", "--endpoints", &majority]).args(&tiny));
+    // The old leader's host: no read, no write (it cannot confirm it still leads).
+    let own = format!("{}:{PORT}", c.hosts.address(cut));
+    let t = std::time::Instant::now();
+    let read = run(c.hosts.command(cut, "timeout").args(["30", BIN, "data", "list", "--json", "--endpoints", &own]));
+    eprintln!("the cut-off read: {} after {:?}: {}", read.status, t.elapsed(), String::from_utf8_lossy(&read.stderr).lines().last().unwrap_or(""));
+    assert!(!read.status.success(), "the cut-off replica served a read: {}", String::from_utf8_lossy(&read.stdout));
+    let write = run(c.hosts.command(cut, "timeout").args(["30", BIN, "data", "import", "cut-off", "--json", "--endpoints", &own]).args(&tiny));
+    assert!(!write.status.success(), "the cut-off replica accepted a write: {}", String::from_utf8_lossy(&write.stdout));
+
+    c.hosts.heal(cut).unwrap();
+    // Every replica converges on one state: the same applied index and state hash, holding
+    // both majority writes and not the cut-off one.
+    wait_for("the replicas to agree", Duration::from_secs(60), || {
+        let out = run(c.hosts.command(0, BIN).args(["status", "--json", "--endpoints", &all]));
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let cs = s["coordinators"].as_array()?;
+        let hashes: Vec<(&serde_json::Value, &serde_json::Value)> = cs.iter().map(|x| (&x["applied_index"], &x["state_hash"])).collect();
+        (cs.len() == 3 && hashes.iter().all(|h| h == &hashes[0] && h.1.is_string())).then_some(())
+    });
+    let names: Vec<String> = json(c.hosts.command(cut, BIN).args(["data", "list", "--json", "--endpoints", &own])).as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap().to_string()).collect();
+    assert!(names.contains(&"before".to_string()) && names.contains(&"during".to_string()) && !names.contains(&"cut-off".to_string()), "{names:?}");
+}
