@@ -22,6 +22,11 @@ struct HostCluster {
 
 impl HostCluster {
     fn start(hosts: usize, coordinators: usize) -> Option<HostCluster> {
+        Self::start_with(hosts, coordinators, &[])
+    }
+
+    /// As `start`, with `args` added to every coordinator's command.
+    fn start_with(hosts: usize, coordinators: usize, args: &[&str]) -> Option<HostCluster> {
         if let Some(why) = TestHosts::unavailable() {
             eprintln!("skipped: {why}");
             return None;
@@ -35,7 +40,7 @@ impl HostCluster {
             let addr = c.hosts.address(i);
             let mut cmd = c.hosts.command(i, BIN);
             cmd.env("RUST_LOG", "info").args(["serve", "coordinator", "--id", &(i + 1).to_string(), "--listen", &format!("{addr}:{PORT}"), "--peers", &peers.join(",")]);
-            cmd.args(["--http-listen", &format!("{addr}:0"), "--data"]).arg(c.hosts.host_dir(i).join("raft")).arg("--store").arg(c.store());
+            cmd.args(["--http-listen", &format!("{addr}:0"), "--data"]).arg(c.hosts.host_dir(i).join("raft")).arg("--store").arg(c.store()).args(args);
             c.coordinators.push(Proc::spawn(&mut cmd, &c.log(&format!("coordinator-{}", i + 1))));
         }
         wait_for("a leader", Duration::from_secs(30), || {
@@ -67,8 +72,13 @@ impl HostCluster {
 
     /// Starts a worker (1 compute thread) in host `h`, listening on the host's address.
     fn add_worker(&mut self, h: usize) {
+        self.add_worker_env(h, &[]);
+    }
+
+    fn add_worker_env(&mut self, h: usize, envs: &[(&str, &str)]) {
         let addr = self.hosts.address(h);
         let mut cmd = self.hosts.command(h, BIN);
+        cmd.envs(envs.iter().copied());
         cmd.env("RUST_LOG", "info").args(["serve", "worker", "--threads", "1", "--endpoints", &self.endpoints(), "--listen", &format!("{addr}:0")]);
         cmd.args(["--http-listen", &format!("{addr}:0"), "--store"]).arg(self.store());
         let n = self.workers.len();
@@ -198,4 +208,75 @@ fn a_partitioned_leader_serves_nothing_the_majority_goes_on_and_healing_converge
     });
     let names: Vec<String> = json(c.hosts.command(cut, BIN).args(["data", "list", "--json", "--endpoints", &own])).as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap().to_string()).collect();
     assert!(names.contains(&"before".to_string()) && names.contains(&"during".to_string()) && !names.contains(&"cut-off".to_string()), "{names:?}");
+}
+
+#[test]
+fn a_cut_off_worker_host_is_lost_by_its_lease_and_its_stale_workers_change_nothing() {
+    const LEASE_MS: u64 = 2000;
+    let Some(mut c) = HostCluster::start_with(3, 1, &["--lease-ms", &LEASE_MS.to_string()]) else { return };
+    // Slow steps, so the cut lands mid-run.
+    let slow = [("SHOAL_FAILPOINTS", "step-delay-ms=40")];
+    for h in [1, 1, 2, 2] {
+        c.add_worker_env(h, &slow);
+    }
+    c.wait_workers(4);
+    let [x, y] = mnist_files();
+    json(c.cli(0, &["data", "import", "mnist", "--json"]).arg(&x).arg(&y));
+    // 3 epochs of 32 steps, 8 lanes; a checkpoint every 8 steps, so stale ranks would have parts to write.
+    let spec_text = mnist_spec("mnist", 3, 4096, 11, "[64]")
+        .replace("batch_size = 128", "batch_size = 128\nlanes = 8")
+        .replace("workers = 2", "workers = 4\nmin_workers = 2")
+        + "[checkpoint]\nevery_steps = 8\n";
+    let spec = c.dir.path().join("cut.toml");
+    std::fs::write(&spec, &spec_text).unwrap();
+    let id = json(c.cli(0, &["job", "submit", "--json"]).arg(&spec))["id"].to_string();
+    c.wait_workers(4);
+    wait_for("the job to be a few steps in", Duration::from_secs(120), || (c.job(&id)["step"].as_u64()? >= 12).then_some(()));
+    let first = c.job(&id);
+    assert_eq!(first["transport"], "hierarchical", "{first}");
+
+    c.hosts.cut(2).unwrap();
+    let cut_at = std::time::Instant::now();
+    let second = wait_for("a generation without the cut-off host", Duration::from_secs(60), || {
+        let j = c.job(&id);
+        let m = j["membership"].as_array()?;
+        (m.len() >= 2).then_some(j)
+    });
+    let took = cut_at.elapsed();
+    let m = second["membership"].as_array().unwrap();
+    assert_eq!(m[1]["workers"].as_array().map(|w| w.len()), Some(2), "{second}");
+    eprintln!("the job went on without the cut-off host {took:?} after the cut (lease {LEASE_MS} ms)");
+    // Lease plus a second, and room for this test's polling on a shared machine.
+    assert!(took < Duration::from_millis(LEASE_MS + 1000 + 2000), "took {took:?}");
+
+    // Heal while the job still runs: the stale workers must stop their task without a trace
+    // and register anew.
+    std::thread::sleep(Duration::from_secs(1));
+    c.hosts.heal(2).unwrap();
+    let done = c.wait_end(&id, Duration::from_secs(300));
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let r = done["results"].as_array().unwrap();
+    assert!(r.iter().all(|x| x["param_blake3"] == r[0]["param_blake3"]), "{done}");
+    let across = r[0]["param_blake3"].as_str().unwrap().to_string();
+    wait_for("the healed host's workers to register anew", Duration::from_secs(60), || {
+        let s = json(&mut c.cli(0, &["worker", "list", "--json"]));
+        let alive = s.as_array()?.iter().filter(|w| w["state"] != "lost").count();
+        (alive >= 4).then_some(())
+    });
+
+    // Each stale worker stopped its task on its own (a lease without an answer) and
+    // registered again under a new id.
+    for n in [2, 3] {
+        let log = std::fs::read_to_string(c.log(&format!("worker-{n}-host2"))).unwrap();
+        assert!(log.contains("no coordinator answered for a whole lease; stopping the task"), "worker {n}: {log}");
+        assert_eq!(log.matches("registered worker=").count(), 2, "worker {n}: {log}");
+    }
+
+    // A run that never had them: 2 workers on one host, the same bits (lanes).
+    let one = UpCluster::start_with(&["--workers", "0"]);
+    let _w = one.spawn_workers(2, &[]);
+    one.import_mnist("mnist");
+    let id = json(one.cmd(&["job", "submit", "--json"]).arg(one.write_spec("cut.toml", &spec_text.replace("workers = 4\nmin_workers = 2", "workers = 2"))))["id"].to_string();
+    let local = one.wait_end(&id);
+    assert_eq!(local["results"][0]["param_blake3"].as_str(), Some(across.as_str()), "{local}");
 }
