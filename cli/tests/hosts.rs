@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use shoal_cluster::testhosts::TestHosts;
+use shoal_cluster::testhosts::{Links, TestHosts};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -27,12 +27,16 @@ impl HostCluster {
 
     /// As `start`, with `args` added to every coordinator's command.
     fn start_with(hosts: usize, coordinators: usize, args: &[&str]) -> Option<HostCluster> {
+        Self::start_linked(hosts, coordinators, args, Links::Bridge)
+    }
+
+    fn start_linked(hosts: usize, coordinators: usize, args: &[&str], links: Links) -> Option<HostCluster> {
         if let Some(why) = TestHosts::unavailable() {
             eprintln!("skipped: {why}");
             return None;
         }
         let dir = tempfile::tempdir().unwrap();
-        let hosts = TestHosts::new(hosts, &dir.path().join("hosts")).unwrap();
+        let hosts = TestHosts::with_links(hosts, &dir.path().join("hosts"), links).unwrap();
         std::fs::create_dir_all(dir.path().join("logs")).unwrap();
         let mut c = HostCluster { hosts, coordinators: Vec::new(), workers: Vec::new(), dir };
         let peers: Vec<String> = (0..coordinators).map(|i| format!("{}={}:{PORT}", i + 1, c.hosts.address(i))).collect();
@@ -279,4 +283,60 @@ fn a_cut_off_worker_host_is_lost_by_its_lease_and_its_stale_workers_change_nothi
     let id = json(one.cmd(&["job", "submit", "--json"]).arg(one.write_spec("cut.toml", &spec_text.replace("workers = 4\nmin_workers = 2", "workers = 2"))))["id"].to_string();
     let local = one.wait_end(&id);
     assert_eq!(local["results"][0]["param_blake3"].as_str(), Some(across.as_str()), "{local}");
+}
+
+/// A training job (lanes) and a batch scoring job of its model (output dataset `scores`):
+/// the final parameters' hash and the batch job's status.
+fn train_and_score(submit: &dyn Fn(&str, &str) -> serde_json::Value, workers: u32) -> (String, serde_json::Value) {
+    let train = mnist_spec("mnist", 2, 4096, 11, "[64]").replace("batch_size = 128", "batch_size = 128\nlanes = 8").replace("workers = 2", &format!("workers = {workers}"));
+    let job = submit("train.toml", &train);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let params = job["results"][0]["param_blake3"].as_str().unwrap().to_string();
+    let score = format!(
+        "name = \"score\"\nkind = \"batch\"\n[input]\ndataset = \"mnist\"\nrecords = [6000, 10000]\n[operator]\nkind = \"score\"\nmodel = \"job:{}\"\n[output]\ndataset = \"scores\"\n[cluster]\nworkers = 2\nmax_attempts = 5\n",
+        job["id"]
+    );
+    let batch = submit("score.toml", &score);
+    assert_eq!(batch["state"], "succeeded", "{batch}");
+    (params, batch)
+}
+
+#[test]
+fn with_20_ms_of_delay_and_1_percent_loss_on_every_link_jobs_give_the_results_of_a_clean_run() {
+    let Some(mut c) = HostCluster::start_linked(3, 3, &[], Links::Forwarded) else { return };
+    for h in [1, 1, 2, 2] {
+        c.add_worker(h);
+    }
+    c.wait_workers(4);
+    let [x, y] = mnist_files();
+    json(c.cli(0, &["data", "import", "mnist", "--json"]).arg(&x).arg(&y));
+    c.hosts.set_delay(Duration::from_millis(20)).unwrap();
+    for h in 0..3 {
+        c.hosts.drop_share(h, 10).unwrap();
+    }
+    let t = std::time::Instant::now();
+    let submit = |file: &str, text: &str| {
+        let spec = c.dir.path().join(file);
+        std::fs::write(&spec, text).unwrap();
+        let id = json(c.cli(0, &["job", "submit", "--json"]).arg(&spec))["id"].to_string();
+        c.wait_end(&id, Duration::from_secs(600))
+    };
+    let (params, batch) = train_and_score(&submit, 4);
+    eprintln!("trained and scored with delay and loss in {:?}", t.elapsed());
+    let scores = json(&mut c.cli(0, &["data", "show", "scores", "--json"]));
+
+    let one = UpCluster::start_with(&["--workers", "0"]);
+    let _w = one.spawn_workers(4, &[]);
+    one.import_mnist("mnist");
+    let submit = |file: &str, text: &str| {
+        let id = json(one.cmd(&["job", "submit", "--json"]).arg(one.write_spec(file, text)))["id"].to_string();
+        one.wait_end(&id)
+    };
+    let (clean_params, clean_batch) = train_and_score(&submit, 4);
+    assert_eq!(params, clean_params, "lanes: the same bits through delay and loss");
+    assert_eq!(batch["accuracy"], clean_batch["accuracy"]);
+    let clean_scores = json(&mut one.cmd(&["data", "show", "scores", "--json"]));
+    let hashes = |d: &serde_json::Value| d["shards"].as_array().unwrap().iter().map(|s| s["blake3"].clone()).collect::<Vec<_>>();
+    assert_eq!(hashes(&scores), hashes(&clean_scores), "the scores' shards, byte for byte");
+    assert!(!hashes(&scores).is_empty());
 }

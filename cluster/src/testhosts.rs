@@ -8,9 +8,14 @@
 //! them. Every namespace is held by one `sleep` process: when the harness is dropped, every
 //! process in its hosts is killed and the namespaces vanish with their holders.
 //!
-//! Faults: `cut`/`heal` take a host's link on the switch down and up; `drop_share` drops a
-//! share of the host's packets both ways (nftables `numgen random`: this kernel has no
-//! `netem`); `kill_host` kills every process whose network namespace is the host's.
+//! Links are either a kernel bridge (`Links::Bridge`, the fast path) or this process
+//! (`Links::Forwarded`): each host's `eth0` is then a TUN device whose packets a forwarder
+//! thread here reads and writes into the destination host's TUN after the delay set by
+//! `set_delay` (this kernel has no `netem`, so latency is added in user space).
+//!
+//! Faults: `cut`/`heal` take a host's link down and up; `drop_share` drops a share of the
+//! host's packets both ways (nftables `numgen random`); `kill_host` kills every process whose
+//! network namespace is the host's.
 //!
 //! Root only: `TestHosts::unavailable` says why not (a test prints it and returns).
 
@@ -39,12 +44,22 @@ impl Holder {
     }
 }
 
+/// How the hosts are linked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Links {
+    /// veth pairs on a kernel bridge.
+    Bridge,
+    /// TUN devices and a forwarder thread in this process that can add latency.
+    Forwarded,
+}
+
 pub struct TestHosts {
     switch: Holder,
     hosts: Vec<Holder>,
     /// Interface names are `{prefix}s{i}` on the switch.
     prefix: String,
     dir: PathBuf,
+    forwarder: Option<forward::Forwarder>,
 }
 
 /// The subnet every harness uses (each has its own isolated bridge, so they never meet).
@@ -98,8 +113,12 @@ impl TestHosts {
         None
     }
 
-    /// `n` hosts; `dir` holds each host's private folder (`host(i)`).
+    /// `n` hosts on a bridge; `dir` holds each host's private folder (`host(i)`).
     pub fn new(n: usize, dir: &Path) -> Result<TestHosts, HostError> {
+        Self::with_links(n, dir, Links::Bridge)
+    }
+
+    pub fn with_links(n: usize, dir: &Path, links: Links) -> Result<TestHosts, HostError> {
         if let Some(why) = Self::unavailable() {
             return Err(HostError::Setup(why));
         }
@@ -110,10 +129,26 @@ impl TestHosts {
         let id = (std::process::id().wrapping_mul(16) + NEXT.fetch_add(1, Ordering::Relaxed)) & 0xfffff;
         let prefix = format!("sh{id:05x}");
         let switch = holder(&["--net"], "ip link set lo up && ip link add br0 type bridge && ip link set br0 up &&")?;
-        let mut hs = TestHosts { switch, hosts: Vec::new(), prefix, dir: dir.to_path_buf() };
+        let mut hs = TestHosts { switch, hosts: Vec::new(), prefix, dir: dir.to_path_buf(), forwarder: None };
+        let mut tuns = Vec::new();
         for i in 0..n {
             std::fs::create_dir_all(hs.host_dir(i)).map_err(|e| HostError::Setup(format!("{}: {e}", hs.host_dir(i).display())))?;
             let h = holder(&["--net", "--mount", "--propagation", "private"], "mount -t tmpfs -o size=1g,mode=1777 shoal-shm /dev/shm &&")?;
+            if links == Links::Forwarded {
+                // The TUN is made here (its file stays with this process) and moved into the host.
+                let name = format!("{}t{i}", hs.prefix);
+                let tun = forward::open_tun(&name)?;
+                run(Command::new("ip").args(["link", "set", &name, "netns", &h.pid().to_string()]))?;
+                hs.hosts.push(h);
+                let addr = format!("{}/24", hs.address(i));
+                hs.in_host(i, &["ip", "link", "set", "lo", "up"])?;
+                hs.in_host(i, &["ip", "link", "set", &name, "name", "eth0"])?;
+                hs.in_host(i, &["ip", "link", "set", "eth0", "mtu", "65000"])?;
+                hs.in_host(i, &["ip", "addr", "add", &addr, "dev", "eth0"])?;
+                hs.in_host(i, &["ip", "link", "set", "eth0", "up"])?;
+                tuns.push(tun);
+                continue;
+            }
             let (hp, sp) = (format!("{}h{i}", hs.prefix), format!("{}s{i}", hs.prefix));
             run(Command::new("ip").args(["link", "add", &hp, "type", "veth", "peer", "name", &sp]))?;
             let moved = run(Command::new("ip").args(["link", "set", &hp, "netns", &h.pid().to_string()]))
@@ -131,7 +166,21 @@ impl TestHosts {
             hs.in_host(i, &["ip", "addr", "add", &addr, "dev", "eth0"])?;
             hs.in_host(i, &["ip", "link", "set", "eth0", "up"])?;
         }
+        if links == Links::Forwarded {
+            hs.forwarder = Some(forward::Forwarder::start(tuns, SUBNET));
+        }
         Ok(hs)
+    }
+
+    /// One-way latency added to every packet between hosts (forwarded links only).
+    pub fn set_delay(&self, delay: std::time::Duration) -> Result<(), HostError> {
+        match &self.forwarder {
+            Some(f) => {
+                f.set_delay(delay);
+                Ok(())
+            }
+            None => Err(HostError::Setup("latency needs forwarded links (TestHosts::with_links(.., Links::Forwarded))".into())),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -169,13 +218,26 @@ impl TestHosts {
         run(Command::new("nsenter").args(["-t", &self.switch.pid().to_string(), "-n", "--"]).args(argv))
     }
 
-    /// Takes host i's link down at the switch: nothing in or out until `heal`.
+    /// Takes host i's link down (at the switch, or the forwarder drops its packets):
+    /// nothing in or out until `heal`.
     pub fn cut(&self, i: usize) -> Result<(), HostError> {
-        self.in_switch(&["ip", "link", "set", &format!("{}s{i}", self.prefix), "down"]).map(drop)
+        match &self.forwarder {
+            Some(f) => {
+                f.set_cut(i, true);
+                Ok(())
+            }
+            None => self.in_switch(&["ip", "link", "set", &format!("{}s{i}", self.prefix), "down"]).map(drop),
+        }
     }
 
     pub fn heal(&self, i: usize) -> Result<(), HostError> {
-        self.in_switch(&["ip", "link", "set", &format!("{}s{i}", self.prefix), "up"]).map(drop)
+        match &self.forwarder {
+            Some(f) => {
+                f.set_cut(i, false);
+                Ok(())
+            }
+            None => self.in_switch(&["ip", "link", "set", &format!("{}s{i}", self.prefix), "up"]).map(drop),
+        }
     }
 
     /// Drops `per_mille` of every thousand packets host i sends or receives on `eth0`
@@ -224,9 +286,159 @@ impl Drop for TestHosts {
         for i in 0..self.hosts.len() {
             self.kill_host(i);
         }
+        if let Some(f) = self.forwarder.take() {
+            f.stop();
+        }
         for h in self.hosts.iter_mut().chain(std::iter::once(&mut self.switch)) {
             let _ = h.child.kill();
             let _ = h.child.wait();
+        }
+    }
+}
+
+/// The user-space links: a TUN per host, one reader thread per host, one writer thread that
+/// holds each packet until its due time.
+mod forward {
+    use super::HostError;
+    use std::collections::BinaryHeap;
+    use std::fs::File;
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{mpsc, Arc};
+    use std::time::{Duration, Instant};
+
+    /// A TUN device (IPv4 packets, no extra header) named `name` in this network namespace.
+    pub fn open_tun(name: &str) -> Result<File, HostError> {
+        const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+        const IFF_TUN: libc::c_short = 0x0001;
+        const IFF_NO_PI: libc::c_short = 0x1000;
+        let file = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun").map_err(|e| HostError::Setup(format!("/dev/net/tun: {e}")))?;
+        // struct ifreq: the name (16 bytes), then the flags (a short) in a 24-byte union.
+        let mut req = [0u8; 40];
+        let bytes = name.as_bytes();
+        if bytes.len() >= 16 {
+            return Err(HostError::Setup(format!("interface name {name:?} is too long")));
+        }
+        req[..bytes.len()].copy_from_slice(bytes);
+        req[16..18].copy_from_slice(&(IFF_TUN | IFF_NO_PI).to_ne_bytes());
+        // SAFETY: TUNSETIFF reads and writes a struct ifreq, which `req` is large enough for.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, req.as_mut_ptr()) };
+        if rc < 0 {
+            return Err(HostError::Setup(format!("TUNSETIFF {name}: {}", std::io::Error::last_os_error())));
+        }
+        Ok(file)
+    }
+
+    struct Held {
+        due: Instant,
+        seq: u64,
+        to: usize,
+        packet: Vec<u8>,
+    }
+
+    impl PartialEq for Held {
+        fn eq(&self, o: &Self) -> bool {
+            (self.due, self.seq) == (o.due, o.seq)
+        }
+    }
+    impl Eq for Held {}
+    impl PartialOrd for Held {
+        fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+            Some(self.cmp(o))
+        }
+    }
+    impl Ord for Held {
+        // Reversed: BinaryHeap is a max-heap, the earliest due comes first.
+        fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+            (o.due, o.seq).cmp(&(self.due, self.seq))
+        }
+    }
+
+    pub struct Forwarder {
+        delay_us: Arc<AtomicU64>,
+        cut: Arc<Vec<AtomicBool>>,
+        stop: Arc<AtomicBool>,
+        threads: Vec<std::thread::JoinHandle<()>>,
+    }
+
+    impl Forwarder {
+        pub fn start(tuns: Vec<File>, subnet: [u8; 3]) -> Forwarder {
+            let delay_us = Arc::new(AtomicU64::new(0));
+            let cut: Arc<Vec<AtomicBool>> = Arc::new((0..tuns.len()).map(|_| AtomicBool::new(false)).collect());
+            let stop = Arc::new(AtomicBool::new(false));
+            let (tx, rx) = mpsc::channel::<(usize, Vec<u8>, Instant)>();
+            let writers: Vec<File> = tuns.iter().map(|t| t.try_clone().expect("dup a TUN")).collect();
+            let mut threads = Vec::new();
+            for (from, mut tun) in tuns.into_iter().enumerate() {
+                let (tx, stop, cut) = (tx.clone(), stop.clone(), cut.clone());
+                threads.push(std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 65536];
+                    while !stop.load(Ordering::Relaxed) {
+                        let mut pfd = libc::pollfd { fd: tun.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                        // SAFETY: one valid pollfd.
+                        if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
+                            continue;
+                        }
+                        let Ok(n) = tun.read(&mut buf) else { continue };
+                        // IPv4 only: the destination is bytes 16..20.
+                        if n < 20 || buf[0] >> 4 != 4 || buf[16..19] != subnet || cut[from].load(Ordering::Relaxed) {
+                            continue;
+                        }
+                        let to = buf[19] as usize;
+                        if to == 0 {
+                            continue;
+                        }
+                        if tx.send((to - 1, buf[..n].to_vec(), Instant::now())).is_err() {
+                            return;
+                        }
+                    }
+                }));
+            }
+            drop(tx);
+            let (d, c, s) = (delay_us.clone(), cut.clone(), stop.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut writers = writers;
+                let mut heap = BinaryHeap::new();
+                let mut seq = 0u64;
+                while !s.load(Ordering::Relaxed) {
+                    let wait = heap.peek().map(|h: &Held| h.due.saturating_duration_since(Instant::now())).unwrap_or(Duration::from_millis(100));
+                    match rx.recv_timeout(wait) {
+                        Ok((to, packet, at)) => {
+                            seq += 1;
+                            heap.push(Held { due: at + Duration::from_micros(d.load(Ordering::Relaxed)), seq, to, packet });
+                        }
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                    let now = Instant::now();
+                    while heap.peek().is_some_and(|h| h.due <= now) {
+                        let h = heap.pop().expect("peeked");
+                        if h.to < writers.len() && !c[h.to].load(Ordering::Relaxed) {
+                            // A host whose link is down refuses the write: the packet is lost.
+                            let _ = writers[h.to].write(&h.packet);
+                        }
+                    }
+                }
+            }));
+            Forwarder { delay_us, cut, stop, threads }
+        }
+
+        pub fn set_delay(&self, d: Duration) {
+            self.delay_us.store(d.as_micros() as u64, Ordering::Relaxed);
+        }
+
+        pub fn set_cut(&self, host: usize, cut: bool) {
+            if let Some(c) = self.cut.get(host) {
+                c.store(cut, Ordering::Relaxed);
+            }
+        }
+
+        pub fn stop(self) {
+            self.stop.store(true, Ordering::Relaxed);
+            for t in self.threads {
+                let _ = t.join();
+            }
         }
     }
 }
@@ -236,12 +448,23 @@ mod tests {
     use super::*;
 
     fn hosts(n: usize) -> Option<(TestHosts, tempfile::TempDir)> {
+        hosts_linked(n, Links::Bridge)
+    }
+
+    fn hosts_linked(n: usize, links: Links) -> Option<(TestHosts, tempfile::TempDir)> {
         if let Some(why) = TestHosts::unavailable() {
             eprintln!("{why}");
             return None;
         }
         let dir = tempfile::tempdir().unwrap();
-        Some((TestHosts::new(n, dir.path()).unwrap(), dir))
+        Some((TestHosts::with_links(n, dir.path(), links).unwrap(), dir))
+    }
+
+    /// A listener in host `h` on port `port` that accepts and closes (python's, as the test
+    /// image has it).
+    fn listener(h: &TestHosts, host: usize, port: u16) -> Child {
+        let server = format!("import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('{}', {port}))\ns.listen(16)\nwhile True:\n  c,_=s.accept(); c.close()\n", h.address(host));
+        h.command(host, "python3").args(["-c", &server]).spawn().unwrap()
     }
 
     /// A TCP connection from host `from` to port `port` of host `to` (bash's /dev/tcp, 2 s
@@ -254,9 +477,7 @@ mod tests {
     #[test]
     fn hosts_reach_each_other_keep_their_shm_and_can_be_cut_and_killed() {
         let Some((h, _dir)) = hosts(2) else { return };
-        // A listener in host 1 (python's, as the test image has it), on its own address.
-        let server = format!("import socket,time\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('{}', 7700))\ns.listen(16)\nwhile True:\n  c,_=s.accept(); c.close()\n", h.address(1));
-        let mut listener = h.command(1, "python3").args(["-c", &server]).spawn().unwrap();
+        let mut listener = listener(&h, 1, 7700);
         let up = (0..50).any(|_| {
             std::thread::sleep(std::time::Duration::from_millis(100));
             connects(&h, 0, 1, 7700)
@@ -285,5 +506,27 @@ mod tests {
         assert!(!status.success());
         assert!(h.processes(1).is_empty());
         assert!(!connects(&h, 0, 1, 7700));
+    }
+
+    #[test]
+    fn forwarded_links_add_the_delay_and_can_be_cut() {
+        let Some((h, _dir)) = hosts_linked(2, Links::Forwarded) else { return };
+        let mut server = listener(&h, 1, 7701);
+        assert!((0..50).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            connects(&h, 0, 1, 7701)
+        }));
+        // A connection takes a round trip: at least twice the one-way delay.
+        h.set_delay(std::time::Duration::from_millis(60)).unwrap();
+        let t = std::time::Instant::now();
+        assert!(connects(&h, 0, 1, 7701));
+        assert!(t.elapsed() >= std::time::Duration::from_millis(120), "{:?}", t.elapsed());
+        h.set_delay(std::time::Duration::ZERO).unwrap();
+        h.cut(0).unwrap();
+        assert!(!connects(&h, 0, 1, 7701));
+        h.heal(0).unwrap();
+        assert!(connects(&h, 0, 1, 7701));
+        let _ = server.kill();
+        let _ = server.wait();
     }
 }
