@@ -813,6 +813,10 @@ enum ServeCmd {
         /// and is advertised on this host.
         #[arg(long)]
         advertise: Option<String>,
+        /// The raw-TCP ring's port, on the --listen address (0: one the system picks; fix it
+        /// where a firewall stands between hosts).
+        #[arg(long, default_value_t = 0)]
+        ring_port: u16,
         /// cpu, or cuda[:N] on a build with `--features cuda`.
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -1825,7 +1829,7 @@ async fn serve(cmd: ServeCmd) -> Result<()> {
             http.abort();
             served?;
         }
-        ServeCmd::Worker { endpoints, store, listen, advertise, device, threads: _, heartbeat_ms, collective_timeout_s, http_listen, http_advertise, http_addr_file } => {
+        ServeCmd::Worker { endpoints, store, listen, advertise, ring_port, device, threads: _, heartbeat_ms, collective_timeout_s, http_listen, http_advertise, http_addr_file } => {
             let (_, http) = http::start(&http_listen, http_advertise.as_deref(), http_addr_file.as_deref(), None).await?;
             let listener = bind_retrying(&listen).await?;
             let advertise = advertised(listener.local_addr()?, advertise.as_deref(), "--listen", "--advertise")?;
@@ -1833,6 +1837,7 @@ async fn serve(cmd: ServeCmd) -> Result<()> {
             let cfg = shoal_worker::WorkerConfig {
                 endpoints,
                 advertise: Some(advertise),
+                ring_port,
                 store_dir: store,
                 device,
                 heartbeat: Duration::from_millis(heartbeat_ms.max(10)),

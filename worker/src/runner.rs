@@ -23,6 +23,8 @@ pub struct WorkerConfig {
     pub endpoints: Vec<String>,
     /// The data-plane address peers dial; None: the listener's own address.
     pub advertise: Option<String>,
+    /// The raw-TCP ring's port, on the data plane's address (0: one the system picks).
+    pub ring_port: u16,
     pub store_dir: PathBuf,
     pub device: String,
     pub heartbeat: Duration,
@@ -48,8 +50,8 @@ pub async fn run_worker(
     let bound = listener.local_addr().map_err(|e| WorkerError::Io(e.to_string()))?.to_string();
     let address = cfg.advertise.clone().unwrap_or(bound);
     // The raw-TCP ring listens beside the data plane, on the same interface.
-    let ring_listener = std::net::TcpListener::bind((listener.local_addr().map_err(|e| WorkerError::Io(e.to_string()))?.ip(), 0))
-        .map_err(|e| WorkerError::Io(format!("binding the ring listener: {e}")))?;
+    let ring_listener = std::net::TcpListener::bind((listener.local_addr().map_err(|e| WorkerError::Io(e.to_string()))?.ip(), cfg.ring_port))
+        .map_err(|e| WorkerError::Io(format!("binding the ring listener (port {}): {e}", cfg.ring_port)))?;
     let incoming = Incoming::start(ring_listener).map_err(|e| WorkerError::Io(format!("ring listener: {e}")))?;
     let ring_port = incoming.address().rsplit(':').next().unwrap_or_default().to_string();
     let ring_address = match address.rsplit_once(':') {

@@ -219,7 +219,25 @@ pub async fn serve(
     // No Nagle: small replies (acks, proposals' answers) otherwise wait on delayed ACKs, 40 ms
     // at a time.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    // grpc.health.v1 (Kubernetes' gRPC readiness probe): SERVING while this replica runs its
+    // Raft loop and knows a leader, so it can answer reads and forward writes.
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    let health_shared = shared.clone();
+    let health_task = tokio::spawn(async move {
+        let mut serving = None;
+        loop {
+            let now = matches!(*health_shared.phase.read().expect("phase lock"), Phase::Running) && health_shared.view.read().expect("view lock").leader_id != 0;
+            if serving != Some(now) {
+                let status = if now { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
+                health.set_service_status("", status).await;
+                health.set_service_status("shoal.v1.Coordinator", status).await;
+                serving = Some(now);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
     let server = tonic::transport::Server::builder()
+        .add_service(health_svc)
         .add_service(svc)
         .add_service(raft_svc)
         .serve_with_incoming_shutdown(incoming, shutdown);
@@ -244,6 +262,7 @@ pub async fn serve(
             }
         },
     };
+    health_task.abort();
     if let Err(e) = &result {
         tracing::error!(error = %e, "coordinator replica stopping");
     }

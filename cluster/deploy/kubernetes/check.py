@@ -1,0 +1,94 @@
+"""Checks a rendered shoal Kubernetes base (`kubectl kustomize cluster/deploy/kubernetes`)
+against what shoal needs, beyond the schemas (kubernetes-validate checks those):
+
+- the coordinator StatefulSet starts every replica the safe way of issue "Acknowledged means
+  kept": `--initial-state new` (an empty volume asks its peers before it votes), ids from the
+  ordinal, one --peers entry per replica naming its pod through the headless Service, pods
+  started in parallel (a fresh group needs its peers up), a volume claim per replica for
+  --data, readiness from the gRPC health service on the listening port, and a
+  PodDisruptionBudget that keeps a quorum;
+- workers advertise the pod IP (they listen on a wildcard address) on the port they listen on;
+- every container runs as non-root with resource requests, and mounts the shared store.
+
+Usage: python3 check.py RENDERED.yaml   (exit 1 and one line per problem if any)
+"""
+import re
+import sys
+
+import yaml
+
+
+def flags(args):
+    """--flag value pairs of a shell command line or an argv list."""
+    words = args.split() if isinstance(args, str) else list(args)
+    out = {}
+    for i, w in enumerate(words):
+        if w.startswith("--") and i + 1 < len(words) and not words[i + 1].startswith("--"):
+            out[w] = words[i + 1]
+    return out
+
+
+def main(path):
+    docs = [d for d in yaml.safe_load_all(open(path)) if d]
+    by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    problems = []
+
+    def need(cond, what):
+        if not cond:
+            problems.append(what)
+
+    sts = by.get(("StatefulSet", "shoal-coordinator"))
+    need(sts is not None, "no StatefulSet shoal-coordinator")
+    if sts:
+        spec = sts["spec"]
+        n = spec.get("replicas", 1)
+        need(n % 2 == 1 and n >= 3, f"coordinator replicas {n}: an odd number, at least 3")
+        need(spec.get("podManagementPolicy") == "Parallel", "coordinators must start in parallel (OrderedReady waits on pod 0, which cannot be ready alone)")
+        svc = by.get(("Service", spec["serviceName"]))
+        need(svc is not None and svc["spec"].get("clusterIP") == "None", f"serviceName {spec['serviceName']} must be a headless Service")
+        need(svc is not None and svc["spec"].get("publishNotReadyAddresses") is True, "the headless Service must publish not-ready pods (peers meet before any is ready)")
+        pod = spec["template"]["spec"]
+        c = pod["containers"][0]
+        line = " ".join(c.get("command", []) + c.get("args", []))
+        f = flags(line)
+        need(f.get("--initial-state") == "new", f"--initial-state must be new (the safe start), not {f.get('--initial-state')!r}")
+        need("join" not in f.get("--initial-state", ""), "a StatefulSet must never start replicas as join")
+        need(re.search(r"--id \$\(\( \$\{HOSTNAME##\*-\} \+ 1 \)\)", line) is not None, "--id must come from the pod's ordinal: $(( ${HOSTNAME##*-} + 1 ))")
+        port = f.get("--listen", ":").rsplit(":", 1)[1]
+        peers = f.get("--peers", "").split(",")
+        want = [f"{i + 1}={sts['metadata']['name']}-{i}.{spec['serviceName']}:{port}" for i in range(n)]
+        need(peers == want, f"--peers {peers} must be {want}")
+        mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
+        claims = [t["metadata"]["name"] for t in spec.get("volumeClaimTemplates", [])]
+        need(any(mounts.get(cl) == f.get("--data") for cl in claims), "--data must be a volume claim template's mount (a log per replica)")
+        probe = c.get("readinessProbe", {}).get("grpc", {})
+        need(str(probe.get("port")) == port, "readiness must be the gRPC health service on the listening port")
+        pdb = [d for d in docs if d["kind"] == "PodDisruptionBudget" and d["spec"]["selector"] == spec["selector"]]
+        need(len(pdb) == 1 and pdb[0]["spec"].get("minAvailable") == n // 2 + 1, f"a PodDisruptionBudget with minAvailable {n // 2 + 1} (a quorum of {n})")
+
+    dep = by.get(("Deployment", "shoal-worker"))
+    need(dep is not None, "no Deployment shoal-worker")
+    if dep:
+        c = dep["spec"]["template"]["spec"]["containers"][0]
+        f = flags(c.get("args", []))
+        env = {e["name"]: e for e in c.get("env", [])}
+        listen_port = f.get("--listen", ":").rsplit(":", 1)[1]
+        need(f.get("--advertise") == f"$(POD_IP):{listen_port}", f"workers must advertise $(POD_IP):{listen_port}, not {f.get('--advertise')!r}")
+        need(env.get("POD_IP", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.podIP", "POD_IP must come from status.podIP")
+
+    for d in docs:
+        if d["kind"] not in ("StatefulSet", "Deployment"):
+            continue
+        pod = d["spec"]["template"]["spec"]
+        need(pod.get("securityContext", {}).get("runAsNonRoot") is True, f"{d['metadata']['name']}: runAsNonRoot")
+        for c in pod["containers"]:
+            need("requests" in c.get("resources", {}), f"{d['metadata']['name']}/{c['name']}: resource requests")
+            need(any(m["mountPath"] == "/store" for m in c.get("volumeMounts", [])), f"{d['metadata']['name']}/{c['name']}: the store mounted at /store")
+
+    for p in problems:
+        print(f"{path}: {p}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
