@@ -4,6 +4,9 @@ before each (as `shoal bench allreduce` does). Rank 0 prints one JSON line per s
 {"bytes": N, "times_ms": [...]}.
 
     python gloo_allreduce.py --world 2 --sizes 1024,67108864 --iters 20 --warmup 3
+
+With --rank R --master HOST:PORT it runs that one rank (the others are started apart, on
+other hosts: benches/examples/hosts.rs starts one per test host, GLOO_SOCKET_IFNAME=eth0).
 """
 
 import argparse
@@ -27,9 +30,9 @@ def iters_for(n_bytes, iters):
     return iters
 
 
-def run(rank, world, port, sizes, iters, warmup):
+def run(rank, world, master, sizes, iters, warmup):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://{master}", rank=rank, world_size=world)
     for n_bytes in sizes:
         buf = torch.empty(n_bytes // 4, dtype=torch.float32)
         times = []
@@ -55,13 +58,20 @@ def main():
     p.add_argument("--sizes", default=str(64 << 20))
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rank", type=int, default=None, help="run this one rank (with --master)")
+    p.add_argument("--master", default=None, help="HOST:PORT of rank 0's rendezvous")
     a = p.parse_args()
     sizes = [int(s) for s in a.sizes.split(",")]
+    if a.rank is not None:
+        if not a.master:
+            raise SystemExit("--rank needs --master HOST:PORT")
+        run(a.rank, a.world, a.master, sizes, a.iters, a.warmup)
+        return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(run, args=(a.world, port, sizes, a.iters, a.warmup), nprocs=a.world, join=True)
+    mp.spawn(run, args=(a.world, f"127.0.0.1:{port}", sizes, a.iters, a.warmup), nprocs=a.world, join=True)
 
 
 if __name__ == "__main__":

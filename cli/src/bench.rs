@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use shoal_proto::data_plane_server::DataPlaneServer;
-use shoal_worker::collective::{chunk, Collective, DataPlaneService, GrpcCollective, Incoming, Mailbox, Ring, ShmRing, TcpRing, Wire};
+use shoal_worker::collective::{chunk, Collective, DataPlaneService, Incoming, Mailbox, Rendezvous, Wire};
 
 /// What one all-reduce benchmark runs.
 #[derive(Clone, Debug)]
@@ -55,12 +55,12 @@ impl AllReduceArgs {
         if !(2..=64).contains(&self.world) {
             bail!("--world must be 2 to 64, got {}", self.world);
         }
-        if !matches!(self.transport.as_str(), "tcp" | "shm" | "grpc") {
-            bail!("--transport must be tcp, shm or grpc, got {:?}", self.transport);
+        if !matches!(self.transport.as_str(), "tcp" | "shm" | "grpc" | "hierarchical") {
+            bail!("--transport must be tcp, shm, hierarchical or grpc, got {:?}", self.transport);
         }
         match (self.wire.as_str(), self.transport.as_str()) {
-            ("f32", _) | ("bf16", "tcp") => {}
-            ("bf16", t) => bail!("--wire bf16 applies to the tcp transport only, not {t}"),
+            ("f32", _) | ("bf16", "tcp" | "hierarchical") => {}
+            ("bf16", t) => bail!("--wire bf16 applies to the tcp transport (and between hosts in hierarchical) only, not {t}"),
             (w, _) => bail!("--wire must be f32 or bf16, got {w:?}"),
         }
         if self.iters == 0 {
@@ -174,14 +174,15 @@ fn reference_at(i: usize, len: usize, world: usize) -> f32 {
     acc
 }
 
-/// One rank of `allreduce`: meets the others through `dir`, then prints its times (rank 0) as
-/// one JSON line.
-pub async fn allreduce_rank(a: AllReduceArgs, rank: usize, dir: PathBuf) -> Result<()> {
+/// One rank of `allreduce`: meets the others through `dir` (each writes its addresses and
+/// host id), joins the collective as a worker would (`Rendezvous`), then prints its times
+/// (rank 0) as one JSON line. `bind`: the address its listeners take.
+pub async fn allreduce_rank(a: AllReduceArgs, rank: usize, dir: PathBuf, bind: &str) -> Result<()> {
     a.check()?;
     let cancel = Arc::new(AtomicBool::new(false));
     let mailbox = Arc::new(Mailbox::default());
     // Every rank listens on both (cheap), so the address file has one format.
-    let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the data-plane listener")?;
+    let grpc_listener = tokio::net::TcpListener::bind((bind, 0)).await.with_context(|| format!("binding the data-plane listener on {bind}"))?;
     let grpc_addr = grpc_listener.local_addr()?.to_string();
     let svc = DataPlaneServer::new(DataPlaneService(mailbox.clone())).max_decoding_message_size(shoal_worker::collective::MAX_CHUNK_MESSAGE);
     tokio::spawn(
@@ -192,19 +193,22 @@ pub async fn allreduce_rank(a: AllReduceArgs, rank: usize, dir: PathBuf) -> Resu
             .add_service(svc)
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true))),
     );
-    let incoming = Incoming::start(std::net::TcpListener::bind("127.0.0.1:0").context("binding the ring listener")?)?;
+    let incoming = Incoming::start(std::net::TcpListener::bind((bind, 0)).context("binding the ring listener")?)?;
     let mine = dir.join(format!("{rank}.addr"));
-    shoal_core::fsutil::write_atomic(&mine, format!("{grpc_addr} {}", incoming.address()).as_bytes()).context("writing this rank's addresses")?;
+    let host = shoal_worker::collective::host_id();
+    shoal_core::fsutil::write_atomic(&mine, format!("{grpc_addr} {} {host}", incoming.address()).as_bytes()).context("writing this rank's addresses")?;
     // Everyone's addresses.
     let deadline = Instant::now() + a.timeout;
     let mut grpc_peers = vec![String::new(); a.world];
     let mut ring_peers = vec![String::new(); a.world];
+    let mut hosts = vec![String::new(); a.world];
     for r in 0..a.world {
         loop {
             if let Ok(text) = std::fs::read_to_string(dir.join(format!("{r}.addr"))) {
-                let mut parts = text.split_whitespace();
+                let mut parts = text.splitn(3, ' ');
                 grpc_peers[r] = parts.next().unwrap_or_default().to_string();
                 ring_peers[r] = parts.next().unwrap_or_default().to_string();
+                hosts[r] = parts.next().unwrap_or_default().to_string();
                 break;
             }
             if Instant::now() > deadline {
@@ -216,14 +220,27 @@ pub async fn allreduce_rank(a: AllReduceArgs, rank: usize, dir: PathBuf) -> Resu
     let rt = tokio::runtime::Handle::current();
     let floats = (a.bytes / 4) as usize;
     let times = tokio::task::spawn_blocking(move || -> Result<Vec<f64>> {
-        let mut coll: Box<dyn Collective> = match a.transport.as_str() {
-            "shm" => {
-                let name = format!("shoal-bench-{}", &blake3::hash(dir.display().to_string().as_bytes()).to_hex()[..16]);
-                Box::new(ShmRing::open(rank, a.world, &name, a.timeout, cancel)?)
-            }
-            "tcp" => Box::new(TcpRing::connect(rank, &ring_peers, 1, 1, &incoming, a.timeout, a.wire(), cancel)?),
-            _ => Box::new(GrpcCollective::new(Ring::new(rank, &grpc_peers, 1, 1, mailbox, a.timeout, cancel)?, rt)),
-        };
+        // As a worker joins a generation: the transport asked for, checked against the
+        // placement (shm needs one host, hierarchical several).
+        let mut coll: Box<dyn Collective> = Rendezvous {
+            rank,
+            job: 1,
+            generation: 1,
+            transport: &a.transport,
+            wire: a.wire(),
+            peers: &grpc_peers,
+            ring_peers: &ring_peers,
+            hosts: &hosts,
+            timeout: a.timeout,
+            cancel,
+            incoming: Some(&incoming),
+            mailbox,
+            rt,
+        }
+        .join()?;
+        if coll.name() != a.transport {
+            bail!("asked for {} but joined {}", a.transport, coll.name());
+        }
         let mut buf = vec![0.0f32; floats];
         // Check once: every rank the same bits, and for f32 the documented order.
         fill(&mut buf, rank);
@@ -233,7 +250,8 @@ pub async fn allreduce_rank(a: AllReduceArgs, rank: usize, dir: PathBuf) -> Resu
         if let Some(r) = hashes.iter().position(|h| h[..] != hash.as_bytes()[..]) {
             bail!("rank {r} ended the all-reduce with other bits than rank {rank}");
         }
-        if a.wire() == Wire::F32 {
+        // The documented flat order (hierarchical has its own, checked in its unit tests).
+        if a.wire() == Wire::F32 && a.transport != "hierarchical" {
             let step = (floats / 4096).max(1);
             for i in (0..floats).step_by(step).chain([floats - 1]) {
                 let want = reference_at(i, floats, a.world);

@@ -116,6 +116,9 @@ enum BenchCmd {
         rank: usize,
         #[arg(long)]
         dir: PathBuf,
+        /// The address this rank listens on (what the others dial): a test host's, say.
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: String,
     },
     /// Train SPEC on a local cluster (the bundled MNIST under the spec's dataset name) and
     /// print samples_per_s, test_accuracy and phase_ms.
@@ -953,7 +956,7 @@ async fn bench_cmd(cmd: BenchCmd) -> Result<()> {
             }
             Ok(())
         }
-        BenchCmd::AllreduceRank { a, rank, dir } => bench::allreduce_rank(a.args(), rank, dir).await,
+        BenchCmd::AllreduceRank { a, rank, dir, bind } => bench::allreduce_rank(a.args(), rank, dir, &bind).await,
         BenchCmd::Train { spec, workers, json } => {
             let text = std::fs::read_to_string(&spec).with_context(|| format!("reading {}", spec.display()))?;
             let run = run_local(text, workers, false, false).await?;

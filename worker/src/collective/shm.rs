@@ -12,7 +12,11 @@
 //! Counters per rank order the phases: pieces written, reduced and copied out (counted over
 //! the segment's life; a staging position is rewritten only when every rank has copied out
 //! the piece it held), and operations finished (the all-gather area is reused only when every
-//! rank finished the operation before). A rank waits by spinning briefly, then sleeping, and checks that
+//! rank finished the operation before). A rank waits by spinning briefly (about 50 us: a peer on
+//! another core publishes its next piece sooner than a sleep would end), then sleeps on the
+//! counter's futex, which the publishing rank wakes (more ranks than cores: a waiting rank
+//! gives its core to the ranks that work; yielding in a loop took about a third of the CPU
+//! with 4 ranks on 2 cores), and checks that
 //! the ranks it waits for are still alive (their pids are in the segment), so a dead peer is
 //! an error at once rather than at the timeout.
 //!
@@ -38,7 +42,7 @@ const SHM_DIR: &str = "/dev/shm";
 /// Per rank: pid, the pieces it has written, reduced and copied out, the operations it has
 /// finished, and who its process is (PID namespace, start time), so that a cleaner can tell a
 /// dead process from a pid of another namespace or a reused one.
-const RANK_HEADER: usize = 64;
+const RANK_HEADER: usize = 128;
 const PID: usize = 0;
 const WRITTEN: usize = 8;
 const REDUCED: usize = 16;
@@ -48,6 +52,13 @@ const PID_NS: usize = 40;
 const START: usize = 48;
 /// Set in a rank header that records PID_NS and START (older versions left them zero).
 const MAGIC: usize = 56;
+/// A wait spins this many times (about 50 us), then yields the core this many times, then
+/// sleeps on the futex.
+const SPINS: u32 = 1000;
+const YIELDS: u32 = 64;
+/// Ranks asleep (futex) on one of this rank's counters: a rank that publishes a counter
+/// wakes them only when there are any, so the common case costs no system call.
+const SLEEPERS: usize = 64;
 const HEADER_MAGIC: u64 = u64::from_le_bytes(*b"SHOALSEG");
 /// The most ranks a segment is made for.
 const MAX_WORLD: usize = 4096;
@@ -65,6 +76,26 @@ const GATHER_SLOT: usize = 1 << 20;
 /// 4.3 and 26.5 (more ranks than cores switch per piece); (128K, 4) 8.2 and 19; (32K, 4) and
 /// (64K, 2) 8.5 at 2 ranks: the staging ring must not be too shallow.
 const PIECE: usize = 32 << 10;
+
+/// Sleeps while the low 32 bits of `flag` (the futex word: x86-64 is little-endian) still
+/// read as `seen`'s, for at most `timeout`. A shared mapping, so no FUTEX_PRIVATE_FLAG: the
+/// kernel keys the word by the segment, across processes.
+fn futex_wait(flag: &AtomicU64, seen: u64, timeout: Duration) {
+    let ts = libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as libc::c_long };
+    // SAFETY: the word is 4-aligned memory of the mapping, alive for the call; the kernel
+    // only reads it. A spurious or early return is fine: the caller loops.
+    unsafe {
+        libc::syscall(libc::SYS_futex, flag.as_ptr() as *const u32, libc::FUTEX_WAIT, seen as u32, &ts as *const libc::timespec, std::ptr::null::<u32>(), 0);
+    }
+}
+
+/// Wakes every rank asleep on `flag`.
+fn futex_wake(flag: &AtomicU64) {
+    // SAFETY: as above; FUTEX_WAKE does not touch the memory.
+    unsafe {
+        libc::syscall(libc::SYS_futex, flag.as_ptr() as *const u32, libc::FUTEX_WAKE, i32::MAX, std::ptr::null::<libc::timespec>(), std::ptr::null::<u32>(), 0);
+    }
+}
 
 pub struct ShmRing {
     rank: usize,
@@ -153,6 +184,17 @@ impl ShmRing {
         Ok(ring)
     }
 
+    /// Sets this rank's counter `which` to `value` and wakes the ranks asleep on it.
+    fn publish(&self, which: usize, value: u64) {
+        let f = self.flag(self.rank, which);
+        f.store(value, Ordering::SeqCst);
+        // SeqCst on both sides: a sleeper registers (SLEEPERS) before it reads the counter a
+        // last time, so either it sees the new value or this load sees it registered.
+        if self.flag(self.rank, SLEEPERS).load(Ordering::SeqCst) > 0 {
+            futex_wake(f);
+        }
+    }
+
     fn flag(&self, rank: usize, which: usize) -> &AtomicU64 {
         let off = rank * RANK_HEADER + which;
         // SAFETY: in bounds, 8-aligned (the map is page-aligned), and only ever used atomically.
@@ -178,14 +220,15 @@ impl ShmRing {
         let deadline = Instant::now() + self.timeout;
         let mut spins = 0u32;
         {
-            while self.flag(q, which).load(Ordering::Acquire) < seq {
+            let flag = self.flag(q, which);
+            while flag.load(Ordering::Acquire) < seq {
                 spins += 1;
-                if spins < 1000 {
+                if spins < SPINS {
                     std::hint::spin_loop();
                     continue;
                 }
-                if !spins.is_multiple_of(64) {
-                    // More ranks than cores: let the one we wait for run.
+                if spins < SPINS + YIELDS {
+                    // More ranks than cores: the rank waited for may only need the core.
                     std::thread::yield_now();
                     continue;
                 }
@@ -193,7 +236,7 @@ impl ShmRing {
                     return Err(WorkerError::Cancelled);
                 }
                 let pid = self.flag(q, PID).load(Ordering::Acquire);
-                if pid != 0 && spins.is_multiple_of(1024) {
+                if pid != 0 && spins.is_multiple_of(16) {
                     // Written by the peer: never a pid_t of 0 or below (kill would signal a group).
                     let Ok(p) = i32::try_from(pid) else {
                         return Err(WorkerError::Collective(format!("rank {q} wrote {pid} as its pid into the segment")));
@@ -205,10 +248,14 @@ impl ShmRing {
                 if Instant::now() >= deadline {
                     return Err(WorkerError::Collective(format!("timed out after {:?} waiting for rank {q}", self.timeout)));
                 }
-                if spins > 100_000 {
-                    // A long wait (a peer still computing): stop burning a core.
-                    std::thread::sleep(Duration::from_micros(100));
+                // Sleep until rank q publishes (or 2 ms pass: the checks above run again).
+                let sleepers = self.flag(q, SLEEPERS);
+                sleepers.fetch_add(1, Ordering::SeqCst);
+                let seen = flag.load(Ordering::SeqCst);
+                if seen < seq {
+                    futex_wait(flag, seen, Duration::from_millis(2));
                 }
+                sleepers.fetch_sub(1, Ordering::SeqCst);
             }
         }
         Ok(())
@@ -226,7 +273,7 @@ impl ShmRing {
         // SAFETY: this rank's slot is written by this rank alone, now that every rank is done
         // reading the previous operation.
         write(unsafe { std::slice::from_raw_parts_mut(self.slot_ptr(self.rank), len) });
-        self.flag(self.rank, WRITTEN).store(self.ticks, Ordering::Release);
+        self.publish(WRITTEN, self.ticks);
         self.wait_all(WRITTEN, self.ticks)?;
         read(self);
         Ok(())
@@ -429,7 +476,7 @@ impl Collective for ShmRing {
                 // piece it held before (COPIED, just above).
                 unsafe { std::slice::from_raw_parts_mut(self.slot_ptr(r).add(stage(k, c)), p.len()) }.copy_from_slice(&buf[p]);
             }
-            self.flag(r, WRITTEN).store(tick, Ordering::Release);
+            self.publish(WRITTEN, tick);
             // Sum piece k of this rank's chunk in the documented order, and publish it.
             let mine = piece(r, k);
             for j in 1..n {
@@ -448,7 +495,7 @@ impl Collective for ShmRing {
                     super::add_f32_and_copy(&mut buf[mine.clone()], (publish, src));
                 }
             }
-            self.flag(r, REDUCED).store(tick, Ordering::Release);
+            self.publish(REDUCED, tick);
             // The owners' sums of piece k of the other chunks.
             for j in 1..n {
                 let q = (r + j) % n;
@@ -458,15 +505,15 @@ impl Collective for ShmRing {
                 // rank says COPIED.
                 buf[p.clone()].copy_from_slice(unsafe { std::slice::from_raw_parts(self.slot_ptr(q).add(stage(k, q)), p.len()) });
             }
-            self.flag(r, COPIED).store(tick, Ordering::Release);
+            self.publish(COPIED, tick);
         }
         self.ticks = base + pieces as u64;
-        self.flag(r, DONE).store(self.seq, Ordering::Release);
+        self.publish(DONE, self.seq);
         Ok(())
     }
 
     fn all_gather_bytes(&mut self, mine: Vec<u8>) -> Result<Vec<Vec<u8>>, WorkerError> {
-        let (n, r) = (self.world, self.rank);
+        let n = self.world;
         if n == 1 {
             return Ok(vec![mine]);
         }
@@ -499,9 +546,9 @@ impl Collective for ShmRing {
             },
         )?;
         // Done with the slots even on a bad block, so the peers are not left waiting on this rank.
-        self.flag(r, REDUCED).store(self.ticks, Ordering::Release);
-        self.flag(r, COPIED).store(self.ticks, Ordering::Release);
-        self.flag(r, DONE).store(self.seq, Ordering::Release);
+        self.publish(REDUCED, self.ticks);
+        self.publish(COPIED, self.ticks);
+        self.publish(DONE, self.seq);
         match bad {
             Some(e) => Err(e),
             None => Ok(out),
