@@ -225,7 +225,11 @@ fn train(hosts: &TestHosts, spec: &Path, placement: &[usize], epochs: u32, dir: 
     loop {
         let j = cli(&["job", "status", &id, "--json"])?;
         match j["state"].as_str() {
-            Some("succeeded") => return Ok((j["samples_per_s"].as_f64().unwrap_or(f64::NAN), j["transport"].as_str().unwrap_or("").to_string(), j["test_accuracy"].as_f64().unwrap_or(f64::NAN))),
+            Some("succeeded") => {
+                let p = &j["phase_ms"];
+                let phases = format!("fb {:.1} coll {:.1} opt {:.1}", p["forward_backward"].as_f64().unwrap_or(0.0), p["collective"].as_f64().unwrap_or(0.0), p["optimizer"].as_f64().unwrap_or(0.0));
+                return Ok((j["samples_per_s"].as_f64().unwrap_or(f64::NAN), format!("{} [{phases}]", j["transport"].as_str().unwrap_or("")), j["test_accuracy"].as_f64().unwrap_or(f64::NAN)));
+            }
             Some("failed" | "cancelled") => bail!("the job ended {}: {}", j["state"], j["error"]),
             _ if Instant::now() > until => bail!("the job did not end"),
             _ => std::thread::sleep(Duration::from_millis(300)),
@@ -261,6 +265,11 @@ fn training(a: &Args, dir: &Path) -> Result<()> {
             let hosts = TestHosts::with_links(2, &dir.join(format!("hosts-{name}-{label}").replace(' ', "")), *kind)?;
             if let Some(d) = delay {
                 hosts.set_delay(Duration::from_millis(*d))?;
+            }
+            if let Ok(v) = std::env::var("SHOAL_SLOW_START_AFTER_IDLE") {
+                for h in 0..hosts.len() {
+                    hosts.sysctl(h, "net.ipv4.tcp_slow_start_after_idle", &v)?;
+                }
             }
             for (pl, placement) in placements() {
                 match train(&hosts, spec, placement, a.epochs, dir) {

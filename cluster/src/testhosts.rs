@@ -257,6 +257,14 @@ impl TestHosts {
         self.in_host(i, &["nft", "-f", &file.to_string_lossy()]).map(drop)
     }
 
+    /// Sets a network sysctl in host i's namespace (`net.ipv4.tcp_slow_start_after_idle`, say).
+    pub fn sysctl(&self, i: usize, key: &str, value: &str) -> Result<(), HostError> {
+        if !key.starts_with("net.") {
+            return Err(HostError::Setup(format!("{key}: only net.* sysctls belong to a host's namespace")));
+        }
+        self.in_host(i, &["sysctl", "-q", "-w", &format!("{key}={value}")]).map(drop)
+    }
+
     /// The pids of every process in host i (its network namespace), the holder excepted.
     pub fn processes(&self, i: usize) -> Vec<u32> {
         let holder = self.hosts[i].pid();
