@@ -37,11 +37,11 @@ macro_rules! versions {
                 unsafe fn avx2($($arg: $ty),*) {
                     $body($($arg),*)
                 }
-                if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+                if crate::simd_allows(crate::Simd::Avx512) && std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
                     // SAFETY: the CPU has the features the version is compiled for.
                     return unsafe { avx512($($arg),*) };
                 }
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                if crate::simd_allows(crate::Simd::Avx2) && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                     // SAFETY: as above.
                     return unsafe { avx2($($arg),*) };
                 }

@@ -26,11 +26,11 @@ macro_rules! versions {
                     $body($($arg),*)
                 }
                 let fma = std::is_x86_feature_detected!("fma");
-                if fma && std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq") {
+                if fma && $crate::simd_allows($crate::Simd::Avx512) && std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq") {
                     // SAFETY: the CPU has the features the version is compiled for.
                     return unsafe { avx512($($arg),*) };
                 }
-                if fma && std::is_x86_feature_detected!("avx2") {
+                if fma && $crate::simd_allows($crate::Simd::Avx2) && std::is_x86_feature_detected!("avx2") {
                     // SAFETY: as above.
                     return unsafe { avx2($($arg),*) };
                 }
@@ -38,6 +38,54 @@ macro_rules! versions {
             $body($($arg),*)
         }
     };
+}
+
+/// An instruction-set level of the element-wise kernels' versions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Simd {
+    Baseline = 1,
+    Avx2 = 2,
+    Avx512 = 3,
+}
+
+/// 0: not read yet; else a `Simd` as u8.
+static SIMD_CAP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// The widest version the element-wise kernels (and the collectives' loops) may pick: what
+/// the CPU has, capped by `SHOAL_SIMD` (`avx512`, `avx2` or `baseline`; read once). Every
+/// version gives the same bits, so a cap changes the speed only: it lets one machine measure
+/// the narrower paths and test that they agree. (The GEMMs pick their own.)
+pub fn simd_cap() -> Simd {
+    use std::sync::atomic::Ordering;
+    let level = |v: u8| match v {
+        1 => Simd::Baseline,
+        2 => Simd::Avx2,
+        _ => Simd::Avx512,
+    };
+    match SIMD_CAP.load(Ordering::Relaxed) {
+        0 => {
+            let cap = match std::env::var("SHOAL_SIMD").as_deref() {
+                Ok("baseline") => Simd::Baseline,
+                Ok("avx2") => Simd::Avx2,
+                _ => Simd::Avx512,
+            };
+            // A cap set meanwhile (set_simd_cap) wins.
+            let _ = SIMD_CAP.compare_exchange(0, cap as u8, Ordering::Relaxed, Ordering::Relaxed);
+            level(SIMD_CAP.load(Ordering::Relaxed))
+        }
+        v => level(v),
+    }
+}
+
+/// Sets the cap for this process (tests and benchmarks that compare the versions).
+pub fn set_simd_cap(cap: Simd) {
+    SIMD_CAP.store(cap as u8, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether versions up to `level` may run.
+#[inline]
+pub fn simd_allows(level: Simd) -> bool {
+    simd_cap() >= level
 }
 
 pub mod attention;
@@ -251,11 +299,11 @@ pub fn first_non_finite(x: &[f32]) -> Option<usize> {
         unsafe fn avx2(x: &[f32]) -> Option<usize> {
             body(x)
         }
-        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
+        if simd_allows(Simd::Avx512) && std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
             // SAFETY: the CPU has the features the version is compiled for.
             return unsafe { avx512(x) };
         }
-        if std::is_x86_feature_detected!("avx2") {
+        if simd_allows(Simd::Avx2) && std::is_x86_feature_detected!("avx2") {
             // SAFETY: as above.
             return unsafe { avx2(x) };
         }
@@ -266,6 +314,62 @@ pub fn first_non_finite(x: &[f32]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every version the CPU has (and the baseline, with its software fused multiply-add)
+    /// gives the same bits: GELU and its gradient, layer norm both ways, causal attention
+    /// (its softmax's exp), AdamW, SGD and the finite check. Other tests running meanwhile see
+    /// the cap move, which by the same property changes nothing for them.
+    #[test]
+    fn every_instruction_set_gives_the_same_bits() {
+        let mut s = 9u64;
+        let mut next = || {
+            s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            (s >> 40) as f32 / (1u64 << 24) as f32
+        };
+        let mut x: Vec<f32> = (0..70_001).map(|_| (next() - 0.5) * 16.0).collect();
+        x.extend([0.0, -0.0, 1e-30, -1e-30, 40.0, -40.0, 3.0e38, f32::MIN_POSITIVE]);
+        let n = x.len();
+        let run = || -> Vec<u8> {
+            let mut out: Vec<f32> = Vec::new();
+            let mut y = vec![0.0; n];
+            layers::gelu(&x, &mut y);
+            out.extend(&y);
+            layers::gelu_backward(&x, &x, &mut y);
+            out.extend(&y);
+            let g = layers::Groups::dense(n / 41, 41);
+            let span = (n / 41) * 41;
+            let (gamma, beta) = (vec![1.25f32; 41], vec![-0.5f32; 41]);
+            let (mut ln, mut mean, mut rstd) = (vec![0.0; span], vec![0.0; g.rows], vec![0.0; g.rows]);
+            layers::layernorm(&x[..span], &g, &gamma, &beta, 1e-5, &mut ln, &mut mean, &mut rstd).unwrap();
+            let (mut dx, mut dg, mut db) = (vec![0.0; span], vec![0.0; 41], vec![0.0; 41]);
+            layers::layernorm_backward(&x[1..span + 1], &x[..span], &g, &gamma, &mean, &rstd, &mut dx, &mut dg, &mut db).unwrap();
+            out.extend(ln.iter().chain(&dx).chain(&dg).chain(&db).chain(&mean).chain(&rstd));
+            let (recs, t, heads, d) = (2, 40, 2, 8);
+            let qkv: Vec<f32> = x[..recs * t * 3 * d].iter().map(|v| v * 0.25).collect();
+            let (mut probs, mut att) = (vec![0.0; recs * heads * t * t], vec![0.0; recs * t * d]);
+            attention::causal_attention(&qkv, recs, t, heads, d, &mut probs, &mut att).unwrap();
+            out.extend(probs.iter().chain(&att));
+            let (mut p, mut m, mut v) = (x.clone(), vec![0.1f32; n], vec![0.2f32; n]);
+            adamw(&mut p, &x, &mut m, &mut v, 3, 1e-3, 0.9, 0.999, 1e-8, 0.01).unwrap();
+            out.extend(p.iter().chain(&m).chain(&v));
+            let (mut p, mut vel) = (x.clone(), vec![0.3f32; n]);
+            sgd_momentum(&mut p, &x, &mut vel, 0.05, 0.9, 1e-4).unwrap();
+            out.extend(p.iter().chain(&vel));
+            let bad = first_non_finite(&[1.0, f32::NAN, 2.0]).map(|i| i as f32).unwrap_or(-1.0);
+            out.push(bad);
+            out.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect()
+        };
+        let mut seen: Vec<(Simd, Vec<u8>)> = Vec::new();
+        for cap in [Simd::Baseline, Simd::Avx2, Simd::Avx512] {
+            set_simd_cap(cap);
+            seen.push((cap, run()));
+        }
+        set_simd_cap(Simd::Avx512);
+        for (cap, bytes) in &seen[1..] {
+            let first = bytes.iter().zip(&seen[0].1).position(|(a, b)| a != b);
+            assert_eq!(first, None, "{cap:?} differs from the baseline at byte {first:?}");
+        }
+    }
 
     #[test]
     fn add_and_scale() {

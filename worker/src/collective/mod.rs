@@ -144,12 +144,12 @@ macro_rules! elementwise {
                 body($dst, $src)
             }
             #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
+            if shoal_kernels::simd_allows(shoal_kernels::Simd::Avx512) && std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
                 // SAFETY: the CPU has AVX-512 F and BW (checked just above).
                 return unsafe { avx512($dst, $src) };
             }
             #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") {
+            if shoal_kernels::simd_allows(shoal_kernels::Simd::Avx2) && std::arch::is_x86_feature_detected!("avx2") {
                 // SAFETY: the CPU has AVX2 (checked just above).
                 return unsafe { avx2($dst, $src) };
             }
@@ -412,8 +412,16 @@ mod tests {
 
     #[test]
     fn the_elementwise_loops_match_the_scalar_operations_bit_for_bit() {
-        // Odd lengths (vector tails), NaN, infinities, ties and denormals; whichever version
-        // (baseline or AVX2) this CPU runs.
+        // Every version this CPU has, the baseline included (the cap moves for the others
+        // running meanwhile too: by this very property it changes nothing for them).
+        for cap in [shoal_kernels::Simd::Baseline, shoal_kernels::Simd::Avx2, shoal_kernels::Simd::Avx512] {
+            shoal_kernels::set_simd_cap(cap);
+            elementwise_loops_match_the_scalar_operations();
+        }
+    }
+
+    fn elementwise_loops_match_the_scalar_operations() {
+        // Odd lengths (vector tails), NaN, infinities, ties and denormals.
         let mut rng = shoal_core::rng::SplitMix64::new(5);
         let mut xs: Vec<f32> = (0..1037).map(|_| f32::from_bits(rng.next_u64() as u32)).collect();
         xs.extend([f32::NAN, f32::INFINITY, -0.0, 1.0 + 1.0 / 256.0, f32::MIN_POSITIVE / 3.0]);
