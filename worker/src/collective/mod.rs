@@ -316,10 +316,11 @@ impl Rendezvous<'_> {
                 let local: Box<dyn Collective> = if groups[host].len() == 1 {
                     Box::new(hier::Solo)
                 } else {
-                    // The host's ranks derive the same name; other hosts' segments are in
-                    // their own /dev/shm, but the host index keeps the names apart anyway.
-                    let h = blake3::hash(format!("{:?}{:?}", self.peers, self.hosts).as_bytes()).to_hex();
-                    let name = format!("shoal-{}-{}-{}-h{host}", self.job, self.generation, &h[..16]);
+                    // The host's ranks derive the same name (the stale-segment cleaner's
+                    // `shoal-<job>-<generation>-<hash>` form); other hosts' segments are in
+                    // their own /dev/shm, but the host index in the hash keeps them apart anyway.
+                    let h = blake3::hash(format!("{:?}{:?}{host}", self.peers, self.hosts).as_bytes()).to_hex();
+                    let name = format!("shoal-{}-{}-{}", self.job, self.generation, &h[..16]);
                     Box::new(ShmRing::open(local_rank, groups[host].len(), &name, self.timeout, self.cancel.clone())?)
                 };
                 let leaders: Option<Box<dyn Collective>> = if local_rank == 0 {
