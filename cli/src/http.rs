@@ -17,8 +17,8 @@ async fn metrics() -> impl axum::response::IntoResponse {
 /// Serves /metrics (and the dashboard) on `listen`; `advertise` is the address others are
 /// told (written to `addr_file`), required when `listen` is a wildcard address.
 pub async fn start(listen: &str, advertise: Option<&str>, addr_file: Option<&Path>, dashboard: Option<super::dashboard::Dashboard>) -> Result<(String, tokio::task::JoinHandle<()>)> {
-    let listener = super::bind_retrying(listen).await.with_context(|| format!("--http-listen {listen}"))?;
-    let addr = super::advertised(listener.local_addr()?, advertise, "--http-listen", "--http-advertise")?;
+    let listener = super::serve::bind_retrying(listen).await.with_context(|| format!("--http-listen {listen}"))?;
+    let addr = super::serve::advertised(listener.local_addr()?, advertise, "--http-listen", "--http-advertise")?;
     if let Some(f) = addr_file {
         shoal_core::fsutil::write_atomic(f, addr.as_bytes()).with_context(|| format!("writing {}", f.display()))?;
     }

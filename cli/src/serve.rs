@@ -1,0 +1,246 @@
+//! `shoal serve coordinator|worker`: one server process, its listeners and what it
+//! advertises to its peers.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use shoal_coordinator::CoordinatorConfig;
+
+use crate::{dashboard, http, logs, shutdown_signal};
+
+#[derive(Subcommand)]
+pub enum ServeCmd {
+    /// One coordinator replica.
+    Coordinator {
+        /// This replica's id (must appear in --peers).
+        #[arg(long, default_value_t = 1)]
+        id: u64,
+        /// Address to listen on (loopback by default; port 0 picks one).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+        /// The address peers and clients dial (default: the bound address; required when
+        /// listening on a wildcard address such as 0.0.0.0). Must match this replica's
+        /// --peers entry when both are given.
+        #[arg(long)]
+        advertise: Option<String>,
+        /// Every replica as ID=HOST:PORT, comma-separated (default: this one alone).
+        #[arg(long, value_delimiter = ',')]
+        peers: Vec<String>,
+        /// Folder for this replica's Raft log.
+        #[arg(long)]
+        data: PathBuf,
+        /// The cluster's store (datasets, checkpoints, models).
+        #[arg(long)]
+        store: PathBuf,
+        /// Worker lease in milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        lease_ms: u64,
+        /// Write the bound address to this file once listening.
+        #[arg(long)]
+        addr_file: Option<PathBuf>,
+        /// The cluster's id (recorded in the data folder; a mismatch is refused). Default: the
+        /// one the folder records, or one derived from --peers for a new folder.
+        #[arg(long)]
+        cluster_id: Option<String>,
+        /// `new`: a new folder starts a new replica. `existing`: the cluster exists, so the
+        /// folder must hold this replica's state (an empty one is refused). `join`: a replica
+        /// that `shoal coordinator add` made a learner of a running group.
+        #[arg(long, default_value = "new", value_parser = ["new", "existing", "join"])]
+        initial_state: String,
+        /// Snapshot the state and compact the log every this many applied entries.
+        #[arg(long, default_value_t = shoal_coordinator::server::SNAPSHOT_EVERY)]
+        snapshot_every: u64,
+        /// HTTP address for /metrics (Prometheus); port 0 picks one.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        http_listen: String,
+        /// The HTTP address others are told (required when --http-listen is a wildcard).
+        #[arg(long)]
+        http_advertise: Option<String>,
+        /// Write the advertised HTTP address to this file once listening.
+        #[arg(long)]
+        http_addr_file: Option<PathBuf>,
+    },
+    /// One worker.
+    Worker {
+        /// Coordinator addresses, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        endpoints: Vec<String>,
+        /// The cluster's store.
+        #[arg(long)]
+        store: PathBuf,
+        /// Data-plane address to listen on.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+        /// The address peers dial (default: the bound address; required when listening on a
+        /// wildcard address such as 0.0.0.0). The raw-TCP ring listens on the same interface
+        /// and is advertised on this host.
+        #[arg(long)]
+        advertise: Option<String>,
+        /// The raw-TCP ring's port, on the --listen address (0: one the system picks; fix it
+        /// where a firewall stands between hosts).
+        #[arg(long, default_value_t = 0)]
+        ring_port: u16,
+        /// cpu, or cuda[:N] on a build with `--features cuda`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Compute threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(long, default_value_t = 300)]
+        heartbeat_ms: u64,
+        /// Seconds to wait for a peer inside a collective before failing the task.
+        #[arg(long, default_value_t = 60)]
+        collective_timeout_s: u64,
+        /// HTTP address for /metrics (Prometheus); port 0 picks one.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        http_listen: String,
+        /// The HTTP address others are told (required when --http-listen is a wildcard).
+        #[arg(long)]
+        http_advertise: Option<String>,
+        /// Write the advertised HTTP address to this file once listening.
+        #[arg(long)]
+        http_addr_file: Option<PathBuf>,
+    },
+}
+
+fn parse_peers(id: u64, listen: &str, peers: &[String]) -> Result<BTreeMap<u64, String>> {
+    let mut out = BTreeMap::new();
+    for p in peers {
+        let (i, a) = p.split_once('=').with_context(|| format!("--peers entry {p:?} is not ID=HOST:PORT"))?;
+        let i: u64 = i.trim().parse().with_context(|| format!("--peers entry {p:?}: bad id"))?;
+        if i == 0 {
+            bail!("--peers entry {p:?}: ids start at 1");
+        }
+        out.insert(i, a.trim().to_string());
+    }
+    if out.is_empty() {
+        out.insert(id, listen.to_string());
+    }
+    Ok(out)
+}
+
+/// The address a listener bound at `bound` tells others: `advertise` when given (HOST:PORT,
+/// not a wildcard), else the bound address, which must then not be a wildcard (0.0.0.0 or
+/// [::] reaches no one from another host).
+pub fn advertised(bound: std::net::SocketAddr, advertise: Option<&str>, listen_flag: &str, advertise_flag: &str) -> Result<String> {
+    match advertise {
+        Some(a) => {
+            let (host, port) = a.rsplit_once(':').with_context(|| format!("{advertise_flag} {a:?} is not HOST:PORT"))?;
+            if host.is_empty() || port.parse::<u16>().map(|p| p == 0).unwrap_or(true) {
+                bail!("{advertise_flag} {a:?} is not HOST:PORT with a port other than 0");
+            }
+            if host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_unspecified()) {
+                bail!("{advertise_flag} {a:?} is a wildcard address; give the address peers dial");
+            }
+            Ok(a.to_string())
+        }
+        None if bound.ip().is_unspecified() => bail!("{listen_flag} {bound} is a wildcard address: give {advertise_flag} HOST:PORT, the address peers dial"),
+        None => Ok(bound.to_string()),
+    }
+}
+
+/// Binds `addr`; a fixed port that another socket holds for a moment (a restart on the same
+/// port can meet a short-lived outgoing connection that the kernel gave it) is tried again for
+/// up to 5 s.
+pub async fn bind_retrying(addr: &str) -> Result<tokio::net::TcpListener> {
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < until => {
+                tracing::warn!(addr, "address in use; trying again");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("binding {addr}"))),
+        }
+    }
+}
+
+pub async fn serve(cmd: ServeCmd) -> Result<()> {
+    // A worker's job lines also go to the job's log files in the store (the dashboard's tail).
+    logs::init(match &cmd {
+        ServeCmd::Worker { store, .. } => Some(store.clone()),
+        _ => None,
+    });
+    match cmd {
+        ServeCmd::Coordinator { id, listen, advertise, peers, data, store, lease_ms, addr_file, cluster_id, initial_state, snapshot_every, http_listen, http_advertise, http_addr_file } => {
+            shoal_core::node::set_node(&format!("coordinator-{id}"));
+            let listener = bind_retrying(&listen).await?;
+            let bound = listener.local_addr()?;
+            let mut peers = parse_peers(id, &listen, &peers)?;
+            let addr = match (advertise.as_deref(), peers.get(&id)) {
+                (Some(a), Some(p)) if !p.ends_with(":0") && p != a => bail!("--advertise {a} differs from this replica's --peers entry {id}={p}"),
+                // This replica's --peers entry is what the others dial: it stands for --advertise.
+                (None, Some(p)) if !p.ends_with(":0") && !p.starts_with("0.0.0.0:") && !p.starts_with("[::]:") => p.clone(),
+                (a, _) => advertised(bound, a, "--listen", "--advertise")?,
+            };
+            peers.insert(id, addr.clone());
+            // The dashboard reads through this coordinator first, then its peers.
+            let endpoints = std::iter::once(addr.clone()).chain(peers.iter().filter(|(p, _)| **p != id).map(|(_, a)| a.clone())).collect();
+            let (_, http) = http::start(&http_listen, http_advertise.as_deref(), http_addr_file.as_deref(), Some(dashboard::Dashboard { endpoints, store: store.clone() })).await?;
+            if let Some(f) = addr_file {
+                shoal_core::fsutil::write_atomic(&f, addr.as_bytes())?;
+            }
+            tracing::info!(id, %addr, "coordinator listening");
+            let cfg = CoordinatorConfig {
+                id,
+                peers,
+                data_dir: data,
+                store_dir: store,
+                lease: Duration::from_millis(lease_ms),
+                cluster_id,
+                initial: match initial_state.as_str() {
+                    "existing" => shoal_coordinator::InitialState::Existing,
+                    "join" => shoal_coordinator::InitialState::Join,
+                    _ => shoal_coordinator::InitialState::New,
+                },
+                snapshot_every,
+            };
+            let served = shoal_coordinator::serve(cfg, listener, shutdown_signal()).await;
+            http.abort();
+            served?;
+        }
+        ServeCmd::Worker { endpoints, store, listen, advertise, ring_port, device, threads: _, heartbeat_ms, collective_timeout_s, http_listen, http_advertise, http_addr_file } => {
+            let (_, http) = http::start(&http_listen, http_advertise.as_deref(), http_addr_file.as_deref(), None).await?;
+            let listener = bind_retrying(&listen).await?;
+            let advertise = advertised(listener.local_addr()?, advertise.as_deref(), "--listen", "--advertise")?;
+            tracing::info!(addr = %listener.local_addr()?, %advertise, "worker listening");
+            let cfg = shoal_worker::WorkerConfig {
+                endpoints,
+                advertise: Some(advertise),
+                ring_port,
+                store_dir: store,
+                device,
+                heartbeat: Duration::from_millis(heartbeat_ms.max(10)),
+                collective_timeout: Duration::from_secs(collective_timeout_s.max(1)),
+            };
+            let served = shoal_worker::run_worker(cfg, listener, shutdown_signal()).await;
+            http.abort();
+            served?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advertised;
+
+    #[test]
+    fn a_wildcard_listener_needs_an_advertised_address() {
+        let any: std::net::SocketAddr = "0.0.0.0:7000".parse().unwrap();
+        let e = advertised(any, None, "--listen", "--advertise").unwrap_err().to_string();
+        assert!(e.contains("--listen 0.0.0.0:7000 is a wildcard") && e.contains("--advertise"), "{e}");
+        assert_eq!(advertised(any, Some("10.0.0.5:7000"), "--listen", "--advertise").unwrap(), "10.0.0.5:7000");
+        for bad in ["0.0.0.0:7000", "[::]:7000", "10.0.0.5", "10.0.0.5:0", ":7000"] {
+            assert!(advertised(any, Some(bad), "--listen", "--advertise").is_err(), "{bad}");
+        }
+        let v6: std::net::SocketAddr = "[::]:1".parse().unwrap();
+        assert!(advertised(v6, None, "--http-listen", "--http-advertise").unwrap_err().to_string().contains("--http-advertise"));
+        let lo: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+        assert_eq!(advertised(lo, None, "--listen", "--advertise").unwrap(), "127.0.0.1:9");
+    }
+}
