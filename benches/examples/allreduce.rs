@@ -20,7 +20,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use shoal_benches::median;
+use shoal_benches::{median, parse_size};
 
 const USAGE: &str = "usage: allreduce [--sizes 1K,64K,1M,16M,64M,256M] [--worlds 2,4] [--python PATH] [--no-build]";
 
@@ -29,16 +29,6 @@ struct Args {
     worlds: Vec<usize>,
     python: Option<PathBuf>,
     build: bool,
-}
-
-fn parse_size(s: &str) -> Result<u64> {
-    let (digits, mult) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    Ok(digits.parse::<u64>().with_context(|| format!("{s:?} is not a size"))? * mult)
 }
 
 fn parse_args() -> Result<Args> {

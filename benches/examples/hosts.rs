@@ -19,6 +19,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use shoal_benches::{median, parse_size};
 use shoal_cluster::testhosts::{Links, TestHosts};
 
 const USAGE: &str = "usage: hosts [--bytes 64M] [--iters 10] [--delays 0,1,5] [--specs a.toml,b.toml] [--epochs 1] [--python PATH] [--skip-allreduce] [--skip-train]";
@@ -67,31 +68,8 @@ fn parse_args() -> Result<Args> {
     Ok(a)
 }
 
-fn parse_size(s: &str) -> Result<u64> {
-    let (digits, mult) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    Ok(digits.parse::<u64>().with_context(|| format!("{s:?} is not a size"))? * mult)
-}
-
 fn shoal_bin() -> PathBuf {
     repo().join("target/release/shoal")
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// Children killed and reaped on drop.
@@ -118,19 +96,25 @@ fn shoal_allreduce(hosts: &TestHosts, placement: &[usize], transport: &str, a: &
         cmd.stdout(if rank == 0 { Stdio::piped() } else { Stdio::null() }).stderr(Stdio::inherit());
         procs.0.push(cmd.spawn().context("starting a rank")?);
     }
-    let rank0 = procs.0.remove(0);
-    let out = rank0.wait_with_output()?;
+    rank0_median_ms(procs, transport)
+}
+
+/// Waits for every rank (rank 0 first, its stdout piped) and returns the median of the
+/// `times_ms` of rank 0's last JSON line.
+fn rank0_median_ms(mut procs: Procs, what: &str) -> Result<f64> {
+    let out = procs.0.remove(0).wait_with_output()?;
     if !out.status.success() {
-        bail!("{transport}: rank 0 failed ({})", out.status);
+        bail!("{what}: rank 0 failed ({})", out.status);
     }
     for c in &mut procs.0 {
         let s = c.wait()?;
         if !s.success() {
-            bail!("{transport}: a rank failed ({s})");
+            bail!("{what}: a rank failed ({s})");
         }
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("rank 0's report")?;
-    Ok(median(v["times_ms"].as_array().context("no times")?.iter().filter_map(|t| t.as_f64()).collect()))
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or("")).with_context(|| format!("{what}: rank 0's report"))?;
+    Ok(median(&v["times_ms"].as_array().context("no times")?.iter().filter_map(|t| t.as_f64()).collect::<Vec<_>>()))
 }
 
 /// gloo's all-reduce with the same placement: one python process per rank in its host.
@@ -145,14 +129,7 @@ fn gloo_allreduce(hosts: &TestHosts, placement: &[usize], a: &Args) -> Result<f6
         cmd.stdout(if rank == 0 { Stdio::piped() } else { Stdio::null() }).stderr(Stdio::inherit());
         procs.0.push(cmd.spawn().context("starting a gloo rank")?);
     }
-    let rank0 = procs.0.remove(0);
-    let out = rank0.wait_with_output()?;
-    if !out.status.success() {
-        bail!("gloo: rank 0 failed ({})", out.status);
-    }
-    let line = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(line.lines().last().unwrap_or("")).context("gloo's report")?;
-    Ok(median(v["times_ms"].as_array().context("no times")?.iter().filter_map(|t| t.as_f64()).collect()))
+    rank0_median_ms(procs, "gloo")
 }
 
 fn allreduce(a: &Args, dir: &Path) -> Result<()> {

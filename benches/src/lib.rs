@@ -27,6 +27,18 @@ pub fn build_shoal(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A size: digits with an optional K, M or G suffix (powers of 1024).
+pub fn parse_size(s: &str) -> anyhow::Result<u64> {
+    use anyhow::Context;
+    let (digits, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    Ok(digits.parse::<u64>().with_context(|| format!("{s:?} is not a size"))? * mult)
+}
+
 /// The median of `xs` (NaN when empty).
 pub fn median(xs: &[f64]) -> f64 {
     let mut v = xs.to_vec();

@@ -11,6 +11,26 @@ use shoal_coordinator::CoordinatorConfig;
 
 use crate::{dashboard, http, logs, shutdown_signal};
 
+/// The /metrics (and dashboard) listener every server process has.
+#[derive(clap::Args)]
+pub struct HttpArgs {
+    /// HTTP address for /metrics (Prometheus); port 0 picks one.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    http_listen: String,
+    /// The HTTP address others are told (required when --http-listen is a wildcard).
+    #[arg(long)]
+    http_advertise: Option<String>,
+    /// Write the advertised HTTP address to this file once listening.
+    #[arg(long)]
+    http_addr_file: Option<PathBuf>,
+}
+
+impl HttpArgs {
+    async fn start(&self, dashboard: Option<dashboard::Dashboard>) -> Result<(String, tokio::task::JoinHandle<()>)> {
+        http::start(&self.http_listen, self.http_advertise.as_deref(), self.http_addr_file.as_deref(), dashboard).await
+    }
+}
+
 #[derive(Subcommand)]
 pub enum ServeCmd {
     /// One coordinator replica.
@@ -53,15 +73,8 @@ pub enum ServeCmd {
         /// Snapshot the state and compact the log every this many applied entries.
         #[arg(long, default_value_t = shoal_coordinator::server::SNAPSHOT_EVERY)]
         snapshot_every: u64,
-        /// HTTP address for /metrics (Prometheus); port 0 picks one.
-        #[arg(long, default_value = "127.0.0.1:0")]
-        http_listen: String,
-        /// The HTTP address others are told (required when --http-listen is a wildcard).
-        #[arg(long)]
-        http_advertise: Option<String>,
-        /// Write the advertised HTTP address to this file once listening.
-        #[arg(long)]
-        http_addr_file: Option<PathBuf>,
+        #[command(flatten)]
+        http: HttpArgs,
     },
     /// One worker.
     Worker {
@@ -94,15 +107,8 @@ pub enum ServeCmd {
         /// Seconds to wait for a peer inside a collective before failing the task.
         #[arg(long, default_value_t = 60)]
         collective_timeout_s: u64,
-        /// HTTP address for /metrics (Prometheus); port 0 picks one.
-        #[arg(long, default_value = "127.0.0.1:0")]
-        http_listen: String,
-        /// The HTTP address others are told (required when --http-listen is a wildcard).
-        #[arg(long)]
-        http_advertise: Option<String>,
-        /// Write the advertised HTTP address to this file once listening.
-        #[arg(long)]
-        http_addr_file: Option<PathBuf>,
+        #[command(flatten)]
+        http: HttpArgs,
     },
 }
 
@@ -166,7 +172,7 @@ pub async fn serve(cmd: ServeCmd) -> Result<()> {
         _ => None,
     });
     match cmd {
-        ServeCmd::Coordinator { id, listen, advertise, peers, data, store, lease_ms, addr_file, cluster_id, initial_state, snapshot_every, http_listen, http_advertise, http_addr_file } => {
+        ServeCmd::Coordinator { id, listen, advertise, peers, data, store, lease_ms, addr_file, cluster_id, initial_state, snapshot_every, http } => {
             shoal_core::node::set_node(&format!("coordinator-{id}"));
             let listener = bind_retrying(&listen).await?;
             let bound = listener.local_addr()?;
@@ -180,7 +186,7 @@ pub async fn serve(cmd: ServeCmd) -> Result<()> {
             peers.insert(id, addr.clone());
             // The dashboard reads through this coordinator first, then its peers.
             let endpoints = std::iter::once(addr.clone()).chain(peers.iter().filter(|(p, _)| **p != id).map(|(_, a)| a.clone())).collect();
-            let (_, http) = http::start(&http_listen, http_advertise.as_deref(), http_addr_file.as_deref(), Some(dashboard::Dashboard { endpoints, store: store.clone() })).await?;
+            let (_, http) = http.start(Some(dashboard::Dashboard { endpoints, store: store.clone() })).await?;
             if let Some(f) = addr_file {
                 shoal_core::fsutil::write_atomic(&f, addr.as_bytes())?;
             }
@@ -203,8 +209,8 @@ pub async fn serve(cmd: ServeCmd) -> Result<()> {
             http.abort();
             served?;
         }
-        ServeCmd::Worker { endpoints, store, listen, advertise, ring_port, device, threads: _, heartbeat_ms, collective_timeout_s, http_listen, http_advertise, http_addr_file } => {
-            let (_, http) = http::start(&http_listen, http_advertise.as_deref(), http_addr_file.as_deref(), None).await?;
+        ServeCmd::Worker { endpoints, store, listen, advertise, ring_port, device, threads: _, heartbeat_ms, collective_timeout_s, http } => {
+            let (_, http) = http.start(None).await?;
             let listener = bind_retrying(&listen).await?;
             let advertise = advertised(listener.local_addr()?, advertise.as_deref(), "--listen", "--advertise")?;
             tracing::info!(addr = %listener.local_addr()?, %advertise, "worker listening");

@@ -221,22 +221,20 @@ impl TestHosts {
     /// Takes host i's link down (at the switch, or the forwarder drops its packets):
     /// nothing in or out until `heal`.
     pub fn cut(&self, i: usize) -> Result<(), HostError> {
-        match &self.forwarder {
-            Some(f) => {
-                f.set_cut(i, true);
-                Ok(())
-            }
-            None => self.in_switch(&["ip", "link", "set", &format!("{}s{i}", self.prefix), "down"]).map(drop),
-        }
+        self.set_link(i, false)
     }
 
     pub fn heal(&self, i: usize) -> Result<(), HostError> {
+        self.set_link(i, true)
+    }
+
+    fn set_link(&self, i: usize, up: bool) -> Result<(), HostError> {
         match &self.forwarder {
             Some(f) => {
-                f.set_cut(i, false);
+                f.set_cut(i, !up);
                 Ok(())
             }
-            None => self.in_switch(&["ip", "link", "set", &format!("{}s{i}", self.prefix), "up"]).map(drop),
+            None => self.in_switch(&["ip", "link", "set", &format!("{}s{i}", self.prefix), if up { "up" } else { "down" }]).map(drop),
         }
     }
 
