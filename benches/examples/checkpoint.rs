@@ -133,6 +133,7 @@ fn io(args: &[String]) -> Result<()> {
     let base = flag(args, "--dir").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
     let tmp = tempfile::tempdir_in(&base)?;
     let store = tmp.path();
+    let objects = shoal_core::store::Store::local(store);
     // 16 tensors of mb/16 MB each, not zeros.
     let per = mb * (1 << 20) / 4 / 16;
     let tensors: Vec<(String, Vec<usize>)> = (0..16).map(|i| (format!("t{i}"), vec![per])).collect();
@@ -148,14 +149,14 @@ fn io(args: &[String]) -> Result<()> {
         step: 1,
         rank,
         generation: 1,
-        dir: dir.clone(),
+        dir: rel.clone(),
         tensors: tensors[range.clone()].to_vec(),
         data: data[range.start * per..range.end * per].to_vec(),
     };
     let manifest = |files: Vec<CheckpointFile>| CheckpointManifest { job_id: 1, step: 1, world_size: files.len() as u32, dir: rel.clone(), files, ..Default::default() };
     // As `restore` does: each tensor copied to its place, found by name.
     let restore = |m: &CheckpointManifest, out: &mut Vec<f32>| -> Result<()> {
-        read_tensors(store, m, |name, _, offset, d| {
+        read_tensors(&objects, m, |name, _, offset, d| {
             let at = name[1..].parse::<usize>().expect("t<i>") * per + offset / 4;
             for (o, c) in out[at..at + d.len() / 4].iter_mut().zip(d.chunks_exact(4)) {
                 *o = f32::from_le_bytes(c.try_into().unwrap());
@@ -176,7 +177,7 @@ fn io(args: &[String]) -> Result<()> {
         let one = snapshot(0, 0..16);
         let mut files = Vec::new();
         w1.push(timed(|| {
-            files.push(write_part(&one)?);
+            files.push(write_part(&objects, &one)?);
             Ok(())
         })?);
         let m1 = manifest(files);
@@ -189,7 +190,7 @@ fn io(args: &[String]) -> Result<()> {
         let halves = [snapshot(0, 0..8), snapshot(1, 8..16)];
         w2.push(timed(|| {
             std::thread::scope(|s| {
-                let hs: Vec<_> = halves.iter().map(|h| s.spawn(move || write_part(h))).collect();
+                let hs: Vec<_> = halves.iter().map(|h| s.spawn(|| write_part(&objects, h))).collect();
                 for h in hs {
                     h.join().expect("writer thread")?;
                 }

@@ -29,7 +29,8 @@ pub struct Dashboard {
     /// This coordinator first, then its peers.
     pub endpoints: Vec<String>,
     /// The store, where a job's log files are (`logs::JobLogs`).
-    pub store: std::path::PathBuf,
+    /// None: an object store (its jobs' lines stay in the workers' own logs).
+    pub store: Option<std::path::PathBuf>,
 }
 
 impl Dashboard {
@@ -347,7 +348,10 @@ async fn job(State(d): State<Dashboard>, Path(id): Path<u64>) -> Response {
     body.push_str(&table("events", &["when", "event", "generation", "step", "detail"], &log));
     // The tail of its tasks' log lines, from the store (file IO: off the async threads).
     let store = d.store.clone();
-    let tail = tokio::task::spawn_blocking(move || crate::logs::job_log_tail(&store, id, LOG_TAIL)).await.unwrap_or_default();
+    let tail = match store {
+        Some(store) => tokio::task::spawn_blocking(move || crate::logs::job_log_tail(&store, id, LOG_TAIL)).await.unwrap_or_default(),
+        None => Vec::new(),
+    };
     let tail: Vec<Vec<String>> = tail.iter().map(|(task, line)| vec![esc(task), format!("<code>{}</code>", esc(line))]).collect();
     let _ = write!(body, "<h2>Log (the last {LOG_TAIL} lines of its tasks)</h2>");
     body.push_str(&table("log", &["task", "line"], &tail));

@@ -51,7 +51,7 @@ pub async fn generate(client: &Client, r: &Request<'_>) -> Result<Vec<u8>> {
     let shape: Vec<usize> = d.feature_shape.iter().map(|&v| v as usize).collect();
     let mut model = shoal_worker::model::build(&spec.model, &shape, head, spec.training.seed)?;
     let mut params = vec![0f32; model.layout().num_params()];
-    let store = ops::store_dir(client).await?;
+    let (_copy, store) = ops::fetch_checkpoint(client, &checkpoint).await?;
     shoal_worker::checkpoint::warm_start(&store, &checkpoint, model.layout(), &mut params).with_context(|| format!("loading the parameters of {}", r.reference))?;
     let vocab = head.outputs() as usize;
     let mut text: Vec<u8> = r.prompt.as_bytes().to_vec();

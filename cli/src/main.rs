@@ -304,6 +304,14 @@ struct UpArgs {
     /// Coordinators snapshot their state and compact their logs every this many entries.
     #[arg(long, default_value_t = shoal_coordinator::server::SNAPSHOT_EVERY)]
     snapshot_every: u64,
+    /// The store: s3://BUCKET/PREFIX (credentials from the AWS environment variables, which
+    /// the processes inherit). Default: the folder `store` of the cluster folder, or what an
+    /// earlier `up` of this folder used.
+    #[arg(long)]
+    store: Option<String>,
+    /// An S3-compatible server's URL, for an s3:// store.
+    #[arg(long)]
+    store_endpoint: Option<String>,
     #[arg(long)]
     json: bool,
 }
@@ -798,7 +806,13 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Up(a) => {
             let layout = Layout::new(a.dir.unwrap_or_else(default_dir));
             let exe = std::env::current_exe().context("finding the shoal executable")?;
-            let opts = UpOptions { coordinators: a.coordinators, workers: a.workers, lease: Duration::from_millis(a.lease_ms), snapshot_every: a.snapshot_every, exe };
+            if let Some(s) = &a.store {
+                shoal_core::store::Store::open(s, a.store_endpoint.as_deref())?;
+            } else if a.store_endpoint.is_some() {
+                bail!("--store-endpoint goes with --store s3://BUCKET/PREFIX");
+            }
+            let store = a.store.map(|location| (location, a.store_endpoint.unwrap_or_default()));
+            let opts = UpOptions { coordinators: a.coordinators, workers: a.workers, lease: Duration::from_millis(a.lease_ms), snapshot_every: a.snapshot_every, exe, store };
             let file = shoal_cluster::up(&layout, &opts).await?;
             let endpoints: Vec<String> = file.coordinators.iter().map(|c| c.address.clone()).collect();
             if a.json {
@@ -942,7 +956,7 @@ async fn cluster_status(conn: &Conn) -> Result<(Vec<serde_json::Value>, Vec<serd
                 let n = s.node.unwrap_or_default();
                 coords.push(json!({"id": n.id, "address": n.address, "role": n.role, "term": n.term, "commit_index": n.commit_index,
                     "applied_index": n.applied_index, "snapshot_index": n.snapshot_index, "state_hash": n.state_hash, "state_bytes": n.state_bytes, "leader_id": n.leader_id,
-                    "cluster_id": n.cluster_id, "dropped_raft_messages": n.dropped_raft_messages, "pid": n.pid, "reachable": true}));
+                    "cluster_id": n.cluster_id, "store": n.store_dir, "dropped_raft_messages": n.dropped_raft_messages, "pid": n.pid, "reachable": true}));
                 if n.role == "leader" || workers.is_empty() {
                     workers = s.workers;
                 }
@@ -1340,13 +1354,7 @@ async fn job(cmd: JobCmd) -> Result<()> {
                     async move { c.cancel_job(req).await }
                 })
                 .await?;
-            // A cancelled batch job adds no version: what its attempts wrote goes (an attempt
-            // still writing is refused when it reports, and removes its own file).
-            if let Some(folder) = j.batch.as_ref().map(|b| b.output_folder.clone()).filter(|f| !f.is_empty()) {
-                if let Ok(store) = ops::store_dir(&client).await {
-                    shoal_worker::batch::tidy_output(&store, &folder, &[]);
-                }
-            }
+            // (The coordinator removes a cancelled batch job's outputs.)
             if json {
                 print_json(&ops::job_json(&j));
             } else {
@@ -1481,7 +1489,7 @@ async fn checkpoint(cmd: CheckpointCmd) -> Result<()> {
             let client = conn.client()?;
             let j = ops::get_job(&client, job).await?;
             let m = ops::pick_checkpoint(&j, step)?;
-            let store = ops::store_dir(&client).await?;
+            let (_copy, store) = ops::fetch_checkpoint(&client, m).await?;
             let tensors = shoal_worker::checkpoint::export_pytorch(&store, m, &out).with_context(|| format!("exporting checkpoint step {} of job {job}", m.step))?;
             if json {
                 print_json(&json!({"job": job, "step": m.step, "model_kind": m.model_kind, "path": out,
@@ -1586,7 +1594,7 @@ async fn model(cmd: ModelCmd) -> Result<()> {
             let (m, v) = ops::resolve_model(&client, &reference).await?;
             let v = v.with_context(|| format!("{reference}: name a version (NAME@VERSION or NAME@ALIAS)"))?;
             let c = v.checkpoint.as_ref().context("the model version has no checkpoint")?;
-            let store = ops::store_dir(&client).await?;
+            let (_copy, store) = ops::fetch_checkpoint(&client, c).await?;
             let tensors = shoal_worker::checkpoint::export_pytorch(&store, c, &out).with_context(|| format!("exporting {}@{}", m.name, v.version))?;
             if json {
                 print_json(&json!({"name": m.name, "version": v.version, "model_kind": c.model_kind, "path": out,
@@ -1692,6 +1700,7 @@ async fn run_local(spec_text: String, workers: Option<u64>, keep: bool, show: bo
         lease: Duration::from_secs(5),
         snapshot_every: shoal_coordinator::server::SNAPSHOT_EVERY,
         exe,
+        store: None,
     };
     if show {
         eprintln!("demo: starting 1 coordinator and {} workers in {}", opts.workers, layout.dir.display());

@@ -8,13 +8,68 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use shoal_coordinator::client::Code;
 use shoal_coordinator::{Client, ClientError};
-use shoal_core::dataset::{import_dir, write_manifest, write_shards, Records, DEFAULT_RECORDS_PER_SHARD};
+use shoal_core::dataset::{encode_shards, import_dir, manifest_object, Records, DEFAULT_RECORDS_PER_SHARD};
 use shoal_core::idx::read_idx_file;
 use shoal_proto::*;
 
-pub async fn store_dir(client: &Client) -> Result<PathBuf> {
-    let s = client.call(|mut c| async move { c.get_status(StatusRequest::default()).await }).await?;
-    Ok(PathBuf::from(s.node.unwrap_or_default().store_dir))
+/// Bytes per chunk a client streams to `PutObjects`.
+const PUT_CHUNK: usize = 1 << 20;
+
+/// Writes `objects` (key, bytes) of a new import into the store through a coordinator:
+/// clients never hold the store's credentials.
+pub async fn put_objects(client: &Client, objects: Vec<(String, Vec<u8>)>) -> Result<()> {
+    let objects = std::sync::Arc::new(objects);
+    client
+        .call(|mut c| {
+            let objects = objects.clone();
+            // Chunks made as the stream is read (each object's in order), so a retry replays them.
+            let chunks = (0..objects.len()).flat_map(move |i| {
+                let objects = objects.clone();
+                let len = objects[i].1.len();
+                let pieces = len.div_ceil(PUT_CHUNK).max(1);
+                (0..pieces).map(move |p| {
+                    let (key, bytes) = &objects[i];
+                    let end = ((p + 1) * PUT_CHUNK).min(len);
+                    ObjectChunk { key: key.clone(), data: bytes[p * PUT_CHUNK..end].to_vec(), last: p + 1 == pieces }
+                })
+            });
+            async move { c.put_objects(tokio_stream::iter(chunks)).await }
+        })
+        .await?;
+    Ok(())
+}
+
+/// Reads object `key` of the store through a coordinator.
+pub async fn get_object(client: &Client, key: &str) -> Result<Vec<u8>> {
+    let chunks = client
+        .call(|mut c| {
+            let key = key.to_string();
+            async move {
+                let mut stream = c.get_object(GetObjectRequest { key }).await?.into_inner();
+                let mut out = Vec::new();
+                while let Some(chunk) = stream.message().await? {
+                    out.extend_from_slice(&chunk.data);
+                }
+                Ok(tonic::Response::new(out))
+            }
+        })
+        .await
+        .with_context(|| format!("reading {key} from the store"))?;
+    Ok(chunks)
+}
+
+/// A copy of checkpoint `m`'s files in a temporary folder (kept while the first value
+/// lives), as a local store to read it from.
+pub async fn fetch_checkpoint(client: &Client, m: &CheckpointManifest) -> Result<(tempfile::TempDir, shoal_core::store::Store)> {
+    let dir = tempfile::tempdir().context("a temporary folder for the checkpoint")?;
+    let store = shoal_core::store::Store::local(dir.path());
+    for f in &m.files {
+        let key = format!("{}/{}", m.dir, f.name);
+        let bytes = get_object(client, &key).await?;
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || s.put(&key, &[&bytes])).await??;
+    }
+    Ok((dir, store))
 }
 
 /// Reads IDX files, writes them into a folder of the cluster's store that is this import's
@@ -175,15 +230,25 @@ async fn register_records(
     class_names: Vec<String>,
     text: Option<(u32, u32)>,
 ) -> Result<DatasetInfo> {
-    let store = store_dir(client).await?;
     let request_id = shoal_coordinator::client::new_request_id();
     let folder = import_dir(name, &request_id)?;
     // Shards of at least ~1.6 MB (2048 MNIST images): small records would otherwise make
     // thousands of files, each written and fsynced on its own.
     let record_bytes = records.feature_shape.iter().product::<usize>() * if records.dtype() == "u8" { 1 } else { 4 } + 8.max(4 * records.target_width());
     let per_shard = per_shard.unwrap_or_else(|| DEFAULT_RECORDS_PER_SHARD.max(DEFAULT_RECORDS_PER_SHARD * 784 / record_bytes.max(1)));
-    // The statistics are computed while the shards are written (and wait on fsync).
-    let (stats, written) = rayon::join(stats, || write_shards(&store, name, &folder, records, per_shard.max(1)));
+    // The statistics are computed while the shards are encoded.
+    let encoded = std::sync::Mutex::new(Vec::new());
+    let (stats, written) = rayon::join(stats, || {
+        encode_shards(name, &folder, records, per_shard.max(1), |key, bytes| {
+            encoded.lock().expect("encoded shards lock").push((key.to_string(), bytes));
+            Ok(())
+        })
+    });
+    let folder = folder.to_string_lossy().into_owned();
+    let written = match written {
+        Ok(info) => put_objects(client, encoded.into_inner().expect("encoded shards lock")).await.map(|()| info),
+        Err(e) => Err(e.into()),
+    };
     let info = match written {
         Ok(mut info) => {
             info.append = append;
@@ -200,8 +265,8 @@ async fn register_records(
             info
         }
         Err(e) => {
-            let _ = std::fs::remove_dir_all(store.join(&folder));
-            return Err(e.into());
+            drop_import(client, &folder).await;
+            return Err(e);
         }
     };
     let registered = client
@@ -212,20 +277,29 @@ async fn register_records(
         .await;
     match registered {
         Ok(d) => {
-            if let Err(e) = write_manifest(&store, &d) {
+            let manifest = manifest_object(&d).map_err(anyhow::Error::from);
+            if let Err(e) = async { put_objects(client, vec![manifest?]).await }.await {
                 tracing::warn!(error = %e, "could not write the dataset manifest beside its shards");
             }
             Ok(d)
         }
         Err(ClientError::Rpc(s)) if matches!(s.code(), Code::FailedPrecondition | Code::InvalidArgument | Code::NotFound) => {
             // Refused by the state machine: nothing refers to this import's folder.
-            let _ = std::fs::remove_dir_all(store.join(&folder));
+            drop_import(client, &folder).await;
             Err(ClientError::Rpc(s).into())
         }
         Err(e) => Err(anyhow::Error::new(e).context(format!(
-            "registering dataset {name}: the outcome is unknown, so its shards in {} were kept (they may be registered)",
-            store.join(&folder).display()
+            "registering dataset {name}: the outcome is unknown, so its shards in {folder} of the store were kept (they may be registered)"
         ))),
+    }
+}
+
+/// Removes an import's folder that nothing refers to (best effort: `data gc` removes what
+/// is left).
+async fn drop_import(client: &Client, folder: &str) {
+    let dropped = client.call(|mut c| { let folder = folder.to_string(); async move { c.drop_import(DropImportRequest { folder }).await } }).await;
+    if let Err(e) = dropped {
+        tracing::warn!(folder, error = %e, "could not remove the import's shards (`shoal data gc` does)");
     }
 }
 

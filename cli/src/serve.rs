@@ -52,9 +52,8 @@ pub enum ServeCmd {
         /// Folder for this replica's Raft log.
         #[arg(long)]
         data: PathBuf,
-        /// The cluster's store (datasets, checkpoints, models).
-        #[arg(long)]
-        store: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
         /// Worker lease in milliseconds.
         #[arg(long, default_value_t = 5000)]
         lease_ms: u64,
@@ -81,9 +80,15 @@ pub enum ServeCmd {
         /// Coordinator addresses, comma-separated.
         #[arg(long, value_delimiter = ',', required = true)]
         endpoints: Vec<String>,
-        /// The cluster's store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Shards read from an object store are cached in this folder (default: a folder
+        /// in the system's temp folder).
         #[arg(long)]
-        store: PathBuf,
+        cache_dir: Option<PathBuf>,
+        /// The shard cache's size limit, in GB (least recently used shards go first).
+        #[arg(long, default_value_t = 10.0)]
+        cache_gb: f64,
         /// Data-plane address to listen on.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: String,
@@ -167,8 +172,9 @@ pub async fn bind_retrying(addr: &str) -> Result<tokio::net::TcpListener> {
 
 pub async fn serve(cmd: ServeCmd) -> Result<()> {
     // A worker's job lines also go to the job's log files in the store (the dashboard's tail).
+    // (A local store's: an object store cannot append; the lines still go to stderr.)
     logs::init(match &cmd {
-        ServeCmd::Worker { store, .. } => Some(store.clone()),
+        ServeCmd::Worker { store, .. } => store.local_folder(),
         _ => None,
     });
     match cmd {
@@ -186,7 +192,8 @@ pub async fn serve(cmd: ServeCmd) -> Result<()> {
             peers.insert(id, addr.clone());
             // The dashboard reads through this coordinator first, then its peers.
             let endpoints = std::iter::once(addr.clone()).chain(peers.iter().filter(|(p, _)| **p != id).map(|(_, a)| a.clone())).collect();
-            let (_, http) = http.start(Some(dashboard::Dashboard { endpoints, store: store.clone() })).await?;
+            let store = store.open()?;
+            let (_, http) = http.start(Some(dashboard::Dashboard { endpoints, store: store.local_root().map(Into::into) })).await?;
             if let Some(f) = addr_file {
                 shoal_core::fsutil::write_atomic(&f, addr.as_bytes())?;
             }
@@ -195,7 +202,7 @@ pub async fn serve(cmd: ServeCmd) -> Result<()> {
                 id,
                 peers,
                 data_dir: data,
-                store_dir: store,
+                store,
                 lease: Duration::from_millis(lease_ms),
                 cluster_id,
                 initial: match initial_state.as_str() {
@@ -209,7 +216,12 @@ pub async fn serve(cmd: ServeCmd) -> Result<()> {
             http.abort();
             served?;
         }
-        ServeCmd::Worker { endpoints, store, listen, advertise, ring_port, device, threads: _, heartbeat_ms, collective_timeout_s, http } => {
+        ServeCmd::Worker { endpoints, store, cache_dir, cache_gb, listen, advertise, ring_port, device, threads: _, heartbeat_ms, collective_timeout_s, http } => {
+            if !(cache_gb.is_finite() && cache_gb >= 0.0) {
+                bail!("--cache-gb must be a size in GB (0 or more), not {cache_gb}");
+            }
+            let cache_dir = cache_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("shoal-shard-cache-{}", std::process::id())));
+            let store = store.open()?.with_cache(cache_dir, (cache_gb * 1e9) as u64)?;
             let (_, http) = http.start(None).await?;
             let listener = bind_retrying(&listen).await?;
             let advertise = advertised(listener.local_addr()?, advertise.as_deref(), "--listen", "--advertise")?;
@@ -218,7 +230,7 @@ pub async fn serve(cmd: ServeCmd) -> Result<()> {
                 endpoints,
                 advertise: Some(advertise),
                 ring_port,
-                store_dir: store,
+                store,
                 device,
                 heartbeat: Duration::from_millis(heartbeat_ms.max(10)),
                 collective_timeout: Duration::from_secs(collective_timeout_s.max(1)),
@@ -229,6 +241,29 @@ pub async fn serve(cmd: ServeCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where the cluster's store is, and how to reach it.
+#[derive(clap::Args, Clone, Debug)]
+pub struct StoreArgs {
+    /// The cluster's store (datasets, checkpoints, models): a folder, or s3://BUCKET/PREFIX
+    /// (credentials from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, region from AWS_REGION).
+    #[arg(long = "store", env = "SHOAL_STORE")]
+    pub location: String,
+    /// An S3-compatible server's URL (MinIO, Ceph, ...); default (or empty): AWS.
+    #[arg(long, env = "SHOAL_STORE_ENDPOINT")]
+    pub store_endpoint: Option<String>,
+}
+
+impl StoreArgs {
+    pub fn open(&self) -> Result<shoal_core::store::Store> {
+        Ok(shoal_core::store::Store::open(&self.location, self.store_endpoint.as_deref().filter(|e| !e.is_empty()))?)
+    }
+
+    /// The store's folder when it is one.
+    fn local_folder(&self) -> Option<PathBuf> {
+        self.open().ok().and_then(|s| s.local_root().map(Into::into))
+    }
 }
 
 #[cfg(test)]

@@ -69,6 +69,27 @@ fn the_kubernetes_base_renders_validates_and_starts_coordinators_safely() {
 }
 
 #[test]
+fn the_s3_overlay_moves_the_store_to_a_bucket_with_credentials_only_in_the_servers() {
+    let kubectl = on_path("kubectl").expect("kubectl is not installed: the overlay needs `kubectl kustomize` to render (.ci/run installs kubernetes-client)");
+    let text = ok(Command::new(kubectl).arg("kustomize").arg(repo().join("cluster/deploy/kubernetes-s3")));
+    let dir = tempfile::tempdir().unwrap();
+    let rendered = dir.path().join("s3.yaml");
+    std::fs::write(&rendered, &text).unwrap();
+    let (kv, python) = validator();
+    let out = ok(Command::new(&kv).args(["--strict"]).arg(&rendered));
+    assert!(out.contains("passed for resource statefulset/shoal-coordinator") && out.contains("passed for resource deployment/shoal-worker"), "{out}");
+    assert!(!out.contains("persistentvolumeclaim/shoal-store") && !text.contains("mountPath: /store"), "the shared volume is gone: {text}");
+    assert!(text.contains("store: s3://"), "{text}");
+    let good = check(&python, &rendered);
+    assert!(good.status.success(), "{}{}", String::from_utf8_lossy(&good.stdout), String::from_utf8_lossy(&good.stderr));
+    // Without the credentials' Secret the servers could not reach the bucket.
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, text.replacen("name: shoal-store-credentials", "name: something-else", 1)).unwrap();
+    let out = check(&python, &bad);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stdout).contains("credentials"), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
 fn the_coordinators_grpc_health_says_serving_once_a_leader_is_known() {
     let c = UpCluster::start(0);
     let endpoint = format!("http://{}", c.endpoints().split(',').next().unwrap());

@@ -92,6 +92,9 @@ pub struct UpOptions {
     pub snapshot_every: u64,
     /// The `shoal` executable to spawn.
     pub exe: PathBuf,
+    /// The store (location, S3 endpoint or empty); None: what an earlier `up` of the folder
+    /// used, or the folder's own `store`.
+    pub store: Option<(String, String)>,
 }
 
 /// Whether `pid` is a live `shoal serve` process. A pid that now belongs to some other
@@ -191,8 +194,14 @@ pub async fn up(layout: &Layout, opts: &UpOptions) -> Result<ClusterFile, Cluste
             (id, false)
         }
     };
+    let (store_dir, store_endpoint) = match (&opts.store, layout.read()) {
+        (Some(s), _) => s.clone(),
+        (None, Ok(before)) if !before.store_dir.is_empty() => (before.store_dir, before.store_endpoint),
+        (None, _) => (layout.store().display().to_string(), String::new()),
+    };
     let mut file = ClusterFile {
-        store_dir: layout.store().display().to_string(),
+        store_dir,
+        store_endpoint,
         cluster_id: cluster_id.clone(),
         lease_ms: opts.lease.as_millis() as u64,
         snapshot_every: opts.snapshot_every,
@@ -218,7 +227,7 @@ pub async fn up(layout: &Layout, opts: &UpOptions) -> Result<ClusterFile, Cluste
     let endpoints: Vec<String> = peers.iter().map(|(_, a)| a.clone()).collect();
     let threads = threads_per_worker(opts.workers);
     for n in 1..=opts.workers {
-        let process = spawn_worker(layout, &opts.exe, &endpoints, n, threads)?;
+        let process = spawn_worker(layout, &opts.exe, &file, &endpoints, n, threads)?;
         file.workers.push(process);
         // Recorded as soon as it runs, so `down` finds it whatever fails next.
         write_file(layout, &file)?;
@@ -251,16 +260,17 @@ fn threads_per_worker(workers: u64) -> u64 {
 }
 
 /// Starts worker process number `n` of the local cluster.
-fn spawn_worker(layout: &Layout, exe: &Path, endpoints: &[String], n: u64, threads: u64) -> Result<ClusterProcess, ClusterError> {
+fn spawn_worker(layout: &Layout, exe: &Path, file: &ClusterFile, endpoints: &[String], n: u64, threads: u64) -> Result<ClusterProcess, ClusterError> {
     let dir = layout.worker_dir(n);
-    let args = vec![
+    let mut args = vec![
         "serve".into(), "worker".into(),
         "--endpoints".into(), endpoints.join(","),
-        "--store".into(), layout.store().display().to_string(),
         "--listen".into(), "127.0.0.1:0".into(),
         "--threads".into(), threads.to_string(),
         "--http-addr-file".into(), http_addr_file(&dir).display().to_string(),
+        "--cache-dir".into(), dir.join("shard-cache").display().to_string(),
     ];
+    args.extend(store_args(layout, file));
     let _ = std::fs::remove_file(http_addr_file(&dir));
     let pid = spawn(exe, &args, &dir, &[])?;
     Ok(ClusterProcess { id: n, address: String::new(), pid, dir: dir.display().to_string(), http_address: String::new() })
@@ -289,7 +299,7 @@ pub async fn add_workers(layout: &Layout, exe: &Path, count: u64) -> Result<Vec<
     let mut added = Vec::new();
     for n in first..first + count {
         // A folder left by a worker of an earlier run is reused: it only holds its log.
-        let process = spawn_worker(layout, exe, &endpoints, n, threads)?;
+        let process = spawn_worker(layout, exe, &file, &endpoints, n, threads)?;
         file.workers.push(process.clone());
         write_file(layout, &file)?;
         added.push(process);
@@ -302,22 +312,32 @@ pub async fn add_workers(layout: &Layout, exe: &Path, count: u64) -> Result<Vec<
     Ok(added)
 }
 
+/// `--store` (and `--store-endpoint`) as the cluster file records them.
+fn store_args(layout: &Layout, file: &ClusterFile) -> Vec<String> {
+    let location = if file.store_dir.is_empty() { layout.store().display().to_string() } else { file.store_dir.clone() };
+    let mut args = vec!["--store".to_string(), location];
+    if !file.store_endpoint.is_empty() {
+        args.extend(["--store-endpoint".to_string(), file.store_endpoint.clone()]);
+    }
+    args
+}
+
 /// Starts one coordinator replica of the recorded cluster (`initial`: new, existing or join).
 fn spawn_coordinator(layout: &Layout, exe: &Path, file: &ClusterFile, id: u64, addr: &str, peers: &str, initial: &str) -> Result<ClusterProcess, ClusterError> {
     let dir = layout.coordinator_dir(id);
-    let args = vec![
+    let mut args = vec![
         "serve".into(), "coordinator".into(),
         "--id".into(), id.to_string(),
         "--listen".into(), addr.to_string(),
         "--peers".into(), peers.to_string(),
         "--data".into(), dir.display().to_string(),
-        "--store".into(), layout.store().display().to_string(),
         "--lease-ms".into(), file.lease_ms.to_string(),
         "--cluster-id".into(), file.cluster_id.clone(),
         "--snapshot-every".into(), file.snapshot_every.to_string(),
         "--initial-state".into(), initial.to_string(),
         "--http-addr-file".into(), http_addr_file(&dir).display().to_string(),
     ];
+    args.extend(store_args(layout, file));
     let _ = std::fs::remove_file(http_addr_file(&dir));
     let pid = spawn(exe, &args, &dir, &[])?;
     Ok(ClusterProcess { id, address: addr.to_string(), pid, dir: dir.display().to_string(), http_address: String::new() })

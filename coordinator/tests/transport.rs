@@ -21,7 +21,7 @@ async fn stray_raft_messages_are_refused_counted_and_change_nothing() {
         id: 1,
         peers: BTreeMap::from([(1, addr.clone())]),
         data_dir: tmp.path().join("data"),
-        store_dir: tmp.path().join("store"),
+        store: shoal_core::store::Store::local(tmp.path().join("store")),
         lease: Duration::from_secs(5),
         cluster_id: Some("c1".into()),
         initial: shoal_coordinator::InitialState::New,

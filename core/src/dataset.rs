@@ -350,10 +350,17 @@ pub fn import_dir(name: &str, import_id: &str) -> Result<PathBuf> {
 /// `store` and returns the manifest to register, with version 0: the coordinator assigns the
 /// next version on registration. Each file is written atomically.
 pub fn write_shards(store: &Path, name: &str, rel_dir: &Path, records: &Records, per_shard: usize) -> Result<DatasetInfo> {
-    validate_name(name)?;
-    let per_shard = per_shard.max(1);
     let dir = store.join(rel_dir);
     crate::fsutil::create_dirs_durably(&dir).map_err(|e| CoreError::io(&dir, e))?;
+    encode_shards(name, rel_dir, records, per_shard, |key, bytes| write_atomic(&store.join(key), &bytes))
+}
+
+/// Cuts `records` into safetensors shards of dataset `name` in folder `rel_dir` and hands
+/// each to `put` (its store key and bytes; called from several threads at once). Returns the
+/// manifest to register, with version 0.
+pub fn encode_shards(name: &str, rel_dir: &Path, records: &Records, per_shard: usize, put: impl Fn(&str, Vec<u8>) -> Result<()> + Sync) -> Result<DatasetInfo> {
+    validate_name(name)?;
+    let per_shard = per_shard.max(1);
     let feat_len: usize = records.feature_shape.iter().product();
     let n = records.len();
     // Shards are serialized, hashed and written (each fsynced) in parallel: the fsyncs overlap.
@@ -384,14 +391,10 @@ pub fn write_shards(store: &Path, name: &str, rel_dir: &Path, records: &Records,
                 ("y", TensorView::new(y_dtype, y_shape, &y_bytes).map_err(|e| CoreError::Dataset(e.to_string()))?),
             ];
             let bytes = safetensors::serialize(tensors, None).map_err(|e| CoreError::Dataset(e.to_string()))?;
-            let rel = rel_dir.join(format!("shard-{i:05}.safetensors"));
-            write_atomic(&store.join(&rel), &bytes)?;
-            Ok(ShardInfo {
-                path: rel.to_string_lossy().into_owned(),
-                records: count as u64,
-                blake3: blake3::hash(&bytes).to_hex().to_string(),
-                bytes: bytes.len() as u64,
-            })
+            let rel = rel_dir.join(format!("shard-{i:05}.safetensors")).to_string_lossy().into_owned();
+            let (hash, len) = (blake3::hash(&bytes).to_hex().to_string(), bytes.len() as u64);
+            put(&rel, bytes)?;
+            Ok(ShardInfo { path: rel, records: count as u64, blake3: hash, bytes: len })
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(DatasetInfo {
@@ -415,10 +418,16 @@ pub fn shard_folder(info: &DatasetInfo) -> Option<&Path> {
 
 /// Writes the registered manifest (with its version) beside its newest slice's shards.
 pub fn write_manifest(store: &Path, info: &DatasetInfo) -> Result<()> {
+    let (key, bytes) = manifest_object(info)?;
+    write_atomic(&store.join(key), &bytes)
+}
+
+/// The registered manifest's key (beside its newest slice's shards) and bytes.
+pub fn manifest_object(info: &DatasetInfo) -> Result<(String, Vec<u8>)> {
     let last = info.shards.last().and_then(|s| Path::new(&s.path).parent());
     let dir = last.ok_or_else(|| CoreError::Dataset(format!("dataset {} v{} has no shards", info.name, info.version)))?;
     let manifest = DatasetManifest { dataset: Some(info.clone()) };
-    write_atomic(&store.join(dir).join("manifest.pb"), &manifest.encode_to_vec())
+    Ok((dir.join("manifest.pb").to_string_lossy().into_owned(), manifest.encode_to_vec()))
 }
 
 /// A parsed shard over borrowed bytes (for example a memory map).

@@ -18,6 +18,7 @@ pub mod rng;
 pub mod schedule;
 pub mod spec;
 pub mod stats;
+pub mod store;
 pub mod telemetry;
 pub mod text;
 

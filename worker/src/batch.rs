@@ -4,7 +4,7 @@
 //! attempt of a task to report wins); a refused output is removed by the runner.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,6 +14,7 @@ use shoal_core::batch::{apply_transform, BatchSpec};
 use shoal_core::dataset::{Records, Targets};
 use shoal_core::model::Head;
 use shoal_core::idx::IdxData;
+use shoal_core::store::Store;
 use shoal_core::JobSpec;
 use shoal_proto::{Assignment, DatasetInfo, ShardInfo, TaskReport, TaskResult};
 
@@ -44,7 +45,7 @@ impl Scorer {
 }
 
 impl ModelCache {
-    fn get(&self, store: &Path, a: &Assignment, input: &DatasetInfo) -> Result<Loaded, WorkerError> {
+    fn get(&self, store: &Store, a: &Assignment, input: &DatasetInfo) -> Result<Loaded, WorkerError> {
         let m = a.init.as_ref().ok_or_else(|| WorkerError::Spec("score: the assignment names no model checkpoint".into()))?;
         let key = format!("{}/{}", m.dir, m.step);
         let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -72,12 +73,12 @@ impl ModelCache {
 /// What an attempt produced.
 pub struct TaskOutput {
     pub report: TaskReport,
-    /// The output file (absolute), to remove if the commit is refused.
-    pub file: Option<PathBuf>,
+    /// The output object (a store key), to remove if the commit is refused.
+    pub file: Option<String>,
 }
 
 /// Runs the attempt `a` (its generation is the attempt number).
-pub fn run_task(store: &Path, a: &Assignment, cache: &ModelCache, cancel: &AtomicBool) -> Result<TaskOutput, WorkerError> {
+pub fn run_task(store: &Store, a: &Assignment, cache: &ModelCache, cancel: &AtomicBool) -> Result<TaskOutput, WorkerError> {
     let started = Instant::now();
     let _job = tracing::info_span!("job", job_id = a.job_id, attempt = a.generation).entered();
     let spec = BatchSpec::parse(&a.spec_toml).map_err(|e| WorkerError::Spec(e.to_string()))?;
@@ -291,20 +292,18 @@ fn score_text(model: &Scorer, ds: &ShardedDataset, lo: u64, hi: u64, batch: usiz
     Ok((Records::classified(IdxData::F32(losses), vec![1], vec![0; n]), None, sums))
 }
 
-/// The output shard's file for this attempt: `task-NNNNN-aA.safetensors` in the job's folder.
-fn output_path(store: &Path, a: &Assignment, task: u32) -> (String, PathBuf) {
-    let rel = format!("{}/task-{task:05}-a{}.safetensors", a.output_folder, a.generation);
-    let abs = store.join(&rel);
-    (rel, abs)
+/// The output shard's key for this attempt: `task-NNNNN-aA.safetensors` in the job's folder.
+fn output_key(a: &Assignment, task: u32) -> String {
+    format!("{}/task-{task:05}-a{}.safetensors", a.output_folder, a.generation)
 }
 
 /// Writes the output shard (tensors `x`, `y` (labels, or f32 targets) and, for a classifier's
 /// scores, `pred`), atomically.
-fn write_output(store: &Path, a: &Assignment, task: u32, r: &Records, pred: Option<&[i64]>) -> Result<(ShardInfo, PathBuf), WorkerError> {
+fn write_output(store: &Store, a: &Assignment, task: u32, r: &Records, pred: Option<&[i64]>) -> Result<(ShardInfo, String), WorkerError> {
     if a.output_folder.is_empty() {
         return Err(WorkerError::Spec("the job has no output folder".into()));
     }
-    let (rel, abs) = output_path(store, a, task);
+    let rel = output_key(a, task);
     let n = r.len();
     let x_bytes: Vec<u8> = match &r.features {
         IdxData::U8(v) => v.clone(),
@@ -324,28 +323,25 @@ fn write_output(store: &Path, a: &Assignment, task: u32, r: &Records, pred: Opti
         tensors.push(("pred", TensorView::new(Dtype::I64, vec![n], &p_bytes).map_err(bad)?));
     }
     let bytes = safetensors::serialize(tensors, None).map_err(bad)?;
-    shoal_core::fsutil::write_atomic(&abs, &bytes).map_err(|e| WorkerError::Io(e.to_string()))?;
-    let shard = ShardInfo { path: rel, records: n as u64, blake3: blake3::hash(&bytes).to_hex().to_string(), bytes: bytes.len() as u64 };
-    Ok((shard, abs))
+    store.put(&rel, &[&bytes]).map_err(|e| WorkerError::Io(e.to_string()))?;
+    let shard = ShardInfo { path: rel.clone(), records: n as u64, blake3: blake3::hash(&bytes).to_hex().to_string(), bytes: bytes.len() as u64 };
+    Ok((shard, rel))
 }
 
 /// Removes every file in a finished batch job's output folder (relative to the store) but the
 /// committed shards `keep`, and the folder itself when nothing is kept. Best effort.
-pub fn tidy_output(store: &Path, folder: &str, keep: &[String]) {
-    let plain = !folder.is_empty() && Path::new(folder).components().all(|c| matches!(c, std::path::Component::Normal(_)));
-    if !plain || !folder.starts_with("datasets/") {
+pub fn tidy_output(store: &Store, folder: &str, keep: &[String]) {
+    if shoal_core::store::check_key(folder).is_err() || !folder.starts_with("datasets/") {
         return;
     }
-    let dir = store.join(folder);
-    let Ok(entries) = std::fs::read_dir(&dir) else { return };
-    for e in entries.flatten() {
-        let rel = format!("{folder}/{}", e.file_name().to_string_lossy());
-        if !keep.contains(&rel) {
-            let _ = std::fs::remove_file(e.path());
+    let Ok(entries) = store.list(folder) else { return };
+    for e in entries {
+        if !keep.contains(&e.key) {
+            let _ = store.delete(&e.key);
         }
     }
-    if keep.is_empty() {
-        let _ = std::fs::remove_dir(&dir);
+    if let (true, Some(root)) = (keep.is_empty(), store.local_root()) {
+        let _ = std::fs::remove_dir(root.join(folder));
     }
 }
 

@@ -21,7 +21,8 @@ use std::sync::{mpsc, Arc};
 
 use shoal_core::checkpoint::{job_checkpoints_dir, parse_step_dir, validate_manifest, MANIFEST_FILE};
 use shoal_core::failpoint;
-use shoal_core::fsutil::{sync_dir, write_atomic};
+use shoal_core::fsutil::sync_dir;
+use shoal_core::store::Store;
 use shoal_proto::{CheckpointFile, CheckpointManifest, JobProgress, Message};
 
 use crate::model::Layout;
@@ -111,8 +112,8 @@ pub struct PartSnapshot {
     pub step: u64,
     pub rank: u32,
     pub generation: u64,
-    /// The checkpoint folder (absolute).
-    pub dir: PathBuf,
+    /// The checkpoint folder (a store key).
+    pub dir: String,
     /// Tensor names and shapes, in the order of their data in `data`.
     pub tensors: Vec<(String, Vec<usize>)>,
     pub data: Vec<f32>,
@@ -126,7 +127,7 @@ impl PartSnapshot {
         step: u64,
         rank: u32,
         generation: u64,
-        dir: PathBuf,
+        dir: String,
         tensors: &[StateTensor],
         mine: &[usize],
         params: &[f32],
@@ -188,9 +189,40 @@ fn f32_bytes(xs: &[f32]) -> std::borrow::Cow<'_, [u8]> {
     }
 }
 
+/// Writes `pieces` as object `dir/name` of the store, hashing on a second thread while the
+/// first writes. Returns (bytes, blake3 hex). `step` arms the fault points of checkpoint
+/// writes (None: no fault points).
+fn write_object(store: &Store, dir: &str, name: &str, tag: &str, pieces: &[&[u8]], step: Option<u64>) -> Result<(u64, String), CheckpointError> {
+    let Some(root) = store.local_root() else {
+        let key = format!("{dir}/{name}");
+        let hash = || {
+            let mut h = blake3::Hasher::new();
+            for p in pieces {
+                h.update(p);
+            }
+            h.finalize().to_hex().to_string()
+        };
+        if step.is_some_and(|s| failpoint::hit("checkpoint-enospc", s)) {
+            return Err(CheckpointError::io(Path::new(&key), std::io::Error::from_raw_os_error(28)));
+        }
+        // A PUT is whole or absent: the fault points after the files and after the rename
+        // are the same moment.
+        let (put, hash) = std::thread::scope(|s| {
+            let hasher = s.spawn(hash);
+            (store.put(&key, pieces), hasher.join().expect("the hashing thread does not panic"))
+        });
+        put.map_err(|e| CheckpointError::io(Path::new(&key), std::io::Error::other(e.to_string())))?;
+        if let Some(s) = step {
+            failpoint::crash_if_hit("checkpoint-after-files", s);
+            failpoint::crash_if_hit("checkpoint-after-rename", s);
+        }
+        return Ok((pieces.iter().map(|p| p.len() as u64).sum(), hash));
+    };
+    write_file(&root.join(dir), name, tag, pieces, step)
+}
+
 /// Writes `pieces` as the file `dir/name`: under a temporary name, fsynced, renamed, folder
 /// fsynced, hashing on a second thread while the first writes. Returns (bytes, blake3 hex).
-/// `step` arms the fault points of checkpoint writes (None: an export, no fault points).
 fn write_file(dir: &Path, name: &str, tag: &str, pieces: &[&[u8]], step: Option<u64>) -> Result<(u64, String), CheckpointError> {
     shoal_core::fsutil::create_dirs_durably(dir).map_err(|e| CheckpointError::io(dir, e))?;
     let tmp = dir.join(format!(".{name}.tmp.{tag}"));
@@ -231,12 +263,12 @@ fn write_file(dir: &Path, name: &str, tag: &str, pieces: &[&[u8]], step: Option<
 }
 
 /// Writes one rank's part of a checkpoint and returns its record for the manifest.
-pub fn write_part(s: &PartSnapshot) -> Result<CheckpointFile, CheckpointError> {
+pub fn write_part(store: &Store, s: &PartSnapshot) -> Result<CheckpointFile, CheckpointError> {
     let name = shoal_core::checkpoint::part_file(s.rank);
     let header = safetensors_header(&s.tensors);
     let data = f32_bytes(&s.data);
     let tag = format!("{}.{}", std::process::id(), s.generation);
-    let (bytes, blake3) = write_file(&s.dir, &name, &tag, &[&header, &data], Some(s.step))?;
+    let (bytes, blake3) = write_object(store, &s.dir, &name, &tag, &[&header, &data], Some(s.step))?;
     Ok(CheckpointFile { name, bytes, blake3, rank: s.rank })
 }
 
@@ -251,11 +283,10 @@ const MAX_HEADER: u64 = 64 << 20;
 /// with its offset, to `consume` on this one. An error of either side ends both.
 fn read_pieces(
     path: &Path,
-    file: File,
+    mut read_at: impl FnMut(u64, &mut [u8]) -> std::io::Result<()> + Send,
     len: u64,
     mut consume: impl FnMut(u64, &[u8]) -> Result<(), CheckpointError>,
 ) -> Result<(), CheckpointError> {
-    use std::io::Read as _;
     std::thread::scope(|s| {
         let (full_tx, full_rx) = mpsc::sync_channel::<std::io::Result<Vec<u8>>>(PIECES_IN_FLIGHT);
         let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
@@ -263,14 +294,13 @@ fn read_pieces(
             let _ = empty_tx.send(Vec::new());
         }
         s.spawn(move || {
-            let mut file = file;
             let mut left = len;
             while left > 0 {
                 // Ends when the consumer is gone (it stopped on an error).
                 let Ok(mut buf) = empty_rx.recv() else { return };
                 let n = left.min(PIECE as u64) as usize;
                 buf.resize(n, 0);
-                let read = file.read_exact(&mut buf).map(|_| buf);
+                let read = read_at(len - left, &mut buf).map(|_| buf);
                 let failed = read.is_err();
                 if full_tx.send(read).is_err() || failed {
                     return;
@@ -343,16 +373,30 @@ fn parse_header(json: &[u8], data_start: u64, data_len: u64) -> Result<Vec<Span>
 /// it can come after some of that file's pieces were handed out, so callers drop what they
 /// built on error.
 pub fn read_tensors(
-    store: &Path,
+    store: &Store,
     m: &CheckpointManifest,
     mut each: impl FnMut(&str, &[usize], usize, &[u8]) -> Result<(), CheckpointError>,
 ) -> Result<(), CheckpointError> {
     validate_manifest(m, m.job_id).map_err(CheckpointError::Mismatch)?;
-    let dir = store.join(&m.dir);
     for f in &m.files {
-        let path = dir.join(&f.name);
-        let file = File::open(&path).map_err(|e| CheckpointError::io(&path, e))?;
-        let len = file.metadata().map_err(|e| CheckpointError::io(&path, e))?.len();
+        let key = format!("{}/{}", m.dir, f.name);
+        let path = match store.local_root() {
+            Some(root) => root.join(&key),
+            None => PathBuf::from(format!("{}/{key}", store.location())),
+        };
+        let store_error = |e: shoal_core::store::StoreError| match e {
+            shoal_core::store::StoreError::NotFound { .. } => std::io::Error::new(std::io::ErrorKind::NotFound, e.to_string()),
+            e => std::io::Error::other(e.to_string()),
+        };
+        // A local file is read with one handle; an object by ranged GETs.
+        let (file, len) = match store.local_root() {
+            Some(_) => {
+                let file = File::open(&path).map_err(|e| CheckpointError::io(&path, e))?;
+                let len = file.metadata().map_err(|e| CheckpointError::io(&path, e))?.len();
+                (Some(file), len)
+            }
+            None => (None, store.size(&key).map_err(|e| CheckpointError::io(&path, store_error(e)))?),
+        };
         if len != f.bytes {
             return Err(CheckpointError::corrupt(&path, format!("{len} bytes, the manifest says {} (truncated or torn)", f.bytes)));
         }
@@ -362,7 +406,20 @@ pub fn read_tensors(
         // A structural problem is reported after hashing, as a hash mismatch when it is one.
         let mut broken: Option<String> = None;
         let mut next = 0usize;
-        read_pieces(&path, file, len, |pos, piece| {
+        let read_at = |pos: u64, buf: &mut [u8]| -> std::io::Result<()> {
+            match &file {
+                Some(file) => std::os::unix::fs::FileExt::read_exact_at(file, buf, pos),
+                None => {
+                    let got = store.get_range(&key, pos..pos + buf.len() as u64).map_err(store_error)?;
+                    if got.len() != buf.len() {
+                        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "object shorter than its size"));
+                    }
+                    buf.copy_from_slice(&got);
+                    Ok(())
+                }
+            }
+        };
+        read_pieces(&path, read_at, len, |pos, piece| {
             hasher.update(piece);
             if broken.is_some() {
                 return Ok(());
@@ -453,7 +510,7 @@ pub fn legacy_name(kind: &str, name: &str) -> Option<String> {
 /// mismatch is an error that says which, and a damaged file an error that names it. On error
 /// the buffers hold a partial state: start again from fresh ones. A preset written as a layer
 /// list loads the preset's checkpoints and the other way round: they are the same tensors.
-pub fn restore(store: &Path, m: &CheckpointManifest, model: &Layout, params: &mut [f32], opt: &mut Opt) -> Result<(), CheckpointError> {
+pub fn restore(store: &Store, m: &CheckpointManifest, model: &Layout, params: &mut [f32], opt: &mut Opt) -> Result<(), CheckpointError> {
     let what = format!("checkpoint step {} of job {}", m.step, m.job_id);
     if m.optimizer_kind != opt.kind() {
         return Err(CheckpointError::Mismatch(format!("{what} holds {} optimizer state; this job uses {}", m.optimizer_kind, opt.kind())));
@@ -498,7 +555,7 @@ pub fn restore(store: &Path, m: &CheckpointManifest, model: &Layout, params: &mu
 
 /// Reads only the parameters of checkpoint `m` into `params` (a warm start: the optimizer
 /// state it holds, of whatever kind, is read and dropped).
-pub fn warm_start(store: &Path, m: &CheckpointManifest, model: &Layout, params: &mut [f32]) -> Result<(), CheckpointError> {
+pub fn warm_start(store: &Store, m: &CheckpointManifest, model: &Layout, params: &mut [f32]) -> Result<(), CheckpointError> {
     let cfg = match m.optimizer_kind.as_str() {
         "sgd" => shoal_core::spec::Optimizer::Sgd { lr: 0.0, momentum: 0.0, weight_decay: 0.0 },
         "adamw" => shoal_core::spec::Optimizer::AdamW { lr: 0.0, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
@@ -512,7 +569,7 @@ pub fn warm_start(store: &Path, m: &CheckpointManifest, model: &Layout, params: 
 /// the `torch.nn.Sequential` built from the same layer list (a checkpoint from before layer
 /// lists is renamed, see `legacy_name`), for `safetensors.torch.load_file` and
 /// `load_state_dict`. Returns the tensors written (name, shape), in module order.
-pub fn export_pytorch(store: &Path, m: &CheckpointManifest, out: &Path) -> Result<Vec<(String, Vec<usize>)>, CheckpointError> {
+pub fn export_pytorch(store: &Store, m: &CheckpointManifest, out: &Path) -> Result<Vec<(String, Vec<usize>)>, CheckpointError> {
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     read_tensors(store, m, |name, shape, at, piece| {
         if name.starts_with("optimizer.") {
@@ -558,20 +615,23 @@ pub trait JobLink: Send + Sync {
 
 /// Writes the manifest, commits it, then deletes the folders of older checkpoints that are
 /// no longer kept (and leftovers of writes that never committed).
-fn finalize(store: &Path, link: &dyn JobLink, m: CheckpointManifest) -> Result<Vec<u64>, String> {
-    let dir = store.join(&m.dir);
-    write_atomic(&dir.join(MANIFEST_FILE), &m.encode_to_vec()).map_err(|e| e.to_string())?;
+fn finalize(store: &Store, link: &dyn JobLink, m: CheckpointManifest) -> Result<Vec<u64>, String> {
+    store.put(&format!("{}/{MANIFEST_FILE}", m.dir), &[&m.encode_to_vec()]).map_err(|e| e.to_string())?;
     failpoint::crash_if_hit("checkpoint-before-commit", m.step);
     let (job, step) = (m.job_id, m.step);
     let kept = link.commit_checkpoint(m)?;
-    let root = store.join(job_checkpoints_dir(job));
-    if let Ok(entries) = std::fs::read_dir(&root) {
-        for e in entries.flatten() {
-            let old = e.file_name().to_str().and_then(parse_step_dir);
-            if old.is_some_and(|s| s < step && !kept.contains(&s)) {
-                if let Err(err) = std::fs::remove_dir_all(e.path()) {
-                    tracing::warn!(path = %e.path().display(), error = %err, "could not delete an old checkpoint");
-                }
+    let root = job_checkpoints_dir(job);
+    let folders: std::collections::BTreeSet<String> = store
+        .list(&root)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|e| Some(e.key.strip_prefix(&root)?.strip_prefix('/')?.split('/').next()?.to_string()))
+        .collect();
+    for name in folders {
+        let old = parse_step_dir(&name);
+        if old.is_some_and(|s| s < step && !kept.contains(&s)) {
+            if let Err(err) = store.delete_prefix(&format!("{root}/{name}")) {
+                tracing::warn!(path = %format!("{root}/{name}"), error = %err, "could not delete an old checkpoint");
             }
         }
     }
@@ -601,7 +661,7 @@ pub struct Writer {
 
 impl Writer {
     /// `seconds`: where each part's write time is observed (the job's Prometheus histogram).
-    pub fn spawn(store: PathBuf, link: Arc<dyn JobLink>, seconds: shoal_core::telemetry::Histogram) -> Result<Writer, WorkerError> {
+    pub fn spawn(store: Store, link: Arc<dyn JobLink>, seconds: shoal_core::telemetry::Histogram) -> Result<Writer, WorkerError> {
         let (jobs, rx) = mpsc::channel::<WriteJob>();
         let (tx, done) = mpsc::channel();
         std::thread::Builder::new()
@@ -611,7 +671,7 @@ impl Writer {
                     let d = match job {
                         WriteJob::Part(s) => {
                             let started = std::time::Instant::now();
-                            let result = write_part(&s).map_err(|e| e.to_string());
+                            let result = write_part(&store, &s).map_err(|e| e.to_string());
                             seconds.observe(started.elapsed().as_secs_f64());
                             WriteDone::Part { step: s.step, result, buffer: s.data }
                         }
@@ -665,14 +725,14 @@ mod tests {
 
     /// Writes a whole checkpoint of (params, opt) at `step` over `world` ranks, as the ranks
     /// would, and returns its manifest.
-    fn write_checkpoint(store: &Path, step: u64, world: usize, params: &[f32], opt: &Opt) -> CheckpointManifest {
+    fn write_checkpoint(store: &Store, step: u64, world: usize, params: &[f32], opt: &Opt) -> CheckpointManifest {
         let m = model();
         let tensors = state_tensors(&m, opt);
         let dir_rel = shoal_core::checkpoint::checkpoint_dir(7, step);
         let mut files = Vec::new();
         for (r, mine) in assign_parts(&tensors, world).iter().enumerate() {
-            let s = PartSnapshot::take(step, r as u32, 1, store.join(&dir_rel), &tensors, mine, params, opt, Vec::new());
-            files.push(write_part(&s).unwrap());
+            let s = PartSnapshot::take(step, r as u32, 1, dir_rel.clone(), &tensors, mine, params, opt, Vec::new());
+            files.push(write_part(store, &s).unwrap());
         }
         CheckpointManifest {
             job_id: 7,
@@ -719,7 +779,7 @@ mod tests {
     fn written_parts_restore_bitwise_on_any_world_size_and_are_real_safetensors() {
         let dir = tempfile::tempdir().unwrap();
         let (p, opt) = state(1);
-        let man = write_checkpoint(dir.path(), 10, 3, &p, &opt);
+        let man = write_checkpoint(&Store::local(dir.path()), 10, 3, &p, &opt);
         assert_eq!(man.files.len(), 3);
         for f in &man.files {
             let bytes = std::fs::read(dir.path().join(&man.dir).join(&f.name)).unwrap();
@@ -729,7 +789,7 @@ mod tests {
         }
         let m = model();
         let (mut q, mut o) = (m.init(99), sgd());
-        restore(dir.path(), &man, &m, &mut q, &mut o).unwrap();
+        restore(&Store::local(dir.path()), &man, &m, &mut q, &mut o).unwrap();
         assert_eq!(q, p);
         assert_eq!(o.buffers, opt.buffers);
         assert_eq!(o.step, 2);
@@ -742,7 +802,7 @@ mod tests {
     fn a_truncated_or_flipped_file_is_named_and_never_loaded() {
         let dir = tempfile::tempdir().unwrap();
         let (p, opt) = state(2);
-        let man = write_checkpoint(dir.path(), 20, 2, &p, &opt);
+        let man = write_checkpoint(&Store::local(dir.path()), 20, 2, &p, &opt);
         let victim = dir.path().join(&man.dir).join(&man.files[1].name);
         let good = std::fs::read(&victim).unwrap();
         let m = model();
@@ -751,15 +811,15 @@ mod tests {
         let mid = flipped.len() / 2;
         flipped[mid] ^= 0x01;
         std::fs::write(&victim, &flipped).unwrap();
-        let e = restore(dir.path(), &man, &m, &mut m.init(0), &mut sgd()).unwrap_err();
+        let e = restore(&Store::local(dir.path()), &man, &m, &mut m.init(0), &mut sgd()).unwrap_err();
         assert!(e.is_damage() && e.to_string().contains("part-1.safetensors") && e.to_string().contains("blake3"), "{e}");
 
         std::fs::write(&victim, &good[..good.len() - 5]).unwrap();
-        let e = restore(dir.path(), &man, &m, &mut m.init(0), &mut sgd()).unwrap_err();
+        let e = restore(&Store::local(dir.path()), &man, &m, &mut m.init(0), &mut sgd()).unwrap_err();
         assert!(e.to_string().contains("part-1.safetensors") && e.to_string().contains("truncated"), "{e}");
 
         std::fs::remove_file(&victim).unwrap();
-        let e = restore(dir.path(), &man, &m, &mut m.init(0), &mut sgd()).unwrap_err();
+        let e = restore(&Store::local(dir.path()), &man, &m, &mut m.init(0), &mut sgd()).unwrap_err();
         assert!(e.is_damage() && e.to_string().contains("part-1.safetensors"), "{e}");
     }
 
@@ -767,13 +827,13 @@ mod tests {
     fn a_checkpoint_of_another_model_or_optimizer_is_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
         let (p, opt) = state(3);
-        let mut man = write_checkpoint(dir.path(), 5, 1, &p, &opt);
+        let mut man = write_checkpoint(&Store::local(dir.path()), 5, 1, &p, &opt);
         let m = model();
         let adam = || Opt::new(Optimizer::AdamW { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }, m.num_params());
-        let e = restore(dir.path(), &man, &m, &mut m.init(0), &mut adam()).unwrap_err();
+        let e = restore(&Store::local(dir.path()), &man, &m, &mut m.init(0), &mut adam()).unwrap_err();
         assert!(!e.is_damage() && e.to_string().contains("sgd") && e.to_string().contains("adamw"), "{e}");
         let cnn = layout(ModelSpec { kind: "cnn".into(), hidden: Some(vec![6]), channels: Some(vec![2, 2]), ..Default::default() }, &[4, 4], 3);
-        let e = restore(dir.path(), &man, &cnn, &mut cnn.init(0), &mut Opt::new(opt.cfg, cnn.num_params())).unwrap_err();
+        let e = restore(&Store::local(dir.path()), &man, &cnn, &mut cnn.init(0), &mut Opt::new(opt.cfg, cnn.num_params())).unwrap_err();
         assert!(e.to_string().contains(&format!("holds a mlp model of {} parameters; this job trains a cnn model of", m.num_params())), "{e}");
         // The same number of parameters in other shapes: refused by the tensor's name.
         let other = layout(ModelSpec { kind: "mlp".into(), hidden: Some(vec![6]), ..Default::default() }, &[4], 3);
@@ -782,7 +842,7 @@ mod tests {
         assert_eq!(other.num_params(), m.num_params());
         let mut shifted = other.clone();
         shifted.params[0].shape = vec![4, 6];
-        let e = restore(dir.path(), &renamed, &shifted, &mut other.init(0), &mut Opt::new(opt.cfg, other.num_params())).unwrap_err();
+        let e = restore(&Store::local(dir.path()), &renamed, &shifted, &mut other.init(0), &mut Opt::new(opt.cfg, other.num_params())).unwrap_err();
         assert!(e.to_string().contains("tensor 0.weight has shape [6, 4], this model's is [4, 6]"), "{e}");
         man.num_params = m.num_params() as u64;
     }
@@ -802,7 +862,7 @@ mod tests {
         assert_eq!(tensors[5].name, "optimizer.momentum_buffer.fc0.bias");
         let rel = shoal_core::checkpoint::checkpoint_dir(7, 3);
         let all: Vec<usize> = (0..tensors.len()).collect();
-        let s = PartSnapshot::take(3, 0, 1, dir.path().join(&rel), &tensors, &all, &p, &opt, Vec::new());
+        let s = PartSnapshot::take(3, 0, 1, rel.clone(), &tensors, &all, &p, &opt, Vec::new());
         let man = CheckpointManifest {
             job_id: 7,
             step: 3,
@@ -811,14 +871,14 @@ mod tests {
             optimizer_kind: "sgd".into(),
             optimizer_step: opt.step,
             num_params: m.num_params() as u64,
-            files: vec![write_part(&s).unwrap()],
+            files: vec![write_part(&Store::local(dir.path()), &s).unwrap()],
             dir: rel,
             ..Default::default()
         };
         let (mut q, mut o) = (m.init(0), sgd());
-        restore(dir.path(), &man, &m, &mut q, &mut o).unwrap();
+        restore(&Store::local(dir.path()), &man, &m, &mut q, &mut o).unwrap();
         assert!(q == p && o.buffers == opt.buffers);
-        let names = export_pytorch(dir.path(), &man, &dir.path().join("old.safetensors")).unwrap();
+        let names = export_pytorch(&Store::local(dir.path()), &man, &dir.path().join("old.safetensors")).unwrap();
         assert_eq!(names.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["0.weight", "0.bias", "2.weight", "2.bias"]);
         assert_eq!(legacy_name("cnn", "conv2.weight").as_deref(), Some("3.weight"));
         assert_eq!(legacy_name("cnn", "fc1.bias").as_deref(), Some("9.bias"));
@@ -829,9 +889,9 @@ mod tests {
     fn export_uses_pytorch_names_and_layout() {
         let dir = tempfile::tempdir().unwrap();
         let (p, opt) = state(4);
-        let man = write_checkpoint(dir.path(), 8, 2, &p, &opt);
+        let man = write_checkpoint(&Store::local(dir.path()), 8, 2, &p, &opt);
         let out = dir.path().join("out/model.safetensors");
-        let names = export_pytorch(dir.path(), &man, &out).unwrap();
+        let names = export_pytorch(&Store::local(dir.path()), &man, &out).unwrap();
         let want = ["0.weight", "0.bias", "2.weight", "2.bias"];
         assert_eq!(names.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), want);
         let bytes = std::fs::read(&out).unwrap();
@@ -858,8 +918,8 @@ mod tests {
         let tensors = state_tensors(&big, &opt);
         let rel = shoal_core::checkpoint::checkpoint_dir(7, 1);
         let mine: Vec<usize> = (0..tensors.len()).collect();
-        let s = PartSnapshot::take(1, 0, 1, dir.path().join(&rel), &tensors, &mine, &p, &opt, Vec::new());
-        let file = write_part(&s).unwrap();
+        let s = PartSnapshot::take(1, 0, 1, rel.clone(), &tensors, &mine, &p, &opt, Vec::new());
+        let file = write_part(&Store::local(dir.path()), &s).unwrap();
         let m = CheckpointManifest {
             job_id: 7,
             step: 1,
@@ -873,7 +933,7 @@ mod tests {
             ..Default::default()
         };
         let (mut q, mut o) = (big.init(0), Opt::new(opt.cfg, big.num_params()));
-        restore(dir.path(), &m, &big, &mut q, &mut o).unwrap();
+        restore(&Store::local(dir.path()), &m, &big, &mut q, &mut o).unwrap();
         assert!(q == p && o.buffers == opt.buffers);
     }
 

@@ -8,6 +8,7 @@ use std::path::Path;
 use memmap2::Mmap;
 use safetensors::Dtype;
 use shoal_core::dataset::{parse_shard, ShardView};
+use shoal_core::store::Store;
 use shoal_proto::{DatasetInfo, ShardInfo};
 
 use crate::WorkerError;
@@ -55,7 +56,7 @@ fn range_in(map: &[u8], part: &[u8]) -> Range<usize> {
 }
 
 impl ShardedDataset {
-    pub fn open(store: &Path, info: &DatasetInfo) -> Result<ShardedDataset, WorkerError> {
+    pub fn open(store: &Store, info: &DatasetInfo) -> Result<ShardedDataset, WorkerError> {
         if info.shards.is_empty() {
             return Err(WorkerError::Data(format!("dataset {} v{} has no shards", info.name, info.version)));
         }
@@ -63,7 +64,8 @@ impl ShardedDataset {
         let mut starts = Vec::new();
         let mut next = 0u64;
         for s in &info.shards {
-            let path = store.join(&s.path);
+            // A local store's file, or a verified copy of the object in the shard cache.
+            let path = store.local_copy(&s.path, s.bytes, &s.blake3).map_err(|e| WorkerError::Data(e.to_string()))?;
             let shard = open_shard(&path, s, &info.feature_shape, info.target_width)?;
             starts.push(next);
             next += s.records;
@@ -227,7 +229,7 @@ mod tests {
         let recs = Records { features: IdxData::U8((0..40u8).collect()), feature_shape: vec![4], labels: (0..10).map(|i| i % 2).collect(), targets: None };
         let folder = shoal_core::dataset::import_dir("d", "t").unwrap();
         let info = write_shards(dir.path(), "d", &folder, &recs, 3).unwrap();
-        let ds = ShardedDataset::open(dir.path(), &info).unwrap();
+        let ds = ShardedDataset::open(&Store::local(dir.path()), &info).unwrap();
         let (mut x, mut y) = (Vec::new(), Vec::new());
         ds.push_record(7, &mut x, &mut y).unwrap();
         assert_eq!(x, (28..32).map(|b| b as f32 / 255.0).collect::<Vec<_>>());
@@ -239,7 +241,7 @@ mod tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
         std::fs::write(&p, bytes).unwrap();
-        let e = ShardedDataset::open(dir.path(), &info).err().unwrap().to_string();
+        let e = ShardedDataset::open(&Store::local(dir.path()), &info).err().unwrap().to_string();
         assert!(e.contains("blake3"), "{e}");
     }
 
@@ -251,7 +253,7 @@ mod tests {
         let recs = Records { features: IdxData::F32(x), feature_shape: vec![3], labels: vec![0, 1, 0, 1], targets: None };
         let folder = shoal_core::dataset::import_dir("d", "t").unwrap();
         let info = write_shards(dir.path(), "d", &folder, &recs, 2).unwrap();
-        let mut ds = ShardedDataset::open(dir.path(), &info).unwrap();
+        let mut ds = ShardedDataset::open(&Store::local(dir.path()), &info).unwrap();
         let read = |ds: &ShardedDataset, i: u64| {
             let (mut x, mut y) = (vec![-9.0], Vec::new());
             ds.push_record(i, &mut x, &mut y).map(|()| x[1..].to_vec())

@@ -4,13 +4,12 @@
 //! (`JobLink::record_metrics`). A full queue drops the buffer's points and counts them, so a
 //! slow store never slows a step; the count reaches the job as `metrics_dropped`.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use shoal_core::fsutil::write_atomic;
+use shoal_core::store::Store;
 use shoal_proto::{Message, MetricChunk, MetricChunkRef, MetricPoint};
 
 use crate::checkpoint::JobLink;
@@ -59,7 +58,7 @@ pub struct Recorder {
 
 impl Recorder {
     /// Starts the writer thread of rank `rank` of `generation` of job `job`.
-    pub fn start(store: PathBuf, link: Arc<dyn JobLink>, job: u64, generation: u64, rank: u32) -> Recorder {
+    pub fn start(store: Store, link: Arc<dyn JobLink>, job: u64, generation: u64, rank: u32) -> Recorder {
         let (tx, rx) = sync_channel::<Vec<MetricPoint>>(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
         let lost = dropped.clone();
@@ -67,8 +66,8 @@ impl Recorder {
             .name("metrics-writer".into())
             .spawn(move || {
                 // TensorBoard's view of the same points (best effort: the history is the record).
-                let tb_dir = store.join(format!("jobs/{job}/tensorboard"));
-                let mut events = match crate::tensorboard::EventFile::create(&tb_dir, &format!("g{generation}-r{rank}")) {
+                let tb_dir = format!("jobs/{job}/tensorboard");
+                let mut events = match crate::tensorboard::EventFile::create(&store, &tb_dir, &format!("g{generation}-r{rank}")) {
                     Ok(f) => Some(f),
                     Err(e) => {
                         tracing::warn!(error = %e, "no TensorBoard event file for this task");
@@ -91,7 +90,7 @@ impl Recorder {
                     let chunk = MetricChunk { job_id: job, generation, rank, keys: KEYS.iter().map(|k| k.to_string()).collect(), points };
                     let bytes = chunk.encode_to_vec();
                     let path = shoal_core::history::chunk_path(job, generation, rank, seq as u64);
-                    let written = write_atomic(&store.join(&path), &bytes).map_err(|e| e.to_string()).and_then(|()| {
+                    let written = store.put(&path, &[&bytes]).map_err(|e| e.to_string()).and_then(|()| {
                         let r = MetricChunkRef { generation, rank, seq: seq as u64, path: path.clone(), first_step: first, last_step: last, points: count, blake3: blake3::hash(&bytes).to_hex().to_string() };
                         link.record_metrics(r, lost.swap(0, Ordering::Relaxed))
                     });

@@ -1,7 +1,6 @@
 //! The worker process: registers with the coordinator, heartbeats, and runs whatever its
 //! assignment says (one training task at a time), reporting progress and the outcome.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +24,8 @@ pub struct WorkerConfig {
     pub advertise: Option<String>,
     /// The raw-TCP ring's port, on the data plane's address (0: one the system picks).
     pub ring_port: u16,
-    pub store_dir: PathBuf,
+    /// The store, with the shard cache of an object store.
+    pub store: shoal_core::store::Store,
     pub device: String,
     pub heartbeat: Duration,
     pub collective_timeout: Duration,
@@ -318,7 +318,7 @@ fn start_task(
     let wid = worker_id.to_string();
     let link = Arc::new(CoordinatorLink { client: client.clone(), rt: rt.clone(), worker_id: wid.clone(), job, generation });
     let task = TrainTask {
-        store: cfg.store_dir.clone(),
+        store: cfg.store.clone(),
         assignment: a,
         mailbox,
         incoming: Some(incoming),
@@ -387,7 +387,7 @@ fn start_batch_task(
     let task = a.task.as_ref().map(|t| t.index).unwrap_or_default();
     tracing::info!(job, attempt = generation, task, "starting batch task");
     let rt = tokio::runtime::Handle::current();
-    let (store, wid, cancel_flag) = (cfg.store_dir.clone(), worker_id.to_string(), cancel.clone());
+    let (store, wid, cancel_flag) = (cfg.store.clone(), worker_id.to_string(), cancel.clone());
     let handle = tokio::task::spawn_blocking(move || {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| crate::batch::run_task(&store, &a, &models, &cancel_flag))).unwrap_or_else(|panic| {
             let what = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
@@ -428,7 +428,7 @@ fn start_batch_task(
                 Err(ClientError::Rpc(s)) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::Unimplemented) => {
                     tracing::info!(job, attempt = generation, task, reason = %s.message(), "output not committed; removing it");
                     if let Some(f) = &file {
-                        let _ = std::fs::remove_file(f);
+                        let _ = store.delete(f);
                     }
                     if report.ok {
                         // A success the coordinator will not take is a failed attempt: said

@@ -6,7 +6,8 @@
 //! and the CRC below: the TensorBoard writer crates are unmaintained.
 
 use std::io::Write;
-use std::path::Path;
+
+use shoal_core::store::Store;
 
 use shoal_proto::{Message, TfEvent, TfSummary, TfSummaryValue};
 
@@ -41,21 +42,36 @@ pub fn record(data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// An event file being appended to.
+/// An event file being appended to: a local file, or (an object store cannot append) a new
+/// object per write, `NAME.000001`..., each a whole event file (TensorBoard reads every file
+/// of the folder).
 pub struct EventFile {
-    file: std::fs::File,
+    sink: Sink,
+}
+
+enum Sink {
+    File(std::fs::File),
+    Objects { store: Store, key: String, first: Vec<u8>, next: u64 },
 }
 
 impl EventFile {
-    /// Creates `dir/events.out.tfevents.SECONDS.SUFFIX` with its file-version record.
-    pub fn create(dir: &Path, suffix: &str) -> std::io::Result<EventFile> {
-        std::fs::create_dir_all(dir)?;
+    /// Creates `dir/events.out.tfevents.SECONDS.SUFFIX` (`dir` a store key) with its
+    /// file-version record.
+    pub fn create(store: &Store, dir: &str, suffix: &str) -> std::io::Result<EventFile> {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let path = dir.join(format!("events.out.tfevents.{}.{suffix}", now.as_secs()));
-        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        let first = TfEvent { wall_time: now.as_secs_f64(), file_version: "brain.Event:2".into(), ..Default::default() };
-        file.write_all(&record(&first.encode_to_vec()))?;
-        Ok(EventFile { file })
+        let name = format!("events.out.tfevents.{}.{suffix}", now.as_secs());
+        let first = record(&TfEvent { wall_time: now.as_secs_f64(), file_version: "brain.Event:2".into(), ..Default::default() }.encode_to_vec());
+        let sink = match store.local_root() {
+            Some(root) => {
+                let dir = root.join(dir);
+                std::fs::create_dir_all(&dir)?;
+                let mut file = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(name))?;
+                file.write_all(&first)?;
+                Sink::File(file)
+            }
+            None => Sink::Objects { store: store.clone(), key: format!("{dir}/{name}"), first, next: 0 },
+        };
+        Ok(EventFile { sink })
     }
 
     /// Appends scalars: (tag, step, unix_ms, value) each.
@@ -70,7 +86,13 @@ impl EventFile {
             };
             buf.extend_from_slice(&record(&event.encode_to_vec()));
         }
-        self.file.write_all(&buf)
+        match &mut self.sink {
+            Sink::File(file) => file.write_all(&buf),
+            Sink::Objects { store, key, first, next } => {
+                *next += 1;
+                store.put(&format!("{key}.{next:06}"), &[first, &buf]).map_err(|e| std::io::Error::other(e.to_string()))
+            }
+        }
     }
 }
 
@@ -110,10 +132,10 @@ mod tests {
     #[test]
     fn an_event_file_reads_back_with_its_scalars() {
         let dir = tempfile::tempdir().unwrap();
-        let mut f = EventFile::create(dir.path(), "g1-r0").unwrap();
+        let mut f = EventFile::create(&Store::local(dir.path()), "tb", "g1-r0").unwrap();
         f.scalars([("loss", 1, 1_000, 2.5), ("loss", 2, 2_000, 1.25), ("rank1/phase_data_ms", 2, 2_000, 0.5)]).unwrap();
         drop(f);
-        let file = std::fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().path();
+        let file = std::fs::read_dir(dir.path().join("tb")).unwrap().next().unwrap().unwrap().path();
         assert!(file.file_name().unwrap().to_str().unwrap().starts_with("events.out.tfevents."));
         let mut bytes = std::fs::read(&file).unwrap();
         let events = read_events(&bytes).unwrap();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 pub fn shoal() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_shoal"));
-    c.env_remove("SHOAL_DIR").env("RUST_LOG", "info");
+    c.env_remove("SHOAL_DIR").env_remove("SHOAL_STORE").env_remove("SHOAL_STORE_ENDPOINT").env("RUST_LOG", "info");
     c
 }
 

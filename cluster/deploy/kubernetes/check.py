@@ -8,7 +8,9 @@ against what shoal needs, beyond the schemas (kubernetes-validate checks those):
   --data, readiness from the gRPC health service on the listening port, and a
   PodDisruptionBudget that keeps a quorum;
 - workers advertise the pod IP (they listen on a wildcard address) on the port they listen on;
-- every container runs as non-root with resource requests, and mounts the shared store.
+- every container runs as non-root with resource requests, and reads its store from the
+  ConfigMap shoal-store: a mounted shared folder, or an s3:// bucket with its credentials from
+  the Secret shoal-store-credentials (the overlay kubernetes-s3).
 
 Usage: python3 check.py RENDERED.yaml   (exit 1 and one line per problem if any)
 """
@@ -76,6 +78,8 @@ def main(path):
         need(f.get("--advertise") == f"$(POD_IP):{listen_port}", f"workers must advertise $(POD_IP):{listen_port}, not {f.get('--advertise')!r}")
         need(env.get("POD_IP", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.podIP", "POD_IP must come from status.podIP")
 
+    store = (by.get(("ConfigMap", "shoal-store")) or {}).get("data", {}).get("store", "")
+    need(bool(store), "a ConfigMap shoal-store with the store's location (key store)")
     for d in docs:
         if d["kind"] not in ("StatefulSet", "Deployment"):
             continue
@@ -83,7 +87,13 @@ def main(path):
         need(pod.get("securityContext", {}).get("runAsNonRoot") is True, f"{d['metadata']['name']}: runAsNonRoot")
         for c in pod["containers"]:
             need("requests" in c.get("resources", {}), f"{d['metadata']['name']}/{c['name']}: resource requests")
-            need(any(m["mountPath"] == "/store" for m in c.get("volumeMounts", [])), f"{d['metadata']['name']}/{c['name']}: the store mounted at /store")
+            who = f"{d['metadata']['name']}/{c['name']}"
+            ref = {e["name"]: e for e in c.get("env", [])}.get("SHOAL_STORE", {}).get("valueFrom", {}).get("configMapKeyRef", {})
+            need(ref.get("name") == "shoal-store" and ref.get("key") == "store", f"{who}: SHOAL_STORE from the ConfigMap shoal-store")
+            if store.startswith("s3://"):
+                need(any(e.get("secretRef", {}).get("name") == "shoal-store-credentials" for e in c.get("envFrom", [])), f"{who}: the store's credentials from the Secret shoal-store-credentials")
+            else:
+                need(any(m["mountPath"] == store for m in c.get("volumeMounts", [])), f"{who}: the store mounted at {store}")
 
     for p in problems:
         print(f"{path}: {p}")

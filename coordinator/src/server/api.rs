@@ -1,6 +1,7 @@
 //! The client-facing gRPC service.
 
 use super::*;
+use shoal_core::store::Store;
 
 impl Api {
     /// Proposes a command and waits for its outcome. `request_id` (may be empty) makes a
@@ -148,23 +149,51 @@ impl Api {
 
     /// Removes the store folders under `root` (relative to the store) that `keep` says are not
     /// referenced, older than `min_age`; returns what went.
-    fn remove_unreferenced(&self, root: &str, keep: impl Fn(&str) -> bool, min_age: Duration) -> Vec<String> {
-        let dir = self.0.cfg.store_dir.join(root);
-        let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
+    /// A folder's age is its newest object's. Blocking: the store's calls are IO.
+    fn remove_unreferenced(store: &Store, root: &str, keep: impl Fn(&str) -> bool, min_age: Duration) -> Vec<String> {
+        let entries = match store.list(root) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(root, error = %e, "could not list the store");
+                return Vec::new();
+            }
+        };
+        // Folder (the first part below `root`) -> its newest object's time.
+        let mut folders: BTreeMap<String, u64> = BTreeMap::new();
+        for e in &entries {
+            let Some((folder, _)) = e.key.strip_prefix(root).and_then(|r| r.strip_prefix('/')).and_then(|r| r.split_once('/')) else { continue };
+            let newest = folders.entry(format!("{root}/{folder}")).or_default();
+            *newest = (*newest).max(e.modified_unix_ms);
+        }
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         let mut removed = Vec::new();
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let rel = format!("{root}/{name}");
-            let old_enough = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|age| age >= min_age);
-            if keep(&rel) || !old_enough || !e.file_type().is_ok_and(|t| t.is_dir()) {
+        for (rel, newest) in folders {
+            if keep(&rel) || now.saturating_sub(newest) < min_age.as_millis() as u64 {
                 continue;
             }
-            match std::fs::remove_dir_all(e.path()) {
-                Ok(()) => removed.push(rel),
-                Err(err) => tracing::warn!(path = %e.path().display(), error = %err, "could not remove an unreferenced folder"),
+            match store.delete_prefix(&rel) {
+                Ok(_) => removed.push(rel),
+                Err(err) => tracing::warn!(path = rel, error = %err, "could not remove an unreferenced folder"),
             }
         }
         removed
+    }
+}
+
+/// Largest object a client may write through `PutObjects` (each is held whole while written).
+const MAX_PUT_OBJECT: usize = 1 << 30;
+/// Objects `PutObjects` writes at once.
+const PUTS_IN_FLIGHT: usize = 4;
+/// Bytes per chunk `GetObject` streams.
+const OBJECT_CHUNK: u64 = 1 << 20;
+
+/// A key a client may write: a file of a new import's folder, `datasets/NAME/import-ID/FILE`.
+fn import_key(key: &str) -> Result<(), String> {
+    shoal_core::store::check_key(key).map_err(|e| e.to_string())?;
+    let parts: Vec<&str> = key.split('/').collect();
+    match parts[..] {
+        ["datasets", name, import, _] if shoal_core::dataset::validate_name(name).is_ok() && import.starts_with("import-") => Ok(()),
+        _ => Err(format!("{key:?}: clients write only a new import's files (datasets/NAME/import-ID/FILE)")),
     }
 }
 
@@ -289,7 +318,7 @@ impl Coordinator for Api {
             applied_index: state.applied_index,
             pid: std::process::id(),
             leader_id: v.leader_id,
-            store_dir: self.0.cfg.store_dir.display().to_string(),
+            store_dir: self.0.cfg.store.location(),
             cluster_id: self.0.cluster_id.clone(),
             dropped_raft_messages: self.0.dropped.load(std::sync::atomic::Ordering::Relaxed),
             snapshot_index: v.snapshot_index,
@@ -329,8 +358,11 @@ impl Coordinator for Api {
             let state = self.0.state.read().expect("state lock");
             (state.jobs().map(|j| j.id).collect(), state.last_job_id())
         };
-        let keep = |rel: &str| rel.rsplit('/').next().and_then(|n| n.parse::<u64>().ok()).is_none_or(|id| id > last || jobs.contains(&id));
-        reply.removed_paths = self.remove_unreferenced("jobs", keep, Duration::ZERO);
+        let keep = move |rel: &str| rel.rsplit('/').next().and_then(|n| n.parse::<u64>().ok()).is_none_or(|id| id > last || jobs.contains(&id));
+        let store = self.0.cfg.store.clone();
+        reply.removed_paths = tokio::task::spawn_blocking(move || Self::remove_unreferenced(&store, "jobs", keep, Duration::ZERO))
+            .await
+            .map_err(|e| Status::internal(format!("pruning job folders: {e}")))?;
         Ok(Response::new(reply))
     }
 
@@ -340,13 +372,19 @@ impl Coordinator for Api {
         self.linearize().await?;
         let folders: BTreeSet<String> = self.0.state.read().expect("state lock").dataset_folders().map(|(_, f)| f.to_string()).collect();
         let min_age = Duration::from_secs(r.min_age_s);
-        let mut removed = Vec::new();
-        let names: Vec<String> = std::fs::read_dir(self.0.cfg.store_dir.join("datasets")).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-        for name in names {
-            // A batch job's folder holds its output until it is registered: a running job's
-            // stays (its id is above nothing we can tell cheaply, so age decides, as for imports).
-            removed.extend(self.remove_unreferenced(&format!("datasets/{name}"), |rel| folders.contains(rel), min_age));
-        }
+        let store = self.0.cfg.store.clone();
+        let removed = tokio::task::spawn_blocking(move || {
+            let names: BTreeSet<String> = store.list("datasets").unwrap_or_default().into_iter().filter_map(|e| Some(e.key.split('/').nth(1)?.to_string())).collect();
+            let mut removed = Vec::new();
+            for name in names {
+                // A batch job's folder holds its output until it is registered: a running job's
+                // stays (its id is above nothing we can tell cheaply, so age decides, as for imports).
+                removed.extend(Self::remove_unreferenced(&store, &format!("datasets/{name}"), |rel| folders.contains(rel), min_age));
+            }
+            removed
+        })
+        .await
+        .map_err(|e| Status::internal(format!("collecting datasets: {e}")))?;
         Ok(Response::new(PruneReply { removed_paths: removed, ..Default::default() }))
     }
 
@@ -480,7 +518,19 @@ impl Coordinator for Api {
 
     async fn cancel_job(&self, r: Request<CancelJobRequest>) -> Result<Response<JobInfo>, Status> {
         let CancelJobRequest { id, request_id } = r.into_inner();
-        Ok(Response::new(expect_job(self.propose(command::Kind::CancelJob(id), request_id).await?)?))
+        let j = expect_job(self.propose(command::Kind::CancelJob(id), request_id).await?)?;
+        // A cancelled batch job adds no version: what its attempts wrote goes (an attempt
+        // still writing is refused when it reports, and removes its own object).
+        let folder = j.batch.as_ref().map(|b| b.output_folder.clone()).filter(|f| f.starts_with("datasets/") && shoal_core::store::check_key(f).is_ok());
+        if let (Some(folder), JobState::Cancelled) = (folder, j.state()) {
+            let store = self.0.cfg.store.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = store.delete_prefix(&folder) {
+                    tracing::warn!(folder, error = %e, "could not remove a cancelled batch job's outputs (`shoal data gc` does)");
+                }
+            });
+        }
+        Ok(Response::new(j))
     }
 
     async fn register_worker(&self, r: Request<RegisterWorkerRequest>) -> Result<Response<RegisterWorkerResponse>, Status> {
@@ -591,18 +641,109 @@ impl Coordinator for Api {
         Ok(Response::new(Ack {}))
     }
 
+    async fn put_objects(&self, r: Request<tonic::Streaming<ObjectChunk>>) -> Result<Response<PutObjectsReply>, Status> {
+        let mut chunks = r.into_inner();
+        let store = self.0.cfg.store.clone();
+        let mut reply = PutObjectsReply::default();
+        // Objects are written while the next ones arrive, a few at a time (each fsyncs).
+        let mut writes: tokio::task::JoinSet<Result<(), Status>> = tokio::task::JoinSet::new();
+        // The object being received: its key and bytes so far.
+        let mut current: Option<(String, Vec<u8>)> = None;
+        while let Some(c) = chunks.message().await? {
+            let (key, mut data) = match current.take() {
+                Some((key, data)) if key == c.key => (key, data),
+                Some((key, _)) => return Err(final_status(tonic::Code::InvalidArgument, format!("object {key} ended without its last chunk"))),
+                None => {
+                    import_key(&c.key).map_err(|e| final_status(tonic::Code::InvalidArgument, e))?;
+                    (c.key.clone(), Vec::new())
+                }
+            };
+            if data.len() + c.data.len() > MAX_PUT_OBJECT {
+                return Err(final_status(tonic::Code::InvalidArgument, format!("object {key} is over {MAX_PUT_OBJECT} bytes (write smaller shards)")));
+            }
+            data.extend_from_slice(&c.data);
+            if !c.last {
+                current = Some((key, data));
+                continue;
+            }
+            while writes.len() >= PUTS_IN_FLIGHT {
+                writes.join_next().await.expect("a write is in flight").map_err(|e| Status::internal(e.to_string()))??;
+            }
+            let store = store.clone();
+            reply.bytes += data.len() as u64;
+            reply.keys.push(key.clone());
+            writes.spawn_blocking(move || store.put(&key, &[&data]).map_err(|e| Status::unavailable(format!("writing to the store: {e}"))));
+        }
+        while let Some(done) = writes.join_next().await {
+            done.map_err(|e| Status::internal(e.to_string()))??;
+        }
+        if let Some((key, _)) = current {
+            return Err(final_status(tonic::Code::InvalidArgument, format!("object {key} ended without its last chunk")));
+        }
+        Ok(Response::new(reply))
+    }
+
+    async fn drop_import(&self, r: Request<DropImportRequest>) -> Result<Response<Ack>, Status> {
+        let folder = r.into_inner().folder;
+        import_key(&format!("{folder}/x")).map_err(|_| final_status(tonic::Code::InvalidArgument, format!("{folder:?} is not an import's folder (datasets/NAME/import-ID)")))?;
+        self.linearize().await?;
+        if self.0.state.read().expect("state lock").dataset_folders().any(|(_, f)| f == folder) {
+            return Err(final_status(tonic::Code::FailedPrecondition, format!("{folder} holds a registered slice: it stays")));
+        }
+        let store = self.0.cfg.store.clone();
+        tokio::task::spawn_blocking(move || store.delete_prefix(&folder))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::unavailable(format!("removing from the store: {e}")))?;
+        Ok(Response::new(Ack {}))
+    }
+
+    type GetObjectStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<ObjectChunk, Status>> + Send>>;
+
+    async fn get_object(&self, r: Request<GetObjectRequest>) -> Result<Response<Self::GetObjectStream>, Status> {
+        let key = r.into_inner().key;
+        let readable = shoal_core::store::check_key(&key).is_ok() && (key.starts_with("datasets/") || key.starts_with("jobs/"));
+        if !readable {
+            return Err(final_status(tonic::Code::InvalidArgument, format!("{key:?}: only objects of datasets (datasets/...) and jobs (jobs/...) can be read")));
+        }
+        let store = self.0.cfg.store.clone();
+        let size = {
+            let (store, key) = (store.clone(), key.clone());
+            tokio::task::spawn_blocking(move || store.size(&key)).await.map_err(|e| Status::internal(e.to_string()))?
+        };
+        let size = size.map_err(|e| match e {
+            shoal_core::store::StoreError::NotFound { .. } => final_status(tonic::Code::NotFound, e.to_string()),
+            e => Status::unavailable(format!("reading the store: {e}")),
+        })?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            let mut at = 0u64;
+            loop {
+                let end = (at + OBJECT_CHUNK).min(size);
+                let piece = store.get_range(&key, at..end).map_err(|e| Status::unavailable(format!("reading the store: {e}")));
+                let failed = piece.is_err();
+                let sent = tx.blocking_send(piece.map(|data| ObjectChunk { key: key.clone(), data, last: end == size }));
+                if sent.is_err() || failed || end == size {
+                    return;
+                }
+                at = end;
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
     async fn get_job_metrics(&self, r: Request<shoal_proto::JobMetricsRequest>) -> Result<Response<shoal_proto::JobMetrics>, Status> {
         let req = r.into_inner();
         self.linearize().await?;
         let job = self.0.state.read().expect("state lock").job(req.id).cloned();
         let job = job.ok_or_else(|| final_status(tonic::Code::NotFound, format!("job {} does not exist (or retention removed it)", req.id)))?;
-        let store = self.0.cfg.store_dir.clone();
-        // Reading the chunks is file IO: off the async threads.
+        let store = self.0.cfg.store.clone();
+        // Reading the chunks is store IO: off the async threads.
         let metrics = tokio::task::spawn_blocking(move || {
             let mut chunks = Vec::with_capacity(job.metric_chunks.len());
             let mut unreadable = 0u32;
             for c in &job.metric_chunks {
-                let read = std::fs::read(store.join(&c.path)).ok().filter(|b| blake3::hash(b).to_hex().as_str() == c.blake3);
+                let read = store.get(&c.path).ok().filter(|b| blake3::hash(b).to_hex().as_str() == c.blake3);
                 match read.and_then(|b| shoal_proto::MetricChunk::decode(&b[..]).ok()) {
                     Some(chunk) => chunks.push(chunk),
                     None => unreadable += 1,

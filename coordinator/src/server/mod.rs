@@ -38,7 +38,8 @@ pub struct CoordinatorConfig {
     /// Every voter's id and address, this replica's included.
     pub peers: BTreeMap<u64, String>,
     pub data_dir: PathBuf,
-    pub store_dir: PathBuf,
+    /// Where datasets, checkpoints and outputs live (a folder or an object store).
+    pub store: shoal_core::store::Store,
     /// A worker that sends no heartbeat for this long is declared lost.
     pub lease: Duration,
     /// The cluster this replica belongs to. None: the one its data folder records, or (a new
@@ -164,7 +165,7 @@ pub async fn serve(
     if !cfg.peers.contains_key(&cfg.id) {
         return Err(CoordError::Config(format!("peer list {:?} does not include this replica's id {}", cfg.peers.keys(), cfg.id)));
     }
-    for dir in [&cfg.data_dir, &cfg.store_dir] {
+    for dir in [Some(cfg.data_dir.as_path()), cfg.store.local_root()].into_iter().flatten() {
         shoal_core::fsutil::create_dirs_durably(dir).map_err(|e| CoordError::Io(format!("{}: {e}", dir.display())))?;
     }
     let lock_path = cfg.data_dir.join("LOCK");

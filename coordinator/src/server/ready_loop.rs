@@ -110,14 +110,14 @@ fn carry_out(shared: &Shared, effect: Effect) {
         // removed anything (`shoal job prune` removes such leftovers).
         Effect::RemoveJobFiles(_) if shoal_core::failpoint::hit("prune-files-lost", 0) => {}
         Effect::RemoveJobFiles(jobs) => {
-            let store = shared.cfg.store_dir.clone();
+            let store = shared.cfg.store.clone();
             tokio::task::spawn_blocking(move || {
                 for id in jobs {
-                    let dir = store.join(format!("jobs/{id}"));
-                    match std::fs::remove_dir_all(&dir) {
-                        Ok(()) => tracing::info!(job = id, dir = %dir.display(), "removed the files of a job that retention removed"),
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => tracing::warn!(job = id, dir = %dir.display(), error = %e, "could not remove a pruned job's files (`shoal job prune` tries again)"),
+                    let dir = format!("jobs/{id}");
+                    match store.delete_prefix(&dir) {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(job = id, dir, objects = n, "removed the files of a job that retention removed"),
+                        Err(e) => tracing::warn!(job = id, dir, error = %e, "could not remove a pruned job's files (`shoal job prune` tries again)"),
                     }
                 }
             });

@@ -22,7 +22,6 @@
 //! good step is committed as a checkpoint first.
 
 use std::ops::Range;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -50,7 +49,7 @@ use lanes::Lanes;
 use step::{StepInput, StepLoop, Strategy};
 
 pub struct TrainTask {
-    pub store: PathBuf,
+    pub store: shoal_core::store::Store,
     pub assignment: Assignment,
     pub mailbox: Arc<Mailbox>,
     /// This worker's raw-TCP ring listener (None: the tcp transport is not offered).
@@ -847,7 +846,6 @@ struct InFlight {
 struct Checkpointer {
     writer: Writer,
     link: Arc<dyn JobLink>,
-    store: PathBuf,
     every_steps: Option<u64>,
     every: Option<Duration>,
     last_start: Instant,
@@ -879,7 +877,6 @@ impl Checkpointer {
         Ok(Checkpointer {
             writer: Writer::spawn(task.store.clone(), task.link.clone(), write_seconds)?,
             link: task.link.clone(),
-            store: task.store.clone(),
             every_steps: spec.checkpoint.every_steps,
             every: spec.checkpoint.every_seconds.map(Duration::from_secs_f64),
             last_start: Instant::now(),
@@ -981,7 +978,7 @@ impl Checkpointer {
     }
 
     fn start(&mut self, state: &TrainState) {
-        let dir = self.store.join(checkpoint_dir(self.base.job_id, state.step));
+        let dir = checkpoint_dir(self.base.job_id, state.step);
         let snapshot = PartSnapshot::take(
             state.step,
             self.rank as u32,
@@ -1259,7 +1256,7 @@ mod tests {
         let recs = Records { features: IdxData::U8((0..64 * 6).map(|_| rng.below(256) as u8).collect()), feature_shape: vec![6], labels: (0..64).map(|i| i % 3).collect(), targets: None };
         let folder = shoal_core::dataset::import_dir("d", "t").unwrap();
         let info = write_shards(dir.path(), "d", &folder, &recs, 2).unwrap();
-        let ds = ShardedDataset::open(dir.path(), &info).unwrap();
+        let ds = ShardedDataset::open(&shoal_core::store::Store::local(dir.path()), &info).unwrap();
         let spec = JobSpec::parse(
             "name = \"t\"\n[model]\nkind = \"mlp\"\nhidden = [7]\n[dataset]\nname = \"d\"\ntrain = [0, 64]\n\
              [training]\nepochs = 1\nbatch_size = 24\n[training.optimizer]\nkind = \"sgd\"\nlr = 0.1\n",
@@ -1364,7 +1361,7 @@ mod tests {
         ))
         .unwrap();
         let model = crate::model::build(&spec.model, &[6], 3, spec.training.seed).unwrap().layout().clone();
-        (ShardedDataset::open(dir, &info).unwrap(), model, spec)
+        (ShardedDataset::open(&shoal_core::store::Store::local(dir), &info).unwrap(), model, spec)
     }
 
     /// One step on each of two ranks of a real TCP ring (`cuts`: the buckets; `lanes`: that
