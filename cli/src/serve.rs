@@ -220,8 +220,13 @@ pub async fn serve(cmd: ServeCmd) -> Result<()> {
             if !(cache_gb.is_finite() && cache_gb >= 0.0) {
                 bail!("--cache-gb must be a size in GB (0 or more), not {cache_gb}");
             }
-            let cache_dir = cache_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("shoal-shard-cache-{}", std::process::id())));
-            let store = store.open()?.with_cache(cache_dir, (cache_gb * 1e9) as u64)?;
+            // The default folder is this process's own, removed when it stops.
+            let own_cache = cache_dir.is_none().then(|| std::env::temp_dir().join(format!("shoal-shard-cache-{}", std::process::id())));
+            let store = store.open()?;
+            let store = match cache_dir.clone().or_else(|| own_cache.clone()) {
+                Some(dir) if store.local_root().is_none() => store.with_cache(dir, (cache_gb * 1e9) as u64)?,
+                _ => store,
+            };
             let (_, http) = http.start(None).await?;
             let listener = bind_retrying(&listen).await?;
             let advertise = advertised(listener.local_addr()?, advertise.as_deref(), "--listen", "--advertise")?;
@@ -237,6 +242,9 @@ pub async fn serve(cmd: ServeCmd) -> Result<()> {
             };
             let served = shoal_worker::run_worker(cfg, listener, shutdown_signal()).await;
             http.abort();
+            if let Some(dir) = own_cache {
+                let _ = std::fs::remove_dir_all(dir);
+            }
             served?;
         }
     }
