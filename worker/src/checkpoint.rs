@@ -189,26 +189,28 @@ fn f32_bytes(xs: &[f32]) -> std::borrow::Cow<'_, [u8]> {
     }
 }
 
+/// The blake3 of `pieces` back to back, in hex.
+fn blake3_hex(pieces: &[&[u8]]) -> String {
+    let mut h = blake3::Hasher::new();
+    for p in pieces {
+        h.update(p);
+    }
+    h.finalize().to_hex().to_string()
+}
+
 /// Writes `pieces` as object `dir/name` of the store, hashing on a second thread while the
 /// first writes. Returns (bytes, blake3 hex). `step` arms the fault points of checkpoint
 /// writes (None: no fault points).
 fn write_object(store: &Store, dir: &str, name: &str, tag: &str, pieces: &[&[u8]], step: Option<u64>) -> Result<(u64, String), CheckpointError> {
     let Some(root) = store.local_root() else {
         let key = format!("{dir}/{name}");
-        let hash = || {
-            let mut h = blake3::Hasher::new();
-            for p in pieces {
-                h.update(p);
-            }
-            h.finalize().to_hex().to_string()
-        };
         if step.is_some_and(|s| failpoint::hit("checkpoint-enospc", s)) {
             return Err(CheckpointError::io(Path::new(&key), std::io::Error::from_raw_os_error(28)));
         }
         // A PUT is whole or absent: the fault points after the files and after the rename
         // are the same moment.
         let (put, hash) = std::thread::scope(|s| {
-            let hasher = s.spawn(hash);
+            let hasher = s.spawn(|| blake3_hex(pieces));
             (store.put(&key, pieces), hasher.join().expect("the hashing thread does not panic"))
         });
         put.map_err(|e| CheckpointError::io(Path::new(&key), std::io::Error::other(e.to_string())))?;
@@ -227,13 +229,7 @@ fn write_file(dir: &Path, name: &str, tag: &str, pieces: &[&[u8]], step: Option<
     shoal_core::fsutil::create_dirs_durably(dir).map_err(|e| CheckpointError::io(dir, e))?;
     let tmp = dir.join(format!(".{name}.tmp.{tag}"));
     let (written, hash) = std::thread::scope(|s| {
-        let hasher = s.spawn(|| {
-            let mut h = blake3::Hasher::new();
-            for p in pieces {
-                h.update(p);
-            }
-            h.finalize().to_hex().to_string()
-        });
+        let hasher = s.spawn(|| blake3_hex(pieces));
         let written = (|| -> std::io::Result<()> {
             if step.is_some_and(|s| failpoint::hit("checkpoint-enospc", s)) {
                 return Err(std::io::Error::from_raw_os_error(28));

@@ -149,8 +149,9 @@ impl Api {
 
     /// Removes the store folders under `root` (relative to the store) that `keep` says are not
     /// referenced, older than `min_age`; returns what went.
-    /// A folder's age is its newest object's. Blocking: the store's calls are IO.
-    fn remove_unreferenced(store: &Store, root: &str, keep: impl Fn(&str) -> bool, min_age: Duration) -> Vec<String> {
+    /// A folder is the first `depth` parts below `root`; its age is its newest object's.
+    /// Blocking: the store's calls are IO.
+    fn remove_unreferenced(store: &Store, root: &str, depth: usize, keep: impl Fn(&str) -> bool, min_age: Duration) -> Vec<String> {
         let entries = match store.list(root) {
             Ok(e) => e,
             Err(e) => {
@@ -158,11 +159,15 @@ impl Api {
                 return Vec::new();
             }
         };
-        // Folder (the first part below `root`) -> its newest object's time.
+        // Folder -> its newest object's time (an object directly in a folder's parent is none).
         let mut folders: BTreeMap<String, u64> = BTreeMap::new();
         for e in &entries {
-            let Some((folder, _)) = e.key.strip_prefix(root).and_then(|r| r.strip_prefix('/')).and_then(|r| r.split_once('/')) else { continue };
-            let newest = folders.entry(format!("{root}/{folder}")).or_default();
+            let Some(below) = e.key.strip_prefix(root).and_then(|r| r.strip_prefix('/')) else { continue };
+            let parts: Vec<&str> = below.split('/').collect();
+            if parts.len() <= depth {
+                continue;
+            }
+            let newest = folders.entry(format!("{root}/{}", parts[..depth].join("/"))).or_default();
             *newest = (*newest).max(e.modified_unix_ms);
         }
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
@@ -360,7 +365,7 @@ impl Coordinator for Api {
         };
         let keep = move |rel: &str| rel.rsplit('/').next().and_then(|n| n.parse::<u64>().ok()).is_none_or(|id| id > last || jobs.contains(&id));
         let store = self.0.cfg.store.clone();
-        reply.removed_paths = tokio::task::spawn_blocking(move || Self::remove_unreferenced(&store, "jobs", keep, Duration::ZERO))
+        reply.removed_paths = tokio::task::spawn_blocking(move || Self::remove_unreferenced(&store, "jobs", 1, keep, Duration::ZERO))
             .await
             .map_err(|e| Status::internal(format!("pruning job folders: {e}")))?;
         Ok(Response::new(reply))
@@ -373,16 +378,10 @@ impl Coordinator for Api {
         let folders: BTreeSet<String> = self.0.state.read().expect("state lock").dataset_folders().map(|(_, f)| f.to_string()).collect();
         let min_age = Duration::from_secs(r.min_age_s);
         let store = self.0.cfg.store.clone();
-        let removed = tokio::task::spawn_blocking(move || {
-            let names: BTreeSet<String> = store.list("datasets").unwrap_or_default().into_iter().filter_map(|e| Some(e.key.split('/').nth(1)?.to_string())).collect();
-            let mut removed = Vec::new();
-            for name in names {
-                // A batch job's folder holds its output until it is registered: a running job's
-                // stays (its id is above nothing we can tell cheaply, so age decides, as for imports).
-                removed.extend(Self::remove_unreferenced(&store, &format!("datasets/{name}"), |rel| folders.contains(rel), min_age));
-            }
-            removed
-        })
+        // Folders `datasets/NAME/FOLDER`, in one listing. A batch job's folder holds its output
+        // until it is registered: a running job's stays (its id is above nothing we can tell
+        // cheaply, so age decides, as for imports).
+        let removed = tokio::task::spawn_blocking(move || Self::remove_unreferenced(&store, "datasets", 2, |rel| folders.contains(rel), min_age))
         .await
         .map_err(|e| Status::internal(format!("collecting datasets: {e}")))?;
         Ok(Response::new(PruneReply { removed_paths: removed, ..Default::default() }))
