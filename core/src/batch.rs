@@ -171,7 +171,8 @@ impl BatchSpec {
             return Err(bad("operator.batch_size", "must be 1 to 65536"));
         }
         match (&self.output, op.kind.as_str()) {
-            (None, "stats") => {}
+            // Without an output, score measures only (a pipeline's `evaluate` step).
+            (None, "stats" | "score") => {}
             (None, _) => return Err(bad("output.dataset", format!("{} writes a dataset: name it in [output] dataset = \"NAME\"", op.kind))),
             (Some(o), _) => {
                 crate::dataset::validate_name(&o.dataset).map_err(|e| bad("output.dataset", e))?;
@@ -263,7 +264,6 @@ mod tests {
         for (edit, want) in [
             (SCORE.replace("model = \"job:7\"\n", ""), "operator.model"),
             (SCORE.replace("kind = \"score\"", "kind = \"paint\""), "operator.kind"),
-            (SCORE.replace("[output]\ndataset = \"mnist-scores\"\n", ""), "output.dataset"),
             (SCORE.replace("max_attempts = 3", "max_attempts = 0"), "cluster.max_attempts"),
             (SCORE.replace("records = [8000, 10000]", "records = [5, 5]"), "input.records"),
             (SCORE.replace("model = \"job:7\"", "model = \"job:7\"\ncommand = [\"x\"]"), "operator.command"),

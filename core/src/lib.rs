@@ -14,6 +14,7 @@ pub mod idx;
 pub mod limits;
 pub mod model;
 pub mod node;
+pub mod pipeline;
 pub mod rng;
 pub mod schedule;
 pub mod spec;
@@ -33,6 +34,8 @@ pub enum CoreError {
     NotIdx { path: String, reason: String },
     #[error("invalid job spec: {0}")]
     Spec(String),
+    #[error("invalid pipeline: {0}")]
+    Pipeline(String),
     #[error("invalid dataset: {0}")]
     Dataset(String),
     #[error("{path}: corrupt shard: {reason}")]

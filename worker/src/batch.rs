@@ -121,7 +121,13 @@ pub fn run_task(store: &Store, a: &Assignment, cache: &ModelCache, cancel: &Atom
             result.correct = sums.correct;
             // Fixed-point sums as f64: the coordinator adds the tasks' in task order.
             (result.loss_sum, result.sse, result.target_sums, result.target_sq_sums) = sums.report();
-            Some((records, pred))
+            if a.output_folder.is_empty() {
+                // Metrics only: the records were scored, nothing is written.
+                result.records_out = records.len() as u64;
+                None
+            } else {
+                Some((records, pred))
+            }
         }
         ("exec", _) => {
             let written = exec(a, &spec, &ds, lo, hi, cancel)?;

@@ -289,6 +289,7 @@ impl StateMachine {
         let writes = match b.operator.as_str() {
             "stats" => false,
             "transform" => b.phase == 1,
+            "score" => !b.output_folder.is_empty(),
             _ => true,
         };
         let folder = b.output_folder.clone();
@@ -412,6 +413,11 @@ impl StateMachine {
                     b.test_r2 = total.and_then(|t| (t > 0.0).then(|| 1.0 - sse / t)).filter(|r| r.is_finite());
                 }
             }
+        }
+        if b.operator == "score" && b.output_dataset.is_empty() {
+            // Metrics only (no [output]): nothing to register.
+            self.finish_job(id, JobState::Succeeded, String::new());
+            return;
         }
         let wrote: Vec<(u32, &TaskResult)> = b.tasks.iter().map(|t| (t.index, result(t))).filter(|(_, r)| r.records_out > 0).collect();
         let (shape, dtype, width) = wrote.first().map(|(_, r)| (r.feature_shape.clone(), r.feature_dtype.clone(), r.target_width)).unwrap_or_default();
@@ -582,6 +588,9 @@ fn check_report(report: &TaskReport, task: &BatchTask, folder: &str, op: &str, w
         if r.feature_shape.is_empty() || r.feature_shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).is_none_or(|n| n == 0 || n > MAX_FEATURES) {
             return Err(format!("output feature shape {:?} is not usable", r.feature_shape));
         }
+    }
+    if !writes && op == "score" && r.records_out != span {
+        return Err(format!("{} records scored for the task's {span}", r.records_out));
     }
     // A language model's records hold `context` predictions each.
     if r.correct > r.records_out.saturating_mul(u64::from(context.max(1))) {

@@ -1,0 +1,860 @@
+//! Pipelines: a DAG of shoal's own steps (`[[step]]`s of kinds `train`, `batch`, `evaluate`,
+//! `register`), with `needs`, a `when` condition on upstream outputs, `retries`, `timeout_s`,
+//! and references to upstream outputs (`"{steps.train.model}"`) in any string of a step.
+//!
+//! `PipelineSpec::parse` validates everything that can be known without the cluster: unknown
+//! keys, unknown steps, cycles, references to a step that is not upstream or to an output its
+//! kind never produces, and each step's job spec (with every reference replaced by a sample of
+//! its type). The coordinator renders a step (`Step::render`) once its upstream steps are done,
+//! inside the apply of the entry that finished them, so a step starts exactly once.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::{CoreError, Result};
+
+/// Most steps one pipeline may have.
+pub const MAX_STEPS: usize = 256;
+/// Most retries one step may ask for.
+pub const MAX_RETRIES: u32 = 10;
+
+fn bad(key: impl std::fmt::Display, msg: impl std::fmt::Display) -> CoreError {
+    CoreError::Pipeline(format!("{key}: {msg}"))
+}
+
+fn bad_step(step: &str, key: &str, msg: impl std::fmt::Display) -> CoreError {
+    CoreError::Pipeline(format!("step {step:?}: {key}: {msg}"))
+}
+
+/// What a step does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepKind {
+    /// A training job: `spec` is a job spec (a table; the CLI inlines `spec = "PATH"`).
+    Train,
+    /// A batch job: `spec` is a batch spec.
+    Batch,
+    /// A model scored on a dataset's records, metrics only: `model`, `dataset`, `records`.
+    Evaluate,
+    /// A training step's model put in the registry: `model` (`job:N`), `as` (the model's
+    /// name), `alias`.
+    Register,
+}
+
+impl StepKind {
+    fn parse(s: &str) -> Option<StepKind> {
+        Some(match s {
+            "train" => StepKind::Train,
+            "batch" => StepKind::Batch,
+            "evaluate" => StepKind::Evaluate,
+            "register" => StepKind::Register,
+            _ => return None,
+        })
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            StepKind::Train => "train",
+            StepKind::Batch => "batch",
+            StepKind::Evaluate => "evaluate",
+            StepKind::Register => "register",
+        }
+    }
+
+    /// The outputs a step of this kind may have (a metric only when the model has it).
+    pub fn outputs(self) -> &'static [&'static str] {
+        const METRICS: [&str; 5] = ["test_accuracy", "test_loss", "test_bpb", "test_rmse", "test_r2"];
+        match self {
+            StepKind::Train => &["job", "model", "registered_model", "step", METRICS[0], METRICS[1], METRICS[2], METRICS[3], METRICS[4]],
+            StepKind::Batch => &["job", "output", METRICS[0], METRICS[1], METRICS[2], METRICS[3], METRICS[4]],
+            StepKind::Evaluate => &["job", METRICS[0], METRICS[1], METRICS[2], METRICS[3], METRICS[4]],
+            StepKind::Register => &["model", "name", "version"],
+        }
+    }
+
+    /// The keys of a step of this kind besides the common ones.
+    fn keys(self) -> &'static [&'static str] {
+        match self {
+            StepKind::Train | StepKind::Batch => &["spec"],
+            StepKind::Evaluate => &["model", "dataset", "records", "transform", "workers", "batch_size"],
+            StepKind::Register => &["model", "as", "alias"],
+        }
+    }
+
+    /// A value of the output's type, for checking a spec before the real value exists.
+    fn sample(self, output: &str) -> &'static str {
+        match (self, output) {
+            (_, "job" | "step" | "version") => "1",
+            (StepKind::Register, "model") => "model@1",
+            (_, "model") => "job:1",
+            (_, "registered_model") => "model@1",
+            (_, "name") => "model",
+            (_, "output") => "dataset@1",
+            _ => "0.5",
+        }
+    }
+}
+
+const COMMON_KEYS: [&str; 8] = ["name", "kind", "needs", "when", "retries", "timeout_s", "cache", "cache_ignore"];
+
+/// A reference to an upstream step's output.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct OutputRef {
+    pub step: String,
+    pub output: String,
+}
+
+impl std::fmt::Display for OutputRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "steps.{}.{}", self.step, self.output)
+    }
+}
+
+/// One `[[step]]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Step {
+    pub name: String,
+    pub kind: StepKind,
+    pub needs: Vec<String>,
+    pub when: Option<Condition>,
+    /// Attempts after the first failed one.
+    pub retries: u32,
+    pub timeout_s: Option<u64>,
+    /// The step's own keys (everything but the common ones), references still in place.
+    pub params: toml::Table,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PipelineSpec {
+    pub name: String,
+    pub description: Option<String>,
+    /// In the file's order, which is a topological order (`parse` checks that every `needs`
+    /// names an earlier step, so no cycle can exist).
+    pub steps: Vec<Step>,
+}
+
+/// Names: 1-64 of [A-Za-z0-9_-], starting with a letter.
+fn check_name(key: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(bad(key, format!("{name:?} must be 1-64 of [A-Za-z0-9_-], starting with a letter")))
+    }
+}
+
+impl PipelineSpec {
+    /// Parses and validates a pipeline. The error names the step and the key.
+    pub fn parse(text: &str) -> Result<PipelineSpec> {
+        let table: toml::Table = toml::from_str(text).map_err(|e| CoreError::Pipeline(e.to_string().trim().to_string()))?;
+        if let Some(k) = table.keys().find(|k| !["name", "description", "step"].contains(&k.as_str())) {
+            return Err(bad(k, "unknown key (a pipeline has name, description and [[step]]s)"));
+        }
+        let name = match table.get("name") {
+            Some(toml::Value::String(s)) => s.clone(),
+            Some(_) => return Err(bad("name", "must be a string")),
+            None => return Err(bad("name", "missing")),
+        };
+        check_name("name", &name)?;
+        let description = match table.get("description") {
+            None => None,
+            Some(toml::Value::String(s)) => Some(s.clone()),
+            Some(_) => return Err(bad("description", "must be a string")),
+        };
+        let raw = match table.get("step") {
+            Some(toml::Value::Array(a)) if !a.is_empty() => a,
+            Some(toml::Value::Array(_)) | None => return Err(bad("step", "a pipeline needs at least one [[step]]")),
+            Some(_) => return Err(bad("step", "must be an array of tables ([[step]])")),
+        };
+        if raw.len() > MAX_STEPS {
+            return Err(bad("step", format!("{} steps; at most {MAX_STEPS}", raw.len())));
+        }
+        let mut steps: Vec<Step> = Vec::with_capacity(raw.len());
+        let names: BTreeSet<String> = raw.iter().filter_map(|s| s.get("name").and_then(|n| n.as_str()).map(str::to_string)).collect();
+        for (i, s) in raw.iter().enumerate() {
+            let toml::Value::Table(t) = s else { return Err(bad(format!("step[{i}]"), "must be a table")) };
+            let step = parse_step(i, t, &steps, &names)?;
+            steps.push(step);
+        }
+        let spec = PipelineSpec { name, description, steps };
+        for step in &spec.steps {
+            spec.check_step(step)?;
+        }
+        Ok(spec)
+    }
+
+    pub fn step(&self, name: &str) -> Option<&Step> {
+        self.steps.iter().find(|s| s.name == name)
+    }
+
+    /// The steps upstream of `step` (its needs, their needs, ...).
+    pub fn upstream(&self, step: &str) -> BTreeSet<String> {
+        let mut seen = BTreeSet::new();
+        let mut todo = vec![step.to_string()];
+        while let Some(s) = todo.pop() {
+            for n in self.step(&s).map(|s| s.needs.as_slice()).unwrap_or_default() {
+                if seen.insert(n.clone()) {
+                    todo.push(n.clone());
+                }
+            }
+        }
+        seen
+    }
+
+    /// References must name an upstream step and an output of its kind; the step's spec must
+    /// validate with samples in their place.
+    fn check_step(&self, step: &Step) -> Result<()> {
+        let upstream = self.upstream(&step.name);
+        let check_ref = |key: &str, r: &OutputRef| -> Result<()> {
+            let Some(target) = self.step(&r.step) else {
+                return Err(bad_step(&step.name, key, format!("{{{r}}} names no step {:?}", r.step)));
+            };
+            if !upstream.contains(&r.step) {
+                return Err(bad_step(&step.name, key, format!("{{{r}}}: step {:?} is not upstream of {:?} (add it to needs)", r.step, step.name)));
+            }
+            if !target.kind.outputs().contains(&r.output.as_str()) {
+                return Err(bad_step(
+                    &step.name,
+                    key,
+                    format!("{{{r}}}: a {} step has no output {:?} (it has {})", target.kind.label(), r.output, target.kind.outputs().join(", ")),
+                ));
+            }
+            Ok(())
+        };
+        for (key, r) in references(&step.params)? {
+            check_ref(&key, &r)?;
+        }
+        if let Some(c) = &step.when {
+            for r in c.references() {
+                check_ref("when", &r)?;
+            }
+        }
+        let samples: BTreeMap<String, BTreeMap<String, String>> = self
+            .steps
+            .iter()
+            .map(|s| (s.name.clone(), s.kind.outputs().iter().map(|o| (o.to_string(), s.kind.sample(o).to_string())).collect()))
+            .collect();
+        let rendered = step.render(&|r: &OutputRef| samples.get(&r.step).and_then(|o| o.get(&r.output)).cloned())?;
+        match step.kind {
+            StepKind::Train => {
+                crate::JobSpec::parse(&rendered).map_err(|e| bad_step(&step.name, "spec", e))?;
+            }
+            StepKind::Batch | StepKind::Evaluate => {
+                crate::batch::BatchSpec::parse(&rendered).map_err(|e| bad_step(&step.name, if step.kind == StepKind::Batch { "spec" } else { "evaluate" }, e))?;
+            }
+            StepKind::Register => {}
+        }
+        Ok(())
+    }
+}
+
+fn parse_step(i: usize, t: &toml::Table, earlier: &[Step], names: &BTreeSet<String>) -> Result<Step> {
+    let name = match t.get("name") {
+        Some(toml::Value::String(s)) => s.clone(),
+        _ => return Err(bad(format!("step[{i}].name"), "missing (every step has a name = \"...\")")),
+    };
+    check_name(&format!("step[{i}].name"), &name)?;
+    if earlier.iter().any(|s| s.name == name) {
+        return Err(bad_step(&name, "name", "two steps have this name"));
+    }
+    let kind = match t.get("kind") {
+        Some(toml::Value::String(k)) => StepKind::parse(k).ok_or_else(|| bad_step(&name, "kind", format!("{k:?} is not train, batch, evaluate or register")))?,
+        _ => return Err(bad_step(&name, "kind", "missing (train, batch, evaluate or register)")),
+    };
+    if let Some(k) = t.keys().find(|k| !COMMON_KEYS.contains(&k.as_str()) && !kind.keys().contains(&k.as_str())) {
+        return Err(bad_step(&name, k, format!("unknown key for a {} step (it takes {})", kind.label(), kind.keys().join(", "))));
+    }
+    let needs = match t.get("needs") {
+        None => Vec::new(),
+        Some(toml::Value::Array(a)) => a.iter().map(|v| v.as_str().map(str::to_string).ok_or_else(|| bad_step(&name, "needs", "must be a list of step names"))).collect::<Result<Vec<_>>>()?,
+        Some(_) => return Err(bad_step(&name, "needs", "must be a list of step names")),
+    };
+    for n in &needs {
+        if n == &name {
+            return Err(bad_step(&name, "needs", "a step cannot need itself (a cycle)"));
+        }
+        if !earlier.iter().any(|s| &s.name == n) {
+            return Err(if names.contains(n) {
+                bad_step(&name, "needs", format!("{n:?} comes later in the file: steps are listed in an order where each needs only earlier ones (this also rules out cycles)"))
+            } else {
+                bad_step(&name, "needs", format!("there is no step {n:?}"))
+            });
+        }
+    }
+    let when = match t.get("when") {
+        None => None,
+        Some(toml::Value::String(s)) => Some(Condition::parse(s).map_err(|e| bad_step(&name, "when", e))?),
+        Some(_) => return Err(bad_step(&name, "when", "must be a string such as \"steps.eval.test_accuracy >= 0.9\"")),
+    };
+    let retries = match t.get("retries") {
+        None => 0,
+        Some(toml::Value::Integer(n)) if (0..=MAX_RETRIES as i64).contains(n) => *n as u32,
+        Some(v) => return Err(bad_step(&name, "retries", format!("must be 0 to {MAX_RETRIES}, got {v}"))),
+    };
+    let timeout_s = match t.get("timeout_s") {
+        None => None,
+        Some(toml::Value::Integer(n)) if *n >= 1 => Some(*n as u64),
+        Some(v) => return Err(bad_step(&name, "timeout_s", format!("must be a whole number of seconds, at least 1, got {v}"))),
+    };
+    match t.get("cache") {
+        None | Some(toml::Value::Boolean(_)) => {}
+        Some(_) => return Err(bad_step(&name, "cache", "must be true or false")),
+    }
+    match t.get("cache_ignore") {
+        None => {}
+        Some(toml::Value::Array(a)) if a.iter().all(|v| v.is_str()) => {}
+        Some(_) => return Err(bad_step(&name, "cache_ignore", "must be a list of keys")),
+    }
+    let params: toml::Table = t.iter().filter(|(k, _)| !COMMON_KEYS.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let require_str = |key: &str| match params.get(key) {
+        Some(toml::Value::String(_)) => Ok(()),
+        Some(_) => Err(bad_step(&name, key, "must be a string")),
+        None => Err(bad_step(&name, key, format!("missing (a {} step needs it)", kind.label()))),
+    };
+    match kind {
+        StepKind::Train | StepKind::Batch => match params.get("spec") {
+            Some(toml::Value::Table(_)) => {}
+            Some(toml::Value::String(p)) => return Err(bad_step(&name, "spec", format!("{p:?}: a spec by path is read by `shoal pipeline submit`, which puts it inline"))),
+            Some(_) => return Err(bad_step(&name, "spec", "must be a table (the job spec) or a path")),
+            None => return Err(bad_step(&name, "spec", format!("missing (a {} step needs its job spec)", kind.label()))),
+        },
+        StepKind::Evaluate => {
+            require_str("model")?;
+            require_str("dataset")?;
+        }
+        StepKind::Register => {
+            require_str("model")?;
+            require_str("as")?;
+            if let Some(v) = params.get("alias").filter(|v| !v.is_str()) {
+                return Err(bad_step(&name, "alias", format!("must be a string, got {v}")));
+            }
+        }
+    }
+    Ok(Step { name, kind, needs, when, retries, timeout_s, params })
+}
+
+/// Every `{steps.S.O}` in the strings of `t`, with the dotted key it is in.
+fn references(t: &toml::Table) -> Result<Vec<(String, OutputRef)>> {
+    fn walk(key: &str, v: &toml::Value, out: &mut Vec<(String, OutputRef)>) -> Result<()> {
+        match v {
+            toml::Value::String(s) => {
+                for r in refs_in(s).map_err(|e| bad(key, e))? {
+                    out.push((key.to_string(), r));
+                }
+            }
+            toml::Value::Array(a) => {
+                for (i, v) in a.iter().enumerate() {
+                    walk(&format!("{key}[{i}]"), v, out)?;
+                }
+            }
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    walk(&format!("{key}.{k}"), v, out)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    for (k, v) in t {
+        walk(k, v, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// The references in one string: `{steps.S.O}`. A `{` not starting a reference stays as it is.
+fn refs_in(s: &str) -> std::result::Result<Vec<OutputRef>, String> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some(at) = rest.find("{steps.") {
+        let tail = &rest[at + 1..];
+        let end = tail.find('}').ok_or_else(|| format!("{s:?}: a reference {{steps...}} is not closed"))?;
+        out.push(parse_ref(&tail[..end])?);
+        rest = &tail[end + 1..];
+    }
+    Ok(out)
+}
+
+fn parse_ref(text: &str) -> std::result::Result<OutputRef, String> {
+    let parts: Vec<&str> = text.split('.').collect();
+    match parts.as_slice() {
+        ["steps", step, output] if !step.is_empty() && !output.is_empty() => Ok(OutputRef { step: step.to_string(), output: output.to_string() }),
+        _ => Err(format!("{text:?} is not a reference steps.STEP.OUTPUT")),
+    }
+}
+
+fn substitute(s: &str, value: &dyn Fn(&OutputRef) -> Option<String>) -> std::result::Result<String, String> {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(at) = rest.find("{steps.") {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at + 1..];
+        let end = tail.find('}').ok_or_else(|| format!("{s:?}: a reference is not closed"))?;
+        let r = parse_ref(&tail[..end])?;
+        out.push_str(&value(&r).ok_or_else(|| format!("{{{r}}}: step {:?} has no output {:?}", r.step, r.output))?);
+        rest = &tail[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn render_value(key: &str, v: &toml::Value, value: &dyn Fn(&OutputRef) -> Option<String>) -> Result<toml::Value> {
+    Ok(match v {
+        toml::Value::String(s) => toml::Value::String(substitute(s, value).map_err(|e| bad(key, e))?),
+        toml::Value::Array(a) => toml::Value::Array(a.iter().enumerate().map(|(i, v)| render_value(&format!("{key}[{i}]"), v, value)).collect::<Result<_>>()?),
+        toml::Value::Table(t) => toml::Value::Table(t.iter().map(|(k, v)| Ok((k.clone(), render_value(&format!("{key}.{k}"), v, value)?))).collect::<Result<_>>()?),
+        other => other.clone(),
+    })
+}
+
+/// A value of `params` as a string, references replaced.
+fn param(step: &Step, key: &str, value: &dyn Fn(&OutputRef) -> Option<String>) -> Result<Option<String>> {
+    match step.params.get(key) {
+        None => Ok(None),
+        Some(v) => match render_value(key, v, value)? {
+            toml::Value::String(s) => Ok(Some(s)),
+            other => Ok(Some(other.to_string())),
+        },
+    }
+}
+
+impl Step {
+    /// The job spec TOML this step submits (train, batch, evaluate), with every reference
+    /// replaced by `value`; for a register step, its `model`, `as` and `alias` as a table.
+    pub fn render(&self, value: &dyn Fn(&OutputRef) -> Option<String>) -> Result<String> {
+        let named = |e: CoreError| match e {
+            CoreError::Pipeline(m) => CoreError::Pipeline(format!("step {:?}: {m}", self.name)),
+            other => other,
+        };
+        match self.kind {
+            StepKind::Train | StepKind::Batch => {
+                let Some(toml::Value::Table(spec)) = self.params.get("spec") else { return Err(bad_step(&self.name, "spec", "missing")) };
+                let toml::Value::Table(mut spec) = render_value("spec", &toml::Value::Table(spec.clone()), value).map_err(named)? else { unreachable!("a table renders as a table") };
+                if self.kind == StepKind::Batch {
+                    spec.entry("kind").or_insert_with(|| toml::Value::String("batch".into()));
+                }
+                toml::to_string(&spec).map_err(|e| bad_step(&self.name, "spec", e))
+            }
+            StepKind::Evaluate => {
+                let get = |k: &str| param(self, k, value).map_err(named);
+                let (model, dataset) = (get("model")?.unwrap_or_default(), get("dataset")?.unwrap_or_default());
+                let (name, version) = match dataset.split_once('@') {
+                    Some((n, v)) => (n.to_string(), Some(v.parse::<u64>().map_err(|_| bad_step(&self.name, "dataset", format!("{dataset:?} is not NAME or NAME@VERSION")))?)),
+                    None => (dataset.clone(), None),
+                };
+                let mut input = toml::Table::new();
+                input.insert("dataset".into(), toml::Value::String(name));
+                if let Some(v) = version {
+                    input.insert("version".into(), toml::Value::Integer(v as i64));
+                }
+                if let Some(r) = self.params.get("records") {
+                    input.insert("records".into(), r.clone());
+                }
+                let mut operator = toml::Table::new();
+                operator.insert("kind".into(), toml::Value::String("score".into()));
+                operator.insert("model".into(), toml::Value::String(model));
+                if let Some(t) = get("transform")? {
+                    operator.insert("transform".into(), toml::Value::String(t));
+                }
+                if let Some(b) = self.params.get("batch_size") {
+                    operator.insert("batch_size".into(), b.clone());
+                }
+                let mut spec = toml::Table::new();
+                spec.insert("name".into(), toml::Value::String(self.name.clone()));
+                spec.insert("kind".into(), toml::Value::String("batch".into()));
+                spec.insert("input".into(), toml::Value::Table(input));
+                spec.insert("operator".into(), toml::Value::Table(operator));
+                if let Some(w) = self.params.get("workers") {
+                    let mut cluster = toml::Table::new();
+                    cluster.insert("workers".into(), w.clone());
+                    spec.insert("cluster".into(), toml::Value::Table(cluster));
+                }
+                toml::to_string(&spec).map_err(|e| bad_step(&self.name, "evaluate", e))
+            }
+            StepKind::Register => {
+                let mut t = toml::Table::new();
+                for k in ["model", "as", "alias"] {
+                    if let Some(v) = param(self, k, value).map_err(named)? {
+                        t.insert(k.into(), toml::Value::String(v));
+                    }
+                }
+                toml::to_string(&t).map_err(|e| bad_step(&self.name, "register", e))
+            }
+        }
+    }
+}
+
+/// A `when` condition: comparisons of references and literals joined by `and`, `or`, `not`,
+/// with parentheses. `steps.S.O` in a condition is written without braces.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Condition {
+    Literal(Operand),
+    Compare(Operand, CmpOp, Operand),
+    Not(Box<Condition>),
+    And(Box<Condition>, Box<Condition>),
+    Or(Box<Condition>, Box<Condition>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Operand {
+    Ref(OutputRef),
+    Number(f64),
+    Text(String),
+    Bool(bool),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CmpOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Token {
+    Word(String),
+    Number(f64),
+    Text(String),
+    Op(CmpOp),
+    Open,
+    Close,
+}
+
+fn tokenize(s: &str) -> std::result::Result<Vec<Token>, String> {
+    let chars: Vec<char> = s.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        match c {
+            ' ' | '\t' | '\n' => i += 1,
+            '(' => {
+                out.push(Token::Open);
+                i += 1
+            }
+            ')' => {
+                out.push(Token::Close);
+                i += 1
+            }
+            '=' | '!' | '<' | '>' => {
+                let two = chars.get(i + 1) == Some(&'=');
+                let op = match (c, two) {
+                    ('=', true) => CmpOp::Eq,
+                    ('!', true) => CmpOp::Ne,
+                    ('<', true) => CmpOp::Le,
+                    ('>', true) => CmpOp::Ge,
+                    ('<', false) => CmpOp::Lt,
+                    ('>', false) => CmpOp::Gt,
+                    _ => return Err(format!("{c:?} at {i}: comparisons are ==, !=, <, <=, >, >=")),
+                };
+                out.push(Token::Op(op));
+                i += if two { 2 } else { 1 };
+            }
+            '"' | '\'' => {
+                let end = chars[i + 1..].iter().position(|&d| d == c).ok_or_else(|| format!("a string opened at {i} is not closed"))?;
+                out.push(Token::Text(chars[i + 1..i + 1 + end].iter().collect()));
+                i += end + 2;
+            }
+            c if c.is_ascii_digit() || c == '-' || c == '.' => {
+                let start = i;
+                while i < chars.len() && (chars[i].is_ascii_alphanumeric() || matches!(chars[i], '.' | '-' | '+')) {
+                    i += 1;
+                }
+                let text: String = chars[start..i].iter().collect();
+                let n = text.parse::<f64>().ok().filter(|n| n.is_finite()).ok_or_else(|| format!("{text:?} is not a number"))?;
+                out.push(Token::Number(n));
+            }
+            c if c.is_ascii_alphabetic() || c == '_' => {
+                let start = i;
+                while i < chars.len() && (chars[i].is_ascii_alphanumeric() || matches!(chars[i], '_' | '-' | '.')) {
+                    i += 1;
+                }
+                out.push(Token::Word(chars[start..i].iter().collect()));
+            }
+            other => return Err(format!("{other:?} at {i} is not part of a condition")),
+        }
+    }
+    Ok(out)
+}
+
+struct Parser {
+    tokens: Vec<Token>,
+    at: usize,
+}
+
+impl Parser {
+    fn peek(&self) -> Option<&Token> {
+        self.tokens.get(self.at)
+    }
+    fn word(&self, w: &str) -> bool {
+        matches!(self.peek(), Some(Token::Word(x)) if x == w)
+    }
+    fn or(&mut self) -> std::result::Result<Condition, String> {
+        let mut left = self.and()?;
+        while self.word("or") {
+            self.at += 1;
+            left = Condition::Or(Box::new(left), Box::new(self.and()?));
+        }
+        Ok(left)
+    }
+    fn and(&mut self) -> std::result::Result<Condition, String> {
+        let mut left = self.not()?;
+        while self.word("and") {
+            self.at += 1;
+            left = Condition::And(Box::new(left), Box::new(self.not()?));
+        }
+        Ok(left)
+    }
+    fn not(&mut self) -> std::result::Result<Condition, String> {
+        if self.word("not") {
+            self.at += 1;
+            return Ok(Condition::Not(Box::new(self.not()?)));
+        }
+        if self.peek() == Some(&Token::Open) {
+            self.at += 1;
+            let inner = self.or()?;
+            if self.peek() != Some(&Token::Close) {
+                return Err("a ( is not closed".into());
+            }
+            self.at += 1;
+            return Ok(inner);
+        }
+        let left = self.operand()?;
+        if let Some(Token::Op(op)) = self.peek().cloned() {
+            self.at += 1;
+            let right = self.operand()?;
+            return Ok(Condition::Compare(left, op, right));
+        }
+        Ok(Condition::Literal(left))
+    }
+    fn operand(&mut self) -> std::result::Result<Operand, String> {
+        let t = self.peek().cloned().ok_or("the condition ends where a value was expected")?;
+        self.at += 1;
+        Ok(match t {
+            Token::Number(n) => Operand::Number(n),
+            Token::Text(s) => Operand::Text(s),
+            Token::Word(w) if w == "true" => Operand::Bool(true),
+            Token::Word(w) if w == "false" => Operand::Bool(false),
+            Token::Word(w) if w.starts_with("steps.") => Operand::Ref(parse_ref(&w)?),
+            Token::Word(w) => return Err(format!("{w:?}: a value is steps.STEP.OUTPUT, a number, a 'string', true or false")),
+            other => return Err(format!("{other:?} where a value was expected")),
+        })
+    }
+}
+
+impl Condition {
+    pub fn parse(s: &str) -> std::result::Result<Condition, String> {
+        let mut p = Parser { tokens: tokenize(s)?, at: 0 };
+        if p.tokens.is_empty() {
+            return Err("empty".into());
+        }
+        let c = p.or()?;
+        if p.at != p.tokens.len() {
+            return Err(format!("{:?} after a whole condition", p.tokens[p.at]));
+        }
+        Ok(c)
+    }
+
+    pub fn references(&self) -> Vec<OutputRef> {
+        let mut out = Vec::new();
+        let mut todo = vec![self];
+        while let Some(c) = todo.pop() {
+            match c {
+                Condition::Literal(a) => out.extend(a.reference()),
+                Condition::Compare(a, _, b) => out.extend(a.reference().into_iter().chain(b.reference())),
+                Condition::Not(x) => todo.push(x),
+                Condition::And(a, b) | Condition::Or(a, b) => todo.extend([&**a, &**b]),
+            }
+        }
+        out
+    }
+
+    /// True or false given the upstream outputs; an error names a missing output or a
+    /// comparison that has no meaning (a number against text, an order of text).
+    pub fn eval(&self, value: &dyn Fn(&OutputRef) -> Option<String>) -> std::result::Result<bool, String> {
+        match self {
+            Condition::Literal(a) => match a.resolve(value)? {
+                Operand::Bool(b) => Ok(b),
+                Operand::Text(t) if t == "true" || t == "false" => Ok(t == "true"),
+                other => Err(format!("{other:?} is not true or false (compare it: == , >= ...)")),
+            },
+            Condition::Not(x) => Ok(!x.eval(value)?),
+            Condition::And(a, b) => Ok(a.eval(value)? && b.eval(value)?),
+            Condition::Or(a, b) => Ok(a.eval(value)? || b.eval(value)?),
+            Condition::Compare(a, op, b) => {
+                let (a, b) = (a.resolve(value)?, b.resolve(value)?);
+                let ord = match (&a, &b) {
+                    (Operand::Number(x), Operand::Number(y)) => x.partial_cmp(y).ok_or("NaN compared")?,
+                    (Operand::Number(x), Operand::Text(t)) | (Operand::Text(t), Operand::Number(x)) => {
+                        let y: f64 = t.parse().map_err(|_| format!("{t:?} is not a number, compared with {x}"))?;
+                        let ord = x.partial_cmp(&y).ok_or("NaN compared")?;
+                        if matches!(a, Operand::Number(_)) {
+                            ord
+                        } else {
+                            ord.reverse()
+                        }
+                    }
+                    (Operand::Text(x), Operand::Text(y)) if matches!(op, CmpOp::Eq | CmpOp::Ne) => x.cmp(y),
+                    (Operand::Bool(x), Operand::Bool(y)) if matches!(op, CmpOp::Eq | CmpOp::Ne) => x.cmp(y),
+                    (Operand::Bool(x), Operand::Text(t)) | (Operand::Text(t), Operand::Bool(x)) if matches!(op, CmpOp::Eq | CmpOp::Ne) => x.to_string().as_str().cmp(t.as_str()),
+                    _ => return Err(format!("{a:?} {op:?} {b:?} cannot be compared")),
+                };
+                use std::cmp::Ordering::*;
+                Ok(match op {
+                    CmpOp::Eq => ord == Equal,
+                    CmpOp::Ne => ord != Equal,
+                    CmpOp::Lt => ord == Less,
+                    CmpOp::Le => ord != Greater,
+                    CmpOp::Gt => ord == Greater,
+                    CmpOp::Ge => ord != Less,
+                })
+            }
+        }
+    }
+}
+
+impl Operand {
+    fn reference(&self) -> Option<OutputRef> {
+        match self {
+            Operand::Ref(r) => Some(r.clone()),
+            _ => None,
+        }
+    }
+
+    /// A reference becomes its value (a number when it reads as one).
+    fn resolve(&self, value: &dyn Fn(&OutputRef) -> Option<String>) -> std::result::Result<Operand, String> {
+        match self {
+            Operand::Ref(r) => {
+                let v = value(r).ok_or_else(|| format!("{r}: step {:?} has no output {:?}", r.step, r.output))?;
+                Ok(match v.parse::<f64>() {
+                    Ok(n) if n.is_finite() => Operand::Number(n),
+                    _ => Operand::Text(v),
+                })
+            }
+            other => Ok(other.clone()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TRAIN: &str = r#"
+[step.spec]
+name = "mlp"
+[step.spec.dataset]
+name = "mnist"
+test = [9000, 10000]
+[step.spec.model]
+kind = "mlp"
+hidden = [32]
+[step.spec.training]
+epochs = 1
+batch_size = 64
+[step.spec.training.optimizer]
+kind = "sgd"
+lr = 0.05
+"#;
+
+    fn pipeline(rest: &str) -> String {
+        format!("name = \"p\"\n[[step]]\nname = \"train\"\nkind = \"train\"\n{TRAIN}\n{rest}")
+    }
+
+    fn err(text: &str) -> String {
+        PipelineSpec::parse(text).unwrap_err().to_string()
+    }
+
+    const SCORE: &str = "[[step]]\nname = \"score\"\nkind = \"evaluate\"\nneeds = [\"train\"]\nmodel = \"{steps.train.model}\"\ndataset = \"mnist@1\"\nrecords = [0, 100]\n";
+
+    #[test]
+    fn a_valid_pipeline_parses_and_renders_references() {
+        let p = PipelineSpec::parse(&pipeline(&format!("{SCORE}when = \"steps.train.test_accuracy >= 0.9 and not (steps.train.step == 0)\"\n"))).unwrap();
+        assert_eq!(p.steps.len(), 2);
+        let score = p.step("score").unwrap();
+        assert_eq!(score.needs, ["train"]);
+        let text = score.render(&|r| (r.to_string() == "steps.train.model").then(|| "job:7".to_string())).unwrap();
+        let batch = crate::batch::BatchSpec::parse(&text).unwrap();
+        assert_eq!(batch.operator.model.as_deref(), Some("job:7"));
+        assert_eq!(batch.input.version, Some(1));
+        assert_eq!(batch.input.records, Some([0, 100]));
+        let outputs = |acc: &'static str| move |r: &OutputRef| match r.output.as_str() {
+            "test_accuracy" => Some(acc.to_string()),
+            "step" => Some("20".to_string()),
+            _ => None,
+        };
+        let when = score.when.as_ref().unwrap();
+        assert!(when.eval(&outputs("0.95")).unwrap());
+        assert!(!when.eval(&outputs("0.85")).unwrap());
+        // A missing output is an error, not false.
+        assert!(when.eval(&|_| None).unwrap_err().contains("has no output"));
+    }
+
+    #[test]
+    fn errors_name_the_step_and_the_key() {
+        let e = err(&pipeline("[[step]]\nname = \"score\"\nkind = \"evaluate\"\nneeds = [\"trian\"]\nmodel = \"x\"\ndataset = \"d\"\n"));
+        assert!(e.contains("step \"score\": needs: there is no step \"trian\""), "{e}");
+        let e = err(&pipeline("[[step]]\nname = \"score\"\nkind = \"evaluate\"\nmodel = \"{steps.train.model}\"\ndataset = \"d\"\n"));
+        assert!(e.contains("step \"score\": model:") && e.contains("not upstream"), "{e}");
+        let e = err(&pipeline("[[step]]\nname = \"score\"\nkind = \"evaluate\"\nneeds = [\"train\"]\nmodel = \"{steps.train.modle}\"\ndataset = \"d\"\n"));
+        assert!(e.contains("step \"score\": model:") && e.contains("no output \"modle\""), "{e}");
+        let e = err(&pipeline("[[step]]\nname = \"score\"\nkind = \"evaluate\"\nneeds = [\"train\"]\nmodel = \"{steps.nope.model}\"\ndataset = \"d\"\n"));
+        assert!(e.contains("names no step \"nope\""), "{e}");
+        let e = err(&pipeline("[[step]]\nname = \"x\"\nkind = \"sleep\"\n"));
+        assert!(e.contains("step \"x\": kind:"), "{e}");
+        let e = err(&pipeline("[[step]]\nname = \"x\"\nkind = \"register\"\nmodel = \"job:1\"\nname2 = \"m\"\n"));
+        assert!(e.contains("step \"x\": name2: unknown key"), "{e}");
+        let e = err(&pipeline("[[step]]\nname = \"x\"\nkind = \"register\"\nmodel = \"job:1\"\n"));
+        assert!(e.contains("step \"x\": as: missing"), "{e}");
+        let e = err(&pipeline("[[step]]\nname = \"x\"\nkind = \"register\"\nneeds = [\"train\"]\nmodel = \"job:1\"\nas = \"m\"\nwhen = \"steps.train.test_accuracy >\"\n"));
+        assert!(e.contains("step \"x\": when:"), "{e}");
+        let e = err(&pipeline("[[step]]\nname = \"train\"\nkind = \"register\"\nmodel = \"job:1\"\n"));
+        assert!(e.contains("two steps"), "{e}");
+        // The step's job spec is checked too, named by step.
+        let e = err(&pipeline(&TRAIN.replace("epochs = 1", "epochs = 0").replace("[step.spec]", "[[step]]\nname = \"t2\"\nkind = \"train\"\n[step.spec]")));
+        assert!(e.contains("step \"t2\": spec:") && e.contains("training.epochs"), "{e}");
+        assert!(err("name = \"p\"\n").contains("step: a pipeline needs at least one"));
+        assert!(err("name = \"p\"\nschedul = 1\n[[step]]\nname = \"a\"\nkind = \"train\"\n").contains("schedul: unknown key"));
+    }
+
+    #[test]
+    fn cycles_are_refused_naming_the_step() {
+        let a = "[[step]]\nname = \"a\"\nkind = \"register\"\nneeds = [\"b\"]\nmodel = \"job:1\"\n";
+        let b = "[[step]]\nname = \"b\"\nkind = \"register\"\nneeds = [\"a\"]\nmodel = \"job:1\"\n";
+        let e = err(&format!("name = \"p\"\n{a}{b}"));
+        assert!(e.contains("step \"a\": needs: \"b\" comes later"), "{e}");
+        let e = err("name = \"p\"\n[[step]]\nname = \"a\"\nkind = \"register\"\nneeds = [\"a\"]\nmodel = \"job:1\"\n");
+        assert!(e.contains("cannot need itself"), "{e}");
+    }
+
+    #[test]
+    fn conditions_parse_and_evaluate() {
+        let v = |r: &OutputRef| Some(match r.output.as_str() {
+            "acc" => "0.91".to_string(),
+            "name" => "mnist@3".to_string(),
+            _ => return None,
+        });
+        for (c, want) in [
+            ("steps.a.acc >= 0.9", true),
+            ("steps.a.acc > 0.91", false),
+            ("0.95 > steps.a.acc", true),
+            ("steps.a.acc < 1 and steps.a.acc != 0.91", false),
+            ("steps.a.acc < 1 or false", true),
+            ("not (steps.a.name == 'mnist@3')", false),
+            ("steps.a.name == \"mnist@3\" and true", true),
+            ("true", true),
+        ] {
+            assert_eq!(Condition::parse(c).unwrap().eval(&v).unwrap(), want, "{c}");
+        }
+        for bad in ["", "steps.a.acc >=", "(steps.a.acc > 1", "steps.a.acc > 1 1", "x > 1", "steps.a > 1", "steps.a.acc = 1", "1e999 > steps.a.acc"] {
+            assert!(Condition::parse(bad).is_err(), "{bad}");
+        }
+        assert!(Condition::parse("steps.a.name > 'x'").unwrap().eval(&v).is_err());
+        assert!(Condition::parse("steps.a.name > 1").unwrap().eval(&v).is_err());
+    }
+}
