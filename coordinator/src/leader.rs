@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use shoal_proto::{command, ForgetWorkers, JobAssigned, JobProgress, JobStalled, JobState, LossCause, MemberList, PeerInfo, UpdateProgress, WorkerLost, WorkerState};
+use shoal_proto::{command, ForgetWorkers, JobAssigned, JobProgress, JobStalled, JobState, LossCause, MemberList, PeerInfo, PipelineStepTimeout, UpdateProgress, WorkerLost, WorkerState};
 
 use crate::membership::{check_live_quorum, Change};
 use crate::state::StateMachine;
@@ -169,6 +169,15 @@ impl Duties {
             } else if !watch.3 && now.saturating_sub(watch.2) >= after {
                 watch.3 = true;
                 proposals.push((format!("stall/{}/{}/{step}", j.id, j.generation), command::Kind::JobStalled(JobStalled { job_id: j.id, generation: j.generation, step })));
+            }
+        }
+        // A pipeline step past its `timeout_s` (by the commands' clock, which its start carried).
+        for run in state.pipeline_runs().filter(|r| r.state == "running") {
+            for s in run.steps.iter().filter(|s| s.state == "running" && s.timeout_s > 0) {
+                if now_unix_ms >= s.started_unix_ms.saturating_add(s.timeout_s.saturating_mul(1000)) {
+                    let t = PipelineStepTimeout { run: run.id.clone(), step: s.name.clone(), attempt: s.attempts };
+                    proposals.push((format!("timeout/{}/{}/{}", run.id, s.name, s.attempts), command::Kind::PipelineStepTimeout(t)));
+                }
             }
         }
         self.stall_after.retain(|id, _| state.job(*id).is_some_and(|j| !j.state().is_terminal()));

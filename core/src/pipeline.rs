@@ -486,6 +486,24 @@ impl Step {
     }
 }
 
+/// A register step as rendered: the model (`job:N`), the registry name and an alias.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Registration {
+    pub job: u64,
+    pub name: String,
+    pub alias: String,
+}
+
+impl Registration {
+    pub fn parse(rendered: &str) -> std::result::Result<Registration, String> {
+        let t: toml::Table = toml::from_str(rendered).map_err(|e| e.to_string())?;
+        let get = |k: &str| t.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+        let model = get("model");
+        let job = model.strip_prefix("job:").and_then(|n| n.parse::<u64>().ok()).ok_or_else(|| format!("model: {model:?} is not job:N (a train step's model output)"))?;
+        Ok(Registration { job, name: get("as"), alias: get("alias") })
+    }
+}
+
 /// A `when` condition: comparisons of references and literals joined by `and`, `or`, `not`,
 /// with parentheses. `steps.S.O` in a condition is written without braces.
 #[derive(Clone, Debug, PartialEq)]

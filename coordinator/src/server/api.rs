@@ -481,6 +481,54 @@ impl Coordinator for Api {
         }
     }
 
+    async fn submit_pipeline(&self, r: Request<shoal_proto::SubmitPipelineRequest>) -> Result<Response<shoal_proto::PipelineInfo>, Status> {
+        let shoal_proto::SubmitPipelineRequest { spec_toml, request_id } = r.into_inner();
+        shoal_core::pipeline::PipelineSpec::parse(&spec_toml).map_err(|e| self.refusal(ApplyError::invalid(e)))?;
+        match self.propose(command::Kind::SubmitPipeline(spec_toml), request_id).await? {
+            ApplyOutput::Pipeline(p) => Ok(Response::new(*p)),
+            other => Err(Status::internal(format!("unexpected apply output {other:?}"))),
+        }
+    }
+
+    async fn run_pipeline(&self, r: Request<shoal_proto::RunPipelineRequest>) -> Result<Response<shoal_proto::PipelineRun>, Status> {
+        let r = r.into_inner();
+        let request_id = r.request_id.clone();
+        match self.propose(command::Kind::RunPipeline(r), request_id).await? {
+            ApplyOutput::PipelineRun(run) => Ok(Response::new(*run)),
+            other => Err(Status::internal(format!("unexpected apply output {other:?}"))),
+        }
+    }
+
+    async fn cancel_pipeline_run(&self, r: Request<shoal_proto::PipelineRunRequest>) -> Result<Response<shoal_proto::PipelineRun>, Status> {
+        let shoal_proto::PipelineRunRequest { id, request_id } = r.into_inner();
+        match self.propose(command::Kind::CancelPipelineRun(id), request_id).await? {
+            ApplyOutput::PipelineRun(run) => Ok(Response::new(*run)),
+            other => Err(Status::internal(format!("unexpected apply output {other:?}"))),
+        }
+    }
+
+    async fn get_pipeline_run(&self, r: Request<shoal_proto::PipelineRunRequest>) -> Result<Response<shoal_proto::PipelineRun>, Status> {
+        let id = r.into_inner().id;
+        self.linearize().await?;
+        let run = self.0.state.read().expect("state lock").pipeline_run(&id).cloned();
+        run.map(Response::new).ok_or_else(|| final_status(tonic::Code::NotFound, format!("there is no pipeline run {id}")))
+    }
+
+    async fn list_pipelines(&self, r: Request<shoal_proto::ListPipelinesRequest>) -> Result<Response<shoal_proto::ListPipelinesResponse>, Status> {
+        let page = crate::state::page_number(&r.into_inner().page).map_err(|e| self.refusal(e))?;
+        self.linearize().await?;
+        let (pipelines, next_page) = self.0.state.read().expect("state lock").pipelines_page(page);
+        Ok(Response::new(shoal_proto::ListPipelinesResponse { pipelines, next_page }))
+    }
+
+    async fn list_pipeline_runs(&self, r: Request<shoal_proto::ListPipelineRunsRequest>) -> Result<Response<shoal_proto::ListPipelineRunsResponse>, Status> {
+        let r = r.into_inner();
+        let page = crate::state::page_number(&r.page).map_err(|e| self.refusal(e))?;
+        self.linearize().await?;
+        let (runs, next_page) = self.0.state.read().expect("state lock").pipeline_runs_page(&r.pipeline, page);
+        Ok(Response::new(shoal_proto::ListPipelineRunsResponse { runs, next_page }))
+    }
+
     async fn list_templates(&self, r: Request<shoal_proto::ListTemplatesRequest>) -> Result<Response<shoal_proto::ListTemplatesResponse>, Status> {
         let page = crate::state::page_number(&r.into_inner().page).map_err(|e| self.refusal(e))?;
         self.linearize().await?;

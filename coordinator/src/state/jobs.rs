@@ -234,6 +234,9 @@ impl StateMachine {
                 t.state = batch::PENDING.into();
             }
         }
+        if !job.pipeline_run.is_empty() {
+            self.ended_pipeline_jobs.push(id);
+        }
         let workers = job.workers.clone();
         self.release_workers(id, &workers);
     }

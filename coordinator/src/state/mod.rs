@@ -11,6 +11,7 @@ mod batch;
 mod checkpoints;
 mod datasets;
 mod jobs;
+mod pipelines;
 mod placement;
 mod registry;
 mod templates;
@@ -39,6 +40,8 @@ pub enum ApplyOutput {
     Job(Box<JobInfo>),
     Model(Box<ModelInfo>),
     Template(Box<JobTemplate>),
+    Pipeline(Box<shoal_proto::PipelineInfo>),
+    PipelineRun(Box<shoal_proto::PipelineRun>),
     Settings(CoordinatorSettings),
     /// Jobs removed by retention, and finished jobs past it kept because something refers
     /// to them.
@@ -124,6 +127,8 @@ enum Recorded {
     Member(u64),
     Model(String),
     Template(u64),
+    Pipeline(String),
+    PipelineRun(String),
     Nothing,
 }
 
@@ -137,6 +142,8 @@ impl Recorded {
             Recorded::Member(m) => request_record::Outcome::MemberId(*m),
             Recorded::Model(m) => request_record::Outcome::Model(m.clone()),
             Recorded::Template(t) => request_record::Outcome::TemplateId(*t),
+            Recorded::Pipeline(p) => request_record::Outcome::Pipeline(p.clone()),
+            Recorded::PipelineRun(r) => request_record::Outcome::PipelineRun(r.clone()),
             Recorded::Nothing => request_record::Outcome::Nothing(true),
         }
     }
@@ -191,6 +198,13 @@ pub struct StateMachine {
     now_ms: u64,
     /// Effects of the entries applied since the shell last took them.
     effects: Vec<Effect>,
+    /// Pipelines by name, and their runs by seq (with an index by run id).
+    pipelines: BTreeMap<String, shoal_proto::PipelineInfo>,
+    pipeline_runs: BTreeMap<u64, shoal_proto::PipelineRun>,
+    run_ids: BTreeMap<String, u64>,
+    next_run_seq: u64,
+    /// Jobs of pipeline steps that ended in the entry being applied (empty between entries).
+    ended_pipeline_jobs: Vec<u64>,
 }
 
 impl StateMachine {
@@ -259,6 +273,15 @@ impl StateMachine {
         for id in &self.removed_members {
             uint64::encode(15, id, &mut buf);
         }
+        for p in self.pipelines.values() {
+            message::encode(16, p, &mut buf);
+        }
+        for r in self.pipeline_runs.values() {
+            message::encode(17, r, &mut buf);
+        }
+        if self.next_run_seq != 0 {
+            uint64::encode(18, &self.next_run_seq, &mut buf);
+        }
         buf
     }
 
@@ -287,6 +310,8 @@ impl StateMachine {
                 request_record::Outcome::MemberId(m) => Recorded::Member(m),
                 request_record::Outcome::Model(m) => Recorded::Model(m),
                 request_record::Outcome::TemplateId(t) => Recorded::Template(t),
+                request_record::Outcome::Pipeline(p) => Recorded::Pipeline(p),
+                request_record::Outcome::PipelineRun(r) => Recorded::PipelineRun(r),
                 request_record::Outcome::Nothing(_) => Recorded::Nothing,
             };
             sm.request_order.push_back(r.request_id.clone());
@@ -308,6 +333,10 @@ impl StateMachine {
         // Restored as it was (the state hash covers it); `next_member_id()` never gives an id
         // the group has or had.
         sm.next_member_id = s.next_member_id;
+        sm.pipelines = s.pipelines.into_iter().map(|p| (p.name.clone(), p)).collect();
+        sm.run_ids = s.pipeline_runs.iter().map(|r| (r.id.clone(), r.seq)).collect();
+        sm.pipeline_runs = s.pipeline_runs.into_iter().map(|r| (r.seq, r)).collect();
+        sm.next_run_seq = s.next_run_seq;
         Ok(sm)
     }
 
@@ -403,7 +432,10 @@ impl StateMachine {
                 return Ok(self.replay(rec));
             }
         }
-        let out = self.apply_new(index, cmd)?;
+        let out = self.apply_new(index, cmd);
+        // Pipeline steps whose jobs this entry ended settle here, in the same apply.
+        self.settle_pipeline_jobs(index);
+        let out = out?;
         if !request_id.is_empty() {
             let rec = match &out {
                 ApplyOutput::WorkerId(id) => Recorded::Worker(id.clone()),
@@ -412,6 +444,8 @@ impl StateMachine {
                 ApplyOutput::Member(m) => Recorded::Member(*m),
                 ApplyOutput::Model(m) => Recorded::Model(m.name.clone()),
                 ApplyOutput::Template(t) => Recorded::Template(t.id),
+                ApplyOutput::Pipeline(p) => Recorded::Pipeline(p.name.clone()),
+                ApplyOutput::PipelineRun(r) => Recorded::PipelineRun(r.id.clone()),
                 ApplyOutput::None | ApplyOutput::Settings(_) | ApplyOutput::Pruned { .. } => Recorded::Nothing,
             };
             self.remember(request_id, rec);
@@ -437,6 +471,8 @@ impl StateMachine {
             Recorded::Member(id) => ApplyOutput::Member(*id),
             Recorded::Model(name) => self.model_page(name, 0).map(|m| ApplyOutput::Model(Box::new(m))).unwrap_or(ApplyOutput::None),
             Recorded::Template(id) => self.templates.get(id).map(|t| ApplyOutput::Template(Box::new(t.clone()))).unwrap_or(ApplyOutput::None),
+            Recorded::Pipeline(name) => self.pipelines.get(name).map(|p| ApplyOutput::Pipeline(Box::new(p.clone()))).unwrap_or(ApplyOutput::None),
+            Recorded::PipelineRun(id) => self.pipeline_run(id).map(|r| ApplyOutput::PipelineRun(Box::new(r.clone()))).unwrap_or(ApplyOutput::None),
             Recorded::Nothing => ApplyOutput::None,
         }
     }
@@ -492,6 +528,10 @@ impl StateMachine {
             command::Kind::JobStalled(s) => self.job_stalled(s),
             command::Kind::EventDelivered(d) => self.event_delivered(d),
             command::Kind::PruneJobs(_) => Ok(self.prune_jobs()),
+            command::Kind::SubmitPipeline(toml) => self.submit_pipeline(toml),
+            command::Kind::RunPipeline(r) => self.run_pipeline(index, r),
+            command::Kind::CancelPipelineRun(id) => self.cancel_pipeline_run(id),
+            command::Kind::PipelineStepTimeout(t) => self.pipeline_step_timeout(t),
         }
     }
 }
@@ -506,7 +546,7 @@ mod tests {
         ResumeJobRequest, ShardInfo, UpdateProgress, WorkerLost,
     };
 
-    fn cmd(kind: command::Kind) -> Command {
+    pub(super) fn cmd(kind: command::Kind) -> Command {
         Command { kind: Some(kind), ..Default::default() }
     }
 
@@ -523,14 +563,14 @@ mod tests {
         assert_eq!(sm.jobs().count(), 2);
     }
 
-    fn spec(workers: u32) -> String {
+    pub(super) fn spec(workers: u32) -> String {
         format!(
             "name = \"t\"\n[model]\nkind = \"mlp\"\n[dataset]\nname = \"d\"\ntrain = [0, 80]\ntest = [80, 100]\n\
              [training]\nepochs = 1\nbatch_size = 8\n[training.optimizer]\nkind = \"sgd\"\nlr = 0.1\n[cluster]\nworkers = {workers}\n"
         )
     }
 
-    fn with_dataset() -> StateMachine {
+    pub(super) fn with_dataset() -> StateMachine {
         let mut sm = StateMachine::default();
         let ds = DatasetInfo {
             name: "d".into(),
@@ -560,12 +600,12 @@ mod tests {
         }
     }
 
-    fn commit(sm: &mut StateMachine, index: u64, job: u64, generation: u64, step: u64) -> ApplyResult {
+    pub(super) fn commit(sm: &mut StateMachine, index: u64, job: u64, generation: u64, step: u64) -> ApplyResult {
         let c = CheckpointCommit { worker_id: "w1".into(), job_id: job, generation, manifest: Some(manifest(job, step)) };
         sm.apply(index, cmd(command::Kind::CheckpointCommitted(c)))
     }
 
-    fn outcome(sm: &mut StateMachine, index: u64, job: u64, generation: u64, worker: &str, hash: &str) {
+    pub(super) fn outcome(sm: &mut StateMachine, index: u64, job: u64, generation: u64, worker: &str, hash: &str) {
         let result = RankResult { param_blake3: hash.into(), ..Default::default() };
         let r = OutcomeReport { worker_id: worker.into(), job_id: job, generation, ok: true, result: Some(result), ..Default::default() };
         sm.apply(index, cmd(command::Kind::RankOutcome(r))).unwrap();

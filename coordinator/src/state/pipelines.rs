@@ -1,0 +1,521 @@
+//! Pipelines and their runs. Every transition of a run happens inside an apply: a run's
+//! ready steps start in the apply that created the run or finished their last upstream step,
+//! and a step's job ending (in whatever apply ends it) settles the step, then starts what it
+//! unblocks. So each step attempt starts exactly once on every replica, whoever leads.
+
+use shoal_core::pipeline::{OutputRef, PipelineSpec, Step, StepKind};
+use shoal_proto::{PipelineInfo, PipelineRun, PipelineStepTimeout, RunPipelineRequest, StepOutput, StepRun};
+
+use super::*;
+
+/// Finished runs kept per pipeline (the oldest go first).
+pub const RUNS_KEPT: usize = 100;
+
+pub const PENDING: &str = "pending";
+pub const RUNNING: &str = "running";
+pub const SUCCEEDED: &str = "succeeded";
+pub const FAILED: &str = "failed";
+pub const SKIPPED: &str = "skipped";
+pub const CANCELLED: &str = "cancelled";
+
+enum Verdict {
+    Start,
+    Skip(String),
+    Fail(String),
+}
+
+fn output(step: &StepRun, key: &str) -> Option<String> {
+    step.outputs.iter().find(|o| o.key == key).map(|o| o.value.clone())
+}
+
+/// A float as outputs hold it: Rust's shortest exact form (the same on every replica).
+fn number(v: f64) -> String {
+    format!("{v}")
+}
+
+impl StateMachine {
+    pub(super) fn submit_pipeline(&mut self, toml: String) -> ApplyResult {
+        let spec = PipelineSpec::parse(&toml).map_err(ApplyError::invalid)?;
+        let hash = blake3::hash(toml.as_bytes()).to_hex().to_string();
+        let now = self.now_ms;
+        let p = self.pipelines.entry(spec.name.clone()).or_insert_with(|| PipelineInfo { name: spec.name.clone(), ..Default::default() });
+        if p.spec_blake3 != hash {
+            p.version += 1;
+            p.spec_blake3 = hash;
+            p.spec_toml = toml;
+            p.submitted_unix_ms = now;
+            p.description = spec.description.unwrap_or_default();
+        }
+        Ok(ApplyOutput::Pipeline(Box::new(p.clone())))
+    }
+
+    pub(super) fn run_pipeline(&mut self, index: u64, r: RunPipelineRequest) -> ApplyResult {
+        let p = self.pipelines.get_mut(&r.name).ok_or_else(|| ApplyError::not_found(format!("there is no pipeline {:?} (submit it first)", r.name)))?;
+        p.runs_started += 1;
+        let id = format!("{}-{}", p.name, p.runs_started);
+        let p = p.clone();
+        let seq = self.create_run(index, &p, id, "request".into())?;
+        Ok(ApplyOutput::PipelineRun(Box::new(self.pipeline_runs[&seq].clone())))
+    }
+
+    /// A new run of `p` (its steps pending), then whatever can start at once.
+    fn create_run(&mut self, index: u64, p: &PipelineInfo, id: String, cause: String) -> Result<u64, ApplyError> {
+        if self.run_ids.contains_key(&id) {
+            return Err(ApplyError::conflict(format!("pipeline run {id} exists already")));
+        }
+        let spec = PipelineSpec::parse(&p.spec_toml).map_err(ApplyError::invalid)?;
+        self.next_run_seq += 1;
+        let seq = self.next_run_seq;
+        let steps = spec
+            .steps
+            .iter()
+            .map(|s| StepRun { name: s.name.clone(), kind: s.kind.label().into(), state: PENDING.into(), retries: s.retries, timeout_s: s.timeout_s.unwrap_or(0), ..Default::default() })
+            .collect();
+        let run = PipelineRun {
+            id: id.clone(),
+            seq,
+            pipeline: p.name.clone(),
+            version: p.version,
+            spec_blake3: p.spec_blake3.clone(),
+            spec_toml: p.spec_toml.clone(),
+            state: RUNNING.into(),
+            steps,
+            created_unix_ms: self.now_ms,
+            cause,
+            ..Default::default()
+        };
+        self.pipeline_runs.insert(seq, run);
+        self.run_ids.insert(id, seq);
+        self.advance_run(index, seq);
+        Ok(seq)
+    }
+
+    pub(super) fn cancel_pipeline_run(&mut self, id: String) -> ApplyResult {
+        let seq = *self.run_ids.get(&id).ok_or_else(|| ApplyError::not_found(format!("there is no pipeline run {id}")))?;
+        let run = self.pipeline_runs.get_mut(&seq).expect("indexed");
+        if run.state != RUNNING {
+            return Err(ApplyError::conflict(format!("pipeline run {id} already {}", run.state)));
+        }
+        // Marked first: the jobs ended below then settle nothing.
+        run.state = CANCELLED.into();
+        run.finished_unix_ms = self.now_ms;
+        let mut jobs = Vec::new();
+        for s in &mut run.steps {
+            if s.state == RUNNING || s.state == PENDING {
+                if s.state == RUNNING && s.job_id != 0 {
+                    jobs.push(s.job_id);
+                }
+                s.state = CANCELLED.into();
+                s.finished_unix_ms = self.now_ms;
+            }
+        }
+        for j in jobs {
+            if self.jobs.get(&j).is_some_and(|job| !job.state().is_terminal()) {
+                self.finish_job(j, JobState::Cancelled, format!("pipeline run {id} was cancelled"));
+            }
+        }
+        let pipeline = self.pipeline_runs[&seq].pipeline.clone();
+        self.trim_runs(&pipeline);
+        Ok(ApplyOutput::PipelineRun(Box::new(self.pipeline_runs.get(&seq).cloned().unwrap_or_default())))
+    }
+
+    /// The leader saw a step attempt run past its `timeout_s`: its job stops, the attempt fails.
+    pub(super) fn pipeline_step_timeout(&mut self, t: PipelineStepTimeout) -> ApplyResult {
+        let seq = *self.run_ids.get(&t.run).ok_or_else(|| ApplyError::not_found(format!("there is no pipeline run {}", t.run)))?;
+        let run = &self.pipeline_runs[&seq];
+        let step = run.steps.iter().find(|s| s.name == t.step).ok_or_else(|| ApplyError::not_found(format!("run {} has no step {}", t.run, t.step)))?;
+        if run.state != RUNNING || step.state != RUNNING || step.attempts != t.attempt {
+            return Err(ApplyError::conflict(format!("step {} of run {} is not running attempt {}", t.step, t.run, t.attempt)));
+        }
+        let (job, timeout) = (step.job_id, step.timeout_s);
+        if self.jobs.get(&job).is_some_and(|j| !j.state().is_terminal()) {
+            // Ending the job settles the step (as failed) when the apply ends.
+            self.finish_job(job, JobState::Failed, format!("pipeline step {} ran past its timeout_s = {timeout}", t.step));
+        }
+        Ok(ApplyOutput::None)
+    }
+
+    /// Settles the steps whose jobs ended in this apply, then starts what they unblock.
+    pub(super) fn settle_pipeline_jobs(&mut self, index: u64) {
+        while !self.ended_pipeline_jobs.is_empty() {
+            for job_id in std::mem::take(&mut self.ended_pipeline_jobs) {
+                let Some(job) = self.jobs.get(&job_id) else { continue };
+                let Some(&seq) = self.run_ids.get(&job.pipeline_run) else { continue };
+                let (ok, error, outputs) = (job.state() == JobState::Succeeded, job.error.clone(), job_outputs(job));
+                let now = self.now_ms;
+                let run = self.pipeline_runs.get_mut(&seq).expect("indexed");
+                let Some(step) = run.steps.iter_mut().find(|s| s.name == job.pipeline_step) else { continue };
+                // Fencing: only the current attempt's job settles the step.
+                if run.state != RUNNING || step.state != RUNNING || step.job_id != job_id {
+                    continue;
+                }
+                if ok {
+                    step.state = SUCCEEDED.into();
+                    step.error.clear();
+                    step.outputs = outputs;
+                    step.finished_unix_ms = now;
+                } else {
+                    let why = if error.is_empty() { format!("job {job_id} was {}", job.state().label()) } else { format!("job {job_id}: {error}") };
+                    step.error = format!("attempt {}: {why}", step.attempts);
+                    if step.attempts > step.retries {
+                        step.state = FAILED.into();
+                        step.finished_unix_ms = now;
+                    } else {
+                        // Started again by `advance_run`, as the next attempt.
+                        step.state = PENDING.into();
+                    }
+                }
+                self.advance_run(index, seq);
+            }
+        }
+    }
+
+    /// Starts every step whose upstream steps are done (or skips it), until nothing changes;
+    /// then settles the run's state. The run keeps the spec it began with.
+    fn advance_run(&mut self, index: u64, seq: u64) {
+        let Some(run) = self.pipeline_runs.get(&seq).filter(|r| r.state == RUNNING) else { return };
+        let spec = match PipelineSpec::parse(&run.spec_toml) {
+            Ok(s) if s.steps.len() == run.steps.len() => s,
+            Ok(_) => return self.fail_run(seq, "the run's spec and its steps disagree".into()),
+            Err(e) => return self.fail_run(seq, format!("the run's spec no longer parses: {e}")),
+        };
+        while let Some((i, verdict)) = self.next_step(seq, &spec) {
+            let now = self.now_ms;
+            let set = |sm: &mut StateMachine, state: &str, error: String, reason: String| {
+                let step = &mut sm.pipeline_runs.get_mut(&seq).expect("a run").steps[i];
+                (step.state, step.error, step.reason, step.finished_unix_ms) = (state.into(), error, reason, now);
+            };
+            match verdict {
+                Verdict::Start => self.start_step(index, seq, &spec.steps[i]),
+                Verdict::Skip(reason) => set(self, SKIPPED, String::new(), reason),
+                Verdict::Fail(error) => set(self, FAILED, error, String::new()),
+            }
+        }
+        self.settle_run(seq);
+    }
+
+    /// The first pending step whose upstream steps all ended, and what becomes of it.
+    fn next_step(&self, seq: u64, spec: &PipelineSpec) -> Option<(usize, Verdict)> {
+        let run = &self.pipeline_runs[&seq];
+        let state_of = |name: &str| run.steps.iter().find(|s| s.name == name).map(|s| s.state.as_str()).unwrap_or_default();
+        for (i, s) in spec.steps.iter().enumerate() {
+            if run.steps[i].state != PENDING || s.needs.iter().any(|n| matches!(state_of(n), PENDING | RUNNING | FAILED | CANCELLED)) {
+                continue;
+            }
+            if let Some(skipped) = s.needs.iter().find(|n| state_of(n) == SKIPPED) {
+                return Some((i, Verdict::Skip(format!("it needs {skipped:?}, which was skipped"))));
+            }
+            let values = |r: &OutputRef| run.steps.iter().find(|x| x.name == r.step).and_then(|x| output(x, &r.output));
+            return Some((
+                i,
+                match s.when.as_ref().map(|c| c.eval(&values)) {
+                    None | Some(Ok(true)) => Verdict::Start,
+                    Some(Ok(false)) => Verdict::Skip("its when condition is false".into()),
+                    Some(Err(e)) => Verdict::Fail(format!("when: {e}")),
+                },
+            ));
+        }
+        None
+    }
+
+    /// Starts attempt n+1 of `step`: renders it with the upstream outputs and submits its job
+    /// (or, for a register step, does it here). A failure to start is a failed attempt.
+    fn start_step(&mut self, index: u64, seq: u64, step: &Step) {
+        let now = self.now_ms;
+        let run = self.pipeline_runs.get_mut(&seq).expect("a run");
+        let run_id = run.id.clone();
+        let i = run.steps.iter().position(|s| s.name == step.name).expect("the spec's step");
+        run.steps[i].attempts += 1;
+        run.steps[i].started_unix_ms = now;
+        // The previous attempt's error stays until this one ends.
+        run.steps[i].state = RUNNING.into();
+        let outputs: BTreeMap<String, Vec<StepOutput>> = run.steps.iter().map(|s| (s.name.clone(), s.outputs.clone())).collect();
+        let value = |r: &OutputRef| outputs.get(&r.step).and_then(|o| o.iter().find(|x| x.key == r.output)).map(|o| o.value.clone());
+        let started: Result<Option<u64>, String> = match step.render(&value) {
+            Err(e) => Err(e.to_string()),
+            Ok(text) if step.kind == StepKind::Register => self.register_step(index, &text).map(|outputs| {
+                let s = &mut self.pipeline_runs.get_mut(&seq).expect("a run").steps[i];
+                s.outputs = outputs;
+                None
+            }),
+            Ok(text) => match self.submit(text) {
+                Ok(job) => {
+                    let j = self.jobs.get_mut(&job.id).expect("just submitted");
+                    (j.pipeline_run, j.pipeline_step) = (run_id, step.name.clone());
+                    Ok(Some(job.id))
+                }
+                Err(e) => Err(e.to_string()),
+            },
+        };
+        let s = &mut self.pipeline_runs.get_mut(&seq).expect("a run").steps[i];
+        match started {
+            Ok(Some(job)) => {
+                s.job_id = job;
+                s.jobs.push(job);
+            }
+            Ok(None) => {
+                s.state = SUCCEEDED.into();
+                s.finished_unix_ms = now;
+            }
+            Err(e) => {
+                s.error = format!("attempt {}: {e}", s.attempts);
+                s.job_id = 0;
+                // A failure to start is final when out of attempts; else the loop in
+                // `advance_with` starts the next attempt.
+                s.state = if s.attempts > s.retries { FAILED.into() } else { PENDING.into() };
+                if s.state == FAILED {
+                    s.finished_unix_ms = now;
+                }
+            }
+        }
+    }
+
+    /// A register step: `model = "job:N"` becomes a version of model `as`, with `alias`.
+    fn register_step(&mut self, index: u64, text: &str) -> Result<Vec<StepOutput>, String> {
+        let shoal_core::pipeline::Registration { job: job_id, name, alias } = shoal_core::pipeline::Registration::parse(text)?;
+        let job = self.jobs.get(&job_id).cloned().ok_or_else(|| format!("model: there is no job {job_id}"))?;
+        let m = self.register_model(index, &name, &job).map_err(|e| e.to_string())?;
+        let version = m.versions.first().map(|v| v.version).unwrap_or(0);
+        if !alias.is_empty() {
+            self.set_model_alias(shoal_proto::ModelAliasRequest { name: name.clone(), alias, version, ..Default::default() }).map_err(|e| e.to_string())?;
+        }
+        Ok(vec![
+            StepOutput { key: "model".into(), value: format!("{name}@{version}") },
+            StepOutput { key: "name".into(), value: name },
+            StepOutput { key: "version".into(), value: version.to_string() },
+        ])
+    }
+
+    fn fail_run(&mut self, seq: u64, error: String) {
+        if let Some(run) = self.pipeline_runs.get_mut(&seq) {
+            run.state = FAILED.into();
+            run.error = error;
+            run.finished_unix_ms = self.now_ms;
+        }
+    }
+
+    /// A run with no step running is over: failed if a step failed, else succeeded.
+    fn settle_run(&mut self, seq: u64) {
+        let now = self.now_ms;
+        let run = self.pipeline_runs.get_mut(&seq).expect("a run");
+        if run.state != RUNNING || run.steps.iter().any(|s| s.state == RUNNING) {
+            return;
+        }
+        // Pending steps left have a failed step upstream (else they would have started).
+        match run.steps.iter().find(|s| s.state == FAILED) {
+            Some(f) => {
+                run.state = FAILED.into();
+                run.error = format!("step {} failed: {}", f.name, f.error);
+            }
+            None => run.state = SUCCEEDED.into(),
+        }
+        run.finished_unix_ms = now;
+        let pipeline = run.pipeline.clone();
+        self.trim_runs(&pipeline);
+    }
+
+    /// At most `RUNS_KEPT` finished runs per pipeline.
+    fn trim_runs(&mut self, pipeline: &str) {
+        let finished: Vec<u64> = self.pipeline_runs.values().filter(|r| r.pipeline == pipeline && r.state != RUNNING).map(|r| r.seq).collect();
+        for seq in finished.iter().take(finished.len().saturating_sub(RUNS_KEPT)) {
+            if let Some(r) = self.pipeline_runs.remove(seq) {
+                self.run_ids.remove(&r.id);
+            }
+        }
+    }
+
+    pub fn pipeline_run(&self, id: &str) -> Option<&PipelineRun> {
+        self.run_ids.get(id).and_then(|s| self.pipeline_runs.get(s))
+    }
+
+    pub fn pipeline_runs(&self) -> impl Iterator<Item = &PipelineRun> {
+        self.pipeline_runs.values()
+    }
+
+    pub fn pipelines_page(&self, page: usize) -> (Vec<PipelineInfo>, String) {
+        let (range, next) = page_range(self.pipelines.len(), page);
+        (self.pipelines.values().skip(range.start).take(range.len()).rev().cloned().collect(), next)
+    }
+
+    /// One page of runs (of one pipeline, or all), newest first.
+    pub fn pipeline_runs_page(&self, pipeline: &str, page: usize) -> (Vec<PipelineRun>, String) {
+        let runs: Vec<&PipelineRun> = self.pipeline_runs.values().filter(|r| pipeline.is_empty() || r.pipeline == pipeline).collect();
+        let (range, next) = page_range(runs.len(), page);
+        (runs[range].iter().rev().map(|r| (*r).clone()).collect(), next)
+    }
+}
+
+/// What a step's job hands on: its id, its model (a training job's final checkpoint), its
+/// metrics, a batch job's output version.
+fn job_outputs(job: &JobInfo) -> Vec<StepOutput> {
+    let mut out = vec![StepOutput { key: "job".into(), value: job.id.to_string() }];
+    let mut put = |k: &str, v: String| out.push(StepOutput { key: k.into(), value: v });
+    if let Some(b) = job.batch.as_ref() {
+        if b.output_version > 0 {
+            put("output", format!("{}@{}", b.output_dataset, b.output_version));
+        }
+        if b.operator == "score" {
+            if b.accuracy >= 0.0 && b.model_target_width == 0 {
+                put("test_accuracy", number(b.accuracy));
+            }
+            for (k, v) in [("test_loss", b.test_loss), ("test_bpb", b.test_bpb), ("test_rmse", b.test_rmse), ("test_r2", b.test_r2)] {
+                if let Some(v) = v {
+                    put(k, number(v));
+                }
+            }
+        }
+    } else {
+        put("model", format!("job:{}", job.id));
+        let p = job.progress.clone().unwrap_or_default();
+        put("step", job.checkpoints.last().map(|c| c.step).unwrap_or(p.step).to_string());
+        if !job.registered_model.is_empty() {
+            put("registered_model", job.registered_model.clone());
+        }
+        if p.test_accuracy >= 0.0 {
+            put("test_accuracy", number(p.test_accuracy));
+        }
+        for (k, v) in [("test_loss", p.test_loss), ("test_bpb", p.test_bpb), ("test_rmse", p.test_rmse), ("test_r2", p.test_r2)] {
+            if let Some(v) = v {
+                put(k, number(v));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{cmd, commit, outcome, spec, with_dataset};
+    use super::*;
+    use shoal_proto::{JobAssigned, UpdateProgress};
+
+    /// train -> register (when accuracy >= 0.5) -> evaluate the registered model; `extra` is
+    /// appended to the train step.
+    fn pipeline(extra: &str) -> String {
+        let train = spec(2).lines().map(|l| if l.starts_with('[') { format!("[step.spec.{}", &l[1..]) } else { l.to_string() }).collect::<Vec<_>>().join("\n");
+        format!(
+            "name = \"p\"\n[[step]]\nname = \"train\"\nkind = \"train\"\n{extra}\n[step.spec]\n{train}\n\
+             [[step]]\nname = \"reg\"\nkind = \"register\"\nneeds = [\"train\"]\nwhen = \"steps.train.test_accuracy >= 0.5\"\nmodel = \"{{steps.train.model}}\"\nas = \"m\"\nalias = \"candidate\"\n\
+             [[step]]\nname = \"eval\"\nkind = \"evaluate\"\nneeds = [\"reg\"]\nmodel = \"{{steps.reg.model}}\"\ndataset = \"d@1\"\nrecords = [80, 100]\n"
+        )
+    }
+
+    fn submit_and_run(sm: &mut StateMachine, text: &str) -> PipelineRun {
+        let ApplyOutput::Pipeline(p) = sm.apply(10, cmd(command::Kind::SubmitPipeline(text.into()))).unwrap() else { panic!() };
+        let ApplyOutput::PipelineRun(run) = sm.apply(11, cmd(command::Kind::RunPipeline(RunPipelineRequest { name: p.name.clone(), request_id: String::new() }))).unwrap() else { panic!() };
+        *run
+    }
+
+    fn step<'a>(sm: &'a StateMachine, run: &str, name: &str) -> &'a StepRun {
+        sm.pipeline_run(run).unwrap().steps.iter().find(|s| s.name == name).unwrap()
+    }
+
+    /// Runs job `id` to success on the idle workers with `accuracy`.
+    fn succeed(sm: &mut StateMachine, index: u64, id: u64, accuracy: f64) {
+        let (job, generation, workers) = sm.next_placement(|_| true).unwrap();
+        assert_eq!(job, id);
+        sm.apply(index, cmd(command::Kind::JobAssigned(JobAssigned { job_id: id, generation, workers: workers.clone(), last_step: 0 }))).unwrap();
+        let progress = JobProgress { step: 10, total_steps: 10, test_accuracy: accuracy, ..Default::default() };
+        sm.apply(index + 1, cmd(command::Kind::UpdateProgress(UpdateProgress { job_id: id, generation, progress: Some(progress) }))).unwrap();
+        commit(sm, index + 2, id, generation, 10).unwrap();
+        for w in &workers {
+            outcome(sm, index + 3, id, generation, w, "same");
+        }
+        assert_eq!(sm.job(id).unwrap().state(), JobState::Succeeded);
+    }
+
+    #[test]
+    fn steps_start_when_their_upstream_succeeds_with_its_outputs_exactly_once() {
+        let mut sm = with_dataset();
+        let run = submit_and_run(&mut sm, &pipeline(""));
+        assert_eq!(run.id, "p-1");
+        let train = step(&sm, "p-1", "train").clone();
+        assert_eq!((train.state.as_str(), train.attempts), (RUNNING, 1));
+        assert_eq!(step(&sm, "p-1", "reg").state, PENDING);
+        let job = sm.job(train.job_id).unwrap();
+        assert_eq!((job.pipeline_run.as_str(), job.pipeline_step.as_str()), ("p-1", "train"));
+        succeed(&mut sm, 20, train.job_id, 0.75);
+        // In the same apply: train settled, reg registered the model, eval's job submitted.
+        let train = step(&sm, "p-1", "train");
+        assert_eq!(train.state, SUCCEEDED);
+        assert_eq!(output(train, "model").unwrap(), format!("job:{}", train.job_id));
+        assert_eq!(output(train, "test_accuracy").unwrap(), "0.75");
+        let reg = step(&sm, "p-1", "reg");
+        assert_eq!((reg.state.as_str(), output(reg, "model").as_deref()), (SUCCEEDED, Some("m@1")));
+        let m = sm.model_page("m", 0).unwrap();
+        assert_eq!(m.aliases[0].alias, "candidate");
+        let eval = step(&sm, "p-1", "eval").clone();
+        assert_eq!(eval.state, RUNNING);
+        let batch = sm.job(eval.job_id).unwrap();
+        assert_eq!(batch.batch.as_ref().unwrap().model, "m@1");
+        assert!(batch.batch.as_ref().unwrap().output_dataset.is_empty(), "evaluate writes nothing");
+        // Another entry that ends nothing changes nothing; the run goes on.
+        assert_eq!(sm.pipeline_run("p-1").unwrap().state, RUNNING);
+        // Cancelling the run stops the evaluation's job and cancels the run.
+        let ApplyOutput::PipelineRun(r) = sm.apply(40, cmd(command::Kind::CancelPipelineRun("p-1".into()))).unwrap() else { panic!() };
+        assert_eq!(r.state, CANCELLED);
+        assert_eq!(sm.job(eval.job_id).unwrap().state(), JobState::Cancelled);
+        assert_eq!(step(&sm, "p-1", "eval").state, CANCELLED);
+        assert!(sm.apply(41, cmd(command::Kind::CancelPipelineRun("p-1".into()))).is_err());
+    }
+
+    #[test]
+    fn a_false_condition_skips_the_step_and_what_needs_it() {
+        let mut sm = with_dataset();
+        submit_and_run(&mut sm, &pipeline(""));
+        let job = step(&sm, "p-1", "train").job_id;
+        succeed(&mut sm, 20, job, 0.25);
+        let run = sm.pipeline_run("p-1").unwrap();
+        assert_eq!(step(&sm, "p-1", "reg").state, SKIPPED);
+        assert_eq!(step(&sm, "p-1", "eval").state, SKIPPED);
+        assert!(step(&sm, "p-1", "eval").reason.contains("\"reg\""));
+        assert_eq!(run.state, SUCCEEDED);
+        assert!(sm.models().next().is_none());
+    }
+
+    #[test]
+    fn a_failed_attempt_retries_and_an_old_attempts_job_settles_nothing() {
+        let mut sm = with_dataset();
+        submit_and_run(&mut sm, &pipeline("retries = 1\ntimeout_s = 60"));
+        let first = step(&sm, "p-1", "train").job_id;
+        // A timeout for another attempt is refused; the right one fails the job.
+        let timeout = |attempt| cmd(command::Kind::PipelineStepTimeout(PipelineStepTimeout { run: "p-1".into(), step: "train".into(), attempt }));
+        assert!(sm.apply(20, timeout(2)).is_err());
+        sm.apply(21, timeout(1)).unwrap();
+        assert_eq!(sm.job(first).unwrap().state(), JobState::Failed);
+        let train = step(&sm, "p-1", "train").clone();
+        assert_eq!((train.state.as_str(), train.attempts, train.jobs.len()), (RUNNING, 2, 2));
+        assert!(train.error.contains("timeout_s = 60"), "{}", train.error);
+        assert_ne!(train.job_id, first);
+        // The second attempt fails too: out of retries, the run fails naming the step.
+        sm.apply(22, cmd(command::Kind::CancelJob(train.job_id))).unwrap();
+        let run = sm.pipeline_run("p-1").unwrap();
+        assert_eq!((run.state.as_str(), step(&sm, "p-1", "train").state.as_str()), (FAILED, FAILED));
+        assert!(run.error.starts_with("step train failed"), "{}", run.error);
+        assert_eq!(step(&sm, "p-1", "reg").state, PENDING);
+    }
+
+    #[test]
+    fn a_step_that_cannot_start_fails_and_the_spec_is_versioned() {
+        let mut sm = with_dataset();
+        // The dataset does not exist: the train step cannot submit its job.
+        let text = pipeline("").replace("name = \"d\"", "name = \"nope\"");
+        let run = submit_and_run(&mut sm, &text);
+        assert_eq!(run.state, FAILED);
+        assert!(run.steps[0].error.contains("does not exist"), "{}", run.steps[0].error);
+        assert_eq!(sm.jobs().count(), 0);
+        // The same spec again keeps its version; another is the next one.
+        let ApplyOutput::Pipeline(p) = sm.apply(30, cmd(command::Kind::SubmitPipeline(text.clone()))).unwrap() else { panic!() };
+        assert_eq!((p.version, p.runs_started), (1, 1));
+        let ApplyOutput::Pipeline(p) = sm.apply(31, cmd(command::Kind::SubmitPipeline(pipeline("")))).unwrap() else { panic!() };
+        assert_eq!(p.version, 2);
+        let ApplyOutput::PipelineRun(r) = sm.apply(32, cmd(command::Kind::RunPipeline(RunPipelineRequest { name: "p".into(), request_id: String::new() }))).unwrap() else { panic!() };
+        assert_eq!((r.id.as_str(), r.version, r.state.as_str()), ("p-2", 2, RUNNING));
+        // Runs survive a snapshot.
+        let back = StateMachine::from_snapshot(sm.to_snapshot()).unwrap();
+        assert_eq!(back.state_hash(), sm.state_hash());
+        assert_eq!(back.pipeline_run("p-2").unwrap(), sm.pipeline_run("p-2").unwrap());
+        assert!(sm.apply(33, cmd(command::Kind::RunPipeline(RunPipelineRequest { name: "q".into(), request_id: String::new() }))).is_err());
+    }
+}
