@@ -9,6 +9,7 @@ mod http;
 mod logs;
 mod plot;
 mod ops;
+mod pipeline;
 mod runs;
 mod serve;
 mod torch;
@@ -58,6 +59,10 @@ enum Cmd {
     /// Jobs: submit, status, list, cancel, resume.
     #[command(subcommand)]
     Job(JobCmd),
+    /// Pipelines: a DAG of steps (train, batch, evaluate, register) with conditions, retries
+    /// and references to upstream outputs; submit, run, show, list, cancel.
+    #[command(subcommand)]
+    Pipeline(pipeline::PipelineCmd),
     /// Checkpoints of a job: list, show, export (for PyTorch).
     #[command(subcommand)]
     Checkpoint(CheckpointCmd),
@@ -837,6 +842,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Status { conn, json } => status(conn, json).await,
         Cmd::Data(d) => data(d).await,
         Cmd::Job(j) => job(j).await,
+        Cmd::Pipeline(p) => pipeline::pipeline(p).await,
         Cmd::Checkpoint(c) => checkpoint(c).await,
         Cmd::Model(c) => model(c).await,
         Cmd::Generate { reference, prompt, tokens, temperature, seed, conn, json } => {

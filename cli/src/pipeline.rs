@@ -1,0 +1,274 @@
+//! `shoal pipeline`: submit a pipeline spec (steps' job specs given by path are put inline
+//! here, so the coordinator holds the whole spec), start runs, follow, show, list, cancel.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use serde_json::json;
+use shoal_coordinator::Client;
+use shoal_proto::{ListPipelineRunsRequest, ListPipelineRunsResponse, ListPipelinesRequest, ListPipelinesResponse, PipelineInfo, PipelineRun, PipelineRunRequest, RunPipelineRequest, SubmitPipelineRequest};
+
+use crate::{note_next_page, print_json, Conn, Listing, PageArgs};
+
+#[derive(Subcommand)]
+pub enum PipelineCmd {
+    /// Submit a pipeline spec (TOML with [[step]]s). The same spec again keeps its version;
+    /// a changed one becomes the next version (runs already started keep theirs).
+    Submit {
+        spec: PathBuf,
+        /// Start a run of it at once.
+        #[arg(long)]
+        run: bool,
+        /// With --run: follow the run until it ends (exit status 1 unless it succeeded).
+        #[arg(long, requires = "run")]
+        wait: bool,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a run of a submitted pipeline's newest version.
+    Run {
+        name: String,
+        /// Follow the run until it ends (exit status 1 unless it succeeded).
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One run: each step's state, attempts, job and outputs.
+    Show {
+        run: String,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pipelines; with a NAME, that pipeline's runs, newest first.
+    List {
+        name: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a run: its running steps' jobs stop, its pending steps never start.
+    Cancel {
+        run: String,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl Listing for ListPipelinesResponse {
+    type Item = PipelineInfo;
+    fn split(self) -> (Vec<PipelineInfo>, String) {
+        (self.pipelines, self.next_page)
+    }
+}
+
+impl Listing for ListPipelineRunsResponse {
+    type Item = PipelineRun;
+    fn split(self) -> (Vec<PipelineRun>, String) {
+        (self.runs, self.next_page)
+    }
+}
+
+pub async fn pipeline(cmd: PipelineCmd) -> Result<()> {
+    match cmd {
+        PipelineCmd::Submit { spec, run, wait, conn, json } => {
+            let text = inline_specs(&spec)?;
+            let client = conn.client()?;
+            let req = SubmitPipelineRequest { spec_toml: text, request_id: shoal_coordinator::client::new_request_id() };
+            let p = client.call(|mut c| { let req = req.clone(); async move { c.submit_pipeline(req).await } }).await?;
+            if !run {
+                if json {
+                    print_json(&pipeline_json(&p));
+                } else {
+                    println!("pipeline {} version {} ({} steps)", p.name, p.version, step_count(&p));
+                }
+                return Ok(());
+            }
+            start(&client, &p.name, wait, json).await
+        }
+        PipelineCmd::Run { name, wait, conn, json } => start(&conn.client()?, &name, wait, json).await,
+        PipelineCmd::Show { run, conn, json } => {
+            let r = get_run(&conn.client()?, &run).await?;
+            if json {
+                print_json(&run_json(&r));
+            } else {
+                print_run(&r);
+            }
+            Ok(())
+        }
+        PipelineCmd::List { name, page, conn, json } => {
+            let client = conn.client()?;
+            match name {
+                None => {
+                    let (pipelines, next) = page.list(&client, |mut c, page| async move { c.list_pipelines(ListPipelinesRequest { page }).await }).await?;
+                    if json {
+                        print_json(&serde_json::Value::Array(pipelines.iter().map(pipeline_json).collect()));
+                    } else {
+                        for p in &pipelines {
+                            println!("{}  version {}  {} steps  {} runs by request", p.name, p.version, step_count(p), p.runs_started);
+                        }
+                    }
+                    note_next_page(&next, json);
+                }
+                Some(name) => {
+                    let (runs, next) = page.list(&client, |mut c, page| { let pipeline = name.clone(); async move { c.list_pipeline_runs(ListPipelineRunsRequest { pipeline, page }).await } }).await?;
+                    if json {
+                        print_json(&serde_json::Value::Array(runs.iter().map(run_json).collect()));
+                    } else {
+                        for r in &runs {
+                            let steps: Vec<String> = r.steps.iter().map(|s| format!("{}:{}", s.name, s.state)).collect();
+                            println!("{}  {}  version {}  {}", r.id, r.state, r.version, steps.join(" "));
+                        }
+                    }
+                    note_next_page(&next, json);
+                }
+            }
+            Ok(())
+        }
+        PipelineCmd::Cancel { run, conn, json } => {
+            let client = conn.client()?;
+            let req = PipelineRunRequest { id: run, request_id: shoal_coordinator::client::new_request_id() };
+            let r = client.call(|mut c| { let req = req.clone(); async move { c.cancel_pipeline_run(req).await } }).await?;
+            if json {
+                print_json(&run_json(&r));
+            } else {
+                println!("pipeline run {} cancelled", r.id);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Reads a pipeline spec, putting each step's `spec = "PATH"` (relative to the pipeline's
+/// file) inline as a table, and checks the whole.
+pub fn inline_specs(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut table: toml::Table = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    if let Some(toml::Value::Array(steps)) = table.get_mut("step") {
+        for (i, step) in steps.iter_mut().enumerate() {
+            let Some(t) = step.as_table_mut() else { continue };
+            if let Some(toml::Value::String(rel)) = t.get("spec") {
+                let file = base.join(rel);
+                let name = t.get("name").and_then(|n| n.as_str()).map(|n| format!("step {n:?}")).unwrap_or_else(|| format!("step[{i}]"));
+                let spec_text = std::fs::read_to_string(&file).with_context(|| format!("{}: {name}: spec: reading {}", path.display(), file.display()))?;
+                let spec: toml::Table = toml::from_str(&spec_text).with_context(|| format!("{}: {name}: spec: {}", path.display(), file.display()))?;
+                t.insert("spec".into(), toml::Value::Table(spec));
+            }
+        }
+    }
+    let text = toml::to_string(&table).context("writing the pipeline spec")?;
+    shoal_core::pipeline::PipelineSpec::parse(&text).with_context(|| format!("{}", path.display()))?;
+    Ok(text)
+}
+
+fn step_count(p: &PipelineInfo) -> usize {
+    shoal_core::pipeline::PipelineSpec::parse(&p.spec_toml).map(|s| s.steps.len()).unwrap_or(0)
+}
+
+async fn get_run(client: &Client, id: &str) -> Result<PipelineRun> {
+    let req = PipelineRunRequest { id: id.to_string(), request_id: String::new() };
+    Ok(client.call(|mut c| { let req = req.clone(); async move { c.get_pipeline_run(req).await } }).await?)
+}
+
+async fn start(client: &Client, name: &str, wait: bool, json: bool) -> Result<()> {
+    let req = RunPipelineRequest { name: name.to_string(), request_id: shoal_coordinator::client::new_request_id() };
+    let mut run = client.call(|mut c| { let req = req.clone(); async move { c.run_pipeline(req).await } }).await?;
+    if !wait {
+        if json {
+            print_json(&run_json(&run));
+        } else {
+            println!("pipeline run {} started", run.id);
+        }
+        return Ok(());
+    }
+    // Follow: a line per step transition (on stderr with --json, which prints the end state).
+    let mut seen: Vec<String> = Vec::new();
+    loop {
+        for s in &run.steps {
+            let line = step_line(s);
+            if !seen.contains(&line) && s.state != "pending" {
+                if json {
+                    eprintln!("{}: {line}", run.id);
+                } else {
+                    println!("{}: {line}", run.id);
+                }
+                seen.push(line);
+            }
+        }
+        if run.state != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        run = get_run(client, &run.id).await?;
+    }
+    if json {
+        print_json(&run_json(&run));
+    } else {
+        println!("pipeline run {} {}{}", run.id, run.state, if run.error.is_empty() { String::new() } else { format!(": {}", run.error) });
+    }
+    if run.state != "succeeded" {
+        bail!("pipeline run {} {}", run.id, run.state);
+    }
+    Ok(())
+}
+
+fn step_line(s: &shoal_proto::StepRun) -> String {
+    let mut line = format!("step {} {}", s.name, s.state);
+    if s.attempts > 1 && !s.error.starts_with(&format!("attempt {}:", s.attempts)) {
+        line += &format!(" (attempt {})", s.attempts);
+    }
+    if s.job_id != 0 {
+        line += &format!(" job {}", s.job_id);
+    }
+    if !s.outputs.is_empty() && s.state == "succeeded" {
+        let o: Vec<String> = s.outputs.iter().map(|o| format!("{}={}", o.key, o.value)).collect();
+        line += &format!(": {}", o.join(" "));
+    }
+    if !s.reason.is_empty() {
+        line += &format!(": {}", s.reason);
+    }
+    if !s.error.is_empty() && s.state != "succeeded" {
+        line += &format!(": {}", s.error);
+    }
+    line
+}
+
+fn print_run(r: &PipelineRun) {
+    println!("pipeline run {} of {} version {}: {}{}", r.id, r.pipeline, r.version, r.state, if r.error.is_empty() { String::new() } else { format!(" ({})", r.error) });
+    for s in &r.steps {
+        println!("  {}", step_line(s));
+    }
+}
+
+pub fn pipeline_json(p: &PipelineInfo) -> serde_json::Value {
+    json!({"name": p.name, "version": p.version, "spec_blake3": p.spec_blake3, "description": p.description,
+           "submitted_unix_ms": p.submitted_unix_ms, "runs_started": p.runs_started, "steps": step_count(p)})
+}
+
+pub fn run_json(r: &PipelineRun) -> serde_json::Value {
+    let steps: Vec<serde_json::Value> = r
+        .steps
+        .iter()
+        .map(|s| {
+            let outputs: serde_json::Map<String, serde_json::Value> = s.outputs.iter().map(|o| (o.key.clone(), json!(o.value))).collect();
+            json!({"name": s.name, "kind": s.kind, "state": s.state, "attempts": s.attempts, "job": s.job_id, "jobs": s.jobs,
+                   "outputs": outputs, "error": s.error, "reason": s.reason, "started_unix_ms": s.started_unix_ms, "finished_unix_ms": s.finished_unix_ms})
+        })
+        .collect();
+    json!({"id": r.id, "pipeline": r.pipeline, "version": r.version, "spec_blake3": r.spec_blake3, "state": r.state, "cause": r.cause,
+           "error": r.error, "created_unix_ms": r.created_unix_ms, "finished_unix_ms": r.finished_unix_ms, "steps": steps})
+}
