@@ -496,7 +496,9 @@ pub fn transform_json(t: &shoal_proto::TransformInfo) -> Value {
 
 pub fn job_json(j: &JobInfo) -> Value {
     if shoal_coordinator::state::is_batch(j) {
-        return batch_json(j);
+        let mut v = batch_json(j);
+        pipeline_fields(&mut v, j);
+        return v;
     }
     let p = j.progress.clone().unwrap_or_default();
     let last = j.checkpoints.last();
@@ -571,7 +573,15 @@ pub fn job_json(j: &JobInfo) -> Value {
     // A language model's test_loss in bits per byte.
     v["test_bpb"] = json!(p.test_bpb);
     v["transports"] = transports;
+    pipeline_fields(&mut v, j);
     v
+}
+
+/// The pipeline run and step that submitted the job (null: none).
+fn pipeline_fields(v: &mut Value, j: &JobInfo) {
+    let nonempty = |s: &str| if s.is_empty() { Value::Null } else { json!(s) };
+    v["pipeline_run"] = nonempty(&j.pipeline_run);
+    v["pipeline_step"] = nonempty(&j.pipeline_step);
 }
 
 pub fn checkpoint_json(m: &CheckpointManifest) -> Value {

@@ -1,0 +1,162 @@
+//! Pipelines with real processes: a DAG of train, evaluate, register and batch steps runs each
+//! step once with its upstream's outputs, also when the leader is killed mid-run; a failing
+//! step is retried as a new job and then fails the run, naming the step.
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+/// The train step's job spec, as a table of the pipeline.
+fn train_table() -> String {
+    mnist_spec("mnist", 1, 4000, 7, "[64]").lines().map(|l| if l.starts_with('[') { format!("[step.spec.{}", &l[1..]) } else { l.to_string() }).collect::<Vec<_>>().join("\n")
+}
+
+fn pipeline() -> String {
+    format!(
+        r#"name = "digits"
+[[step]]
+name = "train"
+kind = "train"
+[step.spec]
+{train}
+
+[[step]]
+name = "evaluate"
+kind = "evaluate"
+needs = ["train"]
+model = "{{steps.train.model}}"
+dataset = "mnist@1"
+records = [8000, 10000]
+
+[[step]]
+name = "register"
+kind = "register"
+needs = ["evaluate"]
+when = "steps.evaluate.test_accuracy >= 0.5"
+model = "{{steps.train.model}}"
+as = "digits-mlp"
+alias = "candidate"
+
+[[step]]
+name = "never"
+kind = "register"
+needs = ["evaluate"]
+when = "steps.evaluate.test_accuracy > 1.5"
+model = "{{steps.train.model}}"
+as = "never"
+
+[[step]]
+name = "score"
+kind = "batch"
+needs = ["register"]
+[step.spec]
+name = "score"
+[step.spec.input]
+dataset = "mnist"
+records = [9000, 10000]
+[step.spec.operator]
+kind = "score"
+model = "{{steps.register.model}}"
+[step.spec.output]
+dataset = "digits-scores"
+"#,
+        train = train_table()
+    )
+}
+
+fn leader(c: &UpCluster) -> serde_json::Value {
+    wait_for("a leader", Duration::from_secs(30), || {
+        let s = json(&mut c.cmd(&["status", "--json"]));
+        s["coordinators"].as_array().unwrap().iter().find(|r| r["role"] == "leader").cloned()
+    })
+}
+
+fn wait_run(c: &UpCluster, id: &str) -> serde_json::Value {
+    wait_for(&format!("pipeline run {id} to end"), Duration::from_secs(180), || {
+        let r = json(&mut c.cmd(&["pipeline", "show", id, "--json"]));
+        (r["state"] != "running").then_some(r)
+    })
+}
+
+fn step<'a>(run: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    run["steps"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap()
+}
+
+#[test]
+fn a_pipeline_runs_each_step_once_with_its_upstream_outputs_through_a_leader_kill() {
+    let c = UpCluster::start_with(&["--coordinators", "3", "--workers", "2"]);
+    c.import_mnist("mnist");
+
+    // Validation at submit names the step and the key, and records nothing.
+    let e = fails(c.cmd(&["pipeline", "submit"]).arg(c.write_spec("bad.toml", &pipeline().replace("{steps.register.model}", "{steps.registr.model}"))));
+    assert!(e.contains("step \"score\": spec.operator.model") && e.contains("no step \"registr\""), "{e}");
+    let e = fails(c.cmd(&["pipeline", "submit"]).arg(c.write_spec("cycle.toml", &pipeline().replace("needs = [\"train\"]", "needs = [\"score\"]"))));
+    assert!(e.contains("step \"evaluate\": needs: \"score\" comes later"), "{e}");
+    assert_eq!(json(&mut c.cmd(&["pipeline", "list", "--json"])).as_array().unwrap().len(), 0);
+
+    let spec = c.write_spec("digits.toml", &pipeline());
+    let p = json(c.cmd(&["pipeline", "submit", "--json"]).arg(&spec));
+    assert_eq!((p["name"].as_str(), p["version"].as_u64(), p["steps"].as_u64()), (Some("digits"), Some(1), Some(5)), "{p}");
+    // The same spec again is the same version.
+    assert_eq!(json(c.cmd(&["pipeline", "submit", "--json"]).arg(&spec))["version"], 1);
+
+    let run = json(&mut c.cmd(&["pipeline", "run", "digits", "--json"]));
+    let id = run["id"].as_str().unwrap().to_string();
+    assert_eq!(id, "digits-1");
+    assert_eq!(step(&run, "train")["state"], "running", "{run}");
+    // The leader dies while the train step runs: the new one carries on from the log.
+    let old = leader(&c);
+    assert_eq!(unsafe { libc::kill(old["pid"].as_i64().unwrap() as i32, libc::SIGKILL) }, 0);
+    wait_for("a new leader", Duration::from_secs(30), || {
+        let s = json(&mut c.cmd(&["status", "--json"]));
+        s["coordinators"].as_array().unwrap().iter().find(|r| r["role"] == "leader" && r["id"] != old["id"]).cloned()
+    });
+    let run = wait_run(&c, &id);
+    assert_eq!(run["state"], "succeeded", "{run}");
+
+    // Every step that runs a job ran exactly one, submitted by this run and step.
+    let jobs = json(&mut c.cmd(&["job", "list", "--json"]));
+    let mine: Vec<&serde_json::Value> = jobs.as_array().unwrap().iter().filter(|j| j["pipeline_run"] == id.as_str()).collect();
+    assert_eq!(mine.len(), 3, "{jobs}");
+    for name in ["train", "evaluate", "score"] {
+        let s = step(&run, name);
+        assert_eq!((s["state"].as_str(), s["attempts"].as_u64(), s["jobs"].as_array().unwrap().len()), (Some("succeeded"), Some(1), 1), "{s}");
+        assert!(mine.iter().any(|j| j["id"] == s["job"] && j["pipeline_step"] == name), "{s}");
+    }
+    // Outputs flow downstream: evaluate scored train's model on train's own test records,
+    // so it measured the accuracy the training job reported, to the bit.
+    let (train, evaluate) = (step(&run, "train"), step(&run, "evaluate"));
+    assert_eq!(train["outputs"]["model"], format!("job:{}", train["job"]));
+    assert_eq!(evaluate["outputs"]["test_accuracy"], train["outputs"]["test_accuracy"], "{run}");
+    let reg = step(&run, "register");
+    assert_eq!((reg["state"].as_str(), reg["outputs"]["model"].as_str()), (Some("succeeded"), Some("digits-mlp@1")), "{reg}");
+    let model = json(&mut c.cmd(&["model", "show", "digits-mlp@candidate", "--json"]));
+    assert_eq!(model["job"], train["job"], "{model}");
+    let never = step(&run, "never");
+    assert_eq!((never["state"].as_str(), never["reason"].as_str()), (Some("skipped"), Some("its when condition is false")), "{never}");
+    let score = c.job(&step(&run, "score")["job"].to_string());
+    assert_eq!(score["output_dataset"], "digits-scores", "{score}");
+    let scores = json(&mut c.cmd(&["data", "show", "digits-scores", "--json"]));
+    assert_eq!(scores["records"], 1000, "{scores}");
+
+    // A step that fails is retried as a new job, then fails the run naming the step; the
+    // steps after it never start.
+    let failing = format!(
+        "name = \"fails\"\n[[step]]\nname = \"exec\"\nkind = \"batch\"\nretries = 1\n[step.spec]\nname = \"exit3\"\n\
+         [step.spec.input]\ndataset = \"mnist\"\nrecords = [0, 100]\n[step.spec.operator]\nkind = \"exec\"\n\
+         command = [\"sh\", \"-c\", \"exit 3\", \"{{input}}\", \"{{output}}\"]\n[step.spec.output]\ndataset = \"never-written\"\n\
+         [step.spec.cluster]\nmax_attempts = 1\n\
+         [[step]]\nname = \"after\"\nkind = \"register\"\nneeds = [\"exec\"]\nmodel = \"{{steps.train.model}}\"\nas = \"x\"\n"
+    );
+    let e = fails(c.cmd(&["pipeline", "submit"]).arg(c.write_spec("fails-bad.toml", &failing)));
+    assert!(e.contains("step \"after\": model") && e.contains("names no step \"train\""), "{e}");
+    let failing = failing.replace("model = \"{steps.train.model}\"", "model = \"job:1\"");
+    let out = common::run(c.cmd(&["pipeline", "submit", "--run", "--wait", "--json"]).arg(c.write_spec("fails.toml", &failing)));
+    assert!(!out.status.success(), "a failed run exits non-zero");
+    let run: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(run["state"], "failed", "{run}");
+    let exec = step(&run, "exec");
+    assert_eq!((exec["state"].as_str(), exec["attempts"].as_u64(), exec["jobs"].as_array().unwrap().len()), (Some("failed"), Some(2), 2), "{exec}");
+    assert!(run["error"].as_str().unwrap().starts_with("step exec failed: attempt 2: job"), "{run}");
+    assert_eq!(step(&run, "after")["state"], "pending");
+}
