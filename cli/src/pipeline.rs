@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use serde_json::json;
 use shoal_coordinator::Client;
-use shoal_proto::{ListPipelineRunsRequest, ListPipelineRunsResponse, ListPipelinesRequest, ListPipelinesResponse, PipelineInfo, PipelineRun, PipelineRunRequest, RunPipelineRequest, SubmitPipelineRequest};
+use shoal_proto::{ListPipelineRunsRequest, ListPipelineRunsResponse, ListPipelinesRequest, ListPipelinesResponse, PipelineInfo, PipelineRun, PipelineRunRequest, ResumePipelineRequest, RunPipelineRequest, SubmitPipelineRequest};
 
 use crate::{note_next_page, print_json, Conn, Listing, PageArgs};
 
@@ -53,6 +53,20 @@ pub enum PipelineCmd {
         name: Option<String>,
         #[command(flatten)]
         page: PageArgs,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a failed or cancelled run's unfinished steps again; with --from STEP, that step and
+    /// every step downstream of it too. Steps that succeeded keep their outputs.
+    Resume {
+        run: String,
+        #[arg(long)]
+        from: Option<String>,
+        /// Follow the run until it ends (exit status 1 unless it succeeded).
+        #[arg(long)]
+        wait: bool,
         #[command(flatten)]
         conn: Conn,
         #[arg(long)]
@@ -138,6 +152,12 @@ pub async fn pipeline(cmd: PipelineCmd) -> Result<()> {
             }
             Ok(())
         }
+        PipelineCmd::Resume { run, from, wait, conn, json } => {
+            let client = conn.client()?;
+            let req = ResumePipelineRequest { id: run, from: from.unwrap_or_default(), request_id: shoal_coordinator::client::new_request_id() };
+            let r = client.call(|mut c| { let req = req.clone(); async move { c.resume_pipeline_run(req).await } }).await?;
+            follow(&client, r, wait, json, "resumed").await
+        }
         PipelineCmd::Cancel { run, conn, json } => {
             let client = conn.client()?;
             let req = PipelineRunRequest { id: run, request_id: shoal_coordinator::client::new_request_id() };
@@ -186,12 +206,17 @@ async fn get_run(client: &Client, id: &str) -> Result<PipelineRun> {
 
 async fn start(client: &Client, name: &str, wait: bool, json: bool) -> Result<()> {
     let req = RunPipelineRequest { name: name.to_string(), request_id: shoal_coordinator::client::new_request_id() };
-    let mut run = client.call(|mut c| { let req = req.clone(); async move { c.run_pipeline(req).await } }).await?;
+    let run = client.call(|mut c| { let req = req.clone(); async move { c.run_pipeline(req).await } }).await?;
+    follow(client, run, wait, json, "started").await
+}
+
+/// Prints the run (`what` happened to it), or with `wait` follows it to its end.
+async fn follow(client: &Client, mut run: PipelineRun, wait: bool, json: bool, what: &str) -> Result<()> {
     if !wait {
         if json {
             print_json(&run_json(&run));
         } else {
-            println!("pipeline run {} started", run.id);
+            println!("pipeline run {} {what}", run.id);
         }
         return Ok(());
     }
@@ -270,5 +295,5 @@ pub fn run_json(r: &PipelineRun) -> serde_json::Value {
         })
         .collect();
     json!({"id": r.id, "pipeline": r.pipeline, "version": r.version, "spec_blake3": r.spec_blake3, "state": r.state, "cause": r.cause,
-           "error": r.error, "created_unix_ms": r.created_unix_ms, "finished_unix_ms": r.finished_unix_ms, "steps": steps})
+           "error": r.error, "resumes": r.resumes, "created_unix_ms": r.created_unix_ms, "finished_unix_ms": r.finished_unix_ms, "steps": steps})
 }

@@ -140,17 +140,21 @@ fn a_pipeline_runs_each_step_once_with_its_upstream_outputs_through_a_leader_kil
     assert_eq!(scores["records"], 1000, "{scores}");
 
     // A step that fails is retried as a new job, then fails the run naming the step; the
-    // steps after it never start.
+    // steps after it never start. The command fails until a marker file exists.
+    let marker = c.dir().join("exec-may-succeed");
     let failing = format!(
-        "name = \"fails\"\n[[step]]\nname = \"exec\"\nkind = \"batch\"\nretries = 1\n[step.spec]\nname = \"exit3\"\n\
+        "name = \"fails\"\n[[step]]\nname = \"first\"\nkind = \"evaluate\"\nmodel = \"job:{job}\"\ndataset = \"mnist\"\nrecords = [0, 500]\n\
+         [[step]]\nname = \"exec\"\nkind = \"batch\"\nneeds = [\"first\"]\nretries = 1\n[step.spec]\nname = \"exit3\"\n\
          [step.spec.input]\ndataset = \"mnist\"\nrecords = [0, 100]\n[step.spec.operator]\nkind = \"exec\"\n\
-         command = [\"sh\", \"-c\", \"exit 3\", \"{{input}}\", \"{{output}}\"]\n[step.spec.output]\ndataset = \"never-written\"\n\
+         command = [\"sh\", \"-c\", \"test -f {marker} || exit 3; cp \\\"$0\\\" \\\"$1\\\"\", \"{{input}}\", \"{{output}}\"]\n[step.spec.output]\ndataset = \"exec-out\"\n\
          [step.spec.cluster]\nmax_attempts = 1\n\
-         [[step]]\nname = \"after\"\nkind = \"register\"\nneeds = [\"exec\"]\nmodel = \"{{steps.train.model}}\"\nas = \"x\"\n"
+         [[step]]\nname = \"after\"\nkind = \"register\"\nneeds = [\"exec\"]\nmodel = \"{{steps.train.model}}\"\nas = \"x\"\n",
+        job = train["job"],
+        marker = marker.display()
     );
     let e = fails(c.cmd(&["pipeline", "submit"]).arg(c.write_spec("fails-bad.toml", &failing)));
     assert!(e.contains("step \"after\": model") && e.contains("names no step \"train\""), "{e}");
-    let failing = failing.replace("model = \"{steps.train.model}\"", "model = \"job:1\"");
+    let failing = failing.replace("model = \"{steps.train.model}\"\nas", &format!("model = \"job:{}\"\nas", train["job"]));
     let out = common::run(c.cmd(&["pipeline", "submit", "--run", "--wait", "--json"]).arg(c.write_spec("fails.toml", &failing)));
     assert!(!out.status.success(), "a failed run exits non-zero");
     let run: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -159,4 +163,15 @@ fn a_pipeline_runs_each_step_once_with_its_upstream_outputs_through_a_leader_kil
     assert_eq!((exec["state"].as_str(), exec["attempts"].as_u64(), exec["jobs"].as_array().unwrap().len()), (Some("failed"), Some(2), 2), "{exec}");
     assert!(run["error"].as_str().unwrap().starts_with("step exec failed: attempt 2: job"), "{run}");
     assert_eq!(step(&run, "after")["state"], "pending");
+
+    // Resumed once the command can succeed: only the failed step and what follows run; the
+    // step that succeeded keeps its job and outputs exactly.
+    let first = step(&run, "first").clone();
+    std::fs::write(&marker, "").unwrap();
+    let resumed = json(&mut c.cmd(&["pipeline", "resume", "fails-1", "--wait", "--json"]));
+    assert_eq!((resumed["state"].as_str(), resumed["resumes"].as_u64()), (Some("succeeded"), Some(1)), "{resumed}");
+    assert_eq!(step(&resumed, "first"), &first);
+    let exec = step(&resumed, "exec");
+    assert_eq!((exec["attempts"].as_u64(), exec["jobs"].as_array().unwrap().len()), (Some(3), 3), "{exec}");
+    assert_eq!(step(&resumed, "after")["outputs"]["model"], "x@1");
 }

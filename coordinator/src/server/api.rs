@@ -507,6 +507,15 @@ impl Coordinator for Api {
         }
     }
 
+    async fn resume_pipeline_run(&self, r: Request<shoal_proto::ResumePipelineRequest>) -> Result<Response<shoal_proto::PipelineRun>, Status> {
+        let r = r.into_inner();
+        let request_id = r.request_id.clone();
+        match self.propose(command::Kind::ResumePipelineRun(r), request_id).await? {
+            ApplyOutput::PipelineRun(run) => Ok(Response::new(*run)),
+            other => Err(Status::internal(format!("unexpected apply output {other:?}"))),
+        }
+    }
+
     async fn get_pipeline_run(&self, r: Request<shoal_proto::PipelineRunRequest>) -> Result<Response<shoal_proto::PipelineRun>, Status> {
         let id = r.into_inner().id;
         self.linearize().await?;

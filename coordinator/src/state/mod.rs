@@ -532,6 +532,7 @@ impl StateMachine {
             command::Kind::RunPipeline(r) => self.run_pipeline(index, r),
             command::Kind::CancelPipelineRun(id) => self.cancel_pipeline_run(id),
             command::Kind::PipelineStepTimeout(t) => self.pipeline_step_timeout(t),
+            command::Kind::ResumePipelineRun(r) => self.resume_pipeline_run(index, r),
         }
     }
 }

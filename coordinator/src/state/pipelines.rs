@@ -119,6 +119,43 @@ impl StateMachine {
         Ok(ApplyOutput::PipelineRun(Box::new(self.pipeline_runs.get(&seq).cloned().unwrap_or_default())))
     }
 
+    /// `pipeline resume`: the steps that did not succeed (and with `from`, that step and its
+    /// downstream) go back to pending with their retries renewed; the others keep their
+    /// outputs untouched. Attempt numbers go on counting, so an old attempt stays fenced off.
+    pub(super) fn resume_pipeline_run(&mut self, index: u64, r: shoal_proto::ResumePipelineRequest) -> ApplyResult {
+        let seq = *self.run_ids.get(&r.id).ok_or_else(|| ApplyError::not_found(format!("there is no pipeline run {}", r.id)))?;
+        let run = self.pipeline_runs.get_mut(&seq).expect("indexed");
+        let spec = PipelineSpec::parse(&run.spec_toml).map_err(ApplyError::invalid)?;
+        match run.state.as_str() {
+            RUNNING => return Err(ApplyError::conflict(format!("pipeline run {} is running", r.id))),
+            SUCCEEDED if r.from.is_empty() => return Err(ApplyError::conflict(format!("pipeline run {} succeeded: name a step to run again from (--from)", r.id))),
+            _ => {}
+        }
+        let mut again: BTreeSet<String> = run.steps.iter().filter(|s| matches!(s.state.as_str(), FAILED | CANCELLED | PENDING)).map(|s| s.name.clone()).collect();
+        if !r.from.is_empty() {
+            if spec.step(&r.from).is_none() {
+                return Err(ApplyError::not_found(format!("pipeline run {} has no step {:?}", r.id, r.from)));
+            }
+            again.insert(r.from.clone());
+            again.extend(spec.steps.iter().filter(|s| spec.upstream(&s.name).contains(&r.from)).map(|s| s.name.clone()));
+        }
+        for (s, step) in run.steps.iter_mut().zip(&spec.steps) {
+            if again.contains(&s.name) {
+                s.state = PENDING.into();
+                s.job_id = 0;
+                s.outputs.clear();
+                s.reason.clear();
+                s.finished_unix_ms = 0;
+                s.retries = s.attempts + step.retries;
+            }
+        }
+        (run.state, run.finished_unix_ms) = (RUNNING.into(), 0);
+        run.error.clear();
+        run.resumes += 1;
+        self.advance_run(index, seq);
+        Ok(ApplyOutput::PipelineRun(Box::new(self.pipeline_runs[&seq].clone())))
+    }
+
     /// The leader saw a step attempt run past its `timeout_s`: its job stops, the attempt fails.
     pub(super) fn pipeline_step_timeout(&mut self, t: PipelineStepTimeout) -> ApplyResult {
         let seq = *self.run_ids.get(&t.run).ok_or_else(|| ApplyError::not_found(format!("there is no pipeline run {}", t.run)))?;
@@ -494,6 +531,35 @@ mod tests {
         assert_eq!((run.state.as_str(), step(&sm, "p-1", "train").state.as_str()), (FAILED, FAILED));
         assert!(run.error.starts_with("step train failed"), "{}", run.error);
         assert_eq!(step(&sm, "p-1", "reg").state, PENDING);
+
+        // Resumed: the failed step runs again as attempt 3 with its retries renewed.
+        let resume = |from: &str| cmd(command::Kind::ResumePipelineRun(shoal_proto::ResumePipelineRequest { id: "p-1".into(), from: from.into(), request_id: String::new() }));
+        assert!(sm.apply(23, resume("nope")).is_err());
+        sm.apply(24, resume("")).unwrap();
+        let train = step(&sm, "p-1", "train").clone();
+        assert_eq!((train.state.as_str(), train.attempts, train.retries), (RUNNING, 3, 3));
+        assert!(sm.apply(25, resume("")).is_err(), "a running run is not resumed");
+        succeed(&mut sm, 30, train.job_id, 0.75);
+        let eval = step(&sm, "p-1", "eval").clone();
+        sm.apply(40, cmd(command::Kind::CancelJob(eval.job_id))).unwrap();
+        assert_eq!(sm.pipeline_run("p-1").unwrap().state, FAILED);
+        // Only the failed step runs again; the others keep their outputs as they were.
+        let (train, reg) = (step(&sm, "p-1", "train").clone(), step(&sm, "p-1", "reg").clone());
+        sm.apply(41, resume("")).unwrap();
+        assert_eq!((step(&sm, "p-1", "train"), step(&sm, "p-1", "reg")), (&train, &reg));
+        let again = step(&sm, "p-1", "eval").clone();
+        assert_eq!((again.state.as_str(), again.attempts), (RUNNING, 2));
+        assert_ne!(again.job_id, eval.job_id);
+        // The old attempt's job ending now (a duplicate cancel is refused; none can settle it).
+        assert!(sm.apply(42, cmd(command::Kind::CancelJob(eval.job_id))).is_err());
+        // --from a step that succeeded: it and everything downstream run again.
+        sm.apply(43, cmd(command::Kind::CancelPipelineRun("p-1".into()))).unwrap();
+        sm.apply(44, resume("train")).unwrap();
+        let run = sm.pipeline_run("p-1").unwrap();
+        assert_eq!(run.resumes, 3);
+        let states: Vec<&str> = run.steps.iter().map(|s| s.state.as_str()).collect();
+        assert_eq!(states, [RUNNING, PENDING, PENDING]);
+        assert_eq!(step(&sm, "p-1", "train").attempts, 4);
     }
 
     #[test]
