@@ -180,6 +180,10 @@ impl Duties {
                 }
             }
         }
+        // Debounced pipeline triggers whose dataset has been quiet long enough.
+        for t in state.due_triggers(now_unix_ms) {
+            proposals.push((format!("trigger/{}/{}/{}", t.pipeline, t.from_version, t.to_version), command::Kind::PipelineTriggered(t)));
+        }
         self.stall_after.retain(|id, _| state.job(*id).is_some_and(|j| !j.state().is_terminal()));
         self.stall_watch.retain(|id, _| state.job(*id).is_some_and(|j| j.state() == JobState::Running));
         self.progress.retain(|id, _| state.job(*id).is_some_and(|j| !j.state().is_terminal()));

@@ -122,10 +122,21 @@ pub struct Step {
     pub params: toml::Table,
 }
 
+/// `[trigger]`: a run for each range of new versions of a dataset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TriggerSpec {
+    pub on_append: String,
+    /// A run needs at least this many records added since the last run's range (default 1).
+    pub min_new_records: u64,
+    /// 0: a run in the apply of the append itself; else once no append came for this long.
+    pub debounce_s: u64,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct PipelineSpec {
     pub name: String,
     pub description: Option<String>,
+    pub trigger: Option<TriggerSpec>,
     /// In the file's order, which is a topological order (`parse` checks that every `needs`
     /// names an earlier step, so no cycle can exist).
     pub steps: Vec<Step>,
@@ -148,9 +159,14 @@ impl PipelineSpec {
     /// Parses and validates a pipeline. The error names the step and the key.
     pub fn parse(text: &str) -> Result<PipelineSpec> {
         let table: toml::Table = toml::from_str(text).map_err(|e| CoreError::Pipeline(e.to_string().trim().to_string()))?;
-        if let Some(k) = table.keys().find(|k| !["name", "description", "step"].contains(&k.as_str())) {
-            return Err(bad(k, "unknown key (a pipeline has name, description and [[step]]s)"));
+        if let Some(k) = table.keys().find(|k| !["name", "description", "trigger", "step"].contains(&k.as_str())) {
+            return Err(bad(k, "unknown key (a pipeline has name, description, [trigger] and [[step]]s)"));
         }
+        let trigger = match table.get("trigger") {
+            None => None,
+            Some(toml::Value::Table(t)) => Some(parse_trigger(t)?),
+            Some(_) => return Err(bad("trigger", "must be a table: [trigger] on_append = \"DATASET\"")),
+        };
         let name = match table.get("name") {
             Some(toml::Value::String(s)) => s.clone(),
             Some(_) => return Err(bad("name", "must be a string")),
@@ -177,7 +193,7 @@ impl PipelineSpec {
             let step = parse_step(i, t, &steps, &names)?;
             steps.push(step);
         }
-        let spec = PipelineSpec { name, description, steps };
+        let spec = PipelineSpec { name, description, trigger, steps };
         for step in &spec.steps {
             spec.check_step(step)?;
         }
@@ -247,6 +263,23 @@ impl PipelineSpec {
         }
         Ok(())
     }
+}
+
+fn parse_trigger(t: &toml::Table) -> Result<TriggerSpec> {
+    if let Some(k) = t.keys().find(|k| !["on_append", "min_new_records", "debounce_s"].contains(&k.as_str())) {
+        return Err(bad(format!("trigger.{k}"), "unknown key (a trigger has on_append, min_new_records and debounce_s)"));
+    }
+    let on_append = match t.get("on_append") {
+        Some(toml::Value::String(s)) => s.clone(),
+        _ => return Err(bad("trigger.on_append", "missing: the dataset whose appends start a run")),
+    };
+    crate::dataset::validate_name(&on_append).map_err(|e| bad("trigger.on_append", e))?;
+    let count = |key: &str, default: u64, min: i64| match t.get(key) {
+        None => Ok(default),
+        Some(toml::Value::Integer(n)) if *n >= min => Ok(*n as u64),
+        Some(v) => Err(bad(format!("trigger.{key}"), format!("must be a whole number, at least {min}, got {v}"))),
+    };
+    Ok(TriggerSpec { on_append, min_new_records: count("min_new_records", 1, 1)?, debounce_s: count("debounce_s", 0, 0)? })
 }
 
 fn parse_step(i: usize, t: &toml::Table, earlier: &[Step], names: &BTreeSet<String>) -> Result<Step> {
@@ -837,6 +870,12 @@ lr = 0.05
         let e = err(&pipeline(&TRAIN.replace("epochs = 1", "epochs = 0").replace("[step.spec]", "[[step]]\nname = \"t2\"\nkind = \"train\"\n[step.spec]")));
         assert!(e.contains("step \"t2\": spec:") && e.contains("training.epochs"), "{e}");
         assert!(err("name = \"p\"\n").contains("step: a pipeline needs at least one"));
+        let trigger = |t: &str| pipeline("").replacen("name = \"p\"\n", &format!("name = \"p\"\n[trigger]\n{t}\n"), 1);
+        assert!(err(&trigger("on_append = \"d\"\ndebounce = 5")).contains("trigger.debounce: unknown key"));
+        assert!(err(&trigger("on_append = \"d\"\nmin_new_records = 0")).contains("trigger.min_new_records: must be"));
+        assert!(err(&trigger("min_new_records = 2")).contains("trigger.on_append: missing"));
+        let p = PipelineSpec::parse(&pipeline("").replacen("name = \"p\"\n", "name = \"p\"\n[trigger]\non_append = \"mnist\"\ndebounce_s = 5\n", 1)).unwrap();
+        assert_eq!(p.trigger, Some(TriggerSpec { on_append: "mnist".into(), min_new_records: 1, debounce_s: 5 }));
         assert!(err("name = \"p\"\nschedul = 1\n[[step]]\nname = \"a\"\nkind = \"train\"\n").contains("schedul: unknown key"));
     }
 

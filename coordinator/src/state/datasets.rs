@@ -343,6 +343,7 @@ impl StateMachine {
         if info.version > 1 {
             self.fire_templates(index, &name, info.version);
         }
+        self.fire_pipelines(index, &name, info.version);
         Ok(self.dataset_view(&name, info.version, DatasetView::Newest).expect("just registered"))
     }
 
@@ -408,6 +409,11 @@ impl StateMachine {
 
     /// Version `version` (0: the latest) of dataset `name`, summarised: schema, records and
     /// counts, without its slices or shards.
+    /// The records of version `version` (0: the latest) of dataset `name`, and its number.
+    pub(super) fn version_records(&self, name: &str, version: u64) -> Option<(u64, u64)> {
+        self.datasets.get(name)?.version(version).map(|v| (v.version, v.records))
+    }
+
     pub fn dataset(&self, name: &str, version: u64) -> Option<DatasetInfo> {
         self.dataset_view(name, version, DatasetView::Summary)
     }

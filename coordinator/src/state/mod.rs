@@ -533,6 +533,7 @@ impl StateMachine {
             command::Kind::CancelPipelineRun(id) => self.cancel_pipeline_run(id),
             command::Kind::PipelineStepTimeout(t) => self.pipeline_step_timeout(t),
             command::Kind::ResumePipelineRun(r) => self.resume_pipeline_run(index, r),
+            command::Kind::PipelineTriggered(t) => self.pipeline_triggered(index, t),
         }
     }
 }

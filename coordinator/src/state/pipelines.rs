@@ -38,6 +38,8 @@ impl StateMachine {
         let spec = PipelineSpec::parse(&toml).map_err(ApplyError::invalid)?;
         let hash = blake3::hash(toml.as_bytes()).to_hex().to_string();
         let now = self.now_ms;
+        let trigger = spec.trigger.clone().unwrap_or(shoal_core::pipeline::TriggerSpec { on_append: String::new(), min_new_records: 1, debounce_s: 0 });
+        let latest = self.version_records(&trigger.on_append, 0).map(|(v, _)| v).unwrap_or(0);
         let p = self.pipelines.entry(spec.name.clone()).or_insert_with(|| PipelineInfo { name: spec.name.clone(), ..Default::default() });
         if p.spec_blake3 != hash {
             p.version += 1;
@@ -45,6 +47,12 @@ impl StateMachine {
             p.spec_toml = toml;
             p.submitted_unix_ms = now;
             p.description = spec.description.unwrap_or_default();
+            if p.trigger_dataset != trigger.on_append {
+                // A new trigger covers only the versions that come after it.
+                p.trigger_dataset = trigger.on_append;
+                (p.trigger_watermark, p.trigger_latest, p.trigger_latest_unix_ms) = (latest, latest, now);
+            }
+            (p.trigger_debounce_s, p.trigger_min_records) = (trigger.debounce_s, trigger.min_new_records);
         }
         Ok(ApplyOutput::Pipeline(Box::new(p.clone())))
     }
@@ -56,6 +64,67 @@ impl StateMachine {
         let p = p.clone();
         let seq = self.create_run(index, &p, id, "request".into())?;
         Ok(ApplyOutput::PipelineRun(Box::new(self.pipeline_runs[&seq].clone())))
+    }
+
+    /// Version `version` of `dataset` was just added: pipelines triggered by it note it, and
+    /// those without a debounce start their run here, in the append's own apply (once per
+    /// range, whoever leads).
+    pub(super) fn fire_pipelines(&mut self, index: u64, dataset: &str, version: u64) {
+        let now = self.now_ms;
+        let fired: Vec<String> = self.pipelines.values().filter(|p| p.trigger_dataset == dataset).map(|p| p.name.clone()).collect();
+        for name in fired {
+            let p = self.pipelines.get_mut(&name).expect("listed above");
+            (p.trigger_latest, p.trigger_latest_unix_ms) = (version, now);
+            if p.trigger_debounce_s == 0 {
+                let from = p.trigger_watermark + 1;
+                // Too few new records: the range grows with the next append.
+                let _ = self.trigger_run(index, &name, from, version);
+            }
+        }
+    }
+
+    /// The leader's proposal for a debounced trigger: accepted only if it starts right above
+    /// the watermark (a stale or repeated proposal changes nothing).
+    pub(super) fn pipeline_triggered(&mut self, index: u64, t: shoal_proto::PipelineTriggered) -> ApplyResult {
+        let seq = self.trigger_run(index, &t.pipeline, t.from_version, t.to_version)?;
+        Ok(ApplyOutput::PipelineRun(Box::new(self.pipeline_runs[&seq].clone())))
+    }
+
+    /// A run of pipeline `name` for versions [from, to] of its trigger's dataset.
+    fn trigger_run(&mut self, index: u64, name: &str, from: u64, to: u64) -> Result<u64, ApplyError> {
+        let p = self.pipelines.get(name).ok_or_else(|| ApplyError::not_found(format!("there is no pipeline {name:?}")))?;
+        let dataset = p.trigger_dataset.clone();
+        if dataset.is_empty() {
+            return Err(ApplyError::conflict(format!("pipeline {name} has no trigger")));
+        }
+        if from != p.trigger_watermark + 1 || to < from {
+            return Err(ApplyError::conflict(format!("pipeline {name}: versions up to {} of {dataset} have had their run; [{from}, {to}] is not next", p.trigger_watermark)));
+        }
+        let (_, added) = self.version_records(&dataset, to).ok_or_else(|| ApplyError::not_found(format!("dataset {dataset} has no version {to}")))?;
+        let before = self.version_records(&dataset, p.trigger_watermark).map(|(_, r)| r).filter(|_| p.trigger_watermark > 0).unwrap_or(0);
+        let new = added.saturating_sub(before);
+        if new < p.trigger_min_records {
+            return Err(ApplyError::conflict(format!("pipeline {name}: {new} new records in {dataset} v{from}..v{to}, fewer than min_new_records = {}", p.trigger_min_records)));
+        }
+        let id = if from == to { format!("{name}@{dataset}-v{to}") } else { format!("{name}@{dataset}-v{from}-v{to}") };
+        let p = self.pipelines.get_mut(name).expect("looked up above");
+        p.trigger_watermark = to;
+        let p = p.clone();
+        self.create_run(index, &p, id, format!("append {dataset} v{from}..v{to}"))
+    }
+
+    /// Debounced triggers whose quiet period is over at `now_ms` (the leader proposes them).
+    pub fn due_triggers(&self, now_ms: u64) -> Vec<shoal_proto::PipelineTriggered> {
+        self.pipelines
+            .values()
+            .filter(|p| p.trigger_debounce_s > 0 && p.trigger_latest > p.trigger_watermark)
+            .filter(|p| now_ms >= p.trigger_latest_unix_ms.saturating_add(p.trigger_debounce_s.saturating_mul(1000)))
+            .filter(|p| {
+                let at = |v: u64| self.version_records(&p.trigger_dataset, v).map(|(_, r)| r).filter(|_| v > 0).unwrap_or(0);
+                at(p.trigger_latest).saturating_sub(at(p.trigger_watermark)) >= p.trigger_min_records
+            })
+            .map(|p| shoal_proto::PipelineTriggered { pipeline: p.name.clone(), from_version: p.trigger_watermark + 1, to_version: p.trigger_latest })
+            .collect()
     }
 
     /// A new run of `p` (its steps pending), then whatever can start at once.
@@ -583,5 +652,71 @@ mod tests {
         assert_eq!(back.state_hash(), sm.state_hash());
         assert_eq!(back.pipeline_run("p-2").unwrap(), sm.pipeline_run("p-2").unwrap());
         assert!(sm.apply(33, cmd(command::Kind::RunPipeline(RunPipelineRequest { name: "q".into(), request_id: String::new() }))).is_err());
+    }
+
+    /// Appends `records` records to dataset d (the next version) at `index`.
+    fn append(sm: &mut StateMachine, index: u64, records: u64) -> u64 {
+        append_at(sm, index, records, 0)
+    }
+
+    fn append_at(sm: &mut StateMachine, index: u64, records: u64, ms: u64) -> u64 {
+        let mut ds = sm.dataset_view("d", 0, crate::state::DatasetView::Shards).unwrap();
+        (ds.stats, ds.append, ds.version, ds.records) = (None, true, 0, records);
+        ds.slices.clear();
+        ds.shards = vec![shoal_proto::ShardInfo { path: format!("datasets/d/import-{index}/shard-00000.safetensors"), records, blake3: "h".into(), bytes: 1 }];
+        let c = Command { kind: Some(command::Kind::RegisterDataset(ds)), proposed_unix_ms: ms, ..Default::default() };
+        let ApplyOutput::Dataset(d) = sm.apply(index, c).unwrap() else { panic!() };
+        d.version
+    }
+
+    fn with_trigger(trigger: &str) -> String {
+        pipeline("").replacen("name = \"p\"\n", &format!("name = \"p\"\n[trigger]\non_append = \"d\"\n{trigger}\n"), 1)
+    }
+
+    #[test]
+    fn an_append_starts_one_run_for_its_versions_in_its_own_apply() {
+        let mut sm = with_dataset();
+        sm.apply(10, cmd(command::Kind::SubmitPipeline(with_trigger("min_new_records = 30")))).unwrap();
+        // Version 1 was there before the trigger: it never runs for it.
+        assert_eq!(sm.pipeline_runs().count(), 0);
+        assert_eq!(append(&mut sm, 11, 20), 2);
+        assert_eq!(sm.pipeline_runs().count(), 0, "20 new records are fewer than 30");
+        assert_eq!(append(&mut sm, 12, 20), 3);
+        let runs: Vec<(String, String)> = sm.pipeline_runs().map(|r| (r.id.clone(), r.cause.clone())).collect();
+        assert_eq!(runs, [("p@d-v2-v3".to_string(), "append d v2..v3".to_string())]);
+        // The train step's job pinned the newest version.
+        let job = sm.job(sm.pipeline_run("p@d-v2-v3").unwrap().steps[0].job_id).unwrap();
+        assert_eq!(job.dataset_version, 3);
+        // A leader's proposal for a range already run is refused and starts nothing.
+        let t = |from, to| cmd(command::Kind::PipelineTriggered(shoal_proto::PipelineTriggered { pipeline: "p".into(), from_version: from, to_version: to }));
+        assert!(sm.apply(13, t(2, 3)).is_err());
+        assert_eq!(sm.pipeline_runs().count(), 1);
+        assert_eq!(append(&mut sm, 14, 40), 4);
+        assert_eq!(sm.pipeline_run("p@d-v4").unwrap().cause, "append d v4..v4");
+        // Submitting the same spec again keeps the watermark; nothing runs twice.
+        sm.apply(15, cmd(command::Kind::SubmitPipeline(with_trigger("min_new_records = 30")))).unwrap();
+        assert_eq!(sm.pipelines["p"].trigger_watermark, 4);
+    }
+
+    #[test]
+    fn a_debounced_trigger_runs_once_the_dataset_is_quiet_for_the_range_it_proposes() {
+        let mut sm = with_dataset();
+        let at = |_index: u64, ms, kind| Command { kind: Some(kind), proposed_unix_ms: ms, ..Default::default() };
+        sm.apply(10, at(10, 1_000, command::Kind::SubmitPipeline(with_trigger("debounce_s = 5")))).unwrap();
+        assert!(sm.due_triggers(100_000).is_empty());
+        for (i, ms) in [(11, 2_000), (12, 4_000), (13, 6_000)] {
+            append_at(&mut sm, i, 10, ms);
+        }
+        assert_eq!(sm.pipeline_runs().count(), 0, "a debounced trigger waits");
+        assert!(sm.due_triggers(10_999).is_empty(), "quiet for less than 5 s since the last append");
+        let due = sm.due_triggers(11_000);
+        assert_eq!(due.len(), 1);
+        assert_eq!((due[0].from_version, due[0].to_version), (2, 4));
+        // The proposal applied twice (a retried or repeated one) starts one run.
+        sm.apply(14, at(14, 11_000, command::Kind::PipelineTriggered(due[0].clone()))).unwrap();
+        assert!(sm.apply(15, at(15, 11_100, command::Kind::PipelineTriggered(due[0].clone()))).is_err());
+        let ids: Vec<&str> = sm.pipeline_runs().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["p@d-v2-v4"]);
+        assert!(sm.due_triggers(60_000).is_empty());
     }
 }
