@@ -169,6 +169,8 @@ enum Kind {
     Submit,
     Cancel(u64),
     Read,
+    /// Submits pipeline "p", triggered by appends to "d" with this debounce (seconds).
+    Pipeline(u64),
 }
 
 #[derive(Clone, Debug)]
@@ -212,6 +214,12 @@ fn spec(name: &str) -> String {
     )
 }
 
+/// A pipeline run by each append to "d" (after a quiet `debounce` seconds): one train step.
+fn pipeline_spec(debounce: u64) -> String {
+    let train: String = spec("pipeline-train").lines().map(|l| if l.starts_with('[') { format!("[step.spec.{}\n", &l[1..]) } else { format!("{l}\n") }).collect();
+    format!("name = \"p\"\n[trigger]\non_append = \"d\"\ndebounce_s = {debounce}\n[[step]]\nname = \"train\"\nkind = \"train\"\n[step.spec]\n{train}")
+}
+
 fn command_for(op: &Op) -> Option<command::Kind> {
     Some(match op.kind {
         Kind::Worker => command::Kind::RegisterWorker(RegisterWorkerRequest { address: op.request_id.clone(), pid: 0, device: "cpu".into(), request_id: String::new(), ..Default::default() }),
@@ -227,6 +235,7 @@ fn command_for(op: &Op) -> Option<command::Kind> {
         }),
         Kind::Submit => command::Kind::SubmitJob(spec(&op.request_id)),
         Kind::Cancel(id) => command::Kind::CancelJob(id),
+        Kind::Pipeline(debounce) => command::Kind::SubmitPipeline(pipeline_spec(debounce)),
         Kind::Read => return None,
     })
 }
@@ -239,6 +248,8 @@ fn output_id(out: &ApplyOutput) -> u64 {
         ApplyOutput::Member(m) => *m,
         ApplyOutput::Model(m) => m.versions.len() as u64,
         ApplyOutput::Template(t) => t.id,
+        ApplyOutput::Pipeline(p) => p.version,
+        ApplyOutput::PipelineRun(r) => r.seq,
         ApplyOutput::None | ApplyOutput::Settings(_) | ApplyOutput::Pruned { .. } => 0,
     }
 }
@@ -553,7 +564,7 @@ fn simulate(seed: u64, n: u64) -> String {
                     Waiting::Read(boots, mut rx) => match rx.try_recv() {
                         Ok(Ok(())) if replicas[&asked].boots != boots || replicas[&asked].core.is_none() => Some(Outcome::Unknown),
                         Ok(Ok(())) => {
-                            let seen = replicas[&asked].state.read().unwrap().jobs().map(|j| j.id).max().unwrap_or(0);
+                            let seen = replicas[&asked].state.read().unwrap().jobs().filter(|j| j.pipeline_run.is_empty()).map(|j| j.id).max().unwrap_or(0);
                             Some(Outcome::Ok(seen))
                         }
                         Ok(Err(_)) => Some(Outcome::Refused),
@@ -609,6 +620,9 @@ fn simulate(seed: u64, n: u64) -> String {
                         2 => Kind::Dataset(history.iter().any(|o| matches!(o.kind, Kind::Dataset(_)) && matches!(o.outcome, Outcome::Ok(_)))),
                         3..=5 => Kind::Submit,
                         6 if !jobs.is_empty() => Kind::Cancel(jobs[rng.below(jobs.len() as u64) as usize]),
+                        // The same pipeline, submitted until it is known to be in: a run for
+                        // every append's range from then on, with or without a debounce.
+                        7 if !history.iter().any(|o| matches!(o.kind, Kind::Pipeline(_)) && matches!(o.outcome, Outcome::Ok(_))) => Kind::Pipeline(seed % 2),
                         _ => Kind::Read,
                     };
                     Op { kind, request_id: format!("s{seed}-op{next_op}"), invoked: round, done: 0, outcome: Outcome::Pending }
@@ -761,8 +775,9 @@ fn simulate(seed: u64, n: u64) -> String {
     let alive: BTreeSet<&str> = workers.iter().filter(|w| w.alive).map(|w| w.id.as_str()).collect();
     let registered: BTreeMap<String, u64> = state.workers().map(|w| (w.address.clone(), w.id[1..].parse().unwrap())).collect();
     assert_eq!(registered.len(), state.workers().count(), "seed {seed}: a worker was registered twice");
-    let jobs: BTreeMap<String, u64> = state.jobs().map(|j| (j.name.clone(), j.id)).collect();
-    assert_eq!(jobs.len(), state.jobs().count(), "seed {seed}: a job was submitted twice");
+    let submitted = || state.jobs().filter(|j| j.pipeline_run.is_empty());
+    let jobs: BTreeMap<String, u64> = submitted().map(|j| (j.name.clone(), j.id)).collect();
+    assert_eq!(jobs.len(), submitted().count(), "seed {seed}: a job was submitted twice");
     let versions: BTreeMap<String, u64> =
         // Every registration adds one slice and one version: slice i is version i + 1.
         state.dataset_folders().enumerate().map(|(i, (_, folder))| (folder.split('/').nth(2).unwrap().trim_start_matches("import-").to_string(), i as u64 + 1)).collect();
@@ -774,9 +789,32 @@ fn simulate(seed: u64, n: u64) -> String {
             Kind::Submit => jobs.get(&o.request_id).copied(),
             Kind::Dataset(_) => versions.get(&o.request_id).copied(),
             Kind::Cancel(id) => Some(id).filter(|id| state.job(*id).is_some_and(|j| j.state() == shoal_proto::JobState::Cancelled)),
+            Kind::Pipeline(_) => state.pipeline("p").map(|p| p.version),
             Kind::Read => continue,
         };
         assert_eq!(found, Some(got), "seed {seed}: acknowledged {:?} {} is not in the state as acknowledged", o.kind, o.request_id);
+    }
+
+    // Appends and pipeline runs: once the pipeline was in, every version of "d" after the one
+    // it found was covered by exactly one run, the ranges back to back, whoever led (a
+    // debounced trigger's run comes from the leader's proposal after the quiet period).
+    if let Some(p) = state.pipeline("p") {
+        let latest = state.dataset("d", 0).map(|d| d.version).unwrap_or(0);
+        let mut ranges: Vec<(u64, u64)> = state
+            .pipeline_runs()
+            .map(|r| {
+                let (a, b) = r.cause.trim_start_matches("append d v").split_once("..v").unwrap_or_else(|| panic!("seed {seed}: run {} has cause {:?}", r.id, r.cause));
+                (a.parse().unwrap(), b.parse().unwrap())
+            })
+            .collect();
+        ranges.sort();
+        for w in ranges.windows(2) {
+            assert_eq!(w[0].1 + 1, w[1].0, "seed {seed}: pipeline runs for versions {:?} then {:?}: a version run twice or never", w[0], w[1]);
+        }
+        assert_eq!(p.trigger_watermark, latest, "seed {seed}: versions up to {latest} exist, runs covered up to {} ({ranges:?})", p.trigger_watermark);
+        assert_eq!(ranges.last().map(|r| r.1).unwrap_or(p.trigger_watermark), p.trigger_watermark, "seed {seed}: {ranges:?}");
+        let covered = ranges.last().map(|r| r.1).unwrap_or(0) - ranges.first().map(|r| r.0 - 1).unwrap_or(0);
+        APPENDS_COVERED.with(|c| c.set(c.get() + covered));
     }
 
     // Linearizability: ids follow log order, so an op acknowledged before another began has
@@ -802,7 +840,9 @@ fn simulate(seed: u64, n: u64) -> String {
                 assert!(!(w.done < r.invoked && id > seen), "seed {seed}: a read at round {} missed job {id}, acknowledged at {}", r.invoked, w.done);
             }
         }
-        let possible = history.iter().filter(|o| matches!(o.kind, Kind::Submit) && o.invoked <= r.done).count() as u64;
+        // Job ids also go to pipeline steps' jobs.
+        let by_pipelines = state.jobs().filter(|j| !j.pipeline_run.is_empty() && j.id <= seen).count() as u64;
+        let possible = history.iter().filter(|o| matches!(o.kind, Kind::Submit) && o.invoked <= r.done).count() as u64 + by_pipelines;
         assert!(seen <= possible, "seed {seed}: a read saw job {seen} before it could exist");
     }
     format!("{}/{:?}", state.state_hash(), history.iter().map(|o| (o.invoked, o.done, format!("{:?}", o.outcome))).collect::<Vec<_>>())
@@ -818,6 +858,11 @@ fn seeds(default: std::ops::Range<u64>) -> Vec<u64> {
     }
 }
 
+thread_local! {
+    /// Appends covered by pipeline runs in this thread's seeds (reported with the timing).
+    static APPENDS_COVERED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 fn run(n: u64, default: std::ops::Range<u64>) {
     let started = std::time::Instant::now();
     let seeds = seeds(default);
@@ -830,7 +875,8 @@ fn run(n: u64, default: std::ops::Range<u64>) {
     }
     // Printed past the test harness's capture, so every run shows what the seeds cost.
     use std::io::Write as _;
-    let _ = writeln!(std::io::stderr(), "simulation: {count} seeds of {n} replicas in {:.1} s", started.elapsed().as_secs_f64());
+    let covered = APPENDS_COVERED.with(|c| c.get());
+    let _ = writeln!(std::io::stderr(), "simulation: {count} seeds of {n} replicas in {:.1} s; {covered} appends run by pipeline triggers", started.elapsed().as_secs_f64());
 }
 
 #[test]

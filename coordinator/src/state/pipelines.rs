@@ -430,6 +430,10 @@ impl StateMachine {
         }
     }
 
+    pub fn pipeline(&self, name: &str) -> Option<&PipelineInfo> {
+        self.pipelines.get(name)
+    }
+
     pub fn pipeline_run(&self, id: &str) -> Option<&PipelineRun> {
         self.run_ids.get(id).and_then(|s| self.pipeline_runs.get(s))
     }
