@@ -174,4 +174,17 @@ fn a_pipeline_runs_each_step_once_with_its_upstream_outputs_through_a_leader_kil
     let exec = step(&resumed, "exec");
     assert_eq!((exec["attempts"].as_u64(), exec["jobs"].as_array().unwrap().len()), (Some(3), 3), "{exec}");
     assert_eq!(step(&resumed, "after")["outputs"]["model"], "x@1");
+
+    // A pipeline with [trigger] on_append: an append starts one run for its version.
+    let triggered = format!(
+        "name = \"on-append\"\n[trigger]\non_append = \"mnist\"\n[[step]]\nname = \"eval\"\nkind = \"evaluate\"\nmodel = \"job:{job}\"\ndataset = \"mnist\"\nrecords = [0, 200]\n",
+        job = train["job"]
+    );
+    ok(c.cmd(&["pipeline", "submit"]).arg(c.write_spec("on-append.toml", &triggered)));
+    assert!(json(&mut c.cmd(&["pipeline", "list", "on-append", "--json"])).as_array().unwrap().is_empty(), "version 1 was there before the trigger");
+    let [x, y] = mnist_files();
+    ok(c.cmd(&["data", "append", "mnist", "--records", "0:200"]).arg(&x).arg(&y));
+    let run = wait_run(&c, "on-append@mnist-v2");
+    assert_eq!((run["state"].as_str(), run["cause"].as_str()), (Some("succeeded"), Some("append mnist v2..v2")), "{run}");
+    assert_eq!(json(&mut c.cmd(&["pipeline", "list", "on-append", "--json"])).as_array().unwrap().len(), 1);
 }
