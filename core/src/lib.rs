@@ -5,6 +5,7 @@
 
 pub mod batch;
 pub mod checkpoint;
+pub mod cron;
 pub mod csv;
 pub mod dataset;
 pub mod failpoint;
