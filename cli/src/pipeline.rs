@@ -72,6 +72,18 @@ pub enum PipelineCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Pause a pipeline's schedule: no slot runs until it is unpaused.
+    Pause {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Unpause a schedule: the slots that passed while it was paused never run.
+    Unpause {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Cancel a run: its running steps' jobs stop, its pending steps never start.
     Cancel {
         run: String,
@@ -132,7 +144,14 @@ pub async fn pipeline(cmd: PipelineCmd) -> Result<()> {
                         print_json(&serde_json::Value::Array(pipelines.iter().map(pipeline_json).collect()));
                     } else {
                         for p in &pipelines {
-                            println!("{}  version {}  {} steps  {} runs by request", p.name, p.version, step_count(p), p.runs_started);
+                            let mut line = format!("{}  version {}  {} steps  {} runs by request", p.name, p.version, step_count(p), p.runs_started);
+                            if !p.schedule_key.is_empty() {
+                                line += &format!("  schedule {:?}{}", p.schedule_key, if p.paused { " (paused)" } else { "" });
+                            }
+                            if !p.trigger_dataset.is_empty() {
+                                line += &format!("  on append to {} (run up to v{})", p.trigger_dataset, p.trigger_watermark);
+                            }
+                            println!("{line}");
                         }
                     }
                     note_next_page(&next, json);
@@ -158,6 +177,8 @@ pub async fn pipeline(cmd: PipelineCmd) -> Result<()> {
             let r = client.call(|mut c| { let req = req.clone(); async move { c.resume_pipeline_run(req).await } }).await?;
             follow(&client, r, wait, json, "resumed").await
         }
+        PipelineCmd::Pause { name, conn } => pause(&conn.client()?, name, true).await,
+        PipelineCmd::Unpause { name, conn } => pause(&conn.client()?, name, false).await,
         PipelineCmd::Cancel { run, conn, json } => {
             let client = conn.client()?;
             let req = PipelineRunRequest { id: run, request_id: shoal_coordinator::client::new_request_id() };
@@ -197,6 +218,13 @@ pub fn inline_specs(path: &Path) -> Result<String> {
 
 fn step_count(p: &PipelineInfo) -> usize {
     shoal_core::pipeline::PipelineSpec::parse(&p.spec_toml).map(|s| s.steps.len()).unwrap_or(0)
+}
+
+async fn pause(client: &Client, name: String, paused: bool) -> Result<()> {
+    let req = shoal_proto::PausePipelineRequest { name, paused, request_id: shoal_coordinator::client::new_request_id() };
+    let p = client.call(|mut c| { let req = req.clone(); async move { c.pause_pipeline(req).await } }).await?;
+    println!("pipeline {} {}", p.name, if p.paused { "paused" } else { "unpaused" });
+    Ok(())
 }
 
 async fn get_run(client: &Client, id: &str) -> Result<PipelineRun> {
@@ -280,8 +308,11 @@ fn print_run(r: &PipelineRun) {
 }
 
 pub fn pipeline_json(p: &PipelineInfo) -> serde_json::Value {
+    let nonempty = |s: &str| if s.is_empty() { serde_json::Value::Null } else { json!(s) };
     json!({"name": p.name, "version": p.version, "spec_blake3": p.spec_blake3, "description": p.description,
-           "submitted_unix_ms": p.submitted_unix_ms, "runs_started": p.runs_started, "steps": step_count(p)})
+           "submitted_unix_ms": p.submitted_unix_ms, "runs_started": p.runs_started, "steps": step_count(p),
+           "schedule": nonempty(&p.schedule_key), "paused": p.paused, "schedule_watermark_ms": p.schedule_watermark_ms, "slots_skipped": p.slots_skipped,
+           "trigger": nonempty(&p.trigger_dataset), "trigger_watermark": p.trigger_watermark})
 }
 
 pub fn run_json(r: &PipelineRun) -> serde_json::Value {

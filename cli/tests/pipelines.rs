@@ -187,4 +187,27 @@ fn a_pipeline_runs_each_step_once_with_its_upstream_outputs_through_a_leader_kil
     let run = wait_run(&c, "on-append@mnist-v2");
     assert_eq!((run["state"].as_str(), run["cause"].as_str()), (Some("succeeded"), Some("append mnist v2..v2")), "{run}");
     assert_eq!(json(&mut c.cmd(&["pipeline", "list", "on-append", "--json"])).as_array().unwrap().len(), 1);
+
+    // A schedule every second: a run per slot, named by the slot; paused, no more runs.
+    let scheduled = format!(
+        "name = \"tick\"\n[schedule]\ncron = \"* * * * * *\"\nconcurrency = \"allow\"\n[[step]]\nname = \"reg\"\nkind = \"register\"\nmodel = \"job:{job}\"\nas = \"ticks\"\n",
+        job = train["job"]
+    );
+    ok(c.cmd(&["pipeline", "submit"]).arg(c.write_spec("tick.toml", &scheduled)));
+    let runs = wait_for("three scheduled runs", Duration::from_secs(30), || {
+        let runs = json(&mut c.cmd(&["pipeline", "list", "tick", "--json"]));
+        (runs.as_array().unwrap().len() >= 3).then_some(runs)
+    });
+    ok(&mut c.cmd(&["pipeline", "pause", "tick"]));
+    let runs = runs.as_array().unwrap();
+    for r in runs {
+        let slot = r["cause"].as_str().unwrap().strip_prefix("schedule ").unwrap();
+        assert_eq!(r["id"], format!("tick@{slot}"), "{r}");
+    }
+    // The first slot's run registered the model; the later ones find it registered.
+    assert_eq!(runs.iter().filter(|r| r["state"] == "succeeded").count(), 1, "{runs:?}");
+    assert!(runs.iter().filter(|r| r["state"] == "failed").all(|r| r["error"].as_str().unwrap().contains("already version 1 of model ticks")), "{runs:?}");
+    let paused = json(&mut c.cmd(&["pipeline", "list", "tick", "--json"])).as_array().unwrap().len();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(json(&mut c.cmd(&["pipeline", "list", "tick", "--json"])).as_array().unwrap().len(), paused, "a paused schedule ran");
 }

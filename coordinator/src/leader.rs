@@ -180,6 +180,11 @@ impl Duties {
                 }
             }
         }
+        // Schedules: the slot each one's catch-up rule picks (apply takes it once).
+        for f in state.due_schedules(now_unix_ms) {
+            let key = format!("slot/{}/{:?}", f.pipeline, (f.slots_ms.first(), f.slots_ms.last()));
+            proposals.push((key, command::Kind::ScheduleFire(f)));
+        }
         // Debounced pipeline triggers whose dataset has been quiet long enough.
         for t in state.due_triggers(now_unix_ms) {
             proposals.push((format!("trigger/{}/{}/{}", t.pipeline, t.from_version, t.to_version), command::Kind::PipelineTriggered(t)));

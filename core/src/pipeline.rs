@@ -132,11 +132,51 @@ pub struct TriggerSpec {
     pub debounce_s: u64,
 }
 
+/// What a schedule does with slots that passed while no run could start for them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Catchup {
+    /// Only a slot that is on time runs; missed ones are skipped.
+    None,
+    /// The newest missed slot runs, the older ones are skipped.
+    Latest,
+    /// Every missed slot runs, oldest first, at most `max_catchup` of the newest.
+    All,
+}
+
+/// What a schedule does when a slot comes while its previous run still runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Concurrency {
+    Allow,
+    /// The slot is skipped.
+    Forbid,
+    /// The running runs are cancelled, then the slot runs.
+    Replace,
+    /// The slot waits until they end.
+    Queue,
+}
+
+/// `[schedule]`: a run per cron slot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScheduleSpec {
+    pub cron: String,
+    pub timezone: String,
+    pub catchup: Catchup,
+    pub max_catchup: u32,
+    pub concurrency: Concurrency,
+}
+
+impl ScheduleSpec {
+    pub fn schedule(&self) -> crate::cron::CronSchedule {
+        crate::cron::CronSchedule::parse(&self.cron, &self.timezone).expect("checked by parse")
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct PipelineSpec {
     pub name: String,
     pub description: Option<String>,
     pub trigger: Option<TriggerSpec>,
+    pub schedule: Option<ScheduleSpec>,
     /// In the file's order, which is a topological order (`parse` checks that every `needs`
     /// names an earlier step, so no cycle can exist).
     pub steps: Vec<Step>,
@@ -159,9 +199,14 @@ impl PipelineSpec {
     /// Parses and validates a pipeline. The error names the step and the key.
     pub fn parse(text: &str) -> Result<PipelineSpec> {
         let table: toml::Table = toml::from_str(text).map_err(|e| CoreError::Pipeline(e.to_string().trim().to_string()))?;
-        if let Some(k) = table.keys().find(|k| !["name", "description", "trigger", "step"].contains(&k.as_str())) {
-            return Err(bad(k, "unknown key (a pipeline has name, description, [trigger] and [[step]]s)"));
+        if let Some(k) = table.keys().find(|k| !["name", "description", "trigger", "schedule", "step"].contains(&k.as_str())) {
+            return Err(bad(k, "unknown key (a pipeline has name, description, [trigger], [schedule] and [[step]]s)"));
         }
+        let schedule = match table.get("schedule") {
+            None => None,
+            Some(toml::Value::Table(t)) => Some(parse_schedule(t)?),
+            Some(_) => return Err(bad("schedule", "must be a table: [schedule] cron = \"0 0 3 * * *\"")),
+        };
         let trigger = match table.get("trigger") {
             None => None,
             Some(toml::Value::Table(t)) => Some(parse_trigger(t)?),
@@ -193,7 +238,7 @@ impl PipelineSpec {
             let step = parse_step(i, t, &steps, &names)?;
             steps.push(step);
         }
-        let spec = PipelineSpec { name, description, trigger, steps };
+        let spec = PipelineSpec { name, description, trigger, schedule, steps };
         for step in &spec.steps {
             spec.check_step(step)?;
         }
@@ -263,6 +308,43 @@ impl PipelineSpec {
         }
         Ok(())
     }
+}
+
+fn parse_schedule(t: &toml::Table) -> Result<ScheduleSpec> {
+    const KEYS: [&str; 5] = ["cron", "timezone", "catchup", "max_catchup", "concurrency"];
+    if let Some(k) = t.keys().find(|k| !KEYS.contains(&k.as_str())) {
+        return Err(bad(format!("schedule.{k}"), format!("unknown key (a schedule has {})", KEYS.join(", "))));
+    }
+    let text = |key: &str, default: &str| match t.get(key) {
+        None => Ok(default.to_string()),
+        Some(toml::Value::String(s)) => Ok(s.clone()),
+        Some(v) => Err(bad(format!("schedule.{key}"), format!("must be a string, got {v}"))),
+    };
+    let cron = match t.get("cron") {
+        Some(toml::Value::String(s)) => s.clone(),
+        _ => return Err(bad("schedule.cron", "missing: six fields, seconds first, e.g. \"0 0 3 * * *\" (03:00:00 every day)")),
+    };
+    let timezone = text("timezone", "UTC")?;
+    crate::cron::CronSchedule::parse(&cron, &timezone).map_err(|e| bad(if e.contains("time zone") { "schedule.timezone" } else { "schedule.cron" }, e))?;
+    let catchup = match text("catchup", "latest")?.as_str() {
+        "none" => Catchup::None,
+        "latest" => Catchup::Latest,
+        "all" => Catchup::All,
+        other => return Err(bad("schedule.catchup", format!("{other:?} is not none, latest or all"))),
+    };
+    let concurrency = match text("concurrency", "forbid")?.as_str() {
+        "allow" => Concurrency::Allow,
+        "forbid" => Concurrency::Forbid,
+        "replace" => Concurrency::Replace,
+        "queue" => Concurrency::Queue,
+        other => return Err(bad("schedule.concurrency", format!("{other:?} is not allow, forbid, replace or queue"))),
+    };
+    let max_catchup = match t.get("max_catchup") {
+        None => 10,
+        Some(toml::Value::Integer(n)) if (1..=1000).contains(n) => *n as u32,
+        Some(v) => return Err(bad("schedule.max_catchup", format!("must be 1 to 1000, got {v}"))),
+    };
+    Ok(ScheduleSpec { cron, timezone, catchup, max_catchup, concurrency })
 }
 
 fn parse_trigger(t: &toml::Table) -> Result<TriggerSpec> {
@@ -874,6 +956,15 @@ lr = 0.05
         assert!(err(&trigger("on_append = \"d\"\ndebounce = 5")).contains("trigger.debounce: unknown key"));
         assert!(err(&trigger("on_append = \"d\"\nmin_new_records = 0")).contains("trigger.min_new_records: must be"));
         assert!(err(&trigger("min_new_records = 2")).contains("trigger.on_append: missing"));
+        let schedule = |t: &str| pipeline("").replacen("name = \"p\"\n", &format!("name = \"p\"\n[schedule]\n{t}\n"), 1);
+        assert!(err(&schedule("cron = \"0 3 * * *\"")).contains("schedule.cron:"));
+        assert!(err(&schedule("cron = \"0 0 3 * * *\"\ntimezone = \"Europe/Lundon\"")).contains("schedule.timezone:"));
+        assert!(err(&schedule("cron = \"0 0 3 * * *\"\ncatchup = \"some\"")).contains("schedule.catchup:"));
+        assert!(err(&schedule("cron = \"0 0 3 * * *\"\nconcurrency = \"never\"")).contains("schedule.concurrency:"));
+        assert!(err(&schedule("cron = \"0 0 3 * * *\"\nmax_catchup = 0")).contains("schedule.max_catchup:"));
+        let p = PipelineSpec::parse(&schedule("cron = \"0 0 3 * * *\"\ntimezone = \"Europe/London\"")).unwrap();
+        let s = p.schedule.unwrap();
+        assert_eq!((s.catchup, s.max_catchup, s.concurrency), (Catchup::Latest, 10, Concurrency::Forbid));
         let p = PipelineSpec::parse(&pipeline("").replacen("name = \"p\"\n", "name = \"p\"\n[trigger]\non_append = \"mnist\"\ndebounce_s = 5\n", 1)).unwrap();
         assert_eq!(p.trigger, Some(TriggerSpec { on_append: "mnist".into(), min_new_records: 1, debounce_s: 5 }));
         assert!(err("name = \"p\"\nschedul = 1\n[[step]]\nname = \"a\"\nkind = \"train\"\n").contains("schedul: unknown key"));

@@ -516,6 +516,15 @@ impl Coordinator for Api {
         }
     }
 
+    async fn pause_pipeline(&self, r: Request<shoal_proto::PausePipelineRequest>) -> Result<Response<shoal_proto::PipelineInfo>, Status> {
+        let r = r.into_inner();
+        let request_id = r.request_id.clone();
+        match self.propose(command::Kind::PausePipeline(r), request_id).await? {
+            ApplyOutput::Pipeline(p) => Ok(Response::new(*p)),
+            other => Err(Status::internal(format!("unexpected apply output {other:?}"))),
+        }
+    }
+
     async fn get_pipeline_run(&self, r: Request<shoal_proto::PipelineRunRequest>) -> Result<Response<shoal_proto::PipelineRun>, Status> {
         let id = r.into_inner().id;
         self.linearize().await?;

@@ -534,6 +534,8 @@ impl StateMachine {
             command::Kind::PipelineStepTimeout(t) => self.pipeline_step_timeout(t),
             command::Kind::ResumePipelineRun(r) => self.resume_pipeline_run(index, r),
             command::Kind::PipelineTriggered(t) => self.pipeline_triggered(index, t),
+            command::Kind::ScheduleFire(f) => self.schedule_fire(index, f),
+            command::Kind::PausePipeline(r) => self.pause_pipeline(r),
         }
     }
 }

@@ -8,6 +8,9 @@ use shoal_proto::{PipelineInfo, PipelineRun, PipelineStepTimeout, RunPipelineReq
 
 use super::*;
 
+/// With `catchup = "none"`, a slot still runs this long after its time.
+pub const SCHEDULE_GRACE_MS: u64 = 5_000;
+
 /// Finished runs kept per pipeline (the oldest go first).
 pub const RUNS_KEPT: usize = 100;
 
@@ -53,6 +56,11 @@ impl StateMachine {
                 (p.trigger_watermark, p.trigger_latest, p.trigger_latest_unix_ms) = (latest, latest, now);
             }
             (p.trigger_debounce_s, p.trigger_min_records) = (trigger.debounce_s, trigger.min_new_records);
+            let key = spec.schedule.as_ref().map(|s| format!("{} {}", s.cron, s.timezone)).unwrap_or_default();
+            if p.schedule_key != key {
+                // A new or changed schedule starts from now: nothing before the edit runs.
+                (p.schedule_key, p.schedule_watermark_ms) = (key, now);
+            }
         }
         Ok(ApplyOutput::Pipeline(Box::new(p.clone())))
     }
@@ -111,6 +119,93 @@ impl StateMachine {
         p.trigger_watermark = to;
         let p = p.clone();
         self.create_run(index, &p, id, format!("append {dataset} v{from}..v{to}"))
+    }
+
+    /// `pipeline pause|unpause`. Unpausing moves the watermark to now: the slots that passed
+    /// while paused never run.
+    pub(super) fn pause_pipeline(&mut self, r: shoal_proto::PausePipelineRequest) -> ApplyResult {
+        let now = self.now_ms;
+        let p = self.pipelines.get_mut(&r.name).ok_or_else(|| ApplyError::not_found(format!("there is no pipeline {:?}", r.name)))?;
+        if p.paused && !r.paused {
+            p.schedule_watermark_ms = p.schedule_watermark_ms.max(now);
+        }
+        p.paused = r.paused;
+        Ok(ApplyOutput::Pipeline(Box::new(p.clone())))
+    }
+
+    /// Schedule slots, as the leader proposed them: each taken only above the watermark (so
+    /// each slot has its turn once, whoever proposed it how often), and only once it is due
+    /// by the command's clock. A slot runs as `NAME@SLOT`, unless skipped (`skip`, or
+    /// `forbid` while a scheduled run of the pipeline runs); `queue` stops at a slot while
+    /// one runs (the leader proposes it again later); `replace` cancels the running ones.
+    pub(super) fn schedule_fire(&mut self, index: u64, f: shoal_proto::ScheduleFire) -> ApplyResult {
+        use shoal_core::pipeline::Concurrency;
+        let now = self.now_ms;
+        let p = self.pipelines.get(&f.pipeline).ok_or_else(|| ApplyError::not_found(format!("there is no pipeline {:?}", f.pipeline)))?;
+        let spec = PipelineSpec::parse(&p.spec_toml).map_err(ApplyError::invalid)?;
+        let schedule = spec.schedule.as_ref().ok_or_else(|| ApplyError::conflict(format!("pipeline {} has no schedule", f.pipeline)))?;
+        let cron = schedule.schedule();
+        if p.paused {
+            return Err(ApplyError::conflict(format!("pipeline {} is paused", f.pipeline)));
+        }
+        if let Some(bad) = f.slots_ms.iter().find(|&&s| s > now || !cron.is_slot(s)) {
+            return Err(ApplyError::invalid(format!("pipeline {}: {} is not a due slot of its schedule", f.pipeline, shoal_core::cron::slot_label(*bad))));
+        }
+        if !f.slots_ms.windows(2).all(|w| w[0] < w[1]) {
+            return Err(ApplyError::invalid("schedule slots must ascend"));
+        }
+        let fresh: Vec<u64> = f.slots_ms.iter().copied().filter(|&s| s > p.schedule_watermark_ms).collect();
+        if fresh.is_empty() {
+            return Err(ApplyError::conflict(format!("pipeline {}: these slots had their turn already", f.pipeline)));
+        }
+        let mut last = ApplyOutput::None;
+        for slot in fresh {
+            let running: Vec<String> = self.pipeline_runs.values().filter(|r| r.pipeline == f.pipeline && r.state == RUNNING && r.cause.starts_with("schedule ")).map(|r| r.id.clone()).collect();
+            let skip = f.skip || (schedule.concurrency == Concurrency::Forbid && !running.is_empty());
+            if !skip && schedule.concurrency == Concurrency::Queue && !running.is_empty() {
+                // The rest wait for the running run to end.
+                break;
+            }
+            let p = self.pipelines.get_mut(&f.pipeline).expect("looked up above");
+            p.schedule_watermark_ms = slot;
+            if skip {
+                p.slots_skipped += 1;
+                continue;
+            }
+            let p = p.clone();
+            if schedule.concurrency == Concurrency::Replace {
+                for id in running {
+                    self.cancel_pipeline_run(id)?;
+                }
+            }
+            let label = shoal_core::cron::slot_label(slot);
+            let seq = self.create_run(index, &p, format!("{}@{label}", p.name), format!("schedule {label}"))?;
+            last = ApplyOutput::PipelineRun(Box::new(self.pipeline_runs[&seq].clone()));
+        }
+        Ok(last)
+    }
+
+    /// What the leader proposes for the schedules at `now_ms`: per unpaused schedule with a
+    /// slot past its watermark, the slots the catch-up rule picks (`all`: the newest
+    /// `max_catchup`, oldest first, in one entry; `latest`: the newest; `none`: the newest if
+    /// it is within `SCHEDULE_GRACE_MS`, else skipped).
+    pub fn due_schedules(&self, now_ms: u64) -> Vec<shoal_proto::ScheduleFire> {
+        use shoal_core::pipeline::Catchup;
+        let mut out = Vec::new();
+        for p in self.pipelines.values().filter(|p| !p.schedule_key.is_empty() && !p.paused) {
+            let Some(s) = PipelineSpec::parse(&p.spec_toml).ok().and_then(|s| s.schedule) else { continue };
+            let limit = if s.catchup == Catchup::All { s.max_catchup as usize } else { 1 };
+            let slots = s.schedule().newest_slots(p.schedule_watermark_ms, now_ms, limit);
+            let (Some(&first), Some(&last)) = (slots.first(), slots.last()) else { continue };
+            let fire = |slots_ms: Vec<u64>, skip| shoal_proto::ScheduleFire { pipeline: p.name.clone(), slots_ms, skip };
+            let _ = first;
+            out.push(match s.catchup {
+                Catchup::All => fire(slots, false),
+                Catchup::Latest => fire(vec![last], false),
+                Catchup::None => fire(vec![last], now_ms.saturating_sub(last) > SCHEDULE_GRACE_MS),
+            });
+        }
+        out
     }
 
     /// Debounced triggers whose quiet period is over at `now_ms` (the leader proposes them).
@@ -722,5 +817,165 @@ mod tests {
         let ids: Vec<&str> = sm.pipeline_runs().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["p@d-v2-v4"]);
         assert!(sm.due_triggers(60_000).is_empty());
+    }
+
+    /// A per-second schedule whose step fails at once (so runs never overlap), run by the
+    /// leader duties on a simulated clock through 100 leader changes, each after a random
+    /// outage of 0-8 s; proposals are lost, delayed and duplicated on the way to the log.
+    /// Returns (the runs' slots, the slots that passed, the slots inside outages).
+    fn schedule_sim(catchup: &str, seed: u64) -> (Vec<u64>, Vec<u64>, Vec<Vec<u64>>, u64) {
+        use crate::leader::{Action, Duties, GroupView};
+        let mut rng = shoal_core::rng::SplitMix64::new(seed);
+        let mut sm = with_dataset();
+        let t0 = 1_800_000_000_000u64;
+        let text = format!(
+            "name = \"s\"\n[schedule]\ncron = \"* * * * * *\"\ncatchup = \"{catchup}\"\nmax_catchup = 100\nconcurrency = \"allow\"\n\
+             [[step]]\nname = \"r\"\nkind = \"register\"\nmodel = \"job:999\"\nas = \"m\"\n"
+        );
+        let mut index = 100;
+        sm.apply(index, Command { kind: Some(command::Kind::SubmitPipeline(text)), proposed_unix_ms: t0, ..Default::default() }).unwrap();
+        let peers = BTreeMap::new();
+        let group = GroupView::default();
+        let mut duties = Duties::default();
+        // (apply at this tick, command)
+        let mut delayed: Vec<(u64, Command)> = Vec::new();
+        let (mut outages, mut down_until, mut kills) = (Vec::new(), 0u64, 0);
+        // Runs as they are created (the state keeps only a pipeline's newest 100 finished).
+        let mut runs: Vec<u64> = Vec::new();
+        let end = t0 + 900_000;
+        let mut now = t0;
+        while now < end {
+            now += 100;
+            // The last minute is calm, so a catch-up can finish before the checks.
+            if now >= down_until && kills < 100 && now < end - 60_000 && rng.below(15) == 0 {
+                // The leader dies: its queued proposals may still commit; a new leader
+                // takes over after an outage with fresh duties.
+                kills += 1;
+                let outage = rng.below(9) * 1000;
+                down_until = now + outage;
+                // The slots that come due while no leader proposes (whole seconds in
+                // (now, down_until]).
+                outages.push((now / 1000 + 1..=down_until / 1000).map(|s| s * 1000).collect::<Vec<u64>>());
+                duties = Duties::default();
+            }
+            if now >= down_until {
+                for a in duties.tick(now, now, 2_000, &peers, &sm, &group) {
+                    let Action::Propose(kind) = a else { continue };
+                    let c = Command { kind: Some(kind), proposed_unix_ms: now, ..Default::default() };
+                    match rng.below(10) {
+                        0 => {}
+                        1 => delayed.push((now + rng.below(30) * 100, c)),
+                        2 => {
+                            delayed.push((now + rng.below(30) * 100, c.clone()));
+                            delayed.push((now, c));
+                        }
+                        _ => delayed.push((now, c)),
+                    }
+                }
+            }
+            delayed.sort_by_key(|(t, _)| *t);
+            while delayed.first().is_some_and(|(t, _)| *t <= now) {
+                let (_, c) = delayed.remove(0);
+                index += 1;
+                let before = sm.next_run_seq;
+                let _ = sm.apply(index, c);
+                runs.extend(sm.pipeline_runs().filter(|r| r.seq > before).map(|r| chrono_ms(r.cause.trim_start_matches("schedule "))));
+            }
+        }
+        let passed: Vec<u64> = (t0 / 1000 + 1..=(end - 5_000) / 1000).map(|s| s * 1000).collect();
+        let runs: Vec<u64> = runs.into_iter().filter(|s| *s <= end - 5_000).collect();
+        assert_eq!(kills, 100, "seed {seed}: {kills} leader changes");
+        (runs, passed, outages, sm.pipeline("s").unwrap().slots_skipped)
+    }
+
+    fn chrono_ms(label: &str) -> u64 {
+        let (date, time) = label.trim_end_matches('Z').split_once('T').unwrap();
+        let d: Vec<i64> = date.split('-').map(|x| x.parse().unwrap()).collect();
+        let t: Vec<i64> = time.split(':').map(|x| x.parse().unwrap()).collect();
+        // Days from civil (Howard Hinnant's algorithm).
+        let (y, m, dd) = (if d[1] <= 2 { d[0] - 1 } else { d[0] }, d[1], d[2]);
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + dd - 1;
+        let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+        ((days * 86_400 + t[0] * 3600 + t[1] * 60 + t[2]) * 1000) as u64
+    }
+
+    #[test]
+    fn a_per_second_schedule_runs_each_slot_once_through_a_hundred_leader_changes() {
+        for seed in 0..3 {
+            // all: every slot runs once, none missing, also those inside an outage.
+            let (runs, passed, outages, _) = schedule_sim("all", seed);
+            let set: BTreeSet<u64> = runs.iter().copied().collect();
+            assert_eq!(set.len(), runs.len(), "seed {seed}: a slot ran twice");
+            assert!(runs.windows(2).all(|w| w[0] < w[1]), "seed {seed}: runs out of slot order");
+            let missing: Vec<&u64> = passed.iter().filter(|s| !set.contains(s)).collect();
+            assert!(missing.is_empty(), "seed {seed}: catchup all missed {} slots: {missing:?}", missing.len());
+            assert!(outages.iter().any(|o| o.len() >= 5), "seed {seed}: no long outage");
+
+            // latest: once each; slots outside the outages run (but for those whose proposal
+            // was lost and a newer slot came before it was proposed again); of an outage's
+            // slots at most the newest.
+            let (runs, passed, outages, skipped) = schedule_sim("latest", seed);
+            let set: BTreeSet<u64> = runs.iter().copied().collect();
+            assert_eq!(set.len(), runs.len(), "seed {seed}: a slot ran twice");
+            assert!(runs.windows(2).all(|w| w[0] < w[1]), "seed {seed}: runs out of slot order");
+            let inside: BTreeSet<u64> = outages.iter().flatten().copied().collect();
+            let outside: Vec<&u64> = passed.iter().filter(|s| !inside.contains(s) && !inside.contains(&(*s - 1000))).collect();
+            let ran = outside.iter().filter(|s| set.contains(s)).count();
+            assert!(ran * 10 >= outside.len() * 8, "seed {seed}: latest ran {ran} of the {} slots outside outages", outside.len());
+            let older: Vec<u64> = outages.iter().flat_map(|o| o.iter().rev().skip(1)).copied().filter(|s| set.contains(s)).collect();
+            assert!(older.is_empty(), "seed {seed}: latest ran older missed slots {older:?}: outages {outages:?}, runs {runs:?}");
+            assert!(skipped == 0, "latest skips by jumping the watermark, not by skip entries");
+
+            // none: a missed slot never runs late (more than the grace after its time).
+            let (runs, _, outages, _) = schedule_sim("none", seed);
+            let set: BTreeSet<u64> = runs.iter().copied().collect();
+            assert_eq!(set.len(), runs.len(), "seed {seed}: a slot ran twice");
+            // Slots 6 s or more before an outage's end: past the grace when a leader came.
+            let late: Vec<u64> = outages.iter().flat_map(|o| o.iter().rev().skip(6)).copied().filter(|s| set.contains(s)).collect();
+            assert!(late.is_empty(), "seed {seed}: catchup none ran slots late: {late:?}");
+        }
+    }
+
+    #[test]
+    fn pause_unpause_and_an_edit_fire_nothing_extra_and_concurrency_decides_overlaps() {
+        let mut sm = with_dataset();
+        let at = |ms: u64, kind| Command { kind: Some(kind), proposed_unix_ms: ms, ..Default::default() };
+        let t0 = 1_800_000_000_000u64;
+        let spec = |cron: &str, concurrency: &str| {
+            format!("name = \"s\"\n[schedule]\ncron = \"{cron}\"\nconcurrency = \"{concurrency}\"\n{}", pipeline("").trim_start_matches("name = \"p\"\n"))
+        };
+        sm.apply(1, at(t0, command::Kind::SubmitPipeline(spec("*/10 * * * * *", "forbid")))).unwrap();
+        let fire = |slot: u64| command::Kind::ScheduleFire(shoal_proto::ScheduleFire { pipeline: "s".into(), slots_ms: vec![slot], skip: false });
+        assert!(sm.apply(2, at(t0 + 5_000, fire(t0 + 10_000))).is_err(), "not due yet");
+        assert!(sm.apply(3, at(t0 + 15_000, fire(t0 + 5_000))).is_err(), "not a slot");
+        sm.apply(4, at(t0 + 10_100, fire(t0 + 10_000))).unwrap();
+        assert!(sm.apply(5, at(t0 + 10_200, fire(t0 + 10_000))).is_err(), "a slot runs once");
+        let first = sm.pipeline_run(&format!("s@{}", shoal_core::cron::slot_label(t0 + 10_000))).unwrap().clone();
+        assert_eq!(first.state, RUNNING);
+        // forbid: the next slot, while that run runs, is skipped.
+        sm.apply(6, at(t0 + 20_000, fire(t0 + 20_000))).unwrap();
+        assert_eq!((sm.pipeline_runs().count(), sm.pipeline("s").unwrap().slots_skipped), (1, 1));
+        // Paused: nothing is due; unpaused: the slots that passed meanwhile never run.
+        sm.apply(7, at(t0 + 21_000, command::Kind::PausePipeline(shoal_proto::PausePipelineRequest { name: "s".into(), paused: true, request_id: String::new() }))).unwrap();
+        assert!(sm.due_schedules(t0 + 95_000).is_empty());
+        assert!(sm.apply(8, at(t0 + 31_000, fire(t0 + 30_000))).is_err());
+        sm.apply(9, at(t0 + 95_000, command::Kind::PausePipeline(shoal_proto::PausePipelineRequest { name: "s".into(), paused: false, request_id: String::new() }))).unwrap();
+        assert!(sm.due_schedules(t0 + 99_000).is_empty(), "slots 30 s to 90 s passed while paused");
+        assert_eq!(sm.due_schedules(t0 + 100_500).iter().map(|f| f.slots_ms.clone()).collect::<Vec<_>>(), [vec![t0 + 100_000]]);
+        // replace: an edit (another concurrency, same cron) keeps the watermark; the next slot
+        // cancels the running run and starts its own.
+        sm.apply(10, at(t0 + 100_600, command::Kind::SubmitPipeline(spec("*/10 * * * * *", "replace")))).unwrap();
+        sm.apply(11, at(t0 + 100_700, fire(t0 + 100_000))).unwrap();
+        assert_eq!(sm.pipeline_run(&first.id).unwrap().state, CANCELLED);
+        // An edit of the cron moves the watermark to the edit: nothing before it runs.
+        sm.apply(12, at(t0 + 125_000, command::Kind::SubmitPipeline(spec("*/5 * * * * *", "queue")))).unwrap();
+        assert!(sm.due_schedules(t0 + 125_000).is_empty());
+        assert_eq!(sm.due_schedules(t0 + 130_000).iter().map(|f| f.slots_ms.clone()).collect::<Vec<_>>(), [vec![t0 + 130_000]]);
+        // queue: the slot waits while a scheduled run runs (it stays due).
+        assert_eq!(sm.apply(13, at(t0 + 130_100, fire(t0 + 130_000))).unwrap(), ApplyOutput::None);
+        assert_eq!(sm.pipeline("s").unwrap().schedule_watermark_ms, t0 + 125_000);
+        assert_eq!(sm.due_schedules(t0 + 130_200).len(), 1);
     }
 }
