@@ -34,6 +34,9 @@ pub enum StepKind {
     Batch,
     /// A model scored on a dataset's records, metrics only: `model`, `dataset`, `records`.
     Evaluate,
+    /// Checks of a dataset version, in place: `dataset`, `min_records`, `max_label_js`,
+    /// `max_feature_js` (its newest slice's drift), `feature_shape`, `classes`.
+    Validate,
     /// A training step's model put in the registry: `model` (`job:N`), `as` (the model's
     /// name), `alias`.
     Register,
@@ -46,6 +49,7 @@ impl StepKind {
             "batch" => StepKind::Batch,
             "evaluate" => StepKind::Evaluate,
             "register" => StepKind::Register,
+            "validate" => StepKind::Validate,
             _ => return None,
         })
     }
@@ -56,6 +60,7 @@ impl StepKind {
             StepKind::Batch => "batch",
             StepKind::Evaluate => "evaluate",
             StepKind::Register => "register",
+            StepKind::Validate => "validate",
         }
     }
 
@@ -67,6 +72,7 @@ impl StepKind {
             StepKind::Batch => &["job", "output", METRICS[0], METRICS[1], METRICS[2], METRICS[3], METRICS[4]],
             StepKind::Evaluate => &["job", METRICS[0], METRICS[1], METRICS[2], METRICS[3], METRICS[4]],
             StepKind::Register => &["model", "name", "version"],
+            StepKind::Validate => &["dataset", "version", "records", "label_js", "feature_js"],
         }
     }
 
@@ -76,13 +82,15 @@ impl StepKind {
             StepKind::Train | StepKind::Batch => &["spec"],
             StepKind::Evaluate => &["model", "dataset", "records", "transform", "workers", "batch_size"],
             StepKind::Register => &["model", "as", "alias"],
+            StepKind::Validate => &["dataset", "min_records", "max_label_js", "max_feature_js", "feature_shape", "classes"],
         }
     }
 
     /// A value of the output's type, for checking a spec before the real value exists.
     fn sample(self, output: &str) -> &'static str {
         match (self, output) {
-            (_, "job" | "step" | "version") => "1",
+            (_, "job" | "step" | "version" | "records") => "1",
+            (StepKind::Validate, "dataset") => "dataset@1",
             (StepKind::Register, "model") => "model@1",
             (_, "model") => "job:1",
             (_, "registered_model") => "model@1",
@@ -304,6 +312,9 @@ impl PipelineSpec {
             StepKind::Batch | StepKind::Evaluate => {
                 crate::batch::BatchSpec::parse(&rendered).map_err(|e| bad_step(&step.name, if step.kind == StepKind::Batch { "spec" } else { "evaluate" }, e))?;
             }
+            StepKind::Validate => {
+                Validation::parse(&rendered).map_err(|e| bad_step(&step.name, "validate", e))?;
+            }
             StepKind::Register => {}
         }
         Ok(())
@@ -374,8 +385,8 @@ fn parse_step(i: usize, t: &toml::Table, earlier: &[Step], names: &BTreeSet<Stri
         return Err(bad_step(&name, "name", "two steps have this name"));
     }
     let kind = match t.get("kind") {
-        Some(toml::Value::String(k)) => StepKind::parse(k).ok_or_else(|| bad_step(&name, "kind", format!("{k:?} is not train, batch, evaluate or register")))?,
-        _ => return Err(bad_step(&name, "kind", "missing (train, batch, evaluate or register)")),
+        Some(toml::Value::String(k)) => StepKind::parse(k).ok_or_else(|| bad_step(&name, "kind", format!("{k:?} is not train, batch, evaluate, validate or register")))?,
+        _ => return Err(bad_step(&name, "kind", "missing (train, batch, evaluate, validate or register)")),
     };
     if let Some(k) = t.keys().find(|k| !COMMON_KEYS.contains(&k.as_str()) && !kind.keys().contains(&k.as_str())) {
         return Err(bad_step(&name, k, format!("unknown key for a {} step (it takes {})", kind.label(), kind.keys().join(", "))));
@@ -438,6 +449,7 @@ fn parse_step(i: usize, t: &toml::Table, earlier: &[Step], names: &BTreeSet<Stri
             require_str("model")?;
             require_str("dataset")?;
         }
+        StepKind::Validate => require_str("dataset")?,
         StepKind::Register => {
             require_str("model")?;
             require_str("as")?;
@@ -588,6 +600,10 @@ impl Step {
                 }
                 toml::to_string(&spec).map_err(|e| bad_step(&self.name, "evaluate", e))
             }
+            StepKind::Validate => {
+                let toml::Value::Table(t) = render_value("validate", &toml::Value::Table(self.params.clone()), value).map_err(named)? else { unreachable!("a table renders as a table") };
+                toml::to_string(&t).map_err(|e| bad_step(&self.name, "validate", e))
+            }
             StepKind::Register => {
                 let mut t = toml::Table::new();
                 for k in ["model", "as", "alias"] {
@@ -597,6 +613,40 @@ impl Step {
                 }
                 toml::to_string(&t).map_err(|e| bad_step(&self.name, "register", e))
             }
+        }
+    }
+}
+
+/// A validate step as rendered.
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Validation {
+    /// `NAME` (the newest version) or `NAME@VERSION`.
+    pub dataset: String,
+    pub min_records: Option<u64>,
+    pub max_label_js: Option<f64>,
+    pub max_feature_js: Option<f64>,
+    pub feature_shape: Option<Vec<u64>>,
+    pub classes: Option<u32>,
+}
+
+impl Validation {
+    pub fn parse(rendered: &str) -> std::result::Result<Validation, String> {
+        let v: Validation = toml::from_str(rendered).map_err(|e| e.to_string().trim().to_string())?;
+        v.reference()?;
+        for (key, js) in [("max_label_js", v.max_label_js), ("max_feature_js", v.max_feature_js)] {
+            if js.is_some_and(|x| !(0.0..=1.0).contains(&x)) {
+                return Err(format!("{key}: a Jensen-Shannon divergence is 0 to 1"));
+            }
+        }
+        Ok(v)
+    }
+
+    /// (name, version; 0: the newest).
+    pub fn reference(&self) -> std::result::Result<(String, u64), String> {
+        match self.dataset.split_once('@') {
+            None => Ok((self.dataset.clone(), 0)),
+            Some((n, v)) => Ok((n.to_string(), v.parse().map_err(|_| format!("dataset: {:?} is not NAME or NAME@VERSION", self.dataset))?)),
         }
     }
 }

@@ -7,6 +7,7 @@ use shoal_core::pipeline::{OutputRef, PipelineSpec, Step, StepKind};
 use shoal_proto::{PipelineInfo, PipelineRun, PipelineStepTimeout, RunPipelineRequest, StepOutput, StepRun};
 
 use super::*;
+use crate::state::DatasetView;
 
 /// With `catchup = "none"`, a slot still runs this long after its time.
 pub const SCHEDULE_GRACE_MS: u64 = 5_000;
@@ -434,11 +435,14 @@ impl StateMachine {
         let value = |r: &OutputRef| outputs.get(&r.step).and_then(|o| o.iter().find(|x| x.key == r.output)).map(|o| o.value.clone());
         let started: Result<Option<u64>, String> = match step.render(&value) {
             Err(e) => Err(e.to_string()),
-            Ok(text) if step.kind == StepKind::Register => self.register_step(index, &text).map(|outputs| {
-                let s = &mut self.pipeline_runs.get_mut(&seq).expect("a run").steps[i];
-                s.outputs = outputs;
-                None
-            }),
+            Ok(text) if matches!(step.kind, StepKind::Register | StepKind::Validate) => {
+                let done = if step.kind == StepKind::Register { self.register_step(index, &text) } else { self.validate_step(&text) };
+                done.map(|outputs| {
+                    let s = &mut self.pipeline_runs.get_mut(&seq).expect("a run").steps[i];
+                    s.outputs = outputs;
+                    None
+                })
+            }
             Ok(text) => match self.submit(text) {
                 Ok(job) => {
                     let j = self.jobs.get_mut(&job.id).expect("just submitted");
@@ -484,6 +488,37 @@ impl StateMachine {
             StepOutput { key: "model".into(), value: format!("{name}@{version}") },
             StepOutput { key: "name".into(), value: name },
             StepOutput { key: "version".into(), value: version.to_string() },
+        ])
+    }
+
+    /// A validate step: the dataset version's size, schema and its newest slice's drift
+    /// against the step's thresholds.
+    fn validate_step(&self, text: &str) -> Result<Vec<StepOutput>, String> {
+        let v = shoal_core::pipeline::Validation::parse(text)?;
+        let (name, version) = v.reference()?;
+        let d = self.dataset_view(&name, version, DatasetView::Newest).ok_or_else(|| format!("dataset: there is no {}", v.dataset))?;
+        let at = format!("{}@{}", d.name, d.version);
+        let slice = d.slices.last().cloned().unwrap_or_default();
+        if let Some(min) = v.min_records.filter(|&m| d.records < m) {
+            return Err(format!("{at} has {} records, fewer than min_records = {min}", d.records));
+        }
+        if let Some(shape) = v.feature_shape.as_ref().filter(|s| **s != d.feature_shape) {
+            return Err(format!("{at} has features {:?}, not feature_shape = {shape:?}", d.feature_shape));
+        }
+        if let Some(c) = v.classes.filter(|&c| c != d.classes) {
+            return Err(format!("{at} has {} classes, not classes = {c}", d.classes));
+        }
+        for (key, max, got) in [("max_label_js", v.max_label_js, slice.label_js), ("max_feature_js", v.max_feature_js, slice.feature_js)] {
+            if let Some(max) = max.filter(|&m| got > m) {
+                return Err(format!("{at}: its newest slice drifted: {} = {got:.4} exceeds {key} = {max}", key.trim_start_matches("max_")));
+            }
+        }
+        Ok(vec![
+            StepOutput { key: "dataset".into(), value: at },
+            StepOutput { key: "feature_js".into(), value: number(slice.feature_js) },
+            StepOutput { key: "label_js".into(), value: number(slice.label_js) },
+            StepOutput { key: "records".into(), value: d.records.to_string() },
+            StepOutput { key: "version".into(), value: d.version.to_string() },
         ])
     }
 
@@ -977,5 +1012,23 @@ mod tests {
         assert_eq!(sm.apply(13, at(t0 + 130_100, fire(t0 + 130_000))).unwrap(), ApplyOutput::None);
         assert_eq!(sm.pipeline("s").unwrap().schedule_watermark_ms, t0 + 125_000);
         assert_eq!(sm.due_schedules(t0 + 130_200).len(), 1);
+    }
+
+    #[test]
+    fn a_validate_step_checks_the_version_in_place_and_fails_naming_what() {
+        let mut sm = with_dataset();
+        let text = |min: u64| format!(
+            "name = \"v\"\n[[step]]\nname = \"check\"\nkind = \"validate\"\ndataset = \"d\"\nmin_records = {min}\nclasses = 2\nfeature_shape = [4]\nmax_label_js = 0.1\n\
+             [[step]]\nname = \"after\"\nkind = \"validate\"\nneeds = [\"check\"]\ndataset = \"{{steps.check.dataset}}\"\n"
+        );
+        let run = submit_and_run(&mut sm, &text(50));
+        assert_eq!(run.state, SUCCEEDED, "{run:?}");
+        assert_eq!(output(&run.steps[0], "dataset").as_deref(), Some("d@1"));
+        assert_eq!(output(&run.steps[1], "records").as_deref(), Some("100"));
+        let ApplyOutput::Pipeline(_) = sm.apply(20, cmd(command::Kind::SubmitPipeline(text(1000)))).unwrap() else { panic!() };
+        let ApplyOutput::PipelineRun(run) = sm.apply(21, cmd(command::Kind::RunPipeline(RunPipelineRequest { name: "v".into(), request_id: String::new() }))).unwrap() else { panic!() };
+        assert_eq!(run.state, FAILED);
+        assert!(run.error.contains("d@1 has 100 records, fewer than min_records = 1000"), "{}", run.error);
+        assert!(PipelineSpec::parse(&text(5).replace("max_label_js = 0.1", "max_label_js = 2.0")).unwrap_err().to_string().contains("max_label_js"));
     }
 }
