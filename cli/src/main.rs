@@ -1585,13 +1585,30 @@ async fn model(cmd: ModelCmd) -> Result<()> {
                     bail!("the lineage of {reference} does not end");
                 }
                 next = (!v.parent.is_empty()).then(|| v.parent.clone());
-                chain.push(ops::model_version_json(&m, &v));
+                let mut entry = ops::model_version_json(&m, &v);
+                // Through the pipeline run whose step trained it, if one did (and the job is
+                // still kept).
+                entry["pipeline_run"] = serde_json::Value::Null;
+                if let Ok(job) = ops::get_job(&client, v.job_id).await {
+                    if !job.pipeline_run.is_empty() {
+                        let req = PipelineRunRequest { id: job.pipeline_run.clone(), request_id: String::new() };
+                        if let Ok(run) = client.call(|mut c| { let req = req.clone(); async move { c.get_pipeline_run(req).await } }).await {
+                            entry["pipeline_run"] = json!({"id": run.id, "pipeline": run.pipeline, "version": run.version, "spec_blake3": run.spec_blake3,
+                                                            "build": run.build, "cause": run.cause, "step": job.pipeline_step});
+                        }
+                    }
+                }
+                chain.push(entry);
             }
             if json {
                 print_json(&serde_json::Value::Array(chain));
             } else {
                 for v in &chain {
-                    println!("{}@{}  job {}  dataset {} v{}  test_accuracy {}", v["name"].as_str().unwrap_or(""), v["version"], v["job"], v["dataset"].as_str().unwrap_or(""), v["dataset_version"], v["test_accuracy"]);
+                    let mut line = format!("{}@{}  job {}  dataset {} v{}  test_accuracy {}", v["name"].as_str().unwrap_or(""), v["version"], v["job"], v["dataset"].as_str().unwrap_or(""), v["dataset_version"], v["test_accuracy"]);
+                    if let Some(run) = v["pipeline_run"].as_object() {
+                        line += &format!("  pipeline run {} step {} ({})", run["id"].as_str().unwrap_or(""), run["step"].as_str().unwrap_or(""), run["cause"].as_str().unwrap_or(""));
+                    }
+                    println!("{line}");
                 }
             }
         }

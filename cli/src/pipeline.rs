@@ -325,6 +325,6 @@ pub fn run_json(r: &PipelineRun) -> serde_json::Value {
                    "outputs": outputs, "error": s.error, "reason": s.reason, "started_unix_ms": s.started_unix_ms, "finished_unix_ms": s.finished_unix_ms})
         })
         .collect();
-    json!({"id": r.id, "pipeline": r.pipeline, "version": r.version, "spec_blake3": r.spec_blake3, "state": r.state, "cause": r.cause,
+    json!({"id": r.id, "pipeline": r.pipeline, "version": r.version, "spec_blake3": r.spec_blake3, "build": r.build, "state": r.state, "cause": r.cause,
            "error": r.error, "resumes": r.resumes, "created_unix_ms": r.created_unix_ms, "finished_unix_ms": r.finished_unix_ms, "steps": steps})
 }

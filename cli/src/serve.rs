@@ -211,6 +211,7 @@ pub async fn serve(cmd: ServeCmd) -> Result<()> {
                     _ => shoal_coordinator::InitialState::New,
                 },
                 snapshot_every,
+                build: env!("SHOAL_BUILD").into(),
             };
             let served = shoal_coordinator::serve(cfg, listener, shutdown_signal()).await;
             http.abort();

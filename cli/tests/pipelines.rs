@@ -132,6 +132,12 @@ fn a_pipeline_runs_each_step_once_with_its_upstream_outputs_through_a_leader_kil
     assert_eq!((reg["state"].as_str(), reg["outputs"]["model"].as_str()), (Some("succeeded"), Some("digits-mlp@1")), "{reg}");
     let model = json(&mut c.cmd(&["model", "show", "digits-mlp@candidate", "--json"]));
     assert_eq!(model["job"], train["job"], "{model}");
+    // The lineage reaches through the run: which pipeline version, step and shoal build.
+    let lineage = json(&mut c.cmd(&["model", "lineage", "digits-mlp@1", "--json"]));
+    let through = &lineage[0]["pipeline_run"];
+    assert_eq!((through["id"].as_str(), through["step"].as_str(), through["version"].as_u64()), (Some(id.as_str()), Some("train"), Some(1)), "{lineage}");
+    assert_eq!((&through["spec_blake3"], &through["build"]), (&run["spec_blake3"], &run["build"]), "{lineage}");
+    assert!(run["build"].as_str().is_some_and(|b| b.len() == 40 || b == "unknown"), "{run}");
     let never = step(&run, "never");
     assert_eq!((never["state"].as_str(), never["reason"].as_str()), (Some("skipped"), Some("its when condition is false")), "{never}");
     let score = c.job(&step(&run, "score")["job"].to_string());

@@ -134,6 +134,7 @@ pub struct Core {
     /// The wall clock (ms since the epoch) that proposals are stamped with; the shell (or
     /// the simulation) sets it.
     now_unix_ms: u64,
+    build: String,
     /// The leader this replica last knew (0: none), for `shoal_raft_leader_changes_total`.
     known_leader: u64,
     /// `ticks / 10` when jobs and workers were last counted for `/metrics`.
@@ -222,7 +223,7 @@ impl Core {
         cfg.validate().map_err(|e| CoordError::Raft(e.to_string()))?;
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let raw = RawNode::new(&cfg, store.clone(), &logger).map_err(|e| CoordError::Raft(e.to_string()))?;
-        Ok(Core { raw, store, state, pending: HashMap::new(), next_proposal: proposal_seed, reads: HashMap::new(), next_read: proposal_seed.rotate_left(32), conf_changed: false, snapshot_building: false, ticks: 0, heard: HashMap::new(), now_unix_ms: 0, known_leader: 0, counted_at: u64::MAX })
+        Ok(Core { raw, store, state, pending: HashMap::new(), next_proposal: proposal_seed, reads: HashMap::new(), next_read: proposal_seed.rotate_left(32), conf_changed: false, snapshot_building: false, ticks: 0, heard: HashMap::new(), now_unix_ms: 0, build: String::new(), known_leader: 0, counted_at: u64::MAX })
     }
 
     /// The index of the latest snapshot this replica holds.
@@ -320,6 +321,11 @@ impl Core {
     pub fn tick(&mut self) {
         self.ticks += 1;
         self.raw.tick();
+    }
+
+    /// The build proposals are stamped with (`Command.proposer_build`).
+    pub fn set_build(&mut self, build: &str) {
+        self.build = build.to_string();
     }
 
     /// Sets the wall clock that proposals are stamped with (`Command.proposed_unix_ms`).
@@ -481,6 +487,7 @@ impl Core {
         self.next_proposal = self.next_proposal.wrapping_add(1);
         cmd.proposal_id = self.next_proposal;
         cmd.proposed_unix_ms = self.now_unix_ms;
+        cmd.proposer_build = self.build.clone();
         let bytes = cmd.encode_to_vec();
         let proposed = if !self.is_leader() {
             Err(CoordError::NotLeader(self.leader_id()))

@@ -49,6 +49,8 @@ pub struct CoordinatorConfig {
     pub initial: InitialState,
     /// Snapshot the state machine and compact the log every this many applied entries.
     pub snapshot_every: u64,
+    /// The build this replica runs (a git commit), stamped on its proposals.
+    pub build: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -284,6 +286,7 @@ fn open_log(shared: &Shared, new_folder: bool) -> Result<(Core, LogFile), CoordE
         identity::write(cfg, &shared.cluster_id)?;
     }
     let mut core = Core::new(cfg.id, RaftStore::new(recovered.storage, recovered.snapshot), shared.state.clone())?;
+    core.set_build(&cfg.build);
     core.campaign_if_alone();
     let mut v = shared.view.write().expect("view lock");
     (v.term, v.commit, v.last_index) = (core.term(), core.commit_index(), core.last_index());

@@ -194,8 +194,9 @@ pub struct StateMachine {
     settings: Option<CoordinatorSettings>,
     /// blake3 chained over every entry applied (see `note_entry`).
     apply_digest: Vec<u8>,
-    /// The clock of the command being applied (its proposer's).
+    /// The clock of the command being applied (its proposer's), and its build.
     now_ms: u64,
+    now_build: String,
     /// Effects of the entries applied since the shell last took them.
     effects: Vec<Effect>,
     /// Pipelines by name, and their runs by seq (with an index by run id).
@@ -426,6 +427,7 @@ impl StateMachine {
     pub fn apply(&mut self, index: u64, cmd: Command) -> ApplyResult {
         self.applied_index = index;
         self.now_ms = cmd.proposed_unix_ms;
+        self.now_build = cmd.proposer_build.clone();
         let request_id = cmd.request_id.clone();
         if !request_id.is_empty() {
             if let Some(rec) = self.requests.get(&request_id) {

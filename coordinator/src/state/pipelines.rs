@@ -246,6 +246,7 @@ impl StateMachine {
             state: RUNNING.into(),
             steps,
             created_unix_ms: self.now_ms,
+            build: self.now_build.clone(),
             cause,
             ..Default::default()
         };
