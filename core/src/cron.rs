@@ -23,7 +23,14 @@ impl CronSchedule {
     pub fn parse(pattern: &str, timezone: &str) -> Result<CronSchedule, String> {
         let cron = CronParser::builder().seconds(Seconds::Required).build().parse(pattern).map_err(|e| format!("{pattern:?}: {e} (six fields: seconds minutes hours day-of-month month day-of-week)"))?;
         let tz = Tz::from_str(timezone).map_err(|_| format!("{timezone:?} is not a time zone name such as \"UTC\" or \"Europe/London\""))?;
-        Ok(CronSchedule { cron, tz })
+        let s = CronSchedule { cron, tz };
+        // A pattern that never matches (the 30th of February) would have every leader tick
+        // search far for a slot: refused here. Any real one matches within 8 years of 2000.
+        const Y2000_MS: u64 = 946_684_800_000;
+        if s.next_after(Y2000_MS).is_none_or(|n| n > Y2000_MS + 8 * 366 * 86_400_000) {
+            return Err(format!("{pattern:?} never matches a date"));
+        }
+        Ok(s)
     }
 
     /// The first slot strictly after `after_ms`.
@@ -133,5 +140,8 @@ mod tests {
         assert!(CronSchedule::parse("*/10 * * * *", "UTC").unwrap_err().contains("six fields"));
         assert!(CronSchedule::parse("0 0 * * * *", "Mars/Olympus").unwrap_err().contains("time zone"));
         assert!(CronSchedule::parse("0 61 * * * *", "UTC").is_err());
+        assert!(CronSchedule::parse("0 0 0 30 2 *", "UTC").unwrap_err().contains("never matches"));
+        // The 29th of February is rare, not never.
+        assert!(CronSchedule::parse("0 0 0 29 2 *", "UTC").is_ok());
     }
 }
