@@ -29,6 +29,15 @@ pub enum PipelineCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Each step's cache key and whether a run now would hit the cache (its artifacts read
+    /// and verified), without running anything. SPEC: a file, or a submitted pipeline's name.
+    Plan {
+        spec: String,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
     /// Start a run of a submitted pipeline's newest version.
     Run {
         name: String,
@@ -126,6 +135,38 @@ pub async fn pipeline(cmd: PipelineCmd) -> Result<()> {
             start(&client, &p.name, wait, json).await
         }
         PipelineCmd::Run { name, wait, conn, json } => start(&conn.client()?, &name, wait, json).await,
+        PipelineCmd::Plan { spec, conn, json } => {
+            let path = Path::new(&spec);
+            let req = if path.is_file() {
+                shoal_proto::PlanPipelineRequest { spec_toml: inline_specs(path)?, name: String::new() }
+            } else {
+                shoal_proto::PlanPipelineRequest { spec_toml: String::new(), name: spec.clone() }
+            };
+            let client = conn.client()?;
+            let plan = client.call(|mut c| { let req = req.clone(); async move { c.plan_pipeline(req).await } }).await?;
+            if json {
+                let steps: Vec<serde_json::Value> = plan
+                    .steps
+                    .iter()
+                    .map(|s| json!({"name": s.name, "kind": s.kind, "key": s.key, "prediction": s.prediction, "detail": s.detail, "cached_from": s.cached_from, "inputs": s.inputs}))
+                    .collect();
+                print_json(&json!({"pipeline": plan.pipeline, "build": plan.build, "steps": steps}));
+            } else {
+                println!("pipeline {} (build {})", plan.pipeline, plan.build);
+                for s in &plan.steps {
+                    let key = if s.key.is_empty() { "-".to_string() } else { s.key[..16.min(s.key.len())].to_string() };
+                    let mut line = format!("  {:<16} {:<9} {key:<16}  {}", s.name, s.kind, s.prediction);
+                    if !s.cached_from.is_empty() {
+                        line += &format!(" (from {})", s.cached_from);
+                    }
+                    if !s.detail.is_empty() {
+                        line += &format!(": {}", s.detail);
+                    }
+                    println!("{line}");
+                }
+            }
+            Ok(())
+        }
         PipelineCmd::Show { run, conn, json } => {
             let r = get_run(&conn.client()?, &run).await?;
             if json {
@@ -291,6 +332,9 @@ fn step_line(s: &shoal_proto::StepRun) -> String {
         let o: Vec<String> = s.outputs.iter().map(|o| format!("{}={}", o.key, o.value)).collect();
         line += &format!(": {}", o.join(" "));
     }
+    if s.cache == "hit" {
+        line += &format!(" (cache hit: {})", s.cached_from);
+    }
     if !s.reason.is_empty() {
         line += &format!(": {}", s.reason);
     }
@@ -322,7 +366,8 @@ pub fn run_json(r: &PipelineRun) -> serde_json::Value {
         .map(|s| {
             let outputs: serde_json::Map<String, serde_json::Value> = s.outputs.iter().map(|o| (o.key.clone(), json!(o.value))).collect();
             json!({"name": s.name, "kind": s.kind, "state": s.state, "attempts": s.attempts, "job": s.job_id, "jobs": s.jobs,
-                   "outputs": outputs, "error": s.error, "reason": s.reason, "started_unix_ms": s.started_unix_ms, "finished_unix_ms": s.finished_unix_ms})
+                   "outputs": outputs, "error": s.error, "reason": s.reason,
+                   "cache": s.cache, "cache_key": s.cache_key, "cached_from": s.cached_from, "inputs": s.inputs, "started_unix_ms": s.started_unix_ms, "finished_unix_ms": s.finished_unix_ms})
         })
         .collect();
     json!({"id": r.id, "pipeline": r.pipeline, "version": r.version, "spec_blake3": r.spec_blake3, "build": r.build, "state": r.state, "cause": r.cause,

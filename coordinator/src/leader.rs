@@ -52,6 +52,8 @@ pub enum Action {
     Propose(command::Kind),
     /// Promote a learner that caught up to voter.
     Promote(u64),
+    /// Read a possible cache hit's artifacts (path, blake3) and propose the verdict.
+    VerifyCache(shoal_proto::PipelineCacheVerdict, Vec<shoal_proto::ShardInfo>),
 }
 
 /// The leader's memory between ticks. Times are milliseconds of a monotonic clock. Ordered
@@ -185,6 +187,16 @@ impl Duties {
             let key = format!("slot/{}/{:?}", f.pipeline, (f.slots_ms.first(), f.slots_ms.last()));
             proposals.push((key, command::Kind::ScheduleFire(f)));
         }
+        // Possible cache hits: their artifacts are read off the loop (once per attempt while
+        // the first check is in flight).
+        let mut checks = Vec::new();
+        for (v, files) in state.cache_checks() {
+            let key = format!("cache/{}/{}/{}", v.run, v.step, v.attempt);
+            if !self.recent.contains_key(&key) {
+                self.recent.insert(key, now);
+                checks.push(Action::VerifyCache(v, files));
+            }
+        }
         // Debounced pipeline triggers whose dataset has been quiet long enough.
         for t in state.due_triggers(now_unix_ms) {
             proposals.push((format!("trigger/{}/{}/{}", t.pipeline, t.from_version, t.to_version), command::Kind::PipelineTriggered(t)));
@@ -205,7 +217,7 @@ impl Duties {
         }
         // The same decision is not proposed again while its first proposal is in flight.
         self.recent.retain(|_, t| now.saturating_sub(*t) < REPEAT_AFTER_MS);
-        let mut actions = Vec::new();
+        let mut actions = checks;
         for (key, kind) in proposals {
             if self.recent.contains_key(&key) {
                 continue;

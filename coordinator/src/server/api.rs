@@ -547,6 +547,49 @@ impl Coordinator for Api {
         Ok(Response::new(shoal_proto::ListPipelineRunsResponse { runs, next_page }))
     }
 
+    async fn plan_pipeline(&self, r: Request<shoal_proto::PlanPipelineRequest>) -> Result<Response<shoal_proto::PipelinePlan>, Status> {
+        let r = r.into_inner();
+        self.linearize().await?;
+        let (spec, steps, artifacts) = {
+            let state = self.0.state.read().expect("state lock");
+            let text = if r.spec_toml.is_empty() {
+                state.pipeline(&r.name).map(|p| p.spec_toml.clone()).ok_or_else(|| final_status(tonic::Code::NotFound, format!("there is no pipeline {:?}", r.name)))?
+            } else {
+                r.spec_toml
+            };
+            let spec = shoal_core::pipeline::PipelineSpec::parse(&text).map_err(|e| self.refusal(ApplyError::invalid(e)))?;
+            let (steps, artifacts) = state.plan_pipeline(&spec, &self.0.cfg.build);
+            (spec, steps, artifacts)
+        };
+        // A predicted hit holds only if its artifacts still verify; if not, it and what needs
+        // it are not known to hit.
+        let store = self.0.cfg.store.clone();
+        let mut steps = tokio::task::spawn_blocking(move || {
+            let mut steps = steps;
+            for (i, files) in artifacts.iter().enumerate() {
+                if steps[i].prediction != "hit" {
+                    continue;
+                }
+                if let Err(e) = super::verify_artifacts(&store, files) {
+                    steps[i].prediction = "miss".into();
+                    steps[i].detail = format!("its cached artifacts do not verify: {e}");
+                }
+            }
+            steps
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        for i in 0..steps.len() {
+            let upstream = spec.upstream(&steps[i].name);
+            if steps[i].prediction == "hit" {
+                if let Some(m) = steps[..i].iter().find(|s| upstream.contains(&s.name) && s.prediction == "miss" && s.detail.starts_with("its cached")) {
+                    (steps[i].prediction, steps[i].detail) = ("unknown".into(), format!("needs {:?}, which will run", m.name));
+                }
+            }
+        }
+        Ok(Response::new(shoal_proto::PipelinePlan { pipeline: spec.name.clone(), build: self.0.cfg.build.clone(), steps }))
+    }
+
     async fn list_templates(&self, r: Request<shoal_proto::ListTemplatesRequest>) -> Result<Response<shoal_proto::ListTemplatesResponse>, Status> {
         let page = crate::state::page_number(&r.into_inner().page).map_err(|e| self.refusal(e))?;
         self.linearize().await?;

@@ -325,3 +325,18 @@ fn final_status(code: tonic::Code, msg: impl Into<String>) -> Status {
     s
 }
 
+
+/// Reads each artifact and checks its size and blake3: the test of a cached step's outputs.
+fn verify_artifacts(store: &shoal_core::store::Store, files: &[shoal_proto::ShardInfo]) -> Result<(), String> {
+    for f in files {
+        let bytes = store.get(&f.path).map_err(|e| format!("{}: {e}", f.path))?;
+        if bytes.len() as u64 != f.bytes && f.bytes != 0 {
+            return Err(format!("{} has {} bytes, not {}", f.path, bytes.len(), f.bytes));
+        }
+        let got = blake3::hash(&bytes).to_hex().to_string();
+        if got != f.blake3 {
+            return Err(format!("{} has blake3 {}, not {}", f.path, &got[..16], f.blake3.get(..16).unwrap_or(&f.blake3)));
+        }
+    }
+    Ok(())
+}

@@ -141,6 +141,18 @@ fn leader_duties(core: &mut Core, shared: &Shared, new_leader: bool) {
             Action::Propose(kind) => {
                 let _ = core.propose(Command { kind: Some(kind), ..Default::default() }, None);
             }
+            Action::VerifyCache(mut verdict, files) => {
+                let (store, inbox) = (shared.cfg.store.clone(), shared.inbox.clone());
+                tokio::task::spawn_blocking(move || {
+                    match super::verify_artifacts(&store, &files) {
+                        Ok(()) => verdict.ok = true,
+                        Err(e) => verdict.detail = e,
+                    }
+                    let (tx, _rx) = tokio::sync::oneshot::channel();
+                    // A full inbox drops it: the leader asks again after a while.
+                    let _ = inbox.try_send(super::Input::Propose(Command { kind: Some(command::Kind::PipelineCacheVerdict(verdict)), ..Default::default() }, tx));
+                });
+            }
             Action::Promote(id) => {
                 tracing::info!(id, "learner caught up; promoting it to voter");
                 let address = shared.addresses.read().expect("addresses lock").get(&id).cloned().unwrap_or_default();

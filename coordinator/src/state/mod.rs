@@ -206,6 +206,8 @@ pub struct StateMachine {
     next_run_seq: u64,
     /// Jobs of pipeline steps that ended in the entry being applied (empty between entries).
     ended_pipeline_jobs: Vec<u64>,
+    /// The pipeline step cache, by key.
+    pipeline_cache: BTreeMap<String, shoal_proto::PipelineCacheEntry>,
 }
 
 impl StateMachine {
@@ -283,6 +285,11 @@ impl StateMachine {
         if self.next_run_seq != 0 {
             uint64::encode(18, &self.next_run_seq, &mut buf);
         }
+        let mut cache: Vec<&shoal_proto::PipelineCacheEntry> = self.pipeline_cache.values().collect();
+        cache.sort_by_key(|e| (e.created_index, e.key.as_str()));
+        for e in cache {
+            message::encode(19, e, &mut buf);
+        }
         buf
     }
 
@@ -338,6 +345,7 @@ impl StateMachine {
         sm.run_ids = s.pipeline_runs.iter().map(|r| (r.id.clone(), r.seq)).collect();
         sm.pipeline_runs = s.pipeline_runs.into_iter().map(|r| (r.seq, r)).collect();
         sm.next_run_seq = s.next_run_seq;
+        sm.pipeline_cache = s.pipeline_cache.into_iter().map(|e| (e.key.clone(), e)).collect();
         Ok(sm)
     }
 
@@ -538,6 +546,7 @@ impl StateMachine {
             command::Kind::PipelineTriggered(t) => self.pipeline_triggered(index, t),
             command::Kind::ScheduleFire(f) => self.schedule_fire(index, f),
             command::Kind::PausePipeline(r) => self.pause_pipeline(r),
+            command::Kind::PipelineCacheVerdict(v) => self.pipeline_cache_verdict(index, v),
         }
     }
 }

@@ -344,20 +344,38 @@ impl StateMachine {
                 let Some(job) = self.jobs.get(&job_id) else { continue };
                 let Some(&seq) = self.run_ids.get(&job.pipeline_run) else { continue };
                 let (ok, error, outputs) = (job.state() == JobState::Succeeded, job.error.clone(), job_outputs(job));
-                let now = self.now_ms;
-                let run = self.pipeline_runs.get_mut(&seq).expect("indexed");
-                let Some(step) = run.steps.iter_mut().find(|s| s.name == job.pipeline_step) else { continue };
+                let why = if error.is_empty() { format!("job {job_id} was {}", job.state().label()) } else { format!("job {job_id}: {error}") };
+                let run = &self.pipeline_runs[&seq];
+                let Some(i) = run.steps.iter().position(|s| s.name == job.pipeline_step) else { continue };
                 // Fencing: only the current attempt's job settles the step.
-                if run.state != RUNNING || step.state != RUNNING || step.job_id != job_id {
+                if run.state != RUNNING || run.steps[i].state != RUNNING || run.steps[i].job_id != job_id {
                     continue;
                 }
-                if ok {
-                    step.state = SUCCEEDED.into();
-                    step.error.clear();
-                    step.outputs = outputs;
-                    step.finished_unix_ms = now;
-                } else {
-                    let why = if error.is_empty() { format!("job {job_id} was {}", job.state().label()) } else { format!("job {job_id}: {error}") };
+                let gate = run.steps[i].kind == StepKind::Gate.label();
+                // A gate goes on to its next score job, or decides.
+                let settled: Result<Option<u64>, String> = match ok {
+                    false => Err(why),
+                    true if gate => self.gate_scored(seq, i, &outputs),
+                    true => Ok(None),
+                };
+                let now = self.now_ms;
+                let step = &mut self.pipeline_runs.get_mut(&seq).expect("indexed").steps[i];
+                match settled {
+                    Ok(Some(next)) => {
+                        step.job_id = next;
+                        step.jobs.push(next);
+                        continue;
+                    }
+                    Ok(None) => {
+                        step.state = SUCCEEDED.into();
+                        step.error.clear();
+                        if !gate {
+                            step.outputs = outputs;
+                        }
+                        step.finished_unix_ms = now;
+                        self.remember_step(index, seq, i, job_id);
+                    }
+                    Err(why) => {
                     step.error = format!("attempt {}: {why}", step.attempts);
                     if step.attempts > step.retries {
                         step.state = FAILED.into();
@@ -365,6 +383,7 @@ impl StateMachine {
                     } else {
                         // Started again by `advance_run`, as the next attempt.
                         step.state = PENDING.into();
+                    }
                     }
                 }
                 self.advance_run(index, seq);
@@ -420,17 +439,50 @@ impl StateMachine {
         None
     }
 
-    /// Starts attempt n+1 of `step`: renders it with the upstream outputs and submits its job
-    /// (or, for a register step, does it here). A failure to start is a failed attempt.
+    /// Starts attempt n+1 of `step`: keys it for the cache (a hit with nothing to verify
+    /// succeeds here; one with artifacts waits for the leader's verdict), else launches it.
     fn start_step(&mut self, index: u64, seq: u64, step: &Step) {
         let now = self.now_ms;
+        let build = self.now_build.clone();
         let run = self.pipeline_runs.get_mut(&seq).expect("a run");
-        let run_id = run.id.clone();
         let i = run.steps.iter().position(|s| s.name == step.name).expect("the spec's step");
-        run.steps[i].attempts += 1;
-        run.steps[i].started_unix_ms = now;
+        let s = &mut run.steps[i];
+        s.attempts += 1;
+        s.started_unix_ms = now;
         // The previous attempt's error stays until this one ends.
-        run.steps[i].state = RUNNING.into();
+        s.state = RUNNING.into();
+        (s.cache_key, s.cache, s.cached_from, s.inputs) = (String::new(), String::new(), String::new(), Vec::new());
+        s.reason.clear();
+        if step.kind.cacheable() {
+            let outputs: BTreeMap<String, Vec<StepOutput>> = run.steps.iter().map(|s| (s.name.clone(), s.outputs.clone())).collect();
+            let value = |r: &OutputRef| outputs.get(&r.step).and_then(|o| o.iter().find(|x| x.key == r.output)).map(|o| o.value.clone());
+            // A step that cannot be keyed cannot be submitted either: its launch says why.
+            if let Ok((key, inputs)) = self.cache_key(step, &value, &build) {
+                let hit = if step.cache { self.cache_entry(&key).cloned() } else { None };
+                let s = &mut self.pipeline_runs.get_mut(&seq).expect("a run").steps[i];
+                (s.cache_key, s.inputs) = (key, inputs);
+                s.cache = if step.cache { cache::CACHE_MISS.into() } else { cache::CACHE_OFF.into() };
+                if let Some(e) = hit {
+                    s.cached_from = format!("{}/{} (job {})", e.run, e.step, e.job_id);
+                    if e.artifacts.is_empty() {
+                        (s.state, s.cache, s.outputs, s.finished_unix_ms) = (SUCCEEDED.into(), cache::CACHE_HIT.into(), e.outputs, now);
+                        s.error.clear();
+                    } else {
+                        s.cache = cache::CACHE_VERIFYING.into();
+                    }
+                    return;
+                }
+            }
+        }
+        self.launch_step(index, seq, i, step);
+    }
+
+    /// Runs step `i` of the current attempt: renders it with the upstream outputs and submits
+    /// its job (or, for a register or validate step, does it here). A failure to start is a
+    /// failed attempt.
+    fn launch_step(&mut self, index: u64, seq: u64, i: usize, step: &Step) {
+        let now = self.now_ms;
+        let run = &self.pipeline_runs[&seq];
         let outputs: BTreeMap<String, Vec<StepOutput>> = run.steps.iter().map(|s| (s.name.clone(), s.outputs.clone())).collect();
         let value = |r: &OutputRef| outputs.get(&r.step).and_then(|o| o.iter().find(|x| x.key == r.output)).map(|o| o.value.clone());
         let started: Result<Option<u64>, String> = match step.render(&value) {
@@ -443,14 +495,8 @@ impl StateMachine {
                     None
                 })
             }
-            Ok(text) => match self.submit(text) {
-                Ok(job) => {
-                    let j = self.jobs.get_mut(&job.id).expect("just submitted");
-                    (j.pipeline_run, j.pipeline_step) = (run_id, step.name.clone());
-                    Ok(Some(job.id))
-                }
-                Err(e) => Err(e.to_string()),
-            },
+            Ok(text) if step.kind == StepKind::Gate => self.start_gate(seq, i, &text).map(Some),
+            Ok(text) => self.submit_step_job(seq, i, text).map(Some),
         };
         let s = &mut self.pipeline_runs.get_mut(&seq).expect("a run").steps[i];
         match started {
@@ -466,13 +512,25 @@ impl StateMachine {
                 s.error = format!("attempt {}: {e}", s.attempts);
                 s.job_id = 0;
                 // A failure to start is final when out of attempts; else the loop in
-                // `advance_with` starts the next attempt.
+                // `advance_run` starts the next attempt.
                 s.state = if s.attempts > s.retries { FAILED.into() } else { PENDING.into() };
                 if s.state == FAILED {
                     s.finished_unix_ms = now;
                 }
             }
         }
+    }
+
+    /// Submits a job for step `i` of run `seq`, marked as the step's.
+    fn submit_step_job(&mut self, seq: u64, i: usize, text: String) -> Result<u64, String> {
+        let (run_id, step) = {
+            let run = &self.pipeline_runs[&seq];
+            (run.id.clone(), run.steps[i].name.clone())
+        };
+        let job = self.submit(text).map_err(|e| e.to_string())?;
+        let j = self.jobs.get_mut(&job.id).expect("just submitted");
+        (j.pipeline_run, j.pipeline_step) = (run_id, step);
+        Ok(job.id)
     }
 
     /// A register step: `model = "job:N"` becomes a version of model `as`, with `alias`.
@@ -624,5 +682,7 @@ fn job_outputs(job: &JobInfo) -> Vec<StepOutput> {
     out
 }
 
+mod cache;
+mod gate;
 #[cfg(test)]
 mod tests;

@@ -43,6 +43,10 @@ pub enum StepKind {
     /// A training step's model put in the registry: `model` (`job:N`), `as` (the model's
     /// name), `alias`.
     Register,
+    /// `[promote]`'s rule as a step: the registered `model` (`NAME@VERSION`) and the holder of
+    /// `alias` are scored on `holdout`; the alias moves to the model if it is not worse by
+    /// `metric` than the holder (by `min_delta`). Outputs `promoted` (true or false).
+    Gate,
 }
 
 impl StepKind {
@@ -53,6 +57,7 @@ impl StepKind {
             "evaluate" => StepKind::Evaluate,
             "register" => StepKind::Register,
             "validate" => StepKind::Validate,
+            "gate" => StepKind::Gate,
             _ => return None,
         })
     }
@@ -64,7 +69,14 @@ impl StepKind {
             StepKind::Evaluate => "evaluate",
             StepKind::Register => "register",
             StepKind::Validate => "validate",
+            StepKind::Gate => "gate",
         }
+    }
+
+    /// Whether a step of this kind may be served from the cache: the kinds that only compute
+    /// (a register, gate or validate step reads or changes the registry or data as they are now).
+    pub fn cacheable(self) -> bool {
+        matches!(self, StepKind::Train | StepKind::Batch | StepKind::Evaluate)
     }
 
     /// The outputs a step of this kind may have (a metric only when the model has it).
@@ -76,6 +88,7 @@ impl StepKind {
             StepKind::Evaluate => &["job", METRICS[0], METRICS[1], METRICS[2], METRICS[3], METRICS[4]],
             StepKind::Register => &["model", "name", "version"],
             StepKind::Validate => &["dataset", "version", "records", "label_js", "feature_js"],
+            StepKind::Gate => &["model", "promoted", "candidate_score", "holder_score", "holder_version", "decision"],
         }
     }
 
@@ -86,13 +99,17 @@ impl StepKind {
             StepKind::Evaluate => &["model", "dataset", "records", "transform", "workers", "batch_size"],
             StepKind::Register => &["model", "as", "alias"],
             StepKind::Validate => &["dataset", "min_records", "max_label_js", "max_feature_js", "feature_shape", "classes"],
+            StepKind::Gate => &["model", "alias", "metric", "min_delta", "holdout", "records", "workers", "batch_size"],
         }
     }
 
     /// A value of the output's type, for checking a spec before the real value exists.
     fn sample(self, output: &str) -> &'static str {
         match (self, output) {
-            (_, "job" | "step" | "version" | "records") => "1",
+            (_, "job" | "step" | "version" | "records" | "holder_version") => "1",
+            (StepKind::Gate, "promoted") => "true",
+            (StepKind::Gate, "decision") => "promoted",
+            (StepKind::Gate, "model") => "model@1",
             (StepKind::Validate, "dataset") => "dataset@1",
             (StepKind::Register, "model") => "model@1",
             (_, "model") => "job:1",
@@ -129,6 +146,12 @@ pub struct Step {
     /// Attempts after the first failed one.
     pub retries: u32,
     pub timeout_s: Option<u64>,
+    /// Whether a succeeded attempt with the same key is reused (`cache`; default: on for the
+    /// kinds that only compute, except an `exec` batch, whose files and environment the key
+    /// cannot see).
+    pub cache: bool,
+    /// Dotted keys of the step (`spec.cluster.workers`) left out of its cache key.
+    pub cache_ignore: Vec<String>,
     /// The step's own keys (everything but the common ones), references still in place.
     pub params: toml::Table,
 }
@@ -318,6 +341,11 @@ impl PipelineSpec {
             StepKind::Validate => {
                 Validation::parse(&rendered).map_err(|e| bad_step(&step.name, "validate", e))?;
             }
+            StepKind::Gate => {
+                let g = Gate::parse(&rendered).map_err(|e| bad_step(&step.name, "gate", e))?;
+                let scored = g.score_spec(&step.name, "model@1").map_err(|e| bad_step(&step.name, "gate", e))?;
+                crate::batch::BatchSpec::parse(&scored).map_err(|e| bad_step(&step.name, "gate", e))?;
+            }
             StepKind::Register => {}
         }
         Ok(())
@@ -388,8 +416,8 @@ fn parse_step(i: usize, t: &toml::Table, earlier: &[Step], names: &BTreeSet<Stri
         return Err(bad_step(&name, "name", "two steps have this name"));
     }
     let kind = match t.get("kind") {
-        Some(toml::Value::String(k)) => StepKind::parse(k).ok_or_else(|| bad_step(&name, "kind", format!("{k:?} is not train, batch, evaluate, validate or register")))?,
-        _ => return Err(bad_step(&name, "kind", "missing (train, batch, evaluate, validate or register)")),
+        Some(toml::Value::String(k)) => StepKind::parse(k).ok_or_else(|| bad_step(&name, "kind", format!("{k:?} is not train, batch, evaluate, validate, register or gate")))?,
+        _ => return Err(bad_step(&name, "kind", "missing (train, batch, evaluate, validate, register or gate)")),
     };
     if let Some(k) = t.keys().find(|k| !COMMON_KEYS.contains(&k.as_str()) && !kind.keys().contains(&k.as_str())) {
         return Err(bad_step(&name, k, format!("unknown key for a {} step (it takes {})", kind.label(), kind.keys().join(", "))));
@@ -426,16 +454,30 @@ fn parse_step(i: usize, t: &toml::Table, earlier: &[Step], names: &BTreeSet<Stri
         Some(toml::Value::Integer(n)) if *n >= 1 => Some(*n as u64),
         Some(v) => return Err(bad_step(&name, "timeout_s", format!("must be a whole number of seconds, at least 1, got {v}"))),
     };
-    match t.get("cache") {
-        None | Some(toml::Value::Boolean(_)) => {}
-        Some(_) => return Err(bad_step(&name, "cache", "must be true or false")),
-    }
-    match t.get("cache_ignore") {
-        None => {}
-        Some(toml::Value::Array(a)) if a.iter().all(|v| v.is_str()) => {}
-        Some(_) => return Err(bad_step(&name, "cache_ignore", "must be a list of keys")),
-    }
     let params: toml::Table = t.iter().filter(|(k, _)| !COMMON_KEYS.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let exec = params.get("spec").and_then(|s| s.get("operator")).and_then(|o| o.get("kind")).and_then(|k| k.as_str()) == Some("exec");
+    let cache = match t.get("cache") {
+        None => kind.cacheable() && !exec,
+        Some(toml::Value::Boolean(true)) if !kind.cacheable() => {
+            return Err(bad_step(&name, "cache", format!("a {} step is never cached (it reads or changes what is there now)", kind.label())));
+        }
+        Some(toml::Value::Boolean(b)) => *b,
+        Some(_) => return Err(bad_step(&name, "cache", "must be true or false")),
+    };
+    let cache_ignore = match t.get("cache_ignore") {
+        None => Vec::new(),
+        Some(toml::Value::Array(a)) if a.iter().all(|v| v.is_str()) => {
+            let keys: Vec<String> = a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect();
+            for k in &keys {
+                let top = k.split('.').next().unwrap_or_default();
+                if !kind.keys().contains(&top) {
+                    return Err(bad_step(&name, "cache_ignore", format!("{k:?} is not a key of a {} step (it has {})", kind.label(), kind.keys().join(", "))));
+                }
+            }
+            keys
+        }
+        Some(_) => return Err(bad_step(&name, "cache_ignore", "must be a list of keys such as \"spec.cluster.workers\"")),
+    };
     let require_str = |key: &str| match params.get(key) {
         Some(toml::Value::String(_)) => Ok(()),
         Some(_) => Err(bad_step(&name, key, "must be a string")),
@@ -453,6 +495,11 @@ fn parse_step(i: usize, t: &toml::Table, earlier: &[Step], names: &BTreeSet<Stri
             require_str("dataset")?;
         }
         StepKind::Validate => require_str("dataset")?,
+        StepKind::Gate => {
+            require_str("model")?;
+            require_str("alias")?;
+            require_str("holdout")?;
+        }
         StepKind::Register => {
             require_str("model")?;
             require_str("as")?;
@@ -461,7 +508,7 @@ fn parse_step(i: usize, t: &toml::Table, earlier: &[Step], names: &BTreeSet<Stri
             }
         }
     }
-    Ok(Step { name, kind, needs, when, retries, timeout_s, params })
+    Ok(Step { name, kind, needs, when, retries, timeout_s, cache, cache_ignore, params })
 }
 
 /// Every `{steps.S.O}` in the strings of `t`, with the dotted key it is in.
@@ -551,6 +598,25 @@ fn param(step: &Step, key: &str, value: &dyn Fn(&OutputRef) -> Option<String>) -
 }
 
 impl Step {
+    /// What the cache key takes from the step itself: its kind and its keys with references
+    /// replaced, less `cache_ignore`, in a canonical form (keys sorted at every level).
+    pub fn cache_material(&self, value: &dyn Fn(&OutputRef) -> Option<String>) -> Result<String> {
+        let toml::Value::Table(mut t) = render_value("step", &toml::Value::Table(self.params.clone()), value)? else { unreachable!("a table renders as a table") };
+        for key in &self.cache_ignore {
+            let path: Vec<&str> = key.split('.').collect();
+            let (last, parents) = path.split_last().expect("split gives one part at least");
+            let mut table = Some(&mut t);
+            for p in parents {
+                table = table.and_then(|t| t.get_mut(*p)).and_then(|v| v.as_table_mut());
+            }
+            if let Some(t) = table {
+                t.remove(*last);
+            }
+        }
+        let text = toml::to_string(&t).map_err(|e| bad_step(&self.name, "cache", e))?;
+        Ok(format!("kind = {:?}\n{text}", self.kind.label()))
+    }
+
     /// The job spec TOML this step submits (train, batch, evaluate), with every reference
     /// replaced by `value`; for a register step, its `model`, `as` and `alias` as a table.
     pub fn render(&self, value: &dyn Fn(&OutputRef) -> Option<String>) -> Result<String> {
@@ -570,38 +636,12 @@ impl Step {
             StepKind::Evaluate => {
                 let get = |k: &str| param(self, k, value).map_err(named);
                 let (model, dataset) = (get("model")?.unwrap_or_default(), get("dataset")?.unwrap_or_default());
-                let (name, version) = match dataset.split_once('@') {
-                    Some((n, v)) => (n.to_string(), Some(v.parse::<u64>().map_err(|_| bad_step(&self.name, "dataset", format!("{dataset:?} is not NAME or NAME@VERSION")))?)),
-                    None => (dataset.clone(), None),
-                };
-                let mut input = toml::Table::new();
-                input.insert("dataset".into(), toml::Value::String(name));
-                if let Some(v) = version {
-                    input.insert("version".into(), toml::Value::Integer(v as i64));
-                }
-                if let Some(r) = self.params.get("records") {
-                    input.insert("records".into(), r.clone());
-                }
-                let mut operator = toml::Table::new();
-                operator.insert("kind".into(), toml::Value::String("score".into()));
-                operator.insert("model".into(), toml::Value::String(model));
-                if let Some(t) = get("transform")? {
-                    operator.insert("transform".into(), toml::Value::String(t));
-                }
-                if let Some(b) = self.params.get("batch_size") {
-                    operator.insert("batch_size".into(), b.clone());
-                }
-                let mut spec = toml::Table::new();
-                spec.insert("name".into(), toml::Value::String(self.name.clone()));
-                spec.insert("kind".into(), toml::Value::String("batch".into()));
-                spec.insert("input".into(), toml::Value::Table(input));
-                spec.insert("operator".into(), toml::Value::Table(operator));
-                if let Some(w) = self.params.get("workers") {
-                    let mut cluster = toml::Table::new();
-                    cluster.insert("workers".into(), w.clone());
-                    spec.insert("cluster".into(), toml::Value::Table(cluster));
-                }
-                toml::to_string(&spec).map_err(|e| bad_step(&self.name, "evaluate", e))
+                let p = &self.params;
+                score_spec(&self.name, &model, &dataset, p.get("records"), get("transform")?, p.get("batch_size"), p.get("workers")).map_err(|e| bad_step(&self.name, "evaluate", e))
+            }
+            StepKind::Gate => {
+                let toml::Value::Table(t) = render_value("gate", &toml::Value::Table(self.params.clone()), value).map_err(named)? else { unreachable!("a table renders as a table") };
+                toml::to_string(&t).map_err(|e| bad_step(&self.name, "gate", e))
             }
             StepKind::Validate => {
                 let toml::Value::Table(t) = render_value("validate", &toml::Value::Table(self.params.clone()), value).map_err(named)? else { unreachable!("a table renders as a table") };
@@ -616,6 +656,111 @@ impl Step {
                 }
                 toml::to_string(&t).map_err(|e| bad_step(&self.name, "register", e))
             }
+        }
+    }
+}
+
+/// A batch spec that scores `model` on `dataset` (`NAME` or `NAME@VERSION`) and only measures.
+fn score_spec(
+    name: &str,
+    model: &str,
+    dataset: &str,
+    records: Option<&toml::Value>,
+    transform: Option<String>,
+    batch_size: Option<&toml::Value>,
+    workers: Option<&toml::Value>,
+) -> std::result::Result<String, String> {
+    let (set, version) = match dataset.split_once('@') {
+        Some((n, v)) => (n.to_string(), Some(v.parse::<u64>().map_err(|_| format!("dataset: {dataset:?} is not NAME or NAME@VERSION"))?)),
+        None => (dataset.to_string(), None),
+    };
+    let mut input = toml::Table::new();
+    input.insert("dataset".into(), toml::Value::String(set));
+    if let Some(v) = version {
+        input.insert("version".into(), toml::Value::Integer(v as i64));
+    }
+    if let Some(r) = records {
+        input.insert("records".into(), r.clone());
+    }
+    let mut operator = toml::Table::new();
+    operator.insert("kind".into(), toml::Value::String("score".into()));
+    operator.insert("model".into(), toml::Value::String(model.to_string()));
+    if let Some(t) = transform {
+        operator.insert("transform".into(), toml::Value::String(t));
+    }
+    if let Some(b) = batch_size {
+        operator.insert("batch_size".into(), b.clone());
+    }
+    let mut spec = toml::Table::new();
+    spec.insert("name".into(), toml::Value::String(name.to_string()));
+    spec.insert("kind".into(), toml::Value::String("batch".into()));
+    spec.insert("input".into(), toml::Value::Table(input));
+    spec.insert("operator".into(), toml::Value::Table(operator));
+    if let Some(w) = workers {
+        let mut cluster = toml::Table::new();
+        cluster.insert("workers".into(), w.clone());
+        spec.insert("cluster".into(), toml::Value::Table(cluster));
+    }
+    toml::to_string(&spec).map_err(|e| e.to_string())
+}
+
+/// A gate step as rendered: `[promote]`'s rule over a registered model.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gate {
+    /// The candidate: `NAME@VERSION` (a register step's `model` output).
+    pub model: String,
+    pub alias: String,
+    #[serde(default = "default_gate_metric")]
+    pub metric: String,
+    #[serde(default)]
+    pub min_delta: f64,
+    /// `DATASET` or `DATASET@VERSION`: both models are scored on its records.
+    pub holdout: String,
+    pub records: Option<[u64; 2]>,
+    pub workers: Option<u32>,
+    pub batch_size: Option<u32>,
+}
+
+fn default_gate_metric() -> String {
+    "test_accuracy".into()
+}
+
+impl Gate {
+    pub fn parse(rendered: &str) -> std::result::Result<Gate, String> {
+        let g: Gate = toml::from_str(rendered).map_err(|e| e.to_string().trim().to_string())?;
+        if crate::spec::metric_higher_is_better(&g.metric).is_none() {
+            return Err(format!("metric: {:?} is not one of test_accuracy, test_r2 (higher is better), test_loss, test_rmse, test_bpb (lower is better)", g.metric));
+        }
+        if !g.min_delta.is_finite() || g.min_delta.abs() > 1e6 {
+            return Err(format!("min_delta: {} is not a finite number of sensible size", g.min_delta));
+        }
+        crate::dataset::validate_name(&g.alias).map_err(|e| format!("alias: {e}"))?;
+        g.candidate()?;
+        Ok(g)
+    }
+
+    /// The candidate's (name, version).
+    pub fn candidate(&self) -> std::result::Result<(String, u64), String> {
+        match self.model.split_once('@') {
+            Some((n, v)) if !n.is_empty() => Ok((n.to_string(), v.parse().map_err(|_| format!("model: {:?} is not NAME@VERSION (a register step's model output)", self.model))?)),
+            _ => Err(format!("model: {:?} is not NAME@VERSION (a register step's model output)", self.model)),
+        }
+    }
+
+    /// The batch spec that scores `model` (`NAME@VERSION`) on the holdout, metrics only.
+    pub fn score_spec(&self, step: &str, model: &str) -> std::result::Result<String, String> {
+        let records = self.records.map(|[a, b]| toml::Value::Array(vec![toml::Value::Integer(a as i64), toml::Value::Integer(b as i64)]));
+        let int = |v: Option<u32>| v.map(|x| toml::Value::Integer(x as i64));
+        score_spec(step, model, &self.holdout, records.as_ref(), None, int(self.batch_size).as_ref(), int(self.workers).as_ref())
+    }
+
+    /// Whether `candidate` passes against `holder` by the metric's direction and `min_delta`.
+    pub fn passes(&self, candidate: f64, holder: f64) -> bool {
+        if crate::spec::metric_higher_is_better(&self.metric).unwrap_or(true) {
+            candidate >= holder + self.min_delta
+        } else {
+            candidate <= holder - self.min_delta
         }
     }
 }

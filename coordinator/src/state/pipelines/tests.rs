@@ -14,18 +14,18 @@ fn pipeline(extra: &str) -> String {
     )
 }
 
-fn submit_and_run(sm: &mut StateMachine, text: &str) -> PipelineRun {
+pub(super) fn submit_and_run(sm: &mut StateMachine, text: &str) -> PipelineRun {
     let ApplyOutput::Pipeline(p) = sm.apply(10, cmd(command::Kind::SubmitPipeline(text.into()))).unwrap() else { panic!() };
     let ApplyOutput::PipelineRun(run) = sm.apply(11, cmd(command::Kind::RunPipeline(RunPipelineRequest { name: p.name.clone(), request_id: String::new() }))).unwrap() else { panic!() };
     *run
 }
 
-fn step<'a>(sm: &'a StateMachine, run: &str, name: &str) -> &'a StepRun {
+pub(super) fn step<'a>(sm: &'a StateMachine, run: &str, name: &str) -> &'a StepRun {
     sm.pipeline_run(run).unwrap().steps.iter().find(|s| s.name == name).unwrap()
 }
 
 /// Runs job `id` to success on the idle workers with `accuracy`.
-fn succeed(sm: &mut StateMachine, index: u64, id: u64, accuracy: f64) {
+pub(super) fn succeed(sm: &mut StateMachine, index: u64, id: u64, accuracy: f64) {
     let (job, generation, workers) = sm.next_placement(|_| true).unwrap();
     assert_eq!(job, id);
     sm.apply(index, cmd(command::Kind::JobAssigned(JobAssigned { job_id: id, generation, workers: workers.clone(), last_step: 0 }))).unwrap();
@@ -162,7 +162,7 @@ fn a_step_that_cannot_start_fails_and_the_spec_is_versioned() {
 }
 
 /// Appends `records` records to dataset d (the next version) at `index`.
-fn append(sm: &mut StateMachine, index: u64, records: u64) -> u64 {
+pub(super) fn append(sm: &mut StateMachine, index: u64, records: u64) -> u64 {
     append_at(sm, index, records, 0)
 }
 
