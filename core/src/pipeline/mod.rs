@@ -914,6 +914,35 @@ lr = 0.05
     }
 
     #[test]
+    fn cache_settings_and_gates_are_checked_at_submit() {
+        let gate = "[[step]]\nname = \"gate\"\nkind = \"gate\"\nneeds = [\"train\"]\nmodel = \"m@{steps.train.step}\"\nalias = \"prod\"\nholdout = \"d@2\"\n";
+        let p = PipelineSpec::parse(&pipeline(gate)).unwrap();
+        let (train, g) = (&p.steps[0], &p.steps[1]);
+        assert!(train.cache && !g.cache, "train is cached by default, a gate never");
+        let rendered = g.render(&|_| Some("3".into())).unwrap();
+        let parsed = Gate::parse(&rendered).unwrap();
+        assert_eq!((parsed.candidate().unwrap(), parsed.metric.as_str()), (("m".to_string(), 3), "test_accuracy"));
+        assert!(parsed.passes(0.9, 0.9) && !parsed.passes(0.89, 0.9));
+        let lower = Gate { metric: "test_loss".into(), min_delta: 0.1, ..parsed.clone() };
+        assert!(lower.passes(0.3, 0.4) && !lower.passes(0.35, 0.4), "lower is better, by min_delta");
+        assert!(err(&pipeline(&gate.replace("alias = \"prod\"\n", ""))).contains("step \"gate\": alias: missing"));
+        assert!(err(&pipeline(&format!("{gate}metric = \"auc\"\n"))).contains("step \"gate\": gate: metric: \"auc\""));
+        assert!(err(&pipeline(&format!("{gate}cache = true\n"))).contains("step \"gate\": cache: a gate step is never cached"));
+        // cache_ignore names keys of the step.
+        let train = |extra: &str| pipeline("").replacen("kind = \"train\"\n", &format!("kind = \"train\"\n{extra}\n"), 1);
+        assert!(PipelineSpec::parse(&train("cache_ignore = [\"spec.cluster.workers\"]")).is_ok());
+        assert!(err(&train("cache_ignore = [\"colour\"]")).contains("cache_ignore: \"colour\" is not a key of a train step"));
+        assert!(err(&train("cache = \"yes\"")).contains("cache: must be true or false"));
+        // An exec batch is not cached unless asked: the key cannot see its files.
+        let exec = "[[step]]\nname = \"x\"\nkind = \"batch\"\n[step.spec]\nname = \"x\"\n[step.spec.input]\ndataset = \"d\"\n[step.spec.operator]\nkind = \"exec\"\ncommand = [\"cp\", \"{input}\", \"{output}\"]\n[step.spec.output]\ndataset = \"o\"\n";
+        assert!(!PipelineSpec::parse(&pipeline(exec)).unwrap().steps[1].cache);
+        // The material: ignored keys out, keys sorted, references replaced.
+        let s = &PipelineSpec::parse(&train("cache_ignore = [\"spec.name\"]")).unwrap().steps[0];
+        let m = s.cache_material(&|_| None).unwrap();
+        assert!(m.starts_with("kind = \"train\"") && !m.contains("name = \"mlp\"") && m.contains("lr = 0.05"), "{m}");
+    }
+
+    #[test]
     fn cycles_are_refused_naming_the_step() {
         let a = "[[step]]\nname = \"a\"\nkind = \"register\"\nneeds = [\"b\"]\nmodel = \"job:1\"\n";
         let b = "[[step]]\nname = \"b\"\nkind = \"register\"\nneeds = [\"a\"]\nmodel = \"job:1\"\n";
