@@ -576,6 +576,8 @@ impl StateMachine {
             StepOutput { key: "feature_js".into(), value: number(slice.feature_js) },
             StepOutput { key: "label_js".into(), value: number(slice.label_js) },
             StepOutput { key: "records".into(), value: d.records.to_string() },
+            StepOutput { key: "slice_records".into(), value: slice.records.to_string() },
+            StepOutput { key: "slice_start".into(), value: slice.first.to_string() },
             StepOutput { key: "version".into(), value: d.version.to_string() },
         ])
     }

@@ -38,7 +38,8 @@ pub enum StepKind {
     /// A model scored on a dataset's records, metrics only: `model`, `dataset`, `records`.
     Evaluate,
     /// Checks of a dataset version, in place: `dataset`, `min_records`, `max_label_js`,
-    /// `max_feature_js` (its newest slice's drift), `feature_shape`, `classes`.
+    /// `max_feature_js` (its newest slice's drift), `feature_shape`, `classes`. Outputs the
+    /// version and its newest slice's records (`slice_start`, `slice_records`).
     Validate,
     /// A training step's model put in the registry: `model` (`job:N`), `as` (the model's
     /// name), `alias`.
@@ -87,7 +88,7 @@ impl StepKind {
             StepKind::Batch => &["job", "output", METRICS[0], METRICS[1], METRICS[2], METRICS[3], METRICS[4]],
             StepKind::Evaluate => &["job", METRICS[0], METRICS[1], METRICS[2], METRICS[3], METRICS[4]],
             StepKind::Register => &["model", "name", "version"],
-            StepKind::Validate => &["dataset", "version", "records", "label_js", "feature_js"],
+            StepKind::Validate => &["dataset", "version", "records", "slice_start", "slice_records", "label_js", "feature_js"],
             StepKind::Gate => &["model", "promoted", "candidate_score", "holder_score", "holder_version", "decision"],
         }
     }
@@ -106,7 +107,8 @@ impl StepKind {
     /// A value of the output's type, for checking a spec before the real value exists.
     fn sample(self, output: &str) -> &'static str {
         match (self, output) {
-            (_, "job" | "step" | "version" | "records" | "holder_version") => "1",
+            (_, "job" | "step" | "version" | "records" | "holder_version" | "slice_records") => "1",
+            (_, "slice_start") => "0",
             (StepKind::Gate, "promoted") => "true",
             (StepKind::Gate, "decision") => "promoted",
             (StepKind::Gate, "model") => "model@1",
@@ -577,9 +579,20 @@ fn substitute(s: &str, value: &dyn Fn(&OutputRef) -> Option<String>) -> std::res
     Ok(out)
 }
 
+/// A string that is one reference and nothing else takes its value's type: a whole number
+/// becomes an integer, another number a float (so `records = ["{steps.v.slice_start}", ...]`
+/// is a range of integers); any other string stays a string.
 fn render_value(key: &str, v: &toml::Value, value: &dyn Fn(&OutputRef) -> Option<String>) -> Result<toml::Value> {
     Ok(match v {
-        toml::Value::String(s) => toml::Value::String(substitute(s, value).map_err(|e| bad(key, e))?),
+        toml::Value::String(s) => {
+            let text = substitute(s, value).map_err(|e| bad(key, e))?;
+            let whole = s.starts_with("{steps.") && s.ends_with('}') && s.matches('{').count() == 1;
+            match (whole, text.parse::<i64>(), text.parse::<f64>()) {
+                (true, Ok(n), _) => toml::Value::Integer(n),
+                (true, Err(_), Ok(x)) if x.is_finite() => toml::Value::Float(x),
+                _ => toml::Value::String(text),
+            }
+        }
         toml::Value::Array(a) => toml::Value::Array(a.iter().enumerate().map(|(i, v)| render_value(&format!("{key}[{i}]"), v, value)).collect::<Result<_>>()?),
         toml::Value::Table(t) => toml::Value::Table(t.iter().map(|(k, v)| Ok((k.clone(), render_value(&format!("{key}.{k}"), v, value)?))).collect::<Result<_>>()?),
         other => other.clone(),
