@@ -73,9 +73,23 @@ pub fn slot_label(slot_ms: u64) -> String {
     Utc.timestamp_millis_opt(slot_ms as i64).single().map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_else(|| slot_ms.to_string())
 }
 
+/// The slot a `slot_label` names (a run id's `@SLOT`), in ms since the epoch.
+pub fn parse_slot_label(label: &str) -> Option<u64> {
+    let t = chrono::NaiveDateTime::parse_from_str(label, "%Y-%m-%dT%H:%M:%SZ").ok()?;
+    u64::try_from(t.and_utc().timestamp_millis()).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slot_labels_read_back() {
+        for ms in [0u64, 1_764_979_201_000, 1_800_000_000_000] {
+            assert_eq!(parse_slot_label(&slot_label(ms)), Some(ms));
+        }
+        assert_eq!(parse_slot_label("yesterday"), None);
+    }
 
     fn ms(rfc3339: &str) -> u64 {
         chrono::DateTime::parse_from_rfc3339(rfc3339).unwrap().timestamp_millis() as u64
