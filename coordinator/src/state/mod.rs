@@ -208,6 +208,8 @@ pub struct StateMachine {
     ended_pipeline_jobs: Vec<u64>,
     /// The pipeline step cache, by key.
     pipeline_cache: BTreeMap<String, shoal_proto::PipelineCacheEntry>,
+    /// Pipeline specs parsed once (derived from the texts above).
+    specs: pipelines::SpecCache,
 }
 
 impl StateMachine {

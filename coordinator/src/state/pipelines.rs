@@ -22,6 +22,42 @@ pub const FAILED: &str = "failed";
 pub const SKIPPED: &str = "skipped";
 pub const CANCELLED: &str = "cancelled";
 
+/// Parsed pipeline specs by the blake3 of their text: a spec is parsed (and every step's job
+/// spec checked) once, not at every step transition and leader tick. Derived, never encoded.
+#[derive(Default)]
+pub(super) struct SpecCache(std::sync::Mutex<BTreeMap<[u8; 32], std::sync::Arc<PipelineSpec>>>);
+
+/// Distinct specs kept parsed (more: the cache starts over).
+const SPECS_PARSED: usize = 256;
+
+impl Clone for SpecCache {
+    fn clone(&self) -> SpecCache {
+        SpecCache::default()
+    }
+}
+
+impl std::fmt::Debug for SpecCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SpecCache")
+    }
+}
+
+impl SpecCache {
+    pub(super) fn parse(&self, text: &str) -> Result<std::sync::Arc<PipelineSpec>, shoal_core::CoreError> {
+        let key = *blake3::hash(text.as_bytes()).as_bytes();
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = map.get(&key) {
+            return Ok(s.clone());
+        }
+        let spec = std::sync::Arc::new(PipelineSpec::parse(text)?);
+        if map.len() >= SPECS_PARSED {
+            map.clear();
+        }
+        map.insert(key, spec.clone());
+        Ok(spec)
+    }
+}
+
 enum Verdict {
     Start,
     Skip(String),
@@ -39,7 +75,7 @@ fn number(v: f64) -> String {
 
 impl StateMachine {
     pub(super) fn submit_pipeline(&mut self, toml: String) -> ApplyResult {
-        let spec = PipelineSpec::parse(&toml).map_err(ApplyError::invalid)?;
+        let spec = self.specs.parse(&toml).map_err(ApplyError::invalid)?;
         let hash = blake3::hash(toml.as_bytes()).to_hex().to_string();
         let now = self.now_ms;
         let trigger = spec.trigger.clone().unwrap_or(shoal_core::pipeline::TriggerSpec { on_append: String::new(), min_new_records: 1, debounce_s: 0 });
@@ -50,7 +86,7 @@ impl StateMachine {
             p.spec_blake3 = hash;
             p.spec_toml = toml;
             p.submitted_unix_ms = now;
-            p.description = spec.description.unwrap_or_default();
+            p.description = spec.description.clone().unwrap_or_default();
             if p.trigger_dataset != trigger.on_append {
                 // A new trigger covers only the versions that come after it.
                 p.trigger_dataset = trigger.on_append;
@@ -143,7 +179,7 @@ impl StateMachine {
         use shoal_core::pipeline::Concurrency;
         let now = self.now_ms;
         let p = self.pipelines.get(&f.pipeline).ok_or_else(|| ApplyError::not_found(format!("there is no pipeline {:?}", f.pipeline)))?;
-        let spec = PipelineSpec::parse(&p.spec_toml).map_err(ApplyError::invalid)?;
+        let spec = self.specs.parse(&p.spec_toml).map_err(ApplyError::invalid)?;
         let schedule = spec.schedule.as_ref().ok_or_else(|| ApplyError::conflict(format!("pipeline {} has no schedule", f.pipeline)))?;
         let cron = schedule.schedule();
         if p.paused {
@@ -194,7 +230,7 @@ impl StateMachine {
         use shoal_core::pipeline::Catchup;
         let mut out = Vec::new();
         for p in self.pipelines.values().filter(|p| !p.schedule_key.is_empty() && !p.paused) {
-            let Some(s) = PipelineSpec::parse(&p.spec_toml).ok().and_then(|s| s.schedule) else { continue };
+            let Some(s) = self.specs.parse(&p.spec_toml).ok().and_then(|s| s.schedule.clone()) else { continue };
             let limit = if s.catchup == Catchup::All { s.max_catchup as usize } else { 1 };
             let slots = s.schedule().newest_slots(p.schedule_watermark_ms, now_ms, limit);
             let Some(&last) = slots.last() else { continue };
@@ -227,7 +263,7 @@ impl StateMachine {
         if self.run_ids.contains_key(&id) {
             return Err(ApplyError::conflict(format!("pipeline run {id} exists already")));
         }
-        let spec = PipelineSpec::parse(&p.spec_toml).map_err(ApplyError::invalid)?;
+        let spec = self.specs.parse(&p.spec_toml).map_err(ApplyError::invalid)?;
         self.next_run_seq += 1;
         let seq = self.next_run_seq;
         let steps = spec
@@ -290,7 +326,7 @@ impl StateMachine {
     pub(super) fn resume_pipeline_run(&mut self, index: u64, r: shoal_proto::ResumePipelineRequest) -> ApplyResult {
         let seq = *self.run_ids.get(&r.id).ok_or_else(|| ApplyError::not_found(format!("there is no pipeline run {}", r.id)))?;
         let run = self.pipeline_runs.get_mut(&seq).expect("indexed");
-        let spec = PipelineSpec::parse(&run.spec_toml).map_err(ApplyError::invalid)?;
+        let spec = self.specs.parse(&run.spec_toml).map_err(ApplyError::invalid)?;
         match run.state.as_str() {
             RUNNING => return Err(ApplyError::conflict(format!("pipeline run {} is running", r.id))),
             SUCCEEDED if r.from.is_empty() => return Err(ApplyError::conflict(format!("pipeline run {} succeeded: name a step to run again from (--from)", r.id))),
@@ -395,7 +431,7 @@ impl StateMachine {
     /// then settles the run's state. The run keeps the spec it began with.
     fn advance_run(&mut self, index: u64, seq: u64) {
         let Some(run) = self.pipeline_runs.get(&seq).filter(|r| r.state == RUNNING) else { return };
-        let spec = match PipelineSpec::parse(&run.spec_toml) {
+        let spec = match self.specs.parse(&run.spec_toml) {
             Ok(s) if s.steps.len() == run.steps.len() => s,
             Ok(_) => return self.fail_run(seq, "the run's spec and its steps disagree".into()),
             Err(e) => return self.fail_run(seq, format!("the run's spec no longer parses: {e}")),

@@ -186,7 +186,7 @@ impl StateMachine {
         if run.state != RUNNING || s.state != RUNNING || s.cache != CACHE_VERIFYING || s.attempts != v.attempt || s.cache_key != v.key {
             return Err(ApplyError::conflict(format!("step {} of run {} is not verifying attempt {}", v.step, v.run, v.attempt)));
         }
-        let spec = PipelineSpec::parse(&run.spec_toml).map_err(ApplyError::invalid)?;
+        let spec = self.specs.parse(&run.spec_toml).map_err(ApplyError::invalid)?;
         let step = spec.step(&v.step).cloned().ok_or_else(|| ApplyError::invalid(format!("the run's spec has no step {}", v.step)))?;
         let entry = self.cache_entry(&v.key).cloned();
         let now = self.now_ms;

@@ -17,7 +17,7 @@ impl StateMachine {
     /// The gate step `i` of run `seq`, rendered with its upstream outputs.
     fn gate_of(&self, seq: u64, i: usize) -> Result<Gate, String> {
         let run = &self.pipeline_runs[&seq];
-        let spec = PipelineSpec::parse(&run.spec_toml).map_err(|e| e.to_string())?;
+        let spec = self.specs.parse(&run.spec_toml).map_err(|e| e.to_string())?;
         let step = spec.steps.get(i).ok_or("the run's spec and its steps disagree")?;
         let value = |r: &OutputRef| run.steps.iter().find(|s| s.name == r.step).and_then(|s| output(s, &r.output));
         Gate::parse(&step.render(&value).map_err(|e| e.to_string())?)

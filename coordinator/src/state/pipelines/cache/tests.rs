@@ -142,6 +142,29 @@ fn every_key_input_changes_the_key_and_an_ignored_field_does_not() {
 }
 
 #[test]
+fn the_checkpoint_a_step_reads_is_keyed_by_its_contents() {
+    let mut sm = with_dataset();
+    submit_and_run(&mut sm, &pipeline(""));
+    let job = step(&sm, "p-1", "train").job_id;
+    succeed(&mut sm, 20, job, 0.75);
+    // Scoring job N and warm-starting from it: both keyed by its checkpoint's file hashes.
+    let text = format!(
+        "name = \"e\"\n[[step]]\nname = \"eval\"\nkind = \"evaluate\"\nmodel = \"job:{job}\"\ndataset = \"d@1\"\n\
+         [[step]]\nname = \"train\"\nkind = \"train\"\n[step.spec]\n{}\n[step.spec.init]\ncheckpoint = \"{job}\"\n",
+        spec(2).lines().map(|l| if l.starts_with('[') { format!("[step.spec.{}", &l[1..]) } else { l.to_string() }).collect::<Vec<_>>().join("\n")
+    );
+    let spec = PipelineSpec::parse(&text).unwrap();
+    let keys = |sm: &StateMachine| sm.plan_pipeline(&spec, "b").0.iter().map(|p| (p.key.clone(), p.inputs.clone())).collect::<Vec<_>>();
+    let before = keys(&sm);
+    assert!(before.iter().all(|(k, inputs)| k.len() == 64 && inputs.iter().any(|i| i.starts_with(&format!("checkpoint job:{job} step 10 ")))), "{before:?}");
+    // The same reference, other bytes (a job rewritten in place): other keys.
+    let files = &mut sm.jobs.get_mut(&job).unwrap().checkpoints.last_mut().unwrap().files;
+    files[0].blake3 = "f".repeat(64);
+    let after = keys(&sm);
+    assert!(before.iter().zip(&after).all(|(a, b)| a.0 != b.0), "{before:?} {after:?}");
+}
+
+#[test]
 fn cache_false_always_runs_and_the_plan_predicts_each_step() {
     let mut sm = with_dataset();
     submit_and_run(&mut sm, &pipeline("cache = false"));
