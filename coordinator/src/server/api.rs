@@ -26,6 +26,22 @@ impl Api {
         }
     }
 
+    /// Proposes a pipeline command whose outcome is the pipeline.
+    async fn propose_pipeline(&self, kind: command::Kind, request_id: String) -> Result<Response<shoal_proto::PipelineInfo>, Status> {
+        match self.propose(kind, request_id).await? {
+            ApplyOutput::Pipeline(p) => Ok(Response::new(*p)),
+            other => Err(Status::internal(format!("unexpected apply output {other:?}"))),
+        }
+    }
+
+    /// Proposes a pipeline command whose outcome is a run.
+    async fn propose_run(&self, kind: command::Kind, request_id: String) -> Result<Response<shoal_proto::PipelineRun>, Status> {
+        match self.propose(kind, request_id).await? {
+            ApplyOutput::PipelineRun(run) => Ok(Response::new(*run)),
+            other => Err(Status::internal(format!("unexpected apply output {other:?}"))),
+        }
+    }
+
     /// Waits until this replica's state holds every write committed before the call (raft's
     /// ReadIndex), so what a read returns next is never stale, on a follower or on a leader
     /// that was deposed without knowing it yet.
@@ -484,45 +500,30 @@ impl Coordinator for Api {
     async fn submit_pipeline(&self, r: Request<shoal_proto::SubmitPipelineRequest>) -> Result<Response<shoal_proto::PipelineInfo>, Status> {
         let shoal_proto::SubmitPipelineRequest { spec_toml, request_id } = r.into_inner();
         shoal_core::pipeline::PipelineSpec::parse(&spec_toml).map_err(|e| self.refusal(ApplyError::invalid(e)))?;
-        match self.propose(command::Kind::SubmitPipeline(spec_toml), request_id).await? {
-            ApplyOutput::Pipeline(p) => Ok(Response::new(*p)),
-            other => Err(Status::internal(format!("unexpected apply output {other:?}"))),
-        }
+        self.propose_pipeline(command::Kind::SubmitPipeline(spec_toml), request_id).await
     }
 
     async fn run_pipeline(&self, r: Request<shoal_proto::RunPipelineRequest>) -> Result<Response<shoal_proto::PipelineRun>, Status> {
         let r = r.into_inner();
         let request_id = r.request_id.clone();
-        match self.propose(command::Kind::RunPipeline(r), request_id).await? {
-            ApplyOutput::PipelineRun(run) => Ok(Response::new(*run)),
-            other => Err(Status::internal(format!("unexpected apply output {other:?}"))),
-        }
+        self.propose_run(command::Kind::RunPipeline(r), request_id).await
     }
 
     async fn cancel_pipeline_run(&self, r: Request<shoal_proto::PipelineRunRequest>) -> Result<Response<shoal_proto::PipelineRun>, Status> {
         let shoal_proto::PipelineRunRequest { id, request_id } = r.into_inner();
-        match self.propose(command::Kind::CancelPipelineRun(id), request_id).await? {
-            ApplyOutput::PipelineRun(run) => Ok(Response::new(*run)),
-            other => Err(Status::internal(format!("unexpected apply output {other:?}"))),
-        }
+        self.propose_run(command::Kind::CancelPipelineRun(id), request_id).await
     }
 
     async fn resume_pipeline_run(&self, r: Request<shoal_proto::ResumePipelineRequest>) -> Result<Response<shoal_proto::PipelineRun>, Status> {
         let r = r.into_inner();
         let request_id = r.request_id.clone();
-        match self.propose(command::Kind::ResumePipelineRun(r), request_id).await? {
-            ApplyOutput::PipelineRun(run) => Ok(Response::new(*run)),
-            other => Err(Status::internal(format!("unexpected apply output {other:?}"))),
-        }
+        self.propose_run(command::Kind::ResumePipelineRun(r), request_id).await
     }
 
     async fn pause_pipeline(&self, r: Request<shoal_proto::PausePipelineRequest>) -> Result<Response<shoal_proto::PipelineInfo>, Status> {
         let r = r.into_inner();
         let request_id = r.request_id.clone();
-        match self.propose(command::Kind::PausePipeline(r), request_id).await? {
-            ApplyOutput::Pipeline(p) => Ok(Response::new(*p)),
-            other => Err(Status::internal(format!("unexpected apply output {other:?}"))),
-        }
+        self.propose_pipeline(command::Kind::PausePipeline(r), request_id).await
     }
 
     async fn get_pipeline_run(&self, r: Request<shoal_proto::PipelineRunRequest>) -> Result<Response<shoal_proto::PipelineRun>, Status> {
