@@ -1,6 +1,7 @@
 //! The README's worked example, end to end with real processes: a first model promoted to
 //! production, then `examples/retrain-pipeline.toml` started by an append: validate, retrain
 //! from production with replay, evaluate on the holdout, register, gate, score the new slice.
+//! And an `append` step: files put in the store's `incoming/` become a slice, each once.
 
 mod common;
 use common::*;
@@ -57,4 +58,52 @@ fn the_retraining_example_runs_on_an_append_and_gates_against_production() {
     assert_eq!(score["output_dataset"], "mnist-scored", "{score}");
     let scored = json(&mut c.cmd(&["data", "show", "mnist-scored", "--json"]));
     assert_eq!(scored["records"], 2000, "{scored}");
+}
+
+/// A CSV table of `rows` records (features a, b; label y in 0..3) from `seed`.
+fn csv(rows: usize, seed: usize) -> String {
+    let mut out = String::from("a,b,y\n");
+    for i in 0..rows {
+        let k = (i * 7 + seed * 13) % 97;
+        out += &format!("{}.5,{},{}\n", k % 10, k / 10, k % 3);
+    }
+    out
+}
+
+#[test]
+fn an_append_step_adds_each_incoming_file_once_through_the_workers() {
+    let c = UpCluster::start_with(&["--workers", "2"]);
+    let first = c.write_spec("rows.csv", &csv(300, 0));
+    ok(c.cmd(&["data", "import", "rows", "--label", "y"]).arg(&first));
+    let incoming = c.store().join("incoming/rows");
+    std::fs::create_dir_all(&incoming).unwrap();
+    std::fs::write(incoming.join("day-1.csv"), csv(120, 1)).unwrap();
+    std::fs::write(incoming.join("day-2.csv"), csv(80, 2)).unwrap();
+    std::fs::write(incoming.join("README.txt"), "not a table").unwrap();
+    let spec = "name = \"ingest\"\n[[step]]\nname = \"add\"\nkind = \"append\"\ndataset = \"rows\"\nformat = \"csv\"\nlabel = \"y\"\n\
+                [[step]]\nname = \"check\"\nkind = \"validate\"\nneeds = [\"add\"]\ndataset = \"{steps.add.dataset}\"\nmin_records = 300\n";
+    let run = json(c.cmd(&["pipeline", "submit", "--run", "--wait", "--json"]).arg(c.write_spec("ingest.toml", spec)));
+    assert_eq!(run["state"], "succeeded", "{run}");
+    let add = &run["steps"][0];
+    assert_eq!((add["outputs"]["dataset"].as_str(), add["outputs"]["new_records"].as_str(), add["outputs"]["files"].as_str()), (Some("rows@2"), Some("200"), Some("2")), "{add}");
+    let job = c.job(&add["job"].to_string());
+    assert_eq!(job["workers"].as_array().map(|w| w.len()), Some(0), "the import ran on the workers and released them: {job}");
+    let rows = json(&mut c.cmd(&["data", "show", "rows", "--json"]));
+    assert_eq!((rows["version"].as_u64(), rows["records"].as_u64()), (Some(2), Some(500)), "{rows}");
+    assert_eq!(run["steps"][1]["outputs"]["records"], "500", "{run}");
+    // Nothing new: no job, no version.
+    let again = json(&mut c.cmd(&["pipeline", "run", "ingest", "--wait", "--json"]));
+    assert_eq!((again["steps"][0]["job"].as_u64(), again["steps"][0]["outputs"]["new_records"].as_str()), (Some(0), Some("0")), "{again}");
+    assert_eq!(json(&mut c.cmd(&["data", "show", "rows", "--json"]))["version"], 2);
+    // A new file: only it is added.
+    std::fs::write(incoming.join("day-3.csv"), csv(50, 3)).unwrap();
+    let third = json(&mut c.cmd(&["pipeline", "run", "ingest", "--wait", "--json"]));
+    assert_eq!((third["steps"][0]["outputs"]["new_records"].as_str(), third["steps"][0]["outputs"]["dataset"].as_str()), (Some("50"), Some("rows@3")), "{third}");
+    // A file that does not parse fails the step naming it, and adds nothing.
+    std::fs::write(incoming.join("day-4.csv"), "a,b\n1,2\n").unwrap();
+    let out = common::run(&mut c.cmd(&["pipeline", "run", "ingest", "--wait", "--json"]));
+    let bad: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(bad["state"], "failed", "{bad}");
+    assert!(bad["error"].as_str().unwrap().contains("day-4.csv"), "{bad}");
+    assert_eq!(json(&mut c.cmd(&["data", "show", "rows", "--json"]))["version"], 3);
 }

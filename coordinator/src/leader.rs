@@ -54,6 +54,8 @@ pub enum Action {
     Promote(u64),
     /// Read a possible cache hit's artifacts (path, blake3) and propose the verdict.
     VerifyCache(shoal_proto::PipelineCacheVerdict, Vec<shoal_proto::ShardInfo>),
+    /// List an append step's incoming prefix in the store and propose what is there.
+    ListIncoming(shoal_proto::PipelineIncoming, String),
 }
 
 /// The leader's memory between ticks. Times are milliseconds of a monotonic clock. Ordered
@@ -195,6 +197,13 @@ impl Duties {
             if !self.recent.contains_key(&key) {
                 self.recent.insert(key, now);
                 checks.push(Action::VerifyCache(v, files));
+            }
+        }
+        for (l, prefix) in state.incoming_checks() {
+            let key = format!("incoming/{}/{}/{}", l.run, l.step, l.attempt);
+            if !self.recent.contains_key(&key) {
+                self.recent.insert(key, now);
+                checks.push(Action::ListIncoming(l, prefix));
             }
         }
         // Debounced pipeline triggers whose dataset has been quiet long enough.

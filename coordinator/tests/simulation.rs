@@ -469,6 +469,10 @@ fn simulate(seed: u64, n: u64) -> String {
                         let _ = core.propose(Command { kind: Some(kind), ..Default::default() }, None);
                     }
                     Action::Promote(id) => core.propose_member(MemberOp::Promote, id, String::new(), String::new(), false, None),
+                    // No store here: nothing is incoming.
+                    Action::ListIncoming(l, _) => {
+                        let _ = core.propose(Command { kind: Some(shoal_proto::command::Kind::PipelineIncoming(l)), ..Default::default() }, None);
+                    }
                     // No store here: every cached artifact verifies.
                     Action::VerifyCache(mut v, _) => {
                         v.ok = true;

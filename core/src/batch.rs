@@ -58,6 +58,14 @@ pub struct OperatorSpec {
     pub timeout_s: Option<f64>,
     /// score: records per forward pass (default 1024).
     pub batch_size: Option<u32>,
+    /// import: the files to add (store keys under `incoming/`), one task each.
+    pub files: Option<Vec<String>>,
+    /// import: `csv` or `safetensors` (tensors `x` and `y`).
+    pub format: Option<String>,
+    /// import, csv: the label column (a classifier's dataset) ...
+    pub label: Option<String>,
+    /// ... or the float target column (a regression's).
+    pub target: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -102,7 +110,10 @@ fn bad(key: &str, msg: impl std::fmt::Display) -> CoreError {
     CoreError::Spec(format!("{key}: {msg}"))
 }
 
-pub const OPERATORS: [&str; 4] = ["score", "transform", "stats", "exec"];
+pub const OPERATORS: [&str; 5] = ["score", "transform", "stats", "exec", "import"];
+
+/// Most files one import takes.
+pub const MAX_IMPORT_FILES: usize = 10_000;
 
 impl BatchSpec {
     /// Parses and validates a batch spec. The error names the offending key.
@@ -130,7 +141,7 @@ impl BatchSpec {
         }
         let op = &self.operator;
         if !OPERATORS.contains(&op.kind.as_str()) {
-            return Err(bad("operator.kind", format!("unknown operator {:?} (expected score, transform, stats or exec)", op.kind)));
+            return Err(bad("operator.kind", format!("unknown operator {:?} (expected score, transform, stats, exec or import)", op.kind)));
         }
         let only = |key: &str, set: bool, kinds: &[&str]| -> Result<()> {
             if set && !kinds.contains(&op.kind.as_str()) {
@@ -144,6 +155,10 @@ impl BatchSpec {
         only("method", op.method.is_some(), &["transform"])?;
         only("command", op.command.is_some(), &["exec"])?;
         only("timeout_s", op.timeout_s.is_some(), &["exec"])?;
+        only("files", op.files.is_some(), &["import"])?;
+        only("format", op.format.is_some(), &["import"])?;
+        only("label", op.label.is_some(), &["import"])?;
+        only("target", op.target.is_some(), &["import"])?;
         match op.kind.as_str() {
             "score" if op.model.is_none() => return Err(bad("operator.model", "score needs a model: \"job:N\", \"NAME@VERSION\" or \"NAME@ALIAS\"")),
             "transform" => match op.method.as_deref() {
@@ -165,6 +180,24 @@ impl BatchSpec {
                     }
                 }
             }
+            "import" => {
+                let files = op.files.as_deref().unwrap_or_default();
+                if files.is_empty() || files.len() > MAX_IMPORT_FILES {
+                    return Err(bad("operator.files", format!("an import takes 1 to {MAX_IMPORT_FILES} files, got {}", files.len())));
+                }
+                if let Some(f) = files.iter().find(|f| !f.starts_with("incoming/") || crate::store::check_key(f).is_err()) {
+                    return Err(bad("operator.files", format!("{f:?} is not a file under incoming/ in the store")));
+                }
+                match (op.format.as_deref(), &op.label, &op.target) {
+                    (Some("csv"), Some(_), None) | (Some("csv"), None, Some(_)) | (Some("safetensors"), None, None) => {}
+                    (Some("csv"), _, _) => return Err(bad("operator.label", "csv: name the label column (label = \"COL\") or a regression's target (target = \"COL\"), one of them")),
+                    (Some("safetensors"), _, _) => return Err(bad("operator.label", "safetensors files hold their labels or targets in tensor y")),
+                    (other, _, _) => return Err(bad("operator.format", format!("{other:?}: an import reads csv or safetensors files"))),
+                }
+                if self.output.as_ref().map(|o| o.dataset.as_str()) != Some(self.input.dataset.as_str()) || self.input.records.is_some() {
+                    return Err(bad("output.dataset", "an import appends to its input dataset: [output] dataset is the same, and no records range"));
+                }
+            }
             _ => {}
         }
         if op.batch_size == Some(0) || op.batch_size.is_some_and(|b| b > 65_536) {
@@ -176,7 +209,7 @@ impl BatchSpec {
             (None, _) => return Err(bad("output.dataset", format!("{} writes a dataset: name it in [output] dataset = \"NAME\"", op.kind))),
             (Some(o), _) => {
                 crate::dataset::validate_name(&o.dataset).map_err(|e| bad("output.dataset", e))?;
-                if o.dataset == self.input.dataset {
+                if o.dataset == self.input.dataset && op.kind != "import" {
                     return Err(bad("output.dataset", "must not be the input dataset (its records would be read while they grow)"));
                 }
             }
@@ -198,6 +231,28 @@ impl BatchSpec {
     pub fn timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs_f64(self.operator.timeout_s.unwrap_or(600.0))
     }
+}
+
+/// The records of one file of an import (`name` for messages), with the statistics of its
+/// slice binned like the dataset's first slice (`base`: the version it is added to, whose
+/// class names string labels must be among).
+pub fn import_file(spec: &OperatorSpec, name: &str, bytes: &[u8], base: &shoal_proto::DatasetInfo) -> Result<(crate::dataset::Records, SliceStats)> {
+    let records = match (spec.format.as_deref(), &spec.label, &spec.target) {
+        (Some("csv"), _, Some(target)) => crate::dataset::records_from_csv_target(name, bytes, target)?,
+        (Some("csv"), Some(label), _) => {
+            let (records, names) = crate::dataset::records_from_csv(name, bytes, label, &base.class_names)?;
+            if names.len() > base.class_names.len() {
+                return Err(CoreError::Dataset(format!("{name}: labels {:?} are not classes of {}", &names[base.class_names.len()..], base.name)));
+            }
+            records
+        }
+        _ => crate::dataset::records_from_safetensors(name, bytes)?,
+    };
+    let ranges = base.stats.as_ref().map(crate::stats::ranges);
+    let fits = ranges.as_ref().is_none_or(|r| r.len() == records.feature_shape.iter().product::<usize>());
+    let classes = (base.classes as usize).max(records.classes() as usize);
+    let stats = crate::stats::slice_stats(&records, ranges.as_deref().filter(|_| fits), classes);
+    Ok((records, stats))
 }
 
 /// One task per input shard that holds records of `[start, end)`: its part of the range.
@@ -273,6 +328,32 @@ mod tests {
             let e = BatchSpec::parse(&edit).unwrap_err().to_string();
             assert!(e.contains(want), "{e} (wanted {want})");
         }
+    }
+
+    #[test]
+    fn an_import_reads_incoming_files_into_its_own_dataset() {
+        let import = "name = \"i\"\nkind = \"batch\"\n[input]\ndataset = \"d\"\n[operator]\nkind = \"import\"\nfiles = [\"incoming/d/a.csv\"]\nformat = \"csv\"\nlabel = \"y\"\n[output]\ndataset = \"d\"\n";
+        let spec = BatchSpec::parse(import).unwrap();
+        for (edit, want) in [
+            (import.replace("incoming/d/a.csv", "datasets/d/x"), "operator.files"),
+            (import.replace("incoming/d/a.csv", "incoming/../x"), "operator.files"),
+            (import.replace("label = \"y\"\n", ""), "operator.label"),
+            (import.replace("format = \"csv\"", "format = \"idx\""), "operator.format"),
+            (import.replace("[output]\ndataset = \"d\"", "[output]\ndataset = \"e\""), "output.dataset"),
+            (import.replace("kind = \"import\"", "kind = \"stats\""), "operator.files: applies to kind = import"),
+        ] {
+            let e = BatchSpec::parse(&edit).unwrap_err().to_string();
+            assert!(e.contains(want), "{e} (wanted {want})");
+        }
+        // A file's records, its statistics binned like the dataset's, labels among its classes.
+        let base = shoal_proto::DatasetInfo { name: "d".into(), classes: 3, ..Default::default() };
+        let (records, stats) = import_file(&spec.operator, "incoming/d/a.csv", b"a,b,y\n1,2,0\n3,4,2\n", &base).unwrap();
+        assert_eq!((records.len(), records.feature_shape.clone(), stats.label_counts.clone()), (2, vec![2], vec![1, 0, 1]));
+        let e = import_file(&spec.operator, "incoming/d/a.csv", b"a,b\n1,2\n", &base).unwrap_err().to_string();
+        assert!(e.contains("incoming/d/a.csv") && e.contains("\"y\""), "{e}");
+        let named = shoal_proto::DatasetInfo { class_names: vec!["cat".into(), "dog".into()], classes: 2, ..base };
+        let e = import_file(&spec.operator, "f.csv", b"a,y\n1,cat\n2,emu\n", &named).unwrap_err().to_string();
+        assert!(e.contains("\"emu\"") && e.contains("not classes of d"), "{e}");
     }
 
     #[test]

@@ -84,6 +84,9 @@ pub fn run_task(store: &Store, a: &Assignment, cache: &ModelCache, cancel: &Atom
     let spec = BatchSpec::parse(&a.spec_toml).map_err(|e| WorkerError::Spec(e.to_string()))?;
     let task = a.task.as_ref().ok_or_else(|| WorkerError::Spec("a batch assignment without its task".into()))?;
     let input = a.dataset.as_ref().ok_or_else(|| WorkerError::Spec("a batch assignment without its input dataset".into()))?;
+    if spec.operator.kind == "import" {
+        return import(store, a, &spec, input, task, started);
+    }
     let (sub, first) = shards_holding(input, task.start, task.end)?;
     let ds = ShardedDataset::open(store, &sub)?;
     let (lo, hi) = (task.start - first, task.end - first);
@@ -150,6 +153,29 @@ pub fn run_task(store: &Store, a: &Assignment, cache: &ModelCache, cancel: &Atom
     result.elapsed_ms = started.elapsed().as_millis() as u64;
     let report = TaskReport { job_id: a.job_id, attempt: a.generation, task: task.index, ok: true, result: Some(result), ..Default::default() };
     Ok(TaskOutput { report, file })
+}
+
+/// An import task: file `task.start` of `operator.files`, read from the store, decoded and
+/// written as the task's output shard, with its statistics binned like the dataset's.
+fn import(store: &Store, a: &Assignment, spec: &BatchSpec, input: &DatasetInfo, task: &shoal_proto::BatchTask, started: Instant) -> Result<TaskOutput, WorkerError> {
+    let files = spec.operator.files.as_deref().unwrap_or_default();
+    let file = files.get(task.start as usize).ok_or_else(|| WorkerError::Spec(format!("import: task {} has no file", task.index)))?;
+    let bytes = store.get(file).map_err(|e| WorkerError::Io(format!("reading {file}: {e}")))?;
+    let (records, stats) = shoal_core::batch::import_file(&spec.operator, file, &bytes, input).map_err(|e| WorkerError::Data(e.to_string()))?;
+    let (shard, path) = write_output(store, a, task.index, &records, None)?;
+    let result = TaskResult {
+        records_out: records.len() as u64,
+        feature_shape: records.feature_shape.iter().map(|&d| d as u64).collect(),
+        feature_dtype: records.dtype().into(),
+        classes: records.classes(),
+        target_width: records.target_width() as u32,
+        stats: Some(stats),
+        output: Some(shard),
+        elapsed_ms: started.elapsed().as_millis() as u64,
+        ..Default::default()
+    };
+    let report = TaskReport { job_id: a.job_id, attempt: a.generation, task: task.index, ok: true, result: Some(result), ..Default::default() };
+    Ok(TaskOutput { report, file: Some(path) })
 }
 
 fn sleep_unless_cancelled(d: Duration, cancel: &AtomicBool) -> Result<(), WorkerError> {

@@ -153,6 +153,18 @@ fn leader_duties(core: &mut Core, shared: &Shared, new_leader: bool) {
                     let _ = inbox.try_send(super::Input::Propose(Command { kind: Some(command::Kind::PipelineCacheVerdict(verdict)), ..Default::default() }, tx));
                 });
             }
+            Action::ListIncoming(mut listing, prefix) => {
+                let (store, inbox) = (shared.cfg.store.clone(), shared.inbox.clone());
+                tokio::task::spawn_blocking(move || {
+                    match store.list(prefix.trim_end_matches('/')) {
+                        Ok(entries) => listing.files = entries.into_iter().map(|e| e.key).collect(),
+                        Err(e) => listing.error = e.to_string(),
+                    }
+                    let (tx, _rx) = tokio::sync::oneshot::channel();
+                    // A full inbox drops it: the leader asks again after a while.
+                    let _ = inbox.try_send(super::Input::Propose(Command { kind: Some(command::Kind::PipelineIncoming(listing)), ..Default::default() }, tx));
+                });
+            }
             Action::Promote(id) => {
                 tracing::info!(id, "learner caught up; promoting it to voter");
                 let address = shared.addresses.read().expect("addresses lock").get(&id).cloned().unwrap_or_default();

@@ -112,7 +112,12 @@ impl StateMachine {
                 ).into());
             }
         }
-        let tasks = plan_tasks(&input.shards, range)
+        // An import: a task per file (its index in `operator.files` as the task's range).
+        let planned = match op {
+            "import" => (0..spec.operator.files.as_ref().map_or(0, Vec::len) as u64).map(|i| (i, i + 1)).collect(),
+            _ => plan_tasks(&input.shards, range),
+        };
+        let tasks = planned
             .into_iter()
             .enumerate()
             .map(|(i, (start, end))| BatchTask { index: i as u32, start, end, state: PENDING.into(), ..Default::default() })
@@ -325,7 +330,7 @@ impl StateMachine {
             if task.running.is_empty() {
                 if task.attempts >= max_attempts {
                     task.state = FAILED.into();
-                    failure = Some(format!("task {} (records [{}, {})) failed {} times; the last: {}", task.index, task.start, task.end, task.attempts, r.error));
+                    failure = Some(format!("task {} ({}) failed {} times; the last: {}", task.index, task_span(&op, task), task.attempts, r.error));
                 } else {
                     task.state = PENDING.into();
                 }
@@ -438,8 +443,10 @@ impl StateMachine {
         }
         let classes = if target_width > 0 { 0 } else { b.tasks.iter().map(|t| result(t).classes).max().unwrap_or(0).max(if b.operator == "exec" { 0 } else { input.classes }) };
         let out = b.output_dataset.clone();
+        let files = job.plan.as_ref().filter(|_| b.operator == "import").and_then(|_| BatchSpec::parse(&job.spec_toml).ok()).and_then(|s| s.operator.files);
         let slice = DatasetSlice {
-            sources: vec![format!("batch job {id}")],
+            // An import's slice names its files: the next import leaves them out.
+            sources: files.unwrap_or_else(|| vec![format!("batch job {id}")]),
             imported_unix_ms: now_ms,
             stats: Some(stats),
             batch_job: id,
@@ -487,7 +494,7 @@ impl StateMachine {
             if t.running.is_empty() {
                 if t.attempts >= b.max_attempts {
                     t.state = FAILED.into();
-                    failure = Some(format!("task {} (records [{}, {})) failed {} times; the last: {}", t.index, t.start, t.end, t.attempts, t.error));
+                    failure = Some(format!("task {} ({}) failed {} times; the last: {}", t.index, task_span(&b.operator, t), t.attempts, t.error));
                 } else {
                     t.state = PENDING.into();
                 }
@@ -569,6 +576,15 @@ impl StateMachine {
     }
 }
 
+/// What a task covers, for messages: its records, or an import's file.
+fn task_span(op: &str, t: &BatchTask) -> String {
+    if op == "import" {
+        format!("file {} of operator.files", t.start)
+    } else {
+        format!("records [{}, {})", t.start, t.end)
+    }
+}
+
 /// What a successful report must hold: an output shard under the attempt's own name in the
 /// job's folder (when the phase writes one), with the records the task was given (score and
 /// transform write one record per input record; exec may write any number), predictions no
@@ -582,7 +598,7 @@ fn check_report(report: &TaskReport, task: &BatchTask, folder: &str, op: &str, w
         if out.path != want || out.records != r.records_out {
             return Err(format!("output {:?} with {} records is not {want} with the {} records reported", out.path, out.records, r.records_out));
         }
-        if op != "exec" && r.records_out != span {
+        if !matches!(op, "exec" | "import") && r.records_out != span {
             return Err(format!("{} records written for the task's {span}", r.records_out));
         }
         if r.feature_shape.is_empty() || r.feature_shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).is_none_or(|n| n == 0 || n > MAX_FEATURES) {

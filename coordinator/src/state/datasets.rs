@@ -424,6 +424,11 @@ impl StateMachine {
         Some(d.info(d.version(version)?, view))
     }
 
+    /// The files every slice of dataset `name` was read from (as its registration gave them).
+    pub(super) fn dataset_sources(&self, name: &str) -> BTreeSet<&str> {
+        self.datasets.get(name).map(|d| d.rec.slices.iter().flat_map(|s| s.sources.iter().map(String::as_str)).collect()).unwrap_or_default()
+    }
+
     /// Whether dataset `name` exists (any version).
     pub fn has_dataset(&self, name: &str) -> bool {
         self.datasets.contains_key(name)

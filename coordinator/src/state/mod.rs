@@ -549,6 +549,7 @@ impl StateMachine {
             command::Kind::ScheduleFire(f) => self.schedule_fire(index, f),
             command::Kind::PausePipeline(r) => self.pause_pipeline(r),
             command::Kind::PipelineCacheVerdict(v) => self.pipeline_cache_verdict(index, v),
+            command::Kind::PipelineIncoming(l) => self.pipeline_incoming(index, l),
         }
     }
 }

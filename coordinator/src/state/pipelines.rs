@@ -379,7 +379,8 @@ impl StateMachine {
             for job_id in std::mem::take(&mut self.ended_pipeline_jobs) {
                 let Some(job) = self.jobs.get(&job_id) else { continue };
                 let Some(&seq) = self.run_ids.get(&job.pipeline_run) else { continue };
-                let (ok, error, outputs) = (job.state() == JobState::Succeeded, job.error.clone(), job_outputs(job));
+                let append = job.batch.as_ref().is_some_and(|b| b.operator == "import");
+                let (ok, error, outputs) = (job.state() == JobState::Succeeded, job.error.clone(), if append { self.append_job_outputs(job) } else { job_outputs(job) });
                 let why = if error.is_empty() { format!("job {job_id} was {}", job.state().label()) } else { format!("job {job_id}: {error}") };
                 let run = &self.pipeline_runs[&seq];
                 let Some(i) = run.steps.iter().position(|s| s.name == job.pipeline_step) else { continue };
@@ -532,6 +533,11 @@ impl StateMachine {
                 })
             }
             Ok(text) if step.kind == StepKind::Gate => self.start_gate(seq, i, &text).map(Some),
+            // Running, with no job yet: the leader lists the incoming files first.
+            Ok(text) if step.kind == StepKind::Append => match self.start_append(seq, i, &text) {
+                Ok(()) => return,
+                Err(e) => Err(e),
+            },
             Ok(text) => self.submit_step_job(seq, i, text).map(Some),
         };
         let s = &mut self.pipeline_runs.get_mut(&seq).expect("a run").steps[i];
@@ -720,6 +726,7 @@ fn job_outputs(job: &JobInfo) -> Vec<StepOutput> {
     out
 }
 
+mod append;
 mod cache;
 mod gate;
 #[cfg(test)]

@@ -48,6 +48,11 @@ pub enum StepKind {
     /// `alias` are scored on `holdout`; the alias moves to the model if it is not worse by
     /// `metric` than the holder (by `min_delta`). Outputs `promoted` (true or false).
     Gate,
+    /// New files under the store's `incoming/` prefix (`prefix`, default
+    /// `incoming/DATASET/`) added to `dataset` as one slice by a batch import on the workers:
+    /// `format` (csv with `label` or `target`, or safetensors). A file is added once: files
+    /// already in one of the dataset's slices are left out; none new, no job and no version.
+    Append,
 }
 
 impl StepKind {
@@ -59,6 +64,7 @@ impl StepKind {
             "register" => StepKind::Register,
             "validate" => StepKind::Validate,
             "gate" => StepKind::Gate,
+            "append" => StepKind::Append,
             _ => return None,
         })
     }
@@ -71,6 +77,7 @@ impl StepKind {
             StepKind::Register => "register",
             StepKind::Validate => "validate",
             StepKind::Gate => "gate",
+            StepKind::Append => "append",
         }
     }
 
@@ -90,6 +97,7 @@ impl StepKind {
             StepKind::Register => &["model", "name", "version"],
             StepKind::Validate => &["dataset", "version", "records", "slice_start", "slice_records", "label_js", "feature_js"],
             StepKind::Gate => &["model", "promoted", "candidate_score", "holder_score", "holder_version", "decision"],
+            StepKind::Append => &["job", "dataset", "version", "records", "new_records", "files"],
         }
     }
 
@@ -101,13 +109,15 @@ impl StepKind {
             StepKind::Register => &["model", "as", "alias"],
             StepKind::Validate => &["dataset", "min_records", "max_label_js", "max_feature_js", "feature_shape", "classes"],
             StepKind::Gate => &["model", "alias", "metric", "min_delta", "holdout", "records", "workers", "batch_size"],
+            StepKind::Append => &["dataset", "prefix", "format", "label", "target", "workers"],
         }
     }
 
     /// A value of the output's type, for checking a spec before the real value exists.
     fn sample(self, output: &str) -> &'static str {
         match (self, output) {
-            (_, "job" | "step" | "version" | "records" | "holder_version" | "slice_records") => "1",
+            (_, "job" | "step" | "version" | "records" | "holder_version" | "slice_records" | "new_records" | "files") => "1",
+            (StepKind::Append, "dataset") => "dataset@1",
             (_, "slice_start") => "0",
             (StepKind::Gate, "promoted") => "true",
             (StepKind::Gate, "decision") => "promoted",
@@ -348,6 +358,11 @@ impl PipelineSpec {
                 let scored = g.score_spec(&step.name, "model@1").map_err(|e| bad_step(&step.name, "gate", e))?;
                 crate::batch::BatchSpec::parse(&scored).map_err(|e| bad_step(&step.name, "gate", e))?;
             }
+            StepKind::Append => {
+                let a = Append::parse(&rendered).map_err(|e| bad_step(&step.name, "append", e))?;
+                let job = a.batch_spec(&step.name, &[format!("{}file", a.prefix())]).map_err(|e| bad_step(&step.name, "append", e))?;
+                crate::batch::BatchSpec::parse(&job).map_err(|e| bad_step(&step.name, "append", e))?;
+            }
             StepKind::Register => {}
         }
         Ok(())
@@ -461,7 +476,7 @@ fn parse_step(i: usize, t: &toml::Table, earlier: &[Step], names: &BTreeSet<Stri
     let cache = match t.get("cache") {
         None => kind.cacheable() && !exec,
         Some(toml::Value::Boolean(true)) if !kind.cacheable() => {
-            return Err(bad_step(&name, "cache", format!("a {} step is never cached (it reads or changes what is there now)", kind.label())));
+            return Err(bad_step(&name, "cache", format!("{} steps are never cached (they read or change what is there now)", kind.label())));
         }
         Some(toml::Value::Boolean(b)) => *b,
         Some(_) => return Err(bad_step(&name, "cache", "must be true or false")),
@@ -501,6 +516,10 @@ fn parse_step(i: usize, t: &toml::Table, earlier: &[Step], names: &BTreeSet<Stri
             require_str("model")?;
             require_str("alias")?;
             require_str("holdout")?;
+        }
+        StepKind::Append => {
+            require_str("dataset")?;
+            require_str("format")?;
         }
         StepKind::Register => {
             require_str("model")?;
@@ -652,9 +671,9 @@ impl Step {
                 let p = &self.params;
                 score_spec(&self.name, &model, &dataset, p.get("records"), get("transform")?, p.get("batch_size"), p.get("workers")).map_err(|e| bad_step(&self.name, "evaluate", e))
             }
-            StepKind::Gate => {
-                let toml::Value::Table(t) = render_value("gate", &toml::Value::Table(self.params.clone()), value).map_err(named)? else { unreachable!("a table renders as a table") };
-                toml::to_string(&t).map_err(|e| bad_step(&self.name, "gate", e))
+            StepKind::Gate | StepKind::Append => {
+                let toml::Value::Table(t) = render_value(self.kind.label(), &toml::Value::Table(self.params.clone()), value).map_err(named)? else { unreachable!("a table renders as a table") };
+                toml::to_string(&t).map_err(|e| bad_step(&self.name, self.kind.label(), e))
             }
             StepKind::Validate => {
                 let toml::Value::Table(t) = render_value("validate", &toml::Value::Table(self.params.clone()), value).map_err(named)? else { unreachable!("a table renders as a table") };
@@ -775,6 +794,65 @@ impl Gate {
         } else {
             candidate <= holder - self.min_delta
         }
+    }
+}
+
+/// An append step as rendered.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Append {
+    pub dataset: String,
+    /// Under `incoming/`, ending in `/` (default `incoming/DATASET/`).
+    pub prefix: Option<String>,
+    pub format: String,
+    pub label: Option<String>,
+    pub target: Option<String>,
+    pub workers: Option<u32>,
+}
+
+impl Append {
+    pub fn parse(rendered: &str) -> std::result::Result<Append, String> {
+        let a: Append = toml::from_str(rendered).map_err(|e| e.to_string().trim().to_string())?;
+        crate::dataset::validate_name(&a.dataset).map_err(|e| format!("dataset: {e}"))?;
+        let p = a.prefix();
+        if !p.starts_with("incoming/") || !p.ends_with('/') || crate::store::check_key(p.trim_end_matches('/')).is_err() {
+            return Err(format!("prefix: {p:?} is not a folder under incoming/ (such as \"incoming/{}/\")", a.dataset));
+        }
+        Ok(a)
+    }
+
+    /// Where its files are: `prefix`, or `incoming/DATASET/`.
+    pub fn prefix(&self) -> String {
+        self.prefix.clone().unwrap_or_else(|| format!("incoming/{}/", self.dataset))
+    }
+
+    /// Whether a file under the prefix is one this step reads (by its extension).
+    pub fn reads(&self, key: &str) -> bool {
+        key.rsplit('/').next().is_some_and(|n| n.to_ascii_lowercase().ends_with(&format!(".{}", self.format)))
+    }
+
+    /// The batch import of `files` into the dataset.
+    pub fn batch_spec(&self, step: &str, files: &[String]) -> std::result::Result<String, String> {
+        let mut operator = toml::Table::new();
+        operator.insert("kind".into(), toml::Value::String("import".into()));
+        operator.insert("files".into(), toml::Value::Array(files.iter().map(|f| toml::Value::String(f.clone())).collect()));
+        operator.insert("format".into(), toml::Value::String(self.format.clone()));
+        for (k, v) in [("label", &self.label), ("target", &self.target)] {
+            if let Some(v) = v {
+                operator.insert(k.into(), toml::Value::String(v.clone()));
+            }
+        }
+        let one = |k: &str, v: &str| toml::Table::from_iter([(k.to_string(), toml::Value::String(v.to_string()))]);
+        let mut spec = toml::Table::new();
+        spec.insert("name".into(), toml::Value::String(step.to_string()));
+        spec.insert("kind".into(), toml::Value::String("batch".into()));
+        spec.insert("input".into(), toml::Value::Table(one("dataset", &self.dataset)));
+        spec.insert("operator".into(), toml::Value::Table(operator));
+        spec.insert("output".into(), toml::Value::Table(one("dataset", &self.dataset)));
+        if let Some(w) = self.workers {
+            spec.insert("cluster".into(), toml::Value::Table(toml::Table::from_iter([("workers".to_string(), toml::Value::Integer(w as i64))])));
+        }
+        toml::to_string(&spec).map_err(|e| e.to_string())
     }
 }
 
@@ -940,7 +1018,7 @@ lr = 0.05
         assert!(lower.passes(0.3, 0.4) && !lower.passes(0.35, 0.4), "lower is better, by min_delta");
         assert!(err(&pipeline(&gate.replace("alias = \"prod\"\n", ""))).contains("step \"gate\": alias: missing"));
         assert!(err(&pipeline(&format!("{gate}metric = \"auc\"\n"))).contains("step \"gate\": gate: metric: \"auc\""));
-        assert!(err(&pipeline(&format!("{gate}cache = true\n"))).contains("step \"gate\": cache: a gate step is never cached"));
+        assert!(err(&pipeline(&format!("{gate}cache = true\n"))).contains("step \"gate\": cache: gate steps are never cached"));
         // cache_ignore names keys of the step.
         let train = |extra: &str| pipeline("").replacen("kind = \"train\"\n", &format!("kind = \"train\"\n{extra}\n"), 1);
         assert!(PipelineSpec::parse(&train("cache_ignore = [\"spec.cluster.workers\"]")).is_ok());
@@ -953,6 +1031,21 @@ lr = 0.05
         let s = &PipelineSpec::parse(&train("cache_ignore = [\"spec.name\"]")).unwrap().steps[0];
         let m = s.cache_material(&|_| None).unwrap();
         assert!(m.starts_with("kind = \"train\"") && !m.contains("name = \"mlp\"") && m.contains("lr = 0.05"), "{m}");
+    }
+
+    #[test]
+    fn append_steps_read_their_prefix_and_format() {
+        let step = "[[step]]\nname = \"add\"\nkind = \"append\"\ndataset = \"d\"\nformat = \"csv\"\nlabel = \"y\"\n";
+        let p = PipelineSpec::parse(&pipeline(step)).unwrap();
+        let a = Append::parse(&p.steps[1].render(&|_| None).unwrap()).unwrap();
+        assert_eq!(a.prefix(), "incoming/d/");
+        assert!(a.reads("incoming/d/day-1.CSV") && !a.reads("incoming/d/notes.txt"));
+        let job = crate::batch::BatchSpec::parse(&a.batch_spec("add", &["incoming/d/x.csv".into()]).unwrap()).unwrap();
+        assert_eq!((job.input.dataset.as_str(), job.operator.kind.as_str(), job.output.unwrap().dataset.as_str()), ("d", "import", "d"));
+        assert!(err(&pipeline(&step.replace("format = \"csv\"\n", ""))).contains("step \"add\": format: missing"));
+        assert!(err(&pipeline(&format!("{step}prefix = \"datasets/d/\"\n"))).contains("prefix: \"datasets/d/\" is not a folder under incoming/"));
+        assert!(err(&pipeline(&step.replace("label = \"y\"\n", ""))).contains("operator.label"));
+        assert!(err(&pipeline(&format!("{step}cache = true\n"))).contains("append steps are never cached"));
     }
 
     #[test]

@@ -84,7 +84,7 @@ impl StateMachine {
                     inputs.push(format!("transform {} {} {}", t.method, t.fitted_on, hex(h.finalize())));
                 }
             }
-            _ => return Err(format!("a {} step is never cached", step.kind.label())),
+            _ => return Err(format!("{} steps are never cached", step.kind.label())),
         }
         Ok(inputs)
     }
@@ -236,7 +236,7 @@ impl StateMachine {
                 }
                 (None, _) if !step.kind.cacheable() => {
                     p.prediction = "runs".into();
-                    p.detail = format!("a {} step is never cached", step.kind.label());
+                    p.detail = format!("{} steps are never cached", step.kind.label());
                     if step.kind == StepKind::Validate {
                         if let Ok(out) = step.render(&value).map_err(|e| e.to_string()).and_then(|t| self.validate_step(&t)) {
                             predicted.insert(step.name.clone(), out);

@@ -393,3 +393,59 @@ fn a_validate_step_checks_the_version_in_place_and_fails_naming_what() {
     assert!(run.error.contains("d@1 has 100 records, fewer than min_records = 1000"), "{}", run.error);
     assert!(PipelineSpec::parse(&text(5).replace("max_label_js = 0.1", "max_label_js = 2.0")).unwrap_err().to_string().contains("max_label_js"));
 }
+
+#[test]
+fn an_append_step_imports_only_the_files_no_slice_holds_yet() {
+    use shoal_proto::{DatasetSlice, PipelineIncoming, ShardInfo};
+    let mut sm = with_dataset();
+    let text = "name = \"a\"\n[[step]]\nname = \"add\"\nkind = \"append\"\ndataset = \"d\"\nformat = \"csv\"\nlabel = \"y\"\n";
+    submit_and_run(&mut sm, text);
+    let s = step(&sm, "a-1", "add").clone();
+    assert_eq!((s.state.as_str(), s.incoming.as_str(), s.job_id), (RUNNING, "incoming/d/", 0));
+    let (l, prefix) = sm.incoming_checks().pop().unwrap();
+    assert_eq!((l.attempt, prefix.as_str()), (1, "incoming/d/"));
+    let listing = |run: &str, attempt, files: &[&str]| {
+        cmd(command::Kind::PipelineIncoming(PipelineIncoming { run: run.into(), step: "add".into(), attempt, files: files.iter().map(|f| f.to_string()).collect(), error: String::new() }))
+    };
+    assert!(sm.apply(20, listing("a-1", 2, &["incoming/d/a.csv"])).is_err(), "another attempt's listing");
+    // Files of another folder or format are not this step's.
+    sm.apply(21, listing("a-1", 1, &["incoming/d/b.csv", "incoming/d/a.csv", "incoming/d/notes.txt", "incoming/e/c.csv"])).unwrap();
+    let s = step(&sm, "a-1", "add").clone();
+    assert!(s.incoming.is_empty() && s.job_id != 0, "{s:?}");
+    let job = sm.job(s.job_id).unwrap();
+    let spec = shoal_core::batch::BatchSpec::parse(&job.spec_toml).unwrap();
+    assert_eq!(spec.operator.files.unwrap(), ["incoming/d/a.csv", "incoming/d/b.csv"]);
+    assert_eq!(job.batch.as_ref().unwrap().tasks.len(), 2, "a task per file");
+    assert!(sm.incoming_checks().is_empty());
+    assert!(sm.apply(22, listing("a-1", 1, &["incoming/d/a.csv"])).is_err(), "a repeated listing starts nothing");
+
+    // Once a slice holds a.csv (as the import's registration names it), a run takes only
+    // what is new; with nothing new there is no job and no version.
+    sm.apply(23, cmd(command::Kind::CancelPipelineRun("a-1".into()))).unwrap();
+    let mut ds = sm.dataset_view("d", 0, crate::state::DatasetView::Shards).unwrap();
+    (ds.stats, ds.append, ds.version, ds.records) = (None, true, 0, 10);
+    ds.shards = vec![ShardInfo { path: "datasets/d/batch-9/task-00000-a1.safetensors".into(), records: 10, blake3: "h".into(), bytes: 1 }];
+    ds.slices = vec![DatasetSlice { sources: vec!["incoming/d/a.csv".into()], ..Default::default() }];
+    sm.apply(24, cmd(command::Kind::RegisterDataset(ds))).unwrap();
+    let run = |sm: &mut StateMachine, index| {
+        let ApplyOutput::PipelineRun(r) = sm.apply(index, cmd(command::Kind::RunPipeline(RunPipelineRequest { name: "a".into(), request_id: String::new() }))).unwrap() else { panic!() };
+        r.id
+    };
+    let id = run(&mut sm, 25);
+    sm.apply(26, listing(&id, 1, &["incoming/d/a.csv"])).unwrap();
+    let s = step(&sm, &id, "add");
+    assert_eq!((s.state.as_str(), s.job_id), (SUCCEEDED, 0));
+    assert_eq!((output(s, "new_records").as_deref(), output(s, "version").as_deref(), output(s, "dataset").as_deref()), (Some("0"), Some("2"), Some("d@2")));
+    let id = run(&mut sm, 27);
+    sm.apply(28, listing(&id, 1, &["incoming/d/a.csv", "incoming/d/b.csv"])).unwrap();
+    let job = sm.job(step(&sm, &id, "add").job_id).unwrap();
+    assert_eq!(shoal_core::batch::BatchSpec::parse(&job.spec_toml).unwrap().operator.files.unwrap(), ["incoming/d/b.csv"]);
+    // A listing that failed fails the attempt, naming why.
+    let id = run(&mut sm, 29);
+    let failed = PipelineIncoming { run: id.clone(), step: "add".into(), attempt: 1, files: vec![], error: "the store is unreachable".into() };
+    sm.apply(30, cmd(command::Kind::PipelineIncoming(failed))).unwrap();
+    assert!(step(&sm, &id, "add").error.contains("listing the incoming files: the store is unreachable"));
+    // No such dataset: the attempt fails at once.
+    let bad = submit_and_run(&mut sm, &text.replace("name = \"a\"", "name = \"b\"").replace("dataset = \"d\"", "dataset = \"nope\""));
+    assert!(bad.steps[0].error.contains("there is no dataset \"nope\""), "{:?}", bad.steps[0]);
+}
