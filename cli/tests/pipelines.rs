@@ -200,6 +200,28 @@ fn a_pipeline_runs_each_step_once_with_its_upstream_outputs_through_a_leader_kil
     assert_eq!((exec["attempts"].as_u64(), exec["jobs"].as_array().unwrap().len()), (Some(3), 3), "{exec}");
     assert_eq!(step(&resumed, "after")["outputs"]["model"], "x@1");
 
+    // An exec step with cache = true is keyed with the bytes of the script it names: the
+    // second run hits, and once the script changed a run executes it again.
+    let script = c.dir().join("copy.sh");
+    std::fs::write(&script, "cp \"$1\" \"$2\"\n").unwrap();
+    let exec = format!(
+        "name = \"copy\"\n[[step]]\nname = \"copy\"\nkind = \"batch\"\ncache = true\n[step.spec]\nname = \"copy\"\n[step.spec.input]\ndataset = \"mnist\"\nversion = 1\nrecords = [0, 100]\n\
+         [step.spec.operator]\nkind = \"exec\"\ncommand = [\"sh\", \"{script}\", \"{{input}}\", \"{{output}}\"]\n[step.spec.output]\ndataset = \"copies\"\n",
+        script = script.display()
+    );
+    let first = json(c.cmd(&["pipeline", "submit", "--run", "--wait", "--json"]).arg(c.write_spec("copy.toml", &exec)));
+    let copy = step(&first, "copy");
+    assert_eq!((first["state"].as_str(), copy["cache"].as_str()), (Some("succeeded"), Some("miss")), "{first}");
+    assert!(copy["inputs"].as_array().unwrap().iter().any(|i| i.as_str().unwrap().starts_with(&format!("file {} blake3 ", script.display()))), "{copy}");
+    let second = json(&mut c.cmd(&["pipeline", "run", "copy", "--wait", "--json"]));
+    let hit = step(&second, "copy");
+    assert_eq!((hit["cache"].as_str(), hit["job"].as_u64(), &hit["outputs"]), (Some("hit"), Some(0), &copy["outputs"]), "{second}");
+    std::fs::write(&script, "# changed\ncp \"$1\" \"$2\"\n").unwrap();
+    let third = json(&mut c.cmd(&["pipeline", "run", "copy", "--wait", "--json"]));
+    let again = step(&third, "copy");
+    assert_eq!(again["cache"], "miss", "{third}");
+    assert!(again["job"].as_u64().unwrap() > copy["job"].as_u64().unwrap(), "{third}");
+
     // A pipeline with [trigger] on_append: an append starts one run for its version.
     let triggered = format!(
         "name = \"on-append\"\n[trigger]\non_append = \"mnist\"\n[[step]]\nname = \"eval\"\nkind = \"evaluate\"\nmodel = \"job:{job}\"\ndataset = \"mnist\"\nrecords = [0, 200]\n",

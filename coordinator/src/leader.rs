@@ -56,6 +56,8 @@ pub enum Action {
     VerifyCache(shoal_proto::PipelineCacheVerdict, Vec<shoal_proto::ShardInfo>),
     /// List an append step's incoming prefix in the store and propose what is there.
     ListIncoming(shoal_proto::PipelineIncoming, String),
+    /// Hash the files an exec step names and propose the digests.
+    HashFiles(shoal_proto::PipelineFileDigests, Vec<String>),
 }
 
 /// The leader's memory between ticks. Times are milliseconds of a monotonic clock. Ordered
@@ -197,6 +199,13 @@ impl Duties {
             if !self.recent.contains_key(&key) {
                 self.recent.insert(key, now);
                 checks.push(Action::VerifyCache(v, files));
+            }
+        }
+        for (d, files) in state.hash_checks() {
+            let key = format!("hash/{}/{}/{}", d.run, d.step, d.attempt);
+            if !self.recent.contains_key(&key) {
+                self.recent.insert(key, now);
+                checks.push(Action::HashFiles(d, files));
             }
         }
         for (l, prefix) in state.incoming_checks() {

@@ -469,6 +469,11 @@ fn simulate(seed: u64, n: u64) -> String {
                         let _ = core.propose(Command { kind: Some(kind), ..Default::default() }, None);
                     }
                     Action::Promote(id) => core.propose_member(MemberOp::Promote, id, String::new(), String::new(), false, None),
+                    // No files here: every one is absent.
+                    Action::HashFiles(mut d, files) => {
+                        d.digests = files.iter().map(|f| format!("{f} absent")).collect();
+                        let _ = core.propose(Command { kind: Some(shoal_proto::command::Kind::PipelineFileDigests(d)), ..Default::default() }, None);
+                    }
                     // No store here: nothing is incoming.
                     Action::ListIncoming(l, _) => {
                         let _ = core.propose(Command { kind: Some(shoal_proto::command::Kind::PipelineIncoming(l)), ..Default::default() }, None);

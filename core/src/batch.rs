@@ -227,6 +227,20 @@ impl BatchSpec {
         Ok(())
     }
 
+    /// The files an `exec` command names: every argument (or the value of a `--flag=VALUE`)
+    /// that is an absolute path, in order, once each. What a cache key must hash besides the
+    /// arguments themselves.
+    pub fn named_files(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for a in self.operator.command.iter().flatten() {
+            let v = a.split_once('=').map_or(a.as_str(), |(_, v)| v);
+            if v.starts_with('/') && !v.contains('{') && !out.iter().any(|o| o == v) {
+                out.push(v.to_string());
+            }
+        }
+        out
+    }
+
     /// The exec timeout.
     pub fn timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs_f64(self.operator.timeout_s.unwrap_or(600.0))
@@ -305,6 +319,8 @@ mod tests {
 
     #[test]
     fn the_issue_spec_parses_and_kinds_are_told_apart() {
+        let exec = BatchSpec::parse(&SCORE.replace("kind = \"score\"\nmodel = \"job:7\"", "kind = \"exec\"\ncommand = [\"python3\", \"/srv/f.py\", \"--w=/srv/w.bin\", \"rel.txt\", \"/srv/f.py\", \"{input}\", \"{output}\"]")).unwrap();
+        assert_eq!(exec.named_files(), ["/srv/f.py", "/srv/w.bin"]);
         let s = BatchSpec::parse(SCORE).unwrap();
         assert_eq!((s.input.records, s.operator.model.as_deref(), s.cluster.max_attempts), (Some([8000, 10000]), Some("job:7"), 3));
         assert!(is_batch(SCORE).unwrap());

@@ -153,6 +153,19 @@ fn leader_duties(core: &mut Core, shared: &Shared, new_leader: bool) {
                     let _ = inbox.try_send(super::Input::Propose(Command { kind: Some(command::Kind::PipelineCacheVerdict(verdict)), ..Default::default() }, tx));
                 });
             }
+            Action::HashFiles(mut d, files) => {
+                let inbox = shared.inbox.clone();
+                tokio::task::spawn_blocking(move || {
+                    // Hashed where the leader runs: the same files on every host is the
+                    // deployment's part (an image).
+                    d.digests = files.iter().map(|f| match std::fs::read(f) {
+                        Ok(bytes) => format!("{f} blake3 {}", blake3::hash(&bytes).to_hex()),
+                        Err(_) => format!("{f} absent"),
+                    }).collect();
+                    let (tx, _rx) = tokio::sync::oneshot::channel();
+                    let _ = inbox.try_send(super::Input::Propose(Command { kind: Some(command::Kind::PipelineFileDigests(d)), ..Default::default() }, tx));
+                });
+            }
             Action::ListIncoming(mut listing, prefix) => {
                 let (store, inbox) = (shared.cfg.store.clone(), shared.inbox.clone());
                 tokio::task::spawn_blocking(move || {

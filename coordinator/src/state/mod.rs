@@ -550,6 +550,7 @@ impl StateMachine {
             command::Kind::PausePipeline(r) => self.pause_pipeline(r),
             command::Kind::PipelineCacheVerdict(v) => self.pipeline_cache_verdict(index, v),
             command::Kind::PipelineIncoming(l) => self.pipeline_incoming(index, l),
+            command::Kind::PipelineFileDigests(d) => self.pipeline_file_digests(index, d),
         }
     }
 }

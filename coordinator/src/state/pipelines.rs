@@ -488,25 +488,22 @@ impl StateMachine {
         s.started_unix_ms = now;
         // The previous attempt's error stays until this one ends.
         s.state = RUNNING.into();
-        (s.cache_key, s.cache, s.cached_from, s.inputs) = (String::new(), String::new(), String::new(), Vec::new());
+        (s.cache_key, s.cache, s.cached_from, s.inputs, s.hashing) = (String::new(), String::new(), String::new(), Vec::new(), Vec::new());
         s.reason.clear();
         if step.kind.cacheable() {
             let outputs: BTreeMap<String, Vec<StepOutput>> = run.steps.iter().map(|s| (s.name.clone(), s.outputs.clone())).collect();
             let value = |r: &OutputRef| outputs.get(&r.step).and_then(|o| o.iter().find(|x| x.key == r.output)).map(|o| o.value.clone());
             // A step that cannot be keyed cannot be submitted either: its launch says why.
             if let Ok((key, inputs)) = self.cache_key(step, &value, &build) {
-                let hit = if step.cache { self.cache_entry(&key).cloned() } else { None };
+                let files = if step.cache { self.exec_files(step, &value) } else { Vec::new() };
                 let s = &mut self.pipeline_runs.get_mut(&seq).expect("a run").steps[i];
                 (s.cache_key, s.inputs) = (key, inputs);
-                s.cache = if step.cache { cache::CACHE_MISS.into() } else { cache::CACHE_OFF.into() };
-                if let Some(e) = hit {
-                    s.cached_from = format!("{}/{} (job {})", e.run, e.step, e.job_id);
-                    if e.artifacts.is_empty() {
-                        (s.state, s.cache, s.outputs, s.finished_unix_ms) = (SUCCEEDED.into(), cache::CACHE_HIT.into(), e.outputs, now);
-                        s.error.clear();
-                    } else {
-                        s.cache = cache::CACHE_VERIFYING.into();
-                    }
+                if !files.is_empty() {
+                    // The key waits for the digests of the files the command names.
+                    (s.cache, s.hashing) = (cache::CACHE_HASHING.into(), files);
+                    return;
+                }
+                if self.cache_lookup(seq, i, step.cache) {
                     return;
                 }
             }

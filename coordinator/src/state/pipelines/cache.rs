@@ -8,7 +8,7 @@
 //! leader, which reads them and proposes a verdict; a failed check makes it a miss.
 
 use shoal_core::pipeline::{OutputRef, Step, StepKind};
-use shoal_proto::{CheckpointManifest, PipelineCacheEntry, PipelineCacheVerdict, ShardInfo, StepOutput, StepPlan};
+use shoal_proto::{CheckpointManifest, PipelineCacheEntry, PipelineCacheVerdict, PipelineFileDigests, ShardInfo, StepOutput, StepPlan};
 
 use super::*;
 
@@ -24,6 +24,7 @@ pub const CACHE_MISS: &str = "miss";
 pub const CACHE_VERIFYING: &str = "verifying";
 pub const CACHE_HIT: &str = "hit";
 pub const CACHE_STALE: &str = "stale";
+pub const CACHE_HASHING: &str = "hashing";
 
 fn hex(h: blake3::Hash) -> String {
     h.to_hex().to_string()
@@ -103,6 +104,78 @@ impl StateMachine {
         h.update(b"\nbuild ");
         h.update(build.as_bytes());
         Ok((hex(h.finalize()), inputs))
+    }
+
+    /// The files an `exec` batch step's command names (hashed into its key once it starts).
+    pub(super) fn exec_files(&self, step: &Step, value: &dyn Fn(&OutputRef) -> Option<String>) -> Vec<String> {
+        if step.kind != StepKind::Batch {
+            return Vec::new();
+        }
+        let spec = step.render(value).ok().and_then(|t| shoal_core::batch::BatchSpec::parse(&t).ok());
+        spec.filter(|s| s.operator.kind == "exec").map(|s| s.named_files()).unwrap_or_default()
+    }
+
+    /// Looks step `i`'s key up: a hit with nothing to verify succeeds now, one with artifacts
+    /// waits for the leader's verdict (true for both); a miss (or `enabled` false) is for the
+    /// caller to launch (false).
+    pub(super) fn cache_lookup(&mut self, seq: u64, i: usize, enabled: bool) -> bool {
+        let now = self.now_ms;
+        let key = self.pipeline_runs[&seq].steps[i].cache_key.clone();
+        let hit = if enabled { self.cache_entry(&key).cloned() } else { None };
+        let s = &mut self.pipeline_runs.get_mut(&seq).expect("a run").steps[i];
+        s.cache = if enabled { CACHE_MISS.into() } else { CACHE_OFF.into() };
+        let Some(e) = hit else { return false };
+        s.cached_from = format!("{}/{} (job {})", e.run, e.step, e.job_id);
+        if e.artifacts.is_empty() {
+            (s.state, s.cache, s.outputs, s.finished_unix_ms) = (SUCCEEDED.into(), CACHE_HIT.into(), e.outputs, now);
+            s.error.clear();
+        } else {
+            s.cache = CACHE_VERIFYING.into();
+        }
+        true
+    }
+
+    /// Exec steps waiting for the leader to hash the files their commands name.
+    pub fn hash_checks(&self) -> Vec<(PipelineFileDigests, Vec<String>)> {
+        let mut out = Vec::new();
+        for run in self.pipeline_runs.values().filter(|r| r.state == RUNNING) {
+            for s in run.steps.iter().filter(|s| s.state == RUNNING && s.cache == CACHE_HASHING) {
+                out.push((PipelineFileDigests { run: run.id.clone(), step: s.name.clone(), attempt: s.attempts, digests: Vec::new() }, s.hashing.clone()));
+            }
+        }
+        out
+    }
+
+    /// The leader's digests of an exec step's files: they complete its key, then the lookup
+    /// and the launch go as for any step.
+    pub(crate) fn pipeline_file_digests(&mut self, index: u64, d: PipelineFileDigests) -> ApplyResult {
+        let seq = *self.run_ids.get(&d.run).ok_or_else(|| ApplyError::not_found(format!("there is no pipeline run {}", d.run)))?;
+        let run = &self.pipeline_runs[&seq];
+        let i = run.steps.iter().position(|s| s.name == d.step).ok_or_else(|| ApplyError::not_found(format!("run {} has no step {}", d.run, d.step)))?;
+        let s = &run.steps[i];
+        if run.state != RUNNING || s.state != RUNNING || s.cache != CACHE_HASHING || s.attempts != d.attempt {
+            return Err(ApplyError::conflict(format!("step {} of run {} is not waiting for file digests in attempt {}", d.step, d.run, d.attempt)));
+        }
+        if d.digests.len() != s.hashing.len() || !d.digests.iter().zip(&s.hashing).all(|(dg, f)| dg.strip_prefix(f.as_str()).is_some_and(|r| r.starts_with(' '))) {
+            return Err(ApplyError::invalid(format!("digests {:?} are not of the files {:?}", d.digests, s.hashing)));
+        }
+        let spec = self.specs.parse(&run.spec_toml).map_err(ApplyError::invalid)?;
+        let step = spec.steps.get(i).cloned().ok_or_else(|| ApplyError::invalid("the run's spec and its steps disagree"))?;
+        let s = &mut self.pipeline_runs.get_mut(&seq).expect("looked up").steps[i];
+        let mut h = blake3::Hasher::new();
+        h.update(s.cache_key.as_bytes());
+        for dg in &d.digests {
+            h.update(b"\nfile ");
+            h.update(dg.as_bytes());
+        }
+        s.cache_key = hex(h.finalize());
+        s.inputs.extend(d.digests.iter().map(|dg| format!("file {dg}")));
+        s.hashing.clear();
+        if !self.cache_lookup(seq, i, true) {
+            self.launch_step(index, seq, i, &step);
+        }
+        self.advance_run(index, seq);
+        Ok(ApplyOutput::PipelineRun(Box::new(self.pipeline_runs[&seq].clone())))
     }
 
     /// The entry for `key` if what it points at is still in the state (its job succeeded and
@@ -250,7 +323,12 @@ impl StateMachine {
                     }
                     Ok((key, inputs)) => {
                         (p.key, p.inputs) = (key.clone(), inputs);
+                        let named = if step.cache { self.exec_files(step, &value) } else { Vec::new() };
                         match (step.cache, self.cache_entry(&key)) {
+                            _ if !named.is_empty() => {
+                                p.key.clear();
+                                (p.prediction, p.detail) = ("unknown".into(), format!("its key takes the digests of {} when it starts", named.join(", ")));
+                            }
                             (false, _) => (p.prediction, p.detail) = ("off".into(), "cache = false".into()),
                             (true, None) => p.prediction = "miss".into(),
                             (true, Some(e)) => {

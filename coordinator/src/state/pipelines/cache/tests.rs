@@ -239,3 +239,39 @@ fn a_gate_promotes_a_model_that_is_not_worse_than_the_holder_and_keeps_a_worse_o
     assert_eq!(output(step(&sm, &id, "gate"), "promoted").as_deref(), Some("false"));
     assert_eq!(alias(&sm), Some(3));
 }
+
+#[test]
+fn an_exec_step_is_keyed_with_the_digests_of_the_files_it_names() {
+    let mut sm = with_dataset();
+    let text = "name = \"x\"\n[[step]]\nname = \"copy\"\nkind = \"batch\"\ncache = true\n[step.spec]\nname = \"copy\"\n[step.spec.input]\ndataset = \"d\"\n\
+                [step.spec.operator]\nkind = \"exec\"\ncommand = [\"sh\", \"/opt/copy.sh\", \"--log=/var/log/x\", \"{input}\", \"{output}\"]\n[step.spec.output]\ndataset = \"o\"\n";
+    let (plans, _) = sm.plan_pipeline(&PipelineSpec::parse(text).unwrap(), "b");
+    assert_eq!(plans[0].prediction, "unknown", "{:?}", plans[0]);
+    let run = |sm: &mut StateMachine, index| {
+        let ApplyOutput::PipelineRun(r) = sm.apply(index, cmd(command::Kind::RunPipeline(RunPipelineRequest { name: "x".into(), request_id: String::new() }))).unwrap() else { panic!() };
+        r.id
+    };
+    sm.apply(10, cmd(command::Kind::SubmitPipeline(text.into()))).unwrap();
+    let digests = |sm: &mut StateMachine, index, id: &str, d: &[&str]| {
+        let v = shoal_proto::PipelineFileDigests { run: id.into(), step: "copy".into(), attempt: 1, digests: d.iter().map(|s| s.to_string()).collect() };
+        sm.apply(index, cmd(command::Kind::PipelineFileDigests(v)))
+    };
+    let mut keys = Vec::new();
+    for (n, script) in [(0, "aa"), (1, "aa"), (2, "bb")] {
+        let id = run(&mut sm, 20 + n * 10);
+        let s = step(&sm, &id, "copy").clone();
+        assert_eq!((s.cache.as_str(), s.hashing.clone(), s.job_id), (CACHE_HASHING, vec!["/opt/copy.sh".to_string(), "/var/log/x".to_string()], 0));
+        let (check, files) = sm.hash_checks().into_iter().find(|(c, _)| c.run == id).unwrap();
+        assert_eq!((check.attempt, files.len()), (1, 2));
+        assert!(digests(&mut sm, 21 + n * 10, &id, &["/elsewhere blake3 aa", "/var/log/x absent"]).is_err(), "digests of other files");
+        let script = format!("/opt/copy.sh blake3 {script}");
+        digests(&mut sm, 22 + n * 10, &id, &[&script, "/var/log/x absent"]).unwrap();
+        let s = step(&sm, &id, "copy");
+        assert!(s.job_id != 0 && s.cache == CACHE_MISS && s.hashing.is_empty(), "{s:?}");
+        assert!(s.inputs.contains(&format!("file {script}")), "{:?}", s.inputs);
+        keys.push(s.cache_key.clone());
+        assert!(digests(&mut sm, 23 + n * 10, &id, &[&script, "/var/log/x absent"]).is_err(), "once");
+    }
+    assert_eq!(keys[0], keys[1], "the same files: the same key");
+    assert_ne!(keys[0], keys[2], "a changed script: another key");
+}
