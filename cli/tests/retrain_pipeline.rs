@@ -1,6 +1,7 @@
 //! The README's worked example, end to end with real processes: a first model promoted to
-//! production, then `examples/retrain-pipeline.toml` started by an append: validate, retrain
-//! from production with replay, evaluate on the holdout, register, gate, score the new slice.
+//! production, then `examples/retrain-pipeline.toml`: append the new files of incoming/,
+//! validate, retrain from production with replay, evaluate on the holdout, register, gate,
+//! score the new slice.
 //! And an `append` step: files put in the store's `incoming/` become a slice, each once.
 
 mod common;
@@ -8,7 +9,7 @@ use common::*;
 use std::time::Duration;
 
 #[test]
-fn the_retraining_example_runs_on_an_append_and_gates_against_production() {
+fn the_retraining_example_appends_new_files_and_gates_against_production() {
     let c = UpCluster::start_with(&["--workers", "2"]);
     let [x, y] = mnist_files();
     ok(c.cmd(&["data", "import", "mnist", "--records", "0:6000"]).arg(&x).arg(&y));
@@ -19,34 +20,41 @@ fn the_retraining_example_runs_on_an_append_and_gates_against_production() {
     assert_eq!(json(&mut c.cmd(&["model", "show", "mnist-mlp@production", "--json"]))["version"], 1);
 
     ok(c.cmd(&["pipeline", "submit"]).arg(examples.join("retrain-pipeline.toml")));
-    // Before any append: validate runs (it is never cached), retrain would train, and what
-    // follows depends on it.
+    // Its daily slot must not run in the middle of this test.
+    ok(&mut c.cmd(&["pipeline", "pause", "retrain"]));
+    // The plan: append always runs, and everything after it depends on what it adds.
     let plan = json(&mut c.cmd(&["pipeline", "plan", "retrain", "--json"]));
     let predicted: Vec<&str> = plan["steps"].as_array().unwrap().iter().map(|s| s["prediction"].as_str().unwrap()).collect();
-    assert_eq!(predicted, ["runs", "miss", "unknown", "unknown", "unknown", "unknown"], "{plan}");
+    assert_eq!(predicted, ["runs", "unknown", "unknown", "unknown", "unknown", "unknown", "unknown"], "{plan}");
 
-    // New records arrive: the append's apply starts the run for version 2.
-    ok(c.cmd(&["data", "append", "mnist", "--records", "6000:8000"]).arg(&x).arg(&y));
-    let run = wait_for("the retraining run to end", Duration::from_secs(240), || {
-        let r = json(&mut c.cmd(&["pipeline", "show", "retrain@mnist-v2", "--json"]));
-        (r["state"] != "running").then_some(r)
-    });
-    assert_eq!((run["state"].as_str(), run["cause"].as_str()), (Some("succeeded"), Some("append mnist v2..v2")), "{run}");
-    let step = |name: &str| run["steps"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap().clone();
+    // New records arrive as safetensors files in incoming/mnist/ (here: the shards of a
+    // staging import of MNIST 6000-7999, which are such files).
+    ok(c.cmd(&["data", "import", "staging", "--records", "6000:8000"]).arg(&x).arg(&y));
+    let incoming = c.store().join("incoming/mnist");
+    std::fs::create_dir_all(&incoming).unwrap();
+    let staging = std::fs::read_dir(c.store().join("datasets/staging")).unwrap().map(|e| e.unwrap().path()).find(|p| p.is_dir()).unwrap();
+    for (n, shard) in std::fs::read_dir(&staging).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "safetensors")).enumerate() {
+        std::fs::copy(&shard, incoming.join(format!("day-1-{n}.safetensors"))).unwrap();
+    }
+    let run = json(&mut c.cmd(&["pipeline", "run", "retrain", "--wait", "--json"]));
+    assert_eq!(run["state"], "succeeded", "{run}");
+    let step = |run: &serde_json::Value, name: &str| run["steps"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap().clone();
     for s in run["steps"].as_array().unwrap() {
         assert_eq!(s["state"], "succeeded", "{s}");
     }
-    let validate = step("validate");
+    let append = step(&run, "append");
+    assert_eq!((append["outputs"]["dataset"].as_str(), append["outputs"]["new_records"].as_str()), (Some("mnist@2"), Some("2000")), "{append}");
+    let validate = step(&run, "validate");
     assert_eq!((validate["outputs"]["version"].as_str(), validate["outputs"]["slice_start"].as_str(), validate["outputs"]["slice_records"].as_str()), (Some("2"), Some("6000"), Some("2000")), "{validate}");
     // The retraining job warm-started from production and trained on the new records (plus
     // a replay of half as many older ones).
-    let retrain = c.job(&step("retrain")["job"].to_string());
+    let retrain = c.job(&step(&run, "retrain")["job"].to_string());
     assert_eq!((retrain["dataset_version"].as_u64(), retrain["new_from"].as_u64()), (Some(2), Some(6000)), "{retrain}");
     let lineage = json(&mut c.cmd(&["model", "lineage", "mnist-mlp@2", "--json"]));
     assert!(lineage.to_string().contains("mnist-mlp@1"), "the new version's parent is production: {lineage}");
     // The gate scored the candidate on the same holdout records as evaluate did, to the bit,
     // and production is where its decision says.
-    let (evaluate, gate) = (step("evaluate"), step("gate"));
+    let (evaluate, gate) = (step(&run, "evaluate"), step(&run, "gate"));
     assert_eq!(gate["outputs"]["candidate_score"], evaluate["outputs"]["test_accuracy"], "{gate}");
     assert_eq!((gate["outputs"]["model"].as_str(), gate["outputs"]["holder_version"].as_str()), (Some("mnist-mlp@2"), Some("1")), "{gate}");
     assert!(gate["outputs"]["holder_score"].as_str().is_some() && gate["jobs"].as_array().unwrap().len() == 2, "candidate and holder were scored: {gate}");
@@ -54,10 +62,16 @@ fn the_retraining_example_runs_on_an_append_and_gates_against_production() {
     let production = json(&mut c.cmd(&["model", "show", "mnist-mlp@production", "--json"]));
     assert_eq!(production["version"], if promoted { 2 } else { 1 }, "{gate} {production}");
     // The new slice was scored with production as it stood after the gate.
-    let score = c.job(&step("score")["job"].to_string());
+    let score = c.job(&step(&run, "score")["job"].to_string());
     assert_eq!(score["output_dataset"], "mnist-scored", "{score}");
     let scored = json(&mut c.cmd(&["data", "show", "mnist-scored", "--json"]));
     assert_eq!(scored["records"], 2000, "{scored}");
+
+    // The next run finds nothing new: no version, and every later step is skipped.
+    let idle = json(&mut c.cmd(&["pipeline", "run", "retrain", "--wait", "--json"]));
+    assert_eq!((idle["state"].as_str(), step(&idle, "append")["outputs"]["new_records"].as_str()), (Some("succeeded"), Some("0")), "{idle}");
+    assert!(idle["steps"].as_array().unwrap()[1..].iter().all(|s| s["state"] == "skipped"), "{idle}");
+    assert_eq!(json(&mut c.cmd(&["data", "show", "mnist", "--json"]))["version"], 2);
 }
 
 /// A CSV table of `rows` records (features a, b; label y in 0..3) from `seed`.
