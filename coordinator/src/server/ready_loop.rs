@@ -158,10 +158,7 @@ fn leader_duties(core: &mut Core, shared: &Shared, new_leader: bool) {
                 tokio::task::spawn_blocking(move || {
                     // Hashed where the leader runs: the same files on every host is the
                     // deployment's part (an image).
-                    d.digests = files.iter().map(|f| match std::fs::read(f) {
-                        Ok(bytes) => format!("{f} blake3 {}", blake3::hash(&bytes).to_hex()),
-                        Err(_) => format!("{f} absent"),
-                    }).collect();
+                    d.digests = files.iter().map(|f| format!("{f} {}", file_digest(f))).collect();
                     let (tx, _rx) = tokio::sync::oneshot::channel();
                     let _ = inbox.try_send(super::Input::Propose(Command { kind: Some(command::Kind::PipelineFileDigests(d)), ..Default::default() }, tx));
                 });
@@ -185,4 +182,29 @@ fn leader_duties(core: &mut Core, shared: &Shared, new_leader: bool) {
             }
         }
     }
+}
+
+/// A file's digest for a cache key: `blake3 HEX` of a regular file's bytes (streamed, and no
+/// more than its size says, so a special file cannot make it read forever), else `absent` or
+/// `not a file`.
+fn file_digest(path: &str) -> String {
+    use std::io::Read;
+    let Ok(meta) = std::fs::metadata(path) else { return "absent".into() };
+    if !meta.is_file() {
+        return "not a file".into();
+    }
+    let Ok(file) = std::fs::File::open(path) else { return "unreadable".into() };
+    let mut h = blake3::Hasher::new();
+    let mut reader = file.take(meta.len());
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                h.update(&buf[..n]);
+            }
+            Err(_) => return "unreadable".into(),
+        }
+    }
+    format!("blake3 {}", h.finalize().to_hex())
 }
