@@ -6,7 +6,6 @@
 
 mod common;
 use common::*;
-use std::time::Duration;
 
 #[test]
 fn the_retraining_example_appends_new_files_and_gates_against_production() {

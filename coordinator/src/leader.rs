@@ -193,28 +193,10 @@ impl Duties {
         }
         // Possible cache hits: their artifacts are read off the loop (once per attempt while
         // the first check is in flight).
-        let mut checks = Vec::new();
-        for (v, files) in state.cache_checks() {
-            let key = format!("cache/{}/{}/{}", v.run, v.step, v.attempt);
-            if !self.recent.contains_key(&key) {
-                self.recent.insert(key, now);
-                checks.push(Action::VerifyCache(v, files));
-            }
-        }
-        for (d, files) in state.hash_checks() {
-            let key = format!("hash/{}/{}/{}", d.run, d.step, d.attempt);
-            if !self.recent.contains_key(&key) {
-                self.recent.insert(key, now);
-                checks.push(Action::HashFiles(d, files));
-            }
-        }
-        for (l, prefix) in state.incoming_checks() {
-            let key = format!("incoming/{}/{}/{}", l.run, l.step, l.attempt);
-            if !self.recent.contains_key(&key) {
-                self.recent.insert(key, now);
-                checks.push(Action::ListIncoming(l, prefix));
-            }
-        }
+        let mut checks: Vec<(String, Action)> = Vec::new();
+        checks.extend(state.cache_checks().into_iter().map(|(v, files)| (format!("cache/{}/{}/{}", v.run, v.step, v.attempt), Action::VerifyCache(v, files))));
+        checks.extend(state.hash_checks().into_iter().map(|(d, files)| (format!("hash/{}/{}/{}", d.run, d.step, d.attempt), Action::HashFiles(d, files))));
+        checks.extend(state.incoming_checks().into_iter().map(|(l, prefix)| (format!("incoming/{}/{}/{}", l.run, l.step, l.attempt), Action::ListIncoming(l, prefix))));
         // Debounced pipeline triggers whose dataset has been quiet long enough.
         for t in state.due_triggers(now_unix_ms) {
             proposals.push((format!("trigger/{}/{}/{}", t.pipeline, t.from_version, t.to_version), command::Kind::PipelineTriggered(t)));
@@ -235,13 +217,13 @@ impl Duties {
         }
         // The same decision is not proposed again while its first proposal is in flight.
         self.recent.retain(|_, t| now.saturating_sub(*t) < REPEAT_AFTER_MS);
-        let mut actions = checks;
-        for (key, kind) in proposals {
+        let mut actions = Vec::new();
+        for (key, action) in checks.into_iter().chain(proposals.into_iter().map(|(key, kind)| (key, Action::Propose(kind)))) {
             if self.recent.contains_key(&key) {
                 continue;
             }
             self.recent.insert(key, now);
-            actions.push(Action::Propose(kind));
+            actions.push(action);
         }
         // A learner that has caught up becomes a voter (one that never answered has matched 0),
         // one at a time, and only if the larger group still has a live quorum.

@@ -142,37 +142,31 @@ fn leader_duties(core: &mut Core, shared: &Shared, new_leader: bool) {
                 let _ = core.propose(Command { kind: Some(kind), ..Default::default() }, None);
             }
             Action::VerifyCache(mut verdict, files) => {
-                let (store, inbox) = (shared.cfg.store.clone(), shared.inbox.clone());
-                tokio::task::spawn_blocking(move || {
+                let store = shared.cfg.store.clone();
+                propose_off_loop(shared, move || {
                     match super::verify_artifacts(&store, &files) {
                         Ok(()) => verdict.ok = true,
                         Err(e) => verdict.detail = e,
                     }
-                    let (tx, _rx) = tokio::sync::oneshot::channel();
-                    // A full inbox drops it: the leader asks again after a while.
-                    let _ = inbox.try_send(super::Input::Propose(Command { kind: Some(command::Kind::PipelineCacheVerdict(verdict)), ..Default::default() }, tx));
+                    command::Kind::PipelineCacheVerdict(verdict)
                 });
             }
             Action::HashFiles(mut d, files) => {
-                let inbox = shared.inbox.clone();
-                tokio::task::spawn_blocking(move || {
-                    // Hashed where the leader runs: the same files on every host is the
-                    // deployment's part (an image).
+                // Hashed where the leader runs: the same files on every host is the
+                // deployment's part (an image).
+                propose_off_loop(shared, move || {
                     d.digests = files.iter().map(|f| format!("{f} {}", file_digest(f))).collect();
-                    let (tx, _rx) = tokio::sync::oneshot::channel();
-                    let _ = inbox.try_send(super::Input::Propose(Command { kind: Some(command::Kind::PipelineFileDigests(d)), ..Default::default() }, tx));
+                    command::Kind::PipelineFileDigests(d)
                 });
             }
             Action::ListIncoming(mut listing, prefix) => {
-                let (store, inbox) = (shared.cfg.store.clone(), shared.inbox.clone());
-                tokio::task::spawn_blocking(move || {
+                let store = shared.cfg.store.clone();
+                propose_off_loop(shared, move || {
                     match store.list(prefix.trim_end_matches('/')) {
                         Ok(entries) => listing.files = entries.into_iter().map(|e| e.key).collect(),
                         Err(e) => listing.error = e.to_string(),
                     }
-                    let (tx, _rx) = tokio::sync::oneshot::channel();
-                    // A full inbox drops it: the leader asks again after a while.
-                    let _ = inbox.try_send(super::Input::Propose(Command { kind: Some(command::Kind::PipelineIncoming(listing)), ..Default::default() }, tx));
+                    command::Kind::PipelineIncoming(listing)
                 });
             }
             Action::Promote(id) => {
@@ -182,6 +176,16 @@ fn leader_duties(core: &mut Core, shared: &Shared, new_leader: bool) {
             }
         }
     }
+}
+
+/// Runs `io` (store or file reads a leader duty needs) on a blocking thread and proposes the
+/// command it returns. A full inbox drops it: the duty asks again after a while.
+fn propose_off_loop(shared: &Shared, io: impl FnOnce() -> command::Kind + Send + 'static) {
+    let inbox = shared.inbox.clone();
+    tokio::task::spawn_blocking(move || {
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        let _ = inbox.try_send(super::Input::Propose(Command { kind: Some(io()), ..Default::default() }, tx));
+    });
 }
 
 /// A file's digest for a cache key: `blake3 HEX` of a regular file's bytes (streamed, and no

@@ -443,7 +443,7 @@ impl StateMachine {
         }
         let classes = if target_width > 0 { 0 } else { b.tasks.iter().map(|t| result(t).classes).max().unwrap_or(0).max(if b.operator == "exec" { 0 } else { input.classes }) };
         let out = b.output_dataset.clone();
-        let files = job.plan.as_ref().filter(|_| b.operator == "import").and_then(|_| BatchSpec::parse(&job.spec_toml).ok()).and_then(|s| s.operator.files);
+        let files = (b.operator == "import").then(|| BatchSpec::parse(&job.spec_toml).ok()).flatten().and_then(|s| s.operator.files);
         let slice = DatasetSlice {
             // An import's slice names its files: the next import leaves them out.
             sources: files.unwrap_or_else(|| vec![format!("batch job {id}")]),

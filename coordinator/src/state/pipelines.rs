@@ -359,12 +359,8 @@ impl StateMachine {
 
     /// The leader saw a step attempt run past its `timeout_s`: its job stops, the attempt fails.
     pub(super) fn pipeline_step_timeout(&mut self, t: PipelineStepTimeout) -> ApplyResult {
-        let seq = *self.run_ids.get(&t.run).ok_or_else(|| ApplyError::not_found(format!("there is no pipeline run {}", t.run)))?;
-        let run = &self.pipeline_runs[&seq];
-        let step = run.steps.iter().find(|s| s.name == t.step).ok_or_else(|| ApplyError::not_found(format!("run {} has no step {}", t.run, t.step)))?;
-        if run.state != RUNNING || step.state != RUNNING || step.attempts != t.attempt {
-            return Err(ApplyError::conflict(format!("step {} of run {} is not running attempt {}", t.step, t.run, t.attempt)));
-        }
+        let (seq, i) = self.current_attempt(&t.run, &t.step, t.attempt, |_| true, "running")?;
+        let step = &self.pipeline_runs[&seq].steps[i];
         let (job, timeout) = (step.job_id, step.timeout_s);
         if self.jobs.get(&job).is_some_and(|j| !j.state().is_terminal()) {
             // Ending the job settles the step (as failed) when the apply ends.
@@ -515,12 +511,8 @@ impl StateMachine {
     /// its job (or, for a register or validate step, does it here). A failure to start is a
     /// failed attempt.
     fn launch_step(&mut self, index: u64, seq: u64, i: usize, step: &Step) {
-        let now = self.now_ms;
-        let run = &self.pipeline_runs[&seq];
-        let outputs: BTreeMap<String, Vec<StepOutput>> = run.steps.iter().map(|s| (s.name.clone(), s.outputs.clone())).collect();
-        let value = |r: &OutputRef| outputs.get(&r.step).and_then(|o| o.iter().find(|x| x.key == r.output)).map(|o| o.value.clone());
-        let started: Result<Option<u64>, String> = match step.render(&value) {
-            Err(e) => Err(e.to_string()),
+        let started: Result<Option<u64>, String> = match self.rendered_step(seq, i) {
+            Err(e) => Err(e),
             Ok(text) if matches!(step.kind, StepKind::Register | StepKind::Validate) => {
                 let done = if step.kind == StepKind::Register { self.register_step(index, &text) } else { self.validate_step(&text) };
                 done.map(|outputs| {
@@ -537,6 +529,14 @@ impl StateMachine {
             },
             Ok(text) => self.submit_step_job(seq, i, text).map(Some),
         };
+        self.settle_start(seq, i, started);
+    }
+
+    /// What starting step `i`'s attempt gave: its job (the step runs on), done already
+    /// (succeeded), or an error (a failed attempt: final when out of attempts, else the loop in
+    /// `advance_run` starts the next one).
+    fn settle_start(&mut self, seq: u64, i: usize, started: Result<Option<u64>, String>) {
+        let now = self.now_ms;
         let s = &mut self.pipeline_runs.get_mut(&seq).expect("a run").steps[i];
         match started {
             Ok(Some(job)) => {
@@ -544,20 +544,47 @@ impl StateMachine {
                 s.jobs.push(job);
             }
             Ok(None) => {
-                s.state = SUCCEEDED.into();
-                s.finished_unix_ms = now;
+                (s.state, s.finished_unix_ms) = (SUCCEEDED.into(), now);
+                s.error.clear();
             }
             Err(e) => {
                 s.error = format!("attempt {}: {e}", s.attempts);
                 s.job_id = 0;
-                // A failure to start is final when out of attempts; else the loop in
-                // `advance_run` starts the next attempt.
                 s.state = if s.attempts > s.retries { FAILED.into() } else { PENDING.into() };
                 if s.state == FAILED {
                     s.finished_unix_ms = now;
                 }
             }
         }
+    }
+
+    /// Run `run`'s step `step` as a leader's proposal about its attempt `attempt` finds it:
+    /// (seq, index), if the run and step are running that attempt and `waiting` holds for the
+    /// step; else the proposal is stale (`what` says what it expected).
+    fn current_attempt(&self, run: &str, step: &str, attempt: u32, waiting: impl Fn(&StepRun) -> bool, what: &str) -> Result<(u64, usize), ApplyError> {
+        let seq = *self.run_ids.get(run).ok_or_else(|| ApplyError::not_found(format!("there is no pipeline run {run}")))?;
+        let r = &self.pipeline_runs[&seq];
+        let i = r.steps.iter().position(|s| s.name == step).ok_or_else(|| ApplyError::not_found(format!("run {run} has no step {step}")))?;
+        let s = &r.steps[i];
+        if r.state != RUNNING || s.state != RUNNING || s.attempts != attempt || !waiting(s) {
+            return Err(ApplyError::conflict(format!("step {step} of run {run} is not {what} attempt {attempt}")));
+        }
+        Ok((seq, i))
+    }
+
+    /// The running steps of running runs for which `waiting` holds (a leader duty's work).
+    fn waiting_steps(&self, waiting: impl Fn(&StepRun) -> bool) -> Vec<(&PipelineRun, &StepRun)> {
+        let running = self.pipeline_runs.values().filter(|r| r.state == RUNNING);
+        running.flat_map(|r| r.steps.iter().map(move |s| (r, s))).filter(|(_, s)| s.state == RUNNING && waiting(s)).collect()
+    }
+
+    /// Step `i` of run `seq` rendered with its upstream outputs (the spec it started with).
+    fn rendered_step(&self, seq: u64, i: usize) -> Result<String, String> {
+        let run = &self.pipeline_runs[&seq];
+        let spec = self.specs.parse(&run.spec_toml).map_err(|e| e.to_string())?;
+        let step = spec.steps.get(i).ok_or("the run's spec and its steps disagree")?;
+        let value = |r: &OutputRef| run.steps.iter().find(|s| s.name == r.step).and_then(|s| output(s, &r.output));
+        step.render(&value).map_err(|e| e.to_string())
     }
 
     /// Submits a job for step `i` of run `seq`, marked as the step's.

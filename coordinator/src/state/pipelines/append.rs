@@ -5,7 +5,7 @@
 //! the workers), whose end adds them as one slice, through the same checks as `data append`.
 //! A file is therefore added once, whoever leads and however often the listing is proposed.
 
-use shoal_core::pipeline::{Append, OutputRef};
+use shoal_core::pipeline::Append;
 use shoal_proto::{PipelineIncoming, StepOutput};
 
 use super::*;
@@ -14,15 +14,6 @@ use super::*;
 const FILES_PER_APPEND: usize = 1000;
 
 impl StateMachine {
-    /// The append step `i` of run `seq`, rendered with its upstream outputs.
-    fn append_of(&self, seq: u64, i: usize) -> Result<Append, String> {
-        let run = &self.pipeline_runs[&seq];
-        let spec = self.specs.parse(&run.spec_toml).map_err(|e| e.to_string())?;
-        let step = spec.steps.get(i).ok_or("the run's spec and its steps disagree")?;
-        let value = |r: &OutputRef| run.steps.iter().find(|s| s.name == r.step).and_then(|s| output(s, &r.output));
-        Append::parse(&step.render(&value).map_err(|e| e.to_string())?)
-    }
-
     /// Starts an append attempt: it waits for the leader's listing of its prefix.
     pub(super) fn start_append(&mut self, seq: u64, i: usize, text: &str) -> Result<(), String> {
         let a = Append::parse(text)?;
@@ -35,46 +26,19 @@ impl StateMachine {
 
     /// Append steps waiting for a listing: (what to propose, the prefix to list).
     pub fn incoming_checks(&self) -> Vec<(PipelineIncoming, String)> {
-        let mut out = Vec::new();
-        for run in self.pipeline_runs.values().filter(|r| r.state == RUNNING) {
-            for s in run.steps.iter().filter(|s| s.state == RUNNING && !s.incoming.is_empty()) {
-                out.push((PipelineIncoming { run: run.id.clone(), step: s.name.clone(), attempt: s.attempts, ..Default::default() }, s.incoming.clone()));
-            }
-        }
-        out
+        self.waiting_steps(|s| !s.incoming.is_empty())
+            .into_iter()
+            .map(|(run, s)| (PipelineIncoming { run: run.id.clone(), step: s.name.clone(), attempt: s.attempts, ..Default::default() }, s.incoming.clone()))
+            .collect()
     }
 
     /// The leader's listing for an append attempt: the new files' import starts (or, none
     /// new, the step succeeds with nothing added).
     pub(crate) fn pipeline_incoming(&mut self, index: u64, l: PipelineIncoming) -> ApplyResult {
-        let seq = *self.run_ids.get(&l.run).ok_or_else(|| ApplyError::not_found(format!("there is no pipeline run {}", l.run)))?;
-        let run = &self.pipeline_runs[&seq];
-        let i = run.steps.iter().position(|s| s.name == l.step).ok_or_else(|| ApplyError::not_found(format!("run {} has no step {}", l.run, l.step)))?;
-        let s = &run.steps[i];
-        if run.state != RUNNING || s.state != RUNNING || s.incoming.is_empty() || s.attempts != l.attempt {
-            return Err(ApplyError::conflict(format!("step {} of run {} is not waiting for a listing in attempt {}", l.step, l.run, l.attempt)));
-        }
+        let (seq, i) = self.current_attempt(&l.run, &l.step, l.attempt, |s| !s.incoming.is_empty(), "waiting for a listing in")?;
         let started = self.import_new_files(seq, i, &l);
-        let now = self.now_ms;
-        let s = &mut self.pipeline_runs.get_mut(&seq).expect("looked up").steps[i];
-        s.incoming.clear();
-        match started {
-            Ok(Some(job)) => {
-                s.job_id = job;
-                s.jobs.push(job);
-            }
-            Ok(None) => {
-                (s.state, s.finished_unix_ms) = (SUCCEEDED.into(), now);
-                s.error.clear();
-            }
-            Err(e) => {
-                s.error = format!("attempt {}: {e}", s.attempts);
-                s.state = if s.attempts > s.retries { FAILED.into() } else { PENDING.into() };
-                if s.state == FAILED {
-                    s.finished_unix_ms = now;
-                }
-            }
-        }
+        self.pipeline_runs.get_mut(&seq).expect("looked up").steps[i].incoming.clear();
+        self.settle_start(seq, i, started);
         self.advance_run(index, seq);
         Ok(ApplyOutput::PipelineRun(Box::new(self.pipeline_runs[&seq].clone())))
     }
@@ -85,7 +49,7 @@ impl StateMachine {
         if !l.error.is_empty() {
             return Err(format!("listing the incoming files: {}", l.error));
         }
-        let a = self.append_of(seq, i)?;
+        let a = Append::parse(&self.rendered_step(seq, i)?)?;
         let prefix = a.prefix();
         let taken = self.dataset_sources(&a.dataset);
         let mut files: Vec<String> = l.files.iter().filter(|f| f.starts_with(&prefix) && a.reads(f) && !taken.contains(f.as_str())).cloned().collect();

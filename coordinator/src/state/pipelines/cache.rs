@@ -137,25 +137,18 @@ impl StateMachine {
 
     /// Exec steps waiting for the leader to hash the files their commands name.
     pub fn hash_checks(&self) -> Vec<(PipelineFileDigests, Vec<String>)> {
-        let mut out = Vec::new();
-        for run in self.pipeline_runs.values().filter(|r| r.state == RUNNING) {
-            for s in run.steps.iter().filter(|s| s.state == RUNNING && s.cache == CACHE_HASHING) {
-                out.push((PipelineFileDigests { run: run.id.clone(), step: s.name.clone(), attempt: s.attempts, digests: Vec::new() }, s.hashing.clone()));
-            }
-        }
-        out
+        self.waiting_steps(|s| s.cache == CACHE_HASHING)
+            .into_iter()
+            .map(|(run, s)| (PipelineFileDigests { run: run.id.clone(), step: s.name.clone(), attempt: s.attempts, digests: Vec::new() }, s.hashing.clone()))
+            .collect()
     }
 
     /// The leader's digests of an exec step's files: they complete its key, then the lookup
     /// and the launch go as for any step.
     pub(crate) fn pipeline_file_digests(&mut self, index: u64, d: PipelineFileDigests) -> ApplyResult {
-        let seq = *self.run_ids.get(&d.run).ok_or_else(|| ApplyError::not_found(format!("there is no pipeline run {}", d.run)))?;
+        let (seq, i) = self.current_attempt(&d.run, &d.step, d.attempt, |s| s.cache == CACHE_HASHING, "waiting for file digests in")?;
         let run = &self.pipeline_runs[&seq];
-        let i = run.steps.iter().position(|s| s.name == d.step).ok_or_else(|| ApplyError::not_found(format!("run {} has no step {}", d.run, d.step)))?;
         let s = &run.steps[i];
-        if run.state != RUNNING || s.state != RUNNING || s.cache != CACHE_HASHING || s.attempts != d.attempt {
-            return Err(ApplyError::conflict(format!("step {} of run {} is not waiting for file digests in attempt {}", d.step, d.run, d.attempt)));
-        }
         if d.digests.len() != s.hashing.len() || !d.digests.iter().zip(&s.hashing).all(|(dg, f)| dg.strip_prefix(f.as_str()).is_some_and(|r| r.starts_with(' '))) {
             return Err(ApplyError::invalid(format!("digests {:?} are not of the files {:?}", d.digests, s.hashing)));
         }
@@ -239,26 +232,20 @@ impl StateMachine {
     /// Steps waiting for the leader to read their cached artifacts: (run, step, attempt, key,
     /// artifacts).
     pub fn cache_checks(&self) -> Vec<(PipelineCacheVerdict, Vec<ShardInfo>)> {
-        let mut out = Vec::new();
-        for run in self.pipeline_runs.values().filter(|r| r.state == RUNNING) {
-            for s in run.steps.iter().filter(|s| s.state == RUNNING && s.cache == CACHE_VERIFYING) {
+        self.waiting_steps(|s| s.cache == CACHE_VERIFYING)
+            .into_iter()
+            .map(|(run, s)| {
                 let artifacts = self.pipeline_cache.get(&s.cache_key).map(|e| e.artifacts.clone()).unwrap_or_default();
-                out.push((PipelineCacheVerdict { run: run.id.clone(), step: s.name.clone(), attempt: s.attempts, key: s.cache_key.clone(), ok: false, detail: String::new() }, artifacts));
-            }
-        }
-        out
+                (PipelineCacheVerdict { run: run.id.clone(), step: s.name.clone(), attempt: s.attempts, key: s.cache_key.clone(), ok: false, detail: String::new() }, artifacts)
+            })
+            .collect()
     }
 
     /// The leader's verdict on a possible hit: the cached outputs, or (artifacts gone or
     /// changed, or the entry gone meanwhile) a miss: the entry goes and the step's job starts.
     pub(crate) fn pipeline_cache_verdict(&mut self, index: u64, v: PipelineCacheVerdict) -> ApplyResult {
-        let seq = *self.run_ids.get(&v.run).ok_or_else(|| ApplyError::not_found(format!("there is no pipeline run {}", v.run)))?;
+        let (seq, i) = self.current_attempt(&v.run, &v.step, v.attempt, |s| s.cache == CACHE_VERIFYING && s.cache_key == v.key, "verifying")?;
         let run = &self.pipeline_runs[&seq];
-        let i = run.steps.iter().position(|s| s.name == v.step).ok_or_else(|| ApplyError::not_found(format!("run {} has no step {}", v.run, v.step)))?;
-        let s = &run.steps[i];
-        if run.state != RUNNING || s.state != RUNNING || s.cache != CACHE_VERIFYING || s.attempts != v.attempt || s.cache_key != v.key {
-            return Err(ApplyError::conflict(format!("step {} of run {} is not verifying attempt {}", v.step, v.run, v.attempt)));
-        }
         let spec = self.specs.parse(&run.spec_toml).map_err(ApplyError::invalid)?;
         let step = spec.step(&v.step).cloned().ok_or_else(|| ApplyError::invalid(format!("the run's spec has no step {}", v.step)))?;
         let entry = self.cache_entry(&v.key).cloned();

@@ -4,7 +4,7 @@
 //! apply that ended the last job: the alias moves only if the candidate is not worse by the
 //! metric (by `min_delta`) and the holder still holds it.
 
-use shoal_core::pipeline::{Gate, OutputRef};
+use shoal_core::pipeline::Gate;
 use shoal_proto::StepOutput;
 
 use super::*;
@@ -14,15 +14,6 @@ fn out(key: &str, value: impl Into<String>) -> StepOutput {
 }
 
 impl StateMachine {
-    /// The gate step `i` of run `seq`, rendered with its upstream outputs.
-    fn gate_of(&self, seq: u64, i: usize) -> Result<Gate, String> {
-        let run = &self.pipeline_runs[&seq];
-        let spec = self.specs.parse(&run.spec_toml).map_err(|e| e.to_string())?;
-        let step = spec.steps.get(i).ok_or("the run's spec and its steps disagree")?;
-        let value = |r: &OutputRef| run.steps.iter().find(|s| s.name == r.step).and_then(|s| output(s, &r.output));
-        Gate::parse(&step.render(&value).map_err(|e| e.to_string())?)
-    }
-
     /// Starts a gate attempt: notes the candidate and the alias's holder, and submits the
     /// candidate's score job.
     pub(super) fn start_gate(&mut self, seq: u64, i: usize, text: &str) -> Result<u64, String> {
@@ -39,7 +30,7 @@ impl StateMachine {
     /// A gate's score job succeeded with `scored`: the holder's score job next (its id), or
     /// the decision (the step's outputs set, None).
     pub(super) fn gate_scored(&mut self, seq: u64, i: usize, scored: &[StepOutput]) -> Result<Option<u64>, String> {
-        let g = self.gate_of(seq, i)?;
+        let g = Gate::parse(&self.rendered_step(seq, i)?)?;
         let (name, version) = g.candidate()?;
         let so_far = self.pipeline_runs[&seq].steps[i].outputs.clone();
         let get = |k: &str| so_far.iter().find(|o| o.key == k).map(|o| o.value.clone());

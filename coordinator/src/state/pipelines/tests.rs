@@ -3,10 +3,15 @@ use super::super::tests::{cmd, commit, outcome, spec, with_dataset};
 use super::*;
 use shoal_proto::{JobAssigned, UpdateProgress};
 
+/// spec(2) as the `[step.spec]` tables of a train step.
+pub(super) fn train_table() -> String {
+    spec(2).lines().map(|l| if l.starts_with('[') { format!("[step.spec.{}", &l[1..]) } else { l.to_string() }).collect::<Vec<_>>().join("\n")
+}
+
 /// train -> register (when accuracy >= 0.5) -> evaluate the registered model; `extra` is
 /// appended to the train step.
 fn pipeline(extra: &str) -> String {
-    let train = spec(2).lines().map(|l| if l.starts_with('[') { format!("[step.spec.{}", &l[1..]) } else { l.to_string() }).collect::<Vec<_>>().join("\n");
+    let train = train_table();
     format!(
         "name = \"p\"\n[[step]]\nname = \"train\"\nkind = \"train\"\n{extra}\n[step.spec]\n{train}\n\
          [[step]]\nname = \"reg\"\nkind = \"register\"\nneeds = [\"train\"]\nwhen = \"steps.train.test_accuracy >= 0.5\"\nmodel = \"{{steps.train.model}}\"\nas = \"m\"\nalias = \"candidate\"\n\

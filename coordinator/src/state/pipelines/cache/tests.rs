@@ -1,12 +1,12 @@
 //! The step cache and gate steps: keys, hits, misses, verification, and the gate's rule.
-use super::super::tests::{append, step, submit_and_run, succeed};
+use super::super::tests::{append, step, submit_and_run, succeed, train_table};
 use super::*;
-use crate::state::tests::{cmd, spec, with_dataset};
+use crate::state::tests::{cmd, with_dataset};
 use shoal_proto::{RunPipelineRequest, TaskReport, TaskResult, TaskStarted};
 
 /// train -> evaluate the trained model on d@1; `extra` goes into the train step.
 fn pipeline(extra: &str) -> String {
-    let train = spec(2).lines().map(|l| if l.starts_with('[') { format!("[step.spec.{}", &l[1..]) } else { l.to_string() }).collect::<Vec<_>>().join("\n");
+    let train = train_table();
     format!(
         "name = \"p\"\n[[step]]\nname = \"train\"\nkind = \"train\"\n{extra}\n[step.spec]\n{train}\n\
          [[step]]\nname = \"eval\"\nkind = \"evaluate\"\nneeds = [\"train\"]\nmodel = \"{{steps.train.model}}\"\ndataset = \"d@1\"\nrecords = [80, 100]\n"
@@ -151,7 +151,7 @@ fn the_checkpoint_a_step_reads_is_keyed_by_its_contents() {
     let text = format!(
         "name = \"e\"\n[[step]]\nname = \"eval\"\nkind = \"evaluate\"\nmodel = \"job:{job}\"\ndataset = \"d@1\"\n\
          [[step]]\nname = \"train\"\nkind = \"train\"\n[step.spec]\n{}\n[step.spec.init]\ncheckpoint = \"{job}\"\n",
-        spec(2).lines().map(|l| if l.starts_with('[') { format!("[step.spec.{}", &l[1..]) } else { l.to_string() }).collect::<Vec<_>>().join("\n")
+        train_table()
     );
     let spec = PipelineSpec::parse(&text).unwrap();
     let keys = |sm: &StateMachine| sm.plan_pipeline(&spec, "b").0.iter().map(|p| (p.key.clone(), p.inputs.clone())).collect::<Vec<_>>();
@@ -185,7 +185,7 @@ fn cache_false_always_runs_and_the_plan_predicts_each_step() {
 
 /// train -> register as m -> gate m@production on d@1's last 20 records.
 fn gated(min_delta: f64) -> String {
-    let train = spec(2).lines().map(|l| if l.starts_with('[') { format!("[step.spec.{}", &l[1..]) } else { l.to_string() }).collect::<Vec<_>>().join("\n");
+    let train = train_table();
     format!(
         "name = \"g\"\n[[step]]\nname = \"train\"\nkind = \"train\"\ncache = false\n[step.spec]\n{train}\n\
          [[step]]\nname = \"reg\"\nkind = \"register\"\nneeds = [\"train\"]\nmodel = \"{{steps.train.model}}\"\nas = \"m\"\n\
