@@ -26,7 +26,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use shoal_proto::coordinator_client::CoordinatorClient;
 use shoal_proto::etcd::kv_client::KvClient;
 use shoal_proto::etcd::maintenance_client::MaintenanceClient;
 use shoal_proto::{CancelJobRequest, DatasetInfo, RegisterDatasetRequest, ShardInfo, StatusRequest};
@@ -196,6 +195,7 @@ impl Shoal {
             bail!("shoal up: {}", String::from_utf8_lossy(&out.stderr));
         }
         let up: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        shoal_benches::use_cluster_token(&cluster);
         let mut members = Vec::new();
         for (ep, pid) in up["endpoints"].as_array().context("endpoints")?.iter().zip(up["coordinator_pids"].as_array().context("pids")?) {
             let pid = pid.as_u64().context("pid")? as u32;
@@ -213,7 +213,7 @@ impl Shoal {
         while start.elapsed() < Duration::from_secs(30) {
             let mut up = 0;
             for ep in self.endpoints() {
-                if let Ok(s) = CoordinatorClient::new(channel(&ep)).get_status(StatusRequest::default()).await {
+                if let Ok(s) = shoal_benches::rpc(channel(&ep)).get_status(StatusRequest::default()).await {
                     if s.into_inner().node.is_some_and(|n| n.leader_id != 0) {
                         up += 1;
                     }
@@ -254,7 +254,7 @@ impl Group for Shoal {
 
     async fn leader(&self) -> Result<usize> {
         for (i, m) in self.members.iter().enumerate().filter(|(_, m)| m.1.is_some()) {
-            if let Ok(s) = CoordinatorClient::new(channel(&m.0)).get_status(StatusRequest::default()).await {
+            if let Ok(s) = shoal_benches::rpc(channel(&m.0)).get_status(StatusRequest::default()).await {
                 if s.into_inner().node.is_some_and(|n| n.role == "leader") {
                     return Ok(i);
                 }
@@ -297,7 +297,7 @@ impl Group for Shoal {
             ..Default::default()
         };
         let req = RegisterDatasetRequest { dataset: Some(dataset), request_id: format!("bench-{client}-{seq}") };
-        CoordinatorClient::new(ch).register_dataset(req).await?;
+        shoal_benches::rpc(ch).register_dataset(req).await?;
         Ok(())
     }
 }
@@ -446,7 +446,7 @@ async fn time_restart(exe: &Path, args: &[String], addr: &str, entries: u64) -> 
         if start.elapsed() > Duration::from_secs(600) {
             bail!("the replica did not come back within 10 minutes");
         }
-        if let Ok(s) = CoordinatorClient::new(channel(addr)).get_status(StatusRequest::default()).await {
+        if let Ok(s) = shoal_benches::rpc(channel(addr)).get_status(StatusRequest::default()).await {
             if s.into_inner().node.is_some_and(|n| n.role == "leader" && n.applied_index >= entries) {
                 return Ok((start.elapsed().as_secs_f64(), child));
             }
@@ -470,14 +470,14 @@ async fn restart(args: &[String]) -> Result<()> {
         let (ch, next) = (chans[c % chans.len()].clone(), next.clone());
         tasks.push(tokio::spawn(async move {
             while next.fetch_add(1, Ordering::Relaxed) < entries {
-                let _ = CoordinatorClient::new(ch.clone()).cancel_job(CancelJobRequest { id: u64::MAX, request_id: String::new() }).await;
+                let _ = shoal_benches::rpc(ch.clone()).cancel_job(CancelJobRequest { id: u64::MAX, request_id: String::new() }).await;
             }
         }));
     }
     for t in tasks {
         t.await?;
     }
-    let status = CoordinatorClient::new(channel(&addr)).get_status(StatusRequest::default()).await?.into_inner();
+    let status = shoal_benches::rpc(channel(&addr)).get_status(StatusRequest::default()).await?.into_inner();
     let applied = status.node.context("status")?.applied_index;
     println!("restart: {applied} entries committed in {:.1} s", t.elapsed().as_secs_f64());
     let log = shoal.dir.path().join("cluster/coordinators/1/raft.log");

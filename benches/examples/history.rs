@@ -17,7 +17,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use shoal_proto::coordinator_client::CoordinatorClient;
 use shoal_proto::{Message, MetricChunk, MetricChunkRef, MetricChunkReport, MetricPoint, SubmitJobRequest};
 use tonic::transport::Endpoint;
 
@@ -90,6 +89,7 @@ fn main() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir: PathBuf = tmp.path().join("cluster");
     shoal(&exe, &dir, &["up", "--workers", "0"])?;
+    shoal_benches::use_cluster_token(&dir);
     let result = run(&exe, &dir, tmp.path(), jobs, metrics, steps, samples);
     let _ = shoal(&exe, &dir, &["down"]);
     result
@@ -110,7 +110,7 @@ fn run(exe: &Path, dir: &Path, tmp: &Path, jobs: u64, metrics: u64, steps: u64, 
 
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let channel = rt.block_on(Endpoint::from_shared(format!("http://{grpc}"))?.connect())?;
-    let mut client = CoordinatorClient::new(channel);
+    let mut client = shoal_benches::rpc(channel);
     println!("history: {jobs} jobs x {metrics} metrics x {steps} steps ({} points), chunks of {CHUNK_POINTS} points", jobs * metrics * steps);
     let t = Instant::now();
     let mut ids = Vec::new();

@@ -21,9 +21,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use shoal_proto::coordinator_client::CoordinatorClient;
 use shoal_proto::{ListPipelineRunsRequest, PipelineRunRequest, RunPipelineRequest};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 const USAGE: &str = "pipeline schedule [--slots 1000] [--kill-every-s 0] | cache [--steps 50]";
 
@@ -39,9 +38,9 @@ fn run(exe: &Path, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn client(addr: &str) -> CoordinatorClient<Channel> {
+fn client(addr: &str) -> shoal_coordinator::client::Rpc {
     let ch = Endpoint::from_shared(format!("http://{addr}")).expect("url").connect_timeout(Duration::from_secs(1)).timeout(Duration::from_secs(5)).connect_lazy();
-    CoordinatorClient::new(ch).max_decoding_message_size(64 << 20)
+    shoal_benches::rpc(ch).max_decoding_message_size(64 << 20)
 }
 
 struct Cluster {
@@ -53,6 +52,7 @@ impl Cluster {
     fn up(exe: &Path, dir: &Path, workers: u32) -> Result<Cluster> {
         let dir = dir.display().to_string();
         run(exe, &["up", "--coordinators", "3", "--workers", &workers.to_string(), "--dir", &dir])?;
+        shoal_benches::use_cluster_token(Path::new(&dir));
         Ok(Cluster { exe: exe.to_path_buf(), dir })
     }
 

@@ -18,9 +18,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use shoal_proto::coordinator_client::CoordinatorClient;
 use shoal_proto::{GetDatasetRequest, GetJobRequest, HeartbeatRequest, ListDatasetsRequest, Message as _, StatusRequest};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 const USAGE: &str = "state [--shoal PATH] [--versions 10,100,1000] [--records 10] [--timeout-s 900]";
 
@@ -36,9 +35,9 @@ fn run(exe: &Path, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn client(addr: &str) -> CoordinatorClient<Channel> {
+fn client(addr: &str) -> shoal_coordinator::client::Rpc {
     let ch = Endpoint::from_shared(format!("http://{addr}")).expect("url").connect_lazy();
-    CoordinatorClient::new(ch).max_decoding_message_size(64 << 20)
+    shoal_benches::rpc(ch).max_decoding_message_size(64 << 20)
 }
 
 /// The median wall time in ms of 5 runs of `f`, or its error.
@@ -88,6 +87,7 @@ async fn main() -> Result<()> {
     let dir = tmp.path().join("cluster");
     let dir_s = dir.display().to_string();
     run(&exe, &["up", "--coordinators", "3", "--workers", "2", "--snapshot-every", "10", "--dir", &dir_s])?;
+    shoal_benches::use_cluster_token(Path::new(&dir_s));
     // The cluster stops however the run ends (a build that falls over must not keep burning
     // the cores the next run measures on).
     struct Down<'a>(&'a Path, &'a str);

@@ -111,6 +111,20 @@ pub fn measure(mut cmd: Command, prefix: &str, what: &str) -> Result<Run> {
 }
 
 
+static TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// Raw gRPC clients of benchmarks carry the admin token of the `shoal up` cluster in `dir`
+/// (call once, after `up`).
+pub fn use_cluster_token(dir: &Path) {
+    let _ = TOKEN.set(shoal_cluster::Layout::new(dir).authority().admin_token());
+}
+
+/// A coordinator client over `ch` with the token `use_cluster_token` read.
+pub fn rpc(ch: tonic::transport::Channel) -> shoal_coordinator::client::Rpc {
+    let bearer = shoal_coordinator::client::Bearer::new(TOKEN.get().and_then(|t| t.as_deref())).expect("a token file holds ASCII");
+    shoal_proto::coordinator_client::CoordinatorClient::with_interceptor(ch, bearer)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

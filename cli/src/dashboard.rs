@@ -31,11 +31,17 @@ pub struct Dashboard {
     /// The store, where a job's log files are (`logs::JobLogs`).
     /// None: an object store (its jobs' lines stay in the workers' own logs).
     pub store: Option<std::path::PathBuf>,
+    /// What its reads carry: this coordinator's peer token (None without credentials).
+    pub token: Option<String>,
 }
 
 impl Dashboard {
     fn client(&self) -> Result<Client, String> {
-        Client::new(&self.endpoints).map(|c| c.with_deadline(std::time::Duration::from_secs(5))).map_err(|e| e.to_string())
+        self.client_of(&self.endpoints, 5)
+    }
+
+    fn client_of(&self, endpoints: &[String], deadline_s: u64) -> Result<Client, String> {
+        Client::new(endpoints).and_then(|c| c.with_token(self.token.as_deref())).map(|c| c.with_deadline(std::time::Duration::from_secs(deadline_s))).map_err(|e| e.to_string())
     }
 }
 
@@ -195,7 +201,7 @@ async fn cluster(State(d): State<Dashboard>) -> Response {
     let mut rows = Vec::new();
     let addresses: Vec<(u64, String)> = status.peers.iter().map(|p| (p.id, p.address.clone())).collect();
     for (id, addr) in addresses {
-        let one = Client::new(std::slice::from_ref(&addr)).map(|c| c.with_deadline(std::time::Duration::from_secs(2)));
+        let one = d.client_of(std::slice::from_ref(&addr), 2);
         let node = match one {
             Ok(c) => c.call(|mut c| async move { c.get_status(StatusRequest::default()).await }).await.ok().and_then(|s| s.node),
             Err(_) => None,

@@ -2,6 +2,7 @@
 //! (`ops`, `shoal_coordinator::Client`), the supervisor (`shoal_cluster`), or runs one server
 //! process (`serve`).
 
+mod access;
 mod bench;
 mod dashboard;
 mod generate;
@@ -95,6 +96,13 @@ enum Cmd {
     /// The worker pool: list, add and remove (on a local cluster).
     #[command(subcommand)]
     Worker(WorkerCmd),
+    /// Access tokens: create (with a role: admin, operator, viewer, worker), list, revoke.
+    #[command(subcommand)]
+    Token(access::TokenCmd),
+    /// A cluster's credentials: `init` once in the admin's folder, `issue` a folder for each
+    /// coordinator and worker (`shoal up` does both for a local cluster).
+    #[command(subcommand)]
+    Ca(access::CaCmd),
     /// Run one server process in the foreground (what `shoal up` spawns).
     #[command(subcommand)]
     Serve(ServeCmd),
@@ -191,13 +199,20 @@ fn default_dir() -> PathBuf {
 
 impl Conn {
     fn client(&self) -> Result<Client> {
-        let endpoints = if self.endpoints.is_empty() {
-            let dir = self.dir.clone().unwrap_or_else(default_dir);
-            Layout::new(dir).endpoints()?
-        } else {
-            self.endpoints.clone()
-        };
-        Ok(Client::new(&endpoints)?)
+        let layout = Layout::new(self.dir.clone().unwrap_or_else(default_dir));
+        let endpoints = if self.endpoints.is_empty() { layout.endpoints()? } else { self.endpoints.clone() };
+        Ok(Client::new(&endpoints)?.with_token(token(&layout)?.as_deref())?)
+    }
+}
+
+/// The token calls carry: `SHOAL_TOKEN`, else the admin token of the cluster folder.
+fn token(layout: &Layout) -> Result<Option<String>> {
+    match std::env::var("SHOAL_TOKEN") {
+        Ok(t) if !t.trim().is_empty() => {
+            shoal_core::auth::Token::parse(&t).context("SHOAL_TOKEN")?;
+            Ok(Some(t.trim().to_string()))
+        }
+        _ => Ok(layout.authority().admin_token()),
     }
 }
 
@@ -232,7 +247,7 @@ impl PageArgs {
     async fn list<R, F, Fut>(&self, client: &Client, call: F) -> Result<(Vec<R::Item>, String)>
     where
         R: Listing,
-        F: Fn(shoal_proto::coordinator_client::CoordinatorClient<tonic::transport::Channel>, String) -> Fut + Copy,
+        F: Fn(shoal_coordinator::client::Rpc, String) -> Fut + Copy,
         Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
     {
         self.fetch(|page| async move { Ok(client.call(|c| call(c, page.clone())).await?.split()) }).await
@@ -818,8 +833,13 @@ async fn run(cli: Cli) -> Result<()> {
             }
             let store = a.store.map(|location| (location, a.store_endpoint.unwrap_or_default()));
             let opts = UpOptions { coordinators: a.coordinators, workers: a.workers, lease: Duration::from_millis(a.lease_ms), snapshot_every: a.snapshot_every, exe, store };
-            let file = shoal_cluster::up(&layout, &opts).await?;
+            let (file, admin_token) = shoal_cluster::up(&layout, &opts).await?;
             let endpoints: Vec<String> = file.coordinators.iter().map(|c| c.address.clone()).collect();
+            if let Some(t) = &admin_token {
+                // Once, on stderr (not in --json's output); the CLI reads it from the file.
+                let file = layout.authority().dir.join(shoal_cluster::credentials::ADMIN_TOKEN_FILE);
+                eprintln!("admin token (shown once; kept in {}, mode 0600): {t}", file.display());
+            }
             if a.json {
                 print_json(&json!({"dir": layout.dir, "endpoints": endpoints, "store": file.store_dir,
                     "coordinator_pids": file.coordinators.iter().map(|c| c.pid).collect::<Vec<_>>(),
@@ -843,6 +863,8 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Data(d) => data(d).await,
         Cmd::Job(j) => job(j).await,
         Cmd::Pipeline(p) => pipeline::pipeline(p).await,
+        Cmd::Token(t) => access::token(t).await,
+        Cmd::Ca(c) => access::ca(c),
         Cmd::Checkpoint(c) => checkpoint(c).await,
         Cmd::Model(c) => model(c).await,
         Cmd::Generate { reference, prompt, tokens, temperature, seed, conn, json } => {
@@ -962,7 +984,7 @@ async fn cluster_status(conn: &Conn) -> Result<(Vec<serde_json::Value>, Vec<serd
                 let n = s.node.unwrap_or_default();
                 coords.push(json!({"id": n.id, "address": n.address, "role": n.role, "term": n.term, "commit_index": n.commit_index,
                     "applied_index": n.applied_index, "snapshot_index": n.snapshot_index, "state_hash": n.state_hash, "state_bytes": n.state_bytes, "leader_id": n.leader_id,
-                    "cluster_id": n.cluster_id, "store": n.store_dir, "dropped_raft_messages": n.dropped_raft_messages, "pid": n.pid, "reachable": true}));
+                    "cluster_id": n.cluster_id, "store": n.store_dir, "dropped_raft_messages": n.dropped_raft_messages, "refused_calls": n.refused_calls, "auth": n.auth, "pid": n.pid, "reachable": true}));
                 if n.role == "leader" || workers.is_empty() {
                     workers = s.workers;
                 }
@@ -1372,10 +1394,8 @@ async fn job(cmd: JobCmd) -> Result<()> {
 }
 
 async fn coordinator(cmd: CoordinatorCmd) -> Result<()> {
-    let members = |client: &Client| {
-        let client = client.endpoints();
+    let members = |c: Client| {
         async move {
-            let c = Client::new(&client)?;
             let s = c.call(|mut c| async move { c.get_status(StatusRequest { state_hash: false, members_only: true }).await }).await?;
             anyhow::Ok(s.peers)
         }
@@ -1396,7 +1416,7 @@ async fn coordinator(cmd: CoordinatorCmd) -> Result<()> {
                 let layout = Layout::new(conn.dir.clone().unwrap_or_else(default_dir));
                 let exe = std::env::current_exe().context("finding the shoal executable")?;
                 let id = shoal_cluster::add_coordinator(&layout, &exe, &addr).await?;
-                let peers = members(&conn.client()?).await?;
+                let peers = members(conn.client()?).await?;
                 show(&peers, json, format!("replica {id} added at {addr} (a learner until it has caught up); its process runs from {}", layout.coordinator_dir(id).display()));
             } else {
                 let client = conn.client()?;
@@ -1444,10 +1464,10 @@ async fn coordinator(cmd: CoordinatorCmd) -> Result<()> {
             }
             // The replica that answers may apply the removal a moment after it was committed.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            let mut peers = members(&conn.client()?).await?;
+            let mut peers = members(conn.client()?).await?;
             while peers.iter().any(|p| p.id == id) && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                peers = members(&conn.client()?).await?;
+                peers = members(conn.client()?).await?;
             }
             show(&peers, json, format!("replica {id} removed"));
         }
@@ -1731,7 +1751,7 @@ async fn run_local(spec_text: String, workers: Option<u64>, keep: bool, show: bo
     let up = shoal_cluster::up(&layout, &opts).await;
     let result = async {
         up?;
-        let client = Client::new(&layout.endpoints()?)?;
+        let client = layout.client(&layout.endpoints()?)?;
         let src = ops::Source { files: &files, format: None, label: None, target: None, range: None, context: None, stride: None };
         let d = ops::import_idx(&client, &spec.dataset.name, &src, None, false).await?;
         if show {

@@ -72,6 +72,11 @@ pub enum ServeCmd {
         /// Snapshot the state and compact the log every this many applied entries.
         #[arg(long, default_value_t = shoal_coordinator::server::SNAPSHOT_EVERY)]
         snapshot_every: u64,
+        /// This replica's credentials folder (`shoal ca issue --node ID`): the cluster's token
+        /// key and first tokens. Every call then needs a token whose role the method table
+        /// allows. Without it, anyone who reaches the port may call everything.
+        #[arg(long, env = "SHOAL_CREDENTIALS")]
+        credentials: Option<PathBuf>,
         #[command(flatten)]
         http: HttpArgs,
     },
@@ -112,6 +117,10 @@ pub enum ServeCmd {
         /// Seconds to wait for a peer inside a collective before failing the task.
         #[arg(long, default_value_t = 60)]
         collective_timeout_s: u64,
+        /// This worker's credentials folder (`shoal ca issue --worker`): its token, in
+        /// `worker.token`. Default: the token in SHOAL_TOKEN, if any.
+        #[arg(long, env = "SHOAL_CREDENTIALS")]
+        credentials: Option<PathBuf>,
         #[command(flatten)]
         http: HttpArgs,
     },
@@ -178,8 +187,9 @@ pub async fn serve(cmd: ServeCmd) -> Result<()> {
         _ => None,
     });
     match cmd {
-        ServeCmd::Coordinator { id, listen, advertise, peers, data, store, lease_ms, addr_file, cluster_id, initial_state, snapshot_every, http } => {
+        ServeCmd::Coordinator { id, listen, advertise, peers, data, store, lease_ms, addr_file, cluster_id, initial_state, snapshot_every, credentials, http } => {
             shoal_core::node::set_node(&format!("coordinator-{id}"));
+            let auth = credentials.as_deref().map(shoal_coordinator::server::AuthConfig::load).transpose()?;
             let listener = bind_retrying(&listen).await?;
             let bound = listener.local_addr()?;
             let mut peers = parse_peers(id, &listen, &peers)?;
@@ -193,7 +203,8 @@ pub async fn serve(cmd: ServeCmd) -> Result<()> {
             // The dashboard reads through this coordinator first, then its peers.
             let endpoints = std::iter::once(addr.clone()).chain(peers.iter().filter(|(p, _)| **p != id).map(|(_, a)| a.clone())).collect();
             let store = store.open()?;
-            let (_, http) = http.start(Some(dashboard::Dashboard { endpoints, store: store.local_root().map(Into::into) })).await?;
+            let token = auth.as_ref().map(|a| a.key.peer_token(id));
+            let (_, http) = http.start(Some(dashboard::Dashboard { endpoints, store: store.local_root().map(Into::into), token })).await?;
             if let Some(f) = addr_file {
                 shoal_core::fsutil::write_atomic(&f, addr.as_bytes())?;
             }
@@ -212,12 +223,22 @@ pub async fn serve(cmd: ServeCmd) -> Result<()> {
                 },
                 snapshot_every,
                 build: env!("SHOAL_BUILD").into(),
+                auth,
             };
             let served = shoal_coordinator::serve(cfg, listener, shutdown_signal()).await;
             http.abort();
             served?;
         }
-        ServeCmd::Worker { endpoints, store, cache_dir, cache_gb, listen, advertise, ring_port, device, threads: _, heartbeat_ms, collective_timeout_s, http } => {
+        ServeCmd::Worker { endpoints, store, cache_dir, cache_gb, listen, advertise, ring_port, device, threads: _, heartbeat_ms, collective_timeout_s, credentials, http } => {
+            let token = match &credentials {
+                Some(dir) => {
+                    let path = dir.join(shoal_cluster::credentials::WORKER_TOKEN_FILE);
+                    let text = shoal_core::auth::read_secret_text(&path)?;
+                    shoal_core::auth::Token::parse(&text).with_context(|| format!("{}", path.display()))?;
+                    Some(text.trim().to_string())
+                }
+                None => std::env::var("SHOAL_TOKEN").ok().filter(|t| !t.trim().is_empty()),
+            };
             if !(cache_gb.is_finite() && cache_gb >= 0.0) {
                 bail!("--cache-gb must be a size in GB (0 or more), not {cache_gb}");
             }
@@ -240,6 +261,7 @@ pub async fn serve(cmd: ServeCmd) -> Result<()> {
                 device,
                 heartbeat: Duration::from_millis(heartbeat_ms.max(10)),
                 collective_timeout: Duration::from_secs(collective_timeout_s.max(1)),
+                token,
             };
             let served = shoal_worker::run_worker(cfg, listener, shutdown_signal()).await;
             http.abort();

@@ -19,6 +19,8 @@ fn concurrent_imports_of_one_name_never_touch_a_registered_version() {
         .map(|i| {
             shoal()
                 .args(["data", "append", "tiny", "--json", "--records-per-shard", "100", "--endpoints", &replicas[i % replicas.len()]])
+                .arg("--dir")
+                .arg(c.dir())
                 .args(&files)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
@@ -119,6 +121,8 @@ fn a_stopped_leader_costs_clients_an_election_not_their_deadline() {
     let paused_endpoint = leader["address"].as_str().unwrap().to_string();
     let late = shoal()
         .args(["data", "append", "tiny", "--json", "--endpoints", &paused_endpoint])
+        .arg("--dir")
+        .arg(c.dir())
         .args(&files)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -134,7 +138,7 @@ fn a_stopped_leader_costs_clients_an_election_not_their_deadline() {
     let late: serde_json::Value = serde_json::from_slice(&late.stdout).unwrap();
     assert_eq!(late["version"], 3, "{late}");
     // A read through the replica that was paused is not stale: it sees every version.
-    let seen = json(shoal().args(["data", "list", "--json", "--endpoints", &paused_endpoint]));
+    let seen = json(&mut c.cmd(&["data", "list", "--json", "--endpoints", &paused_endpoint]));
     assert_eq!(seen[0]["version"], 3, "a stale read from the deposed leader: {seen}");
     // Back, it steps down: one leader, in a newer term, and it is not the paused one.
     let (_, now) = wait_for("a single leader", Duration::from_secs(20), || {

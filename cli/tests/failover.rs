@@ -47,7 +47,7 @@ fn killing_the_leader_mid_job_loses_nothing() {
     assert_eq!(done["metrics_dropped"], 0, "{done}");
     let mut answers = Vec::new();
     for r in status["coordinators"].as_array().unwrap().iter().filter(|r| r["id"] != leader["id"] && r["reachable"] == true) {
-        let m = json(shoal().args(["job", "metrics", &id, "--keys", "loss", "--json", "--endpoints", r["address"].as_str().unwrap()]));
+        let m = json(&mut c.cmd(&["job", "metrics", &id, "--keys", "loss", "--json", "--endpoints", r["address"].as_str().unwrap()]));
         assert_eq!((m["dropped"].as_u64(), m["chunks_unreadable"].as_u64()), (Some(0), Some(0)), "{m}");
         let series = m["series"].as_array().unwrap();
         assert_eq!(series.len(), 1, "loss of rank 0 alone: {m}");
@@ -118,6 +118,8 @@ fn killing_the_leader_mid_job_loses_nothing() {
             .arg(c.dir().join(format!("coordinators/{id}")))
             .arg("--store")
             .arg(c.store())
+            .arg("--credentials")
+            .arg(c.dir().join(format!("credentials/coordinator-{id}")))
             .args(["--cluster-id", cluster_id.trim(), "--initial-state", "existing", "--snapshot-every", "20"]),
         &c.tmp.path().join("restarted.log"),
     );

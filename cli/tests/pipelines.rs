@@ -9,7 +9,7 @@ use std::time::Duration;
 /// The train step's job spec, as a table of the pipeline.
 /// (Pinned to version 1: the cache keys below must not move when mnist grows.)
 fn train_table() -> String {
-    mnist_spec("mnist", 1, 4000, 7, "[64]").replace("name = \"mnist\"\n", "name = \"mnist\"\nversion = 1\n").lines().map(|l| if l.starts_with('[') { format!("[step.spec.{}", &l[1..]) } else { l.to_string() }).collect::<Vec<_>>().join("\n")
+    mnist_spec("mnist", 1, 4000, 7, "[64]").replace("name = \"mnist\"\n", "name = \"mnist\"\nversion = 1\n").lines().map(|l| match l.strip_prefix('[') { Some(rest) => format!("[step.spec.{rest}"), None => l.to_string() }).collect::<Vec<_>>().join("\n")
 }
 
 fn pipeline() -> String {

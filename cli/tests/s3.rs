@@ -88,6 +88,8 @@ fn spawn_workers(c: &UpCluster, s3: &S3, n: usize) -> Vec<Proc> {
             let mut cmd = shoal();
             cmd.args(["serve", "worker", "--threads", "1", "--endpoints", &eps, "--store", &format!("s3://{BUCKET}/{PREFIX}"), "--store-endpoint", &s3.endpoint(), "--cache-gb", "0.05", "--cache-dir"])
                 .arg(&cache)
+                .arg("--credentials")
+                .arg(c.worker_credentials())
                 .envs(CREDENTIALS)
                 .env(SLOW.0, SLOW.1);
             Proc::spawn(&mut cmd, &c.tmp.path().join(format!("worker-{before}-{i}.log")))

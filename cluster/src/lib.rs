@@ -3,6 +3,7 @@
 //! waits until a leader is elected and every worker has registered, and records what it
 //! started in `DIR/cluster.pb` so `down` and the other commands can find it.
 
+pub mod credentials;
 pub mod testhosts;
 
 use std::fs::File;
@@ -64,6 +65,24 @@ impl Layout {
     /// The cluster's id, kept across `down` and `up`: its presence says the cluster exists.
     pub fn cluster_id_file(&self) -> PathBuf {
         self.dir.join("cluster-id")
+    }
+
+    /// The admin's credentials folder (`ca/`): the token key, the first tokens.
+    pub fn authority(&self) -> credentials::Authority {
+        credentials::Authority::new(self.dir.join("ca"))
+    }
+
+    /// The credentials folder of coordinator `id` or of the workers.
+    fn node_credentials(&self, id: u64) -> PathBuf {
+        self.dir.join("credentials").join(format!("coordinator-{id}"))
+    }
+    fn worker_credentials(&self) -> PathBuf {
+        self.dir.join("credentials").join("worker")
+    }
+
+    /// A client of the recorded cluster with its admin token (if the folder has one).
+    pub fn client(&self, endpoints: &[String]) -> Result<Client, ClusterError> {
+        Client::new(endpoints).and_then(|c| c.with_token(self.authority().admin_token().as_deref())).map_err(|e| ClusterError::Startup(e.to_string()))
     }
 
     pub fn read(&self) -> Result<ClusterFile, ClusterError> {
@@ -169,8 +188,9 @@ fn check_not_running(layout: &Layout) -> Result<(), ClusterError> {
     }
 }
 
-/// Starts a cluster in `layout.dir` and returns once it is ready.
-pub async fn up(layout: &Layout, opts: &UpOptions) -> Result<ClusterFile, ClusterError> {
+/// Starts a cluster in `layout.dir` and returns once it is ready, with the admin token when
+/// this start made the cluster's credentials (to be shown once; `ca/admin.token` keeps it).
+pub async fn up(layout: &Layout, opts: &UpOptions) -> Result<(ClusterFile, Option<String>), ClusterError> {
     if opts.coordinators == 0 || opts.workers > 256 || opts.coordinators > 7 {
         return Err(ClusterError::Startup(format!("--coordinators must be 1 to 7 and --workers at most 256 (got {} and {})", opts.coordinators, opts.workers)));
     }
@@ -182,6 +202,10 @@ pub async fn up(layout: &Layout, opts: &UpOptions) -> Result<ClusterFile, Cluste
         return Err(ClusterError::AlreadyRunning { dir: layout.dir.display().to_string(), pids: vec![] });
     }
     check_not_running(layout)?;
+    // Credentials once per folder (a folder from before credentials gets them now); the
+    // admin token is shown once, when it is made.
+    let ca = layout.authority();
+    let admin_token = if ca.exists() { None } else { Some(ca.init()?) };
 
     // A folder that ran a cluster before brings its replicas back with their state: each must
     // find it (an emptied replica folder is refused rather than rejoining as if it never voted).
@@ -232,11 +256,11 @@ pub async fn up(layout: &Layout, opts: &UpOptions) -> Result<ClusterFile, Cluste
         // Recorded as soon as it runs, so `down` finds it whatever fails next.
         write_file(layout, &file)?;
     }
-    wait_ready(&file, &endpoints, opts.workers as usize).await?;
+    wait_ready(layout, &file, &endpoints, opts.workers as usize).await?;
     read_http_addresses(&mut file);
     write_file(layout, &file)?;
     drop(lock);
-    Ok(file)
+    Ok((file, admin_token.map(|t| t.to_string())))
 }
 
 /// Where a process of the cluster writes the address of its HTTP listener (`/metrics`).
@@ -271,6 +295,7 @@ fn spawn_worker(layout: &Layout, exe: &Path, file: &ClusterFile, endpoints: &[St
         "--cache-dir".into(), dir.join("shard-cache").display().to_string(),
     ];
     args.extend(store_args(layout, file));
+    args.extend(credential_args(layout.worker_credentials(), |out| layout.authority().issue_worker(out))?);
     let _ = std::fs::remove_file(http_addr_file(&dir));
     let pid = spawn(exe, &args, &dir, &[])?;
     Ok(ClusterProcess { id: n, address: String::new(), pid, dir: dir.display().to_string(), http_address: String::new() })
@@ -304,12 +329,21 @@ pub async fn add_workers(layout: &Layout, exe: &Path, count: u64) -> Result<Vec<
         write_file(layout, &file)?;
         added.push(process);
     }
-    wait_ready(&file, &endpoints, file.workers.len()).await?;
+    wait_ready(layout, &file, &endpoints, file.workers.len()).await?;
     read_http_addresses(&mut file);
     write_file(layout, &file)?;
     let added = added.into_iter().filter_map(|a| file.workers.iter().find(|w| w.id == a.id).cloned()).collect();
     drop(lock);
     Ok(added)
+}
+
+/// `--credentials DIR`, issued into DIR first, when the folder has credentials (always, after
+/// `up`; a cluster recorded before credentials existed runs without).
+fn credential_args(dir: PathBuf, issue: impl FnOnce(&Path) -> Result<(), ClusterError>) -> Result<Vec<String>, ClusterError> {
+    if !dir.exists() {
+        issue(&dir)?;
+    }
+    Ok(vec!["--credentials".into(), dir.display().to_string()])
 }
 
 /// `--store` (and `--store-endpoint`) as the cluster file records them.
@@ -338,6 +372,7 @@ fn spawn_coordinator(layout: &Layout, exe: &Path, file: &ClusterFile, id: u64, a
         "--http-addr-file".into(), http_addr_file(&dir).display().to_string(),
     ];
     args.extend(store_args(layout, file));
+    args.extend(credential_args(layout.node_credentials(id), |out| layout.authority().issue_node(out))?);
     let _ = std::fs::remove_file(http_addr_file(&dir));
     let pid = spawn(exe, &args, &dir, &[])?;
     Ok(ClusterProcess { id, address: addr.to_string(), pid, dir: dir.display().to_string(), http_address: String::new() })
@@ -348,7 +383,7 @@ fn spawn_coordinator(layout: &Layout, exe: &Path, file: &ClusterFile, id: u64, a
 /// with an empty folder, to join. Returns its id.
 pub async fn add_coordinator(layout: &Layout, exe: &Path, addr: &str) -> Result<u64, ClusterError> {
     let mut file = layout.read()?;
-    let client = Client::new(&layout.endpoints()?).map_err(|e| ClusterError::Startup(e.to_string()))?;
+    let client = layout.client(&layout.endpoints()?)?;
     let request_id = shoal_coordinator::client::new_request_id();
     let reply = client
         .call(|mut c| {
@@ -369,7 +404,7 @@ pub async fn add_coordinator(layout: &Layout, exe: &Path, addr: &str) -> Result<
 /// aside as `coordinators/removed-<id>`.
 pub async fn remove_coordinator(layout: &Layout, id: u64, force: bool) -> Result<(), ClusterError> {
     let mut file = layout.read()?;
-    let client = Client::new(&layout.endpoints()?).map_err(|e| ClusterError::Startup(e.to_string()))?.with_deadline(Duration::from_secs(30));
+    let client = layout.client(&layout.endpoints()?)?.with_deadline(Duration::from_secs(30));
     let request_id = shoal_coordinator::client::new_request_id();
     client
         .call(|mut c| {
@@ -398,8 +433,8 @@ fn write_file(layout: &Layout, file: &ClusterFile) -> Result<(), ClusterError> {
     shoal_core::fsutil::write_atomic(&layout.cluster_file(), &file.encode_to_vec()).map_err(|e| ClusterError::Io(e.to_string()))
 }
 
-async fn wait_ready(file: &ClusterFile, endpoints: &[String], workers: usize) -> Result<(), ClusterError> {
-    let client = Client::new(endpoints).map_err(|e| ClusterError::Startup(e.to_string()))?.with_deadline(Duration::from_secs(1));
+async fn wait_ready(layout: &Layout, file: &ClusterFile, endpoints: &[String], workers: usize) -> Result<(), ClusterError> {
+    let client = layout.client(endpoints)?.with_deadline(Duration::from_secs(1));
     let start = Instant::now();
     let mut last = String::from("no answer yet");
     while start.elapsed() < Duration::from_secs(60) {
@@ -461,7 +496,7 @@ fn stop(pids: &[u32]) -> Vec<u32> {
 /// exits. Returns its pid.
 pub async fn remove_worker(layout: &Layout, worker_id: &str) -> Result<u32, ClusterError> {
     let mut file = layout.read()?;
-    let client = Client::new(&layout.endpoints()?).map_err(|e| ClusterError::Startup(e.to_string()))?;
+    let client = layout.client(&layout.endpoints()?)?;
     let status = client
         .call(|mut c| async move { c.get_status(shoal_proto::StatusRequest::default()).await })
         .await

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use shoal_proto::coordinator_client::CoordinatorClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 pub use tonic::{Code, Status};
 
@@ -19,6 +20,8 @@ pub enum ClientError {
     Unreachable { endpoints: String, last: String },
     #[error("bad endpoint {0:?}: {1}")]
     BadEndpoint(String, String),
+    #[error("the token is not printable ASCII (is SHOAL_TOKEN or the token file right?)")]
+    BadToken,
 }
 
 /// Whether nothing listens at `addr` (`host:port`, or a URL) any more: the connection is
@@ -53,6 +56,34 @@ pub fn new_request_id() -> String {
 /// guards against garbage).
 pub const MAX_MESSAGE: usize = 64 << 20;
 
+/// Puts `authorization: Bearer TOKEN` on every call (none: the call goes without, which only
+/// a server started without credentials takes).
+#[derive(Clone, Default)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    pub fn new(token: Option<&str>) -> Result<Bearer, ClientError> {
+        match token.map(str::trim).filter(|t| !t.is_empty()) {
+            None => Ok(Bearer(None)),
+            Some(t) => format!("Bearer {t}").parse().map(|v| Bearer(Some(v))).map_err(|_| ClientError::BadToken),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            r.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(r)
+    }
+}
+
+/// A channel that carries a token.
+pub type AuthChannel = InterceptedService<Channel, Bearer>;
+/// The generated coordinator client over such a channel.
+pub type Rpc = CoordinatorClient<AuthChannel>;
+
 pub struct Client {
     /// The replicas it knows (given, then learned), as URLs and channels, index for index.
     targets: std::sync::RwLock<(Vec<String>, Vec<Channel>)>,
@@ -60,6 +91,7 @@ pub struct Client {
     deadline: Duration,
     /// Channels to leaders learned from hints that are not among `endpoints`.
     hinted: Mutex<HashMap<String, Channel>>,
+    bearer: Bearer,
 }
 
 /// How long one attempt may take before the call moves to another replica: well under a
@@ -89,7 +121,14 @@ impl Client {
             preferred: AtomicUsize::new(0),
             deadline: Duration::from_secs(15),
             hinted: Mutex::default(),
+            bearer: Bearer::default(),
         })
+    }
+
+    /// Calls carry `token` (`shoal_...`, or a coordinator's peer token).
+    pub fn with_token(mut self, token: Option<&str>) -> Result<Self, ClientError> {
+        self.bearer = Bearer::new(token)?;
+        Ok(self)
     }
 
     /// How long a call keeps trying other replicas before giving up.
@@ -118,13 +157,16 @@ impl Client {
     }
 
     /// A client for one specific replica (for per-replica status).
-    pub fn single(&self, i: usize) -> CoordinatorClient<Channel> {
-        let t = self.targets.read().expect("targets lock");
-        Self::client(t.1[i % t.1.len()].clone())
+    pub fn single(&self, i: usize) -> Rpc {
+        let ch = {
+            let t = self.targets.read().expect("targets lock");
+            t.1[i % t.1.len()].clone()
+        };
+        self.client(ch)
     }
 
-    fn client(ch: Channel) -> CoordinatorClient<Channel> {
-        CoordinatorClient::new(ch).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE)
+    fn client(&self, ch: Channel) -> Rpc {
+        CoordinatorClient::with_interceptor(ch, self.bearer.clone()).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE)
     }
 
     /// Runs `f` against a replica. Every error that another replica (or a later try) may
@@ -132,7 +174,7 @@ impl Client {
     /// follower names), timed out. Writes carry request ids, so a retry is applied once.
     pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, ClientError>
     where
-        F: Fn(CoordinatorClient<Channel>) -> Fut,
+        F: Fn(Rpc) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let start = Instant::now();
@@ -148,7 +190,7 @@ impl Client {
                 return Err(ClientError::Unreachable { endpoints: self.endpoints().join(","), last });
             }
             let (target, hinted) = match hint.take() {
-                Some(ch) => (Self::client(ch), true),
+                Some(ch) => (self.client(ch), true),
                 None => (self.single(i), false),
             };
             let error = match tokio::time::timeout(ATTEMPT_TIMEOUT.min(remaining), f(target)).await {

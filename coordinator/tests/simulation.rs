@@ -216,7 +216,7 @@ fn spec(name: &str) -> String {
 
 /// A pipeline run by each append to "d" (after a quiet `debounce` seconds): one train step.
 fn pipeline_spec(debounce: u64) -> String {
-    let train: String = spec("pipeline-train").lines().map(|l| if l.starts_with('[') { format!("[step.spec.{}\n", &l[1..]) } else { format!("{l}\n") }).collect();
+    let train: String = spec("pipeline-train").lines().map(|l| match l.strip_prefix('[') { Some(rest) => format!("[step.spec.{rest}\n"), None => format!("{l}\n") }).collect();
     format!("name = \"p\"\n[trigger]\non_append = \"d\"\ndebounce_s = {debounce}\n[[step]]\nname = \"train\"\nkind = \"train\"\n[step.spec]\n{train}")
 }
 
@@ -250,6 +250,7 @@ fn output_id(out: &ApplyOutput) -> u64 {
         ApplyOutput::Template(t) => t.id,
         ApplyOutput::Pipeline(p) => p.version,
         ApplyOutput::PipelineRun(r) => r.seq,
+        ApplyOutput::Token(t) => t.created_ms,
         ApplyOutput::None | ApplyOutput::Settings(_) | ApplyOutput::Pruned { .. } => 0,
     }
 }

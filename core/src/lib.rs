@@ -3,6 +3,7 @@
 //! RNG, atomic file writes and test fault points.
 //! No network IO lives here.
 
+pub mod auth;
 pub mod batch;
 pub mod checkpoint;
 pub mod cron;

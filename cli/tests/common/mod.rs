@@ -85,7 +85,7 @@ impl UpCluster {
             .map(|_| {
                 let i = NEXT_WORKER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let mut cmd = shoal();
-                cmd.args(["serve", "worker", "--threads", "1", "--endpoints", &eps, "--store"]).arg(self.store()).envs(envs.iter().copied());
+                cmd.args(["serve", "worker", "--threads", "1", "--endpoints", &eps, "--store"]).arg(self.store()).arg("--credentials").arg(self.worker_credentials()).envs(envs.iter().copied());
                 Proc::spawn(&mut cmd, &self.tmp.path().join(format!("worker-{i}.log")))
             })
             .collect();
@@ -109,6 +109,11 @@ impl UpCluster {
 
     pub fn dir(&self) -> PathBuf {
         self.tmp.path().join("cluster")
+    }
+
+    /// The workers' credentials folder that `shoal up` issued (their token).
+    pub fn worker_credentials(&self) -> PathBuf {
+        self.dir().join("credentials").join("worker")
     }
 
     pub fn store(&self) -> PathBuf {

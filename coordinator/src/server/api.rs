@@ -6,7 +6,7 @@ use shoal_core::store::Store;
 impl Api {
     /// Proposes a command and waits for its outcome. `request_id` (may be empty) makes a
     /// client's retries idempotent.
-    async fn propose(&self, kind: command::Kind, request_id: String) -> Result<ApplyOutput, Status> {
+    pub(super) async fn propose(&self, kind: command::Kind, request_id: String) -> Result<ApplyOutput, Status> {
         self.require_running()?;
         let cmd = Command { request_id, kind: Some(kind), ..Default::default() };
         // Checked here too (the core checks again), so the caller gets a final answer.
@@ -45,7 +45,7 @@ impl Api {
     /// Waits until this replica's state holds every write committed before the call (raft's
     /// ReadIndex), so what a read returns next is never stale, on a follower or on a leader
     /// that was deposed without knowing it yet.
-    async fn linearize(&self) -> Result<(), Status> {
+    pub(super) async fn linearize(&self) -> Result<(), Status> {
         self.require_running()?;
         let (tx, rx) = oneshot::channel();
         self.0.inbox.try_send(Input::Read(tx)).map_err(|_| Status::unavailable("coordinator is overloaded; retry"))?;
@@ -342,6 +342,8 @@ impl Coordinator for Api {
             store_dir: self.0.cfg.store.location(),
             cluster_id: self.0.cluster_id.clone(),
             dropped_raft_messages: self.0.dropped.load(std::sync::atomic::Ordering::Relaxed),
+            refused_calls: self.0.refused.load(std::sync::atomic::Ordering::Relaxed),
+            auth: if self.0.cfg.auth.is_some() { "tokens" } else { "none" }.into(),
             snapshot_index: v.snapshot_index,
             state_hash: String::new(),
             state_bytes: 0,
@@ -467,8 +469,22 @@ impl Coordinator for Api {
         Ok(Response::new(shoal_proto::ListModelsResponse { models, next_page }))
     }
 
+    async fn create_token(&self, r: Request<shoal_proto::CreateTokenRequest>) -> Result<Response<shoal_proto::TokenInfo>, Status> {
+        self.create_token_rpc(r.into_inner()).await
+    }
+
+    async fn list_tokens(&self, _: Request<shoal_proto::ListTokensRequest>) -> Result<Response<shoal_proto::ListTokensResponse>, Status> {
+        self.list_tokens_rpc().await
+    }
+
+    async fn revoke_token(&self, r: Request<shoal_proto::RevokeTokenRequest>) -> Result<Response<shoal_proto::TokenInfo>, Status> {
+        self.revoke_token_rpc(r.into_inner()).await
+    }
+
     async fn submit_job(&self, r: Request<SubmitJobRequest>) -> Result<Response<JobInfo>, Status> {
+        let caller = auth::caller(&self.0, &r)?;
         let SubmitJobRequest { spec_toml, request_id } = r.into_inner();
+        auth::check_exec(&caller, auth::spec_runs_commands(&spec_toml))?;
         // Only the leader pre-checks, on a state that holds every committed write: a lagging
         // replica could call a fresh dataset missing.
         self.require_leader()?;
@@ -490,7 +506,9 @@ impl Coordinator for Api {
     }
 
     async fn schedule_job(&self, r: Request<SubmitJobRequest>) -> Result<Response<shoal_proto::JobTemplate>, Status> {
+        let caller = auth::caller(&self.0, &r)?;
         let SubmitJobRequest { spec_toml, request_id } = r.into_inner();
+        auth::check_exec(&caller, auth::spec_runs_commands(&spec_toml))?;
         match self.propose(command::Kind::ScheduleJob(spec_toml), request_id).await? {
             ApplyOutput::Template(t) => Ok(Response::new(*t)),
             other => Err(Status::internal(format!("unexpected apply output {other:?}"))),
@@ -498,7 +516,9 @@ impl Coordinator for Api {
     }
 
     async fn submit_pipeline(&self, r: Request<shoal_proto::SubmitPipelineRequest>) -> Result<Response<shoal_proto::PipelineInfo>, Status> {
+        let caller = auth::caller(&self.0, &r)?;
         let shoal_proto::SubmitPipelineRequest { spec_toml, request_id } = r.into_inner();
+        auth::check_exec(&caller, auth::pipeline_runs_commands(&spec_toml))?;
         shoal_core::pipeline::PipelineSpec::parse(&spec_toml).map_err(|e| self.refusal(ApplyError::invalid(e)))?;
         self.propose_pipeline(command::Kind::SubmitPipeline(spec_toml), request_id).await
     }

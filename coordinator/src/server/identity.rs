@@ -111,9 +111,11 @@ async fn await_fresh_group(shared: &Shared) -> Result<(), CoordError> {
             let hello = PeerHello { cluster_id: shared.cluster_id.clone(), node_id: me, fresh: true, ..Default::default() };
             let addr = addr.clone();
             let id = *id;
+            let token = shared.cfg.peer_token();
             async move {
                 let ep = tonic::transport::Endpoint::from_shared(crate::client::endpoint_url(&addr)).ok()?.connect_timeout(Duration::from_secs(1));
-                let call = async { RaftTransportClient::new(ep.connect().await.ok()?).hello(hello).await.ok().map(|r| r.into_inner()) };
+                let bearer = crate::client::Bearer::new(token.as_deref()).ok()?;
+                let call = async { RaftTransportClient::with_interceptor(ep.connect().await.ok()?, bearer).hello(hello).await.ok().map(|r| r.into_inner()) };
                 tokio::time::timeout(Duration::from_secs(2), call).await.ok().flatten().filter(|h| h.node_id == id)
             }
         });
@@ -152,7 +154,10 @@ async fn await_join(shared: &Shared) -> Result<(), CoordError> {
     if endpoints.is_empty() {
         return Err(CoordError::Config(format!("replica {me} joins a group, but --peers names no other replica to ask")));
     }
-    let client = crate::Client::new(&endpoints).map_err(|e| CoordError::Config(e.to_string()))?.with_deadline(Duration::from_secs(5));
+    let client = crate::Client::new(&endpoints)
+        .and_then(|c| c.with_token(shared.cfg.peer_token().as_deref()))
+        .map_err(|e| CoordError::Config(e.to_string()))?
+        .with_deadline(Duration::from_secs(5));
     let mut last_note = Instant::now();
     loop {
         let req = JoinCheckRequest { id: me, cluster_id: shared.cluster_id.clone() };

@@ -23,6 +23,7 @@ use crate::storage::LogFile;
 use crate::CoordError;
 
 mod api;
+mod auth;
 mod identity;
 mod notify;
 mod raft_transport;
@@ -31,6 +32,7 @@ mod ready_loop;
 use crate::leader::Duties;
 use raft_transport::Senders;
 use ready_loop::drive;
+pub use auth::{AuthConfig, BOOTSTRAP_FILE, TOKEN_KEY_FILE};
 
 #[derive(Clone, Debug)]
 pub struct CoordinatorConfig {
@@ -51,6 +53,15 @@ pub struct CoordinatorConfig {
     pub snapshot_every: u64,
     /// The build this replica runs (a git commit), stamped on its proposals.
     pub build: String,
+    /// Tokens and roles; None (`--insecure`): every caller may call everything.
+    pub auth: Option<AuthConfig>,
+}
+
+impl CoordinatorConfig {
+    /// The token this replica shows its peers (None without credentials).
+    pub fn peer_token(&self) -> Option<String> {
+        self.auth.as_ref().map(|a| a.key.peer_token(self.id))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,6 +133,10 @@ struct Shared {
     cluster_id: String,
     /// Raft messages refused (see `RaftTransport::send`).
     dropped: std::sync::atomic::AtomicU64,
+    /// Calls the guard refused (no token, a bad one, or a role the method table refuses).
+    refused: std::sync::atomic::AtomicU64,
+    /// When this leader last proposed the bootstrap tokens (ms of `now`).
+    bootstrap_proposed: std::sync::atomic::AtomicU64,
     /// Every member's address: the group the log records (the addresses given on the
     /// command line win, so a cluster restarted on new ports finds itself), or, until the
     /// log records one, the command line's.
@@ -187,6 +202,8 @@ pub async fn serve(
         cfg: cfg.clone(),
         cluster_id: folder.cluster_id().to_string(),
         dropped: Default::default(),
+        refused: Default::default(),
+        bootstrap_proposed: Default::default(),
         addresses: RwLock::new(cfg.peers.clone()),
         address,
         state: Arc::new(RwLock::new(StateMachine::default())),
@@ -239,7 +256,11 @@ pub async fn serve(
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
+    if cfg.auth.is_none() {
+        tracing::warn!("no credentials (--insecure): every caller that reaches this port may call everything");
+    }
     let server = tonic::transport::Server::builder()
+        .layer(auth::Guard(shared.clone()))
         .add_service(health_svc)
         .add_service(svc)
         .add_service(raft_svc)

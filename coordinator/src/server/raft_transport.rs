@@ -4,7 +4,8 @@ use super::*;
 
 /// A sender task for one remote peer, with a bounded queue: a slow peer drops messages (Raft
 /// retransmits) instead of blocking the loop. It ends when its queue's sender is dropped.
-pub(super) fn spawn_sender(id: u64, addr: &str, cluster_id: &str, inbox: mpsc::Sender<Input>) -> Option<mpsc::Sender<RaftMessage>> {
+pub(super) fn spawn_sender(id: u64, addr: &str, cluster_id: &str, token: Option<&str>, inbox: mpsc::Sender<Input>) -> Option<mpsc::Sender<RaftMessage>> {
+    let bearer = crate::client::Bearer::new(token).ok()?;
     let (tx, mut rx) = mpsc::channel::<RaftMessage>(1024);
     let Ok(ep) = tonic::transport::Endpoint::from_shared(crate::client::endpoint_url(addr)) else {
         tracing::error!(peer = id, %addr, "bad peer address");
@@ -13,7 +14,7 @@ pub(super) fn spawn_sender(id: u64, addr: &str, cluster_id: &str, inbox: mpsc::S
     let channel = ep.connect_timeout(Duration::from_secs(1)).connect_lazy();
     let cluster_id = cluster_id.to_string();
     tokio::spawn(async move {
-        let mut client = RaftTransportClient::new(channel).max_encoding_message_size(MAX_MESSAGE);
+        let mut client = RaftTransportClient::with_interceptor(channel, bearer).max_encoding_message_size(MAX_MESSAGE);
         // The open stream to the peer: batches go in here; None until (re)opened.
         let mut stream: Option<mpsc::Sender<RaftBatch>> = None;
         let mut last_open = Instant::now() - Duration::from_secs(1);
@@ -85,7 +86,7 @@ impl Senders {
         self.0.retain(|id, (addr, _)| addresses.get(id) == Some(addr));
         for (id, addr) in addresses {
             if id != shared.cfg.id && !self.0.contains_key(&id) {
-                if let Some(tx) = spawn_sender(id, &addr, &shared.cluster_id, shared.inbox.clone()) {
+                if let Some(tx) = spawn_sender(id, &addr, &shared.cluster_id, shared.cfg.peer_token().as_deref(), shared.inbox.clone()) {
                     self.0.insert(id, (addr, tx));
                 }
             }
@@ -101,8 +102,10 @@ impl Senders {
 
 impl Api {
     /// Checks a Raft message from a peer and hands it to the Ready loop; anything that is not
-    /// a message of this cluster, from a member, for this node, is refused and counted.
-    pub(super) fn accept(&self, env: RaftEnvelope) -> Result<Response<Ack>, Status> {
+    /// a message of this cluster, from a member, for this node, is refused and counted; so is
+    /// one whose `from` is not the node whose peer token the connection showed (`peer`; None
+    /// without credentials).
+    pub(super) fn accept(&self, env: RaftEnvelope, peer: Option<u64>) -> Result<Response<Ack>, Status> {
         let me = self.0.cfg.id;
         let refuse = |why: String| {
             self.0.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -116,6 +119,9 @@ impl Api {
             Ok(m) => m,
             Err(e) => return refuse(format!("not a raft message: {e}")),
         };
+        if let Some(p) = peer.filter(|p| *p != m.from) {
+            return refuse(format!("raft message from node {} on node {p}'s connection", m.from));
+        }
         if m.to != me {
             return refuse(format!("raft message for node {}; this is node {me}", m.to));
         }
@@ -137,7 +143,12 @@ static SNAPSHOT_STREAMS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_
 #[tonic::async_trait]
 impl RaftTransport for Api {
     async fn hello(&self, r: Request<PeerHello>) -> Result<Response<PeerHello>, Status> {
+        let peer = auth::caller(&self.0, &r)?.node;
         let h = r.into_inner();
+        if let Some(p) = peer.filter(|p| *p != h.node_id) {
+            self.0.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(Status::permission_denied(format!("a hello from node {} on node {p}'s connection", h.node_id)));
+        }
         if h.cluster_id != self.0.cluster_id {
             return Err(Status::invalid_argument(format!("a hello of cluster {:?}; this is cluster {}", h.cluster_id, self.0.cluster_id)));
         }
@@ -159,15 +170,17 @@ impl RaftTransport for Api {
     }
 
     async fn send(&self, r: Request<RaftEnvelope>) -> Result<Response<Ack>, Status> {
-        self.accept(r.into_inner())
+        let peer = auth::caller(&self.0, &r)?.node;
+        self.accept(r.into_inner(), peer)
     }
 
     async fn stream(&self, r: Request<tonic::Streaming<RaftBatch>>) -> Result<Response<Ack>, Status> {
+        let peer = auth::caller(&self.0, &r)?.node;
         let mut stream = r.into_inner();
         while let Some(batch) = stream.message().await? {
             for message in batch.messages {
                 // A bad message is refused and counted; the stream goes on.
-                let _ = self.accept(RaftEnvelope { message, cluster_id: batch.cluster_id.clone() });
+                let _ = self.accept(RaftEnvelope { message, cluster_id: batch.cluster_id.clone() }, peer);
             }
         }
         Ok(Response::new(Ack {}))
@@ -178,6 +191,7 @@ impl RaftTransport for Api {
         let Ok(_permit) = SNAPSHOT_STREAMS.try_acquire() else {
             return Err(Status::resource_exhausted("another snapshot is being received; retry"));
         };
+        let peer = auth::caller(&self.0, &r)?.node;
         let mut stream = r.into_inner();
         let mut env = RaftEnvelope { cluster_id: self.0.cluster_id.clone(), ..Default::default() };
         while let Some(chunk) = stream.message().await? {
@@ -192,6 +206,6 @@ impl RaftTransport for Api {
             }
             env.message.extend_from_slice(&chunk.data);
         }
-        self.accept(env)
+        self.accept(env, peer)
     }
 }

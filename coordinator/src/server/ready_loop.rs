@@ -136,6 +136,17 @@ fn leader_duties(core: &mut Core, shared: &Shared, new_leader: bool) {
         }
         duties.tick(shared.now(), unix_ms(), shared.cfg.lease.as_millis() as u64, &shared.cfg.peers, &state, &group)
     };
+    // The cluster's first tokens: proposed by whoever leads first, again every 2 s until one
+    // commits (apply takes only the first).
+    if let Some(auth) = shared.cfg.auth.as_ref().filter(|a| !a.bootstrap.is_empty()) {
+        let now = shared.now().max(1);
+        let last = shared.bootstrap_proposed.load(std::sync::atomic::Ordering::Relaxed);
+        if (last == 0 || now >= last + 2000) && !shared.state.read().expect("state lock").tokens_bootstrapped() {
+            shared.bootstrap_proposed.store(now, std::sync::atomic::Ordering::Relaxed);
+            let tokens = shoal_proto::TokenBootstrap { tokens: auth.bootstrap.clone() };
+            let _ = core.propose(Command { kind: Some(command::Kind::BootstrapTokens(tokens)), ..Default::default() }, None);
+        }
+    }
     for action in actions {
         match action {
             Action::Propose(kind) => {

@@ -15,6 +15,7 @@ mod pipelines;
 mod placement;
 mod registry;
 mod templates;
+mod tokens;
 mod workers;
 
 pub use batch::is_batch;
@@ -42,6 +43,8 @@ pub enum ApplyOutput {
     Template(Box<JobTemplate>),
     Pipeline(Box<shoal_proto::PipelineInfo>),
     PipelineRun(Box<shoal_proto::PipelineRun>),
+    /// A token created or revoked (its record, hash included: the API strips it).
+    Token(Box<shoal_proto::TokenRecord>),
     Settings(CoordinatorSettings),
     /// Jobs removed by retention, and finished jobs past it kept because something refers
     /// to them.
@@ -129,6 +132,7 @@ enum Recorded {
     Template(u64),
     Pipeline(String),
     PipelineRun(String),
+    Token(String),
     Nothing,
 }
 
@@ -144,6 +148,7 @@ impl Recorded {
             Recorded::Template(t) => request_record::Outcome::TemplateId(*t),
             Recorded::Pipeline(p) => request_record::Outcome::Pipeline(p.clone()),
             Recorded::PipelineRun(r) => request_record::Outcome::PipelineRun(r.clone()),
+            Recorded::Token(t) => request_record::Outcome::Token(t.clone()),
             Recorded::Nothing => request_record::Outcome::Nothing(true),
         }
     }
@@ -210,6 +215,9 @@ pub struct StateMachine {
     pipeline_cache: BTreeMap<String, shoal_proto::PipelineCacheEntry>,
     /// Pipeline specs parsed once (derived from the texts above).
     specs: pipelines::SpecCache,
+    /// Access tokens by id (hashes only), and whether the cluster's first ones are in.
+    tokens: BTreeMap<String, shoal_proto::TokenRecord>,
+    tokens_bootstrapped: bool,
 }
 
 impl StateMachine {
@@ -292,6 +300,12 @@ impl StateMachine {
         for e in cache {
             message::encode(19, e, &mut buf);
         }
+        for t in self.tokens.values() {
+            message::encode(20, t, &mut buf);
+        }
+        if self.tokens_bootstrapped {
+            prost::encoding::bool::encode(21, &self.tokens_bootstrapped, &mut buf);
+        }
         buf
     }
 
@@ -322,6 +336,7 @@ impl StateMachine {
                 request_record::Outcome::TemplateId(t) => Recorded::Template(t),
                 request_record::Outcome::Pipeline(p) => Recorded::Pipeline(p),
                 request_record::Outcome::PipelineRun(r) => Recorded::PipelineRun(r),
+                request_record::Outcome::Token(t) => Recorded::Token(t),
                 request_record::Outcome::Nothing(_) => Recorded::Nothing,
             };
             sm.request_order.push_back(r.request_id.clone());
@@ -348,6 +363,8 @@ impl StateMachine {
         sm.pipeline_runs = s.pipeline_runs.into_iter().map(|r| (r.seq, r)).collect();
         sm.next_run_seq = s.next_run_seq;
         sm.pipeline_cache = s.pipeline_cache.into_iter().map(|e| (e.key.clone(), e)).collect();
+        sm.tokens = s.tokens.into_iter().map(|t| (t.id.clone(), t)).collect();
+        sm.tokens_bootstrapped = s.tokens_bootstrapped;
         Ok(sm)
     }
 
@@ -458,6 +475,7 @@ impl StateMachine {
                 ApplyOutput::Template(t) => Recorded::Template(t.id),
                 ApplyOutput::Pipeline(p) => Recorded::Pipeline(p.name.clone()),
                 ApplyOutput::PipelineRun(r) => Recorded::PipelineRun(r.id.clone()),
+                ApplyOutput::Token(t) => Recorded::Token(t.id.clone()),
                 ApplyOutput::None | ApplyOutput::Settings(_) | ApplyOutput::Pruned { .. } => Recorded::Nothing,
             };
             self.remember(request_id, rec);
@@ -485,6 +503,7 @@ impl StateMachine {
             Recorded::Template(id) => self.templates.get(id).map(|t| ApplyOutput::Template(Box::new(t.clone()))).unwrap_or(ApplyOutput::None),
             Recorded::Pipeline(name) => self.pipelines.get(name).map(|p| ApplyOutput::Pipeline(Box::new(p.clone()))).unwrap_or(ApplyOutput::None),
             Recorded::PipelineRun(id) => self.pipeline_run(id).map(|r| ApplyOutput::PipelineRun(Box::new(r.clone()))).unwrap_or(ApplyOutput::None),
+            Recorded::Token(id) => self.tokens.get(id).map(|t| ApplyOutput::Token(Box::new(t.clone()))).unwrap_or(ApplyOutput::None),
             Recorded::Nothing => ApplyOutput::None,
         }
     }
@@ -551,6 +570,9 @@ impl StateMachine {
             command::Kind::PipelineCacheVerdict(v) => self.pipeline_cache_verdict(index, v),
             command::Kind::PipelineIncoming(l) => self.pipeline_incoming(index, l),
             command::Kind::PipelineFileDigests(d) => self.pipeline_file_digests(index, d),
+            command::Kind::BootstrapTokens(b) => self.bootstrap_tokens(b),
+            command::Kind::CreateToken(t) => self.create_token(t),
+            command::Kind::RevokeToken(id) => self.revoke_token(&id),
         }
     }
 }

@@ -171,6 +171,13 @@ pub struct Step {
     pub params: toml::Table,
 }
 
+impl Step {
+    /// Whether the step runs commands of its own on the workers (an `exec` batch).
+    pub fn runs_commands(&self) -> bool {
+        self.kind == StepKind::Batch && self.params.get("spec").and_then(|s| s.get("operator")).and_then(|o| o.get("kind")).and_then(|k| k.as_str()) == Some("exec")
+    }
+}
+
 /// `[trigger]`: a run for each range of new versions of a dataset.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TriggerSpec {

@@ -5,7 +5,7 @@ use shoal_proto::{JobAssigned, UpdateProgress};
 
 /// spec(2) as the `[step.spec]` tables of a train step.
 pub(super) fn train_table() -> String {
-    spec(2).lines().map(|l| if l.starts_with('[') { format!("[step.spec.{}", &l[1..]) } else { l.to_string() }).collect::<Vec<_>>().join("\n")
+    spec(2).lines().map(|l| match l.strip_prefix('[') { Some(rest) => format!("[step.spec.{rest}"), None => l.to_string() }).collect::<Vec<_>>().join("\n")
 }
 
 /// train -> register (when accuracy >= 0.5) -> evaluate the registered model; `extra` is

@@ -1,0 +1,192 @@
+//! Tokens and roles on a real cluster: every gRPC method called with every role and with no
+//! token gets exactly the method table's answer; revoked, forged and expired tokens are
+//! refused; exec batch jobs need admin or the exec grant; a Raft message whose `from` is not
+//! the node its peer token names is dropped and counted.
+
+mod common;
+use std::time::Duration;
+
+use common::*;
+use shoal_core::auth::{Access, Role, Token, TokenKey, METHODS};
+
+/// Methods whose request or reply is a stream.
+const CLIENT_STREAMING: [&str; 3] = ["/shoal.v1.Coordinator/PutObjects", "/shoal.v1.RaftTransport/SendStream", "/shoal.v1.RaftTransport/Stream"];
+const SERVER_STREAMING: [&str; 2] = ["/shoal.v1.Coordinator/GetObject", "/grpc.health.v1.Health/Watch"];
+
+/// Calls `path` with an empty request (every field at its default) and `token`; Ok(()) when
+/// the guard let it through (the method may still refuse the empty request), else the
+/// guard's status.
+async fn call(addr: &str, path: &'static str, token: Option<&str>) -> Result<(), tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    let path = http::uri::PathAndQuery::from_static(path);
+    let p = path.as_str();
+    let result = if CLIENT_STREAMING.contains(&p) {
+        grpc.client_streaming(with_token(tonic::Request::new(tokio_stream::iter(Vec::<()>::new())), token), path, codec).await.map(|_| ())
+    } else if SERVER_STREAMING.contains(&p) {
+        grpc.server_streaming(with_token(tonic::Request::new(()), token), path, codec).await.map(|_| ())
+    } else {
+        grpc.unary(with_token(tonic::Request::new(()), token), path, codec).await.map(|_| ())
+    };
+    match result {
+        Err(s) if s.metadata().get("shoal-guard").is_some() => Err(s),
+        _ => Ok(()),
+    }
+}
+
+fn with_token<T>(mut r: tonic::Request<T>, token: Option<&str>) -> tonic::Request<T> {
+    if let Some(t) = token {
+        r.metadata_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    r
+}
+
+fn create(c: &UpCluster, role: &str, extra: &[&str]) -> String {
+    let v = json(c.cmd(&["token", "create", "--role", role, "--name", &format!("test {role}"), "--json"]).args(extra));
+    v["token"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn every_method_with_every_role_gets_the_tables_answer() {
+    let c = UpCluster::start_with(&["--workers", "0"]);
+    let addr = c.endpoints();
+    let ca = c.dir().join("ca");
+    let admin = std::fs::read_to_string(ca.join("admin.token")).unwrap().trim().to_string();
+    let key = TokenKey::load(&ca.join("token.key")).unwrap();
+    let operator = create(&c, "operator", &[]);
+    let viewer = create(&c, "viewer", &[]);
+    let worker = create(&c, "worker", &[]);
+    let peer = key.peer_token(1);
+    let forged = Token { id: Token::parse(&admin).unwrap().id, secret: [7; 32] }.to_string();
+    let other_cluster_peer = TokenKey::generate().peer_token(1);
+    let callers: Vec<(&str, Option<Role>, Option<&str>)> = vec![
+        ("no token", None, None),
+        ("admin", Some(Role::Admin), Some(&admin)),
+        ("operator", Some(Role::Operator), Some(&operator)),
+        ("viewer", Some(Role::Viewer), Some(&viewer)),
+        ("worker", Some(Role::Worker), Some(&worker)),
+        ("peer", Some(Role::Peer), Some(&peer)),
+        ("forged", None, Some(&forged)),
+        ("another cluster's peer", None, Some(&other_cluster_peer)),
+    ];
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut checked = 0;
+    for (path, access) in METHODS {
+        for (who, role, token) in &callers {
+            let allowed = match access {
+                Access::Open => true,
+                Access::Roles(roles) => role.is_some_and(|r| roles.contains(&r)),
+            };
+            let got = rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), call(&addr, path, *token)).await }).unwrap_or_else(|_| panic!("{path} as {who}: no answer"));
+            match (allowed, got) {
+                (true, Ok(())) => {}
+                (true, Err(s)) => panic!("{path} as {who}: refused ({:?} {}) though the table allows it", s.code(), s.message()),
+                (false, Ok(())) => panic!("{path} as {who}: let through though the table refuses it"),
+                (false, Err(s)) => {
+                    let want = if role.is_some() { tonic::Code::PermissionDenied } else { tonic::Code::Unauthenticated };
+                    assert_eq!(s.code(), want, "{path} as {who}: {}", s.message());
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, METHODS.len() * callers.len());
+    // An unknown method is refused to everyone, admin included.
+    let e = rt.block_on(call(&addr, "/shoal.v1.Coordinator/NoSuchMethod", Some(&admin))).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
+    let status = json(&mut c.cmd(&["status", "--json"]));
+    let node = &status["coordinators"][0];
+    assert_eq!(node["auth"], "tokens", "{status}");
+    assert!(node["refused_calls"].as_u64().unwrap() > 100, "{status}");
+}
+
+#[test]
+fn revoked_expired_and_unknown_tokens_are_refused_and_exec_needs_a_grant() {
+    let c = UpCluster::start_with(&["--workers", "0"]);
+    let as_token = |t: &str, args: &[&str]| {
+        let mut cmd = c.cmd(args);
+        cmd.env("SHOAL_TOKEN", t);
+        cmd
+    };
+    // A viewer reads, cannot write, and is refused from the revocation's commit on.
+    let viewer = create(&c, "viewer", &[]);
+    ok(&mut as_token(&viewer, &["job", "list"]));
+    let e = fails(as_token(&viewer, &["data", "import", "tiny", "--json"]).args(write_tiny_idx(c.tmp.path())));
+    assert!(e.contains("a viewer token may not call"), "{e}");
+    let id = Token::parse(&viewer).unwrap().id;
+    let listed = json(&mut c.cmd(&["token", "list", "--json"]));
+    let row = listed["tokens"].as_array().unwrap().iter().find(|t| t["id"] == id.as_str()).unwrap().clone();
+    assert_eq!((row["role"].as_str(), row["revoked_ms"].as_u64()), (Some("viewer"), Some(0)), "{listed}");
+    assert!(!listed.to_string().contains(&viewer[23..]), "a listing never shows a secret");
+    ok(&mut c.cmd(&["token", "revoke", &id]));
+    let e = fails(&mut as_token(&viewer, &["job", "list"]));
+    assert!(e.contains("revoked"), "{e}");
+    // The last admin token cannot be revoked (nobody could manage the cluster after).
+    let admin_id = Token::parse(std::fs::read_to_string(c.dir().join("ca/admin.token")).unwrap().trim()).unwrap().id;
+    let e = fails(&mut c.cmd(&["token", "revoke", &admin_id]));
+    assert!(e.contains("last admin token"), "{e}");
+    // A token with a one-second life works, then does not.
+    let brief = create(&c, "viewer", &["--ttl", "1s"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let e = fails(&mut as_token(&brief, &["job", "list"]));
+    assert!(e.contains("expired"), "{e}");
+    // A token of the right shape that the cluster never made; a malformed SHOAL_TOKEN.
+    let e = fails(&mut as_token(&Token::generate().to_string(), &["job", "list"]));
+    assert!(e.contains("unknown token"), "{e}");
+    let e = fails(&mut as_token("hunter2", &["job", "list"]));
+    assert!(e.contains("SHOAL_TOKEN") && e.contains("not a shoal token"), "{e}");
+
+    // exec batch jobs run commands on every worker: an operator needs the exec grant.
+    let files = write_tiny_idx(c.tmp.path());
+    ok(c.cmd(&["data", "import", "tiny"]).args(&files));
+    let spec = c.write_spec(
+        "exec.toml",
+        "name = \"x\"\nkind = \"batch\"\n[input]\ndataset = \"tiny\"\n[operator]\nkind = \"exec\"\ncommand = [\"/bin/cp\", \"{input}\", \"{output}\"]\n[output]\ndataset = \"copied\"\n[cluster]\nworkers = 1\n",
+    );
+    let operator = create(&c, "operator", &[]);
+    let e = fails(as_token(&operator, &["job", "submit"]).arg(&spec));
+    assert!(e.contains("exec grant"), "{e}");
+    let granted = create(&c, "operator", &["--grant", "exec"]);
+    ok(as_token(&granted, &["job", "submit"]).arg(&spec));
+    ok(c.cmd(&["job", "submit"]).arg(&spec));
+    // A pipeline with an exec step is the same.
+    let pipeline = c.write_spec("p.toml", "name = \"p\"\n[[step]]\nname = \"x\"\nkind = \"batch\"\nspec = \"exec.toml\"\n");
+    let e = fails(as_token(&operator, &["pipeline", "submit"]).arg(&pipeline));
+    assert!(e.contains("exec grant"), "{e}");
+    ok(as_token(&granted, &["pipeline", "submit"]).arg(&pipeline));
+}
+
+#[test]
+fn a_raft_message_must_come_from_the_node_its_token_names() {
+    use protobuf::Message as _;
+    let c = UpCluster::start_with(&["--workers", "0"]);
+    let addr = c.endpoints();
+    let key = TokenKey::load(&c.dir().join("ca/token.key")).unwrap();
+    let status = json(&mut c.cmd(&["status", "--json"]));
+    let cluster_id = status["coordinators"][0]["cluster_id"].as_str().unwrap().to_string();
+    let dropped = || json(&mut c.cmd(&["status", "--json"]))["coordinators"][0]["dropped_raft_messages"].as_u64().unwrap();
+    let before = dropped();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        let bearer = shoal_coordinator::client::Bearer::new(Some(&key.peer_token(2))).unwrap();
+        let mut client = shoal_proto::raft_transport_client::RaftTransportClient::with_interceptor(channel, bearer);
+        // Node 2's connection, a message that says it is from node 3.
+        let mut m = raft::eraftpb::Message::default();
+        m.set_msg_type(raft::eraftpb::MessageType::MsgHeartbeat);
+        (m.from, m.to, m.term) = (3, 1, 99);
+        let env = shoal_proto::RaftEnvelope { cluster_id: cluster_id.clone(), message: m.write_to_bytes().unwrap() };
+        let e = client.send(env).await.unwrap_err();
+        assert!(e.message().contains("on node 2's connection"), "{}", e.message());
+        // And a hello that claims another node.
+        let hello = shoal_proto::PeerHello { cluster_id, node_id: 3, ..Default::default() };
+        let e = client.hello(hello).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
+    });
+    assert_eq!(dropped(), before + 2, "both counted");
+    // The forged term changed nothing: the node still leads in term 1... or the term it had.
+    let after = json(&mut c.cmd(&["status", "--json"]));
+    assert_eq!(after["coordinators"][0]["term"], status["coordinators"][0]["term"], "{after}");
+}

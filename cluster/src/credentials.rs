@@ -1,0 +1,125 @@
+//! A cluster's credentials: what `shoal ca init` makes once in the admin's folder, and what
+//! `shoal ca issue` hands each process. `shoal up` does both for a local cluster.
+//!
+//! The admin's folder (`ca/` under a local cluster's folder) holds:
+//! - `token.key`: the cluster's token key (coordinators hash and check tokens with it);
+//! - `bootstrap.pb`: the tokens the cluster starts with (ids, roles, keyed hashes);
+//! - `admin.token`, `worker.token`: those tokens themselves.
+//!
+//! Every file is written owner-only (0600) and refused when others may read it.
+
+use std::path::{Path, PathBuf};
+
+use shoal_core::auth::{read_secret_file, read_secret_text, write_secret_file, Role, Token, TokenKey};
+use shoal_coordinator::server::{BOOTSTRAP_FILE, TOKEN_KEY_FILE};
+use shoal_proto::{Message, TokenBootstrap, TokenRecord};
+
+use crate::ClusterError;
+
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+pub const WORKER_TOKEN_FILE: &str = "worker.token";
+
+fn io(e: impl std::fmt::Display) -> ClusterError {
+    ClusterError::Io(e.to_string())
+}
+
+/// Creates a folder of secrets that only its owner may enter (0700).
+fn private_dir(dir: &Path) -> Result<(), ClusterError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(|e| io(format!("{}: {e}", dir.display())))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| io(format!("{}: {e}", dir.display())))
+}
+
+/// The admin's folder of a cluster's credentials.
+#[derive(Clone, Debug)]
+pub struct Authority {
+    pub dir: PathBuf,
+}
+
+impl Authority {
+    pub fn new(dir: impl Into<PathBuf>) -> Authority {
+        Authority { dir: dir.into() }
+    }
+
+    pub fn exists(&self) -> bool {
+        self.dir.join(TOKEN_KEY_FILE).exists()
+    }
+
+    /// Makes the token key and the first admin and worker tokens. Refuses a folder that has
+    /// them already (a second key would lock every existing token out). Returns the admin
+    /// token, which the caller shows once.
+    pub fn init(&self) -> Result<Token, ClusterError> {
+        if self.exists() {
+            return Err(ClusterError::Startup(format!("{} holds a cluster's credentials already", self.dir.display())));
+        }
+        private_dir(&self.dir)?;
+        let key = TokenKey::generate();
+        let (admin, worker) = (Token::generate(), Token::generate());
+        let record = |t: &Token, role: Role, name: &str| TokenRecord { id: t.id.clone(), role: role.as_str().into(), name: name.into(), hash: key.hash(&t.secret).to_vec(), ..Default::default() };
+        let bootstrap = TokenBootstrap { tokens: vec![record(&admin, Role::Admin, "admin"), record(&worker, Role::Worker, "workers")] };
+        // The key last: its presence says the folder is whole.
+        write_secret_file(&self.dir.join(BOOTSTRAP_FILE), &bootstrap.encode_to_vec()).map_err(io)?;
+        write_secret_file(&self.dir.join(ADMIN_TOKEN_FILE), format!("{admin}\n").as_bytes()).map_err(io)?;
+        write_secret_file(&self.dir.join(WORKER_TOKEN_FILE), format!("{worker}\n").as_bytes()).map_err(io)?;
+        write_secret_file(&self.dir.join(TOKEN_KEY_FILE), key.to_file_text().as_bytes()).map_err(io)?;
+        Ok(admin)
+    }
+
+    fn copy(&self, name: &str, out: &Path) -> Result<(), ClusterError> {
+        let bytes = read_secret_file(&self.dir.join(name)).map_err(io)?;
+        write_secret_file(&out.join(name), &bytes).map_err(io)
+    }
+
+    /// A coordinator's credentials folder (`serve coordinator --credentials OUT`).
+    pub fn issue_node(&self, out: &Path) -> Result<(), ClusterError> {
+        private_dir(out)?;
+        self.copy(TOKEN_KEY_FILE, out)?;
+        self.copy(BOOTSTRAP_FILE, out)
+    }
+
+    /// A worker's credentials folder (`serve worker --credentials OUT`).
+    pub fn issue_worker(&self, out: &Path) -> Result<(), ClusterError> {
+        private_dir(out)?;
+        self.copy(WORKER_TOKEN_FILE, out)
+    }
+
+    /// The admin token, if this folder has one.
+    pub fn admin_token(&self) -> Option<String> {
+        read_token(&self.dir.join(ADMIN_TOKEN_FILE))
+    }
+}
+
+/// A token file's token (None if there is no such file or it is not a token).
+pub fn read_token(path: &Path) -> Option<String> {
+    let text = read_secret_text(path).ok()?;
+    Token::parse(&text).ok().map(|t| t.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_once_and_issue() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::new(dir.path().join("ca"));
+        let admin = ca.init().unwrap();
+        assert_eq!(ca.admin_token().unwrap(), admin.to_string());
+        assert!(ca.init().unwrap_err().to_string().contains("already"), "a second init would change the key");
+        let node = dir.path().join("node");
+        ca.issue_node(&node).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        for d in [&ca.dir, &node] {
+            assert_eq!(std::fs::metadata(d).unwrap().permissions().mode() & 0o777, 0o700, "{}", d.display());
+        }
+        let auth = shoal_coordinator::server::AuthConfig::load(&node).unwrap();
+        assert_eq!(auth.bootstrap.len(), 2);
+        let who = shoal_coordinator::state::StateMachine::authenticate(&auth.bootstrap, &auth.key, &admin, 0).unwrap();
+        assert_eq!(who.role, Role::Admin);
+        let worker = dir.path().join("worker");
+        ca.issue_worker(&worker).unwrap();
+        let w = Token::parse(&read_token(&worker.join(WORKER_TOKEN_FILE)).unwrap()).unwrap();
+        assert_eq!(shoal_coordinator::state::StateMachine::authenticate(&auth.bootstrap, &auth.key, &w, 0).unwrap().role, Role::Worker);
+        assert!(!worker.join(TOKEN_KEY_FILE).exists(), "a worker never holds the token key");
+    }
+}
