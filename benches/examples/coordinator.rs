@@ -39,6 +39,11 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port()
 }
 
+/// A shoal coordinator's (TLS with the cluster's admin certificate).
+fn shoal_channel(addr: &str) -> Channel {
+    shoal_benches::endpoint(addr).connect_timeout(Duration::from_millis(300)).connect_lazy()
+}
+
 fn channel(addr: &str) -> Channel {
     Endpoint::from_shared(format!("http://{addr}")).expect("url").connect_timeout(Duration::from_millis(300)).connect_lazy()
 }
@@ -65,6 +70,8 @@ trait Group: Send + Sync + 'static {
     fn leader(&self) -> impl std::future::Future<Output = Result<usize>> + Send;
     fn kill(&mut self, i: usize) -> Result<()>;
     fn restart(&mut self, i: usize) -> Result<()>;
+    /// A connection to a member's client address.
+    fn channel(&self, addr: &str) -> Channel;
     /// One write through `ch`; Err if it did not commit.
     fn write(&self, ch: Channel, client: u64, seq: u64) -> impl std::future::Future<Output = Result<()>> + Send;
 }
@@ -167,6 +174,10 @@ impl Group for Etcd {
         Ok(())
     }
 
+    fn channel(&self, addr: &str) -> Channel {
+        channel(addr)
+    }
+
     async fn write(&self, ch: Channel, client: u64, seq: u64) -> Result<()> {
         let req = shoal_proto::etcd::PutRequest { key: format!("bench/{client}/{seq}").into_bytes(), value: vec![b'v'; 256] };
         KvClient::new(ch).put(req).await?;
@@ -213,7 +224,7 @@ impl Shoal {
         while start.elapsed() < Duration::from_secs(30) {
             let mut up = 0;
             for ep in self.endpoints() {
-                if let Ok(s) = shoal_benches::rpc(channel(&ep)).get_status(StatusRequest::default()).await {
+                if let Ok(s) = shoal_benches::rpc(shoal_channel(&ep)).get_status(StatusRequest::default()).await {
                     if s.into_inner().node.is_some_and(|n| n.leader_id != 0) {
                         up += 1;
                     }
@@ -254,7 +265,7 @@ impl Group for Shoal {
 
     async fn leader(&self) -> Result<usize> {
         for (i, m) in self.members.iter().enumerate().filter(|(_, m)| m.1.is_some()) {
-            if let Ok(s) = shoal_benches::rpc(channel(&m.0)).get_status(StatusRequest::default()).await {
+            if let Ok(s) = shoal_benches::rpc(shoal_channel(&m.0)).get_status(StatusRequest::default()).await {
                 if s.into_inner().node.is_some_and(|n| n.role == "leader") {
                     return Ok(i);
                 }
@@ -283,6 +294,10 @@ impl Group for Shoal {
         let child = Command::new(&self.exe).args(&args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?;
         self.members[i].1 = Some(child.id());
         Ok(())
+    }
+
+    fn channel(&self, addr: &str) -> Channel {
+        shoal_channel(addr)
     }
 
     async fn write(&self, ch: Channel, client: u64, seq: u64) -> Result<()> {
@@ -319,7 +334,7 @@ async fn failover_trial(g: &mut impl Group, trial: u64) -> Result<f64> {
         }
         let ep = &eps[seq as usize % eps.len()];
         seq += 1;
-        if let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(300), g.write(channel(ep), 1_000_000 + trial, seq)).await {
+        if let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(300), g.write(g.channel(ep), 1_000_000 + trial, seq)).await {
             break killed.elapsed().as_secs_f64();
         }
         if (seq as usize).is_multiple_of(eps.len()) {
@@ -361,7 +376,7 @@ async fn failover(args: &[String]) -> Result<()> {
 /// `clients` writers for `seconds`, sharing `conns` connections to the leader.
 async fn load<G: Group>(g: &Arc<G>, clients: u64, conns: usize, seconds: f64) -> Result<(f64, Vec<f64>)> {
     let leader = g.endpoints()[g.leader().await?].clone();
-    let chans: Vec<Channel> = (0..conns.max(1)).map(|_| channel(&leader)).collect();
+    let chans: Vec<Channel> = (0..conns.max(1)).map(|_| g.channel(&leader)).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -446,7 +461,7 @@ async fn time_restart(exe: &Path, args: &[String], addr: &str, entries: u64) -> 
         if start.elapsed() > Duration::from_secs(600) {
             bail!("the replica did not come back within 10 minutes");
         }
-        if let Ok(s) = shoal_benches::rpc(channel(addr)).get_status(StatusRequest::default()).await {
+        if let Ok(s) = shoal_benches::rpc(shoal_channel(addr)).get_status(StatusRequest::default()).await {
             if s.into_inner().node.is_some_and(|n| n.role == "leader" && n.applied_index >= entries) {
                 return Ok((start.elapsed().as_secs_f64(), child));
             }
@@ -460,7 +475,7 @@ async fn restart(args: &[String]) -> Result<()> {
     // No compaction while the log fills: the first restart replays all of it.
     let mut shoal = Shoal::start(1, &["--snapshot-every", "100000000"]).await?;
     let addr = shoal.endpoints()[0].clone();
-    let chans: Vec<Channel> = (0..10).map(|_| channel(&addr)).collect();
+    let chans: Vec<Channel> = (0..10).map(|_| shoal_channel(&addr)).collect();
     let t = Instant::now();
     // Writes that change nothing but are committed like any other: cancelling a job that
     // does not exist (refused when applied), so the state stays small and the log is all.
@@ -477,7 +492,7 @@ async fn restart(args: &[String]) -> Result<()> {
     for t in tasks {
         t.await?;
     }
-    let status = shoal_benches::rpc(channel(&addr)).get_status(StatusRequest::default()).await?.into_inner();
+    let status = shoal_benches::rpc(shoal_channel(&addr)).get_status(StatusRequest::default()).await?.into_inner();
     let applied = status.node.context("status")?.applied_index;
     println!("restart: {applied} entries committed in {:.1} s", t.elapsed().as_secs_f64());
     let log = shoal.dir.path().join("cluster/coordinators/1/raft.log");

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use shoal_proto::{Message, MetricChunk, MetricChunkRef, MetricChunkReport, MetricPoint, SubmitJobRequest};
-use tonic::transport::Endpoint;
 
 const USAGE: &str = "usage: history [--jobs N] [--metrics M] [--steps S] [--samples K]";
 const CHUNK_POINTS: u64 = 4096;
@@ -109,7 +108,7 @@ fn run(exe: &Path, dir: &Path, tmp: &Path, jobs: u64, metrics: u64, steps: u64, 
     shoal(exe, dir, &["data", "import", "tiny", x.to_str().unwrap(), y.to_str().unwrap()])?;
 
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let channel = rt.block_on(Endpoint::from_shared(format!("http://{grpc}"))?.connect())?;
+    let channel = rt.block_on(shoal_benches::endpoint(&grpc).connect())?;
     let mut client = shoal_benches::rpc(channel);
     println!("history: {jobs} jobs x {metrics} metrics x {steps} steps ({} points), chunks of {CHUNK_POINTS} points", jobs * metrics * steps);
     let t = Instant::now();

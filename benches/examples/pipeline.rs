@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use shoal_proto::{ListPipelineRunsRequest, PipelineRunRequest, RunPipelineRequest};
-use tonic::transport::Endpoint;
 
 const USAGE: &str = "pipeline schedule [--slots 1000] [--kill-every-s 0] | cache [--steps 50]";
 
@@ -39,7 +38,7 @@ fn run(exe: &Path, args: &[&str]) -> Result<String> {
 }
 
 fn client(addr: &str) -> shoal_coordinator::client::Rpc {
-    let ch = Endpoint::from_shared(format!("http://{addr}")).expect("url").connect_timeout(Duration::from_secs(1)).timeout(Duration::from_secs(5)).connect_lazy();
+    let ch = shoal_benches::endpoint(addr).connect_timeout(Duration::from_secs(1)).timeout(Duration::from_secs(5)).connect_lazy();
     shoal_benches::rpc(ch).max_decoding_message_size(64 << 20)
 }
 

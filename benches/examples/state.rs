@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use shoal_proto::{GetDatasetRequest, GetJobRequest, HeartbeatRequest, ListDatasetsRequest, Message as _, StatusRequest};
-use tonic::transport::Endpoint;
 
 const USAGE: &str = "state [--shoal PATH] [--versions 10,100,1000] [--records 10] [--timeout-s 900]";
 
@@ -36,7 +35,7 @@ fn run(exe: &Path, args: &[&str]) -> Result<String> {
 }
 
 fn client(addr: &str) -> shoal_coordinator::client::Rpc {
-    let ch = Endpoint::from_shared(format!("http://{addr}")).expect("url").connect_lazy();
+    let ch = shoal_benches::endpoint(addr).connect_lazy();
     shoal_benches::rpc(ch).max_decoding_message_size(64 << 20)
 }
 

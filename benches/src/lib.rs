@@ -112,11 +112,19 @@ pub fn measure(mut cmd: Command, prefix: &str, what: &str) -> Result<Run> {
 
 
 static TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+static TLS: std::sync::OnceLock<Option<shoal_coordinator::tls::TlsFiles>> = std::sync::OnceLock::new();
 
-/// Raw gRPC clients of benchmarks carry the admin token of the `shoal up` cluster in `dir`
-/// (call once, after `up`).
+/// Raw gRPC clients of benchmarks carry the admin token and certificate of the `shoal up`
+/// cluster in `dir` (call once, after `up`).
 pub fn use_cluster_token(dir: &Path) {
-    let _ = TOKEN.set(shoal_cluster::Layout::new(dir).authority().admin_token());
+    let ca = shoal_cluster::Layout::new(dir).authority();
+    let _ = TOKEN.set(ca.admin_token());
+    let _ = TLS.set(ca.admin_tls().ok().flatten());
+}
+
+/// An endpoint of a shoal coordinator: TLS with the certificate `use_cluster_token` read.
+pub fn endpoint(addr: &str) -> tonic::transport::Endpoint {
+    shoal_coordinator::tls::endpoint(addr, TLS.get().and_then(|t| t.as_ref())).expect("a host:port")
 }
 
 /// A coordinator client over `ch` with the token `use_cluster_token` read.

@@ -61,15 +61,22 @@ pub enum CaCmd {
         dir: PathBuf,
     },
     /// Write a process's credentials folder from the admin's: `--node ID` for a coordinator
-    /// (`serve coordinator --credentials OUT`), `--worker` for a worker.
+    /// (`serve coordinator --credentials OUT`), `--worker` for a worker, `--client NAME` for a
+    /// person or program (`SHOAL_CLIENT_CREDENTIALS=OUT`, with a token from `token create`).
     Issue {
         /// The admin's folder (as given to `ca init`).
         #[arg(long)]
         dir: PathBuf,
-        #[arg(long, conflicts_with = "worker", required_unless_present = "worker")]
+        #[arg(long, conflicts_with_all = ["worker", "client"], required_unless_present_any = ["worker", "client"])]
         node: Option<u64>,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "client")]
         worker: bool,
+        #[arg(long)]
+        client: Option<String>,
+        /// Host names or IP addresses the certificate also names (clients of shoal check the
+        /// name `shoal`; other tools check the address they dial).
+        #[arg(long, value_delimiter = ',')]
+        host: Vec<String>,
         /// The folder to write.
         #[arg(long)]
         out: PathBuf,
@@ -167,16 +174,18 @@ pub fn ca(cmd: CaCmd) -> Result<()> {
             eprintln!("credentials made in {} (keep it private); the admin token, shown once:", dir.display());
             println!("{admin}");
         }
-        CaCmd::Issue { dir, node, worker, out } => {
+        CaCmd::Issue { dir, node, worker, client, host, out } => {
             let ca = Authority::new(&dir);
             if !ca.exists() {
                 bail!("{} holds no credentials; make them with `shoal ca init --dir {}`", dir.display(), dir.display());
             }
-            match (node, worker) {
-                (Some(0), _) => bail!("--node: coordinator ids start at 1"),
-                (Some(_), _) => ca.issue_node(&out)?,
-                (None, true) => ca.issue_worker(&out)?,
-                (None, false) => bail!("give --node ID or --worker"),
+            match (node, worker, client) {
+                (Some(0), _, _) => bail!("--node: coordinator ids start at 1"),
+                (Some(id), _, _) => ca.issue_node(&out, id, &host)?,
+                (None, true, _) => ca.issue_worker(&out, &host)?,
+                (None, false, Some(name)) if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) => ca.issue_client(&out, &name)?,
+                (None, false, Some(name)) => bail!("--client {name:?}: a name of letters, digits, '-', '_' and '.'"),
+                (None, false, None) => bail!("give --node ID, --worker or --client NAME"),
             }
             println!("credentials written to {}", out.display());
         }

@@ -33,6 +33,8 @@ pub struct Dashboard {
     pub store: Option<std::path::PathBuf>,
     /// What its reads carry: this coordinator's peer token (None without credentials).
     pub token: Option<String>,
+    /// And its certificate (None: plaintext).
+    pub tls: Option<shoal_coordinator::tls::TlsFiles>,
 }
 
 impl Dashboard {
@@ -41,7 +43,7 @@ impl Dashboard {
     }
 
     fn client_of(&self, endpoints: &[String], deadline_s: u64) -> Result<Client, String> {
-        Client::new(endpoints).and_then(|c| c.with_token(self.token.as_deref())).map(|c| c.with_deadline(std::time::Duration::from_secs(deadline_s))).map_err(|e| e.to_string())
+        Client::new(endpoints).and_then(|c| c.with_token(self.token.as_deref())).and_then(|c| c.with_tls(self.tls.clone())).map(|c| c.with_deadline(std::time::Duration::from_secs(deadline_s))).map_err(|e| e.to_string())
     }
 }
 

@@ -201,7 +201,22 @@ impl Conn {
     fn client(&self) -> Result<Client> {
         let layout = Layout::new(self.dir.clone().unwrap_or_else(default_dir));
         let endpoints = if self.endpoints.is_empty() { layout.endpoints()? } else { self.endpoints.clone() };
-        Ok(Client::new(&endpoints)?.with_token(token(&layout)?.as_deref())?)
+        Ok(Client::new(&endpoints)?.with_token(token(&layout)?.as_deref())?.with_tls(client_tls(&layout)?)?)
+    }
+}
+
+/// The certificate calls show: `SHOAL_CLIENT_CREDENTIALS` (a folder from `shoal ca issue
+/// --client`), else the cluster folder's admin certificate; none: plaintext.
+fn client_tls(layout: &Layout) -> Result<Option<shoal_coordinator::tls::TlsFiles>> {
+    match std::env::var_os("SHOAL_CLIENT_CREDENTIALS") {
+        Some(dir) if !dir.is_empty() => {
+            let dir = PathBuf::from(dir);
+            shoal_coordinator::tls::TlsFiles::load(&dir, "client")
+                .map_err(anyhow::Error::msg)?
+                .map(Some)
+                .with_context(|| format!("SHOAL_CLIENT_CREDENTIALS: {} holds no client certificate (`shoal ca issue --client NAME`)", dir.display()))
+        }
+        _ => Ok(layout.authority().admin_tls()?),
     }
 }
 
@@ -984,7 +999,7 @@ async fn cluster_status(conn: &Conn) -> Result<(Vec<serde_json::Value>, Vec<serd
                 let n = s.node.unwrap_or_default();
                 coords.push(json!({"id": n.id, "address": n.address, "role": n.role, "term": n.term, "commit_index": n.commit_index,
                     "applied_index": n.applied_index, "snapshot_index": n.snapshot_index, "state_hash": n.state_hash, "state_bytes": n.state_bytes, "leader_id": n.leader_id,
-                    "cluster_id": n.cluster_id, "store": n.store_dir, "dropped_raft_messages": n.dropped_raft_messages, "refused_calls": n.refused_calls, "auth": n.auth, "pid": n.pid, "reachable": true}));
+                    "cluster_id": n.cluster_id, "store": n.store_dir, "dropped_raft_messages": n.dropped_raft_messages, "refused_calls": n.refused_calls, "auth": n.auth, "tls": n.tls, "pid": n.pid, "reachable": true}));
                 if n.role == "leader" || workers.is_empty() {
                     workers = s.workers;
                 }

@@ -190,6 +190,10 @@ pub async fn serve(cmd: ServeCmd) -> Result<()> {
         ServeCmd::Coordinator { id, listen, advertise, peers, data, store, lease_ms, addr_file, cluster_id, initial_state, snapshot_every, credentials, http } => {
             shoal_core::node::set_node(&format!("coordinator-{id}"));
             let auth = credentials.as_deref().map(shoal_coordinator::server::AuthConfig::load).transpose()?;
+            let tls = match credentials.as_deref() {
+                Some(dir) => shoal_coordinator::tls::TlsFiles::load(dir, "node").map_err(anyhow::Error::msg)?,
+                None => None,
+            };
             let listener = bind_retrying(&listen).await?;
             let bound = listener.local_addr()?;
             let mut peers = parse_peers(id, &listen, &peers)?;
@@ -204,7 +208,7 @@ pub async fn serve(cmd: ServeCmd) -> Result<()> {
             let endpoints = std::iter::once(addr.clone()).chain(peers.iter().filter(|(p, _)| **p != id).map(|(_, a)| a.clone())).collect();
             let store = store.open()?;
             let token = auth.as_ref().map(|a| a.key.peer_token(id));
-            let (_, http) = http.start(Some(dashboard::Dashboard { endpoints, store: store.local_root().map(Into::into), token })).await?;
+            let (_, http) = http.start(Some(dashboard::Dashboard { endpoints, store: store.local_root().map(Into::into), token, tls: tls.clone() })).await?;
             if let Some(f) = addr_file {
                 shoal_core::fsutil::write_atomic(&f, addr.as_bytes())?;
             }
@@ -224,6 +228,7 @@ pub async fn serve(cmd: ServeCmd) -> Result<()> {
                 snapshot_every,
                 build: env!("SHOAL_BUILD").into(),
                 auth,
+                tls,
             };
             let served = shoal_coordinator::serve(cfg, listener, shutdown_signal()).await;
             http.abort();
@@ -238,6 +243,10 @@ pub async fn serve(cmd: ServeCmd) -> Result<()> {
                     Some(text.trim().to_string())
                 }
                 None => std::env::var("SHOAL_TOKEN").ok().filter(|t| !t.trim().is_empty()),
+            };
+            let tls = match &credentials {
+                Some(dir) => shoal_coordinator::tls::TlsFiles::load(dir, "worker").map_err(anyhow::Error::msg)?,
+                None => None,
             };
             if !(cache_gb.is_finite() && cache_gb >= 0.0) {
                 bail!("--cache-gb must be a size in GB (0 or more), not {cache_gb}");
@@ -262,6 +271,7 @@ pub async fn serve(cmd: ServeCmd) -> Result<()> {
                 heartbeat: Duration::from_millis(heartbeat_ms.max(10)),
                 collective_timeout: Duration::from_secs(collective_timeout_s.max(1)),
                 token,
+                tls,
             };
             let served = shoal_worker::run_worker(cfg, listener, shutdown_signal()).await;
             http.abort();

@@ -92,10 +92,13 @@ fn the_s3_overlay_moves_the_store_to_a_bucket_with_credentials_only_in_the_serve
 #[test]
 fn the_coordinators_grpc_health_says_serving_once_a_leader_is_known() {
     let c = UpCluster::start(0);
-    let endpoint = format!("http://{}", c.endpoints().split(',').next().unwrap());
+    let endpoint = c.endpoints().split(',').next().unwrap().to_string();
+    // As Kubernetes' probe does: TLS that checks the server, with no client certificate.
+    let ca = std::fs::read(c.dir().join("ca/ca.crt")).unwrap();
+    let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca)).domain_name("shoal");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let status = rt.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(endpoint).unwrap().connect().await.unwrap();
+        let channel = tonic::transport::Endpoint::from_shared(format!("https://{endpoint}")).unwrap().tls_config(tls).unwrap().connect().await.unwrap();
         let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
         let mut last = None;
         for _ in 0..50 {

@@ -7,7 +7,13 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use shoal_coordinator::tls::TlsFiles;
 use shoal_core::auth::{Access, Role, Token, TokenKey, METHODS};
+
+/// The admin's certificate (a client's channel; what it may do is its token's role).
+fn admin_tls(c: &UpCluster) -> TlsFiles {
+    TlsFiles::load(&c.dir().join("ca"), "admin").unwrap().unwrap()
+}
 
 /// Methods whose request or reply is a stream.
 const CLIENT_STREAMING: [&str; 3] = ["/shoal.v1.Coordinator/PutObjects", "/shoal.v1.RaftTransport/SendStream", "/shoal.v1.RaftTransport/Stream"];
@@ -16,8 +22,8 @@ const SERVER_STREAMING: [&str; 2] = ["/shoal.v1.Coordinator/GetObject", "/grpc.h
 /// Calls `path` with an empty request (every field at its default) and `token`; Ok(()) when
 /// the guard let it through (the method may still refuse the empty request), else the
 /// guard's status.
-async fn call(addr: &str, path: &'static str, token: Option<&str>) -> Result<(), tonic::Status> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+async fn call(addr: &str, tls: &TlsFiles, path: &'static str, token: Option<&str>) -> Result<(), tonic::Status> {
+    let channel = shoal_coordinator::tls::endpoint(addr, Some(tls)).unwrap().connect().await.unwrap();
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
     let codec = tonic_prost::ProstCodec::<(), ()>::default();
@@ -52,6 +58,7 @@ fn create(c: &UpCluster, role: &str, extra: &[&str]) -> String {
 fn every_method_with_every_role_gets_the_tables_answer() {
     let c = UpCluster::start_with(&["--workers", "0"]);
     let addr = c.endpoints();
+    let tls = admin_tls(&c);
     let ca = c.dir().join("ca");
     let admin = std::fs::read_to_string(ca.join("admin.token")).unwrap().trim().to_string();
     let key = TokenKey::load(&ca.join("token.key")).unwrap();
@@ -79,7 +86,7 @@ fn every_method_with_every_role_gets_the_tables_answer() {
                 Access::Open => true,
                 Access::Roles(roles) => role.is_some_and(|r| roles.contains(&r)),
             };
-            let got = rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), call(&addr, path, *token)).await }).unwrap_or_else(|_| panic!("{path} as {who}: no answer"));
+            let got = rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), call(&addr, &tls, path, *token)).await }).unwrap_or_else(|_| panic!("{path} as {who}: no answer"));
             match (allowed, got) {
                 (true, Ok(())) => {}
                 (true, Err(s)) => panic!("{path} as {who}: refused ({:?} {}) though the table allows it", s.code(), s.message()),
@@ -94,11 +101,11 @@ fn every_method_with_every_role_gets_the_tables_answer() {
     }
     assert_eq!(checked, METHODS.len() * callers.len());
     // An unknown method is refused to everyone, admin included.
-    let e = rt.block_on(call(&addr, "/shoal.v1.Coordinator/NoSuchMethod", Some(&admin))).unwrap_err();
+    let e = rt.block_on(call(&addr, &tls, "/shoal.v1.Coordinator/NoSuchMethod", Some(&admin))).unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
     let status = json(&mut c.cmd(&["status", "--json"]));
     let node = &status["coordinators"][0];
-    assert_eq!(node["auth"], "tokens", "{status}");
+    assert_eq!((&node["auth"], &node["tls"]), (&serde_json::json!("tokens"), &serde_json::json!(true)), "{status}");
     assert!(node["refused_calls"].as_u64().unwrap() > 100, "{status}");
 }
 
@@ -170,7 +177,7 @@ fn a_raft_message_must_come_from_the_node_its_token_names() {
     let before = dropped();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        let channel = shoal_coordinator::tls::endpoint(&addr, Some(&admin_tls(&c))).unwrap().connect().await.unwrap();
         let bearer = shoal_coordinator::client::Bearer::new(Some(&key.peer_token(2))).unwrap();
         let mut client = shoal_proto::raft_transport_client::RaftTransportClient::with_interceptor(channel, bearer);
         // Node 2's connection, a message that says it is from node 3.
@@ -189,4 +196,54 @@ fn a_raft_message_must_come_from_the_node_its_token_names() {
     // The forged term changed nothing: the node still leads in term 1... or the term it had.
     let after = json(&mut c.cmd(&["status", "--json"]));
     assert_eq!(after["coordinators"][0]["term"], status["coordinators"][0]["term"], "{after}");
+}
+
+#[test]
+fn only_clients_with_a_certificate_of_the_clusters_ca_get_in() {
+    let c = UpCluster::start_with(&["--workers", "0"]);
+    let addr = c.endpoints();
+    let admin = std::fs::read_to_string(c.dir().join("ca/admin.token")).unwrap().trim().to_string();
+    let ca = std::fs::read(c.dir().join("ca/ca.crt")).unwrap();
+    // Another cluster's CA and admin certificate.
+    let other = tempfile::tempdir().unwrap();
+    ok(shoal().args(["ca", "init", "--dir"]).arg(other.path()));
+    let foreign = TlsFiles::load(other.path(), "admin").unwrap().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let status = |ep: tonic::transport::Endpoint, token: &str| {
+            let token = token.to_string();
+            async move {
+                let ch = ep.connect().await.map_err(|e| tonic::Status::unavailable(format!("connect: {e:?}")))?;
+                let mut client = shoal_proto::coordinator_client::CoordinatorClient::new(ch);
+                client.get_status(with_token(tonic::Request::new(shoal_proto::StatusRequest::default()), Some(&token))).await
+            }
+        };
+        // The admin's own certificate and token: in.
+        status(shoal_coordinator::tls::endpoint(&addr, Some(&admin_tls(&c))).unwrap(), &admin).await.unwrap();
+        // Plaintext: no answer a client could take for the server's.
+        let e = status(shoal_coordinator::tls::endpoint(&addr, None).unwrap(), &admin).await.unwrap_err();
+        assert!(e.metadata().get("shoal-guard").is_none(), "a plaintext call got as far as the guard: {e:?}");
+        // TLS that trusts the CA but shows no certificate: the handshake ends, the guard refuses
+        // everything but the health service (Kubernetes' probes have no certificate).
+        let anonymous = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(&ca)).domain_name("shoal");
+        let ep = tonic::transport::Endpoint::from_shared(format!("https://{addr}")).unwrap().tls_config(anonymous).unwrap();
+        let e = status(ep.clone(), &admin).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        assert!(e.message().contains("certificate"), "{}", e.message());
+        let mut health = tonic_health::pb::health_client::HealthClient::new(ep.connect().await.unwrap());
+        health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
+        // Another cluster's certificate: refused in the handshake, whatever the token.
+        let with_foreign = shoal_coordinator::tls::endpoint(&addr, Some(&foreign)).unwrap();
+        let e = status(with_foreign, &admin).await.unwrap_err();
+        assert!(e.metadata().get("shoal-guard").is_none(), "a foreign certificate got as far as the guard: {e:?}");
+    });
+    // A client certificate issued for a person, with an operator token, through the CLI.
+    let out = c.tmp.path().join("alice");
+    ok(shoal().args(["ca", "issue", "--client", "alice", "--dir"]).arg(c.dir().join("ca")).arg("--out").arg(&out));
+    let token = create(&c, "operator", &[]);
+    let listed = json(shoal().args(["job", "list", "--json", "--endpoints", &addr]).env("SHOAL_TOKEN", &token).env("SHOAL_CLIENT_CREDENTIALS", &out).env("HOME", c.tmp.path()));
+    assert!(listed.is_array(), "{listed}");
+    // The same without a certificate: plaintext, which the TLS listener does not speak.
+    let e = fails(shoal().args(["job", "list", "--endpoints", &addr]).env("SHOAL_TOKEN", &token).env("HOME", c.tmp.path()));
+    assert!(!e.is_empty());
 }

@@ -4,7 +4,13 @@
 //! The admin's folder (`ca/` under a local cluster's folder) holds:
 //! - `token.key`: the cluster's token key (coordinators hash and check tokens with it);
 //! - `bootstrap.pb`: the tokens the cluster starts with (ids, roles, keyed hashes);
-//! - `admin.token`, `worker.token`: those tokens themselves.
+//! - `admin.token`, `worker.token`: those tokens themselves;
+//! - `ca.crt`, `ca.key`: the cluster's CA, which signs every process's certificate;
+//! - `admin.crt`, `admin.key`: the admin's client certificate (what the CLI shows).
+//!
+//! A coordinator's folder holds `ca.crt`, `node.crt`, `node.key` (its server and client
+//! certificate), `token.key` and `bootstrap.pb`; a worker's `ca.crt`, `worker.crt`,
+//! `worker.key` and `worker.token`; a client's `ca.crt`, `client.crt`, `client.key`.
 //!
 //! Every file is written owner-only (0600) and refused when others may read it.
 
@@ -18,6 +24,40 @@ use crate::ClusterError;
 
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 pub const WORKER_TOKEN_FILE: &str = "worker.token";
+const CA_KEY_FILE: &str = "ca.key";
+
+/// The CA's parameters: the same every time, so a certificate issued later (from `ca.key`)
+/// names the issuer exactly as the CA certificate names itself.
+fn ca_params() -> rcgen::CertificateParams {
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("no names to check");
+    p.distinguished_name.push(rcgen::DnType::CommonName, "shoal cluster CA");
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign, rcgen::KeyUsagePurpose::DigitalSignature];
+    p
+}
+
+fn tls_err(e: impl std::fmt::Display) -> ClusterError {
+    ClusterError::Io(format!("certificate: {e}"))
+}
+
+/// A certificate for `common_name`, signed by the CA key: a server's and client's both (every
+/// process dials as well as listens), naming `shoal` (what clients check), localhost and
+/// `hosts` (names or IP addresses), for tools that check the address they dial.
+fn leaf(ca_key: &rcgen::KeyPair, common_name: &str, hosts: &[String]) -> Result<(String, String), ClusterError> {
+    let mut names = vec![shoal_coordinator::tls::SERVER_NAME.to_string(), "localhost".to_string()];
+    names.extend(hosts.iter().filter(|h| h.parse::<std::net::IpAddr>().is_err()).cloned());
+    let mut p = rcgen::CertificateParams::new(names).map_err(tls_err)?;
+    p.subject_alt_names.push(rcgen::SanType::IpAddress(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)));
+    for ip in hosts.iter().filter_map(|h| h.parse::<std::net::IpAddr>().ok()) {
+        p.subject_alt_names.push(rcgen::SanType::IpAddress(ip));
+    }
+    p.distinguished_name.push(rcgen::DnType::CommonName, common_name);
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let key = rcgen::KeyPair::generate().map_err(tls_err)?;
+    let issuer = rcgen::Issuer::new(ca_params(), ca_key);
+    let cert = p.signed_by(&key, &issuer).map_err(tls_err)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
 
 fn io(e: impl std::fmt::Display) -> ClusterError {
     ClusterError::Io(e.to_string())
@@ -61,6 +101,11 @@ impl Authority {
         write_secret_file(&self.dir.join(BOOTSTRAP_FILE), &bootstrap.encode_to_vec()).map_err(io)?;
         write_secret_file(&self.dir.join(ADMIN_TOKEN_FILE), format!("{admin}\n").as_bytes()).map_err(io)?;
         write_secret_file(&self.dir.join(WORKER_TOKEN_FILE), format!("{worker}\n").as_bytes()).map_err(io)?;
+        let ca_key = rcgen::KeyPair::generate().map_err(tls_err)?;
+        let ca_cert = ca_params().self_signed(&ca_key).map_err(tls_err)?;
+        write_secret_file(&self.dir.join(CA_KEY_FILE), ca_key.serialize_pem().as_bytes()).map_err(io)?;
+        std::fs::write(self.dir.join(shoal_coordinator::tls::CA_CERT_FILE), ca_cert.pem()).map_err(io)?;
+        self.write_leaf(&self.dir, "admin", "client-admin", &[])?;
         write_secret_file(&self.dir.join(TOKEN_KEY_FILE), key.to_file_text().as_bytes()).map_err(io)?;
         Ok(admin)
     }
@@ -70,17 +115,44 @@ impl Authority {
         write_secret_file(&out.join(name), &bytes).map_err(io)
     }
 
-    /// A coordinator's credentials folder (`serve coordinator --credentials OUT`).
-    pub fn issue_node(&self, out: &Path) -> Result<(), ClusterError> {
+    /// Writes `OUT/FILE.crt` and `OUT/FILE.key` for `common_name`, and the CA's certificate.
+    fn write_leaf(&self, out: &Path, file: &str, common_name: &str, hosts: &[String]) -> Result<(), ClusterError> {
+        let ca_key = rcgen::KeyPair::from_pem(&read_secret_text(&self.dir.join(CA_KEY_FILE)).map_err(io)?).map_err(tls_err)?;
+        let (cert, key) = leaf(&ca_key, common_name, hosts)?;
+        write_secret_file(&out.join(format!("{file}.key")), key.as_bytes()).map_err(io)?;
+        std::fs::write(out.join(format!("{file}.crt")), cert).map_err(io)?;
+        if out != self.dir {
+            std::fs::copy(self.dir.join(shoal_coordinator::tls::CA_CERT_FILE), out.join(shoal_coordinator::tls::CA_CERT_FILE)).map_err(io)?;
+        }
+        Ok(())
+    }
+
+    /// A coordinator's credentials folder (`serve coordinator --credentials OUT`): its
+    /// certificate (for `hosts` besides localhost), the token key and the first tokens.
+    pub fn issue_node(&self, out: &Path, id: u64, hosts: &[String]) -> Result<(), ClusterError> {
         private_dir(out)?;
+        self.write_leaf(out, "node", &format!("node-{id}"), hosts)?;
         self.copy(TOKEN_KEY_FILE, out)?;
         self.copy(BOOTSTRAP_FILE, out)
     }
 
     /// A worker's credentials folder (`serve worker --credentials OUT`).
-    pub fn issue_worker(&self, out: &Path) -> Result<(), ClusterError> {
+    pub fn issue_worker(&self, out: &Path, hosts: &[String]) -> Result<(), ClusterError> {
         private_dir(out)?;
+        self.write_leaf(out, "worker", "worker", hosts)?;
         self.copy(WORKER_TOKEN_FILE, out)
+    }
+
+    /// A person's or a program's client certificate (`SHOAL_CLIENT_CREDENTIALS=OUT`; its
+    /// token comes from `shoal token create`).
+    pub fn issue_client(&self, out: &Path, name: &str) -> Result<(), ClusterError> {
+        private_dir(out)?;
+        self.write_leaf(out, "client", &format!("client-{name}"), &[])
+    }
+
+    /// The admin's TLS files (the CLI's, on a folder `shoal up` made).
+    pub fn admin_tls(&self) -> Result<Option<shoal_coordinator::tls::TlsFiles>, ClusterError> {
+        shoal_coordinator::tls::TlsFiles::load(&self.dir, "admin").map_err(ClusterError::Io)
     }
 
     /// The admin token, if this folder has one.
@@ -107,7 +179,9 @@ mod tests {
         assert_eq!(ca.admin_token().unwrap(), admin.to_string());
         assert!(ca.init().unwrap_err().to_string().contains("already"), "a second init would change the key");
         let node = dir.path().join("node");
-        ca.issue_node(&node).unwrap();
+        ca.issue_node(&node, 3, &["10.0.0.5".into(), "coordinator-3.shoal".into()]).unwrap();
+        assert!(shoal_coordinator::tls::TlsFiles::load(&node, "node").unwrap().is_some());
+        assert!(ca.admin_tls().unwrap().is_some());
         use std::os::unix::fs::PermissionsExt;
         for d in [&ca.dir, &node] {
             assert_eq!(std::fs::metadata(d).unwrap().permissions().mode() & 0o777, 0o700, "{}", d.display());
@@ -117,7 +191,7 @@ mod tests {
         let who = shoal_coordinator::state::StateMachine::authenticate(&auth.bootstrap, &auth.key, &admin, 0).unwrap();
         assert_eq!(who.role, Role::Admin);
         let worker = dir.path().join("worker");
-        ca.issue_worker(&worker).unwrap();
+        ca.issue_worker(&worker, &[]).unwrap();
         let w = Token::parse(&read_token(&worker.join(WORKER_TOKEN_FILE)).unwrap()).unwrap();
         assert_eq!(shoal_coordinator::state::StateMachine::authenticate(&auth.bootstrap, &auth.key, &w, 0).unwrap().role, Role::Worker);
         assert!(!worker.join(TOKEN_KEY_FILE).exists(), "a worker never holds the token key");

@@ -82,7 +82,8 @@ impl Layout {
 
     /// A client of the recorded cluster with its admin token (if the folder has one).
     pub fn client(&self, endpoints: &[String]) -> Result<Client, ClusterError> {
-        Client::new(endpoints).and_then(|c| c.with_token(self.authority().admin_token().as_deref())).map_err(|e| ClusterError::Startup(e.to_string()))
+        let tls = self.authority().admin_tls()?;
+        Client::new(endpoints).and_then(|c| c.with_token(self.authority().admin_token().as_deref())).and_then(|c| c.with_tls(tls)).map_err(|e| ClusterError::Startup(e.to_string()))
     }
 
     pub fn read(&self) -> Result<ClusterFile, ClusterError> {
@@ -295,7 +296,7 @@ fn spawn_worker(layout: &Layout, exe: &Path, file: &ClusterFile, endpoints: &[St
         "--cache-dir".into(), dir.join("shard-cache").display().to_string(),
     ];
     args.extend(store_args(layout, file));
-    args.extend(credential_args(layout.worker_credentials(), |out| layout.authority().issue_worker(out))?);
+    args.extend(credential_args(layout.worker_credentials(), |out| layout.authority().issue_worker(out, &[]))?);
     let _ = std::fs::remove_file(http_addr_file(&dir));
     let pid = spawn(exe, &args, &dir, &[])?;
     Ok(ClusterProcess { id: n, address: String::new(), pid, dir: dir.display().to_string(), http_address: String::new() })
@@ -372,7 +373,7 @@ fn spawn_coordinator(layout: &Layout, exe: &Path, file: &ClusterFile, id: u64, a
         "--http-addr-file".into(), http_addr_file(&dir).display().to_string(),
     ];
     args.extend(store_args(layout, file));
-    args.extend(credential_args(layout.node_credentials(id), |out| layout.authority().issue_node(out))?);
+    args.extend(credential_args(layout.node_credentials(id), |out| layout.authority().issue_node(out, id, &[]))?);
     let _ = std::fs::remove_file(http_addr_file(&dir));
     let pid = spawn(exe, &args, &dir, &[])?;
     Ok(ClusterProcess { id, address: addr.to_string(), pid, dir: dir.display().to_string(), http_address: String::new() })

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use shoal_proto::coordinator_client::CoordinatorClient;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 pub use tonic::{Code, Status};
 
 #[derive(Debug, thiserror::Error)]
@@ -92,14 +92,15 @@ pub struct Client {
     /// Channels to leaders learned from hints that are not among `endpoints`.
     hinted: Mutex<HashMap<String, Channel>>,
     bearer: Bearer,
+    tls: Option<crate::tls::TlsFiles>,
 }
 
 /// How long one attempt may take before the call moves to another replica: well under a
 /// worker's lease (5 s by default), so a hung replica cannot cost a worker its lease.
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 
-fn channel(url: &str) -> Result<Channel, ClientError> {
-    let ep = Endpoint::from_shared(url.to_string()).map_err(|err| ClientError::BadEndpoint(url.to_string(), err.to_string()))?;
+fn channel(url: &str, tls: Option<&crate::tls::TlsFiles>) -> Result<Channel, ClientError> {
+    let ep = crate::tls::endpoint(url, tls).map_err(|err| ClientError::BadEndpoint(url.to_string(), err))?;
     Ok(ep.connect_timeout(Duration::from_secs(2)).timeout(Duration::from_secs(10)).connect_lazy())
 }
 
@@ -115,14 +116,26 @@ impl Client {
             return Err(ClientError::BadEndpoint(String::new(), "no coordinator endpoints given".into()));
         }
         let norm: Vec<String> = endpoints.iter().map(|e| endpoint_url(e)).collect();
-        let channels = norm.iter().map(|u| channel(u)).collect::<Result<_, _>>()?;
+        let channels = norm.iter().map(|u| channel(u, None)).collect::<Result<_, _>>()?;
         Ok(Client {
             targets: std::sync::RwLock::new((norm, channels)),
             preferred: AtomicUsize::new(0),
             deadline: Duration::from_secs(15),
             hinted: Mutex::default(),
             bearer: Bearer::default(),
+            tls: None,
         })
+    }
+
+    /// Calls go over mutual TLS with `tls` (the CA, this client's certificate and key).
+    pub fn with_tls(mut self, tls: Option<crate::tls::TlsFiles>) -> Result<Self, ClientError> {
+        {
+            let mut t = self.targets.write().expect("targets lock");
+            t.1 = t.0.iter().map(|u| channel(u, tls.as_ref())).collect::<Result<_, _>>()?;
+        }
+        self.hinted.lock().expect("hint lock").clear();
+        self.tls = tls;
+        Ok(self)
     }
 
     /// Calls carry `token` (`shoal_...`, or a coordinator's peer token).
@@ -148,7 +161,7 @@ impl Client {
         for a in addrs {
             let url = endpoint_url(&a);
             if !t.0.contains(&url) {
-                if let Ok(ch) = channel(&url) {
+                if let Ok(ch) = channel(&url, self.tls.as_ref()) {
                     t.0.push(url);
                     t.1.push(ch);
                 }
@@ -229,7 +242,7 @@ impl Client {
         if let Some(ch) = map.get(url) {
             return Ok(ch.clone());
         }
-        let ch = channel(url)?;
+        let ch = channel(url, self.tls.as_ref())?;
         if map.len() < 16 {
             map.insert(url.to_string(), ch.clone());
         }

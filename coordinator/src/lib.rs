@@ -15,6 +15,7 @@ pub mod node;
 pub mod server;
 pub mod state;
 pub mod storage;
+pub mod tls;
 
 pub use client::{Client, ClientError};
 pub use server::{serve, CoordinatorConfig, InitialState};

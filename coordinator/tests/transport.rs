@@ -28,6 +28,7 @@ async fn stray_raft_messages_are_refused_counted_and_change_nothing() {
         snapshot_every: 100,
         build: "test".into(),
         auth: None,
+        tls: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve(cfg, listener, async move {

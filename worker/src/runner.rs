@@ -31,6 +31,8 @@ pub struct WorkerConfig {
     pub collective_timeout: Duration,
     /// The worker token its calls carry (None: a coordinator without credentials).
     pub token: Option<String>,
+    /// Its certificate for mutual TLS with the coordinators (None: plaintext).
+    pub tls: Option<shoal_coordinator::tls::TlsFiles>,
 }
 
 struct Running {
@@ -88,7 +90,7 @@ pub async fn run_worker(
         let _ = stop_tx.send(true);
     });
 
-    let client = Arc::new(Client::new(&cfg.endpoints).and_then(|c| c.with_token(cfg.token.as_deref())).map_err(|e| WorkerError::Coordinator(e.to_string()))?);
+    let client = Arc::new(Client::new(&cfg.endpoints).and_then(|c| c.with_token(cfg.token.as_deref())).and_then(|c| c.with_tls(cfg.tls.clone())).map_err(|e| WorkerError::Coordinator(e.to_string()))?);
     let mut worker_id: Option<String> = None;
     // One request id for every attempt of one registration: a retry after a lost reply gets
     // the same worker id back instead of leaving a ghost worker behind.

@@ -344,6 +344,7 @@ impl Coordinator for Api {
             dropped_raft_messages: self.0.dropped.load(std::sync::atomic::Ordering::Relaxed),
             refused_calls: self.0.refused.load(std::sync::atomic::Ordering::Relaxed),
             auth: if self.0.cfg.auth.is_some() { "tokens" } else { "none" }.into(),
+            tls: self.0.cfg.tls.is_some(),
             snapshot_index: v.snapshot_index,
             state_hash: String::new(),
             state_bytes: 0,

@@ -44,13 +44,24 @@ fn unauthenticated(msg: impl Into<String>) -> Status {
 }
 
 /// Who is calling `path` with `header` (the `authorization` value), or why not.
-fn check(shared: &Shared, path: &str, header: Option<&http::HeaderValue>) -> Result<Option<Caller>, Status> {
+fn check<B>(shared: &Shared, req: &http::Request<B>) -> Result<Option<Caller>, Status> {
+    let path = req.uri().path();
+    let header = req.headers().get(http::header::AUTHORIZATION);
     let Some(auth) = &shared.cfg.auth else { return Ok(Some(Caller::insecure())) };
     let roles = match access(path) {
         None => return Err(final_status(tonic::Code::PermissionDenied, format!("{path} is not a method anyone may call"))),
         Some(Access::Open) => return Ok(None),
         Some(Access::Roles(roles)) => roles,
     };
+    // With TLS, a client must show a certificate of the cluster's CA (the handshake checked
+    // any it showed; it lets one without through for the health probes only).
+    if shared.cfg.tls.is_some() {
+        use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+        let certified = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|i| i.peer_certs()).is_some_and(|c| !c.is_empty());
+        if !certified {
+            return Err(unauthenticated("this cluster takes calls only from clients with a certificate of its CA (`shoal ca issue`)"));
+        }
+    }
     let method = path.rsplit('/').next().unwrap_or(path);
     let Some(token) = header.and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")) else {
         return Err(unauthenticated(format!("{method} needs a token (set SHOAL_TOKEN, or use the cluster folder that `shoal up` wrote)")));
@@ -117,7 +128,7 @@ where
         // The service that was polled ready takes the call; its clone stays for the next.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        match check(&self.shared, req.uri().path(), req.headers().get(http::header::AUTHORIZATION)) {
+        match check(&self.shared, &req) {
             Ok(caller) => {
                 if let Some(c) = caller {
                     req.extensions_mut().insert(c);

@@ -112,8 +112,9 @@ async fn await_fresh_group(shared: &Shared) -> Result<(), CoordError> {
             let addr = addr.clone();
             let id = *id;
             let token = shared.cfg.peer_token();
+            let tls = shared.cfg.tls.clone();
             async move {
-                let ep = tonic::transport::Endpoint::from_shared(crate::client::endpoint_url(&addr)).ok()?.connect_timeout(Duration::from_secs(1));
+                let ep = crate::tls::endpoint(&addr, tls.as_ref()).ok()?.connect_timeout(Duration::from_secs(1));
                 let bearer = crate::client::Bearer::new(token.as_deref()).ok()?;
                 let call = async { RaftTransportClient::with_interceptor(ep.connect().await.ok()?, bearer).hello(hello).await.ok().map(|r| r.into_inner()) };
                 tokio::time::timeout(Duration::from_secs(2), call).await.ok().flatten().filter(|h| h.node_id == id)
@@ -156,6 +157,7 @@ async fn await_join(shared: &Shared) -> Result<(), CoordError> {
     }
     let client = crate::Client::new(&endpoints)
         .and_then(|c| c.with_token(shared.cfg.peer_token().as_deref()))
+        .and_then(|c| c.with_tls(shared.cfg.tls.clone()))
         .map_err(|e| CoordError::Config(e.to_string()))?
         .with_deadline(Duration::from_secs(5));
     let mut last_note = Instant::now();

@@ -55,6 +55,9 @@ pub struct CoordinatorConfig {
     pub build: String,
     /// Tokens and roles; None (`--insecure`): every caller may call everything.
     pub auth: Option<AuthConfig>,
+    /// Mutual TLS on the listener, and as this replica's client identity towards its peers;
+    /// None: plaintext.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 impl CoordinatorConfig {
@@ -259,7 +262,12 @@ pub async fn serve(
     if cfg.auth.is_none() {
         tracing::warn!("no credentials (--insecure): every caller that reaches this port may call everything");
     }
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    match &cfg.tls {
+        Some(tls) => builder = builder.tls_config(tls.server()).map_err(|e| CoordError::Config(format!("TLS: {e}")))?,
+        None => tracing::warn!("no TLS (no certificates in the credentials folder): calls, tokens included, travel in plaintext"),
+    }
+    let server = builder
         .layer(auth::Guard(shared.clone()))
         .add_service(health_svc)
         .add_service(svc)

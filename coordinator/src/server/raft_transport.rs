@@ -4,12 +4,15 @@ use super::*;
 
 /// A sender task for one remote peer, with a bounded queue: a slow peer drops messages (Raft
 /// retransmits) instead of blocking the loop. It ends when its queue's sender is dropped.
-pub(super) fn spawn_sender(id: u64, addr: &str, cluster_id: &str, token: Option<&str>, inbox: mpsc::Sender<Input>) -> Option<mpsc::Sender<RaftMessage>> {
-    let bearer = crate::client::Bearer::new(token).ok()?;
+pub(super) fn spawn_sender(id: u64, addr: &str, cluster_id: &str, cfg: &CoordinatorConfig, inbox: mpsc::Sender<Input>) -> Option<mpsc::Sender<RaftMessage>> {
+    let bearer = crate::client::Bearer::new(cfg.peer_token().as_deref()).ok()?;
     let (tx, mut rx) = mpsc::channel::<RaftMessage>(1024);
-    let Ok(ep) = tonic::transport::Endpoint::from_shared(crate::client::endpoint_url(addr)) else {
-        tracing::error!(peer = id, %addr, "bad peer address");
-        return None;
+    let ep = match crate::tls::endpoint(addr, cfg.tls.as_ref()) {
+        Ok(ep) => ep,
+        Err(e) => {
+            tracing::error!(peer = id, %addr, error = %e, "bad peer address");
+            return None;
+        }
     };
     let channel = ep.connect_timeout(Duration::from_secs(1)).connect_lazy();
     let cluster_id = cluster_id.to_string();
@@ -86,7 +89,7 @@ impl Senders {
         self.0.retain(|id, (addr, _)| addresses.get(id) == Some(addr));
         for (id, addr) in addresses {
             if id != shared.cfg.id && !self.0.contains_key(&id) {
-                if let Some(tx) = spawn_sender(id, &addr, &shared.cluster_id, shared.cfg.peer_token().as_deref(), shared.inbox.clone()) {
+                if let Some(tx) = spawn_sender(id, &addr, &shared.cluster_id, &shared.cfg, shared.inbox.clone()) {
                     self.0.insert(id, (addr, tx));
                 }
             }

@@ -1,0 +1,75 @@
+//! Mutual TLS between every client and a coordinator, and between coordinators: certificates
+//! from the cluster's CA (`shoal ca`), files in a process's credentials folder.
+//!
+//! Every server certificate names `shoal` (`SERVER_NAME`), and clients check against that name
+//! rather than the address they dial: what proves a server is its CA's signature, and the CA
+//! is the cluster's own.
+
+use std::path::Path;
+
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+
+/// The DNS name in every server certificate of a cluster.
+pub const SERVER_NAME: &str = "shoal";
+pub const CA_CERT_FILE: &str = "ca.crt";
+
+/// A process's TLS material: the cluster CA's certificate, and its own certificate and key
+/// (PEM).
+#[derive(Clone)]
+pub struct TlsFiles {
+    pub ca: Vec<u8>,
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsFiles(..)")
+    }
+}
+
+impl TlsFiles {
+    /// `DIR/ca.crt`, `DIR/NAME.crt` and `DIR/NAME.key` (owner-only); None when the folder
+    /// holds none of them, an error when it holds some.
+    pub fn load(dir: &Path, name: &str) -> Result<Option<TlsFiles>, String> {
+        let (ca, cert, key) = (dir.join(CA_CERT_FILE), dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+        let present = [&ca, &cert, &key].iter().filter(|p| p.exists()).count();
+        if present == 0 {
+            return Ok(None);
+        }
+        if present < 3 {
+            return Err(format!("{}: needs {CA_CERT_FILE}, {name}.crt and {name}.key together (`shoal ca issue`)", dir.display()));
+        }
+        let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+        Ok(Some(TlsFiles { ca: read(&ca)?, cert: read(&cert)?, key: shoal_core::auth::read_secret_file(&key).map_err(|e| e.to_string())? }))
+    }
+
+    /// A server that presents its certificate and checks a client's against the CA. A client
+    /// without one still reaches the handshake's end (Kubernetes' gRPC probes have none): the
+    /// guard then refuses every method but the health service.
+    pub fn server(&self) -> ServerTlsConfig {
+        ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.cert, &self.key))
+            .client_ca_root(Certificate::from_pem(&self.ca))
+            .client_auth_optional(true)
+    }
+
+    /// A client that checks the server against the CA and shows its own certificate.
+    pub fn client(&self) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca))
+            .identity(Identity::from_pem(&self.cert, &self.key))
+            .domain_name(SERVER_NAME)
+    }
+}
+
+/// An endpoint for `addr` (`host:port` or a URL): `https` with `tls`, else `http`.
+pub fn endpoint(addr: &str, tls: Option<&TlsFiles>) -> Result<Endpoint, String> {
+    let hostport = addr.split_once("://").map_or(addr, |(_, rest)| rest);
+    let url = format!("{}://{hostport}", if tls.is_some() { "https" } else { "http" });
+    let ep = Endpoint::from_shared(url.clone()).map_err(|e| format!("bad endpoint {url:?}: {e}"))?;
+    match tls {
+        Some(t) => ep.tls_config(t.client()).map_err(|e| format!("TLS for {url}: {e}")),
+        None => Ok(ep),
+    }
+}
