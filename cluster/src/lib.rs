@@ -207,6 +207,11 @@ pub async fn up(layout: &Layout, opts: &UpOptions) -> Result<(ClusterFile, Optio
     // admin token is shown once, when it is made.
     let ca = layout.authority();
     let admin_token = if ca.exists() { None } else { Some(ca.init()?) };
+    // The workers' folder from the start, so a worker started by hand (`serve worker
+    // --credentials DIR/credentials/worker`) finds it whatever --workers said.
+    if !layout.worker_credentials().exists() {
+        ca.issue_worker(&layout.worker_credentials(), &[])?;
+    }
 
     // A folder that ran a cluster before brings its replicas back with their state: each must
     // find it (an emptied replica folder is refused rather than rejoining as if it never voted).
