@@ -236,12 +236,7 @@ pub async fn serve(cmd: ServeCmd) -> Result<()> {
         }
         ServeCmd::Worker { endpoints, store, cache_dir, cache_gb, listen, advertise, ring_port, device, threads: _, heartbeat_ms, collective_timeout_s, credentials, http } => {
             let token = match &credentials {
-                Some(dir) => {
-                    let path = dir.join(shoal_cluster::credentials::WORKER_TOKEN_FILE);
-                    let text = shoal_core::auth::read_secret_text(&path)?;
-                    shoal_core::auth::Token::parse(&text).with_context(|| format!("{}", path.display()))?;
-                    Some(text.trim().to_string())
-                }
+                Some(dir) => Some(shoal_cluster::credentials::load_token(&dir.join(shoal_cluster::credentials::WORKER_TOKEN_FILE))?),
                 None => std::env::var("SHOAL_TOKEN").ok().filter(|t| !t.trim().is_empty()),
             };
             let tls = match &credentials {

@@ -161,10 +161,15 @@ impl Authority {
     }
 }
 
-/// A token file's token (None if there is no such file or it is not a token).
+/// A token file's token: owner-only, and a token.
+pub fn load_token(path: &Path) -> Result<String, ClusterError> {
+    let text = read_secret_text(path).map_err(io)?;
+    Token::parse(&text).map(|t| t.to_string()).map_err(|e| io(format!("{}: {e}", path.display())))
+}
+
+/// `load_token`, None for a missing or bad file.
 pub fn read_token(path: &Path) -> Option<String> {
-    let text = read_secret_text(path).ok()?;
-    Token::parse(&text).ok().map(|t| t.to_string())
+    load_token(path).ok()
 }
 
 #[cfg(test)]

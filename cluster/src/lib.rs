@@ -301,7 +301,8 @@ fn spawn_worker(layout: &Layout, exe: &Path, file: &ClusterFile, endpoints: &[St
         "--cache-dir".into(), dir.join("shard-cache").display().to_string(),
     ];
     args.extend(store_args(layout, file));
-    args.extend(credential_args(layout.worker_credentials(), |out| layout.authority().issue_worker(out, &[]))?);
+    // Issued by `up`.
+    args.extend(["--credentials".into(), layout.worker_credentials().display().to_string()]);
     let _ = std::fs::remove_file(http_addr_file(&dir));
     let pid = spawn(exe, &args, &dir, &[])?;
     Ok(ClusterProcess { id: n, address: String::new(), pid, dir: dir.display().to_string(), http_address: String::new() })
@@ -343,15 +344,6 @@ pub async fn add_workers(layout: &Layout, exe: &Path, count: u64) -> Result<Vec<
     Ok(added)
 }
 
-/// `--credentials DIR`, issued into DIR first, when the folder has credentials (always, after
-/// `up`; a cluster recorded before credentials existed runs without).
-fn credential_args(dir: PathBuf, issue: impl FnOnce(&Path) -> Result<(), ClusterError>) -> Result<Vec<String>, ClusterError> {
-    if !dir.exists() {
-        issue(&dir)?;
-    }
-    Ok(vec!["--credentials".into(), dir.display().to_string()])
-}
-
 /// `--store` (and `--store-endpoint`) as the cluster file records them.
 fn store_args(layout: &Layout, file: &ClusterFile) -> Vec<String> {
     let location = if file.store_dir.is_empty() { layout.store().display().to_string() } else { file.store_dir.clone() };
@@ -378,7 +370,13 @@ fn spawn_coordinator(layout: &Layout, exe: &Path, file: &ClusterFile, id: u64, a
         "--http-addr-file".into(), http_addr_file(&dir).display().to_string(),
     ];
     args.extend(store_args(layout, file));
-    args.extend(credential_args(layout.node_credentials(id), |out| layout.authority().issue_node(out, id, &[]))?);
+    // Issued here if not yet (a replica `coordinator add` brings, or a folder from before
+    // credentials).
+    let credentials = layout.node_credentials(id);
+    if !credentials.exists() {
+        layout.authority().issue_node(&credentials, id, &[])?;
+    }
+    args.extend(["--credentials".into(), credentials.display().to_string()]);
     let _ = std::fs::remove_file(http_addr_file(&dir));
     let pid = spawn(exe, &args, &dir, &[])?;
     Ok(ClusterProcess { id, address: addr.to_string(), pid, dir: dir.display().to_string(), http_address: String::new() })

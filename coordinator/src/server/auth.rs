@@ -190,14 +190,10 @@ impl Api {
 
     pub(super) async fn create_token_rpc(&self, r: shoal_proto::CreateTokenRequest) -> Result<Response<shoal_proto::TokenInfo>, Status> {
         let key = self.token_key()?;
-        let invalid = |m: String| final_status(tonic::Code::InvalidArgument, m);
-        if !Token::valid_id(&r.id) {
-            return Err(invalid(format!("token id {:?} is not 16 hex digits", r.id)));
-        }
+        // The id, role and grants are checked where the record is applied.
         if r.secret.len() != 32 {
-            return Err(invalid(format!("a token's secret is 32 bytes, not {}", r.secret.len())));
+            return Err(final_status(tonic::Code::InvalidArgument, format!("a token's secret is 32 bytes, not {}", r.secret.len())));
         }
-        Role::parse(&r.role).map_err(|e| invalid(e.to_string()))?;
         let record = TokenRecord {
             id: r.id,
             role: r.role,
