@@ -167,16 +167,18 @@ fn train(hosts: &TestHosts, spec: &Path, placement: &[usize], epochs: u32, dir: 
     let coord = format!("{}:7000", hosts.address(0));
     let log = |name: &str| std::fs::File::create(run.path().join(format!("{name}.log")));
     let mut procs = Procs(Vec::new());
+    let layout = shoal_cluster::Layout::new(run.path());
+    layout.issue_credentials(&[1])?;
     let mut cmd = hosts.command(0, shoal_bin());
-    cmd.args(["serve", "coordinator", "--id", "1", "--listen", &coord, "--data"]).arg(run.path().join("raft")).arg("--store").arg(&store);
+    cmd.args(["serve", "coordinator", "--id", "1", "--listen", &coord, "--data"]).arg(run.path().join("raft")).arg("--store").arg(&store).arg("--credentials").arg(layout.node_credentials(1));
     procs.0.push(cmd.stdout(log("coordinator")?).stderr(log("coordinator-err")?).spawn()?);
     for (i, &h) in placement.iter().enumerate() {
         let mut cmd = hosts.command(h, shoal_bin());
-        cmd.args(["serve", "worker", "--threads", "1", "--endpoints", &coord, "--listen", &format!("{}:0", hosts.address(h)), "--store"]).arg(&store);
+        cmd.args(["serve", "worker", "--threads", "1", "--endpoints", &coord, "--listen", &format!("{}:0", hosts.address(h)), "--store"]).arg(&store).arg("--credentials").arg(layout.worker_credentials());
         procs.0.push(cmd.stdout(log(&format!("worker-{i}"))?).stderr(log(&format!("worker-{i}-err"))?).spawn()?);
     }
     let cli = |args: &[&str]| -> Result<serde_json::Value> {
-        let out = hosts.command(0, shoal_bin()).args(args).args(["--endpoints", &coord]).stdin(Stdio::null()).output()?;
+        let out = hosts.command(0, shoal_bin()).args(args).args(["--endpoints", &coord]).arg("--dir").arg(run.path()).stdin(Stdio::null()).output()?;
         if !out.status.success() {
             bail!("shoal {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         }

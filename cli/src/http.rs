@@ -12,6 +12,15 @@ async fn metrics() -> impl axum::response::IntoResponse {
     ([(CONTENT_TYPE, shoal_core::telemetry::CONTENT_TYPE)], shoal_core::telemetry::metrics().encode())
 }
 
+/// 200 while this coordinator serves (its Raft loop runs and it knows a leader), else 503.
+async fn ready() -> (axum::http::StatusCode, &'static str) {
+    if shoal_core::telemetry::ready() {
+        (axum::http::StatusCode::OK, "ready\n")
+    } else {
+        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
 /// Starts serving on `listen` (with the dashboard's pages on a coordinator); returns the
 /// bound address and the server's task (abort it to stop).
 /// Serves /metrics (and the dashboard) on `listen`; `advertise` is the address others are
@@ -24,7 +33,9 @@ pub async fn start(listen: &str, advertise: Option<&str>, addr_file: Option<&Pat
     }
     let mut app = axum::Router::new().route("/metrics", get(metrics));
     if let Some(d) = dashboard {
-        app = app.merge(super::dashboard::routes(d));
+        // Open, as the gRPC health service is: Kubernetes' readiness probe (its gRPC probes
+        // cannot speak TLS).
+        app = app.route("/ready", get(ready)).merge(super::dashboard::routes(d));
     }
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {

@@ -1397,8 +1397,8 @@ async fn coordinator(cmd: CoordinatorCmd) -> Result<()> {
                     .await?;
                 let peers = r.peers.iter().map(|p| format!("{}={}", p.id, p.address)).collect::<Vec<_>>().join(",");
                 show(&r.peers, json, format!(
-                    "replica {} added at {addr}; start it with:\n  shoal serve coordinator --id {} --listen {addr} --peers {peers} --cluster-id {} --initial-state join --data DIR --store STORE",
-                    r.id, r.id, r.cluster_id
+                    "replica {} added at {addr}; start it with:\n  shoal serve coordinator --id {} --listen {addr} --peers {peers} --cluster-id {} --initial-state join --data DIR --store STORE --credentials CREDS\n(CREDS: `shoal ca issue --dir ADMIN --node {} --out CREDS`)",
+                    r.id, r.id, r.cluster_id, r.id
                 ));
             }
         }

@@ -74,9 +74,13 @@ pub enum ServeCmd {
         snapshot_every: u64,
         /// This replica's credentials folder (`shoal ca issue --node ID`): the cluster's token
         /// key and first tokens. Every call then needs a token whose role the method table
-        /// allows. Without it, anyone who reaches the port may call everything.
+        /// allows, over mutual TLS. Required unless --insecure.
         #[arg(long, env = "SHOAL_CREDENTIALS")]
         credentials: Option<PathBuf>,
+        /// Serve without credentials: plaintext, no tokens, anyone who reaches the port may
+        /// call everything (a warning at every start). For a throwaway test on loopback.
+        #[arg(long)]
+        insecure: bool,
         #[command(flatten)]
         http: HttpArgs,
     },
@@ -118,9 +122,13 @@ pub enum ServeCmd {
         #[arg(long, default_value_t = 60)]
         collective_timeout_s: u64,
         /// This worker's credentials folder (`shoal ca issue --worker`): its token, in
-        /// `worker.token`. Default: the token in SHOAL_TOKEN, if any.
+        /// `worker.token`, and its certificate. Required unless --insecure.
         #[arg(long, env = "SHOAL_CREDENTIALS")]
         credentials: Option<PathBuf>,
+        /// Run without credentials: plaintext calls to the coordinators, carrying the token in
+        /// SHOAL_TOKEN if any (a warning at every start).
+        #[arg(long)]
+        insecure: bool,
         #[command(flatten)]
         http: HttpArgs,
     },
@@ -187,13 +195,22 @@ pub async fn serve(cmd: ServeCmd) -> Result<()> {
         _ => None,
     });
     match cmd {
-        ServeCmd::Coordinator { id, listen, advertise, peers, data, store, lease_ms, addr_file, cluster_id, initial_state, snapshot_every, credentials, http } => {
+        ServeCmd::Coordinator { id, listen, advertise, peers, data, store, lease_ms, addr_file, cluster_id, initial_state, snapshot_every, credentials, insecure, http } => {
             shoal_core::node::set_node(&format!("coordinator-{id}"));
-            let auth = credentials.as_deref().map(shoal_coordinator::server::AuthConfig::load).transpose()?;
-            let tls = match credentials.as_deref() {
-                Some(dir) => shoal_coordinator::tls::TlsFiles::load(dir, "node").map_err(anyhow::Error::msg)?,
-                None => None,
+            let (auth, tls) = match credentials.as_deref() {
+                Some(dir) => (
+                    Some(shoal_coordinator::server::AuthConfig::load(dir)?),
+                    shoal_coordinator::tls::TlsFiles::load(dir, "node").map_err(anyhow::Error::msg)?,
+                ),
+                None if insecure => (None, None),
+                None => bail!(
+                    "serve coordinator needs --credentials DIR (`shoal ca issue --node {id} --out DIR`; `shoal up` makes them) \
+                     or --insecure (plaintext and no tokens: anyone who reaches the port may call everything)"
+                ),
             };
+            if tls.is_none() && !insecure {
+                bail!("{}: no certificate (node.crt, node.key, ca.crt; `shoal ca issue --node {id}`): a listener serves plaintext only with --insecure", credentials.unwrap_or_default().display());
+            }
             let listener = bind_retrying(&listen).await?;
             let bound = listener.local_addr()?;
             let mut peers = parse_peers(id, &listen, &peers)?;
@@ -234,15 +251,24 @@ pub async fn serve(cmd: ServeCmd) -> Result<()> {
             http.abort();
             served?;
         }
-        ServeCmd::Worker { endpoints, store, cache_dir, cache_gb, listen, advertise, ring_port, device, threads: _, heartbeat_ms, collective_timeout_s, credentials, http } => {
-            let token = match &credentials {
-                Some(dir) => Some(shoal_cluster::credentials::load_token(&dir.join(shoal_cluster::credentials::WORKER_TOKEN_FILE))?),
-                None => std::env::var("SHOAL_TOKEN").ok().filter(|t| !t.trim().is_empty()),
+        ServeCmd::Worker { endpoints, store, cache_dir, cache_gb, listen, advertise, ring_port, device, threads: _, heartbeat_ms, collective_timeout_s, credentials, insecure, http } => {
+            let (token, tls) = match &credentials {
+                Some(dir) => (
+                    Some(shoal_cluster::credentials::load_token(&dir.join(shoal_cluster::credentials::WORKER_TOKEN_FILE))?),
+                    shoal_coordinator::tls::TlsFiles::load(dir, "worker").map_err(anyhow::Error::msg)?,
+                ),
+                None if insecure => (std::env::var("SHOAL_TOKEN").ok().filter(|t| !t.trim().is_empty()), None),
+                None => bail!(
+                    "serve worker needs --credentials DIR (`shoal ca issue --worker --out DIR`; `shoal up` makes DIR/credentials/worker) \
+                     or --insecure (plaintext calls to coordinators that run with --insecure)"
+                ),
             };
-            let tls = match &credentials {
-                Some(dir) => shoal_coordinator::tls::TlsFiles::load(dir, "worker").map_err(anyhow::Error::msg)?,
-                None => None,
-            };
+            if tls.is_none() && !insecure {
+                bail!("{}: no certificate (worker.crt, worker.key, ca.crt; `shoal ca issue --worker`): plaintext only with --insecure", credentials.unwrap_or_default().display());
+            }
+            if insecure {
+                tracing::warn!("--insecure: this worker calls its coordinators in plaintext");
+            }
             if !(cache_gb.is_finite() && cache_gb >= 0.0) {
                 bail!("--cache-gb must be a size in GB (0 or more), not {cache_gb}");
             }

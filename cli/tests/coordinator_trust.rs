@@ -55,7 +55,7 @@ fn concurrent_imports_of_one_name_never_touch_a_registered_version() {
 
 fn coordinator(tmp: &std::path::Path, name: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
     let mut cmd = shoal();
-    cmd.args(["serve", "coordinator", "--listen", "127.0.0.1:0", "--data"])
+    cmd.args(["serve", "coordinator", "--insecure", "--listen", "127.0.0.1:0", "--data"])
         .arg(tmp.join(name))
         .arg("--store")
         .arg(tmp.join("store"))

@@ -39,12 +39,13 @@ impl HostCluster {
         let hosts = TestHosts::with_links(hosts, &dir.path().join("hosts"), links).unwrap();
         std::fs::create_dir_all(dir.path().join("logs")).unwrap();
         let mut c = HostCluster { hosts, coordinators: Vec::new(), workers: Vec::new(), dir };
+        c.layout().issue_credentials(&(1..=coordinators as u64).collect::<Vec<_>>()).unwrap();
         let peers: Vec<String> = (0..coordinators).map(|i| format!("{}={}:{PORT}", i + 1, c.hosts.address(i))).collect();
         for i in 0..coordinators {
             let addr = c.hosts.address(i);
-            let mut cmd = c.hosts.command(i, BIN);
+            let mut cmd = c.command(i, BIN);
             cmd.env("RUST_LOG", "info").args(["serve", "coordinator", "--id", &(i + 1).to_string(), "--listen", &format!("{addr}:{PORT}"), "--peers", &peers.join(",")]);
-            cmd.args(["--http-listen", &format!("{addr}:0"), "--data"]).arg(c.hosts.host_dir(i).join("raft")).arg("--store").arg(c.store()).args(args);
+            cmd.args(["--http-listen", &format!("{addr}:0"), "--data"]).arg(c.hosts.host_dir(i).join("raft")).arg("--store").arg(c.store()).arg("--credentials").arg(c.layout().node_credentials(i as u64 + 1)).args(args);
             c.coordinators.push(Proc::spawn(&mut cmd, &c.log(&format!("coordinator-{}", i + 1))));
         }
         wait_for("a leader", Duration::from_secs(30), || {
@@ -53,6 +54,18 @@ impl HostCluster {
             s["coordinators"].as_array()?.iter().any(|x| x["role"] == "leader").then_some(())
         });
         Some(c)
+    }
+
+    /// A process in host `h`; shoal's CLI finds the cluster's credentials through SHOAL_DIR.
+    fn command(&self, h: usize, program: &str) -> std::process::Command {
+        let mut cmd = self.hosts.command(h, program);
+        cmd.env("SHOAL_DIR", self.dir.path());
+        cmd
+    }
+
+    /// The test's folder holds the cluster's CA and credentials as `shoal up`'s does.
+    fn layout(&self) -> shoal_cluster::Layout {
+        shoal_cluster::Layout::new(self.dir.path())
     }
 
     fn store(&self) -> PathBuf {
@@ -69,7 +82,7 @@ impl HostCluster {
 
     /// `shoal ARGS --endpoints ...` run in host `h`.
     fn cli(&self, h: usize, args: &[&str]) -> std::process::Command {
-        let mut cmd = self.hosts.command(h, BIN);
+        let mut cmd = self.command(h, BIN);
         cmd.args(args).args(["--endpoints", &self.endpoints()]);
         cmd
     }
@@ -81,10 +94,10 @@ impl HostCluster {
 
     fn add_worker_env(&mut self, h: usize, envs: &[(&str, &str)]) {
         let addr = self.hosts.address(h);
-        let mut cmd = self.hosts.command(h, BIN);
+        let mut cmd = self.command(h, BIN);
         cmd.envs(envs.iter().copied());
         cmd.env("RUST_LOG", "info").args(["serve", "worker", "--threads", "1", "--endpoints", &self.endpoints(), "--listen", &format!("{addr}:0")]);
-        cmd.args(["--http-listen", &format!("{addr}:0"), "--store"]).arg(self.store());
+        cmd.args(["--http-listen", &format!("{addr}:0"), "--store"]).arg(self.store()).arg("--credentials").arg(self.layout().worker_credentials());
         let n = self.workers.len();
         self.workers.push((h, Proc::spawn(&mut cmd, &self.log(&format!("worker-{n}-host{h}")))));
     }
@@ -170,7 +183,7 @@ fn three_coordinators_and_four_workers_on_two_hosts_train_hierarchically_with_on
 
 /// The leader's id, as the replicas reachable through `endpoints` from host `h` report it.
 fn leader_seen(c: &HostCluster, h: usize, endpoints: &str) -> Option<u64> {
-    let out = run(c.hosts.command(h, BIN).args(["status", "--json", "--endpoints", endpoints]));
+    let out = run(c.command(h, BIN).args(["status", "--json", "--endpoints", endpoints]));
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     s["coordinators"].as_array()?.iter().find(|x| x["role"] == "leader")?["id"].as_u64()
 }
@@ -184,33 +197,33 @@ fn a_partitioned_leader_serves_nothing_the_majority_goes_on_and_healing_converge
     let others: Vec<usize> = (0..3).filter(|&i| i != cut).collect();
     let majority = others.iter().map(|&i| format!("{}:{PORT}", c.hosts.address(i))).collect::<Vec<_>>().join(",");
     let tiny = write_tiny_idx(c.dir.path());
-    json(c.hosts.command(others[0], BIN).args(["data", "import", "before", "--json", "--endpoints", &all]).args(&tiny));
+    json(c.command(others[0], BIN).args(["data", "import", "before", "--json", "--endpoints", &all]).args(&tiny));
 
     c.hosts.cut(cut).unwrap();
     let new = wait_for("a new leader in the majority", Duration::from_secs(30), || leader_seen(&c, others[0], &majority).filter(|&l| l != old));
     assert_ne!(new, old);
     // Writes go on in the majority.
-    json(c.hosts.command(others[1], BIN).args(["data", "import", "during", "--json", "--endpoints", &majority]).args(&tiny));
+    json(c.command(others[1], BIN).args(["data", "import", "during", "--json", "--endpoints", &majority]).args(&tiny));
     // The old leader's host: no read, no write (it cannot confirm it still leads).
     let own = format!("{}:{PORT}", c.hosts.address(cut));
     let t = std::time::Instant::now();
-    let read = run(c.hosts.command(cut, "timeout").args(["30", BIN, "data", "list", "--json", "--endpoints", &own]));
+    let read = run(c.command(cut, "timeout").args(["30", BIN, "data", "list", "--json", "--endpoints", &own]));
     eprintln!("the cut-off read: {} after {:?}: {}", read.status, t.elapsed(), String::from_utf8_lossy(&read.stderr).lines().last().unwrap_or(""));
     assert!(!read.status.success(), "the cut-off replica served a read: {}", String::from_utf8_lossy(&read.stdout));
-    let write = run(c.hosts.command(cut, "timeout").args(["30", BIN, "data", "import", "cut-off", "--json", "--endpoints", &own]).args(&tiny));
+    let write = run(c.command(cut, "timeout").args(["30", BIN, "data", "import", "cut-off", "--json", "--endpoints", &own]).args(&tiny));
     assert!(!write.status.success(), "the cut-off replica accepted a write: {}", String::from_utf8_lossy(&write.stdout));
 
     c.hosts.heal(cut).unwrap();
     // Every replica converges on one state: the same applied index and state hash, holding
     // both majority writes and not the cut-off one.
     wait_for("the replicas to agree", Duration::from_secs(60), || {
-        let out = run(c.hosts.command(0, BIN).args(["status", "--json", "--endpoints", &all]));
+        let out = run(c.command(0, BIN).args(["status", "--json", "--endpoints", &all]));
         let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         let cs = s["coordinators"].as_array()?;
         let hashes: Vec<(&serde_json::Value, &serde_json::Value)> = cs.iter().map(|x| (&x["applied_index"], &x["state_hash"])).collect();
         (cs.len() == 3 && hashes.iter().all(|h| h == &hashes[0] && h.1.is_string())).then_some(())
     });
-    let names: Vec<String> = json(c.hosts.command(cut, BIN).args(["data", "list", "--json", "--endpoints", &own])).as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap().to_string()).collect();
+    let names: Vec<String> = json(c.command(cut, BIN).args(["data", "list", "--json", "--endpoints", &own])).as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap().to_string()).collect();
     assert!(names.contains(&"before".to_string()) && names.contains(&"during".to_string()) && !names.contains(&"cut-off".to_string()), "{names:?}");
 }
 

@@ -30,7 +30,7 @@ fn start_coordinator(tmp: &std::path::Path, log: &str) -> (Proc, String) {
     let _ = std::fs::remove_file(&addr_file);
     let p = Proc::spawn(
         shoal()
-            .args(["serve", "coordinator", "--listen", "127.0.0.1:0", "--data"])
+            .args(["serve", "coordinator", "--insecure", "--listen", "127.0.0.1:0", "--data"])
             .arg(tmp.join("coord"))
             .arg("--store")
             .arg(tmp.join("store"))
@@ -52,7 +52,7 @@ fn coordinator_restart_keeps_datasets_and_finished_jobs() {
     let (mut coord, addr) = start_coordinator(tmp.path(), "coord1.log");
     let ep = |a: &str| vec!["--endpoints".to_string(), a.to_string()];
     let mut worker = Proc::spawn(
-        shoal().args(["serve", "worker", "--endpoints", &addr, "--threads", "1", "--store"]).arg(tmp.path().join("store")),
+        shoal().args(["serve", "worker", "--insecure", "--endpoints", &addr, "--threads", "1", "--store"]).arg(tmp.path().join("store")),
         &tmp.path().join("worker.log"),
     );
     ok(shoal().args(["data", "import", "tiny"]).args(&files).args(ep(&addr)));

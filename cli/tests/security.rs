@@ -247,3 +247,46 @@ fn only_clients_with_a_certificate_of_the_clusters_ca_get_in() {
     let e = fails(shoal().args(["job", "list", "--endpoints", &addr]).env("SHOAL_TOKEN", &token).env("HOME", c.tmp.path()));
     assert!(!e.is_empty());
 }
+
+#[test]
+fn servers_start_only_with_credentials_or_insecure_and_insecure_warns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let refused = |args: &[&str], says: &[&str]| {
+        let out = run(shoal().args(args).arg("--data").arg(tmp.path().join("d")).arg("--store").arg(tmp.path().join("s")).env_remove("SHOAL_CREDENTIALS"));
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "{args:?} started");
+        for s in says {
+            assert!(err.contains(s), "{args:?}: {err}");
+        }
+    };
+    refused(&["serve", "coordinator", "--listen", "127.0.0.1:0"], &["--credentials", "--insecure"]);
+    // A folder with tokens but no certificate would serve plaintext: refused too.
+    let layout = shoal_cluster::Layout::new(tmp.path().join("cluster"));
+    layout.issue_credentials(&[1]).unwrap();
+    let tokens_only = tmp.path().join("tokens-only");
+    std::fs::create_dir(&tokens_only).unwrap();
+    for f in ["token.key", "bootstrap.pb"] {
+        std::fs::copy(layout.node_credentials(1).join(f), tokens_only.join(f)).unwrap();
+    }
+    let tokens_only = tokens_only.display().to_string();
+    refused(&["serve", "coordinator", "--listen", "127.0.0.1:0", "--credentials", &tokens_only], &["no certificate", "--insecure"]);
+    let worker = |extra: &[&str]| {
+        let mut args = vec!["serve", "worker", "--endpoints", "127.0.0.1:1", "--threads", "1"];
+        args.extend_from_slice(extra);
+        run(shoal().args(&args).arg("--store").arg(tmp.path().join("s")).env_remove("SHOAL_CREDENTIALS"))
+    };
+    let out = worker(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--credentials") && err.contains("--insecure"), "{err}");
+
+    // --insecure starts, and says so in its log.
+    let addr_file = tmp.path().join("addr");
+    let log = tmp.path().join("insecure.log");
+    let mut p = Proc::spawn(
+        shoal().args(["serve", "coordinator", "--insecure", "--listen", "127.0.0.1:0", "--addr-file"]).arg(&addr_file).arg("--data").arg(tmp.path().join("d")).arg("--store").arg(tmp.path().join("s")),
+        &log,
+    );
+    wait_for("the insecure coordinator", Duration::from_secs(20), || std::fs::read_to_string(&addr_file).ok());
+    wait_for("its warning", Duration::from_secs(10), || std::fs::read_to_string(&log).ok().filter(|l| l.contains("--insecure") && l.contains("WARN")));
+    p.kill();
+}

@@ -73,11 +73,30 @@ impl Layout {
     }
 
     /// The credentials folder of coordinator `id` or of the workers.
-    fn node_credentials(&self, id: u64) -> PathBuf {
+    pub fn node_credentials(&self, id: u64) -> PathBuf {
         self.dir.join("credentials").join(format!("coordinator-{id}"))
     }
-    fn worker_credentials(&self) -> PathBuf {
+    pub fn worker_credentials(&self) -> PathBuf {
         self.dir.join("credentials").join("worker")
+    }
+
+    /// The folder's credentials for processes started by hand: the CA (made once), the
+    /// workers' folder and coordinator `ids`' folders (each valid for any address: clients
+    /// check the CA's signature and the name `shoal`).
+    pub fn issue_credentials(&self, ids: &[u64]) -> Result<(), ClusterError> {
+        let ca = self.authority();
+        if !ca.exists() {
+            ca.init()?;
+        }
+        if !self.worker_credentials().exists() {
+            ca.issue_worker(&self.worker_credentials(), &[])?;
+        }
+        for &id in ids {
+            if !self.node_credentials(id).exists() {
+                ca.issue_node(&self.node_credentials(id), id, &[])?;
+            }
+        }
+        Ok(())
     }
 
     /// A client of the recorded cluster with its admin token (if the folder has one).

@@ -199,10 +199,13 @@ pub fn is_peer_token(token: &str) -> bool {
 /// Reads a file that holds a secret, refusing one that others than its owner may read (as ssh
 /// does for keys): a secret left readable by everyone is a leak, better refused than used.
 pub fn read_secret_file(path: &Path) -> Result<Vec<u8>, AuthError> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let err = |reason: String| AuthError::File { path: path.display().to_string(), reason };
     let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
-    if meta.permissions().mode() & 0o077 != 0 {
+    // PostgreSQL's rule for key files: owner-only, or also group-readable when root owns the
+    // file (a Kubernetes Secret volume with an fsGroup: root, the pod's group, 0440).
+    let allowed = if meta.uid() == 0 { 0o040 } else { 0 };
+    if meta.permissions().mode() & 0o077 & !allowed != 0 {
         return Err(err(format!("may be read by others (mode {:o}); `chmod 600 {}`", meta.permissions().mode() & 0o777, path.display())));
     }
     std::fs::read(path).map_err(|e| err(e.to_string()))
@@ -383,6 +386,14 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = TokenKey::load(&path).unwrap_err().to_string();
         assert!(e.contains("may be read by others") && e.contains("chmod 600"), "{e}");
+        // Group-readable passes only when root owns the file (a Kubernetes Secret volume).
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let root_owned = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&path).unwrap()) == 0;
+        assert_eq!(TokenKey::load(&path).is_ok(), root_owned);
+        if root_owned {
+            std::os::unix::fs::chown(&path, Some(1), None).unwrap();
+            assert!(TokenKey::load(&path).is_err(), "a group-readable file of another owner");
+        }
     }
 
     #[test]

@@ -198,6 +198,18 @@ pub fn metrics() -> &'static Metrics {
     &METRICS
 }
 
+static READY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process serves (a coordinator: its Raft loop runs and it knows a leader), for
+/// the HTTP listener's `/ready` (Kubernetes' readiness probe: its gRPC probes cannot speak TLS).
+pub fn set_ready(ready: bool) {
+    READY.store(ready, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn ready() -> bool {
+    READY.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

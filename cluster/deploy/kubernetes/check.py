@@ -7,6 +7,10 @@ against what shoal needs, beyond the schemas (kubernetes-validate checks those):
   started in parallel (a fresh group needs its peers up), a volume claim per replica for
   --data, readiness from the gRPC health service on the listening port, and a
   PodDisruptionBudget that keeps a quorum;
+- every server starts with --credentials from a Secret volume mounted owner-only (mode 0400;
+  never --insecure): each coordinator replica its own folder (the CA's certificate, the token
+  key, the first tokens, its certificate and key), readiness from /ready on the HTTP port
+  (Kubernetes' gRPC probes cannot speak TLS);
 - workers advertise the pod IP (they listen on a wildcard address) on the port they listen on;
 - every container runs as non-root with resource requests, and reads its store from the
   ConfigMap shoal-store: a mounted shared folder, or an s3:// bucket with its credentials from
@@ -28,6 +32,16 @@ def flags(args):
         if w.startswith("--") and i + 1 < len(words) and not words[i + 1].startswith("--"):
             out[w] = words[i + 1]
     return out
+
+
+def secret_volume(pod, container, mount_path):
+    """The Secret volume mounted at mount_path, if its files are owner-only."""
+    names = [m["name"] for m in container.get("volumeMounts", []) if m["mountPath"] == mount_path]
+    for v in pod.get("volumes", []):
+        if v["name"] in names and "secret" in v:
+            mode = v["secret"].get("defaultMode", 0o644)
+            return v["secret"] if mode & 0o077 == 0 else None
+    return None
 
 
 def main(path):
@@ -63,8 +77,18 @@ def main(path):
         mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
         claims = [t["metadata"]["name"] for t in spec.get("volumeClaimTemplates", [])]
         need(any(mounts.get(cl) == f.get("--data") for cl in claims), "--data must be a volume claim template's mount (a log per replica)")
-        probe = c.get("readinessProbe", {}).get("grpc", {})
-        need(str(probe.get("port")) == port, "readiness must be the gRPC health service on the listening port")
+        probe = c.get("readinessProbe", {}).get("httpGet", {})
+        http_port = f.get("--http-listen", ":").rsplit(":", 1)[1]
+        ports = {p.get("name"): str(p["containerPort"]) for p in c.get("ports", [])}
+        need(probe.get("path") == "/ready" and ports.get(probe.get("port"), str(probe.get("port"))) == http_port, "readiness must be /ready on the HTTP port (--http-listen)")
+        need(re.search(r"--credentials /credentials/coordinator-\$\(\( \$\{HOSTNAME##\*-\} \+ 1 \)\)", line) is not None, "coordinators need --credentials /credentials/coordinator-$(( ${HOSTNAME##*-} + 1 ))")
+        vol = secret_volume(pod, c, "/credentials")
+        need(vol is not None, "coordinators: the credentials Secret mounted at /credentials")
+        if vol:
+            paths = {i["path"] for i in vol.get("items", [])}
+            for r in range(1, n + 1):
+                for file in ("ca.crt", "token.key", "bootstrap.pb", "node.crt", "node.key"):
+                    need(f"coordinator-{r}/{file}" in paths, f"the credentials volume lacks coordinator-{r}/{file}")
         pdb = [d for d in docs if d["kind"] == "PodDisruptionBudget" and d["spec"]["selector"] == spec["selector"]]
         need(len(pdb) == 1 and pdb[0]["spec"].get("minAvailable") == n // 2 + 1, f"a PodDisruptionBudget with minAvailable {n // 2 + 1} (a quorum of {n})")
 
@@ -76,6 +100,7 @@ def main(path):
         env = {e["name"]: e for e in c.get("env", [])}
         listen_port = f.get("--listen", ":").rsplit(":", 1)[1]
         need(f.get("--advertise") == f"$(POD_IP):{listen_port}", f"workers must advertise $(POD_IP):{listen_port}, not {f.get('--advertise')!r}")
+        need(f.get("--credentials") == "/credentials" and secret_volume(dep["spec"]["template"]["spec"], c, "/credentials") is not None, "workers need --credentials /credentials, a Secret volume")
         need(env.get("POD_IP", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.podIP", "POD_IP must come from status.podIP")
 
     store = (by.get(("ConfigMap", "shoal-store")) or {}).get("data", {}).get("store", "")
@@ -86,6 +111,7 @@ def main(path):
         pod = d["spec"]["template"]["spec"]
         need(pod.get("securityContext", {}).get("runAsNonRoot") is True, f"{d['metadata']['name']}: runAsNonRoot")
         for c in pod["containers"]:
+            need("--insecure" not in " ".join(c.get("command", []) + c.get("args", [])), f"{d['metadata']['name']}/{c['name']}: --insecure serves plaintext with no tokens")
             need("requests" in c.get("resources", {}), f"{d['metadata']['name']}/{c['name']}: resource requests")
             who = f"{d['metadata']['name']}/{c['name']}"
             ref = {e["name"]: e for e in c.get("env", [])}.get("SHOAL_STORE", {}).get("valueFrom", {}).get("configMapKeyRef", {})

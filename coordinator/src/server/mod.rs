@@ -242,7 +242,7 @@ pub async fn serve(
     // No Nagle: small replies (acks, proposals' answers) otherwise wait on delayed ACKs, 40 ms
     // at a time.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    // grpc.health.v1 (Kubernetes' gRPC readiness probe): SERVING while this replica runs its
+    // grpc.health.v1 (and the HTTP listener's /ready, for probes that cannot speak TLS): SERVING while this replica runs its
     // Raft loop and knows a leader, so it can answer reads and forward writes.
     let (health, health_svc) = tonic_health::server::health_reporter();
     let health_shared = shared.clone();
@@ -254,6 +254,7 @@ pub async fn serve(
                 let status = if now { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
                 health.set_service_status("", status).await;
                 health.set_service_status("shoal.v1.Coordinator", status).await;
+                shoal_core::telemetry::set_ready(now);
                 serving = Some(now);
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
