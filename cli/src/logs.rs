@@ -125,7 +125,8 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> tracing_subscriber::Layer<S> for Jo
 pub fn job_log_tail(store: &std::path::Path, job: u64, n: usize) -> Vec<(String, String)> {
     let mut lines = Vec::new();
     let Ok(dir) = std::fs::read_dir(store.join(format!("jobs/{job}/logs"))) else { return lines };
-    for e in dir.flatten() {
+    // Files only: a symbolic link could lead out of the store.
+    for e in dir.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_file())) {
         let name = e.file_name().to_string_lossy().trim_end_matches(".log").to_string();
         let Ok(mut f) = std::fs::File::open(e.path()) else { continue };
         // The last 64 KiB of each file hold far more than `n` lines.

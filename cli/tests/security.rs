@@ -290,3 +290,114 @@ fn servers_start_only_with_credentials_or_insecure_and_insecure_warns() {
     wait_for("its warning", Duration::from_secs(10), || std::fs::read_to_string(&log).ok().filter(|l| l.contains("--insecure") && l.contains("WARN")));
     p.kill();
 }
+
+/// Every file under `dir`, links not followed.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let t = e.file_type().unwrap();
+        if t.is_dir() {
+            out.extend(files_under(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+#[test]
+fn no_name_or_path_in_a_request_leads_out_of_the_store() {
+    use shoal_proto::coordinator_client::CoordinatorClient;
+    use shoal_proto::*;
+    let c = UpCluster::start(0);
+    let outside = c.tmp.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("secret"), b"outside").unwrap();
+    // A link in the store to a folder outside it (as a careless admin might leave one).
+    std::fs::create_dir_all(c.store().join("datasets")).unwrap();
+    std::os::unix::fs::symlink(&outside, c.store().join("datasets/link")).unwrap();
+    let [x, y] = write_tiny_idx(c.tmp.path());
+    json(c.cmd(&["data", "import", "tiny", "--json"]).arg(&x).arg(&y));
+
+    let addr = c.endpoints().split(',').next().unwrap().to_string();
+    let tls = admin_tls(&c);
+    let admin = std::fs::read_to_string(c.dir().join("ca/admin.token")).unwrap();
+    let token = Some(admin.trim());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut refused: Vec<(String, tonic::Status)> = Vec::new();
+    rt.block_on(async {
+        let channel = shoal_coordinator::tls::endpoint(&addr, Some(&tls)).unwrap().connect().await.unwrap();
+        let mut api = CoordinatorClient::new(channel);
+        let mut expect_refused = |what: String, r: Result<(), tonic::Status>| match r {
+            Ok(()) => panic!("{what}: accepted"),
+            Err(s) => refused.push((what, s)),
+        };
+        // Store keys: written through the coordinator ...
+        for key in ["datasets/../../outside/evil", "/tmp/evil", "datasets/d/import-1/../../../../outside/evil", "datasets/link/import-1/evil", "incoming/../outside/evil"] {
+            let chunk = ObjectChunk { key: key.into(), data: b"evil".to_vec(), last: true };
+            let r = api.put_objects(with_token(tonic::Request::new(tokio_stream::iter(vec![chunk])), token)).await;
+            expect_refused(format!("PutObjects {key}"), r.map(|_| ()));
+        }
+        // ... read through it (a reply stream fails at its first item at the latest) ...
+        for key in ["../outside/secret", "datasets/../../outside/secret", "datasets/link/secret", "/etc/passwd"] {
+            let r = match api.get_object(with_token(tonic::Request::new(GetObjectRequest { key: key.into() }), token)).await {
+                Err(s) => Err(s),
+                Ok(stream) => match stream.into_inner().message().await {
+                    Ok(Some(chunk)) => panic!("GetObject {key}: read {:?}", String::from_utf8_lossy(&chunk.data)),
+                    Ok(None) => Ok(()),
+                    Err(s) => Err(s),
+                },
+            };
+            expect_refused(format!("GetObject {key}"), r);
+        }
+        // ... and removed through it.
+        for folder in ["datasets/link/import-1", "datasets/../..", "datasets/tiny/../../outside"] {
+            let r = api.drop_import(with_token(tonic::Request::new(DropImportRequest { folder: folder.into() }), token)).await;
+            expect_refused(format!("DropImport {folder}"), r.map(|_| ()));
+        }
+        // Names that become folders: datasets (and their shards' paths) and models.
+        for (name, path) in [("../evil", "datasets/../evil/import-1/s.bin"), ("/evil", "/evil/s.bin"), ("good", "datasets/good/../../../outside/secret"), ("good", "datasets/link/import-1/s.bin")] {
+            let shard = ShardInfo { path: path.into(), records: 1, blake3: "0".repeat(64), bytes: 784 };
+            let info = DatasetInfo { name: name.into(), feature_shape: vec![28, 28], classes: 10, feature_dtype: "u8".into(), shards: vec![shard], records: 1, ..Default::default() };
+            let r = api.register_dataset(with_token(tonic::Request::new(RegisterDatasetRequest { dataset: Some(info), request_id: format!("r-{name}-{path}") }), token)).await;
+            expect_refused(format!("RegisterDataset {name} {path}"), r.map(|_| ()));
+        }
+        for name in ["../evil", "/evil", "a/b", ".."] {
+            let r = api.register_model(with_token(tonic::Request::new(RegisterModelRequest { name: name.into(), job_id: 1, request_id: format!("m-{name}") }), token)).await;
+            expect_refused(format!("RegisterModel {name}"), r.map(|_| ()));
+        }
+        // Specs: a training job's dataset, a batch job's output and import files, a pipeline's
+        // and a template's name.
+        let train = mnist_spec("../evil", 1, 400, 1, "[8]");
+        let batch_import = |files: &str, output: &str| format!("name = \"i\"\nkind = \"batch\"\n[input]\ndataset = \"tiny\"\n[operator]\nkind = \"import\"\nfiles = [{files}]\nformat = \"csv\"\nlabel = \"y\"\n[output]\ndataset = \"{output}\"\n");
+        for (what, spec) in [
+            ("a training dataset", train.clone()),
+            ("import files", batch_import("\"incoming/../../outside/secret\"", "d")),
+            ("absolute import files", batch_import("\"/etc/passwd\"", "d")),
+            ("import files through a link", batch_import("\"incoming/../datasets/link/secret\"", "d")),
+            ("a batch output", batch_import("\"incoming/d/a.csv\"", "../evil")),
+        ] {
+            let r = api.submit_job(with_token(tonic::Request::new(SubmitJobRequest { spec_toml: spec.clone(), request_id: format!("j-{what}") }), token)).await;
+            expect_refused(format!("SubmitJob with {what}"), r.map(|_| ()));
+        }
+        let scheduled = mnist_spec("tiny", 1, 400, 1, "[8]").replace("name = \"test-mlp\"", "name = \"../evil\"") + "[schedule]\ncron = \"0 3 * * *\"\n";
+        let r = api.schedule_job(with_token(tonic::Request::new(SubmitJobRequest { spec_toml: scheduled, request_id: "t".into() }), token)).await;
+        expect_refused("ScheduleJob named ../evil".into(), r.map(|_| ()));
+        let pipeline = format!("name = \"../evil\"\n[[step]]\nname = \"train\"\nkind = \"train\"\n[step.spec]\n{}", train.replace("[", "[step.spec."));
+        let r = api.submit_pipeline(with_token(tonic::Request::new(SubmitPipelineRequest { spec_toml: pipeline, request_id: "p".into() }), token)).await;
+        expect_refused("SubmitPipeline named ../evil".into(), r.map(|_| ()));
+    });
+    for (what, s) in &refused {
+        assert!(matches!(s.code(), tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::FailedPrecondition), "{what}: {s:?}");
+    }
+    // The CLI's own names too.
+    let out = run(c.cmd(&["data", "import", "../evil"]).arg(&x).arg(&y));
+    assert!(!out.status.success(), "data import ../evil");
+
+    // Nothing was written, read into the cluster or removed outside the store.
+    assert_eq!(files_under(&outside), vec![outside.join("secret")]);
+    assert_eq!(std::fs::read(outside.join("secret")).unwrap(), b"outside");
+    let evil: Vec<_> = files_under(c.tmp.path()).into_iter().filter(|p| p.to_string_lossy().contains("evil")).collect();
+    assert!(evil.is_empty(), "{evil:?}");
+    assert!(c.store().join("datasets/link").is_symlink());
+}

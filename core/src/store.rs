@@ -31,6 +31,10 @@ pub enum StoreError {
     Object { key: String, message: String },
     #[error("{0}")]
     Config(String),
+    /// A key that is not plain, or whose path passes a symbolic link: it could lead out of
+    /// the store.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl StoreError {
@@ -109,8 +113,29 @@ pub fn check_key(key: &str) -> Result<()> {
     if plain {
         Ok(())
     } else {
-        Err(StoreError::Config(format!("{key:?} is not a store key (a relative path of plain names)")))
+        Err(StoreError::Refused(format!("{key:?} is not a store key (a relative path of plain names)")))
     }
+}
+
+/// Where key `key` lies in a local store at `root`: refused when the key is not plain or a
+/// part of its path below `root` is a symbolic link, which could lead out of the store (a
+/// store's own writes never make one). Parts not there yet are fine: a write creates them.
+fn confined(root: &Path, key: &str) -> Result<PathBuf> {
+    check_key(key)?;
+    let mut path = root.to_path_buf();
+    for part in key.split('/') {
+        path.push(part);
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let below = path.strip_prefix(root).unwrap_or(&path).display().to_string();
+                return Err(StoreError::Refused(format!("{key:?}: {below} in the store is a symbolic link; the store follows none (it could lead out of the store)")));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound || e.kind() == std::io::ErrorKind::NotADirectory => return Ok(root.join(key)),
+            Err(e) => return Err(StoreError::io(key, e)),
+        }
+    }
+    Ok(path)
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -185,6 +210,15 @@ impl Store {
     }
 
     /// The folder of a local store (None: an object store).
+    /// Object `key`'s file in a local store (None for an object store), confined to the
+    /// store: a key that is not plain, or whose path passes a symbolic link, is refused.
+    pub fn local_path(&self, key: &str) -> Result<Option<PathBuf>> {
+        match &*self.0 {
+            Backend::Local(root) => confined(root, key).map(Some),
+            Backend::Object { .. } => check_key(key).map(|_| None),
+        }
+    }
+
     pub fn local_root(&self) -> Option<&Path> {
         match &*self.0 {
             Backend::Local(root) => Some(root),
@@ -216,7 +250,7 @@ impl Store {
     pub fn get(&self, key: &str) -> Result<Vec<u8>> {
         check_key(key)?;
         match &*self.0 {
-            Backend::Local(root) => std::fs::read(root.join(key)).map_err(|e| StoreError::io(key, e)),
+            Backend::Local(root) => std::fs::read(confined(root, key)?).map_err(|e| StoreError::io(key, e)),
             Backend::Object { objects, prefix, .. } => {
                 let (objects, path, k) = (objects.clone(), Self::object_path(prefix, key), key.to_string());
                 block(async move {
@@ -233,7 +267,7 @@ impl Store {
         match &*self.0 {
             Backend::Local(root) => {
                 use std::io::{Read as _, Seek as _};
-                let mut f = std::fs::File::open(root.join(key)).map_err(|e| StoreError::io(key, e))?;
+                let mut f = std::fs::File::open(confined(root, key)?).map_err(|e| StoreError::io(key, e))?;
                 f.seek(std::io::SeekFrom::Start(range.start)).map_err(|e| StoreError::io(key, e))?;
                 let mut out = vec![0; (range.end - range.start) as usize];
                 f.read_exact(&mut out).map_err(|e| StoreError::io(key, e))?;
@@ -250,7 +284,7 @@ impl Store {
     pub fn size(&self, key: &str) -> Result<u64> {
         check_key(key)?;
         match &*self.0 {
-            Backend::Local(root) => std::fs::metadata(root.join(key)).map(|m| m.len()).map_err(|e| StoreError::io(key, e)),
+            Backend::Local(root) => std::fs::metadata(confined(root, key)?).map(|m| m.len()).map_err(|e| StoreError::io(key, e)),
             Backend::Object { objects, prefix, .. } => {
                 let (objects, path, k) = (objects.clone(), Self::object_path(prefix, key), key.to_string());
                 block(async move { objects.head(&path).await.map(|m| m.size).map_err(|e| StoreError::object(&k, e)) })
@@ -266,7 +300,8 @@ impl Store {
         let mut out = match &*self.0 {
             Backend::Local(root) => {
                 let mut out = Vec::new();
-                list_local(root, &root.join(prefix), &mut out).map_err(|e| StoreError::io(prefix, e))?;
+                let dir = if prefix.is_empty() { root.clone() } else { confined(root, prefix)? };
+                list_local(root, &dir, &mut out).map_err(|e| StoreError::io(prefix, e))?;
                 out
             }
             Backend::Object { objects, prefix: base, .. } => {
@@ -300,7 +335,7 @@ impl Store {
     pub fn delete(&self, key: &str) -> Result<()> {
         check_key(key)?;
         match &*self.0 {
-            Backend::Local(root) => match std::fs::remove_file(root.join(key)) {
+            Backend::Local(root) => match std::fs::remove_file(confined(root, key)?) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::io(key, e)),
                 _ => Ok(()),
             },
@@ -327,7 +362,7 @@ impl Store {
         };
         match &*self.0 {
             Backend::Local(root) => {
-                let path = root.join(prefix);
+                let path = confined(root, prefix)?;
                 let removed = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
                 match removed {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::io(prefix, e)),
@@ -349,7 +384,7 @@ impl Store {
     pub fn local_copy(&self, key: &str, bytes: u64, hash: &str) -> Result<PathBuf> {
         check_key(key)?;
         match &*self.0 {
-            Backend::Local(root) => Ok(root.join(key)),
+            Backend::Local(root) => confined(root, key),
             Backend::Object { objects, prefix, cache, .. } => {
                 let Some(cache) = cache else {
                     return Err(StoreError::Config(format!("{key}: reading shards of an object store needs a cache folder (--cache-dir)")));
@@ -431,7 +466,7 @@ impl Cache {
 
 /// Temp file, fsync, rename, fsync of the folder: a reader sees the whole object or none.
 fn put_local(root: &Path, key: &str, pieces: &[&[u8]]) -> Result<()> {
-    let path = root.join(key);
+    let path = confined(root, key)?;
     let dir = path.parent().expect("a key has a file name").to_path_buf();
     create_dirs_durably(&dir).map_err(|e| StoreError::io(key, e))?;
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -453,6 +488,7 @@ fn put_local(root: &Path, key: &str, pieces: &[&[u8]]) -> Result<()> {
     written.map_err(|e| StoreError::io(key, e))
 }
 
+/// Files under `dir`; symbolic links are not followed, nor listed.
 fn list_local(root: &Path, dir: &Path, out: &mut Vec<Entry>) -> std::io::Result<()> {
     let meta = match std::fs::metadata(dir) {
         Ok(m) => m,
@@ -465,7 +501,10 @@ fn list_local(root: &Path, dir: &Path, out: &mut Vec<Entry>) -> std::io::Result<
         return Ok(());
     }
     for e in std::fs::read_dir(dir)? {
-        list_local(root, &e?.path(), out)?;
+        let e = e?;
+        if !e.file_type()?.is_symlink() {
+            list_local(root, &e.path(), out)?;
+        }
     }
     Ok(())
 }
@@ -494,6 +533,36 @@ mod tests {
         s.delete("jobs/2/c.bin").unwrap();
         assert!(s.list("").unwrap().is_empty());
         assert_eq!(s.local_copy("jobs/x", 0, "").unwrap(), dir.path().join("jobs/x"));
+    }
+
+    #[test]
+    fn no_key_leads_out_of_a_local_store_through_a_symbolic_link() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"outside").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        // The store's root may itself be a link (only what lies below it is checked).
+        let root = dir.path().join("root");
+        std::fs::create_dir(dir.path().join("real")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("real"), &root).unwrap();
+        let s = Store::local(&root);
+        s.put("datasets/d/a.bin", &[b"in"]).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join("datasets/out")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), root.join("datasets/d/file")).unwrap();
+        for key in ["datasets/out/secret", "datasets/d/file"] {
+            let e = s.get(key).unwrap_err().to_string();
+            assert!(e.contains("symbolic link"), "{key}: {e}");
+            assert!(s.get_range(key, 0..1).is_err() && s.size(key).is_err() && s.local_copy(key, 7, "").is_err() && s.local_path(key).is_err(), "{key}");
+            assert!(s.delete(key).is_err(), "{key}");
+        }
+        assert!(s.put("datasets/out/new", &[b"x"]).is_err());
+        assert!(s.list("datasets/out").is_err() && s.delete_prefix("datasets/out").is_err());
+        // Listing skips links; nothing outside was read, written or removed.
+        let keys: Vec<String> = s.list("").unwrap().into_iter().map(|e| e.key).collect();
+        assert_eq!(keys, ["datasets/d/a.bin"]);
+        assert_eq!(s.delete_prefix("datasets").unwrap(), 1);
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 1);
+        assert_eq!(std::fs::read(outside.path().join("secret")).unwrap(), b"outside");
+        assert_eq!(s.local_path("datasets/new/x").unwrap(), Some(root.join("datasets/new/x")));
     }
 
     #[test]

@@ -372,8 +372,8 @@ pub fn tidy_output(store: &Store, folder: &str, keep: &[String]) {
             let _ = store.delete(&e.key);
         }
     }
-    if let (true, Some(root)) = (keep.is_empty(), store.local_root()) {
-        let _ = std::fs::remove_dir(root.join(folder));
+    if let (true, Ok(Some(path))) = (keep.is_empty(), store.local_path(folder)) {
+        let _ = std::fs::remove_dir(path);
     }
 }
 

@@ -202,8 +202,9 @@ fn blake3_hex(pieces: &[&[u8]]) -> String {
 /// first writes. Returns (bytes, blake3 hex). `step` arms the fault points of checkpoint
 /// writes (None: no fault points).
 fn write_object(store: &Store, dir: &str, name: &str, tag: &str, pieces: &[&[u8]], step: Option<u64>) -> Result<(u64, String), CheckpointError> {
-    let Some(root) = store.local_root() else {
-        let key = format!("{dir}/{name}");
+    let key = format!("{dir}/{name}");
+    let path = store.local_path(&key).map_err(|e| CheckpointError::io(Path::new(&key), std::io::Error::other(e.to_string())))?;
+    let Some(path) = path else {
         if step.is_some_and(|s| failpoint::hit("checkpoint-enospc", s)) {
             return Err(CheckpointError::io(Path::new(&key), std::io::Error::from_raw_os_error(28)));
         }
@@ -220,7 +221,7 @@ fn write_object(store: &Store, dir: &str, name: &str, tag: &str, pieces: &[&[u8]
         }
         return Ok((pieces.iter().map(|p| p.len() as u64).sum(), hash));
     };
-    write_file(&root.join(dir), name, tag, pieces, step)
+    write_file(path.parent().expect("a key has a folder"), name, tag, pieces, step)
 }
 
 /// Writes `pieces` as the file `dir/name`: under a temporary name, fsynced, renamed, folder
@@ -376,10 +377,8 @@ pub fn read_tensors(
     validate_manifest(m, m.job_id).map_err(CheckpointError::Mismatch)?;
     for f in &m.files {
         let key = format!("{}/{}", m.dir, f.name);
-        let path = match store.local_root() {
-            Some(root) => root.join(&key),
-            None => PathBuf::from(format!("{}/{key}", store.location())),
-        };
+        let local = store.local_path(&key).map_err(|e| CheckpointError::io(Path::new(&key), std::io::Error::other(e.to_string())))?;
+        let path = local.unwrap_or_else(|| PathBuf::from(format!("{}/{key}", store.location())));
         let store_error = |e: shoal_core::store::StoreError| match e {
             shoal_core::store::StoreError::NotFound { .. } => std::io::Error::new(std::io::ErrorKind::NotFound, e.to_string()),
             e => std::io::Error::other(e.to_string()),

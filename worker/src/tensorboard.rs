@@ -61,15 +61,15 @@ impl EventFile {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let name = format!("events.out.tfevents.{}.{suffix}", now.as_secs());
         let first = record(&TfEvent { wall_time: now.as_secs_f64(), file_version: "brain.Event:2".into(), ..Default::default() }.encode_to_vec());
-        let sink = match store.local_root() {
-            Some(root) => {
-                let dir = root.join(dir);
-                std::fs::create_dir_all(&dir)?;
-                let mut file = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(name))?;
+        let key = format!("{dir}/{name}");
+        let sink = match store.local_path(&key).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))? {
+            Some(path) => {
+                std::fs::create_dir_all(path.parent().expect("a key has a folder"))?;
+                let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
                 file.write_all(&first)?;
                 Sink::File(file)
             }
-            None => Sink::Objects { store: store.clone(), key: format!("{dir}/{name}"), first, next: 0 },
+            None => Sink::Objects { store: store.clone(), key, first, next: 0 },
         };
         Ok(EventFile { sink })
     }

@@ -802,7 +802,7 @@ impl Coordinator for Api {
             let store = store.clone();
             reply.bytes += data.len() as u64;
             reply.keys.push(key.clone());
-            writes.spawn_blocking(move || store.put(&key, &[&data]).map_err(|e| Status::unavailable(format!("writing to the store: {e}"))));
+            writes.spawn_blocking(move || store.put(&key, &[&data]).map_err(|e| store_status("writing to", e)));
         }
         while let Some(done) = writes.join_next().await {
             done.map_err(|e| Status::internal(e.to_string()))??;
@@ -824,7 +824,7 @@ impl Coordinator for Api {
         tokio::task::spawn_blocking(move || store.delete_prefix(&folder))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::unavailable(format!("removing from the store: {e}")))?;
+            .map_err(|e| store_status("removing from", e))?;
         Ok(Response::new(Ack {}))
     }
 
@@ -841,16 +841,13 @@ impl Coordinator for Api {
             let (store, key) = (store.clone(), key.clone());
             tokio::task::spawn_blocking(move || store.size(&key)).await.map_err(|e| Status::internal(e.to_string()))?
         };
-        let size = size.map_err(|e| match e {
-            shoal_core::store::StoreError::NotFound { .. } => final_status(tonic::Code::NotFound, e.to_string()),
-            e => Status::unavailable(format!("reading the store: {e}")),
-        })?;
+        let size = size.map_err(|e| store_status("reading", e))?;
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
             let mut at = 0u64;
             loop {
                 let end = (at + OBJECT_CHUNK).min(size);
-                let piece = store.get_range(&key, at..end).map_err(|e| Status::unavailable(format!("reading the store: {e}")));
+                let piece = store.get_range(&key, at..end).map_err(|e| store_status("reading", e));
                 let failed = piece.is_err();
                 let sent = tx.blocking_send(piece.map(|data| ObjectChunk { key: key.clone(), data, last: end == size }));
                 if sent.is_err() || failed || end == size {
@@ -931,4 +928,15 @@ impl Api {
         }
     }
 
+}
+
+/// A store error as a status: a refused key or a missing object is final (another replica
+/// would answer the same), anything else may pass.
+fn store_status(doing: &str, e: shoal_core::store::StoreError) -> Status {
+    use shoal_core::store::StoreError;
+    match e {
+        StoreError::NotFound { .. } => final_status(tonic::Code::NotFound, e.to_string()),
+        StoreError::Refused(_) => final_status(tonic::Code::InvalidArgument, e.to_string()),
+        e => Status::unavailable(format!("{doing} the store: {e}")),
+    }
 }
