@@ -105,6 +105,10 @@ enum Cmd {
     /// coordinator and worker (`shoal up` does both for a local cluster).
     #[command(subcommand)]
     Ca(access::CaCmd),
+    /// The audit trail: every mutation, who asked and when (`list`), and a check that no entry
+    /// was modified or removed (`verify`).
+    #[command(subcommand)]
+    Audit(access::AuditCmd),
     /// Run one server process in the foreground (what `shoal up` spawns).
     #[command(subcommand)]
     Serve(ServeCmd),
@@ -833,6 +837,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Pipeline(p) => pipeline::pipeline(p).await,
         Cmd::Token(t) => access::token(t).await,
         Cmd::Ca(c) => access::ca(c),
+        Cmd::Audit(c) => access::audit(c).await,
         Cmd::Checkpoint(c) => checkpoint(c).await,
         Cmd::Model(c) => model(c).await,
         Cmd::Generate { reference, prompt, tokens, temperature, seed, conn, json } => {

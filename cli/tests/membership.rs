@@ -130,6 +130,13 @@ fn a_wiped_replica_is_refused_and_replaced_and_nothing_acknowledged_is_lost() {
         ok(c.cmd(&["data", "append", "acked"]).args(&files));
         assert_eq!(json(&mut c.cmd(&["data", "show", "before", "--json"]))["version"], 1);
         assert_eq!(json(&mut c.cmd(&["data", "show", "acked", "--json"]))["version"], 2);
+        // The audit trail names the changes of the group and who asked.
+        let trail = json(&mut c.cmd(&["audit", "list", "--json"]));
+        let entry = |what: String| trail["entries"].as_array().unwrap().iter().find(|e| e["what"].as_str().unwrap().starts_with(&what)).cloned().unwrap_or_else(|| panic!("no {what}: {trail}"));
+        let removal = entry(format!("remove_coordinator: replica {}", b.id));
+        assert_eq!((removal["role"].as_str(), removal["method"].as_str(), removal["outcome"].as_str()), (Some("admin"), Some("RemoveCoordinator"), Some("ok")), "{removal}");
+        assert_eq!(entry(format!("add_coordinator: replica {new_id}"))["method"], "AddCoordinator");
+        assert_eq!(entry(format!("promote_coordinator: replica {new_id}"))["actor"], "cluster");
         // The removed id cannot come back, even as a learner joining with an empty folder.
         std::fs::remove_dir_all(&b_dir).unwrap();
         let mut back = start(&b.args, "join", &c.tmp.path().join("b-join.log"));

@@ -401,3 +401,81 @@ fn no_name_or_path_in_a_request_leads_out_of_the_store() {
     assert!(evil.is_empty(), "{evil:?}");
     assert!(c.store().join("datasets/link").is_symlink());
 }
+
+/// The entries of every audit segment in the store, by file.
+fn audit_segments(c: &UpCluster) -> Vec<(std::path::PathBuf, shoal_proto::AuditSegmentFile)> {
+    use shoal_proto::Message;
+    let mut files: Vec<_> = std::fs::read_dir(c.store().join("audit")).into_iter().flatten().flatten().map(|e| e.path()).collect();
+    files.sort();
+    files.into_iter().map(|p| (p.clone(), shoal_proto::AuditSegmentFile::decode(&std::fs::read(&p).unwrap()[..]).unwrap())).collect()
+}
+
+#[test]
+fn the_audit_trail_names_who_did_what_and_verify_finds_a_modified_and_a_removed_entry() {
+    use shoal_proto::Message;
+    let c = UpCluster::start(0);
+    let [x, y] = write_tiny_idx(c.tmp.path());
+    json(c.cmd(&["data", "import", "tiny", "--json"]).arg(&x).arg(&y));
+    let operator = create(&c, "operator", &[]);
+    let operator_id = Token::parse(&operator).unwrap().id;
+    json(c.cmd(&["data", "import", "tiny2", "--json"]).arg(&x).arg(&y).env("SHOAL_TOKEN", &operator));
+    // A mutation the state refuses is kept too, with why.
+    let refused = run(&mut c.cmd(&["model", "register", "m", "--job", "999"]));
+    assert!(!refused.status.success());
+
+    let list = || json(&mut c.cmd(&["audit", "list", "--json"]))["entries"].as_array().unwrap().clone();
+    let entries = list();
+    let find = |what: &str| entries.iter().find(|e| e["what"].as_str().unwrap().starts_with(what)).unwrap_or_else(|| panic!("no {what} in {entries:#?}")).clone();
+    let admin_id = Token::parse(std::fs::read_to_string(c.dir().join("ca/admin.token")).unwrap().trim()).unwrap().id;
+    let import = find("import_dataset: tiny@1");
+    assert_eq!((import["actor"].as_str().unwrap(), import["role"].as_str().unwrap(), import["method"].as_str().unwrap(), import["outcome"].as_str().unwrap()), (admin_id.as_str(), "admin", "RegisterDataset", "ok"), "{import}");
+    assert!(!import["request_id"].as_str().unwrap().is_empty());
+    let by_operator = find("import_dataset: tiny2");
+    assert_eq!((by_operator["actor"].as_str().unwrap(), by_operator["role"].as_str().unwrap()), (operator_id.as_str(), "operator"));
+    assert_eq!(find("bootstrap_tokens")["actor"], "cluster");
+    assert!(find("create_token")["what"].as_str().unwrap().contains(&operator_id));
+    assert!(find("register_model: m from job 999")["outcome"].as_str().unwrap().contains("999"));
+    let seqs: Vec<u64> = entries.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    // --since: nothing from the future; everything from an hour ago.
+    assert!(json(&mut c.cmd(&["audit", "list", "--json", "--since", "2999-01-01T00:00:00Z"]))["entries"].as_array().unwrap().is_empty());
+    assert_eq!(json(&mut c.cmd(&["audit", "list", "--json", "--since", "1h"]))["entries"].as_array().unwrap().len(), entries.len());
+
+    // The leader seals the entries into segments in the store within seconds.
+    wait_for("the entries to be sealed", Duration::from_secs(20), || (audit_segments(&c).iter().map(|(_, f)| f.entries.len()).sum::<usize>() >= entries.len()).then_some(()));
+    let verify = || {
+        let out = run(&mut c.cmd(&["audit", "verify", "--json"]));
+        (out.status.success(), serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap())
+    };
+    let (whole, v) = verify();
+    assert!(whole && v["ok"] == true && v["entries"].as_u64().unwrap() >= entries.len() as u64, "{v}");
+
+    // An entry edited in its segment: named.
+    let segments = audit_segments(&c);
+    let (path, file) = segments.iter().find(|(_, f)| f.entries.iter().any(|e| e.what.starts_with("import_dataset: tiny2"))).unwrap().clone();
+    let original = std::fs::read(&path).unwrap();
+    let at = file.entries.iter().position(|e| e.what.starts_with("import_dataset: tiny2")).unwrap();
+    let mut edited = file.clone();
+    edited.entries[at].actor = admin_id.clone();
+    std::fs::write(&path, edited.encode_to_vec()).unwrap();
+    let (whole, v) = verify();
+    let seq = file.entries[at].seq;
+    assert!(!whole && v["problems"].as_array().unwrap().iter().any(|p| p.as_str().unwrap().contains(&format!("entry {seq} was modified"))), "{v}");
+    // Even with its hash recomputed, and the next entry's link: the state's head disagrees.
+    edited.entries[at].hash = shoal_coordinator::state::audit::entry_hash(&edited.entries[at]);
+    std::fs::write(&path, edited.encode_to_vec()).unwrap();
+    let (whole, v) = verify();
+    assert!(!whole, "{v}");
+    // An entry removed: named.
+    let mut removed = file.clone();
+    removed.entries.remove(at);
+    std::fs::write(&path, removed.encode_to_vec()).unwrap();
+    let (whole, v) = verify();
+    assert!(!whole && v["problems"].as_array().unwrap().iter().any(|p| p.as_str().unwrap().contains(&format!("entries {seq}-{seq} are missing"))), "{v}");
+    // A whole segment removed: named.
+    std::fs::remove_file(&path).unwrap();
+    let (whole, v) = verify();
+    assert!(!whole && v["problems"].as_array().unwrap().iter().any(|p| p.as_str().unwrap().contains("cannot be read")), "{v}");
+    std::fs::write(&path, original).unwrap();
+    assert!(verify().0, "restored");
+}

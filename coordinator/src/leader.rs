@@ -58,6 +58,8 @@ pub enum Action {
     ListIncoming(shoal_proto::PipelineIncoming, String),
     /// Hash the files an exec step names and propose the digests.
     HashFiles(shoal_proto::PipelineFileDigests, Vec<String>),
+    /// Write these audit entries as a segment in the store, then propose the seal.
+    SealAudit(shoal_proto::AuditSeal),
 }
 
 /// The leader's memory between ticks. Times are milliseconds of a monotonic clock. Ordered
@@ -197,6 +199,10 @@ impl Duties {
         checks.extend(state.cache_checks().into_iter().map(|(v, files)| (format!("cache/{}/{}/{}", v.run, v.step, v.attempt), Action::VerifyCache(v, files))));
         checks.extend(state.hash_checks().into_iter().map(|(d, files)| (format!("hash/{}/{}/{}", d.run, d.step, d.attempt), Action::HashFiles(d, files))));
         checks.extend(state.incoming_checks().into_iter().map(|(l, prefix)| (format!("incoming/{}/{}/{}", l.run, l.step, l.attempt), Action::ListIncoming(l, prefix))));
+        // Audit entries waiting for their segment: written off the loop, then sealed.
+        if let Some(seal) = state.audit_seal_due(now_unix_ms) {
+            checks.push((format!("audit/{}-{}", seal.first_seq, seal.last_seq), Action::SealAudit(seal)));
+        }
         // Debounced pipeline triggers whose dataset has been quiet long enough.
         for t in state.due_triggers(now_unix_ms) {
             proposals.push((format!("trigger/{}/{}/{}", t.pipeline, t.from_version, t.to_version), command::Kind::PipelineTriggered(t)));

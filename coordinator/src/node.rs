@@ -359,6 +359,12 @@ impl Core {
     /// (`membership::check_live_quorum`); a leader asked to remove itself first hands its
     /// role to a live voter that caught up, and the caller retries at the new leader.
     pub fn propose_member(&mut self, op: MemberOp, id: u64, address: String, request_id: String, force: bool, reply: Option<Reply>) {
+        self.propose_member_as(op, id, address, request_id, None, force, reply)
+    }
+
+    /// `propose_member` for a caller the audit trail names.
+    #[allow(clippy::too_many_arguments)]
+    pub fn propose_member_as(&mut self, op: MemberOp, id: u64, address: String, request_id: String, who: Option<shoal_proto::AuditContext>, force: bool, reply: Option<Reply>) {
         let change = match op {
             MemberOp::AddLearner => Change::AddLearner(id),
             MemberOp::Promote => Change::Promote(id),
@@ -392,7 +398,7 @@ impl Core {
             return;
         }
         self.next_proposal = self.next_proposal.wrapping_add(1);
-        let context = MemberChange { proposal_id: self.next_proposal, id, address, request_id }.encode_to_vec();
+        let context = MemberChange { proposal_id: self.next_proposal, id, address, request_id, audit: who, proposed_unix_ms: self.now_unix_ms }.encode_to_vec();
         let mut single = ConfChangeSingle::default();
         single.set_change_type(match op {
             MemberOp::AddLearner => ConfChangeType::AddLearnerNode,
@@ -690,7 +696,7 @@ impl Core {
                             ConfChangeType::AddNode => MemberOp::Promote,
                             ConfChangeType::RemoveNode => MemberOp::Remove,
                         };
-                        result = self.state.write().expect("state lock").apply_member_change(e.index, op, single.node_id, &change.address, &change.request_id);
+                        result = self.state.write().expect("state lock").apply_member_change(e.index, op, single.node_id, &change, change.audit.clone());
                     }
                     // The members are exactly raft's configuration after the change (the group
                     // a cluster started with is recorded at its first change).

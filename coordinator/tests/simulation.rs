@@ -475,6 +475,10 @@ fn simulate(seed: u64, n: u64) -> String {
                         d.digests = files.iter().map(|f| format!("{f} absent")).collect();
                         let _ = core.propose(Command { kind: Some(shoal_proto::command::Kind::PipelineFileDigests(d)), ..Default::default() }, None);
                     }
+                    // No store here: a segment is taken as written, and sealed.
+                    Action::SealAudit(seal) => {
+                        let _ = core.propose(Command { kind: Some(shoal_proto::command::Kind::SealAudit(seal)), ..Default::default() }, None);
+                    }
                     // No store here: nothing is incoming.
                     Action::ListIncoming(l, _) => {
                         let _ = core.propose(Command { kind: Some(shoal_proto::command::Kind::PipelineIncoming(l)), ..Default::default() }, None);

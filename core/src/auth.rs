@@ -316,6 +316,8 @@ pub const METHODS: &[(&str, Access)] = &[
     ("/shoal.v1.Coordinator/CreateToken", Access::Roles(ADMIN)),
     ("/shoal.v1.Coordinator/ListTokens", Access::Roles(ADMIN)),
     ("/shoal.v1.Coordinator/RevokeToken", Access::Roles(ADMIN)),
+    ("/shoal.v1.Coordinator/ListAudit", Access::Roles(ADMIN)),
+    ("/shoal.v1.Coordinator/VerifyAudit", Access::Roles(ADMIN)),
     // Workers' own calls.
     ("/shoal.v1.Coordinator/RegisterWorker", Access::Roles(WORKER)),
     ("/shoal.v1.Coordinator/Heartbeat", Access::Roles(WORKER)),

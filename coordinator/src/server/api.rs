@@ -8,7 +8,7 @@ impl Api {
     /// client's retries idempotent.
     pub(super) async fn propose(&self, kind: command::Kind, request_id: String) -> Result<ApplyOutput, Status> {
         self.require_running()?;
-        let cmd = Command { request_id, kind: Some(kind), ..Default::default() };
+        let cmd = Command { request_id, kind: Some(kind), audit: auth::call_context(), ..Default::default() };
         // Checked here too (the core checks again), so the caller gets a final answer.
         if cmd.encoded_len() > crate::node::MAX_COMMAND {
             return Err(final_status(tonic::Code::InvalidArgument, CoordError::TooLarge(cmd.encoded_len()).to_string()));
@@ -71,7 +71,7 @@ impl Api {
         let (tx, rx) = oneshot::channel::<ApplyResult>();
         self.0
             .inbox
-            .try_send(Input::Member { op, id, address, request_id, force, reply: tx })
+            .try_send(Input::Member { op, id, address, request_id, who: auth::call_context(), force, reply: tx })
             .map_err(|_| Status::unavailable("coordinator is overloaded; retry"))?;
         match tokio::time::timeout(PROPOSAL_TIMEOUT, rx).await {
             Err(_) => Err(Status::deadline_exceeded("the membership change did not commit in time")),
@@ -480,6 +480,42 @@ impl Coordinator for Api {
 
     async fn revoke_token(&self, r: Request<shoal_proto::RevokeTokenRequest>) -> Result<Response<shoal_proto::TokenInfo>, Status> {
         self.revoke_token_rpc(r.into_inner()).await
+    }
+
+    async fn list_audit(&self, r: Request<shoal_proto::ListAuditRequest>) -> Result<Response<shoal_proto::ListAuditResponse>, Status> {
+        let r = r.into_inner();
+        let limit = if r.limit == 0 { 1000 } else { r.limit.min(100_000) } as usize;
+        self.linearize().await?;
+        let audit = self.0.state.read().expect("state lock").audit_state().clone();
+        let store = self.0.cfg.store.clone();
+        // Segments that may hold entries at or after `since`, read off the runtime's threads.
+        let reply = tokio::task::spawn_blocking(move || -> Result<shoal_proto::ListAuditResponse, Status> {
+            let mut entries = Vec::new();
+            for seg in audit.segments.iter().filter(|s| s.last_unix_ms >= r.since_unix_ms) {
+                let bytes = store.get(&seg.key).map_err(|e| store_status("reading", e))?;
+                let file = shoal_proto::AuditSegmentFile::decode(&bytes[..]).map_err(|e| Status::data_loss(format!("{}: not an audit segment: {e}", seg.key)))?;
+                entries.extend(file.entries.into_iter().filter(|e| e.unix_ms >= r.since_unix_ms));
+                if entries.len() > limit {
+                    break;
+                }
+            }
+            entries.extend(audit.pending.into_iter().filter(|e| e.unix_ms >= r.since_unix_ms));
+            let truncated = entries.len() > limit;
+            entries.truncate(limit);
+            Ok(shoal_proto::ListAuditResponse { entries, truncated, retained_from: audit.retained_from })
+        });
+        Ok(Response::new(reply.await.map_err(|e| Status::internal(e.to_string()))??))
+    }
+
+    async fn verify_audit(&self, _: Request<shoal_proto::VerifyAuditRequest>) -> Result<Response<shoal_proto::VerifyAuditResponse>, Status> {
+        self.linearize().await?;
+        let audit = self.0.state.read().expect("state lock").audit_state().clone();
+        let store = self.0.cfg.store.clone();
+        let reply = tokio::task::spawn_blocking(move || {
+            let (entries, segments, problems) = crate::state::audit::verify(&audit, |key| store.get(key).map_err(|e| e.to_string()));
+            shoal_proto::VerifyAuditResponse { ok: problems.is_empty(), entries, segments, problems, retained_from: audit.retained_from, head: audit.head }
+        });
+        Ok(Response::new(reply.await.map_err(|e| Status::internal(e.to_string()))?))
     }
 
     async fn submit_job(&self, r: Request<SubmitJobRequest>) -> Result<Response<JobInfo>, Status> {

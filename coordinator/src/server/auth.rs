@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use shoal_core::auth::{access, is_peer_token, Access, Caller, Role, Token, TokenKey};
-use shoal_proto::{Message as _, TokenBootstrap, TokenRecord};
+use shoal_proto::{AuditContext, Message as _, TokenBootstrap, TokenRecord};
 
 use super::*;
 
@@ -130,10 +130,19 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         match check(&self.shared, &req) {
             Ok(caller) => {
+                let who = caller.as_ref().map(|c| AuditContext {
+                    actor: c.id.clone(),
+                    role: c.role.to_string(),
+                    method: req.uri().path().rsplit('/').next().unwrap_or_default().to_string(),
+                });
                 if let Some(c) = caller {
                     req.extensions_mut().insert(c);
                 }
-                Box::pin(inner.call(req))
+                // The handler's proposals name the caller in the audit trail.
+                match who {
+                    Some(who) => Box::pin(CALL.scope(who, inner.call(req))),
+                    None => Box::pin(inner.call(req)),
+                }
             }
             Err(mut status) => {
                 self.shared.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -144,6 +153,16 @@ where
             }
         }
     }
+}
+
+tokio::task_local! {
+    /// The call a handler runs for: who asked, for the audit trail.
+    static CALL: AuditContext;
+}
+
+/// The caller of the call this task serves (None outside a call: a leader's own duty).
+pub(super) fn call_context() -> Option<AuditContext> {
+    CALL.try_with(Clone::clone).ok()
 }
 
 /// Whether a job spec is an exec batch job (it runs a command on every worker).

@@ -92,7 +92,7 @@ enum Input {
     /// A linearizable read waiting for its read index.
     Read(ReadReply),
     /// A change of the coordinator group (`force`: skip the live-quorum check).
-    Member { op: MemberOp, id: u64, address: String, request_id: String, force: bool, reply: Reply },
+    Member { op: MemberOp, id: u64, address: String, request_id: String, who: Option<shoal_proto::AuditContext>, force: bool, reply: Reply },
     /// Hand the lead to a replica; the reply says why not, if not.
     TransferLeader(u64, oneshot::Sender<Result<(), String>>),
 }

@@ -20,7 +20,7 @@ pub(super) fn handle(core: &mut Core, input: Input) {
         Input::Raft(m) => core.step(m),
         Input::SnapshotSent { to, delivered } => core.report_snapshot(to, delivered),
         Input::Read(reply) => core.read_index(reply),
-        Input::Member { op, id, address, request_id, force, reply } => core.propose_member(op, id, address, request_id, force, Some(reply)),
+        Input::Member { op, id, address, request_id, who, force, reply } => core.propose_member_as(op, id, address, request_id, who, force, Some(reply)),
         Input::TransferLeader(id, reply) => {
             let _ = reply.send(core.transfer_leader(id));
         }
@@ -178,6 +178,24 @@ fn leader_duties(core: &mut Core, shared: &Shared, new_leader: bool) {
                         Err(e) => listing.error = e.to_string(),
                     }
                     command::Kind::PipelineIncoming(listing)
+                });
+            }
+            Action::SealAudit(seal) => {
+                let Some(entries) = shared.state.read().expect("state lock").audit_entries(&seal) else { continue };
+                let store = shared.cfg.store.clone();
+                let inbox = shared.inbox.clone();
+                tokio::task::spawn_blocking(move || {
+                    use shoal_proto::Message as _;
+                    let file = shoal_proto::AuditSegmentFile { entries }.encode_to_vec();
+                    // Not sealed when the write fails: the entries wait in the state, and the
+                    // duty asks again.
+                    match store.put(&seal.key, &[&file]) {
+                        Ok(()) => {
+                            let (tx, _rx) = tokio::sync::oneshot::channel();
+                            let _ = inbox.try_send(super::Input::Propose(Command { kind: Some(command::Kind::SealAudit(seal)), ..Default::default() }, tx));
+                        }
+                        Err(e) => tracing::warn!(key = %seal.key, error = %e, "writing an audit segment failed; retrying later"),
+                    }
                 });
             }
             Action::Promote(id) => {

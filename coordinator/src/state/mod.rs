@@ -16,6 +16,7 @@ mod placement;
 mod registry;
 mod templates;
 mod tokens;
+pub mod audit;
 mod workers;
 
 pub use batch::is_batch;
@@ -218,6 +219,8 @@ pub struct StateMachine {
     /// Access tokens by id (hashes only), and whether the cluster's first ones are in.
     tokens: BTreeMap<String, shoal_proto::TokenRecord>,
     tokens_bootstrapped: bool,
+    /// The audit trail's head, its unsealed entries and its segments' records.
+    audit: shoal_proto::AuditState,
 }
 
 impl StateMachine {
@@ -306,6 +309,9 @@ impl StateMachine {
         if self.tokens_bootstrapped {
             prost::encoding::bool::encode(21, &self.tokens_bootstrapped, &mut buf);
         }
+        if self.audit != shoal_proto::AuditState::default() {
+            message::encode(22, &self.audit, &mut buf);
+        }
         buf
     }
 
@@ -365,12 +371,28 @@ impl StateMachine {
         sm.pipeline_cache = s.pipeline_cache.into_iter().map(|e| (e.key.clone(), e)).collect();
         sm.tokens = s.tokens.into_iter().map(|t| (t.id.clone(), t)).collect();
         sm.tokens_bootstrapped = s.tokens_bootstrapped;
+        sm.audit = s.audit.unwrap_or_default();
         Ok(sm)
     }
 
     /// Applies a change of the coordinator group (the raft conf change at `index`), keeping
     /// the members' addresses and roles beside raft's own view of the group.
-    pub fn apply_member_change(&mut self, index: u64, op: MemberOp, id: u64, address: &str, request_id: &str) -> ApplyResult {
+    pub fn apply_member_change(&mut self, index: u64, op: MemberOp, id: u64, change: &shoal_proto::MemberChange, who: Option<shoal_proto::AuditContext>) -> ApplyResult {
+        let (address, request_id) = (change.address.as_str(), change.request_id.as_str());
+        // The time every replica applies with, as for a command (a replica restored from a
+        // snapshot has no earlier command's).
+        self.now_ms = change.proposed_unix_ms;
+        let what = match op {
+            MemberOp::AddLearner => ("add_coordinator", format!("replica {id} at {address}")),
+            MemberOp::Promote => ("promote_coordinator", format!("replica {id}")),
+            MemberOp::Remove => ("remove_coordinator", format!("replica {id}")),
+        };
+        let out = self.apply_member_op(index, op, id, address, request_id);
+        self.audit(index, who, request_id, what, &out);
+        out
+    }
+
+    fn apply_member_op(&mut self, index: u64, op: MemberOp, id: u64, address: &str, request_id: &str) -> ApplyResult {
         self.applied_index = index;
         self.next_member_id = self.next_member_id.max(id + 1);
         match op {
@@ -461,7 +483,12 @@ impl StateMachine {
                 return Ok(self.replay(rec));
             }
         }
+        let audited = cmd.kind.as_ref().and_then(audit::audited);
+        let who = cmd.audit.clone();
         let out = self.apply_new(index, cmd);
+        if let Some(what) = audited {
+            self.audit(index, who, &request_id, what, &out);
+        }
         // Pipeline steps whose jobs this entry ended settle here, in the same apply.
         self.settle_pipeline_jobs(index);
         let out = out?;
@@ -573,6 +600,7 @@ impl StateMachine {
             command::Kind::BootstrapTokens(b) => self.bootstrap_tokens(b),
             command::Kind::CreateToken(t) => self.create_token(t),
             command::Kind::RevokeToken(id) => self.revoke_token(&id),
+            command::Kind::SealAudit(s) => self.seal_audit(s),
         }
     }
 }

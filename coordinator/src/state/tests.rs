@@ -534,6 +534,11 @@ fn absurd_slice_statistics_are_refused_before_they_are_added() {
     assert!(matches!(&e, ApplyError::Invalid(m) if m.contains("not those of 100 records")), "{e}");
     let mut after = sm.to_snapshot();
     after.applied_index = before.applied_index;
+    // Only the audit trail records the refusal.
+    let trail = after.audit.take().unwrap();
+    assert!(trail.pending.last().unwrap().outcome.contains("not those of 100 records"));
+    let mut before = before;
+    before.audit = None;
     assert_eq!(after, before, "a refused append changed the state");
     // Sane statistics append.
     let feature = shoal_proto::FeatureStats { count: 100, sum: 5.0, sum_sq: 5.0, bins: vec![10; 10], ..Default::default() };
