@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, HardState, Message, Snapshot};
+use raft::eraftpb::{ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, HardState, Message, MessageType, Snapshot};
 use raft::storage::MemStorage;
 use raft::{Config, GetEntriesContext, RaftState, RawNode, StateRole, Storage};
 use shoal_proto::{Command, MemberChange, Message as _, StateSnapshot};
@@ -456,10 +456,58 @@ impl Core {
         self.raw.report_snapshot(to, status);
     }
 
-    pub fn step(&mut self, msg: Message) {
+    /// Steps a peer's message into raft; false when it was dropped as impossible.
+    pub fn step(&mut self, msg: Message) -> bool {
+        if let Err(why) = self.possible(&msg) {
+            tracing::warn!(from = msg.from, kind = ?msg.get_msg_type(), why, "dropping an impossible raft message");
+            return false;
+        }
         self.heard.insert(msg.from, self.ticks);
         // Messages from unknown peers or stale terms are dropped by raft itself.
         let _ = self.raw.step(msg);
+        true
+    }
+
+    /// What no correct peer sends, and raft-rs would answer with a panic (it trusts its
+    /// peers): a heartbeat committing past this log, appended entries out of sequence or
+    /// conflicting with committed ones, an acknowledgement of entries this leader never had.
+    /// A fuzzed peer found these (`fuzz/`); a replica must not fall to one bad message.
+    fn possible(&self, m: &Message) -> Result<(), &'static str> {
+        let log = &self.raw.raft.raft_log;
+        // Term 0 marks a local message to raft-rs (stepped without the term checks); from a
+        // peer only forwarded proposals and read requests carry it.
+        if m.term == 0 && !matches!(m.get_msg_type(), MessageType::MsgPropose | MessageType::MsgReadIndex) {
+            return Err("a message without a term");
+        }
+        match m.get_msg_type() {
+            // Replicas never forward proposals (only a leader proposes); a forwarded read
+            // request carries no term (raft-rs would forward one that does and panic).
+            MessageType::MsgPropose => Err("a proposal from a peer"),
+            // A leader hands on its role itself (`transfer_leader`); no peer asks it to.
+            MessageType::MsgTransferLeader => Err("a leader transfer from a peer"),
+            MessageType::MsgReadIndex if m.term != 0 => Err("a read request with a term"),
+            MessageType::MsgHeartbeat if m.term >= self.raw.raft.term && m.commit > log.last_index() => Err("a heartbeat commits past this replica's log"),
+            MessageType::MsgAppend => {
+                // Only the empty log's start has term 0 (raft-rs reads any index past its log
+                // as term 0, so such an append would "match" anywhere).
+                if m.index > 0 && m.log_term == 0 {
+                    return Err("appended entries after an entry without a term");
+                }
+                let mut prev = (m.index, m.log_term);
+                for e in m.get_entries() {
+                    if e.index != prev.0 + 1 || e.term == 0 || e.term < prev.1 || e.term > m.term {
+                        return Err("appended entries out of sequence");
+                    }
+                    if e.index <= log.committed && log.term(e.index).is_ok_and(|t| t != e.term) {
+                        return Err("an appended entry conflicts with a committed one");
+                    }
+                    prev = (e.index, e.term);
+                }
+                Ok(())
+            }
+            MessageType::MsgAppendResponse if !m.reject && m.index > log.last_index() => Err("an acknowledgement past this leader's log"),
+            _ => Ok(()),
+        }
     }
 
     pub fn is_leader(&self) -> bool {

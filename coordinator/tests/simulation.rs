@@ -562,7 +562,7 @@ fn simulate(seed: u64, n: u64) -> String {
                 continue;
             }
             if let Some((core, _)) = replicas.get_mut(&m.to).and_then(|r| r.core.as_mut()) {
-                core.step(m);
+                let _ = core.step(m);
             }
         }
 

@@ -238,6 +238,11 @@ impl<'a> Table<'a> {
                     continue;
                 }
             }
+            // The records were counted by '\n'; a lone '\r' also ends a line here. Found by
+            // fuzzing: a record past the count is an error, never an out-of-bounds write.
+            if (row + 1) * width > feats.len() || ids.as_deref().is_some_and(|i| row >= i.len()) {
+                return Err(BlockError::Bad(self.bad_at(&block[line_start..], "more records than lines: a carriage return alone inside a line?".into())));
+            }
             let out = &mut feats[row * width..(row + 1) * width];
             let mut f = 0;
             for j in 0..cols {

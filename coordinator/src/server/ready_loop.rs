@@ -8,7 +8,7 @@ use crate::state::Effect;
 /// Inputs taken into one Ready at most.
 const BATCH: usize = 1024;
 
-pub(super) fn handle(core: &mut Core, input: Input) {
+pub(super) fn handle(core: &mut Core, input: Input, shared: &Shared) {
     match input {
         Input::Propose(cmd, reply) => {
             if !core.is_leader() {
@@ -17,7 +17,11 @@ pub(super) fn handle(core: &mut Core, input: Input) {
                 tracing::warn!(error = %e, "proposal dropped");
             }
         }
-        Input::Raft(m) => core.step(m),
+        Input::Raft(m) => {
+            if !core.step(m) {
+                shared.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         Input::SnapshotSent { to, delivered } => core.report_snapshot(to, delivered),
         Input::Read(reply) => core.read_index(reply),
         Input::Member { op, id, address, request_id, who, force, reply } => core.propose_member_as(op, id, address, request_id, who, force, Some(reply)),
@@ -55,12 +59,12 @@ pub(super) async fn drive(mut core: Core, mut log: LogFile, mut rx: mpsc::Receiv
             input = rx.recv() => {
                 let Some(input) = input else { return Err(CoordError::Raft("the request channel closed".into())) };
                 core.set_clock(unix_ms());
-                handle(&mut core, input);
+                handle(&mut core, input, &shared);
                 // Everything else already waiting goes into the same Ready: one fsync and one
                 // round of messages for a batch of writes, not one each.
                 for _ in 0..BATCH {
                     match rx.try_recv() {
-                        Ok(input) => handle(&mut core, input),
+                        Ok(input) => handle(&mut core, input, &shared),
                         Err(_) => break,
                     }
                 }

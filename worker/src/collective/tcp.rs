@@ -85,6 +85,18 @@ impl Hello {
     }
 }
 
+/// A ring hello's bytes: (job, generation, rank, world).
+pub fn encode_hello(job: u64, generation: u64, rank: u32, world: u32) -> [u8; HELLO_LEN] {
+    Hello { job, generation, rank, world }.encode()
+}
+
+/// What a connection's first bytes say, checked as the listener checks them (the fuzz
+/// harness's way in).
+pub fn decode_hello(bytes: &[u8]) -> Result<(u64, u64, u32, u32), String> {
+    let b: &[u8; HELLO_LEN] = bytes.get(..HELLO_LEN).and_then(|b| b.try_into().ok()).ok_or("a hello is 32 bytes")?;
+    Hello::decode(b).map(|h| (h.job, h.generation, h.rank, h.world))
+}
+
 struct Parked {
     stream: TcpStream,
     world: u32,
