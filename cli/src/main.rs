@@ -6,6 +6,7 @@ mod access;
 mod bench;
 mod conn;
 mod dashboard;
+mod doctor;
 mod generate;
 mod http;
 mod logs;
@@ -109,12 +110,30 @@ enum Cmd {
     /// was modified or removed (`verify`).
     #[command(subcommand)]
     Audit(access::AuditCmd),
+    /// Checks of a cluster's setup: `security` reports what it exposes (plaintext or
+    /// unauthenticated listeners, tokens that never expire, secret files others may read);
+    /// exits 1 on a finding that exposes the cluster.
+    #[command(subcommand)]
+    Doctor(DoctorCmd),
     /// Run one server process in the foreground (what `shoal up` spawns).
     #[command(subcommand)]
     Serve(ServeCmd),
     /// Benchmarks: the all-reduce on its own (allreduce), a training job (train).
     #[command(subcommand)]
     Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum DoctorCmd {
+    /// What the cluster exposes: each listener's TLS and token checks (and whether it is on
+    /// loopback), the workers' data plane and the HTTP listeners, tokens without expiry, and
+    /// secret files of the cluster folder that others may read.
+    Security {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -838,6 +857,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Token(t) => access::token(t).await,
         Cmd::Ca(c) => access::ca(c),
         Cmd::Audit(c) => access::audit(c).await,
+        Cmd::Doctor(DoctorCmd::Security { conn, json }) => doctor::security(conn, json).await,
         Cmd::Checkpoint(c) => checkpoint(c).await,
         Cmd::Model(c) => model(c).await,
         Cmd::Generate { reference, prompt, tokens, temperature, seed, conn, json } => {
@@ -946,7 +966,7 @@ fn print_workers(workers: &[serde_json::Value]) {
 
 /// Every replica's view of itself, and the workers as the leader (or else any replica) sees
 /// them, as JSON values.
-async fn cluster_status(conn: &Conn) -> Result<(Vec<serde_json::Value>, Vec<serde_json::Value>)> {
+pub(crate) async fn cluster_status(conn: &Conn) -> Result<(Vec<serde_json::Value>, Vec<serde_json::Value>)> {
     let client = conn.client()?;
     let mut coords = Vec::new();
     let mut workers = Vec::new();

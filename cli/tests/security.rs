@@ -479,3 +479,41 @@ fn the_audit_trail_names_who_did_what_and_verify_finds_a_modified_and_a_removed_
     std::fs::write(&path, original).unwrap();
     assert!(verify().0, "restored");
 }
+
+#[test]
+fn doctor_security_reports_what_a_cluster_exposes() {
+    let c = UpCluster::start(1);
+    let doctor = |cmd: &mut std::process::Command| {
+        let out = run(cmd);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+        let found: Vec<(String, String)> = v["findings"].as_array().unwrap().iter().map(|f| (f["level"].as_str().unwrap().to_string(), f["what"].as_str().unwrap().to_string())).collect();
+        (out.status.success(), found)
+    };
+    let has = |found: &[(String, String)], level: &str, text: &str| found.iter().any(|(l, w)| l == level && w.contains(text));
+    // `up`'s cluster: TLS and tokens everywhere, on loopback: nothing that exposes it; what is
+    // still plaintext (the data plane, HTTP) and tokens without expiry are named.
+    let (ok, found) = doctor(&mut c.cmd(&["doctor", "security", "--json"]));
+    assert!(ok, "{found:#?}");
+    assert!(has(&found, "ok", "mutual TLS, tokens on every call"), "{found:#?}");
+    assert!(has(&found, "warn", "data plane") && has(&found, "warn", "never expires") && has(&found, "warn", "/metrics"), "{found:#?}");
+    // A secret others may read: named, and the exit code says so.
+    let key = c.dir().join("credentials/worker/worker.key");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let (ok, found) = doctor(&mut c.cmd(&["doctor", "security", "--json"]));
+    assert!(!ok && has(&found, "high", "worker.key"), "{found:#?}");
+
+    // A coordinator started with --insecure: plaintext and no token checks, both named.
+    let tmp = tempfile::tempdir().unwrap();
+    let addr_file = tmp.path().join("addr");
+    let mut p = Proc::spawn(
+        shoal().args(["serve", "coordinator", "--insecure", "--listen", "127.0.0.1:0", "--addr-file"]).arg(&addr_file).arg("--data").arg(tmp.path().join("d")).arg("--store").arg(tmp.path().join("s")),
+        &tmp.path().join("insecure.log"),
+    );
+    let addr = wait_for("the insecure coordinator", Duration::from_secs(20), || std::fs::read_to_string(&addr_file).ok());
+    let (ok, found) = wait_for("the insecure coordinator's status", Duration::from_secs(20), || {
+        let r = doctor(shoal().args(["doctor", "security", "--json", "--endpoints", &addr]).arg("--dir").arg(tmp.path()));
+        r.1.iter().any(|(_, w)| w.contains("coordinator 1")).then_some(r)
+    });
+    assert!(!ok && has(&found, "high", "serves plaintext") && has(&found, "high", "checks no tokens"), "{found:#?}");
+    p.kill();
+}

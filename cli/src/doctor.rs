@@ -1,0 +1,134 @@
+//! `shoal doctor security`: what a cluster exposes, read from its coordinators (listeners,
+//! TLS, token checks, tokens without expiry) and from its folder on this machine (secret files
+//! others may read).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use anyhow::Result;
+use serde_json::json;
+use shoal_proto::ListTokensRequest;
+
+use crate::{print_json, Conn};
+
+struct Finding {
+    /// `high` (exit 1), `warn` or `ok`.
+    level: &'static str,
+    what: String,
+}
+
+fn loopback(address: &str) -> bool {
+    let host = address.trim_start_matches("http://").trim_start_matches("https://");
+    let host = host.rsplit_once(':').map_or(host, |(h, _)| h).trim_matches(['[', ']']);
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Files under `dir` (not following links, at most `depth` folders down) that others may
+/// read or folders others may enter, where secrets live.
+fn loose_files(dir: &Path, depth: usize, out: &mut Vec<Finding>) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let (Ok(t), Ok(meta)) = (e.file_type(), e.metadata()) else { continue };
+        let path = e.path();
+        let mode = meta.permissions().mode() & 0o777;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if t.is_dir() {
+            if mode & 0o077 != 0 {
+                out.push(Finding { level: "warn", what: format!("{} (a folder of secrets) is open to others (mode {mode:o}): chmod 700", path.display()) });
+            }
+            if depth > 0 {
+                loose_files(&path, depth - 1, out);
+            }
+        } else if t.is_file() {
+            let secret = name.ends_with(".key") || name.ends_with(".token") || name == "bootstrap.pb";
+            if secret && mode & 0o077 != 0 {
+                out.push(Finding { level: "high", what: format!("{} (a secret) may be read by others (mode {mode:o}): chmod 600", path.display()) });
+            } else if mode & 0o004 != 0 && !name.ends_with(".crt") {
+                out.push(Finding { level: "warn", what: format!("{} is world-readable (mode {mode:o})", path.display()) });
+            }
+        }
+    }
+}
+
+pub async fn security(conn: Conn, json: bool) -> Result<()> {
+    let mut found = Vec::new();
+    let (coords, workers) = crate::cluster_status(&conn).await?;
+    for c in &coords {
+        let addr = c["address"].as_str().unwrap_or("").to_string();
+        if c["reachable"] != true {
+            found.push(Finding { level: "warn", what: format!("coordinator at {addr} did not answer: {}", c["error"].as_str().unwrap_or("")) });
+            continue;
+        }
+        let id = &c["id"];
+        let exposed = if loopback(&addr) { "on loopback" } else { "reachable from the network" };
+        if c["tls"] != true {
+            found.push(Finding { level: "high", what: format!("coordinator {id} at {addr} ({exposed}) serves plaintext: calls and their tokens can be read on the way (start it with --credentials)") });
+        }
+        if c["auth"] != "tokens" {
+            found.push(Finding { level: "high", what: format!("coordinator {id} at {addr} ({exposed}) checks no tokens (--insecure): anyone who reaches it may call everything, exec batch jobs included") });
+        }
+        if c["tls"] == true && c["auth"] == "tokens" {
+            found.push(Finding { level: "ok", what: format!("coordinator {id} at {addr} ({exposed}): mutual TLS, tokens on every call") });
+        }
+    }
+    for w in &workers {
+        let addr = w["address"].as_str().unwrap_or("");
+        let level = if loopback(addr) { "warn" } else { "high" };
+        found.push(Finding {
+            level,
+            what: format!("worker {} data plane at {addr} ({}): plaintext and unauthenticated (TLS on the data plane is not built yet)", w["id"].as_str().unwrap_or(""), if loopback(addr) { "on loopback" } else { "reachable from the network" }),
+        });
+    }
+    // HTTP listeners (/metrics, the dashboard) of a local cluster's processes.
+    let dir = conn.dir.clone().unwrap_or_else(crate::conn::default_dir);
+    for kind in ["coordinators", "workers"] {
+        for e in std::fs::read_dir(dir.join(kind)).into_iter().flatten().flatten() {
+            if let Ok(addr) = std::fs::read_to_string(e.path().join("http.addr")) {
+                let addr = addr.trim();
+                let level = if loopback(addr) { "warn" } else { "high" };
+                found.push(Finding { level, what: format!("{kind}/{} serves /metrics{} over plaintext HTTP without a token at {addr}", e.file_name().to_string_lossy(), if kind == "coordinators" { " and the dashboard" } else { "" }) });
+            }
+        }
+    }
+    // Tokens that never expire (reading them takes an admin token).
+    let client = conn.client()?;
+    match client.call(|mut c| async move { c.list_tokens(ListTokensRequest {}).await }).await {
+        Ok(r) => {
+            for t in r.tokens.iter().filter(|t| t.revoked_ms == 0 && t.expires_ms == 0) {
+                found.push(Finding { level: "warn", what: format!("token {} ({}, {:?}) never expires: `shoal token create --ttl` a replacement and revoke it", t.id, t.role, t.name) });
+            }
+        }
+        Err(e) => found.push(Finding { level: "warn", what: format!("tokens not checked: {e}") }),
+    }
+    // Secret files of this machine's cluster folder and client credentials.
+    loose_files(&dir.join("ca"), 0, &mut found);
+    loose_files(&dir.join("credentials"), 1, &mut found);
+    if let Some(creds) = std::env::var_os("SHOAL_CLIENT_CREDENTIALS").filter(|v| !v.is_empty()) {
+        loose_files(Path::new(&creds), 0, &mut found);
+    }
+    let high = found.iter().filter(|f| f.level == "high").count();
+    if json {
+        print_json(&json!({"ok": high == 0, "findings": found.iter().map(|f| json!({"level": f.level, "what": f.what})).collect::<Vec<_>>()}));
+    } else {
+        for f in &found {
+            println!("{:<5} {}", f.level, f.what);
+        }
+    }
+    if high > 0 {
+        anyhow::bail!("{high} finding(s) that expose the cluster");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn loopback_addresses_are_told_apart() {
+        for a in ["127.0.0.1:7400", "localhost:1", "[::1]:9", "http://127.0.0.1:5"] {
+            assert!(super::loopback(a), "{a}");
+        }
+        for a in ["10.0.0.1:7400", "0.0.0.0:1", "shoal-coordinator-0.shoal-coordinator:7400", "[2001:db8::1]:9"] {
+            assert!(!super::loopback(a), "{a}");
+        }
+    }
+}
