@@ -78,6 +78,8 @@ fn every_method_with_every_role_gets_the_tables_answer() {
         ("forged", None, Some(&forged)),
         ("another cluster's peer", None, Some(&other_cluster_peer)),
     ];
+    // A peer shows its node's certificate (a peer token on another's is refused: see below).
+    let node1 = TlsFiles::load(&c.dir().join("credentials/coordinator-1"), "node").unwrap().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut checked = 0;
     for (path, access) in METHODS {
@@ -86,7 +88,8 @@ fn every_method_with_every_role_gets_the_tables_answer() {
                 Access::Open => true,
                 Access::Roles(roles) => role.is_some_and(|r| roles.contains(&r)),
             };
-            let got = rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), call(&addr, &tls, path, *token)).await }).unwrap_or_else(|_| panic!("{path} as {who}: no answer"));
+            let tls = if *who == "peer" { &node1 } else { &tls };
+            let got = rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), call(&addr, tls, path, *token)).await }).unwrap_or_else(|_| panic!("{path} as {who}: no answer"));
             match (allowed, got) {
                 (true, Ok(())) => {}
                 (true, Err(s)) => panic!("{path} as {who}: refused ({:?} {}) though the table allows it", s.code(), s.message()),
@@ -175,9 +178,21 @@ fn a_raft_message_must_come_from_the_node_its_token_names() {
     let cluster_id = status["coordinators"][0]["cluster_id"].as_str().unwrap().to_string();
     let dropped = || json(&mut c.cmd(&["status", "--json"]))["coordinators"][0]["dropped_raft_messages"].as_u64().unwrap();
     let before = dropped();
+    // Node 2's certificate (the folder's CA issues it as `shoal ca issue --node 2` would).
+    let layout = shoal_cluster::Layout::new(c.dir());
+    layout.issue_credentials(&[2]).unwrap();
+    let node2 = TlsFiles::load(&layout.node_credentials(2), "node").unwrap().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let channel = shoal_coordinator::tls::endpoint(&addr, Some(&admin_tls(&c))).unwrap().connect().await.unwrap();
+        // A peer token on a certificate that names another process: refused by the guard.
+        for (tls, token) in [(admin_tls(&c), key.peer_token(2)), (node2.clone(), key.peer_token(1))] {
+            let channel = shoal_coordinator::tls::endpoint(&addr, Some(&tls)).unwrap().connect().await.unwrap();
+            let bearer = shoal_coordinator::client::Bearer::new(Some(&token)).unwrap();
+            let mut client = shoal_proto::raft_transport_client::RaftTransportClient::with_interceptor(channel, bearer);
+            let e = client.hello(shoal_proto::PeerHello { cluster_id: cluster_id.clone(), node_id: 2, ..Default::default() }).await.unwrap_err();
+            assert!(e.code() == tonic::Code::PermissionDenied && e.message().contains("peer token on a certificate of"), "{e:?}");
+        }
+        let channel = shoal_coordinator::tls::endpoint(&addr, Some(&node2)).unwrap().connect().await.unwrap();
         let bearer = shoal_coordinator::client::Bearer::new(Some(&key.peer_token(2))).unwrap();
         let mut client = shoal_proto::raft_transport_client::RaftTransportClient::with_interceptor(channel, bearer);
         // Node 2's connection, a message that says it is from node 3.

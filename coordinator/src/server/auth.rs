@@ -68,6 +68,14 @@ fn check<B>(shared: &Shared, req: &http::Request<B>) -> Result<Option<Caller>, S
     };
     let caller = if is_peer_token(token) {
         let node = auth.key.check_peer(token).ok_or_else(|| unauthenticated("not a peer token of this cluster"))?;
+        // With TLS, the certificate names the node too (`shoal ca issue --node ID`): a peer
+        // token on another process's certificate is refused.
+        if shared.cfg.tls.is_some() {
+            let named = peer_common_name(req);
+            if named.as_deref() != Some(format!("node-{node}").as_str()) {
+                return Err(final_status(tonic::Code::PermissionDenied, format!("node {node}'s peer token on a certificate of {}", named.as_deref().unwrap_or("no name"))));
+            }
+        }
         Caller { id: format!("node-{node}"), role: Role::Peer, exec: false, node: Some(node) }
     } else {
         let token = Token::parse(token).map_err(|e| unauthenticated(e.to_string()))?;
@@ -83,6 +91,15 @@ fn check<B>(shared: &Shared, req: &http::Request<B>) -> Result<Option<Caller>, S
         return Err(final_status(tonic::Code::PermissionDenied, format!("a {} token may not call {method}", caller.role)));
     }
     Ok(Some(caller))
+}
+
+/// The common name of the client's certificate (the handshake checked it against the CA).
+fn peer_common_name<B>(req: &http::Request<B>) -> Option<String> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    let certs = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>()?.peer_certs()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?.as_ref()).ok()?;
+    let name = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+    Some(name)
 }
 
 /// The caller the guard let through (every handler runs behind it).
