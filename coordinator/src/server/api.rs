@@ -690,11 +690,14 @@ impl Coordinator for Api {
         let folder = j.batch.as_ref().map(|b| b.output_folder.clone()).filter(|f| f.starts_with("datasets/") && shoal_core::store::check_key(f).is_ok());
         if let (Some(folder), JobState::Cancelled) = (folder, j.state()) {
             let store = self.0.cfg.store.clone();
-            tokio::task::spawn_blocking(move || {
+            let removal = tokio::task::spawn_blocking(move || {
                 if let Err(e) = store.delete_prefix(&folder) {
                     tracing::warn!(folder, error = %e, "could not remove a cancelled batch job's outputs (`shoal data gc` does)");
                 }
             });
+            // Gone when the reply says cancelled (a slow store gets a while; then the removal
+            // goes on after the reply).
+            let _ = tokio::time::timeout(Duration::from_secs(10), removal).await;
         }
         Ok(Response::new(j))
     }
