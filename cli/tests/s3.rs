@@ -173,9 +173,19 @@ fn a_cluster_on_s3_imports_trains_resumes_exports_and_scores_and_keeps_only_what
         }
     }
     let jobs: BTreeSet<String> = json(&mut c.cmd(&["job", "list", "--json"])).as_array().unwrap().iter().map(|j| format!("jobs/{}", j["id"])).collect();
-    let keys = s3.keys(PREFIX);
+    // The audit trail's segments: each one the state records (verify reads them all), counted
+    // between two listings that agree (the leader may seal one meanwhile).
+    let audit_objects = |keys: &[String]| keys.iter().filter(|k| k.starts_with("audit/")).count();
+    let keys = wait_for("the audit segments to hold still", Duration::from_secs(20), || {
+        let before = s3.keys(PREFIX);
+        let audit = json(&mut c.cmd(&["audit", "verify", "--json"]));
+        let after = s3.keys(PREFIX);
+        assert_eq!(audit["ok"], true, "{audit}");
+        (audit_objects(&before) == audit_objects(&after) && audit["segments"].as_u64() == Some(audit_objects(&after) as u64)).then_some(after)
+    });
     let stray: Vec<&String> = keys
         .iter()
+        .filter(|k| !k.starts_with("audit/"))
         .filter(|k| {
             let folder = k.rsplit_once('/').map(|(f, _)| f).unwrap_or("");
             !(folders.contains(folder) || jobs.iter().any(|j| k.starts_with(&format!("{j}/"))))
