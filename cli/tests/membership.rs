@@ -136,7 +136,12 @@ fn a_wiped_replica_is_refused_and_replaced_and_nothing_acknowledged_is_lost() {
         let removal = entry(format!("remove_coordinator: replica {}", b.id));
         assert_eq!((removal["role"].as_str(), removal["method"].as_str(), removal["outcome"].as_str()), (Some("admin"), Some("RemoveCoordinator"), Some("ok")), "{removal}");
         assert_eq!(entry(format!("add_coordinator: replica {new_id}"))["method"], "AddCoordinator");
-        assert_eq!(entry(format!("promote_coordinator: replica {new_id}"))["actor"], "cluster");
+        // The promotion comes once the learner caught up (its own status may say follower first).
+        let promoted = wait_for("the promotion in the audit trail", Duration::from_secs(30), || {
+            let trail = json(&mut c.cmd(&["audit", "list", "--json"]));
+            trail["entries"].as_array().unwrap().iter().find(|e| e["what"].as_str().unwrap().starts_with(&format!("promote_coordinator: replica {new_id}"))).cloned()
+        });
+        assert_eq!(promoted["actor"], "cluster", "{promoted}");
         // The removed id cannot come back, even as a learner joining with an empty folder.
         std::fs::remove_dir_all(&b_dir).unwrap();
         let mut back = start(&b.args, "join", &c.tmp.path().join("b-join.log"));
