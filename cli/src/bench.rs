@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use shoal_proto::data_plane_server::DataPlaneServer;
+use shoal_worker::collective::secure::DataPlaneTls;
 use shoal_worker::collective::{chunk, Collective, DataPlaneService, Incoming, Mailbox, Rendezvous, Wire};
 
 /// What one all-reduce benchmark runs.
@@ -29,6 +30,8 @@ pub struct AllReduceArgs {
     pub iters: usize,
     pub warmup: usize,
     pub timeout: Duration,
+    /// Mutual TLS and membership proofs on the data plane (credentials made in the run's folder).
+    pub tls: bool,
 }
 
 /// Parses a byte count: digits with an optional K, M or G suffix (powers of 1024).
@@ -82,6 +85,9 @@ impl AllReduceArgs {
         v.extend(["--bytes".into(), self.bytes.to_string(), "--world".into(), self.world.to_string(), "--transport".into(), self.transport.clone()]);
         v.extend(["--wire".into(), self.wire.clone(), "--iters".into(), self.iters.to_string(), "--warmup".into(), self.warmup.to_string()]);
         v.extend(["--timeout-s".into(), self.timeout.as_secs().to_string()]);
+        if self.tls {
+            v.push("--tls".into());
+        }
         v
     }
 }
@@ -109,6 +115,12 @@ impl AllReduceResult {
 pub async fn allreduce(exe: &Path, a: &AllReduceArgs) -> Result<AllReduceResult> {
     a.check()?;
     let dir = tempfile::Builder::new().prefix("shoal-bench-").tempdir().context("creating a temporary folder")?;
+    if a.tls {
+        // A CA for the run, and one worker certificate the ranks share.
+        let ca = shoal_cluster::credentials::Authority::new(dir.path().join("ca"));
+        ca.init()?;
+        ca.issue_worker(&dir.path().join("worker"), &[])?;
+    }
     let mut children = Vec::new();
     for rank in 0..a.world {
         let child = tokio::process::Command::new(exe)
@@ -181,19 +193,32 @@ pub async fn allreduce_rank(a: AllReduceArgs, rank: usize, dir: PathBuf, bind: &
     a.check()?;
     let cancel = Arc::new(AtomicBool::new(false));
     let mailbox = Arc::new(Mailbox::default());
+    let files = if a.tls {
+        Some(shoal_coordinator::tls::TlsFiles::load(&dir.join("worker"), "worker").map_err(anyhow::Error::msg)?.context("the run's worker certificate")?)
+    } else {
+        None
+    };
+    let tls = files.as_ref().map(DataPlaneTls::new).transpose()?.map(Arc::new);
+    // Every rank derives the generation's key from the run's folder (a coordinator would hand
+    // it out).
+    let ring_key = a.tls.then(|| blake3::derive_key("shoal bench ring key", dir.display().to_string().as_bytes()));
     // Every rank listens on both (cheap), so the address file has one format.
     let grpc_listener = tokio::net::TcpListener::bind((bind, 0)).await.with_context(|| format!("binding the data-plane listener on {bind}"))?;
     let grpc_addr = grpc_listener.local_addr()?.to_string();
     let svc = DataPlaneServer::new(DataPlaneService(mailbox.clone())).max_decoding_message_size(shoal_worker::collective::MAX_CHUNK_MESSAGE);
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(f) = &files {
+        builder = builder.tls_config(f.data_plane_server())?;
+    }
     tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .initial_stream_window_size(shoal_worker::collective::STREAM_WINDOW)
             .initial_connection_window_size(shoal_worker::collective::CONNECTION_WINDOW)
             .max_frame_size(shoal_worker::collective::MAX_FRAME)
             .add_service(svc)
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true))),
     );
-    let incoming = Incoming::start(std::net::TcpListener::bind((bind, 0)).context("binding the ring listener")?)?;
+    let incoming = Incoming::start_with(std::net::TcpListener::bind((bind, 0)).context("binding the ring listener")?, tls.clone())?;
     let mine = dir.join(format!("{rank}.addr"));
     let host = shoal_worker::collective::host_id();
     shoal_core::fsutil::write_atomic(&mine, format!("{grpc_addr} {} {host}", incoming.address()).as_bytes()).context("writing this rank's addresses")?;
@@ -235,6 +260,8 @@ pub async fn allreduce_rank(a: AllReduceArgs, rank: usize, dir: PathBuf, bind: &
             cancel,
             incoming: Some(&incoming),
             mailbox,
+            ring_key,
+            tls,
             rt,
         }
         .join()?;

@@ -191,6 +191,10 @@ struct AllReduceOpts {
     /// Seconds a rank waits for a peer before failing.
     #[arg(long, default_value_t = 30)]
     timeout_s: u64,
+    /// Mutual TLS and membership proofs, as workers with credentials run (a CA made for the
+    /// run); the report adds the one-core AES-256-GCM rate.
+    #[arg(long)]
+    tls: bool,
 }
 
 impl AllReduceOpts {
@@ -203,6 +207,7 @@ impl AllReduceOpts {
             iters: self.iters,
             warmup: self.warmup,
             timeout: Duration::from_secs(self.timeout_s),
+            tls: self.tls,
         }
     }
 }
@@ -887,13 +892,16 @@ async fn bench_cmd(cmd: BenchCmd) -> Result<()> {
             let r = bench::allreduce(&exe, &args).await?;
             let ms = r.median_ms();
             let gbps = args.bytes as f64 / (ms / 1e3) / 1e9;
+            // What sealing and opening a rank's share costs on one core: the yardstick for TLS.
+            let aes = args.tls.then(|| shoal_worker::collective::secure::aes_gcm_rate(128 << 20) / 1e9);
             if json {
                 print_json(&json!({"transport": args.transport, "wire": args.wire, "world": args.world, "bytes": args.bytes,
-                    "iters": args.iters, "time_ms": ms, "algbw_GBps": gbps, "times_ms": r.times_ms}));
+                    "iters": args.iters, "tls": args.tls, "time_ms": ms, "algbw_GBps": gbps, "times_ms": r.times_ms, "aes_gcm_GBps": aes}));
             } else {
                 println!(
-                    "allreduce: transport={} wire={} world={} bytes={} iters={} time_ms={ms:.3} algbw_GBps={gbps:.3}",
-                    args.transport, args.wire, args.world, args.bytes, args.iters
+                    "allreduce: transport={} wire={} world={} bytes={} iters={} tls={} time_ms={ms:.3} algbw_GBps={gbps:.3}{}",
+                    args.transport, args.wire, args.world, args.bytes, args.iters, args.tls,
+                    aes.map(|a| format!(" aes_gcm_GBps={a:.3}")).unwrap_or_default()
                 );
             }
             Ok(())

@@ -54,6 +54,12 @@ impl TlsFiles {
             .client_auth_optional(true)
     }
 
+    /// A worker's data-plane server: only a process of the cluster (a certificate from its
+    /// CA) gets a connection through.
+    pub fn data_plane_server(&self) -> ServerTlsConfig {
+        ServerTlsConfig::new().identity(Identity::from_pem(&self.cert, &self.key)).client_ca_root(Certificate::from_pem(&self.ca))
+    }
+
     /// A client that checks the server against the CA and shows its own certificate.
     pub fn client(&self) -> ClientTlsConfig {
         ClientTlsConfig::new()

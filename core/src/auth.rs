@@ -180,6 +180,17 @@ impl TokenKey {
         (self.peer_mac(node) == mac).then_some(node)
     }
 
+    /// The secret the ranks of (`job`, `generation`) prove their membership with on the data
+    /// plane: each worker of the generation gets it with its assignment, and every replica
+    /// derives the same one.
+    pub fn ring_key(&self, job: u64, generation: u64) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_keyed(&self.0);
+        h.update(b"shoal ring key v1 ");
+        h.update(&job.to_le_bytes());
+        h.update(&generation.to_le_bytes());
+        *h.finalize().as_bytes()
+    }
+
     /// Reads a key file: 32 bytes as 64 hex digits, readable by its owner only.
     pub fn load(path: &Path) -> Result<TokenKey, AuthError> {
         let text = read_secret_text(path)?;

@@ -13,6 +13,7 @@ use shoal_proto::{
 };
 
 use crate::checkpoint::JobLink;
+use crate::collective::secure::DataPlaneTls;
 use crate::collective::{host_id, DataPlaneService, Incoming, Mailbox, CONNECTION_WINDOW, MAX_CHUNK_MESSAGE, MAX_FRAME, STREAM_WINDOW};
 use crate::train::{train, StateSlot, TrainTask};
 use crate::WorkerError;
@@ -56,7 +57,9 @@ pub async fn run_worker(
     // The raw-TCP ring listens beside the data plane, on the same interface.
     let ring_listener = std::net::TcpListener::bind((listener.local_addr().map_err(|e| WorkerError::Io(e.to_string()))?.ip(), cfg.ring_port))
         .map_err(|e| WorkerError::Io(format!("binding the ring listener (port {}): {e}", cfg.ring_port)))?;
-    let incoming = Incoming::start(ring_listener).map_err(|e| WorkerError::Io(format!("ring listener: {e}")))?;
+    // With credentials, both of the data plane's listeners speak mutual TLS.
+    let tls = cfg.tls.as_ref().map(DataPlaneTls::new).transpose()?.map(Arc::new);
+    let incoming = Incoming::start_with(ring_listener, tls.clone()).map_err(|e| WorkerError::Io(format!("ring listener: {e}")))?;
     let ring_port = incoming.address().rsplit(':').next().unwrap_or_default().to_string();
     let ring_address = match address.rsplit_once(':') {
         Some((host, _)) => format!("{host}:{ring_port}"),
@@ -73,8 +76,12 @@ pub async fn run_worker(
     let svc = DataPlaneServer::new(DataPlaneService(mailbox.clone())).max_decoding_message_size(MAX_CHUNK_MESSAGE);
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let mut server_stop = stop_rx.clone();
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(files) = &cfg.tls {
+        builder = builder.tls_config(files.data_plane_server()).map_err(|e| WorkerError::Io(format!("data-plane TLS: {e}")))?;
+    }
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .tcp_nodelay(true)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -236,7 +243,7 @@ pub async fn run_worker(
                     running = Some(start_batch_task(&cfg, &id, a, client.clone(), models.clone(), wake.clone(), handed_tx.clone()))
                 }
                 Some(a) if stopping.is_empty() => {
-                    running = Some(start_task(&cfg, &id, a, mailbox.clone(), incoming.clone(), client.clone(), retained.clone()))
+                    running = Some(start_task(&cfg, &id, a, mailbox.clone(), incoming.clone(), tls.clone(), client.clone(), retained.clone()))
                 }
                 // Started on a later tick, once the stopped tasks are gone.
                 Some(a) => tracing::debug!(job = a.job_id, generation = a.generation, "waiting for the previous task to stop"),
@@ -312,6 +319,7 @@ fn start_task(
     a: Assignment,
     mailbox: Arc<Mailbox>,
     incoming: Arc<Incoming>,
+    tls: Option<Arc<DataPlaneTls>>,
     client: Arc<Client>,
     retained: StateSlot,
 ) -> Running {
@@ -326,6 +334,7 @@ fn start_task(
         assignment: a,
         mailbox,
         incoming: Some(incoming),
+        tls,
         cancel: cancel.clone(),
         collective_timeout: cfg.collective_timeout,
         link,

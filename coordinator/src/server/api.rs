@@ -727,7 +727,7 @@ impl Coordinator for Api {
                 if job_id != 0 && state.assignment_key(&id) == Some((job_id, generation)) {
                     return Ok(Response::new(HeartbeatResponse { unchanged: true, ..Default::default() }));
                 }
-                Ok(Response::new(HeartbeatResponse { assignment: state.assignment(&id), ..Default::default() }))
+                Ok(Response::new(HeartbeatResponse { assignment: self.with_ring_key(state.assignment(&id)), ..Default::default() }))
             }
             _ => Ok(Response::new(HeartbeatResponse { unknown_worker: true, ..Default::default() })),
         }
@@ -766,7 +766,7 @@ impl Coordinator for Api {
         // is a sign of life, like a heartbeat.
         let state = self.0.state.read().expect("state lock");
         self.0.duties.lock().expect("duties lock").saw_worker(&worker, self.0.now());
-        let mut reply = shoal_proto::TaskReply { next: state.assignment(&worker), ..Default::default() };
+        let mut reply = shoal_proto::TaskReply { next: self.with_ring_key(state.assignment(&worker)), ..Default::default() };
         if let Some(j) = state.job(job_id).filter(|j| j.state().is_terminal()) {
             let b = j.batch.clone().unwrap_or_default();
             reply.job_ended = true;
@@ -938,6 +938,15 @@ impl Coordinator for Api {
 const PROBES: u32 = 10;
 
 impl Api {
+    /// With credentials, the generation's ranks prove their membership to each other on the
+    /// data plane with a key only the coordinators can derive: it goes with the assignment.
+    fn with_ring_key(&self, mut assignment: Option<Assignment>) -> Option<Assignment> {
+        if let (Some(a), Some(auth)) = (assignment.as_mut(), &self.0.cfg.auth) {
+            a.ring_key = auth.key.ring_key(a.job_id, a.generation).to_vec();
+        }
+        assignment
+    }
+
     /// Probes the data-plane address of every worker of (job, generation) but `reporter`, up
     /// to `PROBES` times 100 ms apart. A live worker always listens there, so a refused
     /// connection means its process is gone: it is declared lost, which requeues the job

@@ -7,7 +7,7 @@
 //! bitwise-identical buffers, run after run.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use tonic::transport::Channel;
 use shoal_coordinator::client::refuses_connections;
 use tonic::{Request, Response, Status};
 
+use super::secure::{chunk_tag, same_mac, RingKey};
 use super::MAX_GATHER_BYTES;
 use crate::WorkerError;
 
@@ -36,14 +37,27 @@ pub const MAX_FRAME: u32 = (1 << 24) - 1;
 
 type Key = (u64, u64, u64, u32);
 
+/// With tags (credentials), chunks that may wait under one place in the ring until the task
+/// checks them: one sent by someone outside the generation cannot shut the real one out.
+const MAX_CANDIDATES: usize = 4;
+
+/// A chunk that arrived: the rank that says it sent it, its bytes and its tag.
+struct Held {
+    from: u32,
+    data: Bytes,
+    tag: Vec<u8>,
+}
+
 pub struct Mailbox {
     /// Bytes held at most.
     capacity: usize,
-    /// The chunks that arrived, with the rank that says it sent each.
-    chunks: Mutex<HashMap<Key, (u32, Bytes)>>,
-    /// The (job, generation) of the task this worker runs now.
-    active: Mutex<Option<(u64, u64)>>,
+    /// The chunks that arrived (with tags, a few candidates per place).
+    chunks: Mutex<HashMap<Key, Vec<Held>>>,
+    /// The (job, generation) of the task this worker runs now, and its ring key.
+    active: Mutex<Option<(u64, u64, Option<RingKey>)>>,
     arrived: Notify,
+    /// Chunks refused for want of a valid tag.
+    refused: AtomicUsize,
 }
 
 impl Default for Mailbox {
@@ -54,12 +68,24 @@ impl Default for Mailbox {
 
 impl Mailbox {
     pub fn with_capacity(bytes: usize) -> Mailbox {
-        Mailbox { capacity: bytes, chunks: Mutex::default(), active: Mutex::default(), arrived: Notify::new() }
+        Mailbox { capacity: bytes, chunks: Mutex::default(), active: Mutex::default(), arrived: Notify::new(), refused: AtomicUsize::new(0) }
     }
 
-    /// Marks (job, generation) as the one this worker runs; chunks of others are leftovers.
-    pub fn activate(&self, job: u64, generation: u64) {
-        *self.active.lock().expect("mailbox lock") = Some((job, generation));
+    /// Marks (job, generation) as the one this worker runs, with its ring key; chunks of others
+    /// are leftovers.
+    pub fn activate(&self, job: u64, generation: u64, ring_key: Option<RingKey>) {
+        *self.active.lock().expect("mailbox lock") = Some((job, generation, ring_key));
+    }
+
+    /// Chunks refused because their tag did not hold.
+    pub fn refused(&self) -> usize {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    fn refuse(&self, c: &Chunk) -> Status {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(job = c.job_id, generation = c.generation, from = c.from_rank, "data plane: a chunk without a valid proof of membership in the generation; refused");
+        Status::permission_denied(format!("not a rank of job {} generation {}", c.job_id, c.generation))
     }
 
     fn put(&self, c: Chunk) -> Result<(), Status> {
@@ -70,39 +96,73 @@ impl Mailbox {
         }
         let key = (c.job_id, c.generation, c.seq, c.hop);
         let active = *self.active.lock().expect("mailbox lock");
+        // The running generation's chunks are checked on arrival; others' when it is claimed.
+        if let Some((_, _, Some(ring_key))) = active.filter(|a| (a.0, a.1) == (c.job_id, c.generation)) {
+            if !same_mac(&c.tag, &chunk_tag(&ring_key, c.job_id, c.generation, c.from_rank)) {
+                return Err(self.refuse(&c));
+            }
+        }
         let mut map = self.chunks.lock().expect("mailbox lock");
-        if let Some((from, held)) = map.get(&key) {
+        if let Some(waiting) = map.get(&key) {
             // A retried push (its reply was lost) is welcome; another sender's chunk does not
-            // replace the one waiting.
-            if *from == c.from_rank && *held == c.data {
+            // replace the one waiting (with tags, a few wait until the task checks them).
+            if waiting.iter().any(|h| h.from == c.from_rank && h.data == c.data && h.tag == c.tag) {
                 return Ok(());
             }
-            return Err(Status::already_exists(format!("a different chunk for collective {} hop {} is already waiting", c.seq, c.hop)));
+            let room = if c.tag.is_empty() { 1 } else { MAX_CANDIDATES };
+            if waiting.len() >= room {
+                return Err(Status::already_exists(format!("a different chunk for collective {} hop {} is already waiting", c.seq, c.hop)));
+            }
         }
-        let held = |m: &HashMap<Key, (u32, Bytes)>| m.values().map(|(_, b)| b.len()).sum::<usize>();
+        let held = |m: &HashMap<Key, Vec<Held>>| m.values().flatten().map(|h| h.data.len()).sum::<usize>();
         if held(&map) + c.data.len() > self.capacity {
             // A worker runs one task at a time: drop chunks of any other job generation (an
             // aborted one's leftovers) before refusing.
-            map.retain(|k, _| Some((k.0, k.1)) == active);
+            map.retain(|k, _| active.is_some_and(|a| (a.0, a.1) == (k.0, k.1)));
         }
         if held(&map) + c.data.len() > self.capacity {
             return Err(Status::resource_exhausted(format!("data-plane mailbox is full ({} bytes)", self.capacity)));
         }
-        map.insert(key, (c.from_rank, c.data));
+        map.entry(key).or_default().push(Held { from: c.from_rank, data: c.data, tag: c.tag });
         drop(map);
         self.arrived.notify_waiters();
         Ok(())
     }
 
+    /// The first chunk waiting under `key` whose tag holds under `ring_key` (any, without one);
+    /// those that do not are dropped.
+    fn claim(&self, key: Key, ring_key: Option<&RingKey>) -> Option<(u32, Bytes)> {
+        let mut map = self.chunks.lock().expect("mailbox lock");
+        let waiting = map.get_mut(&key)?;
+        let mut found = None;
+        while !waiting.is_empty() {
+            let h = waiting.remove(0);
+            match ring_key {
+                Some(k) if !same_mac(&h.tag, &chunk_tag(k, key.0, key.1, h.from)) => {
+                    self.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(job = key.0, generation = key.1, from = h.from, "data plane: a chunk without a valid proof of membership in the generation; dropped");
+                }
+                _ => {
+                    found = Some((h.from, h.data));
+                    break;
+                }
+            }
+        }
+        if waiting.is_empty() {
+            map.remove(&key);
+        }
+        found
+    }
+
     /// Waits for one chunk (with the rank that sent it), up to `timeout`, giving up early when
     /// `cancel` is set.
-    async fn take(&self, key: Key, timeout: Duration, cancel: &AtomicBool) -> Result<(u32, Bytes), WorkerError> {
+    async fn take(&self, key: Key, ring_key: Option<&RingKey>, timeout: Duration, cancel: &AtomicBool) -> Result<(u32, Bytes), WorkerError> {
         let deadline = Instant::now() + timeout;
         loop {
             let notified = self.arrived.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(b) = self.chunks.lock().expect("mailbox lock").remove(&key) {
+            if let Some(b) = self.claim(key, ring_key) {
                 return Ok(b);
             }
             if cancel.load(Ordering::Relaxed) {
@@ -151,6 +211,9 @@ pub struct Ring {
     mailbox: Arc<Mailbox>,
     timeout: Duration,
     cancel: Arc<AtomicBool>,
+    ring_key: Option<RingKey>,
+    /// This rank's tag on every chunk it sends (empty without a ring key).
+    tag: Vec<u8>,
 }
 
 const PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -178,6 +241,8 @@ fn check_len(b: &Bytes, want: usize, from: usize) -> Result<(), WorkerError> {
 
 impl Ring {
     #[allow(clippy::too_many_arguments)]
+    /// With `secure` (the generation's ring key and this worker's TLS files), peers are dialed
+    /// over TLS and every chunk carries this rank's tag.
     pub fn new(
         rank: usize,
         peers: &[String],
@@ -186,6 +251,7 @@ impl Ring {
         mailbox: Arc<Mailbox>,
         timeout: Duration,
         cancel: Arc<AtomicBool>,
+        secure: Option<(RingKey, &shoal_coordinator::tls::TlsFiles)>,
     ) -> Result<Ring, WorkerError> {
         let world = peers.len();
         if rank >= world {
@@ -193,7 +259,7 @@ impl Ring {
         }
         let next = if world > 1 {
             let addr = &peers[(rank + 1) % world];
-            let ep = tonic::transport::Endpoint::from_shared(shoal_coordinator::client::endpoint_url(addr)).map_err(|e| WorkerError::Collective(format!("peer {addr}: {e}")))?;
+            let ep = shoal_coordinator::tls::endpoint(addr, secure.map(|s| s.1)).map_err(|e| WorkerError::Collective(format!("peer {addr}: {e}")))?;
             let ch = ep
                 .connect_timeout(Duration::from_secs(2))
                 .timeout(timeout)
@@ -205,10 +271,12 @@ impl Ring {
         } else {
             None
         };
-        mailbox.activate(job, generation);
+        let ring_key = secure.map(|s| s.0);
+        mailbox.activate(job, generation, ring_key);
         let next_addr = peers[(rank + 1) % world].clone();
         let prev_addr = peers[(rank + world - 1) % world].clone();
-        Ok(Ring { rank, world, job, generation, seq: 0, next, next_addr, prev_addr, mailbox, timeout, cancel })
+        let tag = ring_key.map_or_else(Vec::new, |k| chunk_tag(&k, job, generation, rank as u32).to_vec());
+        Ok(Ring { rank, world, job, generation, seq: 0, next, next_addr, prev_addr, mailbox, timeout, cancel, ring_key, tag })
     }
 
     async fn send(&self, hop: u32, data: Bytes) -> Result<(), WorkerError> {
@@ -216,7 +284,7 @@ impl Ring {
         let deadline = Instant::now() + self.timeout;
         let mut backoff = Duration::from_millis(20);
         loop {
-            let chunk = Chunk { job_id: self.job, generation: self.generation, seq: self.seq, hop, from_rank: self.rank as u32, data: data.clone() };
+            let chunk = Chunk { job_id: self.job, generation: self.generation, seq: self.seq, hop, from_rank: self.rank as u32, data: data.clone(), tag: self.tag.clone() };
             match client.clone().push_chunk(chunk).await {
                 Ok(_) => return Ok(()),
                 Err(s) if s.code() == tonic::Code::AlreadyExists => {
@@ -242,7 +310,7 @@ impl Ring {
     /// every second: a refused connection means its process is gone, which fails the exchange
     /// at once instead of after the whole timeout.
     async fn recv(&self, key: Key) -> Result<Bytes, WorkerError> {
-        let take = self.mailbox.take(key, self.timeout, &self.cancel);
+        let take = self.mailbox.take(key, self.ring_key.as_ref(), self.timeout, &self.cancel);
         tokio::pin!(take);
         let mut probe = tokio::time::interval_at(tokio::time::Instant::now() + PROBE_EVERY, PROBE_EVERY);
         let prev = (self.rank + self.world - 1) % self.world;
@@ -403,7 +471,7 @@ mod tests {
                 let peers = addrs.clone();
                 tasks.push(tokio::spawn(async move {
                     let cancel = Arc::new(AtomicBool::new(false));
-                    let mut ring = Ring::new(r, &peers, 1, 1, mb, Duration::from_secs(10), cancel).unwrap();
+                    let mut ring = Ring::new(r, &peers, 1, 1, mb, Duration::from_secs(10), cancel, None).unwrap();
                     let mut out = Vec::new();
                     for round in 0..3 {
                         let mut buf: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37 + r as f32 * 1.1 + round as f32).sin()).collect();
@@ -442,8 +510,8 @@ mod tests {
     #[test]
     fn a_full_mailbox_evicts_stale_generations_first() {
         let mb = Mailbox::with_capacity(1000);
-        let chunk = |generation: u64, hop: u32| Chunk { job_id: 1, generation, seq: 1, hop, from_rank: 0, data: Bytes::from(vec![0u8; 100]) };
-        mb.activate(1, 1);
+        let chunk = |generation: u64, hop: u32| Chunk { job_id: 1, generation, seq: 1, hop, from_rank: 0, data: Bytes::from(vec![0u8; 100]), tag: Vec::new() };
+        mb.activate(1, 1, None);
         for hop in 0..10 {
             mb.put(chunk(1, hop)).unwrap();
         }
@@ -451,7 +519,7 @@ mod tests {
         assert!(mb.put(chunk(1, 9999)).is_err());
         assert!(mb.put(chunk(0, 0)).is_err(), "a stale chunk must not push out live ones");
         // Once a newer generation is active, the stale chunks make room.
-        mb.activate(1, 2);
+        mb.activate(1, 2, None);
         mb.put(chunk(2, 0)).unwrap();
         assert_eq!(mb.chunks.lock().unwrap().len(), 1);
     }
@@ -459,13 +527,37 @@ mod tests {
     #[tokio::test]
     async fn a_waiting_chunk_is_not_replaced_and_a_retry_is_welcome() {
         let mb = Mailbox::default();
-        let chunk = |from_rank: u32, byte: u8| Chunk { job_id: 1, generation: 1, seq: 1, hop: 0, from_rank, data: Bytes::from(vec![byte; 8]) };
+        let chunk = |from_rank: u32, byte: u8| Chunk { job_id: 1, generation: 1, seq: 1, hop: 0, from_rank, data: Bytes::from(vec![byte; 8]), tag: Vec::new() };
         mb.put(chunk(1, 7)).unwrap();
         mb.put(chunk(1, 7)).unwrap();
         assert_eq!(mb.put(chunk(1, 8)).unwrap_err().code(), tonic::Code::AlreadyExists);
         assert_eq!(mb.put(chunk(0, 7)).unwrap_err().code(), tonic::Code::AlreadyExists);
-        let (from, data) = mb.take((1, 1, 1, 0), Duration::from_secs(1), &AtomicBool::new(false)).await.unwrap();
+        let (from, data) = mb.take((1, 1, 1, 0), None, Duration::from_secs(1), &AtomicBool::new(false)).await.unwrap();
         assert_eq!((from, &data[..]), (1, &[7u8; 8][..]), "the first chunk stays");
+    }
+
+    #[tokio::test]
+    async fn a_chunk_without_the_generations_tag_is_refused_or_dropped() {
+        use crate::collective::secure::chunk_tag;
+        let key = [4u8; 32];
+        let chunk = |generation: u64, from_rank: u32, tag: Vec<u8>, byte: u8| Chunk { job_id: 1, generation, seq: 1, hop: 0, from_rank, data: Bytes::from(vec![byte; 8]), tag };
+        let mb = Mailbox::default();
+        // Before the task runs the generation, chunks wait unchecked: an impostor's (another
+        // generation's key) and then the real one's both wait.
+        mb.put(chunk(1, 1, chunk_tag(&[5u8; 32], 1, 1, 1).to_vec(), 66)).unwrap();
+        mb.put(chunk(1, 1, chunk_tag(&key, 1, 1, 1).to_vec(), 7)).unwrap();
+        mb.activate(1, 1, Some(key));
+        // The task takes the real one; the impostor's is dropped and counted.
+        let (from, data) = mb.take((1, 1, 1, 0), Some(&key), Duration::from_secs(1), &AtomicBool::new(false)).await.unwrap();
+        assert_eq!((from, &data[..]), (1, &[7u8; 8][..]));
+        assert_eq!(mb.refused(), 1);
+        assert!(mb.chunks.lock().unwrap().is_empty());
+        // While it runs, a chunk without a valid tag is refused on arrival.
+        for tag in [Vec::new(), vec![0u8; 32], chunk_tag(&key, 1, 1, 0).to_vec(), chunk_tag(&key, 1, 2, 1).to_vec()] {
+            assert_eq!(mb.put(chunk(1, 1, tag, 1)).unwrap_err().code(), tonic::Code::PermissionDenied);
+        }
+        assert_eq!(mb.refused(), 5);
+        mb.put(chunk(1, 1, chunk_tag(&key, 1, 1, 1).to_vec(), 1)).unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -473,15 +565,15 @@ mod tests {
         let (own, mb) = start_server().await;
         let (other, _) = start_server().await;
         let peers = vec![own, other];
-        let block = |from_rank: u32, len: usize| Chunk { job_id: 1, generation: 1, seq: 1, hop: 0, from_rank, data: Bytes::from(vec![0u8; len]) };
+        let block = |from_rank: u32, len: usize| Chunk { job_id: 1, generation: 1, seq: 1, hop: 0, from_rank, data: Bytes::from(vec![0u8; len]), tag: Vec::new() };
         let cancel = Arc::new(AtomicBool::new(false));
-        let mut ring = Ring::new(0, &peers, 1, 1, mb.clone(), Duration::from_secs(10), cancel.clone()).unwrap();
+        let mut ring = Ring::new(0, &peers, 1, 1, mb.clone(), Duration::from_secs(10), cancel.clone(), None).unwrap();
         mb.put(block(1, MAX_GATHER_BYTES + 1)).unwrap();
         let e = ring.all_gather_bytes(vec![1, 2, 3]).await.unwrap_err().to_string();
         assert!(e.contains("rank 1") && e.contains(&(MAX_GATHER_BYTES + 1).to_string()), "{e}");
         assert!(ring.all_gather_bytes(vec![0; MAX_GATHER_BYTES + 1]).await.is_err(), "nor may this rank send one");
 
-        let mut ring = Ring::new(0, &peers, 1, 1, mb.clone(), Duration::from_secs(10), cancel).unwrap();
+        let mut ring = Ring::new(0, &peers, 1, 1, mb.clone(), Duration::from_secs(10), cancel, None).unwrap();
         mb.purge(1, 1);
         mb.put(block(5, 3)).unwrap();
         let e = ring.all_gather_bytes(vec![1, 2, 3]).await.unwrap_err().to_string();
@@ -493,7 +585,7 @@ mod tests {
         let (own, mb) = start_server().await;
         let (silent, _) = start_server().await;
         let peers = vec![own, silent];
-        let mut ring = Ring::new(0, &peers, 1, 1, mb, Duration::from_millis(300), Arc::new(AtomicBool::new(false))).unwrap();
+        let mut ring = Ring::new(0, &peers, 1, 1, mb, Duration::from_millis(300), Arc::new(AtomicBool::new(false)), None).unwrap();
         let mut buf = vec![1.0f32; 10];
         let e = ring.all_reduce_sum(&mut buf).await.unwrap_err().to_string();
         assert!(e.contains("timed out"), "{e}");
@@ -505,7 +597,7 @@ mod tests {
         // An address where nothing listens: a port that was bound, then released.
         let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
         let peers = vec![own, gone];
-        let mut ring = Ring::new(0, &peers, 1, 1, mb, Duration::from_secs(30), Arc::new(AtomicBool::new(false))).unwrap();
+        let mut ring = Ring::new(0, &peers, 1, 1, mb, Duration::from_secs(30), Arc::new(AtomicBool::new(false)), None).unwrap();
         let started = Instant::now();
         let e = ring.all_reduce_sum(&mut [1.0f32; 10]).await.unwrap_err().to_string();
         assert!(e.contains("rank 1") && e.contains("gone"), "{e}");

@@ -19,6 +19,7 @@
 pub mod grpc;
 pub mod hier;
 pub mod shm;
+pub mod secure;
 pub mod tcp;
 
 use std::ops::Range;
@@ -246,6 +247,10 @@ pub struct Rendezvous<'a> {
     pub cancel: Arc<AtomicBool>,
     pub incoming: Option<&'a Incoming>,
     pub mailbox: Arc<Mailbox>,
+    /// With credentials: the generation's ring key (the assignment's), and the TLS the gRPC
+    /// ring dials with.
+    pub ring_key: Option<secure::RingKey>,
+    pub tls: Option<Arc<secure::DataPlaneTls>>,
     pub rt: tokio::runtime::Handle,
 }
 
@@ -284,6 +289,11 @@ impl Rendezvous<'_> {
     /// Joins the generation's collective over the chosen transport.
     pub fn join(self) -> Result<Box<dyn Collective>, WorkerError> {
         let world = self.peers.len();
+        match (&self.ring_key, &self.tls) {
+            (Some(_), None) => return Err(WorkerError::Collective("the assignment brought a ring key, and this worker has no credentials to prove it with".into())),
+            (None, Some(_)) => return Err(WorkerError::Collective("this worker's data plane speaks TLS, and its assignment brought no ring key".into())),
+            _ => {}
+        }
         // Segments that no generation can use any more (every process that mapped one is
         // gone, or this worker left that older generation of the job) go before a new one
         // is made: a job SIGKILLed on every rank leaves them behind.
@@ -305,6 +315,7 @@ impl Rendezvous<'_> {
                 self.job,
                 self.generation,
                 self.incoming.expect("checked by choose"),
+                self.ring_key.as_ref(),
                 self.timeout,
                 self.wire,
                 self.cancel,
@@ -326,13 +337,13 @@ impl Rendezvous<'_> {
                 let leaders: Option<Box<dyn Collective>> = if local_rank == 0 {
                     let peers: Vec<String> = groups.iter().map(|g| self.ring_peers[g[0]].clone()).collect();
                     let incoming = self.incoming.expect("checked by choose");
-                    Some(Box::new(TcpRing::connect(host, &peers, self.job, self.generation, incoming, self.timeout, self.wire, self.cancel)?))
+                    Some(Box::new(TcpRing::connect(host, &peers, self.job, self.generation, incoming, self.ring_key.as_ref(), self.timeout, self.wire, self.cancel)?))
                 } else {
                     None
                 };
                 Box::new(hier::Hierarchical::new(self.rank, world, groups, local, leaders)?)
             }
-            _ => Box::new(GrpcCollective::new(Ring::new(self.rank, self.peers, self.job, self.generation, self.mailbox, self.timeout, self.cancel)?, self.rt)),
+            _ => Box::new(GrpcCollective::new(Ring::new(self.rank, self.peers, self.job, self.generation, self.mailbox, self.timeout, self.cancel, self.ring_key.zip(self.tls.as_deref().map(|t| &t.files)))?, self.rt)),
         })
     }
 }
@@ -353,7 +364,7 @@ pub(crate) mod testing {
             let hs: Vec<_> = (0..world)
                 .map(|r| {
                     let (peers, inc) = (peers.clone(), incomings[r].clone());
-                    s.spawn(move || TcpRing::connect(r, &peers, 1, 1, &inc, timeout, wire, Arc::new(AtomicBool::new(false))).unwrap())
+                    s.spawn(move || TcpRing::connect(r, &peers, 1, 1, &inc, None, timeout, wire, Arc::new(AtomicBool::new(false))).unwrap())
                 })
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()

@@ -12,6 +12,12 @@
 //! else), a hello for a (job, generation, rank) that already has a connection waiting is
 //! refused rather than taking its place, and every length read from the wire is checked
 //! against what the operation expects before anything is allocated.
+//!
+//! With credentials (`secure`), every connection is mutual TLS, and the hello is followed by a
+//! proof of membership in the generation (a MAC of its ring key over the connection's TLS
+//! exporter and the hello). The listener cannot check it before the task claims the
+//! connection (it learns the key with its assignment), so a few connections may wait under one
+//! rank; the task takes the first whose proof holds and closes the others.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{ErrorKind, Read, Write};
@@ -20,6 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use super::secure::{hello_proof, same_mac, DataPlaneTls, Link, RingKey};
 use super::{add_bf16, add_f32, chunk, encode_bf16, encode_bf16_keep, store_bf16, Collective, Wire, MAX_GATHER_BYTES};
 use crate::WorkerError;
 
@@ -28,6 +35,9 @@ const HELLO_LEN: usize = 32;
 const FRAME_MAGIC: u32 = 0x5348_4652; // "SHFR"
 /// Connections parked for tasks that have not claimed them yet.
 const MAX_PARKED: usize = 64;
+/// With TLS, connections waiting under one rank until its task checks their proofs: an
+/// impostor's cannot shut the real one out.
+const MAX_CANDIDATES: usize = 4;
 /// How long a new connection has to send its hello (a peer sends it right after connecting);
 /// a silent one is closed when it runs out.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(3);
@@ -98,33 +108,47 @@ pub fn decode_hello(bytes: &[u8]) -> Result<(u64, u64, u32, u32), String> {
 }
 
 struct Parked {
-    stream: TcpStream,
+    stream: Link,
     world: u32,
     at: Instant,
+    /// With TLS: the hello's bytes, the dialer's proof and the connection's exporter.
+    hello: [u8; HELLO_LEN],
+    proof: Option<[u8; 32]>,
 }
 
 /// The worker's listener for ring connections, and the connections waiting for their task.
 pub struct Incoming {
     address: String,
-    parked: Mutex<HashMap<Key, Parked>>,
+    parked: Mutex<HashMap<Key, Vec<Parked>>>,
+    /// With credentials: TLS on every connection, a client certificate of the cluster required.
+    tls: Option<Arc<DataPlaneTls>>,
     arrived: Condvar,
     /// Connections whose hello is being read, by arrival number (oldest first), each a handle
     /// to close it by.
     handshakes: Mutex<BTreeMap<u64, TcpStream>>,
     /// Hello threads alive, closed ones that have yet to exit included.
     hello_threads: AtomicUsize,
+    /// Connections refused for want of a proof of membership.
+    refused: AtomicUsize,
 }
 
 impl Incoming {
     /// Serves `listener` on a thread of its own for as long as the process lives.
     pub fn start(listener: TcpListener) -> std::io::Result<Arc<Incoming>> {
+        Incoming::start_with(listener, None)
+    }
+
+    /// Likewise, over TLS when `tls` is given.
+    pub fn start_with(listener: TcpListener, tls: Option<Arc<DataPlaneTls>>) -> std::io::Result<Arc<Incoming>> {
         let address = listener.local_addr()?.to_string();
         let me = Arc::new(Incoming {
             address,
             parked: Mutex::new(HashMap::new()),
+            tls,
             arrived: Condvar::new(),
             handshakes: Mutex::new(BTreeMap::new()),
             hello_threads: AtomicUsize::new(0),
+            refused: AtomicUsize::new(0),
         });
         let weak = Arc::downgrade(&me);
         std::thread::Builder::new().name("ring-listener".into()).spawn(move || {
@@ -178,37 +202,58 @@ impl Incoming {
         }
     }
 
-    fn handshake(&self, id: u64, mut stream: TcpStream) {
+    fn handshake(&self, id: u64, stream: TcpStream) {
         let peer = stream.peer_addr().ok();
-        let hello = read_hello(&mut stream, Instant::now() + HELLO_TIMEOUT);
+        let deadline = Instant::now() + HELLO_TIMEOUT;
+        let greeted = (|| -> Result<(Link, [u8; HELLO_LEN], Option<[u8; 32]>), String> {
+            let mut link = match &self.tls {
+                Some(tls) => tls.accept(stream, deadline)?,
+                None => Link::Plain(stream),
+            };
+            let mut hello = [0u8; HELLO_LEN];
+            read_exact_by(&mut link, &mut hello, deadline)?;
+            let proof = if link.is_tls() {
+                let mut p = [0u8; 32];
+                read_exact_by(&mut link, &mut p, deadline)?;
+                Some(p)
+            } else {
+                None
+            };
+            Ok((link, hello, proof))
+        })();
         // Closed for a newer connection meanwhile (the accept loop took it out): drop it.
         if self.handshakes.lock().expect("handshakes lock").remove(&id).is_none() {
             return;
         }
-        match hello {
-            Ok(h) => self.park(h, stream),
+        match greeted.and_then(|(link, bytes, proof)| Hello::decode(&bytes).map(|h| (link, h, bytes, proof))) {
+            Ok((link, h, bytes, proof)) => self.park(h, link, bytes, proof),
             Err(why) => tracing::debug!(?peer, why, "ring listener: no valid hello; closing the connection"),
         }
     }
 
-    fn park(&self, h: Hello, stream: TcpStream) {
+    fn park(&self, h: Hello, stream: Link, hello: [u8; HELLO_LEN], proof: Option<[u8; 32]>) {
         let key = (h.job, h.generation, h.rank);
         let mut parked = self.parked.lock().expect("parked lock");
-        if parked.contains_key(&key) {
-            // The first connection keeps its place: a newcomer must not take over a ring.
-            tracing::warn!(peer = ?stream.peer_addr().ok(), job = h.job, generation = h.generation, rank = h.rank,
-                "ring listener: a second connection for a rank that already has one waiting; refused");
+        // Without TLS the first connection keeps its place: a newcomer must not take over a
+        // ring. With it, the task keeps the one whose proof holds.
+        let room = if proof.is_some() { MAX_CANDIDATES } else { 1 };
+        if parked.get(&key).is_some_and(|c| c.len() >= room) {
+            tracing::warn!(peer = ?stream.tcp().peer_addr().ok(), job = h.job, generation = h.generation, rank = h.rank,
+                "ring listener: another connection for a rank that already has one waiting; refused");
             return;
         }
         if parked.len() >= MAX_PARKED {
             // Unclaimed for a minute: a task that never came. Make room.
-            parked.retain(|_, p| p.at.elapsed() < Duration::from_secs(60));
+            parked.retain(|_, c| {
+                c.retain(|p| p.at.elapsed() < Duration::from_secs(60));
+                !c.is_empty()
+            });
         }
-        if parked.len() >= MAX_PARKED {
+        if parked.len() >= MAX_PARKED && !parked.contains_key(&key) {
             tracing::warn!(job = h.job, generation = h.generation, rank = h.rank, "ring listener: too many unclaimed connections; refused");
             return;
         }
-        parked.insert(key, Parked { stream, world: h.world, at: Instant::now() });
+        parked.entry(key).or_default().push(Parked { stream, world: h.world, at: Instant::now(), hello, proof });
         self.arrived.notify_all();
     }
 
@@ -217,11 +262,34 @@ impl Incoming {
         &self.address
     }
 
-    /// The connection of rank `key.2` of (job `key.0`, generation `key.1`), a ring of `world`.
-    fn take(&self, key: Key, world: usize, deadline: Instant, cancel: &AtomicBool) -> Result<TcpStream, WorkerError> {
+    /// Connections refused because their proof of membership did not hold.
+    pub fn refused(&self) -> usize {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// The connection of rank `key.2` of (job `key.0`, generation `key.1`), a ring of `world`;
+    /// with TLS, the first whose proof of membership holds under `ring_key`.
+    fn take(&self, key: Key, world: usize, ring_key: Option<&RingKey>, deadline: Instant, cancel: &AtomicBool) -> Result<Link, WorkerError> {
+        if self.tls.is_some() && ring_key.is_none() {
+            return Err(WorkerError::Collective("this worker's ring listener speaks TLS, and its assignment brought no ring key".into()));
+        }
         let mut parked = self.parked.lock().expect("parked lock");
         loop {
-            if let Some(p) = parked.remove(&key) {
+            while let Some(p) = parked.get_mut(&key).and_then(|c| (!c.is_empty()).then(|| c.remove(0))) {
+                if parked.get(&key).is_some_and(|c| c.is_empty()) {
+                    parked.remove(&key);
+                }
+                let member = match (ring_key, p.stream.binding(), p.proof) {
+                    (None, None, None) => true,
+                    (Some(k), Some(binding), Some(proof)) => same_mac(&proof, &hello_proof(k, &binding, &p.hello)),
+                    _ => false,
+                };
+                if !member {
+                    self.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(peer = ?p.stream.tcp().peer_addr().ok(), job = key.0, generation = key.1, rank = key.2,
+                        "ring listener: a connection without a valid proof of membership in the generation; refused");
+                    continue;
+                }
                 if p.world as usize != world {
                     return Err(WorkerError::Collective(format!("rank {} dialed a ring of {} ranks; this one has {world}", key.2, p.world)));
                 }
@@ -244,8 +312,8 @@ pub struct TcpRing {
     rank: usize,
     world: usize,
     /// To the next rank, from the previous one (None alone).
-    next: Option<TcpStream>,
-    prev: Option<TcpStream>,
+    next: Option<Link>,
+    prev: Option<Link>,
     timeout: Duration,
     wire: Wire,
     cancel: Arc<AtomicBool>,
@@ -265,7 +333,7 @@ fn io_err(what: &str, peer: usize, e: std::io::Error) -> WorkerError {
 }
 
 /// Writes all of `bytes`, coming back every `POLL` to check the deadline and cancel flag.
-fn write_all(s: &mut TcpStream, mut bytes: &[u8], peer: usize, deadline: Instant, cancel: &AtomicBool) -> Result<(), WorkerError> {
+fn write_all(s: &mut Link, mut bytes: &[u8], peer: usize, deadline: Instant, cancel: &AtomicBool) -> Result<(), WorkerError> {
     while !bytes.is_empty() {
         match s.write(bytes) {
             Ok(0) => return Err(io_err("sending to", peer, ErrorKind::WriteZero.into())),
@@ -284,7 +352,7 @@ fn write_all(s: &mut TcpStream, mut bytes: &[u8], peer: usize, deadline: Instant
 }
 
 /// Fills all of `buf` likewise.
-fn read_all(s: &mut TcpStream, buf: &mut [u8], peer: usize, deadline: Instant, cancel: &AtomicBool) -> Result<(), WorkerError> {
+fn read_all(s: &mut Link, buf: &mut [u8], peer: usize, deadline: Instant, cancel: &AtomicBool) -> Result<(), WorkerError> {
     let mut filled = 0;
     while filled < buf.len() {
         match s.read(&mut buf[filled..]) {
@@ -305,16 +373,15 @@ fn read_all(s: &mut TcpStream, buf: &mut [u8], peer: usize, deadline: Instant, c
     Ok(())
 }
 
-/// Reads a hello, all of it by `deadline` (a byte at a time would not keep a connection open).
-fn read_hello(s: &mut TcpStream, deadline: Instant) -> Result<Hello, String> {
-    let mut b = [0u8; HELLO_LEN];
+/// Fills `b` by `deadline` (a byte at a time would not keep a connection open).
+fn read_exact_by(s: &mut Link, b: &mut [u8], deadline: Instant) -> Result<(), String> {
     let mut filled = 0;
-    while filled < HELLO_LEN {
+    while filled < b.len() {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(format!("no hello within {HELLO_TIMEOUT:?}"));
         }
-        s.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+        s.tcp().set_read_timeout(Some(left.min(POLL))).map_err(|e| e.to_string())?;
         match s.read(&mut b[filled..]) {
             Ok(0) => return Err("closed before its hello".into()),
             Ok(n) => filled += n,
@@ -322,7 +389,7 @@ fn read_hello(s: &mut TcpStream, deadline: Instant) -> Result<Hello, String> {
             Err(e) => return Err(e.to_string()),
         }
     }
-    Hello::decode(&b)
+    Ok(())
 }
 
 /// Connects to `addr`, each try bounded (an address that drops packets would otherwise block
@@ -366,7 +433,8 @@ fn two(buf: &mut [f32], a: std::ops::Range<usize>, b: std::ops::Range<usize>) ->
 impl TcpRing {
     /// Joins the ring of (job, generation): dials the next rank's listener (`peers[rank+1]`,
     /// retrying until `timeout` runs out, since it may not be listening yet) and waits for the
-    /// previous rank's connection on this worker's `incoming`.
+    /// previous rank's connection on this worker's `incoming`. With `ring_key`, over TLS
+    /// (the listener's configuration) with a proof of membership.
     #[allow(clippy::too_many_arguments)]
     pub fn connect(
         rank: usize,
@@ -374,6 +442,7 @@ impl TcpRing {
         job: u64,
         generation: u64,
         incoming: &Incoming,
+        ring_key: Option<&RingKey>,
         timeout: Duration,
         wire: Wire,
         cancel: Arc<AtomicBool>,
@@ -395,7 +464,7 @@ impl TcpRing {
         let deadline = Instant::now() + timeout;
         let next_rank = (rank + 1) % world;
         let addr = &peers[next_rank];
-        let mut next = loop {
+        let next = loop {
             match dial(addr, deadline) {
                 Ok(s) => break s,
                 Err(e) if Instant::now() < deadline && !ring.cancel.load(Ordering::Relaxed) => {
@@ -406,11 +475,21 @@ impl TcpRing {
                 Err(e) => return Err(WorkerError::Collective(format!("cannot reach rank {next_rank} at {addr}: {e}"))),
             }
         };
-        let hello = Hello { job, generation, rank: rank as u32, world: world as u32 };
-        next.write_all(&hello.encode()).map_err(|e| io_err("greeting", next_rank, e))?;
+        let mut next = match (&incoming.tls, ring_key) {
+            (Some(tls), Some(_)) => tls.connect(next, deadline).map_err(|e| WorkerError::Collective(format!("TLS with rank {next_rank} at {addr}: {e}")))?,
+            (None, None) => Link::Plain(next),
+            (Some(_), None) => return Err(WorkerError::Collective("this worker's ring speaks TLS, and its assignment brought no ring key".into())),
+            (None, Some(_)) => return Err(WorkerError::Collective("a ring key, and no TLS to prove it on (a worker without credentials in a cluster with them)".into())),
+        };
+        let hello = Hello { job, generation, rank: rank as u32, world: world as u32 }.encode();
+        let mut greeting = hello.to_vec();
+        if let (Some(key), Some(binding)) = (ring_key, next.binding()) {
+            greeting.extend_from_slice(&hello_proof(key, &binding, &hello));
+        }
+        write_all(&mut next, &greeting, next_rank, deadline, &ring.cancel)?;
         let prev_rank = (rank + world - 1) % world;
-        let prev = incoming.take((job, generation, prev_rank as u32), world, deadline, &ring.cancel)?;
-        for s in [&next, &prev] {
+        let prev = incoming.take((job, generation, prev_rank as u32), world, ring_key, deadline, &ring.cancel)?;
+        for s in [next.tcp(), prev.tcp()] {
             large_buffers(s);
             s.set_nodelay(true).map_err(|e| WorkerError::Collective(e.to_string()))?;
             s.set_read_timeout(Some(POLL)).map_err(|e| WorkerError::Collective(e.to_string()))?;
@@ -734,7 +813,7 @@ mod tests {
             let hs: Vec<_> = (0..2)
                 .map(|r| {
                     let (peers, inc) = (&peers, &incs[r]);
-                    s.spawn(move || TcpRing::connect(r, peers, 1, 1, inc, Duration::from_secs(10), Wire::F32, no_cancel()).unwrap())
+                    s.spawn(move || TcpRing::connect(r, peers, 1, 1, inc, None, Duration::from_secs(10), Wire::F32, no_cancel()).unwrap())
                 })
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
@@ -756,13 +835,13 @@ mod tests {
         let (job, generation) = (4, 2);
         std::thread::scope(|s| {
             // Rank 1 dials rank 0 (its connection waits there) and waits for rank 0's.
-            let one = s.spawn(|| TcpRing::connect(1, &peers, job, generation, &incs[1], Duration::from_secs(10), Wire::F32, no_cancel()).unwrap());
+            let one = s.spawn(|| TcpRing::connect(1, &peers, job, generation, &incs[1], None, Duration::from_secs(10), Wire::F32, no_cancel()).unwrap());
             parked(&incs[0], (job, generation, 1));
             // Someone else claims to be rank 1 of the same ring.
             let mut impostor = TcpStream::connect(incs[0].address()).unwrap();
             impostor.write_all(&Hello { job, generation, rank: 1, world: 2 }.encode()).unwrap();
             assert!(closed(&mut impostor), "the second connection must be refused");
-            let zero = s.spawn(|| TcpRing::connect(0, &peers, job, generation, &incs[0], Duration::from_secs(10), Wire::F32, no_cancel()).unwrap());
+            let zero = s.spawn(|| TcpRing::connect(0, &peers, job, generation, &incs[0], None, Duration::from_secs(10), Wire::F32, no_cancel()).unwrap());
             let rings = vec![zero.join().unwrap(), one.join().unwrap()];
             // The original pair works.
             assert!(sums(rings).iter().all(|b| b.iter().all(|&x| x == 3.0)));
@@ -777,7 +856,7 @@ mod tests {
         let mut to0 = TcpStream::connect(inc.address()).unwrap();
         to0.write_all(&Hello { job: 1, generation: 1, rank: 1, world: 2 }.encode()).unwrap();
         std::thread::scope(|s| {
-            let ring = s.spawn(|| TcpRing::connect(0, &peers, 1, 1, &inc, Duration::from_secs(10), Wire::F32, no_cancel()).unwrap());
+            let ring = s.spawn(|| TcpRing::connect(0, &peers, 1, 1, &inc, None, Duration::from_secs(10), Wire::F32, no_cancel()).unwrap());
             let (mut from0, _) = raw.accept().unwrap();
             let mut hello = [0u8; HELLO_LEN];
             from0.read_exact(&mut hello).unwrap();

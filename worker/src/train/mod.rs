@@ -54,6 +54,8 @@ pub struct TrainTask {
     pub mailbox: Arc<Mailbox>,
     /// This worker's raw-TCP ring listener (None: the tcp transport is not offered).
     pub incoming: Option<Arc<Incoming>>,
+    /// With credentials: the data plane's TLS (the gRPC ring dials with it; `incoming` has it).
+    pub tls: Option<Arc<crate::collective::secure::DataPlaneTls>>,
     pub cancel: Arc<AtomicBool>,
     pub collective_timeout: Duration,
     /// Progress and checkpoint commits go to the coordinator through this.
@@ -425,6 +427,8 @@ fn run(task: &TrainTask, rt: &tokio::runtime::Handle, slot: &mut Option<TrainSta
         cancel: task.cancel.clone(),
         incoming: task.incoming.as_deref(),
         mailbox: task.mailbox.clone(),
+        ring_key: crate::collective::secure::ring_key_from(&a.ring_key)?,
+        tls: task.tls.clone(),
         rt: rt.clone(),
     }
     .join()?;

@@ -1,0 +1,386 @@
+//! The data plane with credentials: the TCP ring over mutual TLS (rustls on the ring's
+//! blocking sockets), the gRPC ring over tonic's, and a generation's membership proven with
+//! its ring key.
+//!
+//! A certificate proves "a process of this cluster"; it does not say which job a worker runs
+//! (workers' ids are given at registration, after their certificates are made). What binds a
+//! connection to one job generation is the ring key: the coordinator derives it from its token
+//! key for (job, generation) and hands it only to that generation's workers with their
+//! assignments. A dialing rank proves it knows the key with a MAC over the connection's TLS
+//! exporter and its hello, so the proof cannot be replayed on another connection; gRPC chunks
+//! carry a MAC of the key over their sender and place in the ring.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection, StreamOwned};
+use shoal_coordinator::tls::{TlsFiles, SERVER_NAME};
+
+use crate::WorkerError;
+
+/// What a rank proves membership with: `None` without credentials.
+pub type RingKey = [u8; 32];
+
+/// The exporter label both ends of a ring connection derive the hello's binding from.
+const EXPORTER_LABEL: &[u8] = b"EXPORTER-shoal-ring-hello";
+
+/// A worker's TLS configurations for its data plane: the ring listener's (a client certificate
+/// from the cluster's CA required) and the dialer's.
+pub struct DataPlaneTls {
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+    pub files: TlsFiles,
+}
+
+impl std::fmt::Debug for DataPlaneTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DataPlaneTls(..)")
+    }
+}
+
+fn tls_err(what: &str, e: impl std::fmt::Display) -> WorkerError {
+    WorkerError::Io(format!("data-plane TLS: {what}: {e}"))
+}
+
+impl DataPlaneTls {
+    pub fn new(files: &TlsFiles) -> Result<DataPlaneTls, WorkerError> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&files.ca) {
+            roots.add(cert.map_err(|e| tls_err("the CA certificate", e))?).map_err(|e| tls_err("the CA certificate", e))?;
+        }
+        let roots = Arc::new(roots);
+        let chain = || -> Result<Vec<CertificateDer<'static>>, WorkerError> {
+            CertificateDer::pem_slice_iter(&files.cert).collect::<Result<Vec<_>, _>>().map_err(|e| tls_err("the certificate", e))
+        };
+        let key = || PrivateKeyDer::from_pem_slice(&files.key).map_err(|e| tls_err("the key", e));
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(|e| tls_err("the client verifier", e))?;
+        let mut server = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| tls_err("TLS 1.3", e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain()?, key()?)
+            .map_err(|e| tls_err("the certificate and key", e))?;
+        // A ring connection carries data one way: tickets the dialer never reads would only
+        // sit in its socket.
+        server.send_tls13_tickets = 0;
+        let client = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| tls_err("TLS 1.3", e))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain()?, key()?)
+            .map_err(|e| tls_err("the certificate and key", e))?;
+        Ok(DataPlaneTls { server: Arc::new(server), client: Arc::new(client), files: files.clone() })
+    }
+
+    /// Completes the server side of a handshake on `sock` by `deadline`.
+    pub(crate) fn accept(&self, mut sock: TcpStream, deadline: Instant) -> Result<Link, String> {
+        let mut conn = ServerConnection::new(self.server.clone()).map_err(|e| e.to_string())?;
+        handshake(&mut conn, &mut sock, deadline)?;
+        Ok(Link::Server(Box::new(StreamOwned::new(conn, sock))))
+    }
+
+    /// Completes the client side of a handshake on `sock` by `deadline`.
+    pub(crate) fn connect(&self, mut sock: TcpStream, deadline: Instant) -> Result<Link, String> {
+        let name = ServerName::try_from(SERVER_NAME).map_err(|e| e.to_string())?;
+        let mut conn = ClientConnection::new(self.client.clone(), name).map_err(|e| e.to_string())?;
+        handshake(&mut conn, &mut sock, deadline)?;
+        Ok(Link::Client(Box::new(StreamOwned::new(conn, sock))))
+    }
+}
+
+/// Drives a handshake to its end; `sock` has a read timeout, so this comes back to the
+/// deadline however silent the peer.
+fn handshake<S: rustls::SideData>(conn: &mut rustls::ConnectionCommon<S>, sock: &mut TcpStream, deadline: Instant) -> Result<(), String> {
+    while conn.is_handshaking() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("the TLS handshake did not finish in time".into());
+        }
+        sock.set_read_timeout(Some(left.min(std::time::Duration::from_millis(200)))).map_err(|e| e.to_string())?;
+        sock.set_write_timeout(Some(left)).map_err(|e| e.to_string())?;
+        match conn.complete_io(sock) {
+            Ok((0, 0)) if conn.is_handshaking() => return Err("closed during the TLS handshake".into()),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
+            Err(e) => return Err(format!("TLS handshake: {e}")),
+        }
+    }
+    Ok(())
+}
+
+/// One ring connection: plain TCP, or TLS on either side.
+pub(crate) enum Link {
+    Plain(TcpStream),
+    Client(Box<StreamOwned<ClientConnection, TcpStream>>),
+    Server(Box<StreamOwned<ServerConnection, TcpStream>>),
+}
+
+impl Link {
+    pub(crate) fn tcp(&self) -> &TcpStream {
+        match self {
+            Link::Plain(s) => s,
+            Link::Client(s) => &s.sock,
+            Link::Server(s) => &s.sock,
+        }
+    }
+
+    /// The TLS exporter both ends derive for the hello's proof (None: plain TCP).
+    pub(crate) fn binding(&self) -> Option<[u8; 32]> {
+        let out = [0u8; 32];
+        match self {
+            Link::Plain(_) => None,
+            Link::Client(s) => s.conn.export_keying_material(out, EXPORTER_LABEL, None).ok(),
+            Link::Server(s) => s.conn.export_keying_material(out, EXPORTER_LABEL, None).ok(),
+        }
+    }
+
+    pub(crate) fn is_tls(&self) -> bool {
+        !matches!(self, Link::Plain(_))
+    }
+}
+
+impl Read for Link {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Link::Plain(s) => s.read(buf),
+            Link::Client(s) => s.read(buf),
+            Link::Server(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Link {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Link::Plain(s) => s.write(buf),
+            Link::Client(s) => s.write(buf),
+            Link::Server(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Link::Plain(s) => s.flush(),
+            Link::Client(s) => s.flush(),
+            Link::Server(s) => s.flush(),
+        }
+    }
+}
+
+/// What a dialing rank sends after its hello: a MAC of the ring key over the connection's
+/// exporter and the hello.
+pub(crate) fn hello_proof(key: &RingKey, binding: &[u8; 32], hello: &[u8]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.update(b"shoal ring hello v1 ");
+    h.update(binding);
+    h.update(hello);
+    *h.finalize().as_bytes()
+}
+
+/// A gRPC chunk's tag: a MAC of the ring key over its sender and place in the ring.
+pub fn chunk_tag(key: &RingKey, job: u64, generation: u64, from_rank: u32) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.update(b"shoal ring chunk v1 ");
+    h.update(&job.to_le_bytes());
+    h.update(&generation.to_le_bytes());
+    h.update(&from_rank.to_le_bytes());
+    *h.finalize().as_bytes()
+}
+
+/// Constant-time comparison of two MACs.
+pub(crate) fn same_mac(a: &[u8], b: &[u8; 32]) -> bool {
+    a.len() == 32 && blake3::Hash::from_bytes(a.try_into().expect("32 bytes")) == blake3::Hash::from_bytes(*b)
+}
+
+/// A ring key from an assignment's bytes: none (a cluster without credentials) or 32 bytes.
+pub fn ring_key_from(bytes: &[u8]) -> Result<Option<RingKey>, WorkerError> {
+    match bytes.len() {
+        0 => Ok(None),
+        32 => Ok(Some(bytes.try_into().expect("32 bytes"))),
+        n => Err(WorkerError::Collective(format!("a ring key of {n} bytes (32 expected)"))),
+    }
+}
+
+/// The one-core AES-256-GCM rate in bytes per second (TLS 1.3's first suite here), sealing
+/// `bytes` in 16 KiB records as TLS does: the benchmark's yardstick for what encryption costs.
+pub fn aes_gcm_rate(bytes: usize) -> f64 {
+    use rustls::crypto::cipher::{Iv, MessageEncrypter, OutboundPlainMessage};
+    let suite = rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384;
+    let tls13 = suite.tls13().expect("a TLS 1.3 suite");
+    let key = rustls::crypto::cipher::AeadKey::from([7u8; 32]);
+    let mut enc: Box<dyn MessageEncrypter> = tls13.aead_alg.encrypter(key, Iv::new([1u8; 12]));
+    let record = vec![3u8; 16 << 10];
+    let started = Instant::now();
+    let mut done = 0usize;
+    let mut seq = 0u64;
+    while done < bytes {
+        let msg = OutboundPlainMessage {
+            typ: rustls::ContentType::ApplicationData,
+            version: rustls::ProtocolVersion::TLSv1_3,
+            payload: rustls::crypto::cipher::OutboundChunks::Single(&record),
+        };
+        let sealed = enc.encrypt(msg, seq).expect("sealing a record");
+        std::hint::black_box(&sealed);
+        seq += 1;
+        done += record.len();
+    }
+    done as f64 / started.elapsed().as_secs_f64()
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    fn ca_params() -> rcgen::CertificateParams {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, "test CA");
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+        p
+    }
+
+    /// A cluster's CA, and a worker certificate from it (as `shoal ca issue --worker` makes).
+    pub(crate) fn cluster() -> TlsFiles {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca = ca_params().self_signed(&ca_key).unwrap();
+        let mut p = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()]).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, "worker");
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &rcgen::Issuer::new(ca_params(), &ca_key)).unwrap();
+        TlsFiles { ca: ca.pem().into_bytes(), cert: cert.pem().into_bytes(), key: key.serialize_pem().into_bytes() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    use super::super::tcp::{Incoming, TcpRing};
+    use super::super::testing::inputs;
+    use super::super::{reference_sum, Collective, Wire};
+    use super::*;
+
+    fn listeners(n: usize, tls: &Arc<DataPlaneTls>) -> Vec<Arc<Incoming>> {
+        (0..n).map(|_| Incoming::start_with(std::net::TcpListener::bind("127.0.0.1:0").unwrap(), Some(tls.clone())).unwrap()).collect()
+    }
+
+    fn join(incs: &[Arc<Incoming>], job: u64, key: RingKey) -> Vec<TcpRing> {
+        let peers: Vec<String> = incs.iter().map(|i| i.address().to_string()).collect();
+        std::thread::scope(|s| {
+            let hs: Vec<_> = (0..incs.len())
+                .map(|r| {
+                    let (peers, inc) = (&peers, &incs[r]);
+                    s.spawn(move || TcpRing::connect(r, peers, job, 1, inc, Some(&key), Duration::from_secs(10), Wire::F32, Arc::new(AtomicBool::new(false))).unwrap())
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    fn reduce(rings: Vec<TcpRing>, data: &[Vec<f32>]) -> Vec<Vec<f32>> {
+        std::thread::scope(|s| {
+            let hs: Vec<_> = rings
+                .into_iter()
+                .zip(data)
+                .map(|(mut ring, d)| {
+                    s.spawn(move || {
+                        let mut buf = d.clone();
+                        ring.all_reduce(&mut buf).unwrap();
+                        buf
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn a_ring_over_tls_gives_every_rank_the_reference_sum() {
+        let tls = Arc::new(DataPlaneTls::new(&testing::cluster()).unwrap());
+        let world = 3;
+        let incs = listeners(world, &tls);
+        let data = inputs(world, 200_003, 5);
+        let out = reduce(join(&incs, 1, [9; 32]), &data);
+        let want = reference_sum(&data);
+        for got in &out {
+            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "a rank differs from the reference");
+        }
+    }
+
+    /// Dials `addr` over TLS with `tls` and says it is rank 1 of (job, generation 1), proving
+    /// it with `key`. Returns the connection (to see whether it is closed).
+    fn claim_rank_one(tls: &DataPlaneTls, addr: &str, job: u64, key: &RingKey) -> Link {
+        let sock = TcpStream::connect(addr).unwrap();
+        let mut link = tls.connect(sock, Instant::now() + Duration::from_secs(5)).unwrap();
+        let hello = super::super::tcp::encode_hello(job, 1, 1, 2);
+        let proof = hello_proof(key, &link.binding().unwrap(), &hello);
+        link.write_all(&hello).unwrap();
+        link.write_all(&proof).unwrap();
+        link
+    }
+
+    fn closed(link: &mut Link) -> bool {
+        link.tcp().set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        !matches!(link.read(&mut [0u8; 1]), Ok(n) if n > 0)
+    }
+
+    #[test]
+    fn another_generations_worker_or_another_cluster_cannot_join_a_ring() {
+        let files = testing::cluster();
+        let tls = Arc::new(DataPlaneTls::new(&files).unwrap());
+        let incs = listeners(2, &tls);
+        let (job, key) = (7, [1u8; 32]);
+        // A worker of this cluster running job 8 (its certificate is as good as any, its ring
+        // key is job 8's) claims rank 1 of job 7 before the real rank 1 dials.
+        let mut impostor = claim_rank_one(&tls, incs[0].address(), job, &[2u8; 32]);
+        // A process with another cluster's certificate does not get through the handshake.
+        let stranger = DataPlaneTls::new(&testing::cluster()).unwrap();
+        let refused = match stranger.connect(TcpStream::connect(incs[0].address()).unwrap(), Instant::now() + Duration::from_secs(5)) {
+            Err(_) => true,
+            Ok(mut link) => {
+                let _ = link.write_all(&super::super::tcp::encode_hello(job, 1, 1, 2));
+                closed(&mut link)
+            }
+        };
+        assert!(refused, "a certificate of another cluster got a connection");
+        // Nor does a plaintext hello.
+        let mut plain = TcpStream::connect(incs[0].address()).unwrap();
+        plain.write_all(&super::super::tcp::encode_hello(job, 1, 1, 2)).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        // The real ranks still meet, and sum.
+        let data = inputs(2, 10_001, 3);
+        let out = reduce(join(&incs, job, key), &data);
+        let want = reference_sum(&data);
+        assert!(out.iter().all(|g| g.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits())));
+        assert_eq!(incs[0].refused(), 1, "the impostor's connection is refused, counted once");
+        assert!(closed(&mut impostor), "the impostor's connection must be closed");
+        // A plaintext peer gets a TLS alert (content type 21) at most, then the end.
+        plain.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = Vec::new();
+        let _ = plain.read_to_end(&mut got);
+        assert!(got.is_empty() || got[0] == 21, "a plaintext peer got {got:?}");
+    }
+
+    #[test]
+    fn a_proof_is_bound_to_its_connection_and_its_key() {
+        let (k1, k2, b1, b2, hello) = ([1u8; 32], [2u8; 32], [3u8; 32], [4u8; 32], [5u8; 32]);
+        let p = hello_proof(&k1, &b1, &hello);
+        assert!(same_mac(&p, &hello_proof(&k1, &b1, &hello)));
+        assert!(!same_mac(&p, &hello_proof(&k2, &b1, &hello)), "another key");
+        assert!(!same_mac(&p, &hello_proof(&k1, &b2, &hello)), "replayed on another connection");
+        assert!(!same_mac(&p[..31], &hello_proof(&k1, &b1, &hello)), "a short proof");
+        assert_ne!(chunk_tag(&k1, 1, 1, 0), chunk_tag(&k1, 1, 1, 1));
+        assert_ne!(chunk_tag(&k1, 1, 1, 0), chunk_tag(&k1, 1, 2, 0));
+        assert!(ring_key_from(&[0u8; 31]).is_err());
+        assert_eq!(ring_key_from(&[]).unwrap(), None);
+    }
+}
