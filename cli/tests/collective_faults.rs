@@ -13,6 +13,13 @@ fn bench_allreduce_reports_time_and_bandwidth_for_each_transport() {
         assert!(t > 0.0 && bw > 0.0, "{transport}/{wire}: {out}");
         assert_eq!(out["bytes"], 1 << 20, "{out}");
     }
+    // Over TLS with membership proofs, as workers with credentials run (the rank checks its
+    // sums as without).
+    for transport in ["tcp", "grpc"] {
+        let out = json(shoal().args(["bench", "allreduce", "--bytes", "1M", "--world", "3", "--transport", transport, "--tls"]).args(["--iters", "3", "--warmup", "1", "--json"]));
+        assert!(out["time_ms"].as_f64().unwrap() > 0.0 && out["aes_gcm_GBps"].as_f64().unwrap() > 0.0, "{transport} over TLS: {out}");
+        assert_eq!(out["tls"], true, "{out}");
+    }
     let e = fails(shoal().args(["bench", "allreduce", "--bytes", "1M", "--world", "2", "--transport", "shm", "--wire", "bf16"]));
     assert!(e.contains("bf16") && e.contains("shm"), "{e}");
     let e = fails(shoal().args(["bench", "allreduce", "--bytes", "1001", "--world", "2", "--transport", "tcp"]));
