@@ -29,6 +29,11 @@ impl Conn {
         let endpoints = if self.endpoints.is_empty() { layout.endpoints()? } else { self.endpoints.clone() };
         Ok(Client::new(&endpoints)?.with_token(token(&layout)?.as_deref())?.with_tls(client_tls(&layout)?)?)
     }
+
+    /// The certificate this command's calls show (None: plaintext).
+    pub fn tls(&self) -> Result<Option<shoal_coordinator::tls::TlsFiles>> {
+        client_tls(&Layout::new(self.dir.clone().unwrap_or_else(default_dir)))
+    }
 }
 
 /// The certificate calls show: `SHOAL_CLIENT_CREDENTIALS` (a folder from `shoal ca issue

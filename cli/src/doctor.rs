@@ -50,6 +50,27 @@ fn loose_files(dir: &Path, depth: usize, out: &mut Vec<Finding>) {
     }
 }
 
+/// Whether the data plane at `addr` completes a TLS handshake with `tls` (Some(true)), takes a
+/// plaintext connection (Some(false)), or neither (None).
+async fn data_plane_speaks_tls(addr: &str, tls: Option<&shoal_coordinator::tls::TlsFiles>) -> Option<bool> {
+    let connects = |tls: Option<&shoal_coordinator::tls::TlsFiles>| {
+        let ep = shoal_coordinator::tls::endpoint(addr, tls).ok().map(|e| e.connect_timeout(std::time::Duration::from_secs(2)));
+        async move {
+            match ep {
+                Some(ep) => tokio::time::timeout(std::time::Duration::from_secs(3), ep.connect()).await.is_ok_and(|c| c.is_ok()),
+                None => false,
+            }
+        }
+    };
+    if tls.is_some() && connects(tls).await {
+        return Some(true);
+    }
+    if connects(None).await {
+        return Some(false);
+    }
+    None
+}
+
 pub async fn security(conn: Conn, json: bool) -> Result<()> {
     let mut found = Vec::new();
     let (coords, workers) = crate::cluster_status(&conn).await?;
@@ -71,13 +92,20 @@ pub async fn security(conn: Conn, json: bool) -> Result<()> {
             found.push(Finding { level: "ok", what: format!("coordinator {id} at {addr} ({exposed}): mutual TLS, tokens on every call") });
         }
     }
+    // Each worker's data plane, as a peer sees it: a TLS handshake with this command's
+    // certificate, else a plaintext HTTP/2 connection.
+    let tls = conn.tls()?;
     for w in &workers {
         let addr = w["address"].as_str().unwrap_or("");
-        let level = if loopback(addr) { "warn" } else { "high" };
-        found.push(Finding {
-            level,
-            what: format!("worker {} data plane at {addr} ({}): plaintext and unauthenticated (TLS on the data plane is not built yet)", w["id"].as_str().unwrap_or(""), if loopback(addr) { "on loopback" } else { "reachable from the network" }),
-        });
+        let (id, exposed) = (w["id"].as_str().unwrap_or(""), if loopback(addr) { "on loopback" } else { "reachable from the network" });
+        match data_plane_speaks_tls(addr, tls.as_ref()).await {
+            Some(true) => found.push(Finding { level: "ok", what: format!("worker {id} data plane at {addr} ({exposed}): mutual TLS, ranks prove their generation") }),
+            Some(false) => found.push(Finding {
+                level: if loopback(addr) { "warn" } else { "high" },
+                what: format!("worker {id} data plane at {addr} ({exposed}): plaintext and unauthenticated (start the worker with --credentials)"),
+            }),
+            None => found.push(Finding { level: "warn", what: format!("worker {id} data plane at {addr} did not answer") }),
+        }
     }
     // HTTP listeners (/metrics, the dashboard) of a local cluster's processes.
     let dir = conn.dir.clone().unwrap_or_else(crate::conn::default_dir);

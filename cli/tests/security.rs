@@ -506,11 +506,12 @@ fn doctor_security_reports_what_a_cluster_exposes() {
     };
     let has = |found: &[(String, String)], level: &str, text: &str| found.iter().any(|(l, w)| l == level && w.contains(text));
     // `up`'s cluster: TLS and tokens everywhere, on loopback: nothing that exposes it; what is
-    // still plaintext (the data plane, HTTP) and tokens without expiry are named.
+    // still plaintext (HTTP) and tokens without expiry are named.
     let (ok, found) = doctor(&mut c.cmd(&["doctor", "security", "--json"]));
     assert!(ok, "{found:#?}");
-    assert!(has(&found, "ok", "mutual TLS, tokens on every call"), "{found:#?}");
-    assert!(has(&found, "warn", "data plane") && has(&found, "warn", "never expires") && has(&found, "warn", "/metrics"), "{found:#?}");
+    assert!(has(&found, "ok", "mutual TLS, tokens on every call") && has(&found, "ok", "ranks prove their generation"), "{found:#?}");
+    assert!(!has(&found, "warn", "data plane"), "{found:#?}");
+    assert!(has(&found, "warn", "never expires") && has(&found, "warn", "/metrics"), "{found:#?}");
     // A secret others may read: named, and the exit code says so.
     let key = c.dir().join("credentials/worker/worker.key");
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
@@ -530,5 +531,16 @@ fn doctor_security_reports_what_a_cluster_exposes() {
         r.1.iter().any(|(_, w)| w.contains("coordinator 1")).then_some(r)
     });
     assert!(!ok && has(&found, "high", "serves plaintext") && has(&found, "high", "checks no tokens"), "{found:#?}");
+    // A worker without credentials: its data plane is named.
+    let mut w = Proc::spawn(
+        shoal().args(["serve", "worker", "--insecure", "--endpoints", &addr, "--listen", "127.0.0.1:0", "--store"]).arg(tmp.path().join("s")),
+        &tmp.path().join("worker.log"),
+    );
+    let (_, found) = wait_for("the plaintext worker in the doctor's report", Duration::from_secs(30), || {
+        let r = doctor(shoal().args(["doctor", "security", "--json", "--endpoints", &addr]).arg("--dir").arg(tmp.path()));
+        r.1.iter().any(|(_, f)| f.contains("data plane")).then_some(r)
+    });
+    assert!(has(&found, "warn", "plaintext and unauthenticated"), "{found:#?}");
+    w.kill();
     p.kill();
 }
