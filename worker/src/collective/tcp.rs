@@ -114,6 +114,7 @@ struct Parked {
     /// With TLS: the hello's bytes, the dialer's proof and the connection's exporter.
     hello: [u8; HELLO_LEN],
     proof: Option<[u8; 32]>,
+    binding: Option<[u8; 32]>,
 }
 
 /// The worker's listener for ring connections, and the connections waiting for their task.
@@ -205,33 +206,35 @@ impl Incoming {
     fn handshake(&self, id: u64, stream: TcpStream) {
         let peer = stream.peer_addr().ok();
         let deadline = Instant::now() + HELLO_TIMEOUT;
-        let greeted = (|| -> Result<(Link, [u8; HELLO_LEN], Option<[u8; 32]>), String> {
+        let greeted = (|| -> Result<(Link, [u8; HELLO_LEN], Option<[u8; 32]>, Option<[u8; 32]>), String> {
             let mut link = match &self.tls {
                 Some(tls) => tls.accept(stream, deadline)?,
                 None => Link::Plain(stream),
             };
             let mut hello = [0u8; HELLO_LEN];
             read_exact_by(&mut link, &mut hello, deadline)?;
-            let proof = if link.is_tls() {
-                let mut p = [0u8; 32];
-                read_exact_by(&mut link, &mut p, deadline)?;
-                Some(p)
-            } else {
-                None
-            };
-            Ok((link, hello, proof))
+            if !link.is_tls() {
+                return Ok((link, hello, None, None));
+            }
+            let mut proof = [0u8; 32];
+            read_exact_by(&mut link, &mut proof, deadline)?;
+            let binding = link.binding();
+            // The dialer sends nothing more until this acknowledgement, so rustls holds no
+            // data of the ring's when the keys are taken out of it.
+            write_all(&mut link, &[1], 0, deadline, &AtomicBool::new(false)).map_err(|e| e.to_string())?;
+            Ok((link.seal()?, hello, Some(proof), binding))
         })();
         // Closed for a newer connection meanwhile (the accept loop took it out): drop it.
         if self.handshakes.lock().expect("handshakes lock").remove(&id).is_none() {
             return;
         }
-        match greeted.and_then(|(link, bytes, proof)| Hello::decode(&bytes).map(|h| (link, h, bytes, proof))) {
-            Ok((link, h, bytes, proof)) => self.park(h, link, bytes, proof),
+        match greeted.and_then(|(link, bytes, proof, binding)| Hello::decode(&bytes).map(|h| (link, h, bytes, proof, binding))) {
+            Ok((link, h, bytes, proof, binding)) => self.park(h, link, bytes, proof, binding),
             Err(why) => tracing::debug!(?peer, why, "ring listener: no valid hello; closing the connection"),
         }
     }
 
-    fn park(&self, h: Hello, stream: Link, hello: [u8; HELLO_LEN], proof: Option<[u8; 32]>) {
+    fn park(&self, h: Hello, stream: Link, hello: [u8; HELLO_LEN], proof: Option<[u8; 32]>, binding: Option<[u8; 32]>) {
         let key = (h.job, h.generation, h.rank);
         let mut parked = self.parked.lock().expect("parked lock");
         // Without TLS the first connection keeps its place: a newcomer must not take over a
@@ -253,7 +256,7 @@ impl Incoming {
             tracing::warn!(job = h.job, generation = h.generation, rank = h.rank, "ring listener: too many unclaimed connections; refused");
             return;
         }
-        parked.entry(key).or_default().push(Parked { stream, world: h.world, at: Instant::now(), hello, proof });
+        parked.entry(key).or_default().push(Parked { stream, world: h.world, at: Instant::now(), hello, proof, binding });
         self.arrived.notify_all();
     }
 
@@ -279,7 +282,7 @@ impl Incoming {
                 if parked.get(&key).is_some_and(|c| c.is_empty()) {
                     parked.remove(&key);
                 }
-                let member = match (ring_key, p.stream.binding(), p.proof) {
+                let member = match (ring_key, p.binding, p.proof) {
                     (None, None, None) => true,
                     (Some(k), Some(binding), Some(proof)) => same_mac(&proof, &hello_proof(k, &binding, &p.hello)),
                     _ => false,
@@ -333,22 +336,35 @@ fn io_err(what: &str, peer: usize, e: std::io::Error) -> WorkerError {
 }
 
 /// Writes all of `bytes`, coming back every `POLL` to check the deadline and cancel flag.
+/// (Then flushes: a TLS link may hold sealed records back.)
 fn write_all(s: &mut Link, mut bytes: &[u8], peer: usize, deadline: Instant, cancel: &AtomicBool) -> Result<(), WorkerError> {
-    while !bytes.is_empty() {
-        match s.write(bytes) {
-            Ok(0) => return Err(io_err("sending to", peer, ErrorKind::WriteZero.into())),
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
-            Err(e) => return Err(io_err("sending to", peer, e)),
-        }
-        if cancel.load(Ordering::Relaxed) {
-            return Err(WorkerError::Cancelled);
-        }
-        if Instant::now() >= deadline {
-            return Err(WorkerError::Collective(format!("timed out sending to rank {peer}")));
+    loop {
+        let progressed = if bytes.is_empty() {
+            match s.flush() {
+                Ok(()) => return Ok(()),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => false,
+                Err(e) => return Err(io_err("sending to", peer, e)),
+            }
+        } else {
+            match s.write(bytes) {
+                Ok(0) => return Err(io_err("sending to", peer, ErrorKind::WriteZero.into())),
+                Ok(n) => {
+                    bytes = &bytes[n..];
+                    true
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => false,
+                Err(e) => return Err(io_err("sending to", peer, e)),
+            }
+        };
+        if !progressed || !bytes.is_empty() {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(WorkerError::Cancelled);
+            }
+            if Instant::now() >= deadline {
+                return Err(WorkerError::Collective(format!("timed out sending to rank {peer}")));
+            }
         }
     }
-    Ok(())
 }
 
 /// Fills all of `buf` likewise.
@@ -487,6 +503,12 @@ impl TcpRing {
             greeting.extend_from_slice(&hello_proof(key, &binding, &hello));
         }
         write_all(&mut next, &greeting, next_rank, deadline, &ring.cancel)?;
+        if next.is_tls() {
+            // The listener's acknowledgement: it has read the greeting, and rustls on either
+            // side holds nothing more, so the keys can come out of it.
+            read_exact_by(&mut next, &mut [0u8; 1], deadline).map_err(|e| WorkerError::Collective(format!("rank {next_rank} at {addr}: {e}")))?;
+            next = next.seal().map_err(|e| WorkerError::Collective(format!("rank {next_rank} at {addr}: {e}")))?;
+        }
         let prev_rank = (rank + world - 1) % world;
         let prev = incoming.take((job, generation, prev_rank as u32), world, ring_key, deadline, &ring.cancel)?;
         for s in [next.tcp(), prev.tcp()] {
