@@ -627,6 +627,87 @@ mod tests {
         assert!(got.is_empty() || got[0] == 21, "a plaintext peer got {got:?}");
     }
 
+    fn secrets(tx: u8, rx: u8, seq: u64) -> rustls::ExtractedSecrets {
+        let s = |k: u8| (seq, rustls::ConnectionTrafficSecrets::Aes256Gcm { key: rustls::crypto::cipher::AeadKey::from([k; 32]), iv: rustls::crypto::cipher::Iv::new([k ^ 0x55; 12]) });
+        rustls::ExtractedSecrets { tx: s(tx), rx: s(rx) }
+    }
+
+    /// Two sealed ends of one loopback connection, keys `a` one way and `b` the other.
+    fn sealed_pair(a: u8, b: u8, seq: u64) -> (Sealed, Sealed) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let x = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (y, _) = l.accept().unwrap();
+        (Sealed::new(x, secrets(a, b, seq)).unwrap(), Sealed::new(y, secrets(b, a, seq)).unwrap())
+    }
+
+    #[test]
+    fn sealed_records_carry_bytes_exactly_across_key_updates() {
+        // Both directions start three records before a key update.
+        let (mut x, mut y) = sealed_pair(1, 2, REKEY_EVERY - 3);
+        let data: Vec<u8> = (0..(RECORD * 9 + 77)).map(|i| (i * 7 + i / 251) as u8).collect();
+        let sender = {
+            let data = data.clone();
+            std::thread::spawn(move || {
+                for piece in data.chunks(RECORD / 3 + 5) {
+                    x.write_all(piece).unwrap();
+                }
+                x.flush().unwrap();
+                x
+            })
+        };
+        let mut got = vec![0u8; data.len()];
+        // Reads of every size: smaller than a record (copied out) and larger (opened in place).
+        let mut at = 0;
+        for size in [1usize, 100, RECORD + 17, 3, RECORD * 3].iter().cycle() {
+            if at == got.len() {
+                break;
+            }
+            let end = (at + size).min(got.len());
+            let n = y.read(&mut got[at..end]).unwrap();
+            assert!(n > 0);
+            at += n;
+        }
+        assert_eq!(got, data);
+        let x = sender.join().unwrap();
+        assert!(x.tx.seq > REKEY_EVERY && y.rx.seq == x.tx.seq, "the sequence passed the key update");
+        assert_ne!(x.tx.raw, [1u8; 32], "the key moved on");
+    }
+
+    #[test]
+    fn an_altered_or_foreign_record_is_an_error() {
+        // A record sealed under another key.
+        let (mut x, _) = sealed_pair(1, 2, 0);
+        let (_, mut y) = sealed_pair(3, 4, 0);
+        x.seal(b"hello").unwrap();
+        y.sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut raw = x.out.clone();
+        // Written raw into y's peer: a connection whose key differs.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut feed = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (sock, _) = l.accept().unwrap();
+        y.sock = sock;
+        feed.write_all(&raw).unwrap();
+        let e = y.read(&mut [0u8; 64]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidData, "{e}");
+        // The right key, one bit flipped.
+        let (_, mut z) = sealed_pair(2, 1, 0);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut feed = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        z.sock = l.accept().unwrap().0;
+        raw[HEADER + 2] ^= 1;
+        feed.write_all(&raw).unwrap();
+        assert_eq!(z.read(&mut [0u8; 64]).unwrap_err().kind(), ErrorKind::InvalidData);
+        // An alert, and a header that is not a record's.
+        for bad in [[21u8, 3, 3, 0, 2, 2, 40], [22u8, 3, 3, 0, 2, 0, 0]] {
+            let (_, mut w) = sealed_pair(2, 1, 0);
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let mut feed = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            w.sock = l.accept().unwrap().0;
+            feed.write_all(&bad).unwrap();
+            assert!(w.read(&mut [0u8; 64]).is_err());
+        }
+    }
+
     #[test]
     fn a_proof_is_bound_to_its_connection_and_its_key() {
         let (k1, k2, b1, b2, hello) = ([1u8; 32], [2u8; 32], [3u8; 32], [4u8; 32], [5u8; 32]);
