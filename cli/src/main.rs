@@ -192,7 +192,7 @@ struct AllReduceOpts {
     #[arg(long, default_value_t = 30)]
     timeout_s: u64,
     /// Mutual TLS and membership proofs, as workers with credentials run (a CA made for the
-    /// run); the report adds the one-core AES-256-GCM rate.
+    /// run); the report adds the one-core AES-128-GCM rate (the ring's suite).
     #[arg(long)]
     tls: bool,
 }
