@@ -26,8 +26,8 @@ pub struct HttpArgs {
 }
 
 impl HttpArgs {
-    async fn start(&self, dashboard: Option<dashboard::Dashboard>) -> Result<(String, tokio::task::JoinHandle<()>)> {
-        http::start(&self.http_listen, self.http_advertise.as_deref(), self.http_addr_file.as_deref(), dashboard).await
+    async fn start(&self, dashboard: Option<dashboard::Dashboard>, security: Option<http::Security>) -> Result<(String, tokio::task::JoinHandle<()>)> {
+        http::start(&self.http_listen, self.http_advertise.as_deref(), self.http_addr_file.as_deref(), dashboard, security).await
     }
 }
 
@@ -222,10 +222,14 @@ pub async fn serve(cmd: ServeCmd) -> Result<()> {
             };
             peers.insert(id, addr.clone());
             // The dashboard reads through this coordinator first, then its peers.
-            let endpoints = std::iter::once(addr.clone()).chain(peers.iter().filter(|(p, _)| **p != id).map(|(_, a)| a.clone())).collect();
+            let endpoints: Vec<String> = std::iter::once(addr.clone()).chain(peers.iter().filter(|(p, _)| **p != id).map(|(_, a)| a.clone())).collect();
             let store = store.open()?;
             let token = auth.as_ref().map(|a| a.key.peer_token(id));
-            let (_, http) = http.start(Some(dashboard::Dashboard { endpoints, store: store.local_root().map(Into::into), token, tls: tls.clone() })).await?;
+            let security = match (&credentials, &tls) {
+                (Some(dir), Some(files)) => Some(http::Security { dir: dir.clone(), name: "node", endpoints: endpoints.clone(), tls: files.clone() }),
+                _ => None,
+            };
+            let (_, http) = http.start(Some(dashboard::Dashboard { endpoints, store: store.local_root().map(Into::into), token, tls: tls.clone() }), security).await?;
             if let Some(f) = addr_file {
                 shoal_core::fsutil::write_atomic(&f, addr.as_bytes())?;
             }
@@ -279,7 +283,11 @@ pub async fn serve(cmd: ServeCmd) -> Result<()> {
                 Some(dir) if store.local_root().is_none() => store.with_cache(dir, (cache_gb * 1e9) as u64)?,
                 _ => store,
             };
-            let (_, http) = http.start(None).await?;
+            let security = match (&credentials, &tls) {
+                (Some(dir), Some(files)) => Some(http::Security { dir: dir.clone(), name: "worker", endpoints: endpoints.clone(), tls: files.clone() }),
+                _ => None,
+            };
+            let (_, http) = http.start(None, security).await?;
             let listener = bind_retrying(&listen).await?;
             let advertise = advertised(listener.local_addr()?, advertise.as_deref(), "--listen", "--advertise")?;
             tracing::info!(addr = %listener.local_addr()?, %advertise, "worker listening");

@@ -3,6 +3,11 @@
 //! running cluster and answers `rate(shoal_train_samples_total[10s]) > 0` while a job trains.
 //! A job's series leave a worker's endpoint when its task ends. `.ci/run` installs the
 //! `prometheus` package; without it this test fails and says so.
+//!
+//! `shoal up` starts every process with credentials: `/metrics` is HTTPS and wants a token.
+//! Prometheus reads a viewer token from a `credentials_file` and checks the servers against
+//! the cluster CA; a request without a token, with a malformed one or with a revoked one is
+//! refused.
 
 mod common;
 use std::io::{Read, Write};
@@ -13,8 +18,9 @@ use std::time::Duration;
 
 use common::*;
 
-/// `GET path` from `addr` (HOST:PORT): the body of a 200 answer.
-fn get(addr: &str, path: &str) -> Result<String, String> {
+/// `GET path` from `addr` (HOST:PORT) over plaintext HTTP (Prometheus's own API): the body of
+/// a 200 answer.
+fn plain_get(addr: &str, path: &str) -> Result<String, String> {
     let mut s = TcpStream::connect(addr).map_err(|e| format!("{addr}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
     write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
@@ -98,6 +104,23 @@ fn prometheus_scrapes_every_process_and_sees_the_training_rate() {
         ("worker-2", read(c.dir().join("workers/2/http.addr"))),
     ];
 
+    // A viewer token for scraping.
+    let viewer = json(&mut c.cmd(&["token", "create", "--role", "viewer", "--name", "prometheus", "--json"]));
+    let (viewer_id, viewer) = (viewer["id"].as_str().unwrap().to_string(), viewer["token"].as_str().unwrap().to_string());
+    let ca = c.dir().join("ca/ca.crt");
+    let get = |addr: &str, path: &str| -> Result<String, String> {
+        match https_get(addr, path, &ca, Some(&viewer))? {
+            (200, body) => Ok(body),
+            (status, body) => Err(format!("{addr}{path}: {status} {body}")),
+        }
+    };
+    // Without a token, or with one that is not a token, nothing; plaintext gets no answer.
+    for (name, addr) in &endpoints {
+        assert_eq!(https_get(addr, "/metrics", &ca, None).unwrap().0, 401, "{name} without a token");
+        assert_eq!(https_get(addr, "/metrics", &ca, Some("shoal_0123_nope")).unwrap().0, 401, "{name} with a malformed token");
+        assert!(plain_get(addr, "/metrics").is_err(), "{name} answered plaintext HTTP");
+    }
+
     c.import_mnist("mnist");
     let spec = c.write_spec("long.toml", &mnist_spec("mnist", 40, 8000, 1, "[64]"));
     let id = json(c.cmd(&["job", "submit", "--json"]).arg(&spec))["id"].to_string();
@@ -119,7 +142,13 @@ fn prometheus_scrapes_every_process_and_sees_the_training_rate() {
     let prom_dir = c.tmp.path().join("prometheus");
     std::fs::create_dir_all(&prom_dir).unwrap();
     let targets = endpoints.iter().map(|(_, a)| format!("'{a}'")).collect::<Vec<_>>().join(", ");
-    let config = format!("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: shoal\n    static_configs:\n      - targets: [{targets}]\n");
+    let token_file = prom_dir.join("viewer.token");
+    std::fs::write(&token_file, &viewer).unwrap();
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: shoal\n    scheme: https\n    tls_config:\n      ca_file: {}\n      server_name: shoal\n    authorization:\n      credentials_file: {}\n    static_configs:\n      - targets: [{targets}]\n",
+        ca.display(),
+        token_file.display()
+    );
     std::fs::write(prom_dir.join("prometheus.yml"), config).unwrap();
     let web = format!("127.0.0.1:{}", free_port());
     let mut cmd = Command::new(&prometheus);
@@ -129,7 +158,7 @@ fn prometheus_scrapes_every_process_and_sees_the_training_rate() {
     let _prom = Proc::spawn(&mut cmd, &prom_dir.join("log"));
     let query = format!("/api/v1/query?query={}", url_encode("rate(shoal_train_samples_total[10s]) > 0"));
     let answer = wait_for("Prometheus to see the training rate", Duration::from_secs(90), || {
-        let body = get(&web, &query).ok()?;
+        let body = plain_get(&web, &query).ok()?;
         let v: serde_json::Value = serde_json::from_str(&body).ok()?;
         let series = v["data"]["result"].as_array()?.clone();
         (series.len() == 2).then_some(series)
@@ -139,7 +168,7 @@ fn prometheus_scrapes_every_process_and_sees_the_training_rate() {
         let rate: f64 = s["value"][1].as_str().unwrap().parse().unwrap();
         assert!(rate > 0.0, "{answer:?}");
     }
-    let leaders = get(&web, &format!("/api/v1/query?query={}", url_encode("shoal_raft_is_leader == 1"))).unwrap();
+    let leaders = plain_get(&web, &format!("/api/v1/query?query={}", url_encode("shoal_raft_is_leader == 1"))).unwrap();
     assert!(leaders.contains("coordinator-1"), "{leaders}");
 
     // The job ends: its series leave the workers' endpoints.
@@ -148,5 +177,12 @@ fn prometheus_scrapes_every_process_and_sees_the_training_rate() {
     for (name, addr) in &endpoints[1..] {
         let text = wait_for(&format!("{name} to drop the job's series"), Duration::from_secs(30), || get(addr, "/metrics").ok().filter(|t| !t.contains(&format!("job_id=\"{id}\""))));
         promtool_check(&promtool, &text, name);
+    }
+
+    // The viewer token revoked: refused everywhere within the few seconds a good answer is
+    // remembered.
+    ok(&mut c.cmd(&["token", "revoke", &viewer_id]));
+    for (name, addr) in &endpoints {
+        wait_for(&format!("{name} to refuse the revoked token"), Duration::from_secs(15), || (https_get(addr, "/metrics", &ca, Some(&viewer)).ok()?.0 == 401).then_some(()));
     }
 }

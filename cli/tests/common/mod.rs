@@ -257,3 +257,58 @@ workers = 2
 "#
     )
 }
+
+/// `GET path` over HTTPS from `addr` (HOST:PORT), checking the server against the cluster CA in
+/// `ca` (PEM) and sending `token` as a bearer token: the status and the body (de-chunked).
+#[allow(dead_code)]
+pub fn https_get(addr: &str, path: &str, ca: &Path, token: Option<&str>) -> Result<(u16, String), String> {
+    use rustls::pki_types::pem::PemObject;
+    use std::io::{Read, Write};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
+        roots.add(c.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("shoal").unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).map_err(|e| e.to_string())?;
+    let sock = std::net::TcpStream::connect(addr).map_err(|e| format!("{addr}: {e}"))?;
+    sock.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    let mut s = rustls::StreamOwned::new(conn, sock);
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    match s.read_to_end(&mut raw) {
+        Ok(_) => {}
+        // A server that closes without close_notify: what came is the answer.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+        Err(e) => return Err(format!("{addr}{path}: {e}")),
+    }
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| format!("no header end: {text}"))?;
+    let status: u16 = head.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| format!("no status in {head}"))?;
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { unchunk_body(body) } else { body.to_string() };
+    Ok((status, body))
+}
+
+fn unchunk_body(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The admin token of a cluster folder `shoal up` made.
+#[allow(dead_code)]
+pub fn admin_token(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("ca/admin.token")).unwrap().trim().to_string()
+}
