@@ -71,6 +71,45 @@ async fn data_plane_speaks_tls(addr: &str, tls: Option<&shoal_coordinator::tls::
     None
 }
 
+/// What `GET /metrics` without a token gets at `addr`: over TLS checked against the CA in
+/// `tls` (true), else over plaintext (false), with the status; None when neither answers.
+async fn http_answer(addr: &str, tls: Option<&shoal_coordinator::tls::TlsFiles>) -> Option<(bool, u16)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn ask<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S, addr: &str) -> Option<u16> {
+        s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await.ok()?;
+        let mut head = vec![0u8; 64];
+        let n = s.read(&mut head).await.ok()?;
+        let text = String::from_utf8_lossy(&head[..n]).into_owned();
+        text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+    }
+    let timeout = std::time::Duration::from_secs(3);
+    if let Some(t) = tls {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_slice_iter(&t.ca).flatten() {
+            let _ = roots.add(c);
+        }
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .ok()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let name = rustls::pki_types::ServerName::try_from(shoal_coordinator::tls::SERVER_NAME).ok()?;
+        let answered = tokio::time::timeout(timeout, async {
+            let sock = tokio::net::TcpStream::connect(addr).await.ok()?;
+            let s = connector.connect(name, sock).await.ok()?;
+            ask(s, addr).await
+        })
+        .await;
+        if let Ok(Some(status)) = answered {
+            return Some((true, status));
+        }
+    }
+    let answered = tokio::time::timeout(timeout, async { ask(tokio::net::TcpStream::connect(addr).await.ok()?, addr).await }).await;
+    answered.ok().flatten().map(|status| (false, status))
+}
+
 pub async fn security(conn: Conn, json: bool) -> Result<()> {
     let mut found = Vec::new();
     let (coords, workers) = crate::cluster_status(&conn).await?;
@@ -113,8 +152,16 @@ pub async fn security(conn: Conn, json: bool) -> Result<()> {
         for e in std::fs::read_dir(dir.join(kind)).into_iter().flatten().flatten() {
             if let Ok(addr) = std::fs::read_to_string(e.path().join("http.addr")) {
                 let addr = addr.trim();
-                let level = if loopback(addr) { "warn" } else { "high" };
-                found.push(Finding { level, what: format!("{kind}/{} serves /metrics{} over plaintext HTTP without a token at {addr}", e.file_name().to_string_lossy(), if kind == "coordinators" { " and the dashboard" } else { "" }) });
+                let what = format!("{kind}/{} serves /metrics{}", e.file_name().to_string_lossy(), if kind == "coordinators" { " and the dashboard" } else { "" });
+                match http_answer(addr, tls.as_ref()).await {
+                    Some((true, 401)) => found.push(Finding { level: "ok", what: format!("{what} over HTTPS at {addr}, a token required") }),
+                    Some((true, status)) => found.push(Finding { level: "high", what: format!("{what} over HTTPS at {addr}, and answered {status} without a token") }),
+                    Some((false, _)) => {
+                        let level = if loopback(addr) { "warn" } else { "high" };
+                        found.push(Finding { level, what: format!("{what} over plaintext HTTP without a token at {addr} (start it with --credentials)") });
+                    }
+                    None => {}
+                }
             }
         }
     }

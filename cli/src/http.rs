@@ -110,7 +110,7 @@ async fn require_token(State(tokens): State<Arc<Tokens>>, req: Request, next: Ne
             Some(true) => {
                 let path = req.uri().path();
                 let location = if rest.is_empty() { path.to_string() } else { format!("{path}?{rest}") };
-                let cookie = format!("shoal_token={token}; Path=/; HttpOnly; Secure; SameSite=Strict");
+                let cookie = format!("shoal_token={token}; Path=/; HttpOnly; Secure; SameSite=Lax");
                 (StatusCode::SEE_OTHER, [(LOCATION, location), (SET_COOKIE, cookie)]).into_response()
             }
             Some(false) => refused(StatusCode::UNAUTHORIZED, "this token is not (or no longer) good for reading"),

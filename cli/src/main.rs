@@ -1691,7 +1691,7 @@ async fn model(cmd: ModelCmd) -> Result<()> {
 /// Each process's Prometheus endpoint, as (`coordinator-ID` or `worker-N`, URL).
 fn metrics_urls(file: &shoal_proto::ClusterFile) -> Vec<(String, String)> {
     let named = file.coordinators.iter().map(|c| (format!("coordinator-{}", c.id), c)).chain(file.workers.iter().map(|w| (format!("worker-{}", w.id), w)));
-    named.filter(|(_, p)| !p.http_address.is_empty()).map(|(n, p)| (n, format!("http://{}/metrics", p.http_address))).collect()
+    named.filter(|(_, p)| !p.http_address.is_empty()).map(|(n, p)| (n, format!("https://{}/metrics", p.http_address))).collect()
 }
 
 const MNIST_IMAGES: &[u8] = include_bytes!("../../data/mnist/mnist10k-images-idx3-ubyte.gz");

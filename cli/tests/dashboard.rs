@@ -23,7 +23,7 @@ fn chromium() -> PathBuf {
 
 /// The page's DOM after load, as headless Chromium serializes it.
 fn dom(url: &str) -> String {
-    let out = Command::new(chromium()).args(["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--dump-dom", url]).output().unwrap();
+    let out = Command::new(chromium()).args(["--headless", "--no-sandbox", "--disable-gpu", "--ignore-certificate-errors", "--virtual-time-budget=5000", "--dump-dom", url]).output().unwrap();
     assert!(out.status.success(), "chromium --dump-dom {url}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -35,7 +35,7 @@ fn screenshot(url: &str, name: &str) -> PathBuf {
     let file = dir.join(format!("{name}.png"));
     let _ = std::fs::remove_file(&file);
     let out = Command::new(chromium())
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,1800"])
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--ignore-certificate-errors", "--hide-scrollbars", "--window-size=1280,1800"])
         .arg(format!("--screenshot={}", file.display()))
         .arg(url)
         .output()
@@ -85,6 +85,12 @@ fn http_addr(c: &UpCluster, n: u32) -> String {
     std::fs::read_to_string(c.dir().join("coordinators").join(n.to_string()).join("http.addr")).unwrap().trim().to_string()
 }
 
+/// `url` with a viewer's token (a browser's first visit: the server sets a cookie and
+/// redirects to the page without it; each Chromium run here starts without cookies).
+fn with_token(url: &str, token: &str) -> String {
+    format!("{url}{}token={token}", if url.contains('?') { '&' } else { '?' })
+}
+
 #[test]
 fn every_dashboard_page_loads_in_chromium_with_its_rows_and_curves_and_survives_a_leader_kill() {
     let c = UpCluster::start_with(&["--coordinators", "3", "--workers", "2"]);
@@ -104,7 +110,13 @@ fn every_dashboard_page_loads_in_chromium_with_its_rows_and_curves_and_survives_
     let steps = a["step"].as_u64().unwrap() as usize;
     assert_eq!(steps, 4 * 14, "{a}");
 
-    let base = format!("http://{}", http_addr(&c, 1));
+    let base = format!("https://{}", http_addr(&c, 1));
+    // The dashboard wants a token: a viewer's, given once in the URL. Without one, 401.
+    let viewer = json(&mut c.cmd(&["token", "create", "--role", "viewer", "--name", "browser", "--json"]))["token"].as_str().unwrap().to_string();
+    let ca = c.dir().join("ca/ca.crt");
+    assert_eq!(https_get(&http_addr(&c, 1), "/jobs", &ca, None).unwrap().0, 401);
+    let (status, page) = https_get(&http_addr(&c, 1), "/jobs", &ca, Some(&viewer)).unwrap();
+    assert!(status == 200 && page.contains("<table id=\"jobs\""), "{status}: {page}");
     let pages = [
         ("cluster", "/".to_string()),
         ("jobs", "/jobs".to_string()),
@@ -116,7 +128,7 @@ fn every_dashboard_page_loads_in_chromium_with_its_rows_and_curves_and_survives_
         ("model", "/models/tiny-m".to_string()),
     ];
     for (name, path) in &pages {
-        let d = dom(&format!("{base}{path}"));
+        let d = dom(&with_token(&format!("{base}{path}"), &viewer));
         assert!(!d.contains("id=\"error\""), "{name}: {d}");
         match *name {
             "cluster" => {
@@ -166,7 +178,7 @@ fn every_dashboard_page_loads_in_chromium_with_its_rows_and_curves_and_survives_
             }
             _ => unreachable!(),
         }
-        screenshot(&format!("{base}{path}"), name);
+        screenshot(&with_token(&format!("{base}{path}"), &viewer), name);
     }
 
     // The same curves overlaid in a PNG by the CLI (kept beside the screenshots).
@@ -184,10 +196,10 @@ fn every_dashboard_page_loads_in_chromium_with_its_rows_and_curves_and_survives_
     let leader = status["coordinators"].as_array().unwrap().iter().find(|r| r["role"] == "leader").unwrap().clone();
     let follower = status["coordinators"].as_array().unwrap().iter().find(|r| r["role"] != "leader").unwrap()["id"].as_u64().unwrap();
     assert_eq!(unsafe { libc::kill(leader["pid"].as_i64().unwrap() as i32, libc::SIGKILL) }, 0);
-    let url = format!("http://{}/jobs/{ja}", http_addr(&c, follower as u32));
+    let url = with_token(&format!("https://{}/jobs/{ja}", http_addr(&c, follower as u32)), &viewer);
     let d = wait_for("a follower's job page", Duration::from_secs(30), || Some(dom(&url)).filter(|d| !d.contains("id=\"error\"")));
     assert!(curves(&d).contains(&("loss".to_string(), steps)), "{d}");
     screenshot(&url, "job-after-leader-kill");
-    let cluster = dom(&format!("http://{}/", http_addr(&c, follower as u32)));
+    let cluster = dom(&with_token(&format!("https://{}/", http_addr(&c, follower as u32)), &viewer));
     assert!(rows(&cluster, "coordinators").iter().any(|r| r[2] == "unreachable"), "the killed one shows as unreachable");
 }

@@ -66,6 +66,7 @@ fn the_kubernetes_base_renders_validates_and_starts_coordinators_safely() {
         ("defaultMode: 256", "defaultMode: 420", "Secret volume"),
         ("path: coordinator-3/node.key", "path: coordinator-3/other.key", "lacks coordinator-3/node.key"),
         ("path: /ready", "path: /metrics", "readiness must be /ready"),
+        ("scheme: HTTPS", "scheme: HTTP", "readiness over HTTPS"),
     ] {
         assert!(text.contains(from), "the rendered base lacks {from:?}");
         let bad = dir.path().join("bad.yaml");
@@ -102,14 +103,9 @@ fn the_coordinators_health_says_serving_once_a_leader_is_known() {
     let endpoint = c.endpoints().split(',').next().unwrap().to_string();
     // Kubernetes' readiness probe: /ready on the HTTP port, with no token.
     let http = std::fs::read_to_string(c.dir().join("coordinators/1/http.addr")).unwrap();
-    let ready = || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(http.trim()).ok()?;
-        write!(s, "GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        out.starts_with("HTTP/1.1 200").then_some(())
-    };
+    // HTTPS (a probe with `scheme: HTTPS` checks no certificate; this client does).
+    let ca_file = c.dir().join("ca/ca.crt");
+    let ready = || (https_get(http.trim(), "/ready", &ca_file, None).ok()?.0 == 200).then_some(());
     wait_for("/ready to answer 200", std::time::Duration::from_secs(20), ready);
     // A gRPC client with TLS that checks the server and shows no certificate (grpc-health-probe).
     let ca = std::fs::read(c.dir().join("ca/ca.crt")).unwrap();

@@ -505,13 +505,14 @@ fn doctor_security_reports_what_a_cluster_exposes() {
         (out.status.success(), found)
     };
     let has = |found: &[(String, String)], level: &str, text: &str| found.iter().any(|(l, w)| l == level && w.contains(text));
-    // `up`'s cluster: TLS and tokens everywhere, on loopback: nothing that exposes it; what is
-    // still plaintext (HTTP) and tokens without expiry are named.
+    // `up`'s cluster: TLS and tokens everywhere, on loopback: nothing that exposes it; tokens
+    // without expiry are named.
     let (ok, found) = doctor(&mut c.cmd(&["doctor", "security", "--json"]));
     assert!(ok, "{found:#?}");
     assert!(has(&found, "ok", "mutual TLS, tokens on every call") && has(&found, "ok", "ranks prove their generation"), "{found:#?}");
-    assert!(!has(&found, "warn", "data plane"), "{found:#?}");
-    assert!(has(&found, "warn", "never expires") && has(&found, "warn", "/metrics"), "{found:#?}");
+    assert!(!has(&found, "warn", "data plane") && !has(&found, "warn", "/metrics"), "{found:#?}");
+    assert!(has(&found, "ok", "/metrics and the dashboard over HTTPS") && has(&found, "ok", "a token required"), "{found:#?}");
+    assert!(has(&found, "warn", "never expires"), "{found:#?}");
     // A secret others may read: named, and the exit code says so.
     let key = c.dir().join("credentials/worker/worker.key");
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();

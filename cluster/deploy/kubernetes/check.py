@@ -10,7 +10,7 @@ against what shoal needs, beyond the schemas (kubernetes-validate checks those):
 - every server starts with --credentials from a Secret volume mounted owner-only (mode 0400;
   never --insecure): each coordinator replica its own folder (the CA's certificate, the token
   key, the first tokens, its certificate and key), readiness from /ready on the HTTP port
-  (Kubernetes' gRPC probes cannot speak TLS);
+  over HTTPS (Kubernetes' gRPC probes cannot speak TLS);
 - workers advertise the pod IP (they listen on a wildcard address) on the port they listen on;
 - every container runs as non-root with resource requests, and reads its store from the
   ConfigMap shoal-store: a mounted shared folder, or an s3:// bucket with its credentials from
@@ -81,6 +81,7 @@ def main(path):
         http_port = f.get("--http-listen", ":").rsplit(":", 1)[1]
         ports = {p.get("name"): str(p["containerPort"]) for p in c.get("ports", [])}
         need(probe.get("path") == "/ready" and ports.get(probe.get("port"), str(probe.get("port"))) == http_port, "readiness must be /ready on the HTTP port (--http-listen)")
+        need(probe.get("scheme") == "HTTPS", "readiness over HTTPS: with credentials the HTTP port speaks only TLS (scheme: HTTPS)")
         need(re.search(r"--credentials /credentials/coordinator-\$\(\( \$\{HOSTNAME##\*-\} \+ 1 \)\)", line) is not None, "coordinators need --credentials /credentials/coordinator-$(( ${HOSTNAME##*-} + 1 ))")
         vol = secret_volume(pod, c, "/credentials")
         need(vol is not None, "coordinators: the credentials Secret mounted at /credentials")
