@@ -37,14 +37,46 @@ fn shoal(exe: &Path, dir: &Path, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// `GET path` from `addr`: the time to the whole body, and the body (a non-200 is an error).
-fn get(addr: &str, path: &str) -> Result<(Duration, String)> {
+/// The dashboard of a cluster `shoal up` made: its address, CA and the admin token.
+struct Dashboard {
+    addr: String,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    token: String,
+}
+
+impl Dashboard {
+    fn new(dir: &Path) -> Result<Dashboard> {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(dir.join("ca/ca.crt"))? {
+            roots.add(c?)?;
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Dashboard {
+            addr: std::fs::read_to_string(dir.join("coordinators/1/http.addr"))?.trim().to_string(),
+            tls: std::sync::Arc::new(tls),
+            token: std::fs::read_to_string(dir.join("ca/admin.token"))?.trim().to_string(),
+        })
+    }
+}
+
+/// `GET path` from the dashboard over HTTPS: the time to the whole body (the handshake
+/// included, as a browser's first visit), and the body (a non-200 is an error).
+fn get(d: &Dashboard, path: &str) -> Result<(Duration, String)> {
     let started = Instant::now();
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let sock = std::net::TcpStream::connect(&d.addr)?;
+    sock.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let conn = rustls::ClientConnection::new(d.tls.clone(), rustls::pki_types::ServerName::try_from("shoal")?)?;
+    let mut s = rustls::StreamOwned::new(conn, sock);
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n", d.addr, d.token)?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
+    match s.read_to_end(&mut raw) {
+        Err(e) if !(e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty()) => return Err(e.into()),
+        _ => {}
+    }
     let took = started.elapsed();
     let text = String::from_utf8_lossy(&raw).into_owned();
     if !text.starts_with("HTTP/1.1 200") {
@@ -98,7 +130,7 @@ fn run(exe: &Path, dir: &Path, tmp: &Path, jobs: u64, metrics: u64, steps: u64, 
     let status: serde_json::Value = serde_json::from_str(&shoal(exe, dir, &["status", "--json"])?)?;
     let c = &status["coordinators"][0];
     let (pid, grpc) = (c["pid"].as_u64().context("coordinator pid")?, c["address"].as_str().context("coordinator address")?.to_string());
-    let http = std::fs::read_to_string(dir.join("coordinators/1/http.addr"))?.trim().to_string();
+    let http = Dashboard::new(dir)?;
     let store = dir.join("store");
     let raft_dir = dir.join("coordinators/1");
     // A tiny dataset for the jobs to name.
