@@ -545,3 +545,59 @@ fn doctor_security_reports_what_a_cluster_exposes() {
     w.kill();
     p.kill();
 }
+
+/// The certificate a TLS server at `addr` presents (checked against the CA in `ca`).
+fn served_certificate(addr: &str, ca: &std::path::Path) -> Option<Vec<u8>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).ok()? {
+        roots.add(c.ok()?).ok()?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), rustls::pki_types::ServerName::try_from("shoal").ok()?).ok()?;
+    let mut sock = std::net::TcpStream::connect(addr).ok()?;
+    sock.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock).ok()?;
+    }
+    Some(conn.peer_certificates()?.first()?.to_vec())
+}
+
+#[test]
+fn certificates_rotate_without_a_restart() {
+    let c = UpCluster::start(0);
+    let ca = c.dir().join("ca/ca.crt");
+    let grpc = c.endpoints().split(',').next().unwrap().to_string();
+    let http = std::fs::read_to_string(c.dir().join("coordinators/1/http.addr")).unwrap().trim().to_string();
+    let before = [served_certificate(&grpc, &ca).unwrap(), served_certificate(&http, &ca).unwrap()];
+    assert_eq!(before[0], before[1], "both listeners present the node's certificate");
+    // A new certificate for node 1, written over the running coordinator's (a second later:
+    // file times may be that coarse).
+    std::thread::sleep(Duration::from_millis(1100));
+    let folder = c.dir().join("credentials/coordinator-1");
+    ok(shoal().args(["ca", "issue", "--node", "1", "--dir"]).arg(c.dir().join("ca")).arg("--out").arg(&folder));
+    let after = wait_for("both listeners to present the new certificate", Duration::from_secs(15), || {
+        let now = [served_certificate(&grpc, &ca)?, served_certificate(&http, &ca)?];
+        (now[0] != before[0] && now[1] != before[1]).then_some(now)
+    });
+    assert_eq!(after[0], std::fs::read(folder.join("node.crt")).ok().and_then(|pem| {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_slice(&pem).ok().map(|d| d.to_vec())
+    }).unwrap(), "the certificate now in the folder");
+    // Calls go on, with the new certificate, without a restart.
+    let pid_before = json(&mut c.cmd(&["status", "--json"]))["coordinators"][0]["pid"].clone();
+    ok(&mut c.cmd(&["token", "list"]));
+    assert_eq!(json(&mut c.cmd(&["status", "--json"]))["coordinators"][0]["pid"], pid_before);
+    // A pair that does not load (a key of another certificate) leaves the one in use.
+    std::thread::sleep(Duration::from_millis(1100));
+    let other = c.tmp.path().join("other");
+    ok(shoal().args(["ca", "issue", "--node", "2", "--dir"]).arg(c.dir().join("ca")).arg("--out").arg(&other));
+    std::fs::copy(other.join("node.key"), folder.join("node.key")).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(served_certificate(&grpc, &ca).unwrap(), after[0], "a mismatched pair must not replace the certificate");
+    ok(&mut c.cmd(&["token", "list"]));
+}

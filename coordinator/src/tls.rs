@@ -20,6 +20,9 @@ pub struct TlsFiles {
     pub ca: Vec<u8>,
     pub cert: Vec<u8>,
     pub key: Vec<u8>,
+    /// The folder and name they were read from (`load`): a server reads its certificate
+    /// again from there when the files change.
+    pub source: Option<(std::path::PathBuf, String)>,
 }
 
 impl std::fmt::Debug for TlsFiles {
@@ -41,7 +44,12 @@ impl TlsFiles {
             return Err(format!("{}: needs {CA_CERT_FILE}, {name}.crt and {name}.key together (`shoal ca issue`)", dir.display()));
         }
         let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-        Ok(Some(TlsFiles { ca: read(&ca)?, cert: read(&cert)?, key: shoal_core::auth::read_secret_file(&key).map_err(|e| e.to_string())? }))
+        Ok(Some(TlsFiles {
+            ca: read(&ca)?,
+            cert: read(&cert)?,
+            key: shoal_core::auth::read_secret_file(&key).map_err(|e| e.to_string())?,
+            source: Some((dir.to_path_buf(), name.to_string())),
+        }))
     }
 
     /// A server that presents its certificate and checks a client's against the CA. A client
@@ -107,19 +115,152 @@ fn modified(p: &Path) -> Option<std::time::SystemTime> {
 }
 
 fn certified_key(cert: &Path, key: &Path) -> Result<rustls::sign::CertifiedKey, String> {
+    let cert_pem = std::fs::read(cert).map_err(|e| format!("{}: {e}", cert.display()))?;
+    let key_pem = shoal_core::auth::read_secret_file(key).map_err(|e| e.to_string())?;
+    certified_key_from(&cert_pem, &key_pem).map_err(|e| format!("{} and {}: {e}", cert.display(), key.display()))
+}
+
+fn certified_key_from(cert_pem: &[u8], key_pem: &[u8]) -> Result<rustls::sign::CertifiedKey, String> {
     use rustls::pki_types::pem::PemObject;
-    let chain = rustls::pki_types::CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("{}: {e}", cert.display()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    let chain = rustls::pki_types::CertificateDer::pem_slice_iter(cert_pem).collect::<Result<Vec<_>, _>>().map_err(|e| format!("the certificate: {e}"))?;
     if chain.is_empty() {
-        return Err(format!("{}: no certificate", cert.display()));
+        return Err("no certificate".into());
     }
-    let der = rustls::pki_types::PrivateKeyDer::from_pem_slice(&shoal_core::auth::read_secret_file(key).map_err(|e| e.to_string())?).map_err(|e| format!("{}: {e}", key.display()))?;
-    let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&der).map_err(|e| format!("{}: {e}", key.display()))?;
+    let der = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("the key: {e}"))?;
+    let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&der).map_err(|e| format!("the key: {e}"))?;
     let ck = rustls::sign::CertifiedKey::new(chain, signing);
-    ck.keys_match().map_err(|e| format!("{} and {} do not match: {e}", cert.display(), key.display()))?;
+    ck.keys_match().map_err(|e| format!("the certificate and key do not match: {e}"))?;
     Ok(ck)
+}
+
+/// A certificate that never changes (files not read from a folder).
+#[derive(Debug)]
+struct FixedCert(std::sync::Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for FixedCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+impl TlsFiles {
+    /// The server's certificate: read again from its folder when its files change (files from
+    /// `load`), else fixed.
+    pub fn cert_resolver(&self) -> Result<std::sync::Arc<dyn rustls::server::ResolvesServerCert>, String> {
+        Ok(match &self.source {
+            Some((dir, name)) => std::sync::Arc::new(ReloadingCert::new(dir, name)?),
+            None => std::sync::Arc::new(FixedCert(std::sync::Arc::new(certified_key_from(&self.cert, &self.key)?))),
+        })
+    }
+
+    /// A coordinator's listener: its certificate (rotating with its files), a client's checked
+    /// against the CA when shown; a client without one still reaches the handshake's end
+    /// (Kubernetes' gRPC probes have none), and the guard refuses it every method but health.
+    pub fn grpc_server_config(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, String> {
+        use rustls::pki_types::pem::PemObject;
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_slice_iter(&self.ca) {
+            roots.add(c.map_err(|e| format!("the CA certificate: {e}"))?).map_err(|e| format!("the CA certificate: {e}"))?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(std::sync::Arc::new(roots), provider.clone())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| format!("the client verifier: {e}"))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(self.cert_resolver()?);
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(std::sync::Arc::new(config))
+    }
+}
+
+/// What the guard learns of a TLS connection: the client's certificates (the handshake checked
+/// them against the CA), if it showed any.
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    pub remote: Option<std::net::SocketAddr>,
+    pub certs: Option<std::sync::Arc<Vec<rustls::pki_types::CertificateDer<'static>>>>,
+}
+
+/// A server-side TLS connection as tonic serves it.
+pub struct TlsIo(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+
+impl tonic::transport::server::Connected for TlsIo {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        let (sock, conn) = self.0.get_ref();
+        PeerInfo { remote: sock.peer_addr().ok(), certs: conn.peer_certificates().map(|c| std::sync::Arc::new(c.iter().map(|c| c.clone().into_owned()).collect())) }
+    }
+}
+
+impl tokio::io::AsyncRead for TlsIo {
+    fn poll_read(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsIo {
+    fn poll_write(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+}
+
+/// Handshakes in progress at once on a listener, and how long one may take.
+const MAX_HANDSHAKES: usize = 64;
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// TLS connections accepted on `listener`, each handshake on a task of its own (bounded), so a
+/// silent client delays no one: the stream tonic's `serve_with_incoming` takes.
+pub fn tls_incoming(listener: tokio::net::TcpListener, config: std::sync::Arc<rustls::ServerConfig>) -> tokio_stream::wrappers::ReceiverStream<Result<TlsIo, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(MAX_HANDSHAKES);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let Ok(permit) = permits.clone().acquire_owned().await else { return };
+            let (sock, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+                // The server stopped taking connections.
+                _ = tx.closed() => return,
+            };
+            let _ = sock.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
+                    Ok(Ok(s)) => {
+                        let _ = tx.send(Ok(TlsIo(s))).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 impl ReloadingCert {

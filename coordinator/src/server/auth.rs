@@ -56,8 +56,7 @@ fn check<B>(shared: &Shared, req: &http::Request<B>) -> Result<Option<Caller>, S
     // With TLS, a client must show a certificate of the cluster's CA (the handshake checked
     // any it showed; it lets one without through for the health probes only).
     if shared.cfg.tls.is_some() {
-        use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-        let certified = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|i| i.peer_certs()).is_some_and(|c| !c.is_empty());
+        let certified = req.extensions().get::<crate::tls::PeerInfo>().and_then(|i| i.certs.as_ref()).is_some_and(|c| !c.is_empty());
         if !certified {
             return Err(unauthenticated("this cluster takes calls only from clients with a certificate of its CA (`shoal ca issue`)"));
         }
@@ -95,8 +94,7 @@ fn check<B>(shared: &Shared, req: &http::Request<B>) -> Result<Option<Caller>, S
 
 /// The common name of the client's certificate (the handshake checked it against the CA).
 fn peer_common_name<B>(req: &http::Request<B>) -> Option<String> {
-    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-    let certs = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>()?.peer_certs()?;
+    let certs = req.extensions().get::<crate::tls::PeerInfo>()?.certs.clone()?;
     let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?.as_ref()).ok()?;
     let name = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
     Some(name)

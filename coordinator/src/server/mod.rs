@@ -241,7 +241,6 @@ pub async fn serve(
     let raft_svc = RaftTransportServer::new(Api(shared.clone())).max_decoding_message_size(MAX_MESSAGE);
     // No Nagle: small replies (acks, proposals' answers) otherwise wait on delayed ACKs, 40 ms
     // at a time.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     // grpc.health.v1 (and the HTTP listener's /ready, for probes that cannot speak TLS): SERVING while this replica runs its
     // Raft loop and knows a leader, so it can answer reads and forward writes.
     let (health, health_svc) = tonic_health::server::health_reporter();
@@ -263,17 +262,18 @@ pub async fn serve(
     if cfg.auth.is_none() {
         tracing::warn!("no credentials (--insecure): every caller that reaches this port may call everything");
     }
-    let mut builder = tonic::transport::Server::builder();
-    match &cfg.tls {
-        Some(tls) => builder = builder.tls_config(tls.server()).map_err(|e| CoordError::Config(format!("TLS: {e}")))?,
-        None => tracing::warn!("no TLS (no certificates in the credentials folder): calls, tokens included, travel in plaintext"),
-    }
-    let server = builder
-        .layer(auth::Guard(shared.clone()))
-        .add_service(health_svc)
-        .add_service(svc)
-        .add_service(raft_svc)
-        .serve_with_incoming_shutdown(incoming, shutdown);
+    let router = tonic::transport::Server::builder().layer(auth::Guard(shared.clone())).add_service(health_svc).add_service(svc).add_service(raft_svc);
+    // TLS is ours rather than tonic's: the certificate rotates with its files (`ReloadingCert`).
+    let server: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>> = match &cfg.tls {
+        Some(tls) => {
+            let config = tls.grpc_server_config().map_err(|e| CoordError::Config(format!("TLS: {e}")))?;
+            Box::pin(router.serve_with_incoming_shutdown(crate::tls::tls_incoming(listener, config), shutdown))
+        }
+        None => {
+            tracing::warn!("no TLS (no certificates in the credentials folder): calls, tokens included, travel in plaintext");
+            Box::pin(router.serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown))
+        }
+    };
     let result = tokio::select! {
         r = server => {
             driver.abort();

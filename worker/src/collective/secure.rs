@@ -505,7 +505,7 @@ pub(crate) mod testing {
         p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = p.signed_by(&key, &rcgen::Issuer::new(ca_params(), &ca_key)).unwrap();
-        TlsFiles { ca: ca.pem().into_bytes(), cert: cert.pem().into_bytes(), key: key.serialize_pem().into_bytes() }
+        TlsFiles { ca: ca.pem().into_bytes(), cert: cert.pem().into_bytes(), key: key.serialize_pem().into_bytes(), source: None }
     }
 }
 
