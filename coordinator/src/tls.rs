@@ -157,16 +157,27 @@ impl TlsFiles {
     /// against the CA when shown; a client without one still reaches the handshake's end
     /// (Kubernetes' gRPC probes have none), and the guard refuses it every method but health.
     pub fn grpc_server_config(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, String> {
+        self.server_config(true)
+    }
+
+    /// A worker's gRPC data plane: only a process of the cluster (a certificate from its CA)
+    /// gets a connection through.
+    pub fn data_plane_server_config(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, String> {
+        self.server_config(false)
+    }
+
+    fn server_config(&self, client_certificate_optional: bool) -> Result<std::sync::Arc<rustls::ServerConfig>, String> {
         use rustls::pki_types::pem::PemObject;
         let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut roots = rustls::RootCertStore::empty();
         for c in rustls::pki_types::CertificateDer::pem_slice_iter(&self.ca) {
             roots.add(c.map_err(|e| format!("the CA certificate: {e}"))?).map_err(|e| format!("the CA certificate: {e}"))?;
         }
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(std::sync::Arc::new(roots), provider.clone())
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| format!("the client verifier: {e}"))?;
+        let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(std::sync::Arc::new(roots), provider.clone());
+        if client_certificate_optional {
+            verifier = verifier.allow_unauthenticated();
+        }
+        let verifier = verifier.build().map_err(|e| format!("the client verifier: {e}"))?;
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?

@@ -76,22 +76,25 @@ pub async fn run_worker(
     let svc = DataPlaneServer::new(DataPlaneService(mailbox.clone())).max_decoding_message_size(MAX_CHUNK_MESSAGE);
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let mut server_stop = stop_rx.clone();
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(files) = &cfg.tls {
-        builder = builder.tls_config(files.data_plane_server()).map_err(|e| WorkerError::Io(format!("data-plane TLS: {e}")))?;
-    }
-    let server = tokio::spawn(
-        builder
-            .tcp_nodelay(true)
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME)
-            .add_service(svc)
-            // The builder's tcp_nodelay does not reach a listener of our own: set it here.
-            .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), async move {
-                let _ = server_stop.changed().await;
-            }),
-    );
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .add_service(svc);
+    let stopped = async move {
+        let _ = server_stop.changed().await;
+    };
+    // With credentials, TLS of our own (the certificate rotates with its files).
+    let serving: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>> = match &cfg.tls {
+        Some(files) => {
+            let config = files.data_plane_server_config().map_err(|e| WorkerError::Io(format!("data-plane TLS: {e}")))?;
+            Box::pin(router.serve_with_incoming_shutdown(shoal_coordinator::tls::tls_incoming(listener, config), stopped))
+        }
+        // The builder's tcp_nodelay does not reach a listener of our own: set it here.
+        None => Box::pin(router.serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), stopped)),
+    };
+    let server = tokio::spawn(serving);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);

@@ -70,8 +70,8 @@ impl DataPlaneTls {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| tls_err("TLS 1.3", e))?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(chain()?, key()?)
-            .map_err(|e| tls_err("the certificate and key", e))?;
+            // Read again when its files change: a rotated certificate serves the next ring.
+            .with_cert_resolver(files.cert_resolver().map_err(|e| tls_err("the certificate", e))?);
         // A ring connection carries data one way: tickets the dialer never reads would only
         // sit in its socket.
         server.send_tls13_tickets = 0;
