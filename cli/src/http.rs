@@ -60,9 +60,16 @@ impl Tokens {
             .ok()?
             .with_deadline(Duration::from_secs(5));
         let answer = client.call(|mut c| async move { c.list_templates(shoal_proto::ListTemplatesRequest::default()).await }).await;
+        // The guard answers before the method does: a refusal is the token's; any other
+        // answer from the method means the guard let the token through. A transport's failure
+        // says nothing either way.
         let good = match answer {
             Ok(_) => true,
-            Err(shoal_coordinator::ClientError::Rpc(s)) => !matches!(s.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied),
+            Err(shoal_coordinator::ClientError::Rpc(s)) => match s.code() {
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => false,
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled => return None,
+                _ => true,
+            },
             Err(_) => return None,
         };
         let mut memory = self.good.lock().expect("token memory");
@@ -262,4 +269,28 @@ pub async fn start(
         }
     };
     Ok((addr, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(uri: &str, headers: &[(&str, &str)]) -> Request {
+        let mut b = axum::http::Request::builder().uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(axum::body::Body::empty()).unwrap()
+    }
+
+    #[test]
+    fn a_token_comes_from_the_header_the_cookie_or_once_the_query() {
+        assert_eq!(presented(&req("/", &[("authorization", "Bearer abc")])).as_deref(), Some("abc"));
+        assert_eq!(presented(&req("/", &[("cookie", "x=1; shoal_token=def")])).as_deref(), Some("def"));
+        assert_eq!(presented(&req("/", &[])), None);
+        assert_eq!(presented(&req("/", &[("authorization", "Basic abc")])), None);
+        assert_eq!(query_token(&req("/compare?jobs=1,2&token=t", &[])), Some(("t".to_string(), "jobs=1,2".to_string())));
+        assert_eq!(query_token(&req("/jobs?token=t", &[])), Some(("t".to_string(), String::new())));
+        assert_eq!(query_token(&req("/jobs?x=1", &[])), None);
+    }
 }
