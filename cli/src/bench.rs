@@ -16,9 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use shoal_proto::data_plane_server::DataPlaneServer;
 use shoal_worker::collective::secure::DataPlaneTls;
-use shoal_worker::collective::{chunk, Collective, DataPlaneService, Incoming, Mailbox, Rendezvous, Wire};
+use shoal_worker::collective::{chunk, Collective, Incoming, Mailbox, Rendezvous, Wire};
 
 /// What one all-reduce benchmark runs.
 #[derive(Clone, Debug)]
@@ -205,19 +204,8 @@ pub async fn allreduce_rank(a: AllReduceArgs, rank: usize, dir: PathBuf, bind: &
     // Every rank listens on both (cheap), so the address file has one format.
     let grpc_listener = tokio::net::TcpListener::bind((bind, 0)).await.with_context(|| format!("binding the data-plane listener on {bind}"))?;
     let grpc_addr = grpc_listener.local_addr()?.to_string();
-    let svc = DataPlaneServer::new(DataPlaneService(mailbox.clone())).max_decoding_message_size(shoal_worker::collective::MAX_CHUNK_MESSAGE);
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(f) = &files {
-        builder = builder.tls_config(f.data_plane_server())?;
-    }
-    tokio::spawn(
-        builder
-            .initial_stream_window_size(shoal_worker::collective::STREAM_WINDOW)
-            .initial_connection_window_size(shoal_worker::collective::CONNECTION_WINDOW)
-            .max_frame_size(shoal_worker::collective::MAX_FRAME)
-            .add_service(svc)
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true))),
-    );
+    // As a worker serves it, until the process exits.
+    tokio::spawn(shoal_worker::collective::grpc::serve(grpc_listener, mailbox.clone(), files.as_ref(), std::future::pending())?);
     let incoming = Incoming::start_with(std::net::TcpListener::bind((bind, 0)).context("binding the ring listener")?, tls.clone())?;
     let mine = dir.join(format!("{rank}.addr"));
     let host = shoal_worker::collective::host_id();

@@ -23,9 +23,6 @@ use axum::routing::get;
 
 /// How long a token a coordinator took is taken here without asking again.
 const TOKEN_MEMORY: Duration = Duration::from_secs(5);
-/// Handshakes in progress at once, and how long one may take.
-const MAX_HANDSHAKES: usize = 64;
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the HTTP side of a process with credentials needs: its certificate's folder and name
 /// (`node` or `worker`), and the coordinators (with its TLS files) to check tokens with.
@@ -134,55 +131,35 @@ async fn require_token(State(tokens): State<Arc<Tokens>>, req: Request, next: Ne
     }
 }
 
-/// TLS connections for axum, their handshakes done on tasks of their own (bounded) so a silent
-/// client delays no one.
+/// TLS connections for axum: the coordinator's accept loop (`tls::tls_incoming`: each
+/// handshake on a task of its own, bounded, so a silent client delays no one).
 struct TlsListener {
     local: std::net::SocketAddr,
-    ready: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::net::SocketAddr)>,
+    ready: tokio::sync::mpsc::Receiver<Result<shoal_coordinator::tls::TlsIo, std::io::Error>>,
 }
 
 impl TlsListener {
     fn new(listener: tokio::net::TcpListener, config: Arc<rustls::ServerConfig>) -> std::io::Result<TlsListener> {
         let local = listener.local_addr()?;
-        let (tx, ready) = tokio::sync::mpsc::channel(MAX_HANDSHAKES);
-        let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-        tokio::spawn(async move {
-            loop {
-                let Ok(permit) = permits.clone().acquire_owned().await else { return };
-                let (sock, peer) = match listener.accept().await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "HTTP listener: accept failed");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                };
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
-                        Ok(Ok(s)) => {
-                            let _ = tx.send((s, peer)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "HTTP listener: TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "HTTP listener: TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        Ok(TlsListener { local, ready })
+        Ok(TlsListener { local, ready: shoal_coordinator::tls::tls_incoming(listener, config).into_inner() })
     }
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Io = shoal_coordinator::tls::TlsIo;
     type Addr = std::net::SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(c) => c,
-            None => std::future::pending().await,
+        loop {
+            match self.ready.recv().await {
+                Some(Ok(io)) => {
+                    use tonic::transport::server::Connected;
+                    let peer = io.connect_info().remote.unwrap_or(self.local);
+                    return (io, peer);
+                }
+                Some(Err(_)) => continue,
+                None => std::future::pending().await,
+            }
         }
     }
 

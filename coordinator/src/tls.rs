@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 /// The DNS name in every server certificate of a cluster.
 pub const SERVER_NAME: &str = "shoal";
@@ -50,22 +50,6 @@ impl TlsFiles {
             key: shoal_core::auth::read_secret_file(&key).map_err(|e| e.to_string())?,
             source: Some((dir.to_path_buf(), name.to_string())),
         }))
-    }
-
-    /// A server that presents its certificate and checks a client's against the CA. A client
-    /// without one still reaches the handshake's end (Kubernetes' gRPC probes have none): the
-    /// guard then refuses every method but the health service.
-    pub fn server(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(Identity::from_pem(&self.cert, &self.key))
-            .client_ca_root(Certificate::from_pem(&self.ca))
-            .client_auth_optional(true)
-    }
-
-    /// A worker's data-plane server: only a process of the cluster (a certificate from its
-    /// CA) gets a connection through.
-    pub fn data_plane_server(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new().identity(Identity::from_pem(&self.cert, &self.key)).client_ca_root(Certificate::from_pem(&self.ca))
     }
 
     /// A client that checks the server against the CA and shows its own certificate.

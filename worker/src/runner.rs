@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_coordinator::{Client, ClientError};
-use shoal_proto::data_plane_server::DataPlaneServer;
 use shoal_proto::{
     Assignment, CheckpointCommit, CheckpointError, CheckpointManifest, DeregisterRequest, HeartbeatRequest, JobProgress, OutcomeReport,
     ProgressReport, RankResult, RegisterWorkerRequest,
@@ -14,7 +13,7 @@ use shoal_proto::{
 
 use crate::checkpoint::JobLink;
 use crate::collective::secure::DataPlaneTls;
-use crate::collective::{host_id, DataPlaneService, Incoming, Mailbox, CONNECTION_WINDOW, MAX_CHUNK_MESSAGE, MAX_FRAME, STREAM_WINDOW};
+use crate::collective::{host_id, Incoming, Mailbox};
 use crate::train::{train, StateSlot, TrainTask};
 use crate::WorkerError;
 
@@ -73,28 +72,12 @@ pub async fn run_worker(
         tracing::info!(removed, "removed stale shared-memory segments of generations that are over");
     }
     let mailbox = Arc::new(Mailbox::default());
-    let svc = DataPlaneServer::new(DataPlaneService(mailbox.clone())).max_decoding_message_size(MAX_CHUNK_MESSAGE);
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let mut server_stop = stop_rx.clone();
-    let router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME)
-        .add_service(svc);
     let stopped = async move {
         let _ = server_stop.changed().await;
     };
-    // With credentials, TLS of our own (the certificate rotates with its files).
-    let serving: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>> = match &cfg.tls {
-        Some(files) => {
-            let config = files.data_plane_server_config().map_err(|e| WorkerError::Io(format!("data-plane TLS: {e}")))?;
-            Box::pin(router.serve_with_incoming_shutdown(shoal_coordinator::tls::tls_incoming(listener, config), stopped))
-        }
-        // The builder's tcp_nodelay does not reach a listener of our own: set it here.
-        None => Box::pin(router.serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), stopped)),
-    };
-    let server = tokio::spawn(serving);
+    let server = tokio::spawn(crate::collective::grpc::serve(listener, mailbox.clone(), cfg.tls.as_ref(), stopped)?);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);

@@ -189,6 +189,35 @@ impl Mailbox {
 #[derive(Clone)]
 pub struct DataPlaneService(pub Arc<Mailbox>);
 
+/// A data-plane server's run, to spawn or await.
+pub type Serving = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+
+/// The data plane on `listener` until `shutdown`: the mailbox's gRPC face, over mutual TLS
+/// (our own accept, so the certificate rotates with its files) when `tls` is given.
+pub fn serve(
+    listener: tokio::net::TcpListener,
+    mailbox: Arc<Mailbox>,
+    tls: Option<&shoal_coordinator::tls::TlsFiles>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<Serving, WorkerError> {
+    use shoal_proto::data_plane_server::DataPlaneServer;
+    let svc = DataPlaneServer::new(DataPlaneService(mailbox)).max_decoding_message_size(MAX_CHUNK_MESSAGE);
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .add_service(svc);
+    Ok(match tls {
+        Some(files) => {
+            let config = files.data_plane_server_config().map_err(|e| WorkerError::Io(format!("data-plane TLS: {e}")))?;
+            Box::pin(router.serve_with_incoming_shutdown(shoal_coordinator::tls::tls_incoming(listener, config), shutdown))
+        }
+        // The builder's tcp_nodelay does not reach a listener of our own: set it here.
+        None => Box::pin(router.serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)),
+    })
+}
+
 #[tonic::async_trait]
 impl DataPlane for DataPlaneService {
     async fn push_chunk(&self, r: Request<Chunk>) -> Result<Response<Ack>, Status> {

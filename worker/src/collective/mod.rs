@@ -371,6 +371,27 @@ pub(crate) mod testing {
         })
     }
 
+    /// Each ring (in rank order) all-reduces its rank's buffer of `data`, on a thread of its
+    /// own; the results in rank order.
+    #[cfg(test)]
+    pub fn all_reduce_each(rings: Vec<TcpRing>, data: &[Vec<f32>]) -> Vec<Vec<f32>> {
+        use super::Collective;
+        std::thread::scope(|s| {
+            let hs: Vec<_> = rings
+                .into_iter()
+                .zip(data)
+                .map(|(mut ring, d)| {
+                    s.spawn(move || {
+                        let mut buf = d.clone();
+                        ring.all_reduce(&mut buf).unwrap();
+                        buf
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
     /// Buffers of `len` pseudo-random values, one per rank, with a mix of magnitudes so the
     /// order of summation shows in the bits.
     pub fn inputs(world: usize, len: usize, seed: u64) -> Vec<Vec<f32>> {

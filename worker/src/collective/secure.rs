@@ -515,8 +515,8 @@ mod tests {
     use std::time::Duration;
 
     use super::super::tcp::{Incoming, TcpRing};
-    use super::super::testing::inputs;
-    use super::super::{reference_sum, Collective, Wire};
+    use super::super::testing::{all_reduce_each, inputs};
+    use super::super::{reference_sum, Wire};
     use super::*;
 
     fn listeners(n: usize, tls: &Arc<DataPlaneTls>) -> Vec<Arc<Incoming>> {
@@ -536,30 +536,13 @@ mod tests {
         })
     }
 
-    fn reduce(rings: Vec<TcpRing>, data: &[Vec<f32>]) -> Vec<Vec<f32>> {
-        std::thread::scope(|s| {
-            let hs: Vec<_> = rings
-                .into_iter()
-                .zip(data)
-                .map(|(mut ring, d)| {
-                    s.spawn(move || {
-                        let mut buf = d.clone();
-                        ring.all_reduce(&mut buf).unwrap();
-                        buf
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        })
-    }
-
     #[test]
     fn a_ring_over_tls_gives_every_rank_the_reference_sum() {
         let tls = Arc::new(DataPlaneTls::new(&testing::cluster()).unwrap());
         let world = 3;
         let incs = listeners(world, &tls);
         let data = inputs(world, 200_003, 5);
-        let out = reduce(join(&incs, 1, [9; 32]), &data);
+        let out = all_reduce_each(join(&incs, 1, [9; 32]), &data);
         let want = reference_sum(&data);
         for got in &out {
             assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "a rank differs from the reference");
@@ -614,7 +597,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(300));
         // The real ranks still meet, and sum.
         let data = inputs(2, 10_001, 3);
-        let out = reduce(join(&incs, job, key), &data);
+        let out = all_reduce_each(join(&incs, job, key), &data);
         let want = reference_sum(&data);
         assert!(out.iter().all(|g| g.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits())));
         assert_eq!(incs[0].refused(), 1, "the impostor's connection is refused, counted once");

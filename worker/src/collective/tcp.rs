@@ -787,20 +787,10 @@ mod tests {
         }
     }
 
+    /// Rank r of `rings` (in rank order) contributes r + 1 everywhere.
     fn sums(rings: Vec<TcpRing>) -> Vec<Vec<f32>> {
-        std::thread::scope(|s| {
-            let hs: Vec<_> = rings
-                .into_iter()
-                .map(|mut ring| {
-                    s.spawn(move || {
-                        let mut buf = vec![ring.rank() as f32 + 1.0; 10_001];
-                        ring.all_reduce(&mut buf).unwrap();
-                        buf
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        })
+        let data: Vec<Vec<f32>> = (0..rings.len()).map(|r| vec![r as f32 + 1.0; 10_001]).collect();
+        super::super::testing::all_reduce_each(rings, &data)
     }
 
     #[test]
