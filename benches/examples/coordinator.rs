@@ -1,8 +1,8 @@
 //! The coordinator against etcd 3.4 (Debian's `etcd-server`), side by side in one invocation,
 //! both driven by the same Rust gRPC loop:
 //!
-//!     cargo run --release -p shoal-benches --example coordinator -- failover [--trials 10]
-//!     cargo run --release -p shoal-benches --example coordinator -- writes [--seconds 5] [--clients 1,100,1000] [--conns 10] [--replicas 3]
+//!     cargo run --release -p shoal-benches --example coordinator -- failover [--trials 10] [--tls]
+//!     cargo run --release -p shoal-benches --example coordinator -- writes [--seconds 5] [--clients 1,100,1000] [--conns 10] [--replicas 3] [--only etcd,etcd-tls,shoal]
 //!     cargo run --release -p shoal-benches --example coordinator -- restart [--entries 1000000]
 //!
 //! `failover`: 3 etcd members (default settings) and 3 shoal coordinators on loopback. Each
@@ -11,7 +11,8 @@
 //! group allowed to settle. Median and max of the trials.
 //!
 //! `writes`: committed writes/s and latency percentiles at each concurrency, `--conns` gRPC
-//! connections to the leader shared by the clients. etcd: `Put` of a 256-byte value under a
+//! connections to the leader shared by the clients; etcd in plaintext and with mutual TLS
+//! (clients and peers), shoal as it always runs (mutual TLS and a token on every call). etcd: `Put` of a 256-byte value under a
 //! fresh key; shoal: `RegisterDataset` of a one-shard manifest under a fresh name (a real
 //! metadata write: validated, replicated, fsynced, applied).
 //!
@@ -79,14 +80,32 @@ trait Group: Send + Sync + 'static {
 struct Etcd {
     dir: tempfile::TempDir,
     members: Vec<(String, String, String, Option<Child>)>, // name, client addr, peer addr, process
+    /// With TLS: the client's certificate (the members' is `dir/server/node.*`).
+    tls: Option<shoal_coordinator::tls::TlsFiles>,
 }
 
 impl Etcd {
-    async fn start(n: usize) -> Result<Etcd> {
+    /// `n` members; with `tls`, mutual TLS between clients and members and between members
+    /// (`--client-cert-auth`, `--peer-client-cert-auth`), certificates from a CA made by
+    /// `shoal ca` for the run (ECDSA P-256, as shoal's own).
+    async fn start(n: usize, tls: bool) -> Result<Etcd> {
         let dir = tempfile::tempdir()?;
         let members: Vec<(String, String, String, Option<Child>)> =
             (1..=n).map(|i| (format!("m{i}"), format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()), None)).collect();
-        let mut e = Etcd { dir, members };
+        let tls = if tls {
+            let exe = shoal_exe()?;
+            let ca = dir.path().join("ca");
+            for args in [vec!["ca", "init"], vec!["ca", "issue", "--node", "1", "--out", "server"], vec!["ca", "issue", "--client", "bench", "--out", "client"]] {
+                let out = Command::new(&exe).args(&args).arg("--dir").arg(&ca).current_dir(dir.path()).output()?;
+                if !out.status.success() {
+                    bail!("shoal {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+                }
+            }
+            Some(shoal_coordinator::tls::TlsFiles::load(&dir.path().join("client"), "client").map_err(anyhow::Error::msg)?.context("client credentials")?)
+        } else {
+            None
+        };
+        let mut e = Etcd { dir, members, tls };
         for i in 0..n {
             e.restart(i)?;
         }
@@ -107,7 +126,7 @@ impl Etcd {
 
     async fn all_up(&self) -> bool {
         for ep in self.endpoints() {
-            if MaintenanceClient::new(channel(&ep)).status(shoal_proto::etcd::StatusRequest {}).await.is_err() {
+            if MaintenanceClient::new(self.channel(&ep)).status(shoal_proto::etcd::StatusRequest {}).await.is_err() {
                 return false;
             }
         }
@@ -128,7 +147,11 @@ impl Drop for Etcd {
 
 impl Group for Etcd {
     fn name(&self) -> &'static str {
-        "etcd"
+        if self.tls.is_some() {
+            "etcd-tls"
+        } else {
+            "etcd"
+        }
     }
 
     fn endpoints(&self) -> Vec<String> {
@@ -137,7 +160,7 @@ impl Group for Etcd {
 
     async fn leader(&self) -> Result<usize> {
         for (i, m) in self.members.iter().enumerate().filter(|(_, m)| m.3.is_some()) {
-            if let Ok(s) = MaintenanceClient::new(channel(&m.1)).status(shoal_proto::etcd::StatusRequest {}).await {
+            if let Ok(s) = MaintenanceClient::new(self.channel(&m.1)).status(shoal_proto::etcd::StatusRequest {}).await {
                 let s = s.into_inner();
                 if s.leader != 0 && s.header.map(|h| h.member_id) == Some(s.leader) {
                     return Ok(i);
@@ -156,15 +179,25 @@ impl Group for Etcd {
     }
 
     fn restart(&mut self, i: usize) -> Result<()> {
-        let cluster: Vec<String> = self.members.iter().map(|m| format!("{}=http://{}", m.0, m.2)).collect();
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let cluster: Vec<String> = self.members.iter().map(|m| format!("{}={scheme}://{}", m.0, m.2)).collect();
         let (name, client, peer, _) = &self.members[i];
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log")))?;
-        let child = Command::new("etcd")
-            .args(["--name", name, "--data-dir"])
+        let mut cmd = Command::new("etcd");
+        cmd.args(["--name", name, "--data-dir"])
             .arg(self.dir.path().join(name))
-            .args(["--listen-client-urls", &format!("http://{client}"), "--advertise-client-urls", &format!("http://{client}")])
-            .args(["--listen-peer-urls", &format!("http://{peer}"), "--initial-advertise-peer-urls", &format!("http://{peer}")])
-            .args(["--initial-cluster", &cluster.join(","), "--initial-cluster-token", "bench", "--initial-cluster-state", "new"])
+            .args(["--listen-client-urls", &format!("{scheme}://{client}"), "--advertise-client-urls", &format!("{scheme}://{client}")])
+            .args(["--listen-peer-urls", &format!("{scheme}://{peer}"), "--initial-advertise-peer-urls", &format!("{scheme}://{peer}")])
+            .args(["--initial-cluster", &cluster.join(","), "--initial-cluster-token", "bench", "--initial-cluster-state", "new"]);
+        if self.tls.is_some() {
+            let server = self.dir.path().join("server");
+            let (ca, cert, key) = (server.join("ca.crt"), server.join("node.crt"), server.join("node.key"));
+            for (side, auth) in [("", "--client-cert-auth"), ("peer-", "--peer-client-cert-auth")] {
+                cmd.arg(format!("--{side}cert-file")).arg(&cert).arg(format!("--{side}key-file")).arg(&key);
+                cmd.arg(format!("--{side}trusted-ca-file")).arg(&ca).arg(auth);
+            }
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -175,7 +208,10 @@ impl Group for Etcd {
     }
 
     fn channel(&self, addr: &str) -> Channel {
-        channel(addr)
+        match &self.tls {
+            Some(t) => shoal_coordinator::tls::endpoint(addr, Some(t)).expect("a host:port").connect_timeout(Duration::from_millis(300)).connect_lazy(),
+            None => channel(addr),
+        }
     }
 
     async fn write(&self, ch: Channel, client: u64, seq: u64) -> Result<()> {
@@ -347,7 +383,7 @@ async fn failover_trial(g: &mut impl Group, trial: u64) -> Result<f64> {
 
 async fn failover(args: &[String]) -> Result<()> {
     let trials: u64 = flag(args, "--trials").map(|v| v.parse()).transpose()?.unwrap_or(10);
-    let mut etcd = Etcd::start(3).await?;
+    let mut etcd = Etcd::start(3, args.iter().any(|a| a == "--tls")).await?;
     let mut shoal = Shoal::start(3, &[]).await?;
     let (mut e, mut s) = (Vec::new(), Vec::new());
     for t in 0..trials {
@@ -430,24 +466,35 @@ async fn writes(args: &[String]) -> Result<()> {
     let conns: usize = flag(args, "--conns").map(|v| v.parse()).transpose()?.unwrap_or(10);
     let levels: Vec<u64> = flag(args, "--clients").unwrap_or_else(|| "1,100,1000".into()).split(',').map(|v| v.parse()).collect::<Result<_, _>>()?;
     let replicas: usize = flag(args, "--replicas").map(|v| v.parse()).transpose()?.unwrap_or(3);
-    let etcd = Arc::new(Etcd::start(replicas).await?);
+    let only = flag(args, "--only");
+    let wanted = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|o| o == name));
+    // Every group runs all along (each costs the others a little idle CPU, the same for all).
+    let etcd = Arc::new(Etcd::start(replicas, false).await?);
+    let etcd_tls = Arc::new(Etcd::start(replicas, true).await?);
     let shoal = Arc::new(Shoal::start(replicas, &[]).await?);
     println!("writes: {replicas} members each, {conns} connections to the leader, {seconds} s per level (after 1 s of warm-up)");
-    println!("{:<6} {:>8} {:>12} {:>9} {:>9} {:>9}", "system", "clients", "writes/s", "p50 ms", "p99 ms", "max ms");
-    let only = flag(args, "--only");
+    println!("etcd: plaintext; etcd-tls: mutual TLS for clients and peers; shoal: mutual TLS for clients and peers and an admin token checked on every call");
+    println!("{:<8} {:>8} {:>12} {:>9} {:>9} {:>9}", "system", "clients", "writes/s", "p50 ms", "p99 ms", "max ms");
     for &c in &levels {
-        for (i, name) in ["etcd", "shoal"].iter().enumerate() {
-            if only.as_deref().is_some_and(|o| o != *name) {
+        for name in ["etcd", "etcd-tls", "shoal"] {
+            if !wanted(name) {
                 continue;
             }
-            let (rate, l) = if i == 0 {
-                load(&etcd, c, conns, 1.0).await?;
-                load(&etcd, c, conns, seconds).await?
-            } else {
-                load(&shoal, c, conns, 1.0).await?;
-                load(&shoal, c, conns, seconds).await?
+            let (rate, l) = match name {
+                "etcd" => {
+                    load(&etcd, c, conns, 1.0).await?;
+                    load(&etcd, c, conns, seconds).await?
+                }
+                "etcd-tls" => {
+                    load(&etcd_tls, c, conns, 1.0).await?;
+                    load(&etcd_tls, c, conns, seconds).await?
+                }
+                _ => {
+                    load(&shoal, c, conns, 1.0).await?;
+                    load(&shoal, c, conns, seconds).await?
+                }
             };
-            println!("{name:<6} {c:>8} {rate:>12.0} {:>9.2} {:>9.2} {:>9.2}", percentile(&l, 0.5), percentile(&l, 0.99), l.last().copied().unwrap_or(f64::NAN));
+            println!("{name:<8} {c:>8} {rate:>12.0} {:>9.2} {:>9.2} {:>9.2}", percentile(&l, 0.5), percentile(&l, 0.99), l.last().copied().unwrap_or(f64::NAN));
         }
     }
     Ok(())
@@ -531,6 +578,6 @@ async fn main() -> Result<()> {
         Some("failover") => failover(&args[1..]).await,
         Some("writes") => writes(&args[1..]).await,
         Some("restart") => restart(&args[1..]).await,
-        _ => bail!("usage: coordinator failover [--trials N] | writes [--seconds S] [--clients 1,100,1000] [--conns N] | restart [--entries N]"),
+        _ => bail!("usage: coordinator failover [--trials N] [--tls] | writes [--only etcd,etcd-tls,shoal] [--seconds S] [--clients 1,100,1000] [--conns N] | restart [--entries N]"),
     }
 }
