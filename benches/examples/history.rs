@@ -194,7 +194,7 @@ fn run(exe: &Path, dir: &Path, tmp: &Path, jobs: u64, metrics: u64, steps: u64, 
             let mut set = tokio::task::JoinSet::new();
             for r in reports {
                 let mut c = client.clone();
-                set.spawn(async move { c.record_metrics(r).await });
+                set.spawn(async move { c.record_metrics(shoal_benches::as_worker("bench", r)).await });
             }
             while let Some(r) = set.join_next().await {
                 r??;

@@ -172,10 +172,10 @@ async fn main() -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let reply = c.heartbeat(HeartbeatRequest { worker_id: worker.clone(), job_id: job, generation }).await?.into_inner();
+    let reply = c.heartbeat(shoal_benches::as_worker(&worker, HeartbeatRequest { worker_id: worker.clone(), job_id: job, generation })).await?.into_inner();
     let bytes = reply.encoded_len();
     // What a worker that does not run it yet gets (once, when its assignment changes).
-    let whole = c.heartbeat(HeartbeatRequest { worker_id: worker.clone(), job_id: 0, generation: 0 }).await?.into_inner().encoded_len();
+    let whole = c.heartbeat(shoal_benches::as_worker(&worker, HeartbeatRequest { worker_id: worker.clone(), job_id: 0, generation: 0 })).await?.into_inner().encoded_len();
     println!("the whole assignment: {whole} bytes");
     println!(
         "heartbeat reply while running job {job} (generation {generation}) on {version} versions: {bytes} bytes ({}), {:.0} bytes per worker per second at one every 300 ms",

@@ -113,6 +113,7 @@ pub fn measure(mut cmd: Command, prefix: &str, what: &str) -> Result<Run> {
 
 static TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
 static TLS: std::sync::OnceLock<Option<shoal_coordinator::tls::TlsFiles>> = std::sync::OnceLock::new();
+static TOKEN_KEY: std::sync::OnceLock<Option<shoal_core::auth::TokenKey>> = std::sync::OnceLock::new();
 
 /// Raw gRPC clients of benchmarks carry the admin token and certificate of the `shoal up`
 /// cluster in `dir` (call once, after `up`).
@@ -120,6 +121,14 @@ pub fn use_cluster_token(dir: &Path) {
     let ca = shoal_cluster::Layout::new(dir).authority();
     let _ = TOKEN.set(ca.admin_token());
     let _ = TLS.set(ca.admin_tls().ok().flatten());
+    let _ = TOKEN_KEY.set(shoal_core::auth::TokenKey::load(&ca.dir.join(shoal_coordinator::server::TOKEN_KEY_FILE)).ok());
+}
+
+/// `message` as a call made for worker `id`, with the key its registration would have given
+/// it (the admin's folder holds the cluster's token key, from which every worker key comes).
+pub fn as_worker<T>(id: &str, message: T) -> tonic::Request<T> {
+    let key = TOKEN_KEY.get().and_then(|k| k.as_ref()).map(|k| k.worker_key(id).to_vec()).unwrap_or_default();
+    shoal_coordinator::client::WorkerId::new(id.to_string(), &key).request(message)
 }
 
 /// An endpoint of a shoal coordinator: TLS with the certificate `use_cluster_token` read.

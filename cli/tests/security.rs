@@ -168,6 +168,58 @@ fn revoked_expired_and_unknown_tokens_are_refused_and_exec_needs_a_grant() {
     ok(as_token(&granted, &["pipeline", "submit"]).arg(&pipeline));
 }
 
+/// Every worker shares the worker token (and certificate); what says which worker a call is
+/// for is the key its registration gave it. A heartbeat for a worker gets its assignment and
+/// its ring key, so without the key it is refused, as is every other call made for a worker.
+#[test]
+fn a_worker_token_cannot_act_for_another_worker() {
+    let c = UpCluster::start_with(&["--workers", "1"]);
+    let id = wait_for("the worker to register", Duration::from_secs(30), || {
+        let s = json(&mut c.cmd(&["status", "--json"]));
+        s["workers"][0]["id"].as_str().map(str::to_string)
+    });
+    let ca = c.dir().join("ca");
+    let worker_token = std::fs::read_to_string(ca.join("worker.token")).unwrap().trim().to_string();
+    let key = TokenKey::load(&ca.join("token.key")).unwrap();
+    let hex = |k: [u8; 32]| k.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let tls = TlsFiles::load(&c.worker_credentials(), "worker").unwrap().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let channel = rt.block_on(async { shoal_coordinator::tls::endpoint(&c.endpoints(), Some(&tls)).unwrap().connect().await.unwrap() });
+    let mut rpc = shoal_proto::coordinator_client::CoordinatorClient::new(channel);
+    fn with_key<T>(msg: T, token: &str, key: Option<String>) -> tonic::Request<T> {
+        let mut r = with_token(tonic::Request::new(msg), Some(token));
+        if let Some(k) = key {
+            r.metadata_mut().insert(shoal_core::auth::WORKER_KEY_HEADER, k.parse().unwrap());
+        }
+        r
+    }
+    let wt = worker_token.as_str();
+    let beat = || shoal_proto::HeartbeatRequest { worker_id: id.clone(), job_id: 0, generation: 0 };
+    let refused_before = json(&mut c.cmd(&["status", "--json"]))["coordinators"][0]["refused_calls"].as_u64().unwrap();
+    for (what, k) in [("no key", None), ("another worker's key", Some(hex(key.worker_key("w-999")))), ("a malformed key", Some("00".into()))] {
+        let e = rt.block_on(rpc.heartbeat(with_key(beat(), wt, k))).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{what}: {}", e.message());
+        assert!(e.message().contains(&id) && e.metadata().get("shoal-guard").is_none(), "{what}: {}", e.message());
+    }
+    // The same for the calls that report, commit or leave for a worker.
+    let e = rt.block_on(rpc.deregister(with_key(shoal_proto::DeregisterRequest { worker_id: id.clone() }, wt, None))).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
+    let report = shoal_proto::TaskReport { worker_id: id.clone(), job_id: 1, ..Default::default() };
+    let e = rt.block_on(rpc.report_task(with_key(report, wt, Some(hex(key.worker_key("w-999")))))).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
+    let metrics = shoal_proto::MetricChunkReport { worker_id: id.clone(), ..Default::default() };
+    let e = rt.block_on(rpc.record_metrics(with_key(metrics, wt, None))).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
+    // Refused calls are counted; the worker is still there and idle (nothing it was sent
+    // for it was taken).
+    let s = json(&mut c.cmd(&["status", "--json"]));
+    assert!(s["coordinators"][0]["refused_calls"].as_u64().unwrap() >= refused_before + 6, "{s}");
+    assert_eq!((s["workers"][0]["id"].as_str(), s["workers"][0]["state"].as_str()), (Some(id.as_str()), Some("idle")), "{s}");
+    // With the key its registration gave it, the same heartbeat is answered.
+    let reply = rt.block_on(rpc.heartbeat(with_key(beat(), wt, Some(hex(key.worker_key(&id)))))).unwrap().into_inner();
+    assert!(!reply.unknown_worker, "{reply:?}");
+}
+
 #[test]
 fn a_raft_message_must_come_from_the_node_its_token_names() {
     use protobuf::Message as _;
@@ -437,6 +489,22 @@ fn the_audit_trail_names_who_did_what_and_verify_finds_a_modified_and_a_removed_
     // A mutation the state refuses is kept too, with why.
     let refused = run(&mut c.cmd(&["model", "register", "m", "--job", "999"]));
     assert!(!refused.status.success());
+    // Removals from the store that no state records: an import dropped (as a failed import
+    // does), unreferenced folders collected.
+    for folder in ["datasets/junk/import-1/", "datasets/junk/import-2/"] {
+        std::fs::create_dir_all(c.store().join(folder)).unwrap();
+        std::fs::write(c.store().join(folder).join("shard-00000.safetensors"), b"x").unwrap();
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let channel = shoal_coordinator::tls::endpoint(&c.endpoints(), Some(&admin_tls(&c))).unwrap().connect().await.unwrap();
+        let token = std::fs::read_to_string(c.dir().join("ca/admin.token")).unwrap();
+        let req = with_token(tonic::Request::new(shoal_proto::DropImportRequest { folder: "datasets/junk/import-1".into() }), Some(token.trim()));
+        shoal_proto::coordinator_client::CoordinatorClient::new(channel).drop_import(req).await.unwrap();
+    });
+    assert!(!c.store().join("datasets/junk/import-1").exists());
+    let gc = json(&mut c.cmd(&["data", "gc", "--min-age-s", "0", "--json"]));
+    assert_eq!(gc["removed"], serde_json::json!(["datasets/junk/import-2"]), "{gc}");
 
     let list = || json(&mut c.cmd(&["audit", "list", "--json"]))["entries"].as_array().unwrap().clone();
     let entries = list();
@@ -450,6 +518,7 @@ fn the_audit_trail_names_who_did_what_and_verify_finds_a_modified_and_a_removed_
     assert_eq!(find("bootstrap_tokens")["actor"], "cluster");
     assert!(find("create_token")["what"].as_str().unwrap().contains(&operator_id));
     assert!(find("register_model: m from job 999")["outcome"].as_str().unwrap().contains("999"));
+    assert_eq!((find("drop_import: datasets/junk/import-1")["role"].as_str(), find("collect_datasets: datasets/junk/import-2")["role"].as_str()), (Some("admin"), Some("admin")));
     let seqs: Vec<u64> = entries.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
     // --since: nothing from the future; everything from an hour ago.

@@ -79,6 +79,38 @@ impl tonic::service::Interceptor for Bearer {
     }
 }
 
+/// A registered worker: its id, and on a cluster with credentials the key its calls prove
+/// that id with (`RegisterWorkerResponse.worker_key`; the worker token alone says only "some
+/// worker of this cluster").
+#[derive(Clone)]
+pub struct WorkerId {
+    pub id: String,
+    key: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl std::fmt::Debug for WorkerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WorkerId({:?})", self.id)
+    }
+}
+
+impl WorkerId {
+    /// `key` as the registration gave it (empty: a cluster without credentials).
+    pub fn new(id: String, key: &[u8]) -> WorkerId {
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        WorkerId { id, key: (!key.is_empty()).then(|| hex.parse().expect("hex is ASCII")) }
+    }
+
+    /// `message` as a call made for this worker (its key in `WORKER_KEY_HEADER`).
+    pub fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        if let Some(k) = &self.key {
+            r.metadata_mut().insert(shoal_core::auth::WORKER_KEY_HEADER, k.clone());
+        }
+        r
+    }
+}
+
 /// A channel that carries a token.
 pub type AuthChannel = InterceptedService<Channel, Bearer>;
 /// The generated coordinator client over such a channel.

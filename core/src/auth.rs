@@ -62,6 +62,8 @@ impl fmt::Display for Role {
 /// The one extra right a token can be granted: exec batch jobs (which run commands on every
 /// worker) without being admin.
 pub const GRANT_EXEC: &str = "exec";
+/// The gRPC header a registered worker's calls carry its key in (hex; `TokenKey::worker_key`).
+pub const WORKER_KEY_HEADER: &str = "shoal-worker-key";
 pub const GRANTS: [&str; 1] = [GRANT_EXEC];
 
 /// A bearer token: its public id and its secret.
@@ -189,6 +191,22 @@ impl TokenKey {
         h.update(&job.to_le_bytes());
         h.update(&generation.to_le_bytes());
         *h.finalize().as_bytes()
+    }
+
+    /// The secret a registered worker's calls prove its id with (the header
+    /// `WORKER_KEY_HEADER`): a worker token says "a worker of this cluster", this says which
+    /// one, so no worker can heartbeat, report or commit as another and get its assignment or
+    /// its ring key. Given at registration; every replica derives the same.
+    pub fn worker_key(&self, worker_id: &str) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_keyed(&self.0);
+        h.update(b"shoal worker key v1 ");
+        h.update(worker_id.as_bytes());
+        *h.finalize().as_bytes()
+    }
+
+    /// Whether `header` (hex) is `worker_id`'s key.
+    pub fn check_worker(&self, worker_id: &str, header: &str) -> bool {
+        unhex::<32>(header).is_some_and(|k| blake3::Hash::from_bytes(k) == blake3::Hash::from_bytes(self.worker_key(worker_id)))
     }
 
     /// Reads a key file: 32 bytes as 64 hex digits, readable by its owner only.
@@ -407,6 +425,17 @@ mod tests {
             std::os::unix::fs::chown(&path, Some(1), None).unwrap();
             assert!(TokenKey::load(&path).is_err(), "a group-readable file of another owner");
         }
+    }
+
+    #[test]
+    fn a_worker_key_proves_one_worker_id_under_one_cluster_key() {
+        let (k, other) = (TokenKey::generate(), TokenKey::generate());
+        let w1 = hex(&k.worker_key("w-1"));
+        assert!(k.check_worker("w-1", &w1));
+        assert!(!k.check_worker("w-2", &w1), "another worker's key");
+        assert!(!other.check_worker("w-1", &w1), "another cluster's key");
+        assert!(!k.check_worker("w-1", &w1[..63]) && !k.check_worker("w-1", "") && !k.check_worker("w-1", &w1.to_uppercase()));
+        assert_ne!(k.worker_key("w-1"), k.worker_key("w-10"));
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("ring_hello", ring_hello),
     ("token", token),
     ("store_key", store_key),
+    ("sealed_records", sealed_records),
 ];
 
 /// Every message a listener decodes (the coordinator's API, the Raft transport, the workers'
@@ -323,5 +324,31 @@ pub fn store_key(data: &[u8]) {
     if let Ok(Some(path)) = store.local_path(&key) {
         assert!(path.starts_with(root) && path != root, "{key:?} names {}", path.display());
         assert!(path.components().all(|c| matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_))), "{key:?}: {}", path.display());
+    }
+}
+
+/// The data plane's sealed TLS records (`worker::collective::secure`). The first byte picks
+/// the read size and the mode: even, the rest is a peer's bytes (whatever they are, an error
+/// or data, never a panic); odd, the rest (after a 2-byte position) is plaintext, split at
+/// 0xff into writes, sealed here: it must open to exactly that plaintext, and with any one
+/// byte altered it must not open at all.
+pub fn sealed_records(data: &[u8]) {
+    use shoal_worker::collective::secure::fuzzing::{open, seal};
+    let Some((&mode, rest)) = data.split_first() else { return };
+    let read_size = 1 + (mode as usize >> 1) * 131;
+    if mode & 1 == 0 {
+        let _ = open(rest, read_size);
+        return;
+    }
+    let Some((at, body)) = rest.split_first_chunk::<2>() else { return };
+    let pieces: Vec<&[u8]> = body.split(|&b| b == 0xff).collect();
+    let wire = seal(&pieces);
+    let plain = pieces.concat();
+    assert_eq!(open(&wire, read_size).expect("sealed records open"), plain);
+    if !wire.is_empty() {
+        let mut altered = wire.clone();
+        let i = u16::from_le_bytes(*at) as usize % altered.len();
+        altered[i] ^= mode;
+        assert!(open(&altered, read_size).is_err(), "records altered at byte {i} of {} opened", wire.len());
     }
 }

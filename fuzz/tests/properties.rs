@@ -138,6 +138,7 @@ fuzzed! {
     ring_hello: shoal_worker::collective::tcp::encode_hello(1, 2, 0, 2).to_vec();
     token: b"shoal_0123456789abcdef_0123456789abcdef0123456789abcdef0123456789abcdef".to_vec();
     store_key: b"datasets/d/import-1/shard-00000.safetensors".to_vec();
+    sealed_records: { let mut s = vec![3, 7, 0]; s.extend((0..600u32).map(|i| (i % 251) as u8)); s };
 }
 
 #[test]

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use shoal_coordinator::client::WorkerId;
 use shoal_coordinator::{Client, ClientError};
 use shoal_proto::{
     Assignment, CheckpointCommit, CheckpointError, CheckpointManifest, DeregisterRequest, HeartbeatRequest, JobProgress, OutcomeReport,
@@ -84,7 +85,7 @@ pub async fn run_worker(
     });
 
     let client = Arc::new(Client::new(&cfg.endpoints).and_then(|c| c.with_token(cfg.token.as_deref())).and_then(|c| c.with_tls(cfg.tls.clone())).map_err(|e| WorkerError::Coordinator(e.to_string()))?);
-    let mut worker_id: Option<String> = None;
+    let mut worker_id: Option<WorkerId> = None;
     // One request id for every attempt of one registration: a retry after a lost reply gets
     // the same worker id back instead of leaving a ghost worker behind.
     let mut registration = shoal_coordinator::client::new_request_id();
@@ -147,12 +148,13 @@ pub async fn run_worker(
                     Ok(r) => {
                         shoal_core::node::set_node(&r.worker_id);
                         tracing::info!(worker = %r.worker_id, %address, "registered");
+                        let id = WorkerId::new(r.worker_id, &r.worker_key);
                         if r.lease_ms > 0 {
                             lease = Duration::from_millis(r.lease_ms);
                         }
                         last_contact = std::time::Instant::now();
-                        worker_id = Some(r.worker_id.clone());
-                        r.worker_id
+                        worker_id = Some(id.clone());
+                        id
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "registration failed; retrying");
@@ -168,7 +170,7 @@ pub async fn run_worker(
             None => {
                 // What it runs, so an unchanged assignment comes back as a few bytes.
                 let (job_id, generation) = running.as_ref().map(|r| (r.job, r.generation)).unwrap_or((0, 0));
-                let hb = client.call(|mut c| { let worker_id = id.clone(); async move { c.heartbeat(HeartbeatRequest { worker_id, job_id, generation }).await } });
+                let hb = client.call(|mut c| { let worker_id = id.clone(); async move { c.heartbeat(worker_id.request(HeartbeatRequest { worker_id: worker_id.id.clone(), job_id, generation })).await } });
                 match tokio::time::timeout(lease, hb).await {
                     Ok(r) => r.map_err(|e| e.to_string()),
                     Err(_) => Err(format!("no answer in {lease:?}")),
@@ -206,7 +208,7 @@ pub async fn run_worker(
             continue;
         }
         if hb.unknown_worker {
-            tracing::warn!(worker = %id, "the coordinator no longer knows this worker; registering again");
+            tracing::warn!(worker = %id.id, "the coordinator no longer knows this worker; registering again");
             worker_id = None;
             registration = shoal_coordinator::client::new_request_id();
         }
@@ -243,9 +245,9 @@ pub async fn run_worker(
     }
     if let Some(id) = worker_id {
         // Leaving on purpose: say so, so the job is requeued now rather than after the lease.
-        let bye = client.call(|mut c| { let worker_id = id.clone(); async move { c.deregister(DeregisterRequest { worker_id }).await } });
+        let bye = client.call(|mut c| { let worker = id.clone(); async move { c.deregister(worker.request(DeregisterRequest { worker_id: worker.id.clone() })).await } });
         match tokio::time::timeout(Duration::from_secs(2), bye).await {
-            Ok(Ok(_)) => tracing::info!(worker = %id, "deregistered"),
+            Ok(Ok(_)) => tracing::info!(worker = %id.id, "deregistered"),
             Ok(Err(e)) => tracing::warn!(error = %e, "could not deregister"),
             Err(_) => tracing::warn!("could not deregister in time"),
         }
@@ -261,38 +263,38 @@ pub async fn run_worker(
 struct CoordinatorLink {
     client: Arc<Client>,
     rt: tokio::runtime::Handle,
-    worker_id: String,
+    worker: WorkerId,
     job: u64,
     generation: u64,
 }
 
 impl JobLink for CoordinatorLink {
     fn progress(&self, p: &JobProgress) {
-        let report = ProgressReport { worker_id: self.worker_id.clone(), job_id: self.job, generation: self.generation, progress: Some(p.clone()) };
-        let c = self.client.clone();
+        let report = ProgressReport { worker_id: self.worker.id.clone(), job_id: self.job, generation: self.generation, progress: Some(p.clone()) };
+        let (c, worker) = (self.client.clone(), self.worker.clone());
         // Progress is best effort: a lost report is replaced by the next one.
         self.rt.spawn(async move {
-            let _ = c.call(|mut c| { let r = report.clone(); async move { c.report_progress(r).await } }).await;
+            let _ = c.call(|mut c| { let r = worker.request(report.clone()); async move { c.report_progress(r).await } }).await;
         });
     }
 
     fn commit_checkpoint(&self, manifest: CheckpointManifest) -> Result<Vec<u64>, String> {
-        let req = CheckpointCommit { worker_id: self.worker_id.clone(), job_id: self.job, generation: self.generation, manifest: Some(manifest) };
-        let reply = self.rt.block_on(self.client.call(|mut c| { let r = req.clone(); async move { c.commit_checkpoint(r).await } }));
+        let req = CheckpointCommit { worker_id: self.worker.id.clone(), job_id: self.job, generation: self.generation, manifest: Some(manifest) };
+        let reply = self.rt.block_on(self.client.call(|mut c| { let r = self.worker.request(req.clone()); async move { c.commit_checkpoint(r).await } }));
         reply.map(|r| r.kept_steps).map_err(|e| e.to_string())
     }
 
     fn record_metrics(&self, chunk: shoal_proto::MetricChunkRef, dropped: u64) -> Result<(), String> {
-        let req = shoal_proto::MetricChunkReport { worker_id: self.worker_id.clone(), job_id: self.job, chunk: Some(chunk), dropped };
-        let reply = self.rt.block_on(self.client.call(|mut c| { let r = req.clone(); async move { c.record_metrics(r).await } }));
+        let req = shoal_proto::MetricChunkReport { worker_id: self.worker.id.clone(), job_id: self.job, chunk: Some(chunk), dropped };
+        let reply = self.rt.block_on(self.client.call(|mut c| { let r = self.worker.request(req.clone()); async move { c.record_metrics(r).await } }));
         reply.map(|_| ()).map_err(|e| e.to_string())
     }
 
     fn checkpoint_failed(&self, step: u64, message: String, corrupt: bool) {
-        let report = CheckpointError { worker_id: self.worker_id.clone(), job_id: self.job, generation: self.generation, step, message, corrupt };
-        let c = self.client.clone();
+        let report = CheckpointError { worker_id: self.worker.id.clone(), job_id: self.job, generation: self.generation, step, message, corrupt };
+        let (c, worker) = (self.client.clone(), self.worker.clone());
         self.rt.spawn(async move {
-            if let Err(e) = c.call(|mut c| { let r = report.clone(); async move { c.report_checkpoint_error(r).await } }).await {
+            if let Err(e) = c.call(|mut c| { let r = worker.request(report.clone()); async move { c.report_checkpoint_error(r).await } }).await {
                 tracing::warn!(error = %e, "could not report a checkpoint error");
             }
         });
@@ -301,7 +303,7 @@ impl JobLink for CoordinatorLink {
 
 fn start_task(
     cfg: &WorkerConfig,
-    worker_id: &str,
+    worker: &WorkerId,
     a: Assignment,
     mailbox: Arc<Mailbox>,
     incoming: Arc<Incoming>,
@@ -313,8 +315,8 @@ fn start_task(
     let (job, generation, rank) = (a.job_id, a.generation, a.rank);
     tracing::info!(job, generation, rank, world = a.world_size, "starting task");
     let rt = tokio::runtime::Handle::current();
-    let wid = worker_id.to_string();
-    let link = Arc::new(CoordinatorLink { client: client.clone(), rt: rt.clone(), worker_id: wid.clone(), job, generation });
+    let (wid, worker) = (worker.id.clone(), worker.clone());
+    let link = Arc::new(CoordinatorLink { client: client.clone(), rt: rt.clone(), worker: worker.clone(), job, generation });
     let task = TrainTask {
         store: cfg.store.clone(),
         assignment: a,
@@ -365,7 +367,7 @@ fn start_task(
                 OutcomeReport { worker_id: wid.clone(), job_id: job, generation, ok: false, error: e.to_string(), result: None, progress: None, peer_failure, diverged }
             }
         };
-        rt.block_on(report_outcome(&client, report, &cancel_flag));
+        rt.block_on(report_outcome(&client, &worker, report, &cancel_flag));
     });
     Running { job, generation, kind: "training", cancel, handle }
 }
@@ -374,7 +376,7 @@ fn start_task(
 /// task was committed by another attempt) is removed.
 fn start_batch_task(
     cfg: &WorkerConfig,
-    worker_id: &str,
+    worker: &WorkerId,
     a: Assignment,
     client: Arc<Client>,
     models: crate::batch::ModelCache,
@@ -386,7 +388,7 @@ fn start_batch_task(
     let task = a.task.as_ref().map(|t| t.index).unwrap_or_default();
     tracing::info!(job, attempt = generation, task, "starting batch task");
     let rt = tokio::runtime::Handle::current();
-    let (store, wid, cancel_flag) = (cfg.store.clone(), worker_id.to_string(), cancel.clone());
+    let (store, worker, cancel_flag) = (cfg.store.clone(), worker.clone(), cancel.clone());
     let handle = tokio::task::spawn_blocking(move || {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| crate::batch::run_task(&store, &a, &models, &cancel_flag))).unwrap_or_else(|panic| {
             let what = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
@@ -400,7 +402,7 @@ fn start_batch_task(
                 (shoal_proto::TaskReport { job_id: job, attempt: generation, task, ok: false, error: e.to_string(), ..Default::default() }, None)
             }
         };
-        let report = shoal_proto::TaskReport { worker_id: wid, ..report };
+        let report = shoal_proto::TaskReport { worker_id: worker.id.clone(), ..report };
         let mut pause = Duration::from_millis(100);
         let mut tries_after_cancel = 0;
         loop {
@@ -412,7 +414,7 @@ fn start_batch_task(
                     return;
                 }
             }
-            match rt.block_on(client.call(|mut c| { let r = report.clone(); async move { c.report_task(r).await } })) {
+            match rt.block_on(client.call(|mut c| { let r = worker.request(report.clone()); async move { c.report_task(r).await } })) {
                 Ok(reply) => {
                     if reply.job_ended {
                         crate::batch::tidy_output(&store, &reply.output_folder, &reply.keep);
@@ -423,8 +425,9 @@ fn start_batch_task(
                     }
                     return;
                 }
-                // Refused for good (only the attempt that committed is ever answered OK).
-                Err(ClientError::Rpc(s)) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::Unimplemented) => {
+                // Refused for good (only the attempt that committed is ever answered OK; a
+                // revoked token or a key for an id the worker no longer has is not retried).
+                Err(ClientError::Rpc(s)) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::Unimplemented | tonic::Code::PermissionDenied) => {
                     tracing::info!(job, attempt = generation, task, reason = %s.message(), "output not committed; removing it");
                     if let Some(f) = &file {
                         let _ = store.delete(f);
@@ -434,7 +437,7 @@ fn start_batch_task(
                         // so (retried elsewhere, or the job fails naming why), never left
                         // running. Refused too if the attempt is not running (a copy won).
                         let failed = shoal_proto::TaskReport { ok: false, result: None, error: format!("its report was refused: {}", s.message()), ..report.clone() };
-                        if let Err(e) = rt.block_on(client.call(|mut c| { let r = failed.clone(); async move { c.report_task(r).await } })) {
+                        if let Err(e) = rt.block_on(client.call(|mut c| { let r = worker.request(failed.clone()); async move { c.report_task(r).await } })) {
                             tracing::debug!(error = %e, "the failure report was not taken");
                         }
                     }
@@ -454,7 +457,7 @@ fn start_batch_task(
 
 /// Delivers an outcome, retrying through coordinator failovers until it is accepted or
 /// rejected for good.
-async fn report_outcome(client: &Client, report: OutcomeReport, cancel: &AtomicBool) {
+async fn report_outcome(client: &Client, worker: &WorkerId, report: OutcomeReport, cancel: &AtomicBool) {
     // No attempt limit: a job waits for this report, so giving up would leave it running
     // forever. It ends when the report lands or is refused, or when the heartbeat sees the
     // assignment gone (the job moved on without it) and sets `cancel`.
@@ -463,10 +466,11 @@ async fn report_outcome(client: &Client, report: OutcomeReport, cancel: &AtomicB
         if cancel.load(Ordering::Relaxed) {
             return;
         }
-        match client.call(|mut c| { let r = report.clone(); async move { c.report_outcome(r).await } }).await {
+        match client.call(|mut c| { let r = worker.request(report.clone()); async move { c.report_outcome(r).await } }).await {
             Ok(_) => return,
-            // Refused for good: the job moved on (or finished and was removed).
-            Err(ClientError::Rpc(s)) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument | tonic::Code::NotFound) => {
+            // Refused for good: the job moved on (or finished and was removed), or the caller
+            // may not report for this worker.
+            Err(ClientError::Rpc(s)) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::PermissionDenied) => {
                 tracing::warn!(error = %s.message(), "outcome rejected");
                 return;
             }

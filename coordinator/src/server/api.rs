@@ -403,6 +403,11 @@ impl Coordinator for Api {
         let removed = tokio::task::spawn_blocking(move || Self::remove_unreferenced(&store, "datasets", 2, |rel| folders.contains(rel), min_age))
         .await
         .map_err(|e| Status::internal(format!("collecting datasets: {e}")))?;
+        if !removed.is_empty() {
+            // Removed already: the trail says so (a failed proposal fails the call, and its
+            // retry finds nothing more to remove).
+            self.propose(command::Kind::StoreRemoved(shoal_proto::StoreRemoval { what: "collect_datasets".into(), paths: removed.clone() }), String::new()).await?;
+        }
         Ok(Response::new(PruneReply { removed_paths: removed, ..Default::default() }))
     }
 
@@ -708,13 +713,15 @@ impl Coordinator for Api {
         match self.propose(command::Kind::RegisterWorker(req), request_id).await? {
             ApplyOutput::WorkerId(id) => {
                 self.0.duties.lock().expect("duties lock").saw_worker(&id, self.0.now());
-                Ok(Response::new(RegisterWorkerResponse { worker_id: id, lease_ms: self.0.cfg.lease.as_millis() as u64 }))
+                let worker_key = self.0.cfg.auth.as_ref().map(|a| a.key.worker_key(&id).to_vec()).unwrap_or_default();
+                Ok(Response::new(RegisterWorkerResponse { worker_id: id, lease_ms: self.0.cfg.lease.as_millis() as u64, worker_key }))
             }
             other => Err(Status::internal(format!("unexpected apply output {other:?}"))),
         }
     }
 
     async fn heartbeat(&self, r: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        self.check_worker(&r, &r.get_ref().worker_id)?;
         self.require_leader()?;
         // A deposed leader that has not noticed yet must not hand out a stale assignment.
         self.linearize().await?;
@@ -734,6 +741,7 @@ impl Coordinator for Api {
     }
 
     async fn report_progress(&self, r: Request<ProgressReport>) -> Result<Response<Ack>, Status> {
+        self.check_worker(&r, &r.get_ref().worker_id)?;
         self.require_leader()?;
         let r = r.into_inner();
         if let Some(p) = r.progress {
@@ -743,6 +751,7 @@ impl Coordinator for Api {
     }
 
     async fn report_outcome(&self, r: Request<OutcomeReport>) -> Result<Response<Ack>, Status> {
+        self.check_worker(&r, &r.get_ref().worker_id)?;
         // Outcomes are idempotent by (job, generation, rank) already.
         let r = r.into_inner();
         let (job, generation, reporter, peer_failure) = (r.job_id, r.generation, r.worker_id.clone(), r.peer_failure);
@@ -757,6 +766,7 @@ impl Coordinator for Api {
     }
 
     async fn report_task(&self, r: Request<shoal_proto::TaskReport>) -> Result<Response<shoal_proto::TaskReply>, Status> {
+        self.check_worker(&r, &r.get_ref().worker_id)?;
         let mut r = r.into_inner();
         let (worker, job_id) = (r.worker_id.clone(), r.job_id);
         // The leader stamps the time into the entry, so every replica applies the same value.
@@ -785,6 +795,7 @@ impl Coordinator for Api {
     }
 
     async fn deregister(&self, r: Request<DeregisterRequest>) -> Result<Response<Ack>, Status> {
+        self.check_worker(&r, &r.get_ref().worker_id)?;
         let worker_id = r.into_inner().worker_id;
         let lost = WorkerLost { worker_id, detail: String::new(), cause: LossCause::Deregistered as i32 };
         match self.propose(command::Kind::WorkerLost(lost), String::new()).await {
@@ -796,6 +807,7 @@ impl Coordinator for Api {
     }
 
     async fn commit_checkpoint(&self, r: Request<CheckpointCommit>) -> Result<Response<CheckpointCommitReply>, Status> {
+        self.check_worker(&r, &r.get_ref().worker_id)?;
         let mut c = r.into_inner();
         // The leader stamps the time into the entry, so every replica applies the same value.
         if let Some(m) = c.manifest.as_mut() {
@@ -806,6 +818,7 @@ impl Coordinator for Api {
     }
 
     async fn record_metrics(&self, r: Request<shoal_proto::MetricChunkReport>) -> Result<Response<Ack>, Status> {
+        self.check_worker(&r, &r.get_ref().worker_id)?;
         self.propose(command::Kind::MetricChunk(r.into_inner()), String::new()).await?;
         Ok(Response::new(Ack {}))
     }
@@ -860,10 +873,13 @@ impl Coordinator for Api {
             return Err(final_status(tonic::Code::FailedPrecondition, format!("{folder} holds a registered slice: it stays")));
         }
         let store = self.0.cfg.store.clone();
-        tokio::task::spawn_blocking(move || store.delete_prefix(&folder))
+        let removing = folder.clone();
+        tokio::task::spawn_blocking(move || store.delete_prefix(&removing))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| store_status("removing from", e))?;
+        // Recorded once removed (a retry removes nothing more and records it again).
+        self.propose(command::Kind::StoreRemoved(shoal_proto::StoreRemoval { what: "drop_import".into(), paths: vec![folder] }), String::new()).await?;
         Ok(Response::new(Ack {}))
     }
 
@@ -929,6 +945,7 @@ impl Coordinator for Api {
     }
 
     async fn report_checkpoint_error(&self, r: Request<CheckpointError>) -> Result<Response<Ack>, Status> {
+        self.check_worker(&r, &r.get_ref().worker_id)?;
         self.propose(command::Kind::CheckpointFailed(r.into_inner()), String::new()).await?;
         Ok(Response::new(Ack {}))
     }
@@ -938,6 +955,20 @@ impl Coordinator for Api {
 const PROBES: u32 = 10;
 
 impl Api {
+    /// With credentials, a call made for a worker must carry that worker's key (from its
+    /// registration): the worker token is shared by every worker, the key is not. Refusals
+    /// are counted with the guard's.
+    fn check_worker<T>(&self, r: &Request<T>, worker_id: &str) -> Result<(), Status> {
+        let Some(auth) = &self.0.cfg.auth else { return Ok(()) };
+        let header = r.metadata().get(shoal_core::auth::WORKER_KEY_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if auth.key.check_worker(worker_id, header) {
+            return Ok(());
+        }
+        self.0.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let why = if header.is_empty() { "carries no worker key" } else { "carries a key that is not this worker's" };
+        Err(Status::permission_denied(format!("a call for worker {worker_id:?} {why} (a worker's calls carry the key its registration gave it)")))
+    }
+
     /// With credentials, the generation's ranks prove their membership to each other on the
     /// data plane with a key only the coordinators can derive: it goes with the assignment.
     fn with_ring_key(&self, mut assignment: Option<Assignment>) -> Option<Assignment> {

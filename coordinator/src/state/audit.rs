@@ -55,8 +55,18 @@ pub(super) fn audited(kind: &command::Kind) -> Option<(&'static str, String)> {
         K::RevokeToken(id) => ("revoke_token", id.clone()),
         K::RegisterWorker(r) => ("register_worker", r.address.clone()),
         K::SetMembers(m) => ("set_members", format!("{} members", m.members.len())),
+        K::StoreRemoved(r) => (if r.what == "drop_import" { "drop_import" } else { "collect_datasets" }, removed_paths(&r.paths)),
         _ => return None,
     })
+}
+
+/// Up to 8 of the removed folders by name, then how many more.
+fn removed_paths(paths: &[String]) -> String {
+    let mut s = paths.iter().take(8).cloned().collect::<Vec<_>>().join(", ");
+    if paths.len() > 8 {
+        s.push_str(&format!(" and {} more", paths.len() - 8));
+    }
+    s
 }
 
 /// What an applied command's outcome adds to its target (the id a submission got).

@@ -601,6 +601,8 @@ impl StateMachine {
             command::Kind::CreateToken(t) => self.create_token(t),
             command::Kind::RevokeToken(id) => self.revoke_token(&id),
             command::Kind::SealAudit(s) => self.seal_audit(s),
+            // Only the audit trail keeps it (see `audit::audited`).
+            command::Kind::StoreRemoved(_) => Ok(ApplyOutput::None),
         }
     }
 }

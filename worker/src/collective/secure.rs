@@ -213,8 +213,8 @@ impl Write for Link {
 /// it three times (measured: 64 MB all-reduce, 2 ranks). Both ends move to a key derived from
 /// the last every `REKEY_EVERY` records, well inside AES-GCM's limit per key; the peer is
 /// always shoal, so no KeyUpdate message is needed.
-pub(crate) struct Sealed {
-    sock: TcpStream,
+pub(crate) struct Sealed<S = TcpStream> {
+    sock: S,
     tx: Direction,
     rx: Direction,
     /// Sealed records not yet written, and how much of them is.
@@ -288,8 +288,10 @@ impl Sealed {
     fn new(sock: TcpStream, secrets: rustls::ExtractedSecrets) -> Result<Sealed, String> {
         Ok(Sealed::with(sock, Direction::new(secrets.tx)?, Direction::new(secrets.rx)?))
     }
+}
 
-    fn with(sock: TcpStream, tx: Direction, rx: Direction) -> Sealed {
+impl<S: Read + Write> Sealed<S> {
+    fn with(sock: S, tx: Direction, rx: Direction) -> Sealed<S> {
         Sealed {
             sock,
             tx,
@@ -382,7 +384,7 @@ fn unopened() -> std::io::Error {
     bad_record("does not open with the connection's key (altered, or out of order)")
 }
 
-impl Read for Sealed {
+impl<S: Read + Write> Read for Sealed<S> {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         while self.plain.0 == self.plain.1 {
             let Some((header, len)) = self.next_record()? else { return Ok(0) };
@@ -415,7 +417,7 @@ impl Read for Sealed {
     }
 }
 
-impl Write for Sealed {
+impl<S: Read + Write> Write for Sealed<S> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         // What an earlier call sealed goes first.
         self.push_out()?;
@@ -431,6 +433,66 @@ impl Write for Sealed {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.push_out()
+    }
+}
+
+/// Sealed records in memory, with fixed keys: what the fuzz harness (`shoal-fuzz`'s
+/// `sealed_records`) drives the record layer through.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// Bytes read from `input`, bytes written to `output`.
+    struct Wire {
+        input: std::io::Cursor<Vec<u8>>,
+        output: Vec<u8>,
+    }
+
+    impl Read for Wire {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.input.read(buf)
+        }
+    }
+
+    impl Write for Wire {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.output.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn sealed(input: Vec<u8>) -> Sealed<Wire> {
+        let key = Direction::from_key([7; 16], [9; 12], 0);
+        let same = Direction::from_key([7; 16], [9; 12], 0);
+        Sealed::with(Wire { input: std::io::Cursor::new(input), output: Vec::new() }, key, same)
+    }
+
+    /// The records a writer makes of `pieces` (one `write_all` each).
+    pub fn seal(pieces: &[&[u8]]) -> Vec<u8> {
+        let mut s = sealed(Vec::new());
+        for p in pieces {
+            s.write_all(p).expect("writes to memory");
+        }
+        s.flush().expect("writes to memory");
+        s.sock.output
+    }
+
+    /// What a reader makes of `wire`, reading `read_size` bytes at a time (at least 1): the
+    /// bytes up to the end of the stream, or the first error.
+    pub fn open(wire: &[u8], read_size: usize) -> std::io::Result<Vec<u8>> {
+        let mut s = sealed(wire.to_vec());
+        let mut buf = vec![0u8; read_size.max(1)];
+        let mut out = Vec::new();
+        loop {
+            match s.read(&mut buf)? {
+                0 => return Ok(out),
+                n => out.extend_from_slice(&buf[..n]),
+            }
+        }
     }
 }
 
