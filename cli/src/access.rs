@@ -80,6 +80,10 @@ pub enum CaCmd {
         /// The folder to write.
         #[arg(long)]
         out: PathBuf,
+        /// How long the certificate is valid, in days (issue a new one over the folder before
+        /// then: servers take it without a restart).
+        #[arg(long, default_value_t = shoal_cluster::credentials::LEAF_DAYS)]
+        days: u32,
     },
 }
 
@@ -255,8 +259,11 @@ pub fn ca(cmd: CaCmd) -> Result<()> {
             eprintln!("credentials made in {} (keep it private); the admin token, shown once:", dir.display());
             println!("{admin}");
         }
-        CaCmd::Issue { dir, node, worker, client, host, out } => {
-            let ca = Authority::new(&dir);
+        CaCmd::Issue { dir, node, worker, client, host, out, days } => {
+            if !(1..=36_500).contains(&days) {
+                bail!("--days {days}: between 1 and 36500");
+            }
+            let ca = Authority { days, ..Authority::new(&dir) };
             if !ca.exists() {
                 bail!("{} holds no credentials; make them with `shoal ca init --dir {}`", dir.display(), dir.display());
             }

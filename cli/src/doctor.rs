@@ -50,6 +50,43 @@ fn loose_files(dir: &Path, depth: usize, out: &mut Vec<Finding>) {
     }
 }
 
+/// Certificates within this many days of their end are named.
+const EXPIRY_WARN_DAYS: i64 = 30;
+
+/// What a certificate ending at `not_after` (seconds since the epoch) is worth saying at `now`.
+fn expiry(path: &Path, not_after: i64, now: i64) -> Option<Finding> {
+    let days = (not_after - now) / 86_400;
+    let renew = "`shoal ca issue` a new one over its folder (servers take it without a restart)";
+    if not_after <= now {
+        Some(Finding { level: "high", what: format!("{} expired {} days ago: {renew}", path.display(), (now - not_after) / 86_400) })
+    } else if days < EXPIRY_WARN_DAYS {
+        Some(Finding { level: "warn", what: format!("{} expires in {days} days: {renew}", path.display()) })
+    } else {
+        None
+    }
+}
+
+/// The certificates (`*.crt`) under `dir`, at most `depth` folders down: expired or ending
+/// soon; Ok(count) of those checked.
+fn certificates(dir: &Path, depth: usize, now: i64, out: &mut Vec<Finding>) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let mut checked = 0;
+    for e in entries.flatten() {
+        let Ok(t) = e.file_type() else { continue };
+        let path = e.path();
+        if t.is_dir() && depth > 0 {
+            checked += certificates(&path, depth - 1, now, out);
+        } else if t.is_file() && path.extension().is_some_and(|x| x == "crt") {
+            checked += 1;
+            match std::fs::read(&path).map_err(|e| e.to_string()).and_then(|pem| shoal_coordinator::tls::not_after(&pem)) {
+                Ok(end) => out.extend(expiry(&path, end, now)),
+                Err(e) => out.push(Finding { level: "warn", what: format!("{}: not a certificate ({e})", path.display()) }),
+            }
+        }
+    }
+    checked
+}
+
 /// Whether the data plane at `addr` completes a TLS handshake with `tls` (Some(true)), takes a
 /// plaintext connection (Some(false)), or neither (None).
 async fn data_plane_speaks_tls(addr: &str, tls: Option<&shoal_coordinator::tls::TlsFiles>) -> Option<bool> {
@@ -175,11 +212,18 @@ pub async fn security(conn: Conn, json: bool) -> Result<()> {
         }
         Err(e) => found.push(Finding { level: "warn", what: format!("tokens not checked: {e}") }),
     }
-    // Secret files of this machine's cluster folder and client credentials.
+    // Secret files and certificates of this machine's cluster folder and client credentials.
     loose_files(&dir.join("ca"), 0, &mut found);
     loose_files(&dir.join("credentials"), 1, &mut found);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let before = found.len();
+    let mut checked = certificates(&dir.join("ca"), 0, now, &mut found) + certificates(&dir.join("credentials"), 1, now, &mut found);
     if let Some(creds) = std::env::var_os("SHOAL_CLIENT_CREDENTIALS").filter(|v| !v.is_empty()) {
         loose_files(Path::new(&creds), 0, &mut found);
+        checked += certificates(Path::new(&creds), 0, now, &mut found);
+    }
+    if checked > 0 && found.len() == before {
+        found.push(Finding { level: "ok", what: format!("{checked} certificates, none within {EXPIRY_WARN_DAYS} days of its end") });
     }
     let high = found.iter().filter(|f| f.level == "high").count();
     if json {
@@ -197,6 +241,19 @@ pub async fn security(conn: Conn, json: bool) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn certificates_are_named_when_expired_or_ending_soon() {
+        let p = std::path::Path::new("x.crt");
+        let day = 86_400;
+        let now = 1_800_000_000;
+        assert!(super::expiry(p, now + 31 * day, now).is_none());
+        let soon = super::expiry(p, now + 29 * day + 5, now).unwrap();
+        assert_eq!((soon.level, soon.what.contains("expires in 29 days")), ("warn", true), "{}", soon.what);
+        let gone = super::expiry(p, now - 2 * day - 5, now).unwrap();
+        assert_eq!((gone.level, gone.what.contains("expired 2 days ago")), ("high", true), "{}", gone.what);
+        assert_eq!(super::expiry(p, now, now).unwrap().level, "high");
+    }
+
     #[test]
     fn loopback_addresses_are_told_apart() {
         for a in ["127.0.0.1:7400", "localhost:1", "[::1]:9", "http://127.0.0.1:5"] {

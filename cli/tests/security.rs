@@ -576,12 +576,20 @@ fn doctor_security_reports_what_a_cluster_exposes() {
     let has = |found: &[(String, String)], level: &str, text: &str| found.iter().any(|(l, w)| l == level && w.contains(text));
     // `up`'s cluster: TLS and tokens everywhere, on loopback: nothing that exposes it; tokens
     // without expiry are named.
-    let (ok, found) = doctor(&mut c.cmd(&["doctor", "security", "--json"]));
-    assert!(ok, "{found:#?}");
+    let (clean, found) = doctor(&mut c.cmd(&["doctor", "security", "--json"]));
+    assert!(clean, "{found:#?}");
     assert!(has(&found, "ok", "mutual TLS, tokens on every call") && has(&found, "ok", "ranks prove their generation"), "{found:#?}");
     assert!(!has(&found, "warn", "data plane") && !has(&found, "warn", "/metrics"), "{found:#?}");
     assert!(has(&found, "ok", "/metrics and the dashboard over HTTPS") && has(&found, "ok", "a token required"), "{found:#?}");
     assert!(has(&found, "warn", "never expires"), "{found:#?}");
+    assert!(has(&found, "ok", "certificates, none within 30 days of its end"), "{found:#?}");
+    // A certificate issued for 10 days: named as ending soon (a warning, not an exposure).
+    let ca = c.dir().join("ca");
+    let e = fails(shoal().args(["ca", "issue", "--client", "brief", "--days", "0", "--dir"]).arg(&ca).arg("--out").arg(c.dir().join("credentials/brief")));
+    assert!(e.contains("--days 0"), "{e}");
+    ok(shoal().args(["ca", "issue", "--client", "brief", "--days", "10", "--dir"]).arg(&ca).arg("--out").arg(c.dir().join("credentials/brief")));
+    let (clean, found) = doctor(&mut c.cmd(&["doctor", "security", "--json"]));
+    assert!(clean && has(&found, "warn", "brief/client.crt expires in "), "{found:#?}");
     // A secret others may read: named, and the exit code says so.
     let key = c.dir().join("credentials/worker/worker.key");
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();

@@ -36,6 +36,18 @@ fn ca_params() -> rcgen::CertificateParams {
     p
 }
 
+/// How long the certificates made here are valid: a process's or person's a year by default
+/// (`ca issue --days`; servers take a new one without a restart), the CA's ten years.
+pub const LEAF_DAYS: u32 = 365;
+pub const CA_DAYS: u32 = 3650;
+
+/// From an hour ago (the machines of a cluster disagree a little on the time) for `days`.
+fn valid_for(p: &mut rcgen::CertificateParams, days: u32) {
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::hours(1);
+    p.not_after = now + time::Duration::days(days.into());
+}
+
 fn tls_err(e: impl std::fmt::Display) -> ClusterError {
     ClusterError::Io(format!("certificate: {e}"))
 }
@@ -43,7 +55,7 @@ fn tls_err(e: impl std::fmt::Display) -> ClusterError {
 /// A certificate for `common_name`, signed by the CA key: a server's and client's both (every
 /// process dials as well as listens), naming `shoal` (what clients check), localhost and
 /// `hosts` (names or IP addresses), for tools that check the address they dial.
-fn leaf(ca_key: &rcgen::KeyPair, common_name: &str, hosts: &[String]) -> Result<(String, String), ClusterError> {
+fn leaf(ca_key: &rcgen::KeyPair, common_name: &str, hosts: &[String], days: u32) -> Result<(String, String), ClusterError> {
     let mut names = vec![shoal_coordinator::tls::SERVER_NAME.to_string(), "localhost".to_string()];
     names.extend(hosts.iter().filter(|h| h.parse::<std::net::IpAddr>().is_err()).cloned());
     let mut p = rcgen::CertificateParams::new(names).map_err(tls_err)?;
@@ -52,6 +64,7 @@ fn leaf(ca_key: &rcgen::KeyPair, common_name: &str, hosts: &[String]) -> Result<
         p.subject_alt_names.push(rcgen::SanType::IpAddress(ip));
     }
     p.distinguished_name.push(rcgen::DnType::CommonName, common_name);
+    valid_for(&mut p, days);
     p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
     let key = rcgen::KeyPair::generate().map_err(tls_err)?;
     let issuer = rcgen::Issuer::new(ca_params(), ca_key);
@@ -74,11 +87,13 @@ fn private_dir(dir: &Path) -> Result<(), ClusterError> {
 #[derive(Clone, Debug)]
 pub struct Authority {
     pub dir: PathBuf,
+    /// How long the certificates it issues are valid.
+    pub days: u32,
 }
 
 impl Authority {
     pub fn new(dir: impl Into<PathBuf>) -> Authority {
-        Authority { dir: dir.into() }
+        Authority { dir: dir.into(), days: LEAF_DAYS }
     }
 
     pub fn exists(&self) -> bool {
@@ -102,7 +117,9 @@ impl Authority {
         write_secret_file(&self.dir.join(ADMIN_TOKEN_FILE), format!("{admin}\n").as_bytes()).map_err(io)?;
         write_secret_file(&self.dir.join(WORKER_TOKEN_FILE), format!("{worker}\n").as_bytes()).map_err(io)?;
         let ca_key = rcgen::KeyPair::generate().map_err(tls_err)?;
-        let ca_cert = ca_params().self_signed(&ca_key).map_err(tls_err)?;
+        let mut params = ca_params();
+        valid_for(&mut params, CA_DAYS);
+        let ca_cert = params.self_signed(&ca_key).map_err(tls_err)?;
         write_secret_file(&self.dir.join(CA_KEY_FILE), ca_key.serialize_pem().as_bytes()).map_err(io)?;
         std::fs::write(self.dir.join(shoal_coordinator::tls::CA_CERT_FILE), ca_cert.pem()).map_err(io)?;
         self.write_leaf(&self.dir, "admin", "client-admin", &[])?;
@@ -118,7 +135,7 @@ impl Authority {
     /// Writes `OUT/FILE.crt` and `OUT/FILE.key` for `common_name`, and the CA's certificate.
     fn write_leaf(&self, out: &Path, file: &str, common_name: &str, hosts: &[String]) -> Result<(), ClusterError> {
         let ca_key = rcgen::KeyPair::from_pem(&read_secret_text(&self.dir.join(CA_KEY_FILE)).map_err(io)?).map_err(tls_err)?;
-        let (cert, key) = leaf(&ca_key, common_name, hosts)?;
+        let (cert, key) = leaf(&ca_key, common_name, hosts, self.days)?;
         write_secret_file(&out.join(format!("{file}.key")), key.as_bytes()).map_err(io)?;
         std::fs::write(out.join(format!("{file}.crt")), cert).map_err(io)?;
         if out != self.dir {
@@ -200,5 +217,13 @@ mod tests {
         let w = Token::parse(&read_token(&worker.join(WORKER_TOKEN_FILE)).unwrap()).unwrap();
         assert_eq!(shoal_coordinator::state::StateMachine::authenticate(&auth.bootstrap, &auth.key, &w, 0).unwrap().role, Role::Worker);
         assert!(!worker.join(TOKEN_KEY_FILE).exists(), "a worker never holds the token key");
+        // Validity: a year for what it issues (or --days), ten years for the CA.
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let days = |p: &Path| (shoal_coordinator::tls::not_after(&std::fs::read(p).unwrap()).unwrap() - now) as f64 / 86_400.0;
+        assert!((364.9..=365.0).contains(&days(&node.join("node.crt"))), "{}", days(&node.join("node.crt")));
+        assert!((3649.9..=3650.0).contains(&days(&ca.dir.join("ca.crt"))));
+        let brief = dir.path().join("brief");
+        Authority { days: 2, ..ca.clone() }.issue_client(&brief, "b").unwrap();
+        assert!((1.9..=2.0).contains(&days(&brief.join("client.crt"))));
     }
 }

@@ -61,6 +61,14 @@ impl TlsFiles {
     }
 }
 
+/// When the first certificate of `pem` stops being valid, in seconds since the epoch.
+pub fn not_after(pem: &[u8]) -> Result<i64, String> {
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::pem_slice_iter(pem).next().ok_or("no certificate")?.map_err(|e| e.to_string())?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| e.to_string())?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
 /// An endpoint for `addr` (`host:port` or a URL): `https` with `tls`, else `http`.
 pub fn endpoint(addr: &str, tls: Option<&TlsFiles>) -> Result<Endpoint, String> {
     let hostport = addr.split_once("://").map_or(addr, |(_, rest)| rest);
