@@ -67,7 +67,7 @@ fn expiry(path: &Path, not_after: i64, now: i64) -> Option<Finding> {
 }
 
 /// The certificates (`*.crt`) under `dir`, at most `depth` folders down: expired or ending
-/// soon; Ok(count) of those checked.
+/// soon; returns how many it checked.
 fn certificates(dir: &Path, depth: usize, now: i64, out: &mut Vec<Finding>) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
     let mut checked = 0;

@@ -406,7 +406,7 @@ impl Coordinator for Api {
         if !removed.is_empty() {
             // Removed already: the trail says so (a failed proposal fails the call, and its
             // retry finds nothing more to remove).
-            self.propose(command::Kind::StoreRemoved(shoal_proto::StoreRemoval { what: "collect_datasets".into(), paths: removed.clone() }), String::new()).await?;
+            self.propose(command::Kind::StoreRemoved(shoal_proto::StoreRemoval { cause: shoal_proto::store_removal::Cause::CollectDatasets as i32, paths: removed.clone() }), String::new()).await?;
         }
         Ok(Response::new(PruneReply { removed_paths: removed, ..Default::default() }))
     }
@@ -879,7 +879,7 @@ impl Coordinator for Api {
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| store_status("removing from", e))?;
         // Recorded once removed (a retry removes nothing more and records it again).
-        self.propose(command::Kind::StoreRemoved(shoal_proto::StoreRemoval { what: "drop_import".into(), paths: vec![folder] }), String::new()).await?;
+        self.propose(command::Kind::StoreRemoved(shoal_proto::StoreRemoval { cause: shoal_proto::store_removal::Cause::DropImport as i32, paths: vec![folder] }), String::new()).await?;
         Ok(Response::new(Ack {}))
     }
 

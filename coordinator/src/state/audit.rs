@@ -55,7 +55,15 @@ pub(super) fn audited(kind: &command::Kind) -> Option<(&'static str, String)> {
         K::RevokeToken(id) => ("revoke_token", id.clone()),
         K::RegisterWorker(r) => ("register_worker", r.address.clone()),
         K::SetMembers(m) => ("set_members", format!("{} members", m.members.len())),
-        K::StoreRemoved(r) => (if r.what == "drop_import" { "drop_import" } else { "collect_datasets" }, removed_paths(&r.paths)),
+        K::StoreRemoved(r) => {
+            use shoal_proto::store_removal::Cause;
+            let what = match r.cause() {
+                Cause::DropImport => "drop_import",
+                Cause::CollectDatasets => "collect_datasets",
+                Cause::Unspecified => "remove_from_store",
+            };
+            (what, removed_paths(&r.paths))
+        }
         _ => return None,
     })
 }

@@ -372,10 +372,12 @@ pub(crate) mod testing {
     }
 
     /// Each ring (in rank order) all-reduces its rank's buffer of `data`, on a thread of its
-    /// own; the results in rank order.
+    /// own, then runs `after` on it (collectives every rank takes part in); the results in
+    /// rank order.
     #[cfg(test)]
-    pub fn all_reduce_each(rings: Vec<TcpRing>, data: &[Vec<f32>]) -> Vec<Vec<f32>> {
+    pub fn all_reduce_each_then(rings: Vec<TcpRing>, data: &[Vec<f32>], after: impl Fn(&mut TcpRing) + Sync) -> Vec<Vec<f32>> {
         use super::Collective;
+        let after = &after;
         std::thread::scope(|s| {
             let hs: Vec<_> = rings
                 .into_iter()
@@ -384,12 +386,19 @@ pub(crate) mod testing {
                     s.spawn(move || {
                         let mut buf = d.clone();
                         ring.all_reduce(&mut buf).unwrap();
+                        after(&mut ring);
                         buf
                     })
                 })
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         })
+    }
+
+    /// `all_reduce_each_then` with nothing after.
+    #[cfg(test)]
+    pub fn all_reduce_each(rings: Vec<TcpRing>, data: &[Vec<f32>]) -> Vec<Vec<f32>> {
+        all_reduce_each_then(rings, data, |_| {})
     }
 
     /// Buffers of `len` pseudo-random values, one per rank, with a mix of magnitudes so the

@@ -711,22 +711,11 @@ mod tests {
 
     use super::super::testing::tcp_rings as rings;
 
+    /// Every rank all-reduces its buffer, then all-gathers bytes of a length of its own.
     fn reduce_all(rings: Vec<TcpRing>, data: &[Vec<f32>]) -> Vec<Vec<f32>> {
-        std::thread::scope(|s| {
-            let hs: Vec<_> = rings
-                .into_iter()
-                .zip(data)
-                .map(|(mut ring, d)| {
-                    s.spawn(move || {
-                        let mut buf = d.clone();
-                        ring.all_reduce(&mut buf).unwrap();
-                        let gathered = ring.all_gather_bytes(vec![ring.rank() as u8; ring.rank() + 3]).unwrap();
-                        assert_eq!(gathered.iter().map(Vec::len).collect::<Vec<_>>(), (0..ring.world()).map(|r| r + 3).collect::<Vec<_>>());
-                        buf
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        super::super::testing::all_reduce_each_then(rings, data, |ring| {
+            let gathered = ring.all_gather_bytes(vec![ring.rank() as u8; ring.rank() + 3]).unwrap();
+            assert_eq!(gathered.iter().map(Vec::len).collect::<Vec<_>>(), (0..ring.world()).map(|r| r + 3).collect::<Vec<_>>());
         })
     }
 
