@@ -77,9 +77,8 @@ impl UpCluster {
     /// Starts `n` more workers (one compute thread each, so runs compare bitwise whatever the
     /// machine) with `envs`, and waits until the cluster has registered them.
     pub fn spawn_workers(&self, n: usize, envs: &[(&str, &str)]) -> Vec<Proc> {
-        // Every registration adds a worker id (lost ones stay listed), so the count only grows.
-        let registered = |c: &UpCluster| json(&mut c.cmd(&["status", "--json"]))["workers"].as_array().unwrap().len();
-        let before = registered(self);
+        // By pid: lost workers are forgotten after a lease, so a count of ids can go down.
+        let registered = |c: &UpCluster| -> Vec<u64> { json(&mut c.cmd(&["status", "--json"]))["workers"].as_array().unwrap().iter().filter_map(|w| w["pid"].as_u64()).collect() };
         let eps = self.endpoints();
         let procs: Vec<Proc> = (0..n)
             .map(|_| {
@@ -89,7 +88,11 @@ impl UpCluster {
                 Proc::spawn(&mut cmd, &self.tmp.path().join(format!("worker-{i}.log")))
             })
             .collect();
-        wait_for("the new workers to register", Duration::from_secs(30), || (registered(self) >= before + n).then_some(()));
+        let pids: Vec<u64> = procs.iter().map(|p| p.0.as_ref().expect("just spawned").id() as u64).collect();
+        wait_for("the new workers to register", Duration::from_secs(30), || {
+            let seen = registered(self);
+            pids.iter().all(|p| seen.contains(p)).then_some(())
+        });
         procs
     }
 
