@@ -102,12 +102,25 @@ impl Opt {
     /// parts gives the same bits as doing it at once.
     /// The gradients are scaled in place when the step clips them.
     pub fn apply_part(&mut self, offset: usize, params: &mut [f32], grads: &mut [f32]) -> Result<(), WorkerError> {
+        if self.scale != 1.0 {
+            grads.iter_mut().for_each(|g| *g *= self.scale);
+        }
+        self.update(offset, params, grads)
+    }
+
+    /// `apply_part` for a step that does not clip (`needs_norm` false), whose gradients it
+    /// only reads: `all_gather_from` hands over pieces that are still being sent.
+    pub fn apply_part_unclipped(&mut self, offset: usize, params: &mut [f32], grads: &[f32]) -> Result<(), WorkerError> {
+        if self.scale != 1.0 {
+            return Err(WorkerError::Model("a clipped step's gradients are scaled in place: apply_part, not apply_part_unclipped".into()));
+        }
+        self.update(offset, params, grads)
+    }
+
+    fn update(&mut self, offset: usize, params: &mut [f32], grads: &[f32]) -> Result<(), WorkerError> {
         let range = offset..offset + params.len();
         if grads.len() != params.len() || range.end > self.buffers.first().map_or(0, Vec::len) {
             return Err(WorkerError::Model(format!("optimizer update of {range:?} with {} gradients does not fit its state", grads.len())));
-        }
-        if self.scale != 1.0 {
-            grads.iter_mut().for_each(|g| *g *= self.scale);
         }
         let lr = self.lr;
         match (self.cfg, self.buffers.as_mut_slice()) {

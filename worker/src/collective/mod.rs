@@ -47,6 +47,25 @@ pub trait Collective: Send {
     }
     /// In-place sum over all ranks, in the documented order; the same bits on every rank.
     fn all_reduce(&mut self, buf: &mut [f32]) -> Result<(), WorkerError>;
+    /// The first half of `all_reduce`, for a step that decides between the halves whether to
+    /// go on (`train::step`): afterwards this rank holds the final sum for the range of `buf`
+    /// it returns, and partial sums elsewhere. A transport without halves reduces all of
+    /// `buf` and returns all of it.
+    fn reduce_scatter(&mut self, buf: &mut [f32]) -> Result<Range<usize>, WorkerError> {
+        self.all_reduce(buf)?;
+        Ok(0..buf.len())
+    }
+    /// The second half, after `reduce_scatter` of the same `buf` returned `mine`: every
+    /// rank's final range on every rank, so that `buf` ends as `all_reduce` leaves it. `each`
+    /// sees each range of `buf` once, as soon as it is final (while the rest is still on the
+    /// wire), the ranges covering `buf` exactly; in an order that depends on the transport and
+    /// the rank. An error from `each` ends the operation (the ring is then unusable).
+    fn all_gather_from(&mut self, buf: &mut [f32], mine: Range<usize>, each: &mut dyn FnMut(Range<usize>, &[f32]) -> Result<(), WorkerError>) -> Result<(), WorkerError> {
+        if mine != (0..buf.len()) {
+            return Err(WorkerError::Collective(format!("{} reduces whole buffers: an all-gather from {mine:?} of {}", self.name(), buf.len())));
+        }
+        each(mine, buf)
+    }
     /// Every rank's `mine`, indexed by rank, on every rank (small payloads).
     fn all_gather_bytes(&mut self, mine: Vec<u8>) -> Result<Vec<Vec<u8>>, WorkerError>;
     /// Returns once every rank has called it.

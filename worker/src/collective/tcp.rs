@@ -22,6 +22,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -557,19 +558,7 @@ impl TcpRing {
                 }
             });
             let received = (|| -> Result<(), WorkerError> {
-                let mut h = [0u8; 20];
-                read_all(prev, &mut h, prev_rank, deadline, cancel)?;
-                let (magic, got_seq, len) = (
-                    u32::from_le_bytes(h[..4].try_into().expect("4 bytes")),
-                    u64::from_le_bytes(h[4..12].try_into().expect("8 bytes")),
-                    u64::from_le_bytes(h[12..20].try_into().expect("8 bytes")),
-                );
-                if magic != FRAME_MAGIC || got_seq != seq || len != (recv.len() * elem) as u64 {
-                    return Err(WorkerError::Collective(format!(
-                        "rank {prev_rank} is out of step: operation {got_seq} with {len} bytes, expected operation {seq} with {}",
-                        recv.len() * elem
-                    )));
-                }
+                read_header(prev, seq, recv.len() * elem, prev_rank, deadline, cancel)?;
                 if wire == Wire::F32 && !add {
                     return read_all(prev, bytemuck::cast_slice_mut(recv), prev_rank, deadline, cancel);
                 }
@@ -600,6 +589,53 @@ impl TcpRing {
             received.and(sent)
         })
     }
+
+    /// One all-gather step of `all_gather_from` (f32 on the wire): sends the final chunk
+    /// `send` on a second thread while receiving the next one into `recv` (from `recv_at`
+    /// on), handing each piece to `each` as it lands. `own`: where `send` starts when it is
+    /// this rank's own chunk, handed to `each` first (the sender only reads it).
+    fn gather_step(&mut self, send: &[f32], own: Option<usize>, recv: &mut [f32], recv_at: usize, each: &mut dyn FnMut(Range<usize>, &[f32]) -> Result<(), WorkerError>) -> Result<(), WorkerError> {
+        let deadline = Instant::now() + self.timeout;
+        let (next_rank, prev_rank) = self.peers();
+        let (seq, cancel) = (self.seq, &*self.cancel);
+        let (next, prev) = (self.next.as_mut().expect("a ring of 2+"), self.prev.as_mut().expect("a ring of 2+"));
+        std::thread::scope(|sc| {
+            let sender = sc.spawn(move || -> Result<(), WorkerError> {
+                write_all(next, &header(seq, (send.len() * 4) as u64), next_rank, deadline, cancel)?;
+                write_all(next, f32_bytes(send), next_rank, deadline, cancel)
+            });
+            let received = (|| -> Result<(), WorkerError> {
+                if let Some(at) = own {
+                    each(at..at + send.len(), send)?;
+                }
+                read_header(prev, seq, recv.len() * 4, prev_rank, deadline, cancel)?;
+                let mut at = recv_at;
+                for piece in recv.chunks_mut(PIECE / 4) {
+                    read_all(prev, bytemuck::cast_slice_mut(piece), prev_rank, deadline, cancel)?;
+                    each(at..at + piece.len(), piece)?;
+                    at += piece.len();
+                }
+                Ok(())
+            })();
+            let sent = sender.join().unwrap_or_else(|_| Err(WorkerError::Collective("the ring's sender thread panicked".into())));
+            received.and(sent)
+        })
+    }
+}
+
+/// Reads a frame's header and checks it: operation `seq`, `bytes` long.
+fn read_header(prev: &mut Link, seq: u64, bytes: usize, prev_rank: usize, deadline: Instant, cancel: &AtomicBool) -> Result<(), WorkerError> {
+    let mut h = [0u8; 20];
+    read_all(prev, &mut h, prev_rank, deadline, cancel)?;
+    let (magic, got_seq, len) = (
+        u32::from_le_bytes(h[..4].try_into().expect("4 bytes")),
+        u64::from_le_bytes(h[4..12].try_into().expect("8 bytes")),
+        u64::from_le_bytes(h[12..20].try_into().expect("8 bytes")),
+    );
+    if magic != FRAME_MAGIC || got_seq != seq || len != bytes as u64 {
+        return Err(WorkerError::Collective(format!("rank {prev_rank} is out of step: operation {got_seq} with {len} bytes, expected operation {seq} with {bytes}")));
+    }
+    Ok(())
 }
 
 /// Socket buffers of 4 MB each way (the kernel's default ceiling, `net.core.[rw]mem_max`):
@@ -650,6 +686,43 @@ impl Collective for TcpRing {
             // The first all-gather step sends this rank's reduced chunk: with bf16 it keeps the
             // rounded values it sends, so every rank ends with the same bits.
             self.step(send, recv, false, s == 0)?;
+        }
+        Ok(())
+    }
+
+    fn reduce_scatter(&mut self, buf: &mut [f32]) -> Result<Range<usize>, WorkerError> {
+        let (n, r, len) = (self.world, self.rank, buf.len());
+        // With bf16 the owner of a chunk keeps the rounded values it sends: a whole operation.
+        if n == 1 || self.wire != Wire::F32 {
+            self.all_reduce(buf)?;
+            return Ok(0..len);
+        }
+        self.seq += 1;
+        for s in 0..n - 1 {
+            let (send_c, recv_c) = ((r + n - s) % n, (r + 2 * n - s - 1) % n);
+            let (send, recv) = two(buf, chunk(len, n, send_c), chunk(len, n, recv_c));
+            self.step(send, recv, true, false)?;
+        }
+        // The last chunk this rank added to is the one it now holds in full.
+        Ok(chunk(len, n, (r + 1) % n))
+    }
+
+    fn all_gather_from(&mut self, buf: &mut [f32], mine: Range<usize>, each: &mut dyn FnMut(Range<usize>, &[f32]) -> Result<(), WorkerError>) -> Result<(), WorkerError> {
+        let (n, r, len) = (self.world, self.rank, buf.len());
+        if mine == (0..len) {
+            return each(mine, buf);
+        }
+        if self.wire != Wire::F32 || mine != chunk(len, n, (r + 1) % n) {
+            return Err(WorkerError::Collective(format!("an all-gather from {mine:?} of {len} after no reduce-scatter of this ring")));
+        }
+        self.seq += 1;
+        for s in 0..n - 1 {
+            let (send_c, recv_c) = ((r + 1 + n - s) % n, (r + n - s) % n);
+            let (send_r, recv_r) = (chunk(len, n, send_c), chunk(len, n, recv_c));
+            let recv_at = recv_r.start;
+            let own = (s == 0).then_some(send_r.start);
+            let (send, recv) = two(buf, send_r, recv_r);
+            self.gather_step(send, own, recv, recv_at, each)?;
         }
         Ok(())
     }
@@ -728,6 +801,55 @@ mod tests {
                 let want = reference_sum(&data);
                 for (r, got) in out.iter().enumerate() {
                     assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "world {world}, len {len}: rank {r} differs from the reference");
+                }
+            }
+        }
+    }
+
+    /// The two halves with a control all-gather between them, as a training step does them:
+    /// the reference sum on every rank, and `each` sees every element once, already final.
+    #[test]
+    fn the_halves_give_the_reference_sum_and_hand_each_final_piece_once() {
+        for (world, wire) in [(2usize, Wire::F32), (3, Wire::F32), (2, Wire::Bf16)] {
+            for len in [2usize, 1001, 100_003] {
+                let data = inputs(world, len, (world * 7 + len) as u64);
+                let rs = rings(world, wire, Duration::from_secs(10));
+                let out: Vec<(Vec<f32>, Vec<(Range<usize>, Vec<f32>)>)> = std::thread::scope(|s| {
+                    let hs: Vec<_> = rs
+                        .into_iter()
+                        .zip(&data)
+                        .map(|(mut ring, d)| {
+                            s.spawn(move || {
+                                let mut buf = d.clone();
+                                let mine = ring.reduce_scatter(&mut buf).unwrap();
+                                ring.all_gather_bytes(vec![ring.rank() as u8]).unwrap();
+                                let mut seen = Vec::new();
+                                ring.all_gather_from(&mut buf, mine, &mut |r, g| {
+                                    seen.push((r, g.to_vec()));
+                                    Ok(())
+                                })
+                                .unwrap();
+                                (buf, seen)
+                            })
+                        })
+                        .collect();
+                    hs.into_iter().map(|h| h.join().unwrap()).collect()
+                });
+                let want = if wire == Wire::F32 { reference_sum(&data) } else { out[0].0.clone() };
+                for (r, (got, mut seen)) in out.into_iter().enumerate() {
+                    let what = format!("world {world}, {wire:?}, len {len}, rank {r}");
+                    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: differs from the reference");
+                    seen.sort_by_key(|(range, _)| range.start);
+                    let mut next = 0;
+                    for (range, values) in &seen {
+                        assert_eq!(range.start, next, "{what}: pieces {seen:?} leave a gap or overlap", seen = seen.iter().map(|s| s.0.clone()).collect::<Vec<_>>());
+                        assert!(values.iter().zip(&want[range.clone()]).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: {range:?} handed over before it was final");
+                        next = range.end;
+                    }
+                    assert_eq!(next, len, "{what}");
+                    if wire == Wire::F32 && len == 100_003 {
+                        assert!(seen.len() > world, "{what}: the pieces are handed over as they land, not chunk by chunk");
+                    }
                 }
             }
         }

@@ -1412,8 +1412,16 @@ mod tests {
         let fresh = TrainState::fresh(&model, &spec);
         let bias = model.params.last().unwrap().offset;
         let starts = crate::model::build(&spec.model, &[6], 3, 0).unwrap().layer_starts();
+        let mut one_bucket = None;
         for (what, cuts, lanes) in [("one bucket", vec![0], None), ("a bucket per layer", starts.clone(), None), ("lanes", vec![0], Some(4))] {
             let good = one_step(&cuts, lanes, None);
+            // One bucket updates in the all-gather's pieces (`split_step`), buckets after
+            // their all-reduces (`settle`): the same sums in the same order, the same bits.
+            match (what, &one_bucket) {
+                ("one bucket", _) => one_bucket = Some(good[0].0.params.clone()),
+                ("a bucket per layer", Some(p)) => assert!(good[0].0.params.iter().zip(p).all(|(a, b)| a.to_bits() == b.to_bits()), "one bucket and a bucket per layer differ"),
+                _ => {}
+            }
             for (state, sums, found) in &good {
                 assert!(!sums.diverged() && found.is_none(), "{what}: {sums:?}");
                 assert_eq!((state.opt.step, sums.records), (1, 24), "{what}");

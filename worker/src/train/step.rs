@@ -131,6 +131,9 @@ impl<'a> StepLoop<'a> {
                     self.grads[at] = f32::NAN;
                 }
                 let done = Instant::now();
+                if !opt.needs_norm() {
+                    return self.split_step((params, opt), (ctl, loss), vote, ring, (started, data, done));
+                }
                 ring.all_reduce(&mut self.grads)?;
                 (loss, done, data)
             }
@@ -174,6 +177,46 @@ impl<'a> StepLoop<'a> {
 }
 
 impl StepLoop<'_> {
+    /// The tail of a one-bucket step that does not clip, in the all-reduce's two halves: the
+    /// reduce-scatter, this rank's final range checked, the control values gathered, and then
+    /// the all-gather with the optimizer applied to each piece as it lands (still in cache,
+    /// while the rest is on the wire), where `settle` would wait for the whole buffer and read
+    /// it again. The update is element-wise: the same bits either way. A transport without
+    /// halves reduces the whole buffer in the first and updates it at once in the second.
+    fn split_step(&mut self, (params, opt): (&mut [f32], &mut Opt), (mut ctl, loss): (Control, f32), vote: &mut dyn FnMut(&mut Control), ring: &mut dyn Collective, (started, data, done): (Instant, Duration, Instant)) -> Result<(StepTimes, Sums), WorkerError> {
+        let mine = ring.reduce_scatter(&mut self.grads)?;
+        // With the whole buffer reduced everywhere, each rank still checks only its share.
+        let check = if mine.len() == self.grads.len() { self.check.clone() } else { mine.clone() };
+        ctl.first_bad = check_share(&self.grads, 0, &check);
+        let vote_started = Instant::now();
+        vote(&mut ctl);
+        ctl.loss = loss;
+        let vote_time = vote_started.elapsed();
+        let sums = reduce_controls(ring, &ctl)?;
+        let mut optimizer = Duration::ZERO;
+        if sums.diverged() {
+            // The step changes nothing, but the reduced gradients are made whole all the same:
+            // the divergence report reads them.
+            ring.all_gather_from(&mut self.grads, mine, &mut |_, _| Ok(()))?;
+        } else {
+            opt.begin_step(None);
+            ring.all_gather_from(&mut self.grads, mine, &mut |range, g| {
+                let at = Instant::now();
+                let applied = opt.apply_part_unclipped(range.start, &mut params[range], g);
+                optimizer += at.elapsed();
+                applied
+            })?;
+        }
+        let times = StepTimes {
+            data,
+            compute: done.saturating_duration_since(started + data),
+            collective: done.elapsed().saturating_sub(vote_time + optimizer),
+            optimizer,
+            vote: vote_time,
+        };
+        Ok((times, sums))
+    }
+
     /// A bucketed step of several buckets (cut at `cuts`): a communication thread all-reduces
     /// each bucket as soon as the backward pass hands it over (and checks this rank's share of
     /// it, and measures it when the optimizer clips) while the backward pass goes on with the
