@@ -166,6 +166,10 @@ enum BenchCmd {
         /// Workers (default: the spec's cluster.workers).
         #[arg(long)]
         workers: Option<u64>,
+        /// A cluster without credentials (`up --insecure`): the data plane and every call in
+        /// plaintext. What TLS costs is the difference from a run without it.
+        #[arg(long)]
+        insecure: bool,
         #[arg(long)]
         json: bool,
     },
@@ -328,6 +332,11 @@ struct UpArgs {
     /// An S3-compatible server's URL, for an s3:// store.
     #[arg(long)]
     store_endpoint: Option<String>,
+    /// No CA, no certificates, no tokens: every process starts with --insecure (plaintext,
+    /// and anyone who reaches a port may call everything; each logs a warning at start). For
+    /// experiments and benchmarks on one machine. A folder keeps the mode of its first `up`.
+    #[arg(long)]
+    insecure: bool,
     #[arg(long)]
     json: bool,
 }
@@ -828,7 +837,7 @@ async fn run(cli: Cli) -> Result<()> {
                 bail!("--store-endpoint goes with --store s3://BUCKET/PREFIX");
             }
             let store = a.store.map(|location| (location, a.store_endpoint.unwrap_or_default()));
-            let opts = UpOptions { coordinators: a.coordinators, workers: a.workers, lease: Duration::from_millis(a.lease_ms), snapshot_every: a.snapshot_every, exe, store };
+            let opts = UpOptions { coordinators: a.coordinators, workers: a.workers, lease: Duration::from_millis(a.lease_ms), snapshot_every: a.snapshot_every, exe, store, insecure: a.insecure };
             let (file, admin_token) = shoal_cluster::up(&layout, &opts).await?;
             let endpoints: Vec<String> = file.coordinators.iter().map(|c| c.address.clone()).collect();
             if let Some(t) = &admin_token {
@@ -907,9 +916,9 @@ async fn bench_cmd(cmd: BenchCmd) -> Result<()> {
             Ok(())
         }
         BenchCmd::AllreduceRank { a, rank, dir, bind } => bench::allreduce_rank(a.args(), rank, dir, &bind).await,
-        BenchCmd::Train { spec, workers, json } => {
+        BenchCmd::Train { spec, workers, insecure, json } => {
             let text = std::fs::read_to_string(&spec).with_context(|| format!("reading {}", spec.display()))?;
-            let run = run_local(text, workers, false, false).await?;
+            let run = run_local(text, workers, LocalMode { keep: false, show: false, insecure }).await?;
             let p = run.job.progress.unwrap_or_default();
             let phases = json!({"data": p.phase_data_ms, "forward_backward": p.phase_compute_ms, "collective": p.phase_collective_ms,
                 "optimizer": p.phase_optimizer_ms, "checkpoint": p.phase_checkpoint_ms});
@@ -1703,7 +1712,7 @@ async fn demo(a: DemoArgs) -> Result<()> {
         Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
         None => MNIST_MLP.to_string(),
     };
-    let run = run_local(spec_text, a.workers, a.keep, true).await?;
+    let run = run_local(spec_text, a.workers, LocalMode { keep: a.keep, show: true, insecure: false }).await?;
     let p = run.job.progress.unwrap_or_default();
     println!(
         "demo: model={} workers={} epochs={} test_accuracy={:.4} samples_per_s={:.0} wall_s={:.1}",
@@ -1722,7 +1731,15 @@ struct LocalRun {
 /// Starts a local cluster (1 coordinator, the spec's workers or `workers`, whichever is more)
 /// in a temporary folder, imports the bundled MNIST under the spec's dataset name, trains the
 /// spec to its end and stops the cluster.
-async fn run_local(spec_text: String, workers: Option<u64>, keep: bool, show: bool) -> Result<LocalRun> {
+/// How `run_local` runs: `keep` the cluster folder, `show` progress on stderr, `insecure`
+/// (`up --insecure`).
+struct LocalMode {
+    keep: bool,
+    show: bool,
+    insecure: bool,
+}
+
+async fn run_local(spec_text: String, workers: Option<u64>, LocalMode { keep, show, insecure }: LocalMode) -> Result<LocalRun> {
     let started = Instant::now();
     let tmp = tempfile::Builder::new().prefix("shoal-demo-").tempdir().context("creating a temporary folder")?;
     let root = tmp.path().to_path_buf();
@@ -1745,6 +1762,7 @@ async fn run_local(spec_text: String, workers: Option<u64>, keep: bool, show: bo
         snapshot_every: shoal_coordinator::server::SNAPSHOT_EVERY,
         exe,
         store: None,
+        insecure,
     };
     if show {
         eprintln!("demo: starting 1 coordinator and {} workers in {}", opts.workers, layout.dir.display());

@@ -358,6 +358,31 @@ fn servers_start_only_with_credentials_or_insecure_and_insecure_warns() {
     p.kill();
 }
 
+/// `up --insecure`: no CA and no credentials, every process started with --insecure (each
+/// logs its warning), calls answered without a token, a job over the TCP ring; and a folder
+/// keeps the mode of its first `up`, either way.
+#[test]
+fn up_insecure_starts_without_credentials_and_a_folder_keeps_its_mode() {
+    let c = UpCluster::start_with(&["--insecure", "--workers", "2"]);
+    assert!(!c.dir().join("ca").exists() && !c.dir().join("credentials").exists(), "--insecure made credentials");
+    c.import_mnist("mnist");
+    let spec = c.write_spec("tcp.toml", &format!("{}[aggregation]\ntransport = \"tcp\"\n", mnist_spec("mnist", 1, 1000, 3, "[16]")));
+    let j = json(c.cmd(&["job", "submit", "--follow", "--json"]).arg(&spec).env_remove("SHOAL_TOKEN"));
+    assert_eq!((j["state"].as_str(), j["transport"].as_str()), (Some("succeeded"), Some("tcp")), "{j}");
+    for log in [c.dir().join("coordinators/1/log"), c.dir().join("workers/1/log"), c.dir().join("workers/2/log")] {
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains("WARN") && text.contains("--insecure"), "{}: no warning: {text}", log.display());
+    }
+    ok(shoal().arg("down").arg("--dir").arg(c.dir()));
+    let e = fails(shoal().args(["up", "--workers", "0", "--dir"]).arg(c.dir()));
+    assert!(e.contains("--insecure"), "{e}");
+
+    let secure = UpCluster::start(0);
+    ok(shoal().arg("down").arg("--dir").arg(secure.dir()));
+    let e = fails(shoal().args(["up", "--insecure", "--workers", "0", "--dir"]).arg(secure.dir()));
+    assert!(e.contains("with credentials"), "{e}");
+}
+
 /// Every file under `dir`, links not followed.
 fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();

@@ -121,6 +121,9 @@ impl Layout {
     }
 }
 
+/// The file that marks a cluster folder made by `up --insecure`.
+pub const INSECURE_MARKER: &str = "insecure";
+
 #[derive(Clone, Debug)]
 pub struct UpOptions {
     pub coordinators: u64,
@@ -134,6 +137,9 @@ pub struct UpOptions {
     /// The store (location, S3 endpoint or empty); None: what an earlier `up` of the folder
     /// used, or the folder's own `store`.
     pub store: Option<(String, String)>,
+    /// No credentials: every process `--insecure` (plaintext, no tokens), for experiments and
+    /// benchmarks on one machine. A folder keeps the mode of its first `up`.
+    pub insecure: bool,
 }
 
 /// Whether `pid` is a live `shoal serve` process. A pid that now belongs to some other
@@ -222,13 +228,23 @@ pub async fn up(layout: &Layout, opts: &UpOptions) -> Result<(ClusterFile, Optio
         return Err(ClusterError::AlreadyRunning { dir: layout.dir.display().to_string(), pids: vec![] });
     }
     check_not_running(layout)?;
+    let ca = layout.authority();
+    // A folder keeps the mode it was made in (`insecure` marks one made without credentials).
+    let marker = layout.dir.join(INSECURE_MARKER);
+    match (opts.insecure, marker.exists()) {
+        (true, false) if ca.exists() || layout.cluster_id_file().exists() => {
+            return Err(ClusterError::Startup(format!("{} holds a cluster with credentials: --insecure would start it without them (use another folder)", layout.dir.display())))
+        }
+        (true, false) => std::fs::write(&marker, b"made by `shoal up --insecure`: no CA, no tokens, plaintext\n").map_err(|e| ClusterError::Io(format!("{}: {e}", marker.display())))?,
+        (false, true) => return Err(ClusterError::Startup(format!("{} holds a cluster started with --insecure: start it with --insecure again (or use another folder)", layout.dir.display()))),
+        _ => {}
+    }
     // Credentials once per folder (a folder from before credentials gets them now); the
     // admin token is shown once, when it is made.
-    let ca = layout.authority();
-    let admin_token = if ca.exists() { None } else { Some(ca.init()?) };
+    let admin_token = if opts.insecure || ca.exists() { None } else { Some(ca.init()?) };
     // The workers' folder from the start, so a worker started by hand (`serve worker
     // --credentials DIR/credentials/worker`) finds it whatever --workers said.
-    if !layout.worker_credentials().exists() {
+    if !opts.insecure && !layout.worker_credentials().exists() {
         ca.issue_worker(&layout.worker_credentials(), &[])?;
     }
 
@@ -254,6 +270,7 @@ pub async fn up(layout: &Layout, opts: &UpOptions) -> Result<(ClusterFile, Optio
         cluster_id: cluster_id.clone(),
         lease_ms: opts.lease.as_millis() as u64,
         snapshot_every: opts.snapshot_every,
+        insecure: opts.insecure,
         ..Default::default()
     };
     // An existing cluster comes back as the group it is now (replicas may have been added or
@@ -320,8 +337,12 @@ fn spawn_worker(layout: &Layout, exe: &Path, file: &ClusterFile, endpoints: &[St
         "--cache-dir".into(), dir.join("shard-cache").display().to_string(),
     ];
     args.extend(store_args(layout, file));
-    // Issued by `up`.
-    args.extend(["--credentials".into(), layout.worker_credentials().display().to_string()]);
+    if file.insecure {
+        args.push("--insecure".into());
+    } else {
+        // Issued by `up`.
+        args.extend(["--credentials".into(), layout.worker_credentials().display().to_string()]);
+    }
     let _ = std::fs::remove_file(http_addr_file(&dir));
     let pid = spawn(exe, &args, &dir, &[])?;
     Ok(ClusterProcess { id: n, address: String::new(), pid, dir: dir.display().to_string(), http_address: String::new() })
@@ -391,11 +412,15 @@ fn spawn_coordinator(layout: &Layout, exe: &Path, file: &ClusterFile, id: u64, a
     args.extend(store_args(layout, file));
     // Issued here if not yet (a replica `coordinator add` brings, or a folder from before
     // credentials).
-    let credentials = layout.node_credentials(id);
-    if !credentials.exists() {
-        layout.authority().issue_node(&credentials, id, &[])?;
+    if file.insecure {
+        args.push("--insecure".into());
+    } else {
+        let credentials = layout.node_credentials(id);
+        if !credentials.exists() {
+            layout.authority().issue_node(&credentials, id, &[])?;
+        }
+        args.extend(["--credentials".into(), credentials.display().to_string()]);
     }
-    args.extend(["--credentials".into(), credentials.display().to_string()]);
     let _ = std::fs::remove_file(http_addr_file(&dir));
     let pid = spawn(exe, &args, &dir, &[])?;
     Ok(ClusterProcess { id, address: addr.to_string(), pid, dir: dir.display().to_string(), http_address: String::new() })
