@@ -20,6 +20,7 @@ pub mod grpc;
 pub mod hier;
 pub mod shm;
 pub mod secure;
+mod sender;
 pub mod tcp;
 
 use std::ops::Range;

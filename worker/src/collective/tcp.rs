@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use super::sender::SendThread;
 use super::secure::{hello_proof, same_mac, DataPlaneTls, Link, RingKey};
 use super::{add_bf16, add_f32, chunk, encode_bf16, encode_bf16_keep, store_bf16, Collective, Wire, MAX_GATHER_BYTES};
 use crate::WorkerError;
@@ -325,6 +326,8 @@ pub struct TcpRing {
     /// bf16 values on their way out; received words (u32 keeps f32 alignment).
     send_scratch: Vec<u16>,
     recv_scratch: Vec<u32>,
+    /// Sends each step's chunk while this thread receives (None alone).
+    sender: Option<SendThread>,
 }
 
 fn io_err(what: &str, peer: usize, e: std::io::Error) -> WorkerError {
@@ -474,7 +477,7 @@ impl TcpRing {
         if world > MAX_WORLD as usize {
             return Err(WorkerError::Collective(format!("a ring of {world} ranks is more than the {MAX_WORLD} a hello can announce")));
         }
-        let mut ring = TcpRing { rank, world, next: None, prev: None, timeout, wire, cancel, seq: 0, send_scratch: Vec::new(), recv_scratch: Vec::new() };
+        let mut ring = TcpRing { rank, world, next: None, prev: None, timeout, wire, cancel, seq: 0, send_scratch: Vec::new(), recv_scratch: Vec::new(), sender: None };
         if world == 1 {
             return Ok(ring);
         }
@@ -520,6 +523,7 @@ impl TcpRing {
         }
         ring.next = Some(next);
         ring.prev = Some(prev);
+        ring.sender = Some(SendThread::start()?);
         Ok(ring)
     }
 
@@ -537,9 +541,10 @@ impl TcpRing {
         let (seq, wire, cancel) = (self.seq, self.wire, &*self.cancel);
         let elem = if wire == Wire::Bf16 { 2 } else { 4 };
         let (next, prev) = (self.next.as_mut().expect("a ring of 2+"), self.prev.as_mut().expect("a ring of 2+"));
+        let sender = self.sender.as_mut().expect("a ring of 2+");
         let (send_scratch, recv_scratch) = (&mut self.send_scratch, &mut self.recv_scratch);
-        std::thread::scope(|sc| {
-            let sender = sc.spawn(move || -> Result<(), WorkerError> {
+        let (received, sent) = sender.both(
+            move || -> Result<(), WorkerError> {
                 write_all(next, &header(seq, (send.len() * elem) as u64), next_rank, deadline, cancel)?;
                 match wire {
                     Wire::F32 => write_all(next, f32_bytes(send), next_rank, deadline, cancel),
@@ -556,8 +561,8 @@ impl TcpRing {
                         Ok(())
                     }
                 }
-            });
-            let received = (|| -> Result<(), WorkerError> {
+            },
+            || -> Result<(), WorkerError> {
                 read_header(prev, seq, recv.len() * elem, prev_rank, deadline, cancel)?;
                 if wire == Wire::F32 && !add {
                     return read_all(prev, bytemuck::cast_slice_mut(recv), prev_rank, deadline, cancel);
@@ -584,10 +589,9 @@ impl TcpRing {
                     }
                 }
                 Ok(())
-            })();
-            let sent = sender.join().unwrap_or_else(|_| Err(WorkerError::Collective("the ring's sender thread panicked".into())));
-            received.and(sent)
-        })
+            },
+        );
+        received.and(sent)
     }
 
     /// One all-gather step of `all_gather_from` (f32 on the wire): sends the final chunk
@@ -599,12 +603,13 @@ impl TcpRing {
         let (next_rank, prev_rank) = self.peers();
         let (seq, cancel) = (self.seq, &*self.cancel);
         let (next, prev) = (self.next.as_mut().expect("a ring of 2+"), self.prev.as_mut().expect("a ring of 2+"));
-        std::thread::scope(|sc| {
-            let sender = sc.spawn(move || -> Result<(), WorkerError> {
+        let sender = self.sender.as_mut().expect("a ring of 2+");
+        let (received, sent) = sender.both(
+            move || -> Result<(), WorkerError> {
                 write_all(next, &header(seq, (send.len() * 4) as u64), next_rank, deadline, cancel)?;
                 write_all(next, f32_bytes(send), next_rank, deadline, cancel)
-            });
-            let received = (|| -> Result<(), WorkerError> {
+            },
+            || -> Result<(), WorkerError> {
                 if let Some(at) = own {
                     each(at..at + send.len(), send)?;
                 }
@@ -616,10 +621,9 @@ impl TcpRing {
                     at += piece.len();
                 }
                 Ok(())
-            })();
-            let sent = sender.join().unwrap_or_else(|_| Err(WorkerError::Collective("the ring's sender thread panicked".into())));
-            received.and(sent)
-        })
+            },
+        );
+        received.and(sent)
     }
 }
 
@@ -744,13 +748,14 @@ impl Collective for TcpRing {
         for s in 0..n - 1 {
             let (send_b, recv_b) = ((r + n - s) % n, (r + 2 * n - s - 1) % n);
             let (next, prev, cancel) = (self.next.as_mut().expect("ring"), self.prev.as_mut().expect("ring"), &*self.cancel);
+            let sender = self.sender.as_mut().expect("ring");
             let send = &out[send_b];
-            let got = std::thread::scope(|sc| {
-                let sender = sc.spawn(move || -> Result<(), WorkerError> {
+            let (received, sent) = sender.both(
+                move || -> Result<(), WorkerError> {
                     write_all(next, &header(seq, send.len() as u64), next_rank, deadline, cancel)?;
                     write_all(next, send, next_rank, deadline, cancel)
-                });
-                let received = (|| -> Result<Vec<u8>, WorkerError> {
+                },
+                || -> Result<Vec<u8>, WorkerError> {
                     let mut h = [0u8; 20];
                     read_all(prev, &mut h, prev_rank, deadline, cancel)?;
                     let got_seq = u64::from_le_bytes(h[4..12].try_into().expect("8 bytes"));
@@ -767,10 +772,9 @@ impl Collective for TcpRing {
                     let mut data = vec![0u8; len as usize];
                     read_all(prev, &mut data, prev_rank, deadline, cancel)?;
                     Ok(data)
-                })();
-                let sent = sender.join().unwrap_or_else(|_| Err(WorkerError::Collective("the ring's sender thread panicked".into())));
-                received.and_then(|d| sent.map(|_| d))
-            })?;
+                },
+            );
+            let got = received.and_then(|d| sent.map(|_| d))?;
             out[recv_b] = got;
         }
         Ok(out)
