@@ -35,6 +35,9 @@ use std::time::Duration;
 
 use crate::WorkerError;
 
+/// What `Collective::all_gather_from` hands each final range of the buffer to.
+pub type OnPiece<'a> = dyn FnMut(Range<usize>, &[f32]) -> Result<(), WorkerError> + 'a;
+
 /// What a rank does with its peers. Calls are collective: every rank of the generation makes
 /// the same calls, in the same order, with buffers of the same length.
 pub trait Collective: Send {
@@ -61,7 +64,7 @@ pub trait Collective: Send {
     /// sees each range of `buf` once, as soon as it is final (while the rest is still on the
     /// wire), the ranges covering `buf` exactly; in an order that depends on the transport and
     /// the rank. An error from `each` ends the operation (the ring is then unusable).
-    fn all_gather_from(&mut self, buf: &mut [f32], mine: Range<usize>, each: &mut dyn FnMut(Range<usize>, &[f32]) -> Result<(), WorkerError>) -> Result<(), WorkerError> {
+    fn all_gather_from(&mut self, buf: &mut [f32], mine: Range<usize>, each: &mut OnPiece) -> Result<(), WorkerError> {
         if mine != (0..buf.len()) {
             return Err(WorkerError::Collective(format!("{} reduces whole buffers: an all-gather from {mine:?} of {}", self.name(), buf.len())));
         }
