@@ -33,6 +33,29 @@ pub(super) struct StepTimes {
     pub vote: Duration,
 }
 
+impl StepTimes {
+    /// The times of a step whose collectives ran on its own thread after the backward pass:
+    /// it started at `started`, read for `data` and ended its backward pass at `done`; the
+    /// collective phase is the rest but for the votes and the optimizer.
+    fn inline((started, data, done): (Instant, Duration, Instant), vote: Duration, optimizer: Duration) -> StepTimes {
+        StepTimes {
+            data,
+            compute: done.saturating_duration_since(started + data),
+            collective: done.elapsed().saturating_sub(vote + optimizer),
+            optimizer,
+            vote,
+        }
+    }
+}
+
+/// This rank's loss and checkpoint votes into its control values; the votes' time.
+fn cast(ctl: &mut Control, loss: f32, vote: &mut dyn FnMut(&mut Control)) -> Duration {
+    let started = Instant::now();
+    vote(ctl);
+    ctl.loss = loss;
+    started.elapsed()
+}
+
 /// How a step's gradients are computed and summed over the ranks.
 pub(super) enum Strategy {
     /// The gradient buffer cut at these offsets (`bucket_cuts`), one all-reduce per bucket.
@@ -139,20 +162,10 @@ impl<'a> StepLoop<'a> {
             }
         };
         ctl.first_bad = check_share(&self.grads, 0, &self.check);
-        let vote_started = Instant::now();
-        vote(&mut ctl);
-        ctl.loss = loss;
-        let vote_time = vote_started.elapsed();
+        let vote_time = cast(&mut ctl, loss, vote);
         let sum_sq = opt.needs_norm().then(|| shoal_kernels::sum_squares(&self.grads));
         let (sums, optimizer) = settle(ring, &ctl, opt, vec![(0, &mut params[..], &mut self.grads[..])], sum_sq)?;
-        let times = StepTimes {
-            data,
-            compute: backward_done.saturating_duration_since(started + data),
-            collective: backward_done.elapsed().saturating_sub(vote_time + optimizer),
-            optimizer,
-            vote: vote_time,
-        };
-        Ok((times, sums))
+        Ok((StepTimes::inline((started, data, backward_done), vote_time, optimizer), sums))
     }
 
     /// After a step that diverged (and changed nothing): this rank's own gradients of it,
@@ -188,10 +201,7 @@ impl StepLoop<'_> {
         // With the whole buffer reduced everywhere, each rank still checks only its share.
         let check = if mine.len() == self.grads.len() { self.check.clone() } else { mine.clone() };
         ctl.first_bad = check_share(&self.grads, 0, &check);
-        let vote_started = Instant::now();
-        vote(&mut ctl);
-        ctl.loss = loss;
-        let vote_time = vote_started.elapsed();
+        let vote_time = cast(&mut ctl, loss, vote);
         let sums = reduce_controls(ring, &ctl)?;
         let mut optimizer = Duration::ZERO;
         if sums.diverged() {
@@ -207,14 +217,7 @@ impl StepLoop<'_> {
                 applied
             })?;
         }
-        let times = StepTimes {
-            data,
-            compute: done.saturating_duration_since(started + data),
-            collective: done.elapsed().saturating_sub(vote_time + optimizer),
-            optimizer,
-            vote: vote_time,
-        };
-        Ok((times, sums))
+        Ok((StepTimes::inline((started, data, done), vote_time, optimizer), sums))
     }
 
     /// A bucketed step of several buckets (cut at `cuts`): a communication thread all-reduces

@@ -300,6 +300,18 @@ impl TcpRing {
         received.and(sent)
     }
 
+    /// The reduce-scatter's `world - 1` steps: afterwards this rank holds chunk `rank + 1`
+    /// summed over every rank.
+    fn reduce_steps(&mut self, buf: &mut [f32]) -> Result<(), WorkerError> {
+        let (n, r, len) = (self.world, self.rank, buf.len());
+        for s in 0..n - 1 {
+            let (send_c, recv_c) = ((r + n - s) % n, (r + 2 * n - s - 1) % n);
+            let (send, recv) = two(buf, chunk(len, n, send_c), chunk(len, n, recv_c));
+            self.step(send, recv, true, false)?;
+        }
+        Ok(())
+    }
+
     /// One all-gather step of `all_gather_from` (f32 on the wire): sends the final chunk
     /// `send` on a second thread while receiving the next one into `recv` (from `recv_at`
     /// on), handing each piece to `each` as it lands. `own`: where `send` starts when it is
@@ -385,11 +397,7 @@ impl Collective for TcpRing {
         }
         self.seq += 1;
         let len = buf.len();
-        for s in 0..n - 1 {
-            let (send_c, recv_c) = ((r + n - s) % n, (r + 2 * n - s - 1) % n);
-            let (send, recv) = two(buf, chunk(len, n, send_c), chunk(len, n, recv_c));
-            self.step(send, recv, true, false)?;
-        }
+        self.reduce_steps(buf)?;
         for s in 0..n - 1 {
             let (send_c, recv_c) = ((r + 1 + n - s) % n, (r + n - s) % n);
             let (send, recv) = two(buf, chunk(len, n, send_c), chunk(len, n, recv_c));
@@ -408,11 +416,7 @@ impl Collective for TcpRing {
             return Ok(0..len);
         }
         self.seq += 1;
-        for s in 0..n - 1 {
-            let (send_c, recv_c) = ((r + n - s) % n, (r + 2 * n - s - 1) % n);
-            let (send, recv) = two(buf, chunk(len, n, send_c), chunk(len, n, recv_c));
-            self.step(send, recv, true, false)?;
-        }
+        self.reduce_steps(buf)?;
         // The last chunk this rank added to is the one it now holds in full.
         Ok(chunk(len, n, (r + 1) % n))
     }
