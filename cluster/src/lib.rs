@@ -67,6 +67,12 @@ impl Layout {
         self.dir.join("cluster-id")
     }
 
+    /// Whether the folder was made by `up --insecure` (its processes start without
+    /// credentials), which its marker file says.
+    pub fn insecure(&self) -> bool {
+        self.dir.join(INSECURE_MARKER).exists()
+    }
+
     /// The admin's credentials folder (`ca/`): the token key, the first tokens.
     pub fn authority(&self) -> credentials::Authority {
         credentials::Authority::new(self.dir.join("ca"))
@@ -231,7 +237,7 @@ pub async fn up(layout: &Layout, opts: &UpOptions) -> Result<(ClusterFile, Optio
     let ca = layout.authority();
     // A folder keeps the mode it was made in (`insecure` marks one made without credentials).
     let marker = layout.dir.join(INSECURE_MARKER);
-    match (opts.insecure, marker.exists()) {
+    match (opts.insecure, layout.insecure()) {
         (true, false) if ca.exists() || layout.cluster_id_file().exists() => {
             return Err(ClusterError::Startup(format!("{} holds a cluster with credentials: --insecure would start it without them (use another folder)", layout.dir.display())))
         }
@@ -270,7 +276,6 @@ pub async fn up(layout: &Layout, opts: &UpOptions) -> Result<(ClusterFile, Optio
         cluster_id: cluster_id.clone(),
         lease_ms: opts.lease.as_millis() as u64,
         snapshot_every: opts.snapshot_every,
-        insecure: opts.insecure,
         ..Default::default()
     };
     // An existing cluster comes back as the group it is now (replicas may have been added or
@@ -337,7 +342,7 @@ fn spawn_worker(layout: &Layout, exe: &Path, file: &ClusterFile, endpoints: &[St
         "--cache-dir".into(), dir.join("shard-cache").display().to_string(),
     ];
     args.extend(store_args(layout, file));
-    if file.insecure {
+    if layout.insecure() {
         args.push("--insecure".into());
     } else {
         // Issued by `up`.
@@ -412,7 +417,7 @@ fn spawn_coordinator(layout: &Layout, exe: &Path, file: &ClusterFile, id: u64, a
     args.extend(store_args(layout, file));
     // Issued here if not yet (a replica `coordinator add` brings, or a folder from before
     // credentials).
-    if file.insecure {
+    if layout.insecure() {
         args.push("--insecure".into());
     } else {
         let credentials = layout.node_credentials(id);
