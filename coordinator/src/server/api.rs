@@ -329,11 +329,7 @@ impl Coordinator for Api {
         let node = CoordinatorStatus {
             id: self.0.cfg.id,
             address: self.0.address.clone(),
-            role: match *self.0.phase.read().expect("phase lock") {
-                Phase::Fresh | Phase::Joining => "starting".into(),
-                Phase::Running if v.learners.contains(&self.0.cfg.id) => "learner".into(),
-                Phase::Running => v.role.to_string(),
-            },
+            role: v.role_of(self.0.cfg.id, *self.0.phase.read().expect("phase lock")).into(),
             term: v.term,
             commit_index: v.commit,
             applied_index: state.applied_index,

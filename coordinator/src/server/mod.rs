@@ -116,7 +116,23 @@ struct RaftView {
     last_index: u64,
     leader_id: u64,
     snapshot_index: u64,
+    voters: Vec<u64>,
     learners: Vec<u64>,
+}
+
+impl RaftView {
+    /// The role `shoal status` reports for replica `me`: a voter only once the configuration
+    /// this replica applied names it one.
+    fn role_of(&self, me: u64, phase: Phase) -> &'static str {
+        match phase {
+            Phase::Fresh | Phase::Joining => "starting",
+            Phase::Running if self.voters.contains(&me) => self.role,
+            Phase::Running if self.learners.contains(&me) => "learner",
+            // A replica that joined has not yet received the configuration that names it (its
+            // first snapshot or entries are on their way): it votes on nothing yet.
+            Phase::Running => "joining",
+        }
+    }
 }
 
 /// Where a replica is in its start.
@@ -369,4 +385,23 @@ fn verify_artifacts(store: &shoal_core::store::Store, files: &[shoal_proto::Shar
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replica_is_a_voter_only_once_its_configuration_says_so() {
+        let mut v = RaftView { role: "follower", ..Default::default() };
+        // Joined, but nothing applied yet: the raft role says follower, the replica does not vote.
+        assert_eq!(v.role_of(4, Phase::Running), "joining");
+        v.learners = vec![4];
+        v.voters = vec![1, 2, 3];
+        assert_eq!(v.role_of(4, Phase::Running), "learner");
+        v.voters = vec![1, 2, 3, 4];
+        v.learners.clear();
+        assert_eq!(v.role_of(4, Phase::Running), "follower");
+        assert_eq!(v.role_of(4, Phase::Joining), "starting");
+    }
 }

@@ -85,7 +85,7 @@ pub(super) async fn drive(mut core: Core, mut log: LogFile, mut rx: mpsc::Receiv
         v.last_index = core.last_index();
         v.leader_id = core.leader_id();
         v.snapshot_index = core.snapshot_index();
-        v.learners = core.conf().1;
+        (v.voters, v.learners) = core.conf();
         drop(v);
         let addresses = effective_addresses(&shared);
         let recorded = shared.state.read().expect("state lock").members().next().is_some();
