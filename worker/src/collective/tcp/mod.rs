@@ -97,15 +97,21 @@ fn write_all(s: &mut Link, mut bytes: &[u8], peer: usize, deadline: Instant, can
 
 /// Fills all of `buf` likewise.
 fn read_all(s: &mut Link, buf: &mut [u8], peer: usize, deadline: Instant, cancel: &AtomicBool) -> Result<(), WorkerError> {
+    let want = buf.len();
+    read_all_spare(s, buf, want, peer, deadline, cancel)
+}
+
+/// Fills `buf[..want]`; the bytes after it are the link's scratch (`Link::read_spare`).
+fn read_all_spare(s: &mut Link, buf: &mut [u8], want: usize, peer: usize, deadline: Instant, cancel: &AtomicBool) -> Result<(), WorkerError> {
     let mut filled = 0;
-    while filled < buf.len() {
-        match s.read(&mut buf[filled..]) {
+    while filled < want {
+        match s.read_spare(&mut buf[filled..], want - filled) {
             Ok(0) => return Err(io_err("receiving from", peer, ErrorKind::UnexpectedEof.into())),
             Ok(n) => filled += n,
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
             Err(e) => return Err(io_err("receiving from", peer, e)),
         }
-        if filled < buf.len() {
+        if filled < want {
             if cancel.load(Ordering::Relaxed) {
                 return Err(WorkerError::Cancelled);
             }
@@ -275,9 +281,10 @@ impl TcpRing {
                 }
                 for piece in recv.chunks_mut(PIECE / elem) {
                     let bytes = piece.len() * elem;
-                    recv_scratch.resize(bytes.div_ceil(4), 0);
+                    // One spare byte: over TLS, a piece's last record opens in place too.
+                    recv_scratch.resize((bytes + 1).div_ceil(4), 0);
                     let raw: &mut [u8] = bytemuck::cast_slice_mut(&mut recv_scratch[..]);
-                    read_all(prev, &mut raw[..bytes], prev_rank, deadline, cancel)?;
+                    read_all_spare(prev, raw, bytes, prev_rank, deadline, cancel)?;
                     // One plain loop per case, so that each vectorizes.
                     match (wire, add) {
                         (Wire::F32, _) => {
@@ -332,11 +339,14 @@ impl TcpRing {
                     each(at..at + send.len(), send)?;
                 }
                 read_header(prev, seq, recv.len() * 4, prev_rank, deadline, cancel)?;
-                let mut at = recv_at;
-                for piece in recv.chunks_mut(PIECE / 4) {
-                    read_all(prev, bytemuck::cast_slice_mut(piece), prev_rank, deadline, cancel)?;
-                    each(at..at + piece.len(), piece)?;
-                    at += piece.len();
+                // Each piece is read with the rest of `recv` behind it as the link's scratch
+                // (not yet received, so nothing is lost): over TLS, every record opens in place.
+                let mut i = 0;
+                while i < recv.len() {
+                    let n = (PIECE / 4).min(recv.len() - i);
+                    read_all_spare(prev, bytemuck::cast_slice_mut(&mut recv[i..]), n * 4, prev_rank, deadline, cancel)?;
+                    each(recv_at + i..recv_at + i + n, &recv[i..i + n])?;
+                    i += n;
                 }
                 Ok(())
             },
