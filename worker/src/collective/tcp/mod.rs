@@ -9,7 +9,7 @@
 
 mod incoming;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -508,6 +508,7 @@ mod tests {
     use super::super::{reference_sum, testing::inputs};
     use super::incoming::{Key, HELLO_LEN, HELLO_TIMEOUT, MAX_HANDSHAKES};
     use super::*;
+    use std::io::Read;
 
     use super::super::testing::tcp_rings as rings;
 
