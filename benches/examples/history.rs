@@ -74,7 +74,7 @@ fn get(d: &Dashboard, path: &str) -> Result<(Duration, String)> {
     write!(s, "GET {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n", d.addr, d.token)?;
     let mut raw = Vec::new();
     match s.read_to_end(&mut raw) {
-        Err(e) if !(e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty()) => return Err(e.into()),
+        Err(e) if e.kind() != std::io::ErrorKind::UnexpectedEof || raw.is_empty() => return Err(e.into()),
         _ => {}
     }
     let took = started.elapsed();

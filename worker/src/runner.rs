@@ -301,6 +301,7 @@ impl JobLink for CoordinatorLink {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn start_task(
     cfg: &WorkerConfig,
     worker: &WorkerId,

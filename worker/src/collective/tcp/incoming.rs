@@ -190,9 +190,11 @@ impl Incoming {
     }
 
     fn handshake(&self, id: u64, stream: TcpStream) {
+        /// The link, the hello, and with TLS the dialer's proof and the connection's binding.
+        type Greeted = (Link, [u8; HELLO_LEN], Option<[u8; 32]>, Option<[u8; 32]>);
         let peer = stream.peer_addr().ok();
         let deadline = Instant::now() + HELLO_TIMEOUT;
-        let greeted = (|| -> Result<(Link, [u8; HELLO_LEN], Option<[u8; 32]>, Option<[u8; 32]>), String> {
+        let greeted = (|| -> Result<Greeted, String> {
             let mut link = match &self.tls {
                 Some(tls) => tls.accept(stream, deadline)?,
                 None => Link::Plain(stream),
