@@ -42,7 +42,7 @@ fn free_port() -> u16 {
 
 /// A shoal coordinator's (TLS with the cluster's admin certificate).
 fn shoal_channel(addr: &str) -> Channel {
-    shoal_benches::endpoint(addr).connect_timeout(Duration::from_millis(300)).connect_lazy()
+    shoal_benches::endpoint(addr).with(|ep| ep.connect_timeout(Duration::from_millis(300))).connect_lazy()
 }
 
 fn channel(addr: &str) -> Channel {
@@ -209,7 +209,7 @@ impl Group for Etcd {
 
     fn channel(&self, addr: &str) -> Channel {
         match &self.tls {
-            Some(t) => shoal_coordinator::tls::endpoint(addr, Some(t)).expect("a host:port").connect_timeout(Duration::from_millis(300)).connect_lazy(),
+            Some(t) => shoal_coordinator::tls::endpoint(addr, Some(t)).expect("a host:port").with(|ep| ep.connect_timeout(Duration::from_millis(300))).connect_lazy(),
             None => channel(addr),
         }
     }

@@ -38,7 +38,7 @@ fn run(exe: &Path, args: &[&str]) -> Result<String> {
 }
 
 fn client(addr: &str) -> shoal_coordinator::client::Rpc {
-    let ch = shoal_benches::endpoint(addr).connect_timeout(Duration::from_secs(1)).timeout(Duration::from_secs(5)).connect_lazy();
+    let ch = shoal_benches::endpoint(addr).with(|ep| ep.connect_timeout(Duration::from_secs(1)).timeout(Duration::from_secs(5))).connect_lazy();
     shoal_benches::rpc(ch).max_decoding_message_size(64 << 20)
 }
 

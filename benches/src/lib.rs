@@ -132,7 +132,7 @@ pub fn as_worker<T>(id: &str, message: T) -> tonic::Request<T> {
 }
 
 /// An endpoint of a shoal coordinator: TLS with the certificate `use_cluster_token` read.
-pub fn endpoint(addr: &str) -> tonic::transport::Endpoint {
+pub fn endpoint(addr: &str) -> shoal_coordinator::tls::Dial {
     shoal_coordinator::tls::endpoint(addr, TLS.get().and_then(|t| t.as_ref())).expect("a host:port")
 }
 

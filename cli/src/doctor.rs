@@ -91,7 +91,7 @@ fn certificates(dir: &Path, depth: usize, now: i64, out: &mut Vec<Finding>) -> u
 /// plaintext connection (Some(false)), or neither (None).
 async fn data_plane_speaks_tls(addr: &str, tls: Option<&shoal_coordinator::tls::TlsFiles>) -> Option<bool> {
     let connects = |tls: Option<&shoal_coordinator::tls::TlsFiles>| {
-        let ep = shoal_coordinator::tls::endpoint(addr, tls).ok().map(|e| e.connect_timeout(std::time::Duration::from_secs(2)));
+        let ep = shoal_coordinator::tls::endpoint(addr, tls).ok().map(|e| e.with(|ep| ep.connect_timeout(std::time::Duration::from_secs(2))));
         async move {
             match ep {
                 Some(ep) => tokio::time::timeout(std::time::Duration::from_secs(3), ep.connect()).await.is_ok_and(|c| c.is_ok()),

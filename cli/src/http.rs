@@ -174,7 +174,7 @@ fn server_config(s: &Security) -> Result<Arc<rustls::ServerConfig>> {
         .with_safe_default_protocol_versions()
         .context("TLS versions")?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
+        .with_cert_resolver(Arc::new(shoal_coordinator::tls::CertSource::Reloading(resolver)));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

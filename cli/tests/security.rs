@@ -277,31 +277,31 @@ fn only_clients_with_a_certificate_of_the_clusters_ca_get_in() {
     let foreign = TlsFiles::load(other.path(), "admin").unwrap().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let status = |ep: tonic::transport::Endpoint, token: &str| {
+        let status = |ch: Result<tonic::transport::Channel, tonic::transport::Error>, token: &str| {
             let token = token.to_string();
             async move {
-                let ch = ep.connect().await.map_err(|e| tonic::Status::unavailable(format!("connect: {e:?}")))?;
+                let ch = ch.map_err(|e| tonic::Status::unavailable(format!("connect: {e:?}")))?;
                 let mut client = shoal_proto::coordinator_client::CoordinatorClient::new(ch);
                 client.get_status(with_token(tonic::Request::new(shoal_proto::StatusRequest::default()), Some(&token))).await
             }
         };
         // The admin's own certificate and token: in.
-        status(shoal_coordinator::tls::endpoint(&addr, Some(&admin_tls(&c))).unwrap(), &admin).await.unwrap();
+        status(shoal_coordinator::tls::endpoint(&addr, Some(&admin_tls(&c))).unwrap().connect().await, &admin).await.unwrap();
         // Plaintext: no answer a client could take for the server's.
-        let e = status(shoal_coordinator::tls::endpoint(&addr, None).unwrap(), &admin).await.unwrap_err();
+        let e = status(shoal_coordinator::tls::endpoint(&addr, None).unwrap().connect().await, &admin).await.unwrap_err();
         assert!(e.metadata().get("shoal-guard").is_none(), "a plaintext call got as far as the guard: {e:?}");
         // TLS that trusts the CA but shows no certificate: the handshake ends, the guard refuses
         // everything but the health service (Kubernetes' probes have no certificate).
         let anonymous = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(&ca)).domain_name("shoal");
         let ep = tonic::transport::Endpoint::from_shared(format!("https://{addr}")).unwrap().tls_config(anonymous).unwrap();
-        let e = status(ep.clone(), &admin).await.unwrap_err();
+        let e = status(ep.connect().await, &admin).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
         assert!(e.message().contains("certificate"), "{}", e.message());
         let mut health = tonic_health::pb::health_client::HealthClient::new(ep.connect().await.unwrap());
         health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
         // Another cluster's certificate: refused in the handshake, whatever the token.
         let with_foreign = shoal_coordinator::tls::endpoint(&addr, Some(&foreign)).unwrap();
-        let e = status(with_foreign, &admin).await.unwrap_err();
+        let e = status(with_foreign.connect().await, &admin).await.unwrap_err();
         assert!(e.metadata().get("shoal-guard").is_none(), "a foreign certificate got as far as the guard: {e:?}");
     });
     // A client certificate issued for a person, with an operator token, through the CLI.

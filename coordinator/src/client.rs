@@ -133,7 +133,7 @@ pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn channel(url: &str, tls: Option<&crate::tls::TlsFiles>) -> Result<Channel, ClientError> {
     let ep = crate::tls::endpoint(url, tls).map_err(|err| ClientError::BadEndpoint(url.to_string(), err))?;
-    Ok(ep.connect_timeout(Duration::from_secs(2)).timeout(Duration::from_secs(10)).connect_lazy())
+    Ok(ep.with(|ep| ep.connect_timeout(Duration::from_secs(2)).timeout(Duration::from_secs(10))).connect_lazy())
 }
 
 /// Errors another replica, or the same one a moment later, may answer differently.

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 
 /// The DNS name in every server certificate of a cluster.
 pub const SERVER_NAME: &str = "shoal";
@@ -52,12 +52,27 @@ impl TlsFiles {
         }))
     }
 
-    /// A client that checks the server against the CA and shows its own certificate.
-    pub fn client(&self) -> ClientTlsConfig {
-        ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&self.ca))
-            .identity(Identity::from_pem(&self.cert, &self.key))
-            .domain_name(SERVER_NAME)
+    /// A gRPC client's TLS: the server checked against the CA (and `SERVER_NAME`), this
+    /// process's certificate shown, read again from its files when they change.
+    pub fn client_config(&self) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(self.roots()?)
+            .with_client_cert_resolver(self.cert_source()?);
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(std::sync::Arc::new(config))
+    }
+
+    /// The cluster CA as a trust root.
+    pub fn roots(&self) -> Result<std::sync::Arc<rustls::RootCertStore>, String> {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_slice_iter(&self.ca) {
+            roots.add(c.map_err(|e| format!("the CA certificate: {e}"))?).map_err(|e| format!("the CA certificate: {e}"))?;
+        }
+        Ok(std::sync::Arc::new(roots))
     }
 }
 
@@ -69,14 +84,87 @@ pub fn not_after(pem: &[u8]) -> Result<i64, String> {
     Ok(cert.validity().not_after.timestamp())
 }
 
-/// An endpoint for `addr` (`host:port` or a URL): `https` with `tls`, else `http`.
-pub fn endpoint(addr: &str, tls: Option<&TlsFiles>) -> Result<Endpoint, String> {
+/// How a client reaches `addr` (`host:port` or a URL): with `tls`, over our own TLS dialer.
+pub fn endpoint(addr: &str, tls: Option<&TlsFiles>) -> Result<Dial, String> {
     let hostport = addr.split_once("://").map_or(addr, |(_, rest)| rest);
-    let url = format!("{}://{hostport}", if tls.is_some() { "https" } else { "http" });
+    // The scheme stays `http` with TLS too: tonic's own TLS layer is not used (it would refuse
+    // an `https` URL without its configuration), the dialer below does the handshake.
+    let url = format!("http://{hostport}");
     let ep = Endpoint::from_shared(url.clone()).map_err(|e| format!("bad endpoint {url:?}: {e}"))?;
-    match tls {
-        Some(t) => ep.tls_config(t.client()).map_err(|e| format!("TLS for {url}: {e}")),
-        None => Ok(ep),
+    let tls = match tls {
+        Some(t) => Some(Dialer { config: t.client_config().map_err(|e| format!("TLS for {hostport}: {e}"))? }),
+        None => None,
+    };
+    Ok(Dial { ep, tls })
+}
+
+/// A server to call: tonic's endpoint (timeouts, windows) and, with credentials, the dialer
+/// that makes its connections. tonic's TLS takes a fixed identity; this one shows the
+/// certificate on file at each handshake, so a client certificate rotates as a server's does.
+#[derive(Clone, Debug)]
+pub struct Dial {
+    ep: Endpoint,
+    tls: Option<Dialer>,
+}
+
+impl Dial {
+    /// The endpoint's settings, changed by `f`.
+    pub fn with(self, f: impl FnOnce(Endpoint) -> Endpoint) -> Dial {
+        Dial { ep: f(self.ep), tls: self.tls }
+    }
+
+    /// Connects now.
+    pub async fn connect(&self) -> Result<Channel, tonic::transport::Error> {
+        match &self.tls {
+            Some(d) => self.ep.connect_with_connector(d.clone()).await,
+            None => self.ep.connect().await,
+        }
+    }
+
+    /// A channel that connects at its first call (and again after a lost connection).
+    pub fn connect_lazy(&self) -> Channel {
+        match &self.tls {
+            Some(d) => self.ep.connect_with_connector_lazy(d.clone()),
+            None => self.ep.connect_lazy(),
+        }
+    }
+}
+
+/// TCP (no delay: calls are small and latency-bound), then a TLS handshake that checks the
+/// server against the cluster CA and `SERVER_NAME`.
+#[derive(Clone)]
+pub struct Dialer {
+    config: std::sync::Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for Dialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Dialer(..)")
+    }
+}
+
+impl tower::Service<tonic::codegen::http::Uri> for Dialer {
+    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, std::io::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), std::io::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: tonic::codegen::http::Uri) -> Self::Future {
+        let config = self.config.clone();
+        Box::pin(async move {
+            let bad = || std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{uri} names no host and port"));
+            // An IPv6 host comes bracketed in a URI.
+            let host = uri.host().ok_or_else(bad)?.trim_start_matches('[').trim_end_matches(']').to_string();
+            let port = uri.port_u16().ok_or_else(bad)?;
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let name = rustls::pki_types::ServerName::try_from(SERVER_NAME).expect("SERVER_NAME is a DNS name");
+            let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
+            Ok(hyper_util::rt::TokioIo::new(tls))
+        })
     }
 }
 
@@ -125,24 +213,46 @@ fn certified_key_from(cert_pem: &[u8], key_pem: &[u8]) -> Result<rustls::sign::C
     Ok(ck)
 }
 
-/// A certificate that never changes (files not read from a folder).
+/// The certificate a process shows, as a server and as a client: read again from its folder
+/// when its files change (files from `load`), else fixed.
 #[derive(Debug)]
-struct FixedCert(std::sync::Arc<rustls::sign::CertifiedKey>);
+pub enum CertSource {
+    Reloading(ReloadingCert),
+    Fixed(std::sync::Arc<rustls::sign::CertifiedKey>),
+}
 
-impl rustls::server::ResolvesServerCert for FixedCert {
+impl CertSource {
+    pub fn current(&self) -> std::sync::Arc<rustls::sign::CertifiedKey> {
+        match self {
+            CertSource::Reloading(r) => r.current(),
+            CertSource::Fixed(k) => k.clone(),
+        }
+    }
+}
+
+impl rustls::server::ResolvesServerCert for CertSource {
     fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
-        Some(self.0.clone())
+        Some(self.current())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for CertSource {
+    fn resolve(&self, _root_hint_subjects: &[&[u8]], _sigschemes: &[rustls::SignatureScheme]) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 
 impl TlsFiles {
-    /// The server's certificate: read again from its folder when its files change (files from
-    /// `load`), else fixed.
-    pub fn cert_resolver(&self) -> Result<std::sync::Arc<dyn rustls::server::ResolvesServerCert>, String> {
-        Ok(match &self.source {
-            Some((dir, name)) => std::sync::Arc::new(ReloadingCert::new(dir, name)?),
-            None => std::sync::Arc::new(FixedCert(std::sync::Arc::new(certified_key_from(&self.cert, &self.key)?))),
-        })
+    /// This process's certificate (see `CertSource`), for a server's or a client's config.
+    pub fn cert_source(&self) -> Result<std::sync::Arc<CertSource>, String> {
+        Ok(std::sync::Arc::new(match &self.source {
+            Some((dir, name)) => CertSource::Reloading(ReloadingCert::new(dir, name)?),
+            None => CertSource::Fixed(std::sync::Arc::new(certified_key_from(&self.cert, &self.key)?)),
+        }))
     }
 
     /// A coordinator's listener: its certificate (rotating with its files), a client's checked
@@ -159,13 +269,8 @@ impl TlsFiles {
     }
 
     fn server_config(&self, client_certificate_optional: bool) -> Result<std::sync::Arc<rustls::ServerConfig>, String> {
-        use rustls::pki_types::pem::PemObject;
         let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls::pki_types::CertificateDer::pem_slice_iter(&self.ca) {
-            roots.add(c.map_err(|e| format!("the CA certificate: {e}"))?).map_err(|e| format!("the CA certificate: {e}"))?;
-        }
-        let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(std::sync::Arc::new(roots), provider.clone());
+        let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, provider.clone());
         if client_certificate_optional {
             verifier = verifier.allow_unauthenticated();
         }
@@ -174,7 +279,7 @@ impl TlsFiles {
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
             .with_client_cert_verifier(verifier)
-            .with_cert_resolver(self.cert_resolver()?);
+            .with_cert_resolver(self.cert_source()?);
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(std::sync::Arc::new(config))
     }
@@ -300,8 +405,84 @@ impl ReloadingCert {
     }
 }
 
-impl rustls::server::ResolvesServerCert for ReloadingCert {
-    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
-        Some(self.current())
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ca_params() -> rcgen::CertificateParams {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, "test CA");
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+        p
+    }
+
+    /// A certificate from the CA for `SERVER_NAME`, usable on both sides: (PEM, key PEM).
+    fn issue(ca_key: &rcgen::KeyPair, name: &str) -> (String, String) {
+        let mut p = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()]).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &rcgen::Issuer::new(ca_params(), ca_key)).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn der(pem: &str) -> Vec<u8> {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap().to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_client_shows_the_certificate_on_file_at_each_handshake() {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca = ca_params().self_signed(&ca_key).unwrap().pem();
+        let (server_cert, server_key) = issue(&ca_key, "server");
+        let server = TlsFiles { ca: ca.clone().into_bytes(), cert: server_cert.into_bytes(), key: server_key.into_bytes(), source: None };
+        let acceptor = tokio_rustls::TlsAcceptor::from(server.data_plane_server_config().unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // The server answers each connection with nothing; it reports the certificate it saw.
+        let (seen_tx, mut seen) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let tls = acceptor.accept(sock).await.unwrap();
+                let cert = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+                seen_tx.send(cert).await.unwrap();
+            }
+        });
+
+        let dir = tempfile::tempdir().unwrap();
+        let write = |(cert, key): &(String, String)| {
+            std::fs::write(dir.path().join(CA_CERT_FILE), &ca).unwrap();
+            std::fs::write(dir.path().join("worker.crt"), cert).unwrap();
+            std::fs::write(dir.path().join("worker.key"), key).unwrap();
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(dir.path().join("worker.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+            }
+        };
+        let (first, second) = (issue(&ca_key, "worker one"), issue(&ca_key, "worker two"));
+        write(&first);
+        let files = TlsFiles::load(dir.path(), "worker").unwrap().unwrap();
+        let mut dialer = Dialer { config: files.client_config().unwrap() };
+        let uri: tonic::codegen::http::Uri = format!("http://{addr}").parse().unwrap();
+        let _kept = tower::Service::call(&mut dialer, uri.clone()).await.unwrap();
+        assert_eq!(seen.recv().await.unwrap(), der(&first.0));
+
+        // Rotated on disk (a second later: file times and the reload check are that coarse):
+        // the same dialer shows the new certificate at its next handshake.
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        write(&second);
+        let _again = tower::Service::call(&mut dialer, uri.clone()).await.unwrap();
+        assert_eq!(seen.recv().await.unwrap(), der(&second.0));
+
+        // A pair that does not load (the key of another certificate) leaves the one in use.
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        write(&(second.0.clone(), first.1.clone()));
+        let _third = tower::Service::call(&mut dialer, uri).await.unwrap();
+        assert_eq!(seen.recv().await.unwrap(), der(&second.0));
     }
 }

@@ -114,7 +114,7 @@ async fn await_fresh_group(shared: &Shared) -> Result<(), CoordError> {
             let token = shared.cfg.peer_token();
             let tls = shared.cfg.tls.clone();
             async move {
-                let ep = crate::tls::endpoint(&addr, tls.as_ref()).ok()?.connect_timeout(Duration::from_secs(1));
+                let ep = crate::tls::endpoint(&addr, tls.as_ref()).ok()?.with(|ep| ep.connect_timeout(Duration::from_secs(1)));
                 let bearer = crate::client::Bearer::new(token.as_deref()).ok()?;
                 let call = async { RaftTransportClient::with_interceptor(ep.connect().await.ok()?, bearer).hello(hello).await.ok().map(|r| r.into_inner()) };
                 tokio::time::timeout(Duration::from_secs(2), call).await.ok().flatten().filter(|h| h.node_id == id)

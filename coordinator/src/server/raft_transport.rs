@@ -14,7 +14,7 @@ pub(super) fn spawn_sender(id: u64, addr: &str, cluster_id: &str, cfg: &Coordina
             return None;
         }
     };
-    let channel = ep.connect_timeout(Duration::from_secs(1)).connect_lazy();
+    let channel = ep.with(|ep| ep.connect_timeout(Duration::from_secs(1))).connect_lazy();
     let cluster_id = cluster_id.to_string();
     tokio::spawn(async move {
         let mut client = RaftTransportClient::with_interceptor(channel, bearer).max_encoding_message_size(MAX_MESSAGE);

@@ -290,11 +290,13 @@ impl Ring {
             let addr = &peers[(rank + 1) % world];
             let ep = shoal_coordinator::tls::endpoint(addr, secure.map(|s| s.1)).map_err(|e| WorkerError::Collective(format!("peer {addr}: {e}")))?;
             let ch = ep
-                .connect_timeout(Duration::from_secs(2))
-                .timeout(timeout)
-                .tcp_nodelay(true)
-                .initial_stream_window_size(STREAM_WINDOW)
-                .initial_connection_window_size(CONNECTION_WINDOW)
+                .with(|ep| {
+                    ep.connect_timeout(Duration::from_secs(2))
+                        .timeout(timeout)
+                        .tcp_nodelay(true)
+                        .initial_stream_window_size(STREAM_WINDOW)
+                        .initial_connection_window_size(CONNECTION_WINDOW)
+                })
                 .connect_lazy();
             Some(DataPlaneClient::new(ch).max_encoding_message_size(MAX_CHUNK_MESSAGE))
         } else {

@@ -15,9 +15,8 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Instant;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection, StreamOwned};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection, StreamOwned};
 use shoal_coordinator::tls::{TlsFiles, SERVER_NAME};
 
 use crate::WorkerError;
@@ -54,15 +53,10 @@ impl DataPlaneTls {
             cipher_suites: vec![rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256],
             ..rustls::crypto::aws_lc_rs::default_provider()
         });
-        let mut roots = RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(&files.ca) {
-            roots.add(cert.map_err(|e| tls_err("the CA certificate", e))?).map_err(|e| tls_err("the CA certificate", e))?;
-        }
-        let roots = Arc::new(roots);
-        let chain = || -> Result<Vec<CertificateDer<'static>>, WorkerError> {
-            CertificateDer::pem_slice_iter(&files.cert).collect::<Result<Vec<_>, _>>().map_err(|e| tls_err("the certificate", e))
-        };
-        let key = || PrivateKeyDer::from_pem_slice(&files.key).map_err(|e| tls_err("the key", e));
+        let roots = files.roots().map_err(|e| tls_err("the CA certificate", e))?;
+        // This worker's certificate, on both sides of its connections, read again from its
+        // files when they change: a rotated certificate serves (and dials) the next ring.
+        let certificate = files.cert_source().map_err(|e| tls_err("the certificate", e))?;
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
             .map_err(|e| tls_err("the client verifier", e))?;
@@ -70,8 +64,7 @@ impl DataPlaneTls {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| tls_err("TLS 1.3", e))?
             .with_client_cert_verifier(verifier)
-            // Read again when its files change: a rotated certificate serves the next ring.
-            .with_cert_resolver(files.cert_resolver().map_err(|e| tls_err("the certificate", e))?);
+            .with_cert_resolver(certificate.clone());
         // A ring connection carries data one way: tickets the dialer never reads would only
         // sit in its socket.
         server.send_tls13_tickets = 0;
@@ -80,8 +73,7 @@ impl DataPlaneTls {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| tls_err("TLS 1.3", e))?
             .with_root_certificates(roots)
-            .with_client_auth_cert(chain()?, key()?)
-            .map_err(|e| tls_err("the certificate and key", e))?;
+            .with_client_cert_resolver(certificate);
         let mut client = client;
         client.enable_secret_extraction = true;
         Ok(DataPlaneTls { server: Arc::new(server), client: Arc::new(client), files: files.clone() })
