@@ -377,6 +377,18 @@ pub fn tidy_output(store: &Store, folder: &str, keep: &[String]) {
     }
 }
 
+/// Removes an attempt's output that was not committed, and its folder if that leaves it empty
+/// (a failed job's tidying may have run before this attempt wrote: nothing of it stays).
+pub fn drop_output(store: &Store, file: &str) {
+    let _ = store.delete(file);
+    if let Some((folder, _)) = file.rsplit_once('/') {
+        if let Ok(Some(path)) = store.local_path(folder) {
+            // Fails, harmlessly, while another attempt's output is there.
+            let _ = std::fs::remove_dir(path);
+        }
+    }
+}
+
 /// Most stderr kept from a user command (its tail is what a failure reports).
 const STDERR_TAIL: usize = 2048;
 
@@ -466,4 +478,25 @@ fn run_command(args: &[String], a: &Assignment, timeout: Duration, cancel: &Atom
         return Err(WorkerError::Task(format!("command {:?} failed with {code}; stderr: {tail}", args[0])));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_uncommitted_output_goes_with_its_folder_once_that_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::local(dir.path());
+        let (a, b) = ("datasets/out/batch-7/part-00000", "datasets/out/batch-7/part-00001");
+        store.put(a, &[b"one"]).unwrap();
+        store.put(b, &[b"two"]).unwrap();
+        drop_output(&store, a);
+        assert!(!dir.path().join(a).exists());
+        assert!(dir.path().join(b).exists(), "another attempt's output stays, and so its folder");
+        drop_output(&store, b);
+        assert!(!dir.path().join("datasets/out/batch-7").exists(), "the emptied folder goes");
+        // Already gone: nothing to do, no panic.
+        drop_output(&store, b);
+    }
 }

@@ -431,7 +431,7 @@ fn start_batch_task(
                 Err(ClientError::Rpc(s)) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::Unimplemented | tonic::Code::PermissionDenied) => {
                     tracing::info!(job, attempt = generation, task, reason = %s.message(), "output not committed; removing it");
                     if let Some(f) = &file {
-                        let _ = store.delete(f);
+                        crate::batch::drop_output(&store, f);
                     }
                     if report.ok {
                         // A success the coordinator will not take is a failed attempt: said
