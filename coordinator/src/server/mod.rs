@@ -26,6 +26,7 @@ mod api;
 mod auth;
 mod identity;
 mod notify;
+mod proposals;
 mod raft_transport;
 mod ready_loop;
 
